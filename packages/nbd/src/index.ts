@@ -1,0 +1,2 @@
+// The public surface of @vmdisk/nbd: what is not exported here is internal.
+export { NbdError } from './errors.ts';
