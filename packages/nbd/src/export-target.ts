@@ -1,0 +1,78 @@
+// What an NBD export serves. Any object of this shape will do: a block-graph BlockBackend
+// has it, and so can a plain file or memory target; @vmdisk/nbd never imports the block
+// layer.
+//
+// Preconditions the server guarantees (a target does not re-check them): every request
+// is in bounds (offset + length <= size(), checked without overflow), lengths are > 0
+// and at most the advertised maximum block size, and write/trim/writeZeroes are only
+// called on a writable export. Requests may run concurrently.
+//
+// Errors: a target rejects with an Error whose `errnoName` (or, for Node system errors,
+// `code`) is an errno name such as 'EIO', 'ENOSPC', 'EPERM', 'EINVAL', 'ENOTSUP'; the
+// server answers with the matching NBD error and EIO for anything else.
+
+export interface WriteFlags {
+  /** Force Unit Access: the data is durable when the promise resolves. */
+  fua?: boolean;
+}
+
+export interface WriteZeroesFlags extends WriteFlags {
+  /** The client asked that the range stay allocated (NBD_CMD_FLAG_NO_HOLE). */
+  noHole?: boolean;
+  /** Fail with ENOTSUP rather than fall back to a slow write (NBD_CMD_FLAG_FAST_ZERO). */
+  fastZero?: boolean;
+}
+
+/** One extent of block status, in order, covering the range asked for from its start. */
+export interface Extent {
+  length: number;
+  /** Reads as zeros without being stored (base:allocation NBD_STATE_HOLE). */
+  hole: boolean;
+  /** Reads as zeros (base:allocation NBD_STATE_ZERO). */
+  zero: boolean;
+  /**
+   * qemu:allocation-depth: 0 unallocated in the whole chain, 1 allocated in the top
+   * layer, N in the (N-1)th backing layer. Only when the target reports depth.
+   */
+  depth?: number;
+}
+
+export interface BlockSizeConstraints {
+  minimum: number;
+  preferred: number;
+  maximum: number;
+}
+
+export interface ExportTarget {
+  /** The size in bytes, as of now. */
+  size(): number;
+  /** Fills `buf` with the bytes at `offset` (the whole of it). */
+  read(offset: number, buf: Uint8Array): Promise<void>;
+  /** Writes `buf` at `offset`. Absent: the target is read-only. */
+  write?(offset: number, buf: Uint8Array, flags: WriteFlags): Promise<void>;
+  /** Makes completed writes durable. */
+  flush?(): Promise<void>;
+  /** Discards a range (it may then read as anything, or as zeros where it says so). */
+  trim?(offset: number, length: number, flags: WriteFlags): Promise<void>;
+  /** Writes zeros, by deallocating where allowed and cheap. */
+  writeZeroes?(offset: number, length: number, flags: WriteZeroesFlags): Promise<void>;
+  /** The allocation status of a range: extents from `offset`, covering at least one byte. */
+  blockStatus?(offset: number, length: number): Promise<Extent[]>;
+  /** Prefetches a range into whatever cache the target has. */
+  cache?(offset: number, length: number): Promise<void>;
+  /**
+   * A buffer for a request of `length` bytes (e.g. page-aligned memory from an arena, so
+   * that O_DIRECT needs no bounce); the server hands it back with releaseBuffer once the
+   * request is done and its reply sent. Absent: the server allocates ordinary buffers.
+   */
+  allocBuffer?(length: number): Uint8Array;
+  releaseBuffer?(buf: Uint8Array): void;
+  /** FUA is honoured natively (otherwise the server emulates it with a flush). */
+  readonly nativeFua?: boolean;
+  /** A flush on any connection makes writes from all connections durable and visible. */
+  readonly multiConnSafe?: boolean;
+  /** blockStatus fills Extent.depth (qemu:allocation-depth may be offered). */
+  readonly reportsDepth?: boolean;
+  /** The target's I/O constraints; the server advertises them with NBD_INFO_BLOCK_SIZE. */
+  readonly blockSize?: BlockSizeConstraints;
+}
