@@ -1,0 +1,247 @@
+// A QMP-compatible monitor (QEMU's docs/interop/qmp-spec): greeting, capabilities
+// negotiation, commands with `execute`/`arguments`/`id`, errors with QEMU's error classes
+// and events with timestamps, over unix sockets. Wire-compatible with QEMU's, so that a
+// QMP client written for qemu-storage-daemon drives vm-disk unchanged. Commands of one
+// connection run one at a time, in order, as QEMU runs them (no out-of-band execution).
+import { EventEmitter } from 'node:events';
+import { chmodSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import { checkStruct, type Schema, SchemaError } from '../options/schema.ts';
+import { JsonStreamSplitter } from './json-stream.ts';
+
+export type QmpErrorClass =
+  | 'GenericError'
+  | 'CommandNotFound'
+  | 'DeviceNotActive'
+  | 'DeviceNotFound'
+  | 'KVMMissingCap';
+
+/** An error a command handler throws to answer with a given QMP error class. */
+export class QmpError extends Error {
+  override name = 'QmpError';
+  readonly code = 'ERR_VMDISK_APP_QMP';
+  constructor(
+    readonly errorClass: QmpErrorClass,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export interface QmpSession {
+  /** The connection number, for logs. */
+  readonly id: number;
+}
+
+export interface QmpCommand {
+  name: string;
+  /** The arguments' schema; absent: the command takes no arguments. */
+  args?: Schema;
+  /** Runs the command with checked arguments; what it returns is the `return` value. */
+  run(args: Record<string, unknown>, session: QmpSession): unknown | Promise<unknown>;
+}
+
+export interface QmpVersion {
+  qemu: { major: number; minor: number; micro: number };
+  package: string;
+}
+
+export interface QmpLogger {
+  info(obj: object, msg?: string): void;
+  warn(obj: object, msg?: string): void;
+}
+
+type Reply = Record<string, unknown>;
+
+class Connection implements QmpSession {
+  negotiated = false;
+  private queue: Promise<void> = Promise.resolve();
+  private readonly splitter = new JsonStreamSplitter();
+
+  constructor(
+    readonly id: number,
+    private readonly socket: net.Socket,
+    private readonly monitor: QmpMonitor,
+    private readonly pretty: boolean,
+  ) {
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk: string) => {
+      for (const item of this.splitter.push(chunk)) {
+        this.queue = this.queue.then(() =>
+          'error' in item
+            ? this.send({ error: { class: 'GenericError', desc: item.error } })
+            : this.handle(item.text),
+        );
+      }
+    });
+  }
+
+  send(message: Reply): void {
+    if (this.socket.writable) {
+      this.socket.write(
+        `${this.pretty ? JSON.stringify(message, null, 4) : JSON.stringify(message)}\r\n`,
+      );
+    }
+  }
+
+  close(): void {
+    this.socket.end();
+  }
+
+  private async handle(text: string): Promise<void> {
+    let request: unknown;
+    try {
+      request = JSON.parse(text);
+    } catch (e) {
+      this.send({
+        error: { class: 'GenericError', desc: `JSON parse error, ${(e as Error).message}` },
+      });
+      return;
+    }
+    const reply = await this.monitor.dispatch(this, request);
+    if (reply) this.send(reply);
+  }
+}
+
+export class QmpMonitor extends EventEmitter {
+  private readonly commands = new Map<string, QmpCommand>();
+  private readonly connections = new Set<Connection>();
+  private readonly servers: net.Server[] = [];
+  private nextId = 1;
+
+  constructor(
+    private readonly version: QmpVersion,
+    private readonly log?: QmpLogger,
+  ) {
+    super();
+    this.register({
+      name: 'qmp_capabilities',
+      args: { enable: { type: { list: { enum: ['oob'] } } } },
+      run: (args) => {
+        if (Array.isArray(args.enable) && args.enable.length > 0) {
+          throw new QmpError('GenericError', `Capability '${args.enable[0]}' not available`);
+        }
+        return {};
+      },
+    });
+    this.register({ name: 'query-version', run: () => this.version });
+    this.register({
+      name: 'query-commands',
+      run: () => [...this.commands.keys()].map((name) => ({ name })),
+    });
+  }
+
+  register(command: QmpCommand): void {
+    this.commands.set(command.name, command);
+  }
+
+  /** Broadcasts an event to every connection past capabilities negotiation. */
+  emitEvent(event: string, data?: Record<string, unknown>): void {
+    const now = Date.now();
+    const message: Reply = {
+      event,
+      ...(data !== undefined && { data }),
+      timestamp: { seconds: Math.floor(now / 1000), microseconds: (now % 1000) * 1000 },
+    };
+    for (const c of this.connections) if (c.negotiated) c.send(message);
+  }
+
+  /** Listens on a unix socket (mode 0600), replacing a stale socket file. */
+  async listen(path: string, options: { pretty?: boolean } = {}): Promise<void> {
+    rmSync(path, { force: true });
+    const server = net.createServer((socket) => this.attach(socket, options.pretty ?? false));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(path, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    chmodSync(path, 0o600);
+    this.servers.push(server);
+  }
+
+  /** Serves one QMP connection on `socket`: sends the greeting, then answers commands. */
+  attach(socket: net.Socket, pretty = false): void {
+    const connection = new Connection(this.nextId++, socket, this, pretty);
+    this.connections.add(connection);
+    this.log?.info({ event: 'qmp-connect', session: connection.id }, 'QMP client connected');
+    socket.on('close', () => {
+      this.connections.delete(connection);
+      this.log?.info(
+        { event: 'qmp-disconnect', session: connection.id },
+        'QMP client disconnected',
+      );
+    });
+    socket.on('error', () => {});
+    connection.send({ QMP: { version: this.version, capabilities: [] } });
+  }
+
+  async close(): Promise<void> {
+    for (const c of this.connections) c.close();
+    await Promise.all(
+      this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))),
+    );
+    this.servers.length = 0;
+  }
+
+  /** Checks and runs one request; resolves to the reply to send. */
+  async dispatch(connection: Connection, request: unknown): Promise<Reply> {
+    if (typeof request !== 'object' || request === null || Array.isArray(request)) {
+      return { error: { class: 'GenericError', desc: 'QMP input must be a JSON object' } };
+    }
+    const req = request as Record<string, unknown>;
+    const withId = (reply: Reply): Reply => ('id' in req ? { ...reply, id: req.id } : reply);
+    const fail = (errorClass: QmpErrorClass, desc: string) =>
+      withId({ error: { class: errorClass, desc } });
+
+    for (const key of Object.keys(req)) {
+      if (key === 'exec-oob')
+        return fail(
+          'GenericError',
+          "QMP input member 'exec-oob' requires OOB, which is not enabled",
+        );
+      if (key !== 'execute' && key !== 'arguments' && key !== 'id') {
+        return fail('GenericError', `QMP input member '${key}' is unexpected`);
+      }
+    }
+    if (!('execute' in req)) return fail('GenericError', "QMP input lacks member 'execute'");
+    if (typeof req.execute !== 'string')
+      return fail('GenericError', "QMP input member 'execute' must be a string");
+    const args = req.arguments ?? {};
+    if (typeof args !== 'object' || args === null || Array.isArray(args)) {
+      return fail('GenericError', "QMP input member 'arguments' must be an object");
+    }
+    const name = req.execute;
+    if (!connection.negotiated && name !== 'qmp_capabilities') {
+      return fail('CommandNotFound', "Expecting capabilities negotiation with 'qmp_capabilities'");
+    }
+    if (connection.negotiated && name === 'qmp_capabilities') {
+      return fail(
+        'CommandNotFound',
+        'Capabilities negotiation is already complete, command ignored',
+      );
+    }
+    const command = this.commands.get(name);
+    if (!command) return fail('CommandNotFound', `The command ${name} has not been found`);
+
+    try {
+      const checked = checkStruct(args as Record<string, unknown>, command.args ?? {});
+      const result = await command.run(checked, connection);
+      if (name === 'qmp_capabilities') connection.negotiated = true;
+      this.log?.info(
+        { event: 'qmp-command', session: connection.id, command: name },
+        'QMP command',
+      );
+      return withId({ return: result ?? {} });
+    } catch (e) {
+      if (e instanceof QmpError) return fail(e.errorClass, e.message);
+      if (e instanceof SchemaError) return fail('GenericError', e.message);
+      this.log?.warn(
+        { event: 'qmp-command-failed', session: connection.id, command: name, err: e },
+        'QMP command failed',
+      );
+      return fail('GenericError', (e as Error).message);
+    }
+  }
+}

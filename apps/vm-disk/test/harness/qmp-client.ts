@@ -1,0 +1,72 @@
+// A minimal QMP client for tests: reads the greeting, sends requests, and reads the next
+// reply or event (QEMU and vm-disk send one JSON text per line).
+import net from 'node:net';
+
+export type QmpMessage = Record<string, unknown>;
+
+export class QmpTestClient {
+  private buffer = '';
+  private readonly messages: QmpMessage[] = [];
+  private waiter: (() => void) | undefined;
+  private closed = false;
+
+  private constructor(private readonly socket: net.Socket) {
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk: string) => {
+      this.buffer += chunk;
+      let nl = this.buffer.indexOf('\n');
+      while (nl >= 0) {
+        const line = this.buffer.slice(0, nl).trim();
+        this.buffer = this.buffer.slice(nl + 1);
+        if (line) this.messages.push(JSON.parse(line) as QmpMessage);
+        nl = this.buffer.indexOf('\n');
+      }
+      this.waiter?.();
+    });
+    socket.on('close', () => {
+      this.closed = true;
+      this.waiter?.();
+    });
+  }
+
+  static async connect(path: string): Promise<{ client: QmpTestClient; greeting: QmpMessage }> {
+    const socket = net.connect(path);
+    await new Promise<void>((resolve, reject) => {
+      socket.once('connect', resolve);
+      socket.once('error', reject);
+    });
+    const client = new QmpTestClient(socket);
+    return { client, greeting: await client.next() };
+  }
+
+  /** The next message, reply or event, in arrival order. */
+  async next(timeoutMs = 10_000): Promise<QmpMessage> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.messages.length === 0) {
+      if (this.closed) throw new Error('QMP connection closed');
+      if (Date.now() > deadline) throw new Error('timed out waiting for a QMP message');
+      await new Promise<void>((resolve) => {
+        this.waiter = resolve;
+        setTimeout(resolve, 100);
+      });
+    }
+    return this.messages.shift() as QmpMessage;
+  }
+
+  sendRaw(text: string): void {
+    this.socket.write(text);
+  }
+
+  /** Sends a request and returns the next non-event message (its reply). */
+  async execute(request: QmpMessage | string): Promise<QmpMessage> {
+    this.sendRaw(typeof request === 'string' ? request : `${JSON.stringify(request)}\n`);
+    for (;;) {
+      const message = await this.next();
+      if (!('event' in message)) return message;
+    }
+  }
+
+  close(): void {
+    this.socket.destroy();
+  }
+}
