@@ -1,2 +1,11 @@
 // The public surface of @vmdisk/engine: what is not exported here is internal.
-export { EngineError } from './errors.ts';
+export type {
+  BackendName,
+  Engine,
+  EngineFile,
+  EngineOptions,
+  FallocateMode,
+  OpenFileOptions,
+} from './engine.ts';
+export { openEngine, sharedEngine } from './engine.ts';
+export { EngineError, ErrorCode, IoError } from './errors.ts';

@@ -1,0 +1,488 @@
+// The engine: backend choice, files, argument and alignment checks (done here, once, so
+// that backends do not re-check them), the buffer arena, and the lifecycle (close drains
+// what is in flight, then releases the backend).
+import * as fs from 'node:fs';
+import { AioBackend } from './aio.ts';
+import { BufferArena } from './arena.ts';
+import { EngineError, ErrorCode, fromNodeError, IoError } from './errors.ts';
+import { IoUringBackend } from './io-uring.ts';
+import {
+  addressOf,
+  directAlignment,
+  ENXIO,
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE,
+  lseek,
+  lseekAsync,
+  SEEK_DATA,
+  SEEK_END,
+  SEEK_HOLE,
+} from './native.ts';
+import { type Backend, IoRequest, type OpKind } from './request.ts';
+import { ThreadPoolBackend } from './threadpool.ts';
+
+export type BackendName = 'io_uring' | 'aio' | 'threadpool';
+
+export interface EngineOptions {
+  /** 'auto' (default) honours VMDISK_ENGINE, else picks io_uring, aio, threadpool. */
+  backend?: BackendName | 'auto';
+  /** Submission queue entries (io_uring; the CQ gets twice as many) or AIO context size.
+   * Default 128. More requests than the queue holds wait in the engine, never fail. */
+  queueDepth?: number;
+}
+
+export interface OpenFileOptions {
+  /** Open O_RDONLY (default: read-write). */
+  readOnly?: boolean;
+  /** Open O_DIRECT: every request must then be aligned to `logicalBlockSize`. */
+  direct?: boolean;
+  /** Create the file if it does not exist. */
+  create?: boolean;
+}
+
+export type FallocateMode = 'allocate' | 'punch-hole' | 'zero-range';
+
+export interface Engine {
+  readonly backend: BackendName;
+  openFile(path: string, options?: OpenFileOptions): Promise<EngineFile>;
+  /** Page-aligned Buffer from the engine's arena, usable for O_DIRECT; no per-request
+   * malloc. */
+  allocBuffer(length: number): Buffer;
+  /** Gives a buffer from allocBuffer back to the arena. Precondition: no request using
+   * it is in flight, and the caller no longer touches it. */
+  releaseBuffer(buf: Buffer): void;
+  /** Refuses new work, waits for in-flight I/O, closes the files opened through this
+   * engine that are still open, and releases ring, waiter and memory. */
+  close(): Promise<void>;
+}
+
+/**
+ * A file opened through an engine. Every method returns a promise and never throws:
+ * bad arguments, misaligned O_DIRECT requests and closed files/engines give rejected
+ * promises (EngineError with a stable code), system errors give IoError.
+ */
+export interface EngineFile {
+  readonly path: string;
+  readonly fd: number;
+  readonly direct: boolean;
+  readonly readOnly: boolean;
+  /** The alignment O_DIRECT needs (offset, length, buffer address), e.g. 512 or 4096. */
+  readonly logicalBlockSize: number;
+  size(): Promise<number>;
+  /** Bytes read; fewer than buf.length only at EOF. */
+  read(buf: Uint8Array, offset: number): Promise<number>;
+  /** All of buf, or an IoError. */
+  write(buf: Uint8Array, offset: number): Promise<void>;
+  readv(bufs: Uint8Array[], offset: number): Promise<number>;
+  writev(bufs: Uint8Array[], offset: number): Promise<void>;
+  fsync(): Promise<void>;
+  fdatasync(): Promise<void>;
+  /** punch-hole keeps the size (PUNCH_HOLE|KEEP_SIZE); zero-range is ZERO_RANGE. */
+  fallocate(mode: FallocateMode, offset: number, length: number): Promise<void>;
+  truncate(size: number): Promise<void>;
+  /** lseek SEEK_DATA: the next data offset at or after `offset`; null when none. */
+  seekData(offset: number): Promise<number | null>;
+  /** lseek SEEK_HOLE: the next hole offset at or after `offset`; null when none. */
+  seekHole(offset: number): Promise<number | null>;
+  /** Waits for this file's in-flight requests, then closes the fd. */
+  close(): Promise<void>;
+}
+
+const IOV_MAX = 1024;
+const BACKENDS: readonly BackendName[] = ['io_uring', 'aio', 'threadpool'];
+
+function invalid(message: string): EngineError {
+  return new EngineError(ErrorCode.INVALID_ARGUMENT, message);
+}
+
+function checkOffset(what: string, offset: number): EngineError | null {
+  if (!Number.isSafeInteger(offset) || offset < 0) {
+    return invalid(`${what}: offset must be a non-negative integer, got ${offset}`);
+  }
+  return null;
+}
+
+class EngineFileImpl implements EngineFile {
+  readonly path: string;
+  readonly fd: number;
+  readonly direct: boolean;
+  readonly readOnly: boolean;
+  readonly logicalBlockSize: number;
+  inFlight = 0;
+  closed = false;
+  private closing: Promise<void> | null = null;
+  private drained: (() => void) | null = null;
+  private readonly engine: EngineImpl;
+  /** Called once per request when it settles. */
+  readonly settle = (_req: IoRequest): void => {
+    this.inFlight--;
+    this.engine.settled();
+    if (this.inFlight === 0 && this.drained) this.drained();
+  };
+
+  constructor(
+    engine: EngineImpl,
+    path: string,
+    fd: number,
+    direct: boolean,
+    readOnly: boolean,
+    align: number,
+  ) {
+    this.engine = engine;
+    this.path = path;
+    this.fd = fd;
+    this.direct = direct;
+    this.readOnly = readOnly;
+    this.logicalBlockSize = align;
+  }
+
+  private refuse(): EngineError | null {
+    if (this.closed) {
+      return new EngineError(ErrorCode.FILE_CLOSED, `file '${this.path}' is closed`);
+    }
+    return this.engine.refuse();
+  }
+
+  private misaligned(what: string, offset: number, bufs: Uint8Array[]): EngineError | null {
+    if (!this.direct) return null;
+    const a = this.logicalBlockSize;
+    if (offset % a !== 0) {
+      return new EngineError(
+        ErrorCode.MISALIGNED,
+        `${what} on O_DIRECT file '${this.path}': offset ${offset} is not a multiple of ${a}`,
+      );
+    }
+    for (const b of bufs) {
+      if (b.byteLength % a !== 0) {
+        return new EngineError(
+          ErrorCode.MISALIGNED,
+          `${what} on O_DIRECT file '${this.path}': length ${b.byteLength} is not a multiple of ${a}`,
+        );
+      }
+      if (addressOf(b) % a !== 0) {
+        return new EngineError(
+          ErrorCode.MISALIGNED,
+          `${what} on O_DIRECT file '${this.path}': buffer address is not aligned to ${a} (use engine.allocBuffer)`,
+        );
+      }
+    }
+    return null;
+  }
+
+  private transfer(kind: OpKind, bufs: Uint8Array[], offset: number): Promise<number> {
+    const err =
+      this.refuse() ??
+      checkOffset(kind, offset) ??
+      (bufs.every((b) => b instanceof Uint8Array)
+        ? null
+        : invalid(`${kind}: buffers must be Uint8Arrays`)) ??
+      (bufs.length > IOV_MAX ? invalid(`${kind}: at most ${IOV_MAX} buffers`) : null) ??
+      this.misaligned(kind, offset, bufs);
+    if (err) return Promise.reject(err);
+    let length = 0;
+    for (const b of bufs) length += b.byteLength;
+    if (length === 0) return Promise.resolve(0);
+    const nonEmpty = bufs.length === 1 ? bufs : bufs.filter((b) => b.byteLength > 0);
+    return this.issue(kind, nonEmpty, offset, length, 0);
+  }
+
+  issue(
+    kind: OpKind,
+    bufs: Uint8Array[],
+    offset: number,
+    length: number,
+    mode: number,
+  ): Promise<number> {
+    const backend = this.engine.be;
+    this.inFlight++;
+    this.engine.issued();
+    return new Promise<number>((resolve, reject) => {
+      const req = new IoRequest(
+        backend,
+        kind,
+        this.fd,
+        this.path,
+        this.direct ? this.logicalBlockSize : 0,
+        offset,
+        bufs,
+        length,
+        mode,
+        resolve,
+        reject,
+        this.settle,
+      );
+      backend.submit(req);
+    });
+  }
+
+  read(buf: Uint8Array, offset: number): Promise<number> {
+    return this.transfer('read', [buf], offset);
+  }
+
+  async write(buf: Uint8Array, offset: number): Promise<void> {
+    await this.transfer('write', [buf], offset);
+  }
+
+  readv(bufs: Uint8Array[], offset: number): Promise<number> {
+    if (!Array.isArray(bufs)) return Promise.reject(invalid('readv: bufs must be an array'));
+    return this.transfer('readv', bufs, offset);
+  }
+
+  async writev(bufs: Uint8Array[], offset: number): Promise<void> {
+    if (!Array.isArray(bufs)) throw invalid('writev: bufs must be an array');
+    await this.transfer('writev', bufs, offset);
+  }
+
+  async fsync(): Promise<void> {
+    const err = this.refuse();
+    if (err) throw err;
+    await this.issue('fsync', [], 0, 0, 0);
+  }
+
+  async fdatasync(): Promise<void> {
+    const err = this.refuse();
+    if (err) throw err;
+    await this.issue('fdatasync', [], 0, 0, 0);
+  }
+
+  async fallocate(mode: FallocateMode, offset: number, length: number): Promise<void> {
+    const err = this.refuse() ?? checkOffset('fallocate', offset);
+    if (err) throw err;
+    if (!Number.isSafeInteger(length) || length <= 0) {
+      throw invalid(`fallocate: length must be a positive integer, got ${length}`);
+    }
+    let flags: number;
+    if (mode === 'allocate') flags = 0;
+    else if (mode === 'punch-hole') flags = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+    else if (mode === 'zero-range') flags = FALLOC_FL_ZERO_RANGE;
+    else throw invalid(`fallocate: unknown mode '${String(mode)}'`);
+    await this.issue('fallocate', [], offset, length, flags);
+  }
+
+  async size(): Promise<number> {
+    const err = this.refuse();
+    if (err) throw err;
+    const r = lseek(this.fd, 0, SEEK_END);
+    if (r < 0) throw new IoError(-r, 'lseek', { path: this.path });
+    return r;
+  }
+
+  async truncate(size: number): Promise<void> {
+    const err = this.refuse() ?? checkOffset('truncate', size);
+    if (err) throw err;
+    await new Promise<void>((resolve, reject) => {
+      fs.ftruncate(this.fd, size, (e) => {
+        if (e) reject(fromNodeError(e, 'ftruncate', { path: this.path, length: size }));
+        else resolve();
+      });
+    });
+  }
+
+  private async seek(offset: number, whence: number, what: string): Promise<number | null> {
+    const err = this.refuse() ?? checkOffset(what, offset);
+    if (err) throw err;
+    const r = await lseekAsync(this.fd, offset, whence);
+    if (r === -ENXIO) return null;
+    if (r < 0) throw new IoError(-r, 'lseek', { path: this.path, offset });
+    return r;
+  }
+
+  seekData(offset: number): Promise<number | null> {
+    return this.seek(offset, SEEK_DATA, 'seekData');
+  }
+
+  seekHole(offset: number): Promise<number | null> {
+    return this.seek(offset, SEEK_HOLE, 'seekHole');
+  }
+
+  close(): Promise<void> {
+    if (this.closing) return this.closing;
+    this.closed = true;
+    this.closing = (async () => {
+      if (this.inFlight > 0) {
+        await new Promise<void>((resolve) => {
+          this.drained = resolve;
+        });
+      }
+      this.engine.forget(this);
+      await new Promise<void>((resolve, reject) => {
+        fs.close(this.fd, (e) => {
+          if (e) reject(fromNodeError(e, 'close', { path: this.path }));
+          else resolve();
+        });
+      });
+    })();
+    return this.closing;
+  }
+}
+
+function openFd(path: string, flags: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.open(path, flags, 0o644, (e, fd) => {
+      if (e) reject(fromNodeError(e, 'open', { path }));
+      else resolve(fd);
+    });
+  });
+}
+
+class EngineImpl implements Engine {
+  readonly backend: BackendName;
+  readonly be: Backend;
+  private readonly arena = new BufferArena();
+  private readonly files = new Set<EngineFileImpl>();
+  private inFlight = 0;
+  private closed = false;
+  private closing: Promise<void> | null = null;
+  private drained: (() => void) | null = null;
+
+  constructor(be: Backend) {
+    this.be = be;
+    this.backend = be.name;
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  refuse(): EngineError | null {
+    return this.closed
+      ? new EngineError(ErrorCode.CLOSED, `the ${this.backend} engine is closed`)
+      : null;
+  }
+
+  issued(): void {
+    this.inFlight++;
+  }
+
+  settled(): void {
+    this.inFlight--;
+    if (this.inFlight === 0 && this.drained) this.drained();
+  }
+
+  forget(file: EngineFileImpl): void {
+    this.files.delete(file);
+  }
+
+  async openFile(path: string, options: OpenFileOptions = {}): Promise<EngineFile> {
+    const err = this.refuse();
+    if (err) throw err;
+    if (typeof path !== 'string' || path.length === 0)
+      throw invalid('openFile: path must be a non-empty string');
+    const { O_RDONLY, O_RDWR, O_CREAT, O_DIRECT } = fs.constants;
+    const readOnly = options.readOnly === true;
+    const direct = options.direct === true;
+    const flags =
+      (readOnly ? O_RDONLY : O_RDWR) | (options.create ? O_CREAT : 0) | (direct ? O_DIRECT : 0);
+    const fd = await openFd(path, flags);
+    if (this.closed) {
+      fs.close(fd, () => {});
+      throw this.refuse()!;
+    }
+    const file = new EngineFileImpl(this, path, fd, direct, readOnly, directAlignment(fd));
+    this.files.add(file);
+    return file;
+  }
+
+  allocBuffer(length: number): Buffer {
+    const err = this.refuse();
+    if (err) throw err;
+    return this.arena.alloc(length);
+  }
+
+  releaseBuffer(buf: Buffer): void {
+    this.arena.release(buf);
+  }
+
+  close(): Promise<void> {
+    if (this.closing) return this.closing;
+    this.closed = true;
+    this.closing = (async () => {
+      if (this.inFlight > 0) {
+        await new Promise<void>((resolve) => {
+          this.drained = resolve;
+        });
+      }
+      const files = [...this.files];
+      await Promise.allSettled(files.map((f) => f.close()));
+      this.be.destroy();
+    })();
+    return this.closing;
+  }
+}
+
+function createBackend(name: BackendName, queueDepth: number): Backend {
+  switch (name) {
+    case 'io_uring':
+      return new IoUringBackend(queueDepth);
+    case 'aio':
+      return new AioBackend(queueDepth);
+    case 'threadpool':
+      return new ThreadPoolBackend();
+  }
+}
+
+function requestedBackend(option: BackendName | 'auto' | undefined): BackendName | 'auto' {
+  const choice = option ?? 'auto';
+  if (choice !== 'auto' && !BACKENDS.includes(choice)) {
+    throw invalid(`unknown engine backend '${String(choice)}' (io_uring, aio, threadpool or auto)`);
+  }
+  if (choice !== 'auto') return choice;
+  const env = process.env.VMDISK_ENGINE;
+  if (env === undefined || env === '' || env === 'auto') return 'auto';
+  if (!BACKENDS.includes(env as BackendName)) {
+    throw invalid(`VMDISK_ENGINE='${env}' is not io_uring, aio, threadpool or auto`);
+  }
+  return env as BackendName;
+}
+
+/** A new engine; 'auto' (default) honours VMDISK_ENGINE, else picks io_uring, aio,
+ * threadpool (the first that works here). */
+export async function openEngine(options: EngineOptions = {}): Promise<Engine> {
+  const choice = requestedBackend(options.backend);
+  const queueDepth = options.queueDepth ?? 128;
+  if (!Number.isSafeInteger(queueDepth) || queueDepth < 1 || queueDepth > 4096) {
+    throw invalid(`queueDepth must be an integer from 1 to 4096, got ${queueDepth}`);
+  }
+  const entries = 2 ** Math.ceil(Math.log2(queueDepth));
+  if (choice !== 'auto') {
+    try {
+      return new EngineImpl(createBackend(choice, entries));
+    } catch (cause) {
+      throw new EngineError(
+        ErrorCode.BACKEND_UNAVAILABLE,
+        `the ${choice} engine backend cannot work here: ${(cause as Error).message}`,
+        { cause },
+      );
+    }
+  }
+  for (const name of BACKENDS) {
+    try {
+      return new EngineImpl(createBackend(name, entries));
+    } catch {
+      // Try the next one; threadpool always works.
+    }
+  }
+  throw new EngineError(ErrorCode.BACKEND_UNAVAILABLE, 'no engine backend works here');
+}
+
+const shared = new Map<string, Promise<Engine>>();
+
+/** This JS thread's shared engine for a backend (created on first use, then the same
+ * object; a new one once that one is closed). Module state is per thread: a worker gets
+ * its own. */
+export async function sharedEngine(backend: BackendName | 'auto' = 'auto'): Promise<Engine> {
+  const existing = shared.get(backend);
+  if (existing) {
+    const e = await existing;
+    if (!(e as EngineImpl).isClosed) return e;
+    if (shared.get(backend) === existing) shared.delete(backend);
+    return sharedEngine(backend);
+  }
+  const p = openEngine({ backend });
+  shared.set(backend, p);
+  p.catch(() => {
+    if (shared.get(backend) === p) shared.delete(backend);
+  });
+  return p;
+}

@@ -1,0 +1,230 @@
+// libc entry points through koffi (no C addon), and the helpers the backends share.
+// Raw `syscall()` returns -1 and sets errno; every wrapper here turns that into -errno so
+// that callers compare with negative errno values (the io-engine crate's EINTR check,
+// which compared -1 with -EINTR, never matched).
+import koffi from 'koffi';
+
+const libc = koffi.load('libc.so.6');
+
+/** x86_64 syscall numbers. */
+export const SYS = {
+  io_setup: 206,
+  io_destroy: 207,
+  io_getevents: 208,
+  io_submit: 209,
+  io_uring_setup: 425,
+  io_uring_enter: 426,
+  io_uring_register: 427,
+} as const;
+
+export const EINTR = 4;
+export const EAGAIN = 11;
+export const EBADF = 9;
+export const EINVAL = 22;
+export const ENXIO = 6;
+export const EOPNOTSUPP = 95;
+export const ENOSYS = 38;
+export const EBUSY = 16;
+
+type Ptr = bigint | number | Uint8Array | ArrayBufferView | null;
+
+// One declaration of `syscall` per shape we use: fixed prototypes over the variadic symbol
+// (x86_64 glibc's syscall() is assembly that reads the registers, so this is safe).
+const syscall2p = libc.func('syscall', 'long', ['long', 'long', 'void *']);
+const syscall4p = libc.func('syscall', 'long', ['long', 'long', 'long', 'void *', 'long']);
+const syscallEnter = libc.func('syscall', 'long', [
+  'long',
+  'int',
+  'uint',
+  'uint',
+  'uint',
+  'void *',
+  'size_t',
+]);
+const syscallSubmit = libc.func('syscall', 'long', ['long', 'uint64_t', 'long', 'void *']);
+const syscallGetevents = libc.func('syscall', 'long', [
+  'long',
+  'uint64_t',
+  'long',
+  'long',
+  'void *',
+  'void *',
+]);
+const syscallDestroy = libc.func('syscall', 'long', ['long', 'uint64_t']);
+
+const mmapFn = libc.func(
+  'void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)',
+);
+const munmapFn = libc.func('int munmap(void *addr, size_t length)');
+const closeFn = libc.func('int close(int fd)');
+const eventfdFn = libc.func('int eventfd(uint initval, int flags)');
+const readFn = libc.func('long read(int fd, void *buf, size_t count)');
+const writeFn = libc.func('long write(int fd, void *buf, size_t count)');
+const lseekFn = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
+const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
+const statxFn = libc.func(
+  'int statx(int dirfd, const char *path, int flags, uint mask, void *buf)',
+);
+const ioctlIntFn = libc.func('ioctl', 'int', ['int', 'ulong', 'void *']);
+
+function ret(r: number | bigint): number {
+  const n = Number(r);
+  return n === -1 ? -koffi.errno() : n;
+}
+
+/** The address of a view's first byte (the view's own address, byteOffset included). */
+export function addressOf(view: ArrayBufferView): number {
+  return Number(koffi.address(view));
+}
+
+export function ioUringSetup(entries: number, params: Uint8Array): number {
+  return ret(syscall2p(SYS.io_uring_setup, entries, params));
+}
+
+export function ioUringEnter(
+  fd: number,
+  toSubmit: number,
+  minComplete: number,
+  flags: number,
+): number {
+  return ret(syscallEnter(SYS.io_uring_enter, fd, toSubmit, minComplete, flags, null, 0));
+}
+
+export function ioUringRegister(fd: number, opcode: number, arg: Ptr, nrArgs: number): number {
+  return ret(syscall4p(SYS.io_uring_register, fd, opcode, arg, nrArgs));
+}
+
+export function ioSetup(nr: number, ctxOut: BigUint64Array): number {
+  return ret(syscall2p(SYS.io_setup, nr, ctxOut));
+}
+
+export function ioDestroy(ctx: bigint): number {
+  return ret(syscallDestroy(SYS.io_destroy, ctx));
+}
+
+export function ioSubmit(ctx: bigint, nr: number, iocbpp: ArrayBufferView): number {
+  return ret(syscallSubmit(SYS.io_submit, ctx, nr, iocbpp));
+}
+
+export function ioGetevents(
+  ctx: bigint,
+  minNr: number,
+  nr: number,
+  events: ArrayBufferView,
+  timeout: ArrayBufferView | null,
+): number {
+  return ret(syscallGetevents(SYS.io_getevents, ctx, minNr, nr, events, timeout));
+}
+
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const MAP_SHARED = 0x01;
+export const MAP_POPULATE = 0x8000;
+
+/** mmap a shared mapping of `fd`; returns the address, or -errno. */
+export function mmap(length: number, fd: number, offset: number): bigint | number {
+  const p = mmapFn(null, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, offset) as
+    | bigint
+    | null;
+  if (p === null || BigInt.asIntN(64, BigInt(p)) === -1n) return -koffi.errno();
+  return BigInt(p);
+}
+
+export function munmap(addr: bigint, length: number): number {
+  return ret(munmapFn(addr, length));
+}
+
+/** An ArrayBuffer over native memory (valid until that memory is unmapped). */
+export function view(addr: bigint, length: number): ArrayBuffer {
+  return koffi.view(addr, length);
+}
+
+export function closeFd(fd: number): number {
+  return ret(closeFn(fd));
+}
+
+export const EFD_NONBLOCK = 0x800;
+export const EFD_CLOEXEC = 0x80000;
+
+export function eventfd(flags: number): number {
+  return ret(eventfdFn(0, flags));
+}
+
+const eventfdScratch = new BigUint64Array(1);
+/** Reads (clears) a non-blocking eventfd; returns the count, or -errno (-EAGAIN: empty). */
+export function eventfdRead(fd: number): number {
+  const r = ret(readFn(fd, eventfdScratch, 8));
+  return r < 0 ? r : Number(eventfdScratch[0]);
+}
+
+export function eventfdWrite(fd: number, value: number): number {
+  return ret(writeFn(fd, new BigUint64Array([BigInt(value)]), 8));
+}
+
+export const SEEK_END = 2;
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
+
+export function lseek(fd: number, offset: number, whence: number): number {
+  return ret(lseekFn(fd, offset, whence));
+}
+
+/** lseek on a libuv thread-pool thread (SEEK_DATA/SEEK_HOLE may read metadata). */
+export function lseekAsync(fd: number, offset: number, whence: number): Promise<number> {
+  return new Promise((resolve) => {
+    lseekFn.async(fd, offset, whence, (err: unknown, r: number | bigint) => {
+      if (err) resolve(-EINVAL);
+      else resolve(ret(r));
+    });
+  });
+}
+
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+/** fallocate on a libuv thread-pool thread; resolves 0 or -errno. */
+export function fallocateAsync(
+  fd: number,
+  mode: number,
+  offset: number,
+  length: number,
+): Promise<number> {
+  return new Promise((resolve) => {
+    fallocateFn.async(fd, mode, offset, length, (err: unknown, r: number) => {
+      if (err) resolve(-EINVAL);
+      else resolve(ret(r));
+    });
+  });
+}
+
+const AT_EMPTY_PATH = 0x1000;
+const STATX_TYPE = 0x1;
+const STATX_DIOALIGN = 0x2000;
+const S_IFMT = 0o170000;
+const S_IFBLK = 0o060000;
+const BLKSSZGET = 0x1268;
+
+/**
+ * The alignment O_DIRECT needs on `fd` (offset, length and buffer address): the logical
+ * block size of a block device, statx's DIO alignment of a file (Linux >= 6.1), else 4096.
+ */
+export function directAlignment(fd: number): number {
+  const buf = new Uint8Array(256);
+  const dv = new DataView(buf.buffer);
+  if (ret(statxFn(fd, '', AT_EMPTY_PATH, STATX_TYPE | STATX_DIOALIGN, buf)) === 0) {
+    const mask = dv.getUint32(0, true);
+    const mode = dv.getUint16(28, true);
+    if ((mode & S_IFMT) === S_IFBLK) {
+      const out = new Int32Array(1);
+      if (ret(ioctlIntFn(fd, BLKSSZGET, out)) === 0 && out[0]! > 0) return out[0]!;
+    }
+    if (mask & STATX_DIOALIGN) {
+      const memAlign = dv.getUint32(152, true);
+      const offsetAlign = dv.getUint32(156, true);
+      const a = Math.max(memAlign, offsetAlign);
+      if (a > 0) return a;
+    }
+  }
+  return 4096;
+}
