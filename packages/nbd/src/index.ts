@@ -7,3 +7,19 @@ export type {
   WriteFlags,
   WriteZeroesFlags,
 } from './export-target.ts';
+
+// ---- The client ----
+export type {
+  BlockStatusResult,
+  NbdBlockStatusOptions,
+  NbdClientOptions,
+  NbdClientTlsOptions,
+  NbdConnectTarget,
+  NbdExtent,
+  NbdWriteOptions,
+  NbdWriteZeroesOptions,
+} from './client.ts';
+export { NbdClient } from './client.ts';
+export { NbdCommandError, NbdConnectionError, NbdOptionError } from './errors.ts';
+export type { NbdTransport, NbdUri, NbdUriTls } from './uri.ts';
+export { NBD_DEFAULT_PORT, parseNbdUri } from './uri.ts';

@@ -1,0 +1,641 @@
+// The NBD client: connects over TCP or a unix socket (optionally TLS), negotiates the
+// export (client-negotiation.ts) and then keeps any number of requests in flight, each
+// matched to its reply by cookie (client-replies.ts parses the replies).
+//
+// A request's promise settles with the server's answer: a server error rejects it with an
+// NbdCommandError (code ERR_VMDISK_NBD_COMMAND_FAILED, errnoName 'EIO' etc.); a broken
+// connection or a protocol violation by the server rejects every pending request at once
+// and ends the connection. Buffers handed to write() must stay untouched until the
+// promise settles (they are sent without a copy); read() fills the caller's buffer.
+
+import * as net from 'node:net';
+import type { TLSSocket } from 'node:tls';
+import { negotiate } from './client-negotiation.ts';
+import { type BlockStatusResult, type PendingRequest, ReplyParser } from './client-replies.ts';
+import type { NbdClientTlsOptions } from './client-tls.ts';
+import { NbdCommandError, NbdConnectionError, NbdError } from './errors.ts';
+import type { BlockSizeConstraints } from './export-target.ts';
+import {
+  Command,
+  CommandFlag,
+  EXTENDED_REQUEST_HEADER_BYTES,
+  EXTENDED_REQUEST_MAGIC,
+  MAX_PAYLOAD_BYTES,
+  META_CONTEXT_ALLOCATION_DEPTH,
+  META_CONTEXT_BASE_ALLOCATION,
+  REQUEST_HEADER_BYTES,
+  REQUEST_MAGIC,
+  TransmissionFlag,
+} from './protocol.ts';
+import { type NbdTransport, parseNbdUri } from './uri.ts';
+
+export type { BlockStatusResult, NbdExtent } from './client-replies.ts';
+export type { NbdClientTlsOptions } from './client-tls.ts';
+
+/** Where to connect: an NBD URI, a TCP address (port 10809 by default) or a unix socket. */
+export type NbdConnectTarget = string | URL | { host: string; port?: number } | { path: string };
+
+export interface NbdClientOptions {
+  /** The export to use (default: the URI's, else "" — the server's default export). */
+  exportName?: string;
+  /** TLS credentials; merged over those an nbds:// URI names. */
+  tls?: NbdClientTlsOptions;
+  /** Negotiate structured replies (default true). */
+  structuredReplies?: boolean;
+  /** Negotiate extended headers when the server offers them (default true). */
+  extendedHeaders?: boolean;
+  /** Select base:allocation for blockStatus (default true). */
+  baseAllocation?: boolean;
+  /** Also select qemu:allocation-depth (default false). */
+  allocationDepth?: boolean;
+  /** Further meta contexts to select (e.g. 'qemu:dirty-bitmap:NAME'). */
+  metaContexts?: string[];
+  /** Milliseconds for the TCP connect plus the whole handshake (default 30 000). */
+  connectTimeout?: number;
+  signal?: AbortSignal;
+}
+
+export interface NbdWriteOptions {
+  /** Force Unit Access: durable when the reply comes (needs canFua). */
+  fua?: boolean;
+}
+
+export interface NbdWriteZeroesOptions extends NbdWriteOptions {
+  /** The range must stay allocated (NBD_CMD_FLAG_NO_HOLE). */
+  noHole?: boolean;
+  /** Fail with ENOTSUP rather than write zeros slowly (needs canFastZero). */
+  fastZero?: boolean;
+}
+
+export interface NbdBlockStatusOptions {
+  /** Ask for one extent per context (NBD_CMD_FLAG_REQ_ONE). */
+  reqOne?: boolean;
+}
+
+const COMMAND_NAMES: Record<number, string> = Object.fromEntries(
+  Object.entries(Command).map(([k, v]) => [v, k]),
+);
+
+const invalidRequest = (message: string): NbdError =>
+  new NbdError('ERR_VMDISK_NBD_INVALID_REQUEST', message);
+const unsupported = (what: string): NbdError =>
+  new NbdError('ERR_VMDISK_NBD_UNSUPPORTED', `the NBD export does not support ${what}`);
+
+/** Effect lengths of TRIM, WRITE_ZEROES and CACHE are split at this with compact headers. */
+const COMPACT_SPLIT = 2 ** 31;
+
+function resolveTarget(
+  target: NbdConnectTarget,
+  options: NbdClientOptions,
+): { transport: NbdTransport; exportName: string; tls: NbdClientTlsOptions | undefined } {
+  if (typeof target === 'string' || target instanceof URL) {
+    const uri = parseNbdUri(String(target));
+    let tls: NbdClientTlsOptions | undefined;
+    if (uri.tls || options.tls) {
+      tls = { ...uri.tlsOptions, ...options.tls };
+      if (uri.tls) tls.mode = 'require';
+      if (uri.tlsOptions.type === 'psk' && !tls.psk && tls.pskFile === undefined) {
+        throw new NbdError(
+          'ERR_VMDISK_NBD_INVALID_URI',
+          'tls-type=psk needs tls-psk-file or a key',
+        );
+      }
+    }
+    return { transport: uri.transport, exportName: options.exportName ?? uri.exportName, tls };
+  }
+  if ('path' in target) {
+    if (typeof target.path !== 'string' || target.path === '') {
+      throw invalidRequest('a unix socket target needs a path');
+    }
+    return {
+      transport: { path: target.path },
+      exportName: options.exportName ?? '',
+      tls: options.tls,
+    };
+  }
+  const port = target.port ?? 10809;
+  if (!Number.isInteger(port) || port <= 0 || port > 65535) {
+    throw invalidRequest(`bad port ${port}`);
+  }
+  return {
+    transport: { host: target.host, port },
+    exportName: options.exportName ?? '',
+    tls: options.tls,
+  };
+}
+
+function connectSocket(transport: NbdTransport, signal: AbortSignal): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const socket =
+      'path' in transport
+        ? net.connect({ path: transport.path })
+        : net.connect({ host: transport.host, port: transport.port });
+    const where = 'path' in transport ? transport.path : `${transport.host}:${transport.port}`;
+    const onError = (err: Error) => {
+      cleanup();
+      socket.destroy();
+      reject(
+        new NbdConnectionError(
+          'ERR_VMDISK_NBD_CONNECT_FAILED',
+          `cannot connect to the NBD server at ${where}: ${err.message}`,
+          err,
+        ),
+      );
+    };
+    const onConnect = () => {
+      cleanup();
+      resolve(socket);
+    };
+    const onAbort = () => {
+      cleanup();
+      socket.destroy();
+      reject(signal.reason);
+    };
+    const cleanup = () => {
+      socket.off('error', onError);
+      socket.off('connect', onConnect);
+      signal.removeEventListener('abort', onAbort);
+    };
+    socket.on('error', onError);
+    socket.on('connect', onConnect);
+    if (signal.aborted) onAbort();
+    else signal.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+export class NbdClient {
+  /** The export's size in bytes. */
+  readonly size: number;
+  /** The transmission flags (TransmissionFlag bits). */
+  readonly flags: number;
+  readonly exportName: string;
+  /** The export's description (NBD_INFO_DESCRIPTION), if the server gave one. */
+  readonly description: string | undefined;
+  /** The server's block size constraints, if it sent them (requests must obey them). */
+  readonly blockSize: BlockSizeConstraints | undefined;
+  readonly structuredReplies: boolean;
+  readonly extendedHeaders: boolean;
+  readonly tls: boolean;
+  readonly handshake: 'fixed-newstyle' | 'newstyle' | 'oldstyle';
+  /** The meta contexts the server selected, e.g. ['base:allocation']. */
+  readonly metaContexts: readonly string[];
+  /** Settles when the connection is gone: undefined after close(), else the error. */
+  readonly closed: Promise<NbdError | undefined>;
+
+  private readonly socket: net.Socket | TLSSocket;
+  private readonly rawSocket: net.Socket;
+  private readonly pending = new Map<number, PendingRequest>();
+  private nextCookie = 1;
+  private corked = false;
+  private broken: NbdError | undefined;
+  private closing = false;
+  private discSent = false;
+  private closePromise: Promise<void> | undefined;
+  private drainWaiters: (() => void)[] = [];
+  private lastSocketError: Error | undefined;
+  private resolveClosed!: (err: NbdError | undefined) => void;
+  private readonly maxIo: number;
+  private readonly align: number;
+
+  /** Connects, negotiates and resolves with a client in the transmission phase. */
+  static async connect(
+    target: NbdConnectTarget,
+    options: NbdClientOptions = {},
+  ): Promise<NbdClient> {
+    const { transport, exportName, tls } = resolveTarget(target, options);
+    const ac = new AbortController();
+    const timeoutMs = options.connectTimeout ?? 30_000;
+    const timer = setTimeout(() => {
+      ac.abort(
+        new NbdConnectionError(
+          'ERR_VMDISK_NBD_TIMEOUT',
+          `the NBD connection and handshake did not finish in ${timeoutMs} ms`,
+        ),
+      );
+    }, timeoutMs);
+    const userSignal = options.signal;
+    const onUserAbort = () =>
+      ac.abort(
+        new NbdConnectionError(
+          'ERR_VMDISK_NBD_ABORTED',
+          'the NBD connect was aborted',
+          userSignal?.reason,
+        ),
+      );
+    if (userSignal?.aborted) onUserAbort();
+    else userSignal?.addEventListener('abort', onUserAbort, { once: true });
+    try {
+      const socket = await connectSocket(transport, ac.signal);
+      if (!('path' in transport)) socket.setNoDelay(true);
+      const contexts: string[] = [];
+      if (options.baseAllocation !== false) contexts.push(META_CONTEXT_BASE_ALLOCATION);
+      if (options.allocationDepth) contexts.push(META_CONTEXT_ALLOCATION_DEPTH);
+      for (const c of options.metaContexts ?? []) if (!contexts.includes(c)) contexts.push(c);
+      const negotiateOptions: Parameters<typeof negotiate>[1] = {
+        exportName,
+        structuredReplies: options.structuredReplies !== false,
+        extendedHeaders: options.extendedHeaders !== false && options.structuredReplies !== false,
+        metaContexts: contexts,
+        signal: ac.signal,
+      };
+      if (tls) negotiateOptions.tls = tls;
+      if (!('path' in transport)) negotiateOptions.host = transport.host;
+      const n = await negotiate(socket, negotiateOptions);
+      return new NbdClient(socket, n, exportName);
+    } finally {
+      clearTimeout(timer);
+      userSignal?.removeEventListener('abort', onUserAbort);
+    }
+  }
+
+  private constructor(
+    rawSocket: net.Socket,
+    n: Awaited<ReturnType<typeof negotiate>>,
+    exportName: string,
+  ) {
+    this.rawSocket = rawSocket;
+    this.socket = n.socket;
+    this.size = n.size;
+    this.flags = n.flags;
+    this.exportName = exportName;
+    this.description = n.description;
+    this.blockSize = n.blockSize;
+    this.structuredReplies = n.structuredReplies;
+    this.extendedHeaders = n.extendedHeaders;
+    this.tls = n.tls;
+    this.handshake = n.handshake;
+    this.metaContexts = [...n.contexts.values()];
+    this.closed = new Promise((resolve) => {
+      this.resolveClosed = resolve;
+    });
+    this.align = n.blockSize?.minimum ?? 1;
+    const max = Math.min(n.blockSize?.maximum ?? MAX_PAYLOAD_BYTES, 2 ** 30);
+    this.maxIo = Math.max(this.align, max - (max % this.align));
+
+    const parser = new ReplyParser(n.structuredReplies, n.extendedHeaders, n.contexts, {
+      lookup: (cookie) => (cookie <= 0xffffffffn ? this.pending.get(Number(cookie)) : undefined),
+      complete: (cookie, req, err, value) => {
+        this.pending.delete(Number(cookie));
+        if (err) req.reject(err);
+        else req.resolve(value);
+        if (err instanceof NbdCommandError && err.errnoName === 'ESHUTDOWN') {
+          // The server is shutting down: the spec wants a soft disconnect.
+          void this.close();
+        }
+        this.checkDrained();
+      },
+    });
+    const onData = (chunk: Buffer) => {
+      if (this.broken) return;
+      try {
+        parser.push(chunk);
+      } catch (err) {
+        this.fail(
+          err instanceof NbdError
+            ? err
+            : new NbdConnectionError('ERR_VMDISK_NBD_PROTOCOL_ERROR', String(err), err),
+        );
+      }
+    };
+    const sock = this.socket;
+    sock.on('error', (err) => {
+      this.lastSocketError = err;
+    });
+    if (rawSocket !== sock) {
+      rawSocket.on('error', (err) => {
+        this.lastSocketError ??= err;
+      });
+    }
+    sock.on('close', () => this.onSocketClose());
+    sock.on('data', onData);
+    if (n.leftover.length) onData(n.leftover);
+    sock.resume();
+  }
+
+  get readOnly(): boolean {
+    return (this.flags & TransmissionFlag.READ_ONLY) !== 0;
+  }
+  get canFlush(): boolean {
+    return (this.flags & TransmissionFlag.SEND_FLUSH) !== 0;
+  }
+  get canFua(): boolean {
+    return (this.flags & TransmissionFlag.SEND_FUA) !== 0;
+  }
+  get canTrim(): boolean {
+    return (this.flags & TransmissionFlag.SEND_TRIM) !== 0;
+  }
+  get canWriteZeroes(): boolean {
+    return (this.flags & TransmissionFlag.SEND_WRITE_ZEROES) !== 0;
+  }
+  get canFastZero(): boolean {
+    return (this.flags & TransmissionFlag.SEND_FAST_ZERO) !== 0;
+  }
+  get canCache(): boolean {
+    return (this.flags & TransmissionFlag.SEND_CACHE) !== 0;
+  }
+  get canMultiConn(): boolean {
+    return (this.flags & TransmissionFlag.CAN_MULTI_CONN) !== 0;
+  }
+  get rotational(): boolean {
+    return (this.flags & TransmissionFlag.ROTATIONAL) !== 0;
+  }
+  /** Requests sent and not yet answered. */
+  get inFlight(): number {
+    return this.pending.size;
+  }
+
+  /**
+   * Reads `length` bytes at `offset` into a new buffer, or fills `buf` (its whole length).
+   * Reads longer than the server's maximum are split.
+   */
+  async read(offset: number, lengthOrBuf: number | Uint8Array): Promise<Uint8Array> {
+    const buf = typeof lengthOrBuf === 'number' ? null : lengthOrBuf;
+    const length = buf ? buf.length : (lengthOrBuf as number);
+    this.checkRange(offset, length, true);
+    const out = buf ?? Buffer.allocUnsafe(length);
+    if (length === 0) return out;
+    const parts: Promise<unknown>[] = [];
+    for (let done = 0; done < length; done += this.maxIo) {
+      const n = Math.min(this.maxIo, length - done);
+      parts.push(
+        this.submit(Command.READ, 0, offset + done, n, { buf: out.subarray(done, done + n) }),
+      );
+    }
+    await Promise.all(parts);
+    return out;
+  }
+
+  /** Writes `buf` at `offset` (split at the server's maximum). Keep `buf` unchanged until done. */
+  async write(offset: number, buf: Uint8Array, options: NbdWriteOptions = {}): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offset, buf.length, true);
+    const flags = this.fuaFlag(options);
+    const parts: Promise<unknown>[] = [];
+    for (let done = 0; done < buf.length; done += this.maxIo) {
+      const n = Math.min(this.maxIo, buf.length - done);
+      parts.push(
+        this.submit(Command.WRITE, flags, offset + done, n, {
+          payload: buf.subarray(done, done + n),
+        }),
+      );
+    }
+    await Promise.all(parts);
+  }
+
+  /** Makes completed writes durable. */
+  async flush(): Promise<void> {
+    if (!this.canFlush) throw unsupported('FLUSH');
+    await this.submit(Command.FLUSH, 0, 0, 0, {});
+  }
+
+  /** Discards a range. */
+  async trim(offset: number, length: number, options: NbdWriteOptions = {}): Promise<void> {
+    if (!this.canTrim) throw unsupported('TRIM');
+    this.checkWritable();
+    this.checkRange(offset, length, true);
+    await this.effectRequests(Command.TRIM, this.fuaFlag(options), offset, length);
+  }
+
+  /** Writes zeros over a range. */
+  async writeZeroes(
+    offset: number,
+    length: number,
+    options: NbdWriteZeroesOptions = {},
+  ): Promise<void> {
+    if (!this.canWriteZeroes) throw unsupported('WRITE_ZEROES');
+    this.checkWritable();
+    this.checkRange(offset, length, true);
+    let flags = this.fuaFlag(options);
+    if (options.noHole) flags |= CommandFlag.NO_HOLE;
+    if (options.fastZero) {
+      if (!this.canFastZero) throw unsupported('FAST_ZERO');
+      flags |= CommandFlag.FAST_ZERO;
+    }
+    await this.effectRequests(Command.WRITE_ZEROES, flags, offset, length);
+  }
+
+  /** Asks the server to prefetch a range. */
+  async cache(offset: number, length: number): Promise<void> {
+    if (!this.canCache) throw unsupported('CACHE');
+    this.checkRange(offset, length, true);
+    await this.effectRequests(Command.CACHE, 0, offset, length);
+  }
+
+  /**
+   * The block status of a range, per selected meta context: extents from `offset` in order,
+   * covering at least one byte (the server may describe less than asked, and its last
+   * extent may run past the range).
+   */
+  async blockStatus(
+    offset: number,
+    length: number,
+    options: NbdBlockStatusOptions = {},
+  ): Promise<BlockStatusResult> {
+    if (this.metaContexts.length === 0) throw unsupported('BLOCK_STATUS (no meta context)');
+    this.checkRange(offset, length, false);
+    if (length === 0) throw invalidRequest('BLOCK_STATUS of length 0');
+    let n = length;
+    if (!this.extendedHeaders) {
+      const cap = 0xffffffff - (0xffffffff % this.align);
+      n = Math.min(n, cap);
+    }
+    const flags = options.reqOne ? CommandFlag.REQ_ONE : 0;
+    return (await this.submit(Command.BLOCK_STATUS, flags, offset, n, {
+      reqOne: options.reqOne === true,
+    })) as BlockStatusResult;
+  }
+
+  /**
+   * Waits for the requests in flight, then sends NBD_CMD_DISC and closes the connection.
+   * Requests made after close() fail with ERR_VMDISK_NBD_CLIENT_CLOSED.
+   */
+  close(): Promise<void> {
+    if (this.closePromise) return this.closePromise;
+    this.closing = true;
+    this.closePromise = (async () => {
+      await new Promise<void>((resolve) => {
+        this.drainWaiters.push(resolve);
+        this.checkDrained();
+      });
+      if (!this.broken) {
+        this.sendHeader(Command.DISC, 0, 0, 0, 0);
+        this.discSent = true;
+        this.socket.end();
+      }
+      await this.closed;
+    })();
+    return this.closePromise;
+  }
+
+  /** Drops the connection at once; pending requests fail with ERR_VMDISK_NBD_CLIENT_CLOSED. */
+  destroy(): void {
+    this.closing = true;
+    this.fail(new NbdError('ERR_VMDISK_NBD_CLIENT_CLOSED', 'the NBD client was destroyed'));
+  }
+
+  // ---- internals ----
+
+  private checkRange(offset: number, length: number, aligned: boolean): void {
+    if (!Number.isSafeInteger(offset) || offset < 0) throw invalidRequest(`bad offset ${offset}`);
+    if (!Number.isSafeInteger(length) || length < 0) throw invalidRequest(`bad length ${length}`);
+    if (offset > this.size || length > this.size - offset) {
+      throw invalidRequest(
+        `the range ${offset}+${length} is beyond the end of the export (${this.size} bytes)`,
+      );
+    }
+    if (aligned && (offset % this.align !== 0 || length % this.align !== 0)) {
+      throw invalidRequest(
+        `the range ${offset}+${length} is not aligned to the export's minimum block size ${this.align}`,
+      );
+    }
+  }
+
+  private checkWritable(): void {
+    if (this.readOnly) {
+      throw new NbdError('ERR_VMDISK_NBD_READ_ONLY', 'the NBD export is read-only');
+    }
+  }
+
+  private fuaFlag(options: NbdWriteOptions): number {
+    if (!options.fua) return 0;
+    if (!this.canFua) throw unsupported('FUA');
+    return CommandFlag.FUA;
+  }
+
+  private async effectRequests(
+    command: number,
+    flags: number,
+    offset: number,
+    length: number,
+  ): Promise<void> {
+    if (length === 0) return;
+    const step = this.extendedHeaders ? length : COMPACT_SPLIT;
+    const parts: Promise<unknown>[] = [];
+    for (let done = 0; done < length; done += step) {
+      parts.push(this.submit(command, flags, offset + done, Math.min(step, length - done), {}));
+    }
+    await Promise.all(parts);
+  }
+
+  private submit(
+    command: number,
+    flags: number,
+    offset: number,
+    length: number,
+    extra: { buf?: Uint8Array; payload?: Uint8Array; reqOne?: boolean },
+  ): Promise<unknown> {
+    if (this.broken) return Promise.reject(this.broken);
+    if (this.closing) {
+      return Promise.reject(
+        new NbdError('ERR_VMDISK_NBD_CLIENT_CLOSED', 'the NBD client is closed or closing'),
+      );
+    }
+    let cookie = this.nextCookie;
+    while (this.pending.has(cookie)) cookie = cookie >= 0xffffffff ? 1 : cookie + 1;
+    this.nextCookie = cookie >= 0xffffffff ? 1 : cookie + 1;
+    return new Promise((resolve, reject) => {
+      const req: PendingRequest = {
+        command,
+        commandName: COMMAND_NAMES[command] ?? String(command),
+        offset,
+        length,
+        covered: 0,
+        resolve,
+        reject,
+      };
+      if (extra.buf) req.buf = extra.buf;
+      if (extra.reqOne) req.reqOne = true;
+      this.pending.set(cookie, req);
+      let wireFlags = flags;
+      if (extra.payload && this.extendedHeaders) wireFlags |= CommandFlag.PAYLOAD_LEN;
+      this.sendHeader(command, wireFlags, cookie, offset, length);
+      if (extra.payload) this.socket.write(extra.payload);
+    });
+  }
+
+  private sendHeader(
+    command: number,
+    flags: number,
+    cookie: number,
+    offset: number,
+    length: number,
+  ): void {
+    if (!this.corked) {
+      // Requests made in one turn leave in one write.
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
+    let h: Buffer;
+    if (this.extendedHeaders) {
+      h = Buffer.allocUnsafe(EXTENDED_REQUEST_HEADER_BYTES);
+      h.writeUInt32BE(EXTENDED_REQUEST_MAGIC, 0);
+      h.writeUInt16BE(flags, 4);
+      h.writeUInt16BE(command, 6);
+      h.writeUInt32BE(0, 8);
+      h.writeUInt32BE(cookie, 12);
+      h.writeBigUInt64BE(BigInt(offset), 16);
+      h.writeBigUInt64BE(BigInt(length), 24);
+    } else {
+      h = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
+      h.writeUInt32BE(REQUEST_MAGIC, 0);
+      h.writeUInt16BE(flags, 4);
+      h.writeUInt16BE(command, 6);
+      h.writeUInt32BE(0, 8);
+      h.writeUInt32BE(cookie, 12);
+      h.writeBigUInt64BE(BigInt(offset), 16);
+      h.writeUInt32BE(length, 24);
+    }
+    this.socket.write(h);
+  }
+
+  private checkDrained(): void {
+    if (this.pending.size !== 0 && !this.broken) return;
+    const waiters = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  private onSocketClose(): void {
+    if (this.broken) {
+      this.resolveClosed(this.closing && this.discSent ? undefined : this.broken);
+      return;
+    }
+    if (this.closing && this.discSent) {
+      this.broken = new NbdError('ERR_VMDISK_NBD_CLIENT_CLOSED', 'the NBD client is closed');
+      this.checkDrained();
+      this.resolveClosed(undefined);
+      return;
+    }
+    const cause = this.lastSocketError;
+    this.fail(
+      new NbdConnectionError(
+        'ERR_VMDISK_NBD_CONNECTION_LOST',
+        cause
+          ? `the connection to the NBD server broke: ${cause.message}`
+          : 'the NBD server closed the connection',
+        cause,
+      ),
+    );
+  }
+
+  /** Ends the connection: every pending request fails with `err`. */
+  private fail(err: NbdError): void {
+    if (this.broken) return;
+    this.broken = err;
+    const pending = [...this.pending.values()];
+    this.pending.clear();
+    for (const req of pending) req.reject(err);
+    this.checkDrained();
+    if (this.socket.destroyed && this.rawSocket.destroyed) {
+      this.resolveClosed(err);
+    } else {
+      this.socket.destroy();
+      this.rawSocket.destroy();
+      if (this.socket.destroyed && this.socket.closed) this.resolveClosed(err);
+    }
+  }
+}

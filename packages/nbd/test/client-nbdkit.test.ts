@@ -1,0 +1,289 @@
+// Our client against nbdkit (memory, data, file plugins and the error, delay filters).
+
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import {
+  NbdClient,
+  NbdCommandError,
+  NbdConnectionError,
+  NbdError,
+  NbdOptionError,
+} from '../src/index.ts';
+import { makeTempDir, nbdkit, type Peer, pattern, removeDir } from './client-peers.ts';
+
+const MiB = 1024 * 1024;
+
+describe('NbdClient against nbdkit', () => {
+  let dir: string;
+  let peers: Peer[];
+  let clients: NbdClient[];
+
+  beforeEach(async () => {
+    dir = await makeTempDir();
+    peers = [];
+    clients = [];
+  });
+  afterEach(async () => {
+    for (const c of clients) c.destroy();
+    for (const p of peers) await p.stop('SIGKILL');
+    await removeDir(dir);
+  });
+
+  const serve = async (args: string[], opts: { tcp?: boolean } = {}) => {
+    const p = await nbdkit(dir, args, opts);
+    peers.push(p);
+    return p;
+  };
+  const connect = async (...args: Parameters<typeof NbdClient.connect>) => {
+    const c = await NbdClient.connect(...args);
+    clients.push(c);
+    return c;
+  };
+
+  it('negotiates with the memory plugin and reads back what it wrote', async () => {
+    const p = await serve(['memory', '4M']);
+    const c = await connect({ path: p.socket! });
+    expect(c.size).toBe(4 * MiB);
+    expect(c.handshake).toBe('fixed-newstyle');
+    expect(c.structuredReplies).toBe(true);
+    expect(c.readOnly).toBe(false);
+    expect(c.canFlush).toBe(true);
+    expect(c.canTrim).toBe(true);
+    expect(c.canWriteZeroes).toBe(true);
+    expect(c.metaContexts).toEqual(['base:allocation']);
+
+    const data = pattern(256 * 1024, 1);
+    await c.write(64 * 1024, data);
+    await c.flush();
+    const back = await c.read(64 * 1024, data.length);
+    expect(Buffer.from(back).equals(data)).toBe(true);
+    // Unwritten space reads as zeros (an OFFSET_HOLE chunk or zero data).
+    const zeros = await c.read(2 * MiB, 128 * 1024);
+    expect(zeros.every((b) => b === 0)).toBe(true);
+    await c.close();
+    expect(await c.closed).toBeUndefined();
+  });
+
+  it('keeps many requests in flight and matches every reply by cookie', async () => {
+    const p = await serve(['memory', '8M']);
+    const c = await connect(`nbd+unix:///?socket=${p.socket!}`);
+    const block = 32 * 1024;
+    const count = 128;
+    const writes: Promise<void>[] = [];
+    for (let i = 0; i < count; i++) writes.push(c.write(i * block, pattern(block, i + 7)));
+    expect(c.inFlight).toBeGreaterThan(1);
+    await Promise.all(writes);
+    // Reads in a shuffled order, all at once, each checked against its own pattern.
+    const order = Array.from({ length: count }, (_, i) => (i * 37) % count);
+    const reads = order.map((i) => c.read(i * block, block).then((b) => ({ i, b })));
+    for (const { i, b } of await Promise.all(reads)) {
+      expect(Buffer.from(b).equals(pattern(block, i + 7))).toBe(true);
+    }
+    await c.close();
+  });
+
+  it('trims and writes zeroes, and block status shows the holes', async () => {
+    const p = await serve(['memory', '4M']);
+    const c = await connect({ path: p.socket! });
+    await c.write(0, Buffer.alloc(2 * MiB, 0xaa));
+    let st = (await c.blockStatus(0, 4 * MiB)).get('base:allocation')!;
+    expect(st[0]).toMatchObject({ hole: false, zero: false });
+    expect(st[0]!.length).toBe(2 * MiB);
+
+    await c.trim(0, 1 * MiB);
+    await c.writeZeroes(1 * MiB, 512 * 1024);
+    const back = await c.read(0, 2 * MiB);
+    expect(back.subarray(0, 1.5 * MiB).every((b) => b === 0)).toBe(true);
+    expect(back.subarray(1.5 * MiB).every((b) => b === 0xaa)).toBe(true);
+
+    st = (await c.blockStatus(0, 4 * MiB)).get('base:allocation')!;
+    expect(st.reduce((s, e) => s + e.length, 0)).toBeGreaterThanOrEqual(4 * MiB);
+    expect(st[0]).toMatchObject({ hole: true, zero: true });
+    // Data again from 1.5 MiB to 2 MiB, then a hole to the end.
+    let at = 0;
+    for (const e of st) {
+      const data = at >= 1.5 * MiB && at < 2 * MiB;
+      expect({ at, hole: e.hole }).toEqual({ at, hole: !data });
+      at += e.length;
+    }
+    const one = (await c.blockStatus(0, 4 * MiB, { reqOne: true })).get('base:allocation')!;
+    expect(one).toHaveLength(1);
+    await c.close();
+  });
+
+  it('maps server errors to NbdCommandError with the errno name and keeps serving', async () => {
+    const p = await serve([
+      '--filter=error',
+      'memory',
+      '1M',
+      'error-pwrite=ENOSPC',
+      'error-pwrite-rate=1',
+      'error-pread=EIO',
+      'error-pread-rate=1',
+      'error-trim=EPERM',
+      'error-trim-rate=1',
+    ]);
+    const c = await connect({ path: p.socket! });
+    const w = await c.write(0, Buffer.alloc(4096, 1)).catch((e: unknown) => e);
+    expect(w).toBeInstanceOf(NbdCommandError);
+    expect(w).toMatchObject({
+      code: 'ERR_VMDISK_NBD_COMMAND_FAILED',
+      errnoName: 'ENOSPC',
+      errno: 28,
+      command: 'WRITE',
+      offset: 0,
+      length: 4096,
+    });
+    const r = await c.read(8192, 4096).catch((e: unknown) => e);
+    expect(r).toMatchObject({
+      code: 'ERR_VMDISK_NBD_COMMAND_FAILED',
+      errnoName: 'EIO',
+      command: 'READ',
+    });
+    const t = await c.trim(0, 4096).catch((e: unknown) => e);
+    expect(t).toMatchObject({ errnoName: 'EPERM', command: 'TRIM' });
+    // The connection is still good after errors.
+    await c.flush();
+    await c.writeZeroes(0, 4096);
+    expect(c.inFlight).toBe(0);
+    await c.close();
+  });
+
+  it('fails every pending request at once when the server dies mid-request', async () => {
+    const p = await serve(['--filter=delay', 'memory', '1M', 'delay-read=60']);
+    const c = await connect({ path: p.socket! });
+    const reads = Array.from({ length: 8 }, (_, i) =>
+      c.read(i * 4096, 4096).then(
+        () => 'resolved',
+        (e: unknown) => e,
+      ),
+    );
+    expect(c.inFlight).toBe(8);
+    // Let the requests reach the server, then kill it.
+    await new Promise((r) => setTimeout(r, 100));
+    await p.stop('SIGKILL');
+    const results = await Promise.all(reads);
+    for (const e of results) {
+      expect(e).toBeInstanceOf(NbdConnectionError);
+      expect(e).toMatchObject({ code: 'ERR_VMDISK_NBD_CONNECTION_LOST' });
+    }
+    expect(c.inFlight).toBe(0);
+    expect(await c.closed).toMatchObject({ code: 'ERR_VMDISK_NBD_CONNECTION_LOST' });
+    // Later requests fail at once with the same clear error.
+    await expect(c.read(0, 512)).rejects.toMatchObject({ code: 'ERR_VMDISK_NBD_CONNECTION_LOST' });
+  });
+
+  it('falls back to oldstyle, plain newstyle and simple replies with older servers', async () => {
+    const old = await serve(['-o', 'memory', '1M'], { tcp: true });
+    const c1 = await connect({ host: '127.0.0.1', port: old.port! });
+    expect(c1.handshake).toBe('oldstyle');
+    expect(c1.structuredReplies).toBe(false);
+    await c1.write(4096, pattern(8192, 3));
+    expect(Buffer.from(await c1.read(4096, 8192)).equals(pattern(8192, 3))).toBe(true);
+    await c1.close();
+
+    const plain = await serve(['--mask-handshake=0', 'memory', '1M']);
+    const c2 = await connect({ path: plain.socket! });
+    expect(c2.handshake).toBe('newstyle');
+    expect(c2.structuredReplies).toBe(false);
+    expect(c2.metaContexts).toEqual([]);
+    await c2.write(0, pattern(4096, 4));
+    expect(Buffer.from(await c2.read(0, 4096)).equals(pattern(4096, 4))).toBe(true);
+    await expect(c2.blockStatus(0, 4096)).rejects.toMatchObject({
+      code: 'ERR_VMDISK_NBD_UNSUPPORTED',
+    });
+    await c2.close();
+  });
+
+  it('reads through simple replies when the server has no structured replies', async () => {
+    const p = await serve(['--no-sr', 'memory', '1M']);
+    const c = await connect({ path: p.socket! });
+    expect(c.handshake).toBe('fixed-newstyle');
+    expect(c.structuredReplies).toBe(false);
+    const data = pattern(96 * 1024, 5);
+    await c.write(0, data);
+    const parts = await Promise.all([c.read(0, 32 * 1024), c.read(32 * 1024, 64 * 1024)]);
+    expect(Buffer.concat(parts.map((b) => Buffer.from(b))).equals(data)).toBe(true);
+    await c.close();
+  });
+
+  it('chooses a named export, shows its description and reports an unknown one', async () => {
+    const args = [
+      '--filter=exportname',
+      'memory',
+      '1M',
+      'exportname=disk1',
+      'exportname-strict=true',
+      'exportdesc=fixed:the first disk',
+    ];
+    const p = await serve(args);
+    const c = await connect(`nbd+unix:///disk1?socket=${p.socket!}`);
+    expect(c.exportName).toBe('disk1');
+    expect(c.description).toBe('the first disk');
+    await c.close();
+    const err = await NbdClient.connect({ path: p.socket! }, { exportName: 'nope' }).catch(
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(NbdOptionError);
+    expect(err).toMatchObject({
+      code: 'ERR_VMDISK_NBD_OPTION_REFUSED',
+      option: 'GO',
+      reply: 'ERR_UNKNOWN',
+    });
+  });
+
+  it('obeys block size constraints and splits requests over the maximum', async () => {
+    const p = await serve([
+      '--filter=blocksize-policy',
+      'memory',
+      '8M',
+      'blocksize-minimum=4096',
+      'blocksize-preferred=65536',
+      'blocksize-maximum=1M',
+      'blocksize-error-policy=error',
+    ]);
+    const c = await connect({ path: p.socket! });
+    expect(c.blockSize).toEqual({ minimum: 4096, preferred: 65536, maximum: 1 * MiB });
+    const data = pattern(3 * MiB, 9);
+    await c.write(4096, data); // four requests of at most 1 MiB
+    expect(Buffer.from(await c.read(4096, 3 * MiB)).equals(data)).toBe(true);
+    await expect(c.write(100, Buffer.alloc(4096))).rejects.toMatchObject({
+      code: 'ERR_VMDISK_NBD_INVALID_REQUEST',
+    });
+    await expect(c.read(8 * MiB - 4096, 8192)).rejects.toMatchObject({
+      code: 'ERR_VMDISK_NBD_INVALID_REQUEST',
+    });
+    expect(c.inFlight).toBe(0);
+    await c.close();
+  });
+
+  it('refuses writes on a read-only export before sending them', async () => {
+    const p = await serve(['-r', 'memory', '1M']);
+    const c = await connect({ path: p.socket! });
+    expect(c.readOnly).toBe(true);
+    await expect(c.write(0, Buffer.alloc(512))).rejects.toBeInstanceOf(NbdError);
+    await expect(c.write(0, Buffer.alloc(512))).rejects.toMatchObject({
+      code: 'ERR_VMDISK_NBD_READ_ONLY',
+    });
+    await expect(c.trim(0, 512)).rejects.toMatchObject({ code: 'ERR_VMDISK_NBD_UNSUPPORTED' });
+    expect((await c.read(0, 512)).every((b) => b === 0)).toBe(true);
+    await c.close();
+  });
+
+  it('reads a file through the file plugin', async () => {
+    const file = join(dir, 'disk.img');
+    const content = pattern(2 * MiB, 11);
+    await writeFile(file, content);
+    const p = await serve(['file', file]);
+    const c = await connect({ path: p.socket! });
+    expect(c.size).toBe(2 * MiB);
+    expect(Buffer.from(await c.read(0, 2 * MiB)).equals(content)).toBe(true);
+    const patch = pattern(64 * 1024, 12);
+    await c.write(512 * 1024, patch, { fua: c.canFua });
+    await c.close();
+    const onDisk = await readFile(file);
+    expect(onDisk.subarray(512 * 1024, 576 * 1024).equals(patch)).toBe(true);
+    expect(onDisk.subarray(0, 512 * 1024).equals(content.subarray(0, 512 * 1024))).toBe(true);
+  });
+});
