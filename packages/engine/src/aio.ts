@@ -65,6 +65,8 @@ export class AioBackend implements Backend {
   private destroyed = false;
   private readonly poller: node.PollHandle;
   private readonly fallback = new ThreadPoolBackend();
+  /** Buffered reads/writes that RWF_NOWAIT sent to the thread pool (they would block). */
+  nowaitFallbacks = 0;
   private readonly flushFn = (): void => this.flush();
   private readonly reapFn = (): void => {
     this.reapScheduled = false;
@@ -159,10 +161,15 @@ export class AioBackend implements Backend {
       const nowait = this.nowait[slot]!;
       const req = this.take(slot);
       i++;
-      if (nowait && r === -EOPNOTSUPP) this.fallback.submit(req);
-      else req.fail(-r, 'io_submit');
+      if (nowait && r === -EOPNOTSUPP) this.toThreadPool(req);
+      else req.fail(-r);
     }
     return true;
+  }
+
+  private toThreadPool(req: IoRequest): void {
+    this.nowaitFallbacks++;
+    this.fallback.submit(req);
   }
 
   private take(slot: number): IoRequest {
@@ -245,7 +252,7 @@ export class AioBackend implements Backend {
         const res = ev[i * 8 + 4]!;
         const nowait = this.nowait[slot]!;
         const req = this.take(slot);
-        if (nowait && (res === -EAGAIN || res === -EOPNOTSUPP)) this.fallback.submit(req);
+        if (nowait && (res === -EAGAIN || res === -EOPNOTSUPP)) this.toThreadPool(req);
         else req.complete(res);
       }
       if (r < this.nr) break;

@@ -1,0 +1,427 @@
+// Real I/O on real files, each backend forced in turn.
+import { randomFillSync } from 'node:crypto';
+import { closeSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import koffi from 'koffi';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { type Engine, EngineError, type EngineFile, IoError, openEngine } from '../src/index.ts';
+import { BACKENDS, rng, tempDir } from './helpers.ts';
+
+const FILE_SIZE = 4 * 1024 * 1024;
+
+interface Range {
+  start: number;
+  end: number;
+}
+
+function overlaps(a: Range, list: Range[]): boolean {
+  return list.some((b) => a.start < b.end && b.start < a.end);
+}
+
+/**
+ * `count` random reads and writes, up to `depth` in flight, never two in flight over the
+ * same bytes; writes are applied to `ref` when they complete, reads compared with `ref`
+ * (bytes up to EOF; a read may cross the end of the file and must then come back short).
+ */
+async function randomIo(
+  engine: Engine,
+  file: EngineFile,
+  ref: Buffer,
+  opts: { count: number; depth: number; align: number; maxLen: number; seed: number },
+): Promise<{ reads: number; writes: number; shortReads: number }> {
+  const rand = rng(opts.seed);
+  const active: Range[] = [];
+  const stats = { reads: 0, writes: 0, shortReads: 0 };
+  let issued = 0;
+  let settled = 0;
+  return new Promise((resolve, reject) => {
+    const one = (): boolean => {
+      const a = opts.align;
+      const isWrite = rand(2) < 1;
+      let len: number;
+      let offset: number;
+      if (a > 0) {
+        len = a * (1 + Math.floor(rand(opts.maxLen / a)));
+        const slots = (ref.length - (isWrite ? len : a)) / a;
+        offset = a * Math.floor(rand(slots + 1));
+      } else {
+        len = 1 + Math.floor(rand(opts.maxLen));
+        offset = Math.floor(rand(isWrite ? ref.length - len + 1 : ref.length));
+      }
+      const range = { start: offset, end: offset + len };
+      if (overlaps(range, active)) return false;
+      active.push(range);
+      // Buffers: arena buffers for O_DIRECT; otherwise allocUnsafe, which hands out slices
+      // of Node's shared pool for small sizes (the address must be the view's own).
+      const buf = a > 0 ? engine.allocBuffer(len) : Buffer.allocUnsafe(len);
+      let p: Promise<void>;
+      if (isWrite) {
+        randomFillSync(buf);
+        p = file.write(buf, offset).then(() => {
+          buf.copy(ref, offset);
+          stats.writes++;
+        });
+      } else {
+        p = file.read(buf, offset).then((n) => {
+          const expected = Math.min(len, ref.length - offset);
+          expect(n).toBe(expected);
+          if (n < len) stats.shortReads++;
+          if (!buf.subarray(0, n).equals(ref.subarray(offset, offset + n))) {
+            throw new Error(`read at ${offset}+${len} differs from the reference`);
+          }
+          stats.reads++;
+        });
+      }
+      p.then(() => {
+        active.splice(active.indexOf(range), 1);
+        if (a > 0) engine.releaseBuffer(buf);
+        settled++;
+        if (settled === opts.count) resolve(stats);
+        else launch();
+      }).catch(reject);
+      return true;
+    };
+    const launch = (): void => {
+      let tries = 0;
+      while (issued < opts.count && active.length < opts.depth && tries < 20) {
+        if (one()) issued++;
+        else tries++;
+      }
+    };
+    launch();
+  });
+}
+
+describe.each(BACKENDS)('%s backend', (backend) => {
+  const tmp = tempDir();
+  let engine: Engine;
+
+  beforeAll(async () => {
+    engine = await openEngine({ backend, queueDepth: 32 });
+  });
+  afterAll(async () => {
+    await engine.close();
+    tmp.cleanup();
+  });
+
+  it('is the backend that was asked for', () => {
+    expect(engine.backend).toBe(backend);
+  });
+
+  it('random buffered reads and writes match a reference buffer (thousands, many in flight)', async () => {
+    const path = tmp.file('buffered.img');
+    const ref = randomFillSync(Buffer.alloc(FILE_SIZE));
+    writeFileSync(path, ref);
+    const f = await engine.openFile(path);
+    const stats = await randomIo(engine, f, ref, {
+      count: 3000,
+      depth: 64,
+      align: 0,
+      maxLen: 64 * 1024,
+      seed: 1,
+    });
+    expect(stats.reads + stats.writes).toBe(3000);
+    expect(stats.writes).toBeGreaterThan(1000);
+    await f.fsync();
+    await f.close();
+    expect(readFileSync(path).equals(ref)).toBe(true);
+  });
+
+  it('random O_DIRECT reads and writes with arena buffers match a reference buffer', async () => {
+    const path = tmp.file('direct.img');
+    const ref = randomFillSync(Buffer.alloc(FILE_SIZE));
+    writeFileSync(path, ref);
+    const f = await engine.openFile(path, { direct: true });
+    expect(f.direct).toBe(true);
+    expect([512, 1024, 2048, 4096]).toContain(f.logicalBlockSize);
+    const stats = await randomIo(engine, f, ref, {
+      count: 1500,
+      depth: 48,
+      align: f.logicalBlockSize,
+      maxLen: 64 * 1024,
+      seed: 2,
+    });
+    expect(stats.reads + stats.writes).toBe(1500);
+    await f.close();
+    expect(readFileSync(path).equals(ref)).toBe(true);
+  });
+
+  it('reads at and across EOF come back short, not as errors', async () => {
+    const path = tmp.file('eof.img');
+    writeFileSync(path, Buffer.alloc(10_000, 7));
+    const f = await engine.openFile(path, { readOnly: true });
+    const buf = Buffer.alloc(8192);
+    expect(await f.read(buf, 6000)).toBe(4000);
+    expect(buf.subarray(0, 4000).every((b) => b === 7)).toBe(true);
+    expect(await f.read(buf, 10_000)).toBe(0);
+    expect(await f.read(buf, 50_000)).toBe(0);
+    expect(await f.size()).toBe(10_000);
+    await f.close();
+  });
+
+  it('vectored writes and reads, buffered and O_DIRECT', async () => {
+    const path = tmp.file('vec.img');
+    const f = await engine.openFile(path, { create: true });
+    const parts = [1, 4095, 4096, 17, 100_000].map((n) => randomFillSync(Buffer.alloc(n)));
+    const all = Buffer.concat(parts);
+    await f.writev(parts, 3);
+    const outs = [10, 50_000, 3, 58_196].map((n) => Buffer.alloc(n));
+    expect(await f.readv(outs, 3)).toBe(all.length);
+    expect(Buffer.concat(outs).equals(all)).toBe(true);
+    // A vectored read across EOF: the bytes there are, in order.
+    const tail = [Buffer.alloc(100), Buffer.alloc(100)];
+    expect(await f.readv(tail, 3 + all.length - 150)).toBe(150);
+    expect(
+      Buffer.concat(tail)
+        .subarray(0, 150)
+        .equals(all.subarray(all.length - 150)),
+    ).toBe(true);
+    await f.close();
+    expect(readFileSync(path).subarray(3).equals(all)).toBe(true);
+
+    const d = await engine.openFile(path, { direct: true });
+    const a = d.logicalBlockSize;
+    const bufs = [engine.allocBuffer(a), engine.allocBuffer(4 * a), engine.allocBuffer(2 * a)];
+    for (const b of bufs) randomFillSync(b);
+    await d.writev(bufs, 8 * a);
+    const back = [engine.allocBuffer(3 * a), engine.allocBuffer(4 * a)];
+    expect(await d.readv(back, 8 * a)).toBe(7 * a);
+    expect(Buffer.concat(back).equals(Buffer.concat(bufs))).toBe(true);
+    await d.close();
+  });
+
+  it('refuses misaligned O_DIRECT requests up front, with their own code, and writes nothing', async () => {
+    const path = tmp.file('align.img');
+    const before = randomFillSync(Buffer.alloc(64 * 1024));
+    writeFileSync(path, before);
+    const f = await engine.openFile(path, { direct: true });
+    const a = f.logicalBlockSize;
+    const good = engine.allocBuffer(a);
+    const cases: Promise<unknown>[] = [
+      f.write(good, 1),
+      f.read(good, a / 2),
+      f.write(engine.allocBuffer(a + 1), 0),
+      f.write(engine.allocBuffer(2 * a).subarray(8, 8 + a), 0),
+      f.read(Buffer.alloc(100), 0),
+      f.writev([good, engine.allocBuffer(a).subarray(0, a - 1)], 0),
+    ];
+    for (const c of cases) {
+      const err = await c.then(
+        () => null,
+        (e: unknown) => e,
+      );
+      expect(err).toBeInstanceOf(EngineError);
+      expect(err).not.toBeInstanceOf(IoError);
+      expect((err as EngineError).code).toBe('ERR_VMDISK_ENGINE_MISALIGNED');
+    }
+    await f.close();
+    expect(readFileSync(path).equals(before)).toBe(true);
+  });
+
+  it('a bad fd gives an IoError EBADF with syscall, offset and length', async () => {
+    const path = tmp.file('badfd.img');
+    writeFileSync(path, Buffer.alloc(8192));
+    const f = await engine.openFile(path);
+    closeSync(f.fd); // behind the engine's back
+    const err = await f.read(Buffer.alloc(4096), 4096).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(IoError);
+    const io = err as IoError;
+    expect(io.code).toBe('ERR_VMDISK_ENGINE_IO');
+    expect(io.errno).toBe(9);
+    expect(io.errnoName).toBe('EBADF');
+    expect(io.syscall).toBe('read');
+    expect(io.offset).toBe(4096);
+    expect(io.length).toBe(4096);
+    const ferr = (await f.fsync().catch((e: unknown) => e)) as IoError;
+    expect(ferr.errnoName).toBe('EBADF');
+    expect(ferr.syscall).toBe('fsync');
+    // Closing it again through the engine reports the same EBADF.
+    const cerr = (await f.close().catch((e: unknown) => e)) as IoError;
+    expect(cerr.errnoName).toBe('EBADF');
+  });
+
+  it('writing a file opened read-only gives an IoError EBADF and changes nothing', async () => {
+    const path = tmp.file('ro.img');
+    writeFileSync(path, Buffer.alloc(8192, 1));
+    const f = await engine.openFile(path, { readOnly: true });
+    expect(f.readOnly).toBe(true);
+    const err = (await f.write(Buffer.alloc(512, 2), 512).catch((e: unknown) => e)) as IoError;
+    expect(err).toBeInstanceOf(IoError);
+    expect(err.errnoName).toBe('EBADF');
+    expect(err.syscall).toBe('write');
+    expect(err.offset).toBe(512);
+    expect(err.length).toBe(512);
+    const verr = (await f
+      .writev([Buffer.alloc(10), Buffer.alloc(10)], 0)
+      .catch((e: unknown) => e)) as IoError;
+    expect(verr.errnoName).toBe('EBADF');
+    expect(verr.syscall).toBe('writev');
+    await f.close();
+    expect(readFileSync(path).every((b) => b === 1)).toBe(true);
+  });
+
+  it('punch-hole and zero-range read back zeros; punch-hole keeps the size; allocate extends', async () => {
+    const path = tmp.file('falloc.img');
+    const size = 1024 * 1024;
+    writeFileSync(path, Buffer.alloc(size, 0xaa));
+    const f = await engine.openFile(path);
+    await f.fallocate('punch-hole', 64 * 1024, 128 * 1024);
+    await f.fallocate('zero-range', 512 * 1024, 4096 * 3);
+    expect(await f.size()).toBe(size);
+    const buf = Buffer.alloc(size);
+    expect(await f.read(buf, 0)).toBe(size);
+    for (const [start, end, value] of [
+      [0, 64 * 1024, 0xaa],
+      [64 * 1024, 192 * 1024, 0],
+      [192 * 1024, 512 * 1024, 0xaa],
+      [512 * 1024, 512 * 1024 + 12288, 0],
+      [512 * 1024 + 12288, size, 0xaa],
+    ] as const) {
+      expect(buf.subarray(start, end).every((b) => b === value)).toBe(true);
+    }
+    // The punched range is a hole the filesystem reports.
+    expect(await f.seekHole(0)).toBe(64 * 1024);
+    expect(await f.seekData(64 * 1024)).toBe(192 * 1024);
+    await f.fallocate('allocate', size, 65536);
+    expect(await f.size()).toBe(size + 65536);
+    expect(await f.seekData(size + 65536)).toBeNull();
+    await f.truncate(4096);
+    expect(await f.size()).toBe(4096);
+    await f.close();
+    expect(statSync(path).size).toBe(4096);
+  });
+
+  it('fsync and fdatasync complete after writes', async () => {
+    const path = tmp.file('sync.img');
+    const f = await engine.openFile(path, { create: true });
+    const data = randomFillSync(Buffer.alloc(256 * 1024));
+    await Promise.all([f.write(data, 0), f.write(data, data.length)]);
+    await f.fdatasync();
+    await f.fsync();
+    await f.close();
+    expect(readFileSync(path).equals(Buffer.concat([data, data]))).toBe(true);
+  });
+
+  it('more requests than the queue holds wait their turn instead of failing', async () => {
+    const small = await openEngine({ backend, queueDepth: 2 });
+    const path = tmp.file('queue.img');
+    const ref = randomFillSync(Buffer.alloc(1024 * 1024));
+    writeFileSync(path, ref);
+    const f = await small.openFile(path);
+    const bufs = Array.from({ length: 512 }, () => Buffer.alloc(2048));
+    const ns = await Promise.all(bufs.map((b, i) => f.read(b, i * 2048)));
+    expect(ns.every((n) => n === 2048)).toBe(true);
+    expect(Buffer.concat(bufs).equals(ref)).toBe(true);
+    await small.close();
+  });
+
+  it('close() waits for the I/O in flight, then refuses work with its own code', async () => {
+    const e = await openEngine({ backend });
+    const path = tmp.file('closing.img');
+    const f = await e.openFile(path, { create: true });
+    const data = randomFillSync(Buffer.alloc(4096 * 200));
+    const writes = Array.from({ length: 200 }, (_, i) =>
+      f.write(data.subarray(i * 4096, (i + 1) * 4096), i * 4096),
+    );
+    const closed = e.close();
+    // Everything issued before close() completes.
+    await expect(Promise.all(writes)).resolves.toHaveLength(200);
+    await closed;
+    expect(readFileSync(path).equals(data)).toBe(true);
+    const err = (await f.read(Buffer.alloc(10), 0).catch((x: unknown) => x)) as EngineError;
+    expect(err.code).toBe('ERR_VMDISK_ENGINE_FILE_CLOSED');
+    const oerr = (await e.openFile(path).catch((x: unknown) => x)) as EngineError;
+    expect(oerr.code).toBe('ERR_VMDISK_ENGINE_CLOSED');
+    expect(() => e.allocBuffer(4096)).toThrow(
+      expect.objectContaining({ code: 'ERR_VMDISK_ENGINE_CLOSED' }),
+    );
+    await e.close(); // again: the same, no error
+  });
+
+  it('a file closed with I/O in flight finishes that I/O first', async () => {
+    const path = tmp.file('fclose.img');
+    const ref = randomFillSync(Buffer.alloc(512 * 1024));
+    writeFileSync(path, ref);
+    const f = await engine.openFile(path);
+    const bufs = Array.from({ length: 64 }, () => Buffer.alloc(8192));
+    const reads = bufs.map((b, i) => f.read(b, i * 8192));
+    await f.close();
+    const ns = await Promise.all(reads);
+    expect(ns.every((n) => n === 8192)).toBe(true);
+    expect(Buffer.concat(bufs).equals(ref)).toBe(true);
+    const err = (await f.size().catch((x: unknown) => x)) as EngineError;
+    expect(err.code).toBe('ERR_VMDISK_ENGINE_FILE_CLOSED');
+  });
+
+  it('arena buffers are page-aligned and reused after release', () => {
+    const a = engine.allocBuffer(10_000);
+    expect(a.length).toBe(10_000);
+    expect(koffi.address(a) % 4096n).toBe(0n);
+    const addr = koffi.address(a);
+    engine.releaseBuffer(a);
+    const b = engine.allocBuffer(12_288); // the same page-rounded size class
+    expect(koffi.address(b)).toBe(addr);
+    expect(() => engine.releaseBuffer(Buffer.alloc(4096))).toThrow(
+      expect.objectContaining({ code: 'ERR_VMDISK_ENGINE_INVALID_ARGUMENT' }),
+    );
+    engine.releaseBuffer(b);
+    expect(() => engine.releaseBuffer(b)).toThrow(
+      expect.objectContaining({ code: 'ERR_VMDISK_ENGINE_INVALID_ARGUMENT' }),
+    );
+  });
+
+  it('bad arguments are rejected (never thrown) with a stable code', async () => {
+    const path = tmp.file('args.img');
+    writeFileSync(path, Buffer.alloc(4096));
+    const f = await engine.openFile(path);
+    const bad: (() => Promise<unknown>)[] = [
+      () => f.read(Buffer.alloc(1), -1),
+      () => f.read(Buffer.alloc(1), 1.5),
+      () => f.write('abc' as unknown as Uint8Array, 0),
+      () => f.fallocate('shred' as 'allocate', 0, 10),
+      () => f.fallocate('allocate', 0, 0),
+      () => f.truncate(-4),
+    ];
+    for (const call of bad) {
+      let p: Promise<unknown> | undefined;
+      expect(() => {
+        p = call();
+      }).not.toThrow();
+      const err = (await p!.catch((x: unknown) => x)) as EngineError;
+      expect(err.code).toBe('ERR_VMDISK_ENGINE_INVALID_ARGUMENT');
+    }
+    expect(await f.read(Buffer.alloc(0), 0)).toBe(0);
+    const nf = (await engine.openFile(tmp.file('missing')).catch((x: unknown) => x)) as IoError;
+    expect(nf.errnoName).toBe('ENOENT');
+    expect(nf.syscall).toBe('open');
+    await f.close();
+  });
+});
+
+describe('aio backend, buffered files', () => {
+  it('sends reads that would block (not in the page cache) to the thread pool, and they are right', async () => {
+    const tmp = tempDir();
+    const engine = await openEngine({ backend: 'aio' });
+    try {
+      const path = tmp.file('cold.img');
+      const ref = randomFillSync(Buffer.alloc(2 * 1024 * 1024));
+      writeFileSync(path, Buffer.alloc(ref.length));
+      // Writing through O_DIRECT leaves the page cache of the file empty.
+      const d = await engine.openFile(path, { direct: true });
+      const staging = engine.allocBuffer(ref.length);
+      ref.copy(staging);
+      await d.write(staging, 0);
+      await d.close();
+      const f = await engine.openFile(path);
+      const bufs = Array.from({ length: 64 }, () => Buffer.alloc(32 * 1024));
+      const ns = await Promise.all(bufs.map((b, i) => f.read(b, i * 32 * 1024)));
+      expect(ns.every((n) => n === 32 * 1024)).toBe(true);
+      expect(Buffer.concat(bufs).equals(ref)).toBe(true);
+      const be = (engine as unknown as { be: { nowaitFallbacks: number } }).be;
+      expect(be.nowaitFallbacks).toBeGreaterThan(0);
+      await f.close();
+    } finally {
+      await engine.close();
+      tmp.cleanup();
+    }
+  });
+});
