@@ -1,0 +1,168 @@
+// Our client over TLS against nbdkit: PSK (a psktool-format key file) and X.509
+// (certificates made here with the openssl CLI, the server verifying the client too).
+
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { NbdClient, NbdConnectionError } from '../src/index.ts';
+import { makeTempDir, nbdkit, type Peer, pattern, removeDir, run } from './client-peers.ts';
+
+const KEY = '0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef';
+
+/** A CA, a server certificate for 127.0.0.1/localhost and a client certificate. */
+async function makeCertificates(
+  dir: string,
+  name: string,
+): Promise<{ server: string; client: string }> {
+  const base = join(dir, name);
+  const server = join(base, 'server');
+  const client = join(base, 'client');
+  await run('mkdir', ['-p', server, client]);
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
+  const caKey = join(base, 'ca-key.pem');
+  const caCert = join(base, 'ca-cert.pem');
+  await run('openssl', [
+    'req',
+    '-x509',
+    ...ec,
+    '-keyout',
+    caKey,
+    '-out',
+    caCert,
+    '-days',
+    '2',
+    '-subj',
+    `/CN=${name} CA`,
+    '-addext',
+    'basicConstraints=critical,CA:TRUE',
+    '-addext',
+    'keyUsage=critical,keyCertSign,cRLSign',
+  ]);
+  const sign = async (who: string, outDir: string, ext: string) => {
+    const key = join(outDir, `${who}-key.pem`);
+    const csr = join(base, `${who}.csr`);
+    const extFile = join(base, `${who}.ext`);
+    await writeFile(extFile, ext);
+    await run('openssl', ['req', ...ec, '-keyout', key, '-out', csr, '-subj', `/CN=${who}`]);
+    await run('openssl', [
+      'x509',
+      '-req',
+      '-in',
+      csr,
+      '-CA',
+      caCert,
+      '-CAkey',
+      caKey,
+      '-CAcreateserial',
+      '-out',
+      join(outDir, `${who}-cert.pem`),
+      '-days',
+      '2',
+      '-extfile',
+      extFile,
+    ]);
+  };
+  await sign(
+    'server',
+    server,
+    'subjectAltName=IP:127.0.0.1,DNS:localhost\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n',
+  );
+  await sign(
+    'client',
+    client,
+    'keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n',
+  );
+  await run('cp', [caCert, join(server, 'ca-cert.pem')]);
+  await run('cp', [caCert, join(client, 'ca-cert.pem')]);
+  return { server, client };
+}
+
+describe('NbdClient over TLS against nbdkit', () => {
+  let dir: string;
+  let peers: Peer[];
+  let clients: NbdClient[];
+
+  beforeEach(async () => {
+    dir = await makeTempDir();
+    peers = [];
+    clients = [];
+  });
+  afterEach(async () => {
+    for (const c of clients) c.destroy();
+    for (const p of peers) await p.stop('SIGKILL');
+    await removeDir(dir);
+  });
+
+  const serve = async (args: string[], opts: { tcp?: boolean } = {}) => {
+    const p = await nbdkit(dir, args, opts);
+    peers.push(p);
+    return p;
+  };
+
+  it('uses a pre-shared key from a psk file (nbds+unix URI with tls-psk-file)', async () => {
+    const psk = join(dir, 'keys.psk');
+    await writeFile(psk, `alice:${KEY}\n`);
+    const p = await serve(['--tls=require', `--tls-psk=${psk}`, 'memory', '1M']);
+    const uri = `nbds+unix://alice@/?socket=${encodeURIComponent(p.socket!)}&tls-psk-file=${encodeURIComponent(psk)}`;
+    const c = await NbdClient.connect(uri);
+    clients.push(c);
+    expect(c.tls).toBe(true);
+    expect(c.structuredReplies).toBe(true);
+    const data = pattern(128 * 1024, 21);
+    await c.write(4096, data);
+    expect(Buffer.from(await c.read(4096, data.length)).equals(data)).toBe(true);
+    const st = (await c.blockStatus(0, 1024 * 1024)).get('base:allocation')!;
+    expect(st.length).toBeGreaterThan(0);
+    await c.close();
+    expect(await c.closed).toBeUndefined();
+  });
+
+  it('refuses plain text against a TLS-only server, and a wrong key', async () => {
+    const psk = join(dir, 'keys.psk');
+    await writeFile(psk, `alice:${KEY}\n`);
+    const p = await serve(['--tls=require', `--tls-psk=${psk}`, 'memory', '1M']);
+    const plain = await NbdClient.connect({ path: p.socket! }).catch((e: unknown) => e);
+    expect(plain).toBeInstanceOf(NbdConnectionError);
+    expect(plain).toMatchObject({ code: 'ERR_VMDISK_NBD_TLS_REQUIRED' });
+
+    const wrong = await NbdClient.connect(
+      { path: p.socket! },
+      { tls: { psk: { identity: 'alice', key: KEY.replace(/^01/, 'ff') } } },
+    ).catch((e: unknown) => e);
+    expect(wrong).toMatchObject({ code: 'ERR_VMDISK_NBD_TLS_FAILED' });
+
+    const right = await NbdClient.connect(
+      { path: p.socket! },
+      { tls: { psk: { identity: 'alice', key: KEY } } },
+    );
+    clients.push(right);
+    expect(right.tls).toBe(true);
+    await right.close();
+  });
+
+  it('uses X.509 certificates, the server verifying the client', async () => {
+    const certs = await makeCertificates(dir, 'good');
+    const p = await serve(
+      ['--tls=require', `--tls-certificates=${certs.server}`, '--tls-verify-peer', 'memory', '2M'],
+      { tcp: true },
+    );
+    const uri = `nbds://127.0.0.1:${p.port!}/?tls-certificates=${encodeURIComponent(certs.client)}`;
+    const c = await NbdClient.connect(uri);
+    clients.push(c);
+    expect(c.tls).toBe(true);
+    expect(c.size).toBe(2 * 1024 * 1024);
+    const data = pattern(256 * 1024, 22);
+    await Promise.all([c.write(0, data), c.write(1024 * 1024, data)]);
+    const [a, b] = await Promise.all([c.read(0, data.length), c.read(1024 * 1024, data.length)]);
+    expect(Buffer.from(a).equals(data) && Buffer.from(b).equals(data)).toBe(true);
+    await c.close();
+
+    // A client that trusts another CA must not accept this server.
+    const other = await makeCertificates(dir, 'other');
+    const bad = await NbdClient.connect(
+      `nbds://127.0.0.1:${p.port!}/?tls-certificates=${encodeURIComponent(other.client)}`,
+    ).catch((e: unknown) => e);
+    expect(bad).toBeInstanceOf(NbdConnectionError);
+    expect(bad).toMatchObject({ code: 'ERR_VMDISK_NBD_TLS_FAILED' });
+  });
+});
