@@ -1,12 +1,166 @@
 // The errors of @vmdisk/block-graph: every error carries a stable `code` (messages may change,
 // codes never do). Other modules of this package throw only what is defined here.
+//
+// Every error also carries `errnoName`: the errno a protocol layer (an NBD export) answers
+// with. Errors from the system (or injected by blkdebug) keep `errno`, `errnoName` and
+// `syscall`.
+
+import { constants } from 'node:os';
+
+/** The stable codes of this package. */
+export const BlockErrorCode = {
+  /** An option of blockdev-add is unknown, missing, of the wrong type or out of range. */
+  BAD_OPTION: 'ERR_VMDISK_BLOCK_BAD_OPTION',
+  /** No driver of that name. */
+  UNKNOWN_DRIVER: 'ERR_VMDISK_BLOCK_UNKNOWN_DRIVER',
+  /** No node of that name. */
+  NODE_NOT_FOUND: 'ERR_VMDISK_BLOCK_NODE_NOT_FOUND',
+  /** A node of that name exists already. */
+  DUPLICATE_NODE: 'ERR_VMDISK_BLOCK_DUPLICATE_NODE',
+  /** A node is still used by parents or backends (or is not owned by the graph's user). */
+  NODE_IN_USE: 'ERR_VMDISK_BLOCK_NODE_IN_USE',
+  /** Permissions taken by one parent are not shared by another (or the node is read-only). */
+  PERMISSION_CONFLICT: 'ERR_VMDISK_BLOCK_PERMISSION_CONFLICT',
+  /** A write-like request on a node or backend that may not write. */
+  READ_ONLY: 'ERR_VMDISK_BLOCK_READ_ONLY',
+  /** A request outside the node (negative, past the end, not a safe integer). */
+  OUT_OF_BOUNDS: 'ERR_VMDISK_BLOCK_OUT_OF_BOUNDS',
+  /** An I/O error with an errno (from the system or injected). */
+  IO: 'ERR_VMDISK_BLOCK_IO',
+  /** An operation the node cannot do (e.g. fast zeroing). */
+  NOT_SUPPORTED: 'ERR_VMDISK_BLOCK_NOT_SUPPORTED',
+  /** An image whose header or metadata is invalid. */
+  CORRUPT_IMAGE: 'ERR_VMDISK_BLOCK_CORRUPT_IMAGE',
+  /** A graph change that would make a cycle or is otherwise not possible. */
+  BAD_GRAPH_CHANGE: 'ERR_VMDISK_BLOCK_BAD_GRAPH_CHANGE',
+  /** The backend or graph is closed. */
+  CLOSED: 'ERR_VMDISK_BLOCK_CLOSED',
+} as const;
+
+export type BlockErrorCodeValue = (typeof BlockErrorCode)[keyof typeof BlockErrorCode];
 
 export class BlockError extends Error {
   override name = 'BlockError';
   readonly code: string;
+  /** The errno name a protocol answers with ('EINVAL', 'EPERM', 'EIO', ...). */
+  errnoName: string;
 
-  constructor(code: `ERR_VMDISK_BLOCK_${string}`, message: string, options?: ErrorOptions) {
+  constructor(
+    code: `ERR_VMDISK_BLOCK_${string}`,
+    message: string,
+    options?: ErrorOptions & { errnoName?: string },
+  ) {
     super(message, options);
     this.code = code;
+    this.errnoName = options?.errnoName ?? defaultErrno(code);
   }
+}
+
+function defaultErrno(code: string): string {
+  switch (code) {
+    case BlockErrorCode.READ_ONLY:
+    case BlockErrorCode.PERMISSION_CONFLICT:
+      return 'EPERM';
+    case BlockErrorCode.NOT_SUPPORTED:
+      return 'ENOTSUP';
+    case BlockErrorCode.NODE_IN_USE:
+      return 'EBUSY';
+    case BlockErrorCode.NODE_NOT_FOUND:
+      return 'ENOENT';
+    case BlockErrorCode.DUPLICATE_NODE:
+      return 'EEXIST';
+    case BlockErrorCode.CLOSED:
+      return 'ESHUTDOWN';
+    case BlockErrorCode.IO:
+    case BlockErrorCode.CORRUPT_IMAGE:
+      return 'EIO';
+    default:
+      return 'EINVAL';
+  }
+}
+
+/** An option of blockdev-add that is wrong; `key` is its dotted path ('file.filename'). */
+export class BlockOptionError extends BlockError {
+  override name = 'BlockOptionError';
+  readonly key: string;
+  constructor(key: string, why: string) {
+    super(BlockErrorCode.BAD_OPTION, `Invalid option '${key}': ${why}`);
+    this.key = key;
+  }
+}
+
+/** An I/O error with an errno: from the system (through the engine) or injected by blkdebug. */
+export class BlockIoError extends BlockError {
+  override name = 'BlockIoError';
+  readonly errno: number;
+  readonly syscall: string;
+  readonly offset?: number;
+  readonly length?: number;
+  /** The node the error happened on. */
+  readonly node?: string;
+
+  constructor(
+    message: string,
+    init: {
+      errnoName: string;
+      errno?: number;
+      syscall: string;
+      offset?: number;
+      length?: number;
+      node?: string;
+      cause?: unknown;
+    },
+  ) {
+    super(BlockErrorCode.IO, message, { cause: init.cause, errnoName: init.errnoName });
+    this.errno = init.errno ?? errnoNumber(init.errnoName);
+    this.syscall = init.syscall;
+    if (init.offset !== undefined) this.offset = init.offset;
+    if (init.length !== undefined) this.length = init.length;
+    if (init.node !== undefined) this.node = init.node;
+  }
+}
+
+const errnoTable = constants.errno as Record<string, number>;
+
+/** The number of an errno name on this system ('EIO' -> 5); 0 when unknown. */
+export function errnoNumber(name: string): number {
+  return errnoTable[name] ?? 0;
+}
+
+/** The name of an errno number on this system (5 -> 'EIO'); undefined when unknown. */
+export function errnoName(errno: number): string | undefined {
+  for (const [name, value] of Object.entries(errnoTable)) if (value === errno) return name;
+  return undefined;
+}
+
+/**
+ * Turns an error from below (the engine, a driver) into one of ours, keeping errno, errno
+ * name and syscall; errors that are already ours pass unchanged.
+ */
+export function toBlockError(err: unknown, node?: string): BlockError {
+  if (err instanceof BlockError) return err;
+  const e = err as {
+    message?: string;
+    errno?: number;
+    errnoName?: string;
+    code?: string;
+    syscall?: string;
+    offset?: number;
+    length?: number;
+  };
+  let name = typeof e?.errnoName === 'string' ? e.errnoName : undefined;
+  if (!name && typeof e?.code === 'string' && /^E[A-Z0-9]+$/.test(e.code)) name = e.code;
+  let num = typeof e?.errno === 'number' ? Math.abs(e.errno) : undefined;
+  if (!name && num !== undefined) name = errnoName(num);
+  if (name && num === undefined) num = errnoNumber(name);
+  const init: ConstructorParameters<typeof BlockIoError>[1] = {
+    errnoName: name ?? 'EIO',
+    syscall: typeof e?.syscall === 'string' ? e.syscall : 'unknown',
+    cause: err,
+  };
+  if (num !== undefined) init.errno = num;
+  if (typeof e?.offset === 'number') init.offset = e.offset;
+  if (typeof e?.length === 'number') init.length = e.length;
+  if (node !== undefined) init.node = node;
+  return new BlockIoError(`${e?.message ?? String(err)}`, init);
 }

@@ -1,2 +1,64 @@
 // The public surface of @vmdisk/block-graph: what is not exported here is internal.
-export { BlockError } from './errors.ts';
+
+export {
+  type BackendOptions,
+  type BackendWriteFlags,
+  type BackendZeroFlags,
+  BlockBackend,
+  type Extent,
+} from './backend.ts';
+export type {
+  BlockDriver,
+  ChildSpec,
+  DriverInstance,
+  EngineLike,
+  FilterInstance,
+  FilterRequest,
+  FormatInstance,
+  Limits,
+  MapIntent,
+  Mapping,
+  OpenContext,
+  OptionSpec,
+  ProtocolInstance,
+  ProtocolStatus,
+} from './driver.ts';
+export { type BochsHeader, parseBochsHeader } from './drivers/bochs.ts';
+export { builtinDrivers } from './drivers/index.ts';
+export { THROTTLE_LIMIT_KEYS } from './drivers/throttle.ts';
+export {
+  BlockError,
+  BlockErrorCode,
+  type BlockErrorCodeValue,
+  BlockIoError,
+  BlockOptionError,
+  errnoName,
+  errnoNumber,
+  toBlockError,
+} from './errors.ts';
+export { BlockGraph, type BlockGraphOptions, isValidNodeName, type NodeInfo } from './graph.ts';
+export { GraphLock } from './graph-lock.ts';
+export {
+  BdrvChild,
+  BlockNode,
+  type ChildParent,
+  checkRequest,
+  type NodeSettings,
+  type Status,
+  type WriteFlags,
+  type ZeroFlags,
+} from './node.ts';
+export { type BlockdevOptions, checkOptions, type NodeSpec } from './options.ts';
+export {
+  BLK_PERM_ALL,
+  BLK_PERM_CONSISTENT_READ,
+  BLK_PERM_RESIZE,
+  BLK_PERM_WRITE,
+  BLK_PERM_WRITE_UNCHANGED,
+  type ChildRole,
+  defaultChildPerms,
+  type PermissionName,
+  permBits,
+  permNames,
+} from './permissions.ts';
+export { type RangeHold, RangeLock } from './range-lock.ts';

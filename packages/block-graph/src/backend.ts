@@ -1,0 +1,250 @@
+// BlockBackend: what a user of a node holds (an export, a job, the app). It takes the
+// permissions it needs when attached, holds the graph's read lock for each request, and
+// has the shape of @vmdisk/nbd's ExportTarget (without importing it).
+
+import { BlockError, BlockErrorCode } from './errors.ts';
+import type { BlockGraph } from './graph.ts';
+import type { BdrvChild, BlockNode, ChildParent } from './node.ts';
+import {
+  BLK_PERM_CONSISTENT_READ,
+  BLK_PERM_RESIZE,
+  BLK_PERM_WRITE,
+  BLK_PERM_WRITE_UNCHANGED,
+  type PermissionName,
+  permBits,
+} from './permissions.ts';
+
+export interface BackendOptions {
+  /** The backend's name in queries and permission errors (default backendN). */
+  name?: string;
+  /** It writes: takes the 'write' permission (default false). */
+  write?: boolean;
+  /** Others may write the node too (QEMU's share-rw; default false). */
+  shareWrite?: boolean;
+  /** Exact permissions to take, instead of what write implies. */
+  perm?: readonly PermissionName[];
+  /** Exact permissions to share, instead of what shareWrite implies. */
+  shared?: readonly PermissionName[];
+  /** Most extents one blockStatus answer carries (default 1024). */
+  maxExtents?: number;
+}
+
+export interface BackendWriteFlags {
+  fua?: boolean;
+}
+
+export interface BackendZeroFlags extends BackendWriteFlags {
+  /** Keep the range allocated (NBD_CMD_FLAG_NO_HOLE). */
+  noHole?: boolean;
+  /** Fail with ENOTSUP rather than write zero buffers (NBD_CMD_FLAG_FAST_ZERO). */
+  fastZero?: boolean;
+}
+
+/** One extent of block status (the ExportTarget Extent). */
+export interface Extent {
+  length: number;
+  /** Not stored: reads as zeros without data (NBD_STATE_HOLE). */
+  hole: boolean;
+  /** Reads as zeros (NBD_STATE_ZERO). */
+  zero: boolean;
+  /** 0 unallocated in the whole chain, 1 in the top layer, N in the (N-1)th backing layer. */
+  depth?: number;
+}
+
+const CACHE_CHUNK = 1 << 20;
+
+export class BlockBackend implements ChildParent {
+  readonly isBackend = true;
+  /** FUA is emulated by a flush of the node (nothing below writes with FUA natively). */
+  readonly nativeFua = false;
+  /** One graph in one process: a flush through any backend flushes the same nodes. */
+  readonly multiConnSafe = true;
+  readonly reportsDepth = true;
+  private root: BdrvChild | undefined;
+  private closing: Promise<void> | undefined;
+  private readonly maxExtents: number;
+
+  constructor(
+    private readonly graph: BlockGraph,
+    readonly name: string,
+    private readonly options: BackendOptions,
+  ) {
+    this.maxExtents = options.maxExtents ?? 1024;
+  }
+
+  /** @internal: the permissions this backend takes and shares. */
+  wantedPerms(): { perm: number; shared: number } {
+    const o = this.options;
+    const perm = o.perm
+      ? permBits(o.perm)
+      : BLK_PERM_CONSISTENT_READ | (o.write ? BLK_PERM_WRITE : 0);
+    const shared = o.shared
+      ? permBits(o.shared)
+      : BLK_PERM_CONSISTENT_READ |
+        BLK_PERM_WRITE_UNCHANGED |
+        (o.shareWrite ? BLK_PERM_WRITE | BLK_PERM_RESIZE : 0);
+    return { perm, shared };
+  }
+
+  /** @internal: set by the graph under its write lock. */
+  attach(edge: BdrvChild | undefined): void {
+    this.root = edge;
+  }
+
+  /** @internal: the edge to the root node. */
+  get edge(): BdrvChild | undefined {
+    return this.root;
+  }
+
+  /** The node this backend is attached to now (it changes when a filter is inserted). */
+  get nodeName(): string {
+    return this.node().name;
+  }
+
+  /** Whether this backend took the write permission. */
+  get writable(): boolean {
+    return !!this.root && (this.root.perm & BLK_PERM_WRITE) !== 0;
+  }
+
+  /** The I/O constraints of the root node. */
+  get blockSize(): { minimum: number; preferred: number; maximum: number } {
+    const align = this.root?.node.align ?? 1;
+    return { minimum: align, preferred: Math.max(4096, align), maximum: 32 << 20 };
+  }
+
+  private node(): BlockNode {
+    const r = this.root;
+    if (!r) throw new BlockError(BlockErrorCode.CLOSED, `backend '${this.name}' is closed`);
+    return r.node;
+  }
+
+  size(): number {
+    return this.root ? this.root.node.size() : 0;
+  }
+
+  /** Fills buf with the bytes at offset. */
+  async read(offset: number, buf: Uint8Array): Promise<void> {
+    const lock = this.graph.lock;
+    if (!lock.tryRead()) await lock.read();
+    try {
+      await this.node().read(offset, buf);
+    } finally {
+      lock.releaseRead();
+    }
+  }
+
+  /** Writes buf at offset (fua: durable when resolved). */
+  async write(offset: number, buf: Uint8Array, flags: BackendWriteFlags = {}): Promise<void> {
+    const lock = this.graph.lock;
+    if (!lock.tryRead()) await lock.read();
+    try {
+      await this.writableNode().write(offset, buf, flags.fua ? { fua: true } : {});
+    } finally {
+      lock.releaseRead();
+    }
+  }
+
+  async flush(): Promise<void> {
+    const lock = this.graph.lock;
+    if (!lock.tryRead()) await lock.read();
+    try {
+      await this.node().flush();
+    } finally {
+      lock.releaseRead();
+    }
+  }
+
+  /** Discards a range (a no-op unless the node's discard option is 'unmap'). */
+  async trim(offset: number, length: number, flags: BackendWriteFlags = {}): Promise<void> {
+    const lock = this.graph.lock;
+    if (!lock.tryRead()) await lock.read();
+    try {
+      const node = this.writableNode();
+      await node.discard(offset, length);
+      if (flags.fua) await node.flush();
+    } finally {
+      lock.releaseRead();
+    }
+  }
+
+  /** Writes zeros (a hole where allowed unless noHole). */
+  async writeZeroes(offset: number, length: number, flags: BackendZeroFlags = {}): Promise<void> {
+    const lock = this.graph.lock;
+    if (!lock.tryRead()) await lock.read();
+    try {
+      await this.writableNode().writeZeroes(offset, length, {
+        fua: !!flags.fua,
+        mayUnmap: !flags.noHole,
+        fastZero: !!flags.fastZero,
+      });
+    } finally {
+      lock.releaseRead();
+    }
+  }
+
+  /** Block status from offset: extents in order, merged, covering at least one byte. */
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const lock = this.graph.lock;
+    if (!lock.tryRead()) await lock.read();
+    try {
+      const node = this.node();
+      const out: Extent[] = [];
+      let pos = 0;
+      while (pos < length && out.length < this.maxExtents) {
+        const s = await node.blockStatus(offset + pos, length - pos);
+        const last = out[out.length - 1];
+        if (last && last.hole === s.hole && last.zero === s.zero && last.depth === s.depth) {
+          last.length += s.length;
+        } else {
+          out.push({ length: s.length, hole: s.hole, zero: s.zero, depth: s.depth });
+        }
+        pos += s.length;
+      }
+      return out;
+    } finally {
+      lock.releaseRead();
+    }
+  }
+
+  /** Reads a range through (copy-on-read filters copy it) and drops the data. */
+  async cache(offset: number, length: number): Promise<void> {
+    const buf = this.allocBuffer(Math.min(CACHE_CHUNK, Math.max(length, 1)));
+    try {
+      for (let pos = 0; pos < length; pos += CACHE_CHUNK) {
+        const n = Math.min(CACHE_CHUNK, length - pos);
+        await this.read(offset + pos, buf.subarray(0, n));
+      }
+    } finally {
+      this.releaseBuffer(buf);
+    }
+  }
+
+  /** A buffer for a request: engine arena memory (page-aligned) when an engine is in use. */
+  allocBuffer(length: number): Buffer {
+    return this.graph.allocBuffer(length);
+  }
+
+  releaseBuffer(buf: Uint8Array): void {
+    this.graph.releaseBuffer(buf);
+  }
+
+  /** Detaches from the node (drained), giving its permissions and reference back. */
+  close(): Promise<void> {
+    if (!this.closing) {
+      const edge = this.root;
+      this.closing = edge ? this.graph.detachBackend(this, edge) : Promise.resolve();
+    }
+    return this.closing;
+  }
+
+  private writableNode(): BlockNode {
+    const node = this.node();
+    if (!(this.root!.perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED))) {
+      throw new BlockError(
+        BlockErrorCode.READ_ONLY,
+        `backend '${this.name}' did not take the write permission`,
+      );
+    }
+    return node;
+  }
+}

@@ -1,0 +1,224 @@
+// The driver interfaces: small, after nbdkit. A driver is a definition (name, options,
+// children, open) whose open() returns an instance of one of three kinds:
+//
+// - protocol: does pread/pwrite/flush and whatever else it can (file, null-co, nbd);
+// - format: answers map(offset, length) with where the bytes live and, if writable,
+//   allocates (raw, bochs, qcow2);
+// - filter: passes to its one child whatever it does not override (throttle,
+//   copy-on-read, blkdebug).
+//
+// Preconditions the generic layer (node.ts) guarantees to every instance method below, so
+// that drivers do not re-check them:
+// - offset and length are safe integers, length > 0, and offset + length <= size();
+// - offset and length are multiples of `limits.requestAlignment` (the length may stop at
+//   size() when size() itself is not aligned);
+// - length <= `limits.maxTransfer` for pread/pwrite (and for filters' intercepted requests);
+// - write-like calls (pwrite, writeZeroes, discard, map with intent 'write') only reach a
+//   node that is not read-only and has parents holding the write permission;
+// - the graph does not change while a call is in flight (every request holds the graph's
+//   read lock), and close() is only called when nothing is in flight (drained);
+// - buffers handed to pread/pwrite come from the caller: when the node is O_DIRECT they are
+//   engine arena buffers (page-aligned) or aligned subarrays of them.
+//
+// Errors: reject with a BlockError (errors.ts); errors from the system keep errno,
+// errnoName and syscall (toBlockError does that). Never throw synchronously from a method
+// that returns a promise.
+
+import type { Engine } from '@vmdisk/engine';
+import type { BdrvChild, BlockNode } from './node.ts';
+import type { ChildRole } from './permissions.ts';
+
+/** An option of a driver, as blockdev-add spells it. */
+export type OptionSpec =
+  | { type: 'string'; required?: boolean; values?: readonly string[] }
+  | { type: 'int'; required?: boolean; min?: number; max?: number }
+  | { type: 'bool'; required?: boolean }
+  /** Any JSON value, checked by `check` (throw BlockOptionError with the key given). */
+  | { type: 'json'; required?: boolean; check: (value: unknown, key: string) => void };
+
+/** A child key of a driver: a node name or inline blockdev-add options. */
+export interface ChildSpec {
+  /** The key in blockdev-add ('file', 'backing', 'image'). */
+  key: string;
+  required: boolean;
+  /** `null` allowed (QEMU's "backing": null: no backing file). */
+  nullable?: boolean;
+  /** The roles the child has, given the node's validated options. */
+  roles(options: Readonly<Record<string, unknown>>): ChildRole[];
+}
+
+/** I/O limits of a node; the generic layer aligns and splits requests to them. */
+export interface Limits {
+  /** Requests reaching the instance are aligned to this (power of two; default 1). */
+  requestAlignment?: number;
+  /** Requests reaching pread/pwrite are at most this long (default: unlimited). */
+  maxTransfer?: number;
+}
+
+/** What open() is given. */
+export interface OpenContext {
+  readonly nodeName: string;
+  readonly readOnly: boolean;
+  /** cache.direct: O_DIRECT on files. */
+  readonly direct: boolean;
+  /** The driver's own keys, validated against its `options` (absent keys are absent). */
+  readonly options: Readonly<Record<string, unknown>>;
+  /** The children attached by key ('file', 'backing'), before open() is called. */
+  readonly children: Readonly<Record<string, BdrvChild | undefined>>;
+  /** The node being opened (its size is not known yet). */
+  readonly node: BlockNode;
+  /**
+   * The I/O engine (@vmdisk/engine) for `backend`, shared by the graph; the graph's buffer
+   * allocation (allocBuffer) uses the first engine opened.
+   */
+  engine(backend: 'io_uring' | 'aio' | 'threadpool' | 'auto'): Promise<EngineLike>;
+}
+
+/** The I/O engine (@vmdisk/engine). */
+export type EngineLike = Engine;
+
+interface InstanceBase {
+  /** The size in bytes (the virtual disk size for formats), as of now. */
+  size(): number;
+  readonly limits?: Limits;
+  /** Called when a drained section begins on the graph: let queued requests go. */
+  drainBegin?(): void;
+  /** Releases what open() took (formats: write metadata back, mark clean). */
+  close?(): Promise<void>;
+  /** Extra fields for query-named-block-nodes (e.g. { file: '/x.img' }). */
+  info?(): Record<string, unknown>;
+}
+
+/** Block status of a range at a protocol node. */
+export interface ProtocolStatus {
+  /** Bytes from offset this answer covers (> 0, at most the length asked). */
+  length: number;
+  /** Not stored (a hole): reads as zeros. */
+  hole: boolean;
+  /** Reads as zeros. */
+  zero: boolean;
+}
+
+export interface ProtocolInstance extends InstanceBase {
+  readonly kind: 'protocol';
+  /** Fills buf with the bytes at offset. */
+  pread(buf: Uint8Array, offset: number): Promise<void>;
+  /** Writes buf at offset. Absent: read-only protocol. */
+  pwrite?(buf: Uint8Array, offset: number): Promise<void>;
+  /** Makes completed writes durable. Absent: nothing to do. */
+  flush?(): Promise<void>;
+  /** Deallocates a range (reads then return anything; the file driver punches holes). */
+  discard?(offset: number, length: number): Promise<void>;
+  /**
+   * Writes zeros efficiently (mayUnmap: a hole is fine). Reject with NOT_SUPPORTED when the
+   * storage cannot: the generic layer then writes zero buffers (unless fastZero was asked).
+   */
+  writeZeroes?(offset: number, length: number, mayUnmap: boolean): Promise<void>;
+  /** Status of the range from offset. Absent: all data. */
+  blockStatus?(offset: number, length: number): Promise<ProtocolStatus>;
+}
+
+/**
+ * Where a range of a format node's guest bytes lives: the answer of map().
+ * - `data`: in `child` at `offset` (the range is contiguous there);
+ * - `zero`: reads as zeros, stored as such in the format's metadata;
+ * - `unallocated`: not in this layer: read from the backing (cow) child, zeros past its
+ *   end or without one.
+ */
+export interface Mapping {
+  /** Bytes from the asked offset this answer covers: 0 < length <= the length asked. */
+  length: number;
+  kind: 'data' | 'zero' | 'unallocated';
+  /** For data: the child holding the bytes. */
+  child?: BdrvChild;
+  /** For data: the offset in that child. */
+  offset?: number;
+  /** For data: block status is the child's as is (raw); otherwise data, plus zero if the child says so. */
+  passthrough?: boolean;
+  /**
+   * For intent 'write' only, when map() allocated new storage for the range: the guest
+   * range [start, end) of the new allocation unit(s), which contains [offset, offset +
+   * length) and is backed by child bytes at `offset - (askedOffset - start)` onwards.
+   * The generic layer fills the bytes of the unit outside the write (copy on write) with
+   * what they read as before (`from`: 'below' = the backing chain, zeros past its end or
+   * without one; 'zero' = zeros), writes the whole unit to the child, then calls commit()
+   * to link it in the metadata (data before the L2 entry); abort() when the data write
+   * failed.
+   */
+  allocation?: {
+    start: number;
+    end: number;
+    from: 'below' | 'zero';
+    commit(): Promise<void>;
+    abort?(error: unknown): Promise<void>;
+  };
+}
+
+export type MapIntent = 'read' | 'write';
+
+export interface FormatInstance extends InstanceBase {
+  readonly kind: 'format';
+  /**
+   * Where [offset, offset + length) lives, from offset on (one answer; the generic layer
+   * asks again for the rest). With intent 'write' the answer is always `data` (allocating
+   * if needed, see Mapping.allocation). May answer synchronously (raw does, for speed).
+   * Concurrency: map() may be called by concurrent requests; a driver that allocates must
+   * make sure two concurrent writes to one unallocated unit do not both allocate it (keep
+   * in-flight allocations until commit/abort and make the second one wait: RangeLock in
+   * range-lock.ts does that).
+   */
+  map(offset: number, length: number, intent: MapIntent): Mapping | Promise<Mapping>;
+  /**
+   * Marks a range as zeros in the metadata (e.g. qcow2 zero clusters; mayUnmap: storage
+   * may be freed). Absent: the generic layer zeroes data mappings in the child and writes
+   * zero buffers where the range would otherwise read from the backing chain.
+   */
+  writeZeroes?(offset: number, length: number, mayUnmap: boolean): Promise<void>;
+  /** Deallocates a range in the metadata. Absent: data mappings are discarded in the child. */
+  discard?(offset: number, length: number): Promise<void>;
+  /** Writes cached metadata back (called before the children are flushed). */
+  flush?(): Promise<void>;
+}
+
+/** One request as a filter sees it before passing it on. */
+export interface FilterRequest {
+  op: 'read' | 'write' | 'write-zeroes' | 'discard' | 'flush' | 'block-status';
+  offset: number;
+  length: number;
+}
+
+export interface FilterInstance extends InstanceBase {
+  readonly kind: 'filter';
+  /** The filtered child every request goes to. */
+  readonly child: BdrvChild;
+  /** Runs before a request is passed on: wait (throttle) or reject (blkdebug). */
+  intercept?(req: FilterRequest): Promise<void> | undefined;
+  /** Replaces the pass-through read (copy-on-read). */
+  read?(offset: number, buf: Uint8Array): Promise<void>;
+}
+
+export type DriverInstance = ProtocolInstance | FormatInstance | FilterInstance;
+
+/** A driver: what blockdev-add's `driver` names. */
+export interface BlockDriver {
+  readonly name: string;
+  readonly kind: 'protocol' | 'format' | 'filter';
+  /** The driver's own option keys (common keys such as node-name are the graph's). */
+  readonly options: Readonly<Record<string, OptionSpec>>;
+  readonly children?: readonly ChildSpec[];
+  /** The node can only be read-only ('read-only' defaults to true, false is refused). */
+  readonly readOnlyOnly?: boolean;
+  /**
+   * The permissions the node takes on a child, given what its parents take and share
+   * (perm, shared) and whether it may write. Absent: defaultChildPerms (permissions.ts).
+   */
+  childPerms?(
+    roles: readonly ChildRole[],
+    perm: number,
+    shared: number,
+    writable: boolean,
+  ): { perm: number; shared: number };
+  /** Checks relations between options after each was checked alone (throw BlockOptionError). */
+  validate?(options: Readonly<Record<string, unknown>>): void;
+  open(ctx: OpenContext): Promise<DriverInstance>;
+}

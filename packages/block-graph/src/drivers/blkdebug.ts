@@ -1,0 +1,189 @@
+// The `blkdebug` filter, our fault-injection tool: rules inject an errno into chosen
+// operations on a chosen offset range, after N matching events, once or always; `align`
+// and `max-transfer` impose I/O limits on the requests it passes (to exercise the generic
+// layer's read-modify-write and splitting).
+//
+// inject-error: [{ iotype?: op | op[] (default every op), errno?: 'EIO' | number (default
+// EIO), offset?: number (default 0), length?: number (default to the end), after?: number
+// (matching events let through first, default 0), once?: boolean (default false) }]
+// where op is read, write, write-zeroes, discard, flush or block-status.
+
+import type { BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
+import { BlockIoError, BlockOptionError, errnoName, errnoNumber } from '../errors.ts';
+import type { BdrvChild } from '../node.ts';
+
+const OPS = ['read', 'write', 'write-zeroes', 'discard', 'flush', 'block-status'] as const;
+type Op = (typeof OPS)[number];
+
+interface Rule {
+  ops: Set<Op>;
+  errnoName: string;
+  errno: number;
+  start: number;
+  end: number;
+  after: number;
+  once: boolean;
+  seen: number;
+  fired: number;
+}
+
+function checkRules(value: unknown, key: string): void {
+  if (!Array.isArray(value)) throw new BlockOptionError(key, 'expected a list of rules');
+  value.forEach((r, i) => {
+    const k = `${key}[${i}]`;
+    if (typeof r !== 'object' || r === null || Array.isArray(r))
+      throw new BlockOptionError(k, 'expected an object');
+    for (const [f, v] of Object.entries(r as Record<string, unknown>)) {
+      const fk = `${k}.${f}`;
+      switch (f) {
+        case 'iotype': {
+          const list = Array.isArray(v) ? v : [v];
+          for (const op of list) {
+            if (!OPS.includes(op as Op))
+              throw new BlockOptionError(fk, `'${String(op)}' is not one of ${OPS.join(', ')}`);
+          }
+          break;
+        }
+        case 'errno':
+          if (
+            typeof v === 'string'
+              ? errnoNumber(v) === 0
+              : !(Number.isSafeInteger(v) && errnoName(v as number))
+          ) {
+            throw new BlockOptionError(fk, `'${String(v)}' is not an errno`);
+          }
+          break;
+        case 'offset':
+        case 'length':
+        case 'after':
+          if (!Number.isSafeInteger(v) || (v as number) < 0)
+            throw new BlockOptionError(fk, 'expected a non-negative integer');
+          break;
+        case 'once':
+          if (typeof v !== 'boolean') throw new BlockOptionError(fk, 'expected a boolean');
+          break;
+        default:
+          throw new BlockOptionError(fk, 'unknown key');
+      }
+    }
+  });
+}
+
+function power2(value: unknown, key: string): void {
+  if (
+    !Number.isSafeInteger(value) ||
+    (value as number) < 1 ||
+    ((value as number) & ((value as number) - 1)) !== 0
+  ) {
+    throw new BlockOptionError(key, 'expected a power of two');
+  }
+}
+
+class BlkdebugInstance implements FilterInstance {
+  readonly kind = 'filter';
+  readonly limits: { requestAlignment?: number; maxTransfer?: number };
+  private readonly events: Record<Op, number> = {
+    read: 0,
+    write: 0,
+    'write-zeroes': 0,
+    discard: 0,
+    flush: 0,
+    'block-status': 0,
+  };
+
+  constructor(
+    readonly child: BdrvChild,
+    private readonly rules: Rule[],
+    align: number | undefined,
+    maxTransfer: number | undefined,
+    private readonly node: string,
+  ) {
+    this.limits = {};
+    if (align !== undefined) this.limits.requestAlignment = align;
+    if (maxTransfer !== undefined) this.limits.maxTransfer = maxTransfer;
+  }
+
+  size(): number {
+    return this.child.node.size();
+  }
+
+  intercept(req: FilterRequest): Promise<void> | undefined {
+    this.events[req.op]++;
+    for (const r of this.rules) {
+      if (!r.ops.has(req.op)) continue;
+      if (req.op !== 'flush' && !(req.offset < r.end && r.start < req.offset + req.length))
+        continue;
+      r.seen++;
+      if (r.seen <= r.after || (r.once && r.fired > 0)) continue;
+      r.fired++;
+      return Promise.reject(
+        new BlockIoError(
+          `${r.errnoName}: injected by blkdebug on ${req.op} at ${req.offset} (+${req.length})`,
+          {
+            errnoName: r.errnoName,
+            errno: r.errno,
+            syscall: 'blkdebug',
+            offset: req.offset,
+            length: req.length,
+            node: this.node,
+          },
+        ),
+      );
+    }
+    return undefined;
+  }
+
+  info(): Record<string, unknown> {
+    return {
+      events: { ...this.events },
+      rules: this.rules.map((r) => ({ errno: r.errnoName, seen: r.seen, fired: r.fired })),
+    };
+  }
+}
+
+export const blkdebugDriver: BlockDriver = {
+  name: 'blkdebug',
+  kind: 'filter',
+  options: {
+    'inject-error': { type: 'json', check: checkRules },
+    align: { type: 'json', check: power2 },
+    'max-transfer': { type: 'int', min: 1 },
+  },
+  children: [{ key: 'image', required: true, roles: () => ['filtered', 'primary'] }],
+  validate(o) {
+    const align = o.align as number | undefined;
+    const max = o['max-transfer'] as number | undefined;
+    if (align !== undefined && max !== undefined && max % align !== 0) {
+      throw new BlockOptionError('max-transfer', `${max} is not a multiple of align (${align})`);
+    }
+  },
+  async open(ctx) {
+    const list = (ctx.options['inject-error'] as Record<string, unknown>[] | undefined) ?? [];
+    const rules: Rule[] = list.map((r) => {
+      const e = r.errno ?? 'EIO';
+      const name = typeof e === 'string' ? e : errnoName(e as number)!;
+      const iotype =
+        r.iotype === undefined ? [...OPS] : Array.isArray(r.iotype) ? r.iotype : [r.iotype];
+      const start = (r.offset as number | undefined) ?? 0;
+      const length = r.length as number | undefined;
+      return {
+        ops: new Set(iotype as Op[]),
+        errnoName: name,
+        errno: errnoNumber(name),
+        start,
+        end: length === undefined ? Number.MAX_SAFE_INTEGER : start + length,
+        after: (r.after as number | undefined) ?? 0,
+        once: (r.once as boolean | undefined) ?? false,
+        seen: 0,
+        fired: 0,
+      };
+    });
+    return new BlkdebugInstance(
+      ctx.children.image!,
+      rules,
+      ctx.options.align as number | undefined,
+      ctx.options['max-transfer'] as number | undefined,
+      ctx.nodeName,
+    );
+  },
+};

@@ -1,0 +1,65 @@
+// The `copy-on-read` filter: what a read finds below the top layer of its child (in the
+// backing chain) is written into the top layer, so that later reads find it there. The
+// copy is serialised against writes to the same range of the child, so a guest write is
+// never overwritten by older data.
+
+import type { BlockDriver, FilterInstance } from '../driver.ts';
+import type { BdrvChild } from '../node.ts';
+import { BLK_PERM_WRITE_UNCHANGED, defaultChildPerms } from '../permissions.ts';
+
+class CopyOnReadInstance implements FilterInstance {
+  readonly kind = 'filter';
+  /** Bytes copied up so far (for queries). */
+  private copied = 0;
+
+  constructor(readonly child: BdrvChild) {
+    child.node.enableTracking();
+  }
+
+  size(): number {
+    return this.child.node.size();
+  }
+
+  async read(offset: number, buf: Uint8Array): Promise<void> {
+    const node = this.child.node;
+    node.enableTracking();
+    let pos = 0;
+    while (pos < buf.byteLength) {
+      const s = await node.blockStatus(offset + pos, buf.byteLength - pos);
+      const sub = buf.subarray(pos, pos + s.length);
+      if (s.depth <= 1 || !node.isFormat || node.readOnly) {
+        // In the top layer already, or nothing anywhere (zeros): nothing to copy.
+        await node.read(offset + pos, sub);
+      } else {
+        const hold = await node.serialise(offset + pos, offset + pos + s.length);
+        try {
+          await node.read(offset + pos, sub);
+          await node.write(offset + pos, sub, { owner: hold });
+          this.copied += s.length;
+        } finally {
+          node.release(hold);
+        }
+      }
+      pos += s.length;
+    }
+  }
+
+  info(): Record<string, unknown> {
+    return { 'copied-bytes': this.copied };
+  }
+}
+
+export const copyOnReadDriver: BlockDriver = {
+  name: 'copy-on-read',
+  kind: 'filter',
+  options: {},
+  children: [{ key: 'file', required: true, roles: () => ['filtered', 'primary'] }],
+  childPerms(roles, perm, shared, writable) {
+    const p = defaultChildPerms(roles, perm, shared, writable);
+    // Copying writes what was there already.
+    return { perm: p.perm | BLK_PERM_WRITE_UNCHANGED, shared: p.shared };
+  },
+  async open(ctx) {
+    return new CopyOnReadInstance(ctx.children.file!);
+  },
+};

@@ -1,0 +1,20 @@
+// The built-in drivers.
+
+import type { BlockDriver } from '../driver.ts';
+import { blkdebugDriver } from './blkdebug.ts';
+import { bochsDriver } from './bochs.ts';
+import { copyOnReadDriver } from './copy-on-read.ts';
+import { fileDriver } from './file.ts';
+import { nullCoDriver } from './null-co.ts';
+import { rawDriver } from './raw.ts';
+import { throttleDriver } from './throttle.ts';
+
+export const builtinDrivers: readonly BlockDriver[] = [
+  fileDriver,
+  nullCoDriver,
+  rawDriver,
+  bochsDriver,
+  throttleDriver,
+  copyOnReadDriver,
+  blkdebugDriver,
+];

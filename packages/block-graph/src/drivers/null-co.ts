@@ -1,0 +1,66 @@
+// The `null-co` protocol driver: reads zeros (unless read-zeroes is false, then it leaves
+// the buffer alone), writes go nowhere, an optional latency per request.
+
+import type { BlockDriver, ProtocolInstance, ProtocolStatus } from '../driver.ts';
+
+class NullInstance implements ProtocolInstance {
+  readonly kind = 'protocol';
+
+  constructor(
+    private readonly length: number,
+    private readonly latencyMs: number,
+    private readonly readZeroes: boolean,
+  ) {}
+
+  size(): number {
+    return this.length;
+  }
+
+  private delay(): Promise<void> {
+    if (this.latencyMs === 0) return Promise.resolve();
+    return new Promise((resolve) => setTimeout(resolve, this.latencyMs));
+  }
+
+  async pread(buf: Uint8Array): Promise<void> {
+    await this.delay();
+    if (this.readZeroes) buf.fill(0);
+  }
+
+  pwrite(): Promise<void> {
+    return this.delay();
+  }
+
+  flush(): Promise<void> {
+    return this.delay();
+  }
+
+  writeZeroes(): Promise<void> {
+    return this.delay();
+  }
+
+  discard(): Promise<void> {
+    return this.delay();
+  }
+
+  async blockStatus(_offset: number, length: number): Promise<ProtocolStatus> {
+    return { length, hole: false, zero: this.readZeroes };
+  }
+}
+
+export const nullCoDriver: BlockDriver = {
+  name: 'null-co',
+  kind: 'protocol',
+  options: {
+    size: { type: 'int', min: 0 },
+    'latency-ns': { type: 'int', min: 0 },
+    'read-zeroes': { type: 'bool' },
+  },
+  async open(ctx) {
+    const o = ctx.options;
+    return new NullInstance(
+      (o.size as number | undefined) ?? 1 << 30,
+      Math.ceil(((o['latency-ns'] as number | undefined) ?? 0) / 1e6),
+      (o['read-zeroes'] as boolean | undefined) ?? true,
+    );
+  },
+};

@@ -1,0 +1,79 @@
+// The `raw` format driver: the guest bytes are the child's, optionally a window of it
+// (offset, size). map() answers synchronously: nothing to look up.
+
+import type { BlockDriver, FormatInstance, Mapping } from '../driver.ts';
+import { BlockOptionError } from '../errors.ts';
+import type { BdrvChild } from '../node.ts';
+
+class RawInstance implements FormatInstance {
+  readonly kind = 'format';
+
+  constructor(
+    private readonly file: BdrvChild,
+    private readonly offset: number,
+    private readonly fixedSize: number | undefined,
+  ) {}
+
+  size(): number {
+    if (this.fixedSize !== undefined) return this.fixedSize;
+    return Math.max(0, this.file.node.size() - this.offset);
+  }
+
+  map(offset: number, length: number): Mapping {
+    return {
+      length,
+      kind: 'data',
+      child: this.file,
+      offset: offset + this.offset,
+      passthrough: true,
+    };
+  }
+
+  info(): Record<string, unknown> {
+    return { offset: this.offset };
+  }
+}
+
+export const rawDriver: BlockDriver = {
+  name: 'raw',
+  kind: 'format',
+  options: {
+    offset: { type: 'int', min: 0 },
+    size: { type: 'int', min: 0 },
+  },
+  children: [
+    {
+      key: 'file',
+      required: true,
+      roles: (o) =>
+        o.offset !== undefined || o.size !== undefined
+          ? ['data', 'primary']
+          : ['data', 'filtered', 'primary'],
+    },
+  ],
+  validate(o) {
+    const size = o.size as number | undefined;
+    if (size !== undefined && size % 512 !== 0) {
+      throw new BlockOptionError('size', `${size} is not a multiple of 512`);
+    }
+  },
+  async open(ctx) {
+    const file = ctx.children.file!;
+    const offset = (ctx.options.offset as number | undefined) ?? 0;
+    const size = ctx.options.size as number | undefined;
+    const fileSize = file.node.size();
+    if (offset > fileSize) {
+      throw new BlockOptionError(
+        'offset',
+        `${offset} is past the end of the file (${fileSize} bytes)`,
+      );
+    }
+    if (size !== undefined && size > fileSize - offset) {
+      throw new BlockOptionError(
+        'size',
+        `the sum of offset (${offset}) and size (${size}) exceeds the size of the file (${fileSize})`,
+      );
+    }
+    return new RawInstance(file, offset, size);
+  },
+};

@@ -1,0 +1,222 @@
+// The `throttle` filter: I/O limits (iops and bytes per second for reads, writes and in
+// total, each with a burst) by QEMU's leaky buckets. A request that would go over a limit
+// waits on a timer, never blocking the event loop; requests of one direction leave in
+// order. Writes, write-zeroes and discards count as writes; flushes and block status pass.
+// When the graph drains, queued requests go at once (as QEMU's throttle does).
+
+import type { BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
+import { BlockOptionError } from '../errors.ts';
+import type { BdrvChild } from '../node.ts';
+
+const KINDS = ['total', 'read', 'write'] as const;
+const UNITS = ['iops', 'bps'] as const;
+
+/** The keys of `limits` (QEMU's throttle-group limits). */
+export const THROTTLE_LIMIT_KEYS: readonly string[] = [
+  ...UNITS.flatMap((u) =>
+    KINDS.flatMap((k) => [`${u}-${k}`, `${u}-${k}-max`, `${u}-${k}-max-length`]),
+  ),
+  'iops-size',
+];
+
+class Bucket {
+  level = 0;
+  burstLevel = 0;
+  private last = performance.now();
+
+  constructor(
+    readonly avg: number,
+    readonly max: number,
+    readonly burstLength: number,
+  ) {}
+
+  private leak(now: number): void {
+    const dt = (now - this.last) / 1000;
+    this.last = now;
+    this.level = Math.max(this.level - this.avg * dt, 0);
+    if (this.burstLength > 1) this.burstLevel = Math.max(this.burstLevel - this.max * dt, 0);
+  }
+
+  /** Milliseconds to wait before a request may go (0: now). */
+  wait(now: number): number {
+    this.leak(now);
+    const size = this.max ? this.max * this.burstLength : this.avg / 10;
+    const extra = this.level - size;
+    if (extra > 0) return (extra / this.avg) * 1000;
+    if (this.burstLength > 1) {
+      const burstExtra = this.burstLevel - this.max / 10;
+      if (burstExtra > 0) return (burstExtra / this.max) * 1000;
+    }
+    return 0;
+  }
+
+  account(units: number): void {
+    this.level += units;
+    if (this.burstLength > 1) this.burstLevel += units;
+  }
+}
+
+interface Waiter {
+  bytes: number;
+  go: () => void;
+}
+
+class Direction {
+  readonly queue: Waiter[] = [];
+  timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly buckets: { bucket: Bucket; unit: 'iops' | 'bps' }[],
+    readonly iopsSize: number,
+  ) {}
+
+  private units(unit: 'iops' | 'bps', bytes: number): number {
+    if (unit === 'bps') return bytes;
+    return this.iopsSize && bytes > this.iopsSize ? bytes / this.iopsSize : 1;
+  }
+
+  wait(now: number): number {
+    let w = 0;
+    for (const b of this.buckets) w = Math.max(w, b.bucket.wait(now));
+    return w;
+  }
+
+  account(bytes: number): void {
+    for (const b of this.buckets) b.bucket.account(this.units(b.unit, bytes));
+  }
+
+  /** Lets the head of the queue go while the limits allow, then arms a timer. */
+  pump(): void {
+    this.timer = undefined;
+    while (this.queue.length > 0) {
+      const w = this.wait(performance.now());
+      if (w > 0) {
+        this.timer = setTimeout(() => this.pump(), Math.ceil(w));
+        return;
+      }
+      const head = this.queue.shift()!;
+      this.account(head.bytes);
+      head.go();
+    }
+  }
+
+  flushAll(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+    for (const w of this.queue.splice(0)) {
+      this.account(w.bytes);
+      w.go();
+    }
+  }
+}
+
+class ThrottleInstance implements FilterInstance {
+  readonly kind = 'filter';
+  private readonly reads: Direction;
+  private readonly writes: Direction;
+
+  constructor(
+    readonly child: BdrvChild,
+    private readonly config: Record<string, number>,
+  ) {
+    const bucket = (unit: 'iops' | 'bps', kind: string) => {
+      const avg = config[`${unit}-${kind}`] ?? 0;
+      if (!avg) return [];
+      const max = config[`${unit}-${kind}-max`] ?? 0;
+      const len = config[`${unit}-${kind}-max-length`] ?? 1;
+      return [{ bucket: new Bucket(avg, max, len), unit }];
+    };
+    const total = [...bucket('iops', 'total'), ...bucket('bps', 'total')];
+    const size = config['iops-size'] ?? 0;
+    this.reads = new Direction(
+      [...total, ...bucket('iops', 'read'), ...bucket('bps', 'read')],
+      size,
+    );
+    this.writes = new Direction(
+      [...total, ...bucket('iops', 'write'), ...bucket('bps', 'write')],
+      size,
+    );
+  }
+
+  size(): number {
+    return this.child.node.size();
+  }
+
+  intercept(req: FilterRequest): Promise<void> | undefined {
+    if (req.op === 'flush' || req.op === 'block-status') return undefined;
+    const dir = req.op === 'read' ? this.reads : this.writes;
+    if (dir.buckets.length === 0) return undefined;
+    if (dir.queue.length === 0 && dir.wait(performance.now()) === 0) {
+      dir.account(req.length);
+      return undefined;
+    }
+    return new Promise<void>((go) => {
+      dir.queue.push({ bytes: req.length, go });
+      if (!dir.timer) dir.pump();
+    });
+  }
+
+  drainBegin(): void {
+    this.reads.flushAll();
+    this.writes.flushAll();
+  }
+
+  async close(): Promise<void> {
+    this.drainBegin();
+  }
+
+  info(): Record<string, unknown> {
+    return { limits: { ...this.config } };
+  }
+}
+
+function checkLimits(value: unknown, key: string): void {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    throw new BlockOptionError(key, 'expected an object of limits');
+  }
+  const v = value as Record<string, unknown>;
+  for (const [k, n] of Object.entries(v)) {
+    if (!THROTTLE_LIMIT_KEYS.includes(k))
+      throw new BlockOptionError(`${key}.${k}`, 'unknown limit');
+    if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) {
+      throw new BlockOptionError(`${key}.${k}`, 'expected a non-negative integer');
+    }
+  }
+  for (const u of UNITS) {
+    const name = (k: string) => `${u}-${k}`;
+    if (
+      (v[name('total')] ?? 0) !== 0 &&
+      ((v[name('read')] ?? 0) !== 0 || (v[name('write')] ?? 0) !== 0)
+    ) {
+      throw new BlockOptionError(
+        `${key}.${name('total')}`,
+        `cannot be combined with ${name('read')} or ${name('write')}`,
+      );
+    }
+    for (const k of KINDS) {
+      const max = (v[`${name(k)}-max`] as number | undefined) ?? 0;
+      const avg = (v[name(k)] as number | undefined) ?? 0;
+      if (max && !avg) throw new BlockOptionError(`${key}.${name(k)}-max`, `needs ${name(k)}`);
+      if (max && max < avg)
+        throw new BlockOptionError(`${key}.${name(k)}-max`, `is less than ${name(k)}`);
+      const len = v[`${name(k)}-max-length`] as number | undefined;
+      if (len !== undefined && len < 1)
+        throw new BlockOptionError(`${key}.${name(k)}-max-length`, 'must be at least 1');
+      if (len !== undefined && len > 1 && !max) {
+        throw new BlockOptionError(`${key}.${name(k)}-max-length`, `needs ${name(k)}-max`);
+      }
+    }
+  }
+}
+
+export const throttleDriver: BlockDriver = {
+  name: 'throttle',
+  kind: 'filter',
+  options: {
+    limits: { type: 'json', required: true, check: checkLimits },
+  },
+  children: [{ key: 'file', required: true, roles: () => ['filtered', 'primary'] }],
+  async open(ctx) {
+    return new ThrottleInstance(ctx.children.file!, ctx.options.limits as Record<string, number>);
+  },
+};

@@ -1,0 +1,87 @@
+// The graph lock: every request holds the read side for its whole duration; a graph change
+// takes the write side, which first drains (waits until no request is in flight and admits
+// none until the change is done). Drained sections nest. Graph changes are serialised
+// among themselves.
+//
+// Never begin a drained section or a graph change from inside a request (while holding the
+// read side): it would wait for itself.
+
+export class GraphLock {
+  private readers = 0;
+  private drained = 0;
+  private admit: (() => void)[] = [];
+  private idle: (() => void)[] = [];
+  private writer: Promise<void> = Promise.resolve();
+  /** Called when a drained section begins (filters let queued requests go). */
+  onDrainBegin: (() => void) | undefined;
+
+  /** Requests holding the read side now. */
+  get inFlight(): number {
+    return this.readers;
+  }
+
+  /** How deeply drained sections are nested now. */
+  get drainDepth(): number {
+    return this.drained;
+  }
+
+  /** Takes the read side at once if no drained section is active; true when taken. */
+  tryRead(): boolean {
+    if (this.drained !== 0) return false;
+    this.readers++;
+    return true;
+  }
+
+  /** Takes the read side, waiting for the end of drained sections. */
+  async read(): Promise<void> {
+    while (this.drained !== 0) await new Promise<void>((resolve) => this.admit.push(resolve));
+    this.readers++;
+  }
+
+  releaseRead(): void {
+    this.readers--;
+    if (this.readers === 0 && this.idle.length > 0) {
+      const idle = this.idle;
+      this.idle = [];
+      for (const w of idle) w();
+    }
+  }
+
+  /** Begins a drained section: admits no new request; resolves when none is in flight. */
+  async drainedBegin(): Promise<void> {
+    this.drained++;
+    if (this.drained === 1) this.onDrainBegin?.();
+    while (this.readers !== 0) await new Promise<void>((resolve) => this.idle.push(resolve));
+  }
+
+  /** Ends a drained section; the outermost end admits the waiting requests. */
+  drainedEnd(): void {
+    if (this.drained === 0) throw new Error('drainedEnd without drainedBegin');
+    this.drained--;
+    if (this.drained === 0) {
+      const admit = this.admit;
+      this.admit = [];
+      for (const w of admit) w();
+    }
+  }
+
+  /** Runs a graph change under the write side (drained, one change at a time). */
+  async write<T>(change: () => Promise<T> | T): Promise<T> {
+    const previous = this.writer;
+    let done!: () => void;
+    this.writer = new Promise<void>((resolve) => {
+      done = resolve;
+    });
+    await previous;
+    try {
+      await this.drainedBegin();
+      try {
+        return await change();
+      } finally {
+        this.drainedEnd();
+      }
+    } finally {
+      done();
+    }
+  }
+}

@@ -1,0 +1,598 @@
+// BlockGraph: named nodes created from blockdev-add-shaped options, BdrvChild edges with
+// roles and permissions, refcounting, the graph lock, and the graph changes (add, delete,
+// replace a child, replace a node), each done under the write side of the lock.
+
+import { type BackendOptions, BlockBackend } from './backend.ts';
+import type { BlockDriver, EngineLike, OpenContext } from './driver.ts';
+import { builtinDrivers } from './drivers/index.ts';
+import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
+import { GraphLock } from './graph-lock.ts';
+import { BdrvChild, BlockNode, type ChildParent, type NodeSettings } from './node.ts';
+import { checkNodeName, checkOptions, type NodeSpec } from './options.ts';
+import {
+  BLK_PERM_ALL,
+  BLK_PERM_RESIZE,
+  BLK_PERM_WRITE,
+  BLK_PERM_WRITE_UNCHANGED,
+  defaultChildPerms,
+  type PermissionName,
+  permNames,
+} from './permissions.ts';
+
+type EngineBackend = 'io_uring' | 'aio' | 'threadpool' | 'auto';
+
+/** One node as query-named-block-nodes shows it. */
+export interface NodeInfo {
+  'node-name': string;
+  driver: string;
+  /** Virtual size in bytes. */
+  size: number;
+  'read-only': boolean;
+  refcount: number;
+  /** Cumulative permissions the parents take, and what they all share. */
+  perm: PermissionName[];
+  shared: PermissionName[];
+  children: {
+    child: string;
+    role: string[];
+    'node-name': string;
+    perm: PermissionName[];
+    shared: PermissionName[];
+  }[];
+  parents: { parent: string; child: string; backend: boolean }[];
+  'cache-direct': boolean;
+  /** Driver-specific fields (e.g. file: the filename). */
+  [key: string]: unknown;
+}
+
+export interface BlockGraphOptions {
+  /** Extra drivers (e.g. qcow2, nbd) beside the built-in ones. */
+  drivers?: readonly BlockDriver[];
+}
+
+export class BlockGraph {
+  /** The graph lock: requests hold the read side, graph changes the write side. */
+  readonly lock = new GraphLock();
+  private readonly nodes = new Map<string, BlockNode>();
+  private readonly backends = new Set<BlockBackend>();
+  private readonly drivers = new Map<string, BlockDriver>();
+  private readonly engines = new Map<string, Promise<EngineLike>>();
+  private bufferEngine: EngineLike | undefined;
+  private readonly arena = new WeakSet<Uint8Array>();
+  private autoName = 0;
+  private backendSeq = 0;
+  private closed = false;
+
+  constructor(options: BlockGraphOptions = {}) {
+    for (const d of builtinDrivers) this.drivers.set(d.name, d);
+    for (const d of options.drivers ?? []) this.drivers.set(d.name, d);
+    this.lock.onDrainBegin = () => {
+      for (const n of this.nodes.values()) if (n.instance) n.instance.drainBegin?.();
+    };
+  }
+
+  /** Makes a driver known to this graph (replacing one of the same name). */
+  registerDriver(driver: BlockDriver): void {
+    this.drivers.set(driver.name, driver);
+  }
+
+  /** The names of the drivers known. */
+  driverNames(): string[] {
+    return [...this.drivers.keys()];
+  }
+
+  // ---------------------------------------------------------------- buffers and engines
+
+  /** A buffer for I/O: page-aligned engine arena memory once an engine is in use. */
+  allocBuffer(length: number): Buffer {
+    const engine = this.bufferEngine;
+    if (!engine) return Buffer.allocUnsafe(length);
+    const buf = engine.allocBuffer(length);
+    this.arena.add(buf);
+    return buf;
+  }
+
+  releaseBuffer(buf: Uint8Array): void {
+    if (this.bufferEngine && this.arena.has(buf)) {
+      this.arena.delete(buf);
+      this.bufferEngine.releaseBuffer(buf as Buffer);
+    }
+  }
+
+  /** The shared I/O engine of this JS thread for a backend (what file nodes use). */
+  engine(backend: EngineBackend): Promise<EngineLike> {
+    let p = this.engines.get(backend);
+    if (!p) {
+      p = import('@vmdisk/engine').then((m) => m.sharedEngine(backend));
+      this.engines.set(backend, p);
+      p.then(
+        (e) => {
+          this.bufferEngine ??= e;
+        },
+        () => this.engines.delete(backend),
+      );
+    }
+    return p.then((e) => {
+      this.bufferEngine ??= e;
+      return e;
+    });
+  }
+
+  // ---------------------------------------------------------------- lookups and queries
+
+  /** The node of that name. */
+  node(name: string): BlockNode {
+    const n = this.nodes.get(name);
+    if (!n) throw new BlockError(BlockErrorCode.NODE_NOT_FOUND, `no node named '${name}'`);
+    return n;
+  }
+
+  hasNode(name: string): boolean {
+    return this.nodes.has(name);
+  }
+
+  /** All nodes, as query-named-block-nodes shows them (parents before children). */
+  query(): NodeInfo[] {
+    return [...this.nodes.values()].map((n) => {
+      const info: NodeInfo = {
+        'node-name': n.name,
+        driver: n.driver,
+        size: n.instance ? n.size() : 0,
+        'read-only': n.readOnly,
+        refcount: n.refcount,
+        perm: permNames(n.perm),
+        shared: permNames(n.shared),
+        children: [...n.children.values()].map((c) => ({
+          child: c.name,
+          role: [...c.roles],
+          'node-name': c.node.name,
+          perm: permNames(c.perm),
+          shared: permNames(c.shared),
+        })),
+        parents: [...n.parents].map((c) => ({
+          parent: c.parent.name,
+          child: c.name,
+          backend: c.parent.isBackend,
+        })),
+        'cache-direct': n.settings.direct,
+        ...(n.instance?.info?.() ?? {}),
+      };
+      return info;
+    });
+  }
+
+  /** The backends attached now. */
+  backendList(): BlockBackend[] {
+    return [...this.backends];
+  }
+
+  // ---------------------------------------------------------------- drained sections
+
+  /** Begins a drained section (nests): resolves when no request is in flight. */
+  drainedBegin(): Promise<void> {
+    return this.lock.drainedBegin();
+  }
+
+  drainedEnd(): void {
+    this.lock.drainedEnd();
+  }
+
+  // ---------------------------------------------------------------- graph changes
+
+  /** blockdev-add: creates a node (and its inline children) from options. */
+  async add(options: unknown): Promise<BlockNode> {
+    this.checkOpen();
+    const spec = checkOptions(options, this.drivers);
+    return this.lock.write(async () => {
+      this.checkNames(spec, new Set());
+      const node = await this.open(spec, undefined);
+      node.ownedByUser = true; // open() handed out one reference: the user's
+      return node;
+    });
+  }
+
+  /** blockdev-del: removes a node added by name, refused while it has parents. */
+  async del(name: string): Promise<void> {
+    await this.lock.write(async () => {
+      const node = this.node(name);
+      if (!node.ownedByUser) {
+        throw new BlockError(
+          BlockErrorCode.NODE_IN_USE,
+          `node '${name}' was created inline by its parent and goes with it`,
+        );
+      }
+      if (node.parents.size > 0) {
+        const users = [...node.parents]
+          .map((c) => `'${c.parent.name}' (as '${c.name}')`)
+          .join(', ');
+        throw new BlockError(BlockErrorCode.NODE_IN_USE, `node '${name}' is in use by ${users}`);
+      }
+      node.ownedByUser = false;
+      await this.unref(node);
+      this.refreshPermissions();
+    });
+  }
+
+  /** A backend on a node: takes the permissions it needs (write: it writes). */
+  async createBackend(nodeName: string, options: BackendOptions = {}): Promise<BlockBackend> {
+    this.checkOpen();
+    return this.lock.write(async () => {
+      const node = this.node(nodeName);
+      const backend = new BlockBackend(
+        this,
+        options.name ?? `backend${++this.backendSeq}`,
+        options,
+      );
+      const edge = new BdrvChild('root', ['primary'], backend, node);
+      const { perm, shared } = backend.wantedPerms();
+      edge.perm = perm;
+      edge.shared = shared;
+      this.link(edge);
+      try {
+        this.refreshPermissions();
+      } catch (err) {
+        this.unlink(edge);
+        throw err;
+      }
+      node.refcount++;
+      backend.attach(edge);
+      this.backends.add(backend);
+      return backend;
+    });
+  }
+
+  /** @internal: detaches a backend (BlockBackend.close). */
+  async detachBackend(backend: BlockBackend, edge: BdrvChild): Promise<void> {
+    await this.lock.write(async () => {
+      this.backends.delete(backend);
+      backend.attach(undefined);
+      this.unlink(edge);
+      await this.unref(edge.node);
+      this.refreshPermissions();
+    });
+  }
+
+  /** Points a node's child edge at another node (blockdev-reopen of one child). */
+  async replaceChild(parentName: string, childName: string, newNodeName: string): Promise<void> {
+    await this.lock.write(async () => {
+      const parent = this.node(parentName);
+      const edge = parent.children.get(childName);
+      if (!edge) {
+        throw new BlockError(
+          BlockErrorCode.BAD_GRAPH_CHANGE,
+          `node '${parentName}' has no child '${childName}'`,
+        );
+      }
+      const next = this.node(newNodeName);
+      const old = edge.node;
+      if (old === next) return;
+      this.repoint(edge, next);
+      try {
+        this.refreshPermissions();
+      } catch (err) {
+        this.repoint(edge, old);
+        this.refreshPermissions();
+        throw err;
+      }
+      next.refcount++;
+      await this.unref(old);
+      this.refreshPermissions();
+    });
+  }
+
+  /**
+   * Moves every parent of `from` (nodes and backends) to `to`, except `to` itself and its
+   * descendants' edges that point at `from` (bdrv_replace_node): how a filter is inserted
+   * above a node (add it with the node as child, then replaceNode(node, filter)) and
+   * removed (replaceNode(filter, node), then del(filter)).
+   */
+  async replaceNode(fromName: string, toName: string): Promise<void> {
+    await this.lock.write(async () => {
+      const from = this.node(fromName);
+      const to = this.node(toName);
+      if (from === to) return;
+      const below = this.descendants(to);
+      const moved = [...from.parents].filter(
+        (e) => !(e.parent instanceof BlockNode && below.has(e.parent)) && e.parent !== to,
+      );
+      for (const e of moved) this.repoint(e, to);
+      try {
+        this.refreshPermissions();
+      } catch (err) {
+        for (const e of moved) this.repoint(e, from);
+        this.refreshPermissions();
+        throw err;
+      }
+      to.refcount += moved.length;
+      from.refcount -= moved.length - 1;
+      await this.unref(from);
+      this.refreshPermissions();
+    });
+  }
+
+  /** Closes every backend and node. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    for (const b of [...this.backends]) await b.close();
+    await this.lock.write(async () => {
+      this.closed = true;
+      for (;;) {
+        const top = [...this.nodes.values()].find((n) => n.parents.size === 0 && n.ownedByUser);
+        if (!top) break;
+        top.ownedByUser = false;
+        await this.unref(top);
+      }
+    });
+  }
+
+  // ---------------------------------------------------------------- internals
+
+  private checkOpen(): void {
+    if (this.closed) throw new BlockError(BlockErrorCode.CLOSED, 'the graph is closed');
+  }
+
+  private checkNames(spec: NodeSpec, seen: Set<string>): void {
+    if (spec.nodeName !== undefined) {
+      if (this.nodes.has(spec.nodeName) || seen.has(spec.nodeName)) {
+        throw Object.assign(
+          new BlockError(
+            BlockErrorCode.DUPLICATE_NODE,
+            `a node named '${spec.nodeName}' exists already`,
+          ),
+          { key: `${spec.path}node-name` },
+        );
+      }
+      seen.add(spec.nodeName);
+    }
+    for (const [k, c] of Object.entries(spec.children)) {
+      if (typeof c === 'string') {
+        if (!this.nodes.has(c)) {
+          throw Object.assign(
+            new BlockError(
+              BlockErrorCode.NODE_NOT_FOUND,
+              `Invalid option '${spec.path}${k}': no node named '${c}'`,
+            ),
+            { key: `${spec.path}${k}` },
+          );
+        }
+      } else if (c) this.checkNames(c, seen);
+    }
+  }
+
+  private newName(): string {
+    let name: string;
+    do name = `#block${String(++this.autoName).padStart(3, '0')}`;
+    while (this.nodes.has(name));
+    return name;
+  }
+
+  /** Opens a node and its inline children; on failure nothing it created is left. */
+  private async open(
+    spec: NodeSpec,
+    inherited: Partial<NodeSettings> | undefined,
+  ): Promise<BlockNode> {
+    const settings: NodeSettings = {
+      readOnly: spec.readOnly ?? inherited?.readOnly ?? false,
+      direct: spec.direct ?? inherited?.direct ?? false,
+      noFlush: spec.noFlush ?? inherited?.noFlush ?? false,
+      discard: spec.discard ?? inherited?.discard ?? 'ignore',
+      detectZeroes: spec.detectZeroes ?? 'off',
+    };
+    const name = spec.nodeName ?? this.newName();
+    const node = new BlockNode(name, spec.driver.name, settings, spec.raw, this);
+    const edges: BdrvChild[] = [];
+    const childSpecs = new Map((spec.driver.children ?? []).map((c) => [c.key, c]));
+    try {
+      for (const [key, c] of Object.entries(spec.children)) {
+        if (c === null) continue;
+        const cs = childSpecs.get(key)!;
+        const roles = cs.roles(spec.options);
+        let child: BlockNode;
+        if (typeof c === 'string') {
+          child = this.node(c);
+        } else {
+          // Children inherit cache and read-only settings; lower layers default to
+          // discard=unmap (the policy is the top's); backing files default to read-only.
+          const cow = roles.includes('cow');
+          child = await this.open(c, {
+            readOnly: cow ? true : settings.readOnly,
+            direct: settings.direct,
+            noFlush: settings.noFlush,
+            discard: 'unmap',
+          });
+          child.refcount--; // the edge below takes the reference open() handed out
+        }
+        const edge = new BdrvChild(key, roles, node, child);
+        this.link(edge);
+        child.refcount++;
+        edges.push(edge);
+        node.children.set(key, edge);
+      }
+      this.nodes.set(name, node);
+      this.refreshPermissions();
+      const children: Record<string, BdrvChild | undefined> = {};
+      for (const e of edges) children[e.name] = e;
+      const ctx: OpenContext = {
+        nodeName: name,
+        readOnly: settings.readOnly,
+        direct: settings.direct,
+        options: spec.options,
+        children,
+        node,
+        engine: (backend) => this.engine(backend),
+      };
+      const instance = await spec.driver.open(ctx);
+      try {
+        node.setInstance(instance);
+      } catch (err) {
+        await instance.close?.();
+        throw err;
+      }
+      node.refcount++; // the caller's reference
+      return node;
+    } catch (err) {
+      this.nodes.delete(name);
+      for (const e of edges) {
+        this.unlink(e);
+        node.children.delete(e.name);
+        await this.unref(e.node);
+      }
+      this.refreshPermissions();
+      if (err instanceof BlockOptionError && spec.path && !err.key.startsWith(spec.path)) {
+        throw new BlockOptionError(
+          `${spec.path}${err.key}`,
+          err.message.replace(/^Invalid option '[^']*': /, ''),
+        );
+      }
+      throw err;
+    }
+  }
+
+  private link(edge: BdrvChild): void {
+    edge.node.parents.add(edge);
+  }
+
+  private unlink(edge: BdrvChild): void {
+    edge.node.parents.delete(edge);
+  }
+
+  private repoint(edge: BdrvChild, to: BlockNode): void {
+    edge.node.parents.delete(edge);
+    edge.node = to;
+    to.parents.add(edge);
+  }
+
+  /** Drops a reference; the last one closes the node and drops its children's. */
+  private async unref(node: BlockNode): Promise<void> {
+    node.refcount--;
+    if (node.refcount > 0 || node.closed) return;
+    node.closed = true;
+    this.nodes.delete(node.name);
+    try {
+      await node.instance?.close?.();
+    } finally {
+      for (const e of [...node.children.values()]) {
+        this.unlink(e);
+        node.children.delete(e.name);
+        await this.unref(e.node);
+      }
+    }
+  }
+
+  private descendants(node: BlockNode): Set<BlockNode> {
+    const out = new Set<BlockNode>();
+    const walk = (n: BlockNode) => {
+      for (const c of n.children.values()) {
+        if (!out.has(c.node)) {
+          out.add(c.node);
+          walk(c.node);
+        }
+      }
+    };
+    walk(node);
+    return out;
+  }
+
+  /**
+   * Recomputes every edge's permissions from the backends down and checks them: a node's
+   * parents must share what each other takes, and a read-only node may not be written.
+   * Nothing changes when it throws.
+   */
+  private refreshPermissions(): void {
+    const nodes = [...this.nodes.values()];
+    // Kahn's order: a node after all of its parent nodes.
+    const pending = new Map<BlockNode, number>();
+    for (const n of nodes) {
+      let count = 0;
+      for (const e of n.parents) if (!e.parent.isBackend && this.nodes.has(e.parent.name)) count++;
+      pending.set(n, count);
+    }
+    const order: BlockNode[] = nodes.filter((n) => pending.get(n) === 0);
+    for (let i = 0; i < order.length; i++) {
+      for (const e of order[i]!.children.values()) {
+        const left = pending.get(e.node)! - 1;
+        pending.set(e.node, left);
+        if (left === 0) order.push(e.node);
+      }
+    }
+    if (order.length !== nodes.length) {
+      throw new BlockError(
+        BlockErrorCode.BAD_GRAPH_CHANGE,
+        'the change would make a cycle in the graph',
+      );
+    }
+    const edgePerm = new Map<BdrvChild, { perm: number; shared: number }>();
+    const nodePerm = new Map<BlockNode, { perm: number; shared: number }>();
+    for (const b of this.backends) {
+      const e = b.edge;
+      if (e) edgePerm.set(e, { perm: e.perm, shared: e.shared });
+    }
+    for (const n of order) {
+      let perm = 0;
+      let shared = BLK_PERM_ALL;
+      const parents = [...n.parents];
+      for (const e of parents) {
+        const p = edgePerm.get(e) ?? { perm: e.perm, shared: e.shared };
+        edgePerm.set(e, p);
+        perm |= p.perm;
+        shared &= p.shared;
+      }
+      if (n.readOnly && perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE)) {
+        const writer = parents.find(
+          (e) =>
+            edgePerm.get(e)!.perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE),
+        )!;
+        throw new BlockError(
+          BlockErrorCode.PERMISSION_CONFLICT,
+          `node '${n.name}' is read-only, but '${writer.parent.name}' (as '${writer.name}') needs ${permNames(
+            edgePerm.get(writer)!.perm & ~1,
+          )
+            .map((p) => `'${p}'`)
+            .join(', ')}`,
+        );
+      }
+      for (const a of parents) {
+        for (const b of parents) {
+          if (a === b) continue;
+          const conflict = edgePerm.get(a)!.perm & ~edgePerm.get(b)!.shared;
+          if (conflict) {
+            throw new BlockError(
+              BlockErrorCode.PERMISSION_CONFLICT,
+              `conflicts with use by '${b.parent.name}' as '${b.name}', which does not allow ${permNames(
+                conflict,
+              )
+                .map((p) => `'${p}'`)
+                .join(', ')} on node '${n.name}' (wanted by '${a.parent.name}' as '${a.name}')`,
+            );
+          }
+        }
+      }
+      nodePerm.set(n, { perm, shared });
+      const driver = this.drivers.get(n.driver);
+      for (const c of n.children.values()) {
+        const p = driver?.childPerms
+          ? driver.childPerms(c.roles, perm, shared, !n.readOnly)
+          : defaultChildPerms(c.roles, perm, shared, !n.readOnly);
+        edgePerm.set(c, p);
+      }
+    }
+    for (const [e, p] of edgePerm) {
+      e.perm = p.perm;
+      e.shared = p.shared;
+    }
+    for (const [n, p] of nodePerm) {
+      n.perm = p.perm;
+      n.shared = p.shared;
+    }
+  }
+}
+
+export { BdrvChild, BlockNode, type ChildParent };
+export function isValidNodeName(name: string): boolean {
+  try {
+    checkNodeName(name);
+    return true;
+  } catch {
+    return false;
+  }
+}

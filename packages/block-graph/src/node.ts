@@ -1,0 +1,733 @@
+// BlockNode (QEMU's BlockDriverState) with BdrvChild edges, and the generic I/O layer:
+// bounds checks, alignment with read-modify-write, splitting at max transfer, zero-write
+// and FUA emulation, backing-chain fall-through and block status along the chain.
+//
+// Requests reach a node through read/write/writeZeroes/discard/flush/blockStatus, always
+// under the graph's read lock (taken by the BlockBackend). What the driver instances are
+// guaranteed is documented in driver.ts.
+
+import type {
+  DriverInstance,
+  FilterInstance,
+  FormatInstance,
+  Mapping,
+  ProtocolInstance,
+} from './driver.ts';
+import { BlockError, BlockErrorCode, toBlockError } from './errors.ts';
+import type { ChildRole } from './permissions.ts';
+import { BLK_PERM_ALL } from './permissions.ts';
+import { type RangeHold, RangeLock } from './range-lock.ts';
+
+/** Who holds an edge: a node or a backend (by name). */
+export interface ChildParent {
+  readonly name: string;
+  readonly isBackend: boolean;
+}
+
+/** An edge from a parent to a child node, with the permissions taken and shared. */
+export class BdrvChild {
+  /** Permissions this parent takes on the node (BLK_PERM_* bits). */
+  perm = 0;
+  /** Permissions this parent lets others take. */
+  shared = BLK_PERM_ALL;
+
+  constructor(
+    /** The child's name in its parent ('file', 'backing', 'root'). */
+    readonly name: string,
+    readonly roles: readonly ChildRole[],
+    readonly parent: ChildParent,
+    public node: BlockNode,
+  ) {}
+}
+
+export interface WriteFlags {
+  /** The data is durable when the promise resolves. */
+  fua?: boolean;
+  /** @internal: the serialising operation this write belongs to. */
+  owner?: RangeHold;
+}
+
+export interface ZeroFlags {
+  fua?: boolean;
+  /** The range may be deallocated (a hole) rather than written. */
+  mayUnmap?: boolean;
+  /** Fail with ENOTSUP rather than fall back to writing zero buffers. */
+  fastZero?: boolean;
+}
+
+/** Block status of a range from its start, relative to one node. */
+export interface Status {
+  length: number;
+  /** Not stored: reads as zeros without data. */
+  hole: boolean;
+  /** Reads as zeros. */
+  zero: boolean;
+  /** 0 unallocated in the whole chain, 1 allocated in this node's layer, n in the (n-1)th backing. */
+  depth: number;
+}
+
+export interface NodeSettings {
+  readOnly: boolean;
+  direct: boolean;
+  noFlush: boolean;
+  discard: 'ignore' | 'unmap';
+  detectZeroes: 'off' | 'on' | 'unmap';
+}
+
+const ZERO_CHUNK = 1 << 20;
+let zeroBuffer: Uint8Array | undefined;
+
+function zeros(length: number): Uint8Array {
+  zeroBuffer ??= new Uint8Array(ZERO_CHUNK);
+  return zeroBuffer.subarray(0, length);
+}
+
+function isZero(buf: Uint8Array): boolean {
+  // 8 bytes at a time when the view allows it.
+  const n = buf.byteLength;
+  let i = 0;
+  if ((buf.byteOffset & 7) === 0) {
+    const words = new BigUint64Array(buf.buffer, buf.byteOffset, n >>> 3);
+    for (const w of words) if (w !== 0n) return false;
+    i = words.length * 8;
+  }
+  for (; i < n; i++) if (buf[i] !== 0) return false;
+  return true;
+}
+
+function outOfBounds(node: string, offset: number, length: number, size: number): BlockError {
+  return new BlockError(
+    BlockErrorCode.OUT_OF_BOUNDS,
+    `request [${offset}, +${length}) is outside node '${node}' of ${size} bytes`,
+  );
+}
+
+/**
+ * Checks [offset, offset + length) against size without overflow: both must be safe
+ * non-negative integers and length <= size - offset. Returns the error or undefined.
+ */
+export function checkRequest(
+  node: string,
+  offset: number,
+  length: number,
+  size: number,
+): BlockError | undefined {
+  if (
+    !Number.isSafeInteger(offset) ||
+    !Number.isSafeInteger(length) ||
+    offset < 0 ||
+    length < 0 ||
+    offset > size ||
+    length > size - offset
+  ) {
+    return outOfBounds(node, offset, length, size);
+  }
+  return undefined;
+}
+
+/** The services a node needs from its graph. */
+export interface NodeHost {
+  allocBuffer(length: number): Uint8Array;
+  releaseBuffer(buf: Uint8Array): void;
+}
+
+export class BlockNode implements ChildParent {
+  readonly isBackend = false;
+  /** Edges to children, by child name. */
+  readonly children = new Map<string, BdrvChild>();
+  /** Edges from parents (nodes and backends). */
+  readonly parents = new Set<BdrvChild>();
+  /** References: one per parent edge, one for the graph's user if it added the node by name. */
+  refcount = 0;
+  /** Added by the graph's user (blockdev-add) rather than inline: may be removed by name. */
+  ownedByUser = false;
+  /** Cumulative permissions of the parents (computed by the graph). */
+  perm = 0;
+  shared = BLK_PERM_ALL;
+  instance!: DriverInstance;
+  align = 1;
+  maxTransfer = Number.MAX_SAFE_INTEGER;
+  private tracker: RangeLock | undefined;
+  closed = false;
+
+  constructor(
+    readonly name: string,
+    readonly driver: string,
+    readonly settings: NodeSettings,
+    /** The options it was added with (for queries). */
+    readonly options: Readonly<Record<string, unknown>>,
+    private readonly host: NodeHost,
+  ) {}
+
+  get readOnly(): boolean {
+    return this.settings.readOnly;
+  }
+
+  /** Called by the graph once the driver is open. */
+  setInstance(instance: DriverInstance): void {
+    this.instance = instance;
+    const align = instance.limits?.requestAlignment ?? 1;
+    if (!Number.isSafeInteger(align) || align < 1 || (align & (align - 1)) !== 0) {
+      throw new BlockError(
+        BlockErrorCode.BAD_OPTION,
+        `node '${this.name}': bad request alignment ${align}`,
+      );
+    }
+    this.align = align;
+    const max = instance.limits?.maxTransfer;
+    if (max !== undefined) this.maxTransfer = Math.max(align, max - (max % align));
+    if (align > 1) this.tracker = new RangeLock();
+  }
+
+  /** Serialise overlapping writes on this node (copy-on-read needs it on its child). */
+  enableTracking(): void {
+    this.tracker ??= new RangeLock();
+  }
+
+  /**
+   * Takes [start, end) of this node exclusively (waits for overlapping writes and
+   * serialising operations; writes wait for it): for read-then-write operations such as
+   * copy-on-read. Pass the hold as `owner` to the writes it makes; release it after.
+   */
+  serialise(start: number, end: number): Promise<RangeHold> {
+    this.enableTracking();
+    return this.tracker!.serialise(start, end);
+  }
+
+  release(hold: RangeHold): void {
+    this.tracker!.release(hold);
+  }
+
+  get isFormat(): boolean {
+    return this.instance.kind === 'format';
+  }
+
+  /** The backing (cow) child, if any. */
+  get backing(): BdrvChild | undefined {
+    for (const c of this.children.values()) if (c.roles.includes('cow')) return c;
+    return undefined;
+  }
+
+  /** The child data is filtered to, or the primary child. */
+  get primary(): BdrvChild | undefined {
+    for (const c of this.children.values()) if (c.roles.includes('primary')) return c;
+    return undefined;
+  }
+
+  size(): number {
+    return this.instance.size();
+  }
+
+  allocBuffer(length: number): Uint8Array {
+    return this.host.allocBuffer(length);
+  }
+
+  releaseBuffer(buf: Uint8Array): void {
+    this.host.releaseBuffer(buf);
+  }
+
+  // ---------------------------------------------------------------- read
+
+  /** Fills buf with the bytes at offset. */
+  read(offset: number, buf: Uint8Array): Promise<void> {
+    const length = buf.byteLength;
+    const err = checkRequest(this.name, offset, length, this.instance.size());
+    if (err) return Promise.reject(err);
+    if (length === 0) return Promise.resolve();
+    const a = this.align;
+    if (a > 1 && (offset % a !== 0 || length % a !== 0)) return this.readUnaligned(offset, buf);
+    return this.readAligned(offset, buf);
+  }
+
+  private async readUnaligned(offset: number, buf: Uint8Array): Promise<void> {
+    const a = this.align;
+    const size = this.instance.size();
+    const start = offset - (offset % a);
+    const end = Math.min(Math.ceil((offset + buf.byteLength) / a) * a, size);
+    const bounce = this.allocBuffer(end - start);
+    try {
+      await this.readAligned(start, bounce.subarray(0, end - start));
+      buf.set(bounce.subarray(offset - start, offset - start + buf.byteLength));
+    } finally {
+      this.releaseBuffer(bounce);
+    }
+  }
+
+  private readAligned(offset: number, buf: Uint8Array): Promise<void> {
+    const inst = this.instance;
+    if (inst.kind === 'format') return this.readFormat(inst, offset, buf);
+    if (buf.byteLength > this.maxTransfer) return this.readSplit(offset, buf);
+    if (inst.kind === 'protocol') return this.wrap(inst.pread(buf, offset));
+    return this.readFilter(inst, offset, buf);
+  }
+
+  private async readSplit(offset: number, buf: Uint8Array): Promise<void> {
+    const max = this.maxTransfer;
+    for (let pos = 0; pos < buf.byteLength; pos += max) {
+      const sub = buf.subarray(pos, Math.min(pos + max, buf.byteLength));
+      const inst = this.instance;
+      if (inst.kind === 'protocol') await this.wrap(inst.pread(sub, offset + pos));
+      else if (inst.kind === 'filter') await this.readFilter(inst, offset + pos, sub);
+    }
+  }
+
+  private async readFilter(inst: FilterInstance, offset: number, buf: Uint8Array): Promise<void> {
+    if (inst.intercept) await inst.intercept({ op: 'read', offset, length: buf.byteLength });
+    if (inst.read) return inst.read(offset, buf);
+    return inst.child.node.read(offset, buf);
+  }
+
+  private readFormat(inst: FormatInstance, offset: number, buf: Uint8Array): Promise<void> {
+    const m = inst.map(offset, buf.byteLength, 'read');
+    if (!(m instanceof Promise) && m.length === buf.byteLength) {
+      // One synchronous answer for the whole request (raw): no extra await on the hot path.
+      return this.readMapping(m, offset, buf);
+    }
+    return this.readFormatLoop(inst, offset, buf, m);
+  }
+
+  private async readFormatLoop(
+    inst: FormatInstance,
+    offset: number,
+    buf: Uint8Array,
+    first: Mapping | Promise<Mapping>,
+  ): Promise<void> {
+    let pos = 0;
+    let next: Mapping | Promise<Mapping> | undefined = first;
+    while (pos < buf.byteLength) {
+      const m: Mapping = await (next ?? inst.map(offset + pos, buf.byteLength - pos, 'read'));
+      next = undefined;
+      const len = this.mappingLength(m, buf.byteLength - pos);
+      await this.readMapping(m, offset + pos, buf.subarray(pos, pos + len));
+      pos += len;
+    }
+  }
+
+  private mappingLength(m: Mapping, asked: number): number {
+    if (!Number.isSafeInteger(m.length) || m.length <= 0 || m.length > asked) {
+      throw new BlockError(
+        BlockErrorCode.CORRUPT_IMAGE,
+        `node '${this.name}': driver '${this.driver}' mapped ${m.length} bytes of ${asked}`,
+      );
+    }
+    return m.length;
+  }
+
+  private readMapping(m: Mapping, offset: number, buf: Uint8Array): Promise<void> {
+    switch (m.kind) {
+      case 'data':
+        return readChildClamped(m.child!.node, m.offset!, buf);
+      case 'zero':
+        buf.fill(0);
+        return Promise.resolve();
+      default:
+        return this.readBelow(offset, buf);
+    }
+  }
+
+  /** What a range reads as below this layer: the backing chain, zeros past its end or without one. */
+  readBelow(offset: number, buf: Uint8Array): Promise<void> {
+    const backing = this.backing;
+    if (!backing) {
+      buf.fill(0);
+      return Promise.resolve();
+    }
+    return readChildClamped(backing.node, offset, buf);
+  }
+
+  // ---------------------------------------------------------------- write
+
+  /** Writes buf at offset; with fua, durable when resolved (a flush when not native). */
+  write(offset: number, buf: Uint8Array, flags: WriteFlags = {}): Promise<void> {
+    const length = buf.byteLength;
+    const err = this.checkWrite(offset, length);
+    if (err) return Promise.reject(err);
+    if (length === 0) return Promise.resolve();
+    if (flags.fua) return this.writeThenFlush(offset, buf, flags.owner);
+    if (this.settings.detectZeroes !== 'off' && isZero(buf)) {
+      return this.writeZeroes(offset, length, {
+        mayUnmap: this.settings.detectZeroes === 'unmap',
+      });
+    }
+    const a = this.align;
+    if (a > 1 && (offset % a !== 0 || length % a !== 0)) {
+      return this.writeUnaligned(offset, buf, flags.owner);
+    }
+    if (this.tracker) return this.writeTracked(offset, buf, flags.owner);
+    return this.writeAligned(offset, buf);
+  }
+
+  private async writeThenFlush(offset: number, buf: Uint8Array, owner?: RangeHold): Promise<void> {
+    await this.write(offset, buf, owner ? { owner } : {});
+    await this.flush();
+  }
+
+  private checkWrite(offset: number, length: number): BlockError | undefined {
+    if (this.settings.readOnly) {
+      return new BlockError(BlockErrorCode.READ_ONLY, `node '${this.name}' is read-only`);
+    }
+    return checkRequest(this.name, offset, length, this.instance.size());
+  }
+
+  private async writeTracked(offset: number, buf: Uint8Array, owner?: RangeHold): Promise<void> {
+    const t = this.tracker!;
+    const hold = await t.write(offset, offset + buf.byteLength, owner);
+    try {
+      await this.writeAligned(offset, buf);
+    } finally {
+      t.release(hold);
+    }
+  }
+
+  /** Read-modify-write of the aligned blocks around an unaligned write, serialised. */
+  private async writeUnaligned(offset: number, buf: Uint8Array, owner?: RangeHold): Promise<void> {
+    const a = this.align;
+    const size = this.instance.size();
+    const length = buf.byteLength;
+    const start = offset - (offset % a);
+    const end = Math.min(Math.ceil((offset + length) / a) * a, size);
+    const t = this.tracker!;
+    const hold = await t.serialise(start, end, owner);
+    const bounce = this.allocBuffer(end - start);
+    try {
+      const b = bounce.subarray(0, end - start);
+      const headEnd = Math.min(start + a, end);
+      if (offset > start) await this.readAligned(start, b.subarray(0, headEnd - start));
+      const tailStart = Math.max(end - a, start);
+      if (offset + length < end && !(offset > start && tailStart < headEnd)) {
+        await this.readAligned(tailStart, b.subarray(tailStart - start));
+      }
+      b.set(buf, offset - start);
+      await this.writeAligned(start, b);
+    } finally {
+      this.releaseBuffer(bounce);
+      t.release(hold);
+    }
+  }
+
+  private writeAligned(offset: number, buf: Uint8Array): Promise<void> {
+    const inst = this.instance;
+    if (inst.kind === 'format') return this.writeFormat(inst, offset, buf);
+    if (buf.byteLength > this.maxTransfer) return this.writeSplit(offset, buf);
+    if (inst.kind === 'protocol') return this.pwrite(inst, offset, buf);
+    return this.writeFilter(inst, offset, buf);
+  }
+
+  private pwrite(inst: ProtocolInstance, offset: number, buf: Uint8Array): Promise<void> {
+    if (!inst.pwrite) {
+      return Promise.reject(
+        new BlockError(BlockErrorCode.READ_ONLY, `driver '${this.driver}' cannot write`),
+      );
+    }
+    return this.wrap(inst.pwrite(buf, offset));
+  }
+
+  private async writeSplit(offset: number, buf: Uint8Array): Promise<void> {
+    const max = this.maxTransfer;
+    for (let pos = 0; pos < buf.byteLength; pos += max) {
+      const sub = buf.subarray(pos, Math.min(pos + max, buf.byteLength));
+      const inst = this.instance;
+      if (inst.kind === 'protocol') await this.pwrite(inst, offset + pos, sub);
+      else if (inst.kind === 'filter') await this.writeFilter(inst, offset + pos, sub);
+    }
+  }
+
+  private async writeFilter(inst: FilterInstance, offset: number, buf: Uint8Array): Promise<void> {
+    if (inst.intercept) await inst.intercept({ op: 'write', offset, length: buf.byteLength });
+    return inst.child.node.write(offset, buf);
+  }
+
+  private writeFormat(inst: FormatInstance, offset: number, buf: Uint8Array): Promise<void> {
+    const m = inst.map(offset, buf.byteLength, 'write');
+    if (
+      !(m instanceof Promise) &&
+      m.length === buf.byteLength &&
+      !m.allocation &&
+      m.kind === 'data'
+    ) {
+      return m.child!.node.write(m.offset!, buf);
+    }
+    return this.writeFormatLoop(inst, offset, buf, m);
+  }
+
+  private async writeFormatLoop(
+    inst: FormatInstance,
+    offset: number,
+    buf: Uint8Array,
+    first: Mapping | Promise<Mapping>,
+  ): Promise<void> {
+    let pos = 0;
+    let next: Mapping | Promise<Mapping> | undefined = first;
+    while (pos < buf.byteLength) {
+      const m: Mapping = await (next ?? inst.map(offset + pos, buf.byteLength - pos, 'write'));
+      next = undefined;
+      const len = this.mappingLength(m, buf.byteLength - pos);
+      if (m.kind !== 'data' || !m.child || m.offset === undefined) {
+        throw new BlockError(
+          BlockErrorCode.CORRUPT_IMAGE,
+          `node '${this.name}': driver '${this.driver}' did not map a write to data`,
+        );
+      }
+      const sub = buf.subarray(pos, pos + len);
+      if (m.allocation) await this.writeAllocating(m, offset + pos, sub);
+      else await m.child.node.write(m.offset, sub);
+      pos += len;
+    }
+  }
+
+  /** Copy on write into a freshly allocated unit, then link it (Mapping.allocation). */
+  private async writeAllocating(m: Mapping, offset: number, buf: Uint8Array): Promise<void> {
+    const alloc = m.allocation!;
+    const { start, end } = alloc;
+    if (start > offset || end < offset + buf.byteLength) {
+      throw new BlockError(
+        BlockErrorCode.CORRUPT_IMAGE,
+        `node '${this.name}': allocation [${start}, ${end}) does not contain the write`,
+      );
+    }
+    const hostStart = m.offset! - (offset - start);
+    let data = buf;
+    let bounce: Uint8Array | undefined;
+    try {
+      if (start < offset || end > offset + buf.byteLength) {
+        bounce = this.allocBuffer(end - start);
+        data = bounce.subarray(0, end - start);
+        const head = data.subarray(0, offset - start);
+        const tail = data.subarray(offset - start + buf.byteLength);
+        if (alloc.from === 'below') {
+          if (head.byteLength) await this.readBelow(start, head);
+          if (tail.byteLength) await this.readBelow(offset + buf.byteLength, tail);
+        } else {
+          head.fill(0);
+          tail.fill(0);
+        }
+        data.set(buf, offset - start);
+      }
+      try {
+        await m.child!.node.write(hostStart, data);
+      } catch (err) {
+        if (alloc.abort) await alloc.abort(err);
+        throw err;
+      }
+      await alloc.commit();
+    } finally {
+      if (bounce) this.releaseBuffer(bounce);
+    }
+  }
+
+  // ---------------------------------------------------------------- zeroes, discard, flush
+
+  /** Writes zeros: natively where the driver can, else by writing zero buffers. */
+  async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+    const err = this.checkWrite(offset, length);
+    if (err) throw err;
+    if (length === 0) return;
+    const mayUnmap = !!flags.mayUnmap && this.settings.discard === 'unmap';
+    const inst = this.instance;
+    const fast = !!flags.fastZero;
+    if (inst.kind === 'protocol') {
+      await this.zeroProtocol(inst, offset, length, mayUnmap, fast);
+    } else if (inst.kind === 'filter') {
+      if (inst.intercept) await inst.intercept({ op: 'write-zeroes', offset, length });
+      await inst.child.node.writeZeroes(offset, length, { mayUnmap, fastZero: fast });
+    } else if (inst.writeZeroes) {
+      await this.wrap(inst.writeZeroes(offset, length, mayUnmap));
+    } else {
+      await this.zeroFormat(inst, offset, length, mayUnmap, fast);
+    }
+    if (flags.fua) await this.flush();
+  }
+
+  private async zeroProtocol(
+    inst: ProtocolInstance,
+    offset: number,
+    length: number,
+    mayUnmap: boolean,
+    fast: boolean,
+  ): Promise<void> {
+    if (inst.writeZeroes) {
+      const a = this.align;
+      const start = Math.ceil(offset / a) * a;
+      const end = Math.max(start, Math.floor((offset + length) / a) * a);
+      try {
+        if (end > start) {
+          const hold = this.tracker ? await this.tracker.write(start, end) : undefined;
+          try {
+            await this.wrap(inst.writeZeroes(start, end - start, mayUnmap));
+          } finally {
+            if (hold) this.tracker!.release(hold);
+          }
+        }
+        if (start > offset)
+          await this.writeZeroBuffers(offset, Math.min(start, offset + length) - offset);
+        if (end > start && offset + length > end)
+          await this.writeZeroBuffers(end, offset + length - end);
+        return;
+      } catch (err) {
+        if (
+          !(err instanceof BlockError) ||
+          (err.errnoName !== 'ENOTSUP' && err.errnoName !== 'EOPNOTSUPP')
+        )
+          throw err;
+      }
+    }
+    if (fast) throw this.notSupported('fast zeroing');
+    await this.writeZeroBuffers(offset, length);
+  }
+
+  private async zeroFormat(
+    inst: FormatInstance,
+    offset: number,
+    length: number,
+    mayUnmap: boolean,
+    fast: boolean,
+  ): Promise<void> {
+    let pos = 0;
+    while (pos < length) {
+      const m = await inst.map(offset + pos, length - pos, 'read');
+      const len = this.mappingLength(m, length - pos);
+      if (m.kind === 'data') {
+        await m.child!.node.writeZeroes(m.offset!, len, { mayUnmap, fastZero: fast });
+      } else if (m.kind === 'unallocated' && this.backing) {
+        if (fast) throw this.notSupported('fast zeroing over a backing file');
+        await this.writeZeroBuffers(offset + pos, len);
+      }
+      // zero, or unallocated without backing: already reads as zeros.
+      pos += len;
+    }
+  }
+
+  private async writeZeroBuffers(offset: number, length: number): Promise<void> {
+    const chunk = Math.min(ZERO_CHUNK, this.maxTransfer);
+    for (let pos = 0; pos < length; pos += chunk) {
+      const n = Math.min(chunk, length - pos);
+      const a = this.align;
+      if (a > 1 && ((offset + pos) % a !== 0 || n % a !== 0)) {
+        await this.writeUnaligned(offset + pos, zeros(n));
+      } else {
+        // O_DIRECT needs arena memory: copy the zeros into a bounce buffer there.
+        const buf = a > 1 ? this.allocBuffer(n) : undefined;
+        try {
+          const data = buf ? buf.subarray(0, n).fill(0) : zeros(n);
+          if (this.tracker) await this.writeTracked(offset + pos, data);
+          else await this.writeAligned(offset + pos, data);
+        } finally {
+          if (buf) this.releaseBuffer(buf);
+        }
+      }
+    }
+  }
+
+  /** Discards a range where the node's `discard` option is 'unmap'; a no-op otherwise. */
+  async discard(offset: number, length: number): Promise<void> {
+    const err = this.checkWrite(offset, length);
+    if (err) throw err;
+    if (length === 0 || this.settings.discard !== 'unmap') return;
+    const inst = this.instance;
+    if (inst.kind === 'protocol') {
+      if (!inst.discard) return;
+      const a = this.align;
+      const start = Math.ceil(offset / a) * a;
+      const end = Math.floor((offset + length) / a) * a;
+      if (end > start) await this.wrap(inst.discard(start, end - start));
+    } else if (inst.kind === 'filter') {
+      if (inst.intercept) await inst.intercept({ op: 'discard', offset, length });
+      await inst.child.node.discard(offset, length);
+    } else if (inst.discard) {
+      await this.wrap(inst.discard(offset, length));
+    } else {
+      let pos = 0;
+      while (pos < length) {
+        const m = await inst.map(offset + pos, length - pos, 'read');
+        const len = this.mappingLength(m, length - pos);
+        if (m.kind === 'data') await m.child!.node.discard(m.offset!, len);
+        pos += len;
+      }
+    }
+  }
+
+  /** Makes completed writes durable: the driver's own cache first, then the children it writes. */
+  async flush(): Promise<void> {
+    const inst = this.instance;
+    if (inst.kind === 'filter' && inst.intercept) {
+      await inst.intercept({ op: 'flush', offset: 0, length: 0 });
+    }
+    if (inst.kind === 'format' && inst.flush) await this.wrap(inst.flush());
+    if (inst.kind === 'protocol' && inst.flush && !this.settings.noFlush)
+      await this.wrap(inst.flush());
+    const writers: Promise<void>[] = [];
+    for (const c of this.children.values()) if (c.perm & 0x06) writers.push(c.node.flush());
+    await Promise.all(writers);
+  }
+
+  // ---------------------------------------------------------------- block status
+
+  /** Status of [offset, offset + length) from offset on (one extent, at least one byte). */
+  async blockStatus(offset: number, length: number): Promise<Status> {
+    const size = this.instance.size();
+    const err = checkRequest(this.name, offset, length, size);
+    if (err) throw err;
+    if (length === 0) throw outOfBounds(this.name, offset, length, size);
+    const inst = this.instance;
+    if (inst.kind === 'protocol') {
+      if (!inst.blockStatus) return { length, hole: false, zero: false, depth: 1 };
+      const s = await this.wrap(inst.blockStatus(offset, length));
+      return { length: clampLength(s.length, length), hole: s.hole, zero: s.zero, depth: 1 };
+    }
+    if (inst.kind === 'filter') {
+      if (inst.intercept) await inst.intercept({ op: 'block-status', offset, length });
+      return inst.child.node.blockStatus(offset, length);
+    }
+    const m = await inst.map(offset, length, 'read');
+    const len = this.mappingLength(m, length);
+    if (m.kind === 'zero') return { length: len, hole: true, zero: true, depth: 1 };
+    if (m.kind === 'data') {
+      const child = m.child!.node;
+      const childSize = child.size();
+      if (m.offset! >= childSize)
+        return { length: len, hole: !!m.passthrough, zero: true, depth: 1 };
+      const s = await child.blockStatus(m.offset!, Math.min(len, childSize - m.offset!));
+      if (m.passthrough) return { length: s.length, hole: s.hole, zero: s.zero, depth: 1 };
+      return { length: s.length, hole: false, zero: s.zero, depth: 1 };
+    }
+    const backing = this.backing;
+    if (!backing) return { length: len, hole: true, zero: true, depth: 0 };
+    const bsize = backing.node.size();
+    if (offset >= bsize) return { length: len, hole: true, zero: true, depth: 0 };
+    const s = await backing.node.blockStatus(offset, Math.min(len, bsize - offset));
+    return { length: s.length, hole: s.hole, zero: s.zero, depth: s.depth === 0 ? 0 : s.depth + 1 };
+  }
+
+  // ---------------------------------------------------------------- helpers
+
+  private notSupported(what: string): BlockError {
+    return new BlockError(
+      BlockErrorCode.NOT_SUPPORTED,
+      `node '${this.name}': ${what} is not supported`,
+    );
+  }
+
+  /** Errors from a driver become ours (errno kept), never thrown on the caller's stack. */
+  private wrap<T>(p: Promise<T>): Promise<T> {
+    return p.catch((err: unknown) => {
+      throw toBlockError(err, this.name);
+    });
+  }
+}
+
+function clampLength(n: number, max: number): number {
+  return Number.isSafeInteger(n) && n > 0 && n <= max ? n : max;
+}
+
+/** Reads from a child, zeros for what lies past its end (as a protocol reads past EOF). */
+function readChildClamped(node: BlockNode, offset: number, buf: Uint8Array): Promise<void> {
+  const size = node.size();
+  const length = buf.byteLength;
+  if (offset + length <= size) return node.read(offset, buf);
+  if (offset >= size) {
+    buf.fill(0);
+    return Promise.resolve();
+  }
+  buf.fill(0, size - offset);
+  return node.read(offset, buf.subarray(0, size - offset));
+}
