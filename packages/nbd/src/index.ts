@@ -1,12 +1,4 @@
 // The public surface of @vmdisk/nbd: what is not exported here is internal.
-export { NbdError } from './errors.ts';
-export type {
-  BlockSizeConstraints,
-  ExportTarget,
-  Extent,
-  WriteFlags,
-  WriteZeroesFlags,
-} from './export-target.ts';
 
 // ---- The client ----
 export type {
@@ -15,11 +7,37 @@ export type {
   NbdClientOptions,
   NbdClientTlsOptions,
   NbdConnectTarget,
+  NbdExportListing,
   NbdExtent,
   NbdWriteOptions,
   NbdWriteZeroesOptions,
 } from './client.ts';
 export { NbdClient } from './client.ts';
-export { NbdCommandError, NbdConnectionError, NbdOptionError } from './errors.ts';
+export { NbdCommandError, NbdConnectionError, NbdError, NbdOptionError } from './errors.ts';
+export type {
+  BlockSizeConstraints,
+  ExportTarget,
+  Extent,
+  WriteFlags,
+  WriteZeroesFlags,
+} from './export-target.ts';
+// ---- The server ----
+export type {
+  ConnectionEvent,
+  ErrorEvent,
+  ExportInfo,
+  ExportOptions,
+  ExportStats,
+  ListenAddress,
+  ListenOptions,
+  NbdServerEvents,
+  NbdServerOptions,
+} from './server.ts';
+export { NbdServer } from './server.ts';
+export type { NbdServerTlsOptions } from './server-tls.ts';
+export { parsePskKeys } from './server-tls.ts';
+export type { FileTargetOptions } from './targets/file-target.ts';
+export { FileTarget } from './targets/file-target.ts';
+export { MemoryTarget } from './targets/memory-target.ts';
 export type { NbdTransport, NbdUri, NbdUriTls } from './uri.ts';
 export { NBD_DEFAULT_PORT, parseNbdUri } from './uri.ts';

@@ -1,0 +1,339 @@
+// The NBD server: listeners (TCP and unix sockets), exports, connections, counters and
+// events. It serves any ExportTarget and knows nothing of what is behind one.
+
+import { EventEmitter } from 'node:events';
+import { chmod, unlink } from 'node:fs/promises';
+import * as net from 'node:net';
+import {
+  Connection,
+  type ConnectionHost,
+  type ExportEntry,
+  type ExportStats,
+} from './connection.ts';
+import { NbdError } from './errors.ts';
+import type { BlockSizeConstraints, ExportTarget } from './export-target.ts';
+import { MAX_PAYLOAD_BYTES, MAX_STRING_BYTES } from './protocol.ts';
+import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
+
+export type { ExportStats } from './connection.ts';
+
+export interface NbdServerOptions {
+  /** Connections beyond this many are closed at once (default 1024). */
+  maxConnections?: number;
+  /** Clients that have not chosen an export after this long are dropped (default 10 s). */
+  handshakeTimeoutMs?: number;
+  /** Requests served at once per connection; at the limit the socket is not read (16). */
+  maxInFlight?: number;
+  /** The export a client asking for "" gets when none is named "" (default: the only one). */
+  defaultExport?: string;
+  tls?: NbdServerTlsOptions;
+}
+
+export type ListenOptions =
+  | { host?: string; port: number }
+  | {
+      path: string;
+      /** The socket file's mode (default 0o600). */
+      mode?: number;
+    };
+
+export type ListenAddress = { host: string; port: number } | { path: string };
+
+export interface ExportOptions {
+  name: string;
+  description?: string;
+  target: ExportTarget;
+  /** Default false: read-only. */
+  writable?: boolean;
+  /** Advertise CAN_MULTI_CONN when the target guarantees it (default true). */
+  multiConn?: boolean;
+  /** Overrides the target's blockSize (the maximum is capped at 32 MiB). */
+  blockSize?: BlockSizeConstraints;
+}
+
+export interface ExportInfo {
+  name: string;
+  description: string;
+  size: number;
+  writable: boolean;
+  removing: boolean;
+  stats: ExportStats;
+}
+
+/** What the events carry. */
+export interface ConnectionEvent {
+  /** The server's number for the connection. */
+  id: number;
+  remoteAddress: string;
+  remotePort?: number;
+  /** The export, once the client chose one. */
+  export?: string;
+  tls: boolean;
+}
+
+export interface ErrorEvent extends ConnectionEvent {
+  error: NbdError;
+}
+
+export interface NbdServerEvents {
+  /** A client entered transmission on an export. */
+  connection: [ConnectionEvent];
+  /** A connection closed (whatever its phase) and nothing of it is in flight. */
+  disconnect: [ConnectionEvent];
+  /** Something went wrong with one client; the server goes on. Only if listened to. */
+  error: [ErrorEvent];
+}
+
+const DEFAULT_BLOCK_SIZE: BlockSizeConstraints = {
+  minimum: 1,
+  preferred: 4096,
+  maximum: MAX_PAYLOAD_BYTES,
+};
+
+const invalid = (message: string): NbdError =>
+  new NbdError('ERR_VMDISK_NBD_INVALID_ARGUMENT', message);
+
+const isPowerOfTwo = (n: number): boolean => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+
+function checkBlockSize(bs: BlockSizeConstraints): BlockSizeConstraints {
+  const maximum = Math.min(bs.maximum, MAX_PAYLOAD_BYTES);
+  if (!isPowerOfTwo(bs.minimum) || bs.minimum > 65536) {
+    throw invalid(`blockSize.minimum ${bs.minimum}: a power of two up to 64 KiB`);
+  }
+  if (!isPowerOfTwo(bs.preferred) || bs.preferred < bs.minimum || bs.preferred > 32 * 1024 * 1024) {
+    throw invalid(`blockSize.preferred ${bs.preferred}: a power of two, at least the minimum`);
+  }
+  if (!Number.isInteger(maximum) || maximum < bs.minimum || maximum % bs.minimum !== 0) {
+    throw invalid(`blockSize.maximum ${bs.maximum}: a multiple of the minimum`);
+  }
+  return { minimum: bs.minimum, preferred: bs.preferred, maximum };
+}
+
+export class NbdServer extends EventEmitter<NbdServerEvents> {
+  private readonly exports = new Map<string, ExportEntry>();
+  private readonly sockets: Array<{ server: net.Server; path?: string }> = [];
+  private readonly connections = new Set<Connection>();
+  private readonly drainWaiters = new Map<ExportEntry, Array<() => void>>();
+  private readonly closeWaiters = new Map<Connection, () => void>();
+  private readonly host: ConnectionHost;
+  private readonly maxConnections: number;
+  private readonly defaultExport: string | undefined;
+  private nextId = 1;
+  private closing = false;
+
+  constructor(options: NbdServerOptions = {}) {
+    super();
+    this.maxConnections = options.maxConnections ?? 1024;
+    this.defaultExport = options.defaultExport;
+    const handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
+    const maxInFlight = options.maxInFlight ?? 16;
+    if (!(Number.isInteger(maxInFlight) && maxInFlight >= 1)) {
+      throw invalid('maxInFlight: an integer >= 1');
+    }
+    if (!(handshakeTimeoutMs > 0)) throw invalid('handshakeTimeoutMs: > 0');
+    const tls: ServerTls = resolveServerTls(options.tls);
+    this.host = {
+      tls,
+      handshakeTimeoutMs,
+      maxInFlight,
+      findExport: (name) => this.findExport(name),
+      listExports: () => [...this.exports.values()].filter((e) => !e.removing),
+      attached: (conn) => {
+        const exp = conn.export!;
+        exp.connections.add(conn);
+        exp.stats.connections++;
+        this.emit('connection', this.describe(conn));
+      },
+      closed: (conn) => this.connectionClosed(conn),
+      error: (conn, error) => {
+        if (this.listenerCount('error') > 0) this.emit('error', { ...this.describe(conn), error });
+      },
+    };
+  }
+
+  /** Listens on a TCP address or a unix socket; resolves with the address bound. */
+  async listen(options: ListenOptions): Promise<ListenAddress> {
+    if (this.closing) throw new NbdError('ERR_VMDISK_NBD_SERVER_CLOSED', 'the server is closed');
+    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      if ('path' in options) server.listen(options.path, resolve);
+      else server.listen(options.port, options.host ?? '127.0.0.1', resolve);
+    });
+    server.on('error', () => {});
+    if ('path' in options) {
+      this.sockets.push({ server, path: options.path });
+      await chmod(options.path, options.mode ?? 0o600);
+      return { path: options.path };
+    }
+    this.sockets.push({ server });
+    const addr = server.address() as net.AddressInfo;
+    return { host: addr.address, port: addr.port };
+  }
+
+  addExport(options: ExportOptions): void {
+    if (this.closing) throw new NbdError('ERR_VMDISK_NBD_SERVER_CLOSED', 'the server is closed');
+    const { name, target } = options;
+    if (
+      typeof name !== 'string' ||
+      Buffer.byteLength(name) > MAX_STRING_BYTES ||
+      name.includes('\0')
+    ) {
+      throw invalid(`export name: a string of at most ${MAX_STRING_BYTES} bytes without NUL`);
+    }
+    const description = options.description ?? '';
+    if (Buffer.byteLength(description) > MAX_STRING_BYTES || description.includes('\0')) {
+      throw invalid('export description: at most 4096 bytes without NUL');
+    }
+    if (this.exports.has(name)) {
+      throw new NbdError('ERR_VMDISK_NBD_EXPORT_EXISTS', `export "${name}" already exists`);
+    }
+    if (typeof target?.size !== 'function' || typeof target.read !== 'function') {
+      throw invalid('target: an ExportTarget (size and read at least)');
+    }
+    const writable = options.writable ?? false;
+    if (writable && typeof target.write !== 'function') {
+      throw invalid(`export "${name}": a writable export needs a target with write`);
+    }
+    this.exports.set(name, {
+      name,
+      description,
+      target,
+      writable,
+      multiConn: options.multiConn ?? true,
+      blockSize: checkBlockSize(options.blockSize ?? target.blockSize ?? DEFAULT_BLOCK_SIZE),
+      stats: { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connections: 0 },
+      connections: new Set(),
+      removing: false,
+    });
+  }
+
+  /**
+   * Removes an export. 'safe': no new clients, resolves once the connected ones have
+   * gone; 'hard': disconnects them and resolves once nothing of theirs is in flight.
+   * Either way the target is no longer touched when the promise resolves.
+   */
+  removeExport(name: string, mode: 'safe' | 'hard' = 'safe'): Promise<void> {
+    const exp = this.exports.get(name);
+    if (exp === undefined) {
+      return Promise.reject(new NbdError('ERR_VMDISK_NBD_NO_SUCH_EXPORT', `no export "${name}"`));
+    }
+    exp.removing = true;
+    const drained = new Promise<void>((resolve) => {
+      const list = this.drainWaiters.get(exp) ?? [];
+      list.push(resolve);
+      this.drainWaiters.set(exp, list);
+    });
+    if (mode === 'hard') for (const conn of exp.connections) conn.destroy();
+    this.checkDrained(exp);
+    return drained;
+  }
+
+  listExports(): ExportInfo[] {
+    return [...this.exports.values()].map((e) => ({
+      name: e.name,
+      description: e.description,
+      size: e.target.size(),
+      writable: e.writable,
+      removing: e.removing,
+      stats: { ...e.stats },
+    }));
+  }
+
+  /** The counters of one export (a snapshot). */
+  exportStats(name: string): ExportStats {
+    const exp = this.exports.get(name);
+    if (exp === undefined)
+      throw new NbdError('ERR_VMDISK_NBD_NO_SUCH_EXPORT', `no export "${name}"`);
+    return { ...exp.stats };
+  }
+
+  /** Connections open now, in any phase. */
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /**
+   * Stops listening, disconnects every client and resolves once nothing is in flight
+   * (unix socket files are removed).
+   */
+  async close(): Promise<void> {
+    this.closing = true;
+    const listeners = this.sockets.splice(0);
+    await Promise.all(
+      listeners.map(({ server }) => new Promise<void>((resolve) => server.close(() => resolve()))),
+    );
+    const gone = [...this.exports.keys()].map((name) => this.removeExport(name, 'hard'));
+    const pending = [...this.connections].map(
+      (conn) =>
+        new Promise<void>((resolve) => {
+          this.closeWaiters.set(conn, resolve);
+          conn.destroy();
+        }),
+    );
+    await Promise.all([...gone, ...pending]);
+    for (const { path } of listeners) if (path !== undefined) await unlink(path).catch(() => {});
+  }
+
+  // ---- internals ----
+
+  private findExport(name: string): ExportEntry | undefined {
+    let exp = this.exports.get(name);
+    if (exp === undefined && name === '') {
+      if (this.defaultExport !== undefined) exp = this.exports.get(this.defaultExport);
+      else if (this.exports.size === 1) exp = this.exports.values().next().value;
+    }
+    return exp !== undefined && !exp.removing ? exp : undefined;
+  }
+
+  private accept(socket: net.Socket): void {
+    const id = this.nextId++;
+    if (this.closing || this.connections.size >= this.maxConnections) {
+      if (this.listenerCount('error') > 0) {
+        this.emit('error', {
+          id,
+          remoteAddress: socket.remoteAddress ?? 'unix',
+          tls: false,
+          error: new NbdError(
+            'ERR_VMDISK_NBD_TOO_MANY_CONNECTIONS',
+            `connection refused: ${this.closing ? 'the server is closing' : `${this.maxConnections} connections open`}`,
+          ),
+        });
+      }
+      socket.on('error', () => {});
+      socket.destroy();
+      return;
+    }
+    this.connections.add(new Connection(id, socket, this.host));
+  }
+
+  private describe(conn: Connection): ConnectionEvent {
+    return {
+      id: conn.id,
+      remoteAddress: conn.remoteAddress,
+      ...(conn.remotePort !== undefined ? { remotePort: conn.remotePort } : {}),
+      ...(conn.export !== undefined ? { export: conn.export.name } : {}),
+      tls: conn.tlsActive,
+    };
+  }
+
+  private connectionClosed(conn: Connection): void {
+    this.connections.delete(conn);
+    const exp = conn.export;
+    if (exp?.connections.delete(conn)) {
+      exp.stats.connections--;
+      this.checkDrained(exp);
+    }
+    this.emit('disconnect', this.describe(conn));
+    this.closeWaiters.get(conn)?.();
+    this.closeWaiters.delete(conn);
+  }
+
+  private checkDrained(exp: ExportEntry): void {
+    if (!exp.removing || exp.connections.size > 0) return;
+    if (this.exports.get(exp.name) === exp) this.exports.delete(exp.name);
+    const waiters = this.drainWaiters.get(exp);
+    this.drainWaiters.delete(exp);
+    for (const resolve of waiters ?? []) resolve();
+  }
+}

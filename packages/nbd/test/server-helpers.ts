@@ -1,0 +1,73 @@
+// Shared pieces of the server's tests: a server on 127.0.0.1 with an ephemeral port, the
+// peers run as child processes, and the check that a server still serves.
+
+import { execFile } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { type ExportOptions, NbdServer, type NbdServerOptions } from '../src/index.ts';
+import { Command, OptionReply } from '../src/protocol.ts';
+import { RawNbd, replyError } from './raw-nbd.ts';
+
+export interface Started {
+  server: NbdServer;
+  port: number;
+  uri(name: string): string;
+}
+
+export async function startServer(
+  exports: ExportOptions[],
+  options: NbdServerOptions = {},
+): Promise<Started> {
+  const server = new NbdServer(options);
+  for (const e of exports) server.addExport(e);
+  const addr = await server.listen({ host: '127.0.0.1', port: 0 });
+  if (!('port' in addr)) throw new Error('expected a TCP address');
+  return { server, port: addr.port, uri: (name) => `nbd://127.0.0.1:${addr.port}/${name}` };
+}
+
+export interface RunResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a peer; never rejects (the test looks at the code and output). */
+export function run(cmd: string, args: string[], timeoutMs = 60_000): Promise<RunResult> {
+  return new Promise((resolve) => {
+    execFile(
+      cmd,
+      args,
+      { timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8' },
+      (err, stdout, stderr) => {
+        const code = err ? (typeof err.code === 'number' ? err.code : -1) : 0;
+        resolve({ code, stdout, stderr });
+      },
+    );
+  });
+}
+
+export function tempDir(): { dir: string; cleanup(): void } {
+  const dir = mkdtempSync(join(tmpdir(), 'vmdisk-nbd-test-'));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/**
+ * A fresh client negotiates `name` with structured replies and reads its first 4 KiB:
+ * the server still serves. Returns the bytes read.
+ */
+export async function stillServes(port: number, name: string): Promise<Buffer> {
+  const { nbd } = await RawNbd.open(port, name, { structured: true });
+  try {
+    nbd.request({ type: Command.READ, cookie: 77n, offset: 0n, length: 4096, flags: 4 /* DF */ });
+    const msgs = await nbd.reply();
+    if (replyError(msgs) !== 0) throw new Error(`read failed: ${replyError(msgs)}`);
+    const data = msgs.find((m) => m.type === 1);
+    if (data?.cookie !== 77n) throw new Error('no data chunk for the read');
+    return data.payload.subarray(8);
+  } finally {
+    nbd.destroy();
+  }
+}
+
+export { OptionReply };
