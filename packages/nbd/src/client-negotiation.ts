@@ -140,6 +140,8 @@ export interface NegotiateOptions {
   structuredReplies: boolean;
   extendedHeaders: boolean;
   metaContexts: string[];
+  /** List the exports (NBD_OPT_LIST) and end the session instead of entering one. */
+  list?: boolean;
   /** Aborts the handshake: its reason is the error negotiate() rejects with. */
   signal?: AbortSignal;
 }
@@ -161,6 +163,14 @@ export interface Negotiated {
   handshake: 'fixed-newstyle' | 'newstyle' | 'oldstyle';
   /** Bytes that arrived after negotiation (the transmission parser takes them). */
   leftover: Buffer;
+  /** With `list`: the server's exports. */
+  exports?: NbdExportListing[];
+}
+
+/** One export as NBD_OPT_LIST names it. */
+export interface NbdExportListing {
+  name: string;
+  description: string;
 }
 
 interface OptionReplyMsg {
@@ -212,6 +222,12 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
     }
     const magic2 = hello.readBigUInt64BE(8);
     if (magic2 === OLDSTYLE_MAGIC) {
+      if (opts.list) {
+        throw new NbdError(
+          'ERR_VMDISK_NBD_UNSUPPORTED',
+          'the server speaks oldstyle NBD, which cannot list exports',
+        );
+      }
       if (opts.tls && opts.tls.mode !== 'prefer') {
         throw new NbdConnectionError(
           'ERR_VMDISK_NBD_TLS_FAILED',
@@ -270,6 +286,12 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
       return { size: checkSize(reply.readBigUInt64BE(0)), flags: reply.readUInt16BE(8) };
     };
 
+    if (!fixed && opts.list) {
+      throw new NbdError(
+        'ERR_VMDISK_NBD_UNSUPPORTED',
+        'the server does not speak fixed newstyle NBD, so it cannot list its exports',
+      );
+    }
     if (!fixed) {
       if (opts.tls && opts.tls.mode !== 'prefer') {
         throw new NbdConnectionError(
@@ -346,6 +368,44 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
             (r.data.length ? `: ${r.data.toString('utf8')}` : ''),
         );
       }
+    }
+
+    if (opts.list) {
+      sendOption(Option.LIST);
+      const exports: NbdExportListing[] = [];
+      for (;;) {
+        const r = await readReply(Option.LIST);
+        if (r.type === OptionReply.SERVER) {
+          if (r.data.length < 4) throw protocolError('a SERVER reply without a name length');
+          const len = r.data.readUInt32BE(0);
+          if (len > r.data.length - 4) throw protocolError('a SERVER reply whose name overruns it');
+          exports.push({
+            name: r.data.toString('utf8', 4, 4 + len),
+            description: r.data.toString('utf8', 4 + len),
+          });
+          continue;
+        }
+        if (r.type === OptionReply.ACK) break;
+        if (isOptionReplyError(r.type)) throw refused(Option.LIST, r);
+        throw protocolError(`unexpected reply ${replyName(r.type)} to LIST`);
+      }
+      // A soft disconnect: ABORT, its ACK if the server sends one, then close.
+      sendOption(Option.ABORT);
+      await reader.read(20).catch(() => undefined);
+      reader.detach();
+      current.end();
+      return {
+        socket: current,
+        tls: inTls,
+        size: 0,
+        flags: 0,
+        structuredReplies: false,
+        extendedHeaders: false,
+        contexts: new Map(),
+        handshake: 'fixed-newstyle',
+        leftover: Buffer.alloc(0),
+        exports,
+      };
     }
 
     let extended = false;
@@ -480,6 +540,8 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
     reader.detach();
     current.destroy();
     socket.destroy();
+    // A timeout or abort may surface as some other failure (e.g. of the TLS handshake).
+    if (opts.signal?.aborted) throw opts.signal.reason;
     throw err;
   } finally {
     opts.signal?.removeEventListener('abort', onAbort);

@@ -10,7 +10,7 @@
 
 import * as net from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import { negotiate } from './client-negotiation.ts';
+import { type NbdExportListing, type Negotiated, negotiate } from './client-negotiation.ts';
 import { type BlockStatusResult, type PendingRequest, ReplyParser } from './client-replies.ts';
 import type { NbdClientTlsOptions } from './client-tls.ts';
 import { NbdCommandError, NbdConnectionError, NbdError } from './errors.ts';
@@ -29,6 +29,7 @@ import {
 } from './protocol.ts';
 import { type NbdTransport, parseNbdUri } from './uri.ts';
 
+export type { NbdExportListing } from './client-negotiation.ts';
 export type { BlockStatusResult, NbdExtent } from './client-replies.ts';
 export type { NbdClientTlsOptions } from './client-tls.ts';
 
@@ -50,7 +51,7 @@ export interface NbdClientOptions {
   allocationDepth?: boolean;
   /** Further meta contexts to select (e.g. 'qemu:dirty-bitmap:NAME'). */
   metaContexts?: string[];
-  /** Milliseconds for the TCP connect plus the whole handshake (default 30 000). */
+  /** Milliseconds for the TCP connect plus the whole handshake (default 30 000; 0: none). */
   connectTimeout?: number;
   signal?: AbortSignal;
 }
@@ -202,17 +203,43 @@ export class NbdClient {
     target: NbdConnectTarget,
     options: NbdClientOptions = {},
   ): Promise<NbdClient> {
+    const { socket, negotiated, exportName } = await NbdClient.open(target, options, false);
+    return new NbdClient(socket, negotiated, exportName);
+  }
+
+  /**
+   * Lists the server's exports (NBD_OPT_LIST, over TLS when configured) and disconnects.
+   * Servers may list only some exports, or refuse (NbdOptionError with ERR_POLICY).
+   */
+  static async listExports(
+    target: NbdConnectTarget,
+    options: Pick<NbdClientOptions, 'tls' | 'connectTimeout' | 'signal'> = {},
+  ): Promise<NbdExportListing[]> {
+    const { socket, negotiated } = await NbdClient.open(target, options, true);
+    socket.destroySoon();
+    return negotiated.exports ?? [];
+  }
+
+  private static async open(
+    target: NbdConnectTarget,
+    options: NbdClientOptions,
+    list: boolean,
+  ): Promise<{ socket: net.Socket; negotiated: Negotiated; exportName: string }> {
     const { transport, exportName, tls } = resolveTarget(target, options);
     const ac = new AbortController();
+    // connectTimeout 0 or Infinity: no time limit.
     const timeoutMs = options.connectTimeout ?? 30_000;
-    const timer = setTimeout(() => {
-      ac.abort(
-        new NbdConnectionError(
-          'ERR_VMDISK_NBD_TIMEOUT',
-          `the NBD connection and handshake did not finish in ${timeoutMs} ms`,
-        ),
-      );
-    }, timeoutMs);
+    const timer =
+      timeoutMs > 0 && Number.isFinite(timeoutMs)
+        ? setTimeout(() => {
+            ac.abort(
+              new NbdConnectionError(
+                'ERR_VMDISK_NBD_TIMEOUT',
+                `the NBD connection and handshake did not finish in ${timeoutMs} ms`,
+              ),
+            );
+          }, timeoutMs)
+        : undefined;
     const userSignal = options.signal;
     const onUserAbort = () =>
       ac.abort(
@@ -240,19 +267,16 @@ export class NbdClient {
       };
       if (tls) negotiateOptions.tls = tls;
       if (!('path' in transport)) negotiateOptions.host = transport.host;
-      const n = await negotiate(socket, negotiateOptions);
-      return new NbdClient(socket, n, exportName);
+      if (list) negotiateOptions.list = true;
+      const negotiated = await negotiate(socket, negotiateOptions);
+      return { socket, negotiated, exportName };
     } finally {
       clearTimeout(timer);
       userSignal?.removeEventListener('abort', onUserAbort);
     }
   }
 
-  private constructor(
-    rawSocket: net.Socket,
-    n: Awaited<ReturnType<typeof negotiate>>,
-    exportName: string,
-  ) {
+  private constructor(rawSocket: net.Socket, n: Negotiated, exportName: string) {
     this.rawSocket = rawSocket;
     this.socket = n.socket;
     this.size = n.size;

@@ -28,7 +28,7 @@ import {
   STRUCTURED_REPLY_MAGIC,
   TransmissionFlag,
 } from '../src/protocol.ts';
-import { makeTempDir, removeDir } from './client-peers.ts';
+import { freePort, makeTempDir, removeDir } from './client-peers.ts';
 
 /** Exact reads on the server side of a socket. */
 class Io {
@@ -235,6 +235,23 @@ describe('NbdClient against a misbehaving server', () => {
     await serverIo[0]!.closed;
     await expect(c.read(0, 512)).rejects.toMatchObject({ code: 'ERR_VMDISK_NBD_PROTOCOL_ERROR' });
   };
+
+  it('reports a failed connect with the system errno', async () => {
+    const missing = await NbdClient.connect({ path: join(dir, 'nothing.sock') }).catch(
+      (e: unknown) => e,
+    );
+    expect(missing).toBeInstanceOf(NbdConnectionError);
+    expect(missing).toMatchObject({
+      code: 'ERR_VMDISK_NBD_CONNECT_FAILED',
+      errnoName: 'ENOENT',
+      syscall: 'connect',
+    });
+    const port = await freePort();
+    await expect(NbdClient.connect({ host: '127.0.0.1', port })).rejects.toMatchObject({
+      code: 'ERR_VMDISK_NBD_CONNECT_FAILED',
+      errnoName: 'ECONNREFUSED',
+    });
+  });
 
   it('rejects a greeting that is not NBD', async () => {
     script = async (io) => {

@@ -233,6 +233,23 @@ describe('NbdClient against nbdkit', () => {
     });
   });
 
+  it('lists the exports with their descriptions', async () => {
+    const p = await serve([
+      '--filter=exportname',
+      'memory',
+      '1M',
+      'exportname=disk1',
+      'exportname=disk2',
+      'exportname-list=explicit',
+      'exportdesc=fixed:a memory disk',
+    ]);
+    const list = await NbdClient.listExports({ path: p.socket! });
+    expect(list).toEqual([
+      { name: 'disk1', description: 'a memory disk' },
+      { name: 'disk2', description: 'a memory disk' },
+    ]);
+  });
+
   it('obeys block size constraints and splits requests over the maximum', async () => {
     const p = await serve([
       '--filter=blocksize-policy',
