@@ -19,7 +19,7 @@
 
 import { defer } from './defer.ts';
 import { AoAbortError, AoError, AoErrorCode } from './errors.ts';
-import { EventQueue } from './event-queue.ts';
+import type { AoEventSink } from './event-queue.ts';
 
 /** A progress report: `done` out of `total` units (arbitrary unit), and an optional note. */
 export interface ProgressReport {
@@ -48,11 +48,11 @@ export interface OperationCompleteEvent<T = unknown> {
  * How completion is wanted (libxl_asyncop_how). `undefined`: the initiating function
  * returns a Promise. `{ callback }`: `callback(err, result)` later, and no promise is
  * created. `{ forEvent, queue }`: an OPERATION_COMPLETE event carrying `forEvent` is
- * pushed on `queue`.
+ * pushed on `queue` (an EventQueue the caller waits on or polls, or any sink with push).
  */
 export type AoHow<T> =
   | { readonly callback: AoCallback<T> }
-  | { readonly forEvent: unknown; readonly queue: EventQueue<OperationCompleteEvent<T>> };
+  | { readonly forEvent: unknown; readonly queue: AoEventSink<OperationCompleteEvent<T>> };
 
 export interface AoOptions {
   /** The caller's abort signal; aborting it aborts the ao (advisory). */
@@ -429,8 +429,16 @@ function copyHow<T>(how: AoHow<T> | undefined): AoHow<T> | undefined {
     return { callback: how.callback };
   }
   if ('forEvent' in how) {
-    if (!(how.queue instanceof EventQueue)) {
-      throw new AoError(AoErrorCode.INVALID_ARGUMENT, 'how.queue must be an EventQueue');
+    const queue = how.queue as unknown;
+    if (
+      queue === null ||
+      typeof queue !== 'object' ||
+      typeof (queue as { push?: unknown }).push !== 'function'
+    ) {
+      throw new AoError(
+        AoErrorCode.INVALID_ARGUMENT,
+        'how.queue must be an EventQueue (or an object with push)',
+      );
     }
     return { forEvent: how.forEvent, queue: how.queue };
   }

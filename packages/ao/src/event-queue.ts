@@ -4,6 +4,14 @@
 
 import { AoError, AoErrorCode } from './errors.ts';
 
+/**
+ * Where events are put: an EventQueue, or any object with `push` (e.g. one that forwards
+ * each event to a QMP monitor at once).
+ */
+export interface AoEventSink<E> {
+  push(event: E): void;
+}
+
 interface Waiter<E> {
   resolve(event: E): void;
   reject(err: Error): void;
@@ -20,7 +28,7 @@ export interface EventWaitOptions {
  * `wait()` takes them; a waiter takes the oldest event. Unbounded by design: every event
  * is the result of an operation the application started or a job it runs.
  */
-export class EventQueue<E = unknown> {
+export class EventQueue<E = unknown> implements AoEventSink<E> {
   readonly #events: E[] = [];
   readonly #waiters: Waiter<E>[] = [];
 

@@ -16,7 +16,7 @@
 import { type Ao, type AoHandle, initiateAo, type ProgressReport } from './ao.ts';
 import { defer } from './defer.ts';
 import { AoError, AoErrorCode, JobVerbError } from './errors.ts';
-import type { EventQueue } from './event-queue.ts';
+import type { AoEventSink } from './event-queue.ts';
 import {
   type JobStatus,
   type JobType,
@@ -564,8 +564,10 @@ export class Job {
       this.#doDismiss();
       return;
     }
-    this._cancelAsync(force);
     const txn = this.#txn!;
+    // Too late: the transaction is committing (or aborting already); see the header.
+    if (txn._finalizing) return;
+    this._cancelAsync(force);
     if (!this.#started) {
       this.#deferred = true;
       surface(this.#completed());
@@ -721,11 +723,16 @@ async function txnAbort(txn: JobTxn, job: Job): Promise<void> {
 export class JobRegistry {
   readonly #jobs = new Map<string, Job>();
   readonly #listeners = new Set<(event: JobStatusChangeEvent) => void>();
-  readonly #queue: EventQueue<JobStatusChangeEvent> | undefined;
+  readonly #queue: AoEventSink<JobStatusChangeEvent> | undefined;
 
-  /** `events`: a queue that also receives every JOB_STATUS_CHANGE event. */
-  constructor(options: { events?: EventQueue<JobStatusChangeEvent> } = {}) {
-    this.#queue = options.events;
+  /** `events`: an EventQueue (or any sink with push) that also receives every
+   * JOB_STATUS_CHANGE event, in order. */
+  constructor(options: { events?: AoEventSink<JobStatusChangeEvent> } = {}) {
+    const events = options.events;
+    if (events !== undefined && (events === null || typeof events.push !== 'function')) {
+      throw new AoError(AoErrorCode.INVALID_ARGUMENT, 'events must have a push method');
+    }
+    this.#queue = events;
   }
 
   /** Creates a job in 'created' (QEMU job_create); call `job.start()` to run it. */

@@ -97,6 +97,18 @@ describe.each(flows)('completion %s the initiator returns', (flow) => {
     expect(queue.check()).toBeUndefined();
   });
 
+  it('event mode takes any sink with push', async () => {
+    const got: OperationCompleteEvent<number>[] = [];
+    initiateAo<number>(
+      'test-op',
+      { forEvent: 'k', queue: { push: (e) => got.push(e) } },
+      initiator(flow, { err: null, result: 1 }),
+    );
+    expect(got).toEqual([]);
+    await turns(5);
+    expect(got.map((e) => [e.forUser, e.result])).toEqual([['k', 1]]);
+  });
+
   it('event mode carries the error', async () => {
     const queue = new EventQueue<OperationCompleteEvent<string>>();
     const err = new Error('failed');
@@ -154,7 +166,8 @@ describe('the how-object', () => {
       {},
       { callback: 'no' },
       { forEvent: 1 },
-      { forEvent: 1, queue: [] },
+      { forEvent: 1, queue: {} },
+      { forEvent: 1, queue: null },
       { callback: () => {}, forEvent: 1 },
     ];
     for (const how of bad) {

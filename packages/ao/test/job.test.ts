@@ -456,6 +456,33 @@ describe('transactions', () => {
     expect(jobs[1]!.isCancelled).toBe(true);
   });
 
+  it('a cancel while the transaction commits comes too late and changes nothing', async () => {
+    const registry = new JobRegistry();
+    const gate = deferred();
+    const ctl = control({ finish: true });
+    const committing = deferred();
+    const job = registry.createJob({
+      id: 'late',
+      driver: {
+        ...scriptedDriver(ctl),
+        async commit() {
+          committing.resolve();
+          await gate.promise;
+          ctl.calls.push('commit');
+        },
+      },
+    });
+    job.start();
+    await committing.promise;
+    expect(job.status).toBe('pending');
+    job.cancel();
+    expect(job.cancelRequested).toBe(false);
+    gate.resolve();
+    await job.wait();
+    expect(job.error).toBeUndefined();
+    expect(ctl.calls).toEqual(['prepare', 'commit', 'clean']);
+  });
+
   it('refuses a transaction of another registry', () => {
     const a = new JobRegistry();
     const b = new JobRegistry();
@@ -488,6 +515,25 @@ describe('events, query and options', () => {
       'concluded',
       'null',
     ]);
+  });
+
+  it('any sink with push can take the events (e.g. a QMP forwarder)', async () => {
+    const forwarded: { event: string; data: unknown; timestamp: number }[] = [];
+    const registry = new JobRegistry({
+      events: { push: (e) => forwarded.push({ ...e, timestamp: forwarded.length }) },
+    });
+    const job = registry.createJob({ id: 'fwd', driver: scriptedDriver(control()) });
+    job.cancel();
+    await ended(job);
+    expect(forwarded.map((e) => e.data)).toEqual([
+      { id: 'fwd', status: 'created' },
+      { id: 'fwd', status: 'aborting' },
+      { id: 'fwd', status: 'concluded' },
+      { id: 'fwd', status: 'null' },
+    ]);
+    expect(() => new JobRegistry({ events: {} as EventQueue<JobStatusChangeEvent> })).toThrow(
+      expect.objectContaining({ code: 'ERR_VMDISK_AO_INVALID_ARGUMENT' }),
+    );
   });
 
   it('unsubscribed listeners get nothing more', async () => {
