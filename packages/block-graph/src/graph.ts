@@ -337,7 +337,7 @@ export class BlockGraph {
         throw Object.assign(
           new BlockError(
             BlockErrorCode.DUPLICATE_NODE,
-            `a node named '${spec.nodeName}' exists already`,
+            `Invalid option '${spec.path}node-name': a node named '${spec.nodeName}' exists already`,
           ),
           { key: `${spec.path}node-name` },
         );
