@@ -54,6 +54,11 @@ export class RawNbd {
     socket.on('error', () => {});
   }
 
+  /** Over an already connected socket (e.g. a TLS socket after STARTTLS). */
+  static fromSocket(socket: net.Socket): RawNbd {
+    return new RawNbd(socket);
+  }
+
   static connect(port: number, host = '127.0.0.1'): Promise<RawNbd> {
     return new Promise((resolve, reject) => {
       const s = net.connect({ port, host }, () => resolve(new RawNbd(s)));
