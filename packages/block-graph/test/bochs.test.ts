@@ -86,6 +86,8 @@ function qemuConvert(path: string): Buffer {
   return readFileSync(out);
 }
 
+type Has = (sector: number) => boolean;
+
 const cases: [string, BochsSpec][] = [
   [
     'v2, sparse extents, partial bitmaps, extents out of order',
@@ -93,7 +95,7 @@ const cases: [string, BochsSpec][] = [
       version: 2,
       extentSize: 64 * 1024,
       diskSize: 16 * 64 * 1024,
-      extents: new Map([
+      extents: new Map<number, Has>([
         [0, () => true],
         [3, (s) => s % 3 === 0],
         [4, (s) => s < 17 || s > 100],
@@ -109,7 +111,7 @@ const cases: [string, BochsSpec][] = [
       version: 1,
       extentSize: 4096,
       diskSize: 4096 * 40 + 3 * 512,
-      extents: new Map([
+      extents: new Map<number, Has>([
         [1, () => true],
         [2, (s) => s === 7],
         [39, (s) => s !== 0],
@@ -125,7 +127,7 @@ const cases: [string, BochsSpec][] = [
       diskSize: 3 * (1 << 20) + 1000,
       headerSize: 1024,
       extraEntries: 5,
-      extents: new Map([
+      extents: new Map<number, Has>([
         [0, (s) => s % 64 < 32],
         [2, () => true],
         [3, (s) => s < 1],
@@ -169,25 +171,89 @@ describe('bochs', () => {
 
   const good = () =>
     buildBochs(
-      { version: 2, extentSize: 4096, diskSize: 8 * 4096, extents: new Map([[0, () => true]]) },
+      {
+        version: 2,
+        extentSize: 4096,
+        diskSize: 8 * 4096,
+        extents: new Map<number, Has>([[0, () => true]]),
+      },
       1,
     );
   // The last field: qemu-img refuses it too (a file cut inside the header QEMU reads as if
   // padded with zeros; we refuse it).
   const corrupt: [string, (b: Buffer) => Buffer, RegExp, boolean?][] = [
-    ['bad magic', (b) => (b.write('Bochs Virtual HD Imagf', 0, 'latin1'), b), /magic/],
-    ['bad type', (b) => (b.write('Undoable', 32, 'latin1'), b), /type/],
-    ['unsupported subtype', (b) => (b.write('Flat\0\0\0', 48, 'latin1'), b), /subtype/],
-    ['unknown version', (b) => (b.writeUInt32LE(0x00030000, 64), b), /version/],
-    ['extent size not a power of two', (b) => (b.writeUInt32LE(3 * 1024, 80), b), /power of two/],
-    ['extent size above 8 MiB', (b) => (b.writeUInt32LE(16 << 20, 80), b), /8 MiB/],
-    ['extent size below 512', (b) => (b.writeUInt32LE(256, 80), b), /below 512/],
+    [
+      'bad magic',
+      (b) => {
+        b.write('Bochs Virtual HD Imagf', 0, 'latin1');
+        return b;
+      },
+      /magic/,
+    ],
+    [
+      'bad type',
+      (b) => {
+        b.write('Undoable', 32, 'latin1');
+        return b;
+      },
+      /type/,
+    ],
+    [
+      'unsupported subtype',
+      (b) => {
+        b.write('Flat\0\0\0', 48, 'latin1');
+        return b;
+      },
+      /subtype/,
+    ],
+    [
+      'unknown version',
+      (b) => {
+        b.writeUInt32LE(0x00030000, 64);
+        return b;
+      },
+      /version/,
+    ],
+    [
+      'extent size not a power of two',
+      (b) => {
+        b.writeUInt32LE(3 * 1024, 80);
+        return b;
+      },
+      /power of two/,
+    ],
+    [
+      'extent size above 8 MiB',
+      (b) => {
+        b.writeUInt32LE(16 << 20, 80);
+        return b;
+      },
+      /8 MiB/,
+    ],
+    [
+      'extent size below 512',
+      (b) => {
+        b.writeUInt32LE(256, 80);
+        return b;
+      },
+      /below 512/,
+    ],
     [
       'catalog too small for the disk',
-      (b) => (b.writeBigUInt64LE(BigInt(100 * 4096), 88), b),
+      (b) => {
+        b.writeBigUInt64LE(BigInt(100 * 4096), 88);
+        return b;
+      },
       /too small/,
     ],
-    ['catalog too large', (b) => (b.writeUInt32LE(0x100001, 72), b), /too large/],
+    [
+      'catalog too large',
+      (b) => {
+        b.writeUInt32LE(0x100001, 72);
+        return b;
+      },
+      /too large/,
+    ],
     ['file shorter than the header', (b) => b.subarray(0, 300), /shorter/, false],
   ];
   for (const [name, damage, why, qemuRefuses = true] of corrupt) {
