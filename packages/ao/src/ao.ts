@@ -64,6 +64,12 @@ export interface AoOptions {
   readonly onProgress?: (report: ProgressReport) => void;
 }
 
+/** How an ao completed: `error` is null on success. */
+export interface AoOutcome<T> {
+  readonly error: Error | null;
+  readonly result: T | undefined;
+}
+
 /** What the caller holds: abort, progress, identity. */
 export interface AoHandle<T> {
   readonly id: number;
@@ -74,13 +80,13 @@ export interface AoHandle<T> {
   readonly aborted: boolean;
   /** The latest progress report, if any. */
   readonly lastProgress: ProgressReport | undefined;
+  /** How the ao completed (set with `completed`, before the caller is told). */
+  readonly outcome: AoOutcome<T> | undefined;
   /** Requests an abort (advisory); a no-op once the ao has completed. */
   abort(reason?: unknown): void;
   /** Progress reports as an async iterator that ends when the ao completes. A slow
    * consumer sees the latest report at each step, never a backlog. */
   progress(): AsyncIterableIterator<ProgressReport>;
-  /** Phantom member to carry T for type inference; always undefined. */
-  readonly __result?: T;
 }
 
 /** The promise returned when no how was given; `ao` is its handle. */
@@ -158,6 +164,7 @@ export class Ao<T> implements AoHandle<T> {
   // Typed without T so that an Ao<T> is an Ao<unknown> (T is only in method parameters).
   #notify: Notify<unknown> | undefined;
   #completed = false;
+  #outcome: AoOutcome<unknown> | undefined; // without T, as #notify
   #initiating = true;
   #progress: ProgressReport | undefined;
   #progressSeq = 0;
@@ -211,6 +218,10 @@ export class Ao<T> implements AoHandle<T> {
 
   get lastProgress(): ProgressReport | undefined {
     return this.#progress;
+  }
+
+  get outcome(): AoOutcome<T> | undefined {
+    return this.#outcome as AoOutcome<T> | undefined;
   }
 
   abort(reason?: unknown): void {
@@ -331,10 +342,12 @@ export class Ao<T> implements AoHandle<T> {
           .join(', ')})`,
       );
     }
+    const outcome = { error: err, result: err === null ? result : undefined };
+    this.#outcome = outcome;
     this.#end();
     const notify = this.#notify!;
     this.#notify = undefined;
-    defer(() => notify(err, err === null ? result : undefined));
+    defer(() => notify(outcome.error, outcome.result));
   }
 
   /** Starts a nested ao (promise mode). */

@@ -7,6 +7,7 @@ export {
   type AoHow,
   type AoInitiator,
   type AoOptions,
+  type AoOutcome,
   type AoPromise,
   assertNoLiveAos,
   initiateAo,

@@ -97,7 +97,7 @@ describe('abort is advisory', () => {
 
   it('handle.abort() aborts; the default reason is the AbortSignal one', async () => {
     const calls: unknown[][] = [];
-    const h = runAo('op', { callback: (...a) => calls.push(a) }, abortable(1));
+    const h = runAo<number>('op', { callback: (...a) => calls.push(a) }, abortable(1));
     h.abort();
     expect(h.aborted).toBe(true);
     await turns(3);
@@ -187,7 +187,7 @@ describe('nested aos', () => {
       const mids = [0, 1].map((m) =>
         root.child(`mid${m}`, async (mid) => {
           const leafs = [0, 1].map((l) =>
-            mid.child(`leaf${m}${l}`, (leaf) => {
+            mid.child<number>(`leaf${m}${l}`, (leaf) => {
               if (++leaves === 4) leafReady.resolve();
               return abortable(0)(leaf).catch((e: AoAbortError) => {
                 reasons.push(e.reason);

@@ -265,6 +265,7 @@ describe('bookkeeping comes before user callbacks', () => {
       () => 1,
     );
     expect(handle.completed).toBe(true);
+    expect(handle.outcome).toEqual({ error: null, result: 1 });
     await turns(3);
     expect(seen).toEqual([{ completed: true, live: false }]);
   });
