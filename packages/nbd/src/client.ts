@@ -51,6 +51,11 @@ export interface NbdClientOptions {
   allocationDepth?: boolean;
   /** Further meta contexts to select (e.g. 'qemu:dirty-bitmap:NAME'). */
   metaContexts?: string[];
+  /**
+   * Requests on the wire at once (default: no limit); more wait in order in the client.
+   * Split requests count piece by piece.
+   */
+  maxInFlight?: number;
   /** Milliseconds for the TCP connect plus the whole handshake (default 30 000; 0: none). */
   connectTimeout?: number;
   signal?: AbortSignal;
@@ -186,6 +191,9 @@ export class NbdClient {
   private readonly socket: net.Socket | TLSSocket;
   private readonly rawSocket: net.Socket;
   private readonly pending = new Map<number, PendingRequest>();
+  /** Requests beyond maxInFlight, sent in order as replies come. */
+  private waiting: { send(): void; reject(err: Error): void }[] = [];
+  private readonly maxInFlight: number;
   private nextCookie = 1;
   private corked = false;
   private broken: NbdError | undefined;
@@ -203,8 +211,10 @@ export class NbdClient {
     target: NbdConnectTarget,
     options: NbdClientOptions = {},
   ): Promise<NbdClient> {
+    const maxInFlight = options.maxInFlight ?? Number.POSITIVE_INFINITY;
+    if (!(maxInFlight >= 1)) throw invalidRequest(`maxInFlight ${maxInFlight}: at least 1`);
     const { socket, negotiated, exportName } = await NbdClient.open(target, options, false);
-    return new NbdClient(socket, negotiated, exportName);
+    return new NbdClient(socket, negotiated, exportName, maxInFlight);
   }
 
   /**
@@ -276,7 +286,12 @@ export class NbdClient {
     }
   }
 
-  private constructor(rawSocket: net.Socket, n: Negotiated, exportName: string) {
+  private constructor(
+    rawSocket: net.Socket,
+    n: Negotiated,
+    exportName: string,
+    maxInFlight: number,
+  ) {
     this.rawSocket = rawSocket;
     this.socket = n.socket;
     this.size = n.size;
@@ -292,6 +307,7 @@ export class NbdClient {
     this.closed = new Promise((resolve) => {
       this.resolveClosed = resolve;
     });
+    this.maxInFlight = maxInFlight;
     this.align = n.blockSize?.minimum ?? 1;
     const max = Math.min(n.blockSize?.maximum ?? MAX_PAYLOAD_BYTES, 2 ** 30);
     this.maxIo = Math.max(this.align, max - (max % this.align));
@@ -302,6 +318,7 @@ export class NbdClient {
         this.pending.delete(Number(cookie));
         if (err) req.reject(err);
         else req.resolve(value);
+        this.pump();
         if (err instanceof NbdCommandError && err.errnoName === 'ESHUTDOWN') {
           // The server is shutting down: the spec wants a soft disconnect.
           void this.close();
@@ -366,6 +383,10 @@ export class NbdClient {
   /** Requests sent and not yet answered. */
   get inFlight(): number {
     return this.pending.size;
+  }
+  /** Requests waiting for room under maxInFlight. */
+  get queued(): number {
+    return this.waiting.length;
   }
 
   /**
@@ -554,9 +575,6 @@ export class NbdClient {
         new NbdError('ERR_VMDISK_NBD_CLIENT_CLOSED', 'the NBD client is closed or closing'),
       );
     }
-    let cookie = this.nextCookie;
-    while (this.pending.has(cookie)) cookie = cookie >= 0xffffffff ? 1 : cookie + 1;
-    this.nextCookie = cookie >= 0xffffffff ? 1 : cookie + 1;
     return new Promise((resolve, reject) => {
       const req: PendingRequest = {
         command,
@@ -569,12 +587,26 @@ export class NbdClient {
       };
       if (extra.buf) req.buf = extra.buf;
       if (extra.reqOne) req.reqOne = true;
-      this.pending.set(cookie, req);
-      let wireFlags = flags;
-      if (extra.payload && this.extendedHeaders) wireFlags |= CommandFlag.PAYLOAD_LEN;
-      this.sendHeader(command, wireFlags, cookie, offset, length);
-      if (extra.payload) this.socket.write(extra.payload);
+      const send = () => {
+        let cookie = this.nextCookie;
+        while (this.pending.has(cookie)) cookie = cookie >= 0xffffffff ? 1 : cookie + 1;
+        this.nextCookie = cookie >= 0xffffffff ? 1 : cookie + 1;
+        this.pending.set(cookie, req);
+        let wireFlags = flags;
+        if (extra.payload && this.extendedHeaders) wireFlags |= CommandFlag.PAYLOAD_LEN;
+        this.sendHeader(command, wireFlags, cookie, offset, length);
+        if (extra.payload) this.socket.write(extra.payload);
+      };
+      if (this.waiting.length === 0 && this.pending.size < this.maxInFlight) send();
+      else this.waiting.push({ send, reject });
     });
+  }
+
+  /** Sends queued requests while there is room under maxInFlight. */
+  private pump(): void {
+    while (this.waiting.length > 0 && this.pending.size < this.maxInFlight && !this.broken) {
+      this.waiting.shift()!.send();
+    }
   }
 
   private sendHeader(
@@ -617,7 +649,7 @@ export class NbdClient {
   }
 
   private checkDrained(): void {
-    if (this.pending.size !== 0 && !this.broken) return;
+    if ((this.pending.size !== 0 || this.waiting.length !== 0) && !this.broken) return;
     const waiters = this.drainWaiters;
     this.drainWaiters = [];
     for (const w of waiters) w();
@@ -650,8 +682,9 @@ export class NbdClient {
   private fail(err: NbdError): void {
     if (this.broken) return;
     this.broken = err;
-    const pending = [...this.pending.values()];
+    const pending = [...this.pending.values(), ...this.waiting];
     this.pending.clear();
+    this.waiting = [];
     for (const req of pending) req.reject(err);
     this.checkDrained();
     if (this.socket.destroyed && this.rawSocket.destroyed) {

@@ -83,6 +83,27 @@ describe('NbdClient against nbdkit', () => {
     await c.close();
   });
 
+  it('queues requests beyond maxInFlight and sends them as replies come', async () => {
+    const p = await serve(['memory', '4M']);
+    const c = await connect({ path: p.socket! }, { maxInFlight: 4 });
+    const block = 16 * 1024;
+    const writes = Array.from({ length: 64 }, (_, i) => c.write(i * block, pattern(block, 50 + i)));
+    expect(c.inFlight).toBe(4);
+    expect(c.queued).toBe(60);
+    await Promise.all(writes);
+    expect(c.inFlight + c.queued).toBe(0);
+    const reads = await Promise.all(Array.from({ length: 64 }, (_, i) => c.read(i * block, block)));
+    reads.forEach((b, i) => {
+      expect(Buffer.from(b).equals(pattern(block, 50 + i))).toBe(true);
+    });
+    // close() lets queued requests go first, then disconnects.
+    const last = Array.from({ length: 16 }, (_, i) => c.read(i * block, block));
+    const closing = c.close();
+    expect((await Promise.all(last)).length).toBe(16);
+    await closing;
+    expect(await c.closed).toBeUndefined();
+  });
+
   it('trims and writes zeroes, and block status shows the holes', async () => {
     const p = await serve(['memory', '4M']);
     const c = await connect({ path: p.socket! });
@@ -152,14 +173,15 @@ describe('NbdClient against nbdkit', () => {
 
   it('fails every pending request at once when the server dies mid-request', async () => {
     const p = await serve(['--filter=delay', 'memory', '1M', 'delay-read=60']);
-    const c = await connect({ path: p.socket! });
+    const c = await connect({ path: p.socket! }, { maxInFlight: 6 });
     const reads = Array.from({ length: 8 }, (_, i) =>
       c.read(i * 4096, 4096).then(
         () => 'resolved',
         (e: unknown) => e,
       ),
     );
-    expect(c.inFlight).toBe(8);
+    expect(c.inFlight).toBe(6);
+    expect(c.queued).toBe(2);
     // Let the requests reach the server, then kill it.
     await new Promise((r) => setTimeout(r, 100));
     await p.stop('SIGKILL');
@@ -168,7 +190,7 @@ describe('NbdClient against nbdkit', () => {
       expect(e).toBeInstanceOf(NbdConnectionError);
       expect(e).toMatchObject({ code: 'ERR_VMDISK_NBD_CONNECTION_LOST' });
     }
-    expect(c.inFlight).toBe(0);
+    expect(c.inFlight + c.queued).toBe(0);
     expect(await c.closed).toMatchObject({ code: 'ERR_VMDISK_NBD_CONNECTION_LOST' });
     // Later requests fail at once with the same clear error.
     await expect(c.read(0, 512)).rejects.toMatchObject({ code: 'ERR_VMDISK_NBD_CONNECTION_LOST' });

@@ -5,7 +5,15 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { NbdClient, NbdConnectionError } from '../src/index.ts';
-import { makeTempDir, nbdkit, type Peer, pattern, removeDir, run } from './client-peers.ts';
+import {
+  makeTempDir,
+  nbdkit,
+  type Peer,
+  pattern,
+  qemuNbd,
+  removeDir,
+  run,
+} from './client-peers.ts';
 
 const KEY = '0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef';
 
@@ -77,7 +85,7 @@ async function makeCertificates(
   return { server, client };
 }
 
-describe('NbdClient over TLS against nbdkit', () => {
+describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
   let dir: string;
   let peers: Peer[];
   let clients: NbdClient[];
@@ -164,5 +172,58 @@ describe('NbdClient over TLS against nbdkit', () => {
     ).catch((e: unknown) => e);
     expect(bad).toBeInstanceOf(NbdConnectionError);
     expect(bad).toMatchObject({ code: 'ERR_VMDISK_NBD_TLS_FAILED' });
+  });
+
+  it('talks TLS to qemu-nbd too: X.509 and PSK credentials objects', async () => {
+    const img = join(dir, 'disk.raw');
+    await run('qemu-img', ['create', '-q', '-f', 'raw', img, '2M']);
+    const certs = await makeCertificates(dir, 'qemu');
+    const x509 = await qemuNbd(
+      dir,
+      [
+        '--object',
+        `tls-creds-x509,id=tls0,endpoint=server,dir=${certs.server},verify-peer=on`,
+        '--tls-creds',
+        'tls0',
+        '-f',
+        'raw',
+        img,
+      ],
+      { tcp: true },
+    );
+    peers.push(x509);
+    const c = await NbdClient.connect(`nbds://127.0.0.1:${x509.port!}/`, {
+      tls: { certificatesDir: certs.client },
+    });
+    clients.push(c);
+    expect(c.tls).toBe(true);
+    const data = pattern(64 * 1024, 23);
+    await c.write(0, data);
+    expect(Buffer.from(await c.read(0, data.length)).equals(data)).toBe(true);
+    const st = (await c.blockStatus(0, c.size)).get('base:allocation')!;
+    expect(st[0]).toMatchObject({ hole: false });
+    await c.close();
+    await x509.stop();
+
+    const pskDir = join(dir, 'psk');
+    await run('mkdir', ['-p', pskDir]);
+    await writeFile(join(pskDir, 'keys.psk'), `bob:${KEY}\n`);
+    const psk = await qemuNbd(dir, [
+      '--object',
+      `tls-creds-psk,id=tls1,endpoint=server,dir=${pskDir}`,
+      '--tls-creds',
+      'tls1',
+      '-f',
+      'raw',
+      img,
+    ]);
+    peers.push(psk);
+    const c2 = await NbdClient.connect(
+      `nbds+unix://bob@/?socket=${encodeURIComponent(psk.socket!)}&tls-psk-file=${encodeURIComponent(join(pskDir, 'keys.psk'))}`,
+    );
+    clients.push(c2);
+    expect(c2.tls).toBe(true);
+    expect(Buffer.from(await c2.read(0, data.length)).equals(data)).toBe(true);
+    await c2.close();
   });
 });
