@@ -401,7 +401,6 @@ export class Ao<T> implements AoHandle<T> {
 
   #end(): void {
     this.#completed = true;
-    this.#initiating = false;
     live.delete(this);
     this.#detachFromParent();
     if (this.#callerSignal) unwatchSignal(this.#callerSignal, this);

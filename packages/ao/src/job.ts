@@ -452,11 +452,6 @@ export class Job {
     return this.#isCompleted();
   }
 
-  /** @internal */
-  _hasError(): boolean {
-    return this.#error !== undefined;
-  }
-
   /** @internal: the body has finished (or, not started, the job completed at once). */
   async _finishSync(): Promise<void> {
     if (this.#isCompleted()) return;

@@ -19,8 +19,12 @@ type Flow = 'before-return' | 'after-return';
 /** An initiator that completes with `outcome` in the given flow. */
 function initiator<T>(flow: Flow, outcome: { err: Error | null; result?: T }) {
   return (ao: Ao<T>): void => {
-    const done = (): void => ao.complete(outcome.err, outcome.result);
-    if (flow === 'before-return') done();
+    expect(ao.initiating).toBe(true);
+    const done = (): void => {
+      expect(ao.initiating).toBe(false);
+      ao.complete(outcome.err, outcome.result);
+    };
+    if (flow === 'before-return') ao.complete(outcome.err, outcome.result);
     else setImmediate(done);
   };
 }
