@@ -9,7 +9,8 @@
 //
 // Preconditions the generic layer (node.ts) guarantees to every instance method below, so
 // that drivers do not re-check them:
-// - offset and length are safe integers, length > 0, and offset + length <= size();
+// - offset and length are safe integers, length > 0, and offset + length <= size() (a
+//   protocol's pwrite excepted, see there);
 // - offset and length are multiples of `limits.requestAlignment` (the length may stop at
 //   size() when size() itself is not aligned);
 // - length <= `limits.maxTransfer` for pread/pwrite (and for filters' intercepted requests);
@@ -103,8 +104,14 @@ export interface ProtocolInstance extends InstanceBase {
   readonly kind: 'protocol';
   /** Fills buf with the bytes at offset. */
   pread(buf: Uint8Array, offset: number): Promise<void>;
-  /** Writes buf at offset. Absent: read-only protocol. */
+  /**
+   * Writes buf at offset. Absent: read-only protocol. A write may end past size() (only
+   * when a parent holds 'resize', e.g. a format allocating at the end of its file): the
+   * size then grows to its end.
+   */
   pwrite?(buf: Uint8Array, offset: number): Promise<void>;
+  /** Sets the size (a parent holds 'resize'). */
+  truncate?(size: number): Promise<void>;
   /** Makes completed writes durable. Absent: nothing to do. */
   flush?(): Promise<void>;
   /** Deallocates a range (reads then return anything; the file driver punches holes). */
@@ -170,8 +177,9 @@ export interface FormatInstance extends InstanceBase {
   map(offset: number, length: number, intent: MapIntent): Mapping | Promise<Mapping>;
   /**
    * Marks a range as zeros in the metadata (e.g. qcow2 zero clusters; mayUnmap: storage
-   * may be freed). Absent: the generic layer zeroes data mappings in the child and writes
-   * zero buffers where the range would otherwise read from the backing chain.
+   * may be freed). Absent, or rejecting with NOT_SUPPORTED (e.g. a range that is not whole
+   * clusters): the generic layer zeroes data mappings in the child and writes zero buffers
+   * where the range would otherwise read from the backing chain.
    */
   writeZeroes?(offset: number, length: number, mayUnmap: boolean): Promise<void>;
   /** Deallocates a range in the metadata. Absent: data mappings are discarded in the child. */

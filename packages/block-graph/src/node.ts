@@ -15,7 +15,7 @@ import type {
 } from './driver.ts';
 import { BlockError, BlockErrorCode, toBlockError } from './errors.ts';
 import type { ChildRole } from './permissions.ts';
-import { BLK_PERM_ALL } from './permissions.ts';
+import { BLK_PERM_ALL, BLK_PERM_RESIZE } from './permissions.ts';
 import { type RangeHold, RangeLock } from './range-lock.ts';
 
 /** Who holds an edge: a node or a backend (by name). */
@@ -340,7 +340,7 @@ export class BlockNode implements ChildParent {
   /** Writes buf at offset; with fua, durable when resolved (a flush when not native). */
   write(offset: number, buf: Uint8Array, flags: WriteFlags = {}): Promise<void> {
     const length = buf.byteLength;
-    const err = this.checkWrite(offset, length);
+    const err = this.checkWrite(offset, length, true);
     if (err) return Promise.reject(err);
     if (length === 0) return Promise.resolve();
     if (flags.fua) return this.writeThenFlush(offset, buf, flags.owner);
@@ -362,11 +362,34 @@ export class BlockNode implements ChildParent {
     await this.flush();
   }
 
-  private checkWrite(offset: number, length: number): BlockError | undefined {
+  private checkWrite(offset: number, length: number, grow = false): BlockError | undefined {
     if (this.settings.readOnly) {
       return new BlockError(BlockErrorCode.READ_ONLY, `node '${this.name}' is read-only`);
     }
-    return checkRequest(this.name, offset, length, this.instance.size());
+    // A protocol node grows when written past its end, if a parent holds 'resize' (a format
+    // allocating at the end of its file).
+    const limit = grow && this.canGrow ? Number.MAX_SAFE_INTEGER : this.instance.size();
+    return checkRequest(this.name, offset, length, limit);
+  }
+
+  private get canGrow(): boolean {
+    return this.instance.kind === 'protocol' && (this.perm & BLK_PERM_RESIZE) !== 0;
+  }
+
+  /** Sets the size of a protocol node (a parent must hold 'resize'). */
+  async truncate(size: number): Promise<void> {
+    const inst = this.instance;
+    if (this.settings.readOnly)
+      throw new BlockError(BlockErrorCode.READ_ONLY, `node '${this.name}' is read-only`);
+    if (!Number.isSafeInteger(size) || size < 0) throw outOfBounds(this.name, size, 0, this.size());
+    if (inst.kind !== 'protocol' || !inst.truncate) throw this.notSupported('truncate');
+    if (!this.canGrow) {
+      throw new BlockError(
+        BlockErrorCode.PERMISSION_CONFLICT,
+        `no parent of node '${this.name}' holds 'resize'`,
+      );
+    }
+    await this.wrap(inst.truncate(size));
   }
 
   private async writeTracked(offset: number, buf: Uint8Array, owner?: RangeHold): Promise<void> {
@@ -385,7 +408,8 @@ export class BlockNode implements ChildParent {
     const size = this.instance.size();
     const length = buf.byteLength;
     const start = offset - (offset % a);
-    const end = Math.min(Math.ceil((offset + length) / a) * a, size);
+    const alignedEnd = Math.ceil((offset + length) / a) * a;
+    const end = offset + length > size ? alignedEnd : Math.min(alignedEnd, size);
     const t = this.tracker!;
     const hold = await t.serialise(start, end, owner);
     const bounce = this.allocBuffer(end - start);
@@ -531,7 +555,12 @@ export class BlockNode implements ChildParent {
       if (inst.intercept) await inst.intercept({ op: 'write-zeroes', offset, length });
       await inst.child.node.writeZeroes(offset, length, { mayUnmap, fastZero: fast });
     } else if (inst.writeZeroes) {
-      await this.wrap(inst.writeZeroes(offset, length, mayUnmap));
+      try {
+        await this.wrap(inst.writeZeroes(offset, length, mayUnmap));
+      } catch (err) {
+        if (!isNotSupported(err)) throw err;
+        await this.zeroFormat(inst, offset, length, mayUnmap, fast);
+      }
     } else {
       await this.zeroFormat(inst, offset, length, mayUnmap, fast);
     }
@@ -564,11 +593,7 @@ export class BlockNode implements ChildParent {
           await this.writeZeroBuffers(end, offset + length - end);
         return;
       } catch (err) {
-        if (
-          !(err instanceof BlockError) ||
-          (err.errnoName !== 'ENOTSUP' && err.errnoName !== 'EOPNOTSUPP')
-        )
-          throw err;
+        if (!isNotSupported(err)) throw err;
       }
     }
     if (fast) throw this.notSupported('fast zeroing');
@@ -713,6 +738,12 @@ export class BlockNode implements ChildParent {
       throw toBlockError(err, this.name);
     });
   }
+}
+
+function isNotSupported(err: unknown): boolean {
+  return (
+    err instanceof BlockError && (err.errnoName === 'ENOTSUP' || err.errnoName === 'EOPNOTSUPP')
+  );
 }
 
 function clampLength(n: number, max: number): number {

@@ -52,10 +52,24 @@ class FileInstance implements ProtocolInstance {
   }
 
   pwrite(buf: Uint8Array, offset: number): Promise<void> {
-    return this.file.write(buf, offset).catch((err: unknown) => {
+    const end = offset + buf.byteLength;
+    const p = this.file.write(buf, offset).catch((err: unknown) => {
       if (isMisaligned(err)) return this.bounceWrite(buf, offset);
       throw toBlockError(err, this.node);
     });
+    if (end <= this.length) return p;
+    return p.then(() => {
+      if (end > this.length) this.length = end;
+    });
+  }
+
+  async truncate(size: number): Promise<void> {
+    try {
+      await this.file.truncate(size);
+      this.length = size;
+    } catch (err) {
+      throw toBlockError(err, this.node);
+    }
   }
 
   // O_DIRECT with a buffer that is not engine arena memory (offset and length are aligned
