@@ -104,6 +104,7 @@ export class ReplyParser {
   private dataPos = 0;
   // Status chunks.
   private extentSize = 8;
+  private extentCount = 0;
   private extents: NbdExtent[] = [];
   private extentsTotal = 0;
   private contextName = '';
@@ -299,6 +300,7 @@ export class ReplyParser {
         if (count > MAX_EXTENTS_PER_CHUNK || (req.reqOne && count !== 1)) {
           throw protocolError(`a block status chunk with ${count} extents`);
         }
+        this.extentCount = count;
         this.collect(head, Collecting.StatusHead);
         return;
       }
@@ -373,6 +375,15 @@ export class ReplyParser {
         return;
       case Collecting.StatusHead: {
         const id = s.readUInt32BE(0);
+        if (this.extentSize === 16) {
+          // BLOCK_STATUS_EXT: a descriptor count, 0 or the true count.
+          const declared = s.readUInt32BE(4);
+          if (declared !== 0 && declared !== this.extentCount) {
+            throw protocolError(
+              `a block status chunk declaring ${declared} extents but holding ${this.extentCount}`,
+            );
+          }
+        }
         const name = this.contexts.get(id);
         if (name === undefined) throw protocolError(`block status for unknown context id ${id}`);
         req.status ??= new Map();

@@ -87,6 +87,19 @@ const invalidRequest = (message: string): NbdError =>
 const unsupported = (what: string): NbdError =>
   new NbdError('ERR_VMDISK_NBD_UNSUPPORTED', `the NBD export does not support ${what}`);
 
+/**
+ * Waits for every part of a split request, then fails with the first error: when the
+ * caller's promise settles, nothing is still reading from or writing into its buffer.
+ */
+async function settleAll(parts: Promise<unknown>[]): Promise<void> {
+  if (parts.length === 1) {
+    await parts[0];
+    return;
+  }
+  const results = await Promise.allSettled(parts);
+  for (const r of results) if (r.status === 'rejected') throw r.reason;
+}
+
 /** Effect lengths of TRIM, WRITE_ZEROES and CACHE are split at this with compact headers. */
 const COMPACT_SPLIT = 2 ** 31;
 
@@ -406,7 +419,7 @@ export class NbdClient {
         this.submit(Command.READ, 0, offset + done, n, { buf: out.subarray(done, done + n) }),
       );
     }
-    await Promise.all(parts);
+    await settleAll(parts);
     return out;
   }
 
@@ -424,7 +437,7 @@ export class NbdClient {
         }),
       );
     }
-    await Promise.all(parts);
+    await settleAll(parts);
   }
 
   /** Makes completed writes durable. */
@@ -559,7 +572,7 @@ export class NbdClient {
     for (let done = 0; done < length; done += step) {
       parts.push(this.submit(command, flags, offset + done, Math.min(step, length - done), {}));
     }
-    await Promise.all(parts);
+    await settleAll(parts);
   }
 
   private submit(

@@ -418,6 +418,18 @@ describe('NbdClient against a misbehaving server', () => {
     await expectProtocolFailure(c, c.blockStatus(0, 4096), /unknown context id 7/);
   });
 
+  it('disconnects on a BLOCK_STATUS_EXT chunk whose descriptor count lies', async () => {
+    script = async (io) => {
+      await handshake(io, { extended: true });
+      const r = await readRequest(io, true);
+      const payload = Buffer.concat([u32(1), u32(5), u64(4096), u32(0), u32(0)]);
+      io.write(extChunk(REPLY_FLAG_DONE, ChunkType.BLOCK_STATUS_EXT, r.cookie, r.offset, payload));
+    };
+    const c = await connect();
+    expect(c.extendedHeaders).toBe(true);
+    await expectProtocolFailure(c, c.blockStatus(0, 4096), /declaring 5 extents but holding 1/);
+  });
+
   it('disconnects on an error chunk whose message length lies', async () => {
     script = async (io) => {
       await handshake(io);
