@@ -216,6 +216,26 @@ describe('pause points', () => {
     await ended(job);
   });
 
+  it('sleep() returns after its delay when nothing wakes the job', async () => {
+    const registry = new JobRegistry();
+    let slept = 0;
+    const job = registry.createJob({
+      id: 'napper',
+      driver: {
+        type: 'backup',
+        async run(job) {
+          for (let i = 0; i < 3; i++) {
+            await job.sleep(1);
+            slept++;
+          }
+        },
+      },
+    });
+    job.start();
+    await job.wait();
+    expect(slept).toBe(3);
+  });
+
   it('sleep() is woken early by a cancel', async () => {
     const registry = new JobRegistry();
     const job = registry.createJob({
@@ -481,6 +501,30 @@ describe('transactions', () => {
     await job.wait();
     expect(job.error).toBeUndefined();
     expect(ctl.calls).toEqual(['prepare', 'commit', 'clean']);
+  });
+
+  it('a member never started is cancelled and dismissed when another fails', async () => {
+    const { registry, events } = recordingRegistry();
+    const txn = registry.createTransaction();
+    const idle = control();
+    const waiting = registry.createJob({ id: 'n0', driver: scriptedDriver(idle), txn });
+    const failing = registry.createJob({
+      id: 'n1',
+      driver: {
+        type: 'stream',
+        run() {
+          throw new Error('synchronous failure');
+        },
+      },
+      txn,
+    });
+    failing.start();
+    await expect(failing.wait()).rejects.toThrow('synchronous failure');
+    await expect(waiting.wait()).rejects.toMatchObject({ code: 'ERR_VMDISK_AO_JOB_CANCELLED' });
+    await turns(2);
+    expect(idle.runs).toBe(0);
+    expect(idle.calls).toEqual(['abort', 'clean']);
+    expect(historyOf(events, 'n0')).toEqual(['created', 'aborting', 'concluded', 'null']);
   });
 
   it('refuses a transaction of another registry', () => {
