@@ -3,7 +3,9 @@
 // page multiples; a released buffer's block goes to a free list of its size and is handed
 // out again without a new allocation. Because the slabs are ArrayBuffers, a Buffer handed
 // out keeps its memory alive as long as it is reachable (the in-flight table holds the
-// buffers of every request until its completion), and nothing is unmapped under it.
+// buffers of every request until its completion), and nothing is unmapped under it. The
+// arena keeps every slab until it is dropped with its engine, so a slab registered with
+// io_uring (fixed buffers) stays valid as long as the ring that registered it.
 import { EngineError, ErrorCode } from './errors.ts';
 import { addressOf } from './native.ts';
 
@@ -20,11 +22,19 @@ interface Block {
 
 export class BufferArena {
   private readonly free = new Map<number, Block[]>();
+  /** Every slab, kept for the life of the arena (registered memory must not be freed). */
+  private readonly slabs: ArrayBuffer[] = [];
   private readonly owned = new WeakMap<Uint8Array, Block>();
   private slab: Block | null = null;
   private slabUsed = 0;
   /** Bytes of slabs allocated, for tests and stats. */
   allocatedBytes = 0;
+  /** Told of each new slab (the page-aligned part), e.g. to register it with io_uring. */
+  private readonly onSlab: ((mem: Uint8Array) => void) | undefined;
+
+  constructor(onSlab?: (mem: Uint8Array) => void) {
+    this.onSlab = onSlab;
+  }
 
   alloc(length: number): Buffer {
     if (!Number.isSafeInteger(length) || length <= 0) {
@@ -70,9 +80,11 @@ export class BufferArena {
 
   private newSlab(size: number): Block {
     const ab = new ArrayBuffer(size + PAGE);
+    this.slabs.push(ab);
     const base = addressOf(new Uint8Array(ab));
     const offset = (PAGE - (base % PAGE)) % PAGE;
     this.allocatedBytes += size + PAGE;
+    this.onSlab?.(new Uint8Array(ab, offset, size));
     return { ab, offset, capacity: size };
   }
 }

@@ -329,7 +329,7 @@ function openFd(path: string, flags: number): Promise<number> {
 class EngineImpl implements Engine {
   readonly backend: BackendName;
   readonly be: Backend;
-  private readonly arena = new BufferArena();
+  private readonly arena: BufferArena;
   private readonly files = new Set<EngineFileImpl>();
   private inFlight = 0;
   private closed = false;
@@ -339,6 +339,9 @@ class EngineImpl implements Engine {
   constructor(be: Backend) {
     this.be = be;
     this.backend = be.name;
+    this.arena = new BufferArena(
+      be instanceof IoUringBackend ? (mem) => be.registerBuffer(mem) : undefined,
+    );
   }
 
   get isClosed(): boolean {

@@ -50,11 +50,18 @@ const OFF_SQ_RING = 0;
 const OFF_CQ_RING = 0x8000000;
 const OFF_SQES = 0x10000000;
 const REGISTER_PROBE = 8;
+const REGISTER_BUFFERS2 = 15;
+const REGISTER_BUFFERS_UPDATE = 16;
+const RSRC_REGISTER_SPARSE = 1;
 const OP_SUPPORTED = 1;
+/** Entries of the registered-buffer table (sparse; arena slabs fill it as they come). */
+const BUFFER_SLOTS = 1024;
 
 const OP_READV = 1;
 const OP_WRITEV = 2;
 const OP_FSYNC = 3;
+const OP_READ_FIXED = 4;
+const OP_WRITE_FIXED = 5;
 const OP_FALLOCATE = 17;
 const OP_READ = 22;
 const OP_WRITE = 23;
@@ -68,7 +75,18 @@ export interface IoUringInfo {
   setupFlags: number;
   features: number;
   /** Opcodes the probe found supported, among those this backend uses. */
-  ops: { read: boolean; write: boolean; fallocate: boolean };
+  ops: { read: boolean; write: boolean; fallocate: boolean; fixed: boolean };
+  /** Whether a sparse registered-buffer table exists (arena slabs are registered into it
+   * as long as the memlock limit allows; reads/writes into them use READ/WRITE_FIXED). */
+  bufferTable: boolean;
+  /** Arena slabs registered so far. */
+  registeredBuffers: number;
+}
+
+interface Registered {
+  index: number;
+  start: number;
+  end: number;
 }
 
 interface Mapping {
@@ -105,6 +123,10 @@ export class IoUringBackend implements Backend {
   private destroyed = false;
   private readonly poller: node.PollHandle;
   private readonly fallback = new ThreadPoolBackend();
+  /** Reads/writes submitted as READ_FIXED/WRITE_FIXED. */
+  fixedIos = 0;
+  /** Registered memory, by the ArrayBuffer that owns it. */
+  private readonly registered = new WeakMap<ArrayBufferLike, Registered>();
   private readonly flushFn = (): void => this.flush();
   private readonly reapFn = (): void => {
     this.reapScheduled = false;
@@ -184,7 +206,15 @@ export class IoUringBackend implements Backend {
     this.free = [];
     for (let i = cqEntries - 1; i >= 0; i--) this.free.push(i);
     const ops = this.probe();
-    this.info = { sqEntries, cqEntries, setupFlags: flags, features, ops };
+    this.info = {
+      sqEntries,
+      cqEntries,
+      setupFlags: flags,
+      features,
+      ops,
+      bufferTable: ops.fixed && this.bufferTable(),
+      registeredBuffers: 0,
+    };
     this.poller = koffi.node.poll(fd, { readable: true }, () => this.reap());
     this.poller.unref();
   }
@@ -202,7 +232,7 @@ export class IoUringBackend implements Backend {
     // struct io_uring_probe_op { op u8, resv u8, flags u16, resv2 u32 }.
     const buf = new Uint8Array(16 + 256 * 8);
     const r = ioUringRegister(this.ringFd, REGISTER_PROBE, buf, 256);
-    if (r < 0) return { read: false, write: false, fallocate: false };
+    if (r < 0) return { read: false, write: false, fallocate: false, fixed: false };
     const n = buf[1]!;
     const dv = new DataView(buf.buffer);
     const has = (op: number): boolean =>
@@ -213,7 +243,47 @@ export class IoUringBackend implements Backend {
         'io_uring: the kernel lacks READV/WRITEV/FSYNC',
       );
     }
-    return { read: has(OP_READ), write: has(OP_WRITE), fallocate: has(OP_FALLOCATE) };
+    return {
+      read: has(OP_READ),
+      write: has(OP_WRITE),
+      fallocate: has(OP_FALLOCATE),
+      fixed: has(OP_READ_FIXED) && has(OP_WRITE_FIXED),
+    };
+  }
+
+  /** A sparse table of BUFFER_SLOTS registered buffers (Linux >= 5.19). */
+  private bufferTable(): boolean {
+    // struct io_uring_rsrc_register { u32 nr; u32 flags; u64 resv2; u64 data; u64 tags; }
+    const arg = new Uint32Array(8);
+    arg[0] = BUFFER_SLOTS;
+    arg[1] = RSRC_REGISTER_SPARSE;
+    return ioUringRegister(this.ringFd, REGISTER_BUFFERS2, arg, 32) === 0;
+  }
+
+  /**
+   * Registers `mem` (an arena slab: memory that stays reachable as long as the engine is
+   * open) as a fixed buffer. Returns false where the table is full, absent, or the memlock
+   * limit refuses it; the memory is then used through plain READ/WRITE.
+   */
+  registerBuffer(mem: Uint8Array): boolean {
+    if (!this.info.bufferTable || this.info.registeredBuffers >= BUFFER_SLOTS) return false;
+    const index = this.info.registeredBuffers;
+    const start = addressOf(mem);
+    const iov = new Uint32Array(4);
+    iov[0] = start >>> 0;
+    iov[1] = (start / TWO32) >>> 0;
+    iov[2] = mem.byteLength;
+    // struct io_uring_rsrc_update2 { u32 offset; u32 resv; u64 data; u64 tags; u32 nr; u32 resv2; }
+    const upd = new Uint32Array(8);
+    const data = addressOf(iov);
+    upd[0] = index;
+    upd[2] = data >>> 0;
+    upd[3] = (data / TWO32) >>> 0;
+    upd[6] = 1;
+    if (ioUringRegister(this.ringFd, REGISTER_BUFFERS_UPDATE, upd, 32) !== 1) return false;
+    this.info.registeredBuffers++;
+    this.registered.set(mem.buffer, { index, start, end: start + mem.byteLength });
+    return true;
   }
 
   get inFlight(): number {
@@ -278,9 +348,16 @@ export class IoUringBackend implements Backend {
           addr = this.iovec(req);
           len = 1;
         } else {
-          op = req.kind === 'read' ? OP_READ : OP_WRITE;
           addr = addressOf(b);
           len = b.byteLength;
+          const reg = this.registered.get(b.buffer);
+          if (reg !== undefined && addr >= reg.start && addr + len <= reg.end) {
+            op = req.kind === 'read' ? OP_READ_FIXED : OP_WRITE_FIXED;
+            s[w + 10] = reg.index; // buf_index
+            this.fixedIos++;
+          } else {
+            op = req.kind === 'read' ? OP_READ : OP_WRITE;
+          }
         }
         break;
       }

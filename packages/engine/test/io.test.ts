@@ -425,3 +425,49 @@ describe('aio backend, buffered files', () => {
     }
   });
 });
+
+describe('io_uring backend, registered buffers', () => {
+  it('registers arena slabs and reads/writes them with READ_FIXED/WRITE_FIXED, correctly', async () => {
+    const tmp = tempDir();
+    const engine = await openEngine({ backend: 'io_uring' });
+    try {
+      const be = (
+        engine as unknown as {
+          be: { fixedIos: number; info: { bufferTable: boolean; registeredBuffers: number } };
+        }
+      ).be;
+      expect(be.info.bufferTable).toBe(true);
+      const path = tmp.file('fixed.img');
+      const f = await engine.openFile(path, { create: true, direct: true });
+      const a = f.logicalBlockSize;
+      const small = randomFillSync(engine.allocBuffer(8 * a));
+      const large = randomFillSync(engine.allocBuffer(2 * 1024 * 1024)); // a slab of its own
+      expect(be.info.registeredBuffers).toBe(2);
+      await f.write(small, 0);
+      await f.write(large, 8 * a);
+      // Plain memory next to it still works (through READ, not READ_FIXED).
+      const plain = Buffer.alloc(8 * a + a);
+      const plainAligned = plain.subarray(a - (koffiAddress(plain) % a) || a).subarray(0, 8 * a);
+      const before = be.fixedIos;
+      const back = engine.allocBuffer(8 * a);
+      expect(await f.read(back, 0)).toBe(8 * a);
+      expect(back.equals(small)).toBe(true);
+      expect(be.fixedIos).toBe(before + 1);
+      expect(await f.read(plainAligned, 0)).toBe(8 * a);
+      expect(plainAligned.equals(small)).toBe(true);
+      expect(be.fixedIos).toBe(before + 1);
+      const big = engine.allocBuffer(2 * 1024 * 1024);
+      expect(await f.read(big, 8 * a)).toBe(big.length);
+      expect(big.equals(large)).toBe(true);
+      await f.close();
+      expect(readFileSync(path).equals(Buffer.concat([small, large]))).toBe(true);
+    } finally {
+      await engine.close();
+      tmp.cleanup();
+    }
+  });
+});
+
+function koffiAddress(b: Uint8Array): number {
+  return Number(koffi.address(b));
+}
