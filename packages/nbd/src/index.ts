@@ -13,6 +13,7 @@ export type {
   NbdWriteZeroesOptions,
 } from './client.ts';
 export { NbdClient } from './client.ts';
+export { nbdClientTarget } from './client-target.ts';
 export { NbdCommandError, NbdConnectionError, NbdError, NbdOptionError } from './errors.ts';
 export type {
   BlockSizeConstraints,
