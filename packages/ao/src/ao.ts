@@ -109,6 +109,10 @@ export interface LiveAoInfo {
   readonly stack: string;
 }
 
+// The function where a creation stack starts (its frame and those above are left out).
+// biome-ignore lint/complexity/noBannedTypes: Error.captureStackTrace takes any function
+type StackEntry = Function;
+
 let nextId = 1;
 const live = new Set<Ao<unknown>>();
 const leakReported = new WeakSet<Ao<unknown>>();
@@ -171,14 +175,14 @@ export class Ao<T> implements AoHandle<T> {
   #progressDeliveryQueued = false;
   readonly #progressWaiters = new Set<ProgressWaiter & { seen: { seq: number } }>();
 
-  /** @internal use runAo / initiateAo */
-  constructor(kind: string, options: AoOptions, notify: Notify<T>) {
+  /** @internal use runAo / initiateAo; `entry` is where the creation stack starts. */
+  constructor(kind: string, options: AoOptions, notify: Notify<T>, entry: StackEntry = Ao) {
     this.id = nextId++;
     this.kind = kind;
     this.parent = options.parent;
     this.createdAt = performance.now();
     this.#stackHolder = {};
-    Error.captureStackTrace(this.#stackHolder, initiate);
+    Error.captureStackTrace(this.#stackHolder, entry);
     this.#notify = notify as Notify<unknown>;
     this.#onProgress = options.onProgress;
     this.#callerSignal = options.signal;
@@ -494,6 +498,7 @@ function initiate<T>(
   howIn: AoHow<T> | undefined,
   initiator: AoInitiator<T>,
   options: AoOptions,
+  entry: StackEntry,
 ): AoPromise<T> | AoHandle<T> {
   checkArgs(kind, initiator, options);
   const how = copyHow(howIn);
@@ -523,7 +528,7 @@ function initiate<T>(
         result: err ? undefined : result,
       });
   }
-  const ao: Ao<T> = new Ao<T>(kind, options, notify);
+  const ao: Ao<T> = new Ao<T>(kind, options, notify, entry);
   if (promise) Object.defineProperty(promise, 'ao', { value: ao, enumerable: false });
   try {
     initiator(ao);
@@ -599,6 +604,7 @@ export function runAo<T>(
       }
     },
     options,
+    runAo,
   );
 }
 
@@ -631,7 +637,7 @@ export function initiateAo<T>(
   initiator: AoInitiator<T>,
   options: AoOptions = {},
 ): AoPromise<T> | AoHandle<T> {
-  return initiate(kind, how, initiator, options);
+  return initiate(kind, how, initiator, options, initiateAo);
 }
 
 function isThenable<T>(v: unknown): v is PromiseLike<T> {
@@ -668,7 +674,7 @@ export function assertNoLiveAos(): void {
     (ao) =>
       `  ao #${ao.id} ${ao.kind}${ao.parent ? ` (nested in #${ao.parent.id})` : ''}, ${Math.round(
         now - ao.createdAt,
-      )} ms old, created ${ao.stack.split('\n').slice(1).join('\n')}`,
+      )} ms old, created at:\n${ao.stack.split('\n').slice(1).join('\n')}`,
   );
   throw new AoError(
     AoErrorCode.LEAKED,
