@@ -148,6 +148,23 @@ describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
     await right.close();
   });
 
+  it('goes on in plain text only when TLS is merely preferred', async () => {
+    const p = await serve(['memory', '1M']);
+    const creds = { psk: { identity: 'alice', key: KEY } };
+    const refused = await NbdClient.connect({ path: p.socket! }, { tls: creds }).catch(
+      (e: unknown) => e,
+    );
+    expect(refused).toBeInstanceOf(NbdConnectionError);
+    expect(refused).toMatchObject({ code: 'ERR_VMDISK_NBD_TLS_FAILED' });
+    expect((refused as Error).message).toMatch(/refused STARTTLS/);
+    const c = await NbdClient.connect({ path: p.socket! }, { tls: { ...creds, mode: 'prefer' } });
+    clients.push(c);
+    expect(c.tls).toBe(false);
+    await c.write(0, pattern(4096, 24));
+    expect(Buffer.from(await c.read(0, 4096)).equals(pattern(4096, 24))).toBe(true);
+    await c.close();
+  });
+
   it('uses X.509 certificates, the server verifying the client', async () => {
     const certs = await makeCertificates(dir, 'good');
     const p = await serve(

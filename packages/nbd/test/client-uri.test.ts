@@ -68,5 +68,9 @@ describe('parseNbdUri', () => {
   it('makes connect reject (not throw) on a bad URI', async () => {
     const p = NbdClient.connect('nbd://host/?nope=1');
     await expect(p).rejects.toMatchObject({ code: 'ERR_VMDISK_NBD_INVALID_URI' });
+    // PSK asked for, but no key named: refused before any connection is made.
+    await expect(NbdClient.connect('nbds://127.0.0.1:1/?tls-type=psk')).rejects.toMatchObject({
+      code: 'ERR_VMDISK_NBD_INVALID_URI',
+    });
   });
 });
