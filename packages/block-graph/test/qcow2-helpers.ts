@@ -2,8 +2,8 @@
 // running qemu-img / qemu-io, and temporary directories.
 
 import { execFile } from 'node:child_process';
-import { mkdtemp, open, rm } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
+import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Qcow2File } from '../src/drivers/qcow2/types.ts';
@@ -16,7 +16,10 @@ export class FsFile implements Qcow2File {
     this.path = path;
     this.#fh = fh;
   }
-  static async open(path: string, opts: { readOnly?: boolean; create?: boolean } = {}): Promise<FsFile> {
+  static async open(
+    path: string,
+    opts: { readOnly?: boolean; create?: boolean } = {},
+  ): Promise<FsFile> {
     const flags = opts.readOnly ? 'r' : opts.create ? 'w+' : 'r+';
     return new FsFile(path, await open(path, flags));
   }
@@ -72,7 +75,8 @@ export function run(cmd: string, args: string[]): Promise<RunResult> {
 /** Runs a program that must succeed. */
 export async function must(cmd: string, args: string[]): Promise<string> {
   const r = await run(cmd, args);
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr}${r.stdout}`);
+  if (r.code !== 0)
+    throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr}${r.stdout}`);
   return r.stdout;
 }
 

@@ -20,7 +20,10 @@ afterAll(async () => {
   await cleanup();
 });
 
-async function openRO(path: string, backing: Qcow2BackingReader | null = null): Promise<Qcow2Image> {
+async function openRO(
+  path: string,
+  backing: Qcow2BackingReader | null = null,
+): Promise<Qcow2Image> {
   const f = await FsFile.open(path, { readOnly: true });
   files.push(f);
   return openQcow2(f, { readOnly: true, backing });
@@ -31,12 +34,12 @@ async function expectSameAsQemu(img: Qcow2Image, path: string): Promise<void> {
   const rawPath = `${path}.raw`;
   await must('qemu-img', ['convert', '-O', 'raw', path, rawPath]);
   const want = new Uint8Array(await readFile(rawPath));
-  expect(img.size).toBe(want.length);
-  const got = new Uint8Array(img.size);
-  const r = rng(img.size);
+  expect(img.virtualSize).toBe(want.length);
+  const got = new Uint8Array(img.virtualSize);
+  const r = rng(img.virtualSize);
   const pending: Promise<void>[] = [];
-  for (let off = 0; off < img.size; ) {
-    const len = Math.min(img.size - off, 1 + Math.floor(r() * 200_000));
+  for (let off = 0; off < img.virtualSize; ) {
+    const len = Math.min(img.virtualSize - off, 1 + Math.floor(r() * 200_000));
     pending.push(img.read(got.subarray(off, off + len), off));
     off += len;
   }
@@ -44,8 +47,8 @@ async function expectSameAsQemu(img: Qcow2Image, path: string): Promise<void> {
   expect(firstDiff(got, want)).toBe(-1);
   // Random small unaligned reads too.
   for (let i = 0; i < 200; i++) {
-    const off = Math.floor(r() * (img.size - 1));
-    const len = Math.min(img.size - off, 1 + Math.floor(r() * 9000));
+    const off = Math.floor(r() * (img.virtualSize - 1));
+    const len = Math.min(img.virtualSize - off, 1 + Math.floor(r() * 9000));
     const b = new Uint8Array(len);
     await img.read(b, off);
     expect(firstDiff(b, want.subarray(off, off + len))).toBe(-1);
@@ -95,14 +98,24 @@ describe('qcow2 read: images from qemu-img create filled by qemu-io', () => {
         data: boolean;
         offset?: number;
       }>;
-      const ext = await img.blockStatus(0, img.size);
+      const ext = await img.blockStatus(0, img.virtualSize);
       const dataOf = (xs: Array<{ start: number; length: number; host?: number }>) => {
         const out = new Map<number, number | undefined>();
-        for (const x of xs) for (let o = x.start; o < x.start + x.length; o += 512) out.set(o, x.host === undefined ? undefined : x.host + (o - x.start));
+        for (const x of xs)
+          for (let o = x.start; o < x.start + x.length; o += 512)
+            out.set(o, x.host === undefined ? undefined : x.host + (o - x.start));
         return out;
       };
-      const ours = dataOf(ext.filter((x) => x.status === 'data').map((x) => ({ start: x.offset, length: x.length, host: x.hostOffset })));
-      const theirs = dataOf(map.filter((m) => m.data).map((m) => ({ start: m.start, length: m.length, host: m.offset })));
+      const ours = dataOf(
+        ext
+          .filter((x) => x.status === 'data')
+          .map((x) => ({ start: x.offset, length: x.length, host: x.hostOffset })),
+      );
+      const theirs = dataOf(
+        map
+          .filter((m) => m.data)
+          .map((m) => ({ start: m.start, length: m.length, host: m.offset })),
+      );
       expect([...ours.entries()]).toEqual([...theirs.entries()]);
     });
   }
@@ -111,7 +124,7 @@ describe('qcow2 read: images from qemu-img create filled by qemu-io', () => {
     const path = join(dir, 'empty.qcow2');
     await must('qemu-img', ['create', '-f', 'qcow2', path, '0']);
     const img = await openRO(path);
-    expect(img.size).toBe(0);
+    expect(img.virtualSize).toBe(0);
     expect(await img.blockStatus(0, 0)).toEqual([]);
   });
 });
@@ -134,7 +147,18 @@ describe('qcow2 read: compressed clusters', () => {
       const rawPath = join(dir, `c-${type}.raw`);
       const path = join(dir, `c-${type}.qcow2`);
       await writeFile(rawPath, raw);
-      await must('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `compression_type=${type},cluster_size=65536`, rawPath, path]);
+      await must('qemu-img', [
+        'convert',
+        '-c',
+        '-f',
+        'raw',
+        '-O',
+        'qcow2',
+        '-o',
+        `compression_type=${type},cluster_size=65536`,
+        rawPath,
+        path,
+      ]);
       const img = await openRO(path);
       const got = new Uint8Array(size);
       await img.read(got, 0);
@@ -158,9 +182,31 @@ describe('qcow2 read: backing chains', () => {
     const mid = join(dir, 'mid.qcow2');
     const top = join(dir, 'top.qcow2');
     await writeFile(base, pattern(new Uint8Array(6 << 20), 99)); // shorter than the top
-    await must('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'raw', mid, String(10 << 20)]);
+    await must('qemu-img', [
+      'create',
+      '-f',
+      'qcow2',
+      '-b',
+      base,
+      '-F',
+      'raw',
+      mid,
+      String(10 << 20),
+    ]);
     await must('qemu-io', ['-f', 'qcow2', ...fillCommands(10 << 20, 3), mid]);
-    await must('qemu-img', ['create', '-f', 'qcow2', '-o', 'cluster_size=32k', '-b', mid, '-F', 'qcow2', top, String(12 << 20)]);
+    await must('qemu-img', [
+      'create',
+      '-f',
+      'qcow2',
+      '-o',
+      'cluster_size=32k',
+      '-b',
+      mid,
+      '-F',
+      'qcow2',
+      top,
+      String(12 << 20),
+    ]);
     await must('qemu-io', ['-f', 'qcow2', ...fillCommands(12 << 20, 4), top]);
     const baseFile = await FsFile.open(base, { readOnly: true });
     files.push(baseFile);
@@ -181,7 +227,9 @@ describe('qcow2 read: backing chains', () => {
     await must('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '1M']);
     const f = await FsFile.open(top, { readOnly: true });
     files.push(f);
-    await expect(openQcow2(f, { readOnly: true })).rejects.toMatchObject({ code: 'ERR_VMDISK_BLOCK_QCOW2_BAD_OPTION' });
+    await expect(openQcow2(f, { readOnly: true })).rejects.toMatchObject({
+      code: 'ERR_VMDISK_BLOCK_QCOW2_BAD_OPTION',
+    });
     const img = await openQcow2(f, { readOnly: true, backing: null });
     expect(img.header.backingFile).toBe(base);
     expect(img.header.backingFormat).toBe('qcow2');

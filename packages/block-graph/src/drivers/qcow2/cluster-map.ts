@@ -1,0 +1,164 @@
+// Guest-to-host cluster mapping (docs/interop/qcow2.txt, "Cluster mapping" and "Extended L2
+// Entries"): geometry, L1/L2 entry encoding, and the L1 table with its L2 table cache.
+//
+// An L2 entry is decoded into subcluster bitmaps so that standard and extended L2 tables are
+// handled by the same code: a standard table has one "subcluster" per cluster.
+
+import { decodeCompressed } from './compress.ts';
+import { Qcow2CorruptError } from './errors.ts';
+import type { CacheEntry, MetadataCache } from './l2-cache.ts';
+
+export const L1E_OFFSET_MASK_HI = 0x00ffffff; // bits 32..55 of the offset
+export const COPIED_HI = 0x80000000;
+export const COMPRESSED_HI = 0x40000000;
+
+export class Geometry {
+  readonly clusterBits: number;
+  readonly clusterSize: number;
+  readonly extendedL2: boolean;
+  /** Bytes of one L2 entry (8, or 16 with extended L2). */
+  readonly entryBytes: number;
+  readonly l2Entries: number;
+  /** Guest bytes mapped by one L2 table. */
+  readonly l2Span: number;
+  readonly subclusters: number;
+  readonly subclusterSize: number;
+  /** All subcluster bits set. */
+  readonly fullMask: number;
+
+  constructor(clusterBits: number, extendedL2: boolean) {
+    this.clusterBits = clusterBits;
+    this.clusterSize = 2 ** clusterBits;
+    this.extendedL2 = extendedL2;
+    this.entryBytes = extendedL2 ? 16 : 8;
+    this.l2Entries = this.clusterSize / this.entryBytes;
+    this.l2Span = this.l2Entries * this.clusterSize;
+    this.subclusters = extendedL2 ? 32 : 1;
+    this.subclusterSize = this.clusterSize / this.subclusters;
+    this.fullMask = extendedL2 ? 0xffffffff : 1;
+  }
+}
+
+/** A decoded L2 entry. */
+export interface L2Entry {
+  compressed: boolean;
+  /** Normal: host cluster offset (0 = none). Compressed: host byte offset of the data. */
+  host: number;
+  /** Refcount is exactly one (bit 63). */
+  copied: boolean;
+  /** Normal clusters: subclusters whose data is in the host cluster. */
+  alloc: number;
+  /** Normal clusters: subclusters that read as zeros. */
+  zero: number;
+  /** Compressed clusters: 512-byte sectors spanned. */
+  sectors: number;
+}
+
+export const UNALLOCATED: Readonly<L2Entry> = Object.freeze({
+  compressed: false,
+  host: 0,
+  copied: false,
+  alloc: 0,
+  zero: 0,
+  sectors: 0,
+});
+
+/** Decodes entry `i` of the L2 table `t`. Throws CORRUPT for entries that cannot be valid. */
+export function decodeL2(t: Uint8Array, i: number, g: Geometry): L2Entry {
+  const dv = new DataView(t.buffer, t.byteOffset + i * g.entryBytes, g.entryBytes);
+  const hi = dv.getUint32(0);
+  const lo = dv.getUint32(4);
+  if (hi & COMPRESSED_HI) {
+    const c = decodeCompressed(hi, lo, g.clusterBits);
+    return {
+      compressed: true,
+      host: c.offset,
+      copied: false,
+      alloc: 0,
+      zero: 0,
+      sectors: c.sectors,
+    };
+  }
+  const host = (hi & L1E_OFFSET_MASK_HI) * 2 ** 32 + (lo & 0xfffffe00);
+  if (host > Number.MAX_SAFE_INTEGER || host % g.clusterSize !== 0) {
+    throw new Qcow2CorruptError(`L2 entry ${i} host offset ${host} is not cluster aligned`);
+  }
+  const copied = (hi & COPIED_HI) !== 0;
+  if (g.extendedL2) {
+    const alloc = dv.getUint32(12);
+    const zero = dv.getUint32(8);
+    if ((alloc & zero) !== 0) {
+      throw new Qcow2CorruptError(`L2 entry ${i} has subclusters both allocated and zero`);
+    }
+    if (alloc !== 0 && host === 0) {
+      throw new Qcow2CorruptError(`L2 entry ${i} has allocated subclusters but no host cluster`);
+    }
+    return { compressed: false, host, copied, alloc, zero, sectors: 0 };
+  }
+  const zeroFlag = lo & 1;
+  return {
+    compressed: false,
+    host,
+    copied,
+    alloc: host !== 0 && !zeroFlag ? 1 : 0,
+    zero: zeroFlag,
+    sectors: 0,
+  };
+}
+
+/** Encodes a normal entry into entry `i` of table `t`. */
+export function encodeL2(t: Uint8Array, i: number, e: L2Entry, g: Geometry): void {
+  const dv = new DataView(t.buffer, t.byteOffset + i * g.entryBytes, g.entryBytes);
+  const hi = Math.floor(e.host / 2 ** 32) | (e.copied && e.host !== 0 ? COPIED_HI : 0);
+  let lo = e.host % 2 ** 32;
+  if (g.extendedL2) {
+    dv.setUint32(0, hi >>> 0);
+    dv.setUint32(4, lo);
+    dv.setUint32(8, e.zero >>> 0);
+    dv.setUint32(12, e.alloc >>> 0);
+    return;
+  }
+  if (e.zero) lo = (lo | 1) >>> 0;
+  dv.setUint32(0, hi >>> 0);
+  dv.setUint32(4, lo);
+}
+
+/** Reads the L1 table as raw [hi, lo] words. */
+export function parseL1(buf: Uint8Array): { offsets: number[]; copied: boolean[] } {
+  const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const n = buf.length / 8;
+  const offsets = new Array<number>(n);
+  const copied = new Array<boolean>(n);
+  for (let i = 0; i < n; i++) {
+    const hi = dv.getUint32(i * 8);
+    const lo = dv.getUint32(i * 8 + 4);
+    offsets[i] = (hi & L1E_OFFSET_MASK_HI) * 2 ** 32 + (lo & 0xfffffe00);
+    copied[i] = (hi & COPIED_HI) !== 0;
+    if ((lo & 0x1ff) !== 0 || (hi & 0x7f000000) !== 0) {
+      throw new Qcow2CorruptError(`L1 entry ${i} has reserved bits set`);
+    }
+  }
+  return { offsets, copied };
+}
+
+export function encodeL1(dv: DataView, at: number, offset: number, copied: boolean): void {
+  dv.setUint32(at, (Math.floor(offset / 2 ** 32) | (copied && offset ? COPIED_HI : 0)) >>> 0);
+  dv.setUint32(at + 4, offset % 2 ** 32);
+}
+
+/** Pins of L2 tables held by one request, released together. */
+export class L2Pins {
+  readonly #cache: MetadataCache;
+  readonly #held: CacheEntry[] = [];
+  constructor(cache: MetadataCache) {
+    this.#cache = cache;
+  }
+  add(e: CacheEntry): CacheEntry {
+    this.#held.push(e);
+    return e;
+  }
+  release(): void {
+    for (const e of this.#held) this.#cache.unpin(e);
+    this.#held.length = 0;
+  }
+}

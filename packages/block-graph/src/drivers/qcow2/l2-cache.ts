@@ -1,0 +1,145 @@
+// A bounded write-back cache of cluster-sized metadata tables (L2 tables, refcount blocks),
+// after QEMU's qcow2-cache.c: entries are keyed by their host offset, pinned while a request
+// uses them, evicted least recently used first. Dirty entries are written back by the owner
+// (which knows the ordering rules): on eviction through `evictDirty`, otherwise on flush.
+
+export interface CacheEntry {
+  readonly offset: number;
+  readonly data: Uint8Array;
+  dirty: boolean;
+  /** Requests using the entry; pinned entries are never evicted. */
+  pins: number;
+  lastUse: number;
+}
+
+export interface MetadataCacheOptions {
+  /** Entries kept (at least 2). */
+  capacity: number;
+  entrySize: number;
+  /** Fills `buf` with the table at `offset`; throws on a short read or invalid content. */
+  load(offset: number, buf: Uint8Array): Promise<void>;
+  /** Writes a dirty entry back (respecting ordering), leaving it clean. */
+  evictDirty(entry: CacheEntry): Promise<void>;
+}
+
+export class MetadataCache {
+  readonly #opts: MetadataCacheOptions;
+  readonly #entries = new Map<number, CacheEntry>();
+  readonly #loading = new Map<number, Promise<CacheEntry>>();
+  #clock = 0;
+  #shrinking: Promise<void> | null = null;
+
+  constructor(opts: MetadataCacheOptions) {
+    this.#opts = { ...opts, capacity: Math.max(2, opts.capacity) };
+  }
+
+  get capacity(): number {
+    return this.#opts.capacity;
+  }
+
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  /** The entry if cached (not pinned, not loaded). */
+  peek(offset: number): CacheEntry | undefined {
+    return this.#entries.get(offset);
+  }
+
+  /** The table at `offset`, loaded if needed, pinned: the caller must `unpin` it. */
+  async get(offset: number): Promise<CacheEntry> {
+    const e = this.#entries.get(offset);
+    if (e) {
+      e.pins++;
+      e.lastUse = ++this.#clock;
+      return e;
+    }
+    let p = this.#loading.get(offset);
+    if (!p) {
+      p = this.#load(offset);
+      this.#loading.set(offset, p);
+      p.then(
+        () => this.#loading.delete(offset),
+        () => this.#loading.delete(offset),
+      );
+    }
+    const loaded = await p;
+    loaded.pins++;
+    loaded.lastUse = ++this.#clock;
+    await this.#shrink();
+    return loaded;
+  }
+
+  async #load(offset: number): Promise<CacheEntry> {
+    const data = new Uint8Array(this.#opts.entrySize);
+    await this.#opts.load(offset, data);
+    const existing = this.#entries.get(offset);
+    if (existing) return existing;
+    const e: CacheEntry = { offset, data, dirty: false, pins: 0, lastUse: ++this.#clock };
+    this.#entries.set(offset, e);
+    return e;
+  }
+
+  /** A new zero-filled table at `offset` (not read from disk), dirty and pinned. */
+  async create(offset: number, init?: Uint8Array): Promise<CacheEntry> {
+    const data = new Uint8Array(this.#opts.entrySize);
+    if (init) data.set(init);
+    const e: CacheEntry = { offset, data, dirty: true, pins: 1, lastUse: ++this.#clock };
+    this.#entries.set(offset, e);
+    await this.#shrink();
+    return e;
+  }
+
+  /** Adds a clean table whose content is `data` (just written by the owner). */
+  insertClean(offset: number, data: Uint8Array): void {
+    const e: CacheEntry = { offset, data, dirty: false, pins: 0, lastUse: ++this.#clock };
+    this.#entries.set(offset, e);
+  }
+
+  unpin(e: CacheEntry): void {
+    e.pins--;
+  }
+
+  markDirty(e: CacheEntry): void {
+    e.dirty = true;
+  }
+
+  /** Dirty entries, in offset order. */
+  dirtyEntries(): CacheEntry[] {
+    return [...this.#entries.values()].filter((e) => e.dirty).sort((a, b) => a.offset - b.offset);
+  }
+
+  /** Forgets a table (its cluster was freed); it must not be pinned by anyone else. */
+  drop(offset: number): void {
+    this.#entries.delete(offset);
+  }
+
+  /** Forgets everything (after a failure, or on close). */
+  clear(): void {
+    this.#entries.clear();
+  }
+
+  async #shrink(): Promise<void> {
+    while (this.#shrinking) await this.#shrinking;
+    if (this.#entries.size <= this.#opts.capacity) return;
+    this.#shrinking = (async () => {
+      while (this.#entries.size > this.#opts.capacity) {
+        let victim: CacheEntry | undefined;
+        for (const e of this.#entries.values()) {
+          if (e.pins > 0) continue;
+          if (!victim || e.lastUse < victim.lastUse) victim = e;
+        }
+        if (!victim) return; // all pinned: over capacity until requests finish
+        if (victim.dirty) await this.#opts.evictDirty(victim);
+        if (!victim.dirty && victim.pins === 0 && this.#entries.get(victim.offset) === victim) {
+          this.#entries.delete(victim.offset);
+        }
+      }
+    })();
+    try {
+      await this.#shrinking;
+    } finally {
+      this.#shrinking = null;
+    }
+  }
+}
