@@ -40,6 +40,9 @@ const IOCB_CMD_PWRITEV = 8;
 const IOCB_FLAG_RESFD = 1;
 const RWF_NOWAIT = 0x8;
 const TWO32 = 4294967296;
+/** The most one attempt asks for (a result must fit the int32 we read); the rest of a
+ * larger buffer is a continuation, like a short transfer. */
+const MAX_ATTEMPT = 1 << 30;
 
 export class AioBackend implements Backend {
   readonly name = 'aio' as const;
@@ -200,7 +203,7 @@ export class AioBackend implements Backend {
       const b = req.bufs[0]!;
       op = req.kind === 'read' ? IOCB_CMD_PREAD : IOCB_CMD_PWRITE;
       addr = addressOf(b);
-      len = b.byteLength;
+      len = Math.min(b.byteLength, MAX_ATTEMPT);
     } else {
       op = req.kind === 'readv' ? IOCB_CMD_PREADV : IOCB_CMD_PWRITEV;
       const bufs = req.bufs;
@@ -210,7 +213,8 @@ export class AioBackend implements Backend {
         const a = addressOf(b);
         iov[i * 4] = a >>> 0;
         iov[i * 4 + 1] = (a / TWO32) >>> 0;
-        iov[i * 4 + 2] = b.byteLength;
+        iov[i * 4 + 2] = b.byteLength >>> 0;
+        iov[i * 4 + 3] = (b.byteLength / TWO32) >>> 0;
       }
       req.iov = iov;
       addr = addressOf(iov);

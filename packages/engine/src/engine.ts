@@ -212,7 +212,7 @@ class EngineFileImpl implements EngineFile {
         reject,
         this.settle,
       );
-      backend.submit(req);
+      req.start();
     });
   }
 

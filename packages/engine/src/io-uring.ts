@@ -68,6 +68,9 @@ const OP_WRITE = 23;
 const FSYNC_DATASYNC = 1;
 
 const TWO32 = 4294967296;
+/** The most one read/write attempt asks for (the SQE length is 32 bits); the rest of a
+ * larger buffer is a continuation, like a short transfer. */
+const MAX_ATTEMPT = 1 << 30;
 
 export interface IoUringInfo {
   sqEntries: number;
@@ -349,7 +352,7 @@ export class IoUringBackend implements Backend {
           len = 1;
         } else {
           addr = addressOf(b);
-          len = b.byteLength;
+          len = Math.min(b.byteLength, MAX_ATTEMPT);
           const reg = this.registered.get(b.buffer);
           if (reg !== undefined && addr >= reg.start && addr + len <= reg.end) {
             op = req.kind === 'read' ? OP_READ_FIXED : OP_WRITE_FIXED;
@@ -399,7 +402,8 @@ export class IoUringBackend implements Backend {
       const a = addressOf(b);
       iov[i * 4] = a >>> 0;
       iov[i * 4 + 1] = (a / TWO32) >>> 0;
-      iov[i * 4 + 2] = b.byteLength;
+      iov[i * 4 + 2] = b.byteLength >>> 0;
+      iov[i * 4 + 3] = (b.byteLength / TWO32) >>> 0;
     }
     req.iov = iov;
     return addressOf(iov);

@@ -104,7 +104,7 @@ export class IoRequest {
     if (res < 0) {
       const errno = -res;
       if ((errno === EINTR || errno === EAGAIN) && this.retries++ < MAX_RETRIES) {
-        this.backend.submit(this);
+        this.start();
         return;
       }
       this.fail(errno);
@@ -131,7 +131,17 @@ export class IoRequest {
       return;
     }
     this.advance(res);
-    this.backend.submit(this);
+    this.start();
+  }
+
+  /** Starts the request (or its remainder); a backend that throws instead of starting it
+   * fails the request, which still settles exactly once. */
+  start(): void {
+    try {
+      this.backend.submit(this);
+    } catch (err) {
+      this.failWith(err instanceof Error ? err : new Error(String(err)));
+    }
   }
 
   /** Drops `n` bytes from the front of the remaining buffers (subtracting, not adding). */

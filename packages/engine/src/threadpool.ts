@@ -6,6 +6,10 @@ import * as fs from 'node:fs';
 import { fallocateAsync } from './native.ts';
 import type { Backend, IoRequest } from './request.ts';
 
+/** The most one fs.read/fs.write attempt asks for (Node refuses 2 GiB and more); the rest
+ * of a larger buffer is a continuation, like a short transfer. */
+const MAX_ATTEMPT = 1 << 30;
+
 function errnoOf(err: NodeJS.ErrnoException): number {
   return typeof err.errno === 'number' ? -Math.abs(err.errno) : -5;
 }
@@ -19,6 +23,16 @@ export class ThreadPoolBackend implements Backend {
   }
 
   submit(req: IoRequest): void {
+    try {
+      this.start(req);
+    } catch (err) {
+      // Node validated and refused the call: it never started.
+      this.count--;
+      throw err;
+    }
+  }
+
+  private start(req: IoRequest): void {
     this.count++;
     const done = (err: NodeJS.ErrnoException | null, n?: number): void => {
       this.count--;
@@ -28,12 +42,12 @@ export class ThreadPoolBackend implements Backend {
     switch (req.kind) {
       case 'read': {
         const b = req.bufs[0]!;
-        fs.read(req.fd, b, 0, b.byteLength, position, done);
+        fs.read(req.fd, b, 0, Math.min(b.byteLength, MAX_ATTEMPT), position, done);
         break;
       }
       case 'write': {
         const b = req.bufs[0]!;
-        fs.write(req.fd, b, 0, b.byteLength, position, done);
+        fs.write(req.fd, b, 0, Math.min(b.byteLength, MAX_ATTEMPT), position, done);
         break;
       }
       case 'readv':

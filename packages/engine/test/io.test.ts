@@ -301,6 +301,30 @@ describe.each(BACKENDS)('%s backend', (backend) => {
     expect(readFileSync(path).equals(Buffer.concat([data, data]))).toBe(true);
   });
 
+  it('requests refused in the middle of a batch settle, and free their slots', async () => {
+    const small = await openEngine({ backend, queueDepth: 4 });
+    const path = tmp.file('refused.img');
+    const ref = randomFillSync(Buffer.alloc(64 * 1024));
+    writeFileSync(path, ref);
+    const f = await small.openFile(path, { readOnly: true });
+    // One JS turn: good reads with writes the kernel refuses (EBADF) between them.
+    const calls: Promise<unknown>[] = [];
+    for (let i = 0; i < 30; i++) {
+      calls.push(f.read(Buffer.alloc(1024), i * 1024));
+      calls.push(f.write(Buffer.alloc(1024), i * 1024));
+    }
+    const settled = await Promise.allSettled(calls);
+    settled.forEach((s, i) => {
+      if (i % 2 === 0) expect(s).toEqual({ status: 'fulfilled', value: 1024 });
+      else expect((s as PromiseRejectedResult).reason.errnoName).toBe('EBADF');
+    });
+    // Had a refused request kept its slot, these would never all complete.
+    const bufs = Array.from({ length: 64 }, () => Buffer.alloc(1024));
+    await Promise.all(bufs.map((b, i) => f.read(b, i * 1024)));
+    expect(Buffer.concat(bufs).equals(ref)).toBe(true);
+    await small.close();
+  });
+
   it('more requests than the queue holds wait their turn instead of failing', async () => {
     const small = await openEngine({ backend, queueDepth: 2 });
     const path = tmp.file('queue.img');
