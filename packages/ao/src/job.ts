@@ -795,6 +795,26 @@ export class JobRegistry {
     return this.jobs.map((j) => j.info());
   }
 
+  /**
+   * Force-cancels every job and waits until all have ended, dismissing the concluded
+   * ones (QEMU job_cancel_sync_all, for shutdown). Jobs whose transaction is already
+   * finalizing end normally. Resolves when the registry is empty.
+   */
+  async cancelAll(): Promise<void> {
+    for (let round = 0; this.#jobs.size > 0; round++) {
+      const jobs = this.jobs;
+      for (const job of jobs) {
+        if (job.status === 'concluded') job.dismiss();
+        else if (jobVerbAllowed('cancel', job.status)) job.cancel(true);
+      }
+      await Promise.all(jobs.map((job) => job.wait().catch(() => {})));
+      for (const job of jobs) if (job.status === 'concluded') job.dismiss();
+      if (round > 1000) {
+        throw new AoError(AoErrorCode.JOB_STATE, 'jobs keep appearing while cancelling all');
+      }
+    }
+  }
+
   /** Calls `listener` (later, in order) for every JOB_STATUS_CHANGE; returns an unsubscribe. */
   onStatusChange(listener: (event: JobStatusChangeEvent) => void): () => void {
     this.#listeners.add(listener);

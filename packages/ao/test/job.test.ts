@@ -684,6 +684,37 @@ describe('events, query and options', () => {
     );
   });
 
+  it('cancelAll() ends every job, whatever its status, and empties the registry', async () => {
+    const registry = new JobRegistry();
+    const created = registry.createJob({ id: 'a', driver: scriptedDriver(control()) });
+    const running = registry.createJob({ id: 'b', driver: scriptedDriver(control()) });
+    const paused = registry.createJob({ id: 'c', driver: scriptedDriver(control()) });
+    const pending = registry.createJob({
+      id: 'd',
+      driver: scriptedDriver(control({ finish: true })),
+      autoFinalize: false,
+    });
+    const concluded = registry.createJob({
+      id: 'e',
+      driver: scriptedDriver(control({ finish: true })),
+      autoDismiss: false,
+    });
+    for (const j of [running, paused, pending, concluded]) j.start();
+    paused.pause();
+    await until(
+      () =>
+        paused.status === 'paused' &&
+        pending.status === 'pending' &&
+        concluded.status === 'concluded',
+      'staged',
+    );
+    await registry.cancelAll();
+    expect(registry.query()).toEqual([]);
+    for (const j of [created, running, paused, pending, concluded]) expect(j.status).toBe('null');
+    expect(concluded.error).toBeUndefined();
+    expect(pending.error).toMatchObject({ code: 'ERR_VMDISK_AO_JOB_CANCELLED' });
+  });
+
   it('job-internal calls are refused outside the running body', () => {
     const registry = new JobRegistry();
     const job = registry.createJob({ id: 'outside', driver: scriptedDriver(control()) });
