@@ -64,11 +64,14 @@ export class BlockBackend implements ChildParent {
   private closing: Promise<void> | undefined;
   private readonly maxExtents: number;
 
-  constructor(
-    private readonly graph: BlockGraph,
-    readonly name: string,
-    private readonly options: BackendOptions,
-  ) {
+  private readonly graph: BlockGraph;
+  readonly name: string;
+  private readonly options: BackendOptions;
+
+  constructor(graph: BlockGraph, name: string, options: BackendOptions) {
+    this.graph = graph;
+    this.name = name;
+    this.options = options;
     this.maxExtents = options.maxExtents ?? 1024;
   }
 

@@ -31,13 +31,18 @@ export class BdrvChild {
   /** Permissions this parent lets others take. */
   shared = BLK_PERM_ALL;
 
-  constructor(
-    /** The child's name in its parent ('file', 'backing', 'root'). */
-    readonly name: string,
-    readonly roles: readonly ChildRole[],
-    readonly parent: ChildParent,
-    public node: BlockNode,
-  ) {}
+  /** The child's name in its parent ('file', 'backing', 'root'). */
+  readonly name: string;
+  readonly roles: readonly ChildRole[];
+  readonly parent: ChildParent;
+  node: BlockNode;
+
+  constructor(name: string, roles: readonly ChildRole[], parent: ChildParent, node: BlockNode) {
+    this.name = name;
+    this.roles = roles;
+    this.parent = parent;
+    this.node = node;
+  }
 }
 
 export interface WriteFlags {
@@ -150,14 +155,26 @@ export class BlockNode implements ChildParent {
   private tracker: RangeLock | undefined;
   closed = false;
 
+  readonly name: string;
+  readonly driver: string;
+  readonly settings: NodeSettings;
+  /** The options it was added with (for queries). */
+  readonly options: Readonly<Record<string, unknown>>;
+  private readonly host: NodeHost;
+
   constructor(
-    readonly name: string,
-    readonly driver: string,
-    readonly settings: NodeSettings,
-    /** The options it was added with (for queries). */
-    readonly options: Readonly<Record<string, unknown>>,
-    private readonly host: NodeHost,
-  ) {}
+    name: string,
+    driver: string,
+    settings: NodeSettings,
+    options: Readonly<Record<string, unknown>>,
+    host: NodeHost,
+  ) {
+    this.name = name;
+    this.driver = driver;
+    this.settings = settings;
+    this.options = options;
+    this.host = host;
+  }
 
   get readOnly(): boolean {
     return this.settings.readOnly;

@@ -15,11 +15,15 @@ class CowInstance implements FormatInstance {
   private next = 0;
   allocations = 0;
 
-  constructor(
-    private readonly file: BdrvChild,
-    private readonly virtualSize: number,
-    private readonly cs: number,
-  ) {}
+  private readonly file: BdrvChild;
+  private readonly virtualSize: number;
+  private readonly cs: number;
+
+  constructor(file: BdrvChild, virtualSize: number, cs: number) {
+    this.file = file;
+    this.virtualSize = virtualSize;
+    this.cs = cs;
+  }
 
   size(): number {
     return this.virtualSize;

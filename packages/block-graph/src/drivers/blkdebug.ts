@@ -91,13 +91,20 @@ class BlkdebugInstance implements FilterInstance {
     'block-status': 0,
   };
 
+  readonly child: BdrvChild;
+  private readonly rules: Rule[];
+  private readonly node: string;
+
   constructor(
-    readonly child: BdrvChild,
-    private readonly rules: Rule[],
+    child: BdrvChild,
+    rules: Rule[],
     align: number | undefined,
     maxTransfer: number | undefined,
-    private readonly node: string,
+    node: string,
   ) {
+    this.child = child;
+    this.rules = rules;
+    this.node = node;
     this.limits = {};
     if (align !== undefined) this.limits.requestAlignment = align;
     if (maxTransfer !== undefined) this.limits.maxTransfer = maxTransfer;

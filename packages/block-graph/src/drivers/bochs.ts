@@ -92,11 +92,14 @@ class BochsInstance implements FormatInstance {
   /** Bitmaps read so far, by extent index. */
   private readonly bitmaps = new Map<number, Promise<Uint8Array>>();
 
-  constructor(
-    private readonly file: BdrvChild,
-    private readonly h: BochsHeader,
-    private readonly catalog: Uint32Array,
-  ) {
+  private readonly file: BdrvChild;
+  private readonly h: BochsHeader;
+  private readonly catalog: Uint32Array;
+
+  constructor(file: BdrvChild, h: BochsHeader, catalog: Uint32Array) {
+    this.file = file;
+    this.h = h;
+    this.catalog = catalog;
     // QEMU counts whole sectors: a trailing partial sector is not part of the disk.
     this.size_ = Math.floor(h.diskSize / SECTOR) * SECTOR;
     this.dataOffset = h.headerSize + 4 * h.catalogEntries;

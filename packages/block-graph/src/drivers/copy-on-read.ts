@@ -4,15 +4,26 @@
 // never overwritten by older data.
 
 import type { BlockDriver, FilterInstance } from '../driver.ts';
-import type { BdrvChild } from '../node.ts';
+import type { BdrvChild, BlockNode } from '../node.ts';
 import { BLK_PERM_WRITE_UNCHANGED, defaultChildPerms } from '../permissions.ts';
+
+/** Whether a backing (cow) child hangs below the node, through filters and formats' primary children. */
+function hasBacking(node: BlockNode): boolean {
+  for (let n: BlockNode | undefined = node; n; n = n.primary?.node) {
+    if (n.backing) return true;
+  }
+  return false;
+}
 
 class CopyOnReadInstance implements FilterInstance {
   readonly kind = 'filter';
   /** Bytes copied up so far (for queries). */
   private copied = 0;
 
-  constructor(readonly child: BdrvChild) {
+  readonly child: BdrvChild;
+
+  constructor(child: BdrvChild) {
+    this.child = child;
     child.node.enableTracking();
   }
 
@@ -22,6 +33,8 @@ class CopyOnReadInstance implements FilterInstance {
 
   async read(offset: number, buf: Uint8Array): Promise<void> {
     const node = this.child.node;
+    // Nothing to copy up without a backing chain below (e.g. over raw or a protocol).
+    if (!hasBacking(node)) return node.read(offset, buf);
     node.enableTracking();
     let pos = 0;
     while (pos < buf.byteLength) {

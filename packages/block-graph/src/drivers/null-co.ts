@@ -6,11 +6,15 @@ import type { BlockDriver, ProtocolInstance, ProtocolStatus } from '../driver.ts
 class NullInstance implements ProtocolInstance {
   readonly kind = 'protocol';
 
-  constructor(
-    private readonly length: number,
-    private readonly latencyMs: number,
-    private readonly readZeroes: boolean,
-  ) {}
+  private readonly length: number;
+  private readonly latencyMs: number;
+  private readonly readZeroes: boolean;
+
+  constructor(length: number, latencyMs: number, readZeroes: boolean) {
+    this.length = length;
+    this.latencyMs = latencyMs;
+    this.readZeroes = readZeroes;
+  }
 
   size(): number {
     return this.length;

@@ -8,11 +8,15 @@ import type { BdrvChild } from '../node.ts';
 class RawInstance implements FormatInstance {
   readonly kind = 'format';
 
-  constructor(
-    private readonly file: BdrvChild,
-    private readonly offset: number,
-    private readonly fixedSize: number | undefined,
-  ) {}
+  private readonly file: BdrvChild;
+  private readonly offset: number;
+  private readonly fixedSize: number | undefined;
+
+  constructor(file: BdrvChild, offset: number, fixedSize: number | undefined) {
+    this.file = file;
+    this.offset = offset;
+    this.fixedSize = fixedSize;
+  }
 
   size(): number {
     if (this.fixedSize !== undefined) return this.fixedSize;

@@ -24,11 +24,15 @@ class Bucket {
   burstLevel = 0;
   private last = performance.now();
 
-  constructor(
-    readonly avg: number,
-    readonly max: number,
-    readonly burstLength: number,
-  ) {}
+  readonly avg: number;
+  readonly max: number;
+  readonly burstLength: number;
+
+  constructor(avg: number, max: number, burstLength: number) {
+    this.avg = avg;
+    this.max = max;
+    this.burstLength = burstLength;
+  }
 
   private leak(now: number): void {
     const dt = (now - this.last) / 1000;
@@ -65,10 +69,13 @@ class Direction {
   readonly queue: Waiter[] = [];
   timer: NodeJS.Timeout | undefined;
 
-  constructor(
-    readonly buckets: { bucket: Bucket; unit: 'iops' | 'bps' }[],
-    readonly iopsSize: number,
-  ) {}
+  readonly buckets: { bucket: Bucket; unit: 'iops' | 'bps' }[];
+  readonly iopsSize: number;
+
+  constructor(buckets: { bucket: Bucket; unit: 'iops' | 'bps' }[], iopsSize: number) {
+    this.buckets = buckets;
+    this.iopsSize = iopsSize;
+  }
 
   private units(unit: 'iops' | 'bps', bytes: number): number {
     if (unit === 'bps') return bytes;
@@ -115,10 +122,12 @@ class ThrottleInstance implements FilterInstance {
   private readonly reads: Direction;
   private readonly writes: Direction;
 
-  constructor(
-    readonly child: BdrvChild,
-    private readonly config: Record<string, number>,
-  ) {
+  readonly child: BdrvChild;
+  private readonly config: Record<string, number>;
+
+  constructor(child: BdrvChild, config: Record<string, number>) {
+    this.child = child;
+    this.config = config;
     const bucket = (unit: 'iops' | 'bps', kind: string) => {
       const avg = config[`${unit}-${kind}`] ?? 0;
       if (!avg) return [];
