@@ -206,6 +206,8 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
   const reader = new SocketReader();
   reader.attach(socket);
   let current: Socket | TLSSocket = socket;
+  /** In fixed-newstyle option haggling, where the way out is NBD_OPT_ABORT. */
+  let haggling = false;
   const onAbort = () => {
     reader.fail(opts.signal?.reason as Error);
     current.destroy();
@@ -258,6 +260,7 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
       (fixed ? FLAG_C_FIXED_NEWSTYLE : 0) | (noZeroes ? FLAG_C_NO_ZEROES : 0),
     );
     current.write(clientFlags);
+    haggling = fixed;
 
     const sendOption = (option: number, data: Buffer = Buffer.alloc(0)) => {
       const h = Buffer.allocUnsafe(16);
@@ -269,6 +272,7 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
 
     const exportName = async (): Promise<{ size: number; flags: number }> => {
       sendOption(Option.EXPORT_NAME, nameBytes);
+      haggling = false;
       let reply: Buffer;
       try {
         reply = await reader.read(noZeroes ? 10 : 134);
@@ -357,11 +361,12 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
       if (r.type === OptionReply.ACK) {
         const rest = reader.detach();
         if (rest.length) throw protocolError('the server sent data after its STARTTLS reply');
+        haggling = false; // a failed TLS handshake leaves nothing to say ABORT on
         current = await upgradeToTls(socket, tlsConnect);
+        haggling = true;
         inTls = true;
         reader.attach(current);
       } else if (opts.tls.mode !== 'prefer') {
-        sendOption(Option.ABORT);
         throw new NbdConnectionError(
           'ERR_VMDISK_NBD_TLS_FAILED',
           `the NBD server refused STARTTLS (${replyName(r.type)})` +
@@ -538,8 +543,27 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
     return out;
   } catch (err) {
     reader.detach();
-    current.destroy();
-    socket.destroy();
+    const refusal =
+      err instanceof NbdOptionError ||
+      (err instanceof NbdError &&
+        (err.code === 'ERR_VMDISK_NBD_TLS_REQUIRED' || err.code === 'ERR_VMDISK_NBD_TLS_FAILED'));
+    if (haggling && refusal && !opts.signal?.aborted && current.writable) {
+      // A refusal ends option haggling with a soft disconnect: NBD_OPT_ABORT, then close.
+      const abort = Buffer.alloc(16);
+      abort.writeBigUInt64BE(IHAVEOPT, 0);
+      abort.writeUInt32BE(Option.ABORT, 8);
+      const sock = current;
+      const done = () => {
+        sock.destroy();
+        socket.destroy();
+      };
+      sock.once('error', done);
+      sock.end(abort, done);
+      setTimeout(done, 1000).unref();
+    } else {
+      current.destroy();
+      socket.destroy();
+    }
     // A timeout or abort may surface as some other failure (e.g. of the TLS handshake).
     if (opts.signal?.aborted) throw opts.signal.reason;
     throw err;

@@ -327,6 +327,36 @@ describe('NbdClient against a misbehaving server', () => {
     expect((await c.read(0, 512)).every((b) => b === 0x42)).toBe(true);
   });
 
+  it('ends negotiation with NBD_OPT_ABORT when the server refuses the export', async () => {
+    let afterRefusal = -1;
+    script = async (io) => {
+      io.write(Buffer.concat([u64(NBDMAGIC), u64(IHAVEOPT), u16(FLAG_FIXED_NEWSTYLE)]));
+      await io.read(4);
+      for (;;) {
+        const h = await io.read(16);
+        const opt = h.readUInt32BE(8);
+        await io.read(h.readUInt32BE(12));
+        if (opt === Option.GO) {
+          io.write(optReply(opt, OptionReply.ERR_UNKNOWN, Buffer.from('no such export')));
+          const next = await io.read(16);
+          afterRefusal = next.readUInt32BE(8);
+          return;
+        }
+        io.write(optReply(opt, OptionReply.ERR_UNSUP));
+      }
+    };
+    const err = await NbdClient.connect({ path: sockPath }, { exportName: 'x' }).catch(
+      (e: unknown) => e,
+    );
+    expect(err).toMatchObject({
+      code: 'ERR_VMDISK_NBD_OPTION_REFUSED',
+      reply: 'ERR_UNKNOWN',
+      serverMessage: 'no such export',
+    });
+    await serverIo[0]!.closed;
+    expect(afterRefusal).toBe(Option.ABORT);
+  });
+
   it('disconnects on a wrong reply magic', async () => {
     script = async (io) => {
       await handshake(io);
