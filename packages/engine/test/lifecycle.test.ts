@@ -4,6 +4,7 @@
 import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { Worker } from 'node:worker_threads';
 import { afterAll, describe, expect, it } from 'vitest';
 import { type EngineError, openEngine, sharedEngine } from '../src/index.ts';
 import { BACKENDS, tempDir } from './helpers.ts';
@@ -147,6 +148,36 @@ describe('choosing a backend', () => {
     expect(c.backend).toBe('threadpool');
     await c.close();
     await u.close();
+  });
+});
+
+describe('one engine per JS thread', () => {
+  it('a worker thread gets its own shared engine, and closing it leaves this one working', async () => {
+    const path = tmp.file('worker.img');
+    writeFileSync(path, Buffer.alloc(8192, 0x5a));
+    const mine = await sharedEngine('io_uring');
+    const code = `
+      import { parentPort } from 'node:worker_threads';
+      import { sharedEngine } from '${INDEX}';
+      const e = await sharedEngine('io_uring');
+      const again = await sharedEngine('io_uring');
+      const f = await e.openFile(${JSON.stringify(path)}, { direct: true });
+      const b = e.allocBuffer(8192);
+      const n = await f.read(b, 0);
+      await e.close();
+      parentPort.postMessage({ backend: e.backend, same: e === again, n, ok: b.every((x) => x === 0x5a) });`;
+    const msg = await new Promise((resolve, reject) => {
+      const w = new Worker(code, { eval: true });
+      w.once('message', resolve);
+      w.once('error', reject);
+    });
+    expect(msg).toEqual({ backend: 'io_uring', same: true, n: 8192, ok: true });
+    const f = await mine.openFile(path, { readOnly: true });
+    const b = Buffer.alloc(100);
+    expect(await f.read(b, 8000)).toBe(100);
+    expect(b.every((x) => x === 0x5a)).toBe(true);
+    expect(await sharedEngine('io_uring')).toBe(mine);
+    await mine.close();
   });
 });
 
