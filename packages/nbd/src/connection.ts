@@ -5,6 +5,7 @@
 
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
+import type { BufferPool } from './buffer-pool.ts';
 import { ByteQueue } from './byte-queue.ts';
 import { NbdError } from './errors.ts';
 import type { BlockSizeConstraints, ExportTarget, Extent } from './export-target.ts';
@@ -75,6 +76,8 @@ export interface ConnectionHost {
   readonly tls: ServerTls;
   readonly handshakeTimeoutMs: number;
   readonly maxInFlight: number;
+  /** Buffers for payloads and replies, shared by the server's connections. */
+  readonly pool: BufferPool;
   /** The export a client asking for `name` gets ('' is the default export), if any. */
   findExport(name: string): ExportEntry | undefined;
   /** The exports NBD_OPT_LIST shows. */
@@ -261,7 +264,7 @@ export class Connection {
     const pw = this.pendingWrite;
     if (pw !== undefined) {
       this.pendingWrite = undefined;
-      this.release(pw.buf);
+      this.free(pw.buf);
       this.done();
     }
     if (this.afterSkip !== undefined) {
@@ -642,7 +645,7 @@ export class Connection {
           return;
         }
         this.pendingWrite = undefined;
-        this.startWrite(pw.req, pw.buf);
+        this.startWrite(pw.req, pw.buf, true);
         continue;
       }
       if (this.inFlight >= this.host.maxInFlight) {
@@ -702,10 +705,10 @@ export class Connection {
       }
       const t = exp.target;
       if (t.allocBuffer === undefined && this.q.length >= payload) {
-        this.startWrite(req, this.q.take(payload));
+        // A view of the received bytes: no copy, and not ours to recycle.
+        this.startWrite(req, this.q.take(payload), false);
       } else {
-        const buf = t.allocBuffer?.(payload) ?? Buffer.allocUnsafe(payload);
-        this.pendingWrite = { req, buf, filled: 0 };
+        this.pendingWrite = { req, buf: this.alloc(payload), filled: 0 };
       }
       return;
     }
@@ -714,7 +717,7 @@ export class Connection {
       return;
     }
     if (type === Command.WRITE) {
-      this.startWrite(req, EMPTY);
+      this.startWrite(req, EMPTY, false);
       return;
     }
     this.execute(req);
@@ -880,11 +883,12 @@ export class Connection {
     await this.inPieces(req, (o, n) => t.cache!(o, n));
   }
 
-  private startWrite(req: Request, buf: Uint8Array): void {
+  /** Runs a WRITE whose payload is in `buf` (`owned`: from alloc, to be freed). */
+  private startWrite(req: Request, buf: Uint8Array, owned: boolean): void {
     const exp = this.export!;
     const t = exp.target;
     if (req.length === 0) {
-      this.release(buf);
+      if (owned) this.free(buf);
       this.replyOk(req);
       return;
     }
@@ -893,19 +897,28 @@ export class Connection {
     const op = fua && !t.nativeFua && t.flush ? write.then(() => t.flush!()) : write;
     op.then(
       () => {
-        this.release(buf);
+        if (owned) this.free(buf);
         exp.stats.bytesWritten += req.length;
         this.replyOk(req);
       },
       (err: unknown) => {
-        this.release(buf);
+        if (owned) this.free(buf);
         this.targetFailed(req, err);
       },
     );
   }
 
-  private release(buf: Uint8Array): void {
-    this.export?.target.releaseBuffer?.(buf);
+  /** A buffer for request data: the target's (e.g. aligned arena memory) or the pool's. */
+  private alloc(length: number): Uint8Array {
+    const t = this.export!.target;
+    return t.allocBuffer ? t.allocBuffer(length) : this.host.pool.get(length);
+  }
+
+  /** Gives back a buffer from alloc once nothing refers to it any more. */
+  private free(buf: Uint8Array): void {
+    const t = this.export!.target;
+    if (t.allocBuffer) t.releaseBuffer?.(buf);
+    else this.host.pool.put(buf);
   }
 
   // ---- READ ----
@@ -939,7 +952,7 @@ export class Connection {
     if (t.allocBuffer) {
       data = t.allocBuffer(req.length);
     } else {
-      whole = Buffer.allocUnsafe(headerBytes + req.length);
+      whole = this.host.pool.get(headerBytes + req.length);
       data = whole.subarray(headerBytes);
     }
     t.read(req.offset, data).then(
@@ -959,13 +972,13 @@ export class Connection {
           req.ids.copy(header, at, 8, 16);
         }
         const sent = (): void => {
-          if (whole === undefined) this.release(data);
+          this.free(whole ?? data);
           this.done();
         };
         this.sendQueue.send(whole !== undefined ? [whole] : [header, data], sent);
       },
       (err: unknown) => {
-        if (whole === undefined) this.release(data);
+        this.free(whole ?? data);
         this.targetFailed(req, err);
       },
     );
@@ -987,18 +1000,18 @@ export class Connection {
     const first = segments[0]!;
     if (segments.length === 1 && !first.zero) return this.denseRead(req);
     const buffers: Uint8Array[] = [];
-    try {
-      const reads: Promise<void>[] = [];
-      for (const s of segments) {
-        if (s.zero) continue;
-        const buf = t.allocBuffer?.(s.length) ?? Buffer.allocUnsafe(s.length);
-        buffers.push(buf);
-        reads.push(t.read(s.offset, buf));
-      }
-      await Promise.all(reads);
-    } catch (err) {
-      for (const b of buffers) this.release(b);
-      throw err;
+    const reads: Promise<void>[] = [];
+    for (const s of segments) {
+      if (s.zero) continue;
+      const buf = this.alloc(s.length);
+      buffers.push(buf);
+      reads.push(t.read(s.offset, buf));
+    }
+    // Every read settled before any buffer goes back.
+    const failed = (await Promise.allSettled(reads)).find((r) => r.status === 'rejected');
+    if (failed !== undefined) {
+      for (const b of buffers) this.free(b);
+      throw failed.reason;
     }
     exp.stats.bytesRead += req.length;
     const chunks: Array<[number, Uint8Array, Uint8Array?]> = [];
@@ -1016,7 +1029,7 @@ export class Connection {
       }
     }
     this.sendChunks(req, chunks, () => {
-      for (const b of buffers) this.release(b);
+      for (const b of buffers) this.free(b);
     });
   }
 

@@ -4,6 +4,7 @@
 import { EventEmitter } from 'node:events';
 import { chmod, unlink } from 'node:fs/promises';
 import * as net from 'node:net';
+import { BufferPool } from './buffer-pool.ts';
 import {
   Connection,
   type ConnectionHost,
@@ -136,6 +137,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       tls,
       handshakeTimeoutMs,
       maxInFlight,
+      pool: new BufferPool(),
       findExport: (name) => this.findExport(name),
       listExports: () => [...this.exports.values()].filter((e) => !e.removing),
       attached: (conn) => {

@@ -685,6 +685,41 @@ describe('NbdServer over a raw socket', () => {
     await t.server.close();
   });
 
+  it('removeExport hard resolves only once the requests in flight have left the target', async () => {
+    const backing = new MemoryTarget(1 << 20);
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    let started = 0;
+    let finished = 0;
+    const gated: ExportTarget = {
+      size: () => backing.size(),
+      read: async (o, b) => {
+        started++;
+        await gate;
+        await backing.read(o, b);
+        finished++;
+      },
+    };
+    const t = await startServer([{ name: 'g', target: gated }]);
+    const { nbd } = await RawNbd.open(t.port, 'g');
+    nbd.request({ type: Command.READ, cookie: 1n, length: 512 });
+    while (started === 0) await new Promise((r) => setTimeout(r, 5));
+    let removed = false;
+    const removal = t.server.removeExport('g', 'hard').then(() => {
+      removed = true;
+    });
+    expect(await nbd.closedWithin()).toBe(true);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(removed).toBe(false);
+    open();
+    await removal;
+    expect(finished).toBe(1);
+    expect(t.server.listExports()).toEqual([]);
+    await t.server.close();
+  });
+
   it('listens on a unix socket with mode 0600 and removes it on close', async () => {
     const { statSync, existsSync } = await import('node:fs');
     const tmp = tempDir();

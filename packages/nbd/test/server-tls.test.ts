@@ -13,17 +13,16 @@ import { run, type Started, startServer, tempDir } from './server-helpers.ts';
 
 const PSK_HEX = '3f1a9c0d4e5b6a7f8091a2b3c4d5e6f70123456789abcdef0fedcba987654321';
 
-async function openssl(dir: string, args: string[]): Promise<void> {
+async function openssl(args: string[]): Promise<void> {
   const r = await run('openssl', args);
   if (r.code !== 0) throw new Error(`openssl ${args.join(' ')}: ${r.stderr}`);
-  void dir;
 }
 
 /** A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files. */
 async function makePki(dir: string): Promise<void> {
   const p = (f: string): string => join(dir, f);
   const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  await openssl(dir, [
+  await openssl([
     'req',
     '-x509',
     ...ec,
@@ -48,7 +47,7 @@ async function makePki(dir: string): Promise<void> {
       p(`${who}.ext`),
       `basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=${purpose}\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n`,
     );
-    await openssl(dir, [
+    await openssl([
       'req',
       ...ec,
       '-keyout',
@@ -58,7 +57,7 @@ async function makePki(dir: string): Promise<void> {
       '-subj',
       `/CN=${who === 'server' ? 'localhost' : 'vmdisk test client'}`,
     ]);
-    await openssl(dir, [
+    await openssl([
       'x509',
       '-req',
       '-in',

@@ -1,0 +1,45 @@
+// Reusable buffers for request payloads and read replies, so that a busy server does not
+// allocate (and the GC free) one buffer per request: power-of-two classes from 4 KiB to
+// 1 MiB, at most `maxBytes` kept. A buffer goes back only once nothing refers to it (its
+// reply written to the kernel, its write completed).
+
+const MIN_CLASS = 4096;
+
+export class BufferPool {
+  private readonly free = new Map<number, Buffer[]>();
+  private pooled = 0;
+  private readonly maxBytes: number;
+  private readonly maxClass: number;
+
+  constructor(maxBytes = 32 * 1024 * 1024, maxClass = 1024 * 1024) {
+    this.maxBytes = maxBytes;
+    this.maxClass = maxClass;
+  }
+
+  /** A buffer of `length` bytes (contents undefined). */
+  get(length: number): Buffer {
+    if (length > this.maxClass) return Buffer.allocUnsafeSlow(length);
+    let size = MIN_CLASS;
+    while (size < length) size *= 2;
+    const whole = this.free.get(size)?.pop();
+    if (whole !== undefined) {
+      this.pooled -= size;
+      return whole.subarray(0, length);
+    }
+    return Buffer.allocUnsafeSlow(size).subarray(0, length);
+  }
+
+  /** Gives back a buffer that `get` returned; others are left to the GC. */
+  put(buf: Uint8Array): void {
+    const size = buf.buffer.byteLength;
+    if (buf.byteOffset !== 0 || size < MIN_CLASS || size > this.maxClass) return;
+    if ((size & (size - 1)) !== 0 || this.pooled + size > this.maxBytes) return;
+    let list = this.free.get(size);
+    if (list === undefined) {
+      list = [];
+      this.free.set(size, list);
+    }
+    list.push(Buffer.from(buf.buffer as ArrayBuffer, 0, size));
+    this.pooled += size;
+  }
+}
