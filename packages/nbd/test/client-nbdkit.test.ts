@@ -10,7 +10,7 @@ import {
   NbdError,
   NbdOptionError,
 } from '../src/index.ts';
-import { makeTempDir, nbdkit, type Peer, pattern, removeDir } from './client-peers.ts';
+import { makeTempDir, nbdkit, type Peer, pattern, removeDir, run } from './client-peers.ts';
 
 const MiB = 1024 * 1024;
 
@@ -130,6 +130,43 @@ describe('NbdClient against nbdkit', () => {
     }
     const one = (await c.blockStatus(0, 4 * MiB, { reqOne: true })).get('base:allocation')!;
     expect(one).toHaveLength(1);
+    await c.close();
+  });
+
+  it('maps a sparse-random export exactly as nbdinfo --map does', async () => {
+    const p = await serve(['sparse-random', 'size=8M', 'seed=3', 'percent=30', 'runlength=65536']);
+    const c = await connect({ path: p.socket! });
+    const ours: [number, number, number][] = [];
+    let at = 0;
+    while (at < c.size) {
+      for (const e of (await c.blockStatus(at, c.size - at)).get('base:allocation')!) {
+        const length = Math.min(e.length, c.size - at);
+        const last = ours[ours.length - 1];
+        if (last && last[2] === e.flags) last[1] += length;
+        else ours.push([at, length, e.flags]);
+        at += length;
+        if (at >= c.size) break;
+      }
+    }
+    const { stdout } = await run('nbdinfo', ['--map', `nbd+unix:///?socket=${p.socket!}`]);
+    const theirs: [number, number, number][] = [];
+    for (const line of stdout.trim().split('\n')) {
+      const [start, length, type] = line.trim().split(/\s+/).map(Number) as [
+        number,
+        number,
+        number,
+      ];
+      const last = theirs[theirs.length - 1];
+      if (last && last[2] === type) last[1] += length;
+      else theirs.push([start, length, type]);
+    }
+    expect(ours).toEqual(theirs);
+    expect(ours.length).toBeGreaterThan(10);
+    // Data reads as data, holes as zeros.
+    const [hs, hl] = ours.find((r) => r[2] === 3)!;
+    expect((await c.read(hs, hl)).every((b) => b === 0)).toBe(true);
+    const [ds, dl] = ours.find((r) => r[2] === 0)!;
+    expect((await c.read(ds, dl)).some((b) => b !== 0)).toBe(true);
     await c.close();
   });
 
