@@ -111,7 +111,11 @@ export class BlockBackend implements ChildParent {
 
   /** The I/O constraints of the root node. */
   get blockSize(): { minimum: number; preferred: number; maximum: number } {
-    const align = this.root?.node.align ?? 1;
+    // The alignment that avoids read-modify-write anywhere down the primary chain.
+    let align = 1;
+    for (let n: BlockNode | undefined = this.root?.node; n; n = n.primary?.node) {
+      align = Math.max(align, n.align);
+    }
     return { minimum: align, preferred: Math.max(4096, align), maximum: 32 << 20 };
   }
 

@@ -21,7 +21,10 @@ describe('graph changes against requests in flight', () => {
     const path = tmp.path('race.img');
     writeFile(path, pattern(0, 0, BLOCK * BLOCKS));
     const g = new BlockGraph();
-    await g.add({ driver: 'file', 'node-name': 'f0', filename: path });
+    // O_DIRECT: the writes below are unaligned, so each is a read-modify-write that holds its
+    // file node across several I/Os (a graph change that did not drain would close the file
+    // under it).
+    await g.add({ driver: 'file', 'node-name': 'f0', filename: path, cache: { direct: true } });
     await g.add({ driver: 'raw', 'node-name': 'disk', file: 'f0' });
     const b = await g.createBackend('disk', { write: true });
     // What each block holds now: the seed of its pattern.
@@ -40,7 +43,7 @@ describe('graph changes against requests in flight', () => {
         // (its file is closed: a request still using it would fail).
         const old = `f${fileSeq}`;
         const next = `f${++fileSeq}`;
-        await g.add({ driver: 'file', 'node-name': next, filename: path });
+        await g.add({ driver: 'file', 'node-name': next, filename: path, cache: { direct: true } });
         await g.replaceChild('disk', 'file', next);
         await g.del(old);
         changes += 3;
@@ -69,8 +72,13 @@ describe('graph changes against requests in flight', () => {
         if (block % 2 === wave % 2) {
           if (ops.length % 3 === 0) continue;
           const seed = wave * 100_000 + i;
+          const data = pattern(seed, off, BLOCK);
+          const cut = 1000 + (i % 7) * 3;
           ops.push(
-            b.write(off, pattern(seed, off, BLOCK)).then(() => {
+            Promise.all([
+              b.write(off, data.subarray(0, cut)),
+              b.write(off + cut, data.subarray(cut)),
+            ]).then(() => {
               seeds[block] = seed;
             }),
           );
