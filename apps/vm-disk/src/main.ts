@@ -1,15 +1,25 @@
 import { parseArgs } from 'node:util';
+import { BadOptionError, VmDiskError } from './errors.ts';
 
 export const VERSION = '0.1.0';
 
 export function usage(): string {
   return `vm-disk ${VERSION}: the storage side of a virtual machine, in TypeScript on Node.js.
 
-Usage: vm-disk [options]
+Usage:
+  vm-disk serve [options]   serve disk images over NBD, with a QMP monitor; takes
+                            qemu-storage-daemon's options:
+      --blockdev OPTIONS        add a block node (JSON or key=value,...)
+      --nbd-server OPTIONS      start the NBD server (addr.type=inet|unix,...)
+      --export OPTIONS          export a node (type=nbd,id=ID,node-name=NODE,...)
+      --object OPTIONS          TLS credentials (tls-creds-x509|tls-creds-psk,id=ID,dir=DIR,endpoint=server)
+      --chardev OPTIONS         a monitor socket (socket,id=ID,path=PATH,server=on,wait=off)
+      --monitor OPTIONS         a QMP monitor on a chardev (chardev=ID)
+      --pidfile PATH            write the process id to PATH
+  vm-disk --help | --version
 
-Options:
-  -h, --help     show this help and exit
-  -V, --version  print the version and exit
+Logs go to stderr: JSON lines, or readable lines on a terminal (VMDISK_LOG_FORMAT=json|pretty,
+VMDISK_LOG_LEVEL=debug|info|warn|error).
 
 Packages (usable one by one from a Node program):
   @vmdisk/engine       block I/O through io_uring, Linux AIO or the thread pool
@@ -25,20 +35,39 @@ export async function main(
   out: NodeJS.WritableStream = process.stdout,
   err: NodeJS.WritableStream = process.stderr,
 ): Promise<number> {
+  const [command, ...rest] = argv;
+  try {
+    switch (command) {
+      case 'serve': {
+        const { serve } = await import('./serve.ts');
+        return await serve(rest);
+      }
+      default:
+        return topLevel(argv, out);
+    }
+  } catch (e) {
+    if (e instanceof VmDiskError) {
+      err.write(`vm-disk: ${e.message}\n`);
+      if (e instanceof BadOptionError) err.write(`Try 'vm-disk --help'.\n`);
+      return e instanceof BadOptionError ? 2 : 1;
+    }
+    const error = e as { code?: string; message?: string };
+    err.write(`vm-disk: ${error.message ?? String(e)}${error.code ? ` (${error.code})` : ''}\n`);
+    return 1;
+  }
+}
+
+function topLevel(argv: readonly string[], out: NodeJS.WritableStream): number {
   let values: { help?: boolean; version?: boolean };
   try {
     ({ values } = parseArgs({
       args: [...argv],
-      options: {
-        help: { type: 'boolean', short: 'h' },
-        version: { type: 'boolean', short: 'V' },
-      },
+      options: { help: { type: 'boolean', short: 'h' }, version: { type: 'boolean', short: 'V' } },
       strict: true,
       allowPositionals: false,
     }));
   } catch (e) {
-    err.write(`vm-disk: ${(e as Error).message}\nTry 'vm-disk --help'.\n`);
-    return 2;
+    throw new BadOptionError(argv[0] ?? '', (e as Error).message.replace(/\. To specify.*$/s, ''));
   }
   if (values.version) {
     out.write(`vm-disk ${VERSION}\n`);

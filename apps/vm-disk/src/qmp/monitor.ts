@@ -35,8 +35,8 @@ export interface QmpSession {
 
 export interface QmpCommand {
   name: string;
-  /** The arguments' schema; absent: the command takes no arguments. */
-  args?: Schema;
+  /** The arguments' schema; absent: the command takes no arguments; 'any': unchecked. */
+  args?: Schema | 'any';
   /** Runs the command with checked arguments; what it returns is the `return` value. */
   run(args: Record<string, unknown>, session: QmpSession): unknown | Promise<unknown>;
 }
@@ -226,7 +226,10 @@ export class QmpMonitor extends EventEmitter {
     if (!command) return fail('CommandNotFound', `The command ${name} has not been found`);
 
     try {
-      const checked = checkStruct(args as Record<string, unknown>, command.args ?? {});
+      const checked =
+        command.args === 'any'
+          ? (args as Record<string, unknown>)
+          : checkStruct(args as Record<string, unknown>, command.args ?? {});
       const result = await command.run(checked, connection);
       if (name === 'qmp_capabilities') connection.negotiated = true;
       this.log?.info(

@@ -1,0 +1,255 @@
+// The daemon behind `vm-disk serve`: a block graph, an NBD server with exports of its
+// nodes, jobs, and QMP monitors, configured from qemu-storage-daemon's options and driven
+// by QMP commands afterwards. It wires the packages together without their knowing each
+// other: a BlockBackend of @vmdisk/block-graph is served as an ExportTarget by
+// @vmdisk/nbd; jobs come from @vmdisk/ao.
+import { unlinkSync, writeFileSync } from 'node:fs';
+import { JobRegistry, type JobStatusChangeEvent } from '@vmdisk/ao';
+import { type BlockBackend, BlockGraph } from '@vmdisk/block-graph';
+import { type ListenAddress, NbdServer } from '@vmdisk/nbd';
+import { VmDiskError } from './errors.ts';
+import type { Logger } from './log.ts';
+import type {
+  ExportConfig,
+  NbdServerConfig,
+  ServeConfig,
+  SocketAddress,
+  TlsCredsConfig,
+} from './options/serve-options.ts';
+import { registerCommands } from './qmp/commands.ts';
+import { QmpError, QmpMonitor, type QmpVersion } from './qmp/monitor.ts';
+import { serverTlsOptions } from './tls-creds.ts';
+
+export const QMP_VERSION: QmpVersion = {
+  qemu: { major: 7, minor: 2, micro: 0 },
+  package: 'vm-disk 0.1.0',
+};
+
+interface ExportEntry {
+  config: ExportConfig;
+  name: string;
+  backend: BlockBackend;
+  shuttingDown: boolean;
+}
+
+export class Daemon {
+  readonly graph = new BlockGraph();
+  readonly monitor: QmpMonitor;
+  readonly jobs: JobRegistry;
+  private nbd: { server: NbdServer; address: ListenAddress } | undefined;
+  private readonly exports = new Map<string, ExportEntry>();
+  private readonly tlsCreds = new Map<string, TlsCredsConfig>();
+  private pidfile: string | undefined;
+  private stopping: Promise<void> | undefined;
+  private readonly stopped: Promise<void>;
+  private markStopped!: () => void;
+
+  constructor(readonly log: Logger) {
+    this.monitor = new QmpMonitor(QMP_VERSION, log.child({ component: 'qmp' }));
+    this.jobs = new JobRegistry({
+      events: {
+        push: (e: JobStatusChangeEvent) => {
+          log.info({ event: 'job-status', id: e.data.id, status: e.data.status }, 'job status');
+          this.monitor.emitEvent(e.event, { ...e.data });
+        },
+      },
+    });
+    this.stopped = new Promise((resolve) => {
+      this.markStopped = resolve;
+    });
+    registerCommands(this.monitor, this);
+  }
+
+  /** Starts a daemon from checked options; on any failure, undoes what was done and throws. */
+  static async start(config: ServeConfig, log: Logger): Promise<Daemon> {
+    const daemon = new Daemon(log);
+    try {
+      for (const creds of config.objects) daemon.addTlsCreds(creds);
+      for (const options of config.blockdevs) await daemon.blockdevAdd(options);
+      if (config.nbdServer) await daemon.nbdServerStart(config.nbdServer);
+      for (const e of config.exports) await daemon.blockExportAdd(e);
+      for (const m of config.monitors) {
+        await daemon.monitor.listen(m.chardev.path, { pretty: m.pretty });
+        log.info({ event: 'monitor-listening', path: m.chardev.path }, 'QMP monitor listening');
+      }
+      if (config.pidfile) {
+        writeFileSync(config.pidfile, `${process.pid}\n`);
+        daemon.pidfile = config.pidfile;
+      }
+    } catch (e) {
+      await daemon.stop();
+      throw e;
+    }
+    return daemon;
+  }
+
+  addTlsCreds(creds: TlsCredsConfig): void {
+    if (this.tlsCreds.has(creds.id))
+      throw new QmpError('GenericError', `Duplicate ID '${creds.id}'`);
+    this.tlsCreds.set(creds.id, creds);
+  }
+
+  async blockdevAdd(options: Record<string, unknown>): Promise<void> {
+    const node = await this.graph.add(options);
+    this.log.info({ event: 'blockdev-add', node: node.name, driver: options.driver }, 'node added');
+  }
+
+  async blockdevDel(nodeName: string): Promise<void> {
+    await this.graph.del(nodeName);
+    this.log.info({ event: 'blockdev-del', node: nodeName }, 'node removed');
+  }
+
+  get nbdAddress(): ListenAddress | undefined {
+    return this.nbd?.address;
+  }
+
+  async nbdServerStart(config: NbdServerConfig): Promise<ListenAddress> {
+    if (this.nbd) throw new QmpError('GenericError', 'NBD server already running');
+    let tls: ReturnType<typeof serverTlsOptions> | undefined;
+    if (config.tlsCreds !== undefined) {
+      const creds = this.tlsCreds.get(config.tlsCreds);
+      if (!creds)
+        throw new QmpError('GenericError', `No TLS credentials with id '${config.tlsCreds}'`);
+      tls = serverTlsOptions(creds);
+    }
+    const server = new NbdServer({
+      ...(config.maxConnections !== undefined && { maxConnections: config.maxConnections || 1024 }),
+      ...(tls && { tls }),
+    });
+    server.on('connection', (c) =>
+      this.log.info({ event: 'nbd-connect', ...c }, 'NBD client connected'),
+    );
+    server.on('disconnect', (c) =>
+      this.log.info({ event: 'nbd-disconnect', ...c }, 'NBD client disconnected'),
+    );
+    server.on('error', (c) =>
+      this.log.warn(
+        { event: 'nbd-client-error', ...c, error: c.error.message, code: c.error.code },
+        'NBD client error',
+      ),
+    );
+    const address = await server.listen(listenOptions(config.addr));
+    this.nbd = { server, address };
+    this.log.info(
+      { event: 'nbd-listening', address, tls: tls !== undefined },
+      'NBD server listening',
+    );
+    return address;
+  }
+
+  async nbdServerStop(): Promise<void> {
+    const nbd = this.nbd;
+    if (!nbd) throw new QmpError('GenericError', 'NBD server not running');
+    this.nbd = undefined;
+    const ids = [...this.exports.keys()];
+    await nbd.server.close();
+    await Promise.all(ids.map((id) => this.exportGone(id)));
+    this.log.info({ event: 'nbd-stopped' }, 'NBD server stopped');
+  }
+
+  async blockExportAdd(config: ExportConfig): Promise<void> {
+    if (!this.nbd) throw new QmpError('GenericError', 'NBD server not running');
+    if (this.exports.has(config.id)) {
+      throw new QmpError('GenericError', `Block export id '${config.id}' is already in use`);
+    }
+    const name = config.name ?? config.nodeName;
+    if ([...this.exports.values()].some((e) => e.name === name)) {
+      throw new QmpError('GenericError', `NBD server already has export named '${name}'`);
+    }
+    const backend = await this.graph.createBackend(config.nodeName, {
+      name: `export:${config.id}`,
+      write: config.writable,
+      shareWrite: true,
+    });
+    try {
+      this.nbd.server.addExport({
+        name,
+        target: backend,
+        writable: config.writable,
+        ...(config.description !== undefined && { description: config.description }),
+      });
+    } catch (e) {
+      await backend.close();
+      throw e;
+    }
+    this.exports.set(config.id, { config, name, backend, shuttingDown: false });
+    this.log.info(
+      {
+        event: 'export-add',
+        id: config.id,
+        name,
+        node: config.nodeName,
+        writable: config.writable,
+      },
+      'export added',
+    );
+  }
+
+  /** block-export-del: resolves once the removal has started; BLOCK_EXPORT_DELETED follows. */
+  blockExportDel(id: string, mode: 'safe' | 'hard' = 'safe'): void {
+    const entry = this.exports.get(id);
+    if (!entry || !this.nbd) throw new QmpError('GenericError', `Export '${id}' is not found`);
+    if (entry.shuttingDown)
+      throw new QmpError('GenericError', `Export '${id}' is already shutting down`);
+    entry.shuttingDown = true;
+    this.nbd.server.removeExport(entry.name, mode).then(
+      () => this.exportGone(id),
+      (e: unknown) =>
+        this.log.error({ event: 'export-del-failed', id, err: e }, 'export removal failed'),
+    );
+  }
+
+  queryBlockExports(): {
+    type: string;
+    id: string;
+    'node-name': string;
+    'shutting-down': boolean;
+  }[] {
+    return [...this.exports.values()].map((e) => ({
+      type: 'nbd',
+      id: e.config.id,
+      'node-name': e.config.nodeName,
+      'shutting-down': e.shuttingDown,
+    }));
+  }
+
+  private async exportGone(id: string): Promise<void> {
+    const entry = this.exports.get(id);
+    if (!entry) return;
+    this.exports.delete(id);
+    await entry.backend.close();
+    this.log.info({ event: 'export-deleted', id }, 'export deleted');
+    this.monitor.emitEvent('BLOCK_EXPORT_DELETED', { id });
+  }
+
+  /** Resolves when the daemon has stopped (quit, a signal, or stop()). */
+  wait(): Promise<void> {
+    return this.stopped;
+  }
+
+  /** Stops cleanly: exports removed, nodes closed clean (qcow2 written back), monitors closed. */
+  stop(): Promise<void> {
+    this.stopping ??= (async () => {
+      this.log.info({ event: 'stopping' }, 'stopping');
+      if (this.nbd) await this.nbdServerStop();
+      for (const job of this.jobs.jobs) {
+        if (job.status !== 'concluded' && job.status !== 'null') job.cancel(true);
+      }
+      await this.graph.close();
+      await this.monitor.close();
+      if (this.pidfile) unlinkSync(this.pidfile);
+      this.log.info({ event: 'stopped' }, 'stopped');
+      this.markStopped();
+    })();
+    return this.stopping;
+  }
+}
+
+function listenOptions(addr: SocketAddress): { host: string; port: number } | { path: string } {
+  if (addr.type === 'unix') return { path: addr.path };
+  const port = Number(addr.port);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new VmDiskError('ERR_VMDISK_APP_BAD_OPTION', `'${addr.port}' is not a valid port`);
+  }
+  return { host: addr.host, port };
+}
