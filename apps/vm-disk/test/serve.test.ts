@@ -1,0 +1,227 @@
+// `vm-disk serve` end to end: the built bin serving image files over NBD to qemu-io,
+// qemu-img and nbdinfo, driven through QMP, stopped by signals and by `quit`.
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { CLI, type RunningProcess, run, start, startServe, waitFor } from './harness/daemon.ts';
+import { QmpTestClient } from './harness/qmp-client.ts';
+
+let dir: string;
+const running: RunningProcess[] = [];
+
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'vmdisk-serve-'));
+});
+afterEach(async () => {
+  await Promise.all(running.splice(0).map((p) => p.stop('SIGKILL')));
+  rmSync(dir, { recursive: true, force: true });
+});
+
+async function serve(args: string[]): Promise<RunningProcess> {
+  const p = await startServe(args);
+  running.push(p);
+  return p;
+}
+
+function fileBlockdevs(image: string): string[] {
+  return [
+    '--blockdev',
+    JSON.stringify({ driver: 'file', 'node-name': 'f0', filename: image }),
+    '--blockdev',
+    JSON.stringify({ driver: 'raw', 'node-name': 'd0', file: 'f0' }),
+  ];
+}
+
+describe('vm-disk serve', () => {
+  it('serves a raw image read-write to qemu-io and qemu-img, and stops cleanly on SIGTERM', async () => {
+    const image = join(dir, 'disk.raw');
+    await run('qemu-img', ['create', '-f', 'raw', image, '8M']);
+    const sock = join(dir, 'nbd.sock');
+    const pidfile = join(dir, 'vm-disk.pid');
+    const p = await serve([
+      ...fileBlockdevs(image),
+      '--nbd-server',
+      `addr.type=unix,addr.path=${sock}`,
+      '--export',
+      'type=nbd,id=e0,node-name=d0,name=disk,writable=on',
+      '--pidfile',
+      pidfile,
+    ]);
+    expect(readFileSync(pidfile, 'utf8').trim()).toBe(String(p.child.pid));
+    const uri = `nbd+unix:///disk?socket=${sock}`;
+    await run('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0xab 1M 64k',
+      '-c',
+      'write -z 2M 64k',
+      '-c',
+      'flush',
+      uri,
+    ]);
+    const read = await run('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'read -P 0xab 1M 64k',
+      '-c',
+      'read -P 0 2M 64k',
+      uri,
+    ]);
+    expect(read).not.toMatch(/Pattern verification failed/);
+    const info = JSON.parse(await run('qemu-img', ['info', '--output=json', uri]));
+    expect(info['virtual-size']).toBe(8 << 20);
+    expect(await p.stop('SIGTERM')).toBe(0);
+    expect(existsSync(pidfile)).toBe(false);
+    const copy = join(dir, 'copy.raw');
+    await run('qemu-img', ['create', '-f', 'raw', copy, '8M']);
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0xab 1M 64k', copy]);
+    expect(await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', image, copy])).toContain(
+      'identical',
+    );
+  });
+
+  it('is driven through QMP: nodes, NBD server, exports, events, quit', async () => {
+    const image = join(dir, 'disk.raw');
+    writeFileSync(image, Buffer.alloc(4 << 20, 0x5a));
+    const qmpSock = join(dir, 'qmp.sock');
+    const nbdSock = join(dir, 'nbd.sock');
+    const p = await serve([
+      '--chardev',
+      `socket,id=m0,path=${qmpSock},server=on,wait=off`,
+      '--monitor',
+      'chardev=m0',
+    ]);
+    const { client, greeting } = await QmpTestClient.connect(qmpSock);
+    try {
+      expect(greeting).toHaveProperty('QMP.version.qemu.major');
+      expect(await client.execute({ execute: 'qmp_capabilities' })).toEqual({ return: {} });
+      const ok = { return: {} };
+      expect(
+        await client.execute({
+          execute: 'blockdev-add',
+          arguments: {
+            driver: 'raw',
+            'node-name': 'd0',
+            file: { driver: 'file', filename: image },
+          },
+        }),
+      ).toEqual(ok);
+      expect(
+        await client.execute({
+          execute: 'blockdev-add',
+          arguments: {
+            driver: 'raw',
+            'node-name': 'd1',
+            file: { driver: 'file', filename: image },
+            bogus: 1,
+          },
+        }),
+      ).toMatchObject({
+        error: { class: 'GenericError' },
+      });
+      const nodes = (await client.execute({ execute: 'query-named-block-nodes' })).return as {
+        'node-name': string;
+        driver: string;
+      }[];
+      expect(nodes.map((n) => n.driver).sort()).toEqual(['file', 'raw']);
+      expect(
+        await client.execute({
+          execute: 'block-export-add',
+          arguments: { type: 'nbd', id: 'e0', 'node-name': 'd0' },
+        }),
+      ).toMatchObject({
+        error: { class: 'GenericError', desc: 'NBD server not running' },
+      });
+      expect(
+        await client.execute({
+          execute: 'nbd-server-start',
+          arguments: { addr: { type: 'unix', data: { path: nbdSock } } },
+        }),
+      ).toEqual(ok);
+      expect(
+        await client.execute({
+          execute: 'block-export-add',
+          arguments: { type: 'nbd', id: 'e0', 'node-name': 'd0', name: 'disk' },
+        }),
+      ).toEqual(ok);
+      expect((await client.execute({ execute: 'query-block-exports' })).return).toEqual([
+        { type: 'nbd', id: 'e0', 'node-name': 'd0', 'shutting-down': false },
+      ]);
+      const list = await run('nbdinfo', ['--list', '--json', `nbd+unix://?socket=${nbdSock}`]);
+      expect(
+        JSON.parse(list).exports.map((e: { 'export-name': string }) => e['export-name']),
+      ).toEqual(['disk']);
+      await run('qemu-io', [
+        '-r',
+        '-f',
+        'raw',
+        '-c',
+        'read -P 0x5a 0 4M',
+        `nbd+unix:///disk?socket=${nbdSock}`,
+      ]);
+      expect(
+        await client.execute({ execute: 'blockdev-del', arguments: { 'node-name': 'd0' } }),
+      ).toMatchObject({
+        error: { class: 'GenericError' },
+      });
+      expect(
+        await client.execute({ execute: 'block-export-del', arguments: { id: 'e0' } }),
+      ).toEqual(ok);
+      expect(await client.next()).toMatchObject({
+        event: 'BLOCK_EXPORT_DELETED',
+        data: { id: 'e0' },
+      });
+      expect(
+        await client.execute({ execute: 'block-export-del', arguments: { id: 'e0' } }),
+      ).toMatchObject({
+        error: { class: 'GenericError', desc: "Export 'e0' is not found" },
+      });
+      expect(
+        await client.execute({ execute: 'blockdev-del', arguments: { 'node-name': 'd0' } }),
+      ).toEqual(ok);
+      expect(await client.execute({ execute: 'nbd-server-stop' })).toEqual(ok);
+      expect(
+        await client.execute({ execute: 'job-cancel', arguments: { id: 'nope' } }),
+      ).toMatchObject({
+        error: { class: 'GenericError', desc: 'Job not found' },
+      });
+      expect(await client.execute({ execute: 'quit' })).toEqual(ok);
+    } finally {
+      client.close();
+    }
+    expect(await p.exited).toBe(0);
+  });
+
+  it('refuses bad options before starting anything, naming the option', async () => {
+    const sock = join(dir, 'nbd.sock');
+    const p = start(process.execPath, [
+      CLI,
+      'serve',
+      '--nbd-server',
+      `addr.type=unix,addr.path=${sock}`,
+      '--export',
+      'type=nbd,id=e0,node-name=missing',
+    ]);
+    expect(await p.exited).toBe(2);
+    expect(p.stderr()).toContain('--export');
+    expect(existsSync(sock)).toBe(false);
+  });
+
+  it('fails to start, leaving nothing behind, when a node cannot be opened', async () => {
+    const sock = join(dir, 'nbd.sock');
+    const p = start(process.execPath, [
+      CLI,
+      'serve',
+      '--blockdev',
+      JSON.stringify({ driver: 'file', 'node-name': 'f0', filename: join(dir, 'absent.img') }),
+      '--nbd-server',
+      `addr.type=unix,addr.path=${sock}`,
+    ]);
+    expect(await p.exited).toBe(1);
+    expect(p.stderr()).toMatch(/absent\.img|ENOENT/);
+    await waitFor('no socket', () => !existsSync(sock));
+  });
+});
