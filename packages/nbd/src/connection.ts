@@ -76,6 +76,8 @@ export interface ConnectionHost {
   readonly tls: ServerTls;
   readonly handshakeTimeoutMs: number;
   readonly maxInFlight: number;
+  /** Request data (READ lengths, WRITE payloads) in flight beyond which reading stops. */
+  readonly maxBytesInFlight: number;
   /** Buffers for payloads and replies, shared by the server's connections. */
   readonly pool: BufferPool;
   /** The export a client asking for `name` gets ('' is the default export), if any. */
@@ -109,6 +111,8 @@ interface Request {
   readonly ids: Buffer;
   readonly offset: number;
   readonly length: number;
+  /** Bytes of data it carries (READ length, WRITE payload), for the byte budget. */
+  readonly cost: number;
 }
 
 interface PendingWrite {
@@ -184,6 +188,8 @@ export class Connection {
   private pendingWrite: PendingWrite | undefined;
   private skipBytes = 0;
   private afterSkip: (() => void) | undefined;
+  private skipReq: Request | undefined;
+  private bytesInFlight = 0;
   private socketClosed = false;
   private finalized = false;
 
@@ -265,12 +271,14 @@ export class Connection {
     if (pw !== undefined) {
       this.pendingWrite = undefined;
       this.free(pw.buf);
-      this.done();
+      this.done(pw.req);
     }
-    if (this.afterSkip !== undefined) {
+    const skipped = this.skipReq;
+    if (skipped !== undefined) {
       this.afterSkip = undefined;
+      this.skipReq = undefined;
       this.skipBytes = 0;
-      this.done();
+      this.done(skipped);
     }
     this.maybeFinalize();
   };
@@ -648,7 +656,10 @@ export class Connection {
         this.startWrite(pw.req, pw.buf, true);
         continue;
       }
-      if (this.inFlight >= this.host.maxInFlight) {
+      if (
+        this.inFlight >= this.host.maxInFlight ||
+        (this.bytesInFlight >= this.host.maxBytesInFlight && this.inFlight > 0)
+      ) {
         this.pauseReading();
         return;
       }
@@ -679,13 +690,22 @@ export class Connection {
       this.disconnectRequested();
       return;
     }
-    const req: Request = { type, flags, ids: Buffer.from(h.subarray(8, 24)), offset, length };
+    const payload =
+      type === Command.WRITE || (extended && (flags & CommandFlag.PAYLOAD_LEN) !== 0) ? length : 0;
+    const cost = Math.min(type === Command.READ ? length : payload, MAX_PAYLOAD_BYTES);
+    const req: Request = {
+      type,
+      flags,
+      ids: Buffer.from(h.subarray(8, 24)),
+      offset,
+      length,
+      cost,
+    };
     const exp = this.export!;
+    this.bytesInFlight += cost;
     this.inFlight++;
     exp.stats.inFlight++;
     exp.stats.requests++;
-    const payload =
-      type === Command.WRITE || (extended && (flags & CommandFlag.PAYLOAD_LEN) !== 0) ? length : 0;
     const refusal = this.validate(req);
     if (payload > 0) {
       if (payload > MAX_PAYLOAD_BYTES) {
@@ -700,7 +720,11 @@ export class Connection {
       }
       if (refusal !== undefined) {
         this.skipBytes = payload;
-        this.afterSkip = () => this.replyError(req, refusal[0], refusal[1]);
+        this.skipReq = req;
+        this.afterSkip = () => {
+          this.skipReq = undefined;
+          this.replyError(req, refusal[0], refusal[1]);
+        };
         return;
       }
       const t = exp.target;
@@ -973,7 +997,7 @@ export class Connection {
         }
         const sent = (): void => {
           this.free(whole ?? data);
-          this.done();
+          this.done(req);
         };
         this.sendQueue.send(whole !== undefined ? [whole] : [header, data], sent);
       },
@@ -1164,7 +1188,7 @@ export class Connection {
     });
     this.sendQueue.send(out, () => {
       sent?.();
-      this.done();
+      this.done(req);
     });
   }
 
@@ -1175,7 +1199,7 @@ export class Connection {
     }
     const buf = Buffer.allocUnsafe(16);
     this.simpleHeader(buf, req, 0);
-    this.sendQueue.send([buf], this.doneCallback);
+    this.sendQueue.send([buf], () => this.done(req));
   }
 
   private replyError(req: Request, errno: number, message: string, sent?: () => void): void {
@@ -1185,7 +1209,7 @@ export class Connection {
       this.simpleHeader(buf, req, errno);
       this.sendQueue.send([buf], () => {
         sent?.();
-        this.done();
+        this.done(req);
       });
       return;
     }
@@ -1198,10 +1222,9 @@ export class Connection {
     this.sendChunks(req, [[ChunkType.ERROR, body]], sent);
   }
 
-  private readonly doneCallback = (): void => this.done();
-
   /** A request is over (its reply sent or dropped). */
-  private done(): void {
+  private done(req: Request): void {
+    this.bytesInFlight -= req.cost;
     this.inFlight--;
     this.export!.stats.inFlight--;
     if (this.phase === 'transmission') {

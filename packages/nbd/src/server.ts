@@ -25,6 +25,11 @@ export interface NbdServerOptions {
   handshakeTimeoutMs?: number;
   /** Requests served at once per connection; at the limit the socket is not read (16). */
   maxInFlight?: number;
+  /**
+   * Request data (READ lengths and WRITE payloads) in flight per connection beyond which
+   * the socket is not read either (default 64 MiB; one request is always admitted).
+   */
+  maxBytesInFlight?: number;
   /** The export a client asking for "" gets when none is named "" (default: the only one). */
   defaultExport?: string;
   tls?: NbdServerTlsOptions;
@@ -128,6 +133,8 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     this.defaultExport = options.defaultExport;
     const handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     const maxInFlight = options.maxInFlight ?? 16;
+    const maxBytesInFlight = options.maxBytesInFlight ?? 64 * 1024 * 1024;
+    if (!(maxBytesInFlight > 0)) throw invalid('maxBytesInFlight: > 0');
     if (!(Number.isInteger(maxInFlight) && maxInFlight >= 1)) {
       throw invalid('maxInFlight: an integer >= 1');
     }
@@ -137,6 +144,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       tls,
       handshakeTimeoutMs,
       maxInFlight,
+      maxBytesInFlight,
       pool: new BufferPool(),
       findExport: (name) => this.findExport(name),
       listExports: () => [...this.exports.values()].filter((e) => !e.removing),

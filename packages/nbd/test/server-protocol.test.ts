@@ -603,8 +603,8 @@ describe('NbdServer over a raw socket', () => {
     });
   });
 
-  it('stops reading a connection at maxInFlight until a request completes', async () => {
-    const mem2 = new MemoryTarget(1 << 20);
+  it('stops reading a connection at maxInFlight (or maxBytesInFlight) until a request completes', async () => {
+    const mem2 = new MemoryTarget(4 << 20);
     let running = 0;
     let peak = 0;
     const gated: ExportTarget = {
@@ -617,17 +617,24 @@ describe('NbdServer over a raw socket', () => {
         running--;
       },
     };
-    const t = await startServer([{ name: 'g', target: gated }], { maxInFlight: 3 });
-    const { nbd } = await RawNbd.open(t.port, 'g');
-    for (let i = 0; i < 40; i++)
-      nbd.request({ type: Command.READ, cookie: BigInt(i), offset: BigInt(i * 512), length: 512 });
-    for (let i = 0; i < 40; i++) {
-      expect((await nbd.simpleReply()).error).toBe(0);
-      await nbd.read(512);
+    for (const [options, length, expected] of [
+      [{ maxInFlight: 3 }, 512, 3],
+      [{ maxInFlight: 16, maxBytesInFlight: 64 * 1024 }, 32 * 1024, 2],
+    ] as const) {
+      peak = 0;
+      const t = await startServer([{ name: 'g', target: gated }], options);
+      const { nbd } = await RawNbd.open(t.port, 'g');
+      for (let i = 0; i < 40; i++) {
+        nbd.request({ type: Command.READ, cookie: BigInt(i), offset: BigInt(i * length), length });
+      }
+      for (let i = 0; i < 40; i++) {
+        expect((await nbd.simpleReply()).error).toBe(0);
+        await nbd.read(length);
+      }
+      expect(peak).toBe(expected);
+      nbd.destroy();
+      await t.server.close();
     }
-    expect(peak).toBe(3);
-    nbd.destroy();
-    await t.server.close();
   });
 
   it('drops clients that never finish the handshake, serves hundreds of idle ones, and refuses beyond maxConnections', async () => {
