@@ -2,7 +2,7 @@
 // the interface is copied here, as the app relies on it structurally).
 
 import { afterAll, describe, expect, it } from 'vitest';
-import { BlockBackend, BlockGraph } from '../src/index.ts';
+import { type BlockBackend, BlockGraph } from '../src/index.ts';
 import { pattern, tempDir, writeFile } from './helpers.ts';
 
 interface WriteFlags {
@@ -68,9 +68,13 @@ describe('BlockBackend as an ExportTarget', () => {
     expect(ext.reduce((n, e) => n + e.length, 0)).toBe(1 << 20);
     expect(ext.find((e) => e.hole)).toMatchObject({ length: 65536, zero: true, depth: 1 });
     // Errors carry errnoName for the server to answer with.
-    await expect(target.read(1 << 20, Buffer.alloc(1))).rejects.toMatchObject({ errnoName: 'EINVAL' });
+    await expect(target.read(1 << 20, Buffer.alloc(1))).rejects.toMatchObject({
+      errnoName: 'EINVAL',
+    });
     const ro = await g.createBackend('disk', { shareWrite: true });
-    await expect((ro as ExportTarget).write!(0, Buffer.alloc(1), {})).rejects.toMatchObject({ errnoName: 'EPERM' });
+    await expect((ro as ExportTarget).write!(0, Buffer.alloc(1), {})).rejects.toMatchObject({
+      errnoName: 'EPERM',
+    });
     await g.close();
   });
 });

@@ -262,3 +262,48 @@ describe('alignment, splitting, zeroes, FUA', () => {
     expect(readFileSync(path)[0]).toBe(2);
   });
 });
+
+describe('file options', () => {
+  it('opens files through the engine backend the aio option names', async () => {
+    const path = tmp.path('aio.img');
+    writeFile(path, pattern(11, 0, 65536));
+    const g = new BlockGraph();
+    for (const [aio, backend] of [
+      ['threads', 'threadpool'],
+      ['threadpool', 'threadpool'],
+      ['native', 'aio'],
+      ['io_uring', 'io_uring'],
+    ] as const) {
+      const node = await g.add({ driver: 'file', filename: path, aio, 'read-only': true });
+      expect(g.query().find((n) => n['node-name'] === node.name)!.aio).toBe(backend);
+      const b = await g.createBackend(node.name);
+      const buf = Buffer.alloc(4096);
+      await b.read(8192, buf);
+      expect(Buffer.compare(buf, pattern(11, 8192, 4096))).toBe(0);
+      await b.close();
+      await g.del(node.name);
+    }
+    await g.close();
+  });
+
+  it('detect-zeroes=unmap turns zero writes into holes', async () => {
+    const path = tmp.path('dz.img');
+    writeFile(path, pattern(12, 0, 1 << 20));
+    const g = new BlockGraph();
+    await g.add({
+      driver: 'raw',
+      'node-name': 'd',
+      'detect-zeroes': 'unmap',
+      discard: 'unmap',
+      file: { driver: 'file', filename: path },
+    });
+    const b = await g.createBackend('d', { write: true });
+    await b.write(65536, Buffer.alloc(65536));
+    expect(await b.blockStatus(65536, 65536)).toEqual([
+      { length: 65536, hole: true, zero: true, depth: 1 },
+    ]);
+    await b.write(0, Buffer.alloc(4096, 1));
+    expect((await b.blockStatus(0, 4096))[0]!.hole).toBe(false);
+    await g.close();
+  });
+});
