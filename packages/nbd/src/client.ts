@@ -100,6 +100,9 @@ async function settleAll(parts: Promise<unknown>[]): Promise<void> {
   for (const r of results) if (r.status === 'rejected') throw r.reason;
 }
 
+/** How long close() waits for the server to hang up after NBD_CMD_DISC. */
+const DISC_LINGER_MS = 5000;
+
 /** Effect lengths of TRIM, WRITE_ZEROES and CACHE are split at this with compact headers. */
 const COMPACT_SPLIT = 2 ** 31;
 
@@ -519,6 +522,8 @@ export class NbdClient {
         this.sendHeader(Command.DISC, 0, 0, 0, 0);
         this.discSent = true;
         this.socket.end();
+        // The server closes after DISC; one that does not is cut off after a while.
+        setTimeout(() => this.socket.destroy(), DISC_LINGER_MS).unref();
       }
       await this.closed;
     })();

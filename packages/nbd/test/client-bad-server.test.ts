@@ -357,6 +357,32 @@ describe('NbdClient against a misbehaving server', () => {
     expect(afterRefusal).toBe(Option.ABORT);
   });
 
+  it('closes even when the server does not hang up after DISC', async () => {
+    let gotDisc = false;
+    // A server that keeps its side open when the client ends its own.
+    const stubborn = net.createServer({ allowHalfOpen: true }, (sock) => {
+      const io = new Io(sock);
+      serverIo.push(io);
+      void (async () => {
+        await handshake(io);
+        const r = await readRequest(io);
+        gotDisc = r.type === Command.DISC;
+      })().catch(() => sock.destroy());
+    });
+    const path = join(dir, 'stubborn.sock');
+    await new Promise<void>((r) => stubborn.listen(path, r));
+    try {
+      const c = await NbdClient.connect({ path });
+      clients.push(c);
+      await c.close();
+      expect(gotDisc).toBe(true);
+      expect(await c.closed).toBeUndefined();
+    } finally {
+      for (const io of serverIo) io.sock.destroy();
+      await new Promise<void>((r) => stubborn.close(() => r()));
+    }
+  });
+
   it('disconnects on a wrong reply magic', async () => {
     script = async (io) => {
       await handshake(io);
