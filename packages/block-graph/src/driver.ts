@@ -73,6 +73,15 @@ export interface OpenContext {
    * allocation (allocBuffer) uses the first engine opened.
    */
   engine(backend: 'io_uring' | 'aio' | 'threadpool' | 'auto'): Promise<EngineLike>;
+  /**
+   * Opens and attaches a child the user's options left out (absent, not null), from
+   * blockdev-add options: e.g. qcow2 opening the backing file its header names, as
+   * {driver: 'qcow2', file: {driver: 'file', filename}}. The key must be one of the
+   * driver's `children`; the child is owned by this node (it goes when the node goes) and
+   * inherits settings as an inline child does (a backing file is read-only by default).
+   * Resolves to the attached edge, also visible in `children` afterwards.
+   */
+  openChild(key: string, options: unknown): Promise<BdrvChild>;
 }
 
 /** The I/O engine (@vmdisk/engine). */

@@ -420,6 +420,42 @@ export class BlockGraph {
         children,
         node,
         engine: (backend) => this.engine(backend),
+        openChild: async (key, options) => {
+          const cs = childSpecs.get(key);
+          if (!cs)
+            throw new BlockOptionError(
+              `${spec.path}${key}`,
+              `driver '${spec.driver.name}' has no such child`,
+            );
+          if (key in spec.children || node.children.has(key)) {
+            throw new BlockOptionError(`${spec.path}${key}`, 'was given in the options already');
+          }
+          const childSpec = checkOptions(options, this.drivers, `${spec.path}${key}.`);
+          this.checkNames(childSpec, new Set());
+          const roles = cs.roles(spec.options);
+          const cow = roles.includes('cow');
+          const child = await this.open(childSpec, {
+            readOnly: cow ? true : settings.readOnly,
+            direct: settings.direct,
+            noFlush: settings.noFlush,
+            discard: 'unmap',
+          });
+          const edge = new BdrvChild(key, roles, node, child);
+          this.link(edge); // takes over the reference open() handed out
+          edges.push(edge);
+          node.children.set(key, edge);
+          try {
+            this.refreshPermissions();
+          } catch (err) {
+            this.unlink(edge);
+            node.children.delete(key);
+            edges.pop();
+            await this.unref(child);
+            throw err;
+          }
+          children[key] = edge;
+          return edge;
+        },
       };
       const instance = await spec.driver.open(ctx);
       try {

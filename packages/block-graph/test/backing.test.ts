@@ -173,4 +173,39 @@ describe('backing chain', () => {
     expect(Buffer.compare(check, expected.subarray(MiB, MiB + 32 * 8192))).toBe(0);
     await g.close();
   });
+
+  it('a format opens the backing file it names itself (openChild), owned by it', async () => {
+    const basePath = tmp.path('named-base.img');
+    writeFile(basePath, pattern(5, 0, MiB));
+    const topPath = tmp.path('named-top.img');
+    writeFile(topPath, Buffer.alloc(0));
+    const g = new BlockGraph({ drivers: [cowFormat] });
+    await g.add({
+      driver: 'test-cow',
+      'node-name': 'top',
+      size: 2 * MiB,
+      'backing-file': basePath,
+      file: { driver: 'file', filename: topPath },
+    });
+    const top = g.query().find((n) => n['node-name'] === 'top')!;
+    const backing = top.children.find((c) => c.child === 'backing')!;
+    expect(backing.role).toEqual(['cow']);
+    const base = g.query().find((n) => n['node-name'] === backing['node-name'])!;
+    expect(base['read-only']).toBe(true);
+    expect(base.refcount).toBe(1);
+    const b = await g.createBackend('top', { write: true });
+    const perms = g
+      .query()
+      .find((n) => n['node-name'] === 'top')!
+      .children.find((c) => c.child === 'backing')!;
+    expect(perms.perm).toEqual(['consistent-read']);
+    expect(perms.shared).not.toContain('write');
+    const out = Buffer.alloc(2 * MiB);
+    await b.read(0, out);
+    expect(Buffer.compare(out.subarray(0, MiB), pattern(5, 0, MiB))).toBe(0);
+    expect(out.subarray(MiB).every((x) => x === 0)).toBe(true);
+    await b.close();
+    await g.close();
+    expect(g.query()).toEqual([]);
+  });
 });

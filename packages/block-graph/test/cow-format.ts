@@ -99,6 +99,8 @@ export const cowFormat: BlockDriver = {
   options: {
     size: { type: 'int', required: true, min: 0 },
     'cluster-size': { type: 'int', min: 512 },
+    /** A raw backing file to open when no 'backing' is given (as qcow2's header names one). */
+    'backing-file': { type: 'string' },
   },
   children: [
     { key: 'file', required: true, roles: () => ['data', 'metadata', 'primary'] },
@@ -109,6 +111,13 @@ export const cowFormat: BlockDriver = {
     if ((cs & (cs - 1)) !== 0) throw new BlockOptionError('cluster-size', 'not a power of two');
   },
   async open(ctx) {
+    const backingFile = ctx.options['backing-file'] as string | undefined;
+    if (backingFile !== undefined && !ctx.children.backing) {
+      await ctx.openChild('backing', {
+        driver: 'raw',
+        file: { driver: 'file', filename: backingFile },
+      });
+    }
     return new CowInstance(
       ctx.children.file!,
       ctx.options.size as number,
