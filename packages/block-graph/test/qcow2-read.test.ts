@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openQcow2, type Qcow2Image } from '../src/drivers/qcow2/image.ts';
 import type { Qcow2BackingReader } from '../src/drivers/qcow2/types.ts';
-import { FsFile, firstDiff, must, pattern, rng, tempDir } from './qcow2-helpers.ts';
+import { FsFile, firstDiff, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
 
 let dir = '';
 let cleanup: () => Promise<void> = async () => {};
@@ -236,5 +236,51 @@ describe('qcow2 read: backing chains', () => {
     const b = new Uint8Array(4096);
     await img.read(b, 0);
     expect(b.every((x) => x === 0)).toBe(true);
+  });
+});
+
+describe('qcow2 read/write: host offsets beyond 2 and 4 GiB', () => {
+  it('a 6 GiB image with preallocated metadata (sparse file)', async () => {
+    const path = join(dir, 'big.qcow2');
+    await must('qemu-img', ['create', '-f', 'qcow2', '-o', 'preallocation=metadata', path, '6G']);
+    const G = 2 ** 30;
+    await must('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      `write -P 0x77 ${2.5 * G + 123} 100k`,
+      '-c',
+      `write -P 0x78 ${5 * G + 999} 70k`,
+      path,
+    ]);
+    const f = await FsFile.open(path);
+    const img = await openQcow2(f, { backing: null });
+    for (const [off, len, p] of [
+      [2.5 * G + 123, 102400, 0x77],
+      [5 * G + 999, 71680, 0x78],
+    ] as const) {
+      const b = new Uint8Array(len + 2);
+      await img.read(b, off - 1);
+      expect(b[0]).toBe(0);
+      expect(b[len + 1]).toBe(0);
+      expect(b.subarray(1, len + 1).every((x) => x === p)).toBe(true);
+      const st = await img.blockStatus(off, len);
+      expect(st[0]!.status).toBe('data');
+      expect(st[0]!.hostOffset).toBeGreaterThan(2 * G);
+    }
+    await img.write(new Uint8Array(5000).fill(0x99), 4.5 * G + 7);
+    await img.close();
+    await f.close();
+    const io = await run('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      `read -P 0x99 ${4.5 * G + 7} 5000`,
+      '-c',
+      `read -P 0x78 ${5 * G + 999} 70k`,
+      path,
+    ]);
+    expect(io.stdout).not.toContain('Pattern verification failed');
+    expect((await run('qemu-img', ['check', path])).code).toBe(0);
   });
 });

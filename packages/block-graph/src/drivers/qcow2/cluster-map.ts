@@ -70,6 +70,11 @@ export function decodeL2(t: Uint8Array, i: number, g: Geometry): L2Entry {
   const lo = dv.getUint32(4);
   if (hi & COMPRESSED_HI) {
     const c = decodeCompressed(hi, lo, g.clusterBits);
+    if (c.offset >= 2 ** 56 || c.offset + c.sectors * 512 > Number.MAX_SAFE_INTEGER) {
+      throw new Qcow2CorruptError(
+        `L2 entry ${i}: compressed cluster offset ${c.offset} out of range`,
+      );
+    }
     return {
       compressed: true,
       host: c.offset,
@@ -79,8 +84,8 @@ export function decodeL2(t: Uint8Array, i: number, g: Geometry): L2Entry {
       sectors: c.sectors,
     };
   }
-  const host = (hi & L1E_OFFSET_MASK_HI) * 2 ** 32 + (lo & 0xfffffe00);
-  if (host > Number.MAX_SAFE_INTEGER || host % g.clusterSize !== 0) {
+  const host = (hi & L1E_OFFSET_MASK_HI) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
+  if (host + g.clusterSize > Number.MAX_SAFE_INTEGER || host % g.clusterSize !== 0) {
     throw new Qcow2CorruptError(`L2 entry ${i} host offset ${host} is not cluster aligned`);
   }
   const copied = (hi & COPIED_HI) !== 0;
@@ -132,9 +137,9 @@ export function parseL1(buf: Uint8Array): { offsets: number[]; copied: boolean[]
   for (let i = 0; i < n; i++) {
     const hi = dv.getUint32(i * 8);
     const lo = dv.getUint32(i * 8 + 4);
-    offsets[i] = (hi & L1E_OFFSET_MASK_HI) * 2 ** 32 + (lo & 0xfffffe00);
+    offsets[i] = (hi & L1E_OFFSET_MASK_HI) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
     copied[i] = (hi & COPIED_HI) !== 0;
-    if ((lo & 0x1ff) !== 0 || (hi & 0x7f000000) !== 0) {
+    if ((lo & 0x1ff) !== 0 || (hi & 0x7f000000) !== 0 || offsets[i]! > Number.MAX_SAFE_INTEGER) {
       throw new Qcow2CorruptError(`L1 entry ${i} has reserved bits set`);
     }
   }
