@@ -58,24 +58,27 @@ const SCRATCH_BYTES = ERROR_HEAD + MAX_STRING_BYTES + 8;
 const errnoNames = new Map<number, string>(Object.entries(WireError).map(([k, v]) => [v, k]));
 export const errnoName = (errno: number): string => errnoNames.get(errno) ?? 'EINVAL';
 
-enum State {
-  Magic,
-  Header,
+// Plain objects rather than enums: the source also runs under Node's type stripping.
+const State = {
+  Magic: 0,
+  Header: 1,
   /** Payload bytes collected into scratch (`need` of them), then handled. */
-  Collect,
+  Collect: 2,
   /** READ data copied into the request's buffer. */
-  Data,
+  Data: 3,
   /** Block status descriptors, one at a time through scratch. */
-  Extents,
-}
+  Extents: 4,
+} as const;
+type State = (typeof State)[keyof typeof State];
 
-enum Collecting {
-  DataOffset,
-  Hole,
-  Error,
-  Skip,
-  StatusHead,
-}
+const Collecting = {
+  DataOffset: 0,
+  Hole: 1,
+  Error: 2,
+  Skip: 3,
+  StatusHead: 4,
+} as const;
+type Collecting = (typeof Collecting)[keyof typeof Collecting];
 
 export interface ReplyParserHooks {
   /** The request waiting for this cookie, or undefined. */
@@ -85,14 +88,14 @@ export interface ReplyParserHooks {
 }
 
 export class ReplyParser {
-  private state = State.Magic;
+  private state: State = State.Magic;
   private readonly header = Buffer.alloc(32);
   private headerFill = 0;
   private headerSize = 4;
   private readonly scratch = Buffer.alloc(SCRATCH_BYTES);
   private fill = 0;
   private need = 0;
-  private collecting = Collecting.Error;
+  private collecting: Collecting = Collecting.Error;
 
   // The chunk being parsed.
   private cookie = 0n;
@@ -109,12 +112,22 @@ export class ReplyParser {
   private extentsTotal = 0;
   private contextName = '';
 
+  private readonly structured: boolean;
+  private readonly extended: boolean;
+  private readonly contexts: ReadonlyMap<number, string>;
+  private readonly hooks: ReplyParserHooks;
+
   constructor(
-    private readonly structured: boolean,
-    private readonly extended: boolean,
-    private readonly contexts: ReadonlyMap<number, string>,
-    private readonly hooks: ReplyParserHooks,
-  ) {}
+    structured: boolean,
+    extended: boolean,
+    contexts: ReadonlyMap<number, string>,
+    hooks: ReplyParserHooks,
+  ) {
+    this.structured = structured;
+    this.extended = extended;
+    this.contexts = contexts;
+    this.hooks = hooks;
+  }
 
   /** Feeds received bytes; throws an NbdConnectionError on a protocol violation. */
   push(chunk: Buffer): void {
