@@ -669,7 +669,21 @@ export class Connection {
         this.resumeReading();
         return;
       }
-      this.request(q.take(headerBytes));
+      try {
+        this.request(q.take(headerBytes));
+      } catch (err) {
+        // A bug or a target that threw where it should have rejected: this connection
+        // goes, the server stays.
+        this.phase = 'closing';
+        this.host.error(
+          this,
+          new NbdError('ERR_VMDISK_NBD_TARGET_ERROR', `request failed: ${String(err)}`, {
+            cause: err,
+          }),
+        );
+        this.destroy();
+        return;
+      }
     }
   }
 
@@ -811,7 +825,7 @@ export class Connection {
         this.doRead(req);
         return;
       case Command.FLUSH:
-        this.complete(req, t.flush ? t.flush() : undefined);
+        this.complete(req, t.flush ? attempt(() => t.flush!()) : undefined);
         return;
       case Command.TRIM:
         this.complete(req, this.trim(req));
@@ -917,7 +931,7 @@ export class Connection {
       return;
     }
     const fua = (req.flags & CommandFlag.FUA) !== 0;
-    const write = t.write!(req.offset, buf, { fua: fua && t.nativeFua === true });
+    const write = attempt(() => t.write!(req.offset, buf, { fua: fua && t.nativeFua === true }));
     const op = fua && !t.nativeFua && t.flush ? write.then(() => t.flush!()) : write;
     op.then(
       () => {
@@ -979,7 +993,7 @@ export class Connection {
       whole = this.host.pool.get(headerBytes + req.length);
       data = whole.subarray(headerBytes);
     }
-    t.read(req.offset, data).then(
+    attempt(() => t.read(req.offset, data)).then(
       () => {
         exp.stats.bytesRead += req.length;
         const header = whole ?? Buffer.allocUnsafe(headerBytes);
@@ -1256,6 +1270,15 @@ export class Connection {
     if (this.finalized) return;
     this.finalized = true;
     this.host.closed(this);
+  }
+}
+
+/** Calls a target method; a synchronous throw becomes a rejection. */
+function attempt(fn: () => Promise<void>): Promise<void> {
+  try {
+    return Promise.resolve(fn());
+  } catch (err) {
+    return Promise.reject(err);
   }
 }
 

@@ -571,6 +571,58 @@ describe('NbdServer over a raw socket', () => {
       await expectServing();
     });
 
+    it('answers target failures with their errno (EIO for the unknown), even a synchronous throw', async () => {
+      const backing = new MemoryTarget(1 << 20);
+      const faulty: ExportTarget = {
+        size: () => backing.size(),
+        read: (o, b) => {
+          if (o === 0) throw new Error('thrown, not rejected');
+          return backing.read(o, b);
+        },
+        write: async () => {
+          throw Object.assign(new Error('full'), { errnoName: 'ENOSPC' });
+        },
+        flush: async () => {
+          throw Object.assign(new Error('disk gone'), { code: 'EIO' });
+        },
+        trim: async () => {
+          throw new Error('no errno at all');
+        },
+      };
+      s.server.addExport({ name: 'faulty', target: faulty, writable: true });
+      const { nbd } = await RawNbd.open(s.port, 'faulty', { structured: true });
+      const cases: Array<[number, bigint, number, number]> = [
+        [Command.READ, 0n, 512, WireError.EIO],
+        [Command.WRITE, 0n, 512, WireError.ENOSPC],
+        [Command.FLUSH, 0n, 0, WireError.EIO],
+        [Command.TRIM, 0n, 512, WireError.EIO],
+      ];
+      let cookie = 0n;
+      for (const [type, offset, length, errno] of cases) {
+        const payload = type === Command.WRITE ? Buffer.alloc(length) : undefined;
+        nbd.request({ type, cookie: ++cookie, offset, length, ...(payload ? { payload } : {}) });
+        const msgs = await nbd.reply();
+        expect(msgs[0]!.cookie).toBe(cookie);
+        expect(replyError(msgs), `command ${type}`).toBe(errno);
+      }
+      nbd.request({ type: Command.READ, cookie: 99n, offset: 4096n, length: 512 });
+      expect(replyError(await nbd.reply())).toBe(0);
+      nbd.destroy();
+      await s.server.removeExport('faulty');
+      expect(errors.some((e) => e.error.code === 'ERR_VMDISK_NBD_TARGET_ERROR')).toBe(true);
+      await expectServing();
+    });
+
+    it('refuses GO with an export name over 4096 bytes', async () => {
+      const nbd = await RawNbd.connect(s.port);
+      await nbd.handshake();
+      expect(await nbd.simpleOption(Option.GO, RawNbd.goData('x'.repeat(5000)))).toBe(
+        OptionReply.ERR_INVALID,
+      );
+      expect((await nbd.go('disk')).pop()!.type).toBe(OptionReply.ACK);
+      nbd.destroy();
+    });
+
     it('drops a client that sends a bad request magic', async () => {
       const { nbd } = await RawNbd.open(s.port, 'disk');
       nbd.request({ type: Command.READ, cookie: 1n, length: 512, magic: 0x12345678 });
@@ -724,6 +776,29 @@ describe('NbdServer over a raw socket', () => {
     await removal;
     expect(finished).toBe(1);
     expect(t.server.listExports()).toEqual([]);
+    await t.server.close();
+  });
+
+  it('emits connection and disconnect events with the client address and export', async () => {
+    const t = await startServer([{ name: 'ev', target: new MemoryTarget(65536) }]);
+    const events: Array<[string, unknown]> = [];
+    t.server.on('connection', (e) => events.push(['connection', e]));
+    t.server.on('disconnect', (e) => events.push(['disconnect', e]));
+    const { nbd } = await RawNbd.open(t.port, 'ev');
+    const localPort = nbd.socket.localPort;
+    nbd.request({ type: Command.DISC, cookie: 1n, length: 0 });
+    await nbd.closedWithin();
+    while (events.length < 2) await new Promise((r) => setTimeout(r, 5));
+    const expected = {
+      remoteAddress: '127.0.0.1',
+      remotePort: localPort,
+      export: 'ev',
+      tls: false,
+    };
+    expect(events).toEqual([
+      ['connection', expect.objectContaining(expected)],
+      ['disconnect', expect.objectContaining(expected)],
+    ]);
     await t.server.close();
   });
 
