@@ -121,7 +121,7 @@ export class BlockBackend implements ChildParent {
 
   private node(): BlockNode {
     const r = this.root;
-    if (!r) throw new BlockError(BlockErrorCode.CLOSED, `backend '${this.name}' is closed`);
+    if (!r) throw this.closedError();
     return r.node;
   }
 
@@ -130,14 +130,39 @@ export class BlockBackend implements ChildParent {
   }
 
   /** Fills buf with the bytes at offset. */
-  async read(offset: number, buf: Uint8Array): Promise<void> {
+  read(offset: number, buf: Uint8Array): Promise<void> {
     const lock = this.graph.lock;
-    if (!lock.tryRead()) await lock.read();
+    if (!lock.tryRead()) return this.readWaiting(offset, buf);
+    const r = this.root;
+    if (!r) {
+      lock.releaseRead();
+      return Promise.reject(this.closedError());
+    }
+    // The hot path: one promise of our own, the read lock released when the node is done.
+    return r.node.read(offset, buf).then(this.release, this.releaseAndThrow);
+  }
+
+  private readonly release = (): void => {
+    this.graph.lock.releaseRead();
+  };
+
+  private readonly releaseAndThrow = (err: unknown): never => {
+    this.graph.lock.releaseRead();
+    throw err;
+  };
+
+  private async readWaiting(offset: number, buf: Uint8Array): Promise<void> {
+    const lock = this.graph.lock;
+    await lock.read();
     try {
       await this.node().read(offset, buf);
     } finally {
       lock.releaseRead();
     }
+  }
+
+  private closedError(): BlockError {
+    return new BlockError(BlockErrorCode.CLOSED, `backend '${this.name}' is closed`);
   }
 
   /** Writes buf at offset (fua: durable when resolved). */

@@ -22,8 +22,9 @@
 //   engine arena buffers (page-aligned) or aligned subarrays of them.
 //
 // Errors: reject with a BlockError (errors.ts); errors from the system keep errno,
-// errnoName and syscall (toBlockError does that). Never throw synchronously from a method
-// that returns a promise.
+// errnoName and syscall (toBlockError does that). pread and pwrite must do so themselves
+// (the hot path does not wrap them); what other methods reject with is converted. Never
+// throw synchronously from a method that returns a promise.
 
 import type { Engine } from '@vmdisk/engine';
 import type { BdrvChild, BlockNode } from './node.ts';

@@ -274,7 +274,7 @@ export class BlockNode implements ChildParent {
     const inst = this.instance;
     if (inst.kind === 'format') return this.readFormat(inst, offset, buf);
     if (buf.byteLength > this.maxTransfer) return this.readSplit(offset, buf);
-    if (inst.kind === 'protocol') return this.wrap(inst.pread(buf, offset));
+    if (inst.kind === 'protocol') return inst.pread(buf, offset);
     return this.readFilter(inst, offset, buf);
   }
 
@@ -283,7 +283,7 @@ export class BlockNode implements ChildParent {
     for (let pos = 0; pos < buf.byteLength; pos += max) {
       const sub = buf.subarray(pos, Math.min(pos + max, buf.byteLength));
       const inst = this.instance;
-      if (inst.kind === 'protocol') await this.wrap(inst.pread(sub, offset + pos));
+      if (inst.kind === 'protocol') await inst.pread(sub, offset + pos);
       else if (inst.kind === 'filter') await this.readFilter(inst, offset + pos, sub);
     }
   }
@@ -460,7 +460,7 @@ export class BlockNode implements ChildParent {
         new BlockError(BlockErrorCode.READ_ONLY, `driver '${this.driver}' cannot write`),
       );
     }
-    return this.wrap(inst.pwrite(buf, offset));
+    return inst.pwrite(buf, offset);
   }
 
   private async writeSplit(offset: number, buf: Uint8Array): Promise<void> {
