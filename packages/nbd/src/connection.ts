@@ -346,6 +346,10 @@ export class Connection {
       }
       switch (option) {
         case Option.EXPORT_NAME: {
+          // Its reply cannot say anything about extended headers (qemu also hangs up).
+          if (this.mode === MODE_EXTENDED) {
+            throw badClient('NBD_OPT_EXPORT_NAME after extended headers were negotiated');
+          }
           const name = decodeString(data);
           if (name === undefined) throw badClient('NBD_OPT_EXPORT_NAME with a bad name');
           const exp = this.host.findExport(name);

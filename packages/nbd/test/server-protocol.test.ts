@@ -466,6 +466,17 @@ describe('NbdServer over a raw socket', () => {
       await expectServing();
     });
 
+    it('drops a client that sends EXPORT_NAME after negotiating extended headers', async () => {
+      const nbd = await RawNbd.connect(s.port);
+      await nbd.handshake();
+      expect(await nbd.simpleOption(Option.EXTENDED_HEADERS)).toBe(OptionReply.ACK);
+      expect(await nbd.simpleOption(Option.EXTENDED_HEADERS)).toBe(OptionReply.ERR_INVALID);
+      expect(await nbd.simpleOption(Option.STRUCTURED_REPLY)).toBe(OptionReply.ERR_EXT_HEADER_REQD);
+      nbd.sendOption(Option.EXPORT_NAME, Buffer.from('disk'));
+      expect(await nbd.closedWithin()).toBe(true);
+      await expectServing();
+    });
+
     it('drops a non-fixed-newstyle client that sends another option', async () => {
       const nbd = await RawNbd.connect(s.port);
       await nbd.handshake(0);
