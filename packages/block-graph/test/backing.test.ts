@@ -208,4 +208,35 @@ describe('backing chain', () => {
     await g.close();
     expect(g.query()).toEqual([]);
   });
+
+  it('a second format may not take a file whose metadata another format owns', async () => {
+    const g = new BlockGraph({ drivers: [cowFormat] });
+    writeFile(tmp.path('shared.img'), Buffer.alloc(0));
+    await g.add({ driver: 'file', 'node-name': 'f', filename: tmp.path('shared.img') });
+    await g.add({ driver: 'test-cow', 'node-name': 'one', size: MiB, file: 'f' });
+    const err = await g
+      .add({ driver: 'test-cow', 'node-name': 'two', size: MiB, file: 'f' })
+      .catch((e) => e);
+    expect(err).toMatchObject({ code: 'ERR_VMDISK_BLOCK_PERMISSION_CONFLICT' });
+    expect(err.message).toMatch(/'one' as 'file'/);
+    expect(g.hasNode('two')).toBe(false);
+    // Even read-only: a reader of metadata shares no writes, and 'one' writes.
+    const ro = await g
+      .add({ driver: 'test-cow', 'node-name': 'three', 'read-only': true, size: MiB, file: 'f' })
+      .catch((e) => e);
+    expect(ro).toMatchObject({ code: 'ERR_VMDISK_BLOCK_PERMISSION_CONFLICT' });
+    expect(g.query().find((n) => n['node-name'] === 'f')!.refcount).toBe(2);
+    // Once 'one' is gone, a read-only one and a raw reader can share the file.
+    await g.del('one');
+    await g.add({
+      driver: 'test-cow',
+      'node-name': 'three',
+      'read-only': true,
+      size: MiB,
+      file: 'f',
+    });
+    await g.add({ driver: 'raw', 'node-name': 'peek', 'read-only': true, file: 'f' });
+    expect(g.query().find((n) => n['node-name'] === 'f')!.refcount).toBe(3);
+    await g.close();
+  });
 });
