@@ -3,17 +3,17 @@
 // one writev (the socket is corked on the first reply of a turn and uncorked once the
 // turn's I/O callbacks have run).
 
-import type { Duplex } from 'node:stream';
+import type { Writable } from 'node:stream';
 
 export class SendQueue {
-  private readonly socket: Duplex;
+  private readonly socket: Writable;
   private corked = false;
   private readonly uncork = (): void => {
     this.corked = false;
     this.socket.uncork();
   };
 
-  constructor(socket: Duplex) {
+  constructor(socket: Writable) {
     this.socket = socket;
   }
 
