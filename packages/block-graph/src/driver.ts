@@ -30,13 +30,19 @@ import type { Engine } from '@vmdisk/engine';
 import type { BdrvChild, BlockNode } from './node.ts';
 import type { ChildRole } from './permissions.ts';
 
-/** An option of a driver, as blockdev-add spells it. */
+/**
+ * An option of a driver, as blockdev-add spells it. Ints and bools also come as the strings
+ * of the command line's keyval syntax ('4096', 'on', 'off'): they are converted.
+ */
 export type OptionSpec =
   | { type: 'string'; required?: boolean; values?: readonly string[] }
   | { type: 'int'; required?: boolean; min?: number; max?: number }
   | { type: 'bool'; required?: boolean }
-  /** Any JSON value, checked by `check` (throw BlockOptionError with the key given). */
-  | { type: 'json'; required?: boolean; check: (value: unknown, key: string) => void };
+  /**
+   * Any JSON value, checked and normalised by `parse` (throw BlockOptionError with the key
+   * given; keyInt/keyBool/keyList of options.ts convert keyval strings and lists).
+   */
+  | { type: 'json'; required?: boolean; parse: (value: unknown, key: string) => unknown };
 
 /** A child key of a driver: a node name or inline blockdev-add options. */
 export interface ChildSpec {

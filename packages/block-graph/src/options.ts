@@ -42,6 +42,36 @@ function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
+/** An integer, or the decimal string of one (keyval); checked against min and max. */
+export function keyInt(value: unknown, key: string, min?: number, max?: number): number {
+  let n = value;
+  if (typeof n === 'string' && /^-?\d+$/.test(n.trim())) n = Number(n.trim());
+  if (typeof n !== 'number' || !Number.isSafeInteger(n)) {
+    throw new BlockOptionError(key, 'expected an integer');
+  }
+  if (min !== undefined && n < min) throw new BlockOptionError(key, `${n} is less than ${min}`);
+  if (max !== undefined && n > max) throw new BlockOptionError(key, `${n} is more than ${max}`);
+  return n;
+}
+
+/** A boolean, or on/off, true/false, yes/no (keyval). */
+export function keyBool(value: unknown, key: string): boolean {
+  if (typeof value === 'boolean') return value;
+  if (value === 'on' || value === 'true' || value === 'yes') return true;
+  if (value === 'off' || value === 'false' || value === 'no') return false;
+  throw new BlockOptionError(key, 'expected a boolean');
+}
+
+/** A list, or the object keyval makes of one ({"0": a, "1": b}). */
+export function keyList(value: unknown, key: string): unknown[] {
+  if (Array.isArray(value)) return value;
+  if (isObject(value)) {
+    const keys = Object.keys(value);
+    if (keys.every((k, i) => k === String(i))) return keys.map((k) => value[k]);
+  }
+  throw new BlockOptionError(key, 'expected a list');
+}
+
 function checkValue(spec: OptionSpec, value: unknown, key: string): unknown {
   switch (spec.type) {
     case 'string':
@@ -51,22 +81,11 @@ function checkValue(spec: OptionSpec, value: unknown, key: string): unknown {
       }
       return value;
     case 'int':
-      if (typeof value !== 'number' || !Number.isSafeInteger(value)) {
-        throw new BlockOptionError(key, 'expected an integer');
-      }
-      if (spec.min !== undefined && value < spec.min) {
-        throw new BlockOptionError(key, `${value} is less than ${spec.min}`);
-      }
-      if (spec.max !== undefined && value > spec.max) {
-        throw new BlockOptionError(key, `${value} is more than ${spec.max}`);
-      }
-      return value;
+      return keyInt(value, key, spec.min, spec.max);
     case 'bool':
-      if (typeof value !== 'boolean') throw new BlockOptionError(key, 'expected a boolean');
-      return value;
+      return keyBool(value, key);
     case 'json':
-      spec.check(value, key);
-      return value;
+      return spec.parse(value, key);
   }
 }
 
@@ -99,11 +118,9 @@ export function checkOptions(
     checkNodeName(nodeName, key('node-name'));
     spec.nodeName = nodeName;
   }
-  const ro = raw['read-only'];
-  if (ro !== undefined) {
-    if (typeof ro !== 'boolean') throw new BlockOptionError(key('read-only'), 'expected a boolean');
-    spec.readOnly = ro;
-  }
+  const ro =
+    raw['read-only'] === undefined ? undefined : keyBool(raw['read-only'], key('read-only'));
+  if (ro !== undefined) spec.readOnly = ro;
   if (driver.readOnlyOnly) {
     if (ro === false) {
       throw new BlockOptionError(key('read-only'), `driver '${driver.name}' can only be read-only`);
@@ -116,10 +133,9 @@ export function checkOptions(
     for (const [k, v] of Object.entries(cache)) {
       if (k !== 'direct' && k !== 'no-flush')
         throw new BlockOptionError(key(`cache.${k}`), 'unknown key');
-      if (typeof v !== 'boolean')
-        throw new BlockOptionError(key(`cache.${k}`), 'expected a boolean');
-      if (k === 'direct') spec.direct = v;
-      else spec.noFlush = v;
+      const b = keyBool(v, key(`cache.${k}`));
+      if (k === 'direct') spec.direct = b;
+      else spec.noFlush = b;
     }
   }
   const discard = raw.discard;

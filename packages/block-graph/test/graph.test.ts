@@ -96,7 +96,7 @@ describe('building graphs from blockdev-add options', () => {
     await rejectsKey(g, { driver: 'null-co', size: 'big' }, 'size');
     await rejectsKey(g, { driver: 'null-co', size: -1 }, 'size');
     await rejectsKey(g, { driver: 'null-co', 'node-name': '1abc' }, 'node-name');
-    await rejectsKey(g, { driver: 'null-co', 'read-only': 'yes' }, 'read-only');
+    await rejectsKey(g, { driver: 'null-co', 'read-only': 1 }, 'read-only');
     await rejectsKey(
       g,
       { driver: 'null-co', cache: { direct: true, writeback: true } },
@@ -159,6 +159,46 @@ describe('building graphs from blockdev-add options', () => {
     );
     expect(g.query().map((n) => n['node-name'])).toEqual(['n1']);
     expect(new BlockOptionError('a.b', 'why').code).toBe('ERR_VMDISK_BLOCK_BAD_OPTION');
+    await g.close();
+  });
+
+  it('takes the strings of the keyval command-line syntax for ints, bools and lists', async () => {
+    const path = img('kv.img', 65536);
+    const g = new BlockGraph();
+    await g.add({
+      driver: 'raw',
+      'node-name': 'kv',
+      'read-only': 'on',
+      offset: '512',
+      size: '4096',
+      file: { driver: 'file', filename: path, cache: { direct: 'off', 'no-flush': 'no' } },
+    });
+    const kv = g.query().find((n) => n['node-name'] === 'kv')!;
+    expect(kv).toMatchObject({ size: 4096, 'read-only': true, offset: 512 });
+    await g.add({
+      driver: 'blkdebug',
+      'node-name': 'dbg',
+      align: '512',
+      'inject-error': {
+        '0': { iotype: 'read', errno: '5', once: 'on', offset: '0', length: '512' },
+      },
+      image: { driver: 'throttle', limits: { 'iops-total': '100000' }, file: 'kv' },
+    });
+    const b = await g.createBackend('dbg');
+    await expect(b.read(0, Buffer.alloc(512))).rejects.toMatchObject({ errnoName: 'EIO' });
+    await b.read(0, Buffer.alloc(512));
+    await rejectsKey(g, { driver: 'null-co', size: '12x' }, 'size');
+    await rejectsKey(g, { driver: 'null-co', 'read-only': 'maybe' }, 'read-only');
+    await rejectsKey(
+      g,
+      { driver: 'blkdebug', 'inject-error': { '1': {} }, image: { driver: 'null-co' } },
+      'inject-error',
+    );
+    await rejectsKey(
+      g,
+      { driver: 'blkdebug', 'inject-error': [{ once: 'sometimes' }], image: { driver: 'null-co' } },
+      'inject-error[0].once',
+    );
     await g.close();
   });
 

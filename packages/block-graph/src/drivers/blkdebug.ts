@@ -11,6 +11,7 @@
 import type { BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
 import { BlockIoError, BlockOptionError, errnoName, errnoNumber } from '../errors.ts';
 import type { BdrvChild } from '../node.ts';
+import { keyBool, keyInt, keyList } from '../options.ts';
 
 const OPS = ['read', 'write', 'write-zeroes', 'discard', 'flush', 'block-status'] as const;
 type Op = (typeof OPS)[number];
@@ -27,55 +28,68 @@ interface Rule {
   fired: number;
 }
 
-function checkRules(value: unknown, key: string): void {
-  if (!Array.isArray(value)) throw new BlockOptionError(key, 'expected a list of rules');
-  value.forEach((r, i) => {
+/** One rule of inject-error, checked and normalised. */
+interface RuleOptions {
+  iotype: Op[];
+  errno: string;
+  offset: number;
+  length?: number;
+  after: number;
+  once: boolean;
+}
+
+function parseRules(value: unknown, key: string): RuleOptions[] {
+  return keyList(value, key).map((r, i) => {
     const k = `${key}[${i}]`;
-    if (typeof r !== 'object' || r === null || Array.isArray(r))
+    if (typeof r !== 'object' || r === null || Array.isArray(r)) {
       throw new BlockOptionError(k, 'expected an object');
+    }
+    const rule: RuleOptions = { iotype: [...OPS], errno: 'EIO', offset: 0, after: 0, once: false };
     for (const [f, v] of Object.entries(r as Record<string, unknown>)) {
       const fk = `${k}.${f}`;
       switch (f) {
         case 'iotype': {
-          const list = Array.isArray(v) ? v : [v];
+          const list = typeof v === 'string' ? [v] : keyList(v, fk);
           for (const op of list) {
-            if (!OPS.includes(op as Op))
+            if (!OPS.includes(op as Op)) {
               throw new BlockOptionError(fk, `'${String(op)}' is not one of ${OPS.join(', ')}`);
+            }
           }
+          rule.iotype = list as Op[];
           break;
         }
-        case 'errno':
-          if (
-            typeof v === 'string'
-              ? errnoNumber(v) === 0
-              : !(Number.isSafeInteger(v) && errnoName(v as number))
-          ) {
+        case 'errno': {
+          const name =
+            typeof v === 'string' && /^E[A-Z0-9]+$/.test(v) ? v : errnoName(keyIntOr(v, fk));
+          if (!name || errnoNumber(name) === 0) {
             throw new BlockOptionError(fk, `'${String(v)}' is not an errno`);
           }
+          rule.errno = name;
           break;
+        }
         case 'offset':
-        case 'length':
         case 'after':
-          if (!Number.isSafeInteger(v) || (v as number) < 0)
-            throw new BlockOptionError(fk, 'expected a non-negative integer');
+          rule[f] = keyInt(v, fk, 0);
+          break;
+        case 'length':
+          rule.length = keyInt(v, fk, 1);
           break;
         case 'once':
-          if (typeof v !== 'boolean') throw new BlockOptionError(fk, 'expected a boolean');
+          rule.once = keyBool(v, fk);
           break;
         default:
           throw new BlockOptionError(fk, 'unknown key');
       }
     }
+    return rule;
   });
 }
 
-function power2(value: unknown, key: string): void {
-  if (
-    !Number.isSafeInteger(value) ||
-    (value as number) < 1 ||
-    ((value as number) & ((value as number) - 1)) !== 0
-  ) {
-    throw new BlockOptionError(key, 'expected a power of two');
+function keyIntOr(v: unknown, key: string): number {
+  try {
+    return keyInt(v, key, 1);
+  } catch {
+    throw new BlockOptionError(key, `'${String(v)}' is not an errno`);
   }
 }
 
@@ -152,39 +166,34 @@ export const blkdebugDriver: BlockDriver = {
   name: 'blkdebug',
   kind: 'filter',
   options: {
-    'inject-error': { type: 'json', check: checkRules },
-    align: { type: 'json', check: power2 },
+    'inject-error': { type: 'json', parse: parseRules },
+    align: { type: 'int', min: 1 },
     'max-transfer': { type: 'int', min: 1 },
   },
   children: [{ key: 'image', required: true, roles: () => ['filtered', 'primary'] }],
   validate(o) {
     const align = o.align as number | undefined;
     const max = o['max-transfer'] as number | undefined;
+    if (align !== undefined && (align & (align - 1)) !== 0) {
+      throw new BlockOptionError('align', `${align} is not a power of two`);
+    }
     if (align !== undefined && max !== undefined && max % align !== 0) {
       throw new BlockOptionError('max-transfer', `${max} is not a multiple of align (${align})`);
     }
   },
   async open(ctx) {
-    const list = (ctx.options['inject-error'] as Record<string, unknown>[] | undefined) ?? [];
-    const rules: Rule[] = list.map((r) => {
-      const e = r.errno ?? 'EIO';
-      const name = typeof e === 'string' ? e : errnoName(e as number)!;
-      const iotype =
-        r.iotype === undefined ? [...OPS] : Array.isArray(r.iotype) ? r.iotype : [r.iotype];
-      const start = (r.offset as number | undefined) ?? 0;
-      const length = r.length as number | undefined;
-      return {
-        ops: new Set(iotype as Op[]),
-        errnoName: name,
-        errno: errnoNumber(name),
-        start,
-        end: length === undefined ? Number.MAX_SAFE_INTEGER : start + length,
-        after: (r.after as number | undefined) ?? 0,
-        once: (r.once as boolean | undefined) ?? false,
-        seen: 0,
-        fired: 0,
-      };
-    });
+    const list = (ctx.options['inject-error'] as RuleOptions[] | undefined) ?? [];
+    const rules: Rule[] = list.map((r) => ({
+      ops: new Set(r.iotype),
+      errnoName: r.errno,
+      errno: errnoNumber(r.errno),
+      start: r.offset,
+      end: r.length === undefined ? Number.MAX_SAFE_INTEGER : r.offset + r.length,
+      after: r.after,
+      once: r.once,
+      seen: 0,
+      fired: 0,
+    }));
     return new BlkdebugInstance(
       ctx.children.image!,
       rules,

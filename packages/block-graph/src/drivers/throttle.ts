@@ -7,6 +7,7 @@
 import type { BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
 import { BlockOptionError } from '../errors.ts';
 import type { BdrvChild } from '../node.ts';
+import { keyInt } from '../options.ts';
 
 const KINDS = ['total', 'read', 'write'] as const;
 const UNITS = ['iops', 'bps'] as const;
@@ -179,17 +180,15 @@ class ThrottleInstance implements FilterInstance {
   }
 }
 
-function checkLimits(value: unknown, key: string): void {
+function parseLimits(value: unknown, key: string): Record<string, number> {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
     throw new BlockOptionError(key, 'expected an object of limits');
   }
-  const v = value as Record<string, unknown>;
-  for (const [k, n] of Object.entries(v)) {
+  const v: Record<string, number> = {};
+  for (const [k, n] of Object.entries(value as Record<string, unknown>)) {
     if (!THROTTLE_LIMIT_KEYS.includes(k))
       throw new BlockOptionError(`${key}.${k}`, 'unknown limit');
-    if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) {
-      throw new BlockOptionError(`${key}.${k}`, 'expected a non-negative integer');
-    }
+    v[k] = keyInt(n, `${key}.${k}`, 0);
   }
   for (const u of UNITS) {
     const name = (k: string) => `${u}-${k}`;
@@ -216,13 +215,14 @@ function checkLimits(value: unknown, key: string): void {
       }
     }
   }
+  return v;
 }
 
 export const throttleDriver: BlockDriver = {
   name: 'throttle',
   kind: 'filter',
   options: {
-    limits: { type: 'json', required: true, check: checkLimits },
+    limits: { type: 'json', required: true, parse: parseLimits },
   },
   children: [{ key: 'file', required: true, roles: () => ['filtered', 'primary'] }],
   async open(ctx) {
