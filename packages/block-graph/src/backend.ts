@@ -52,6 +52,8 @@ export interface Extent {
 }
 
 const CACHE_CHUNK = 1 << 20;
+const FUA = Object.freeze({ fua: true });
+const NO_FLAGS = Object.freeze({});
 
 export class BlockBackend implements ChildParent {
   readonly isBackend = true;
@@ -166,11 +168,30 @@ export class BlockBackend implements ChildParent {
   }
 
   /** Writes buf at offset (fua: durable when resolved). */
-  async write(offset: number, buf: Uint8Array, flags: BackendWriteFlags = {}): Promise<void> {
+  write(offset: number, buf: Uint8Array, flags: BackendWriteFlags = {}): Promise<void> {
     const lock = this.graph.lock;
-    if (!lock.tryRead()) await lock.read();
+    if (!lock.tryRead()) return this.writeWaiting(offset, buf, flags);
+    let node: BlockNode;
     try {
-      await this.writableNode().write(offset, buf, flags.fua ? { fua: true } : {});
+      node = this.writableNode();
+    } catch (err) {
+      lock.releaseRead();
+      return Promise.reject(err);
+    }
+    return node
+      .write(offset, buf, flags.fua ? FUA : NO_FLAGS)
+      .then(this.release, this.releaseAndThrow);
+  }
+
+  private async writeWaiting(
+    offset: number,
+    buf: Uint8Array,
+    flags: BackendWriteFlags,
+  ): Promise<void> {
+    const lock = this.graph.lock;
+    await lock.read();
+    try {
+      await this.writableNode().write(offset, buf, flags.fua ? FUA : NO_FLAGS);
     } finally {
       lock.releaseRead();
     }
