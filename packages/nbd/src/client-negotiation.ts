@@ -5,6 +5,7 @@
 
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
+import type { ReadRouter } from './client-reads.ts';
 import { buildTlsConnectOptions, type NbdClientTlsOptions, upgradeToTls } from './client-tls.ts';
 import { NbdConnectionError, NbdError, NbdOptionError } from './errors.ts';
 import type { BlockSizeConstraints } from './export-target.ts';
@@ -46,6 +47,7 @@ export class SocketReader {
     | undefined;
   private failure: Error | undefined;
   private socket: Socket | undefined;
+  private router: ReadRouter | undefined;
 
   private readonly onData = (chunk: Buffer) => {
     this.chunks.push(chunk);
@@ -70,6 +72,12 @@ export class SocketReader {
     );
   };
 
+  /** Reads through a ReadRouter (a socket made with `onread`) as well as 'data' events. */
+  attachRouter(router: ReadRouter): void {
+    this.router = router;
+    router.setSink({ bytes: (view) => this.onData(Buffer.from(view)) });
+  }
+
   attach(socket: Socket): void {
     this.socket = socket;
     socket.on('data', this.onData);
@@ -90,6 +98,8 @@ export class SocketReader {
       s.off('error', this.onError);
     }
     this.socket = undefined;
+    this.router?.setSink(undefined);
+    this.router = undefined;
     const rest = Buffer.concat(this.chunks);
     this.chunks = [];
     this.available = 0;
@@ -142,6 +152,8 @@ export interface NegotiateOptions {
   metaContexts: string[];
   /** List the exports (NBD_OPT_LIST) and end the session instead of entering one. */
   list?: boolean;
+  /** The socket was made with this router's `onread` (plain connections only). */
+  router?: ReadRouter;
   /** Aborts the handshake: its reason is the error negotiate() rejects with. */
   signal?: AbortSignal;
 }
@@ -205,6 +217,7 @@ const isPowerOf2 = (n: number): boolean => n > 0 && (n & (n - 1)) === 0;
 export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise<Negotiated> {
   const reader = new SocketReader();
   reader.attach(socket);
+  if (opts.router) reader.attachRouter(opts.router);
   let current: Socket | TLSSocket = socket;
   /** In fixed-newstyle option haggling, where the way out is NBD_OPT_ABORT. */
   let haggling = false;

@@ -173,6 +173,19 @@ export class ReplyParser {
     }
   }
 
+  /** Where the next bytes may land directly: the rest of the current READ payload. */
+  directTarget(min: number): Uint8Array | undefined {
+    if (this.state !== State.Data || this.payloadLeft < min) return undefined;
+    return this.req!.buf!.subarray(this.dataPos, this.dataPos + this.payloadLeft);
+  }
+
+  /** `n` bytes of the current READ payload arrived in directTarget()'s buffer. */
+  advanceDirect(n: number): void {
+    this.dataPos += n;
+    this.payloadLeft -= n;
+    if (this.payloadLeft === 0) this.endOfPayload();
+  }
+
   private reset(): void {
     this.state = State.Magic;
     this.headerFill = 0;

@@ -11,6 +11,7 @@
 import * as net from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { type NbdExportListing, type Negotiated, negotiate } from './client-negotiation.ts';
+import { ReadRouter } from './client-reads.ts';
 import { type BlockStatusResult, type PendingRequest, ReplyParser } from './client-replies.ts';
 import type { NbdClientTlsOptions } from './client-tls.ts';
 import { NbdCommandError, NbdConnectionError, NbdError } from './errors.ts';
@@ -146,12 +147,17 @@ function resolveTarget(
   };
 }
 
-function connectSocket(transport: NbdTransport, signal: AbortSignal): Promise<net.Socket> {
+function connectSocket(
+  transport: NbdTransport,
+  signal: AbortSignal,
+  router: ReadRouter | undefined,
+): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
+    const onread = router ? { onread: router.onread } : {};
     const socket =
       'path' in transport
-        ? net.connect({ path: transport.path })
-        : net.connect({ host: transport.host, port: transport.port });
+        ? net.connect({ path: transport.path, ...onread })
+        : net.connect({ host: transport.host, port: transport.port, ...onread });
     const where = 'path' in transport ? transport.path : `${transport.host}:${transport.port}`;
     const onError = (err: Error) => {
       cleanup();
@@ -229,8 +235,8 @@ export class NbdClient {
   ): Promise<NbdClient> {
     const maxInFlight = options.maxInFlight ?? Number.POSITIVE_INFINITY;
     if (!(maxInFlight >= 1)) throw invalidRequest(`maxInFlight ${maxInFlight}: at least 1`);
-    const { socket, negotiated, exportName } = await NbdClient.open(target, options, false);
-    return new NbdClient(socket, negotiated, exportName, maxInFlight);
+    const { socket, negotiated, exportName, router } = await NbdClient.open(target, options, false);
+    return new NbdClient(socket, negotiated, exportName, maxInFlight, router);
   }
 
   /**
@@ -250,7 +256,12 @@ export class NbdClient {
     target: NbdConnectTarget,
     options: NbdClientOptions,
     list: boolean,
-  ): Promise<{ socket: net.Socket; negotiated: Negotiated; exportName: string }> {
+  ): Promise<{
+    socket: net.Socket;
+    negotiated: Negotiated;
+    exportName: string;
+    router: ReadRouter | undefined;
+  }> {
     const { transport, exportName, tls } = resolveTarget(target, options);
     const ac = new AbortController();
     // connectTimeout 0 or Infinity: no time limit.
@@ -278,7 +289,9 @@ export class NbdClient {
     if (userSignal?.aborted) onUserAbort();
     else userSignal?.addEventListener('abort', onUserAbort, { once: true });
     try {
-      const socket = await connectSocket(transport, ac.signal);
+      // Plain connections read through onread (TLS sockets decrypt into 'data' events).
+      const router = tls ? undefined : new ReadRouter();
+      const socket = await connectSocket(transport, ac.signal, router);
       if (!('path' in transport)) socket.setNoDelay(true);
       const contexts: string[] = [];
       if (options.baseAllocation !== false) contexts.push(META_CONTEXT_BASE_ALLOCATION);
@@ -294,8 +307,9 @@ export class NbdClient {
       if (tls) negotiateOptions.tls = tls;
       if (!('path' in transport)) negotiateOptions.host = transport.host;
       if (list) negotiateOptions.list = true;
+      if (router) negotiateOptions.router = router;
       const negotiated = await negotiate(socket, negotiateOptions);
-      return { socket, negotiated, exportName };
+      return { socket, negotiated, exportName, router };
     } finally {
       clearTimeout(timer);
       userSignal?.removeEventListener('abort', onUserAbort);
@@ -307,6 +321,7 @@ export class NbdClient {
     n: Negotiated,
     exportName: string,
     maxInFlight: number,
+    router: ReadRouter | undefined,
   ) {
     this.rawSocket = rawSocket;
     this.socket = n.socket;
@@ -342,10 +357,10 @@ export class NbdClient {
         this.checkDrained();
       },
     });
-    const onData = (chunk: Buffer) => {
+    const guarded = (fn: () => void) => {
       if (this.broken) return;
       try {
-        parser.push(chunk);
+        fn();
       } catch (err) {
         this.fail(
           err instanceof NbdError
@@ -354,6 +369,7 @@ export class NbdClient {
         );
       }
     };
+    const onData = (chunk: Buffer) => guarded(() => parser.push(chunk));
     const sock = this.socket;
     sock.on('error', (err) => {
       this.lastSocketError = err;
@@ -364,8 +380,16 @@ export class NbdClient {
       });
     }
     sock.on('close', () => this.onSocketClose());
-    sock.on('data', onData);
     if (n.leftover.length) onData(n.leftover);
+    if (router) {
+      router.setSink({
+        bytes: onData,
+        directTarget: (min) => (this.broken ? undefined : parser.directTarget(min)),
+        advanceDirect: (count) => guarded(() => parser.advanceDirect(count)),
+      });
+    } else {
+      sock.on('data', onData);
+    }
     sock.resume();
   }
 
