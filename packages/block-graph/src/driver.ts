@@ -18,8 +18,31 @@
 //   node that is not read-only and has parents holding the write permission;
 // - the graph does not change while a call is in flight (every request holds the graph's
 //   read lock), and close() is only called when nothing is in flight (drained);
-// - buffers handed to pread/pwrite come from the caller: when the node is O_DIRECT they are
-//   engine arena buffers (page-aligned) or aligned subarrays of them.
+// - buffers handed to pread/pwrite are the caller's: usually engine arena memory (the
+//   generic layer's bounce buffers are), but any Uint8Array may arrive, so an O_DIRECT
+//   protocol copies through an aligned buffer when the address does not suit (file does).
+//
+// How a format such as qcow2 fits (the `FormatInstance` below):
+// - children: 'file' with roles data+metadata+primary (it owns the file's metadata: no other
+//   parent may write the file), 'backing' with role cow and `nullable` (QEMU's
+//   "backing": null); when the options leave 'backing' out and the header names a backing
+//   file, open() calls ctx.openChild('backing', {driver, file: {driver: 'file', filename}});
+// - metadata I/O goes through the child node: ctx.children.file.node.read/write/flush/
+//   truncate (the file grows when written past its end: the metadata role holds 'resize');
+//   use node.allocBuffer for buffers; hold the BdrvChild, not the node (a graph change
+//   may point the edge at another node);
+// - map(offset, length, 'read') answers per cluster (or run of clusters): data at a host
+//   offset, zero (zero cluster), or unallocated (the generic layer reads the backing
+//   chain, zeros past its end); block status and allocation depth come from the same
+//   answers, merged along the chain by the generic layer;
+// - map(offset, length, 'write') allocates: returns the new host cluster with
+//   `allocation` {start, end, from: 'below' | 'zero', commit, abort}; the generic layer
+//   does the copy on write of the rest of the cluster, writes data, then commit() links
+//   the L2 entry (refcounts raised before returning from map); concurrent allocations of
+//   one cluster are the driver's to serialise (RangeLock);
+// - writeZeroes/discard update metadata (NOT_SUPPORTED for partial clusters lets the
+//   generic layer emulate); flush() writes cached metadata back before the file is
+//   flushed; close() writes everything back and clears the dirty bit.
 //
 // Errors: reject with a BlockError (errors.ts); errors from the system keep errno,
 // errnoName and syscall (toBlockError does that). pread and pwrite must do so themselves
