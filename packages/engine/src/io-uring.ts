@@ -208,7 +208,13 @@ export class IoUringBackend implements Backend {
     this.slots = new Array(cqEntries).fill(undefined);
     this.free = [];
     for (let i = cqEntries - 1; i >= 0; i--) this.free.push(i);
-    const ops = this.probe();
+    let ops: IoUringInfo['ops'];
+    try {
+      ops = this.probe();
+    } catch (err) {
+      this.unmapAndClose();
+      throw err;
+    }
     this.info = {
       sqEntries,
       cqEntries,
@@ -521,11 +527,16 @@ export class IoUringBackend implements Backend {
     if (this.destroyed) return;
     this.destroyed = true;
     this.poller.close();
+    this.unmapAndClose();
+  }
+
+  private unmapAndClose(): void {
     // Drop the views before the memory under them goes away.
     this.sq = new Uint32Array(0);
     this.cq = new Int32Array(0);
     this.sqes = new Uint32Array(0);
     for (const m of this.maps) munmap(m.addr, m.size);
+    this.maps.length = 0;
     closeFd(this.ringFd);
   }
 }
