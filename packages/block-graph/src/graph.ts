@@ -86,7 +86,7 @@ export class BlockGraph {
   /** A buffer for I/O: page-aligned engine arena memory once an engine is in use. */
   allocBuffer(length: number): Buffer {
     const engine = this.bufferEngine;
-    if (!engine) return Buffer.allocUnsafe(length);
+    if (!engine || length === 0) return Buffer.allocUnsafe(length);
     const buf = engine.allocBuffer(length);
     this.arena.add(buf);
     return buf;
