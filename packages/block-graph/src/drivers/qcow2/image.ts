@@ -69,6 +69,37 @@ export interface Qcow2OpenOptions {
   discardBatch?: number;
 }
 
+/** Where the first bytes of a guest range live, for a map()-based caller (the graph). */
+export interface Qcow2ReadMapping {
+  /** Bytes from the asked offset this answer covers (> 0). */
+  length: number;
+  /** compressed: only readable through Qcow2Image.read (the data must be decompressed). */
+  kind: 'data' | 'zero' | 'unallocated' | 'compressed';
+  /** For data: the offset in the image file. */
+  host?: number;
+}
+
+/**
+ * Where a guest write goes, for a map()-based caller: write the bytes at `host` (for
+ * `length` bytes from the asked offset). With `allocation`, the caller writes the whole
+ * unit [start, end) of guest bytes to `host - (asked offset - start)` on, filling what lies
+ * outside its write with what the range read as before (`from`: 'below' = the backing
+ * disk, zeros past its end or without one; 'zero' = zeros), then calls commit() (or
+ * abort() if that write failed). Exactly one of commit/abort must be called: until then
+ * the clusters of the unit stay locked.
+ */
+export interface Qcow2WriteMapping {
+  length: number;
+  host: number;
+  allocation: {
+    start: number;
+    end: number;
+    from: 'below' | 'zero';
+    commit(): Promise<void>;
+    abort(error?: unknown): Promise<void>;
+  };
+}
+
 /** One extent of block status. */
 export interface Qcow2Extent {
   offset: number;
@@ -876,6 +907,368 @@ export class Qcow2Image {
     } finally {
       this.#l2Cache.unpin(l2);
     }
+  }
+
+  // ---- map-style access (for the graph adapter) ----------------------------------------------
+
+  /**
+   * Where guest [offset, offset + length) lives, from offset on (one answer, stopping where
+   * the kind or host contiguity changes or at an L2 table boundary). Precondition: within
+   * the disk, length > 0.
+   */
+  async mapRead(offset: number, length: number): Promise<Qcow2ReadMapping> {
+    const g = this.#enter();
+    try {
+      const l2End = (Math.floor(offset / this.geom.l2Span) + 1) * this.geom.l2Span;
+      const segs = await this.#mapRange(offset, Math.min(length, l2End - offset));
+      const s = segs[0]!;
+      switch (s.kind) {
+        case 'data':
+          return { length: s.length, kind: 'data', host: s.host };
+        case 'zero':
+          return { length: s.length, kind: 'zero' };
+        case 'backing':
+          return { length: s.length, kind: 'unallocated' };
+        default:
+          return { length: s.length, kind: 'compressed' };
+      }
+    } finally {
+      this.#leave(g);
+    }
+  }
+
+  /**
+   * Maps a guest write (see Qcow2WriteMapping), allocating where needed; compressed or
+   * shared clusters are first copied into a cluster of their own. The answer covers at
+   * least one byte; the caller asks again for the rest. Precondition: within the disk,
+   * length > 0, image writable.
+   */
+  async mapWrite(offset: number, length: number): Promise<Qcow2WriteMapping> {
+    this.#checkWritable();
+    const gen = this.#enter();
+    let handedOff = false;
+    try {
+      const m = await this.#mapWrite(offset, length, gen);
+      handedOff = true;
+      return m;
+    } finally {
+      if (!handedOff) this.#leave(gen);
+    }
+  }
+
+  async #mapWrite(offset: number, length: number, gen: number): Promise<Qcow2WriteMapping> {
+    const gm = this.geom;
+    const cs = gm.clusterSize;
+    const l1i = Math.floor(offset / gm.l2Span);
+    const end = Math.min(offset + length, (l1i + 1) * gm.l2Span);
+    const c0 = Math.floor(offset / cs);
+    const inPlace = (host: number, len: number): Qcow2WriteMapping => ({
+      length: len,
+      host,
+      allocation: {
+        start: offset,
+        end: offset + len,
+        from: 'zero',
+        commit: async () => this.#leave(gen),
+        abort: async () => this.#leave(gen),
+      },
+    });
+    // In place without locks: a run of allocated clusters, contiguous in the file.
+    const fast = await this.#inPlaceRun(l1i, offset, end);
+    if (fast) {
+      await this.#checkDataHost(fast.host, fast.length);
+      return inPlace(fast.host, fast.length);
+    }
+    // Lock the clusters this mapping may cover (at most 32), then look again.
+    const cLast = Math.min(Math.floor((end - 1) / cs), c0 + 31);
+    const keys: number[] = [];
+    for (let ci = c0; ci <= cLast; ci++) keys.push(ci);
+    await this.#clusterLocks.lockAll(keys);
+    let locked = keys;
+    const unlock = (ks: number[]) => this.#clusterLocks.unlockAll(ks);
+    let l2: CacheEntry | null = null;
+    try {
+      await this.#beforeMetadataChange();
+      l2 = await this.#getOrCreateL2(l1i);
+      let e = this.#entryAt(l2, c0);
+      if (e.compressed || (e.host !== 0 && !e.copied)) {
+        e = await this.#makePrivate(l2, c0, e);
+      }
+      const again = await this.#inPlaceRun(l1i, offset, end);
+      if (again) {
+        await this.#checkDataHost(again.host, again.length);
+        this.#l2Cache.unpin(l2);
+        l2 = null;
+        unlock(locked);
+        locked = [];
+        return inPlace(again.host, again.length);
+      }
+      const cBase = c0 * cs;
+      const from = offset - cBase;
+      const sourceOf = (x: L2Entry, sub: number): 'below' | 'zero' =>
+        (x.zero & (2 ** sub)) !== 0 || !this.#backing ? 'zero' : 'below';
+      let start: number;
+      let unitEnd: number;
+      let src: 'below' | 'zero';
+      let hostStart: number;
+      let entries: Array<{ ci: number; e: L2Entry; host: number; fresh: boolean }>;
+      if (gm.extendedL2) {
+        // One cluster; the unit is the span of touched subclusters, minus allocated edges.
+        const sc = gm.subclusterSize;
+        const to = Math.min(end, cBase + cs) - cBase;
+        const a = Math.floor(from / sc);
+        let b = Math.ceil(to / sc);
+        const headPartial = from % sc !== 0 && (e.alloc & (2 ** a)) === 0;
+        let tailPartial = to % sc !== 0 && (e.alloc & (2 ** (b - 1))) === 0;
+        let wEnd = to;
+        if (headPartial && tailPartial && b - 1 !== a && sourceOf(e, a) !== sourceOf(e, b - 1)) {
+          // Different sources at both ends: stop at the end of the head subcluster.
+          wEnd = (a + 1) * sc;
+          b = a + 1;
+          tailPartial = false;
+        }
+        src = headPartial ? sourceOf(e, a) : tailPartial ? sourceOf(e, b - 1) : 'zero';
+        start = cBase + (headPartial ? a * sc : from);
+        unitEnd = cBase + (tailPartial ? b * sc : wEnd);
+        const fresh = e.host === 0;
+        const host = fresh ? 0 : e.host;
+        entries = [{ ci: c0, e, host, fresh }];
+        hostStart = host;
+        locked = this.#keepLocked(locked, c0);
+        if (fresh) {
+          hostStart = await this.#allocData(1);
+          entries[0]!.host = hostStart;
+        }
+        const touched = this.#touchedMask(start - cBase, unitEnd - cBase);
+        const mapping: Qcow2WriteMapping = {
+          length: Math.min(end, unitEnd) - offset,
+          host: hostStart + (offset - cBase),
+          allocation: this.#allocationFor(l2, entries, start, unitEnd, src, gen, locked, (x) => ({
+            ...x,
+            copied: true,
+            alloc: (x.alloc | touched) >>> 0,
+            zero: (x.zero & ~touched) >>> 0,
+          })),
+        };
+        l2 = null;
+        locked = [];
+        return mapping;
+      }
+      // Standard L2: whole clusters. A zero cluster keeping its host is rewritten in place.
+      if (e.host !== 0) {
+        locked = this.#keepLocked(locked, c0);
+        entries = [{ ci: c0, e, host: e.host, fresh: false }];
+        const mapping: Qcow2WriteMapping = {
+          length: Math.min(end, cBase + cs) - offset,
+          host: e.host + from,
+          allocation: this.#allocationFor(
+            l2,
+            entries,
+            cBase,
+            cBase + cs,
+            'zero',
+            gen,
+            locked,
+            (x) => ({
+              ...x,
+              copied: true,
+              alloc: 1,
+              zero: 0,
+            }),
+          ),
+        };
+        await this.#checkDataHost(e.host, cs);
+        l2 = null;
+        locked = [];
+        return mapping;
+      }
+      // Fresh clusters: the first, then following ones the write covers whole (or the last
+      // partly, when it fills from the same source).
+      const headSrc = sourceOf(e, 0);
+      const headFill = from !== 0;
+      entries = [{ ci: c0, e, host: 0, fresh: true }];
+      src = headSrc;
+      if (end >= cBase + cs) {
+        for (let ci = c0 + 1; ci <= cLast; ci++) {
+          const x = this.#entryAt(l2, ci);
+          if (x.compressed || x.host !== 0) break;
+          if (end >= (ci + 1) * cs) {
+            entries.push({ ci, e: x, host: 0, fresh: true });
+            continue;
+          }
+          const tailSrc = sourceOf(x, 0);
+          if (!headFill || tailSrc === headSrc) {
+            entries.push({ ci, e: x, host: 0, fresh: true });
+            src = tailSrc;
+          }
+          break;
+        }
+      }
+      locked = this.#keepLocked(locked, entries[entries.length - 1]!.ci);
+      hostStart = await this.#allocData(entries.length);
+      entries.forEach((x, k) => {
+        x.host = hostStart + k * cs;
+      });
+      const unitStart = cBase;
+      const unitEndStd = (entries[entries.length - 1]!.ci + 1) * cs;
+      const mapping: Qcow2WriteMapping = {
+        length: Math.min(end, unitEndStd) - offset,
+        host: hostStart + from,
+        allocation: this.#allocationFor(
+          l2,
+          entries,
+          unitStart,
+          unitEndStd,
+          src,
+          gen,
+          locked,
+          (x) => ({
+            ...x,
+            copied: true,
+            alloc: 1,
+            zero: 0,
+          }),
+        ),
+      };
+      l2 = null;
+      locked = [];
+      return mapping;
+    } finally {
+      if (l2) this.#l2Cache.unpin(l2);
+      if (locked.length) unlock(locked);
+    }
+  }
+
+  /** Unlocks the keys after `last` and returns the ones kept. */
+  #keepLocked(keys: number[], last: number): number[] {
+    const keep = keys.filter((k) => k <= last);
+    this.#clusterLocks.unlockAll(keys.filter((k) => k > last));
+    return keep;
+  }
+
+  /** Allocates `n` contiguous data clusters, refusing any that overlaps metadata. */
+  async #allocData(n: number): Promise<number> {
+    const cs = this.clusterSize;
+    const base = await this.refcounts.allocate(n);
+    for (let c = 0; c < n; c++) {
+      if (this.#isMetadata(base + c * cs)) {
+        await this.#markCorrupt(
+          `allocated cluster ${base + c * cs} overlaps metadata (refcounts are wrong)`,
+        );
+      }
+    }
+    return base;
+  }
+
+  /** A run of in-place writable clusters from `offset`, contiguous in the file; null if none. */
+  async #inPlaceRun(
+    l1i: number,
+    offset: number,
+    end: number,
+  ): Promise<{ host: number; length: number } | null> {
+    const l2 = await this.#getL2(l1i);
+    if (!l2) return null;
+    const cs = this.clusterSize;
+    try {
+      let host = -1;
+      let pos = offset;
+      while (pos < end) {
+        const ci = Math.floor(pos / cs);
+        const e = this.#entryAt(l2, ci);
+        const from = pos - ci * cs;
+        const to = Math.min(end, (ci + 1) * cs) - ci * cs;
+        if (!this.#inPlace(e, from, to)) break;
+        if (host >= 0 && e.host + from !== host + (pos - offset)) break;
+        if (host < 0) host = e.host + from;
+        pos = ci * cs + to;
+      }
+      return pos > offset ? { host, length: pos - offset } : null;
+    } finally {
+      this.#l2Cache.unpin(l2);
+    }
+  }
+
+  /** Copies a compressed or shared cluster into a cluster of its own and links it. */
+  async #makePrivate(l2: CacheEntry, ci: number, e: L2Entry): Promise<L2Entry> {
+    const cs = this.clusterSize;
+    if (!e.compressed) {
+      const rc = await this.refcounts.get(e.host / cs);
+      if (rc === 0) await this.#markCorrupt(`data cluster ${e.host} in use but has refcount 0`);
+      if (rc === 1) {
+        const ne = { ...e, copied: true };
+        encodeL2(l2.data, ci % this.geom.l2Entries, ne, this.geom);
+        this.#l2Cache.markDirty(l2);
+        return ne;
+      }
+    }
+    const buf = new Uint8Array(cs);
+    await this.#readCurrent(buf, e, ci, 0);
+    const host = await this.#allocData(1);
+    await this.file.write(buf, host);
+    const ne: L2Entry = {
+      compressed: false,
+      host,
+      copied: true,
+      alloc: this.geom.fullMask,
+      zero: 0,
+      sectors: 0,
+    };
+    encodeL2(l2.data, ci % this.geom.l2Entries, ne, this.geom);
+    this.#l2Cache.markDirty(l2);
+    if (e.compressed) this.#free(e.host - (e.host % 512), e.sectors * 512);
+    else this.#free(e.host, cs);
+    return ne;
+  }
+
+  /** The commit/abort pair of an allocation; takes over the L2 pin and the locks. */
+  #allocationFor(
+    l2: CacheEntry,
+    entries: Array<{ ci: number; e: L2Entry; host: number; fresh: boolean }>,
+    start: number,
+    end: number,
+    from: 'below' | 'zero',
+    gen: number,
+    locked: number[],
+    update: (e: L2Entry) => L2Entry,
+  ): Qcow2WriteMapping['allocation'] {
+    let settled = false;
+    const finish = () => {
+      settled = true;
+      this.#l2Cache.unpin(l2);
+      this.#clusterLocks.unlockAll(locked);
+      this.#leave(gen);
+    };
+    return {
+      start,
+      end,
+      from,
+      commit: async () => {
+        if (settled) return;
+        try {
+          for (const x of entries) {
+            encodeL2(
+              l2.data,
+              x.ci % this.geom.l2Entries,
+              update({ ...x.e, host: x.host }),
+              this.geom,
+            );
+          }
+          this.#l2Cache.markDirty(l2);
+        } finally {
+          finish();
+        }
+      },
+      abort: async () => {
+        if (settled) return;
+        try {
+          const fresh = entries.filter((x) => x.fresh);
+          // Never linked anywhere: the clusters can be returned at once.
+          for (const x of fresh) await this.refcounts.update(x.host, this.clusterSize, -1);
+        } finally {
+          finish();
+        }
+      },
+    };
   }
 
   // ---- write zeroes and discard ------------------------------------------------------------

@@ -1,0 +1,211 @@
+// The `qcow2` format driver for the block graph: blockdev-add options as QEMU's
+// (file, backing, lazy-refcounts, l2-cache-size, refcount-cache-size), the image core
+// (image.ts) doing the metadata, the generic layer doing the data I/O through map().
+//
+// - map('read') answers data (in `file` at the host offset), zero or unallocated (the
+//   generic layer reads the backing chain). Compressed clusters cannot be described as a
+//   place in a child: they are answered as data in a read-only view whose reads go through
+//   the core, which decompresses (see CompressedView).
+// - map('write') answers data at the host offset; where clusters (extended L2:
+//   subclusters) are allocated or completed, with an `allocation` the generic layer fills
+//   (copy on write from below, or zeros), writes and commits: the L2 entry is set only
+//   after the data is written. In-place writes carry an allocation too (the exact range,
+//   nothing to fill) so that the core knows when the data write has finished: a cluster
+//   freed by a concurrent discard is not reused while a write to it is in flight.
+// - writeZeroes and discard are the core's (zero clusters, deallocation).
+// - With no `backing` key, the backing file the header names is opened as the `backing`
+//   child (resolved relative to the image file; its format from the header, else probed:
+//   qcow2, then raw); `backing: null` opens the image without one, as QEMU does.
+
+import { dirname, isAbsolute, resolve } from 'node:path';
+import type { BlockDriver, FormatInstance, Mapping, OpenContext } from '../../driver.ts';
+import { BlockError, BlockOptionError } from '../../errors.ts';
+import type { BdrvChild } from '../../node.ts';
+import { Qcow2ErrorCode } from './errors.ts';
+import { Incompat } from './header.ts';
+import { openQcow2, type Qcow2Image } from './image.ts';
+import type { Qcow2BackingReader, Qcow2File } from './types.ts';
+
+/** The image file as the core sees it, through the `file` child. */
+function childFile(child: BdrvChild): Qcow2File {
+  const node = child.node;
+  return {
+    async read(buf, offset) {
+      const n = Math.min(buf.byteLength, node.size() - offset);
+      if (n <= 0) return 0;
+      await node.read(offset, buf.subarray(0, n));
+      return n;
+    },
+    write: (buf, offset) => node.write(offset, buf),
+    size: async () => node.size(),
+    truncate: (size) => node.truncate(size),
+    flush: () => node.flush(),
+  };
+}
+
+function childReader(child: BdrvChild): Qcow2BackingReader {
+  const node = child.node;
+  return {
+    read: (buf, offset) => node.read(offset, buf),
+    size: async () => node.size(),
+  };
+}
+
+/**
+ * A read-only view of the guest disk, through the core, used as the `child` of data
+ * mappings of compressed clusters (offset = guest offset). The generic layer only calls
+ * size(), read() and blockStatus() on a data mapping's child node.
+ */
+function compressedView(image: Qcow2Image, nodeName: string): BdrvChild {
+  const node = {
+    name: `${nodeName}(compressed)`,
+    size: () => image.virtualSize,
+    read: (offset: number, buf: Uint8Array) => image.read(buf, offset),
+    blockStatus: async (_offset: number, length: number) => ({
+      length,
+      hole: false,
+      zero: false,
+      depth: 1,
+    }),
+  };
+  return { name: 'compressed', roles: ['data'], node } as unknown as BdrvChild;
+}
+
+class Qcow2Instance implements FormatInstance {
+  readonly kind = 'format';
+  readonly image: Qcow2Image;
+  readonly #file: BdrvChild;
+  readonly #compressed: BdrvChild;
+
+  constructor(image: Qcow2Image, file: BdrvChild, nodeName: string) {
+    this.image = image;
+    this.#file = file;
+    this.#compressed = compressedView(image, nodeName);
+  }
+
+  size(): number {
+    return this.image.virtualSize;
+  }
+
+  async map(offset: number, length: number, intent: 'read' | 'write'): Promise<Mapping> {
+    if (intent === 'write') {
+      const w = await this.image.mapWrite(offset, length);
+      return {
+        length: w.length,
+        kind: 'data',
+        child: this.#file,
+        offset: w.host,
+        allocation: w.allocation,
+      };
+    }
+    const m = await this.image.mapRead(offset, length);
+    switch (m.kind) {
+      case 'data':
+        return { length: m.length, kind: 'data', child: this.#file, offset: m.host! };
+      case 'compressed':
+        return { length: m.length, kind: 'data', child: this.#compressed, offset };
+      default:
+        return { length: m.length, kind: m.kind };
+    }
+  }
+
+  writeZeroes(offset: number, length: number, mayUnmap: boolean): Promise<void> {
+    return this.image.writeZeroes(offset, length, { mayUnmap });
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.image.discard(offset, length);
+  }
+
+  flush(): Promise<void> {
+    return this.image.flush();
+  }
+
+  close(): Promise<void> {
+    return this.image.close();
+  }
+
+  info(): Record<string, unknown> {
+    const h = this.image.header;
+    return {
+      format: 'qcow2',
+      compat: h.version === 3 ? '1.1' : '0.10',
+      'cluster-size': this.image.clusterSize,
+      'lazy-refcounts': this.image.lazyRefcounts,
+      'refcount-bits': 2 ** h.refcountOrder,
+      'extended-l2': (h.incompatibleFeatures & Incompat.EXTENDED_L2) !== 0n,
+      ...(h.backingFile !== null ? { 'backing-filename': h.backingFile } : {}),
+      ...(h.backingFormat !== null ? { 'backing-filename-format': h.backingFormat } : {}),
+      corrupt: this.image.corrupt,
+    };
+  }
+}
+
+/** Opens the backing file the header names as the `backing` child (probing its format). */
+async function openHeaderBacking(
+  ctx: OpenContext,
+  name: string,
+  format: string | null,
+): Promise<BdrvChild> {
+  const fileNode = ctx.children.file!.node;
+  const base =
+    fileNode.driver === 'file' ? (fileNode.options.filename as string | undefined) : undefined;
+  const filename = isAbsolute(name) || base === undefined ? name : resolve(dirname(base), name);
+  const file = { driver: 'file', filename };
+  if (format !== null) return ctx.openChild('backing', { driver: format, file });
+  try {
+    return await ctx.openChild('backing', { driver: 'qcow2', file });
+  } catch (err) {
+    if (!(err instanceof BlockError) || err.code !== Qcow2ErrorCode.BAD_HEADER) throw err;
+    return ctx.openChild('backing', { driver: 'raw', file });
+  }
+}
+
+export const qcow2Driver: BlockDriver = {
+  name: 'qcow2',
+  kind: 'format',
+  options: {
+    'lazy-refcounts': { type: 'bool' },
+    'l2-cache-size': { type: 'int', min: 0 },
+    'refcount-cache-size': { type: 'int', min: 0 },
+  },
+  children: [
+    { key: 'file', required: true, roles: () => ['data', 'metadata', 'primary'] },
+    { key: 'backing', required: false, nullable: true, roles: () => ['cow'] },
+  ],
+  async open(ctx) {
+    const file = ctx.children.file!;
+    const o = ctx.options;
+    const f = childFile(file);
+    // The header decides whether a backing child is needed: open without one first.
+    const probe = await openQcow2(f, { readOnly: true, backing: null });
+    await probe.close();
+    let backing = ctx.children.backing;
+    const explicitNull = (ctx.node.options as Record<string, unknown>).backing === null;
+    if (!backing && !explicitNull && probe.header.backingFile !== null) {
+      backing = await openHeaderBacking(ctx, probe.header.backingFile, probe.header.backingFormat);
+    }
+    const opts: Parameters<typeof openQcow2>[1] = {
+      readOnly: ctx.readOnly,
+      backing: backing ? childReader(backing) : null,
+    };
+    if (o['lazy-refcounts'] !== undefined) opts.lazyRefcounts = o['lazy-refcounts'] as boolean;
+    if (o['l2-cache-size'] !== undefined) opts.l2CacheSize = o['l2-cache-size'] as number;
+    if (o['refcount-cache-size'] !== undefined)
+      opts.refcountCacheSize = o['refcount-cache-size'] as number;
+    let image: Qcow2Image;
+    try {
+      image = await openQcow2(f, opts);
+    } catch (err) {
+      if (
+        err instanceof BlockError &&
+        err.code === Qcow2ErrorCode.BAD_OPTION &&
+        /lazy/.test(err.message)
+      ) {
+        throw new BlockOptionError('lazy-refcounts', err.message);
+      }
+      throw err;
+    }
+    return new Qcow2Instance(image, file, ctx.nodeName);
+  },
+};

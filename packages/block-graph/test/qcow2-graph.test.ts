@@ -1,0 +1,274 @@
+// The qcow2 driver in the block graph (blockdev-add options as QEMU's), judged by qemu-img:
+// reads of qemu-made images (compressed too, backing chains opened from the header), random
+// I/O through a BlockBackend then `qemu-img check` and `qemu-img compare`, block status.
+
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
+import { BlockGraph } from '../src/index.ts';
+import { firstDiff, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
+
+let dir = '';
+let cleanup: () => Promise<void> = async () => {};
+beforeAll(async () => {
+  ({ dir, cleanup } = await tempDir());
+});
+afterAll(async () => {
+  await cleanup();
+});
+
+async function rawOf(path: string): Promise<Uint8Array> {
+  await must('qemu-img', ['convert', '-O', 'raw', path, `${path}.raw`]);
+  return new Uint8Array(await readFile(`${path}.raw`));
+}
+
+async function openNode(options: Record<string, unknown>) {
+  const g = new BlockGraph({ drivers: [qcow2Driver] });
+  await g.add({ 'node-name': 'disk', discard: 'unmap', ...options });
+  return g;
+}
+
+describe('qcow2 in the block graph', () => {
+  it('reads a qemu-io filled image and a compressed one exactly', async () => {
+    const path = join(dir, 'a.qcow2');
+    await must('qemu-img', ['create', '-f', 'qcow2', '-o', 'cluster_size=16k', path, '8M']);
+    await must('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      'write -P 3 5 300k',
+      '-c',
+      'write -z 1M 100k',
+      '-c',
+      'write -P 4 7M 1M',
+      path,
+    ]);
+    const comp = join(dir, 'a-c.qcow2');
+    await must('qemu-img', ['convert', '-c', '-O', 'qcow2', path, comp]);
+    for (const p of [path, comp]) {
+      const g = await openNode({ driver: 'qcow2', file: { driver: 'file', filename: p } });
+      const b = await g.createBackend('disk');
+      const got = new Uint8Array(8 << 20);
+      await b.read(0, got);
+      expect(firstDiff(got, await rawOf(p))).toBe(-1);
+      const part = new Uint8Array(5000);
+      await b.read(7 * (1 << 20) - 100, part);
+      expect(part.subarray(0, 100).every((x) => x === 0)).toBe(true);
+      expect(part.subarray(100).every((x) => x === 4)).toBe(true);
+      await b.close();
+      await g.close();
+    }
+  });
+
+  it('opens the backing chain its headers name (relative names, probed raw base) and reads through it', async () => {
+    const base = join(dir, 'base.img');
+    await writeFile(base, pattern(new Uint8Array(3 << 20), 5));
+    const mid = join(dir, 'mid.qcow2');
+    const top = join(dir, 'top.qcow2');
+    await must('qemu-img', [
+      'create',
+      '-f',
+      'qcow2',
+      '-u',
+      '-b',
+      'base.img',
+      '-F',
+      'raw',
+      mid,
+      '6M',
+    ]);
+    await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 6 1M 1500k', mid]);
+    await must('qemu-img', [
+      'create',
+      '-f',
+      'qcow2',
+      '-o',
+      'extended_l2=on',
+      '-b',
+      'mid.qcow2',
+      '-F',
+      'qcow2',
+      top,
+      '8M',
+    ]);
+    await must('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      'write -P 7 2M 10k',
+      '-c',
+      'write -P 8 5000 3000',
+      top,
+    ]);
+    const g = await openNode({ driver: 'qcow2', file: { driver: 'file', filename: top } });
+    const b = await g.createBackend('disk', { write: true });
+    const got = new Uint8Array(8 << 20);
+    await b.read(0, got);
+    expect(firstDiff(got, await rawOf(top))).toBe(-1);
+    // A write into the middle of a cluster copies the rest from the chain below.
+    await b.write(2 * (1 << 20) + 40_000, new Uint8Array(1000).fill(9));
+    await b.close();
+    await g.close();
+    expect((await run('qemu-img', ['check', top])).code).toBe(0);
+    const io = await run('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      `read -P 6 ${2 * (1 << 20) + 10240} 29760`,
+      '-c',
+      `read -P 9 ${2 * (1 << 20) + 40_000} 1000`,
+      top,
+    ]);
+    expect(io.stdout).not.toContain('Pattern verification failed');
+    expect(io.code).toBe(0);
+  });
+
+  it("'backing': null opens without the backing file", async () => {
+    const base = join(dir, 'nb-base.qcow2');
+    const top = join(dir, 'nb-top.qcow2');
+    await must('qemu-img', ['create', '-f', 'qcow2', base, '1M']);
+    await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 1M', base]);
+    await must('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '1M']);
+    const g = await openNode({
+      driver: 'qcow2',
+      backing: null,
+      file: { driver: 'file', filename: top },
+    });
+    const b = await g.createBackend('disk');
+    const got = new Uint8Array(4096);
+    await b.read(0, got);
+    expect(got.every((x) => x === 0)).toBe(true);
+    await b.close();
+    await g.close();
+  });
+
+  it('rejects lazy-refcounts on a compat=0.10 image as a bad option', async () => {
+    const path = join(dir, 'v2.qcow2');
+    await must('qemu-img', ['create', '-f', 'qcow2', '-o', 'compat=0.10', path, '1M']);
+    const g = new BlockGraph({ drivers: [qcow2Driver] });
+    await expect(
+      g.add({ driver: 'qcow2', 'lazy-refcounts': true, file: { driver: 'file', filename: path } }),
+    ).rejects.toMatchObject({
+      code: 'ERR_VMDISK_BLOCK_BAD_OPTION',
+    });
+    await g.close();
+  });
+
+  const variants = [
+    {
+      name: 'v3 64k, small L2 cache',
+      opts: 'compat=1.1',
+      backing: false,
+      extra: { 'l2-cache-size': 131072 },
+    },
+    {
+      name: 'v3 extended L2 over a backing file',
+      opts: 'extended_l2=on',
+      backing: true,
+      extra: {},
+    },
+    {
+      name: 'v2 16k over a backing file',
+      opts: 'compat=0.10,cluster_size=16k',
+      backing: true,
+      extra: {},
+    },
+    {
+      name: 'v3 lazy refcounts 4k',
+      opts: 'lazy_refcounts=on,cluster_size=4k',
+      backing: false,
+      extra: {},
+    },
+  ];
+  for (const [vi, v] of variants.entries()) {
+    it(`random I/O through a backend (${v.name}): qemu-img check clean, compare identical`, async () => {
+      const size = 12 << 20;
+      const path = join(dir, `r${vi}.qcow2`);
+      const model = new Uint8Array(size);
+      let base: Uint8Array | null = null;
+      if (v.backing) {
+        const bp = join(dir, `r${vi}.base`);
+        base = pattern(new Uint8Array(size - (2 << 20)), vi + 50);
+        model.set(base);
+        await writeFile(bp, base);
+        await must('qemu-img', [
+          'create',
+          '-f',
+          'qcow2',
+          '-o',
+          v.opts,
+          '-b',
+          bp,
+          '-F',
+          'raw',
+          path,
+          String(size),
+        ]);
+      } else await must('qemu-img', ['create', '-f', 'qcow2', '-o', v.opts, path, String(size)]);
+      const cs = JSON.parse(await must('qemu-img', ['info', '--output=json', path]))[
+        'cluster-size'
+      ] as number;
+      const unit = v.opts.includes('extended_l2') ? cs / 32 : cs;
+      const v3 = !v.opts.includes('0.10');
+      const g = await openNode({
+        driver: 'qcow2',
+        file: { driver: 'file', filename: path },
+        ...v.extra,
+      });
+      const b = await g.createBackend('disk', { write: true });
+      const r = rng(vi + 1000);
+      for (let batchNo = 0; batchNo < 60; batchNo++) {
+        const taken: Array<[number, number]> = [];
+        const ops: Promise<void>[] = [];
+        for (let k = 0; k < 16; k++) {
+          const len = 1 + Math.floor(r() * (r() < 0.7 ? 9000 : 200_000));
+          const off = Math.floor(r() * (size - len));
+          if (taken.some(([a, c]) => off < c && a < off + len)) continue;
+          taken.push([off, off + len]);
+          const x = r();
+          if (x < 0.65) {
+            const d = pattern(new Uint8Array(len), batchNo * 100 + k);
+            model.set(d, off);
+            ops.push(b.write(off, d));
+          } else if (x < 0.85) {
+            model.fill(0, off, off + len);
+            ops.push(b.writeZeroes(off, len, { noHole: r() < 0.5 }));
+          } else {
+            const a = Math.ceil(off / unit) * unit;
+            const e = Math.floor((off + len) / unit) * unit;
+            for (let u = a; u < e; u += unit) {
+              if (unit === cs || v.opts.includes('extended_l2')) {
+                if (!v3 && base) {
+                  model.fill(0, u, u + unit);
+                  model.set(
+                    base.subarray(Math.min(u, base.length), Math.min(u + unit, base.length)),
+                    u,
+                  );
+                } else model.fill(0, u, u + unit);
+              }
+            }
+            ops.push(b.trim(off, len));
+          }
+        }
+        await Promise.all(ops);
+        if (batchNo % 10 === 9) await b.flush();
+      }
+      const got = new Uint8Array(size);
+      await b.read(0, got);
+      expect(firstDiff(got, model)).toBe(-1);
+      // Block status: depth 1 wherever this layer has data.
+      const ext = await b.blockStatus(0, size);
+      expect(ext.reduce((a, x) => a + x.length, 0)).toBeGreaterThan(0);
+      expect(ext.some((x) => x.depth === 1 && !x.hole)).toBe(true);
+      await b.close();
+      await g.close();
+      const check = await run('qemu-img', ['check', path]);
+      expect(check.stdout).toContain('No errors were found');
+      const rawPath = join(dir, `r${vi}.raw`);
+      await writeFile(rawPath, model);
+      const cmp = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', path, rawPath]);
+      expect(cmp.stdout + cmp.stderr).toContain('Images are identical');
+    });
+  }
+});
