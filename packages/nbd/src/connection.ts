@@ -198,7 +198,7 @@ export class Connection {
     this.raw = raw;
     this.socket = raw;
     this.host = host;
-    this.remoteAddress = raw.remoteAddress ?? (raw.localAddress ? '' : 'unix');
+    this.remoteAddress = raw.remoteAddress ?? 'unix';
     this.remotePort = raw.remotePort;
     this.sendQueue = new SendQueue(raw);
     raw.setNoDelay?.(true);
@@ -364,7 +364,7 @@ export class Connection {
         case Option.ABORT:
           this.optReply(option, OptionReply.ACK);
           this.phase = 'closing';
-          this.socket.end();
+          this.maybeFinalize();
           throw new Closed();
         case Option.LIST:
           if (length !== 0) {
@@ -1268,7 +1268,11 @@ export class Connection {
   private maybeFinalize(): void {
     if (this.inFlight > 0) return;
     if (!this.socketClosed) {
-      if (this.phase === 'closing' && !this.socket.writableEnded) this.socket.end();
+      if (this.phase === 'closing' && !this.socket.writableEnded) {
+        this.socket.end();
+        // A client that never closes its side does not keep the connection.
+        setTimeout(() => this.destroy(), 5000).unref();
+      }
       return;
     }
     if (this.finalized) return;
