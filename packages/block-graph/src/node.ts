@@ -569,8 +569,14 @@ export class BlockNode implements ChildParent {
     if (inst.kind === 'protocol') {
       await this.zeroProtocol(inst, offset, length, mayUnmap, fast);
     } else if (inst.kind === 'filter') {
-      if (inst.intercept) await inst.intercept({ op: 'write-zeroes', offset, length });
-      await inst.child.node.writeZeroes(offset, length, { mayUnmap, fastZero: fast });
+      try {
+        if (inst.intercept) await inst.intercept({ op: 'write-zeroes', offset, length });
+        await inst.child.node.writeZeroes(offset, length, { mayUnmap, fastZero: fast });
+      } catch (err) {
+        // Not supported below (or refused by the filter): write zero buffers through here.
+        if (fast || !isNotSupported(err)) throw err;
+        await this.writeZeroBuffers(offset, length);
+      }
     } else if (inst.writeZeroes) {
       try {
         await this.wrap(inst.writeZeroes(offset, length, mayUnmap));
