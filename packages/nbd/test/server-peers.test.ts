@@ -5,7 +5,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { FileTarget, MemoryTarget } from '../src/index.ts';
+import { type ExportTarget, FileTarget, MemoryTarget } from '../src/index.ts';
 import { run, type Started, startServer, tempDir } from './server-helpers.ts';
 
 const MiB = 1024 * 1024;
@@ -139,6 +139,61 @@ describe('NbdServer against qemu, libnbd and fio', () => {
     expect(got).toEqual(want);
     expect(want.length).toBeGreaterThanOrEqual(5);
     await s.server.removeExport('map');
+  });
+
+  it('nbdinfo --map=qemu:allocation-depth shows the depth a target reports', async () => {
+    const top = new MemoryTarget(4 * MiB);
+    await top.write(0, Buffer.alloc(MiB, 1), {});
+    const layered: ExportTarget = {
+      size: () => top.size(),
+      read: (o, b) => top.read(o, b),
+      reportsDepth: true,
+      // Allocated data in the top layer (1); the rest comes from a backing layer (2)
+      // for the second MiB and is unallocated (0) beyond.
+      blockStatus: async (o, l) => {
+        const out = [];
+        let pos = o;
+        for (const e of await top.blockStatus(o, l)) {
+          const end = pos + e.length;
+          if (!e.hole) out.push({ ...e, depth: 1 });
+          else {
+            const split = Math.min(Math.max(pos, 2 * MiB), end);
+            if (split > pos) out.push({ ...e, length: split - pos, depth: 2 });
+            if (end > split) out.push({ ...e, length: end - split, depth: 0 });
+          }
+          pos = end;
+        }
+        return out;
+      },
+    };
+    s.server.addExport({ name: 'layers', target: layered });
+    const r = await run('nbdinfo', ['--map=qemu:allocation-depth', '--json', s.uri('layers')]);
+    expect(r.code).toBe(0);
+    const got = (
+      JSON.parse(r.stdout) as Array<{ offset: number; length: number; type: number }>
+    ).map((e) => [e.offset, e.length, e.type]);
+    expect(got).toEqual([
+      [0, MiB, 1],
+      [MiB, MiB, 2],
+      [2 * MiB, 2 * MiB, 0],
+    ]);
+    await s.server.removeExport('layers');
+  });
+
+  it('qemu-io over a unix socket listener', async () => {
+    const path = join(tmp.dir, 'nbd.sock');
+    await s.server.listen({ path });
+    const r = await run('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x44 2M 64k',
+      '-c',
+      'read -P 0x44 2M 64k',
+      `nbd+unix:///mem?socket=${path}`,
+    ]);
+    expect(r.stdout + r.stderr).not.toMatch(/fail|error/i);
+    expect(r.code).toBe(0);
   });
 
   it('nbdcopy of a whole export, then cmp', async () => {
