@@ -231,10 +231,6 @@ export class Connection {
     if (this.socket !== this.raw) this.raw.destroy();
   }
 
-  get inTransmission(): boolean {
-    return this.phase === 'transmission';
-  }
-
   // ---- receiving ----
 
   private readonly onData = (chunk: Buffer): void => {

@@ -197,6 +197,21 @@ describe('NbdServer TLS', () => {
     expect(await plain.closedWithin()).toBe(true);
   });
 
+  it('drops a client that answers STARTTLS with garbage instead of a TLS handshake', async () => {
+    const codes: string[] = [];
+    psk.server.on('error', (e) => codes.push(e.error.code));
+    const nbd = await RawNbd.connect(psk.port);
+    await nbd.handshake();
+    expect(await nbd.simpleOption(Option.STARTTLS)).toBe(OptionReply.ACK);
+    nbd.write(Buffer.alloc(64, 0x47));
+    expect(await nbd.closedWithin()).toBe(true);
+    expect(codes).toContain('ERR_VMDISK_NBD_TLS_HANDSHAKE');
+    const ok = await run('nbdinfo', [
+      `nbds://alice@127.0.0.1:${psk.port}/disk?tls-psk-file=${pskFile}`,
+    ]);
+    expect(ok.code).toBe(0);
+  });
+
   it("'on' mode: state negotiated in plain text is forgotten after STARTTLS", async () => {
     const server = new NbdServer({ tls: { mode: 'on', psk: { alice: PSK_HEX } } });
     server.addExport({ name: 'd', target: new MemoryTarget(65536) });
