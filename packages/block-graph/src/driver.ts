@@ -90,6 +90,13 @@ export interface Limits {
 export interface OpenContext {
   readonly nodeName: string;
   readonly readOnly: boolean;
+  /**
+   * auto-read-only: when opening for writing fails for lack of permission (EACCES, EPERM,
+   * EROFS), open read-only instead and call setReadOnly().
+   */
+  readonly autoReadOnly: boolean;
+  /** Makes the node read-only (auto-read-only fallback); permissions are checked again. */
+  setReadOnly(): void;
   /** cache.direct: O_DIRECT on files. */
   readonly direct: boolean;
   /** The driver's own keys, validated against its `options` (absent keys are absent). */

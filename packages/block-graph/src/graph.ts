@@ -377,6 +377,7 @@ export class BlockGraph {
       noFlush: spec.noFlush ?? inherited?.noFlush ?? false,
       discard: spec.discard ?? inherited?.discard ?? 'ignore',
       detectZeroes: spec.detectZeroes ?? 'off',
+      autoReadOnly: spec.autoReadOnly ?? inherited?.autoReadOnly ?? false,
     };
     const name = spec.nodeName ?? this.newName();
     const node = new BlockNode(name, spec.driver.name, settings, spec.raw, this);
@@ -399,6 +400,7 @@ export class BlockGraph {
             direct: settings.direct,
             noFlush: settings.noFlush,
             discard: 'unmap',
+            autoReadOnly: settings.autoReadOnly,
           });
           child.refcount--; // the edge below takes the reference open() handed out
         }
@@ -408,6 +410,14 @@ export class BlockGraph {
         edges.push(edge);
         node.children.set(key, edge);
       }
+      // auto-read-only: a node whose storage could only be opened read-only is read-only.
+      if (settings.autoReadOnly && !settings.readOnly) {
+        for (const e of edges) {
+          if (!e.roles.includes('cow') && e.roles.includes('data') && e.node.readOnly) {
+            settings.readOnly = true;
+          }
+        }
+      }
       this.nodes.set(name, node);
       this.refreshPermissions();
       const children: Record<string, BdrvChild | undefined> = {};
@@ -415,6 +425,10 @@ export class BlockGraph {
       const ctx: OpenContext = {
         nodeName: name,
         readOnly: settings.readOnly,
+        autoReadOnly: settings.autoReadOnly,
+        setReadOnly: () => {
+          settings.readOnly = true;
+        },
         direct: settings.direct,
         options: spec.options,
         children,
@@ -439,6 +453,7 @@ export class BlockGraph {
             direct: settings.direct,
             noFlush: settings.noFlush,
             discard: 'unmap',
+            autoReadOnly: settings.autoReadOnly,
           });
           const edge = new BdrvChild(key, roles, node, child);
           this.link(edge); // takes over the reference open() handed out
@@ -457,7 +472,9 @@ export class BlockGraph {
           return edge;
         },
       };
+      const wasReadOnly = settings.readOnly;
       const instance = await spec.driver.open(ctx);
+      if (settings.readOnly !== wasReadOnly) this.refreshPermissions();
       try {
         node.setInstance(instance);
       } catch (err) {

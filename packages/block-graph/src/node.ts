@@ -77,6 +77,8 @@ export interface NodeSettings {
   noFlush: boolean;
   discard: 'ignore' | 'unmap';
   detectZeroes: 'off' | 'on' | 'unmap';
+  /** Fall back to read-only when the storage cannot be opened for writing. */
+  autoReadOnly: boolean;
 }
 
 const ZERO_CHUNK = 1 << 20;

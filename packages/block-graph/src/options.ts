@@ -12,6 +12,7 @@ export interface NodeSpec {
   driver: BlockDriver;
   nodeName?: string;
   readOnly?: boolean;
+  autoReadOnly?: boolean;
   direct?: boolean;
   noFlush?: boolean;
   discard?: 'ignore' | 'unmap';
@@ -25,7 +26,15 @@ export interface NodeSpec {
   raw: Record<string, unknown>;
 }
 
-const COMMON = new Set(['driver', 'node-name', 'read-only', 'cache', 'discard', 'detect-zeroes']);
+const COMMON = new Set([
+  'driver',
+  'node-name',
+  'read-only',
+  'auto-read-only',
+  'cache',
+  'discard',
+  'detect-zeroes',
+]);
 
 const NODE_NAME = /^[A-Za-z][A-Za-z0-9_.-]{0,30}$/;
 
@@ -121,6 +130,9 @@ export function checkOptions(
   const ro =
     raw['read-only'] === undefined ? undefined : keyBool(raw['read-only'], key('read-only'));
   if (ro !== undefined) spec.readOnly = ro;
+  if (raw['auto-read-only'] !== undefined) {
+    spec.autoReadOnly = keyBool(raw['auto-read-only'], key('auto-read-only'));
+  }
   if (driver.readOnlyOnly) {
     if (ro === false) {
       throw new BlockOptionError(key('read-only'), `driver '${driver.name}' can only be read-only`);

@@ -202,6 +202,42 @@ describe('building graphs from blockdev-add options', () => {
     await g.close();
   });
 
+  it('auto-read-only opens read-only what cannot be opened for writing', async () => {
+    // A sysfs file root can read but not open for writing (EACCES even for root).
+    const path = '/sys/kernel/notes';
+    const g = new BlockGraph();
+    const err = await g
+      .add({ driver: 'raw', file: { driver: 'file', filename: path } })
+      .catch((e) => e);
+    expect(err).toMatchObject({ code: 'ERR_VMDISK_BLOCK_IO', errnoName: 'EACCES' });
+    expect(g.query()).toEqual([]);
+    await g.add({
+      driver: 'raw',
+      'node-name': 'notes',
+      'auto-read-only': true,
+      file: { driver: 'file', 'node-name': 'notes-file', filename: path },
+    });
+    const q = g.query();
+    expect(q.find((n) => n['node-name'] === 'notes-file')!['read-only']).toBe(true);
+    expect(q.find((n) => n['node-name'] === 'notes')!['read-only']).toBe(true);
+    await expect(g.createBackend('notes', { write: true })).rejects.toMatchObject({
+      code: 'ERR_VMDISK_BLOCK_PERMISSION_CONFLICT',
+    });
+    const b = await g.createBackend('notes');
+    const buf = Buffer.alloc(Math.min(16, b.size()));
+    await b.read(0, buf);
+    expect(buf.byteLength).toBeGreaterThan(0);
+    // A writable file stays writable with auto-read-only.
+    await g.add({
+      driver: 'file',
+      'node-name': 'rw',
+      'auto-read-only': 'on',
+      filename: img('aro.img'),
+    });
+    expect(g.query().find((n) => n['node-name'] === 'rw')!['read-only']).toBe(false);
+    await g.close();
+  });
+
   it('inherits read-only and cache settings into inline children', async () => {
     const g = new BlockGraph();
     await g.add({

@@ -201,7 +201,16 @@ export const fileDriver: BlockDriver = {
     const backend = AIO[(ctx.options.aio as string | undefined) ?? 'auto']!;
     try {
       const engine = await ctx.engine(backend);
-      const file = await engine.openFile(filename, { readOnly: ctx.readOnly, direct: ctx.direct });
+      let file: EngineFile;
+      try {
+        file = await engine.openFile(filename, { readOnly: ctx.readOnly, direct: ctx.direct });
+      } catch (err) {
+        const name = (err as { errnoName?: string }).errnoName;
+        const denied = name === 'EACCES' || name === 'EPERM' || name === 'EROFS';
+        if (ctx.readOnly || !ctx.autoReadOnly || !denied) throw err;
+        file = await engine.openFile(filename, { readOnly: true, direct: ctx.direct });
+        ctx.setReadOnly();
+      }
       try {
         const size = await file.size();
         return new FileInstance(file, size, ctx.nodeName, engine);
