@@ -160,6 +160,34 @@ describe('NbdServer over a raw socket', () => {
       await server.close();
     });
 
+    it('does not touch a target before a client chooses its export', async () => {
+      const backing = new MemoryTarget(65536);
+      const calls: string[] = [];
+      const watched: ExportTarget = {
+        size: () => {
+          calls.push('size');
+          return backing.size();
+        },
+        read: (o, b) => {
+          calls.push('read');
+          return backing.read(o, b);
+        },
+      };
+      s.server.addExport({ name: 'watched', target: watched });
+      const nbd = await RawNbd.connect(s.port);
+      await nbd.handshake();
+      nbd.sendOption(Option.LIST);
+      await nbd.optionReplies();
+      expect(await nbd.simpleOption(Option.STRUCTURED_REPLY)).toBe(OptionReply.ACK);
+      nbd.sendOption(Option.LIST_META_CONTEXT, RawNbd.metaData('watched', []));
+      await nbd.optionReplies();
+      expect(calls).toEqual([]);
+      expect((await nbd.go('watched')).pop()!.type).toBe(OptionReply.ACK);
+      expect(calls).toContain('size');
+      nbd.destroy();
+      await s.server.removeExport('watched');
+    });
+
     it('ABORT gets an ACK and the connection closes', async () => {
       const nbd = await RawNbd.connect(s.port);
       await nbd.handshake();
