@@ -1,9 +1,12 @@
 // Reusable buffers for request payloads and read replies, so that a busy server does not
-// allocate (and the GC free) one buffer per request: power-of-two classes from 4 KiB to
-// 1 MiB, at most `maxBytes` kept. A buffer goes back only once nothing refers to it (its
+// allocate (and the GC free) one buffer per request: classes of a power of two from 4 KiB
+// to 1 MiB plus 64 bytes (room for a reply header before a power-of-two payload), at most
+// `maxBytes` kept. A buffer goes back only once nothing refers to it (its
 // reply written to the kernel, its write completed).
 
-const MIN_CLASS = 4096;
+const MIN_POWER = 4096;
+/** Room for a reply header in front of a power-of-two payload. */
+const SLACK = 64;
 
 export class BufferPool {
   private readonly free = new Map<number, Buffer[]>();
@@ -18,9 +21,10 @@ export class BufferPool {
 
   /** A buffer of `length` bytes (contents undefined). */
   get(length: number): Buffer {
-    if (length > this.maxClass) return Buffer.allocUnsafeSlow(length);
-    let size = MIN_CLASS;
-    while (size < length) size *= 2;
+    if (length > this.maxClass + SLACK) return Buffer.allocUnsafeSlow(length);
+    let power = MIN_POWER;
+    while (power + SLACK < length) power *= 2;
+    const size = power + SLACK;
     const whole = this.free.get(size)?.pop();
     if (whole !== undefined) {
       this.pooled -= size;
@@ -32,8 +36,9 @@ export class BufferPool {
   /** Gives back a buffer that `get` returned; others are left to the GC. */
   put(buf: Uint8Array): void {
     const size = buf.buffer.byteLength;
-    if (buf.byteOffset !== 0 || size < MIN_CLASS || size > this.maxClass) return;
-    if ((size & (size - 1)) !== 0 || this.pooled + size > this.maxBytes) return;
+    const power = size - SLACK;
+    if (buf.byteOffset !== 0 || power < MIN_POWER || power > this.maxClass) return;
+    if ((power & (power - 1)) !== 0 || this.pooled + size > this.maxBytes) return;
     let list = this.free.get(size);
     if (list === undefined) {
       list = [];

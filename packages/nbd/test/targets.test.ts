@@ -94,12 +94,14 @@ describe('BufferPool', () => {
     const pool = new BufferPool(64 * KiB);
     const a = pool.get(5000);
     expect(a.length).toBe(5000);
-    expect(a.buffer.byteLength).toBe(8192);
+    expect(a.buffer.byteLength).toBe(8192 + 64);
+    // A power-of-two payload and a reply header fit the same class.
+    expect(pool.get(4096 + 40).buffer.byteLength).toBe(4096 + 64);
     pool.put(a);
     const b = pool.get(6000);
     expect(b.buffer).toBe(a.buffer);
     // Views into someone else's memory, and anything past the cap, are not kept.
-    pool.put(Buffer.alloc(8192).subarray(16));
+    pool.put(Buffer.alloc(8192 + 64).subarray(16));
     expect(pool.get(8192).buffer).not.toBe(a.buffer);
     const big = pool.get(2 * 1024 * KiB);
     pool.put(big);
