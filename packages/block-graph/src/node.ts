@@ -601,8 +601,10 @@ export class BlockNode implements ChildParent {
   ): Promise<void> {
     if (inst.writeZeroes) {
       const a = this.align;
-      const start = Math.ceil(offset / a) * a;
-      const end = Math.max(start, Math.floor((offset + length) / a) * a);
+      // [offset, start) and [end, stop) are partial blocks, [start, end) whole ones.
+      const stop = offset + length;
+      const start = Math.min(Math.ceil(offset / a) * a, stop);
+      const end = Math.max(start, Math.floor(stop / a) * a);
       try {
         if (end > start) {
           const hold = this.tracker ? await this.tracker.write(start, end) : undefined;
@@ -612,10 +614,8 @@ export class BlockNode implements ChildParent {
             if (hold) this.tracker!.release(hold);
           }
         }
-        if (start > offset)
-          await this.writeZeroBuffers(offset, Math.min(start, offset + length) - offset);
-        if (end > start && offset + length > end)
-          await this.writeZeroBuffers(end, offset + length - end);
+        if (start > offset) await this.writeZeroBuffers(offset, start - offset);
+        if (stop > end) await this.writeZeroBuffers(end, stop - end);
         return;
       } catch (err) {
         if (!isNotSupported(err)) throw err;
