@@ -3,13 +3,17 @@
 // is announced on stdout before it starts, every completed flush after it completes
 // (synchronous writes to the pipe, so nothing announced is lost when the process dies).
 //
-// argv: image path, backing raw path or '-', seed, l2 cache bytes or '-'
+// argv: image path, backing raw path or '-', seed, l2 cache bytes or '-', 'core' or 'graph'
+// (graph: through a BlockGraph node and backend, the backing file from the image header)
 
 import { writeSync } from 'node:fs';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
+import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
+import { BlockGraph } from '../src/index.ts';
 import { FsFile, pattern, rng } from './qcow2-helpers.ts';
 
-const [path, backingPath, seedArg, l2Arg] = process.argv.slice(2) as [
+const [path, backingPath, seedArg, l2Arg, mode] = process.argv.slice(2) as [
+  string,
   string,
   string,
   string,
@@ -17,15 +21,54 @@ const [path, backingPath, seedArg, l2Arg] = process.argv.slice(2) as [
 ];
 const say = (o: unknown) => writeSync(1, `${JSON.stringify(o)}\n`);
 
-const file = await FsFile.open(path);
-const backingFile = backingPath !== '-' ? await FsFile.open(backingPath, { readOnly: true }) : null;
-const img = await openQcow2(file, {
-  backing: backingFile
-    ? { read: (b, o) => backingFile.read(b, o), size: () => backingFile.size() }
-    : null,
-  ...(l2Arg !== '-' ? { l2CacheSize: Number(l2Arg) } : {}),
-});
-const size = img.virtualSize;
+interface Target {
+  size: number;
+  write(buf: Uint8Array, off: number): Promise<void>;
+  zero(off: number, len: number, unmap: boolean): Promise<void>;
+  discard(off: number, len: number): Promise<void>;
+  flush(): Promise<void>;
+}
+
+async function core(): Promise<Target> {
+  const file = await FsFile.open(path);
+  const backingFile =
+    backingPath !== '-' ? await FsFile.open(backingPath, { readOnly: true }) : null;
+  const img = await openQcow2(file, {
+    backing: backingFile
+      ? { read: (b, o) => backingFile.read(b, o), size: () => backingFile.size() }
+      : null,
+    ...(l2Arg !== '-' ? { l2CacheSize: Number(l2Arg) } : {}),
+  });
+  return {
+    size: img.virtualSize,
+    write: (b, o) => img.write(b, o),
+    zero: (o, l, unmap) => img.writeZeroes(o, l, { mayUnmap: unmap }),
+    discard: (o, l) => img.discard(o, l),
+    flush: () => img.flush(),
+  };
+}
+
+async function graph(): Promise<Target> {
+  const g = new BlockGraph({ drivers: [qcow2Driver] });
+  await g.add({
+    driver: 'qcow2',
+    'node-name': 'disk',
+    discard: 'unmap',
+    file: { driver: 'file', filename: path },
+    ...(l2Arg !== '-' ? { 'l2-cache-size': Number(l2Arg) } : {}),
+  });
+  const b = await g.createBackend('disk', { write: true });
+  return {
+    size: b.size(),
+    write: (buf, o) => b.write(o, buf),
+    zero: (o, l, unmap) => b.writeZeroes(o, l, { noHole: !unmap }),
+    discard: (o, l) => b.trim(o, l),
+    flush: () => b.flush(),
+  };
+}
+
+const t = mode === 'graph' ? await graph() : await core();
+const size = t.size;
 const r = rng(Number(seedArg));
 say({ t: 'ready' });
 for (let n = 0; ; n++) {
@@ -48,12 +91,12 @@ for (let n = 0; ; n++) {
   await Promise.all(
     ops.map((o) =>
       o.k === 'w'
-        ? img.write(pattern(new Uint8Array(o.len), o.seed), o.off)
+        ? t.write(pattern(new Uint8Array(o.len), o.seed), o.off)
         : o.k === 'z'
-          ? img.writeZeroes(o.off, o.len, { mayUnmap: o.unmap ?? false })
-          : img.discard(o.off, o.len),
+          ? t.zero(o.off, o.len, o.unmap ?? false)
+          : t.discard(o.off, o.len),
     ),
   );
-  await img.flush();
+  await t.flush();
   say({ t: 'flushed', n });
 }

@@ -77,6 +77,21 @@ const variants: Variant[] = [
     l2CacheSize: 3 * 4096,
   },
   {
+    name: 'v3 8k clusters, refcount_bits=1',
+    opts: 'cluster_size=8k,refcount_bits=1',
+    size: 8 << 20,
+    ops: 600,
+    maxLen: 50_000,
+  },
+  {
+    name: 'v3 2M clusters over a backing file',
+    opts: 'cluster_size=2M',
+    size: 16 << 20,
+    backing: true,
+    ops: 300,
+    maxLen: 300_000,
+  },
+  {
     name: 'v3 512B clusters, refcount_bits=64 (refcount table grows)',
     opts: 'cluster_size=512,refcount_bits=64',
     size: 6 << 20,

@@ -19,7 +19,7 @@
 // manager serialises its own updates. No lock is held over data I/O other than the cluster
 // locks of the clusters being allocated.
 
-import { computeReferences, rebuildRefcounts } from './check.ts';
+import { checkQcow2, computeReferences, type Qcow2CheckResult, rebuildRefcounts } from './check.ts';
 import {
   decodeL2,
   encodeL1,
@@ -1507,6 +1507,22 @@ export class Qcow2Image {
     }
     this.#closed = true;
     this.#l2Cache.clear();
+  }
+
+  /**
+   * Checks the image (refcounts against references, as checkQcow2). An image open for
+   * writing is written back first, freed clusters returned, so that only real problems
+   * show. Precondition: no request in flight.
+   */
+  async check(): Promise<Qcow2CheckResult> {
+    if (this.#closed) throw new Qcow2Error(Qcow2ErrorCode.CLOSED, 'qcow2 image is closed');
+    if (!this.readOnly && !this.#corrupt) {
+      await this.#flushMetadata();
+      await this.#flushMetadata();
+      await this.refcounts.writeDirty();
+      await this.file.flush();
+    }
+    return checkQcow2(this.file);
   }
 
   /** The L1 table as it is in memory (offsets without flags). For check and tests. */
