@@ -92,10 +92,11 @@ async function randomIo(
 }
 
 describe.each(BACKENDS)('%s backend', (backend) => {
-  const tmp = tempDir();
+  let tmp: ReturnType<typeof tempDir>;
   let engine: Engine;
 
   beforeAll(async () => {
+    tmp = tempDir();
     engine = await openEngine({ backend, queueDepth: 32 });
   });
   afterAll(async () => {

@@ -5,12 +5,15 @@ import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type EngineError, openEngine, sharedEngine } from '../src/index.ts';
 import { BACKENDS, tempDir } from './helpers.ts';
 
 const INDEX = pathToFileURL(fileURLToPath(new URL('../src/index.ts', import.meta.url))).href;
-const tmp = tempDir();
+let tmp: ReturnType<typeof tempDir>;
+beforeAll(() => {
+  tmp = tempDir();
+});
 afterAll(() => tmp.cleanup());
 
 interface ChildResult {
