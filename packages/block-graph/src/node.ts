@@ -262,7 +262,11 @@ export class BlockNode implements ChildParent {
     const a = this.align;
     const size = this.instance.size();
     const start = offset - (offset % a);
-    const end = Math.min(Math.ceil((offset + buf.byteLength) / a) * a, size);
+    // A protocol reads whole blocks past its end (a file whose size is not a multiple of
+    // the O_DIRECT block: the read comes back short and the rest is zeros); other nodes
+    // stop at their end.
+    const alignedEnd = Math.ceil((offset + buf.byteLength) / a) * a;
+    const end = this.instance.kind === 'protocol' ? alignedEnd : Math.min(alignedEnd, size);
     const bounce = this.allocBuffer(end - start);
     try {
       await this.readAligned(start, bounce.subarray(0, end - start));
@@ -428,7 +432,10 @@ export class BlockNode implements ChildParent {
     const length = buf.byteLength;
     const start = offset - (offset % a);
     const alignedEnd = Math.ceil((offset + length) / a) * a;
-    const end = offset + length > size ? alignedEnd : Math.min(alignedEnd, size);
+    // A protocol writes whole blocks, past its end if its size is not a multiple of the
+    // block (O_DIRECT on such a file): the size is given back afterwards.
+    const protocol = this.instance.kind === 'protocol';
+    const end = protocol || offset + length > size ? alignedEnd : Math.min(alignedEnd, size);
     const t = this.tracker!;
     const hold = await t.serialise(start, end, owner);
     const bounce = this.allocBuffer(end - start);
@@ -442,6 +449,13 @@ export class BlockNode implements ChildParent {
       }
       b.set(buf, offset - start);
       await this.writeAligned(start, b);
+      const inst = this.instance;
+      if (inst.kind === 'protocol' && end > size && offset + length <= size && inst.truncate) {
+        // Nobody may grow this node (writes past its end are refused without 'resize'), so
+        // cutting back to the old size cuts nothing but the padding. With 'resize' (a
+        // format's file), the padding stays: the format owns the end of its file.
+        if (!this.canGrow) await this.wrap(inst.truncate(size));
+      }
     } finally {
       this.releaseBuffer(bounce);
       t.release(hold);

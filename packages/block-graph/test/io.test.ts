@@ -143,6 +143,33 @@ describe('alignment, splitting, zeroes, FUA', () => {
     expect(Buffer.compare(readFileSync(path), expected)).toBe(0);
   });
 
+  it('O_DIRECT on a file whose size is not a multiple of the block: tail reads and writes', async () => {
+    const path = tmp.path('odd.img');
+    const size = 65536 + 1000;
+    writeFile(path, pattern(13, 0, size));
+    const g = new BlockGraph();
+    await g.add({
+      driver: 'raw',
+      'node-name': 'd',
+      cache: { direct: true },
+      file: { driver: 'file', filename: path },
+    });
+    const b = await g.createBackend('d', { write: true });
+    expect(b.size()).toBe(size);
+    const tail = Buffer.alloc(1500);
+    await b.read(size - 1500, tail);
+    expect(Buffer.compare(tail, pattern(13, size - 1500, 1500))).toBe(0);
+    await b.write(size - 10, Buffer.alloc(10, 0xcc));
+    await b.write(65536 + 3, Buffer.alloc(5, 0xdd));
+    await g.close();
+    const bytes = readFileSync(path);
+    expect(bytes.length).toBe(size);
+    const expected = pattern(13, 0, size);
+    expected.fill(0xcc, size - 10);
+    expected.fill(0xdd, 65539, 65544);
+    expect(Buffer.compare(bytes, expected)).toBe(0);
+  });
+
   it('serialises overlapping read-modify-writes: no update is lost', async () => {
     const path = tmp.path('rmw.img');
     writeFile(path, Buffer.alloc(64 * 1024));
