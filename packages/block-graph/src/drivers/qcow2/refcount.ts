@@ -132,6 +132,8 @@ export class RefcountManager {
   readonly #blocks: Set<number>;
   readonly #cache: MetadataCache;
   readonly #mutex = new Mutex();
+  /** Block writes in flight, by offset (see #writeEntry). */
+  readonly #writing = new Map<number, Promise<void>>();
   /** No free cluster below this index (a hint; QEMU's free_cluster_index). */
   #freeHint = 0;
 
@@ -378,21 +380,40 @@ export class RefcountManager {
     for (let c = 0; c < oldClusters; c++) await this.#change(oldOffset / cs + c, -1);
   }
 
-  async #writeEntry(e: CacheEntry): Promise<void> {
-    const copy = e.data.slice();
-    e.dirty = false;
-    try {
-      await this.#file.write(copy, e.offset);
-    } catch (err) {
-      e.dirty = true;
-      throw err;
-    }
+  /**
+   * Writes a block back. Writes of one block are chained: each copies the block when the
+   * previous write has completed, so the last write to land is always the newest content.
+   */
+  #writeEntry(e: CacheEntry): Promise<void> {
+    const prev = this.#writing.get(e.offset);
+    const p = (async () => {
+      if (prev) await prev.catch(() => {});
+      if (!e.dirty) return;
+      const copy = e.data.slice();
+      e.dirty = false;
+      try {
+        await this.#file.write(copy, e.offset);
+      } catch (err) {
+        e.dirty = true;
+        throw err;
+      }
+    })();
+    this.#writing.set(e.offset, p);
+    const done = () => {
+      if (this.#writing.get(e.offset) === p) this.#writing.delete(e.offset);
+    };
+    p.then(done, done);
+    return p;
   }
 
-  /** Writes every dirty refcount block; returns whether anything was written. */
+  /**
+   * Writes every dirty refcount block and waits for writes already in flight (evictions),
+   * so that a flush of the file after it covers every refcount change made before the call.
+   */
   async writeDirty(): Promise<boolean> {
     const dirty = this.#cache.dirtyEntries();
-    await Promise.all(dirty.map((e) => this.#writeEntry(e)));
+    const inFlight = [...this.#writing.values()];
+    await Promise.all([...dirty.map((e) => this.#writeEntry(e)), ...inFlight]);
     return dirty.length > 0;
   }
 
