@@ -119,6 +119,12 @@ export interface OpenContext {
    * Resolves to the attached edge, also visible in `children` afterwards.
    */
   openChild(key: string, options: unknown): Promise<BdrvChild>;
+  /**
+   * An object of the graph (BlockGraph.addObject) by type and id, e.g. a throttle-group;
+   * the node uses it until it closes (the object cannot be deleted meanwhile). A missing
+   * one is a BlockOptionError on `key`.
+   */
+  object(type: string, id: string, key: string): unknown;
 }
 
 /** The I/O engine (@vmdisk/engine). */

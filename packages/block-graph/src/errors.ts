@@ -33,6 +33,12 @@ export const BlockErrorCode = {
   CORRUPT_IMAGE: 'ERR_VMDISK_BLOCK_CORRUPT_IMAGE',
   /** A graph change that would make a cycle or is otherwise not possible. */
   BAD_GRAPH_CHANGE: 'ERR_VMDISK_BLOCK_BAD_GRAPH_CHANGE',
+  /** No object (e.g. throttle-group) of that id. */
+  OBJECT_NOT_FOUND: 'ERR_VMDISK_BLOCK_OBJECT_NOT_FOUND',
+  /** An object of that id exists already. */
+  DUPLICATE_OBJECT: 'ERR_VMDISK_BLOCK_DUPLICATE_OBJECT',
+  /** An object is still used by nodes. */
+  OBJECT_IN_USE: 'ERR_VMDISK_BLOCK_OBJECT_IN_USE',
   /** The backend or graph is closed. */
   CLOSED: 'ERR_VMDISK_BLOCK_CLOSED',
 } as const;
@@ -64,10 +70,13 @@ function defaultErrno(code: string): string {
     case BlockErrorCode.NOT_SUPPORTED:
       return 'ENOTSUP';
     case BlockErrorCode.NODE_IN_USE:
+    case BlockErrorCode.OBJECT_IN_USE:
       return 'EBUSY';
     case BlockErrorCode.NODE_NOT_FOUND:
+    case BlockErrorCode.OBJECT_NOT_FOUND:
       return 'ENOENT';
     case BlockErrorCode.DUPLICATE_NODE:
+    case BlockErrorCode.DUPLICATE_OBJECT:
       return 'EEXIST';
     case BlockErrorCode.CLOSED:
       return 'ESHUTDOWN';

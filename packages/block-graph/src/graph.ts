@@ -5,6 +5,7 @@
 import { type BackendOptions, BlockBackend } from './backend.ts';
 import type { BlockDriver, EngineLike, OpenContext } from './driver.ts';
 import { builtinDrivers } from './drivers/index.ts';
+import { createThrottleGroup } from './drivers/throttle.ts';
 import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import { GraphLock } from './graph-lock.ts';
 import { BdrvChild, BlockNode, type ChildParent, type NodeSettings } from './node.ts';
@@ -59,6 +60,10 @@ export class BlockGraph {
   private readonly engines = new Map<string, Promise<EngineLike>>();
   private bufferEngine: EngineLike | undefined;
   private readonly arena = new WeakSet<Uint8Array>();
+  private readonly objects = new Map<
+    string,
+    { type: string; value: unknown; users: number; props: unknown }
+  >();
   private autoName = 0;
   private backendSeq = 0;
   private closed = false;
@@ -310,6 +315,63 @@ export class BlockGraph {
     });
   }
 
+  /**
+   * object-add: an object nodes refer to by id. Types: 'throttle-group' ({ limits }: the
+   * limits shared by the throttle nodes that name it in 'throttle-group').
+   */
+  async addObject(options: unknown): Promise<void> {
+    this.checkOpen();
+    if (typeof options !== 'object' || options === null || Array.isArray(options)) {
+      throw new BlockOptionError('(object)', 'expected an object');
+    }
+    const { 'qom-type': type, id, ...props } = options as Record<string, unknown>;
+    if (type !== 'throttle-group') {
+      throw new BlockOptionError(
+        'qom-type',
+        `'${String(type)}' is not a known object type (throttle-group)`,
+      );
+    }
+    if (typeof id !== 'string') throw new BlockOptionError('id', 'expected a string');
+    checkNodeName(id, 'id');
+    await this.lock.write(() => {
+      if (this.objects.has(id)) {
+        throw new BlockError(
+          BlockErrorCode.DUPLICATE_OBJECT,
+          `an object with id '${id}' exists already`,
+        );
+      }
+      this.objects.set(id, { type, value: createThrottleGroup(props), users: 0, props });
+    });
+  }
+
+  /** object-del: refused while nodes use the object. */
+  async delObject(id: string): Promise<void> {
+    await this.lock.write(() => {
+      const o = this.objects.get(id);
+      if (!o) throw new BlockError(BlockErrorCode.OBJECT_NOT_FOUND, `no object with id '${id}'`);
+      if (o.users > 0) {
+        const users = [...this.nodes.values()]
+          .filter((n) => n.objects.includes(id))
+          .map((n) => `'${n.name}'`);
+        throw new BlockError(
+          BlockErrorCode.OBJECT_IN_USE,
+          `object '${id}' is in use by ${users.join(', ')}`,
+        );
+      }
+      this.objects.delete(id);
+    });
+  }
+
+  /** The objects, as query-objects would show them. */
+  queryObjects(): { id: string; 'qom-type': string; users: number; props: unknown }[] {
+    return [...this.objects].map(([id, o]) => ({
+      id,
+      'qom-type': o.type,
+      users: o.users,
+      props: o.props,
+    }));
+  }
+
   /** Closes every backend and node. */
   async close(): Promise<void> {
     if (this.closed) return;
@@ -434,6 +496,15 @@ export class BlockGraph {
         children,
         node,
         engine: (backend) => this.engine(backend),
+        object: (type, id, key) => {
+          const o = this.objects.get(id);
+          if (!o || o.type !== type) {
+            throw new BlockOptionError(`${spec.path}${key}`, `no ${type} object with id '${id}'`);
+          }
+          o.users++;
+          node.objects.push(id);
+          return o.value;
+        },
         openChild: async (key, options) => {
           const cs = childSpecs.get(key);
           if (!cs)
@@ -485,6 +556,7 @@ export class BlockGraph {
       return node;
     } catch (err) {
       this.nodes.delete(name);
+      this.releaseObjects(node);
       for (const e of edges) {
         this.unlink(e);
         node.children.delete(e.name);
@@ -498,6 +570,13 @@ export class BlockGraph {
         );
       }
       throw err;
+    }
+  }
+
+  private releaseObjects(node: BlockNode): void {
+    for (const id of node.objects.splice(0)) {
+      const o = this.objects.get(id);
+      if (o) o.users--;
     }
   }
 
@@ -521,6 +600,7 @@ export class BlockGraph {
     if (node.refcount > 0 || node.closed) return;
     node.closed = true;
     this.nodes.delete(node.name);
+    this.releaseObjects(node);
     try {
       await node.instance?.close?.();
     } finally {

@@ -25,7 +25,7 @@ export type {
 } from './driver.ts';
 export { type BochsHeader, parseBochsHeader } from './drivers/bochs.ts';
 export { builtinDrivers } from './drivers/index.ts';
-export { THROTTLE_LIMIT_KEYS } from './drivers/throttle.ts';
+export { THROTTLE_LIMIT_KEYS, ThrottleGroup } from './drivers/throttle.ts';
 export {
   BlockError,
   BlockErrorCode,

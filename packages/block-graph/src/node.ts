@@ -156,6 +156,8 @@ export class BlockNode implements ChildParent {
   maxTransfer = Number.MAX_SAFE_INTEGER;
   private tracker: RangeLock | undefined;
   closed = false;
+  /** Ids of the graph objects this node uses (released when it closes). */
+  readonly objects: string[] = [];
 
   readonly name: string;
   readonly driver: string;

@@ -87,6 +87,58 @@ describe('throttle', () => {
   });
 });
 
+describe('throttle groups', () => {
+  it('nodes of one throttle-group share its limits; the group cannot go while used', async () => {
+    const g = new BlockGraph();
+    await g.addObject({ 'qom-type': 'throttle-group', id: 'tg0', limits: { 'iops-total': '100' } });
+    await expect(g.addObject({ 'qom-type': 'throttle-group', id: 'tg0' })).rejects.toMatchObject({
+      code: 'ERR_VMDISK_BLOCK_DUPLICATE_OBJECT',
+    });
+    await expect(g.addObject({ 'qom-type': 'iothread', id: 'io0' })).rejects.toMatchObject({
+      code: 'ERR_VMDISK_BLOCK_BAD_OPTION',
+      key: 'qom-type',
+    });
+    await g.add({ driver: 'null-co', 'node-name': 'n', size: 1 << 20 });
+    await g.add({ driver: 'throttle', 'node-name': 'a', 'throttle-group': 'tg0', file: 'n' });
+    await g.add({ driver: 'throttle', 'node-name': 'b', 'throttle-group': 'tg0', file: 'n' });
+    await expect(
+      g.add({ driver: 'throttle', 'throttle-group': 'nosuch', file: 'n' }),
+    ).rejects.toMatchObject({ code: 'ERR_VMDISK_BLOCK_BAD_OPTION', key: 'throttle-group' });
+    await expect(g.add({ driver: 'throttle', file: 'n' })).rejects.toMatchObject({
+      key: 'throttle-group',
+    });
+    expect(g.queryObjects()).toEqual([
+      {
+        id: 'tg0',
+        'qom-type': 'throttle-group',
+        users: 2,
+        props: { limits: { 'iops-total': '100' } },
+      },
+    ]);
+    const ba = await g.createBackend('a');
+    const bb = await g.createBackend('b');
+    // 30 requests on each node, 60 in all against one bucket of 100 IOPS (10 of burst).
+    const secs = await elapsed(() =>
+      Promise.all(
+        Array.from({ length: 60 }, (_, i) => (i % 2 ? ba : bb).read(i * 512, Buffer.alloc(512))),
+      ),
+    );
+    expect(secs).toBeGreaterThanOrEqual(((60 - 1 - 10) / 100) * 0.95);
+    await expect(g.delObject('tg0')).rejects.toMatchObject({
+      code: 'ERR_VMDISK_BLOCK_OBJECT_IN_USE',
+    });
+    await ba.close();
+    await bb.close();
+    await g.del('a');
+    await g.del('b');
+    await g.delObject('tg0');
+    await expect(g.delObject('tg0')).rejects.toMatchObject({
+      code: 'ERR_VMDISK_BLOCK_OBJECT_NOT_FOUND',
+    });
+    await g.close();
+  });
+});
+
 describe('blkdebug', () => {
   it('injects an errno on a chosen op and range after N events, once; the graph stays usable', async () => {
     const path = tmp.path('dbg.img');

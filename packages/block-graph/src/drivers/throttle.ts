@@ -118,26 +118,26 @@ class Direction {
   }
 }
 
-class ThrottleInstance implements FilterInstance {
-  readonly kind = 'filter';
+/**
+ * The buckets and queues of a set of limits: one per throttle node, or one shared by the
+ * nodes of a throttle group (an object of the graph: BlockGraph.addObject).
+ */
+export class ThrottleGroup {
   private readonly reads: Direction;
   private readonly writes: Direction;
+  readonly limits: Readonly<Record<string, number>>;
 
-  readonly child: BdrvChild;
-  private readonly config: Record<string, number>;
-
-  constructor(child: BdrvChild, config: Record<string, number>) {
-    this.child = child;
-    this.config = config;
+  constructor(limits: Record<string, number>) {
+    this.limits = limits;
     const bucket = (unit: 'iops' | 'bps', kind: string) => {
-      const avg = config[`${unit}-${kind}`] ?? 0;
+      const avg = limits[`${unit}-${kind}`] ?? 0;
       if (!avg) return [];
-      const max = config[`${unit}-${kind}-max`] ?? 0;
-      const len = config[`${unit}-${kind}-max-length`] ?? 1;
+      const max = limits[`${unit}-${kind}-max`] ?? 0;
+      const len = limits[`${unit}-${kind}-max-length`] ?? 1;
       return [{ bucket: new Bucket(avg, max, len), unit }];
     };
     const total = [...bucket('iops', 'total'), ...bucket('bps', 'total')];
-    const size = config['iops-size'] ?? 0;
+    const size = limits['iops-size'] ?? 0;
     this.reads = new Direction(
       [...total, ...bucket('iops', 'read'), ...bucket('bps', 'read')],
       size,
@@ -148,35 +148,69 @@ class ThrottleInstance implements FilterInstance {
     );
   }
 
+  /** Resolves when a request of `bytes` may go (undefined: at once). */
+  admit(write: boolean, bytes: number): Promise<void> | undefined {
+    const dir = write ? this.writes : this.reads;
+    if (dir.buckets.length === 0) return undefined;
+    if (dir.queue.length === 0 && dir.wait(performance.now()) === 0) {
+      dir.account(bytes);
+      return undefined;
+    }
+    return new Promise<void>((go) => {
+      dir.queue.push({ bytes, go });
+      if (!dir.timer) dir.pump();
+    });
+  }
+
+  /** Lets every queued request go now (drained sections, close). */
+  release(): void {
+    this.reads.flushAll();
+    this.writes.flushAll();
+  }
+}
+
+/** Parses the options of a throttle-group object: { limits: {...} }. */
+export function createThrottleGroup(props: Record<string, unknown>): ThrottleGroup {
+  for (const k of Object.keys(props)) {
+    if (k !== 'limits') throw new BlockOptionError(k, 'unknown key for a throttle-group');
+  }
+  return new ThrottleGroup(parseLimits(props.limits ?? {}, 'limits'));
+}
+
+class ThrottleInstance implements FilterInstance {
+  readonly kind = 'filter';
+  readonly child: BdrvChild;
+  private readonly group: ThrottleGroup;
+  private readonly groupName: string | undefined;
+
+  constructor(child: BdrvChild, group: ThrottleGroup, groupName: string | undefined) {
+    this.child = child;
+    this.group = group;
+    this.groupName = groupName;
+  }
+
   size(): number {
     return this.child.node.size();
   }
 
   intercept(req: FilterRequest): Promise<void> | undefined {
     if (req.op === 'flush' || req.op === 'block-status') return undefined;
-    const dir = req.op === 'read' ? this.reads : this.writes;
-    if (dir.buckets.length === 0) return undefined;
-    if (dir.queue.length === 0 && dir.wait(performance.now()) === 0) {
-      dir.account(req.length);
-      return undefined;
-    }
-    return new Promise<void>((go) => {
-      dir.queue.push({ bytes: req.length, go });
-      if (!dir.timer) dir.pump();
-    });
+    return this.group.admit(req.op !== 'read', req.length);
   }
 
   drainBegin(): void {
-    this.reads.flushAll();
-    this.writes.flushAll();
+    this.group.release();
   }
 
   async close(): Promise<void> {
-    this.drainBegin();
+    this.group.release();
   }
 
   info(): Record<string, unknown> {
-    return { limits: { ...this.config } };
+    return {
+      limits: { ...this.group.limits },
+      ...(this.groupName ? { 'throttle-group': this.groupName } : {}),
+    };
   }
 }
 
@@ -222,10 +256,23 @@ export const throttleDriver: BlockDriver = {
   name: 'throttle',
   kind: 'filter',
   options: {
-    limits: { type: 'json', required: true, parse: parseLimits },
+    /** A throttle-group object of the graph (QEMU's way): its limits are shared. */
+    'throttle-group': { type: 'string' },
+    /** Limits of this node alone. */
+    limits: { type: 'json', parse: parseLimits },
   },
   children: [{ key: 'file', required: true, roles: () => ['filtered', 'primary'] }],
+  validate(o) {
+    if ((o['throttle-group'] === undefined) === (o.limits === undefined)) {
+      throw new BlockOptionError('throttle-group', 'give either throttle-group or limits');
+    }
+  },
   async open(ctx) {
-    return new ThrottleInstance(ctx.children.file!, ctx.options.limits as Record<string, number>);
+    const name = ctx.options['throttle-group'] as string | undefined;
+    const group =
+      name === undefined
+        ? new ThrottleGroup(ctx.options.limits as Record<string, number>)
+        : (ctx.object('throttle-group', name, 'throttle-group') as ThrottleGroup);
+    return new ThrottleInstance(ctx.children.file!, group, name);
   },
 };
