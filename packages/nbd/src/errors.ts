@@ -25,6 +25,30 @@ export class NbdError extends Error {
 //   ERR_VMDISK_NBD_TLS_HANDSHAKE        a TLS handshake failed after STARTTLS
 //   ERR_VMDISK_NBD_SOCKET_ERROR         a socket error (reset, broken pipe)
 //   ERR_VMDISK_NBD_TARGET_ERROR         a target failed a request (the client got an errno)
+// Codes of NbdSystemError (a system call failed; errno, errnoName and syscall kept):
+//   ERR_VMDISK_NBD_LISTEN_FAILED        listen() could not bind (EADDRINUSE, EACCES...)
+//   ERR_VMDISK_NBD_FILE_ERROR           FileTarget: open, read, write, fdatasync or close
+
+/** A system call of the server or a FileTarget failed; keeps the system's errno. */
+export class NbdSystemError extends NbdError {
+  override name = 'NbdSystemError';
+  /** The system error's number, name ('EIO') and syscall, when one caused this. */
+  readonly errno?: number;
+  readonly errnoName?: string;
+  readonly syscall?: string;
+
+  constructor(code: `ERR_VMDISK_NBD_${string}`, message: string, cause: unknown) {
+    const sys = cause as { errno?: unknown; code?: unknown; syscall?: unknown; message?: unknown };
+    super(code, typeof sys?.message === 'string' ? `${message}: ${sys.message}` : message, {
+      cause,
+    });
+    if (sys && typeof sys.code === 'string' && /^E[A-Z0-9]+$/.test(sys.code)) {
+      this.errnoName = sys.code;
+      if (typeof sys.errno === 'number') this.errno = Math.abs(sys.errno);
+      if (typeof sys.syscall === 'string') this.syscall = sys.syscall;
+    }
+  }
+}
 
 // ---- Client errors (NbdClient) ----
 // Codes used with a plain NbdError by the client:

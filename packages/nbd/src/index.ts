@@ -14,7 +14,13 @@ export type {
 } from './client.ts';
 export { NbdClient } from './client.ts';
 export { nbdClientTarget } from './client-target.ts';
-export { NbdCommandError, NbdConnectionError, NbdError, NbdOptionError } from './errors.ts';
+export {
+  NbdCommandError,
+  NbdConnectionError,
+  NbdError,
+  NbdOptionError,
+  NbdSystemError,
+} from './errors.ts';
 export type {
   BlockSizeConstraints,
   ExportTarget,

@@ -11,7 +11,7 @@ import {
   type ExportEntry,
   type ExportStats,
 } from './connection.ts';
-import { NbdError } from './errors.ts';
+import { NbdError, NbdSystemError } from './errors.ts';
 import type { BlockSizeConstraints, ExportTarget } from './export-target.ts';
 import { MAX_PAYLOAD_BYTES, MAX_STRING_BYTES } from './protocol.ts';
 import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
@@ -165,15 +165,25 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   async listen(options: ListenOptions): Promise<ListenAddress> {
     if (this.closing) throw new NbdError('ERR_VMDISK_NBD_SERVER_CLOSED', 'the server is closed');
     const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    const where =
+      'path' in options ? options.path : `${options.host ?? '127.0.0.1'}:${options.port}`;
     await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
+      server.once('error', (err) =>
+        reject(
+          new NbdSystemError('ERR_VMDISK_NBD_LISTEN_FAILED', `cannot listen on ${where}`, err),
+        ),
+      );
       if ('path' in options) server.listen(options.path, resolve);
       else server.listen(options.port, options.host ?? '127.0.0.1', resolve);
     });
     server.on('error', () => {});
     if ('path' in options) {
       this.sockets.push({ server, path: options.path });
-      await chmod(options.path, options.mode ?? 0o600);
+      try {
+        await chmod(options.path, options.mode ?? 0o600);
+      } catch (err) {
+        throw new NbdSystemError('ERR_VMDISK_NBD_LISTEN_FAILED', `cannot chmod ${where}`, err);
+      }
       return { path: options.path };
     }
     this.sockets.push({ server });

@@ -859,6 +859,15 @@ describe('NbdServer over a raw socket', () => {
     tmp.cleanup();
   });
 
+  it('fails listen on an address in use with the system errno', async () => {
+    const server = new NbdServer();
+    await expect(server.listen({ port: s.port })).rejects.toMatchObject({
+      code: 'ERR_VMDISK_NBD_LISTEN_FAILED',
+      errnoName: 'EADDRINUSE',
+    });
+    await server.close();
+  });
+
   it('checks its arguments with stable codes', () => {
     const server = new NbdServer();
     server.addExport({ name: 'one', target: new MemoryTarget(512) });

@@ -83,9 +83,11 @@ describe('FileTarget', () => {
 
   it('keeps the system errno name of a failure', async () => {
     await expect(FileTarget.open('/nonexistent/disk.img')).rejects.toMatchObject({
-      code: 'ENOENT',
+      code: 'ERR_VMDISK_NBD_FILE_ERROR',
+      errnoName: 'ENOENT',
+      syscall: 'open',
     });
-    await expect(FileTarget.open('/proc')).rejects.toMatchObject({ code: 'EISDIR' });
+    await expect(FileTarget.open('/proc')).rejects.toMatchObject({ errnoName: 'EISDIR' });
   });
 });
 

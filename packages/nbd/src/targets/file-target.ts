@@ -3,7 +3,7 @@
 // then reports all of it as data) and leaves write-zeroes to the server's emulation.
 
 import * as fs from 'node:fs';
-import { NbdError } from '../errors.ts';
+import { NbdError, NbdSystemError } from '../errors.ts';
 import type { BlockSizeConstraints, ExportTarget, WriteFlags } from '../export-target.ts';
 import { MAX_PAYLOAD_BYTES } from '../protocol.ts';
 
@@ -12,12 +12,15 @@ export interface FileTargetOptions {
   readOnly?: boolean;
 }
 
+const fileError = (what: string, err: unknown): NbdSystemError =>
+  new NbdSystemError('ERR_VMDISK_NBD_FILE_ERROR', what, err);
+
 const readAll = (fd: number, buf: Uint8Array, offset: number): Promise<void> =>
   new Promise((resolve, reject) => {
     let done = 0;
     const next = (): void => {
       fs.read(fd, buf, done, buf.length - done, offset + done, (err, n) => {
-        if (err) return reject(err);
+        if (err) return reject(fileError(`read at ${offset + done}`, err));
         if (n === 0) {
           // Past the end of the file (it shrank): reads as zeros.
           buf.fill(0, done);
@@ -36,7 +39,7 @@ const writeAll = (fd: number, buf: Uint8Array, offset: number): Promise<void> =>
     let done = 0;
     const next = (): void => {
       fs.write(fd, buf, done, buf.length - done, offset + done, (err, n) => {
-        if (err) return reject(err);
+        if (err) return reject(fileError(`write at ${offset + done}`, err));
         done += n;
         if (done < buf.length) next();
         else resolve();
@@ -74,10 +77,10 @@ export class FileTarget implements ExportTarget {
     const readOnly = options.readOnly ?? false;
     return new Promise((resolve, reject) => {
       fs.open(path, readOnly ? 'r' : 'r+', (err, fd) => {
-        if (err) return reject(err);
+        if (err) return reject(fileError(`cannot open ${path}`, err));
         fs.fstat(fd, (statErr, st) => {
           if (statErr) {
-            fs.close(fd, () => reject(statErr));
+            fs.close(fd, () => reject(fileError(`cannot stat ${path}`, statErr)));
             return;
           }
           if (!st.isFile() && !st.isBlockDevice()) {
@@ -107,7 +110,7 @@ export class FileTarget implements ExportTarget {
 
   flush(): Promise<void> {
     return new Promise((resolve, reject) => {
-      fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve()));
+      fs.fdatasync(this.fd, (err) => (err ? reject(fileError('fdatasync', err)) : resolve()));
     });
   }
 
@@ -116,7 +119,7 @@ export class FileTarget implements ExportTarget {
     const fd = this.fd;
     this.fd = -1;
     return new Promise((resolve, reject) => {
-      fs.close(fd, (err) => (err ? reject(err) : resolve()));
+      fs.close(fd, (err) => (err ? reject(fileError('close', err)) : resolve()));
     });
   }
 }
