@@ -505,17 +505,18 @@ export class Qcow2Image {
     }
   }
 
-  async #mapRange(offset: number, length: number): Promise<Segment[]> {
+  /** Segments of [offset, offset + length); with `firstOnly`, stops once the first is complete. */
+  async #mapRange(offset: number, length: number, firstOnly = false): Promise<Segment[]> {
     const g = this.geom;
     const out: Segment[] = [];
     let pos = offset;
     const end = offset + length;
-    while (pos < end) {
+    while (pos < end && !(firstOnly && out.length > 1)) {
       const l1i = Math.floor(pos / g.l2Span);
       const chunkEnd = Math.min(end, (l1i + 1) * g.l2Span);
       const l2 = await this.#getL2(l1i);
       try {
-        while (pos < chunkEnd) {
+        while (pos < chunkEnd && !(firstOnly && out.length > 1)) {
           const ci = Math.floor(pos / g.clusterSize);
           const cEnd = Math.min(chunkEnd, (ci + 1) * g.clusterSize);
           this.#segmentsOf(
@@ -920,7 +921,7 @@ export class Qcow2Image {
     const g = this.#enter();
     try {
       const l2End = (Math.floor(offset / this.geom.l2Span) + 1) * this.geom.l2Span;
-      const segs = await this.#mapRange(offset, Math.min(length, l2End - offset));
+      const segs = await this.#mapRange(offset, Math.min(length, l2End - offset), true);
       const s = segs[0]!;
       switch (s.kind) {
         case 'data':
