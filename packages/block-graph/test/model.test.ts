@@ -26,21 +26,21 @@ function rng(seed: number): () => number {
 type Build = (g: BlockGraph) => Promise<{ node: string; model: Buffer }>;
 
 const graphs: [string, Build][] = [
-  [
-    'raw over an O_DIRECT file',
+  ...(['io_uring', 'aio', 'threadpool'] as const).map((aio): [string, Build] => [
+    `raw over an O_DIRECT file (engine backend ${aio})`,
     async (g) => {
-      const path = tmp.path('m1.img');
+      const path = tmp.path(`m1-${aio}.img`);
       writeFile(path, pattern(1, 0, SIZE));
       await g.add({
         driver: 'raw',
         'node-name': 'top',
         discard: 'unmap',
         cache: { direct: true },
-        file: { driver: 'file', filename: path },
+        file: { driver: 'file', filename: path, aio },
       });
       return { node: 'top', model: pattern(1, 0, SIZE) };
     },
-  ],
+  ]),
   [
     'blkdebug (align 4096, max-transfer 16 KiB) over raw with an offset',
     async (g) => {
