@@ -2,8 +2,9 @@
 // (the identity-to-key file of qemu and nbdkit, lines of `identity:hexkey`), applied to a
 // connection in place after NBD_OPT_STARTTLS.
 
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
+import { join } from 'node:path';
 import * as tls from 'node:tls';
 import { NbdError } from './errors.ts';
 
@@ -18,6 +19,14 @@ export interface NbdServerTlsOptions {
   cert?: string | Uint8Array;
   /** X.509: a CA (PEM); clients must then present a certificate it signed. */
   ca?: string | Uint8Array;
+  /**
+   * X.509 from a directory as qemu's tls-creds-x509 (endpoint=server) reads it:
+   * server-cert.pem, server-key.pem, and ca-cert.pem when present. Explicit key, cert
+   * and ca take precedence.
+   */
+  certificatesDir?: string;
+  /** X.509: require a client certificate signed by the CA (default: when a CA is given). */
+  verifyPeer?: boolean;
   /** PSK: a file of `identity:hexkey` lines (psktool's format, as qemu and nbdkit read). */
   pskFile?: string;
   /** PSK: the keys directly, identity to key (bytes or hex). */
@@ -93,30 +102,53 @@ export function resolveServerTls(options: NbdServerTlsOptions | undefined): Serv
       psk.set(identity, typeof key === 'string' ? Buffer.from(key, 'hex') : Buffer.from(key));
     }
   }
-  const x509 = options.key !== undefined || options.cert !== undefined;
-  if (x509 && (options.key === undefined || options.cert === undefined)) {
+  let { key, cert, ca } = options;
+  if (options.certificatesDir !== undefined) {
+    const dir = options.certificatesDir;
+    const read = (file: string): Buffer => {
+      try {
+        return readFileSync(join(dir, file));
+      } catch (cause) {
+        throw new NbdError('ERR_VMDISK_NBD_INVALID_ARGUMENT', `cannot read ${join(dir, file)}`, {
+          cause,
+        });
+      }
+    };
+    key ??= read('server-key.pem');
+    cert ??= read('server-cert.pem');
+    if (ca === undefined && existsSync(join(dir, 'ca-cert.pem'))) ca = read('ca-cert.pem');
+  }
+  const x509 = key !== undefined || cert !== undefined;
+  if (x509 && (key === undefined || cert === undefined)) {
     throw invalid('tls: X.509 needs both key and cert');
   }
+  const verifyClients = options.verifyPeer ?? ca !== undefined;
+  if (verifyClients && ca === undefined) throw invalid('tls: verifyPeer needs a CA');
   const mode = options.mode ?? 'require';
   if (mode !== 'off' && !x509 && psk === undefined) {
     throw invalid(`tls mode '${mode}' needs X.509 (key, cert) or PSK keys`);
   }
   if (mode === 'off') return { mode, verifyClients: false };
-  const context = tls.createSecureContext({
-    ...(x509 ? { key: toPem(options.key), cert: toPem(options.cert) } : {}),
-    ...(options.ca !== undefined ? { ca: toPem(options.ca) } : {}),
-    // With PSK only, TLS 1.2 PSK suites; with a certificate too, the defaults as well.
-    ...(psk !== undefined
-      ? x509
-        ? { ciphers: `${tls.DEFAULT_CIPHERS}:${PSK_CIPHERS}` }
-        : { ciphers: PSK_CIPHERS, maxVersion: 'TLSv1.2' as const }
-      : {}),
-  });
+  let context: tls.SecureContext;
+  try {
+    context = tls.createSecureContext({
+      ...(x509 ? { key: toPem(key), cert: toPem(cert) } : {}),
+      ...(ca !== undefined ? { ca: toPem(ca) } : {}),
+      // With PSK only, TLS 1.2 PSK suites; with a certificate too, the defaults as well.
+      ...(psk !== undefined
+        ? x509
+          ? { ciphers: `${tls.DEFAULT_CIPHERS}:${PSK_CIPHERS}` }
+          : { ciphers: PSK_CIPHERS, maxVersion: 'TLSv1.2' as const }
+        : {}),
+    });
+  } catch (cause) {
+    throw new NbdError('ERR_VMDISK_NBD_INVALID_ARGUMENT', `tls: ${String(cause)}`, { cause });
+  }
   return {
     mode,
     context,
     ...(psk !== undefined ? { psk } : {}),
-    verifyClients: options.ca !== undefined,
+    verifyClients,
   };
 }
 

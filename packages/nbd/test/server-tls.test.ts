@@ -183,6 +183,30 @@ describe('NbdServer TLS', () => {
     expect(plain.code).not.toBe(0);
   });
 
+  it('X.509 from a qemu-style certificates directory, without client verification', async () => {
+    const serverDir = join(tmp.dir, 'server-dir');
+    const { mkdirSync, copyFileSync } = await import('node:fs');
+    mkdirSync(serverDir);
+    for (const f of ['server-cert.pem', 'server-key.pem'])
+      copyFileSync(join(pki, f), join(serverDir, f));
+    const t = await startServer([{ name: 'd', target: new MemoryTarget(1 << 20) }], {
+      tls: { certificatesDir: serverDir },
+    });
+    // No CA in the directory: any client that trusts the server is let in.
+    const info = await run('nbdinfo', [
+      `nbds://127.0.0.1:${t.port}/d?tls-certificates=${clientNoCert}`,
+    ]);
+    expect(info.stdout).toMatch(/with TLS/);
+    expect(info.code).toBe(0);
+    await t.server.close();
+    expect(() => new NbdServer({ tls: { certificatesDir: join(tmp.dir, 'nowhere') } })).toThrow(
+      expect.objectContaining({ code: 'ERR_VMDISK_NBD_INVALID_ARGUMENT' }),
+    );
+    expect(() => new NbdServer({ tls: { key: 'not a key', cert: 'not a cert' } })).toThrow(
+      expect.objectContaining({ code: 'ERR_VMDISK_NBD_INVALID_ARGUMENT' }),
+    );
+  });
+
   it('require mode: only STARTTLS and ABORT before TLS; EXPORT_NAME disconnects', async () => {
     const nbd = await RawNbd.connect(psk.port);
     await nbd.handshake();
