@@ -545,8 +545,8 @@ export class BlockGraph {
       };
       const wasReadOnly = settings.readOnly;
       const instance = await spec.driver.open(ctx);
-      if (settings.readOnly !== wasReadOnly) this.refreshPermissions();
       try {
+        if (settings.readOnly !== wasReadOnly) this.refreshPermissions();
         node.setInstance(instance);
       } catch (err) {
         await instance.close?.();
