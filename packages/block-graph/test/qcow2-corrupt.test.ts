@@ -369,3 +369,50 @@ describe('qcow2 fuzzed metadata', () => {
     expect(errors).toBeGreaterThan(0);
   });
 });
+
+describe('qcow2 check agrees with qemu-img check', () => {
+  async function both(path: string) {
+    const q = await run('qemu-img', ['check', '--output=json', path]);
+    const qj = JSON.parse(q.stdout) as { leaks?: number; corruptions?: number };
+    const f = await FsFile.open(path, { readOnly: true });
+    const ours = await checkQcow2(f);
+    await f.close();
+    return { qemu: { leaks: qj.leaks ?? 0, corruptions: qj.corruptions ?? 0, code: q.code }, ours };
+  }
+
+  it('a clean image, a leaked cluster, a refcount too low, an unaligned data offset', async () => {
+    const clean = await image();
+    let r = await both(clean);
+    expect(r.qemu).toMatchObject({ leaks: 0, corruptions: 0, code: 0 });
+    expect(r.ours.leaks + r.ours.corruptions).toBe(0);
+
+    // A leak: one more cluster at the end of the file, counted but referenced by nothing.
+    const leak = await image();
+    const h = await headerOf(leak);
+    const size = (await stat(leak)).size;
+    await truncate(leak, size + 65536);
+    const rt = await peek(leak, h.refcountTableOffset, 8);
+    const block = Number(new DataView(rt.buffer).getBigUint64(0));
+    await poke(leak, block + 2 * (size / 65536), [0, 1]);
+    r = await both(leak);
+    expect(r.qemu).toMatchObject({ leaks: 1, corruptions: 0, code: 3 });
+    expect(r.ours.leaks).toBe(1);
+    expect(r.ours.corruptions).toBe(0);
+
+    // A refcount too low: a data cluster counted zero times.
+    const low = await image();
+    const h2 = await headerOf(low);
+    const l1 = await peek(low, h2.l1TableOffset, 8);
+    const l2off = Number(new DataView(l1.buffer).getBigUint64(0) & ((1n << 56n) - 512n));
+    const e = await peek(low, l2off, 8);
+    const host = Number(new DataView(e.buffer).getBigUint64(0) & ((1n << 56n) - 512n));
+    const rt2 = await peek(low, h2.refcountTableOffset, 8);
+    const block2 = Number(new DataView(rt2.buffer).getBigUint64(0));
+    await poke(low, block2 + 2 * (host / 65536), [0, 0]);
+    r = await both(low);
+    expect(r.qemu.corruptions).toBeGreaterThan(0);
+    expect(r.qemu.code).toBe(2);
+    expect(r.ours.corruptions).toBeGreaterThan(0);
+    expect(r.ours.messages.join('\n')).toContain(`cluster ${host / 65536} refcount=0 reference=1`);
+  });
+});

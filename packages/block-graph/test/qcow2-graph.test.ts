@@ -124,6 +124,31 @@ describe('qcow2 in the block graph', () => {
     expect(io.code).toBe(0);
   });
 
+  it('block status: data and zero clusters in this layer, the rest from the backing file', async () => {
+    const base = join(dir, 'bs-base.img');
+    await writeFile(base, pattern(new Uint8Array(1 << 20), 9));
+    const top = join(dir, 'bs-top.qcow2');
+    await must('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'raw', top, '2M']);
+    await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 64k', '-c', 'write -z 64k 64k', top]);
+    const g = await openNode({ driver: 'qcow2', file: { driver: 'file', filename: top } });
+    const b = await g.createBackend('disk');
+    const ext = await b.blockStatus(0, 2 << 20);
+    const at = (off: number) => {
+      let pos = 0;
+      for (const x of ext) {
+        if (off < pos + x.length) return x;
+        pos += x.length;
+      }
+      throw new Error(`no extent at ${off}`);
+    };
+    expect(at(0)).toMatchObject({ hole: false, zero: false, depth: 1 });
+    expect(at(65536)).toMatchObject({ hole: true, zero: true, depth: 1 });
+    expect(at(3 * 65536)).toMatchObject({ hole: false, depth: 2 });
+    expect(at((1 << 20) + 4096)).toMatchObject({ hole: true, zero: true, depth: 0 });
+    await b.close();
+    await g.close();
+  });
+
   it("'backing': null opens without the backing file", async () => {
     const base = join(dir, 'nb-base.qcow2');
     const top = join(dir, 'nb-top.qcow2');
