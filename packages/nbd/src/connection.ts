@@ -720,7 +720,13 @@ export class Connection {
     this.inFlight++;
     exp.stats.inFlight++;
     exp.stats.requests++;
-    const refusal = this.validate(req);
+    let refusal: [number, string] | undefined;
+    try {
+      refusal = this.validate(req);
+    } catch (err) {
+      // size() threw: answered as the target failing (after the payload, if any).
+      refusal = [wireErrno(err), `the target failed: ${String(err)}`];
+    }
     if (payload > 0) {
       if (payload > MAX_PAYLOAD_BYTES) {
         // Never allocated nor skipped: refuse, then hard disconnect.
@@ -732,22 +738,27 @@ export class Connection {
         this.replyError(req, WireError.EOVERFLOW, 'payload too large', () => this.destroy());
         return;
       }
-      if (refusal !== undefined) {
-        this.skipBytes = payload;
-        this.skipReq = req;
-        this.afterSkip = () => {
-          this.skipReq = undefined;
-          this.replyError(req, refusal[0], refusal[1]);
-        };
-        return;
-      }
       const t = exp.target;
-      if (t.allocBuffer === undefined && this.q.length >= payload) {
+      if (refusal === undefined && t.allocBuffer === undefined && this.q.length >= payload) {
         // A view of the received bytes: no copy, and not ours to recycle.
         this.startWrite(req, this.q.take(payload), false);
-      } else {
-        this.pendingWrite = { req, buf: this.alloc(payload), filled: 0 };
+        return;
       }
+      if (refusal === undefined) {
+        try {
+          this.pendingWrite = { req, buf: this.alloc(payload), filled: 0 };
+          return;
+        } catch (err) {
+          refusal = [wireErrno(err), `no buffer for the payload: ${String(err)}`];
+        }
+      }
+      const [errno, message] = refusal;
+      this.skipBytes = payload;
+      this.skipReq = req;
+      this.afterSkip = () => {
+        this.skipReq = undefined;
+        this.replyError(req, errno, message);
+      };
       return;
     }
     if (refusal !== undefined) {
@@ -988,7 +999,12 @@ export class Connection {
     let whole: Buffer | undefined;
     let data: Uint8Array;
     if (t.allocBuffer) {
-      data = t.allocBuffer(req.length);
+      try {
+        data = t.allocBuffer(req.length);
+      } catch (err) {
+        this.targetFailed(req, err);
+        return;
+      }
     } else {
       whole = this.host.pool.get(headerBytes + req.length);
       data = whole.subarray(headerBytes);

@@ -652,6 +652,42 @@ describe('NbdServer over a raw socket', () => {
       await expectServing();
     });
 
+    it('answers ENOMEM when the target has no buffer to give, and stays in sync', async () => {
+      const backing = new MemoryTarget(1 << 20);
+      let given = 0;
+      let released = 0;
+      const arena: ExportTarget = {
+        size: () => backing.size(),
+        read: (o, b) => backing.read(o, b),
+        write: (o, b, f) => backing.write(o, b, f),
+        allocBuffer: (n) => {
+          if (n > 8192) throw Object.assign(new Error('arena full'), { errnoName: 'ENOMEM' });
+          given++;
+          return new Uint8Array(n);
+        },
+        releaseBuffer: () => {
+          released++;
+        },
+      };
+      s.server.addExport({ name: 'arena', target: arena, writable: true });
+      const { nbd } = await RawNbd.open(s.port, 'arena');
+      const big = Buffer.alloc(16384, 1);
+      nbd.request({ type: Command.WRITE, cookie: 1n, length: big.length, payload: big });
+      expect(await nbd.simpleReply()).toEqual({ error: WireError.ENOMEM, cookie: 1n });
+      nbd.request({ type: Command.READ, cookie: 2n, length: 16384 });
+      expect(await nbd.simpleReply()).toEqual({ error: WireError.ENOMEM, cookie: 2n });
+      const small = Buffer.alloc(4096, 2);
+      nbd.request({ type: Command.WRITE, cookie: 3n, length: small.length, payload: small });
+      expect(await nbd.simpleReply()).toEqual({ error: 0, cookie: 3n });
+      nbd.request({ type: Command.READ, cookie: 4n, length: 4096 });
+      expect(await nbd.simpleReply()).toEqual({ error: 0, cookie: 4n });
+      expect((await nbd.read(4096)).equals(small)).toBe(true);
+      nbd.destroy();
+      await s.server.removeExport('arena');
+      expect(given).toBe(2);
+      expect(released).toBe(2);
+    });
+
     it('refuses GO with an export name over 4096 bytes', async () => {
       const nbd = await RawNbd.connect(s.port);
       await nbd.handshake();
