@@ -202,6 +202,8 @@ export class Connection {
     this.remotePort = raw.remotePort;
     this.sendQueue = new SendQueue(raw);
     raw.setNoDelay?.(true);
+    // Idle clients may stay for ever; dead ones are found out and dropped.
+    raw.setKeepAlive?.(true, 60_000);
     raw.on('data', this.onData);
     raw.on('error', this.onSocketError);
     raw.on('close', this.onClose);
