@@ -159,7 +159,8 @@ export class Daemon {
     const backend = await this.graph.createBackend(config.nodeName, {
       name: `export:${config.id}`,
       write: config.writable,
-      shareWrite: true,
+      // Like QEMU's exports, share everything: other users of the node may write it too.
+      shared: ['consistent-read', 'write', 'write-unchanged', 'resize'],
     });
     try {
       this.nbd.server.addExport({

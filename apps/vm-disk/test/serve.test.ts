@@ -4,7 +4,15 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { CLI, type RunningProcess, run, start, startServe, waitFor } from './harness/daemon.ts';
+import {
+  CLI,
+  type RunningProcess,
+  run,
+  start,
+  startQsd,
+  startServe,
+  waitFor,
+} from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 let dir: string;
@@ -193,6 +201,56 @@ describe('vm-disk serve', () => {
       client.close();
     }
     expect(await p.exited).toBe(0);
+  });
+
+  it('takes a qemu-storage-daemon command line unchanged and serves what qemu-storage-daemon serves', async () => {
+    const args = (image: string, sock: string) => [
+      '--blockdev',
+      `driver=file,node-name=f0,filename=${image}`,
+      '--blockdev',
+      'driver=raw,node-name=d0,file=f0,offset=1048576,size=4194304',
+      '--nbd-server',
+      `addr.type=unix,addr.path=${sock}`,
+      '--export',
+      'type=nbd,id=e0,node-name=d0,name=disk,writable=on,description=differential',
+    ];
+    const ours = { image: join(dir, 'ours.raw'), sock: join(dir, 'ours.sock') };
+    const theirs = { image: join(dir, 'theirs.raw'), sock: join(dir, 'theirs.sock') };
+    const content = Buffer.alloc(8 << 20);
+    for (let i = 0; i < content.length; i += 4096) content.writeUInt32BE(i, i);
+    writeFileSync(ours.image, content);
+    writeFileSync(theirs.image, content);
+    await serve(args(ours.image, ours.sock));
+    const qsd = await startQsd(args(theirs.image, theirs.sock), theirs.sock);
+    running.push(qsd);
+    const uri = (sock: string) => `nbd+unix:///disk?socket=${sock}`;
+    const info = async (sock: string) => {
+      const j = JSON.parse(await run('nbdinfo', ['--json', uri(sock)])).exports[0];
+      return {
+        name: j['export-name'],
+        description: j.description,
+        size: j['export-size'],
+        ro: j.is_read_only,
+      };
+    };
+    expect(await info(ours.sock)).toEqual(await info(theirs.sock));
+    for (const { sock } of [ours, theirs]) {
+      await run('qemu-io', [
+        '-f',
+        'raw',
+        '-c',
+        'write -P 0x11 4095 8193',
+        '-c',
+        'write -z 65536 65536',
+        '-c',
+        'flush',
+        uri(sock),
+      ]);
+    }
+    await qsd.stop();
+    expect(
+      await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', ours.image, theirs.image]),
+    ).toContain('identical');
   });
 
   it('refuses bad options before starting anything, naming the option', async () => {
