@@ -14,7 +14,7 @@ export class BufferPool {
   private readonly maxBytes: number;
   private readonly maxClass: number;
 
-  constructor(maxBytes = 32 * 1024 * 1024, maxClass = 1024 * 1024) {
+  constructor(maxBytes = 16 * 1024 * 1024, maxClass = 1024 * 1024) {
     this.maxBytes = maxBytes;
     this.maxClass = maxClass;
   }
