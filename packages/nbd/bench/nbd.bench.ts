@@ -3,15 +3,14 @@
 // iodepth 32: 4 KiB random read, 4 KiB random write, 256 KiB sequential read. Then the
 // resident memory of each server under 64 connections x 32 requests in flight.
 //
-// Imports src/ files directly (node runs TypeScript by stripping types).
+// Run with plain node (it strips the types of ../src/index.ts).
 
 import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { NbdServer } from '../src/server.ts';
-import { FileTarget } from '../src/targets/file-target.ts';
+import { FileTarget, NbdServer } from '../src/index.ts';
 
 const MiB = 1024 * 1024;
 const IMAGE_MIB = Number(process.env.NBD_BENCH_IMAGE_MIB ?? 256);
