@@ -4,6 +4,7 @@
 import { EventEmitter } from 'node:events';
 import { chmod, unlink } from 'node:fs/promises';
 import * as net from 'node:net';
+import { type AoHandle, type AoHow, type AoOptions, type AoPromise, runAo } from '@vmdisk/ao';
 import { BufferPool } from './buffer-pool.ts';
 import {
   Connection,
@@ -229,24 +230,50 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   }
 
   /**
-   * Removes an export. 'safe': no new clients, resolves once the connected ones have
-   * gone; 'hard': disconnects them and resolves once nothing of theirs is in flight.
-   * Either way the target is no longer touched when the promise resolves.
+   * Removes an export, as an asynchronous operation of @vmdisk/ao. 'safe': no new clients,
+   * completes once the connected ones have gone; 'hard': disconnects them and completes
+   * once nothing of theirs is in flight. Either way the target is no longer touched when
+   * it completes. Aborting a safe removal (`handle.abort()` or `options.signal`) turns it
+   * into a hard one. Without `how` it returns a promise; with `{ callback }` or
+   * `{ forEvent, queue }` a handle. An unknown export is an initiation failure.
    */
-  removeExport(name: string, mode: 'safe' | 'hard' = 'safe'): Promise<void> {
-    const exp = this.exports.get(name);
-    if (exp === undefined) {
-      return Promise.reject(new NbdError('ERR_VMDISK_NBD_NO_SUCH_EXPORT', `no export "${name}"`));
-    }
-    exp.removing = true;
-    const drained = new Promise<void>((resolve) => {
-      const list = this.drainWaiters.get(exp) ?? [];
-      list.push(resolve);
-      this.drainWaiters.set(exp, list);
-    });
-    if (mode === 'hard') for (const conn of exp.connections) conn.destroy();
-    this.checkDrained(exp);
-    return drained;
+  removeExport(name: string, mode?: 'safe' | 'hard'): AoPromise<void>;
+  removeExport(
+    name: string,
+    mode: 'safe' | 'hard',
+    how: AoHow<void>,
+    options?: AoOptions,
+  ): AoHandle<void>;
+  removeExport(
+    name: string,
+    mode: 'safe' | 'hard' = 'safe',
+    how?: AoHow<void>,
+    options: AoOptions = {},
+  ): AoPromise<void> | AoHandle<void> {
+    return runAo<void>(
+      'nbd.removeExport',
+      how,
+      (ao) => {
+        const exp = this.exports.get(name);
+        if (exp === undefined) {
+          throw new NbdError('ERR_VMDISK_NBD_NO_SUCH_EXPORT', `no export "${name}"`);
+        }
+        exp.removing = true;
+        const drained = new Promise<void>((resolve) => {
+          const list = this.drainWaiters.get(exp) ?? [];
+          list.push(resolve);
+          this.drainWaiters.set(exp, list);
+        });
+        const hard = () => {
+          for (const conn of exp.connections) conn.destroy();
+        };
+        if (mode === 'hard') hard();
+        else ao.signal.addEventListener('abort', hard, { once: true });
+        this.checkDrained(exp);
+        return drained.finally(() => ao.signal.removeEventListener('abort', hard));
+      },
+      options,
+    ) as AoPromise<void> | AoHandle<void>;
   }
 
   listExports(): ExportInfo[] {
