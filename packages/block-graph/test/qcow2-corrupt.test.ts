@@ -8,7 +8,7 @@ import { openQcow2Chain } from '../src/drivers/qcow2/chain.ts';
 import { checkQcow2, readHeader } from '../src/drivers/qcow2/check.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { BlockError } from '../src/errors.ts';
-import { FsFile, must, rng, run, tempDir } from './qcow2-helpers.ts';
+import { ImageFile, must, rng, run, tempDir } from './qcow2-helpers.ts';
 
 let dir = '';
 let cleanup: () => Promise<void> = async () => {};
@@ -55,7 +55,7 @@ function be32(v: number): number[] {
 }
 
 async function headerOf(path: string) {
-  const f = await FsFile.open(path, { readOnly: true });
+  const f = await ImageFile.open(path, { readOnly: true });
   try {
     return await readHeader(f);
   } finally {
@@ -65,7 +65,7 @@ async function headerOf(path: string) {
 
 /** Opens (read-write unless told) and reads the whole disk; returns the error thrown. */
 async function tryAll(path: string, readOnly = false): Promise<unknown> {
-  const f = await FsFile.open(path, { readOnly });
+  const f = await ImageFile.open(path, { readOnly });
   try {
     const img = await openQcow2(f, { readOnly, backing: null });
     const b = new Uint8Array(img.virtualSize);
@@ -185,7 +185,7 @@ describe('qcow2 corrupt metadata', () => {
     const h = await headerOf(path);
     await poke(path, h.l1TableOffset, be64(2 ** 40 + 2 ** 63 * 0));
     expectCode(await tryAll(path, true), CORRUPT);
-    const f = await FsFile.open(path, { readOnly: true });
+    const f = await ImageFile.open(path, { readOnly: true });
     const c = await checkQcow2(f);
     await f.close();
     expect(c.corruptions).toBeGreaterThan(0);
@@ -207,7 +207,7 @@ describe('qcow2 corrupt metadata', () => {
     const h = await headerOf(path);
     await poke(path, h.l1TableOffset, be64(h.l1TableOffset));
     expectCode(await tryAll(path, true), CORRUPT);
-    const f = await FsFile.open(path, { readOnly: true });
+    const f = await ImageFile.open(path, { readOnly: true });
     expect((await checkQcow2(f)).corruptions).toBeGreaterThan(0);
     await f.close();
   });
@@ -219,7 +219,7 @@ describe('qcow2 corrupt metadata', () => {
     const l2off = Number(new DataView(l1.buffer).getBigUint64(0) & ((1n << 56n) - 512n));
     // Guest cluster 1 -> the L2 table's own cluster, flagged COPIED.
     await poke(path, l2off + 8, be64(l2off + 2 ** 63));
-    const f = await FsFile.open(path);
+    const f = await ImageFile.open(path);
     const img = await openQcow2(f, { backing: null });
     const err = await img.write(new Uint8Array(512).fill(7), 65536 + 100).catch((e) => e);
     expectCode(err, CORRUPT);
@@ -242,7 +242,7 @@ describe('qcow2 corrupt metadata', () => {
     const l1 = await peek(path, h.l1TableOffset, 8);
     const l2off = Number(new DataView(l1.buffer).getBigUint64(0) & ((1n << 56n) - 512n));
     await poke(path, block + 2 * (l2off / 65536), [0, 0]);
-    const f = await FsFile.open(path);
+    const f = await ImageFile.open(path);
     const img = await openQcow2(f, { backing: null });
     const err = await img.write(new Uint8Array(65536).fill(3), 1 << 20).catch((e) => e);
     expectCode(err, CORRUPT);
@@ -259,7 +259,7 @@ describe('qcow2 corrupt metadata', () => {
     await poke(path, l2off + 8, e0); // guest cluster 1 shares guest cluster 0's host cluster
     await poke(path, 72, be64(1)); // dirty
     expectCode(await tryAll(path, false), 'ERR_VMDISK_BLOCK_QCOW2_REFCOUNT_OVERFLOW');
-    const f = await FsFile.open(path, { readOnly: true });
+    const f = await ImageFile.open(path, { readOnly: true });
     const c = await checkQcow2(f);
     await f.close();
     expect(c.messages.join('\n')).toMatch(/more than refcount_bits/);
@@ -271,7 +271,7 @@ describe('qcow2 corrupt metadata', () => {
     const rt = await peek(path, h.refcountTableOffset, 8);
     const block = Number(new DataView(rt.buffer).getBigUint64(0));
     await poke(path, block + 8 * 5, be64(2 ** 63));
-    const f = await FsFile.open(path, { readOnly: true });
+    const f = await ImageFile.open(path, { readOnly: true });
     const c = await checkQcow2(f);
     await f.close();
     expect(c.corruptions).toBeGreaterThan(0);
@@ -299,7 +299,7 @@ describe('qcow2 corrupt metadata', () => {
     await must('qemu-img', ['create', '-f', 'qcow2', a, '1M']);
     await must('qemu-img', ['create', '-f', 'qcow2', '-u', '-b', a, '-F', 'qcow2', b, '1M']);
     await must('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', b, '-F', 'qcow2', a]);
-    const opener = (p: string, ro: boolean) => FsFile.open(p, { readOnly: ro });
+    const opener = (p: string, ro: boolean) => ImageFile.open(p, { readOnly: ro });
     await expect(openQcow2Chain(a, opener, {})).rejects.toMatchObject({
       code: 'ERR_VMDISK_BLOCK_QCOW2_BACKING_CYCLE',
     });
@@ -361,7 +361,7 @@ describe('qcow2 fuzzed metadata', () => {
           expect((err as BlockError).code).toMatch(/^ERR_VMDISK_BLOCK_QCOW2_/);
         }
       }
-      const f = await FsFile.open(path, { readOnly: true });
+      const f = await ImageFile.open(path, { readOnly: true });
       const c = await checkQcow2(f).catch((e: unknown) => e);
       await f.close();
       if (c instanceof Error) expect(c, c.stack).toBeInstanceOf(BlockError);
@@ -374,7 +374,7 @@ describe('qcow2 check agrees with qemu-img check', () => {
   async function both(path: string) {
     const q = await run('qemu-img', ['check', '--output=json', path]);
     const qj = JSON.parse(q.stdout) as { leaks?: number; corruptions?: number };
-    const f = await FsFile.open(path, { readOnly: true });
+    const f = await ImageFile.open(path, { readOnly: true });
     const ours = await checkQcow2(f);
     await f.close();
     return { qemu: { leaks: qj.leaks ?? 0, corruptions: qj.corruptions ?? 0, code: q.code }, ours };

@@ -10,7 +10,7 @@ import { writeSync } from 'node:fs';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
 import { BlockGraph } from '../src/index.ts';
-import { FsFile, pattern, rng } from './qcow2-helpers.ts';
+import { ImageFile, pattern, rng } from './qcow2-helpers.ts';
 
 const [path, backingPath, seedArg, l2Arg, mode] = process.argv.slice(2) as [
   string,
@@ -30,9 +30,9 @@ interface Target {
 }
 
 async function core(): Promise<Target> {
-  const file = await FsFile.open(path);
+  const file = await ImageFile.open(path);
   const backingFile =
-    backingPath !== '-' ? await FsFile.open(backingPath, { readOnly: true }) : null;
+    backingPath !== '-' ? await ImageFile.open(backingPath, { readOnly: true }) : null;
   const img = await openQcow2(file, {
     backing: backingFile
       ? { read: (b, o) => backingFile.read(b, o), size: () => backingFile.size() }

@@ -13,7 +13,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
-import { FsFile, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
+import { ImageFile, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
 
 let dir = '';
 let cleanup: () => Promise<void> = async () => {};
@@ -172,7 +172,7 @@ describe('qcow2 crash safety (SIGKILL at random moments)', () => {
         if (info['dirty-flag']) {
           // Lazy refcounts: repair through our read-write open, then judge.
           expect(v.opts).toContain('lazy_refcounts=on');
-          const f = await FsFile.open(path);
+          const f = await ImageFile.open(path);
           const img = await openQcow2(f, { backing: null });
           await img.close();
           await f.close();

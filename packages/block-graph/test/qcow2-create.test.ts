@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openQcow2Chain } from '../src/drivers/qcow2/chain.ts';
 import { createQcow2, type Qcow2CreateOptions } from '../src/drivers/qcow2/create.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
-import { FsFile, firstDiff, must, run, tempDir } from './qcow2-helpers.ts';
+import { firstDiff, ImageFile, must, run, tempDir } from './qcow2-helpers.ts';
 
 let dir = '';
 let cleanup: () => Promise<void> = async () => {};
@@ -18,11 +18,11 @@ afterAll(async () => {
   await cleanup();
 });
 
-const opener = (p: string, ro: boolean) => FsFile.open(p, { readOnly: ro });
+const opener = (p: string, ro: boolean) => ImageFile.open(p, { readOnly: ro });
 
 async function create(name: string, opts: Qcow2CreateOptions): Promise<string> {
   const path = join(dir, name);
-  const f = await FsFile.open(path, { create: true });
+  const f = await ImageFile.open(path, { create: true });
   const progress: number[] = [];
   await createQcow2(f, opts, (done, total) => {
     expect(done).toBeLessThanOrEqual(total + 2 ** 21);
@@ -122,7 +122,7 @@ describe('createQcow2', () => {
       expect((await run('qemu-img', ['check', '-f', 'qcow2', path])).code).toBe(0);
       await must('qemu-img', ['convert', '-O', 'raw', path, `${path}.raw`]);
       const want = new Uint8Array(await readFile(`${path}.raw`));
-      const f = await FsFile.open(path);
+      const f = await ImageFile.open(path);
       const img = await openQcow2(f, { backing: null });
       const got = new Uint8Array(img.virtualSize);
       await img.read(got, 0);
@@ -169,7 +169,7 @@ describe('createQcow2', () => {
   });
 
   it('refuses inconsistent options with a stable code', async () => {
-    const f = await FsFile.open(join(dir, 'bad.qcow2'), { create: true });
+    const f = await ImageFile.open(join(dir, 'bad.qcow2'), { create: true });
     const bad: Qcow2CreateOptions[] = [
       { size: 1000 },
       { size: 1 << 20, clusterSize: 3000 },

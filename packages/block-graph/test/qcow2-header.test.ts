@@ -9,7 +9,7 @@ import { readHeader } from '../src/drivers/qcow2/check.ts';
 import { createQcow2 } from '../src/drivers/qcow2/create.ts';
 import { ExtType, serializeHeader } from '../src/drivers/qcow2/header.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
-import { FsFile, firstDiff, must, pattern, run, tempDir } from './qcow2-helpers.ts';
+import { firstDiff, ImageFile, must, pattern, run, tempDir } from './qcow2-helpers.ts';
 
 let dir = '';
 let cleanup: () => Promise<void> = async () => {};
@@ -24,7 +24,7 @@ async function rewriteHeader(
   path: string,
   edit: (h: Awaited<ReturnType<typeof readHeader>>) => void,
 ): Promise<void> {
-  const f = await FsFile.open(path);
+  const f = await ImageFile.open(path);
   const h = await readHeader(f);
   edit(h);
   await f.write(serializeHeader(h), 0);
@@ -54,7 +54,7 @@ describe('qcow2 header', () => {
       h.otherExtensions.push(unknown);
       h.autoclearFeatures = 1n << 5n; // an unknown autoclear bit: cleared before we write
     });
-    const f = await FsFile.open(path);
+    const f = await ImageFile.open(path);
     const img = await openQcow2(f, { backing: null, lazyRefcounts: true });
     await img.write(new Uint8Array(100).fill(1), 0); // sets the dirty bit: header rewritten
     const dirty = await readHeader(f);
@@ -76,7 +76,7 @@ describe('qcow2 header', () => {
 
   it('repairs a dirty image (lazy refcounts, never closed) on a read-write open', async () => {
     const path = join(dir, 'dirty.qcow2');
-    const f = await FsFile.open(path, { create: true });
+    const f = await ImageFile.open(path, { create: true });
     await createQcow2(f, { size: 8 << 20, clusterSize: 4096, lazyRefcounts: true });
     const img = await openQcow2(f, { backing: null });
     const data = pattern(new Uint8Array(3 << 20), 3);
@@ -87,7 +87,7 @@ describe('qcow2 header', () => {
     await f.close();
     const info = JSON.parse(await must('qemu-img', ['info', '--output=json', '-U', path]));
     expect(info['dirty-flag']).toBe(true);
-    const f2 = await FsFile.open(path);
+    const f2 = await ImageFile.open(path);
     const ro = await openQcow2(f2, { backing: null, readOnly: true });
     expect((await ro.check()).corruptions).toBeGreaterThan(0); // stale refcounts on disk
     await ro.close();
@@ -109,7 +109,7 @@ describe('qcow2 header', () => {
     await must('qemu-img', ['create', '-f', 'qcow2', base, '2M']);
     await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x21 0 2M', base]);
     const path = join(dir, 'p.qcow2');
-    const f = await FsFile.open(path, { create: true });
+    const f = await ImageFile.open(path, { create: true });
     await createQcow2(f, {
       size: 2 << 20,
       extendedL2: true,

@@ -1,55 +1,49 @@
-// Test helpers for the qcow2 tests: a real file behind the Qcow2File interface (node:fs),
+// Test helpers for the qcow2 tests: a real file behind the Qcow2File interface (the engine),
 // running qemu-img / qemu-io, and temporary directories.
 
 import { execFile } from 'node:child_process';
-import type { FileHandle } from 'node:fs/promises';
-import { mkdtemp, open, rm } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { type EngineFile, sharedEngine } from '@vmdisk/engine';
 import type { Qcow2File } from '../src/drivers/qcow2/types.ts';
 
-/** A Qcow2File over a real file (node:fs). */
-export class FsFile implements Qcow2File {
+/** A Qcow2File over a real file, through @vmdisk/engine (this thread's shared engine). */
+export class ImageFile implements Qcow2File {
   readonly path: string;
-  readonly #fh: FileHandle;
-  constructor(path: string, fh: FileHandle) {
+  readonly #f: EngineFile;
+  constructor(path: string, f: EngineFile) {
     this.path = path;
-    this.#fh = fh;
+    this.#f = f;
   }
   static async open(
     path: string,
     opts: { readOnly?: boolean; create?: boolean } = {},
-  ): Promise<FsFile> {
-    const flags = opts.readOnly ? 'r' : opts.create ? 'w+' : 'r+';
-    return new FsFile(path, await open(path, flags));
+  ): Promise<ImageFile> {
+    const engine = await sharedEngine('auto');
+    const f = await engine.openFile(path, {
+      readOnly: opts.readOnly ?? false,
+      create: opts.create ?? false,
+    });
+    return new ImageFile(path, f);
   }
-  async read(buf: Uint8Array, offset: number): Promise<number> {
-    let done = 0;
-    while (done < buf.length) {
-      const { bytesRead } = await this.#fh.read(buf, done, buf.length - done, offset + done);
-      if (bytesRead === 0) break;
-      done += bytesRead;
-    }
-    return done;
+  read(buf: Uint8Array, offset: number): Promise<number> {
+    return this.#f.read(buf, offset);
   }
-  async write(buf: Uint8Array, offset: number): Promise<void> {
-    let done = 0;
-    while (done < buf.length) {
-      const { bytesWritten } = await this.#fh.write(buf, done, buf.length - done, offset + done);
-      done += bytesWritten;
-    }
+  write(buf: Uint8Array, offset: number): Promise<void> {
+    return this.#f.write(buf, offset);
   }
-  async size(): Promise<number> {
-    return (await this.#fh.stat()).size;
+  size(): Promise<number> {
+    return this.#f.size();
   }
-  async truncate(size: number): Promise<void> {
-    await this.#fh.truncate(size);
+  truncate(size: number): Promise<void> {
+    return this.#f.truncate(size);
   }
-  async flush(): Promise<void> {
-    await this.#fh.datasync();
+  flush(): Promise<void> {
+    return this.#f.fdatasync();
   }
-  async close(): Promise<void> {
-    await this.#fh.close();
+  close(): Promise<void> {
+    return this.#f.close();
   }
 }
 

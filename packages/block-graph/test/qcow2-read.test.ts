@@ -6,11 +6,11 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openQcow2, type Qcow2Image } from '../src/drivers/qcow2/image.ts';
 import type { Qcow2BackingReader } from '../src/drivers/qcow2/types.ts';
-import { FsFile, firstDiff, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
+import { firstDiff, ImageFile, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
 
 let dir = '';
 let cleanup: () => Promise<void> = async () => {};
-const files: FsFile[] = [];
+const files: ImageFile[] = [];
 
 beforeAll(async () => {
   ({ dir, cleanup } = await tempDir());
@@ -24,7 +24,7 @@ async function openRO(
   path: string,
   backing: Qcow2BackingReader | null = null,
 ): Promise<Qcow2Image> {
-  const f = await FsFile.open(path, { readOnly: true });
+  const f = await ImageFile.open(path, { readOnly: true });
   files.push(f);
   return openQcow2(f, { readOnly: true, backing });
 }
@@ -208,7 +208,7 @@ describe('qcow2 read: backing chains', () => {
       String(12 << 20),
     ]);
     await must('qemu-io', ['-f', 'qcow2', ...fillCommands(12 << 20, 4), top]);
-    const baseFile = await FsFile.open(base, { readOnly: true });
+    const baseFile = await ImageFile.open(base, { readOnly: true });
     files.push(baseFile);
     const baseReader: Qcow2BackingReader = {
       read: (b, o) => baseFile.read(b, o),
@@ -225,7 +225,7 @@ describe('qcow2 read: backing chains', () => {
     await must('qemu-img', ['create', '-f', 'qcow2', base, '1M']);
     await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 7 0 64k', base]);
     await must('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '1M']);
-    const f = await FsFile.open(top, { readOnly: true });
+    const f = await ImageFile.open(top, { readOnly: true });
     files.push(f);
     await expect(openQcow2(f, { readOnly: true })).rejects.toMatchObject({
       code: 'ERR_VMDISK_BLOCK_QCOW2_BAD_OPTION',
@@ -253,7 +253,7 @@ describe('qcow2 read/write: host offsets beyond 2 and 4 GiB', () => {
       `write -P 0x78 ${5 * G + 999} 70k`,
       path,
     ]);
-    const f = await FsFile.open(path);
+    const f = await ImageFile.open(path);
     const img = await openQcow2(f, { backing: null });
     for (const [off, len, p] of [
       [2.5 * G + 123, 102400, 0x77],

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { checkQcow2 } from '../src/drivers/qcow2/check.ts';
 import { openQcow2, type Qcow2Image } from '../src/drivers/qcow2/image.ts';
 import type { Qcow2BackingReader } from '../src/drivers/qcow2/types.ts';
-import { FsFile, firstDiff, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
+import { firstDiff, ImageFile, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
 
 let dir = '';
 let cleanup: () => Promise<void> = async () => {};
@@ -101,8 +101,8 @@ const variants: Variant[] = [
   },
 ];
 
-async function rawReader(path: string): Promise<{ reader: Qcow2BackingReader; file: FsFile }> {
-  const file = await FsFile.open(path, { readOnly: true });
+async function rawReader(path: string): Promise<{ reader: Qcow2BackingReader; file: ImageFile }> {
+  const file = await ImageFile.open(path, { readOnly: true });
   return { file, reader: { read: (b, o) => file.read(b, o), size: () => file.size() } };
 }
 
@@ -112,7 +112,7 @@ describe('qcow2 write: random operations judged by qemu-img check and compare', 
       const path = join(dir, `w${vi}.qcow2`);
       const model = new Uint8Array(v.size);
       let backingRaw: Uint8Array | null = null;
-      let backing: { reader: Qcow2BackingReader; file: FsFile } | null = null;
+      let backing: { reader: Qcow2BackingReader; file: ImageFile } | null = null;
       if (v.backing) {
         const base = join(dir, `w${vi}-base.raw`);
         backingRaw = pattern(new Uint8Array(v.size - (3 << 20)), vi + 100); // shorter than the image
@@ -140,7 +140,7 @@ describe('qcow2 write: random operations judged by qemu-img check and compare', 
       const extended = v.opts.includes('extended_l2=on');
       const v3 = !v.opts.includes('compat=0.10');
       const unit = extended ? cs / 32 : cs;
-      const file = await FsFile.open(path);
+      const file = await ImageFile.open(path);
       let img: Qcow2Image = await openQcow2(file, {
         backing: backing?.reader ?? null,
         ...(v.l2CacheSize ? { l2CacheSize: v.l2CacheSize } : {}),
@@ -216,7 +216,7 @@ describe('qcow2 write: random operations judged by qemu-img check and compare', 
       expect(cmp.stdout + cmp.stderr).toContain('Images are identical');
       expect(cmp.code).toBe(0);
       // Our own check agrees, and the dirty bit is clear after close.
-      const f2 = await FsFile.open(path, { readOnly: true });
+      const f2 = await ImageFile.open(path, { readOnly: true });
       const ours = await checkQcow2(f2);
       expect(ours.messages).toEqual([]);
       expect(info.format).toBe('qcow2');
@@ -231,7 +231,7 @@ describe('qcow2 write: allocation', () => {
   it('reuses discarded clusters instead of growing the file', async () => {
     const path = join(dir, 'reuse.qcow2');
     await must('qemu-img', ['create', '-f', 'qcow2', path, String(32 << 20)]);
-    const file = await FsFile.open(path);
+    const file = await ImageFile.open(path);
     const img = await openQcow2(file, { backing: null });
     const data = pattern(new Uint8Array(4 << 20), 1);
     await img.write(data, 0);
@@ -264,7 +264,7 @@ describe('qcow2 write: allocation', () => {
       path,
       String(8 << 20),
     ]);
-    const file = await FsFile.open(path);
+    const file = await ImageFile.open(path);
     const img = await openQcow2(file, { backing: null });
     const model = new Uint8Array(8 << 20);
     const ops: Promise<void>[] = [];

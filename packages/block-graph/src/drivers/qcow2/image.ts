@@ -769,17 +769,31 @@ export class Qcow2Image {
         const spanFrom = Math.floor(from / sc) * sc;
         const spanTo = Math.ceil(to / sc) * sc;
         if (!e.compressed && e.host !== 0 && copied) {
-          // Write into the existing host cluster (partial subclusters completed from their
-          // current content); for standard L2 a zero cluster keeps its preallocation.
-          const whole = !g.extendedL2;
+          // Write into the existing host cluster. Only parts that are not allocated yet are
+          // completed from their current content (a standard zero cluster keeping its
+          // preallocation: the whole cluster; extended L2: the partial edge subclusters).
+          // Allocated parts are never rewritten: writes in place to other bytes of them run
+          // without locks and would be overwritten with what they replaced.
+          const allocated = (bitAt: number) => (e.alloc & (2 ** bitAt)) !== 0;
+          let wFrom = from;
+          let wTo = to;
+          if (!g.extendedL2) {
+            if (!allocated(0)) {
+              wFrom = 0;
+              wTo = cs;
+            }
+          } else {
+            if (!allocated(Math.floor(from / sc))) wFrom = spanFrom;
+            if (!allocated(Math.ceil(to / sc) - 1)) wTo = spanTo;
+          }
           plans.push({
             ci,
             e,
             from,
             to,
             host: e.host,
-            spanFrom: whole ? 0 : spanFrom,
-            spanTo: whole ? cs : spanTo,
+            spanFrom: wFrom,
+            spanTo: wTo,
             newEntry: {
               ...e,
               copied: true,
@@ -1434,9 +1448,12 @@ export class Qcow2Image {
   #flushMetadata(): Promise<void> {
     return this.#flushMutex.run(async () => {
       // Snapshot first (synchronously): every L2 entry in it was set after its refcount
-      // increment, which the refcount write below therefore includes.
-      const l2Snap = this.#l2Cache.dirtyEntries().map((e) => ({ e, copy: e.data.slice() }));
-      for (const s of l2Snap) s.e.dirty = false;
+      // increment, which the refcount write below therefore includes. The snapshotted
+      // tables stay cached until their snapshot has landed (beginWrite/endWrite).
+      const l2Snap = this.#l2Cache
+        .dirtyEntries()
+        .map((e) => ({ e, copy: this.#l2Cache.beginWrite(e) }));
+      let l2Done = false;
       const l1Snap = [...this.#l1Dirty];
       this.#l1Dirty.clear();
       const l1Copy = this.#l1.slice();
@@ -1448,6 +1465,8 @@ export class Qcow2Image {
         if (l2Snap.length > 0 || l1Snap.length > 0) {
           await this.file.flush();
           await Promise.all(l2Snap.map((s) => this.file.write(s.copy, s.e.offset)));
+          l2Done = true;
+          for (const s of l2Snap) this.#l2Cache.endWrite(s.e, true);
           if (l1Snap.length > 0) {
             await this.file.flush();
             const sectors = new Set(l1Snap.map((i) => Math.floor(i / 64)));
@@ -1463,10 +1482,10 @@ export class Qcow2Image {
               }),
             );
           }
-        }
+        } else l2Done = true;
         await this.file.flush();
       } catch (err) {
-        for (const s of l2Snap) s.e.dirty = true;
+        if (!l2Done) for (const s of l2Snap) this.#l2Cache.endWrite(s.e, false);
         for (const i of l1Snap) this.#l1Dirty.add(i);
         throw err;
       }

@@ -9,6 +9,11 @@ export interface CacheEntry {
   dirty: boolean;
   /** Requests using the entry; pinned entries are never evicted. */
   pins: number;
+  /**
+   * Write-backs in flight: such an entry is never evicted either, so that nobody reloads
+   * it from disk before its latest content has landed there.
+   */
+  writing: number;
   lastUse: number;
 }
 
@@ -25,7 +30,7 @@ export interface MetadataCacheOptions {
 export class MetadataCache {
   readonly #opts: MetadataCacheOptions;
   readonly #entries = new Map<number, CacheEntry>();
-  readonly #loading = new Map<number, Promise<CacheEntry>>();
+  readonly #loading = new Map<number, { waiters: number; promise: Promise<CacheEntry> }>();
   #clock = 0;
   #shrinking: Promise<void> | null = null;
 
@@ -54,28 +59,43 @@ export class MetadataCache {
       e.lastUse = ++this.#clock;
       return e;
     }
-    let p = this.#loading.get(offset);
-    if (!p) {
-      p = this.#load(offset);
-      this.#loading.set(offset, p);
-      p.then(
-        () => this.#loading.delete(offset),
-        () => this.#loading.delete(offset),
-      );
+    let l = this.#loading.get(offset);
+    if (!l) {
+      l = { waiters: 0, promise: this.#load(offset) };
+      this.#loading.set(offset, l);
     }
-    const loaded = await p;
-    loaded.pins++;
-    loaded.lastUse = ++this.#clock;
+    // The entry enters the cache already pinned once per waiter: no eviction can slip in
+    // between its insertion and the waiters resuming.
+    l.waiters++;
+    const loaded = await l.promise;
     await this.#shrink();
     return loaded;
   }
 
   async #load(offset: number): Promise<CacheEntry> {
     const data = new Uint8Array(this.#opts.entrySize);
-    await this.#opts.load(offset, data);
+    try {
+      await this.#opts.load(offset, data);
+    } catch (err) {
+      this.#loading.delete(offset);
+      throw err;
+    }
+    const waiters = this.#loading.get(offset)?.waiters ?? 0;
+    this.#loading.delete(offset);
     const existing = this.#entries.get(offset);
-    if (existing) return existing;
-    const e: CacheEntry = { offset, data, dirty: false, pins: 0, lastUse: ++this.#clock };
+    if (existing) {
+      existing.pins += waiters;
+      existing.lastUse = ++this.#clock;
+      return existing;
+    }
+    const e: CacheEntry = {
+      offset,
+      data,
+      dirty: false,
+      pins: waiters,
+      writing: 0,
+      lastUse: ++this.#clock,
+    };
     this.#entries.set(offset, e);
     return e;
   }
@@ -84,7 +104,14 @@ export class MetadataCache {
   async create(offset: number, init?: Uint8Array): Promise<CacheEntry> {
     const data = new Uint8Array(this.#opts.entrySize);
     if (init) data.set(init);
-    const e: CacheEntry = { offset, data, dirty: true, pins: 1, lastUse: ++this.#clock };
+    const e: CacheEntry = {
+      offset,
+      data,
+      dirty: true,
+      pins: 1,
+      writing: 0,
+      lastUse: ++this.#clock,
+    };
     this.#entries.set(offset, e);
     await this.#shrink();
     return e;
@@ -92,7 +119,14 @@ export class MetadataCache {
 
   /** Adds a clean table whose content is `data` (just written by the owner). */
   insertClean(offset: number, data: Uint8Array): void {
-    const e: CacheEntry = { offset, data, dirty: false, pins: 0, lastUse: ++this.#clock };
+    const e: CacheEntry = {
+      offset,
+      data,
+      dirty: false,
+      pins: 0,
+      writing: 0,
+      lastUse: ++this.#clock,
+    };
     this.#entries.set(offset, e);
   }
 
@@ -102,6 +136,38 @@ export class MetadataCache {
 
   markDirty(e: CacheEntry): void {
     e.dirty = true;
+  }
+
+  /**
+   * Takes a snapshot of a dirty entry for writing back: the entry becomes clean and stays in
+   * the cache (not evictable) until `endWrite`, so that nobody reloads it from disk before
+   * the snapshot has landed there. Synchronous: the snapshot is the content as of the call.
+   */
+  beginWrite(e: CacheEntry): Uint8Array {
+    e.dirty = false;
+    e.writing++;
+    return e.data.slice();
+  }
+
+  /** Ends a write-back begun with beginWrite; a failed one leaves the entry dirty again. */
+  endWrite(e: CacheEntry, ok: boolean): void {
+    e.writing--;
+    if (!ok) e.dirty = true;
+  }
+
+  /** beginWrite, `write` the snapshot at the entry's offset, endWrite. */
+  async writeBack(
+    e: CacheEntry,
+    write: (buf: Uint8Array, offset: number) => Promise<void>,
+  ): Promise<void> {
+    const copy = this.beginWrite(e);
+    let ok = false;
+    try {
+      await write(copy, e.offset);
+      ok = true;
+    } finally {
+      this.endWrite(e, ok);
+    }
   }
 
   /** Dirty entries, in offset order. */
@@ -126,12 +192,17 @@ export class MetadataCache {
       while (this.#entries.size > this.#opts.capacity) {
         let victim: CacheEntry | undefined;
         for (const e of this.#entries.values()) {
-          if (e.pins > 0) continue;
+          if (e.pins > 0 || e.writing > 0) continue;
           if (!victim || e.lastUse < victim.lastUse) victim = e;
         }
         if (!victim) return; // all pinned: over capacity until requests finish
         if (victim.dirty) await this.#opts.evictDirty(victim);
-        if (!victim.dirty && victim.pins === 0 && this.#entries.get(victim.offset) === victim) {
+        if (
+          !victim.dirty &&
+          victim.pins === 0 &&
+          victim.writing === 0 &&
+          this.#entries.get(victim.offset) === victim
+        ) {
           this.#entries.delete(victim.offset);
         }
       }

@@ -389,14 +389,7 @@ export class RefcountManager {
     const p = (async () => {
       if (prev) await prev.catch(() => {});
       if (!e.dirty) return;
-      const copy = e.data.slice();
-      e.dirty = false;
-      try {
-        await this.#file.write(copy, e.offset);
-      } catch (err) {
-        e.dirty = true;
-        throw err;
-      }
+      await this.#cache.writeBack(e, (b, o) => this.#file.write(b, o));
     })();
     this.#writing.set(e.offset, p);
     const done = () => {
