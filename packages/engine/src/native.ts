@@ -169,14 +169,36 @@ export function lseek(fd: number, offset: number, whence: number): number {
   return ret(lseekFn(fd, offset, whence));
 }
 
+// koffi runs `.async` calls on the libuv thread pool and refuses more than a fixed number
+// running at once ("Too many asynchronous calls are running"): the calls below queue
+// for one of MAX_ASYNC_CALLS slots instead, so that no caller ever sees that refusal.
+const MAX_ASYNC_CALLS = 32;
+let asyncRunning = 0;
+const asyncWaiting: (() => void)[] = [];
+
+/** Runs `call(done)` (a koffi async call) once a slot is free; resolves what done gives. */
+function inAsyncSlot(call: (done: (value: number) => void) => void): Promise<number> {
+  return new Promise((resolve) => {
+    const start = () => {
+      asyncRunning++;
+      call((value) => {
+        asyncRunning--;
+        asyncWaiting.shift()?.();
+        resolve(value);
+      });
+    };
+    if (asyncRunning < MAX_ASYNC_CALLS) start();
+    else asyncWaiting.push(start);
+  });
+}
+
 /** lseek on a libuv thread-pool thread (SEEK_DATA/SEEK_HOLE may read metadata). */
 export function lseekAsync(fd: number, offset: number, whence: number): Promise<number> {
-  return new Promise((resolve) => {
+  return inAsyncSlot((done) =>
     lseekFn.async(fd, offset, whence, (err: unknown, r: number | bigint) => {
-      if (err) resolve(-EINVAL);
-      else resolve(ret(r));
-    });
-  });
+      done(err ? -EINVAL : ret(r));
+    }),
+  );
 }
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
@@ -190,12 +212,11 @@ export function fallocateAsync(
   offset: number,
   length: number,
 ): Promise<number> {
-  return new Promise((resolve) => {
+  return inAsyncSlot((done) =>
     fallocateFn.async(fd, mode, offset, length, (err: unknown, r: number) => {
-      if (err) resolve(-EINVAL);
-      else resolve(ret(r));
-    });
-  });
+      done(err ? -EINVAL : ret(r));
+    }),
+  );
 }
 
 const AT_EMPTY_PATH = 0x1000;

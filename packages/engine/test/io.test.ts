@@ -1,6 +1,8 @@
 // Real I/O on real files, each backend forced in turn.
 import { randomFillSync } from 'node:crypto';
-import { closeSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import koffi from 'koffi';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Engine, EngineError, type EngineFile, IoError, openEngine } from '../src/index.ts';
@@ -496,3 +498,24 @@ describe('io_uring backend, registered buffers', () => {
 function koffiAddress(b: Uint8Array): number {
   return Number(koffi.address(b));
 }
+
+describe('asynchronous system calls beyond koffi’s limit', () => {
+  it('queues hundreds of concurrent seekData/fallocate calls instead of refusing them', async () => {
+    const engine = await openEngine({ backend: 'threadpool' });
+    const dir = mkdtempSync(join(tmpdir(), 'vmdisk-engine-async-'));
+    const file = await engine.openFile(join(dir, 'f'), { create: true });
+    try {
+      await file.truncate(4 << 20);
+      await file.write(Buffer.alloc(4096, 1), 1 << 20);
+      const calls = Array.from({ length: 400 }, (_, i) =>
+        i % 2 ? file.seekData(0) : file.fallocate('zero-range', (2 << 20) + i * 4096, 4096),
+      );
+      const results = await Promise.all(calls);
+      for (let i = 1; i < results.length; i += 2) expect(results[i]).toBe(1 << 20);
+    } finally {
+      await file.close();
+      await engine.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
