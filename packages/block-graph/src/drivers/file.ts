@@ -20,30 +20,7 @@ function isMisaligned(err: unknown): boolean {
   return (err as { code?: unknown })?.code === 'ERR_VMDISK_ENGINE_MISALIGNED';
 }
 
-/**
- * At most this many lseek/fallocate calls of one file at a time: the engine runs them as
- * koffi asynchronous calls, of which only a limited number may be running at once ("Too
- * many asynchronous calls are running"); the rest wait here.
- */
-const MAX_SIDE_CALLS = 8;
-
 class FileInstance implements ProtocolInstance {
-  private sideCalls = 0;
-  private readonly sideWaiters: (() => void)[] = [];
-
-  private async side<T>(fn: () => Promise<T>): Promise<T> {
-    while (this.sideCalls >= MAX_SIDE_CALLS) {
-      await new Promise<void>((resolve) => this.sideWaiters.push(resolve));
-    }
-    this.sideCalls++;
-    try {
-      return await fn();
-    } finally {
-      this.sideCalls--;
-      this.sideWaiters.shift()?.();
-    }
-  }
-
   readonly kind = 'protocol';
   readonly limits: { requestAlignment: number };
   private unsupportedZero = false;
@@ -136,7 +113,7 @@ class FileInstance implements ProtocolInstance {
 
   async discard(offset: number, length: number): Promise<void> {
     try {
-      await this.side(() => this.file.fallocate('punch-hole', offset, length));
+      await this.file.fallocate('punch-hole', offset, length);
     } catch (err) {
       const e = toBlockError(err, this.node);
       // A file system without hole punching: discard is advisory.
@@ -149,9 +126,7 @@ class FileInstance implements ProtocolInstance {
       throw new BlockError(BlockErrorCode.NOT_SUPPORTED, 'zero-range is not supported here');
     }
     try {
-      await this.side(() =>
-        this.file.fallocate(mayUnmap ? 'punch-hole' : 'zero-range', offset, length),
-      );
+      await this.file.fallocate(mayUnmap ? 'punch-hole' : 'zero-range', offset, length);
     } catch (err) {
       const e = toBlockError(err, this.node);
       if (e.errnoName === 'EOPNOTSUPP' || e.errnoName === 'ENOTSUP') {
@@ -165,10 +140,10 @@ class FileInstance implements ProtocolInstance {
   async blockStatus(offset: number, length: number): Promise<ProtocolStatus> {
     try {
       const end = offset + length;
-      const data = await this.side(() => this.file.seekData(offset));
+      const data = await this.file.seekData(offset);
       if (data === null || data >= end) return { length, hole: true, zero: true };
       if (data > offset) return { length: data - offset, hole: true, zero: true };
-      const hole = await this.side(() => this.file.seekHole(offset));
+      const hole = await this.file.seekHole(offset);
       const stop = hole === null ? end : Math.min(hole, end);
       return { length: Math.max(stop - offset, 1), hole: false, zero: false };
     } catch (err) {
