@@ -205,6 +205,12 @@ describe('qcow2 in the block graph', () => {
       backing: false,
       extra: {},
     },
+    {
+      name: 'v3 16k, O_DIRECT (cache.direct)',
+      opts: 'cluster_size=16k',
+      backing: false,
+      extra: { cache: { direct: true } },
+    },
   ];
   for (const [vi, v] of variants.entries()) {
     it(`random I/O through a backend (${v.name}): qemu-img check clean, compare identical`, async () => {
