@@ -5,7 +5,8 @@
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
+import { createQcow2 } from '../src/drivers/qcow2/create.ts';
+import { qcow2Driver, qcow2FileOf } from '../src/drivers/qcow2/qcow2.ts';
 import { BlockGraph } from '../src/index.ts';
 import { firstDiff, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
 
@@ -166,6 +167,39 @@ describe('qcow2 in the block graph', () => {
     expect(got.every((x) => x === 0)).toBe(true);
     await b.close();
     await g.close();
+  });
+
+  it('creates an image on a file node of the graph (as a blockdev-create job would), then opens it', async () => {
+    const path = join(dir, 'created.qcow2');
+    await writeFile(path, new Uint8Array(0));
+    const g = new BlockGraph({ drivers: [qcow2Driver] });
+    const fileNode = await g.add({ driver: 'file', 'node-name': 'proto', filename: path });
+    const holder = await g.createBackend('proto', { perm: ['consistent-read', 'write', 'resize'] });
+    await createQcow2(qcow2FileOf(fileNode), {
+      size: 3 << 20,
+      clusterSize: 32768,
+      lazyRefcounts: true,
+    });
+    await holder.close();
+    await g.add({ driver: 'qcow2', 'node-name': 'disk', file: 'proto' });
+    const b = await g.createBackend('disk', { write: true });
+    await b.write(40_000, new Uint8Array(70_000).fill(0x3c));
+    await b.close();
+    await g.close();
+    const info = JSON.parse(await must('qemu-img', ['info', '--output=json', path]));
+    expect(info['cluster-size']).toBe(32768);
+    expect(info['format-specific'].data['lazy-refcounts']).toBe(true);
+    expect((await run('qemu-img', ['check', path])).code).toBe(0);
+    const io = await run('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      'read -P 0x3c 40000 70000',
+      '-c',
+      'read -P 0 0 40000',
+      path,
+    ]);
+    expect(io.stdout).not.toContain('Pattern verification failed');
   });
 
   it('rejects lazy-refcounts on a compat=0.10 image as a bad option', async () => {

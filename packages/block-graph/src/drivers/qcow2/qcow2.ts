@@ -20,15 +20,19 @@
 import { dirname, isAbsolute, resolve } from 'node:path';
 import type { BlockDriver, FormatInstance, Mapping, OpenContext } from '../../driver.ts';
 import { BlockError, BlockOptionError } from '../../errors.ts';
-import type { BdrvChild } from '../../node.ts';
+import type { BdrvChild, BlockNode } from '../../node.ts';
 import { Qcow2ErrorCode } from './errors.ts';
 import { Incompat } from './header.ts';
 import { openQcow2, type Qcow2Image } from './image.ts';
 import type { Qcow2BackingReader, Qcow2File } from './types.ts';
 
-/** The image file as the core sees it, through the `file` child. */
-function childFile(child: BdrvChild): Qcow2File {
-  const node = child.node;
+/**
+ * A node of the graph (the `file` child's node) as the qcow2 core's image file: reads past
+ * its end are short, writes past its end grow it (the node must allow that: a parent
+ * holding 'resize', as a format on its file child does). Also what a blockdev-create job
+ * hands to createQcow2.
+ */
+export function qcow2FileOf(node: BlockNode): Qcow2File {
   return {
     async read(buf, offset) {
       const n = Math.min(buf.byteLength, node.size() - offset);
@@ -176,7 +180,7 @@ export const qcow2Driver: BlockDriver = {
   async open(ctx) {
     const file = ctx.children.file!;
     const o = ctx.options;
-    const f = childFile(file);
+    const f = qcow2FileOf(file.node);
     // The header decides whether a backing child is needed: open without one first.
     const probe = await openQcow2(f, { readOnly: true, backing: null });
     await probe.close();
