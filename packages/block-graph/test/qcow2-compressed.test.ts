@@ -29,8 +29,9 @@ async function compressed(name: string, opts: string): Promise<{ path: string; r
   const r = rng(name.length * 31);
   for (let off = 0; off < SIZE; ) {
     const len = Math.min(SIZE - off, 500 + Math.floor(r() * 90_000));
-    if (r() < 0.5) for (let j = 0; j < len; j++) raw[off + j] = (j % 13) + 40;
-    else if (r() < 0.5) pattern(raw.subarray(off, off + len), off);
+    const kind = r();
+    if (kind < 0.5) for (let j = 0; j < len; j++) raw[off + j] = (j % 13) + 40;
+    else if (kind < 0.75) pattern(raw.subarray(off, off + len), off);
     off += len;
   }
   const rawPath = join(dir, `${name}.raw`);
