@@ -202,6 +202,39 @@ describe('qcow2 in the block graph', () => {
     expect(io.stdout).not.toContain('Pattern verification failed');
   });
 
+  it('takes cache-size, l2-cache-size and refcount-cache-size as QEMU does', async () => {
+    const path = join(dir, 'cache.qcow2');
+    await must('qemu-img', ['create', '-f', 'qcow2', path, '64M']);
+    const file = { driver: 'file', filename: path };
+    for (const opts of [
+      { 'cache-size': 1 << 20 },
+      { 'cache-size': 1 << 20, 'l2-cache-size': 65536 },
+      { 'l2-cache-size': 131072 },
+    ]) {
+      const g = new BlockGraph({ drivers: [qcow2Driver] });
+      await g.add({ driver: 'qcow2', 'node-name': 'disk', file, ...opts });
+      const b = await g.createBackend('disk', { write: true });
+      await b.write(1 << 20, new Uint8Array(4096).fill(1));
+      await b.close();
+      await g.close();
+    }
+    const g = new BlockGraph({ drivers: [qcow2Driver] });
+    await expect(
+      g.add({
+        driver: 'qcow2',
+        file,
+        'cache-size': 65536,
+        'l2-cache-size': 65536,
+        'refcount-cache-size': 65536,
+      }),
+    ).rejects.toMatchObject({ code: 'ERR_VMDISK_BLOCK_BAD_OPTION', key: 'cache-size' });
+    await expect(g.add({ driver: 'qcow2', file, 'cache-size': 'big' })).rejects.toMatchObject({
+      code: 'ERR_VMDISK_BLOCK_BAD_OPTION',
+    });
+    await g.close();
+    expect((await run('qemu-img', ['check', path])).code).toBe(0);
+  });
+
   it('rejects lazy-refcounts on a compat=0.10 image as a bad option', async () => {
     const path = join(dir, 'v2.qcow2');
     await must('qemu-img', ['create', '-f', 'qcow2', '-o', 'compat=0.10', path, '1M']);

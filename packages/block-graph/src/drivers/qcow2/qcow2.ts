@@ -165,6 +165,50 @@ async function openHeaderBacking(
   }
 }
 
+/**
+ * l2-cache-size, refcount-cache-size and cache-size as QEMU reads them: cache-size is the
+ * sum of the two; given alone, the L2 cache gets what covers the whole disk (at most all of
+ * it) and the refcount cache the rest (at least 4 clusters).
+ */
+function cacheSizes(
+  o: Readonly<Record<string, unknown>>,
+  virtualSize: number,
+  clusterSize: number,
+  l2Span: number,
+): { l2CacheSize?: number; refcountCacheSize?: number } {
+  const l2 = o['l2-cache-size'] as number | undefined;
+  const rc = o['refcount-cache-size'] as number | undefined;
+  const all = o['cache-size'] as number | undefined;
+  const out: { l2CacheSize?: number; refcountCacheSize?: number } = {};
+  if (all === undefined) {
+    if (l2 !== undefined) out.l2CacheSize = l2;
+    if (rc !== undefined) out.refcountCacheSize = rc;
+    return out;
+  }
+  if (l2 !== undefined && rc !== undefined) {
+    if (l2 + rc > all) {
+      throw new BlockOptionError(
+        'cache-size',
+        `l2-cache-size (${l2}) + refcount-cache-size (${rc}) exceed cache-size (${all})`,
+      );
+    }
+    return { l2CacheSize: l2, refcountCacheSize: rc };
+  }
+  if (l2 !== undefined) {
+    if (l2 > all) throw new BlockOptionError('l2-cache-size', `${l2} exceeds cache-size (${all})`);
+    return { l2CacheSize: l2, refcountCacheSize: all - l2 };
+  }
+  if (rc !== undefined) {
+    if (rc > all)
+      throw new BlockOptionError('refcount-cache-size', `${rc} exceeds cache-size (${all})`);
+    return { l2CacheSize: all - rc, refcountCacheSize: rc };
+  }
+  const minRc = 4 * clusterSize;
+  const wholeDisk = Math.ceil(virtualSize / l2Span) * clusterSize;
+  const l2Part = Math.max(0, Math.min(wholeDisk, all - minRc));
+  return { l2CacheSize: l2Part, refcountCacheSize: Math.max(minRc, all - l2Part) };
+}
+
 export const qcow2Driver: BlockDriver = {
   name: 'qcow2',
   kind: 'format',
@@ -172,6 +216,7 @@ export const qcow2Driver: BlockDriver = {
     'lazy-refcounts': { type: 'bool' },
     'l2-cache-size': { type: 'int', min: 0 },
     'refcount-cache-size': { type: 'int', min: 0 },
+    'cache-size': { type: 'int', min: 0 },
   },
   children: [
     { key: 'file', required: true, roles: () => ['data', 'metadata', 'primary'] },
@@ -181,35 +226,26 @@ export const qcow2Driver: BlockDriver = {
     const file = ctx.children.file!;
     const o = ctx.options;
     const f = qcow2FileOf(file.node);
-    // The header decides whether a backing child is needed: open without one first.
+    // The header decides what else is needed: read it without a backing file first.
     const probe = await openQcow2(f, { readOnly: true, backing: null });
     await probe.close();
+    const opts: Parameters<typeof openQcow2>[1] = {
+      readOnly: ctx.readOnly,
+      ...cacheSizes(o, probe.virtualSize, probe.clusterSize, probe.geom.l2Span),
+    };
+    if (o['lazy-refcounts'] !== undefined) {
+      if (o['lazy-refcounts'] === true && probe.header.version < 3) {
+        throw new BlockOptionError('lazy-refcounts', 'lazy refcounts need a compat=1.1 image');
+      }
+      opts.lazyRefcounts = o['lazy-refcounts'] as boolean;
+    }
     let backing = ctx.children.backing;
     const explicitNull = (ctx.node.options as Record<string, unknown>).backing === null;
     if (!backing && !explicitNull && probe.header.backingFile !== null) {
       backing = await openHeaderBacking(ctx, probe.header.backingFile, probe.header.backingFormat);
     }
-    const opts: Parameters<typeof openQcow2>[1] = {
-      readOnly: ctx.readOnly,
-      backing: backing ? childReader(backing) : null,
-    };
-    if (o['lazy-refcounts'] !== undefined) opts.lazyRefcounts = o['lazy-refcounts'] as boolean;
-    if (o['l2-cache-size'] !== undefined) opts.l2CacheSize = o['l2-cache-size'] as number;
-    if (o['refcount-cache-size'] !== undefined)
-      opts.refcountCacheSize = o['refcount-cache-size'] as number;
-    let image: Qcow2Image;
-    try {
-      image = await openQcow2(f, opts);
-    } catch (err) {
-      if (
-        err instanceof BlockError &&
-        err.code === Qcow2ErrorCode.BAD_OPTION &&
-        /lazy/.test(err.message)
-      ) {
-        throw new BlockOptionError('lazy-refcounts', err.message);
-      }
-      throw err;
-    }
+    opts.backing = backing ? childReader(backing) : null;
+    const image = await openQcow2(f, opts);
     return new Qcow2Instance(image, file, ctx.nodeName);
   },
 };
