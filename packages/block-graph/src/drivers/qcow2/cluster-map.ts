@@ -6,7 +6,6 @@
 
 import { decodeCompressed } from './compress.ts';
 import { Qcow2CorruptError } from './errors.ts';
-import type { CacheEntry, MetadataCache } from './l2-cache.ts';
 
 export const L1E_OFFSET_MASK_HI = 0x00ffffff; // bits 32..55 of the offset
 export const COPIED_HI = 0x80000000;
@@ -149,21 +148,4 @@ export function parseL1(buf: Uint8Array): { offsets: number[]; copied: boolean[]
 export function encodeL1(dv: DataView, at: number, offset: number, copied: boolean): void {
   dv.setUint32(at, (Math.floor(offset / 2 ** 32) | (copied && offset ? COPIED_HI : 0)) >>> 0);
   dv.setUint32(at + 4, offset % 2 ** 32);
-}
-
-/** Pins of L2 tables held by one request, released together. */
-export class L2Pins {
-  readonly #cache: MetadataCache;
-  readonly #held: CacheEntry[] = [];
-  constructor(cache: MetadataCache) {
-    this.#cache = cache;
-  }
-  add(e: CacheEntry): CacheEntry {
-    this.#held.push(e);
-    return e;
-  }
-  release(): void {
-    for (const e of this.#held) this.#cache.unpin(e);
-    this.#held.length = 0;
-  }
 }

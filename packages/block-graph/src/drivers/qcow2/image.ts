@@ -158,6 +158,7 @@ export class Qcow2Image {
   #l1Dirty = new Set<number>();
   #l2Offsets = new Set<number>();
   #l2Cache!: MetadataCache;
+  /** @internal The refcount manager (replaced when refcounts are rebuilt). */
   refcounts!: RefcountManager;
   readonly #clusterLocks = new KeyedLocks();
   readonly #l2Locks = new KeyedLocks();
@@ -751,7 +752,6 @@ export class Qcow2Image {
         spanTo: number;
         newEntry: L2Entry;
         freeOld: { offset: number; bytes: number } | null;
-        changes: boolean;
       }
       const plans: Plan[] = [];
       let need = 0;
@@ -801,7 +801,6 @@ export class Qcow2Image {
               zero: (e.zero & ~touched) >>> 0,
             },
             freeOld: null,
-            changes: true,
           });
         } else if (!e.compressed && e.host === 0 && g.extendedL2) {
           // Fresh host cluster; only the touched subclusters are written and allocated.
@@ -823,7 +822,6 @@ export class Qcow2Image {
               sectors: 0,
             },
             freeOld: null,
-            changes: true,
           });
         } else {
           // Fresh host cluster holding the whole cluster (copy on write).
@@ -850,7 +848,6 @@ export class Qcow2Image {
               sectors: 0,
             },
             freeOld,
-            changes: true,
           });
         }
       }

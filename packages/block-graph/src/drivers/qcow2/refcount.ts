@@ -413,9 +413,4 @@ export class RefcountManager {
   get hasDirty(): boolean {
     return this.#cache.dirtyEntries().length > 0;
   }
-
-  /** Lowers the allocation hint (after frees the owner made through `update`). */
-  resetHint(): void {
-    this.#freeHint = 0;
-  }
 }
