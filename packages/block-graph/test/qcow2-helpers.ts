@@ -42,6 +42,9 @@ export class ImageFile implements Qcow2File {
   flush(): Promise<void> {
     return this.#f.fdatasync();
   }
+  discard(offset: number, length: number): Promise<void> {
+    return this.#f.fallocate('punch-hole', offset, length);
+  }
   close(): Promise<void> {
     return this.#f.close();
   }

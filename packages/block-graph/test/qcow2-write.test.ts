@@ -2,7 +2,7 @@
 // the same operations applied to a plain buffer; then `qemu-img check` must find the image
 // clean and `qemu-img compare` must find it identical to the buffer written as a raw file.
 
-import { writeFile } from 'node:fs/promises';
+import { stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { checkQcow2 } from '../src/drivers/qcow2/check.ts';
@@ -248,6 +248,30 @@ describe('qcow2 write: allocation', () => {
     expect(firstDiff(back, data)).toBe(-1);
     await img.read(back, 0);
     expect(back.every((b) => b === 0)).toBe(true);
+    await img.close();
+    await file.close();
+    expect((await run('qemu-img', ['check', path])).code).toBe(0);
+  });
+
+  it('passes discards of whole clusters down to the file (holes) once they are free', async () => {
+    const path = join(dir, 'punch.qcow2');
+    await must('qemu-img', ['create', '-f', 'qcow2', path, String(16 << 20)]);
+    const file = await ImageFile.open(path);
+    const img = await openQcow2(file, { backing: null });
+    await img.write(pattern(new Uint8Array(8 << 20), 2), 0);
+    await img.flush();
+    const full = (await stat(path)).blocks;
+    await img.discard(0, 6 << 20);
+    await img.flush();
+    expect(img.pendingFrees).toBe(0);
+    const after = (await stat(path)).blocks;
+    expect(full - after).toBeGreaterThanOrEqual(((6 << 20) / 512) * 0.9);
+    const back = new Uint8Array(8 << 20);
+    await img.read(back, 0);
+    expect(back.subarray(0, 6 << 20).every((x) => x === 0)).toBe(true);
+    expect(
+      firstDiff(back.subarray(6 << 20), pattern(new Uint8Array(8 << 20), 2).subarray(6 << 20)),
+    ).toBe(-1);
     await img.close();
     await file.close();
     expect((await run('qemu-img', ['check', path])).code).toBe(0);

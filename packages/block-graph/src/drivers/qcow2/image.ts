@@ -121,6 +121,8 @@ interface PendingFree {
   offset: number;
   bytes: number;
   gen: number;
+  /** A guest discard (or unmapping zero write) freed it: pass the discard to the file. */
+  passDown: boolean;
 }
 
 const MiB = 1024 * 1024;
@@ -353,8 +355,8 @@ export class Qcow2Image {
     return m;
   }
 
-  #free(offset: number, bytes: number): void {
-    this.#pendingFrees.push({ offset, bytes, gen: this.#gen });
+  #free(offset: number, bytes: number, passDown = false): void {
+    this.#pendingFrees.push({ offset, bytes, gen: this.#gen, passDown });
     this.#gen++;
   }
 
@@ -1410,7 +1412,7 @@ export class Qcow2Image {
             ne = { ...e, alloc: 0, zero: g.fullMask };
           } else {
             if (e.compressed) this.#free(e.host - (e.host % 512), e.sectors * 512);
-            else if (e.host !== 0) this.#free(e.host, cs);
+            else if (e.host !== 0) this.#free(e.host, cs, true);
             ne = { ...UNALLOCATED, zero: makeZero ? g.fullMask : 0 };
           }
           encodeL2(l2.data, ci % g.l2Entries, ne, g);
@@ -1496,7 +1498,18 @@ export class Qcow2Image {
         else keep.push(f);
       });
       this.#pendingFrees = keep;
-      for (const f of apply) await this.refcounts.update(f.offset, f.bytes, -1);
+      for (const f of apply) {
+        // A data cluster nothing refers to any more goes back to the file too (QEMU's
+        // pass-discard-request), before its refcount drops: until then nobody can reuse it.
+        if (
+          f.passDown &&
+          this.file.discard &&
+          (await this.refcounts.get(f.offset / this.clusterSize)) === 1
+        ) {
+          await this.file.discard(f.offset, f.bytes).catch(() => {});
+        }
+        await this.refcounts.update(f.offset, f.bytes, -1);
+      }
     });
   }
 

@@ -44,6 +44,7 @@ export function qcow2FileOf(node: BlockNode): Qcow2File {
     size: async () => node.size(),
     truncate: (size) => node.truncate(size),
     flush: () => node.flush(),
+    discard: (offset, length) => node.discard(offset, length),
   };
 }
 

@@ -11,6 +11,11 @@ export interface Qcow2File {
   size(): Promise<number>;
   truncate(size: number): Promise<void>;
   flush(): Promise<void>;
+  /**
+   * Optional: deallocates a range (punches a hole) whose content no longer matters; a
+   * failure is ignored (discarding is advisory).
+   */
+  discard?(offset: number, length: number): Promise<void>;
 }
 
 /**
