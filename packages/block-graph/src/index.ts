@@ -25,6 +25,22 @@ export type {
 } from './driver.ts';
 export { type BochsHeader, parseBochsHeader } from './drivers/bochs.ts';
 export { builtinDrivers } from './drivers/index.ts';
+export type { Qcow2CheckResult } from './drivers/qcow2/check.ts';
+export { checkQcow2 } from './drivers/qcow2/check.ts';
+export {
+  createQcow2,
+  type Qcow2CreateOptions,
+  type Qcow2CreateProgress,
+} from './drivers/qcow2/create.ts';
+export {
+  Qcow2CorruptError,
+  Qcow2Error,
+  Qcow2ErrorCode,
+  Qcow2UnsupportedError,
+} from './drivers/qcow2/errors.ts';
+export { parseHeader as parseQcow2Header, type Qcow2Header } from './drivers/qcow2/header.ts';
+export { qcow2FileOf } from './drivers/qcow2/qcow2.ts';
+export type { Qcow2File } from './drivers/qcow2/types.ts';
 export { THROTTLE_LIMIT_KEYS, ThrottleGroup } from './drivers/throttle.ts';
 export {
   BlockError,
@@ -38,6 +54,7 @@ export {
 } from './errors.ts';
 export { BlockGraph, type BlockGraphOptions, isValidNodeName, type NodeInfo } from './graph.ts';
 export { GraphLock } from './graph-lock.ts';
+export { type BlockdevCreateOptions, blockdevCreate } from './jobs/create.ts';
 export {
   BdrvChild,
   BlockNode,

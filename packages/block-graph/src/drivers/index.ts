@@ -6,6 +6,7 @@ import { bochsDriver } from './bochs.ts';
 import { copyOnReadDriver } from './copy-on-read.ts';
 import { fileDriver } from './file.ts';
 import { nullCoDriver } from './null-co.ts';
+import { qcow2Driver } from './qcow2/qcow2.ts';
 import { rawDriver } from './raw.ts';
 import { throttleDriver } from './throttle.ts';
 
@@ -14,6 +15,7 @@ export const builtinDrivers: readonly BlockDriver[] = [
   nullCoDriver,
   rawDriver,
   bochsDriver,
+  qcow2Driver,
   throttleDriver,
   copyOnReadDriver,
   blkdebugDriver,
