@@ -16,6 +16,13 @@ Usage:
       --chardev OPTIONS         a monitor socket (socket,id=ID,path=PATH,server=on,wait=off)
       --monitor OPTIONS         a QMP monitor on a chardev (chardev=ID)
       --pidfile PATH            write the process id to PATH
+  vm-disk create [-f raw|qcow2] [-o KEY=VALUE,...] [-b BACKING [-F FMT]] FILE [SIZE]
+                            make an image (qcow2 options as qemu-img's: cluster_size,
+                            compat, lazy_refcounts, extended_l2, preallocation, refcount_bits)
+  vm-disk info [--output=human|json] FILE
+                            describe an image (format, sizes, backing file, qcow2 features)
+  vm-disk map [--output=human|json] FILE
+                            where the image's data is: allocated, zero, or unallocated, by depth
   vm-disk --help | --version
 
 Logs go to stderr: JSON lines, or readable lines on a terminal (VMDISK_LOG_FORMAT=json|pretty,
@@ -41,6 +48,12 @@ export async function main(
       case 'serve': {
         const { serve } = await import('./serve.ts');
         return await serve(rest);
+      }
+      case 'create':
+      case 'info':
+      case 'map': {
+        const images = await import('./images.ts');
+        return await images[command](rest, out);
       }
       default:
         return topLevel(argv, out);

@@ -1,5 +1,6 @@
 // The QMP commands of `vm-disk serve`, with the arguments QEMU's schema gives them
 // (qapi/block-core.json, block-export.json, job.json), mapped onto the daemon.
+import { type BlockdevCreateOptions, blockdevCreate } from '@vmdisk/block-graph';
 import type { Daemon } from '../daemon.ts';
 import type { Schema } from '../options/schema.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
@@ -109,6 +110,30 @@ export function registerCommands(monitor: QmpMonitor, daemon: Daemon): void {
       ),
   });
   monitor.register({ name: 'query-block-exports', run: () => daemon.queryBlockExports() });
+  monitor.register({
+    name: 'blockdev-create',
+    args: { 'job-id': { type: 'str', required: true }, options: { type: 'any', required: true } },
+    run: (args) => {
+      const options = args.options;
+      if (
+        typeof options !== 'object' ||
+        options === null ||
+        Array.isArray(options) ||
+        typeof (options as { driver?: unknown }).driver !== 'string'
+      ) {
+        throw new QmpError('GenericError', "Parameter 'options.driver' is missing");
+      }
+      if (daemon.jobs.find(args['job-id'] as string)) {
+        throw new QmpError('GenericError', `Job ID '${args['job-id']}' already in use`);
+      }
+      blockdevCreate(
+        daemon.graph,
+        daemon.jobs,
+        args['job-id'] as string,
+        options as BlockdevCreateOptions,
+      );
+    },
+  });
   monitor.register({ name: 'query-jobs', run: () => daemon.jobs.query() });
   monitor.register({
     name: 'job-cancel',
