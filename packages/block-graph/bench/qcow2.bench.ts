@@ -5,6 +5,7 @@
 // use the same offsets, a step of 7919 blocks so that they scatter over the image. Both
 // use the page cache (qemu: -t writeback) and the same I/O backend (qemu: -i io_uring when
 // our engine uses io_uring, else threads). Target: ours >= 0.8x qemu-img bench.
+// Each workload runs BENCH_ROUNDS times (default 5), alternating; medians are shown.
 // Run: node bench/qcow2.bench.ts (BENCH_COUNT=requests for the 4 KiB runs).
 
 import { execFileSync } from 'node:child_process';
@@ -18,8 +19,10 @@ import { BlockGraph } from '../src/index.ts';
 const SIZE = 64 * 1024 * 1024;
 const QD = 32;
 const COUNT = Number(process.env.BENCH_COUNT ?? 100_000);
-const SEQ_COUNT = 64;
+const SEQ_COUNT = 256;
+const SEQ_SIZE = 256 * 1024 * 1024;
 const TARGET = 0.8;
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
 
 const dir = mkdtempSync(join(tmpdir(), 'qcow2-bench-'));
 const engine = await sharedEngine('auto');
@@ -55,6 +58,7 @@ async function ours(
   bs: number,
   step: number,
   write: boolean,
+  size = SIZE,
 ): Promise<number> {
   const g = new BlockGraph({ drivers: [qcow2Driver] });
   await g.add({
@@ -72,7 +76,7 @@ async function ours(
       for (;;) {
         const i = next++;
         if (i >= count) return;
-        const off = (i * step) % SIZE;
+        const off = (i * step) % size;
         if (write) await b.write(off, buf);
         else await b.read(off, buf);
       }
@@ -87,9 +91,9 @@ async function ours(
   return count / secs;
 }
 
-function image(name: string, fill: boolean): string {
+function image(name: string, fill: boolean, size = SIZE): string {
   const p = join(dir, name);
-  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', p, String(SIZE)]);
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', p, String(size)]);
   if (fill)
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 1 0 ${SIZE}`, p], { stdio: 'ignore' });
   return p;
@@ -97,32 +101,62 @@ function image(name: string, fill: boolean): string {
 
 try {
   const rows: Array<[string, number, number, number]> = [];
+  const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]!;
+  // Each workload ROUNDS times, ours and qemu alternating; the medians are reported (the
+  // machine is shared: single runs swing by 2x).
+  const measure = async (
+    name: string,
+    bs: number,
+    runOurs: (round: number) => Promise<number>,
+    runQemu: (round: number) => number,
+  ) => {
+    const o: number[] = [];
+    const q: number[] = [];
+    for (let round = 0; round < ROUNDS; round++) {
+      if (round % 2 === 0) {
+        o.push(await runOurs(round));
+        q.push(runQemu(round));
+      } else {
+        q.push(runQemu(round));
+        o.push(await runOurs(round));
+      }
+    }
+    rows.push([name, median(o), median(q), bs]);
+  };
   const filled = image('filled.qcow2', true);
   const step4k = 4096 * 7919;
   // Warm-up (JIT, caches).
   await ours(filled, 5000, 4096, step4k, false);
-  rows.push([
+  await measure(
     '4 KiB read, QD 32',
-    await ours(filled, COUNT, 4096, step4k, false),
-    qemuBench(filled, COUNT, 4096, step4k, false),
     4096,
-  ]);
-  rows.push([
+    () => ours(filled, COUNT, 4096, step4k, false),
+    () => qemuBench(filled, COUNT, 4096, step4k, false),
+  );
+  await measure(
     '4 KiB write (allocated), QD 32',
-    await ours(filled, COUNT, 4096, step4k, true),
-    qemuBench(filled, COUNT, 4096, step4k, true),
     4096,
-  ]);
-  const freshOurs = image('fresh-ours.qcow2', false);
-  const freshQemu = image('fresh-qemu.qcow2', false);
-  rows.push([
+    () => ours(filled, COUNT, 4096, step4k, true),
+    () => qemuBench(filled, COUNT, 4096, step4k, true),
+  );
+  await measure(
     '1 MiB sequential write (allocating)',
-    await ours(freshOurs, SEQ_COUNT, 1 << 20, 1 << 20, true),
-    qemuBench(freshQemu, SEQ_COUNT, 1 << 20, 1 << 20, true),
     1 << 20,
-  ]);
+    (round) => {
+      const p = image(`fresh-ours-${round}.qcow2`, false, SEQ_SIZE);
+      return ours(p, SEQ_COUNT, 1 << 20, 1 << 20, true, SEQ_SIZE).finally(() => rmSync(p));
+    },
+    (round) => {
+      const p = image(`fresh-qemu-${round}.qcow2`, false, SEQ_SIZE);
+      try {
+        return qemuBench(p, SEQ_COUNT, 1 << 20, 1 << 20, true);
+      } finally {
+        rmSync(p);
+      }
+    },
+  );
   console.log(
-    `qcow2 (64 KiB clusters, ${SIZE >> 20} MiB image), engine backend ${engine.backend}, qemu-img bench -i ${aio} -t writeback`,
+    `qcow2 (64 KiB clusters, ${SIZE >> 20} MiB image; ${SEQ_SIZE >> 20} MiB for the sequential write), medians of ${ROUNDS} runs, engine backend ${engine.backend}, qemu-img bench -i ${aio} -t writeback`,
   );
   console.log(
     `${'workload'.padEnd(38)} ${'ours IOPS'.padStart(10)} ${'qemu IOPS'.padStart(10)} ${'ours MiB/s'.padStart(11)} ${'qemu MiB/s'.padStart(11)} ratio`,

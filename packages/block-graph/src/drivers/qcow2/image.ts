@@ -926,6 +926,89 @@ export class Qcow2Image {
   // ---- map-style access (for the graph adapter) ----------------------------------------------
 
   /**
+   * mapRead answered synchronously from the cache: null when the L2 table is not cached
+   * (then use mapRead). Precondition as mapRead.
+   */
+  mapReadCached(offset: number, length: number): Qcow2ReadMapping | null {
+    if (this.#closed) return null;
+    const g = this.geom;
+    const l1i = Math.floor(offset / g.l2Span);
+    const l2off = this.#l1[l1i] ?? 0;
+    const l2 = l2off === 0 ? null : this.#l2Cache.peek(l2off);
+    if (l2off !== 0 && !l2) return null;
+    const end = Math.min(offset + length, (l1i + 1) * g.l2Span);
+    const out: Segment[] = [];
+    try {
+      for (let pos = offset; pos < end && out.length < 2; ) {
+        const ci = Math.floor(pos / g.clusterSize);
+        const cEnd = Math.min(end, (ci + 1) * g.clusterSize);
+        this.#segmentsOf(
+          this.#entryAt(l2 ?? null, ci),
+          ci,
+          pos - ci * g.clusterSize,
+          cEnd - ci * g.clusterSize,
+          out,
+        );
+        pos = cEnd;
+      }
+    } catch {
+      return null; // a corrupt entry: the asynchronous path reports it
+    }
+    const s0 = out[0]!;
+    switch (s0.kind) {
+      case 'data':
+        return { length: s0.length, kind: 'data', host: s0.host };
+      case 'zero':
+        return { length: s0.length, kind: 'zero' };
+      case 'backing':
+        return { length: s0.length, kind: 'unallocated' };
+      default:
+        return { length: s0.length, kind: 'compressed' };
+    }
+  }
+
+  /**
+   * mapWrite answered synchronously when the range starts in clusters that are written in
+   * place (L2 table cached, allocated, refcount one); null otherwise (then use mapWrite).
+   * Precondition as mapWrite.
+   */
+  mapWriteCached(offset: number, length: number): Qcow2WriteMapping | null {
+    if (this.#closed || this.readOnly || this.#corrupt) return null;
+    const g = this.geom;
+    const cs = g.clusterSize;
+    const l1i = Math.floor(offset / g.l2Span);
+    const l2off = this.#l1[l1i] ?? 0;
+    const l2 = l2off === 0 ? null : this.#l2Cache.peek(l2off);
+    if (!l2) return null;
+    const end = Math.min(offset + length, (l1i + 1) * g.l2Span);
+    let host = -1;
+    let pos = offset;
+    try {
+      while (pos < end) {
+        const ci = Math.floor(pos / cs);
+        const e = this.#entryAt(l2, ci);
+        const from = pos - ci * cs;
+        const to = Math.min(end, (ci + 1) * cs) - ci * cs;
+        if (!this.#inPlace(e, from, to)) break;
+        if (host >= 0 && e.host + from !== host + (pos - offset)) break;
+        if (this.#isMetadata(e.host)) return null; // the asynchronous path reports it
+        if (host < 0) host = e.host + from;
+        pos = ci * cs + to;
+      }
+    } catch {
+      return null;
+    }
+    if (pos === offset) return null;
+    const gen = this.#enter();
+    const done = async () => this.#leave(gen);
+    return {
+      length: pos - offset,
+      host,
+      allocation: { start: offset, end: pos, from: 'zero', commit: done, abort: done },
+    };
+  }
+
+  /**
    * Where guest [offset, offset + length) lives, from offset on (one answer, stopping where
    * the kind or host contiguity changes or at an L2 table boundary). Precondition: within
    * the disk, length > 0.

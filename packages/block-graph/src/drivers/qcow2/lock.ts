@@ -9,6 +9,13 @@ export class Mutex {
     return this.#locked;
   }
 
+  /** Takes the lock if it is free (synchronously); false when it is not. */
+  tryLock(): boolean {
+    if (this.#locked) return false;
+    this.#locked = true;
+    return true;
+  }
+
   async lock(): Promise<void> {
     if (!this.#locked) {
       this.#locked = true;
@@ -54,9 +61,22 @@ export class KeyedLocks {
     if (--l.holders === 0) this.#locks.delete(key);
   }
 
-  /** Locks every key (sorted ascending, so that two callers never deadlock). */
+  /** Takes the lock of `key` if it is free (synchronously); false when it is not. */
+  tryLock(key: number): boolean {
+    const l = this.#locks.get(key);
+    if (l) return false;
+    const m = new Mutex();
+    m.tryLock();
+    this.#locks.set(key, { holders: 1, mutex: m });
+    return true;
+  }
+
+  /**
+   * Locks every key. Precondition: `keys` ascending (so that two callers never deadlock).
+   * Free locks are taken without waiting.
+   */
   async lockAll(keys: number[]): Promise<void> {
-    for (const k of keys) await this.lock(k);
+    for (const k of keys) if (!this.tryLock(k)) await this.lock(k);
   }
 
   unlockAll(keys: number[]): void {

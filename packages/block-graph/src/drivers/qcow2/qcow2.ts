@@ -23,7 +23,12 @@ import { BlockError, BlockOptionError } from '../../errors.ts';
 import type { BdrvChild, BlockNode } from '../../node.ts';
 import { Qcow2ErrorCode } from './errors.ts';
 import { Incompat } from './header.ts';
-import { openQcow2, type Qcow2Image } from './image.ts';
+import {
+  openQcow2,
+  type Qcow2Image,
+  type Qcow2ReadMapping,
+  type Qcow2WriteMapping,
+} from './image.ts';
 import type { Qcow2BackingReader, Qcow2File } from './types.ts';
 
 /**
@@ -92,18 +97,29 @@ class Qcow2Instance implements FormatInstance {
     return this.image.virtualSize;
   }
 
-  async map(offset: number, length: number, intent: 'read' | 'write'): Promise<Mapping> {
+  map(offset: number, length: number, intent: 'read' | 'write'): Mapping | Promise<Mapping> {
+    // Synchronous answers from the cached L2 tables where possible (no await per request).
     if (intent === 'write') {
-      const w = await this.image.mapWrite(offset, length);
-      return {
-        length: w.length,
-        kind: 'data',
-        child: this.#file,
-        offset: w.host,
-        allocation: w.allocation,
-      };
+      const w = this.image.mapWriteCached(offset, length);
+      if (w) return this.#writeMapping(w);
+      return this.image.mapWrite(offset, length).then((m) => this.#writeMapping(m));
     }
-    const m = await this.image.mapRead(offset, length);
+    const m = this.image.mapReadCached(offset, length);
+    if (m) return this.#readMapping(m, offset);
+    return this.image.mapRead(offset, length).then((x) => this.#readMapping(x, offset));
+  }
+
+  #writeMapping(w: Qcow2WriteMapping): Mapping {
+    return {
+      length: w.length,
+      kind: 'data',
+      child: this.#file,
+      offset: w.host,
+      allocation: w.allocation,
+    };
+  }
+
+  #readMapping(m: Qcow2ReadMapping, offset: number): Mapping {
     switch (m.kind) {
       case 'data':
         return { length: m.length, kind: 'data', child: this.#file, offset: m.host! };

@@ -250,6 +250,35 @@ export class RefcountManager {
     }
   }
 
+  /** #change for `n` clusters from `start`, one block lookup per block. */
+  async #changeRun(start: number, n: number, delta: number): Promise<void> {
+    let ci = start;
+    while (ci < start + n) {
+      const t = Math.floor(ci / this.perBlock);
+      const block = this.table[t] ?? 0;
+      if (block === 0) {
+        await this.#change(ci, delta); // reports the missing block
+        ci++;
+        continue;
+      }
+      const e = await this.#cache.get(block);
+      try {
+        const end = Math.min(start + n, (t + 1) * this.perBlock);
+        for (; ci < end; ci++) {
+          const i = ci % this.perBlock;
+          const v = getRefcount(e.data, i, this.order) + delta;
+          if (v < 0) throw new Qcow2CorruptError(`refcount of cluster ${ci} would go below zero`);
+          if (v > this.max) throw new RefcountOverflowError(ci, this.max);
+          setRefcount(e.data, i, this.order, v);
+          if (v === 0 && ci < this.#freeHint) this.#freeHint = ci;
+        }
+        this.#cache.markDirty(e);
+      } finally {
+        this.#cache.unpin(e);
+      }
+    }
+  }
+
   async #allocate(n: number): Promise<number> {
     for (;;) {
       const start = await this.#findFree(n);
@@ -262,7 +291,7 @@ export class RefcountManager {
         }
       }
       if (!covered) continue; // new metadata took space: search again
-      for (let ci = start; ci < start + n; ci++) await this.#change(ci, 1);
+      await this.#changeRun(start, n, 1);
       this.#freeHint = start + n;
       return start * this.clusterSize;
     }
