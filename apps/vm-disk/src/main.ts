@@ -7,6 +7,10 @@ export function usage(): string {
   return `vm-disk ${VERSION}: the storage side of a virtual machine, in TypeScript on Node.js.
 
 Usage:
+  vm-disk demo [--dir DIR] [--port N]
+                            the built-in default: make a base image and a qcow2 overlay
+                            (once) in DIR (.vm-disk/demo) and serve the overlay over NBD on
+                            127.0.0.1:10809 with a QMP monitor
   vm-disk serve [options]   serve disk images over NBD, with a QMP monitor; takes
                             qemu-storage-daemon's options:
       --blockdev OPTIONS        add a block node (JSON or key=value,...)
@@ -48,6 +52,10 @@ export async function main(
       case 'serve': {
         const { serve } = await import('./serve.ts');
         return await serve(rest);
+      }
+      case 'demo': {
+        const { demo } = await import('./demo.ts');
+        return await demo(rest, out);
       }
       case 'create':
       case 'info':

@@ -9,7 +9,11 @@ export async function serve(
   log: Logger = createLogger(),
 ): Promise<number> {
   const config = parseServeOptions(argv);
-  const daemon = await Daemon.start(config, log);
+  return serveUntilStopped(await Daemon.start(config, log), log);
+}
+
+/** Runs a started daemon until `quit`, SIGINT or SIGTERM; resolves to the exit status. */
+export async function serveUntilStopped(daemon: Daemon, log: Logger): Promise<number> {
   const onSignal = (signal: NodeJS.Signals) => {
     log.info({ event: 'signal', signal }, `received ${signal}`);
     void daemon.stop();
