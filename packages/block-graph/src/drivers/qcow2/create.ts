@@ -90,7 +90,7 @@ export async function createQcow2(
   const l1Size = l1EntriesFor(size, clusterBits, extendedL2);
   if (l1Size * 8 > MAX_L1_BYTES)
     throw badOption(`image size ${size} too large for cluster size ${cs}`);
-  const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / cs));
+  const l1Clusters = Math.ceil((l1Size * 8) / cs); // none for an empty disk: nothing would refer to it
   const nL2 = prealloc === 'off' ? 0 : l1Size;
   const nData = prealloc === 'off' ? 0 : Math.ceil(size / cs);
   const perBlock = (cs * 8) >> refcountOrder;
