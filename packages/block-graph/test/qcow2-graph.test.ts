@@ -150,6 +150,47 @@ describe('qcow2 in the block graph', () => {
     await g.close();
   });
 
+  it('many concurrent partial writes into the same unallocated clusters over a backing file', async () => {
+    const base = join(dir, 'cc-base.img');
+    const basePattern = pattern(new Uint8Array(1 << 20), 77);
+    await writeFile(base, basePattern);
+    const top = join(dir, 'cc-top.qcow2');
+    await must('qemu-img', [
+      'create',
+      '-f',
+      'qcow2',
+      '-o',
+      'cluster_size=16k',
+      '-b',
+      base,
+      '-F',
+      'raw',
+      top,
+      '1M',
+    ]);
+    const g = await openNode({ driver: 'qcow2', file: { driver: 'file', filename: top } });
+    const b = await g.createBackend('disk', { write: true });
+    const model = basePattern.slice();
+    const ops: Promise<void>[] = [];
+    for (let i = 0; i < 64; i++) {
+      const off = ((i * 29) % 64) * 1000 + 7; // 64 KiB: four clusters, 16 writes each
+      const d = pattern(new Uint8Array(900), i + 1);
+      model.set(d, off);
+      ops.push(b.write(off, d));
+    }
+    await Promise.all(ops);
+    const got = new Uint8Array(1 << 20);
+    await b.read(0, got);
+    expect(firstDiff(got, model)).toBe(-1);
+    await b.close();
+    await g.close();
+    expect((await run('qemu-img', ['check', top])).code).toBe(0);
+    const rawPath = join(dir, 'cc.raw');
+    await writeFile(rawPath, model);
+    const cmp = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', top, rawPath]);
+    expect(cmp.stdout).toContain('Images are identical');
+  });
+
   it("'backing': null opens without the backing file", async () => {
     const base = join(dir, 'nb-base.qcow2');
     const top = join(dir, 'nb-top.qcow2');
