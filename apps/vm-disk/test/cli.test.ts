@@ -9,7 +9,7 @@ const cli = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
 describe('the built vm-disk bin', () => {
   it('prints its help and exits 0', async () => {
     const { stdout } = await run(process.execPath, [cli, '--help']);
-    expect(stdout).toMatch(/^Usage:\n {2}vm-disk serve/m);
+    expect(stdout).toMatch(/^Usage:\n {2}vm-disk demo/m);
     expect(stdout).toContain('@vmdisk/engine');
   });
 

@@ -28,7 +28,8 @@ interface ChildResult {
 function runChild(script: string, env: Record<string, string> = {}): Promise<ChildResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
-      env: { ...process.env, ...env },
+      // No colours in the child's console.log, whatever the runner set (nx sets FORCE_COLOR).
+      env: { ...process.env, FORCE_COLOR: '0', NO_COLOR: '1', ...env },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let stdout = '';
