@@ -5,7 +5,7 @@
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { readHeader } from '../src/drivers/qcow2/check.ts';
+import { checkQcow2, readHeader } from '../src/drivers/qcow2/check.ts';
 import { createQcow2 } from '../src/drivers/qcow2/create.ts';
 import { ExtType, serializeHeader } from '../src/drivers/qcow2/header.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
@@ -102,6 +102,60 @@ describe('qcow2 header', () => {
     await f2.close();
     const check = await run('qemu-img', ['check', path]);
     expect(check.stdout).toContain('No errors were found');
+  });
+
+  it('checks images with internal snapshots (their tables counted) and reads them read-only', async () => {
+    const path = join(dir, 'snap.qcow2');
+    await must('qemu-img', ['create', '-f', 'qcow2', path, '4M']);
+    await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 1M', path]);
+    await must('qemu-img', ['snapshot', '-c', 'one', path]);
+    await must('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      'write -P 2 64k 64k',
+      '-c',
+      'write -P 3 3M 4k',
+      path,
+    ]);
+    await must('qemu-img', ['snapshot', '-c', 'two', path]);
+    await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 4 0 4k', path]);
+    expect((await run('qemu-img', ['check', path])).code).toBe(0);
+    const f = await ImageFile.open(path, { readOnly: true });
+    const img = await openQcow2(f, { backing: null, readOnly: true });
+    const c = await img.check();
+    expect(c.messages).toEqual([]);
+    expect(c.notChecked).toEqual([]);
+    const b = new Uint8Array(8192);
+    await img.read(b, 0);
+    expect(b.subarray(0, 4096).every((x) => x === 4)).toBe(true);
+    expect(b.subarray(4096).every((x) => x === 1)).toBe(true);
+    await img.close();
+    // A snapshot's data cluster counted once too few is a corruption for us and for qemu-img.
+    const h = await readHeader(f);
+    await f.close();
+    const raw = await ImageFile.open(path);
+    const rt = new Uint8Array(8);
+    await raw.read(rt, h.refcountTableOffset);
+    const block = Number(new DataView(rt.buffer).getBigUint64(0));
+    const shared = new Uint8Array(2);
+    // Cluster 0 of the guest is in snapshot 'one' (shared with 'two'): find its host cluster.
+    const snapL1 = new Uint8Array(8);
+    const fixed = new Uint8Array(12);
+    await raw.read(fixed, h.snapshotsOffset);
+    await raw.read(snapL1, Number(new DataView(fixed.buffer).getBigUint64(0)));
+    const l2off = Number(new DataView(snapL1.buffer).getBigUint64(0) & ((1n << 56n) - 512n));
+    const e = new Uint8Array(8);
+    await raw.read(e, l2off + 16); // guest cluster 2: written before 'one', never since
+    const host = Number(new DataView(e.buffer).getBigUint64(0) & ((1n << 56n) - 512n));
+    await raw.read(shared, block + 2 * (host / 65536));
+    const rc = (shared[0]! << 8) | shared[1]!;
+    expect(rc).toBe(3); // active + two snapshots
+    await raw.write(Uint8Array.of(0, 2), block + 2 * (host / 65536));
+    const c2 = await checkQcow2(raw);
+    await raw.close();
+    expect(c2.corruptions).toBeGreaterThan(0);
+    expect((await run('qemu-img', ['check', path])).code).toBe(2);
   });
 
   it('creates preallocated extended-L2 images over a backing file that still read through', async () => {
