@@ -1394,9 +1394,12 @@ export class Qcow2Image {
   }
 
   /**
-   * Discards [offset, offset + length): whole clusters (whole subclusters with extended L2)
-   * are freed and read as zeros afterwards (v2 with a backing file: from the backing file);
-   * parts of clusters are left unchanged. Precondition: within the disk.
+   * Discards [offset, offset + length): whole clusters in it are freed (their refcount
+   * drops once the change is on disk; the file gets the discard too) and read as zeros
+   * afterwards, except on v2 images over a backing file, where they read from it again.
+   * With extended L2, whole subclusters of the other clusters read as zeros (their host
+   * cluster stays). The rest is left unchanged (discard is advisory). Precondition: within
+   * the disk.
    */
   async discard(offset: number, length: number): Promise<void> {
     this.#checkWritable();
