@@ -149,3 +149,20 @@ export function encodeL1(dv: DataView, at: number, offset: number, copied: boole
   dv.setUint32(at, (Math.floor(offset / 2 ** 32) | (copied && offset ? COPIED_HI : 0)) >>> 0);
   dv.setUint32(at + 4, offset % 2 ** 32);
 }
+
+/** Writes a compressed cluster descriptor (bit 62 set; extended L2: no subcluster bits). */
+export function encodeL2Compressed(
+  t: Uint8Array,
+  i: number,
+  hi: number,
+  lo: number,
+  g: Geometry,
+): void {
+  const dv = new DataView(t.buffer, t.byteOffset + i * g.entryBytes, g.entryBytes);
+  dv.setUint32(0, hi >>> 0);
+  dv.setUint32(4, lo >>> 0);
+  if (g.extendedL2) {
+    dv.setUint32(8, 0);
+    dv.setUint32(12, 0);
+  }
+}

@@ -24,12 +24,13 @@ import {
   decodeL2,
   encodeL1,
   encodeL2,
+  encodeL2Compressed,
   Geometry,
   type L2Entry,
   parseL1,
   UNALLOCATED,
 } from './cluster-map.ts';
-import { decompressCluster } from './compress.ts';
+import { compressCluster, decompressCluster, encodeCompressed } from './compress.ts';
 import {
   badOption,
   Qcow2CorruptError,
@@ -166,6 +167,10 @@ export class Qcow2Image {
   readonly #l2Locks = new KeyedLocks();
   readonly #flushMutex = new Mutex();
   readonly #headerMutex = new Mutex();
+  /** Serialises byte allocation for compressed clusters with the return of freed clusters. */
+  readonly #bytesMutex = new Mutex();
+  /** Where the next compressed cluster may go: the rest of a host cluster already in use. */
+  #byteTail: { offset: number; end: number } | null = null;
   #pendingFrees: PendingFree[] = [];
   #gen = 0;
   readonly #active = new Map<number, number>();
@@ -923,6 +928,80 @@ export class Qcow2Image {
     }
   }
 
+  // ---- compressed writes -------------------------------------------------------------------
+
+  /**
+   * Writes one guest cluster compressed (as `qemu-img convert -c` does): `data` is the
+   * whole cluster (the last one of the disk may be shorter: it is padded with zeros). Data
+   * that does not compress below a cluster is written as a normal cluster. Compressed data
+   * is packed byte by byte into host clusters shared with other compressed clusters.
+   * Precondition: `offset` cluster aligned, within the disk.
+   */
+  async writeCompressed(data: Uint8Array, offset: number): Promise<void> {
+    this.#checkWritable();
+    const cs = this.clusterSize;
+    let full = data;
+    if (data.length < cs) {
+      full = new Uint8Array(cs);
+      full.set(data);
+    }
+    const packed = compressCluster(this.header.compressionType, full);
+    if (packed.length >= cs - 512) {
+      await this.write(data, offset);
+      return;
+    }
+    const g = this.#enter();
+    const ci = Math.floor(offset / cs);
+    const l1i = Math.floor(offset / this.geom.l2Span);
+    await this.#clusterLocks.lockAll([ci]);
+    try {
+      await this.#beforeMetadataChange();
+      const l2 = await this.#getOrCreateL2(l1i);
+      try {
+        const e = this.#entryAt(l2, ci);
+        const host = await this.#allocBytes(packed.length);
+        await this.file.write(packed, host);
+        const sectors = Math.ceil(((host % 512) + packed.length) / 512);
+        const [hi, lo] = encodeCompressed(host, sectors, this.geom.clusterBits);
+        encodeL2Compressed(l2.data, ci % this.geom.l2Entries, hi, lo, this.geom);
+        this.#l2Cache.markDirty(l2);
+        if (e.compressed) this.#free(e.host - (e.host % 512), e.sectors * 512);
+        else if (e.host !== 0) this.#free(e.host, cs);
+      } finally {
+        this.#l2Cache.unpin(l2);
+      }
+    } finally {
+      this.#clusterLocks.unlockAll([ci]);
+      this.#leave(g);
+    }
+  }
+
+  /** Host bytes for compressed data, each host cluster they touch counted once more. */
+  async #allocBytes(size: number): Promise<number> {
+    const cs = this.clusterSize;
+    return this.#bytesMutex.run(async () => {
+      const t = this.#byteTail;
+      if (t && t.end - t.offset >= size) {
+        const clusterStart = t.offset - (t.offset % cs);
+        try {
+          await this.refcounts.update(clusterStart, 1, 1);
+          const at = t.offset;
+          t.offset += size;
+          return at;
+        } catch (err) {
+          if (!(err instanceof Qcow2Error) || err.code !== Qcow2ErrorCode.REFCOUNT_OVERFLOW)
+            throw err;
+          // refcount_bits too small to share the cluster: start a new one.
+        }
+      }
+      const n = Math.ceil(size / cs);
+      const base = await this.#allocData(n);
+      const end = base + n * cs;
+      this.#byteTail = base + size < end ? { offset: base + size, end } : null;
+      return base;
+    });
+  }
+
   // ---- map-style access (for the graph adapter) ----------------------------------------------
 
   /**
@@ -1584,6 +1663,17 @@ export class Qcow2Image {
         else keep.push(f);
       });
       this.#pendingFrees = keep;
+      if (apply.length > 0) await this.#bytesMutex.lock();
+      try {
+        for (const f of apply) {
+          // The cluster compressed data is being packed into may become free: stop packing.
+          const t = this.#byteTail;
+          const tailCluster = t ? t.offset - (t.offset % this.clusterSize) : 0;
+          if (t && f.offset < t.end && f.offset + f.bytes > tailCluster) this.#byteTail = null;
+        }
+      } finally {
+        if (apply.length > 0) this.#bytesMutex.unlock();
+      }
       for (const f of apply) {
         // A data cluster nothing refers to any more goes back to the file too (QEMU's
         // pass-discard-request), before its refcount drops: until then nobody can reuse it.
