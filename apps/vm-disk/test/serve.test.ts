@@ -81,6 +81,14 @@ describe('vm-disk serve', () => {
     expect(read).not.toMatch(/Pattern verification failed/);
     const info = JSON.parse(await run('qemu-img', ['info', '--output=json', uri]));
     expect(info['virtual-size']).toBe(8 << 20);
+    // NBD_CMD_BLOCK_STATUS looks for the file's holes (reads skip that lookup).
+    const map = JSON.parse(await run('nbdinfo', ['--map', '--json', uri])) as {
+      offset: number;
+      length: number;
+      type: number;
+    }[];
+    expect(map.find((e) => e.offset <= 1 << 20 && e.offset + e.length > 1 << 20)?.type).toBe(0);
+    expect(map.find((e) => e.offset <= 4 << 20 && e.offset + e.length > 4 << 20)?.type).toBe(3);
     expect(await p.stop('SIGTERM')).toBe(0);
     expect(existsSync(pidfile)).toBe(false);
     const copy = join(dir, 'copy.raw');

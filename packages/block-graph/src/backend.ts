@@ -235,8 +235,17 @@ export class BlockBackend implements ChildParent {
     }
   }
 
-  /** Block status from offset: extents in order, merged, covering at least one byte. */
-  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+  /**
+   * Block status from offset: extents in order, merged, covering at least one byte. With
+   * `wantZero: false` only allocation is wanted: protocol nodes report data without
+   * looking for holes (QEMU's want_zero).
+   */
+  async blockStatus(
+    offset: number,
+    length: number,
+    options: { wantZero?: boolean } = {},
+  ): Promise<Extent[]> {
+    const wantZero = options.wantZero ?? true;
     const lock = this.graph.lock;
     if (!lock.tryRead()) await lock.read();
     try {
@@ -244,7 +253,7 @@ export class BlockBackend implements ChildParent {
       const out: Extent[] = [];
       let pos = 0;
       while (pos < length && out.length < this.maxExtents) {
-        const s = await node.blockStatus(offset + pos, length - pos);
+        const s = await node.blockStatus(offset + pos, length - pos, wantZero);
         const last = out[out.length - 1];
         if (last && last.hole === s.hole && last.zero === s.zero && last.depth === s.depth) {
           last.length += s.length;

@@ -728,21 +728,25 @@ export class BlockNode implements ChildParent {
 
   // ---------------------------------------------------------------- block status
 
-  /** Status of [offset, offset + length) from offset on (one extent, at least one byte). */
-  async blockStatus(offset: number, length: number): Promise<Status> {
+  /**
+   * Status of [offset, offset + length) from offset on (one extent, at least one byte).
+   * wantZero false: allocation is enough, so protocol nodes answer data without asking
+   * their driver (QEMU's want_zero).
+   */
+  async blockStatus(offset: number, length: number, wantZero = true): Promise<Status> {
     const size = this.instance.size();
     const err = checkRequest(this.name, offset, length, size);
     if (err) throw err;
     if (length === 0) throw outOfBounds(this.name, offset, length, size);
     const inst = this.instance;
     if (inst.kind === 'protocol') {
-      if (!inst.blockStatus) return { length, hole: false, zero: false, depth: 1 };
+      if (!inst.blockStatus || !wantZero) return { length, hole: false, zero: false, depth: 1 };
       const s = await this.wrap(inst.blockStatus(offset, length));
       return { length: clampLength(s.length, length), hole: s.hole, zero: s.zero, depth: 1 };
     }
     if (inst.kind === 'filter') {
       if (inst.intercept) await inst.intercept({ op: 'block-status', offset, length });
-      return inst.child.node.blockStatus(offset, length);
+      return inst.child.node.blockStatus(offset, length, wantZero);
     }
     const m = await inst.map(offset, length, 'read');
     const len = this.mappingLength(m, length);
@@ -752,7 +756,7 @@ export class BlockNode implements ChildParent {
       const childSize = child.size();
       if (m.offset! >= childSize)
         return { length: len, hole: !!m.passthrough, zero: true, depth: 1 };
-      const s = await child.blockStatus(m.offset!, Math.min(len, childSize - m.offset!));
+      const s = await child.blockStatus(m.offset!, Math.min(len, childSize - m.offset!), wantZero);
       if (m.passthrough) return { length: s.length, hole: s.hole, zero: s.zero, depth: 1 };
       return { length: s.length, hole: false, zero: s.zero, depth: 1 };
     }
@@ -760,7 +764,7 @@ export class BlockNode implements ChildParent {
     if (!backing) return { length: len, hole: true, zero: true, depth: 0 };
     const bsize = backing.node.size();
     if (offset >= bsize) return { length: len, hole: true, zero: true, depth: 0 };
-    const s = await backing.node.blockStatus(offset, Math.min(len, bsize - offset));
+    const s = await backing.node.blockStatus(offset, Math.min(len, bsize - offset), wantZero);
     return { length: s.length, hole: s.hole, zero: s.zero, depth: s.depth === 0 ? 0 : s.depth + 1 };
   }
 

@@ -1098,7 +1098,8 @@ export class Connection {
     const end = offset + length;
     while (pos < end) {
       const want = Math.min(max, end - pos);
-      const got = t.blockStatus ? await t.blockStatus(pos, want) : [];
+      // Only holes that are cheap to know are worth skipping in a READ.
+      const got = t.blockStatus ? await t.blockStatus(pos, want, { wantZero: false }) : [];
       let covered = 0;
       for (const e of got) {
         const n = Math.min(e.length, want - covered);

@@ -37,6 +37,16 @@ export interface Extent {
   depth?: number;
 }
 
+export interface BlockStatusOptions {
+  /**
+   * QEMU's want_zero. true (the default): the caller wants to know exactly which ranges
+   * read as zeros (NBD_CMD_BLOCK_STATUS). false: only what is cheap to know is wanted (a
+   * sparse READ looking for holes to skip): a target may report plain data where finding
+   * out would cost a system call, e.g. a file's holes behind SEEK_DATA.
+   */
+  wantZero?: boolean;
+}
+
 export interface BlockSizeConstraints {
   minimum: number;
   preferred: number;
@@ -57,7 +67,7 @@ export interface ExportTarget {
   /** Writes zeros, by deallocating where allowed and cheap. */
   writeZeroes?(offset: number, length: number, flags: WriteZeroesFlags): Promise<void>;
   /** The allocation status of a range: extents from `offset`, covering at least one byte. */
-  blockStatus?(offset: number, length: number): Promise<Extent[]>;
+  blockStatus?(offset: number, length: number, options?: BlockStatusOptions): Promise<Extent[]>;
   /** Prefetches a range into whatever cache the target has. */
   cache?(offset: number, length: number): Promise<void>;
   /**

@@ -23,6 +23,7 @@ export {
 } from './errors.ts';
 export type {
   BlockSizeConstraints,
+  BlockStatusOptions,
   ExportTarget,
   Extent,
   WriteFlags,

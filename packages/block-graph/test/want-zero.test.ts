@@ -1,0 +1,64 @@
+// Block status with and without want_zero: a file's holes are looked up (SEEK_DATA) only
+// when zeros are wanted exactly; a format's own zero clusters are reported either way.
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { BlockGraph } from '../src/index.ts';
+
+let dir: string;
+let graph: BlockGraph;
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'vmdisk-want-zero-'));
+  graph = new BlockGraph();
+});
+afterEach(async () => {
+  await graph.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('blockStatus wantZero', () => {
+  it('raw over a sparse file: holes with wantZero, plain data without', async () => {
+    const path = join(dir, 'sparse.raw');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'raw', path, '4M']);
+    execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 1 1M 64k', path]);
+    await graph.add({ driver: 'raw', 'node-name': 'd0', file: { driver: 'file', filename: path } });
+    const disk = await graph.createBackend('d0');
+    // (qemu-img create allocates the first 4 KiB of a raw file.)
+    expect(await disk.blockStatus(0, 4 << 20)).toEqual([
+      { length: 4096, hole: false, zero: false, depth: 1 },
+      { length: (1 << 20) - 4096, hole: true, zero: true, depth: 1 },
+      { length: 64 << 10, hole: false, zero: false, depth: 1 },
+      { length: (3 << 20) - (64 << 10), hole: true, zero: true, depth: 1 },
+    ]);
+    expect(await disk.blockStatus(0, 4 << 20, { wantZero: false })).toEqual([
+      { length: 4 << 20, hole: false, zero: false, depth: 1 },
+    ]);
+    await disk.close();
+  });
+
+  it('qcow2: zero and unallocated clusters are reported without wantZero too', async () => {
+    const path = join(dir, 'img.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', path, '4M']);
+    execFileSync('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      'write -P 1 0 64k',
+      '-c',
+      'write -z 1M 64k',
+      path,
+    ]);
+    await graph.add({
+      driver: 'qcow2',
+      'node-name': 'd0',
+      file: { driver: 'file', filename: path },
+    });
+    const disk = await graph.createBackend('d0');
+    const cheap = await disk.blockStatus(0, 4 << 20, { wantZero: false });
+    expect(cheap[0]).toEqual({ length: 64 << 10, hole: false, zero: false, depth: 1 });
+    expect(cheap.slice(1).every((e) => e.zero)).toBe(true);
+    await disk.close();
+  });
+});
