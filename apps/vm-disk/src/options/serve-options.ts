@@ -71,7 +71,8 @@ const nbdServerSchema: Schema = {
   'max-connections': { type: 'int' },
 };
 
-const exportSchema: Schema = {
+/** BlockExportOptions (nbd), as --export and QMP block-export-add take them. */
+export const exportSchema: Schema = {
   type: { type: { enum: ['nbd'] }, required: true },
   id: { type: 'str', required: true },
   'node-name': { type: 'str', required: true },
@@ -116,6 +117,19 @@ const VALUE_OPTIONS = new Set([
   '--monitor',
   '--pidfile',
 ]);
+
+/** An export's configuration from options checked against exportSchema. */
+export function exportConfig(v: Record<string, unknown>): ExportConfig {
+  return {
+    type: 'nbd',
+    id: v.id as string,
+    nodeName: v['node-name'] as string,
+    ...(v.name !== undefined && { name: v.name as string }),
+    ...(v.description !== undefined && { description: v.description as string }),
+    writable: (v.writable as boolean | undefined) ?? false,
+    allocationDepth: (v['allocation-depth'] as boolean | undefined) ?? false,
+  };
+}
 
 /** The value of an option: a JSON object when it starts with '{', keyval otherwise. */
 function parseValue(
@@ -223,15 +237,7 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
       case '--export': {
         const v = check(option, parseValue(option, value), exportSchema);
         uniqueId(option, v.id as string);
-        config.exports.push({
-          type: 'nbd',
-          id: v.id as string,
-          nodeName: v['node-name'] as string,
-          ...(v.name !== undefined && { name: v.name as string }),
-          ...(v.description !== undefined && { description: v.description as string }),
-          writable: (v.writable as boolean | undefined) ?? false,
-          allocationDepth: (v['allocation-depth'] as boolean | undefined) ?? false,
-        });
+        config.exports.push(exportConfig(v));
         break;
       }
       case '--object': {

@@ -3,6 +3,7 @@
 import { type BlockdevCreateOptions, blockdevCreate } from '@vmdisk/block-graph';
 import type { Daemon } from '../daemon.ts';
 import type { Schema } from '../options/schema.ts';
+import { exportConfig, exportSchema } from '../options/serve-options.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
 
 const id: Schema = { id: { type: 'str', required: true } };
@@ -79,26 +80,8 @@ export function registerCommands(monitor: QmpMonitor, daemon: Daemon): void {
   monitor.register({ name: 'nbd-server-stop', run: () => daemon.nbdServerStop() });
   monitor.register({
     name: 'block-export-add',
-    args: {
-      type: { type: { enum: ['nbd'] }, required: true },
-      id: { type: 'str', required: true },
-      'node-name': { type: 'str', required: true },
-      name: { type: 'str' },
-      description: { type: 'str' },
-      writable: { type: 'bool' },
-      writethrough: { type: 'bool' },
-      'allocation-depth': { type: 'bool' },
-    },
-    run: (args) =>
-      daemon.blockExportAdd({
-        type: 'nbd',
-        id: args.id as string,
-        nodeName: args['node-name'] as string,
-        ...(args.name !== undefined && { name: args.name as string }),
-        ...(args.description !== undefined && { description: args.description as string }),
-        writable: (args.writable as boolean | undefined) ?? false,
-        allocationDepth: (args['allocation-depth'] as boolean | undefined) ?? false,
-      }),
+    args: exportSchema,
+    run: (args) => daemon.blockExportAdd(exportConfig(args)),
   });
   monitor.register({
     name: 'block-export-del',
