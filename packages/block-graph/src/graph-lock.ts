@@ -6,6 +6,8 @@
 // Never begin a drained section or a graph change from inside a request (while holding the
 // read side): it would wait for itself.
 
+import { runAo } from '@vmdisk/ao';
+
 export class GraphLock {
   private readers = 0;
   private drained = 0;
@@ -47,11 +49,18 @@ export class GraphLock {
     }
   }
 
-  /** Begins a drained section: admits no new request; resolves when none is in flight. */
-  async drainedBegin(): Promise<void> {
+  /**
+   * Begins a drained section: admits no new request; resolves when none is in flight. The
+   * wait is an asynchronous operation of @vmdisk/ao ('block-graph.drain'), so that a drain
+   * that never ends shows in liveAos() with the stack that began it.
+   */
+  drainedBegin(): Promise<void> {
     this.drained++;
     if (this.drained === 1) this.onDrainBegin?.();
-    while (this.readers !== 0) await new Promise<void>((resolve) => this.idle.push(resolve));
+    if (this.readers === 0) return Promise.resolve();
+    return runAo('block-graph.drain', undefined, async () => {
+      while (this.readers !== 0) await new Promise<void>((resolve) => this.idle.push(resolve));
+    });
   }
 
   /** Ends a drained section; the outermost end admits the waiting requests. */
