@@ -38,26 +38,31 @@ import type { Qcow2BackingReader, Qcow2File } from './types.ts';
  * hands to createQcow2.
  */
 export function qcow2FileOf(node: BlockNode): Qcow2File {
+  return fileThrough(() => node);
+}
+
+/** The same through an edge, following it to whatever node it points at now. */
+function fileThrough(nodeOf: () => BlockNode): Qcow2File {
   return {
     async read(buf, offset) {
+      const node = nodeOf();
       const n = Math.min(buf.byteLength, node.size() - offset);
       if (n <= 0) return 0;
       await node.read(offset, buf.subarray(0, n));
       return n;
     },
-    write: (buf, offset) => node.write(offset, buf),
-    size: async () => node.size(),
-    truncate: (size) => node.truncate(size),
-    flush: () => node.flush(),
-    discard: (offset, length) => node.discard(offset, length),
+    write: (buf, offset) => nodeOf().write(offset, buf),
+    size: async () => nodeOf().size(),
+    truncate: (size) => nodeOf().truncate(size),
+    flush: () => nodeOf().flush(),
+    discard: (offset, length) => nodeOf().discard(offset, length),
   };
 }
 
 function childReader(child: BdrvChild): Qcow2BackingReader {
-  const node = child.node;
   return {
-    read: (buf, offset) => node.read(offset, buf),
-    size: async () => node.size(),
+    read: (buf, offset) => child.node.read(offset, buf),
+    size: async () => child.node.size(),
   };
 }
 
@@ -242,7 +247,7 @@ export const qcow2Driver: BlockDriver = {
   async open(ctx) {
     const file = ctx.children.file!;
     const o = ctx.options;
-    const f = qcow2FileOf(file.node);
+    const f = fileThrough(() => file.node); // the edge, not the node: a graph change may move it
     // The header decides what else is needed: read it without a backing file first.
     const probe = await openQcow2(f, { readOnly: true, backing: null });
     await probe.close();
