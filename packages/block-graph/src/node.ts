@@ -535,19 +535,25 @@ export class BlockNode implements ChildParent {
   }
 
   /** Copy on write into a freshly allocated unit, then link it (Mapping.allocation). */
+  /**
+   * A write into a new allocation: copy on write of the rest of it from below (or zeros),
+   * the data, then commit. Any failure before commit aborts the allocation, so that the
+   * driver releases what it holds (qcow2: the cluster locks) and nothing is left pending.
+   */
   private async writeAllocating(m: Mapping, offset: number, buf: Uint8Array): Promise<void> {
     const alloc = m.allocation!;
     const { start, end } = alloc;
-    if (start > offset || end < offset + buf.byteLength) {
-      throw new BlockError(
-        BlockErrorCode.CORRUPT_IMAGE,
-        `node '${this.name}': allocation [${start}, ${end}) does not contain the write`,
-      );
-    }
-    const hostStart = m.offset! - (offset - start);
-    let data = buf;
     let bounce: Uint8Array | undefined;
+    let committing = false;
     try {
+      if (start > offset || end < offset + buf.byteLength) {
+        throw new BlockError(
+          BlockErrorCode.CORRUPT_IMAGE,
+          `node '${this.name}': allocation [${start}, ${end}) does not contain the write`,
+        );
+      }
+      const hostStart = m.offset! - (offset - start);
+      let data = buf;
       if (start < offset || end > offset + buf.byteLength) {
         bounce = this.allocBuffer(end - start);
         data = bounce.subarray(0, end - start);
@@ -562,13 +568,12 @@ export class BlockNode implements ChildParent {
         }
         data.set(buf, offset - start);
       }
-      try {
-        await m.child!.node.write(hostStart, data);
-      } catch (err) {
-        if (alloc.abort) await alloc.abort(err);
-        throw err;
-      }
+      await m.child!.node.write(hostStart, data);
+      committing = true;
       await alloc.commit();
+    } catch (err) {
+      if (!committing && alloc.abort) await alloc.abort(err);
+      throw err;
     } finally {
       if (bounce) this.releaseBuffer(bounce);
     }
