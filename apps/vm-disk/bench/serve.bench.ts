@@ -2,6 +2,8 @@
 // command line (and nbdkit's file plugin for raw), serving the same image over a unix
 // socket to fio's nbd engine at iodepth 32. Raw and qcow2 images; 4 KiB random read,
 // 4 KiB random write, 256 KiB sequential read. Servers take turns, best of 2 rounds.
+// On a 2-CPU machine each server runs pinned to CPU 0 (`taskset -c 0`) and fio to CPU 1
+// (`taskset -c 1`), so that server and client do not share a core; otherwise unpinned.
 // Run with plain node after `nx build vm-disk` (it starts the built bin).
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
@@ -25,6 +27,19 @@ function sh(cmd: string, args: string[]): string {
   return r.stdout;
 }
 
+const CPUS = sh('nproc', []).trim();
+const PIN = CPUS === '2';
+console.log(
+  PIN
+    ? 'pinning: each server on CPU 0 (taskset -c 0), fio on CPU 1 (taskset -c 1)'
+    : `pinning skipped: nproc is ${CPUS}, not 2 (servers and fio unpinned)`,
+);
+
+/** `cmd args` run on `cpu` through taskset when pinning, else as it is. */
+function pinned(cpu: number, cmd: string, args: string[]): [string, string[]] {
+  return PIN ? ['taskset', ['-c', String(cpu), cmd, ...args]] : [cmd, args];
+}
+
 async function waitForSocket(path: string, child: ChildProcess): Promise<void> {
   for (let i = 0; i < 200 && !existsSync(path); i++) {
     if (child.exitCode !== null) throw new Error('server exited');
@@ -34,18 +49,20 @@ async function waitForSocket(path: string, child: ChildProcess): Promise<void> {
 
 function fio(sock: string, w: (typeof WORKLOADS)[number]): Promise<number> {
   return new Promise((resolve, reject) => {
-    const child = spawn('fio', [
-      '--name=bench',
-      '--ioengine=nbd',
-      `--uri=nbd+unix:///disk?socket=${sock}`,
-      `--rw=${w.rw}`,
-      `--bs=${w.bs}`,
-      '--iodepth=32',
-      '--size=100%',
-      `--runtime=${RUNTIME_S}`,
-      '--time_based',
-      '--output-format=json',
-    ]);
+    const child = spawn(
+      ...pinned(1, 'fio', [
+        '--name=bench',
+        '--ioengine=nbd',
+        `--uri=nbd+unix:///disk?socket=${sock}`,
+        `--rw=${w.rw}`,
+        `--bs=${w.bs}`,
+        '--iodepth=32',
+        '--size=100%',
+        `--runtime=${RUNTIME_S}`,
+        '--time_based',
+        '--output-format=json',
+      ]),
+    );
     let out = '';
     child.stdout.on('data', (d) => {
       out += d;
@@ -79,19 +96,22 @@ const SERVERS: Server[] = [
   {
     name: 'vm-disk',
     start: (i, f, s) =>
-      spawn(process.execPath, [CLI, 'serve', ...qsdArgs(i, f, s)], {
+      spawn(...pinned(0, process.execPath, [CLI, 'serve', ...qsdArgs(i, f, s)]), {
         stdio: 'ignore',
         env: { ...process.env, VMDISK_LOG_LEVEL: 'warn' },
       }),
   },
   {
     name: 'qemu-storage-daemon',
-    start: (i, f, s) => spawn('qemu-storage-daemon', qsdArgs(i, f, s), { stdio: 'ignore' }),
+    start: (i, f, s) =>
+      spawn(...pinned(0, 'qemu-storage-daemon', qsdArgs(i, f, s)), { stdio: 'ignore' }),
   },
   {
     name: 'nbdkit file',
     start: (i, _f, s) =>
-      spawn('nbdkit', ['-f', '-U', s, '-e', 'disk', 'file', i], { stdio: 'ignore' }),
+      spawn(...pinned(0, 'nbdkit', ['-f', '-U', s, '-e', 'disk', 'file', i]), {
+        stdio: 'ignore',
+      }),
   },
 ];
 
