@@ -32,12 +32,6 @@ export {
   type Qcow2CreateOptions,
   type Qcow2CreateProgress,
 } from './drivers/qcow2/create.ts';
-export {
-  Qcow2CorruptError,
-  Qcow2Error,
-  Qcow2ErrorCode,
-  Qcow2UnsupportedError,
-} from './drivers/qcow2/errors.ts';
 export { parseHeader as parseQcow2Header, type Qcow2Header } from './drivers/qcow2/header.ts';
 export { qcow2FileOf } from './drivers/qcow2/qcow2.ts';
 export type { Qcow2File } from './drivers/qcow2/types.ts';
@@ -50,6 +44,10 @@ export {
   BlockOptionError,
   errnoName,
   errnoNumber,
+  Qcow2CorruptError,
+  Qcow2Error,
+  Qcow2ErrorCode,
+  Qcow2UnsupportedError,
   toBlockError,
 } from './errors.ts';
 export { BlockGraph, type BlockGraphOptions, isValidNodeName, type NodeInfo } from './graph.ts';

@@ -5,7 +5,7 @@
 // MAX_CHAIN_DEPTH, is refused with BACKING_CYCLE.
 
 import { dirname, isAbsolute, resolve } from 'node:path';
-import { badOption, Qcow2Error, Qcow2ErrorCode } from './errors.ts';
+import { badOption, Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
 import { QCOW2_MAGIC } from './header.ts';
 import { openQcow2, type Qcow2Image, type Qcow2OpenOptions } from './image.ts';
 import type { Qcow2BackingReader, Qcow2File } from './types.ts';

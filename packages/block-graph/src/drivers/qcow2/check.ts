@@ -5,8 +5,8 @@
 // Internal snapshots are walked (their L1 and L2 tables count like the active ones);
 // persistent bitmaps are not (listed in `notChecked`).
 
+import { Qcow2CorruptError } from '../../errors.ts';
 import { decodeL2, Geometry, parseL1 } from './cluster-map.ts';
-import { Qcow2CorruptError } from './errors.ts';
 import { Incompat, parseHeader, peekClusterBits, type Qcow2Header } from './header.ts';
 import { getRefcount, maxRefcount, RefcountOverflowError, setRefcount } from './refcount.ts';
 import type { Qcow2File } from './types.ts';

@@ -4,8 +4,8 @@
 // An L2 entry is decoded into subcluster bitmaps so that standard and extended L2 tables are
 // handled by the same code: a standard table has one "subcluster" per cluster.
 
+import { Qcow2CorruptError } from '../../errors.ts';
 import { decodeCompressed } from './compress.ts';
-import { Qcow2CorruptError } from './errors.ts';
 
 export const L1E_OFFSET_MASK_HI = 0x00ffffff; // bits 32..55 of the offset
 export const COPIED_HI = 0x80000000;

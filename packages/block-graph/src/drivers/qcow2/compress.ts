@@ -4,7 +4,7 @@
 // decompression stops at the end of the first stream or frame.
 
 import * as zlib from 'node:zlib';
-import { Qcow2Error, Qcow2ErrorCode } from './errors.ts';
+import { Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
 import { CompressionType } from './header.ts';
 
 /** Decodes a compressed cluster descriptor (the L2 entry without bits 62 and 63). */

@@ -3,8 +3,8 @@
 // and data clusters. Everything but the header is written first; the header last, then a
 // flush, so that a crash during creation never leaves a file that looks like a valid image.
 
+import { badOption } from '../../errors.ts';
 import { encodeL1, encodeL2, Geometry } from './cluster-map.ts';
-import { badOption } from './errors.ts';
 import {
   Compat,
   CompressionType,

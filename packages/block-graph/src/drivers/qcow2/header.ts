@@ -2,7 +2,7 @@
 // validate and serialize. Unknown header extensions and unknown additional header fields are
 // kept and written back unchanged.
 
-import { badHeader } from './errors.ts';
+import { badHeader } from '../../errors.ts';
 
 export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
 export const HEADER_V2_LENGTH = 72;

@@ -19,6 +19,13 @@
 // manager serialises its own updates. No lock is held over data I/O other than the cluster
 // locks of the clusters being allocated.
 
+import {
+  badOption,
+  Qcow2CorruptError,
+  Qcow2Error,
+  Qcow2ErrorCode,
+  Qcow2UnsupportedError,
+} from '../../errors.ts';
 import { checkQcow2, computeReferences, type Qcow2CheckResult, rebuildRefcounts } from './check.ts';
 import {
   decodeL2,
@@ -31,13 +38,6 @@ import {
   UNALLOCATED,
 } from './cluster-map.ts';
 import { compressCluster, decompressCluster, encodeCompressed } from './compress.ts';
-import {
-  badOption,
-  Qcow2CorruptError,
-  Qcow2Error,
-  Qcow2ErrorCode,
-  Qcow2UnsupportedError,
-} from './errors.ts';
 import {
   Compat,
   Incompat,

@@ -19,9 +19,8 @@
 
 import { dirname, isAbsolute, resolve } from 'node:path';
 import type { BlockDriver, FormatInstance, Mapping, OpenContext } from '../../driver.ts';
-import { BlockError, BlockOptionError } from '../../errors.ts';
+import { BlockError, BlockOptionError, Qcow2ErrorCode } from '../../errors.ts';
 import type { BdrvChild, BlockNode } from '../../node.ts';
-import { Qcow2ErrorCode } from './errors.ts';
 import { Incompat } from './header.ts';
 import {
   openQcow2,

@@ -8,7 +8,7 @@
 // - increments may reach the disk at any time (a crash leaks at worst); decrements are only
 //   made by the owner once nothing on disk refers to the cluster any more.
 
-import { Qcow2CorruptError, Qcow2Error, Qcow2ErrorCode } from './errors.ts';
+import { Qcow2CorruptError, Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
 import { MAX_REFTABLE_BYTES } from './header.ts';
 import { type CacheEntry, MetadataCache } from './l2-cache.ts';
 import { Mutex } from './lock.ts';
