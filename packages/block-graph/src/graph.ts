@@ -5,6 +5,7 @@
 import { type BackendOptions, BlockBackend } from './backend.ts';
 import type { BlockDriver, EngineLike, OpenContext } from './driver.ts';
 import { builtinDrivers } from './drivers/index.ts';
+import { createTlsCreds } from './drivers/nbd.ts';
 import { createThrottleGroup } from './drivers/throttle.ts';
 import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import { GraphLock } from './graph-lock.ts';
@@ -317,7 +318,8 @@ export class BlockGraph {
 
   /**
    * object-add: an object nodes refer to by id. Types: 'throttle-group' ({ limits }: the
-   * limits shared by the throttle nodes that name it in 'throttle-group').
+   * limits shared by the throttle nodes that name it in 'throttle-group'), 'tls-creds-psk'
+   * and 'tls-creds-x509' ({ dir, endpoint, username | verify-peer }: for nbd's 'tls-creds').
    */
   async addObject(options: unknown): Promise<void> {
     this.checkOpen();
@@ -325,10 +327,10 @@ export class BlockGraph {
       throw new BlockOptionError('(object)', 'expected an object');
     }
     const { 'qom-type': type, id, ...props } = options as Record<string, unknown>;
-    if (type !== 'throttle-group') {
+    if (type !== 'throttle-group' && type !== 'tls-creds-psk' && type !== 'tls-creds-x509') {
       throw new BlockOptionError(
         'qom-type',
-        `'${String(type)}' is not a known object type (throttle-group)`,
+        `'${String(type)}' is not a known object type (throttle-group, tls-creds-psk, tls-creds-x509)`,
       );
     }
     if (typeof id !== 'string') throw new BlockOptionError('id', 'expected a string');
@@ -340,7 +342,9 @@ export class BlockGraph {
           `an object with id '${id}' exists already`,
         );
       }
-      this.objects.set(id, { type, value: createThrottleGroup(props), users: 0, props });
+      const value =
+        type === 'throttle-group' ? createThrottleGroup(props) : createTlsCreds(type, props);
+      this.objects.set(id, { type, value, users: 0, props });
     });
   }
 

@@ -5,6 +5,7 @@ import { blkdebugDriver } from './blkdebug.ts';
 import { bochsDriver } from './bochs.ts';
 import { copyOnReadDriver } from './copy-on-read.ts';
 import { fileDriver } from './file.ts';
+import { nbdDriver } from './nbd.ts';
 import { nullCoDriver } from './null-co.ts';
 import { qcow2Driver } from './qcow2/qcow2.ts';
 import { rawDriver } from './raw.ts';
@@ -13,6 +14,7 @@ import { throttleDriver } from './throttle.ts';
 export const builtinDrivers: readonly BlockDriver[] = [
   fileDriver,
   nullCoDriver,
+  nbdDriver,
   rawDriver,
   bochsDriver,
   qcow2Driver,

@@ -1,0 +1,373 @@
+// The `nbd` protocol driver: a remote disk through the NBD client of @vmdisk/nbd, with
+// QEMU's blockdev-add options (`server`, `export`, `tls-creds`, `tls-hostname`), so that a
+// graph can overlay a remote disk (a qcow2 whose backing is this node) or mirror to one.
+//
+// What it relies on:
+// - the generic layer's preconditions (driver.ts): requests in bounds and aligned to
+//   `limits.requestAlignment`, which is the server's minimum block size, and pread/pwrite
+//   at most `limits.maxTransfer` (the server's maximum), so the client never has to refuse
+//   a request for its shape; an export whose size is not a multiple of its minimum block
+//   size cannot have its unaligned tail read (the NBD spec forbids such exports);
+// - write-like calls only on a writable node: open() refuses a read-only export for a node
+//   that is not read-only (auto-read-only makes the node read-only instead);
+// - close() is called drained: it sends NBD_CMD_DISC and waits for the server to hang up.
+//
+// Errors: a server's error keeps its errno (BlockIoError with errnoName 'EIO', 'ENOSPC'...,
+// syscall 'nbd'); a lost connection fails every pending and later request with EIO (no
+// reconnect: `reconnect-delay` is not supported); the graph's other nodes are unaffected.
+// WRITE_ZEROES the server cannot do (or answers ENOTSUP to) rejects with NOT_SUPPORTED,
+// so the generic layer writes zero buffers.
+//
+// TLS: `tls-creds` names a tls-creds-psk object (DIR/keys.psk, psktool's `identity:hexkey`
+// lines, identity `username` or QEMU's default 'qemu') or a tls-creds-x509 object
+// (DIR/ca-cert.pem, and client-cert.pem + client-key.pem when the server verifies clients),
+// with endpoint 'client'; `tls-hostname` is the name the server's certificate must carry.
+// `open-timeout` (seconds, default 30, 0: none) bounds the connect and the handshake; unlike
+// QEMU's it does not retry.
+
+import { join } from 'node:path';
+import {
+  NbdClient,
+  type NbdClientOptions,
+  type NbdClientTlsOptions,
+  NbdCommandError,
+  type NbdConnectTarget,
+  NbdOptionError,
+} from '@vmdisk/nbd';
+import type { BlockDriver, ProtocolInstance, ProtocolStatus } from '../driver.ts';
+import { BlockError, BlockErrorCode, BlockIoError, BlockOptionError } from '../errors.ts';
+import { keyBool, keyInt } from '../options.ts';
+
+/** QEMU's SocketAddress for `server`, checked. */
+type NbdServerAddress =
+  | { type: 'inet'; host: string; port: string }
+  | { type: 'unix'; path: string };
+
+/** The default pread/pwrite size when the server gives no maximum (QEMU's too). */
+const DEFAULT_MAX_TRANSFER = 32 << 20;
+/** The connect timeout in seconds when `open-timeout` is not given. */
+const DEFAULT_OPEN_TIMEOUT = 30;
+
+function parseServer(value: unknown, key: string): NbdServerAddress {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    throw new BlockOptionError(
+      key,
+      'expected an object ({type: inet, host, port} or {type: unix, path})',
+    );
+  }
+  const v = value as Record<string, unknown>;
+  const str = (k: string, required: boolean): string | undefined => {
+    const x = v[k];
+    if (x === undefined) {
+      if (required) throw new BlockOptionError(`${key}.${k}`, 'missing');
+      return undefined;
+    }
+    if (typeof x !== 'string' || x === '') {
+      throw new BlockOptionError(`${key}.${k}`, 'expected a non-empty string');
+    }
+    return x;
+  };
+  const only = (keys: readonly string[]) => {
+    for (const k of Object.keys(v)) {
+      if (!keys.includes(k))
+        throw new BlockOptionError(`${key}.${k}`, `unknown key for ${v.type} address`);
+    }
+  };
+  switch (v.type) {
+    case 'inet': {
+      only(['type', 'host', 'port']);
+      const host = str('host', true) as string;
+      // QEMU's port is a string (a number as keyval or JSON number is fine too).
+      const raw = v.port;
+      if (raw === undefined) throw new BlockOptionError(`${key}.port`, 'missing');
+      const port = keyInt(raw, `${key}.port`, 1, 65535);
+      return { type: 'inet', host, port: String(port) };
+    }
+    case 'unix':
+      only(['type', 'path']);
+      return { type: 'unix', path: str('path', true) as string };
+    case undefined:
+      throw new BlockOptionError(`${key}.type`, 'missing (inet or unix)');
+    default:
+      throw new BlockOptionError(`${key}.type`, `'${String(v.type)}' is not one of inet, unix`);
+  }
+}
+
+/** A tls-creds-psk or tls-creds-x509 object (BlockGraph.addObject), as the driver uses it. */
+export interface NbdTlsCreds {
+  type: 'psk' | 'x509';
+  /** The directory: keys.psk (psk) or ca-cert.pem, client-cert.pem, client-key.pem (x509). */
+  dir: string;
+  endpoint: 'client' | 'server';
+  /** psk: the identity to use from keys.psk (QEMU's default: 'qemu'). */
+  username?: string;
+  /** x509: check the server's certificate (default true). */
+  verifyPeer: boolean;
+}
+
+/** Checks the properties of a tls-creds-psk / tls-creds-x509 object (for addObject). */
+export function createTlsCreds(
+  qomType: 'tls-creds-psk' | 'tls-creds-x509',
+  props: Record<string, unknown>,
+): NbdTlsCreds {
+  const type = qomType === 'tls-creds-psk' ? 'psk' : 'x509';
+  const known =
+    type === 'psk' ? ['dir', 'endpoint', 'username'] : ['dir', 'endpoint', 'verify-peer'];
+  for (const k of Object.keys(props)) {
+    if (!known.includes(k)) throw new BlockOptionError(k, `unknown key for ${qomType}`);
+  }
+  const { dir, endpoint = 'client', username } = props;
+  if (typeof dir !== 'string' || dir === '')
+    throw new BlockOptionError('dir', 'expected a directory');
+  if (endpoint !== 'client' && endpoint !== 'server') {
+    throw new BlockOptionError('endpoint', `'${String(endpoint)}' is not one of client, server`);
+  }
+  const creds: NbdTlsCreds = {
+    type,
+    dir,
+    endpoint,
+    verifyPeer:
+      props['verify-peer'] === undefined ? true : keyBool(props['verify-peer'], 'verify-peer'),
+  };
+  if (username !== undefined) {
+    if (typeof username !== 'string' || username === '') {
+      throw new BlockOptionError('username', 'expected a non-empty string');
+    }
+    creds.username = username;
+  }
+  return creds;
+}
+
+function tlsOptions(creds: NbdTlsCreds, hostname: string | undefined): NbdClientTlsOptions {
+  if (creds.type === 'psk') {
+    return {
+      mode: 'require',
+      pskFile: join(creds.dir, 'keys.psk'),
+      username: creds.username ?? 'qemu',
+    };
+  }
+  const tls: NbdClientTlsOptions = {
+    mode: 'require',
+    certificatesDir: creds.dir,
+    verifyPeer: creds.verifyPeer,
+  };
+  if (hostname !== undefined) tls.hostname = hostname;
+  return tls;
+}
+
+const NBD_ERRNO: Record<string, string> = {
+  ERR_VMDISK_NBD_INVALID_REQUEST: 'EINVAL',
+  ERR_VMDISK_NBD_READ_ONLY: 'EPERM',
+  ERR_VMDISK_NBD_UNSUPPORTED: 'ENOTSUP',
+  ERR_VMDISK_NBD_CLIENT_CLOSED: 'ESHUTDOWN',
+  ERR_VMDISK_NBD_TIMEOUT: 'ETIMEDOUT',
+};
+
+/** An error of the client as one of ours: the server's errno kept, EIO for a lost connection. */
+function ioError(err: unknown, node: string, offset?: number, length?: number): BlockError {
+  if (err instanceof BlockError) return err;
+  const e = err as { code?: unknown; errnoName?: unknown; errno?: unknown; message?: unknown };
+  const errnoName =
+    typeof e?.errnoName === 'string'
+      ? e.errnoName
+      : ((typeof e?.code === 'string' ? NBD_ERRNO[e.code] : undefined) ?? 'EIO');
+  const init: ConstructorParameters<typeof BlockIoError>[1] = {
+    errnoName,
+    syscall: 'nbd',
+    node,
+    cause: err,
+  };
+  if (offset !== undefined) init.offset = offset;
+  if (length !== undefined) init.length = length;
+  return new BlockIoError(`${typeof e?.message === 'string' ? e.message : String(err)}`, init);
+}
+
+const isNotSupported = (err: unknown): boolean =>
+  (err instanceof NbdCommandError &&
+    (err.errnoName === 'ENOTSUP' || err.errnoName === 'EOPNOTSUPP')) ||
+  (err as { code?: unknown })?.code === 'ERR_VMDISK_NBD_UNSUPPORTED';
+
+class NbdInstance implements ProtocolInstance {
+  readonly kind = 'protocol';
+  readonly limits: { requestAlignment: number; maxTransfer: number };
+
+  private readonly client: NbdClient;
+  private readonly node: string;
+  private readonly where: string;
+  private readonly hasStatus: boolean;
+
+  constructor(client: NbdClient, node: string, where: string) {
+    this.client = client;
+    this.node = node;
+    this.where = where;
+    const align = client.blockSize?.minimum ?? 1;
+    const max = Math.min(client.blockSize?.maximum ?? DEFAULT_MAX_TRANSFER, DEFAULT_MAX_TRANSFER);
+    this.limits = { requestAlignment: align, maxTransfer: Math.max(align, max - (max % align)) };
+    this.hasStatus = client.metaContexts.includes('base:allocation');
+  }
+
+  size(): number {
+    return this.client.size;
+  }
+
+  pread(buf: Uint8Array, offset: number): Promise<void> {
+    return this.client.read(offset, buf).then(
+      () => undefined,
+      (err: unknown) => {
+        throw ioError(err, this.node, offset, buf.byteLength);
+      },
+    );
+  }
+
+  pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    return this.client.write(offset, buf).catch((err: unknown) => {
+      throw ioError(err, this.node, offset, buf.byteLength);
+    });
+  }
+
+  async flush(): Promise<void> {
+    if (!this.client.canFlush) return;
+    try {
+      await this.client.flush();
+    } catch (err) {
+      throw ioError(err, this.node);
+    }
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    // Discard is advisory: a server without TRIM keeps the data.
+    if (!this.client.canTrim) return;
+    try {
+      await this.client.trim(offset, length);
+    } catch (err) {
+      throw ioError(err, this.node, offset, length);
+    }
+  }
+
+  async writeZeroes(offset: number, length: number, mayUnmap: boolean): Promise<void> {
+    if (!this.client.canWriteZeroes) {
+      throw new BlockError(
+        BlockErrorCode.NOT_SUPPORTED,
+        `the NBD server at ${this.where} does not support WRITE_ZEROES`,
+      );
+    }
+    try {
+      await this.client.writeZeroes(offset, length, { noHole: !mayUnmap });
+    } catch (err) {
+      if (isNotSupported(err)) {
+        throw new BlockError(BlockErrorCode.NOT_SUPPORTED, (err as Error).message, { cause: err });
+      }
+      throw ioError(err, this.node, offset, length);
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<ProtocolStatus> {
+    if (!this.hasStatus) return { length, hole: false, zero: false };
+    let result: Awaited<ReturnType<NbdClient['blockStatus']>>;
+    try {
+      result = await this.client.blockStatus(offset, length);
+    } catch (err) {
+      throw ioError(err, this.node, offset, length);
+    }
+    const extents = result.get('base:allocation') ?? [];
+    const first = extents[0];
+    if (!first) return { length, hole: false, zero: false };
+    // Merge the extents of one status that follow the first, up to the length asked.
+    let n = 0;
+    for (const e of extents) {
+      if (e.hole !== first.hole || e.zero !== first.zero) break;
+      n += e.length;
+      if (n >= length) break;
+    }
+    return { length: Math.max(1, Math.min(n, length)), hole: first.hole, zero: first.zero };
+  }
+
+  async close(): Promise<void> {
+    await this.client.close();
+  }
+
+  info(): Record<string, unknown> {
+    return {
+      server: this.where,
+      export: this.client.exportName,
+      tls: this.client.tls,
+    };
+  }
+}
+
+export const nbdDriver: BlockDriver = {
+  name: 'nbd',
+  kind: 'protocol',
+  options: {
+    server: { type: 'json', required: true, parse: parseServer },
+    export: { type: 'string' },
+    'tls-creds': { type: 'string' },
+    'tls-hostname': { type: 'string' },
+    /** Seconds for the connect and the handshake (QEMU's open-timeout; default 30, 0: none). */
+    'open-timeout': { type: 'int', min: 0, max: 86_400 },
+  },
+  async open(ctx) {
+    const o = ctx.options;
+    const server = o.server as NbdServerAddress;
+    const exportName = (o.export as string | undefined) ?? '';
+    const target: NbdConnectTarget =
+      server.type === 'unix'
+        ? { path: server.path }
+        : { host: server.host, port: Number(server.port) };
+    const where = server.type === 'unix' ? server.path : `${server.host}:${server.port}`;
+    const options: NbdClientOptions = {
+      exportName,
+      connectTimeout: ((o['open-timeout'] as number | undefined) ?? DEFAULT_OPEN_TIMEOUT) * 1000,
+    };
+    const credsId = o['tls-creds'] as string | undefined;
+    if (credsId !== undefined) {
+      let creds: NbdTlsCreds;
+      try {
+        creds = ctx.object('tls-creds-psk', credsId, 'tls-creds') as NbdTlsCreds;
+      } catch {
+        try {
+          creds = ctx.object('tls-creds-x509', credsId, 'tls-creds') as NbdTlsCreds;
+        } catch {
+          throw new BlockOptionError(
+            'tls-creds',
+            `no tls-creds-psk or tls-creds-x509 object with id '${credsId}'`,
+          );
+        }
+      }
+      if (creds.endpoint !== 'client') {
+        throw new BlockOptionError(
+          'tls-creds',
+          `object '${credsId}' has endpoint '${creds.endpoint}', expected 'client'`,
+        );
+      }
+      options.tls = tlsOptions(creds, o['tls-hostname'] as string | undefined);
+    }
+    let client: NbdClient;
+    try {
+      client = await NbdClient.connect(target, options);
+    } catch (err) {
+      if (err instanceof NbdOptionError && err.reply === 'ERR_UNKNOWN') {
+        throw new BlockOptionError(
+          'export',
+          `the NBD server at ${where} has no export '${exportName}'`,
+        );
+      }
+      const e = ioError(err, ctx.nodeName);
+      e.message = `cannot open the NBD export '${exportName}' at ${where}: ${e.message}`;
+      throw e;
+    }
+    if (client.readOnly && !ctx.readOnly) {
+      if (ctx.autoReadOnly) {
+        ctx.setReadOnly();
+      } else {
+        await client.close().catch(() => undefined);
+        throw new BlockError(
+          BlockErrorCode.READ_ONLY,
+          `the NBD export '${exportName}' at ${where} is read-only: open the node with read-only: true`,
+          { errnoName: 'EROFS' },
+        );
+      }
+    }
+    return new NbdInstance(client, ctx.nodeName, where);
+  },
+};
