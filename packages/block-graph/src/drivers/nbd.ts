@@ -11,6 +11,8 @@
 // - write-like calls only on a writable node: open() refuses a read-only export for a node
 //   that is not read-only (auto-read-only makes the node read-only instead);
 // - close() is called drained: it sends NBD_CMD_DISC and waits for the server to hang up.
+// An NBD export cannot grow: there is no truncate(), and a pwrite past the end (a parent
+// holding 'resize', e.g. a format allocating at the end of its file) fails with EINVAL.
 //
 // Errors: a server's error keeps its errno (BlockIoError with errnoName 'EIO', 'ENOSPC'...,
 // syscall 'nbd'); a lost connection fails every pending and later request with EIO (no
