@@ -43,6 +43,14 @@ describe('blockdev-create job', () => {
       'lazy-refcounts': true,
       'extended-l2': true,
     }).wait();
+    // As qemu-storage-daemon: concluded, and kept until dismissed.
+    expect(jobs.query().map((j) => [j.id, j.status])).toEqual([
+      ['c1', 'concluded'],
+      ['c2', 'concluded'],
+    ]);
+    jobs.get('c1').dismiss();
+    jobs.get('c2').dismiss();
+    await new Promise((r) => setImmediate(r));
     expect(statuses.filter((s) => s.startsWith('c1:'))).toEqual(
       ['created', 'running', 'waiting', 'pending', 'concluded', 'null'].map((s) => `c1:${s}`),
     );

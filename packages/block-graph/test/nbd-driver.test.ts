@@ -827,7 +827,7 @@ describe('nbd driver against our NbdServer', () => {
       expect(runs[runs.length - 1]!.start).toBeLessThanOrEqual(2 * MiB);
       await b.close();
     } finally {
-      // NbdServer.close() waits for its clients to hang up: the graph goes first.
+      // The graph (the client) closes first: a clean disconnect before the server goes.
       await g.close();
       graphs.delete(g);
       await server.close();

@@ -307,8 +307,10 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   async close(): Promise<void> {
     this.closing = true;
     const listeners = this.sockets.splice(0);
-    await Promise.all(
-      listeners.map(({ server }) => new Promise<void>((resolve) => server.close(() => resolve()))),
+    // Stop accepting; server.close() completes only once every connection has ended, so
+    // the connections are ended below, not waited for first.
+    const stopped = listeners.map(
+      ({ server }) => new Promise<void>((resolve) => server.close(() => resolve())),
     );
     const gone = [...this.exports.keys()].map((name) => this.removeExport(name, 'hard'));
     const pending = [...this.connections].map(
@@ -318,7 +320,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
           conn.destroy();
         }),
     );
-    await Promise.all([...gone, ...pending]);
+    await Promise.all([...stopped, ...gone, ...pending]);
     for (const { path } of listeners) if (path !== undefined) await unlink(path).catch(() => {});
   }
 

@@ -90,3 +90,12 @@ describe('NbdServer.removeExport as an ao', () => {
     }
   });
 });
+
+describe('NbdServer.close', () => {
+  it('disconnects connected clients and resolves (it does not wait for them to leave)', async () => {
+    const { server, client } = await serverWithClient();
+    await server.close();
+    await expect(client.read(0, 512)).rejects.toThrow();
+    client.destroy();
+  });
+});

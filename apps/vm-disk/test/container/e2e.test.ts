@@ -544,16 +544,12 @@ class Qmp {
       if ((e.data as { id: string }).id !== id) continue;
       if ((e.data as { status: string }).status === 'concluded') break;
     }
-    // qemu-storage-daemon keeps a concluded blockdev-create job until job-dismiss
-    // (JOB_MANUAL_DISMISS); vm-disk dismisses it itself (reported on issue 8), so the
-    // job is dismissed here only if it is still listed.
+    // As qemu-storage-daemon: a concluded blockdev-create job stays until job-dismiss.
     const jobs = (await this.exec('query-jobs')).return as Record<string, unknown>[];
     const job = jobs.find((j) => j.id === id);
-    if (job) {
-      expect(job).toMatchObject({ id, type: 'create', status: 'concluded' });
-      expect(job).not.toHaveProperty('error');
-      expect(await this.exec('job-dismiss', { id })).toEqual({ return: {} });
-    }
+    expect(job).toMatchObject({ id, type: 'create', status: 'concluded' });
+    expect(job).not.toHaveProperty('error');
+    expect(await this.exec('job-dismiss', { id })).toEqual({ return: {} });
     expect((await this.exec('query-jobs')).return).toEqual([]);
   }
 }

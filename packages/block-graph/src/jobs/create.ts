@@ -144,9 +144,9 @@ async function formatQcow2(
 }
 
 /**
- * Starts a blockdev-create job `jobId` in `jobs` (auto-finalized and auto-dismissed, as
- * qemu-storage-daemon runs it). Throws, before any job exists, when the options are bad
- * or name a node that does not exist.
+ * Starts a blockdev-create job `jobId` in `jobs`: auto-finalized, and left 'concluded'
+ * until the client dismisses it (job-dismiss), as qemu-storage-daemon runs it. Throws,
+ * before any job exists, when the options are bad or name a node that does not exist.
  */
 export function blockdevCreate(
   graph: BlockGraph,
@@ -158,6 +158,7 @@ export function blockdevCreate(
   if (options.driver === 'qcow2') graph.node(options.file as string);
   const job = jobs.createJob({
     id: jobId,
+    autoDismiss: false,
     driver: {
       type: 'create',
       async run(job) {
