@@ -156,18 +156,23 @@ try {
       }
       const ours = best.get('vm-disk') as number;
       const unit = w.bs === '4k' ? 'IOPS' : 'MiB/s';
-      const cells = servers.map((s) => `${s.name} ${Math.round(best.get(s.name) as number)}`);
+      const figure = (name: string) => best.get(name);
+      const cells = SERVERS.map((s) =>
+        figure(s.name) === undefined ? '-' : String(Math.round(figure(s.name) as number)),
+      );
       const ratios = servers
         .slice(1)
-        .map((s) => `${(ours / (best.get(s.name) as number)).toFixed(2)}x ${s.name}`);
-      rows.push([format, w.name, unit, cells.join(' | '), ratios.join(', ')]);
+        .map((s) => `${(ours / (figure(s.name) as number)).toFixed(2)}x ${s.name}`);
+      rows.push([format, w.name, unit, ...cells, ratios.join(', ')]);
       console.log(
-        `${format} ${w.name} (${unit}): ${cells.join(' | ')}  ->  vm-disk ${ratios.join(', ')}`,
+        `${format} ${w.name} (${unit}): ${cells.join(' / ')}  ->  vm-disk ${ratios.join(', ')}`,
       );
     }
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }
-console.log('\n| image | workload | unit | figures | vm-disk ratio |\n|---|---|---|---|---|');
+console.log(
+  `\n| image | workload | unit | ${SERVERS.map((s) => s.name).join(' | ')} | vm-disk ratio |\n|${'---|'.repeat(SERVERS.length + 4)}`,
+);
 for (const r of rows) console.log(`| ${r.join(' | ')} |`);
