@@ -50,4 +50,6 @@ bootstrap() {
   ensure_deps
   export PATH="$VMDISK_ROOT/node_modules/.bin:$PATH"
   export NX_NO_CLOUD=true NX_DAEMON="${NX_DAEMON:-false}" NX_TUI=false
+  # The task cache stays in this checkout (nx would otherwise share one under ~/.nx).
+  export NX_CACHE_DIRECTORY="$VMDISK_ROOT/.nx/cache"
 }

@@ -14,6 +14,9 @@ log "setup done in $((SECONDS - start)) s (Node $(node --version), base image $V
 
 rm -rf packages/*/.reports apps/*/.reports tools/*/.reports
 status=0
-nx run-many -t lint typecheck test build --outputStyle=stream "$@" || status=$?
+# CI runs every task afresh; elsewhere nx replays what has not changed since the last run.
+cache=()
+[ "${CI:-}" = true ] && cache=(--skip-nx-cache)
+nx run-many -t lint typecheck test build --outputStyle=stream "${cache[@]}" "$@" || status=$?
 node scripts/test-summary.mjs || status=1
 exit $status
