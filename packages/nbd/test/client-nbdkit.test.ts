@@ -2,7 +2,7 @@
 
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import {
   NbdClient,
   NbdCommandError,
@@ -10,36 +10,14 @@ import {
   NbdError,
   NbdOptionError,
 } from '../src/index.ts';
-import { makeTempDir, nbdkit, type Peer, pattern, removeDir, run } from './client-peers.ts';
+import { pattern, run, usePeers } from './client-peers.ts';
 
 const MiB = 1024 * 1024;
 
 describe('NbdClient against nbdkit', () => {
-  let dir: string;
-  let peers: Peer[];
-  let clients: NbdClient[];
-
-  beforeEach(async () => {
-    dir = await makeTempDir();
-    peers = [];
-    clients = [];
-  });
-  afterEach(async () => {
-    for (const c of clients) c.destroy();
-    for (const p of peers) await p.stop('SIGKILL');
-    await removeDir(dir);
-  });
-
-  const serve = async (args: string[], opts: { tcp?: boolean } = {}) => {
-    const p = await nbdkit(dir, args, opts);
-    peers.push(p);
-    return p;
-  };
-  const connect = async (...args: Parameters<typeof NbdClient.connect>) => {
-    const c = await NbdClient.connect(...args);
-    clients.push(c);
-    return c;
-  };
+  const t = usePeers();
+  const serve = t.nbdkit;
+  const { connect } = t;
 
   it('negotiates with the memory plugin and reads back what it wrote', async () => {
     const p = await serve(['memory', '4M']);
@@ -348,7 +326,7 @@ describe('NbdClient against nbdkit', () => {
   });
 
   it('reads a file through the file plugin', async () => {
-    const file = join(dir, 'disk.img');
+    const file = join(t.dir, 'disk.img');
     const content = pattern(2 * MiB, 11);
     await writeFile(file, content);
     const p = await serve(['file', file]);

@@ -9,6 +9,8 @@ import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { afterEach, beforeEach } from 'vitest';
+import { NbdClient } from '../src/index.ts';
 
 export const run = promisify(execFile);
 
@@ -145,4 +147,45 @@ export function pattern(length: number, seed: number): Buffer {
     b[i] = x & 0xff;
   }
   return b;
+}
+
+/**
+ * For a describe block: a temp dir per test, and the peers and clients started in a test
+ * always stopped after it (registers beforeEach/afterEach).
+ */
+export function usePeers() {
+  let dir = '';
+  let peers: Peer[] = [];
+  let clients: NbdClient[] = [];
+  beforeEach(async () => {
+    dir = await makeTempDir();
+    peers = [];
+    clients = [];
+  });
+  afterEach(async () => {
+    for (const c of clients) c.destroy();
+    for (const p of peers) await p.stop('SIGKILL');
+    await removeDir(dir);
+  });
+  const track = (p: Peer): Peer => {
+    peers.push(p);
+    return p;
+  };
+  const trackClient = (c: NbdClient): NbdClient => {
+    clients.push(c);
+    return c;
+  };
+  return {
+    get dir(): string {
+      return dir;
+    },
+    track,
+    trackClient,
+    nbdkit: async (args: string[], opts: { tcp?: boolean; name?: string } = {}) =>
+      track(await nbdkit(dir, args, opts)),
+    qemuNbd: async (args: string[], opts: { tcp?: boolean; name?: string } = {}) =>
+      track(await qemuNbd(dir, args, opts)),
+    connect: async (...args: Parameters<typeof NbdClient.connect>) =>
+      trackClient(await NbdClient.connect(...args)),
+  };
 }

@@ -4,9 +4,9 @@
 
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { type NbdClient as Client, NbdClient, type NbdExtent } from '../src/index.ts';
-import { makeTempDir, type Peer, pattern, qemuNbd, removeDir, run } from './client-peers.ts';
+import { describe, expect, it } from 'vitest';
+import type { NbdClient as Client, NbdExtent } from '../src/index.ts';
+import { pattern, run, usePeers } from './client-peers.ts';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -55,34 +55,12 @@ async function fullMap(c: Client, context: string): Promise<NbdExtent[]> {
 }
 
 describe('NbdClient against qemu-nbd', () => {
-  let dir: string;
-  let peers: Peer[];
-  let clients: NbdClient[];
-
-  beforeEach(async () => {
-    dir = await makeTempDir();
-    peers = [];
-    clients = [];
-  });
-  afterEach(async () => {
-    for (const c of clients) c.destroy();
-    for (const p of peers) await p.stop('SIGKILL');
-    await removeDir(dir);
-  });
-
-  const serve = async (args: string[], opts: { tcp?: boolean } = {}) => {
-    const p = await qemuNbd(dir, args, opts);
-    peers.push(p);
-    return p;
-  };
-  const connect = async (...args: Parameters<typeof NbdClient.connect>) => {
-    const c = await NbdClient.connect(...args);
-    clients.push(c);
-    return c;
-  };
+  const t = usePeers();
+  const serve = t.qemuNbd;
+  const { connect } = t;
 
   it('reads and writes a raw image over TCP; block status matches qemu-img map', async () => {
-    const file = join(dir, 'disk.raw');
+    const file = join(t.dir, 'disk.raw');
     await run('qemu-img', ['create', '-q', '-f', 'raw', file, '4M']);
     await run('qemu-io', [
       '-f',
@@ -134,8 +112,8 @@ describe('NbdClient against qemu-nbd', () => {
   });
 
   it('reports qemu:allocation-depth over a qcow2 backing chain, as qemu-img map does', async () => {
-    const base = join(dir, 'base.qcow2');
-    const top = join(dir, 'top.qcow2');
+    const base = join(t.dir, 'base.qcow2');
+    const top = join(t.dir, 'top.qcow2');
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', base, '4M']);
     await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x33 0 1M', base]);
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
@@ -170,7 +148,7 @@ describe('NbdClient against qemu-nbd', () => {
   });
 
   it('keeps 256 requests in flight on a qcow2 image, which qemu-img then finds consistent', async () => {
-    const file = join(dir, 'many.qcow2');
+    const file = join(t.dir, 'many.qcow2');
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', file, '8M']);
     const p = await serve(['-f', 'qcow2', '--discard=unmap', file]);
     const c = await connect(`nbd+unix:///?socket=${encodeURIComponent(p.socket!)}`);
@@ -193,7 +171,7 @@ describe('NbdClient against qemu-nbd', () => {
     await p.stop();
     await run('qemu-img', ['check', '-q', file]);
     // The image, converted by qemu-img, holds what we wrote.
-    const raw = join(dir, 'many.raw');
+    const raw = join(t.dir, 'many.raw');
     await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', file, raw]);
     const disk = await readFile(raw);
     expect(disk.subarray(0, 1 * MiB).every((b) => b === 0)).toBe(true);

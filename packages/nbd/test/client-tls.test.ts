@@ -3,17 +3,9 @@
 
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { NbdClient, NbdConnectionError } from '../src/index.ts';
-import {
-  makeTempDir,
-  nbdkit,
-  type Peer,
-  pattern,
-  qemuNbd,
-  removeDir,
-  run,
-} from './client-peers.ts';
+import { pattern, qemuNbd, run, usePeers } from './client-peers.ts';
 
 const KEY = '0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef';
 
@@ -86,34 +78,16 @@ async function makeCertificates(
 }
 
 describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
-  let dir: string;
-  let peers: Peer[];
-  let clients: NbdClient[];
-
-  beforeEach(async () => {
-    dir = await makeTempDir();
-    peers = [];
-    clients = [];
-  });
-  afterEach(async () => {
-    for (const c of clients) c.destroy();
-    for (const p of peers) await p.stop('SIGKILL');
-    await removeDir(dir);
-  });
-
-  const serve = async (args: string[], opts: { tcp?: boolean } = {}) => {
-    const p = await nbdkit(dir, args, opts);
-    peers.push(p);
-    return p;
-  };
+  const t = usePeers();
+  const serve = t.nbdkit;
 
   it('uses a pre-shared key from a psk file (nbds+unix URI with tls-psk-file)', async () => {
-    const psk = join(dir, 'keys.psk');
+    const psk = join(t.dir, 'keys.psk');
     await writeFile(psk, `alice:${KEY}\n`);
     const p = await serve(['--tls=require', `--tls-psk=${psk}`, 'memory', '1M']);
     const uri = `nbds+unix://alice@/?socket=${encodeURIComponent(p.socket!)}&tls-psk-file=${encodeURIComponent(psk)}`;
     const c = await NbdClient.connect(uri);
-    clients.push(c);
+    t.trackClient(c);
     expect(c.tls).toBe(true);
     expect(c.structuredReplies).toBe(true);
     const data = pattern(128 * 1024, 21);
@@ -126,7 +100,7 @@ describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
   });
 
   it('refuses plain text against a TLS-only server, and a wrong key', async () => {
-    const psk = join(dir, 'keys.psk');
+    const psk = join(t.dir, 'keys.psk');
     await writeFile(psk, `alice:${KEY}\n`);
     const p = await serve(['--tls=require', `--tls-psk=${psk}`, 'memory', '1M']);
     const plain = await NbdClient.connect({ path: p.socket! }).catch((e: unknown) => e);
@@ -143,7 +117,7 @@ describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
       { path: p.socket! },
       { tls: { psk: { identity: 'alice', key: KEY } } },
     );
-    clients.push(right);
+    t.trackClient(right);
     expect(right.tls).toBe(true);
     await right.close();
   });
@@ -158,7 +132,7 @@ describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
     expect(refused).toMatchObject({ code: 'ERR_VMDISK_NBD_TLS_FAILED' });
     expect((refused as Error).message).toMatch(/refused STARTTLS/);
     const c = await NbdClient.connect({ path: p.socket! }, { tls: { ...creds, mode: 'prefer' } });
-    clients.push(c);
+    t.trackClient(c);
     expect(c.tls).toBe(false);
     await c.write(0, pattern(4096, 24));
     expect(Buffer.from(await c.read(0, 4096)).equals(pattern(4096, 24))).toBe(true);
@@ -166,14 +140,14 @@ describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
   });
 
   it('uses X.509 certificates, the server verifying the client', async () => {
-    const certs = await makeCertificates(dir, 'good');
+    const certs = await makeCertificates(t.dir, 'good');
     const p = await serve(
       ['--tls=require', `--tls-certificates=${certs.server}`, '--tls-verify-peer', 'memory', '2M'],
       { tcp: true },
     );
     const uri = `nbds://127.0.0.1:${p.port!}/?tls-certificates=${encodeURIComponent(certs.client)}`;
     const c = await NbdClient.connect(uri);
-    clients.push(c);
+    t.trackClient(c);
     expect(c.tls).toBe(true);
     expect(c.size).toBe(2 * 1024 * 1024);
     const data = pattern(256 * 1024, 22);
@@ -183,7 +157,7 @@ describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
     await c.close();
 
     // A client that trusts another CA must not accept this server.
-    const other = await makeCertificates(dir, 'other');
+    const other = await makeCertificates(t.dir, 'other');
     const bad = await NbdClient.connect(
       `nbds://127.0.0.1:${p.port!}/?tls-certificates=${encodeURIComponent(other.client)}`,
     ).catch((e: unknown) => e);
@@ -192,11 +166,11 @@ describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
   });
 
   it('talks TLS to qemu-nbd too: X.509 and PSK credentials objects', async () => {
-    const img = join(dir, 'disk.raw');
+    const img = join(t.dir, 'disk.raw');
     await run('qemu-img', ['create', '-q', '-f', 'raw', img, '2M']);
-    const certs = await makeCertificates(dir, 'qemu');
+    const certs = await makeCertificates(t.dir, 'qemu');
     const x509 = await qemuNbd(
-      dir,
+      t.dir,
       [
         '--object',
         `tls-creds-x509,id=tls0,endpoint=server,dir=${certs.server},verify-peer=on`,
@@ -208,11 +182,11 @@ describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
       ],
       { tcp: true },
     );
-    peers.push(x509);
+    t.track(x509);
     const c = await NbdClient.connect(`nbds://127.0.0.1:${x509.port!}/`, {
       tls: { certificatesDir: certs.client },
     });
-    clients.push(c);
+    t.trackClient(c);
     expect(c.tls).toBe(true);
     const data = pattern(64 * 1024, 23);
     await c.write(0, data);
@@ -222,10 +196,10 @@ describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
     await c.close();
     await x509.stop();
 
-    const pskDir = join(dir, 'psk');
+    const pskDir = join(t.dir, 'psk');
     await run('mkdir', ['-p', pskDir]);
     await writeFile(join(pskDir, 'keys.psk'), `bob:${KEY}\n`);
-    const psk = await qemuNbd(dir, [
+    const psk = await qemuNbd(t.dir, [
       '--object',
       `tls-creds-psk,id=tls1,endpoint=server,dir=${pskDir}`,
       '--tls-creds',
@@ -234,11 +208,11 @@ describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
       'raw',
       img,
     ]);
-    peers.push(psk);
+    t.track(psk);
     const c2 = await NbdClient.connect(
       `nbds+unix://bob@/?socket=${encodeURIComponent(psk.socket!)}&tls-psk-file=${encodeURIComponent(join(pskDir, 'keys.psk'))}`,
     );
-    clients.push(c2);
+    t.trackClient(c2);
     expect(c2.tls).toBe(true);
     expect(Buffer.from(await c2.read(0, data.length)).equals(data)).toBe(true);
     await c2.close();
