@@ -142,7 +142,7 @@ describe('vm-disk serve', () => {
         'node-name': string;
         driver: string;
       }[];
-      expect(nodes.map((n) => n.driver).sort()).toEqual(['file', 'raw']);
+      expect(nodes.map((n) => n.drv).sort()).toEqual(['file', 'raw']);
       expect(
         await client.execute({
           execute: 'block-export-add',
@@ -212,7 +212,11 @@ describe('vm-disk serve', () => {
   });
 
   it('takes a qemu-storage-daemon command line unchanged and serves what qemu-storage-daemon serves', async () => {
-    const args = (image: string, sock: string) => [
+    const args = (image: string, sock: string, qmp: string) => [
+      '--chardev',
+      `socket,id=m0,path=${qmp},server=on,wait=off`,
+      '--monitor',
+      'chardev=m0',
       '--blockdev',
       `driver=file,node-name=f0,filename=${image}`,
       '--blockdev',
@@ -222,14 +226,22 @@ describe('vm-disk serve', () => {
       '--export',
       'type=nbd,id=e0,node-name=d0,name=disk,writable=on,description=differential',
     ];
-    const ours = { image: join(dir, 'ours.raw'), sock: join(dir, 'ours.sock') };
-    const theirs = { image: join(dir, 'theirs.raw'), sock: join(dir, 'theirs.sock') };
+    const ours = {
+      image: join(dir, 'ours.raw'),
+      sock: join(dir, 'ours.sock'),
+      qmp: join(dir, 'ours.qmp'),
+    };
+    const theirs = {
+      image: join(dir, 'theirs.raw'),
+      sock: join(dir, 'theirs.sock'),
+      qmp: join(dir, 'theirs.qmp'),
+    };
     const content = Buffer.alloc(8 << 20);
     for (let i = 0; i < content.length; i += 4096) content.writeUInt32BE(i, i);
     writeFileSync(ours.image, content);
     writeFileSync(theirs.image, content);
-    await serve(args(ours.image, ours.sock));
-    const qsd = await startQsd(args(theirs.image, theirs.sock), theirs.sock);
+    await serve(args(ours.image, ours.sock, ours.qmp));
+    const qsd = await startQsd(args(theirs.image, theirs.sock, theirs.qmp), theirs.qmp);
     running.push(qsd);
     const uri = (sock: string) => `nbd+unix:///disk?socket=${sock}`;
     const info = async (sock: string) => {
@@ -242,6 +254,31 @@ describe('vm-disk serve', () => {
       };
     };
     expect(await info(ours.sock)).toEqual(await info(theirs.sock));
+    // query-named-block-nodes: QEMU's fields, with QEMU's values.
+    const qmpOf = async (sock: string) => {
+      const { client } = await QmpTestClient.connect(sock);
+      await client.execute({ execute: 'qmp_capabilities' });
+      const nodes = (await client.execute({ execute: 'query-named-block-nodes' })).return as Record<
+        string,
+        unknown
+      >[];
+      client.close();
+      return nodes.sort((a, b) => String(a['node-name']).localeCompare(String(b['node-name'])));
+    };
+    const mine = await qmpOf(ours.qmp);
+    const reference = await qmpOf(theirs.qmp);
+    expect(mine.map((n) => n['node-name'])).toEqual(reference.map((n) => n['node-name']));
+    for (const [i, node] of reference.entries()) {
+      const m = mine[i] as Record<string, unknown>;
+      for (const key of Object.keys(node))
+        expect(m, `${node['node-name']}.${key}`).toHaveProperty(key);
+      for (const key of ['drv', 'ro', 'backing_file_depth', 'encrypted'])
+        expect(m[key], key).toEqual(node[key]);
+      expect((m.image as Record<string, unknown>)['virtual-size']).toEqual(
+        (node.image as Record<string, unknown>)['virtual-size'],
+      );
+    }
+    expect(mine.find((n) => n.drv === 'file')?.file).toBe(ours.image);
     for (const { sock } of [ours, theirs]) {
       await run('qemu-io', [
         '-f',

@@ -43,7 +43,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: Daemon): void {
   monitor.register({
     name: 'query-named-block-nodes',
     args: { flat: { type: 'bool' } },
-    run: () => daemon.graph.query(),
+    run: () => daemon.queryNamedBlockNodes(),
   });
   monitor.register({
     name: 'nbd-server-start',
