@@ -140,7 +140,7 @@ describe('vm-disk serve', () => {
       });
       const nodes = (await client.execute({ execute: 'query-named-block-nodes' })).return as {
         'node-name': string;
-        driver: string;
+        drv: string;
       }[];
       expect(nodes.map((n) => n.drv).sort()).toEqual(['file', 'raw']);
       expect(
