@@ -47,5 +47,6 @@ export { parsePskKeys } from './server-tls.ts';
 export type { FileTargetOptions } from './targets/file-target.ts';
 export { FileTarget } from './targets/file-target.ts';
 export { MemoryTarget } from './targets/memory-target.ts';
+export { listenUnixSocket } from './unix-socket.ts';
 export type { NbdTransport, NbdUri, NbdUriTls } from './uri.ts';
 export { NBD_DEFAULT_PORT, parseNbdUri } from './uri.ts';

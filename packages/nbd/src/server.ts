@@ -2,7 +2,7 @@
 // events. It serves any ExportTarget and knows nothing of what is behind one.
 
 import { EventEmitter } from 'node:events';
-import { chmod, unlink } from 'node:fs/promises';
+import { unlink } from 'node:fs/promises';
 import * as net from 'node:net';
 import { type AoHandle, type AoHow, type AoOptions, type AoPromise, runAo } from '@vmdisk/ao';
 import { BufferPool } from './buffer-pool.ts';
@@ -16,6 +16,7 @@ import { NbdError, NbdSystemError } from './errors.ts';
 import type { BlockSizeConstraints, ExportTarget } from './export-target.ts';
 import { MAX_PAYLOAD_BYTES, MAX_STRING_BYTES } from './protocol.ts';
 import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
+import { listenUnixSocket } from './unix-socket.ts';
 
 export type { ExportStats } from './connection.ts';
 
@@ -168,23 +169,22 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
     const where =
       'path' in options ? options.path : `${options.host ?? '127.0.0.1'}:${options.port}`;
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', (err) =>
-        reject(
-          new NbdSystemError('ERR_VMDISK_NBD_LISTEN_FAILED', `cannot listen on ${where}`, err),
-        ),
-      );
-      if ('path' in options) server.listen(options.path, resolve);
-      else server.listen(options.port, options.host ?? '127.0.0.1', resolve);
-    });
+    try {
+      if ('path' in options) {
+        await listenUnixSocket(server, options.path, options.mode ?? 0o600);
+      } else {
+        await new Promise<void>((resolve, reject) => {
+          server.once('error', reject);
+          server.listen(options.port, options.host ?? '127.0.0.1', resolve);
+        });
+      }
+    } catch (err) {
+      server.close();
+      throw new NbdSystemError('ERR_VMDISK_NBD_LISTEN_FAILED', `cannot listen on ${where}`, err);
+    }
     server.on('error', () => {});
     if ('path' in options) {
       this.sockets.push({ server, path: options.path });
-      try {
-        await chmod(options.path, options.mode ?? 0o600);
-      } catch (err) {
-        throw new NbdSystemError('ERR_VMDISK_NBD_LISTEN_FAILED', `cannot chmod ${where}`, err);
-      }
       return { path: options.path };
     }
     this.sockets.push({ server });

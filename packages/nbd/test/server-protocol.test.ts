@@ -895,6 +895,35 @@ describe('NbdServer over a raw socket', () => {
     tmp.cleanup();
   });
 
+  it('replaces a stale socket at the path, refuses a regular file there, and leaves nothing behind', async () => {
+    const { existsSync, readdirSync, readFileSync, writeFileSync } = await import('node:fs');
+    const tmp = tempDir();
+    const path = `${tmp.dir}/nbd.sock`;
+    const first = new NbdServer();
+    first.addExport({ name: 'u', target: new MemoryTarget(65536) });
+    await first.listen({ path });
+    // A crashed server leaves its socket file: the next one takes the path over.
+    const second = new NbdServer();
+    second.addExport({ name: 'u', target: new MemoryTarget(65536) });
+    await second.listen({ path, mode: 0o660 });
+    const nbd = await RawNbd.connectPath(path);
+    await nbd.handshake();
+    expect((await nbd.go('u')).pop()!.type).toBe(OptionReply.ACK);
+    nbd.destroy();
+    const file = `${tmp.dir}/not-a-socket`;
+    writeFileSync(file, 'keep me');
+    const third = new NbdServer();
+    await expect(third.listen({ path: file })).rejects.toMatchObject({
+      code: 'ERR_VMDISK_NBD_LISTEN_FAILED',
+      errnoName: 'EADDRINUSE',
+    });
+    expect(readFileSync(file, 'utf8')).toBe('keep me');
+    expect(readdirSync(tmp.dir).sort()).toEqual(['nbd.sock', 'not-a-socket']);
+    await Promise.all([first.close(), second.close(), third.close()]);
+    expect(existsSync(path)).toBe(false);
+    tmp.cleanup();
+  });
+
   it('fails listen on an address in use with the system errno', async () => {
     const server = new NbdServer();
     await expect(server.listen({ port: s.port })).rejects.toMatchObject({

@@ -4,8 +4,8 @@
 // QMP client written for qemu-storage-daemon drives vm-disk unchanged. Commands of one
 // connection run one at a time, in order, as QEMU runs them (no out-of-band execution).
 import { EventEmitter } from 'node:events';
-import { chmodSync, rmSync } from 'node:fs';
 import net from 'node:net';
+import { listenUnixSocket } from '@vmdisk/nbd';
 import { checkStruct, type Schema, SchemaError } from '../options/schema.ts';
 import { JsonStreamSplitter } from './json-stream.ts';
 
@@ -146,18 +146,10 @@ export class QmpMonitor extends EventEmitter {
     for (const c of this.connections) if (c.negotiated) c.send(message);
   }
 
-  /** Listens on a unix socket (mode 0600), replacing a stale socket file. */
+  /** Listens on a unix socket (mode 0600, set before anyone can connect), replacing a stale one. */
   async listen(path: string, options: { pretty?: boolean } = {}): Promise<void> {
-    rmSync(path, { force: true });
     const server = net.createServer((socket) => this.attach(socket, options.pretty ?? false));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(path, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-    chmodSync(path, 0o600);
+    await listenUnixSocket(server, path);
     this.servers.push(server);
   }
 
