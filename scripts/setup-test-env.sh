@@ -6,7 +6,7 @@
 # Usage: scripts/setup-test-env.sh   (prints the base image tag on stdout)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-APT_PACKAGES=(qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit fio docker.io debootstrap e2fsprogs fuse3)
+APT_PACKAGES=(qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit fio docker.io debootstrap e2fsprogs fuse3 openssl)
 RUNTIME_NAME=vmdisk-runc
 RUNTIME_PATH=/usr/local/libexec/vm-disk/runc-nosysresource
 DOCKERD_LOG=/var/log/vm-disk-dockerd.log
@@ -26,7 +26,7 @@ ensure_apt_packages() {
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get install -y -q "${missing[@]}" >/dev/null
 }
 
 # CAP_SYS_RESOURCE is capability 24: is it in this process's bounding set?
