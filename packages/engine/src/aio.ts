@@ -13,7 +13,7 @@
 // length made smaller (IoRequest.complete), errno comes back as -errno (native.ts), and a
 // failed io_submit frees the slots of what it did not take and completes or requeues those
 // requests.
-import koffi, { type node } from 'koffi';
+import { CompletionPoller } from './completion-poller.ts';
 import { IoError } from './errors.ts';
 import {
   addressOf,
@@ -64,9 +64,8 @@ export class AioBackend implements Backend {
   private count = 0;
   private flushScheduled = false;
   private reapScheduled = false;
-  private referenced = false;
   private destroyed = false;
-  private readonly poller: node.PollHandle;
+  private readonly poller: CompletionPoller;
   private readonly fallback = new ThreadPoolBackend();
   /** Buffered reads/writes that RWF_NOWAIT sent to the thread pool (they would block). */
   nowaitFallbacks = 0;
@@ -95,8 +94,7 @@ export class AioBackend implements Backend {
     this.slots = new Array(nr).fill(undefined);
     this.nowait = new Array(nr).fill(false);
     for (let i = nr - 1; i >= 0; i--) this.free.push(i);
-    this.poller = koffi.node.poll(efd, { readable: true }, () => this.reap());
-    this.poller.unref();
+    this.poller = new CompletionPoller(efd, () => this.reap());
   }
 
   get inFlight(): number {
@@ -266,12 +264,7 @@ export class AioBackend implements Backend {
   }
 
   private updateRef(): void {
-    const busy = this.count > 0;
-    if (busy !== this.referenced) {
-      this.referenced = busy;
-      if (busy) this.poller.ref();
-      else this.poller.unref();
-    }
+    this.poller.setBusy(this.count > 0);
   }
 
   destroy(): void {

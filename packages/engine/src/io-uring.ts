@@ -22,7 +22,7 @@
 // setup retried. Never SINGLE_ISSUER or DEFER_TASKRUN: with DEFER_TASKRUN completions are
 // only posted when the submitting task calls io_uring_enter(GETEVENTS), and a poll on the
 // ring fd would never fire.
-import koffi, { type node } from 'koffi';
+import { CompletionPoller } from './completion-poller.ts';
 import { EngineError, ErrorCode, IoError } from './errors.ts';
 import {
   addressOf,
@@ -126,9 +126,8 @@ export class IoUringBackend implements Backend {
   private count = 0;
   private flushScheduled = false;
   private reapScheduled = false;
-  private referenced = false;
   private destroyed = false;
-  private readonly poller: node.PollHandle;
+  private readonly poller: CompletionPoller;
   private readonly fallback = new ThreadPoolBackend();
   /** Reads/writes submitted as READ_FIXED/WRITE_FIXED. */
   fixedIos = 0;
@@ -228,8 +227,7 @@ export class IoUringBackend implements Backend {
       bufferTable: ops.fixed && this.bufferTable(),
       registeredBuffers: 0,
     };
-    this.poller = koffi.node.poll(fd, { readable: true }, () => this.reap());
-    this.poller.unref();
+    this.poller = new CompletionPoller(fd, () => this.reap());
   }
 
   private map(size: number, offset: number): Mapping {
@@ -528,12 +526,7 @@ export class IoUringBackend implements Backend {
   }
 
   private updateRef(): void {
-    const busy = this.count > 0;
-    if (busy !== this.referenced) {
-      this.referenced = busy;
-      if (busy) this.poller.ref();
-      else this.poller.unref();
-    }
+    this.poller.setBusy(this.count > 0);
   }
 
   destroy(): void {
