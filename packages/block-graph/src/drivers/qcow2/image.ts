@@ -118,6 +118,20 @@ type Segment =
   | { kind: 'backing'; guest: number; length: number }
   | { kind: 'compressed'; guest: number; length: number; entry: L2Entry; within: number };
 
+/** What mapRead answers for the first segment of a range. */
+function readMappingOf(s: Segment): Qcow2ReadMapping {
+  switch (s.kind) {
+    case 'data':
+      return { length: s.length, kind: 'data', host: s.host };
+    case 'zero':
+      return { length: s.length, kind: 'zero' };
+    case 'backing':
+      return { length: s.length, kind: 'unallocated' };
+    default:
+      return { length: s.length, kind: 'compressed' };
+  }
+}
+
 interface PendingFree {
   offset: number;
   bytes: number;
@@ -1033,17 +1047,7 @@ export class Qcow2Image {
     } catch {
       return null; // a corrupt entry: the asynchronous path reports it
     }
-    const s0 = out[0]!;
-    switch (s0.kind) {
-      case 'data':
-        return { length: s0.length, kind: 'data', host: s0.host };
-      case 'zero':
-        return { length: s0.length, kind: 'zero' };
-      case 'backing':
-        return { length: s0.length, kind: 'unallocated' };
-      default:
-        return { length: s0.length, kind: 'compressed' };
-    }
+    return readMappingOf(out[0]!);
   }
 
   /**
@@ -1097,17 +1101,7 @@ export class Qcow2Image {
     try {
       const l2End = (Math.floor(offset / this.geom.l2Span) + 1) * this.geom.l2Span;
       const segs = await this.#mapRange(offset, Math.min(length, l2End - offset), true);
-      const s = segs[0]!;
-      switch (s.kind) {
-        case 'data':
-          return { length: s.length, kind: 'data', host: s.host };
-        case 'zero':
-          return { length: s.length, kind: 'zero' };
-        case 'backing':
-          return { length: s.length, kind: 'unallocated' };
-        default:
-          return { length: s.length, kind: 'compressed' };
-      }
+      return readMappingOf(segs[0]!);
     } finally {
       this.#leave(g);
     }
