@@ -1,9 +1,10 @@
 // `vm-disk demo`: the built-in default. Creates (once) a small raw base image with
 // recognisable content and a qcow2 overlay on it in a data directory, serves the overlay
 // over NBD with a QMP monitor, and prints what to try. Stops cleanly on Ctrl-C.
-import { existsSync, mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
+import { sharedEngine } from '@vmdisk/engine';
 import { Daemon } from './daemon.ts';
 import { BadOptionError } from './errors.ts';
 import { create } from './images.ts';
@@ -27,7 +28,6 @@ async function makeImages(
   if (!existsSync(base)) {
     mkdirSync(dir, { recursive: true });
     await create(['-q', '-f', 'raw', `${base}.tmp`, String(BASE_SIZE)], out);
-    const { sharedEngine } = await import('@vmdisk/engine');
     const file = await (await sharedEngine()).openFile(`${base}.tmp`);
     try {
       for (let mib = 0; mib < BASE_SIZE / MiB; mib++)
@@ -36,7 +36,6 @@ async function makeImages(
     } finally {
       await file.close();
     }
-    const { renameSync } = await import('node:fs');
     renameSync(`${base}.tmp`, base);
   }
   if (!existsSync(overlay))
