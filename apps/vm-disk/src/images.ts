@@ -7,6 +7,7 @@ import {
   BlockGraph,
   createQcow2,
   type Extent,
+  ImageLockError,
   parseQcow2Header,
   type Qcow2CreateOptions,
 } from '@vmdisk/block-graph';
@@ -120,7 +121,7 @@ export async function create(argv: readonly string[], out: NodeJS.WritableStream
         ? sizeArg('-o', o.size)
         : undefined;
   if (size === undefined && backingFile !== undefined)
-    size = (await describe(backingFile)).virtualSize;
+    size = (await describe(backingFile, true)).virtualSize; // as qemu-img: force-share
   if (size === undefined) throw new BadOptionError('create', 'expected an image size');
 
   const preallocation = o.preallocation ?? 'off';
@@ -215,8 +216,57 @@ export interface ImageDescription {
   formatSpecific?: { type: string; data: Record<string, unknown> };
 }
 
-export async function describe(path: string): Promise<ImageDescription> {
+/**
+ * Opens the image at `path` read-only in a graph of its own, as qemu-img opens what it reads:
+ * its image locks taken, so that a format image another process writes is refused (its
+ * format node shares no write of the file it owns) unless `forceShare` (qemu-img's -U). A
+ * raw image is never refused: nobody owns its metadata. Without `backing`, a qcow2 image's
+ * backing file is not opened.
+ */
+async function openForReading(
+  path: string,
+  format: Format,
+  forceShare: boolean,
+  backing: boolean,
+): Promise<BlockGraph> {
+  const graph = new BlockGraph();
+  try {
+    await graph.add({
+      driver: format,
+      'node-name': 'image',
+      'read-only': true,
+      'force-share': forceShare,
+      file: { driver: 'file', filename: path },
+      ...(format === 'qcow2' && !backing && { backing: null }),
+    });
+    return graph;
+  } catch (e) {
+    await graph.close();
+    throw couldNotOpen(path, e);
+  }
+}
+
+/** A lock refusal as qemu-img words it: "Could not open 'PATH': Failed to get ... lock". */
+function couldNotOpen(path: string, e: unknown): unknown {
+  if (!(e instanceof ImageLockError)) return e;
+  return new ImageLockError(`Could not open '${path}': ${e.message}`, path, { cause: e });
+}
+
+export async function describe(path: string, forceShare = false): Promise<ImageDescription> {
   const format = await probeFormat(path);
+  const graph = await openForReading(path, format, forceShare, false);
+  try {
+    return await describeOpen(path, format, graph);
+  } finally {
+    await graph.close();
+  }
+}
+
+async function describeOpen(
+  path: string,
+  format: Format,
+  graph: BlockGraph,
+): Promise<ImageDescription> {
   const st = await stat(path);
   const base = { filename: path, format, actualSize: st.blocks * 512, dirty: false };
   if (format === 'qcow2') {
@@ -251,19 +301,7 @@ export async function describe(path: string): Promise<ImageDescription> {
       formatSpecific: { type: 'qcow2', data },
     };
   }
-  if (format === 'bochs') {
-    const graph = new BlockGraph();
-    try {
-      const node = await graph.add({
-        driver: 'bochs',
-        'node-name': 'image',
-        file: { driver: 'file', filename: path },
-      });
-      return { ...base, virtualSize: node.size() };
-    } finally {
-      await graph.close();
-    }
-  }
+  if (format === 'bochs') return { ...base, virtualSize: graph.node('image').size() };
   return { ...base, virtualSize: st.size };
 }
 
@@ -295,14 +333,17 @@ const human = (n: number): string => {
 export async function info(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
   const { values, positionals } = parseArgs({
     args: [...argv],
-    options: { output: { type: 'string', default: 'human' } },
+    options: {
+      output: { type: 'string', default: 'human' },
+      'force-share': { type: 'boolean', short: 'U', default: false },
+    },
     allowPositionals: true,
   });
   const path = positionals[0];
   if (!path || positionals.length > 1) throw new BadOptionError('info', 'expected one FILE');
   if (values.output !== 'human' && values.output !== 'json')
     throw new BadOptionError('--output', 'human or json');
-  const d = await describe(path);
+  const d = await describe(path, values['force-share']);
   if (values.output === 'json') {
     out.write(`${JSON.stringify(infoJson(d), null, 4)}\n`);
     return 0;
@@ -337,18 +378,17 @@ export interface MapEntry {
 }
 
 /** The allocation of an image through its whole backing chain, merged as qemu-img map merges it. */
-export async function mapImage(path: string): Promise<MapEntry[]> {
+export async function mapImage(path: string, forceShare = false): Promise<MapEntry[]> {
   const format = await probeFormat(path);
-  const graph = new BlockGraph();
+  const graph = await openForReading(path, format, forceShare, true);
   try {
-    await graph.add({
-      driver: format,
-      'node-name': 'image',
-      'read-only': true,
-      file: { driver: 'file', filename: path },
-    });
     const chainLength = graph.query().filter((n) => n.driver !== 'file').length;
-    const backend = await graph.createBackend('image', { name: 'map', maxExtents: 65536 });
+    const backend = await graph.createBackend('image', {
+      name: 'map',
+      maxExtents: 65536,
+      perm: ['consistent-read'],
+      shared: ['consistent-read', 'write', 'write-unchanged', 'resize'],
+    });
     const size = backend.size();
     const entries: MapEntry[] = [];
     for (let offset = 0; offset < size; ) {
@@ -390,14 +430,17 @@ export async function mapImage(path: string): Promise<MapEntry[]> {
 export async function map(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
   const { values, positionals } = parseArgs({
     args: [...argv],
-    options: { output: { type: 'string', default: 'human' } },
+    options: {
+      output: { type: 'string', default: 'human' },
+      'force-share': { type: 'boolean', short: 'U', default: false },
+    },
     allowPositionals: true,
   });
   const path = positionals[0];
   if (!path || positionals.length > 1) throw new BadOptionError('map', 'expected one FILE');
   if (values.output !== 'human' && values.output !== 'json')
     throw new BadOptionError('--output', 'human or json');
-  const entries = await mapImage(path);
+  const entries = await mapImage(path, values['force-share']);
   if (values.output === 'json') {
     out.write(`[${entries.map((e) => JSON.stringify(e)).join(',\n')}]\n`);
     return 0;

@@ -23,10 +23,12 @@ Usage:
   vm-disk create [-f raw|qcow2] [-o KEY=VALUE,...] [-b BACKING [-F FMT]] FILE [SIZE]
                             make an image (qcow2 options as qemu-img's: cluster_size,
                             compat, lazy_refcounts, extended_l2, preallocation, refcount_bits)
-  vm-disk info [--output=human|json] FILE
+  vm-disk info [--output=human|json] [-U] FILE
                             describe an image (format, sizes, backing file, qcow2 features)
-  vm-disk map [--output=human|json] FILE
+  vm-disk map [--output=human|json] [-U] FILE
                             where the image's data is: allocated, zero, or unallocated, by depth
+                            (-U, --force-share: read an image another process may be writing;
+                            without it, an image in use is refused, as qemu-img refuses it)
   vm-disk --help | --version
 
 Logs go to stderr: JSON lines, or readable lines on a terminal (VMDISK_LOG_FORMAT=json|pretty,
@@ -72,8 +74,10 @@ export async function main(
       if (e instanceof BadOptionError) err.write(`Try 'vm-disk --help'.\n`);
       return e instanceof BadOptionError ? 2 : 1;
     }
-    const error = e as { code?: string; message?: string };
+    const error = e as { code?: string; message?: string; hint?: unknown };
     err.write(`vm-disk: ${error.message ?? String(e)}${error.code ? ` (${error.code})` : ''}\n`);
+    // QEMU prints hints on their own line (e.g. "Is another process using the image [x]?").
+    if (typeof error.hint === 'string') err.write(`${error.hint}\n`);
     return 1;
   }
 }

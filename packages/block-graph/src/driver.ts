@@ -140,6 +140,19 @@ interface InstanceBase {
   close?(): Promise<void>;
   /** Extra fields for query-named-block-nodes (e.g. { file: '/x.img' }). */
   info?(): Record<string, unknown>;
+  /**
+   * Permission changes, for a driver that holds something outside the process for its
+   * users' permissions (the file driver's image locks): QEMU's bdrv_check_perm, set_perm and
+   * abort_perm_update. Called synchronously under the graph's write lock, from the first
+   * change after open() on, with the cumulative permissions the node's parents take (perm)
+   * and share (shared), as permissions.ts bits. checkPerm may refuse by throwing a
+   * BlockError (it undoes its own partial work first; nothing changes); after a check that
+   * passed comes exactly one of setPerm (the change is made) or abortPerm (it is not:
+   * another node refused).
+   */
+  checkPerm?(perm: number, shared: number): void;
+  setPerm?(perm: number, shared: number): void;
+  abortPerm?(): void;
 }
 
 /** Block status of a range at a protocol node. */

@@ -41,6 +41,11 @@ export const BlockErrorCode = {
   OBJECT_IN_USE: 'ERR_VMDISK_BLOCK_OBJECT_IN_USE',
   /** The backend or graph is closed. */
   CLOSED: 'ERR_VMDISK_BLOCK_CLOSED',
+  /**
+   * Another process's image lock refuses a permission (QEMU's "Failed to get "write"
+   * lock"): an ImageLockError, whose `hint` asks whether another process uses the image.
+   */
+  IMAGE_LOCKED: 'ERR_VMDISK_BLOCK_IMAGE_LOCKED',
 } as const;
 
 export type BlockErrorCodeValue = (typeof BlockErrorCode)[keyof typeof BlockErrorCode];
@@ -95,6 +100,17 @@ export class BlockOptionError extends BlockError {
   constructor(key: string, why: string) {
     super(BlockErrorCode.BAD_OPTION, `Invalid option '${key}': ${why}`);
     this.key = key;
+  }
+}
+
+/** The error of a permission that another process's lock refuses. */
+export class ImageLockError extends BlockError {
+  override name = 'ImageLockError';
+  /** What QEMU prints after the message on its command line (not in QMP replies). */
+  readonly hint: string;
+  constructor(message: string, path: string, options?: ErrorOptions) {
+    super(BlockErrorCode.IMAGE_LOCKED, message, { ...options, errnoName: 'EAGAIN' });
+    this.hint = `Is another process using the image [${path}]?`;
   }
 }
 

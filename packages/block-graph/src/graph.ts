@@ -444,7 +444,24 @@ export class BlockGraph {
       discard: spec.discard ?? inherited?.discard ?? 'ignore',
       detectZeroes: spec.detectZeroes ?? 'off',
       autoReadOnly: spec.autoReadOnly ?? inherited?.autoReadOnly ?? false,
+      forceShare: spec.forceShare ?? inherited?.forceShare ?? false,
     };
+    if (settings.forceShare && !settings.readOnly) {
+      throw new BlockOptionError(
+        `${spec.path}force-share`,
+        'force-share=on can only be used with read-only images',
+      );
+    }
+    // Children inherit cache, read-only and force-share; lower layers default to
+    // discard=unmap (the policy is the top's); backing files default to read-only.
+    const childSettings = (cow: boolean): Partial<NodeSettings> => ({
+      readOnly: cow ? true : settings.readOnly,
+      direct: settings.direct,
+      noFlush: settings.noFlush,
+      discard: 'unmap',
+      autoReadOnly: settings.autoReadOnly,
+      forceShare: settings.forceShare,
+    });
     const name = spec.nodeName ?? this.newName();
     const node = new BlockNode(name, spec.driver.name, settings, spec.raw, this);
     const edges: BdrvChild[] = [];
@@ -458,16 +475,7 @@ export class BlockGraph {
         if (typeof c === 'string') {
           child = this.node(c);
         } else {
-          // Children inherit cache and read-only settings; lower layers default to
-          // discard=unmap (the policy is the top's); backing files default to read-only.
-          const cow = roles.includes('cow');
-          child = await this.open(c, {
-            readOnly: cow ? true : settings.readOnly,
-            direct: settings.direct,
-            noFlush: settings.noFlush,
-            discard: 'unmap',
-            autoReadOnly: settings.autoReadOnly,
-          });
+          child = await this.open(c, childSettings(roles.includes('cow')));
           child.refcount--; // the edge below takes the reference open() handed out
         }
         const edge = new BdrvChild(key, roles, node, child);
@@ -522,14 +530,7 @@ export class BlockGraph {
           const childSpec = checkOptions(options, this.drivers, `${spec.path}${key}.`);
           this.checkNames(childSpec, new Set());
           const roles = cs.roles(spec.options);
-          const cow = roles.includes('cow');
-          const child = await this.open(childSpec, {
-            readOnly: cow ? true : settings.readOnly,
-            direct: settings.direct,
-            noFlush: settings.noFlush,
-            discard: 'unmap',
-            autoReadOnly: settings.autoReadOnly,
-          });
+          const child = await this.open(childSpec, childSettings(roles.includes('cow')));
           const edge = new BdrvChild(key, roles, node, child);
           this.link(edge); // takes over the reference open() handed out
           edges.push(edge);
@@ -547,11 +548,12 @@ export class BlockGraph {
           return edge;
         },
       };
-      const wasReadOnly = settings.readOnly;
       const instance = await spec.driver.open(ctx);
       try {
-        if (settings.readOnly !== wasReadOnly) this.refreshPermissions();
         node.setInstance(instance);
+        // Again: auto-read-only may have made the node read-only, and the instance now
+        // takes what its parents hold (the file driver's image locks).
+        this.refreshPermissions();
       } catch (err) {
         await instance.close?.();
         throw err;
@@ -628,6 +630,29 @@ export class BlockGraph {
     };
     walk(node);
     return out;
+  }
+
+  /**
+   * Tells the instances that hold something for their permissions (image locks) about the
+   * new ones, as one transaction: every check first; when one refuses, the others are
+   * aborted and the refusal thrown; then every change is committed.
+   */
+  private applyNodePerms(nodePerm: Map<BlockNode, { perm: number; shared: number }>): void {
+    const checked: BlockNode[] = [];
+    try {
+      for (const [n, p] of nodePerm) {
+        if (!n.instance?.checkPerm) continue;
+        n.instance.checkPerm(p.perm, p.shared);
+        checked.push(n);
+      }
+    } catch (err) {
+      for (const n of checked) n.instance!.abortPerm?.();
+      throw err;
+    }
+    for (const n of checked) {
+      const p = nodePerm.get(n)!;
+      n.instance!.setPerm?.(p.perm, p.shared);
+    }
   }
 
   /**
@@ -710,9 +735,11 @@ export class BlockGraph {
         const p = driver?.childPerms
           ? driver.childPerms(c.roles, perm, shared, !n.readOnly)
           : defaultChildPerms(c.roles, perm, shared, !n.readOnly);
+        if (c.node.settings.forceShare) p.shared = BLK_PERM_ALL;
         edgePerm.set(c, p);
       }
     }
+    this.applyNodePerms(nodePerm);
     for (const [e, p] of edgePerm) {
       e.perm = p.perm;
       e.shared = p.shared;

@@ -44,6 +44,7 @@ export {
   BlockOptionError,
   errnoName,
   errnoNumber,
+  ImageLockError,
   Qcow2CorruptError,
   Qcow2Error,
   Qcow2ErrorCode,

@@ -79,6 +79,11 @@ export interface NodeSettings {
   detectZeroes: 'off' | 'on' | 'unmap';
   /** Fall back to read-only when the storage cannot be opened for writing. */
   autoReadOnly: boolean;
+  /**
+   * force-share: parents share every permission on this node whatever they would share
+   * (read-only nodes only): how qemu-img -U reads an image another process writes.
+   */
+  forceShare: boolean;
 }
 
 const ZERO_CHUNK = 1 << 20;

@@ -13,6 +13,7 @@ export interface NodeSpec {
   nodeName?: string;
   readOnly?: boolean;
   autoReadOnly?: boolean;
+  forceShare?: boolean;
   direct?: boolean;
   noFlush?: boolean;
   discard?: 'ignore' | 'unmap';
@@ -31,6 +32,7 @@ const COMMON = new Set([
   'node-name',
   'read-only',
   'auto-read-only',
+  'force-share',
   'cache',
   'discard',
   'detect-zeroes',
@@ -132,6 +134,9 @@ export function checkOptions(
   if (ro !== undefined) spec.readOnly = ro;
   if (raw['auto-read-only'] !== undefined) {
     spec.autoReadOnly = keyBool(raw['auto-read-only'], key('auto-read-only'));
+  }
+  if (raw['force-share'] !== undefined) {
+    spec.forceShare = keyBool(raw['force-share'], key('force-share'));
   }
   if (driver.readOnlyOnly) {
     if (ro === false) {

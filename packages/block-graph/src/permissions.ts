@@ -57,9 +57,11 @@ export function defaultChildPerms(
     s |= BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED;
     return { perm: perm & BLK_PERM_CONSISTENT_READ, shared: s };
   }
-  // Storage (data, metadata) and filtered children: what the parents want passes through.
+  // What the parents want passes through; a filtered child (a filter's, or raw's without
+  // offset or size) gets exactly that, storage (data, metadata) more below.
   let p = perm & PASSTHROUGH;
   let s = shared & PASSTHROUGH;
+  if (roles.includes('filtered')) return { perm: p, shared: s };
   if (roles.includes('metadata')) {
     // A format touches its metadata even when nobody writes guest data, and nobody else may
     // write under it.
@@ -68,8 +70,12 @@ export function defaultChildPerms(
     s &= ~(BLK_PERM_WRITE | BLK_PERM_RESIZE);
   }
   if (roles.includes('data')) {
-    if (p & BLK_PERM_WRITE) p |= BLK_PERM_WRITE_UNCHANGED;
-    if (s & BLK_PERM_WRITE) s |= BLK_PERM_WRITE_UNCHANGED;
+    // The format may assume the size it knows (nobody else resizes), may have to write
+    // even an unchanged write (copy on read allocates), and grows the file by writing past
+    // its end.
+    s &= ~BLK_PERM_RESIZE;
+    if (p & BLK_PERM_WRITE_UNCHANGED) p |= BLK_PERM_WRITE;
+    if (p & BLK_PERM_WRITE) p |= BLK_PERM_RESIZE;
   }
   return { perm: p, shared: s };
 }

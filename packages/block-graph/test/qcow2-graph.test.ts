@@ -20,7 +20,8 @@ afterAll(async () => {
 });
 
 async function rawOf(path: string): Promise<Uint8Array> {
-  await must('qemu-img', ['convert', '-O', 'raw', path, `${path}.raw`]);
+  // -U: the graph still holds the image open.
+  await must('qemu-img', ['convert', '-U', '-O', 'raw', path, `${path}.raw`]);
   return new Uint8Array(await readFile(`${path}.raw`));
 }
 

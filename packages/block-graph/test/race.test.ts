@@ -24,7 +24,14 @@ describe('graph changes against requests in flight', () => {
     // O_DIRECT: the writes below are unaligned, so each is a read-modify-write that holds its
     // file node across several I/Os (a graph change that did not drain would close the file
     // under it).
-    await g.add({ driver: 'file', 'node-name': 'f0', filename: path, cache: { direct: true } });
+    // Two file nodes on one file take turns as the child: no image locks between them.
+    await g.add({
+      driver: 'file',
+      'node-name': 'f0',
+      filename: path,
+      locking: 'off',
+      cache: { direct: true },
+    });
     await g.add({ driver: 'raw', 'node-name': 'disk', file: 'f0' });
     const b = await g.createBackend('disk', { write: true });
     // What each block holds now: the seed of its pattern.
@@ -43,7 +50,13 @@ describe('graph changes against requests in flight', () => {
         // (its file is closed: a request still using it would fail).
         const old = `f${fileSeq}`;
         const next = `f${++fileSeq}`;
-        await g.add({ driver: 'file', 'node-name': next, filename: path, cache: { direct: true } });
+        await g.add({
+          driver: 'file',
+          'node-name': next,
+          filename: path,
+          locking: 'off',
+          cache: { direct: true },
+        });
         await g.replaceChild('disk', 'file', next);
         await g.del(old);
         changes += 3;

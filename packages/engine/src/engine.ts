@@ -10,11 +10,16 @@ import {
   addressOf,
   directAlignment,
   ENXIO,
+  F_RDLCK,
+  F_UNLCK,
+  F_WRLCK,
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
   lseek,
   lseekAsync,
+  ofdGetLock,
+  ofdSetLock,
   SEEK_DATA,
   SEEK_END,
   SEEK_HOLE,
@@ -85,9 +90,29 @@ export interface EngineFile {
   seekData(offset: number): Promise<number | null>;
   /** lseek SEEK_HOLE: the next hole offset at or after `offset`; null when none. */
   seekHole(offset: number): Promise<number | null>;
+  /**
+   * Takes ('shared', 'exclusive') or drops ('unlock') a byte-range lock on the file: an
+   * open file description lock (F_OFD_SETLK), held by this open file until it is dropped or
+   * the file closes. Synchronous, unlike the rest (it never waits): throws an IoError
+   * (errnoName 'EAGAIN' when another open file holds a conflicting lock).
+   */
+  setLock(type: LockType, start: number, length: number): void;
+  /**
+   * Whether another open file holds a lock that conflicts with taking `type` on the range
+   * (F_OFD_GETLK; 'exclusive' conflicts with any lock). Synchronous; throws an IoError.
+   */
+  lockConflicts(type: Exclude<LockType, 'unlock'>, start: number, length: number): boolean;
   /** Waits for this file's in-flight requests, then closes the fd. */
   close(): Promise<void>;
 }
+
+export type LockType = 'shared' | 'exclusive' | 'unlock';
+
+const LOCK_TYPES: Record<LockType, number> = {
+  shared: F_RDLCK,
+  exclusive: F_WRLCK,
+  unlock: F_UNLCK,
+};
 
 const IOV_MAX = 1024;
 const BACKENDS: readonly BackendName[] = ['io_uring', 'aio', 'threadpool'];
@@ -101,6 +126,14 @@ function checkOffset(what: string, offset: number): EngineError | null {
     return invalid(`${what}: offset must be a non-negative integer, got ${offset}`);
   }
   return null;
+}
+
+function checkLockRange(type: string, start: number, length: number): EngineError | null {
+  if (!Object.hasOwn(LOCK_TYPES, type)) return invalid(`lock: unknown type '${type}'`);
+  if (!Number.isSafeInteger(length) || length <= 0) {
+    return invalid(`lock: length must be a positive integer, got ${length}`);
+  }
+  return checkOffset('lock', start);
 }
 
 class EngineFileImpl implements EngineFile {
@@ -294,6 +327,23 @@ class EngineFileImpl implements EngineFile {
 
   seekHole(offset: number): Promise<number | null> {
     return this.seek(offset, SEEK_HOLE, 'seekHole');
+  }
+
+  setLock(type: LockType, start: number, length: number): void {
+    // A closed file's locks went with it: dropping one is done already.
+    if (type === 'unlock' && this.closed) return;
+    const err = this.refuse() ?? checkLockRange(type, start, length);
+    if (err) throw err;
+    const r = ofdSetLock(this.fd, LOCK_TYPES[type], start, length);
+    if (r < 0) throw new IoError(-r, 'fcntl', { path: this.path, offset: start, length });
+  }
+
+  lockConflicts(type: Exclude<LockType, 'unlock'>, start: number, length: number): boolean {
+    const err = this.refuse() ?? checkLockRange(type, start, length);
+    if (err) throw err;
+    const r = ofdGetLock(this.fd, LOCK_TYPES[type], start, length);
+    if (r < 0) throw new IoError(-r, 'fcntl', { path: this.path, offset: start, length });
+    return r !== F_UNLCK;
   }
 
   close(): Promise<void> {

@@ -5,6 +5,7 @@ export type {
   EngineFile,
   EngineOptions,
   FallocateMode,
+  LockType,
   OpenFileOptions,
 } from './engine.ts';
 export { openEngine, sharedEngine } from './engine.ts';

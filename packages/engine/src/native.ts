@@ -15,6 +15,7 @@ export const SYS = {
   io_uring_setup: 425,
   io_uring_enter: 426,
   io_uring_register: 427,
+  fcntl: 72,
 } as const;
 
 export const EINTR = 4;
@@ -248,4 +249,42 @@ export function directAlignment(fd: number): number {
     }
   }
   return 4096;
+}
+
+// Open file description locks (fcntl F_OFD_*): byte-range locks owned by the open file, not
+// the process, so two opens of one file in one process conflict as two processes do, and
+// closing another fd of the file does not drop them. They are what QEMU's image locking uses.
+const F_OFD_GETLK = 36;
+const F_OFD_SETLK = 37;
+export const F_RDLCK = 0;
+export const F_WRLCK = 1;
+export const F_UNLCK = 2;
+
+// struct flock on x86_64: short l_type, short l_whence, (pad), off_t l_start, off_t l_len,
+// pid_t l_pid (must be 0 for OFD locks), (pad): 32 bytes.
+const flock = new Uint8Array(32);
+const flockView = new DataView(flock.buffer);
+
+function setFlock(type: number, start: number, length: number): void {
+  flock.fill(0);
+  flockView.setInt16(0, type, true);
+  flockView.setInt16(2, 0, true); // SEEK_SET
+  flockView.setBigInt64(8, BigInt(start), true);
+  flockView.setBigInt64(16, BigInt(length), true);
+}
+
+/** F_OFD_SETLK (never waits): 0, or -errno (-EAGAIN: another open file holds a conflicting lock). */
+export function ofdSetLock(fd: number, type: number, start: number, length: number): number {
+  setFlock(type, start, length);
+  return ret(syscall4p(SYS.fcntl, fd, F_OFD_SETLK, flock, 0));
+}
+
+/**
+ * F_OFD_GETLK: the type of a lock another open file holds that would conflict with taking
+ * `type` on the range (F_UNLCK: none), or -errno.
+ */
+export function ofdGetLock(fd: number, type: number, start: number, length: number): number {
+  setFlock(type, start, length);
+  const r = ret(syscall4p(SYS.fcntl, fd, F_OFD_GETLK, flock, 0));
+  return r < 0 ? r : flockView.getInt16(0, true);
 }

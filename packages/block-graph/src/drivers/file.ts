@@ -1,10 +1,12 @@
 // The `file` protocol driver: a host file through @vmdisk/engine (io_uring, Linux AIO or
 // the thread pool), O_DIRECT with cache.direct, discard by punching holes, write-zeroes by
-// punching or zeroing ranges, block status by SEEK_DATA/SEEK_HOLE.
+// punching or zeroing ranges, block status by SEEK_DATA/SEEK_HOLE; image locks as QEMU's
+// (file-lock.ts) for the permissions its parents hold, unless locking=off.
 
 import type { EngineFile } from '@vmdisk/engine';
 import type { BlockDriver, EngineLike, ProtocolInstance, ProtocolStatus } from '../driver.ts';
 import { BlockError, BlockErrorCode, toBlockError } from '../errors.ts';
+import { FileLocks } from './file-lock.ts';
 
 /** QEMU's aio names and the engine's backend names. */
 const AIO: Record<string, 'io_uring' | 'aio' | 'threadpool' | 'auto'> = {
@@ -29,13 +31,33 @@ class FileInstance implements ProtocolInstance {
   private length: number;
   private readonly node: string;
   private readonly engine: EngineLike;
+  private readonly locks: FileLocks | undefined;
 
-  constructor(file: EngineFile, length: number, node: string, engine: EngineLike) {
+  constructor(
+    file: EngineFile,
+    length: number,
+    node: string,
+    engine: EngineLike,
+    locking: boolean,
+  ) {
     this.file = file;
     this.length = length;
     this.node = node;
     this.engine = engine;
     this.limits = { requestAlignment: file.direct ? file.logicalBlockSize : 1 };
+    if (locking) this.locks = new FileLocks(file, file.path);
+  }
+
+  checkPerm(perm: number, shared: number): void {
+    this.locks?.check(perm, shared);
+  }
+
+  setPerm(perm: number, shared: number): void {
+    this.locks?.commit(perm, shared);
+  }
+
+  abortPerm(): void {
+    this.locks?.abort();
   }
 
   size(): number {
@@ -170,6 +192,8 @@ export const fileDriver: BlockDriver = {
   options: {
     filename: { type: 'string', required: true },
     aio: { type: 'string', values: Object.keys(AIO) },
+    // QEMU's: auto takes the locks where open file description locks exist (Linux), as on.
+    locking: { type: 'string', values: ['auto', 'on', 'off'] },
   },
   async open(ctx) {
     const filename = ctx.options.filename as string;
@@ -188,7 +212,8 @@ export const fileDriver: BlockDriver = {
       }
       try {
         const size = await file.size();
-        return new FileInstance(file, size, ctx.nodeName, engine);
+        const locking = ctx.options.locking !== 'off';
+        return new FileInstance(file, size, ctx.nodeName, engine, locking);
       } catch (err) {
         await file.close();
         throw err;

@@ -1,0 +1,235 @@
+// Image locking between vm-disk and QEMU's tools, both directions, as run side by side:
+// who holds an image, who tries to open it, and what they are told. The matrix of the
+// issue: vm-disk vs vm-disk, vm-disk holding with qemu-io/qemu-img/qemu-storage-daemon
+// refused, qemu-storage-daemon holding with vm-disk refused, and locks released when the
+// permission goes (an export removed, a node deleted).
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { CLI, type RunningProcess, run, start, startQsd, startServe } from './harness/daemon.ts';
+import { QmpTestClient } from './harness/qmp-client.ts';
+
+let dir: string;
+const running: RunningProcess[] = [];
+
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'vmdisk-locking-'));
+});
+afterEach(async () => {
+  await Promise.all(running.splice(0).map((p) => p.stop('SIGKILL')));
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const WRITE_LOCK = 'Failed to get "write" lock';
+const SHARED_WRITE_LOCK = 'Failed to get shared "write" lock';
+const hint = (path: string) => `Is another process using the image [${path}]?`;
+
+/** The bytes of `path` locked by anyone (OFD locks name no process), from /proc/locks. */
+function lockedBytes(path: string): number[] {
+  const ino = statSync(path).ino;
+  const bytes: number[] = [];
+  for (const line of readFileSync('/proc/locks', 'utf8').split('\n')) {
+    const f = line.trim().split(/\s+/);
+    if (f[1] !== 'OFDLCK' || Number(f[5]!.split(':')[2]) !== ino) continue;
+    for (let b = Number(f[6]); b <= Number(f[7]); b++) bytes.push(b);
+  }
+  return bytes.sort((a, b) => a - b);
+}
+
+function qcow2Args(image: string, sock: string, writable = true): string[] {
+  return [
+    '--blockdev',
+    `driver=file,node-name=f0,filename=${image}`,
+    '--blockdev',
+    `driver=qcow2,node-name=d0,file=f0,read-only=${writable ? 'off' : 'on'}`,
+    '--nbd-server',
+    `addr.type=unix,addr.path=${sock}`,
+    '--export',
+    `type=nbd,id=e0,node-name=d0,name=disk,writable=${writable ? 'on' : 'off'}`,
+  ];
+}
+
+async function serve(args: string[]): Promise<RunningProcess> {
+  const p = await startServe(args);
+  running.push(p);
+  return p;
+}
+
+/** A command expected to fail: its status and stderr. */
+function refused(command: string, args: string[]): { status: number | null; stderr: string } {
+  const r = spawnSync(command, args, { encoding: 'utf8', timeout: 60_000 });
+  return { status: r.status, stderr: r.stderr };
+}
+
+/** vm-disk serve expected to exit at once: its status and stderr. */
+async function serveRefused(args: string[]): Promise<{ status: number | string; stderr: string }> {
+  const p = start(process.execPath, [CLI, 'serve', ...args]);
+  running.push(p);
+  const status = await p.exited;
+  return { status, stderr: p.stderr() };
+}
+
+describe('image locking against QEMU', () => {
+  it('vm-disk serving an image writable refuses a second vm-disk, qemu-io, qemu-img and qemu-storage-daemon', async () => {
+    const image = join(dir, 'disk.qcow2');
+    await run('qemu-img', ['create', '-f', 'qcow2', image, '16M']);
+    await serve(qcow2Args(image, join(dir, 'a.sock')));
+
+    const second = await serveRefused(qcow2Args(image, join(dir, 'b.sock')));
+    expect(second.status).toBe(1);
+    expect(second.stderr).toContain(WRITE_LOCK);
+    expect(second.stderr).toContain('ERR_VMDISK_BLOCK_IMAGE_LOCKED');
+    expect(second.stderr).toContain(hint(image));
+    // Even read-only: a reader that does not share write is refused, as QEMU's are.
+    const reader = await serveRefused(qcow2Args(image, join(dir, 'c.sock'), false));
+    expect(reader.stderr).toContain(SHARED_WRITE_LOCK);
+
+    const io = refused('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 64k', image]);
+    expect(io.status).not.toBe(0);
+    expect(io.stderr).toContain(WRITE_LOCK);
+    expect(io.stderr).toContain(hint(image));
+    const img = refused('qemu-img', ['info', image]);
+    expect(img.status).not.toBe(0);
+    expect(img.stderr).toContain(SHARED_WRITE_LOCK);
+    const qsd = refused('qemu-storage-daemon', [
+      '--blockdev',
+      `driver=file,node-name=f0,filename=${image}`,
+      '--blockdev',
+      'driver=qcow2,node-name=d0,file=f0',
+    ]);
+    expect(qsd.status).not.toBe(0);
+    expect(qsd.stderr).toContain(WRITE_LOCK);
+
+    // vm-disk info and map: refused as qemu-img is, read with -U as qemu-img -U reads.
+    const info = refused(process.execPath, [CLI, 'info', image]);
+    expect(info.status).toBe(1);
+    expect(info.stderr).toContain(`Could not open '${image}': ${SHARED_WRITE_LOCK}`);
+    expect(info.stderr).toContain(hint(image));
+    const map = refused(process.execPath, [CLI, 'map', image]);
+    expect(map.stderr).toContain(SHARED_WRITE_LOCK);
+    const infoU = JSON.parse(
+      await run(process.execPath, [CLI, 'info', '-U', '--output=json', image]),
+    );
+    expect(infoU['virtual-size']).toBe(16 << 20);
+    const mapU = await run(process.execPath, [CLI, 'map', '--force-share', '--output=json', image]);
+    expect(JSON.parse(mapU)).toEqual(
+      JSON.parse(await run('qemu-img', ['map', '-U', '--output=json', image])).map(
+        ({ offset, ...e }: Record<string, unknown>) => {
+          void offset;
+          return e;
+        },
+      ),
+    );
+  });
+
+  it('qemu-storage-daemon serving an image writable refuses vm-disk serve, info and map', async () => {
+    const image = join(dir, 'disk.qcow2');
+    await run('qemu-img', ['create', '-f', 'qcow2', image, '16M']);
+    const qmp = join(dir, 'qsd.qmp');
+    const qsd = await startQsd(
+      [
+        '--blockdev',
+        `driver=file,node-name=f0,filename=${image}`,
+        '--blockdev',
+        'driver=qcow2,node-name=d0,file=f0',
+        '--chardev',
+        `socket,id=m0,path=${qmp},server=on,wait=off`,
+        '--monitor',
+        'chardev=m0',
+      ],
+      qmp,
+    );
+    running.push(qsd);
+    const r = await serveRefused(qcow2Args(image, join(dir, 'b.sock')));
+    expect(r.status).toBe(1);
+    expect(r.stderr).toContain(WRITE_LOCK);
+    expect(r.stderr).toContain(hint(image));
+    expect(refused(process.execPath, [CLI, 'info', image]).stderr).toContain(SHARED_WRITE_LOCK);
+    expect(refused(process.execPath, [CLI, 'map', image]).stderr).toContain(SHARED_WRITE_LOCK);
+    expect(refused(process.execPath, [CLI, 'info', '-U', image]).status).toBe(0);
+    await qsd.stop('SIGTERM');
+    // Gone: vm-disk may have it now.
+    await serve(qcow2Args(image, join(dir, 'c.sock')));
+  });
+
+  it('gives the write lock back when the export that took it is removed; refuses a blockdev-add over QMP', async () => {
+    const image = join(dir, 'disk.raw');
+    await run('qemu-img', ['create', '-f', 'raw', image, '16M']);
+    const qmpPath = join(dir, 'qmp.sock');
+    await serve([
+      '--blockdev',
+      `driver=file,node-name=f0,filename=${image}`,
+      '--blockdev',
+      'driver=raw,node-name=d0,file=f0',
+      '--nbd-server',
+      `addr.type=unix,addr.path=${join(dir, 'nbd.sock')}`,
+      '--export',
+      'type=nbd,id=e0,node-name=d0,name=disk,writable=on',
+      '--chardev',
+      `socket,id=m0,path=${qmpPath},server=on,wait=off`,
+      '--monitor',
+      'chardev=m0',
+    ]);
+    // A writable export of a raw node: reads and writes, and shares everything (qemu-io may
+    // write beside it, as beside QEMU's exports).
+    expect(lockedBytes(image)).toEqual([100, 101]);
+    const { client } = await QmpTestClient.connect(qmpPath);
+    try {
+      await client.execute({ execute: 'qmp_capabilities' });
+      expect(
+        await client.execute({ execute: 'block-export-del', arguments: { id: 'e0' } }),
+      ).toEqual({ return: {} });
+      for (;;) {
+        const ev = await client.next();
+        if (ev.event === 'BLOCK_EXPORT_DELETED') break;
+      }
+      // A raw node nobody uses holds nothing, as in QEMU.
+      expect(lockedBytes(image)).toEqual([]);
+      const add = await client.execute({
+        execute: 'block-export-add',
+        arguments: { type: 'nbd', id: 'e1', 'node-name': 'd0', name: 'disk', writable: false },
+      });
+      expect(add).toEqual({ return: {} });
+      expect(lockedBytes(image)).toEqual([100]);
+      // A blockdev-add that would write an image qemu-io holds is refused over QMP, with
+      // QEMU's message and no hint.
+      const other = join(dir, 'other.qcow2');
+      await run('qemu-img', ['create', '-f', 'qcow2', other, '1M']);
+      const holderQmp = join(dir, 'holder.qmp');
+      // qemu-storage-daemon opens its blockdevs before it creates the monitor socket.
+      const holder = await startQsd(
+        [
+          '--blockdev',
+          `driver=file,node-name=f0,filename=${other}`,
+          '--blockdev',
+          'driver=qcow2,node-name=d0,file=f0',
+          '--chardev',
+          `socket,id=m0,path=${holderQmp},server=on,wait=off`,
+          '--monitor',
+          'chardev=m0',
+        ],
+        holderQmp,
+      );
+      running.push(holder);
+      const refusedAdd = await client.execute({
+        execute: 'blockdev-add',
+        arguments: {
+          driver: 'qcow2',
+          'node-name': 'o0',
+          file: { driver: 'file', filename: other },
+        },
+      });
+      expect(refusedAdd).toEqual({ error: { class: 'GenericError', desc: WRITE_LOCK } });
+      // Nothing of the refused node stays: no node, no lock byte beside the holder's.
+      const nodes = (await client.execute({ execute: 'query-named-block-nodes' })).return as {
+        'node-name': string;
+      }[];
+      expect(nodes.map((n) => n['node-name']).sort()).toEqual(['d0', 'f0']);
+      expect(lockedBytes(other)).toEqual([100, 101, 103, 201, 203]);
+    } finally {
+      client.close();
+    }
+  });
+});
