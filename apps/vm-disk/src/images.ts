@@ -8,6 +8,7 @@ import {
   createQcow2,
   type Extent,
   ImageLockError,
+  lockForCreate,
   parseQcow2Header,
   type Qcow2CreateOptions,
 } from '@vmdisk/block-graph';
@@ -139,6 +140,8 @@ export async function create(argv: readonly string[], out: NodeJS.WritableStream
     !values.quiet && preallocation !== 'off' ? new ProgressBar(`preallocating ${path}`) : undefined;
   const file = await openFile(path, { create: true });
   try {
+    // As qemu-img: never truncate an image another process uses.
+    lockForCreate(file);
     if (format === 'qcow2') {
       const options: Qcow2CreateOptions = { size };
       if (o.cluster_size !== undefined) options.clusterSize = sizeArg('-o', o.cluster_size);

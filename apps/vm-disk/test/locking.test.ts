@@ -124,6 +124,25 @@ describe('image locking against QEMU', () => {
     );
   });
 
+  it('vm-disk create refuses to overwrite an image another process uses, and leaves it as it was', async () => {
+    const image = join(dir, 'in-use.qcow2');
+    await run('qemu-img', ['create', '-f', 'qcow2', image, '16M']);
+    await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 64k', image]);
+    const before = readFileSync(image);
+    await serve(qcow2Args(image, join(dir, 'a.sock')));
+    for (const fmt of ['qcow2', 'raw']) {
+      const r = refused(process.execPath, [CLI, 'create', '-f', fmt, image, '1M']);
+      expect(r.status).toBe(1);
+      expect(r.stderr).toContain(WRITE_LOCK);
+      expect(r.stderr).toContain(hint(image));
+      expect(readFileSync(image).equals(before)).toBe(true);
+    }
+    // qemu-img refuses the same way.
+    expect(refused('qemu-img', ['create', '-f', 'qcow2', image, '1M']).stderr).toContain(
+      WRITE_LOCK,
+    );
+  });
+
   it('qemu-storage-daemon serving an image writable refuses vm-disk serve, info and map', async () => {
     const image = join(dir, 'disk.qcow2');
     await run('qemu-img', ['create', '-f', 'qcow2', image, '16M']);
@@ -228,6 +247,26 @@ describe('image locking against QEMU', () => {
       }[];
       expect(nodes.map((n) => n['node-name']).sort()).toEqual(['d0', 'f0']);
       expect(lockedBytes(other)).toEqual([100, 101, 103, 201, 203]);
+      // blockdev-create over it: the job fails before truncating anything.
+      const created = await client.execute({
+        execute: 'blockdev-create',
+        arguments: { 'job-id': 'c0', options: { driver: 'file', filename: other, size: 65536 } },
+      });
+      expect(created).toEqual({ return: {} });
+      for (;;) {
+        const ev = await client.next();
+        if (
+          ev.event === 'JOB_STATUS_CHANGE' &&
+          (ev.data as { status: string }).status === 'concluded'
+        )
+          break;
+      }
+      const jobs = (await client.execute({ execute: 'query-jobs' })).return as {
+        id: string;
+        error?: string;
+      }[];
+      expect(jobs.find((j) => j.id === 'c0')?.error).toBe(WRITE_LOCK);
+      await run('qemu-img', ['check', '-U', other]);
     } finally {
       client.close();
     }

@@ -24,6 +24,7 @@ export type {
   ProtocolStatus,
 } from './driver.ts';
 export { type BochsHeader, parseBochsHeader } from './drivers/bochs.ts';
+export { lockForCreate } from './drivers/file-lock.ts';
 export { builtinDrivers } from './drivers/index.ts';
 export type { Qcow2CheckResult } from './drivers/qcow2/check.ts';
 export { checkQcow2 } from './drivers/qcow2/check.ts';

@@ -12,7 +12,7 @@
 
 import type { EngineFile } from '@vmdisk/engine';
 import { BlockError, BlockErrorCode, ImageLockError, toBlockError } from '../errors.ts';
-import { BLK_PERM_ALL, permNames } from '../permissions.ts';
+import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, permNames } from '../permissions.ts';
 
 const PERM_BASE = 100;
 const SHARED_BASE = 200;
@@ -134,4 +134,18 @@ export class FileLocks {
       });
     }
   }
+}
+
+/**
+ * Takes the locks QEMU takes on a file it is about to create over (file-posix's create): it
+ * writes and resizes the file and lets nobody else resize it. Throws an ImageLockError,
+ * before anything is written, while another process uses the file (a VM's disk is not
+ * truncated under it). The locks go when the file closes.
+ */
+export function lockForCreate(file: EngineFile): void {
+  const perm = BLK_PERM_WRITE | BLK_PERM_RESIZE;
+  const shared = BLK_PERM_ALL & ~BLK_PERM_RESIZE;
+  const locks = new FileLocks(file, file.path);
+  locks.check(perm, shared);
+  locks.commit(perm, shared);
 }

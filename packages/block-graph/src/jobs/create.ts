@@ -3,6 +3,7 @@
 // options QEMU's BlockdevCreateOptions give them. The options are checked before the job
 // exists, with errors naming the key; the work runs in the job, with progress.
 import type { Job, JobRegistry } from '@vmdisk/ao';
+import { lockForCreate } from '../drivers/file-lock.ts';
 import { createQcow2, type Qcow2CreateOptions } from '../drivers/qcow2/create.ts';
 import { qcow2FileOf } from '../drivers/qcow2/qcow2.ts';
 import { BlockOptionError } from '../errors.ts';
@@ -93,6 +94,7 @@ async function createFile(graph: BlockGraph, o: BlockdevCreateOptions, job: Job)
   const file = await engine.openFile(o.filename as string, { create: true });
   const size = o.size as number;
   try {
+    lockForCreate(file);
     await file.truncate(0);
     await file.truncate(size);
     if (o.preallocation === 'falloc' && size > 0) await file.fallocate('allocate', 0, size);
