@@ -32,15 +32,15 @@ ensure_node() {
   [ "$(node_major)" -ge 22 ] || { log "Node >= 22 is required, found $(node --version)"; exit 1; }
 }
 
-# Installs the npm dependencies from package-lock.json when it changed since the last
-# install (stamp in node_modules). `npm install`, not `npm ci`: npm 11.19's ci rejects
-# lockfiles that leave out other platforms' optional packages, as its own install writes them.
+# Installs the npm dependencies exactly as package-lock.json pins them (`npm ci`) when the
+# lockfile or Node changed since the last install (stamp in node_modules). The lockfile
+# lists every platform's optional packages, so ci accepts it and never rewrites it.
 ensure_deps() {
   local stamp="$VMDISK_ROOT/node_modules/.vmdisk-lock-stamp"
   local want; want="$(node --version) $(sha256sum "$VMDISK_ROOT/package-lock.json" | cut -c1-16)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    log "installing npm dependencies"
-    (cd "$VMDISK_ROOT" && npm install --no-audit --no-fund --loglevel=error)
+    log "installing npm dependencies (npm ci)"
+    (cd "$VMDISK_ROOT" && npm ci --no-audit --no-fund --loglevel=error)
     echo "$want" >"$stamp"
   fi
 }
