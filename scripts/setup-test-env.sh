@@ -4,6 +4,7 @@
 # networking only), and the local base image. As root with apt it installs what is
 # missing; elsewhere it prints exactly what is missing and fails.
 # Usage: scripts/setup-test-env.sh   (prints the base image tag on stdout)
+set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 APT_PACKAGES=(qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit fio docker.io debootstrap e2fsprogs fuse3 openssl)
