@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs, idempotently, what the tests need beyond npm (../shared/TESTING.md):
+# Installs, idempotently, what the tests need beyond npm (docs/testing.md):
 # the oracle and container Debian packages, a running Docker engine (no bridge, host
 # networking only), and the local base image. As root with apt it installs what is
 # missing; elsewhere it prints exactly what is missing and fails.
