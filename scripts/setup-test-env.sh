@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs, idempotently, what the tests need beyond npm (../shared/TESTING.md):
+# Installs, idempotently, what the tests need beyond npm (docs/testing.md):
 # the oracle and container Debian packages, a running Docker engine (no bridge, host
 # networking only), and the local base image. As root with apt it installs what is
 # missing; elsewhere it prints exactly what is missing and fails.
 # Usage: scripts/setup-test-env.sh   (prints the base image tag on stdout)
+set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 APT_PACKAGES=(qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit fio docker.io debootstrap e2fsprogs fuse3 openssl)

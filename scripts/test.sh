@@ -3,6 +3,7 @@
 # (Node 24, npm dependencies, Debian packages, the Docker engine, the base image), and
 # ends with the count of tests run. Fails when any test fails or is skipped.
 # Extra arguments go to `nx run-many` (e.g. --projects=@vmdisk/nbd).
+set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$VMDISK_ROOT"
 

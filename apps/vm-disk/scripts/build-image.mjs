@@ -1,8 +1,7 @@
 // Builds the vm-disk container image: bundles the CLI and the workspace packages it uses
-// into one ES module (koffi stays a package: it carries native code), stages it with a
-// `vm-disk` launcher, and runs `docker build` with the Dockerfile beside this script's
-// folder. Run after the workspace is built (`nx run vm-disk:build`).
-// Usage: node scripts/build-image.mjs [--base IMAGE] [--tag TAG] [--stage-only DIR]
+// into one ES module with esbuild (koffi stays a package: it carries native code), stages
+// it with a `vm-disk` launcher, and runs `docker build` with the Dockerfile beside this
+// script's folder. Run after the workspace is built (`nx run vm-disk:build`).
 import { execFileSync } from 'node:child_process';
 import {
   chmodSync,
@@ -10,6 +9,7 @@ import {
   existsSync,
   mkdirSync,
   mkdtempSync,
+  readdirSync,
   readFileSync,
   realpathSync,
   rmSync,
@@ -17,23 +17,59 @@ import {
 } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { build } from 'esbuild';
+
+const USAGE = `Usage: node apps/vm-disk/scripts/build-image.mjs [--base IMAGE] [--tag TAG] [--stage-only DIR]
+
+Bundles the vm-disk CLI and builds its container image with docker; prints the tag.
+
+  --base IMAGE      the image to build on (default node:24-bookworm-slim)
+  --tag TAG         the tag of the new image (default vm-disk:latest)
+  --stage-only DIR  stage the build context into DIR (created, or an empty folder) and
+                    build nothing; prints DIR
+  -h, --help        print this help
+`;
+
+/** Ends the script with a message and no stack trace. */
+function fail(message, status = 1) {
+  process.stderr.write(`build-image: ${message}\n`);
+  process.exit(status);
+}
+
+let values;
+try {
+  ({ values } = parseArgs({
+    options: {
+      base: { type: 'string', default: 'node:24-bookworm-slim' },
+      tag: { type: 'string', default: 'vm-disk:latest' },
+      'stage-only': { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  }));
+} catch (e) {
+  fail(`${e.message}\n${USAGE}`, 2);
+}
+if (values.help) {
+  process.stdout.write(USAGE);
+  process.exit(0);
+}
 
 const app = join(import.meta.dirname, '..');
-const { values } = parseArgs({
-  options: {
-    base: { type: 'string', default: 'node:24-bookworm-slim' },
-    tag: { type: 'string', default: 'vm-disk:latest' },
-    'stage-only': { type: 'string' },
-  },
-});
-
-const stage = values['stage-only'] ?? mkdtempSync(join(tmpdir(), 'vm-disk-image-'));
-rmSync(stage, { recursive: true, force: true });
+const stageOnly = values['stage-only'];
+let stage;
+if (stageOnly !== undefined) {
+  // A folder given to us is only ever added to: it must be new or empty.
+  stage = resolve(stageOnly);
+  if (existsSync(stage) && readdirSync(stage).length > 0) {
+    fail(`--stage-only ${stageOnly}: not an empty folder (it is never emptied for you)`, 2);
+  }
+} else {
+  stage = mkdtempSync(join(tmpdir(), 'vm-disk-image-'));
+}
 mkdirSync(join(stage, 'bin'), { recursive: true });
 
+const { build } = await import('esbuild');
 await build({
   entryPoints: [join(app, 'src/cli.ts')],
   outfile: join(stage, 'lib/vm-disk.mjs'),
@@ -79,21 +115,20 @@ writeFileSync(
 chmodSync(join(stage, 'bin/vm-disk'), 0o755);
 cpSync(join(app, 'Dockerfile'), join(stage, 'Dockerfile'));
 
-if (values['stage-only']) {
+if (stageOnly !== undefined) {
   console.log(stage);
 } else {
   try {
     execFileSync(
       'docker',
       ['build', '-q', '--build-arg', `BASE=${values.base}`, '-t', values.tag, stage],
-      {
-        stdio: ['ignore', 'ignore', 'pipe'],
-      },
+      { stdio: ['ignore', 'ignore', 'pipe'] },
     );
   } catch (e) {
     process.stderr.write(e.stderr ?? '');
-    throw e;
+    fail(`docker build failed${e.status ? ` (exit status ${e.status})` : `: ${e.message}`}`);
+  } finally {
+    rmSync(stage, { recursive: true, force: true });
   }
-  rmSync(stage, { recursive: true, force: true });
   console.log(values.tag);
 }

@@ -529,7 +529,7 @@ function initiate<T>(
       });
   }
   const ao: Ao<T> = new Ao<T>(kind, options, notify, entry);
-  if (promise) Object.defineProperty(promise, 'ao', { value: ao, enumerable: false });
+  if (promise) void Object.defineProperty(promise, 'ao', { value: ao, enumerable: false });
   try {
     initiator(ao);
   } catch (e) {
@@ -540,7 +540,7 @@ function initiate<T>(
       if (promise) {
         // The promise is the caller's only channel: reject it (not on this stack).
         const p = Promise.reject(err) as AoPromise<T>;
-        Object.defineProperty(p, 'ao', { value: ao, enumerable: false });
+        void Object.defineProperty(p, 'ao', { value: ao, enumerable: false });
         return p;
       }
       throw err;

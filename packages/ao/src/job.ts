@@ -169,7 +169,10 @@ export class Job {
       (ao) => {
         this.#ao = ao;
       },
-      { signal: options.signal, parent: options.parent },
+      {
+        ...(options.signal && { signal: options.signal }),
+        ...(options.parent && { parent: options.parent }),
+      },
     );
     this.#ao.signal.addEventListener('abort', () => this.#onAoAbort(), { once: true });
     this.#txn = txn;

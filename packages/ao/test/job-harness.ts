@@ -127,7 +127,7 @@ export async function stage(
     partner.start();
     others.push({ job: partner, ctl: pctl });
   }
-  const job = registry.createJob({ id, driver: scriptedDriver(ctl), txn, ...opts });
+  const job = registry.createJob({ id, driver: scriptedDriver(ctl), ...(txn && { txn }), ...opts });
   if (status === 'created') return { job, ctl, others, release };
   job.start();
   await settle(job, 'running');

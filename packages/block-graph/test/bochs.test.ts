@@ -1,4 +1,4 @@
-// Bochs images built here from the layout (../shared/spec/images.md), read through the graph
+// Bochs images built here from the layout (docs/images.md), read through the graph
 // and compared byte for byte with what qemu-img convert -f bochs -O raw makes of them.
 
 import { spawnSync } from 'node:child_process';

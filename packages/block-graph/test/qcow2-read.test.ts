@@ -99,7 +99,7 @@ describe('qcow2 read: images from qemu-img create filled by qemu-io', () => {
         offset?: number;
       }>;
       const ext = await img.blockStatus(0, img.virtualSize);
-      const dataOf = (xs: Array<{ start: number; length: number; host?: number }>) => {
+      const dataOf = (xs: Array<{ start: number; length: number; host?: number | undefined }>) => {
         const out = new Map<number, number | undefined>();
         for (const x of xs)
           for (let o = x.start; o < x.start + x.length; o += 512)

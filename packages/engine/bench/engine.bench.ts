@@ -3,7 +3,7 @@
 //
 // Cases: 4 KiB random read at queue depth 32 with (a) a hot page cache and (b) O_DIRECT;
 // 128 KiB sequential read (hot); 4 KiB random write (buffered). fio gets --invalidate=0 in
-// the hot cases so that it does not drop the page cache before its run (TESTING.md).
+// the hot cases so that it does not drop the page cache before its run (docs/testing.md).
 //
 // Each case runs ROUNDS times for BENCH_SECONDS, interleaved with the others of its group;
 // the table shows the median round.

@@ -63,7 +63,7 @@ export class ThreadPoolBackend implements Backend {
         fs.fdatasync(req.fd, (err) => done(err));
         break;
       case 'fallocate':
-        fallocateAsync(req.fd, req.mode, req.offset, req.length).then((r) => {
+        void fallocateAsync(req.fd, req.mode, req.offset, req.length).then((r) => {
           this.count--;
           req.complete(Math.min(r, 0));
         });

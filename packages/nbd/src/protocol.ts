@@ -1,4 +1,4 @@
-// The numbers of the NBD protocol (../shared/spec/nbd.md; normative text: doc/proto.md of
+// The numbers of the NBD protocol (docs/nbd.md; normative text: doc/proto.md of
 // the NetworkBlockDevice/nbd project), shared by the server and the client. Integers on
 // the wire are big-endian. Names follow the spec with the NBD_ prefix dropped.
 

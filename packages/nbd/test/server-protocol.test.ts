@@ -1,5 +1,5 @@
 // The server against a raw-socket client: negotiation, transmission, structured and
-// extended replies, block status, and every bad input of spec/nbd.md's "Rules that
+// extended replies, block status, and every bad input of docs/nbd.md's "Rules that
 // servers get wrong", each followed by a check that the server still serves.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';

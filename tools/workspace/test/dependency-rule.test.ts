@@ -1,4 +1,4 @@
-// The dependency rule of ../shared/DESIGN.md, checked three ways so that breaking it fails
+// The dependency rule of docs/architecture.md, checked three ways so that breaking it fails
 // CI: the package.json dependencies, the import specifiers in the sources, and the project
 // graph nx builds from them.
 import { execFileSync } from 'node:child_process';
@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest';
 
 const root = resolve(import.meta.dirname, '../../..');
 
-/** DESIGN.md, "Dependency rule (never broken)": which workspace packages each may use. */
+/** docs/architecture.md, "The dependency rule": which workspace packages each may use. */
 const ALLOWED: Record<string, string[]> = {
   '@vmdisk/engine': [],
   '@vmdisk/ao': [],
@@ -52,7 +52,7 @@ function reaches(file: string, spec: string): string | undefined {
   return Object.keys(DIRS).find((name) => target.startsWith(`${DIRS[name]}/`));
 }
 
-describe('the dependency rule of DESIGN.md', () => {
+describe('the dependency rule of docs/architecture.md', () => {
   it('finds the import specifiers it checks', () => {
     expect(
       specifiers(

@@ -1,5 +1,5 @@
 // The container harness: privileged, host-network containers from the local base image
-// (scripts/base-image.sh), started with testcontainers as ../shared/TESTING.md says (no
+// (scripts/base-image.sh), started with testcontainers as docs/testing.md says (no
 // reaper, host override), used through exec, and always removed.
 import type { StartedTestContainer } from 'testcontainers';
 

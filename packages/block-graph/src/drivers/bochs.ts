@@ -1,5 +1,5 @@
 // The `bochs` format driver (read-only): Bochs "Redolog"/"Growing" sparse images, v1 and
-// v2 headers (QEMU block/bochs.c; ../shared/spec/images.md). Little-endian; a catalog of
+// v2 headers (QEMU block/bochs.c; docs/images.md). Little-endian; a catalog of
 // extents, each with a bitmap of which 512-byte sectors hold data.
 
 import type { BlockDriver, FormatInstance, Mapping } from '../driver.ts';
