@@ -53,6 +53,9 @@ export interface QmpLogger {
 
 type Reply = Record<string, unknown>;
 
+/** How long a closing connection may take to flush what it was sent. */
+const CLOSE_GRACE_MS = 2000;
+
 class Connection implements QmpSession {
   negotiated = false;
   private queue: Promise<void> = Promise.resolve();
@@ -84,8 +87,22 @@ class Connection implements QmpSession {
     }
   }
 
-  close(): void {
-    this.socket.end();
+  /**
+   * Ends the connection: what was sent is flushed, then the socket is destroyed without
+   * waiting for the client to hang up (a management tool may keep its monitor open for
+   * ever). A client that does not read gets a grace period to take what was sent.
+   */
+  close(): Promise<void> {
+    const socket = this.socket;
+    if (socket.destroyed) return Promise.resolve();
+    return new Promise((resolve) => {
+      const grace = setTimeout(() => socket.destroy(), CLOSE_GRACE_MS);
+      socket.once('close', () => {
+        clearTimeout(grace);
+        resolve();
+      });
+      socket.end(() => socket.destroy());
+    });
   }
 
   private async handle(text: string): Promise<void> {
@@ -169,12 +186,11 @@ export class QmpMonitor extends EventEmitter {
     connection.send({ QMP: { version: this.version, capabilities: [] } });
   }
 
+  /** Stops listening and closes every connection (resolves once they are closed). */
   async close(): Promise<void> {
-    for (const c of this.connections) c.close();
-    await Promise.all(
-      this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))),
-    );
-    this.servers.length = 0;
+    const servers = this.servers.splice(0);
+    const closed = servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
+    await Promise.all([...[...this.connections].map((c) => c.close()), ...closed]);
   }
 
   /** Checks and runs one request; resolves to the reply to send. */

@@ -23,14 +23,23 @@ export class QmpTestClient {
       }
       this.waiter?.();
     });
-    socket.on('close', () => {
+    const closed = () => {
       this.closed = true;
       this.waiter?.();
-    });
+    };
+    socket.on('end', closed);
+    socket.on('close', closed);
   }
 
-  static async connect(path: string): Promise<{ client: QmpTestClient; greeting: QmpMessage }> {
-    const socket = net.connect(path);
+  /**
+   * Connects to a QMP socket. `stayConnected`: the client never hangs up by itself, even
+   * after the daemon closed its side (as a management tool that keeps its monitor open).
+   */
+  static async connect(
+    path: string,
+    options: { stayConnected?: boolean } = {},
+  ): Promise<{ client: QmpTestClient; greeting: QmpMessage }> {
+    const socket = net.connect({ path, allowHalfOpen: options.stayConnected ?? false });
     await new Promise<void>((resolve, reject) => {
       socket.once('connect', resolve);
       socket.once('error', reject);
