@@ -53,12 +53,16 @@ export interface QmpLogger {
 
 type Reply = Record<string, unknown>;
 
+/** Commands of one connection waiting to run before it stops being read. */
+const MAX_PENDING = 64;
+
 /** How long a closing connection may take to flush what it was sent. */
 const CLOSE_GRACE_MS = 2000;
 
 class Connection implements QmpSession {
   negotiated = false;
   private queue: Promise<void> = Promise.resolve();
+  private pending = 0;
   private readonly splitter = new JsonStreamSplitter();
 
   constructor(
@@ -67,15 +71,22 @@ class Connection implements QmpSession {
     private readonly monitor: QmpMonitor,
     private readonly pretty: boolean,
   ) {
-    socket.setEncoding('utf8');
-    socket.on('data', (chunk: string) => {
+    // Bytes, not strings: the splitter decodes only complete texts within its size limit.
+    socket.on('data', (chunk: Buffer) => {
       for (const item of this.splitter.push(chunk)) {
-        this.queue = this.queue.then(() =>
-          'error' in item
-            ? this.send({ error: { class: 'GenericError', desc: item.error } })
-            : this.handle(item.text),
-        );
+        this.pending++;
+        this.queue = this.queue
+          .then(() =>
+            'error' in item
+              ? this.send({ error: { class: 'GenericError', desc: item.error } })
+              : this.handle(item.text),
+          )
+          .finally(() => {
+            if (--this.pending === 0 && socket.isPaused()) socket.resume();
+          });
       }
+      // A client that sends faster than its commands run waits (bounded memory).
+      if (this.pending >= MAX_PENDING) socket.pause();
     });
   }
 

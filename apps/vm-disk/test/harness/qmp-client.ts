@@ -1,5 +1,6 @@
 // A minimal QMP client for tests: reads the greeting, sends requests, and reads the next
 // reply or event (QEMU and vm-disk send one JSON text per line).
+import { once } from 'node:events';
 import net from 'node:net';
 
 export type QmpMessage = Record<string, unknown>;
@@ -64,6 +65,11 @@ export class QmpTestClient {
 
   sendRaw(text: string): void {
     this.socket.write(text);
+  }
+
+  /** Writes bytes, waiting while the socket's buffer is full (streams large inputs). */
+  async write(data: string | Buffer): Promise<void> {
+    if (!this.socket.write(data)) await once(this.socket, 'drain');
   }
 
   /** Sends a request and returns the next non-event message (its reply). */
