@@ -114,4 +114,28 @@ describe('QMP input limits', () => {
     expect(await client.next()).toEqual(tooLong);
     expect(await client.execute({ execute: 'query-version', id: 1 })).toHaveProperty('id', 1);
   });
+
+  it('answers every command of a client that floods it, in order', async () => {
+    const qmp = join(dir, 'qmp.sock');
+    daemon = await startServe([
+      '--chardev',
+      `socket,id=m0,path=${qmp},server=on,wait=off`,
+      '--monitor',
+      'chardev=m0',
+    ]);
+    const client = await connect(qmp);
+    // About 800 kB of commands in one write: the monitor stops reading while 64 wait to run
+    // or while its replies back up, and resumes; nothing is lost or reordered.
+    const n = 20_000;
+    const requests = Array.from(
+      { length: n },
+      (_, i) => `{"execute":"query-version","id":${i}}\n`,
+    ).join('');
+    await client.write(requests);
+    for (let i = 0; i < n; i++) {
+      const reply = await client.next();
+      if (reply.id !== i) expect(reply).toMatchObject({ id: i });
+    }
+    expect(await client.execute({ execute: 'query-block-exports' })).toEqual({ return: [] });
+  }, 120_000);
 });

@@ -82,12 +82,23 @@ class Connection implements QmpSession {
               : this.handle(item.text),
           )
           .finally(() => {
-            if (--this.pending === 0 && socket.isPaused()) socket.resume();
+            this.pending--;
+            this.flowControl();
           });
       }
-      // A client that sends faster than its commands run waits (bounded memory).
-      if (this.pending >= MAX_PENDING) socket.pause();
+      this.flowControl();
     });
+    socket.on('drain', () => this.flowControl());
+  }
+
+  /**
+   * Bounded memory: a client that sends commands faster than they run, or does not read
+   * its replies, stops being read until it catches up (TCP backpressure does the rest).
+   */
+  private flowControl(): void {
+    const busy = this.pending >= MAX_PENDING || this.socket.writableNeedDrain;
+    if (busy) this.socket.pause();
+    else if (this.socket.isPaused()) this.socket.resume();
   }
 
   send(message: Reply): void {
