@@ -5,8 +5,9 @@
 // connection run one at a time, in order, as QEMU runs them (no out-of-band execution).
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
+import { BlockOptionError } from '@vmdisk/block-graph';
 import { listenUnixSocket } from '@vmdisk/nbd';
-import { checkStruct, type Schema, SchemaError } from '../options/schema.ts';
+import { checkStruct, type Schema } from '../options/schema.ts';
 import { JsonStreamSplitter } from './json-stream.ts';
 
 export type QmpErrorClass =
@@ -31,6 +32,8 @@ export class QmpError extends Error {
 export interface QmpSession {
   /** The connection number, for logs. */
   readonly id: number;
+  /** Past capabilities negotiation. */
+  readonly negotiated: boolean;
 }
 
 export interface QmpCommand {
@@ -156,7 +159,14 @@ export class QmpMonitor extends EventEmitter {
     this.register({
       name: 'qmp_capabilities',
       args: { enable: { type: { list: { enum: ['oob'] } } } },
-      run: (args) => {
+      run: (args, session) => {
+        // After its arguments are checked, as QEMU does.
+        if (session.negotiated) {
+          throw new QmpError(
+            'CommandNotFound',
+            'Capabilities negotiation is already complete, command ignored',
+          );
+        }
         if (Array.isArray(args.enable) && args.enable.length > 0) {
           throw new QmpError('GenericError', `Capability '${args.enable[0]}' not available`);
         }
@@ -246,12 +256,6 @@ export class QmpMonitor extends EventEmitter {
     if (!connection.negotiated && name !== 'qmp_capabilities') {
       return fail('CommandNotFound', "Expecting capabilities negotiation with 'qmp_capabilities'");
     }
-    if (connection.negotiated && name === 'qmp_capabilities') {
-      return fail(
-        'CommandNotFound',
-        'Capabilities negotiation is already complete, command ignored',
-      );
-    }
     const command = this.commands.get(name);
     if (!command) return fail('CommandNotFound', `The command ${name} has not been found`);
 
@@ -259,7 +263,7 @@ export class QmpMonitor extends EventEmitter {
       const checked =
         command.args === 'any'
           ? (args as Record<string, unknown>)
-          : checkStruct(args as Record<string, unknown>, command.args ?? {});
+          : checkStruct(args as Record<string, unknown>, command.args ?? {}, 'json');
       const result = await command.run(checked, connection);
       if (name === 'qmp_capabilities') connection.negotiated = true;
       this.log?.info(
@@ -269,7 +273,8 @@ export class QmpMonitor extends EventEmitter {
       return withId({ return: result ?? {} });
     } catch (e) {
       if (e instanceof QmpError) return fail(e.errorClass, e.message);
-      if (e instanceof SchemaError) return fail('GenericError', e.message);
+      // Bad arguments are the client's error, not the daemon's: answered, not logged.
+      if (e instanceof BlockOptionError) return fail('GenericError', e.message);
       this.log?.warn(
         { event: 'qmp-command-failed', session: connection.id, command: name, err: e },
         'QMP command failed',
