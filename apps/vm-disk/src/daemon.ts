@@ -5,7 +5,12 @@
 // @vmdisk/nbd; jobs come from @vmdisk/ao.
 import { unlinkSync, writeFileSync } from 'node:fs';
 import { JobRegistry, type JobStatusChangeEvent } from '@vmdisk/ao';
-import { type BlockBackend, BlockGraph, type NodeInfo } from '@vmdisk/block-graph';
+import {
+  type BlockBackend,
+  BlockGraph,
+  type NodeInfo,
+  type OptionSyntax,
+} from '@vmdisk/block-graph';
 import { type ListenAddress, NbdServer } from '@vmdisk/nbd';
 import { VmDiskError } from './errors.ts';
 import type { Logger } from './log.ts';
@@ -65,7 +70,7 @@ export class Daemon {
     const daemon = new Daemon(log);
     try {
       for (const creds of config.objects) daemon.addTlsCreds(creds);
-      for (const options of config.blockdevs) await daemon.blockdevAdd(options);
+      for (const b of config.blockdevs) await daemon.blockdevAdd(b.options, b.syntax);
       if (config.nbdServer) await daemon.nbdServerStart(config.nbdServer);
       for (const e of config.exports) await daemon.blockExportAdd(e);
       for (const m of config.monitors) {
@@ -89,8 +94,9 @@ export class Daemon {
     this.tlsCreds.set(creds.id, creds);
   }
 
-  async blockdevAdd(options: Record<string, unknown>): Promise<void> {
-    const node = await this.graph.add(options);
+  /** blockdev-add (QMP, typed) or --blockdev (JSON, or keyval strings); names the root. */
+  async blockdevAdd(options: Record<string, unknown>, syntax: OptionSyntax): Promise<void> {
+    const node = await this.graph.add(options, { syntax, requireNodeName: true });
     this.log.info({ event: 'blockdev-add', node: node.name, driver: options.driver }, 'node added');
   }
 

@@ -62,7 +62,14 @@ export async function demo(argv: readonly string[], out: NodeJS.WritableStream):
   const daemon = await Daemon.start(
     {
       blockdevs: [
-        { driver: 'qcow2', 'node-name': 'demo', file: { driver: 'file', filename: overlay } },
+        {
+          options: {
+            driver: 'qcow2',
+            'node-name': 'demo',
+            file: { driver: 'file', filename: overlay },
+          },
+          syntax: 'json',
+        },
       ],
       nbdServer: { addr: { type: 'inet', host: values.host, port: String(port) } },
       exports: [

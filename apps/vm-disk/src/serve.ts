@@ -20,9 +20,17 @@ export async function serveUntilStopped(daemon: Daemon, log: Logger): Promise<nu
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  // Like qemu-storage-daemon, a daemon with nothing to serve yet keeps running (a monitor
+  // may add everything later) until a signal or quit: signal handlers alone do not keep
+  // Node's event loop alive, so a timer does.
+  const keepAlive = setInterval(() => {}, 2 ** 30);
   log.info({ event: 'ready', nbd: daemon.nbdAddress }, 'vm-disk is serving');
-  await daemon.wait();
-  process.off('SIGINT', onSignal);
-  process.off('SIGTERM', onSignal);
+  try {
+    await daemon.wait();
+  } finally {
+    clearInterval(keepAlive);
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
   return 0;
 }

@@ -37,8 +37,8 @@ describe("vm-disk serve's qemu-storage-daemon options", () => {
       '/run/vm-disk.pid',
     ]);
     expect(config.blockdevs).toEqual([
-      { driver: 'file', 'node-name': 'f0', filename: '/x.img' },
-      { driver: 'raw', 'node-name': 'd0', file: 'f0' },
+      { options: { driver: 'file', 'node-name': 'f0', filename: '/x.img' }, syntax: 'keyval' },
+      { options: { driver: 'raw', 'node-name': 'd0', file: 'f0' }, syntax: 'keyval' },
     ]);
     expect(config.nbdServer).toEqual({ addr: { type: 'inet', host: '127.0.0.1', port: '10809' } });
     expect(config.exports).toEqual([
@@ -73,12 +73,27 @@ describe("vm-disk serve's qemu-storage-daemon options", () => {
       '--nbd-server={"addr":{"type":"unix","path":"/tmp/nbd.sock"},"max-connections":4}',
       '--export={"type":"nbd","id":"e0","node-name":"n0","writable":false}',
     ]);
-    expect(config.blockdevs[0]).toEqual({ driver: 'null-co', 'node-name': 'n0', size: 1048576 });
+    expect(config.blockdevs[0]).toEqual({
+      options: { driver: 'null-co', 'node-name': 'n0', size: 1048576 },
+      syntax: 'json',
+    });
     expect(config.nbdServer).toEqual({
       addr: { type: 'unix', path: '/tmp/nbd.sock' },
       maxConnections: 4,
     });
     expect(config.exports[0]?.writable).toBe(false);
+  });
+
+  it('converts keyval strings by the schema (yes/no, y/n, decimal integers)', () => {
+    const config = parseServeOptions([
+      ...blockdev,
+      '--nbd-server',
+      'addr.type=unix,addr.path=/s,max-connections=16',
+      '--export',
+      'type=nbd,id=e0,node-name=d0,writable=yes,allocation-depth=n',
+    ]);
+    expect(config.nbdServer?.maxConnections).toBe(16);
+    expect(config.exports[0]).toMatchObject({ writable: true, allocationDepth: false });
   });
 
   it.each([
@@ -92,7 +107,58 @@ describe("vm-disk serve's qemu-storage-daemon options", () => {
     [
       ['--nbd-server', 'addr.type=unix,addr.path=/s,max-connections=many'],
       '--nbd-server',
-      'max-connections',
+      "Parameter 'max-connections' expects integer",
+    ],
+    [
+      ['--nbd-server', 'addr.type=unix,addr.path=/s,max-connections=-1'],
+      '--nbd-server',
+      "Parameter 'max-connections' expects uint32_t",
+    ],
+    [
+      ['--nbd-server', 'addr.type=unix,addr.path=/s,addr.host=h'],
+      '--nbd-server',
+      "Parameter 'addr.host' is unexpected",
+    ],
+    // JSON on the command line is typed as QMP's arguments (qemu-storage-daemon's words).
+    [
+      ['--nbd-server', '{"addr":{"type":"unix","path":"/s"},"max-connections":"4"}'],
+      '--nbd-server',
+      "Parameter 'max-connections' expects uint64",
+    ],
+    [
+      ['--nbd-server', '{"addr":{"type":"inet","host":"127.0.0.1","port":10809}}'],
+      '--nbd-server',
+      "Invalid parameter type for 'addr.port', expected: string",
+    ],
+    [
+      ['--nbd-server', '{"addr":{"type":"unix"}}'],
+      '--nbd-server',
+      "Parameter 'addr.path' is missing",
+    ],
+    [
+      [
+        ...blockdev,
+        ...server,
+        '--export',
+        '{"type":"nbd","id":"e0","node-name":"d0","writable":"yes"}',
+      ],
+      '--export',
+      "Invalid parameter type for 'writable', expected: boolean",
+    ],
+    [
+      [...blockdev, ...server, '--export', '{"type":"nbd","node-name":"d0"}'],
+      '--export',
+      "Parameter 'id' is missing",
+    ],
+    [
+      ['--object', '{"qom-type":"tls-creds-x509","id":"t","dir":"/tmp","verify-peer":"no"}'],
+      '--object',
+      "Invalid parameter type for 'verify-peer', expected: boolean",
+    ],
+    [
+      ['--object', 'tls-creds-x509,id=t,dir=/tmp,verify-peer=maybe'],
+      '--object',
+      "Parameter 'verify-peer' expects 'on' or 'off'",
     ],
     [
       [...blockdev, ...server, '--export', 'type=nbd,id=e0,node-name=d0,colour=red'],

@@ -51,11 +51,12 @@
 
 import type { Engine } from '@vmdisk/engine';
 import type { BdrvChild, BlockNode } from './node.ts';
+import type { OptionSyntax } from './options.ts';
 import type { ChildRole } from './permissions.ts';
 
 /**
- * An option of a driver, as blockdev-add spells it. Ints and bools also come as the strings
- * of the command line's keyval syntax ('4096', 'on', 'off'): they are converted.
+ * An option of a driver, as blockdev-add spells it. Typed in JSON (QMP); as the strings of
+ * the command line's keyval syntax ('4096', 'on', 'off') they are converted (OptionSyntax).
  */
 export type OptionSpec =
   | { type: 'string'; required?: boolean; values?: readonly string[] }
@@ -63,9 +64,13 @@ export type OptionSpec =
   | { type: 'bool'; required?: boolean }
   /**
    * Any JSON value, checked and normalised by `parse` (throw BlockOptionError with the key
-   * given; keyInt/keyBool/keyList of options.ts convert keyval strings and lists).
+   * given; keyInt/keyBool/keyList/... of options.ts check a value in the syntax given).
    */
-  | { type: 'json'; required?: boolean; parse: (value: unknown, key: string) => unknown };
+  | {
+      type: 'json';
+      required?: boolean;
+      parse: (value: unknown, key: string, syntax: OptionSyntax) => unknown;
+    };
 
 /** A child key of a driver: a node name or inline blockdev-add options. */
 export interface ChildSpec {

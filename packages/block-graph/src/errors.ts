@@ -93,12 +93,16 @@ function defaultErrno(code: string): string {
   }
 }
 
-/** An option of blockdev-add that is wrong; `key` is its dotted path ('file.filename'). */
+/**
+ * An option of blockdev-add that is wrong; `key` is its dotted path ('file.filename').
+ * The message is `Invalid option 'KEY': WHY`, or `message` when given (QEMU's own words
+ * for wrong types and missing or unexpected members, see options.ts).
+ */
 export class BlockOptionError extends BlockError {
   override name = 'BlockOptionError';
   readonly key: string;
-  constructor(key: string, why: string) {
-    super(BlockErrorCode.BAD_OPTION, `Invalid option '${key}': ${why}`);
+  constructor(key: string, why: string, message?: string) {
+    super(BlockErrorCode.BAD_OPTION, message ?? `Invalid option '${key}': ${why}`);
     this.key = key;
   }
 }

@@ -10,7 +10,7 @@ import { createThrottleGroup } from './drivers/throttle.ts';
 import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import { GraphLock } from './graph-lock.ts';
 import { BdrvChild, BlockNode, type ChildParent, type NodeSettings } from './node.ts';
-import { checkNodeName, checkOptions, type NodeSpec } from './options.ts';
+import { checkNodeName, checkOptions, type NodeSpec, type OptionSyntax } from './options.ts';
 import {
   BLK_PERM_ALL,
   BLK_PERM_RESIZE,
@@ -45,6 +45,14 @@ export interface NodeInfo {
   'cache-direct': boolean;
   /** Driver-specific fields (e.g. file: the filename). */
   [key: string]: unknown;
+}
+
+/** How BlockGraph.add reads its options. */
+export interface AddOptions {
+  /** 'json' (the default: typed, as QMP) or 'keyval' (strings, as the command line). */
+  syntax?: OptionSyntax;
+  /** Refuse a root node without a node-name (QEMU's blockdev-add). */
+  requireNodeName?: boolean;
 }
 
 export interface BlockGraphOptions {
@@ -185,10 +193,21 @@ export class BlockGraph {
 
   // ---------------------------------------------------------------- graph changes
 
-  /** blockdev-add: creates a node (and its inline children) from options. */
-  async add(options: unknown): Promise<BlockNode> {
+  /**
+   * blockdev-add: creates a node (and its inline children) from options, typed as JSON
+   * (QMP) or keyval strings (the command line). `requireNodeName`: refuse a root node
+   * without a name, as QEMU's blockdev-add does (after checking the options' types).
+   */
+  async add(options: unknown, how: AddOptions = {}): Promise<BlockNode> {
     this.checkOpen();
-    const spec = checkOptions(options, this.drivers);
+    const spec = checkOptions(options, this.drivers, '', how.syntax ?? 'json');
+    if (how.requireNodeName && spec.nodeName === undefined) {
+      throw new BlockOptionError(
+        'node-name',
+        'must be specified for the root node',
+        "'node-name' must be specified for the root node",
+      );
+    }
     return this.lock.write(async () => {
       this.checkNames(spec, new Set());
       const node = await this.open(spec, undefined);
@@ -321,7 +340,8 @@ export class BlockGraph {
    * limits shared by the throttle nodes that name it in 'throttle-group'), 'tls-creds-psk'
    * and 'tls-creds-x509' ({ dir, endpoint, username | verify-peer }: for nbd's 'tls-creds').
    */
-  async addObject(options: unknown): Promise<void> {
+  async addObject(options: unknown, how: { syntax?: OptionSyntax } = {}): Promise<void> {
+    const syntax = how.syntax ?? 'json';
     this.checkOpen();
     if (typeof options !== 'object' || options === null || Array.isArray(options)) {
       throw new BlockOptionError('(object)', 'expected an object');
@@ -343,7 +363,9 @@ export class BlockGraph {
         );
       }
       const value =
-        type === 'throttle-group' ? createThrottleGroup(props) : createTlsCreds(type, props);
+        type === 'throttle-group'
+          ? createThrottleGroup(props, syntax)
+          : createTlsCreds(type, props, syntax);
       this.objects.set(id, { type, value, users: 0, props });
     });
   }

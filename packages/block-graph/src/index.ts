@@ -52,7 +52,13 @@ export {
   Qcow2UnsupportedError,
   toBlockError,
 } from './errors.ts';
-export { BlockGraph, type BlockGraphOptions, isValidNodeName, type NodeInfo } from './graph.ts';
+export {
+  type AddOptions,
+  BlockGraph,
+  type BlockGraphOptions,
+  isValidNodeName,
+  type NodeInfo,
+} from './graph.ts';
 export { GraphLock } from './graph-lock.ts';
 export { type BlockdevCreateOptions, blockdevCreate } from './jobs/create.ts';
 export {
@@ -65,7 +71,25 @@ export {
   type WriteFlags,
   type ZeroFlags,
 } from './node.ts';
-export { type BlockdevOptions, checkOptions, type NodeSpec } from './options.ts';
+export {
+  type BlockdevOptions,
+  checkNoOtherKeys,
+  checkOptions,
+  keyBool,
+  keyEnum,
+  keyInt,
+  keyList,
+  keyObject,
+  keyString,
+  keyUint,
+  type NodeSpec,
+  type OptionSyntax,
+  optionExpects,
+  optionMissing,
+  optionNotAccepted,
+  optionTypeError,
+  optionUnexpected,
+} from './options.ts';
 export {
   BLK_PERM_ALL,
   BLK_PERM_CONSISTENT_READ,

@@ -90,7 +90,7 @@ describe('throttle', () => {
 describe('throttle groups', () => {
   it('nodes of one throttle-group share its limits; the group cannot go while used', async () => {
     const g = new BlockGraph();
-    await g.addObject({ 'qom-type': 'throttle-group', id: 'tg0', limits: { 'iops-total': '100' } });
+    await g.addObject({ 'qom-type': 'throttle-group', id: 'tg0', limits: { 'iops-total': 100 } });
     await expect(g.addObject({ 'qom-type': 'throttle-group', id: 'tg0' })).rejects.toMatchObject({
       code: 'ERR_VMDISK_BLOCK_DUPLICATE_OBJECT',
     });
@@ -112,7 +112,7 @@ describe('throttle groups', () => {
         id: 'tg0',
         'qom-type': 'throttle-group',
         users: 2,
-        props: { limits: { 'iops-total': '100' } },
+        props: { limits: { 'iops-total': 100 } },
       },
     ]);
     const ba = await g.createBackend('a');

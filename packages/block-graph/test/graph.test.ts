@@ -1,6 +1,6 @@
 import { readlinkSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
-import { BlockError, BlockGraph, BlockOptionError } from '../src/index.ts';
+import { type AddOptions, BlockError, BlockGraph, BlockOptionError } from '../src/index.ts';
 import { tempDir, writeFile } from './helpers.ts';
 
 const tmp = tempDir();
@@ -17,8 +17,9 @@ async function rejectsKey(
   options: unknown,
   key: string,
   code = 'ERR_VMDISK_BLOCK_BAD_OPTION',
+  how: AddOptions = {},
 ) {
-  const err = await g.add(options).then(
+  const err = await g.add(options, how).then(
     () => undefined,
     (e: unknown) => e,
   );
@@ -88,7 +89,17 @@ describe('building graphs from blockdev-add options', () => {
   it('rejects bad options naming the key and why, and leaves nothing behind', async () => {
     const path = img('c.img');
     const g = new BlockGraph();
-    await rejectsKey(g, { driver: 'raw', file: { driver: 'file', filname: path } }, 'file.filname');
+    // QEMU's order: missing and mistyped members first, unknown ones last.
+    await rejectsKey(
+      g,
+      { driver: 'raw', file: { driver: 'file', filname: path } },
+      'file.filename',
+    );
+    await rejectsKey(
+      g,
+      { driver: 'raw', file: { driver: 'file', filename: path, filname: path } },
+      'file.filname',
+    );
     await rejectsKey(g, { driver: 'raw', file: { driver: 'file' } }, 'file.filename');
     await rejectsKey(g, { driver: 'raw' }, 'file');
     await rejectsKey(g, { 'node-name': 'x' }, 'driver');
@@ -165,40 +176,60 @@ describe('building graphs from blockdev-add options', () => {
   it('takes the strings of the keyval command-line syntax for ints, bools and lists', async () => {
     const path = img('kv.img', 65536);
     const g = new BlockGraph();
-    await g.add({
-      driver: 'raw',
-      'node-name': 'kv',
-      'read-only': 'on',
-      offset: '512',
-      size: '4096',
-      file: { driver: 'file', filename: path, cache: { direct: 'off', 'no-flush': 'no' } },
-    });
+    const keyval = { syntax: 'keyval' } as const;
+    await g.add(
+      {
+        driver: 'raw',
+        'node-name': 'kv',
+        'read-only': 'on',
+        offset: '512',
+        size: '4096',
+        file: { driver: 'file', filename: path, cache: { direct: 'off', 'no-flush': 'no' } },
+      },
+      keyval,
+    );
     const kv = g.query().find((n) => n['node-name'] === 'kv')!;
     expect(kv).toMatchObject({ size: 4096, 'read-only': true, offset: 512 });
-    await g.add({
-      driver: 'blkdebug',
-      'node-name': 'dbg',
-      align: '512',
-      'inject-error': {
-        '0': { iotype: 'read', errno: '5', once: 'on', offset: '0', length: '512' },
+    await g.add(
+      {
+        driver: 'blkdebug',
+        'node-name': 'dbg',
+        align: '512',
+        'inject-error': {
+          '0': { iotype: 'read', errno: '5', once: 'on', offset: '0', length: '512' },
+        },
+        image: { driver: 'throttle', limits: { 'iops-total': '100000' }, file: 'kv' },
       },
-      image: { driver: 'throttle', limits: { 'iops-total': '100000' }, file: 'kv' },
-    });
+      keyval,
+    );
     const b = await g.createBackend('dbg');
     await expect(b.read(0, Buffer.alloc(512))).rejects.toMatchObject({ errnoName: 'EIO' });
     await b.read(0, Buffer.alloc(512));
-    await rejectsKey(g, { driver: 'null-co', size: '12x' }, 'size');
-    await rejectsKey(g, { driver: 'null-co', 'read-only': 'maybe' }, 'read-only');
+    await rejectsKey(g, { driver: 'null-co', size: '12x' }, 'size', undefined, keyval);
+    await rejectsKey(
+      g,
+      { driver: 'null-co', 'read-only': 'maybe' },
+      'read-only',
+      undefined,
+      keyval,
+    );
     await rejectsKey(
       g,
       { driver: 'blkdebug', 'inject-error': { '1': {} }, image: { driver: 'null-co' } },
       'inject-error',
+      undefined,
+      keyval,
     );
     await rejectsKey(
       g,
       { driver: 'blkdebug', 'inject-error': [{ once: 'sometimes' }], image: { driver: 'null-co' } },
       'inject-error[0].once',
+      undefined,
+      keyval,
     );
+    // The same strings in JSON (QMP) are of the wrong type.
+    await rejectsKey(g, { driver: 'null-co', size: '4096' }, 'size');
+    await rejectsKey(g, { driver: 'null-co', 'read-only': 'on' }, 'read-only');
     await g.close();
   });
 
@@ -231,7 +262,7 @@ describe('building graphs from blockdev-add options', () => {
     await g.add({
       driver: 'file',
       'node-name': 'rw',
-      'auto-read-only': 'on',
+      'auto-read-only': true,
       filename: img('aro.img'),
     });
     expect(g.query().find((n) => n['node-name'] === 'rw')!['read-only']).toBe(false);

@@ -623,7 +623,7 @@ describe('nbd driver against nbdkit over TCP', () => {
     await g.add({
       driver: 'nbd',
       'node-name': 'nz',
-      server: { type: 'inet', host: '127.0.0.1', port },
+      server: { type: 'inet', host: '127.0.0.1', port: String(port) },
     });
     const b = await g.createBackend('nz', { write: true });
     await b.write(0, Buffer.alloc(MiB, 0x5a));
@@ -650,7 +650,7 @@ describe('nbd driver against nbdkit over TCP', () => {
     await g.add({
       driver: 'nbd',
       'node-name': 'e',
-      server: { type: 'inet', host: '127.0.0.1', port },
+      server: { type: 'inet', host: '127.0.0.1', port: String(port) },
     });
     const b = await g.createBackend('e', { write: true });
     await expect(b.write(0, Buffer.alloc(4096, 1))).rejects.toMatchObject({
@@ -719,7 +719,7 @@ describe('nbd driver errors', () => {
         g.add({
           driver: 'nbd',
           server: { type: 'inet', host: '127.0.0.1', port: String(mutePort) },
-          'open-timeout': '1',
+          'open-timeout': 1,
         }),
       ).rejects.toMatchObject({ code: 'ERR_VMDISK_BLOCK_IO', errnoName: 'ETIMEDOUT' });
     } finally {
@@ -740,7 +740,7 @@ describe('nbd driver errors', () => {
     await g.add({
       driver: 'nbd',
       'node-name': 'dying',
-      server: { type: 'inet', host: '127.0.0.1', port },
+      server: { type: 'inet', host: '127.0.0.1', port: String(port) },
     });
     const other = uniq('other.raw');
     writeFile(other, pattern(3, 0, MiB));

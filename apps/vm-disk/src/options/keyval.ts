@@ -8,7 +8,8 @@
 // must have no gaps; when several key-vals name the same leaf, the last one wins. With an
 // implied key, the first key-val may be a bare value (`socket,id=c0` is
 // `backend=socket,id=c0`). Scalars are strings: the consumer converts them to the type
-// it expects (see coerce.ts), as QEMU's keyval input visitor does.
+// it expects (schema.ts; the block graph for --blockdev), as QEMU's keyval input visitor
+// does.
 import { VmDiskError } from '../errors.ts';
 
 export type KeyvalValue = string | KeyvalObject | KeyvalValue[];

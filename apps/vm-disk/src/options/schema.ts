@@ -1,17 +1,42 @@
 // A small QAPI-like checker for the option structures vm-disk accepts (qemu-storage-
-// daemon's --nbd-server, --export, --object, --chardev, --monitor; QMP arguments). It
-// takes JSON values or keyval strings, converting strings to the expected type as QEMU's
-// keyval input visitor does ("on"/"off" booleans, integers, sizes with suffixes), and
-// reports the first problem with the key's full path, in QEMU's words.
+// daemon's --nbd-server, --export, --object, --chardev, --monitor; QMP arguments). One
+// schema, two syntaxes, as QEMU's QObject input visitor: JSON values (QMP, JSON on the
+// command line) must have the schema's types; keyval strings (KEY=VALUE,... on the
+// command line) are converted ("on"/"off" booleans, decimal integers). Members are checked
+// in the schema's order, unknown ones last; the first problem is reported with the key's
+// full path in QEMU's words, by @vmdisk/block-graph's option checkers, which blockdev-add
+// uses too.
+import {
+  checkNoOtherKeys,
+  keyBool,
+  keyEnum,
+  keyInt,
+  keyList,
+  keyObject,
+  keyString,
+  keyUint,
+  type OptionSyntax,
+  optionMissing,
+} from '@vmdisk/block-graph';
+
+export type { OptionSyntax };
 
 export type FieldType =
   | 'str'
   | 'bool'
   | 'int'
-  | 'size'
+  | 'uint32'
+  | 'uint64'
   | 'any'
+  /** A JSON object whose members the command checks itself. */
+  | 'object'
   | { enum: readonly string[] }
   | { struct: Schema }
+  /**
+   * A QAPI union: the members of `base` (among them the `tag`, an enum of the variants'
+   * names), then those of the variant the tag names.
+   */
+  | { union: { base: Schema; tag: string; variants: Record<string, Schema> } }
   | { list: FieldType };
 
 export interface Field {
@@ -20,12 +45,6 @@ export interface Field {
 }
 export type Schema = Record<string, Field>;
 
-export class SchemaError extends Error {
-  override name = 'SchemaError';
-}
-
-const TRUE = new Set(['on', 'yes', 'true', 'y']);
-const FALSE = new Set(['off', 'no', 'false', 'n']);
 const SIZE_SUFFIX: Record<string, number> = {
   '': 1,
   b: 1,
@@ -37,24 +56,7 @@ const SIZE_SUFFIX: Record<string, number> = {
   e: 2 ** 60,
 };
 
-function typeName(type: FieldType): string {
-  if (typeof type === 'string')
-    return type === 'str'
-      ? 'string'
-      : type === 'bool'
-        ? 'boolean'
-        : type === 'any'
-          ? 'any'
-          : 'integer';
-  if ('enum' in type) return 'enum';
-  if ('struct' in type) return 'object';
-  return 'array';
-}
-
-function invalidType(path: string, type: FieldType): never {
-  throw new SchemaError(`Invalid parameter type for '${path}', expected: ${typeName(type)}`);
-}
-
+/** A size with an optional suffix (qemu-img's 1G, 512k, 4096). */
 export function parseSize(text: string): number | undefined {
   const m = /^\s*([0-9]+(?:\.[0-9]+)?)\s*([bkmgtpeBKMGTPE]?)\s*$/.exec(text);
   if (!m) return undefined;
@@ -62,63 +64,66 @@ export function parseSize(text: string): number | undefined {
   return Number.isSafeInteger(value) ? value : undefined;
 }
 
-function convert(value: unknown, type: FieldType, path: string): unknown {
-  if (type === 'any') return value;
-  if (type === 'str') {
-    if (typeof value !== 'string') invalidType(path, type);
-    return value;
+function convert(value: unknown, type: FieldType, key: string, syntax: OptionSyntax): unknown {
+  switch (type) {
+    case 'any':
+      return value;
+    case 'object':
+      return keyObject(value, key);
+    case 'str':
+      return keyString(value, key);
+    case 'bool':
+      return keyBool(value, key, syntax);
+    case 'int':
+      return keyInt(value, key, syntax);
+    case 'uint32':
+      return keyUint(value, key, syntax, 32);
+    case 'uint64':
+      return keyUint(value, key, syntax, 64);
   }
-  if (type === 'bool') {
-    if (typeof value === 'boolean') return value;
-    if (typeof value === 'string') {
-      if (TRUE.has(value)) return true;
-      if (FALSE.has(value)) return false;
-      throw new SchemaError(`Parameter '${path}' expects 'on' or 'off'`);
-    }
-    invalidType(path, type);
-  }
-  if (type === 'int' || type === 'size') {
-    if (typeof value === 'number' && Number.isSafeInteger(value)) return value;
-    if (typeof value === 'string') {
-      const n =
-        type === 'size' ? parseSize(value) : /^-?[0-9]+$/.test(value) ? Number(value) : undefined;
-      if (n !== undefined && Number.isSafeInteger(n)) return n;
-      throw new SchemaError(
-        `Parameter '${path}' expects ${type === 'size' ? 'a non-negative number below 2^64' : 'an integer'}`,
-      );
-    }
-    invalidType(path, type);
-  }
-  if ('enum' in type) {
-    if (typeof value !== 'string') invalidType(path, type);
-    if (!type.enum.includes(value))
-      throw new SchemaError(`Parameter '${path}' does not accept value '${value}'`);
-    return value;
-  }
+  if ('enum' in type) return keyEnum(value, key, type.enum);
   if ('list' in type) {
-    if (!Array.isArray(value)) invalidType(path, type);
-    return value.map((v, i) => convert(v, type.list, `${path}[${i}]`));
+    return keyList(value, key, syntax).map((v, i) => convert(v, type.list, `${key}[${i}]`, syntax));
   }
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) invalidType(path, type);
-  return checkStruct(value as Record<string, unknown>, type.struct, `${path}.`);
+  const members = keyObject(value, key);
+  if ('struct' in type) return checkStruct(members, type.struct, syntax, `${key}.`);
+  const { base, tag, variants } = type.union;
+  const out = checkMembers(members, base, syntax, `${key}.`);
+  const variant = variants[out[tag] as string] ?? {};
+  Object.assign(out, checkMembers(members, variant, syntax, `${key}.`));
+  checkNoOtherKeys(members, [...Object.keys(base), ...Object.keys(variant)], `${key}.`);
+  return out;
 }
 
-/** Checks `value` against `schema`; returns a copy with converted values. */
+/** Checks and converts the members `schema` names, in its order (others are left alone). */
+function checkMembers(
+  value: Record<string, unknown>,
+  schema: Schema,
+  syntax: OptionSyntax,
+  prefix: string,
+): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [key, field] of Object.entries(schema)) {
+    if (value[key] === undefined) {
+      if (field.required) throw optionMissing(`${prefix}${key}`);
+      continue;
+    }
+    out[key] = convert(value[key], field.type, `${prefix}${key}`, syntax);
+  }
+  return out;
+}
+
+/**
+ * Checks `value` against `schema` in `syntax`; returns a copy with converted values.
+ * Throws @vmdisk/block-graph's BlockOptionError (code ERR_VMDISK_BLOCK_BAD_OPTION).
+ */
 export function checkStruct(
   value: Record<string, unknown>,
   schema: Schema,
+  syntax: OptionSyntax,
   prefix = '',
 ): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
-  for (const key of Object.keys(value)) {
-    if (!(key in schema)) throw new SchemaError(`Parameter '${prefix}${key}' is unexpected`);
-  }
-  for (const [key, field] of Object.entries(schema)) {
-    if (value[key] === undefined) {
-      if (field.required) throw new SchemaError(`Parameter '${prefix}${key}' is missing`);
-      continue;
-    }
-    out[key] = convert(value[key], field.type, `${prefix}${key}`);
-  }
+  const out = checkMembers(value, schema, syntax, prefix);
+  checkNoOtherKeys(value, Object.keys(schema), prefix);
   return out;
 }

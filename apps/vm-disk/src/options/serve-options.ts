@@ -1,10 +1,12 @@
 // `vm-disk serve` takes qemu-storage-daemon's options, so that its command lines work
 // unchanged: --blockdev, --nbd-server, --export, --object (TLS credentials), --chardev
-// with --monitor, --pidfile. Each option value is JSON (`{...}`) or QEMU's keyval syntax.
-// Everything is checked here, before anything starts; an error names the option.
+// with --monitor, --pidfile. Each option value is JSON (`{...}`, typed as QMP's
+// arguments) or QEMU's keyval syntax (strings the schema converts), as in QEMU.
+// Everything is checked here, before anything starts (--blockdev's options are checked by
+// the block graph, in their syntax); an error names the option.
 import { BadOptionError } from '../errors.ts';
-import { type KeyvalObject, parseKeyval } from './keyval.ts';
-import { checkStruct, type Schema, SchemaError } from './schema.ts';
+import { parseKeyval } from './keyval.ts';
+import { checkStruct, type OptionSyntax, type Schema } from './schema.ts';
 
 export type SocketAddress =
   | { type: 'inet'; host: string; port: string }
@@ -47,9 +49,15 @@ export interface MonitorConfig {
   pretty: boolean;
 }
 
+/** A --blockdev value: its options, and their syntax (keyval scalars are still strings). */
+export interface BlockdevConfig {
+  options: Record<string, unknown>;
+  syntax: OptionSyntax;
+}
+
 export interface ServeConfig {
-  /** --blockdev values as JSON objects, in order (keyval scalars are still strings). */
-  blockdevs: Record<string, unknown>[];
+  /** --blockdev values, in order. */
+  blockdevs: BlockdevConfig[];
   nbdServer?: NbdServerConfig;
   exports: ExportConfig[];
   objects: TlsCredsConfig[];
@@ -57,18 +65,27 @@ export interface ServeConfig {
   pidfile?: string;
 }
 
-const socketAddress: Schema = {
-  type: { type: { enum: ['inet', 'unix'] }, required: true },
-  host: { type: 'str' },
-  port: { type: 'str' },
-  path: { type: 'str' },
+/** QEMU's InetSocketAddress and UnixSocketAddress, the members vm-disk serves with. */
+export const inetSocketAddress: Schema = {
+  host: { type: 'str', required: true },
+  port: { type: 'str', required: true },
 };
+export const unixSocketAddress: Schema = { path: { type: 'str', required: true } };
+
+/** QEMU's SocketAddress (flat: `type` beside the address's members), inet and unix. */
+const socketAddress = {
+  union: {
+    base: { type: { type: { enum: ['inet', 'unix'] }, required: true } },
+    tag: 'type',
+    variants: { inet: inetSocketAddress, unix: unixSocketAddress },
+  },
+} as const;
 
 const nbdServerSchema: Schema = {
-  addr: { type: { struct: socketAddress }, required: true },
+  addr: { type: socketAddress, required: true },
   'tls-creds': { type: 'str' },
   'tls-authz': { type: 'str' },
-  'max-connections': { type: 'int' },
+  'max-connections': { type: 'uint32' },
 };
 
 /** BlockExportOptions (nbd), as --export and QMP block-export-add take them. */
@@ -131,57 +148,36 @@ export function exportConfig(v: Record<string, unknown>): ExportConfig {
   };
 }
 
-/** The value of an option: a JSON object when it starts with '{', keyval otherwise. */
-function parseValue(
-  option: string,
-  text: string,
-  impliedKey?: string,
-): KeyvalObject | Record<string, unknown> {
+/** An option's value: a JSON object (typed) when it starts with '{', keyval otherwise. */
+function parseValue(option: string, text: string, impliedKey?: string): BlockdevConfig {
+  let value: unknown;
   try {
-    if (text.trimStart().startsWith('{')) {
-      const value: unknown = JSON.parse(text);
-      if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-        throw new SchemaError('expected a JSON object');
-      }
-      return value as Record<string, unknown>;
+    if (!text.trimStart().startsWith('{')) {
+      return { options: parseKeyval(text, impliedKey), syntax: 'keyval' };
     }
-    return parseKeyval(text, impliedKey);
+    value = JSON.parse(text);
   } catch (e) {
     throw new BadOptionError(option, (e as Error).message, { cause: e });
   }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    throw new BadOptionError(option, 'expected a JSON object');
+  }
+  return { options: value as Record<string, unknown>, syntax: 'json' };
 }
 
-function check(
-  option: string,
-  value: Record<string, unknown>,
-  schema: Schema,
-): Record<string, unknown> {
+function check(option: string, value: BlockdevConfig, schema: Schema): Record<string, unknown> {
   try {
-    return checkStruct(value, schema);
+    return checkStruct(value.options, schema, value.syntax);
   } catch (e) {
     throw new BadOptionError(option, (e as Error).message, { cause: e });
   }
 }
 
-function socketAddressOf(option: string, addr: Record<string, unknown>): SocketAddress {
-  if (addr.type === 'inet') {
-    if (typeof addr.host !== 'string')
-      throw new BadOptionError(option, "Parameter 'addr.host' is missing");
-    if (typeof addr.port !== 'string')
-      throw new BadOptionError(option, "Parameter 'addr.port' is missing");
-    if (addr.path !== undefined)
-      throw new BadOptionError(option, "Parameter 'addr.path' is unexpected");
-    return { type: 'inet', host: addr.host, port: addr.port };
-  }
-  if (typeof addr.path !== 'string')
-    throw new BadOptionError(option, "Parameter 'addr.path' is missing");
-  if (addr.host !== undefined || addr.port !== undefined) {
-    throw new BadOptionError(
-      option,
-      `Parameter 'addr.${addr.host !== undefined ? 'host' : 'port'}' is unexpected`,
-    );
-  }
-  return { type: 'unix', path: addr.path };
+/** A checked SocketAddress (socketAddress above) as the daemon takes it. */
+export function socketAddressOf(addr: Record<string, unknown>): SocketAddress {
+  return addr.type === 'inet'
+    ? { type: 'inet', host: addr.host as string, port: addr.port as string }
+    : { type: 'unix', path: addr.path as string };
 }
 
 /** Parses `vm-disk serve`'s arguments (after `serve`). */
@@ -219,14 +215,14 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
   for (const { option, value } of raw) {
     switch (option) {
       case '--blockdev':
-        config.blockdevs.push(parseValue(option, value) as Record<string, unknown>);
+        config.blockdevs.push(parseValue(option, value));
         break;
       case '--nbd-server': {
         if (config.nbdServer)
           throw new BadOptionError(option, 'only one --nbd-server can be given');
         const v = check(option, parseValue(option, value), nbdServerSchema);
         config.nbdServer = {
-          addr: socketAddressOf(option, v.addr as Record<string, unknown>),
+          addr: socketAddressOf(v.addr as Record<string, unknown>),
           ...(v['tls-creds'] !== undefined && { tlsCreds: v['tls-creds'] as string }),
           ...(v['max-connections'] !== undefined && {
             maxConnections: v['max-connections'] as number,
@@ -298,7 +294,7 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
     }
   }
   const nodeNames = new Set(
-    config.blockdevs.map((b) => b['node-name']).filter((n) => typeof n === 'string'),
+    config.blockdevs.map((b) => b.options['node-name']).filter((n) => typeof n === 'string'),
   );
   for (const e of config.exports) {
     if (!nodeNames.has(e.nodeName)) {

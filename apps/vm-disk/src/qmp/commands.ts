@@ -3,37 +3,40 @@
 import { type BlockdevCreateOptions, blockdevCreate } from '@vmdisk/block-graph';
 import type { Daemon } from '../daemon.ts';
 import type { Schema } from '../options/schema.ts';
-import { exportConfig, exportSchema } from '../options/serve-options.ts';
+import {
+  exportConfig,
+  exportSchema,
+  inetSocketAddress,
+  socketAddressOf,
+  unixSocketAddress,
+} from '../options/serve-options.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
 
 const id: Schema = { id: { type: 'str', required: true } };
 
-const socketAddressLegacy: Schema = {
-  type: { type: { enum: ['inet', 'unix'] }, required: true },
-  data: {
-    type: {
-      struct: { host: { type: 'str' }, port: { type: 'str' }, path: { type: 'str' } },
+/** QEMU's SocketAddressLegacy (nbd-server-start's addr): {type, data: {...}}. */
+const socketAddressLegacy = {
+  union: {
+    base: { type: { type: { enum: ['inet', 'unix'] }, required: true } },
+    tag: 'type',
+    variants: {
+      inet: { data: { type: { struct: inetSocketAddress }, required: true } },
+      unix: { data: { type: { struct: unixSocketAddress }, required: true } },
     },
-    required: true,
   },
-};
+} as const;
 
 export function registerCommands(monitor: QmpMonitor, daemon: Daemon): void {
   const job = (jobId: unknown) => {
-    const found = daemon.jobs.find(String(jobId));
+    const found = daemon.jobs.find(jobId as string);
     if (!found) throw new QmpError('GenericError', 'Job not found');
     return found;
   };
 
   monitor.register({
     name: 'blockdev-add',
-    args: 'any', // checked by the block graph against the driver's options
-    run: async (args) => {
-      if (typeof args['node-name'] !== 'string') {
-        throw new QmpError('GenericError', "'node-name' must be specified for the root node");
-      }
-      await daemon.blockdevAdd(args);
-    },
+    args: 'any', // checked by the block graph against the driver's options (typed: JSON)
+    run: (args) => daemon.blockdevAdd(args, 'json'),
   });
   monitor.register({
     name: 'blockdev-del',
@@ -48,28 +51,15 @@ export function registerCommands(monitor: QmpMonitor, daemon: Daemon): void {
   monitor.register({
     name: 'nbd-server-start',
     args: {
-      addr: { type: { struct: socketAddressLegacy }, required: true },
+      addr: { type: socketAddressLegacy, required: true },
       'tls-creds': { type: 'str' },
       'tls-authz': { type: 'str' },
-      'max-connections': { type: 'int' },
+      'max-connections': { type: 'uint32' },
     },
     run: async (args) => {
-      const addr = args.addr as { type: 'inet' | 'unix'; data: Record<string, string | undefined> };
-      const { host, port, path } = addr.data;
-      if (addr.type === 'inet' && (host === undefined || port === undefined)) {
-        throw new QmpError(
-          'GenericError',
-          `Parameter 'addr.data.${host === undefined ? 'host' : 'port'}' is missing`,
-        );
-      }
-      if (addr.type === 'unix' && path === undefined) {
-        throw new QmpError('GenericError', "Parameter 'addr.data.path' is missing");
-      }
+      const addr = args.addr as { type: string; data: Record<string, unknown> };
       await daemon.nbdServerStart({
-        addr:
-          addr.type === 'inet'
-            ? { type: 'inet', host: host as string, port: port as string }
-            : { type: 'unix', path: path as string },
+        addr: socketAddressOf({ type: addr.type, ...addr.data }),
         ...(args['tls-creds'] !== undefined && { tlsCreds: args['tls-creds'] as string }),
         ...(args['max-connections'] !== undefined && {
           maxConnections: args['max-connections'] as number,
@@ -95,33 +85,29 @@ export function registerCommands(monitor: QmpMonitor, daemon: Daemon): void {
   monitor.register({ name: 'query-block-exports', run: () => daemon.queryBlockExports() });
   monitor.register({
     name: 'blockdev-create',
-    args: { 'job-id': { type: 'str', required: true }, options: { type: 'any', required: true } },
+    // The options are checked by blockdev-create (typed, named 'options.KEY' as QEMU's);
+    // a job ID in use is refused after them, as QEMU does.
+    args: {
+      'job-id': { type: 'str', required: true },
+      options: { type: 'object', required: true },
+    },
     run: (args) => {
-      const options = args.options;
-      if (
-        typeof options !== 'object' ||
-        options === null ||
-        Array.isArray(options) ||
-        typeof (options as { driver?: unknown }).driver !== 'string'
-      ) {
-        throw new QmpError('GenericError', "Parameter 'options.driver' is missing");
-      }
-      if (daemon.jobs.find(args['job-id'] as string)) {
-        throw new QmpError('GenericError', `Job ID '${args['job-id']}' already in use`);
-      }
       blockdevCreate(
         daemon.graph,
         daemon.jobs,
         args['job-id'] as string,
-        options as BlockdevCreateOptions,
+        args.options as BlockdevCreateOptions,
+        'options.',
       );
     },
   });
   monitor.register({ name: 'query-jobs', run: () => daemon.jobs.query() });
   monitor.register({
     name: 'job-cancel',
-    args: { id: { type: 'str', required: true }, force: { type: 'bool' } },
-    run: (args) => job(args.id).cancel((args.force as boolean | undefined) ?? false),
+    // QEMU's job-cancel takes only the id, and cancels by force (block-job-cancel has
+    // the force argument).
+    args: id,
+    run: (args) => job(args.id).cancel(true),
   });
   monitor.register({ name: 'job-pause', args: id, run: (args) => job(args.id).pause() });
   monitor.register({ name: 'job-resume', args: id, run: (args) => job(args.id).resume() });

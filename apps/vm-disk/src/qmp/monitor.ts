@@ -5,8 +5,9 @@
 // connection run one at a time, in order, as QEMU runs them (no out-of-band execution).
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
+import { BlockOptionError } from '@vmdisk/block-graph';
 import { listenUnixSocket } from '@vmdisk/nbd';
-import { checkStruct, type Schema, SchemaError } from '../options/schema.ts';
+import { checkStruct, type Schema } from '../options/schema.ts';
 import { JsonStreamSplitter } from './json-stream.ts';
 
 export type QmpErrorClass =
@@ -31,6 +32,8 @@ export class QmpError extends Error {
 export interface QmpSession {
   /** The connection number, for logs. */
   readonly id: number;
+  /** Past capabilities negotiation. */
+  readonly negotiated: boolean;
 }
 
 export interface QmpCommand {
@@ -53,9 +56,16 @@ export interface QmpLogger {
 
 type Reply = Record<string, unknown>;
 
+/** Commands of one connection waiting to run before it stops being read. */
+const MAX_PENDING = 64;
+
+/** How long a closing connection may take to flush what it was sent. */
+const CLOSE_GRACE_MS = 2000;
+
 class Connection implements QmpSession {
   negotiated = false;
   private queue: Promise<void> = Promise.resolve();
+  private pending = 0;
   private readonly splitter = new JsonStreamSplitter();
 
   constructor(
@@ -64,16 +74,34 @@ class Connection implements QmpSession {
     private readonly monitor: QmpMonitor,
     private readonly pretty: boolean,
   ) {
-    socket.setEncoding('utf8');
-    socket.on('data', (chunk: string) => {
+    // Bytes, not strings: the splitter decodes only complete texts within its size limit.
+    socket.on('data', (chunk: Buffer) => {
       for (const item of this.splitter.push(chunk)) {
-        this.queue = this.queue.then(() =>
-          'error' in item
-            ? this.send({ error: { class: 'GenericError', desc: item.error } })
-            : this.handle(item.text),
-        );
+        this.pending++;
+        this.queue = this.queue
+          .then(() =>
+            'error' in item
+              ? this.send({ error: { class: 'GenericError', desc: item.error } })
+              : this.handle(item.text),
+          )
+          .finally(() => {
+            this.pending--;
+            this.flowControl();
+          });
       }
+      this.flowControl();
     });
+    socket.on('drain', () => this.flowControl());
+  }
+
+  /**
+   * Bounded memory: a client that sends commands faster than they run, or does not read
+   * its replies, stops being read until it catches up (TCP backpressure does the rest).
+   */
+  private flowControl(): void {
+    const busy = this.pending >= MAX_PENDING || this.socket.writableNeedDrain;
+    if (busy) this.socket.pause();
+    else if (this.socket.isPaused()) this.socket.resume();
   }
 
   send(message: Reply): void {
@@ -84,8 +112,22 @@ class Connection implements QmpSession {
     }
   }
 
-  close(): void {
-    this.socket.end();
+  /**
+   * Ends the connection: what was sent is flushed, then the socket is destroyed without
+   * waiting for the client to hang up (a management tool may keep its monitor open for
+   * ever). A client that does not read gets a grace period to take what was sent.
+   */
+  close(): Promise<void> {
+    const socket = this.socket;
+    if (socket.destroyed) return Promise.resolve();
+    return new Promise((resolve) => {
+      const grace = setTimeout(() => socket.destroy(), CLOSE_GRACE_MS);
+      socket.once('close', () => {
+        clearTimeout(grace);
+        resolve();
+      });
+      socket.end(() => socket.destroy());
+    });
   }
 
   private async handle(text: string): Promise<void> {
@@ -117,7 +159,14 @@ export class QmpMonitor extends EventEmitter {
     this.register({
       name: 'qmp_capabilities',
       args: { enable: { type: { list: { enum: ['oob'] } } } },
-      run: (args) => {
+      run: (args, session) => {
+        // After its arguments are checked, as QEMU does.
+        if (session.negotiated) {
+          throw new QmpError(
+            'CommandNotFound',
+            'Capabilities negotiation is already complete, command ignored',
+          );
+        }
         if (Array.isArray(args.enable) && args.enable.length > 0) {
           throw new QmpError('GenericError', `Capability '${args.enable[0]}' not available`);
         }
@@ -169,12 +218,11 @@ export class QmpMonitor extends EventEmitter {
     connection.send({ QMP: { version: this.version, capabilities: [] } });
   }
 
+  /** Stops listening and closes every connection (resolves once they are closed). */
   async close(): Promise<void> {
-    for (const c of this.connections) c.close();
-    await Promise.all(
-      this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))),
-    );
-    this.servers.length = 0;
+    const servers = this.servers.splice(0);
+    const closed = servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
+    await Promise.all([...[...this.connections].map((c) => c.close()), ...closed]);
   }
 
   /** Checks and runs one request; resolves to the reply to send. */
@@ -208,12 +256,6 @@ export class QmpMonitor extends EventEmitter {
     if (!connection.negotiated && name !== 'qmp_capabilities') {
       return fail('CommandNotFound', "Expecting capabilities negotiation with 'qmp_capabilities'");
     }
-    if (connection.negotiated && name === 'qmp_capabilities') {
-      return fail(
-        'CommandNotFound',
-        'Capabilities negotiation is already complete, command ignored',
-      );
-    }
     const command = this.commands.get(name);
     if (!command) return fail('CommandNotFound', `The command ${name} has not been found`);
 
@@ -221,7 +263,7 @@ export class QmpMonitor extends EventEmitter {
       const checked =
         command.args === 'any'
           ? (args as Record<string, unknown>)
-          : checkStruct(args as Record<string, unknown>, command.args ?? {});
+          : checkStruct(args as Record<string, unknown>, command.args ?? {}, 'json');
       const result = await command.run(checked, connection);
       if (name === 'qmp_capabilities') connection.negotiated = true;
       this.log?.info(
@@ -231,7 +273,8 @@ export class QmpMonitor extends EventEmitter {
       return withId({ return: result ?? {} });
     } catch (e) {
       if (e instanceof QmpError) return fail(e.errorClass, e.message);
-      if (e instanceof SchemaError) return fail('GenericError', e.message);
+      // Bad arguments are the client's error, not the daemon's: answered, not logged.
+      if (e instanceof BlockOptionError) return fail('GenericError', e.message);
       this.log?.warn(
         { event: 'qmp-command-failed', session: connection.id, command: name, err: e },
         'QMP command failed',

@@ -1,5 +1,6 @@
 // A minimal QMP client for tests: reads the greeting, sends requests, and reads the next
 // reply or event (QEMU and vm-disk send one JSON text per line).
+import { once } from 'node:events';
 import net from 'node:net';
 
 export type QmpMessage = Record<string, unknown>;
@@ -23,14 +24,23 @@ export class QmpTestClient {
       }
       this.waiter?.();
     });
-    socket.on('close', () => {
+    const closed = () => {
       this.closed = true;
       this.waiter?.();
-    });
+    };
+    socket.on('end', closed);
+    socket.on('close', closed);
   }
 
-  static async connect(path: string): Promise<{ client: QmpTestClient; greeting: QmpMessage }> {
-    const socket = net.connect(path);
+  /**
+   * Connects to a QMP socket. `stayConnected`: the client never hangs up by itself, even
+   * after the daemon closed its side (as a management tool that keeps its monitor open).
+   */
+  static async connect(
+    path: string,
+    options: { stayConnected?: boolean } = {},
+  ): Promise<{ client: QmpTestClient; greeting: QmpMessage }> {
+    const socket = net.connect({ path, allowHalfOpen: options.stayConnected ?? false });
     await new Promise<void>((resolve, reject) => {
       socket.once('connect', resolve);
       socket.once('error', reject);
@@ -55,6 +65,11 @@ export class QmpTestClient {
 
   sendRaw(text: string): void {
     this.socket.write(text);
+  }
+
+  /** Writes bytes, waiting while the socket's buffer is full (streams large inputs). */
+  async write(data: string | Buffer): Promise<void> {
+    if (!this.socket.write(data)) await once(this.socket, 'drain');
   }
 
   /** Sends a request and returns the next non-event message (its reply). */

@@ -11,7 +11,14 @@
 import type { BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
 import { BlockIoError, BlockOptionError, errnoName, errnoNumber } from '../errors.ts';
 import type { BdrvChild } from '../node.ts';
-import { keyBool, keyInt, keyList } from '../options.ts';
+import {
+  keyBool,
+  keyInt,
+  keyList,
+  keyObject,
+  type OptionSyntax,
+  optionUnexpected,
+} from '../options.ts';
 
 const OPS = ['read', 'write', 'write-zeroes', 'discard', 'flush', 'block-status'] as const;
 type Op = (typeof OPS)[number];
@@ -38,18 +45,16 @@ interface RuleOptions {
   once: boolean;
 }
 
-function parseRules(value: unknown, key: string): RuleOptions[] {
-  return keyList(value, key).map((r, i) => {
+function parseRules(value: unknown, key: string, syntax: OptionSyntax): RuleOptions[] {
+  return keyList(value, key, syntax).map((r, i) => {
     const k = `${key}[${i}]`;
-    if (typeof r !== 'object' || r === null || Array.isArray(r)) {
-      throw new BlockOptionError(k, 'expected an object');
-    }
+    const fields = keyObject(r, k);
     const rule: RuleOptions = { iotype: [...OPS], errno: 'EIO', offset: 0, after: 0, once: false };
-    for (const [f, v] of Object.entries(r as Record<string, unknown>)) {
+    for (const [f, v] of Object.entries(fields)) {
       const fk = `${k}.${f}`;
       switch (f) {
         case 'iotype': {
-          const list = typeof v === 'string' ? [v] : keyList(v, fk);
+          const list = typeof v === 'string' ? [v] : keyList(v, fk, syntax);
           for (const op of list) {
             if (!OPS.includes(op as Op)) {
               throw new BlockOptionError(fk, `'${String(op)}' is not one of ${OPS.join(', ')}`);
@@ -59,8 +64,11 @@ function parseRules(value: unknown, key: string): RuleOptions[] {
           break;
         }
         case 'errno': {
+          // An errno name ('EIO') or number (QEMU's is a number).
           const name =
-            typeof v === 'string' && /^E[A-Z0-9]+$/.test(v) ? v : errnoName(keyIntOr(v, fk));
+            typeof v === 'string' && /^E[A-Z0-9]+$/.test(v)
+              ? v
+              : errnoName(keyInt(v, fk, syntax, 1));
           if (!name || errnoNumber(name) === 0) {
             throw new BlockOptionError(fk, `'${String(v)}' is not an errno`);
           }
@@ -69,28 +77,20 @@ function parseRules(value: unknown, key: string): RuleOptions[] {
         }
         case 'offset':
         case 'after':
-          rule[f] = keyInt(v, fk, 0);
+          rule[f] = keyInt(v, fk, syntax, 0);
           break;
         case 'length':
-          rule.length = keyInt(v, fk, 1);
+          rule.length = keyInt(v, fk, syntax, 1);
           break;
         case 'once':
-          rule.once = keyBool(v, fk);
+          rule.once = keyBool(v, fk, syntax);
           break;
         default:
-          throw new BlockOptionError(fk, 'unknown key');
+          throw optionUnexpected(fk);
       }
     }
     return rule;
   });
-}
-
-function keyIntOr(v: unknown, key: string): number {
-  try {
-    return keyInt(v, key, 1);
-  } catch {
-    throw new BlockOptionError(key, `'${String(v)}' is not an errno`);
-  }
 }
 
 class BlkdebugInstance implements FilterInstance {

@@ -38,7 +38,15 @@ import {
 } from '@vmdisk/nbd';
 import type { BlockDriver, ProtocolInstance, ProtocolStatus } from '../driver.ts';
 import { BlockError, BlockErrorCode, BlockIoError, BlockOptionError } from '../errors.ts';
-import { keyBool, keyInt } from '../options.ts';
+import {
+  checkNoOtherKeys,
+  keyBool,
+  keyEnum,
+  keyObject,
+  keyString,
+  type OptionSyntax,
+  optionMissing,
+} from '../options.ts';
 
 /** QEMU's SocketAddress for `server`, checked. */
 type NbdServerAddress =
@@ -51,48 +59,28 @@ const DEFAULT_MAX_TRANSFER = 32 << 20;
 const DEFAULT_OPEN_TIMEOUT = 30;
 
 function parseServer(value: unknown, key: string): NbdServerAddress {
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-    throw new BlockOptionError(
-      key,
-      'expected an object ({type: inet, host, port} or {type: unix, path})',
-    );
-  }
-  const v = value as Record<string, unknown>;
-  const str = (k: string, required: boolean): string | undefined => {
-    const x = v[k];
-    if (x === undefined) {
-      if (required) throw new BlockOptionError(`${key}.${k}`, 'missing');
-      return undefined;
-    }
-    if (typeof x !== 'string' || x === '') {
-      throw new BlockOptionError(`${key}.${k}`, 'expected a non-empty string');
-    }
+  // QEMU's SocketAddress (a union on `type`); inet and unix are the ones we connect to.
+  const v = keyObject(value, key);
+  if (v.type === undefined) throw optionMissing(`${key}.type`);
+  const type = keyEnum(v.type, `${key}.type`, ['inet', 'unix']);
+  const str = (k: string): string => {
+    if (v[k] === undefined) throw optionMissing(`${key}.${k}`);
+    const x = keyString(v[k], `${key}.${k}`);
+    if (x === '') throw new BlockOptionError(`${key}.${k}`, 'expected a non-empty string');
     return x;
   };
-  const only = (keys: readonly string[]) => {
-    for (const k of Object.keys(v)) {
-      if (!keys.includes(k))
-        throw new BlockOptionError(`${key}.${k}`, `unknown key for ${v.type} address`);
-    }
-  };
-  switch (v.type) {
-    case 'inet': {
-      only(['type', 'host', 'port']);
-      const host = str('host', true) as string;
-      // QEMU's port is a string (a number as keyval or JSON number is fine too).
-      const raw = v.port;
-      if (raw === undefined) throw new BlockOptionError(`${key}.port`, 'missing');
-      const port = keyInt(raw, `${key}.port`, 1, 65535);
-      return { type: 'inet', host, port: String(port) };
-    }
-    case 'unix':
-      only(['type', 'path']);
-      return { type: 'unix', path: str('path', true) as string };
-    case undefined:
-      throw new BlockOptionError(`${key}.type`, 'missing (inet or unix)');
-    default:
-      throw new BlockOptionError(`${key}.type`, `'${String(v.type)}' is not one of inet, unix`);
+  if (type === 'unix') {
+    const path = str('path');
+    checkNoOtherKeys(v, ['type', 'path'], `${key}.`);
+    return { type, path };
   }
+  const host = str('host');
+  // QEMU's port is a string: a number, or a service name we do not look up.
+  const port = str('port');
+  checkNoOtherKeys(v, ['type', 'host', 'port'], `${key}.`);
+  const n = /^\d+$/.test(port) ? Number(port) : Number.NaN;
+  if (!(n >= 1 && n <= 65535)) throw new BlockOptionError(`${key}.port`, `'${port}' is not a port`);
+  return { type, host, port: String(n) };
 }
 
 /** A tls-creds-psk or tls-creds-x509 object (BlockGraph.addObject), as the driver uses it. */
@@ -111,6 +99,7 @@ export interface NbdTlsCreds {
 export function createTlsCreds(
   qomType: 'tls-creds-psk' | 'tls-creds-x509',
   props: Record<string, unknown>,
+  syntax: OptionSyntax,
 ): NbdTlsCreds {
   const type = qomType === 'tls-creds-psk' ? 'psk' : 'x509';
   const known =
@@ -129,7 +118,9 @@ export function createTlsCreds(
     dir,
     endpoint,
     verifyPeer:
-      props['verify-peer'] === undefined ? true : keyBool(props['verify-peer'], 'verify-peer'),
+      props['verify-peer'] === undefined
+        ? true
+        : keyBool(props['verify-peer'], 'verify-peer', syntax),
   };
   if (username !== undefined) {
     if (typeof username !== 'string' || username === '') {

@@ -7,7 +7,7 @@
 import type { BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
 import { BlockOptionError } from '../errors.ts';
 import type { BdrvChild } from '../node.ts';
-import { keyInt } from '../options.ts';
+import { keyInt, keyObject, type OptionSyntax, optionUnexpected } from '../options.ts';
 
 const KINDS = ['total', 'read', 'write'] as const;
 const UNITS = ['iops', 'bps'] as const;
@@ -170,11 +170,12 @@ export class ThrottleGroup {
 }
 
 /** Parses the options of a throttle-group object: { limits: {...} }. */
-export function createThrottleGroup(props: Record<string, unknown>): ThrottleGroup {
-  for (const k of Object.keys(props)) {
-    if (k !== 'limits') throw new BlockOptionError(k, 'unknown key for a throttle-group');
-  }
-  return new ThrottleGroup(parseLimits(props.limits ?? {}, 'limits'));
+export function createThrottleGroup(
+  props: Record<string, unknown>,
+  syntax: OptionSyntax,
+): ThrottleGroup {
+  for (const k of Object.keys(props)) if (k !== 'limits') throw optionUnexpected(k);
+  return new ThrottleGroup(parseLimits(props.limits ?? {}, 'limits', syntax));
 }
 
 class ThrottleInstance implements FilterInstance {
@@ -214,15 +215,14 @@ class ThrottleInstance implements FilterInstance {
   }
 }
 
-function parseLimits(value: unknown, key: string): Record<string, number> {
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-    throw new BlockOptionError(key, 'expected an object of limits');
-  }
+function parseLimits(value: unknown, key: string, syntax: OptionSyntax): Record<string, number> {
+  const limits = keyObject(value, key);
   const v: Record<string, number> = {};
-  for (const [k, n] of Object.entries(value as Record<string, unknown>)) {
-    if (!THROTTLE_LIMIT_KEYS.includes(k))
-      throw new BlockOptionError(`${key}.${k}`, 'unknown limit');
-    v[k] = keyInt(n, `${key}.${k}`, 0);
+  for (const k of THROTTLE_LIMIT_KEYS) {
+    if (limits[k] !== undefined) v[k] = keyInt(limits[k], `${key}.${k}`, syntax, 0);
+  }
+  for (const k of Object.keys(limits)) {
+    if (!THROTTLE_LIMIT_KEYS.includes(k)) throw optionUnexpected(`${key}.${k}`);
   }
   for (const u of UNITS) {
     const name = (k: string) => `${u}-${k}`;

@@ -8,69 +8,70 @@ import { createQcow2, type Qcow2CreateOptions } from '../drivers/qcow2/create.ts
 import { qcow2FileOf } from '../drivers/qcow2/qcow2.ts';
 import { BlockOptionError } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
+import {
+  checkNoOtherKeys,
+  keyBool,
+  keyEnum,
+  keyInt,
+  keyString,
+  keyUint,
+  optionMissing,
+} from '../options.ts';
 import { BLK_PERM_ALL, permNames } from '../permissions.ts';
 
 export type BlockdevCreateOptions = Record<string, unknown> & { driver: string };
 
-type Spec = Record<string, 'string' | 'int' | 'bool' | readonly string[]>;
+/** A member of BlockdevCreateOptions: QAPI types (size is QEMU's uint64 'size'). */
+type Member = { type: 'str' | 'size' | 'int' | 'bool' | readonly string[]; required?: true };
+type Spec = Record<string, Member>;
 
+// In QEMU's schema order (qapi/block-core.json), which is the order errors come in.
 const FILE_SPEC: Spec = {
-  driver: 'string',
-  filename: 'string',
-  size: 'int',
-  preallocation: ['off', 'falloc', 'full'],
-  nocow: 'bool',
+  filename: { type: 'str', required: true },
+  size: { type: 'size', required: true },
+  preallocation: { type: ['off', 'falloc', 'full'] },
+  nocow: { type: 'bool' },
 };
 const QCOW2_SPEC: Spec = {
-  driver: 'string',
-  file: 'string',
-  size: 'int',
-  version: ['v2', 'v3'],
-  'backing-file': 'string',
-  'backing-fmt': 'string',
-  'cluster-size': 'int',
-  preallocation: ['off', 'metadata', 'full'],
-  'lazy-refcounts': 'bool',
-  'refcount-bits': 'int',
-  'compression-type': ['zlib', 'zstd'],
-  'extended-l2': 'bool',
-};
-const REQUIRED: Record<string, readonly string[]> = {
-  file: ['filename', 'size'],
-  qcow2: ['file', 'size'],
+  file: { type: 'str', required: true },
+  'extended-l2': { type: 'bool' },
+  size: { type: 'size', required: true },
+  version: { type: ['v2', 'v3'] },
+  'backing-file': { type: 'str' },
+  'backing-fmt': { type: 'str' },
+  'cluster-size': { type: 'size' },
+  preallocation: { type: ['off', 'metadata', 'full'] },
+  'lazy-refcounts': { type: 'bool' },
+  'refcount-bits': { type: 'int' },
+  'compression-type': { type: ['zlib', 'zstd'] },
 };
 
-function check(options: BlockdevCreateOptions): void {
-  const spec =
-    options.driver === 'file' ? FILE_SPEC : options.driver === 'qcow2' ? QCOW2_SPEC : undefined;
-  if (!spec)
+/** Checks the options as QEMU's QAPI layer does (JSON types), keys named `prefix`KEY. */
+function check(options: BlockdevCreateOptions, prefix: string): void {
+  const key = (k: string) => `${prefix}${k}`;
+  if (options.driver === undefined) throw optionMissing(key('driver'));
+  const driver = keyString(options.driver, key('driver'));
+  const spec = driver === 'file' ? FILE_SPEC : driver === 'qcow2' ? QCOW2_SPEC : undefined;
+  if (!spec) {
     throw new BlockOptionError(
-      'driver',
-      `blockdev-create does not support driver '${options.driver}' (file, qcow2)`,
+      key('driver'),
+      `blockdev-create does not support driver '${driver}' (file, qcow2)`,
     );
-  for (const [key, value] of Object.entries(options)) {
-    const type = spec[key];
-    if (type === undefined) throw new BlockOptionError(key, 'is unexpected');
-    const ok =
-      type === 'string'
-        ? typeof value === 'string'
-        : type === 'int'
-          ? Number.isSafeInteger(value) && (value as number) >= 0
-          : type === 'bool'
-            ? typeof value === 'boolean'
-            : typeof value === 'string' && type.includes(value);
-    if (!ok) {
-      throw new BlockOptionError(
-        key,
-        Array.isArray(type)
-          ? `expected one of ${type.join(', ')}`
-          : `expected ${type === 'int' ? 'a non-negative integer' : `a ${type}`}`,
-      );
+  }
+  for (const [k, member] of Object.entries(spec)) {
+    const value = options[k];
+    if (value === undefined) {
+      if (member.required) throw optionMissing(key(k));
+      continue;
     }
+    const { type } = member;
+    if (type === 'str') keyString(value, key(k));
+    else if (type === 'bool') keyBool(value, key(k), 'json');
+    else if (type === 'int') keyInt(value, key(k), 'json');
+    else if (type === 'size') keyUint(value, key(k), 'json');
+    else keyEnum(value, key(k), type);
   }
-  for (const key of REQUIRED[options.driver] ?? []) {
-    if (options[key] === undefined) throw new BlockOptionError(key, 'is missing');
-  }
+  checkNoOtherKeys(options, ['driver', ...Object.keys(spec)], prefix);
 }
 
 function qcow2Options(o: BlockdevCreateOptions): Qcow2CreateOptions {
@@ -149,14 +150,16 @@ async function formatQcow2(
  * Starts a blockdev-create job `jobId` in `jobs`: auto-finalized, and left 'concluded'
  * until the client dismisses it (job-dismiss), as qemu-storage-daemon runs it. Throws,
  * before any job exists, when the options are bad or name a node that does not exist.
+ * `keyPrefix` goes before the keys errors name (QMP's: 'options.').
  */
 export function blockdevCreate(
   graph: BlockGraph,
   jobs: JobRegistry,
   jobId: string,
   options: BlockdevCreateOptions,
+  keyPrefix = '',
 ): Job {
-  check(options);
+  check(options, keyPrefix);
   if (options.driver === 'qcow2') graph.node(options.file as string);
   const job = jobs.createJob({
     id: jobId,
