@@ -263,7 +263,7 @@ export function checkOptions(
     spec.autoReadOnly = keyBool(raw['auto-read-only'], key('auto-read-only'), syntax);
   }
   if (raw['force-share'] !== undefined) {
-    spec.forceShare = keyBool(raw['force-share'], key('force-share'));
+    spec.forceShare = keyBool(raw['force-share'], key('force-share'), syntax);
   }
   if (driver.readOnlyOnly) {
     if (ro === false) {
