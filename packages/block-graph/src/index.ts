@@ -7,6 +7,7 @@ export {
   BlockBackend,
   type Extent,
 } from './backend.ts';
+export { DEFAULT_MAX_BACKING_DEPTH } from './backing-chain.ts';
 export type {
   BlockDriver,
   ChildSpec,
@@ -37,6 +38,7 @@ export { qcow2FileOf } from './drivers/qcow2/qcow2.ts';
 export type { Qcow2File } from './drivers/qcow2/types.ts';
 export { THROTTLE_LIMIT_KEYS, ThrottleGroup } from './drivers/throttle.ts';
 export {
+  BackingChainError,
   BlockError,
   BlockErrorCode,
   type BlockErrorCodeValue,
