@@ -29,6 +29,7 @@ export { builtinDrivers } from './drivers/index.ts';
 export type { Qcow2CheckResult } from './drivers/qcow2/check.ts';
 export { checkQcow2 } from './drivers/qcow2/check.ts';
 export {
+  checkQcow2CreateOptions,
   createQcow2,
   type Qcow2CreateOptions,
   type Qcow2CreateProgress,
