@@ -4,7 +4,9 @@
 export type VmDiskErrorCode =
   | 'ERR_VMDISK_APP_BAD_OPTION'
   | 'ERR_VMDISK_APP_KEYVAL'
-  | 'ERR_VMDISK_APP_QMP';
+  | 'ERR_VMDISK_APP_QMP'
+  /** `vm-disk create` refused what it was asked (e.g. an image its own backing file). */
+  | 'ERR_VMDISK_APP_CREATE';
 
 export class VmDiskError extends Error {
   override name = 'VmDiskError';

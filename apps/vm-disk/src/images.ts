@@ -1,10 +1,12 @@
 // `vm-disk create | info | map`, in the spirit of qemu-img: make raw and qcow2 images,
 // describe them, and map their allocation. Files are opened through @vmdisk/engine, and
 // images are read through a @vmdisk/block-graph graph, as the daemon reads them.
-import { stat } from 'node:fs/promises';
+import { open, stat, unlink } from 'node:fs/promises';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import {
   BlockGraph,
+  checkQcow2CreateOptions,
   createQcow2,
   type Extent,
   ImageLockError,
@@ -13,7 +15,7 @@ import {
   type Qcow2CreateOptions,
 } from '@vmdisk/block-graph';
 import { type EngineFile, sharedEngine } from '@vmdisk/engine';
-import { BadOptionError } from './errors.ts';
+import { BadOptionError, VmDiskError } from './errors.ts';
 import { parseKeyval } from './options/keyval.ts';
 import { parseSize } from './options/schema.ts';
 import { ProgressBar } from './progress.ts';
@@ -68,12 +70,88 @@ const QCOW2_OPTIONS = new Set([
   'backing_fmt',
 ]);
 
+// Option values as qemu-img parses them, with its messages.
+const TRUE = new Set(['on', 'yes', 'true', 'y']);
+const FALSE = new Set(['off', 'no', 'false', 'n']);
+
 function onOff(key: string, value: string): boolean {
-  if (value === 'on' || value === 'true') return true;
-  if (value === 'off' || value === 'false') return false;
-  throw new BadOptionError('-o', `${key}: expected on or off, not '${value}'`);
+  if (TRUE.has(value)) return true;
+  if (FALSE.has(value)) return false;
+  throw new BadOptionError('-o', `Parameter '${key}' expects 'on' or 'off'`);
 }
 
+function sizeOption(key: string, value: string): number {
+  const size = parseSize(value);
+  if (size === undefined) {
+    throw new BadOptionError(
+      '-o',
+      `Parameter '${key}' expects a non-negative number below 2^64 (optional suffix k, M, G, T, P or E)`,
+    );
+  }
+  return size;
+}
+
+function oneOf<const T extends string>(key: string, value: string, values: readonly T[]): T {
+  if (!(values as readonly string[]).includes(value)) {
+    throw new BadOptionError('-o', `Parameter '${key}' does not accept value '${value}'`);
+  }
+  return value as T;
+}
+
+/** The qcow2 options of `-o` (parsed as qemu-img parses them), not yet checked together. */
+function qcow2CreateOptions(o: Record<string, string>, size: number): Qcow2CreateOptions {
+  const options: Qcow2CreateOptions = { size };
+  if (o.cluster_size !== undefined)
+    options.clusterSize = sizeOption('cluster_size', o.cluster_size);
+  if (o.compat !== undefined) {
+    const compat = oneOf('version', o.compat, ['0.10', '1.1', 'v2', 'v3']);
+    options.compat = compat === '0.10' || compat === 'v2' ? '0.10' : '1.1';
+  }
+  if (o.lazy_refcounts !== undefined)
+    options.lazyRefcounts = onOff('lazy_refcounts', o.lazy_refcounts);
+  if (o.extended_l2 !== undefined) options.extendedL2 = onOff('extended_l2', o.extended_l2);
+  if (o.refcount_bits !== undefined) {
+    if (!/^\d+$/.test(o.refcount_bits))
+      throw new BadOptionError('-o', "Parameter 'refcount_bits' expects a number");
+    options.refcountBits = Number(o.refcount_bits);
+  }
+  if (o.compression_type !== undefined)
+    options.compressionType = oneOf('compression-type', o.compression_type, ['zlib', 'zstd']);
+  if (o.preallocation !== undefined)
+    options.preallocation = oneOf('preallocation', o.preallocation, ['off', 'metadata', 'full']);
+  return options;
+}
+
+/** Whether two names are one file: the same path, or the same device and inode. */
+async function sameFile(a: string, b: string): Promise<boolean> {
+  if (resolve(a) === resolve(b)) return true;
+  try {
+    const [x, y] = await Promise.all([stat(a, { bigint: true }), stat(b, { bigint: true })]);
+    return x.dev === y.dev && x.ino === y.ino;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Creates `path` if it does not exist; true when this call created it (so that a failed
+ * create may remove it: a file that was there before is never removed).
+ */
+async function createExclusive(path: string): Promise<boolean> {
+  try {
+    await (await open(path, 'wx')).close();
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw e;
+  }
+}
+
+/**
+ * `vm-disk create`: every option is checked before anything is created, so that a refused
+ * create leaves nothing behind; a create that fails later removes the file it made (never
+ * one that was there before).
+ */
 export async function create(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
   const { values, positionals } = parseArgs({
     args: [...argv],
@@ -114,18 +192,38 @@ export async function create(argv: readonly string[], out: NodeJS.WritableStream
   const backingFormat = values['backing-format'] ?? o.backing_fmt;
   if (backingFile !== undefined && format !== 'qcow2')
     throw new BadOptionError('-b', 'only qcow2 images have a backing file');
+  // A relative backing file name is relative to the image, as it is when the image opens.
+  const backingPath =
+    backingFile === undefined
+      ? undefined
+      : isAbsolute(backingFile)
+        ? backingFile
+        : join(dirname(path), backingFile);
+  if (backingPath !== undefined && (await sameFile(path, backingPath))) {
+    throw new VmDiskError(
+      'ERR_VMDISK_APP_CREATE',
+      `${path}: Error: Trying to create an image with the same filename as the backing file`,
+    );
+  }
 
-  let size =
-    sizeText !== undefined
-      ? sizeArg('SIZE', sizeText)
-      : o.size !== undefined
-        ? sizeArg('-o', o.size)
-        : undefined;
-  if (size === undefined && backingFile !== undefined)
-    size = (await describe(backingFile, true)).virtualSize; // as qemu-img: force-share
+  const optionSize = o.size !== undefined ? sizeOption('size', o.size) : undefined;
+  let size = sizeText !== undefined ? sizeArg('SIZE', sizeText) : optionSize;
+  if (size === undefined && backingPath !== undefined)
+    size = (await describe(backingPath, true)).virtualSize; // as qemu-img: force-share
   if (size === undefined) throw new BadOptionError('create', 'expected an image size');
+  size = Math.ceil(size / 512) * 512; // as qemu-img rounds it
 
   const preallocation = o.preallocation ?? 'off';
+  let qcow2: Qcow2CreateOptions | undefined;
+  if (format === 'qcow2') {
+    qcow2 = qcow2CreateOptions(o, size);
+    if (backingFile !== undefined) qcow2.backingFile = backingFile;
+    if (backingFormat !== undefined) qcow2.backingFormat = backingFormat;
+    checkQcow2CreateOptions(qcow2);
+  } else {
+    oneOf('preallocation', preallocation, ['off', 'falloc', 'full']);
+  }
+
   const shown = Object.entries({
     ...o,
     ...(backingFile && { backing_file: backingFile }),
@@ -138,71 +236,57 @@ export async function create(argv: readonly string[], out: NodeJS.WritableStream
 
   const bar =
     !values.quiet && preallocation !== 'off' ? new ProgressBar(`preallocating ${path}`) : undefined;
-  const file = await openFile(path, { create: true });
+  const created = await createExclusive(path);
   try {
-    // As qemu-img: never truncate an image another process uses.
-    lockForCreate(file);
-    if (format === 'qcow2') {
-      const options: Qcow2CreateOptions = { size };
-      if (o.cluster_size !== undefined) options.clusterSize = sizeArg('-o', o.cluster_size);
-      if (o.compat !== undefined) {
-        if (o.compat !== '0.10' && o.compat !== '1.1' && o.compat !== 'v2' && o.compat !== 'v3') {
-          throw new BadOptionError('-o', `compat: '${o.compat}' is not 0.10 or 1.1`);
-        }
-        options.compat = o.compat === '0.10' || o.compat === 'v2' ? '0.10' : '1.1';
+    const file = await openFile(path, { create: true });
+    try {
+      // As qemu-img: never truncate an image another process uses.
+      lockForCreate(file);
+      if (qcow2) {
+        const image = {
+          read: (buf: Uint8Array, offset: number) => file.read(buf, offset),
+          write: (buf: Uint8Array, offset: number) => file.write(buf, offset),
+          size: () => file.size(),
+          truncate: (length: number) => file.truncate(length),
+          flush: () => file.fdatasync(),
+        };
+        await createQcow2(image, qcow2, (done, total) => bar?.update(done, total));
+      } else {
+        await createRaw(file, size, preallocation, bar);
       }
-      if (o.lazy_refcounts !== undefined)
-        options.lazyRefcounts = onOff('lazy_refcounts', o.lazy_refcounts);
-      if (o.extended_l2 !== undefined) options.extendedL2 = onOff('extended_l2', o.extended_l2);
-      if (o.refcount_bits !== undefined) options.refcountBits = Number(o.refcount_bits);
-      if (o.compression_type !== undefined)
-        options.compressionType = o.compression_type as 'zlib' | 'zstd';
-      if (preallocation !== 'off' && preallocation !== 'metadata' && preallocation !== 'full') {
-        throw new BadOptionError(
-          '-o',
-          `preallocation: '${preallocation}' is not off, metadata or full`,
-        );
-      }
-      options.preallocation = preallocation;
-      if (backingFile !== undefined) options.backingFile = backingFile;
-      if (backingFormat !== undefined) options.backingFormat = backingFormat;
-      const image = {
-        read: (buf: Uint8Array, offset: number) => file.read(buf, offset),
-        write: (buf: Uint8Array, offset: number) => file.write(buf, offset),
-        size: () => file.size(),
-        truncate: (length: number) => file.truncate(length),
-        flush: () => file.fdatasync(),
-      };
-      await createQcow2(image, options, (done, total) => bar?.update(done, total));
-    } else {
-      if (preallocation !== 'off' && preallocation !== 'falloc' && preallocation !== 'full') {
-        throw new BadOptionError(
-          '-o',
-          `preallocation: '${preallocation}' is not off, falloc or full`,
-        );
-      }
-      await file.truncate(0);
-      await file.truncate(size);
-      if (preallocation === 'falloc' && size > 0) await file.fallocate('allocate', 0, size);
-      if (preallocation === 'full') {
-        const engine = await sharedEngine();
-        const chunk = engine.allocBuffer(1 << 20).fill(0);
-        try {
-          for (let at = 0; at < size; at += chunk.length) {
-            await file.write(chunk.subarray(0, Math.min(chunk.length, size - at)), at);
-            bar?.update(Math.min(size, at + chunk.length), size);
-          }
-        } finally {
-          engine.releaseBuffer(chunk);
-        }
-      }
-      await file.fdatasync();
+    } finally {
+      bar?.done();
+      await file.close();
     }
-  } finally {
-    bar?.done();
-    await file.close();
+  } catch (e) {
+    if (created) await unlink(path).catch(() => {});
+    throw e;
   }
   return 0;
+}
+
+async function createRaw(
+  file: EngineFile,
+  size: number,
+  preallocation: string,
+  bar: ProgressBar | undefined,
+): Promise<void> {
+  await file.truncate(0);
+  await file.truncate(size);
+  if (preallocation === 'falloc' && size > 0) await file.fallocate('allocate', 0, size);
+  if (preallocation === 'full') {
+    const engine = await sharedEngine();
+    const chunk = engine.allocBuffer(1 << 20).fill(0);
+    try {
+      for (let at = 0; at < size; at += chunk.length) {
+        await file.write(chunk.subarray(0, Math.min(chunk.length, size - at)), at);
+        bar?.update(Math.min(size, at + chunk.length), size);
+      }
+    } finally {
+      engine.releaseBuffer(chunk);
+    }
+  }
+  await file.fdatasync();
 }
 
 // ---- info ----

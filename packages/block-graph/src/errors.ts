@@ -46,6 +46,10 @@ export const BlockErrorCode = {
    * lock"): an ImageLockError, whose `hint` asks whether another process uses the image.
    */
   IMAGE_LOCKED: 'ERR_VMDISK_BLOCK_IMAGE_LOCKED',
+  /** A backing chain comes back to a file already in it (BackingChainError). */
+  BACKING_LOOP: 'ERR_VMDISK_BLOCK_BACKING_LOOP',
+  /** A backing chain deeper than the graph allows (BackingChainError). */
+  BACKING_CHAIN_TOO_DEEP: 'ERR_VMDISK_BLOCK_BACKING_CHAIN_TOO_DEEP',
 } as const;
 
 export type BlockErrorCodeValue = (typeof BlockErrorCode)[keyof typeof BlockErrorCode];
@@ -146,6 +150,20 @@ export class BlockIoError extends BlockError {
     if (init.offset !== undefined) this.offset = init.offset;
     if (init.length !== undefined) this.length = init.length;
     if (init.node !== undefined) this.node = init.node;
+  }
+}
+
+/** A backing chain that loops or is too deep; `filename` names the file where it stopped. */
+export class BackingChainError extends BlockError {
+  override name = 'BackingChainError';
+  readonly filename: string;
+  constructor(
+    code: typeof BlockErrorCode.BACKING_LOOP | typeof BlockErrorCode.BACKING_CHAIN_TOO_DEEP,
+    filename: string,
+    message: string,
+  ) {
+    super(code, message, { errnoName: code === BlockErrorCode.BACKING_LOOP ? 'ELOOP' : 'EINVAL' });
+    this.filename = filename;
   }
 }
 

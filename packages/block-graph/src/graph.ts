@@ -3,6 +3,14 @@
 // replace a child, replace a node), each done under the write side of the lock.
 
 import { type BackendOptions, BlockBackend } from './backend.ts';
+import {
+  checkLoop,
+  childChain,
+  DEFAULT_MAX_BACKING_DEPTH,
+  fileIdentity,
+  type OpenChain,
+  TOP_OF_CHAIN,
+} from './backing-chain.ts';
 import type { BlockDriver, EngineLike, OpenContext } from './driver.ts';
 import { builtinDrivers } from './drivers/index.ts';
 import { createTlsCreds } from './drivers/nbd.ts';
@@ -58,6 +66,11 @@ export interface AddOptions {
 export interface BlockGraphOptions {
   /** Extra drivers (e.g. qcow2, nbd) beside the built-in ones. */
   drivers?: readonly BlockDriver[];
+  /**
+   * The most backing files one node may have below it (DEFAULT_MAX_BACKING_DEPTH): a deeper
+   * chain fails to open with BACKING_CHAIN_TOO_DEEP.
+   */
+  maxBackingDepth?: number;
 }
 
 export class BlockGraph {
@@ -76,8 +89,15 @@ export class BlockGraph {
   private autoName = 0;
   private backendSeq = 0;
   private closed = false;
+  private readonly maxBackingDepth: number;
+  /** The identity (dev:ino) of each open file node, to find backing chains that loop. */
+  private readonly fileIds = new WeakMap<BlockNode, string>();
 
   constructor(options: BlockGraphOptions = {}) {
+    this.maxBackingDepth = options.maxBackingDepth ?? DEFAULT_MAX_BACKING_DEPTH;
+    if (!Number.isSafeInteger(this.maxBackingDepth) || this.maxBackingDepth < 0) {
+      throw new BlockOptionError('maxBackingDepth', 'expected a non-negative integer');
+    }
     for (const d of builtinDrivers) this.drivers.set(d.name, d);
     for (const d of options.drivers ?? []) this.drivers.set(d.name, d);
     this.lock.onDrainBegin = () => {
@@ -454,11 +474,18 @@ export class BlockGraph {
     return name;
   }
 
-  /** Opens a node and its inline children; on failure nothing it created is left. */
+  /**
+   * Opens a node and its inline children; on failure nothing it created is left. `chain`:
+   * where the node sits in the backing chain being opened (backing-chain.ts).
+   */
   private async open(
     spec: NodeSpec,
     inherited: Partial<NodeSettings> | undefined,
+    chain: OpenChain = TOP_OF_CHAIN,
   ): Promise<BlockNode> {
+    const filename = spec.driver.name === 'file' ? spec.options.filename : undefined;
+    const fileId = typeof filename === 'string' ? await fileIdentity(filename) : undefined;
+    if (typeof filename === 'string') checkLoop(chain, fileId, filename);
     const settings: NodeSettings = {
       readOnly: spec.readOnly ?? inherited?.readOnly ?? false,
       direct: spec.direct ?? inherited?.direct ?? false,
@@ -497,7 +524,12 @@ export class BlockGraph {
         if (typeof c === 'string') {
           child = this.node(c);
         } else {
-          child = await this.open(c, childSettings(roles.includes('cow')));
+          const cow = roles.includes('cow');
+          child = await this.open(
+            c,
+            childSettings(cow),
+            childChain(chain, cow, c, this.maxBackingDepth),
+          );
           child.refcount--; // the edge below takes the reference open() handed out
         }
         const edge = new BdrvChild(key, roles, node, child);
@@ -552,7 +584,17 @@ export class BlockGraph {
           const childSpec = checkOptions(options, this.drivers, `${spec.path}${key}.`);
           this.checkNames(childSpec, new Set());
           const roles = cs.roles(spec.options);
-          const child = await this.open(childSpec, childSettings(roles.includes('cow')));
+          const cow = roles.includes('cow');
+          // The child comes from this node's own data (a header): this node's files join
+          // the chain, so that the child opening one of them again is a loop.
+          const below = childChain(
+            chain,
+            cow,
+            childSpec,
+            this.maxBackingDepth,
+            this.storageFiles(node),
+          );
+          const child = await this.open(childSpec, childSettings(cow), below);
           const edge = new BdrvChild(key, roles, node, child);
           this.link(edge); // takes over the reference open() handed out
           edges.push(edge);
@@ -580,6 +622,7 @@ export class BlockGraph {
         await instance.close?.();
         throw err;
       }
+      if (fileId !== undefined) this.fileIds.set(node, fileId);
       node.refcount++; // the caller's reference
       return node;
     } catch (err) {
@@ -599,6 +642,16 @@ export class BlockGraph {
       }
       throw err;
     }
+  }
+
+  /** The files (dev:ino) a node stores its own data in: below it, not through backing edges. */
+  private storageFiles(node: BlockNode, out = new Set<string>()): Set<string> {
+    const id = this.fileIds.get(node);
+    if (id !== undefined) out.add(id);
+    for (const e of node.children.values()) {
+      if (!e.roles.includes('cow')) this.storageFiles(e.node, out);
+    }
+    return out;
   }
 
   private releaseObjects(node: BlockNode): void {

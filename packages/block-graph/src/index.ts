@@ -7,6 +7,7 @@ export {
   BlockBackend,
   type Extent,
 } from './backend.ts';
+export { DEFAULT_MAX_BACKING_DEPTH } from './backing-chain.ts';
 export type {
   BlockDriver,
   ChildSpec,
@@ -29,6 +30,7 @@ export { builtinDrivers } from './drivers/index.ts';
 export type { Qcow2CheckResult } from './drivers/qcow2/check.ts';
 export { checkQcow2 } from './drivers/qcow2/check.ts';
 export {
+  checkQcow2CreateOptions,
   createQcow2,
   type Qcow2CreateOptions,
   type Qcow2CreateProgress,
@@ -38,6 +40,7 @@ export { qcow2FileOf } from './drivers/qcow2/qcow2.ts';
 export type { Qcow2File } from './drivers/qcow2/types.ts';
 export { THROTTLE_LIMIT_KEYS, ThrottleGroup } from './drivers/throttle.ts';
 export {
+  BackingChainError,
   BlockError,
   BlockErrorCode,
   type BlockErrorCodeValue,

@@ -147,6 +147,39 @@ describe('qcow2 refused features name the feature', () => {
     expect(err.feature).toBe('external data file');
   });
 
+  it('the compression type: unknown refused, the incompatible bit checked, as qemu-img does', async () => {
+    // [incompatible bit 3 set, header byte 104, our code or null (opens)]; qemu-img says the same.
+    const cases: Array<[boolean, number, string | null]> = [
+      [true, 7, UNSUPPORTED],
+      [false, 7, UNSUPPORTED],
+      [false, 255, UNSUPPORTED],
+      [false, 1, BAD_HEADER],
+      [true, 0, BAD_HEADER],
+      [true, 1, null], // zstd
+    ];
+    for (const [bit, type, code] of cases) {
+      const path = await image();
+      await poke(path, 79, [bit ? 8 : 0]);
+      await poke(path, 104, [type]);
+      const theirs = await run('qemu-img', ['info', path]);
+      for (const readOnly of [true, false]) {
+        const err = (await tryAll(path, readOnly)) as BlockError & { feature?: string };
+        if (code === null) {
+          expect(err).toBeNull();
+          expect(theirs.code).toBe(0);
+          continue;
+        }
+        expectCode(err, code);
+        expect(theirs.code).toBe(1);
+        expect(theirs.stderr).toContain(`: ${err.message}`);
+        if (code === UNSUPPORTED) {
+          expect(err.message).toBe(`qcow2: unknown compression type: ${type}`);
+          expect(err.feature).toBe('compression type');
+        }
+      }
+    }
+  });
+
   it('the corrupt bit: read-only open allowed, read-write refused', async () => {
     const path = await image();
     await poke(path, 72, be64(2));

@@ -41,55 +41,97 @@ export interface Qcow2CreateOptions {
 /** Progress of creation in bytes written so far out of the total. */
 export type Qcow2CreateProgress = (done: number, total: number) => void;
 
+/** What createQcow2 lays out, computed from checked options. */
+interface Plan {
+  cs: number;
+  clusterBits: number;
+  size: number;
+  v3: boolean;
+  extendedL2: boolean;
+  refcountOrder: number;
+  prealloc: 'off' | 'metadata' | 'full';
+  g: Geometry;
+  l1Size: number;
+  l1Clusters: number;
+  nL2: number;
+  nData: number;
+  perBlock: number;
+  blocks: number;
+  tableClusters: number;
+}
+
+const NEEDS_V3 = 'compatibility level 1.1 and above (use version=v3 or greater)';
+
 /**
- * Creates a qcow2 image in `file` (truncated first). Precondition: nobody else uses the file.
+ * Checks the options as createQcow2 would, without touching anything: what a caller runs
+ * before it creates the file, so that bad options leave nothing behind. Throws a
+ * BAD_OPTION Qcow2Error with QEMU's message.
  */
-export async function createQcow2(
-  file: Qcow2File,
-  options: Qcow2CreateOptions,
-  onProgress?: Qcow2CreateProgress,
-): Promise<void> {
+export function checkQcow2CreateOptions(options: Qcow2CreateOptions): void {
+  plan(options);
+}
+
+function plan(options: Qcow2CreateOptions): Plan {
+  const size = options.size;
+  if (!Number.isSafeInteger(size) || size < 0) {
+    throw badOption(`Image size ${size} is not a non-negative integer`);
+  }
+  if (size % 512 !== 0) throw badOption('Image size must be a multiple of 512 bytes');
   const cs = options.clusterSize ?? 65536;
   const clusterBits = Math.log2(cs);
   if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) {
-    throw badOption(`cluster size ${cs} is not a power of two from 512 to 2097152`);
+    throw badOption('Cluster size must be a power of two between 512 and 2048k');
   }
-  const size = options.size;
-  if (!Number.isSafeInteger(size) || size < 0 || size % 512 !== 0) {
-    throw badOption(`image size ${size} is not a non-negative multiple of 512`);
+  if (options.compat !== undefined && options.compat !== '0.10' && options.compat !== '1.1') {
+    throw badOption(`Parameter 'version' does not accept value '${options.compat}'`);
   }
   const v3 = (options.compat ?? '1.1') === '1.1';
-  if (options.compat !== undefined && options.compat !== '0.10' && options.compat !== '1.1') {
-    throw badOption(`compat '${options.compat}' is not 0.10 or 1.1`);
-  }
   const extendedL2 = options.extendedL2 ?? false;
   const refcountBits = options.refcountBits ?? 16;
   const refcountOrder = Math.log2(refcountBits);
   if (!Number.isInteger(refcountOrder) || refcountOrder < 0 || refcountOrder > 6) {
-    throw badOption(`refcount bits ${refcountBits} is not a power of two from 1 to 64`);
+    throw badOption('Refcount width must be a power of two and may not exceed 64 bits');
+  }
+  const compression = options.compressionType ?? 'zlib';
+  if (compression !== 'zlib' && compression !== 'zstd') {
+    throw badOption(`Parameter 'compression-type' does not accept value '${compression}'`);
   }
   if (!v3) {
-    if (extendedL2) throw badOption('extended L2 entries need compat 1.1');
-    if (options.lazyRefcounts) throw badOption('lazy refcounts need compat 1.1');
-    if (refcountBits !== 16) throw badOption('refcount bits other than 16 need compat 1.1');
-    if (options.compressionType === 'zstd') throw badOption('zstd compression needs compat 1.1');
+    if (options.lazyRefcounts) throw badOption(`Lazy refcounts only supported with ${NEEDS_V3}`);
+    if (refcountBits !== 16) {
+      throw badOption(
+        'Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)',
+      );
+    }
+    if (extendedL2) throw badOption(`Extended L2 entries are only supported with ${NEEDS_V3}`);
+    if (compression !== 'zlib') {
+      throw badOption(`Non-zlib compression type is only supported with ${NEEDS_V3}`);
+    }
   }
-  if (extendedL2 && cs < 16384)
-    throw badOption('extended L2 entries need clusters of 16 KiB or more');
+  if (extendedL2 && cs < 16384) {
+    throw badOption(
+      'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes',
+    );
+  }
   if (options.backingFormat !== undefined && options.backingFile === undefined) {
-    throw badOption('a backing format needs a backing file');
+    throw badOption('Backing format cannot be used without backing file');
   }
   const prealloc = options.preallocation ?? 'off';
   if (prealloc !== 'off' && prealloc !== 'metadata' && prealloc !== 'full') {
-    throw badOption(`preallocation '${prealloc}' is not off, metadata or full`);
+    throw badOption(`Parameter 'preallocation' does not accept value '${prealloc}'`);
   }
   if (prealloc !== 'off' && options.backingFile !== undefined && !extendedL2) {
-    throw badOption('backing file and preallocation can only be used together with extended L2');
+    throw badOption(
+      'Backing file and preallocation can only be used at the same time if extended_l2 is on',
+    );
   }
+  const tooLarge = () =>
+    badOption(
+      "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+    );
   const g = new Geometry(clusterBits, extendedL2);
   const l1Size = l1EntriesFor(size, clusterBits, extendedL2);
-  if (l1Size * 8 > MAX_L1_BYTES)
-    throw badOption(`image size ${size} too large for cluster size ${cs}`);
+  if (l1Size * 8 > MAX_L1_BYTES) throw tooLarge();
   const l1Clusters = Math.ceil((l1Size * 8) / cs); // none for an empty disk: nothing would refer to it
   const nL2 = prealloc === 'off' ? 0 : l1Size;
   const nData = prealloc === 'off' ? 0 : Math.ceil(size / cs);
@@ -104,9 +146,38 @@ export async function createQcow2(
     blocks = Math.max(blocks, b);
     tableClusters = Math.max(tableClusters, t);
   }
-  if (tableClusters * cs > MAX_REFTABLE_BYTES) {
-    throw badOption(`image size ${size} needs a refcount table too large for cluster size ${cs}`);
-  }
+  if (tableClusters * cs > MAX_REFTABLE_BYTES) throw tooLarge();
+  return {
+    cs,
+    clusterBits,
+    size,
+    v3,
+    extendedL2,
+    refcountOrder,
+    prealloc,
+    g,
+    l1Size,
+    l1Clusters,
+    nL2,
+    nData,
+    perBlock,
+    blocks,
+    tableClusters,
+  };
+}
+
+/**
+ * Creates a qcow2 image in `file` (truncated first, once the options are checked: bad
+ * options leave the file untouched). Precondition: nobody else uses the file.
+ */
+export async function createQcow2(
+  file: Qcow2File,
+  options: Qcow2CreateOptions,
+  onProgress?: Qcow2CreateProgress,
+): Promise<void> {
+  const layout = plan(options);
+  const { cs, clusterBits, size, v3, extendedL2, refcountOrder, prealloc, g } = layout;
+  const { l1Size, l1Clusters, nL2, nData, perBlock, blocks, tableClusters } = layout;
   const tableOffset = cs;
   const blocksAt = tableOffset + tableClusters * cs;
   const l1Offset = blocksAt + blocks * cs;

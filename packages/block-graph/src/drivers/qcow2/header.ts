@@ -2,7 +2,7 @@
 // validate and serialize. Unknown header extensions and unknown additional header fields are
 // kept and written back unchanged.
 
-import { badHeader } from '../../errors.ts';
+import { badHeader, Qcow2Error, Qcow2ErrorCode, Qcow2UnsupportedError } from '../../errors.ts';
 
 export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
 export const HEADER_V2_LENGTH = 72;
@@ -103,9 +103,35 @@ export function peekClusterBits(buf: Uint8Array): number {
 }
 
 /**
+ * The compression type as QEMU checks it on open, in its order and words: an unknown type
+ * is refused (what it would decompress with is not known: reads and writes would go wrong),
+ * then the incompatible bit must be set exactly when the type is not zlib.
+ */
+function checkCompressionType(h: Qcow2Header): void {
+  const type = h.compressionType;
+  if (type !== CompressionType.ZLIB && type !== CompressionType.ZSTD) {
+    throw new Qcow2UnsupportedError('compression type', `qcow2: unknown compression type: ${type}`);
+  }
+  const bit = (h.incompatibleFeatures & Incompat.COMPRESSION_TYPE) !== 0n;
+  if (type === CompressionType.ZLIB && bit) {
+    throw new Qcow2Error(
+      Qcow2ErrorCode.BAD_HEADER,
+      'qcow2: Compression type incompatible feature bit must not be set',
+    );
+  }
+  if (type !== CompressionType.ZLIB && !bit) {
+    throw new Qcow2Error(
+      Qcow2ErrorCode.BAD_HEADER,
+      'qcow2: Compression type incompatible feature bit must be set',
+    );
+  }
+}
+
+/**
  * Parses and validates the header from `buf`, the first cluster of the image (or the whole
  * file when it is shorter than a cluster). Structural errors throw BAD_HEADER; feature policy
- * (what may be opened) is left to the caller.
+ * (what may be opened) is left to the caller, but for an unknown compression type
+ * (UNSUPPORTED_FEATURE): nothing can describe such an image.
  */
 export function parseHeader(buf: Uint8Array): Qcow2Header {
   const clusterBits = peekClusterBits(buf);
@@ -159,13 +185,7 @@ export function parseHeader(buf: Uint8Array): Qcow2Header {
     }
   }
   if (h.refcountOrder > 6) throw badHeader(`refcount_order ${h.refcountOrder} > 6`);
-  if ((h.incompatibleFeatures & Incompat.COMPRESSION_TYPE) !== 0n) {
-    if (h.headerLength <= 104 || h.compressionType === 0) {
-      throw badHeader('compression type bit set but compression_type absent or zlib');
-    }
-  } else if (h.compressionType !== 0) {
-    throw badHeader(`compression_type ${h.compressionType} without the compression type bit`);
-  }
+  checkCompressionType(h);
   if ((h.incompatibleFeatures & Incompat.EXTENDED_L2) !== 0n && clusterBits < 14) {
     throw badHeader('extended L2 entries need clusters of at least 16 KiB');
   }
