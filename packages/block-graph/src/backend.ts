@@ -3,8 +3,8 @@
 // has the shape of @vmdisk/nbd's ExportTarget (without importing it).
 
 import { BlockError, BlockErrorCode } from './errors.ts';
-import type { BlockGraph } from './graph.ts';
-import type { BdrvChild, BlockNode, ChildParent } from './node.ts';
+import type { GraphLock } from './graph-lock.ts';
+import type { BlockNode, ChildEdge, ChildParent } from './node.ts';
 import {
   BLK_PERM_CONSISTENT_READ,
   BLK_PERM_RESIZE,
@@ -13,6 +13,16 @@ import {
   type PermissionName,
   permBits,
 } from './permissions.ts';
+
+/** What a backend needs from its graph (BlockGraph implements it). */
+export interface BackendHost {
+  /** Requests hold its read side. */
+  readonly lock: GraphLock;
+  allocBuffer(length: number): Buffer;
+  releaseBuffer(buf: Uint8Array): void;
+  /** Detaches the backend's edge and gives its reference back (under the write lock). */
+  detachBackend(backend: BlockBackend, edge: ChildEdge): Promise<void>;
+}
 
 export interface BackendOptions {
   /** The backend's name in queries and permission errors (default backendN). */
@@ -62,15 +72,15 @@ export class BlockBackend implements ChildParent {
   /** One graph in one process: a flush through any backend flushes the same nodes. */
   readonly multiConnSafe = true;
   readonly reportsDepth = true;
-  private root: BdrvChild | undefined;
+  private root: ChildEdge | undefined;
   private closing: Promise<void> | undefined;
   private readonly maxExtents: number;
 
-  private readonly graph: BlockGraph;
+  private readonly graph: BackendHost;
   readonly name: string;
   private readonly options: BackendOptions;
 
-  constructor(graph: BlockGraph, name: string, options: BackendOptions) {
+  constructor(graph: BackendHost, name: string, options: BackendOptions) {
     this.graph = graph;
     this.name = name;
     this.options = options;
@@ -92,12 +102,12 @@ export class BlockBackend implements ChildParent {
   }
 
   /** @internal: set by the graph under its write lock. */
-  attach(edge: BdrvChild | undefined): void {
+  attach(edge: ChildEdge | undefined): void {
     this.root = edge;
   }
 
   /** @internal: the edge to the root node. */
-  get edge(): BdrvChild | undefined {
+  get edge(): ChildEdge | undefined {
     return this.root;
   }
 

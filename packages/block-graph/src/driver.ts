@@ -27,10 +27,11 @@
 //   parent may write the file), 'backing' with role cow and `nullable` (QEMU's
 //   "backing": null); when the options leave 'backing' out and the header names a backing
 //   file, open() calls ctx.openChild('backing', {driver, file: {driver: 'file', filename}});
-// - metadata I/O goes through the child node: ctx.children.file.node.read/write/flush/
-//   truncate (the file grows when written past its end: the metadata role holds 'resize');
-//   use node.allocBuffer for buffers; hold the BdrvChild, not the node (a graph change
-//   may point the edge at another node);
+// - metadata I/O goes through the child node (a ChildNode: the I/O of the generic layer,
+//   nothing of the graph's bookkeeping): ctx.children.file.node.read/write/flush/truncate
+//   (the file grows when written past its end: the metadata role holds 'resize'); use
+//   node.allocBuffer for buffers; hold the BdrvChild, not the node (a graph change may
+//   point the edge at another node);
 // - map(offset, length, 'read') answers per cluster (or run of clusters): data at a host
 //   offset, zero (zero cluster), or unallocated (the generic layer reads the backing
 //   chain, zeros past its end); block status and allocation depth come from the same
@@ -50,9 +51,99 @@
 // throw synchronously from a method that returns a promise.
 
 import type { Engine } from '@vmdisk/engine';
-import type { BdrvChild, BlockNode } from './node.ts';
-import type { OptionSyntax } from './options.ts';
 import type { ChildRole } from './permissions.ts';
+import type { RangeHold } from './range-lock.ts';
+
+/**
+ * How option values are typed, as in QEMU's QObject input visitor: 'json' (QMP, and JSON
+ * on the command line) is typed: a boolean is true or false, an integer a JSON number,
+ * anything else is refused. 'keyval' (the command line's KEY=VALUE,... syntax) gives
+ * strings, which the schema converts ("on"/"off", decimal integers). One schema serves both.
+ */
+export type OptionSyntax = 'json' | 'keyval';
+
+export interface WriteFlags {
+  /** The data is durable when the promise resolves. */
+  fua?: boolean;
+  /** The serialising operation this write belongs to (ChildNode.serialise). */
+  owner?: RangeHold;
+}
+
+export interface ZeroFlags {
+  fua?: boolean;
+  /** The range may be deallocated (a hole) rather than written. */
+  mayUnmap?: boolean;
+  /** Fail with ENOTSUP rather than fall back to writing zero buffers. */
+  fastZero?: boolean;
+}
+
+/** Block status of a range from its start, relative to one node. */
+export interface Status {
+  length: number;
+  /** Not stored: reads as zeros without data. */
+  hole: boolean;
+  /** Reads as zeros. */
+  zero: boolean;
+  /** 0 unallocated in the whole chain, 1 allocated in this node's layer, n in the (n-1)th backing. */
+  depth: number;
+}
+
+/**
+ * What a driver may do with a child node: the generic layer's I/O (bounds checked,
+ * aligned, split, emulated as for any request) and a few facts about it. Not the graph's
+ * bookkeeping (refcounts, parents, permissions): those stay with the graph. BlockNode
+ * (node.ts) implements it.
+ */
+export interface ChildNode {
+  /** The node name (for messages). */
+  readonly name: string;
+  /** The driver's name ('file', 'qcow2'). */
+  readonly driver: string;
+  readonly readOnly: boolean;
+  /** A format node (its data is mapped through map()). */
+  readonly isFormat: boolean;
+  /** Its backing (cow) child, if any. */
+  readonly backing: BdrvChild | undefined;
+  /** The child it filters or whose format it reads (its primary child), if any. */
+  readonly primary: BdrvChild | undefined;
+  /** The file name of a `file` node (to resolve a backing file name against), else undefined. */
+  readonly filename: string | undefined;
+  size(): number;
+  /** Fills buf with the bytes at offset. */
+  read(offset: number, buf: Uint8Array): Promise<void>;
+  write(offset: number, buf: Uint8Array, flags?: WriteFlags): Promise<void>;
+  writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void>;
+  /** Deallocates where the node's `discard` option allows it (a no-op otherwise). */
+  discard(offset: number, length: number): Promise<void>;
+  /** Makes completed writes durable, down to the storage. */
+  flush(): Promise<void>;
+  /** Sets the size of a protocol node (the parent must hold 'resize'). */
+  truncate(size: number): Promise<void>;
+  /** Status of the range from offset on (one extent); wantZero false: allocation suffices. */
+  blockStatus(offset: number, length: number, wantZero?: boolean): Promise<Status>;
+  /** A buffer for I/O (page-aligned engine memory once an engine is in use). */
+  allocBuffer(length: number): Uint8Array;
+  releaseBuffer(buf: Uint8Array): void;
+  /** Serialises overlapping writes on the node from now on (copy-on-read's child). */
+  enableTracking(): void;
+  /**
+   * Takes [start, end) exclusively (overlapping writes wait) for a read-then-write
+   * operation such as copy-on-read: pass the hold as `owner` to its writes, release it after.
+   */
+  serialise(start: number, end: number): Promise<RangeHold>;
+  release(hold: RangeHold): void;
+}
+
+/**
+ * An edge from a node to one of its children as its driver sees it. The edge may be
+ * pointed at another node by a graph change: hold the edge, read `node` when needed.
+ */
+export interface BdrvChild {
+  /** The child's key in its parent ('file', 'backing', 'image'). */
+  readonly name: string;
+  readonly roles: readonly ChildRole[];
+  readonly node: ChildNode;
+}
 
 /**
  * An option of a driver, as blockdev-add spells it. Typed in JSON (QMP); as the strings of
@@ -108,8 +199,11 @@ export interface OpenContext {
   readonly options: Readonly<Record<string, unknown>>;
   /** The children attached by key ('file', 'backing'), before open() is called. */
   readonly children: Readonly<Record<string, BdrvChild | undefined>>;
-  /** The node being opened (its size is not known yet). */
-  readonly node: BlockNode;
+  /**
+   * The child keys the options set to null (QEMU's "backing": null): absent from
+   * `children`, and not to be opened from the image's own metadata either.
+   */
+  readonly nullChildren: ReadonlySet<string>;
   /**
    * The I/O engine (@vmdisk/engine) for `backend`, shared by the graph; the graph's buffer
    * allocation (allocBuffer) uses the first engine opened.
@@ -170,8 +264,13 @@ export interface ProtocolStatus {
   zero: boolean;
 }
 
+/**
+ * A protocol: the smallest instance is size() and pread() (`kind` may be left out); the
+ * generic layer does the rest (block status says all data, requests are aligned and split
+ * to `limits`, writes are refused without pwrite).
+ */
 export interface ProtocolInstance extends InstanceBase {
-  readonly kind: 'protocol';
+  readonly kind?: 'protocol';
   /** Fills buf with the bytes at offset. */
   pread(buf: Uint8Array, offset: number): Promise<void>;
   /**
@@ -197,7 +296,8 @@ export interface ProtocolInstance extends InstanceBase {
 
 /**
  * Where a range of a format node's guest bytes lives: the answer of map().
- * - `data`: in `child` at `offset` (the range is contiguous there);
+ * - `data`: in `child` at `offset` (the range is contiguous there), or, for bytes that are
+ *   no place in a child (qcow2's compressed clusters), produced by the mapping's `read`;
  * - `zero`: reads as zeros, stored as such in the format's metadata;
  * - `unallocated`: not in this layer: read from the backing (cow) child, zeros past its
  *   end or without one.
@@ -212,6 +312,13 @@ export interface Mapping {
   offset?: number;
   /** For data: block status is the child's as is (raw); otherwise data, plus zero if the child says so. */
   passthrough?: boolean;
+  /**
+   * For data of intent 'read' that lives in no child (instead of child and offset): fills
+   * buf with the guest bytes at offset (within the mapped range). The generic layer
+   * reports such data as allocated here and not zero, writes zero buffers over it when
+   * zeroing falls back to emulation, and leaves it alone when discard falls back.
+   */
+  read?(offset: number, buf: Uint8Array): Promise<void>;
   /**
    * For intent 'write' only, when map() allocated new storage for the range: the guest
    * range [start, end) of the new allocation unit(s), which contains [offset, offset +
@@ -280,9 +387,8 @@ export type DriverInstance = ProtocolInstance | FormatInstance | FilterInstance;
 /** A driver: what blockdev-add's `driver` names. */
 export interface BlockDriver {
   readonly name: string;
-  readonly kind: 'protocol' | 'format' | 'filter';
-  /** The driver's own option keys (common keys such as node-name are the graph's). */
-  readonly options: Readonly<Record<string, OptionSpec>>;
+  /** The driver's own option keys (common keys such as node-name are the graph's; default none). */
+  readonly options?: Readonly<Record<string, OptionSpec>>;
   readonly children?: readonly ChildSpec[];
   /** The node can only be read-only ('read-only' defaults to true, false is refused). */
   readonly readOnlyOnly?: boolean;

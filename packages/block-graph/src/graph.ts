@@ -1,8 +1,8 @@
-// BlockGraph: named nodes created from blockdev-add-shaped options, BdrvChild edges with
+// BlockGraph: named nodes created from blockdev-add-shaped options, edges (ChildEdge) with
 // roles and permissions, refcounting, the graph lock, and the graph changes (add, delete,
 // replace a child, replace a node), each done under the write side of the lock.
 
-import { type BackendOptions, BlockBackend } from './backend.ts';
+import { type BackendHost, type BackendOptions, BlockBackend } from './backend.ts';
 import {
   checkLoop,
   childChain,
@@ -11,13 +11,13 @@ import {
   type OpenChain,
   TOP_OF_CHAIN,
 } from './backing-chain.ts';
-import type { BlockDriver, EngineLike, OpenContext } from './driver.ts';
+import type { BlockDriver, ChildNode, EngineLike, OpenContext } from './driver.ts';
 import { builtinDrivers } from './drivers/index.ts';
 import { createTlsCreds } from './drivers/nbd.ts';
 import { createThrottleGroup } from './drivers/throttle.ts';
 import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import { GraphLock } from './graph-lock.ts';
-import { BdrvChild, BlockNode, type ChildParent, type NodeSettings } from './node.ts';
+import { BlockNode, ChildEdge, type NodeSettings } from './node.ts';
 import { checkNodeName, checkOptions, type NodeSpec, type OptionSyntax } from './options.ts';
 import {
   BLK_PERM_ALL,
@@ -73,7 +73,7 @@ export interface BlockGraphOptions {
   maxBackingDepth?: number;
 }
 
-export class BlockGraph {
+export class BlockGraph implements BackendHost {
   /** The graph lock: requests hold the read side, graph changes the write side. */
   readonly lock = new GraphLock();
   private readonly nodes = new Map<string, BlockNode>();
@@ -154,8 +154,12 @@ export class BlockGraph {
 
   // ---------------------------------------------------------------- lookups and queries
 
-  /** The node of that name. */
-  node(name: string): BlockNode {
+  /** The node of that name: its I/O and facts (what a driver sees of a child). */
+  node(name: string): ChildNode {
+    return this.lookup(name);
+  }
+
+  private lookup(name: string): BlockNode {
     const n = this.nodes.get(name);
     if (!n) throw new BlockError(BlockErrorCode.NODE_NOT_FOUND, `no node named '${name}'`);
     return n;
@@ -218,7 +222,7 @@ export class BlockGraph {
    * (QMP) or keyval strings (the command line). `requireNodeName`: refuse a root node
    * without a name, as QEMU's blockdev-add does (after checking the options' types).
    */
-  async add(options: unknown, how: AddOptions = {}): Promise<BlockNode> {
+  async add(options: unknown, how: AddOptions = {}): Promise<ChildNode> {
     this.checkOpen();
     const spec = checkOptions(options, this.drivers, '', how.syntax ?? 'json');
     if (how.requireNodeName && spec.nodeName === undefined) {
@@ -239,7 +243,7 @@ export class BlockGraph {
   /** blockdev-del: removes a node added by name, refused while it has parents. */
   async del(name: string): Promise<void> {
     await this.lock.write(async () => {
-      const node = this.node(name);
+      const node = this.lookup(name);
       if (!node.ownedByUser) {
         throw new BlockError(
           BlockErrorCode.NODE_IN_USE,
@@ -262,13 +266,13 @@ export class BlockGraph {
   async createBackend(nodeName: string, options: BackendOptions = {}): Promise<BlockBackend> {
     this.checkOpen();
     return this.lock.write(async () => {
-      const node = this.node(nodeName);
+      const node = this.lookup(nodeName);
       const backend = new BlockBackend(
         this,
         options.name ?? `backend${++this.backendSeq}`,
         options,
       );
-      const edge = new BdrvChild('root', ['primary'], backend, node);
+      const edge = new ChildEdge('root', ['primary'], backend, node);
       const { perm, shared } = backend.wantedPerms();
       edge.perm = perm;
       edge.shared = shared;
@@ -287,7 +291,7 @@ export class BlockGraph {
   }
 
   /** @internal: detaches a backend (BlockBackend.close). */
-  async detachBackend(backend: BlockBackend, edge: BdrvChild): Promise<void> {
+  async detachBackend(backend: BlockBackend, edge: ChildEdge): Promise<void> {
     await this.lock.write(async () => {
       this.backends.delete(backend);
       backend.attach(undefined);
@@ -300,7 +304,7 @@ export class BlockGraph {
   /** Points a node's child edge at another node (blockdev-reopen of one child). */
   async replaceChild(parentName: string, childName: string, newNodeName: string): Promise<void> {
     await this.lock.write(async () => {
-      const parent = this.node(parentName);
+      const parent = this.lookup(parentName);
       const edge = parent.children.get(childName);
       if (!edge) {
         throw new BlockError(
@@ -308,7 +312,7 @@ export class BlockGraph {
           `node '${parentName}' has no child '${childName}'`,
         );
       }
-      const next = this.node(newNodeName);
+      const next = this.lookup(newNodeName);
       const old = edge.node;
       if (old === next) return;
       this.repoint(edge, next);
@@ -333,8 +337,8 @@ export class BlockGraph {
    */
   async replaceNode(fromName: string, toName: string): Promise<void> {
     await this.lock.write(async () => {
-      const from = this.node(fromName);
-      const to = this.node(toName);
+      const from = this.lookup(fromName);
+      const to = this.lookup(toName);
       if (from === to) return;
       const below = this.descendants(to);
       const moved = [...from.parents].filter(
@@ -513,7 +517,7 @@ export class BlockGraph {
     });
     const name = spec.nodeName ?? this.newName();
     const node = new BlockNode(name, spec.driver.name, settings, spec.raw, this);
-    const edges: BdrvChild[] = [];
+    const edges: ChildEdge[] = [];
     const childSpecs = new Map((spec.driver.children ?? []).map((c) => [c.key, c]));
     try {
       for (const [key, c] of Object.entries(spec.children)) {
@@ -522,7 +526,7 @@ export class BlockGraph {
         const roles = cs.roles(spec.options);
         let child: BlockNode;
         if (typeof c === 'string') {
-          child = this.node(c);
+          child = this.lookup(c);
         } else {
           const cow = roles.includes('cow');
           child = await this.open(
@@ -532,7 +536,7 @@ export class BlockGraph {
           );
           child.refcount--; // the edge below takes the reference open() handed out
         }
-        const edge = new BdrvChild(key, roles, node, child);
+        const edge = new ChildEdge(key, roles, node, child);
         this.link(edge);
         child.refcount++;
         edges.push(edge);
@@ -548,7 +552,7 @@ export class BlockGraph {
       }
       this.nodes.set(name, node);
       this.refreshPermissions();
-      const children: Record<string, BdrvChild | undefined> = {};
+      const children: Record<string, ChildEdge | undefined> = {};
       for (const e of edges) children[e.name] = e;
       const ctx: OpenContext = {
         nodeName: name,
@@ -560,7 +564,11 @@ export class BlockGraph {
         direct: settings.direct,
         options: spec.options,
         children,
-        node,
+        nullChildren: new Set(
+          Object.entries(spec.children)
+            .filter(([, c]) => c === null)
+            .map(([k]) => k),
+        ),
         engine: (backend) => this.engine(backend),
         object: (type, id, key) => {
           const o = this.objects.get(id);
@@ -595,7 +603,7 @@ export class BlockGraph {
             this.storageFiles(node),
           );
           const child = await this.open(childSpec, childSettings(cow), below);
-          const edge = new BdrvChild(key, roles, node, child);
+          const edge = new ChildEdge(key, roles, node, child);
           this.link(edge); // takes over the reference open() handed out
           edges.push(edge);
           node.children.set(key, edge);
@@ -661,15 +669,15 @@ export class BlockGraph {
     }
   }
 
-  private link(edge: BdrvChild): void {
+  private link(edge: ChildEdge): void {
     edge.node.parents.add(edge);
   }
 
-  private unlink(edge: BdrvChild): void {
+  private unlink(edge: ChildEdge): void {
     edge.node.parents.delete(edge);
   }
 
-  private repoint(edge: BdrvChild, to: BlockNode): void {
+  private repoint(edge: ChildEdge, to: BlockNode): void {
     edge.node.parents.delete(edge);
     edge.node = to;
     to.parents.add(edge);
@@ -758,7 +766,7 @@ export class BlockGraph {
         'the change would make a cycle in the graph',
       );
     }
-    const edgePerm = new Map<BdrvChild, { perm: number; shared: number }>();
+    const edgePerm = new Map<ChildEdge, { perm: number; shared: number }>();
     const nodePerm = new Map<BlockNode, { perm: number; shared: number }>();
     for (const b of this.backends) {
       const e = b.edge;
@@ -823,15 +831,5 @@ export class BlockGraph {
       n.perm = p.perm;
       n.shared = p.shared;
     }
-  }
-}
-
-export { BdrvChild, BlockNode, type ChildParent };
-export function isValidNodeName(name: string): boolean {
-  try {
-    checkNodeName(name);
-    return true;
-  } catch {
-    return false;
   }
 }

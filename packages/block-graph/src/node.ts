@@ -1,17 +1,23 @@
-// BlockNode (QEMU's BlockDriverState) with BdrvChild edges, and the generic I/O layer:
-// bounds checks, alignment with read-modify-write, splitting at max transfer, zero-write
-// and FUA emulation, backing-chain fall-through and block status along the chain.
+// BlockNode (QEMU's BlockDriverState) with its edges (ChildEdge: the BdrvChild drivers
+// see), and the generic I/O layer: bounds checks, alignment with read-modify-write,
+// splitting at max transfer, zero-write and FUA emulation, backing-chain fall-through and
+// block status along the chain. BlockNode is the ChildNode of driver.ts.
 //
 // Requests reach a node through read/write/writeZeroes/discard/flush/blockStatus, always
 // under the graph's read lock (taken by the BlockBackend). What the driver instances are
 // guaranteed is documented in driver.ts.
 
 import type {
+  BdrvChild,
+  ChildNode,
   DriverInstance,
   FilterInstance,
   FormatInstance,
   Mapping,
   ProtocolInstance,
+  Status,
+  WriteFlags,
+  ZeroFlags,
 } from './driver.ts';
 import { BlockError, BlockErrorCode, toBlockError } from './errors.ts';
 import type { ChildRole } from './permissions.ts';
@@ -25,7 +31,7 @@ export interface ChildParent {
 }
 
 /** An edge from a parent to a child node, with the permissions taken and shared. */
-export class BdrvChild {
+export class ChildEdge implements BdrvChild {
   /** Permissions this parent takes on the node (BLK_PERM_* bits). */
   perm = 0;
   /** Permissions this parent lets others take. */
@@ -43,32 +49,6 @@ export class BdrvChild {
     this.parent = parent;
     this.node = node;
   }
-}
-
-export interface WriteFlags {
-  /** The data is durable when the promise resolves. */
-  fua?: boolean;
-  /** @internal: the serialising operation this write belongs to. */
-  owner?: RangeHold;
-}
-
-export interface ZeroFlags {
-  fua?: boolean;
-  /** The range may be deallocated (a hole) rather than written. */
-  mayUnmap?: boolean;
-  /** Fail with ENOTSUP rather than fall back to writing zero buffers. */
-  fastZero?: boolean;
-}
-
-/** Block status of a range from its start, relative to one node. */
-export interface Status {
-  length: number;
-  /** Not stored: reads as zeros without data. */
-  hole: boolean;
-  /** Reads as zeros. */
-  zero: boolean;
-  /** 0 unallocated in the whole chain, 1 allocated in this node's layer, n in the (n-1)th backing. */
-  depth: number;
 }
 
 export interface NodeSettings {
@@ -143,12 +123,12 @@ export interface NodeHost {
   releaseBuffer(buf: Uint8Array): void;
 }
 
-export class BlockNode implements ChildParent {
+export class BlockNode implements ChildParent, ChildNode {
   readonly isBackend = false;
   /** Edges to children, by child name. */
-  readonly children = new Map<string, BdrvChild>();
+  readonly children = new Map<string, ChildEdge>();
   /** Edges from parents (nodes and backends). */
-  readonly parents = new Set<BdrvChild>();
+  readonly parents = new Set<ChildEdge>();
   /** References: one per parent edge, one for the graph's user if it added the node by name. */
   refcount = 0;
   /** Added by the graph's user (blockdev-add) rather than inline: may be removed by name. */
@@ -187,6 +167,11 @@ export class BlockNode implements ChildParent {
 
   get readOnly(): boolean {
     return this.settings.readOnly;
+  }
+
+  get filename(): string | undefined {
+    const f = this.driver === 'file' ? this.options.filename : undefined;
+    return typeof f === 'string' ? f : undefined;
   }
 
   /** Called by the graph once the driver is open. */
@@ -229,13 +214,13 @@ export class BlockNode implements ChildParent {
   }
 
   /** The backing (cow) child, if any. */
-  get backing(): BdrvChild | undefined {
+  get backing(): ChildEdge | undefined {
     for (const c of this.children.values()) if (c.roles.includes('cow')) return c;
     return undefined;
   }
 
   /** The child data is filtered to, or the primary child. */
-  get primary(): BdrvChild | undefined {
+  get primary(): ChildEdge | undefined {
     for (const c of this.children.values()) if (c.roles.includes('primary')) return c;
     return undefined;
   }
@@ -273,7 +258,7 @@ export class BlockNode implements ChildParent {
     // the O_DIRECT block: the read comes back short and the rest is zeros); other nodes
     // stop at their end.
     const alignedEnd = Math.ceil((offset + buf.byteLength) / a) * a;
-    const end = this.instance.kind === 'protocol' ? alignedEnd : Math.min(alignedEnd, size);
+    const end = isProtocol(this.instance) ? alignedEnd : Math.min(alignedEnd, size);
     const bounce = this.allocBuffer(end - start);
     try {
       await this.readAligned(start, bounce.subarray(0, end - start));
@@ -287,7 +272,7 @@ export class BlockNode implements ChildParent {
     const inst = this.instance;
     if (inst.kind === 'format') return this.readFormat(inst, offset, buf);
     if (buf.byteLength > this.maxTransfer) return this.readSplit(offset, buf);
-    if (inst.kind === 'protocol') return inst.pread(buf, offset);
+    if (isProtocol(inst)) return inst.pread(buf, offset);
     return this.readFilter(inst, offset, buf);
   }
 
@@ -296,7 +281,7 @@ export class BlockNode implements ChildParent {
     for (let pos = 0; pos < buf.byteLength; pos += max) {
       const sub = buf.subarray(pos, Math.min(pos + max, buf.byteLength));
       const inst = this.instance;
-      if (inst.kind === 'protocol') await inst.pread(sub, offset + pos);
+      if (isProtocol(inst)) await inst.pread(sub, offset + pos);
       else if (inst.kind === 'filter') await this.readFilter(inst, offset + pos, sub);
     }
   }
@@ -346,6 +331,7 @@ export class BlockNode implements ChildParent {
   private readMapping(m: Mapping, offset: number, buf: Uint8Array): Promise<void> {
     switch (m.kind) {
       case 'data':
+        if (m.read) return m.read(offset, buf);
         return readChildClamped(m.child!.node, m.offset!, buf);
       case 'zero':
         buf.fill(0);
@@ -403,7 +389,7 @@ export class BlockNode implements ChildParent {
   }
 
   private get canGrow(): boolean {
-    return this.instance.kind === 'protocol' && (this.perm & BLK_PERM_RESIZE) !== 0;
+    return isProtocol(this.instance) && (this.perm & BLK_PERM_RESIZE) !== 0;
   }
 
   /** Sets the size of a protocol node (a parent must hold 'resize'). */
@@ -412,7 +398,7 @@ export class BlockNode implements ChildParent {
     if (this.settings.readOnly)
       throw new BlockError(BlockErrorCode.READ_ONLY, `node '${this.name}' is read-only`);
     if (!Number.isSafeInteger(size) || size < 0) throw outOfBounds(this.name, size, 0, this.size());
-    if (inst.kind !== 'protocol' || !inst.truncate) throw this.notSupported('truncate');
+    if (!isProtocol(inst) || !inst.truncate) throw this.notSupported('truncate');
     if (!this.canGrow) {
       throw new BlockError(
         BlockErrorCode.PERMISSION_CONFLICT,
@@ -441,7 +427,7 @@ export class BlockNode implements ChildParent {
     const alignedEnd = Math.ceil((offset + length) / a) * a;
     // A protocol writes whole blocks, past its end if its size is not a multiple of the
     // block (O_DIRECT on such a file): the size is given back afterwards.
-    const protocol = this.instance.kind === 'protocol';
+    const protocol = isProtocol(this.instance);
     const end = protocol || offset + length > size ? alignedEnd : Math.min(alignedEnd, size);
     const t = this.tracker!;
     const hold = await t.serialise(start, end, owner);
@@ -457,7 +443,7 @@ export class BlockNode implements ChildParent {
       b.set(buf, offset - start);
       await this.writeAligned(start, b);
       const inst = this.instance;
-      if (inst.kind === 'protocol' && end > size && offset + length <= size && inst.truncate) {
+      if (isProtocol(inst) && end > size && offset + length <= size && inst.truncate) {
         // Nobody may grow this node (writes past its end are refused without 'resize'), so
         // cutting back to the old size cuts nothing but the padding. With 'resize' (a
         // format's file), the padding stays: the format owns the end of its file.
@@ -473,7 +459,7 @@ export class BlockNode implements ChildParent {
     const inst = this.instance;
     if (inst.kind === 'format') return this.writeFormat(inst, offset, buf);
     if (buf.byteLength > this.maxTransfer) return this.writeSplit(offset, buf);
-    if (inst.kind === 'protocol') return this.pwrite(inst, offset, buf);
+    if (isProtocol(inst)) return this.pwrite(inst, offset, buf);
     return this.writeFilter(inst, offset, buf);
   }
 
@@ -491,7 +477,7 @@ export class BlockNode implements ChildParent {
     for (let pos = 0; pos < buf.byteLength; pos += max) {
       const sub = buf.subarray(pos, Math.min(pos + max, buf.byteLength));
       const inst = this.instance;
-      if (inst.kind === 'protocol') await this.pwrite(inst, offset + pos, sub);
+      if (isProtocol(inst)) await this.pwrite(inst, offset + pos, sub);
       else if (inst.kind === 'filter') await this.writeFilter(inst, offset + pos, sub);
     }
   }
@@ -594,7 +580,7 @@ export class BlockNode implements ChildParent {
     const mayUnmap = !!flags.mayUnmap && this.settings.discard === 'unmap';
     const inst = this.instance;
     const fast = !!flags.fastZero;
-    if (inst.kind === 'protocol') {
+    if (isProtocol(inst)) {
       await this.zeroProtocol(inst, offset, length, mayUnmap, fast);
     } else if (inst.kind === 'filter') {
       try {
@@ -662,10 +648,16 @@ export class BlockNode implements ChildParent {
     while (pos < length) {
       const m = await inst.map(offset + pos, length - pos, 'read');
       const len = this.mappingLength(m, length - pos);
-      if (m.kind === 'data') {
+      if (m.kind === 'data' && !m.read) {
         await m.child!.node.writeZeroes(m.offset!, len, { mayUnmap, fastZero: fast });
-      } else if (m.kind === 'unallocated' && this.backing) {
-        if (fast) throw this.notSupported('fast zeroing over a backing file');
+      } else if (m.kind === 'data' || (m.kind === 'unallocated' && this.backing)) {
+        if (fast) {
+          throw this.notSupported(
+            m.kind === 'data'
+              ? 'fast zeroing of driver-read data'
+              : 'fast zeroing over a backing file',
+          );
+        }
         await this.writeZeroBuffers(offset + pos, len);
       }
       // zero, or unallocated without backing: already reads as zeros.
@@ -700,7 +692,7 @@ export class BlockNode implements ChildParent {
     if (err) throw err;
     if (length === 0 || this.settings.discard !== 'unmap') return;
     const inst = this.instance;
-    if (inst.kind === 'protocol') {
+    if (isProtocol(inst)) {
       if (!inst.discard) return;
       const a = this.align;
       const start = Math.ceil(offset / a) * a;
@@ -716,7 +708,7 @@ export class BlockNode implements ChildParent {
       while (pos < length) {
         const m = await inst.map(offset + pos, length - pos, 'read');
         const len = this.mappingLength(m, length - pos);
-        if (m.kind === 'data') await m.child!.node.discard(m.offset!, len);
+        if (m.kind === 'data' && !m.read) await m.child!.node.discard(m.offset!, len);
         pos += len;
       }
     }
@@ -729,8 +721,7 @@ export class BlockNode implements ChildParent {
       await inst.intercept({ op: 'flush', offset: 0, length: 0 });
     }
     if (inst.kind === 'format' && inst.flush) await this.wrap(inst.flush());
-    if (inst.kind === 'protocol' && inst.flush && !this.settings.noFlush)
-      await this.wrap(inst.flush());
+    if (isProtocol(inst) && inst.flush && !this.settings.noFlush) await this.wrap(inst.flush());
     const writers: Promise<void>[] = [];
     for (const c of this.children.values()) if (c.perm & 0x06) writers.push(c.node.flush());
     await Promise.all(writers);
@@ -749,7 +740,7 @@ export class BlockNode implements ChildParent {
     if (err) throw err;
     if (length === 0) throw outOfBounds(this.name, offset, length, size);
     const inst = this.instance;
-    if (inst.kind === 'protocol') {
+    if (isProtocol(inst)) {
       if (!inst.blockStatus || !wantZero) return { length, hole: false, zero: false, depth: 1 };
       const s = await this.wrap(inst.blockStatus(offset, length));
       return { length: clampLength(s.length, length), hole: s.hole, zero: s.zero, depth: 1 };
@@ -761,6 +752,7 @@ export class BlockNode implements ChildParent {
     const m = await inst.map(offset, length, 'read');
     const len = this.mappingLength(m, length);
     if (m.kind === 'zero') return { length: len, hole: true, zero: true, depth: 1 };
+    if (m.kind === 'data' && m.read) return { length: len, hole: false, zero: false, depth: 1 };
     if (m.kind === 'data') {
       const child = m.child!.node;
       const childSize = child.size();
@@ -795,6 +787,11 @@ export class BlockNode implements ChildParent {
   }
 }
 
+/** A protocol instance (its `kind` may be left out: the smallest driver is size and pread). */
+function isProtocol(inst: DriverInstance): inst is ProtocolInstance {
+  return inst.kind !== 'format' && inst.kind !== 'filter';
+}
+
 function isNotSupported(err: unknown): boolean {
   return (
     err instanceof BlockError && (err.errnoName === 'ENOTSUP' || err.errnoName === 'EOPNOTSUPP')
@@ -806,7 +803,7 @@ function clampLength(n: number, max: number): number {
 }
 
 /** Reads from a child, zeros for what lies past its end (as a protocol reads past EOF). */
-function readChildClamped(node: BlockNode, offset: number, buf: Uint8Array): Promise<void> {
+function readChildClamped(node: ChildNode, offset: number, buf: Uint8Array): Promise<void> {
   const size = node.size();
   const length = buf.byteLength;
   if (offset + length <= size) return node.read(offset, buf);

@@ -2,7 +2,7 @@
 // anything is opened, with errors that name the bad key by its dotted path, in QEMU's
 // words where QEMU's QAPI layer has them (wrong type, missing, unexpected).
 
-import type { BlockDriver, OptionSpec } from './driver.ts';
+import type { BlockDriver, OptionSpec, OptionSyntax } from './driver.ts';
 import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 
 /** blockdev-add-shaped options: `driver`, `node-name`, driver keys, children inline or by name. */
@@ -58,13 +58,8 @@ function isObject(v: unknown): v is Record<string, unknown> {
 
 // ---------------------------------------------------------------- syntaxes and QEMU's words
 
-/**
- * How option values are typed, as in QEMU's QObject input visitor: 'json' (QMP, and JSON
- * on the command line) is typed: a boolean is true or false, an integer a JSON number,
- * anything else is refused. 'keyval' (the command line's KEY=VALUE,... syntax) gives
- * strings, which the schema converts ("on"/"off", decimal integers). One schema serves both.
- */
-export type OptionSyntax = 'json' | 'keyval';
+// OptionSyntax is declared in driver.ts (drivers' option parsers take it).
+export type { OptionSyntax };
 
 /** QEMU's "Invalid parameter type for 'KEY', expected: TYPE" (a JSON value of the wrong type). */
 export function optionTypeError(key: string, expected: string): BlockOptionError {
@@ -289,7 +284,7 @@ export function checkOptions(
       throw optionTypeError(key(c.key), c.nullable ? 'BlockdevRefOrNull' : 'BlockdevRef');
     }
   }
-  for (const [k, opt] of Object.entries(driver.options)) {
+  for (const [k, opt] of Object.entries(driver.options ?? {})) {
     const v = raw[k];
     if (v === undefined) {
       if (opt.required) throw optionMissing(key(k));
@@ -299,7 +294,7 @@ export function checkOptions(
   }
   checkNoOtherKeys(
     raw,
-    [...COMMON, ...(driver.children ?? []).map((c) => c.key), ...Object.keys(driver.options)],
+    [...COMMON, ...(driver.children ?? []).map((c) => c.key), ...Object.keys(driver.options ?? {})],
     path,
   );
   if (driver.validate) {

@@ -95,7 +95,6 @@ class CowInstance implements FormatInstance {
 
 export const cowFormat: BlockDriver = {
   name: 'test-cow',
-  kind: 'format',
   options: {
     size: { type: 'int', required: true, min: 0 },
     'cluster-size': { type: 'int', min: 512 },

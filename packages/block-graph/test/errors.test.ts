@@ -1,12 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import {
-  BlockError,
-  BlockErrorCode,
-  BlockIoError,
-  errnoName,
-  errnoNumber,
-  toBlockError,
-} from '../src/index.ts';
+import { errnoName, errnoNumber } from '../src/errors.ts';
+import { BlockError, BlockErrorCode, BlockIoError, toBlockError } from '../src/index.ts';
 
 describe('BlockError', () => {
   it('carries a stable code, its message and its cause', () => {

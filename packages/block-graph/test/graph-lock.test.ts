@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { BlockGraph, GraphLock } from '../src/index.ts';
+import { GraphLock } from '../src/graph-lock.ts';
+import { BlockGraph } from '../src/index.ts';
 
 describe('graph lock and drained sections', () => {
   it('admits no request during nested drained sections, until the outermost one ends', async () => {

@@ -8,9 +8,9 @@
 // (matching events let through first, default 0), once?: boolean (default false) }]
 // where op is read, write, write-zeroes, discard, flush or block-status.
 
-import type { BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
+import type { BdrvChild, BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
 import { BlockIoError, BlockOptionError, errnoName, errnoNumber } from '../errors.ts';
-import type { BdrvChild } from '../node.ts';
+
 import {
   keyBool,
   keyInt,
@@ -164,7 +164,6 @@ class BlkdebugInstance implements FilterInstance {
 
 export const blkdebugDriver: BlockDriver = {
   name: 'blkdebug',
-  kind: 'filter',
   options: {
     'inject-error': { type: 'json', parse: parseRules },
     align: { type: 'int', min: 1 },

@@ -2,9 +2,8 @@
 // v2 headers (QEMU block/bochs.c; docs/images.md). Little-endian; a catalog of
 // extents, each with a bitmap of which 512-byte sectors hold data.
 
-import type { BlockDriver, FormatInstance, Mapping } from '../driver.ts';
+import type { BdrvChild, BlockDriver, FormatInstance, Mapping } from '../driver.ts';
 import { BlockError, BlockErrorCode } from '../errors.ts';
-import type { BdrvChild } from '../node.ts';
 
 const HEADER_SIZE = 512;
 const MAGIC = 'Bochs Virtual HD Image';
@@ -160,7 +159,6 @@ class BochsInstance implements FormatInstance {
 
 export const bochsDriver: BlockDriver = {
   name: 'bochs',
-  kind: 'format',
   readOnlyOnly: true,
   options: {},
   children: [{ key: 'file', required: true, roles: () => ['data', 'metadata', 'primary'] }],

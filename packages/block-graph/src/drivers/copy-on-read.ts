@@ -3,13 +3,12 @@
 // copy is serialised against writes to the same range of the child, so a guest write is
 // never overwritten by older data.
 
-import type { BlockDriver, FilterInstance } from '../driver.ts';
-import type { BdrvChild, BlockNode } from '../node.ts';
+import type { BdrvChild, BlockDriver, ChildNode, FilterInstance } from '../driver.ts';
 import { BLK_PERM_WRITE_UNCHANGED, defaultChildPerms } from '../permissions.ts';
 
 /** Whether a backing (cow) child hangs below the node, through filters and formats' primary children. */
-function hasBacking(node: BlockNode): boolean {
-  for (let n: BlockNode | undefined = node; n; n = n.primary?.node) {
+function hasBacking(node: ChildNode): boolean {
+  for (let n: ChildNode | undefined = node; n; n = n.primary?.node) {
     if (n.backing) return true;
   }
   return false;
@@ -64,7 +63,6 @@ class CopyOnReadInstance implements FilterInstance {
 
 export const copyOnReadDriver: BlockDriver = {
   name: 'copy-on-read',
-  kind: 'filter',
   options: {},
   children: [{ key: 'file', required: true, roles: () => ['filtered', 'primary'] }],
   childPerms(roles, perm, shared, writable) {

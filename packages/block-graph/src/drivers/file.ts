@@ -188,7 +188,6 @@ class FileInstance implements ProtocolInstance {
 
 export const fileDriver: BlockDriver = {
   name: 'file',
-  kind: 'protocol',
   options: {
     filename: { type: 'string', required: true },
     aio: { type: 'string', values: Object.keys(AIO) },

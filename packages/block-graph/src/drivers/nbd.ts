@@ -290,7 +290,6 @@ class NbdInstance implements ProtocolInstance {
 
 export const nbdDriver: BlockDriver = {
   name: 'nbd',
-  kind: 'protocol',
   options: {
     server: { type: 'json', required: true, parse: parseServer },
     export: { type: 'string' },

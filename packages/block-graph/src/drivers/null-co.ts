@@ -53,7 +53,6 @@ class NullInstance implements ProtocolInstance {
 
 export const nullCoDriver: BlockDriver = {
   name: 'null-co',
-  kind: 'protocol',
   options: {
     size: { type: 'int', min: 0 },
     'latency-ns': { type: 'int', min: 0 },

@@ -1,9 +1,8 @@
 // The `raw` format driver: the guest bytes are the child's, optionally a window of it
 // (offset, size). map() answers synchronously: nothing to look up.
 
-import type { BlockDriver, FormatInstance, Mapping } from '../driver.ts';
+import type { BdrvChild, BlockDriver, FormatInstance, Mapping } from '../driver.ts';
 import { BlockOptionError } from '../errors.ts';
-import type { BdrvChild } from '../node.ts';
 
 class RawInstance implements FormatInstance {
   readonly kind = 'format';
@@ -40,7 +39,6 @@ class RawInstance implements FormatInstance {
 
 export const rawDriver: BlockDriver = {
   name: 'raw',
-  kind: 'format',
   options: {
     offset: { type: 'int', min: 0 },
     size: { type: 'int', min: 0 },

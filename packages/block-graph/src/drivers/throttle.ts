@@ -4,9 +4,9 @@
 // order. Writes, write-zeroes and discards count as writes; flushes and block status pass.
 // When the graph drains, queued requests go at once (as QEMU's throttle does).
 
-import type { BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
+import type { BdrvChild, BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
 import { BlockOptionError } from '../errors.ts';
-import type { BdrvChild } from '../node.ts';
+
 import { keyInt, keyObject, type OptionSyntax, optionUnexpected } from '../options.ts';
 
 const KINDS = ['total', 'read', 'write'] as const;
@@ -254,7 +254,6 @@ function parseLimits(value: unknown, key: string, syntax: OptionSyntax): Record<
 
 export const throttleDriver: BlockDriver = {
   name: 'throttle',
-  kind: 'filter',
   options: {
     /** A throttle-group object of the graph (QEMU's way): its limits are shared. */
     'throttle-group': { type: 'string' },

@@ -4,8 +4,8 @@
 //
 // - map('read') answers data (in `file` at the host offset), zero or unallocated (the
 //   generic layer reads the backing chain). Compressed clusters cannot be described as a
-//   place in a child: they are answered as data in a read-only view whose reads go through
-//   the core, which decompresses (see CompressedView).
+//   place in a child: they are answered as data with a `read` hook (Mapping.read) that
+//   reads through the core, which decompresses.
 // - map('write') answers data at the host offset; where clusters (extended L2:
 //   subclusters) are allocated or completed, with an `allocation` the generic layer fills
 //   (copy on write from below, or zeros), writes and commits: the L2 entry is set only
@@ -18,9 +18,15 @@
 //   qcow2, then raw); `backing: null` opens the image without one, as QEMU does.
 
 import { dirname, isAbsolute, resolve } from 'node:path';
-import type { BlockDriver, FormatInstance, Mapping, OpenContext } from '../../driver.ts';
+import type {
+  BdrvChild,
+  BlockDriver,
+  ChildNode,
+  FormatInstance,
+  Mapping,
+  OpenContext,
+} from '../../driver.ts';
 import { BlockError, BlockOptionError, Qcow2ErrorCode } from '../../errors.ts';
-import type { BdrvChild, BlockNode } from '../../node.ts';
 import { Incompat } from './header.ts';
 import {
   openQcow2,
@@ -36,12 +42,12 @@ import type { Qcow2BackingReader, Qcow2File } from './types.ts';
  * holding 'resize', as a format on its file child does). Also what a blockdev-create job
  * hands to createQcow2.
  */
-export function qcow2FileOf(node: BlockNode): Qcow2File {
+export function qcow2FileOf(node: ChildNode): Qcow2File {
   return fileThrough(() => node);
 }
 
 /** The same through an edge, following it to whatever node it points at now. */
-function fileThrough(nodeOf: () => BlockNode): Qcow2File {
+function fileThrough(nodeOf: () => ChildNode): Qcow2File {
   return {
     async read(buf, offset) {
       const node = nodeOf();
@@ -65,36 +71,17 @@ function childReader(child: BdrvChild): Qcow2BackingReader {
   };
 }
 
-/**
- * A read-only view of the guest disk, through the core, used as the `child` of data
- * mappings of compressed clusters (offset = guest offset). The generic layer only calls
- * size(), read() and blockStatus() on a data mapping's child node.
- */
-function compressedView(image: Qcow2Image, nodeName: string): BdrvChild {
-  const node = {
-    name: `${nodeName}(compressed)`,
-    size: () => image.virtualSize,
-    read: (offset: number, buf: Uint8Array) => image.read(buf, offset),
-    blockStatus: async (_offset: number, length: number) => ({
-      length,
-      hole: false,
-      zero: false,
-      depth: 1,
-    }),
-  };
-  return { name: 'compressed', roles: ['data'], node } as unknown as BdrvChild;
-}
-
 class Qcow2Instance implements FormatInstance {
   readonly kind = 'format';
   readonly image: Qcow2Image;
   readonly #file: BdrvChild;
-  readonly #compressed: BdrvChild;
+  /** Reads compressed clusters (guest offsets) through the core, which decompresses. */
+  readonly #readCompressed: (offset: number, buf: Uint8Array) => Promise<void>;
 
-  constructor(image: Qcow2Image, file: BdrvChild, nodeName: string) {
+  constructor(image: Qcow2Image, file: BdrvChild) {
     this.image = image;
     this.#file = file;
-    this.#compressed = compressedView(image, nodeName);
+    this.#readCompressed = (offset, buf) => image.read(buf, offset);
   }
 
   size(): number {
@@ -109,8 +96,8 @@ class Qcow2Instance implements FormatInstance {
       return this.image.mapWrite(offset, length).then((m) => this.#writeMapping(m));
     }
     const m = this.image.mapReadCached(offset, length);
-    if (m) return this.#readMapping(m, offset);
-    return this.image.mapRead(offset, length).then((x) => this.#readMapping(x, offset));
+    if (m) return this.#readMapping(m);
+    return this.image.mapRead(offset, length).then((x) => this.#readMapping(x));
   }
 
   #writeMapping(w: Qcow2WriteMapping): Mapping {
@@ -123,12 +110,12 @@ class Qcow2Instance implements FormatInstance {
     };
   }
 
-  #readMapping(m: Qcow2ReadMapping, offset: number): Mapping {
+  #readMapping(m: Qcow2ReadMapping): Mapping {
     switch (m.kind) {
       case 'data':
         return { length: m.length, kind: 'data', child: this.#file, offset: m.host! };
       case 'compressed':
-        return { length: m.length, kind: 'data', child: this.#compressed, offset };
+        return { length: m.length, kind: 'data', read: this.#readCompressed };
       default:
         return { length: m.length, kind: m.kind };
     }
@@ -172,9 +159,7 @@ async function openHeaderBacking(
   name: string,
   format: string | null,
 ): Promise<BdrvChild> {
-  const fileNode = ctx.children.file!.node;
-  const base =
-    fileNode.driver === 'file' ? (fileNode.options.filename as string | undefined) : undefined;
+  const base = ctx.children.file!.node.filename;
   const filename = isAbsolute(name) || base === undefined ? name : resolve(dirname(base), name);
   const file = { driver: 'file', filename };
   if (format !== null) return ctx.openChild('backing', { driver: format, file });
@@ -232,7 +217,6 @@ function cacheSizes(
 
 export const qcow2Driver: BlockDriver = {
   name: 'qcow2',
-  kind: 'format',
   options: {
     'lazy-refcounts': { type: 'bool' },
     'l2-cache-size': { type: 'int', min: 0 },
@@ -261,12 +245,12 @@ export const qcow2Driver: BlockDriver = {
       opts.lazyRefcounts = o['lazy-refcounts'] as boolean;
     }
     let backing = ctx.children.backing;
-    const explicitNull = (ctx.node.options as Record<string, unknown>).backing === null;
+    const explicitNull = ctx.nullChildren.has('backing');
     if (!backing && !explicitNull && probe.header.backingFile !== null) {
       backing = await openHeaderBacking(ctx, probe.header.backingFile, probe.header.backingFormat);
     }
     opts.backing = backing ? childReader(backing) : null;
     const image = await openQcow2(f, opts);
-    return new Qcow2Instance(image, file, ctx.nodeName);
+    return new Qcow2Instance(image, file);
   },
 };
