@@ -671,275 +671,47 @@ export class Qcow2Image {
   }
 
   /**
-   * Writes `buf` at guest `offset`. Precondition: the range is within the disk.
+   * Writes `buf` at guest `offset` as the graph does: map, write the data (with the rest of
+   * a new allocation unit filled by copy on write), then commit, or abort on failure.
+   * Precondition: the range is within the disk.
    */
   async write(buf: Uint8Array, offset: number): Promise<void> {
     this.#checkWritable();
-    const g = this.#enter();
-    try {
-      const gm = this.geom;
-      let pos = offset;
-      const end = offset + buf.length;
-      while (pos < end) {
-        const l1i = Math.floor(pos / gm.l2Span);
-        const chunkEnd = Math.min(end, (l1i + 1) * gm.l2Span);
-        await this.#writeChunk(buf.subarray(pos - offset, chunkEnd - offset), pos, l1i);
-        pos = chunkEnd;
-      }
-    } finally {
-      this.#leave(g);
+    const end = offset + buf.length;
+    for (let pos = offset; pos < end; ) {
+      const m = this.mapWriteCached(pos, end - pos) ?? (await this.mapWrite(pos, end - pos));
+      await this.#writeMapped(m, buf.subarray(pos - offset, pos - offset + m.length), pos);
+      pos += m.length;
     }
   }
 
-  async #writeChunk(data: Uint8Array, offset: number, l1i: number): Promise<void> {
-    const g = this.geom;
-    const cs = g.clusterSize;
-    const c0 = Math.floor(offset / cs);
-    const c1 = Math.floor((offset + data.length - 1) / cs);
-    // Fast path: every cluster allocated with refcount one: write in place, no lock.
-    const l2 = await this.#getL2(l1i);
-    if (l2) {
-      let ok = true;
-      const pieces: Array<{ host: number; from: number; to: number }> = [];
-      try {
-        for (let ci = c0; ci <= c1 && ok; ci++) {
-          const e = this.#entryAt(l2, ci);
-          const from = Math.max(offset, ci * cs) - ci * cs;
-          const to = Math.min(offset + data.length, (ci + 1) * cs) - ci * cs;
-          if (!this.#inPlace(e, from, to)) ok = false;
-          else
-            pieces.push({
-              host: e.host + from,
-              from: ci * cs + from - offset,
-              to: ci * cs + to - offset,
-            });
-        }
-      } finally {
-        this.#l2Cache.unpin(l2);
-      }
-      if (ok) {
-        await this.#writePieces(data, pieces);
-        return;
-      }
-    }
-    const keys: number[] = [];
-    for (let ci = c0; ci <= c1; ci++) keys.push(ci);
-    await this.#clusterLocks.lockAll(keys);
+  /** The data write of one mapping, then its commit (abort if the data write failed). */
+  async #writeMapped(m: Qcow2WriteMapping, data: Uint8Array, offset: number): Promise<void> {
+    const a = m.allocation;
     try {
-      await this.#beforeMetadataChange();
-      await this.#allocatingWrite(data, offset, l1i, c0, c1);
-    } finally {
-      this.#clusterLocks.unlockAll(keys);
+      let unit = data;
+      if (a.start < offset || a.end > offset + data.length) {
+        unit = new Uint8Array(a.end - a.start);
+        const head = unit.subarray(0, offset - a.start);
+        const tail = unit.subarray(offset - a.start + data.length);
+        if (a.from === 'below') {
+          await this.#readBelow(head, a.start);
+          await this.#readBelow(tail, offset + data.length);
+        }
+        unit.set(data, offset - a.start);
+      }
+      await this.file.write(unit, m.host - (offset - a.start));
+    } catch (err) {
+      await a.abort(err);
+      throw err;
     }
+    await a.commit();
   }
 
-  /** Writes slices of `data` to host offsets, merging host-contiguous pieces. */
-  async #writePieces(
-    data: Uint8Array,
-    pieces: Array<{ host: number; from: number; to: number }>,
-  ): Promise<void> {
-    const merged: Array<{ host: number; from: number; to: number }> = [];
-    for (const p of pieces) {
-      await this.#checkDataHost(p.host, p.to - p.from);
-      const last = merged[merged.length - 1];
-      if (last && last.to === p.from && last.host + (last.to - last.from) === p.host)
-        last.to = p.to;
-      else merged.push({ ...p });
-    }
-    await Promise.all(merged.map((p) => this.file.write(data.subarray(p.from, p.to), p.host)));
-  }
-
-  async #allocatingWrite(
-    data: Uint8Array,
-    offset: number,
-    l1i: number,
-    c0: number,
-    c1: number,
-  ): Promise<void> {
-    const g = this.geom;
-    const cs = g.clusterSize;
-    const sc = g.subclusterSize;
-    const l2 = await this.#getOrCreateL2(l1i);
-    try {
-      interface Plan {
-        ci: number;
-        e: L2Entry;
-        from: number;
-        to: number;
-        /** host cluster to write to (existing, or to be allocated when 0). */
-        host: number;
-        /** span written within the cluster. */
-        spanFrom: number;
-        spanTo: number;
-        newEntry: L2Entry;
-        freeOld: { offset: number; bytes: number } | null;
-      }
-      const plans: Plan[] = [];
-      let need = 0;
-      for (let ci = c0; ci <= c1; ci++) {
-        const e = this.#entryAt(l2, ci);
-        const from = Math.max(offset, ci * cs) - ci * cs;
-        const to = Math.min(offset + data.length, (ci + 1) * cs) - ci * cs;
-        let copied = e.copied;
-        if (!e.compressed && e.host !== 0 && !copied) {
-          const rc = await this.refcounts.get(e.host / cs);
-          if (rc === 0) await this.#markCorrupt(`data cluster ${e.host} in use but has refcount 0`);
-          if (rc === 1) copied = true;
-        }
-        const touched = this.#touchedMask(from, to);
-        const spanFrom = Math.floor(from / sc) * sc;
-        const spanTo = Math.ceil(to / sc) * sc;
-        if (!e.compressed && e.host !== 0 && copied) {
-          // Write into the existing host cluster. Only parts that are not allocated yet are
-          // completed from their current content (a standard zero cluster keeping its
-          // preallocation: the whole cluster; extended L2: the partial edge subclusters).
-          // Allocated parts are never rewritten: writes in place to other bytes of them run
-          // without locks and would be overwritten with what they replaced.
-          const allocated = (bitAt: number) => (e.alloc & (2 ** bitAt)) !== 0;
-          let wFrom = from;
-          let wTo = to;
-          if (!g.extendedL2) {
-            if (!allocated(0)) {
-              wFrom = 0;
-              wTo = cs;
-            }
-          } else {
-            if (!allocated(Math.floor(from / sc))) wFrom = spanFrom;
-            if (!allocated(Math.ceil(to / sc) - 1)) wTo = spanTo;
-          }
-          plans.push({
-            ci,
-            e,
-            from,
-            to,
-            host: e.host,
-            spanFrom: wFrom,
-            spanTo: wTo,
-            newEntry: {
-              ...e,
-              copied: true,
-              alloc: (e.alloc | touched) >>> 0,
-              zero: (e.zero & ~touched) >>> 0,
-            },
-            freeOld: null,
-          });
-        } else if (!e.compressed && e.host === 0 && g.extendedL2) {
-          // Fresh host cluster; only the touched subclusters are written and allocated.
-          need++;
-          plans.push({
-            ci,
-            e,
-            from,
-            to,
-            host: 0,
-            spanFrom,
-            spanTo,
-            newEntry: {
-              compressed: false,
-              host: 0,
-              copied: true,
-              alloc: touched,
-              zero: (e.zero & ~touched) >>> 0,
-              sectors: 0,
-            },
-            freeOld: null,
-          });
-        } else {
-          // Fresh host cluster holding the whole cluster (copy on write).
-          need++;
-          const freeOld = e.compressed
-            ? { offset: e.host - (e.host % 512), bytes: e.sectors * 512 }
-            : e.host !== 0
-              ? { offset: e.host, bytes: cs }
-              : null;
-          plans.push({
-            ci,
-            e,
-            from,
-            to,
-            host: 0,
-            spanFrom: 0,
-            spanTo: cs,
-            newEntry: {
-              compressed: false,
-              host: 0,
-              copied: true,
-              alloc: g.fullMask,
-              zero: 0,
-              sectors: 0,
-            },
-            freeOld,
-          });
-        }
-      }
-      if (need > 0) {
-        const base = await this.refcounts.allocate(need);
-        let k = 0;
-        for (const p of plans) {
-          if (p.host === 0) {
-            p.host = base + k * cs;
-            p.newEntry.host = p.host;
-            k++;
-          }
-        }
-        for (let c = 0; c < need; c++) {
-          if (this.#isMetadata(base + c * cs))
-            await this.#markCorrupt(
-              `allocated cluster ${base + c * cs} overlaps metadata (refcounts are wrong)`,
-            );
-        }
-      }
-      // Build the buffers: new data plus the current content of the rest of each span.
-      const writes: Array<{ host: number; buf: Uint8Array; from?: number; to?: number }> = [];
-      await Promise.all(
-        plans.map(async (p) => {
-          const dataFrom = p.ci * cs + p.from - offset;
-          if (p.spanFrom === p.from && p.spanTo === p.to) {
-            writes.push({
-              host: p.host + p.from,
-              buf: data.subarray(dataFrom, dataFrom + (p.to - p.from)),
-              from: dataFrom,
-              to: dataFrom + (p.to - p.from),
-            });
-            return;
-          }
-          const buf = new Uint8Array(p.spanTo - p.spanFrom);
-          if (p.from > p.spanFrom)
-            await this.#readCurrent(buf.subarray(0, p.from - p.spanFrom), p.e, p.ci, p.spanFrom);
-          if (p.to < p.spanTo)
-            await this.#readCurrent(buf.subarray(p.to - p.spanFrom), p.e, p.ci, p.to);
-          buf.set(data.subarray(dataFrom, dataFrom + (p.to - p.from)), p.from - p.spanFrom);
-          writes.push({ host: p.host + p.spanFrom, buf });
-        }),
-      );
-      // Merge views of `data` that are contiguous in guest and host space.
-      writes.sort((a, b) => a.host - b.host);
-      const merged: typeof writes = [];
-      for (const w of writes) {
-        const last = merged[merged.length - 1];
-        if (
-          last &&
-          last.to !== undefined &&
-          w.from !== undefined &&
-          last.to === w.from &&
-          last.host + last.buf.length === w.host
-        ) {
-          last.to = w.to!;
-          last.buf = data.subarray(last.from!, last.to);
-        } else merged.push({ ...w });
-      }
-      for (const p of plans)
-        if (p.e.host !== 0 && p.host === p.e.host) await this.#checkDataHost(p.host, cs);
-      await Promise.all(merged.map((w) => this.file.write(w.buf, w.host)));
-      // Data is written: now link it in the L2 table, then free what it replaced.
-      for (const p of plans) {
-        encodeL2(l2.data, p.ci % g.l2Entries, p.newEntry, g);
-        if (p.freeOld) this.#free(p.freeOld.offset, p.freeOld.bytes);
-      }
-      this.#l2Cache.markDirty(l2);
-    } finally {
-      this.#l2Cache.unpin(l2);
-    }
+  /** Reads the backing disk into `buf` (zeros past its end or without one). */
+  async #readBelow(buf: Uint8Array, offset: number): Promise<void> {
+    if (buf.length === 0) return;
+    await this.#readSegment(buf, { kind: 'backing', guest: offset, length: buf.length });
   }
 
   // ---- compressed writes -------------------------------------------------------------------
