@@ -27,7 +27,7 @@ import {
   markCorrupt,
   type Qcow2State,
 } from './state.ts';
-import type { Qcow2WriteMapping } from './types.ts';
+import { ioBuffer, type Qcow2WriteMapping, releaseIoBuffer } from './types.ts';
 
 /**
  * Writes `buf` at guest `offset` as the graph does: map, write the data (with the rest of
@@ -52,10 +52,10 @@ async function writeMapped(
   offset: number,
 ): Promise<void> {
   const a = m.allocation;
+  let unit = data;
   try {
-    let unit = data;
     if (a.start < offset || a.end > offset + data.length) {
-      unit = new Uint8Array(a.end - a.start);
+      unit = ioBuffer(s.file, a.end - a.start);
       const head = unit.subarray(0, offset - a.start);
       const tail = unit.subarray(offset - a.start + data.length);
       if (a.from === 'below') {
@@ -68,6 +68,8 @@ async function writeMapped(
   } catch (err) {
     await a.abort(err);
     throw err;
+  } finally {
+    if (unit !== data) releaseIoBuffer(s.file, unit);
   }
   await a.commit();
 }
@@ -364,10 +366,15 @@ async function makePrivate(
       return ne;
     }
   }
-  const buf = new Uint8Array(cs);
-  await readCurrent(s, buf, e, ci, 0);
-  const host = await allocData(s, 1);
-  await s.file.write(buf, host);
+  const buf = ioBuffer(s.file, cs);
+  let host: number;
+  try {
+    await readCurrent(s, buf, e, ci, 0);
+    host = await allocData(s, 1);
+    await s.file.write(buf, host);
+  } finally {
+    releaseIoBuffer(s.file, buf);
+  }
   const ne: L2Entry = {
     compressed: false,
     host,

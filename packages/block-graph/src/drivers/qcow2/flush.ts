@@ -25,7 +25,7 @@ export function flushMetadata(s: Qcow2State): Promise<void> {
         await s.file.flush();
         await Promise.all(l2Snap.map((x) => s.file.write(x.copy, x.e.offset)));
         l2Done = true;
-        for (const x of l2Snap) s.l2Cache.endWrite(x.e, true);
+        for (const x of l2Snap) s.l2Cache.endWrite(x.e, true, x.copy);
         if (l1Snap.length > 0) {
           await s.file.flush();
           const sectors = new Set(l1Snap.map((i) => Math.floor(i / 64)));
@@ -44,7 +44,7 @@ export function flushMetadata(s: Qcow2State): Promise<void> {
       } else l2Done = true;
       await s.file.flush();
     } catch (err) {
-      if (!l2Done) for (const x of l2Snap) s.l2Cache.endWrite(x.e, false);
+      if (!l2Done) for (const x of l2Snap) s.l2Cache.endWrite(x.e, false, x.copy);
       for (const i of l1Snap) s.l1Dirty.add(i);
       throw err;
     }

@@ -34,13 +34,15 @@ import { blockStatus, mapRead, mapReadCached, read } from './mapping.ts';
 import { openImage } from './open.ts';
 import type { RefcountManager } from './refcount.ts';
 import { Qcow2State, writeHeader } from './state.ts';
-import type {
-  Qcow2BackingReader,
-  Qcow2Extent,
-  Qcow2File,
-  Qcow2OpenOptions,
-  Qcow2ReadMapping,
-  Qcow2WriteMapping,
+import {
+  ioBuffer,
+  type Qcow2BackingReader,
+  type Qcow2Extent,
+  type Qcow2File,
+  type Qcow2OpenOptions,
+  type Qcow2ReadMapping,
+  type Qcow2WriteMapping,
+  releaseIoBuffer,
 } from './types.ts';
 import { discard, writeZeroes } from './zero.ts';
 
@@ -54,9 +56,14 @@ export async function openQcow2(
   const first = new Uint8Array(512);
   const n0 = await file.read(first, 0);
   const bits = peekClusterBits(first.subarray(0, n0));
-  const cluster = new Uint8Array(2 ** bits);
-  const n = await file.read(cluster, 0);
-  const header = parseHeader(cluster.subarray(0, n));
+  const cluster = ioBuffer(file, 2 ** bits);
+  let header: Qcow2Header;
+  try {
+    const n = await file.read(cluster, 0);
+    header = parseHeader(cluster.subarray(0, n));
+  } finally {
+    releaseIoBuffer(file, cluster);
+  }
   const image = new Qcow2Image(new Qcow2State(file, header, options));
   await openImage(image.state);
   return image;
@@ -214,6 +221,7 @@ export class Qcow2Image {
     }
     s.closed = true;
     s.l2Cache.clear();
+    s.refcounts.close();
   }
 
   /**

@@ -9,6 +9,7 @@ import { Incompat, KNOWN_INCOMPAT } from './header.ts';
 import { MetadataCache } from './l2-cache.ts';
 import { RefcountManager } from './refcount.ts';
 import { MiB, type Qcow2State, writeHeader } from './state.ts';
+import { ioBuffer, releaseIoBuffer } from './types.ts';
 
 /** Checks what the header asks for, loads L1 and the caches, repairs a dirty image (QEMU's qcow2_do_open). */
 export async function openImage(s: Qcow2State): Promise<void> {
@@ -57,13 +58,18 @@ export async function openImage(s: Qcow2State): Promise<void> {
   s.backing = s.options.backing ?? null;
   if (s.backing) s.backingSize = await s.backing.size();
 
-  const l1Bytes = new Uint8Array(h.l1Size * 8);
-  if (l1Bytes.length > 0) {
-    const got = await s.file.read(l1Bytes, h.l1TableOffset);
-    if (got < l1Bytes.length)
-      throw new Qcow2CorruptError(`L1 table at ${h.l1TableOffset} is truncated`);
+  const l1Bytes = ioBuffer(s.file, h.l1Size * 8);
+  let l1: ReturnType<typeof parseL1>;
+  try {
+    if (l1Bytes.length > 0) {
+      const got = await s.file.read(l1Bytes, h.l1TableOffset);
+      if (got < l1Bytes.length)
+        throw new Qcow2CorruptError(`L1 table at ${h.l1TableOffset} is truncated`);
+    }
+    l1 = parseL1(l1Bytes);
+  } finally {
+    releaseIoBuffer(s.file, l1Bytes);
   }
-  const l1 = parseL1(l1Bytes);
   s.l1 = l1.offsets;
   s.l1Copied = l1.copied;
   for (const [i, o] of s.l1.entries()) {
@@ -84,6 +90,8 @@ export async function openImage(s: Qcow2State): Promise<void> {
         throw new Qcow2CorruptError(`L2 table at ${offset} is past the end of the file`);
     },
     evictDirty: () => flushMetadata(s),
+    alloc: (n) => ioBuffer(s.file, n),
+    release: (b) => releaseIoBuffer(s.file, b),
   });
   await loadRefcounts(s);
 
@@ -122,6 +130,7 @@ async function loadRefcounts(s: Qcow2State): Promise<void> {
 }
 
 async function rebuildDirtyRefcounts(s: Qcow2State): Promise<void> {
+  s.refcounts.close();
   const refs = await computeReferences(s.file, s.header, false);
   if (refs.errors.length > 0) {
     throw new Qcow2CorruptError(`cannot rebuild refcounts of a dirty image: ${refs.errors[0]}`);

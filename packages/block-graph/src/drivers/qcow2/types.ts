@@ -16,6 +16,23 @@ export interface Qcow2File {
    * failure is ignored (discarding is advisory).
    */
   discard?(offset: number, length: number): Promise<void>;
+  /**
+   * Optional: memory for I/O to this file (a graph node's aligned allocator), so that
+   * O_DIRECT needs no bounce; contents undefined. Given back with releaseBuffer.
+   */
+  allocBuffer?(length: number): Uint8Array;
+  releaseBuffer?(buf: Uint8Array): void;
+}
+
+/** A zero-filled buffer for I/O to `file`: from its allocator when it has one. */
+export function ioBuffer(file: Qcow2File, length: number): Uint8Array {
+  const buf = file.allocBuffer?.(length);
+  return buf ? buf.fill(0) : new Uint8Array(length);
+}
+
+/** Gives back a buffer from ioBuffer. */
+export function releaseIoBuffer(file: Qcow2File, buf: Uint8Array): void {
+  file.releaseBuffer?.(buf);
 }
 
 /**
