@@ -1,7 +1,7 @@
 // Refcounts (docs/interop/qcow2.txt, "Host cluster management"): the refcount table, a
 // bounded cache of refcount blocks, cluster allocation and freeing, and growth of the table.
 //
-// Ordering rules this module keeps (the owner keeps the rest, see image.ts):
+// Ordering rules this module keeps (the owner keeps the rest, see image.ts and flush.ts):
 // - a new refcount block is written (and flushed) before the table entry that points to it;
 // - a grown refcount table is written and flushed before the header points to it, and the
 //   old table is freed only after the header is flushed;
