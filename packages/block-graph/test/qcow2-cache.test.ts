@@ -77,7 +77,7 @@ describe('qcow2 metadata cache', () => {
     expect(copy[0]).toBe(42);
     for (let i = 1; i <= 5; i++) c.unpin(await c.get(i * 16));
     expect(c.peek(0)).toBe(e);
-    c.endWrite(e, true);
+    c.endWrite(e, true, copy);
     for (let i = 6; i <= 8; i++) c.unpin(await c.get(i * 16));
     expect(c.peek(0)).toBeUndefined();
   });

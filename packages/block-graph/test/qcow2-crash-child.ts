@@ -4,7 +4,8 @@
 // (synchronous writes to the pipe, so nothing announced is lost when the process dies).
 //
 // argv: image path, backing raw path or '-', seed, l2 cache bytes or '-', 'core' or 'graph'
-// (graph: through a BlockGraph node and backend, the backing file from the image header)
+// (core: Qcow2Image directly, whose write() is the graph's map -> data -> commit loop;
+// graph: through a BlockGraph node and backend, the backing file from the image header)
 
 import { writeSync } from 'node:fs';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';

@@ -6,7 +6,9 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createQcow2 } from '../src/drivers/qcow2/create.ts';
+import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { qcow2Driver, qcow2FileOf } from '../src/drivers/qcow2/qcow2.ts';
+import type { Qcow2File } from '../src/drivers/qcow2/types.ts';
 import { BlockGraph } from '../src/index.ts';
 import { firstDiff, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
 
@@ -411,4 +413,64 @@ describe('qcow2 in the block graph', () => {
       expect(cmp.stdout + cmp.stderr).toContain('Images are identical');
     });
   }
+});
+
+describe('qcow2 I/O buffers under cache.direct=on', () => {
+  it('L2 tables, refcount blocks, their write-back snapshots and copy-on-write units come from the node allocator', async () => {
+    const path = join(dir, 'direct-buffers.qcow2');
+    const cs = 65536;
+    await must('qemu-img', ['create', '-f', 'qcow2', path, '64M']);
+    const g = new BlockGraph({ drivers: [qcow2Driver] });
+    const fileNode = await g.add({
+      driver: 'file',
+      'node-name': 'proto',
+      filename: path,
+      cache: { direct: true },
+    });
+    const holder = await g.createBackend('proto', { perm: ['consistent-read', 'write', 'resize'] });
+    // The node as the qcow2 driver sees its file, noting each cluster-sized (or larger)
+    // buffer that did not come from the node's allocator: the file driver bounces those.
+    const inner = qcow2FileOf(fileNode);
+    const allocated = new WeakSet<ArrayBufferLike>();
+    const foreign: string[] = [];
+    const note = (op: string, buf: Uint8Array, offset: number) => {
+      if (buf.byteLength >= cs && !allocated.has(buf.buffer))
+        foreign.push(`${op} ${buf.byteLength} at ${offset}`);
+    };
+    const file: Qcow2File = {
+      ...inner,
+      read: (buf, offset) => {
+        note('read', buf, offset);
+        return inner.read(buf, offset);
+      },
+      write: (buf, offset) => {
+        note('write', buf, offset);
+        return inner.write(buf, offset);
+      },
+      allocBuffer: (length) => {
+        const buf = inner.allocBuffer!(length);
+        allocated.add(buf.buffer);
+        return buf;
+      },
+    };
+    const img = await openQcow2(file, { backing: null });
+    // New L2 tables and refcount blocks, partial clusters (copy-on-write units), in place.
+    // (Guest data comes from the allocator as well, as the NBD server's and backends' do.)
+    const whole = file.allocBuffer!(cs);
+    for (let i = 0; i < 8; i++) {
+      await img.write(pattern(new Uint8Array(5000), i), i * 9 * cs + 700);
+      await img.write(pattern(whole, 100 + i), i * 9 * cs + 3 * cs);
+      await img.flush();
+    }
+    file.releaseBuffer!(whole);
+    await img.writeZeroes(2 * cs, cs);
+    const back = new Uint8Array(5000);
+    await img.read(back, 700);
+    expect(firstDiff(back, pattern(new Uint8Array(5000), 0))).toBe(-1);
+    await img.close();
+    await holder.close();
+    await g.close();
+    expect(foreign).toEqual([]);
+    expect((await run('qemu-img', ['check', path])).code).toBe(0);
+  });
 });

@@ -74,6 +74,12 @@ export interface EngineFile {
   readonly readOnly: boolean;
   /** The alignment O_DIRECT needs (offset, length, buffer address), e.g. 512 or 4096. */
   readonly logicalBlockSize: number;
+  /**
+   * Whether `buf`'s address suits this file: always without O_DIRECT; with it, aligned to
+   * logicalBlockSize (allocBuffer's are). Lets a caller bounce a buffer up front instead of
+   * catching MISALIGNED.
+   */
+  bufferAligned(buf: Uint8Array): boolean;
   size(): Promise<number>;
   /** Bytes read; fewer than buf.length only at EOF. */
   read(buf: Uint8Array, offset: number): Promise<number>;
@@ -175,6 +181,10 @@ class EngineFileImpl implements EngineFile {
       return new EngineError(ErrorCode.FILE_CLOSED, `file '${this.path}' is closed`);
     }
     return this.engine.refuse();
+  }
+
+  bufferAligned(buf: Uint8Array): boolean {
+    return !this.direct || addressOf(buf) % this.logicalBlockSize === 0;
   }
 
   private misaligned(what: string, offset: number, bufs: Uint8Array[]): EngineError | null {

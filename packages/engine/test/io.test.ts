@@ -220,6 +220,22 @@ describe.each(BACKENDS)('%s backend', (backend) => {
     expect(readFileSync(path).equals(before)).toBe(true);
   });
 
+  it('bufferAligned tells up front whether a buffer suits the file', async () => {
+    const path = tmp.file('aligned.img');
+    writeFileSync(path, Buffer.alloc(8192));
+    const d = await engine.openFile(path, { direct: true });
+    const f = await engine.openFile(path);
+    const a = d.logicalBlockSize;
+    const arena = engine.allocBuffer(2 * a);
+    expect(d.bufferAligned(arena)).toBe(true);
+    expect(d.bufferAligned(arena.subarray(a))).toBe(true);
+    expect(d.bufferAligned(arena.subarray(8))).toBe(false);
+    expect(f.bufferAligned(arena.subarray(8))).toBe(true);
+    engine.releaseBuffer(arena);
+    await d.close();
+    await f.close();
+  });
+
   it('a bad fd gives an IoError EBADF with syscall, offset and length', async () => {
     const path = tmp.file('badfd.img');
     writeFileSync(path, Buffer.alloc(8192));

@@ -18,10 +18,6 @@ const AIO: Record<string, 'io_uring' | 'aio' | 'threadpool' | 'auto'> = {
   threads: 'threadpool',
 };
 
-function isMisaligned(err: unknown): boolean {
-  return (err as { code?: unknown })?.code === 'ERR_VMDISK_ENGINE_MISALIGNED';
-}
-
 class FileInstance implements ProtocolInstance {
   readonly kind = 'protocol';
   readonly limits: { requestAlignment: number };
@@ -65,13 +61,13 @@ class FileInstance implements ProtocolInstance {
   }
 
   pread(buf: Uint8Array, offset: number): Promise<void> {
+    if (!this.file.bufferAligned(buf)) return this.bounceRead(buf, offset);
     return this.file.read(buf, offset).then(
       (n) => {
         // Short only at EOF (the file shrank under us): what is past it reads as zeros.
         if (n < buf.byteLength) buf.fill(0, n);
       },
       (err: unknown) => {
-        if (isMisaligned(err)) return this.bounceRead(buf, offset);
         throw toBlockError(err, this.node);
       },
     );
@@ -79,10 +75,11 @@ class FileInstance implements ProtocolInstance {
 
   pwrite(buf: Uint8Array, offset: number): Promise<void> {
     const end = offset + buf.byteLength;
-    const p = this.file.write(buf, offset).catch((err: unknown) => {
-      if (isMisaligned(err)) return this.bounceWrite(buf, offset);
-      throw toBlockError(err, this.node);
-    });
+    const p = this.file.bufferAligned(buf)
+      ? this.file.write(buf, offset).catch((err: unknown) => {
+          throw toBlockError(err, this.node);
+        })
+      : this.bounceWrite(buf, offset);
     if (end <= this.length) return p;
     return p.then(() => {
       if (end > this.length) this.length = end;
@@ -98,8 +95,9 @@ class FileInstance implements ProtocolInstance {
     }
   }
 
-  // O_DIRECT with a buffer that is not engine arena memory (offset and length are aligned
-  // by the generic layer, so only the address can be wrong): go through an arena buffer.
+  // O_DIRECT with a buffer whose address is not aligned (not engine arena memory; offset and
+  // length are aligned by the generic layer, so only the address can be wrong): go through
+  // an arena buffer.
   private async bounceRead(buf: Uint8Array, offset: number): Promise<void> {
     const bounce = this.engine.allocBuffer(buf.byteLength);
     try {

@@ -25,6 +25,10 @@ export interface MetadataCacheOptions {
   load(offset: number, buf: Uint8Array): Promise<void>;
   /** Writes a dirty entry back (respecting ordering), leaving it clean. */
   evictDirty(entry: CacheEntry): Promise<void>;
+  /** Memory for tables and write-back snapshots (the file's aligned allocator); zeroed. */
+  alloc?(length: number): Uint8Array;
+  /** Gives back what alloc returned, once nothing uses it. */
+  release?(buf: Uint8Array): void;
 }
 
 export class MetadataCache {
@@ -36,6 +40,14 @@ export class MetadataCache {
 
   constructor(opts: MetadataCacheOptions) {
     this.#opts = { ...opts, capacity: Math.max(2, opts.capacity) };
+  }
+
+  #alloc(): Uint8Array {
+    return this.#opts.alloc?.(this.#opts.entrySize) ?? new Uint8Array(this.#opts.entrySize);
+  }
+
+  #release(buf: Uint8Array): void {
+    this.#opts.release?.(buf);
   }
 
   get capacity(): number {
@@ -73,17 +85,19 @@ export class MetadataCache {
   }
 
   async #load(offset: number): Promise<CacheEntry> {
-    const data = new Uint8Array(this.#opts.entrySize);
+    const data = this.#alloc();
     try {
       await this.#opts.load(offset, data);
     } catch (err) {
       this.#loading.delete(offset);
+      this.#release(data);
       throw err;
     }
     const waiters = this.#loading.get(offset)?.waiters ?? 0;
     this.#loading.delete(offset);
     const existing = this.#entries.get(offset);
     if (existing) {
+      this.#release(data);
       existing.pins += waiters;
       existing.lastUse = ++this.#clock;
       return existing;
@@ -102,7 +116,7 @@ export class MetadataCache {
 
   /** A new zero-filled table at `offset` (not read from disk), dirty and pinned. */
   async create(offset: number, init?: Uint8Array): Promise<CacheEntry> {
-    const data = new Uint8Array(this.#opts.entrySize);
+    const data = this.#alloc();
     if (init) data.set(init);
     const e: CacheEntry = {
       offset,
@@ -117,7 +131,7 @@ export class MetadataCache {
     return e;
   }
 
-  /** Adds a clean table whose content is `data` (just written by the owner). */
+  /** Adds a clean table whose content is `data` (just written by the owner, from alloc). */
   insertClean(offset: number, data: Uint8Array): void {
     const e: CacheEntry = {
       offset,
@@ -146,13 +160,19 @@ export class MetadataCache {
   beginWrite(e: CacheEntry): Uint8Array {
     e.dirty = false;
     e.writing++;
-    return e.data.slice();
+    const copy = this.#alloc();
+    copy.set(e.data);
+    return copy;
   }
 
-  /** Ends a write-back begun with beginWrite; a failed one leaves the entry dirty again. */
-  endWrite(e: CacheEntry, ok: boolean): void {
+  /**
+   * Ends a write-back begun with beginWrite (its snapshot `copy` is given back); a failed
+   * one leaves the entry dirty again.
+   */
+  endWrite(e: CacheEntry, ok: boolean, copy: Uint8Array): void {
     e.writing--;
     if (!ok) e.dirty = true;
+    this.#release(copy);
   }
 
   /** beginWrite, `write` the snapshot at the entry's offset, endWrite. */
@@ -166,7 +186,7 @@ export class MetadataCache {
       await write(copy, e.offset);
       ok = true;
     } finally {
-      this.endWrite(e, ok);
+      this.endWrite(e, ok, copy);
     }
   }
 
@@ -177,11 +197,14 @@ export class MetadataCache {
 
   /** Forgets a table (its cluster was freed); it must not be pinned by anyone else. */
   drop(offset: number): void {
+    const e = this.#entries.get(offset);
     this.#entries.delete(offset);
+    if (e) this.#release(e.data);
   }
 
-  /** Forgets everything (after a failure, or on close). */
+  /** Forgets everything (on close). Precondition: no request in flight. */
   clear(): void {
+    for (const e of this.#entries.values()) this.#release(e.data);
     this.#entries.clear();
   }
 
@@ -204,6 +227,7 @@ export class MetadataCache {
           this.#entries.get(victim.offset) === victim
         ) {
           this.#entries.delete(victim.offset);
+          this.#release(victim.data);
         }
       }
     })();

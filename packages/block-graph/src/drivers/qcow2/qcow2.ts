@@ -61,6 +61,10 @@ function fileThrough(nodeOf: () => ChildNode): Qcow2File {
     truncate: (size) => nodeOf().truncate(size),
     flush: () => nodeOf().flush(),
     discard: (offset, length) => nodeOf().discard(offset, length),
+    // Metadata and copy-on-write buffers from the graph's aligned allocator: no bounce
+    // under cache.direct=on.
+    allocBuffer: (length) => nodeOf().allocBuffer(length),
+    releaseBuffer: (buf) => nodeOf().releaseBuffer(buf),
   };
 }
 

@@ -1,7 +1,7 @@
 // Refcounts (docs/interop/qcow2.txt, "Host cluster management"): the refcount table, a
 // bounded cache of refcount blocks, cluster allocation and freeing, and growth of the table.
 //
-// Ordering rules this module keeps (the owner keeps the rest, see image.ts):
+// Ordering rules this module keeps (the owner keeps the rest, see image.ts and flush.ts):
 // - a new refcount block is written (and flushed) before the table entry that points to it;
 // - a grown refcount table is written and flushed before the header points to it, and the
 //   old table is freed only after the header is flushed;
@@ -12,7 +12,7 @@ import { Qcow2CorruptError, Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
 import { MAX_REFTABLE_BYTES } from './header.ts';
 import { type CacheEntry, MetadataCache } from './l2-cache.ts';
 import { Mutex } from './lock.ts';
-import type { Qcow2File } from './types.ts';
+import { ioBuffer, type Qcow2File, releaseIoBuffer } from './types.ts';
 
 /** Reads refcount `i` of a block of `1 << order`-bit entries. Throws if too large for JS. */
 export function getRefcount(buf: Uint8Array, i: number, order: number): number {
@@ -100,20 +100,25 @@ export async function readTable(
   entries: number,
   what: string,
 ): Promise<number[]> {
-  const buf = new Uint8Array(entries * 8);
-  const n = buf.length ? await file.read(buf, offset) : 0;
-  if (n < buf.length) {
-    throw new Qcow2CorruptError(`${what} at ${offset} (${buf.length} bytes) is truncated`);
+  if (entries === 0) return [];
+  const buf = ioBuffer(file, entries * 8);
+  try {
+    const n = await file.read(buf, offset);
+    if (n < buf.length) {
+      throw new Qcow2CorruptError(`${what} at ${offset} (${buf.length} bytes) is truncated`);
+    }
+    const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+    const out = new Array<number>(entries);
+    for (let i = 0; i < entries; i++) {
+      const hi = dv.getUint32(i * 8);
+      const lo = dv.getUint32(i * 8 + 4);
+      if (hi > 0x1fffff) throw new Qcow2CorruptError(`${what} entry ${i} offset is out of range`);
+      out[i] = hi * 2 ** 32 + lo;
+    }
+    return out;
+  } finally {
+    releaseIoBuffer(file, buf);
   }
-  const dv = new DataView(buf.buffer);
-  const out = new Array<number>(entries);
-  for (let i = 0; i < entries; i++) {
-    const hi = dv.getUint32(i * 8);
-    const lo = dv.getUint32(i * 8 + 4);
-    if (hi > 0x1fffff) throw new Qcow2CorruptError(`${what} entry ${i} offset is out of range`);
-    out[i] = hi * 2 ** 32 + lo;
-  }
-  return out;
 }
 
 export class RefcountManager {
@@ -173,7 +178,14 @@ export class RefcountManager {
         }
       },
       evictDirty: (e) => this.#writeEntry(e),
+      alloc: (n) => ioBuffer(file, n),
+      release: (b) => releaseIoBuffer(file, b),
     });
+  }
+
+  /** Gives back the cached blocks' memory. Precondition: nothing in flight. */
+  close(): void {
+    this.#cache.clear();
   }
 
   static async load(
@@ -339,7 +351,7 @@ export class RefcountManager {
     if (this.isRefcountMetadata(offset)) {
       throw new Qcow2CorruptError(`refcount table at ${this.tableOffset} is not refcounted`);
     }
-    const data = new Uint8Array(this.clusterSize);
+    const data = ioBuffer(this.#file, this.clusterSize);
     setRefcount(data, 0, this.order, 1);
     await this.#file.write(data, offset);
     await this.#file.flush();
@@ -374,7 +386,7 @@ export class RefcountManager {
     const area = t0 * this.perBlock; // first cluster of the area
     const blocks: Uint8Array[] = [];
     for (let j = 0; j < b; j++) {
-      const data = new Uint8Array(cs);
+      const data = ioBuffer(this.#file, cs);
       const rangeStart = (t0 + j) * this.perBlock;
       for (let c = area; c < area + b + k; c++) {
         if (c >= rangeStart && c < rangeStart + this.perBlock) {

@@ -1,0 +1,438 @@
+// Allocation (the allocating half of QEMU's qcow2-cluster.c): map('write') answers, copy on
+// write of shared or compressed clusters, fresh clusters for a write, and linking them in
+// the L2 table once their data is written (commit) or returning them (abort). write() is
+// the same map -> data -> commit loop the graph's generic layer runs.
+//
+// Crash safety: refcounts are raised before map returns (never linked: a crash leaks them);
+// the L2 entry is set only after the data is written.
+
+import { encodeL2, type L2Entry } from './cluster-map.ts';
+import type { CacheEntry } from './l2-cache.ts';
+import {
+  entryAt,
+  getL2,
+  getOrCreateL2,
+  inPlace,
+  readBelow,
+  readCurrent,
+  touchedMask,
+} from './mapping.ts';
+import { allocData, checkDataHost, isMetadata } from './overlap.ts';
+import {
+  beforeMetadataChange,
+  checkWritable,
+  enter,
+  freeLater,
+  leave,
+  markCorrupt,
+  type Qcow2State,
+} from './state.ts';
+import { ioBuffer, type Qcow2WriteMapping, releaseIoBuffer } from './types.ts';
+
+/**
+ * Writes `buf` at guest `offset` as the graph does: map, write the data (with the rest of
+ * a new allocation unit filled by copy on write), then commit, or abort on failure.
+ * Precondition: the range is within the disk.
+ */
+export async function write(s: Qcow2State, buf: Uint8Array, offset: number): Promise<void> {
+  checkWritable(s);
+  const end = offset + buf.length;
+  for (let pos = offset; pos < end; ) {
+    const m = mapWriteCached(s, pos, end - pos) ?? (await mapWrite(s, pos, end - pos));
+    await writeMapped(s, m, buf.subarray(pos - offset, pos - offset + m.length), pos);
+    pos += m.length;
+  }
+}
+
+/** The data write of one mapping, then its commit (abort if the data write failed). */
+async function writeMapped(
+  s: Qcow2State,
+  m: Qcow2WriteMapping,
+  data: Uint8Array,
+  offset: number,
+): Promise<void> {
+  const a = m.allocation;
+  let unit = data;
+  try {
+    if (a.start < offset || a.end > offset + data.length) {
+      unit = ioBuffer(s.file, a.end - a.start);
+      const head = unit.subarray(0, offset - a.start);
+      const tail = unit.subarray(offset - a.start + data.length);
+      if (a.from === 'below') {
+        await readBelow(s, head, a.start);
+        await readBelow(s, tail, offset + data.length);
+      }
+      unit.set(data, offset - a.start);
+    }
+    await s.file.write(unit, m.host - (offset - a.start));
+  } catch (err) {
+    await a.abort(err);
+    throw err;
+  } finally {
+    if (unit !== data) releaseIoBuffer(s.file, unit);
+  }
+  await a.commit();
+}
+
+/**
+ * mapWrite answered synchronously when the range starts in clusters that are written in
+ * place (L2 table cached, allocated, refcount one); null otherwise (then use mapWrite).
+ * Precondition as mapWrite.
+ */
+export function mapWriteCached(
+  s: Qcow2State,
+  offset: number,
+  length: number,
+): Qcow2WriteMapping | null {
+  if (s.closed || s.readOnly || s.corrupt) return null;
+  const g = s.geom;
+  const cs = g.clusterSize;
+  const l1i = Math.floor(offset / g.l2Span);
+  const l2off = s.l1[l1i] ?? 0;
+  const l2 = l2off === 0 ? null : s.l2Cache.peek(l2off);
+  if (!l2) return null;
+  const end = Math.min(offset + length, (l1i + 1) * g.l2Span);
+  let host = -1;
+  let pos = offset;
+  try {
+    while (pos < end) {
+      const ci = Math.floor(pos / cs);
+      const e = entryAt(s, l2, ci);
+      const from = pos - ci * cs;
+      const to = Math.min(end, (ci + 1) * cs) - ci * cs;
+      if (!inPlace(s, e, from, to)) break;
+      if (host >= 0 && e.host + from !== host + (pos - offset)) break;
+      if (isMetadata(s, e.host)) return null; // the asynchronous path reports it
+      if (host < 0) host = e.host + from;
+      pos = ci * cs + to;
+    }
+  } catch {
+    return null;
+  }
+  if (pos === offset) return null;
+  const gen = enter(s);
+  const done = async () => leave(s, gen);
+  return {
+    length: pos - offset,
+    host,
+    allocation: { start: offset, end: pos, from: 'zero', commit: done, abort: done },
+  };
+}
+
+/**
+ * Maps a guest write (see Qcow2WriteMapping), allocating where needed; compressed or
+ * shared clusters are first copied into a cluster of their own. The answer covers at
+ * least one byte; the caller asks again for the rest. Precondition: within the disk,
+ * length > 0, image writable.
+ */
+export async function mapWrite(
+  s: Qcow2State,
+  offset: number,
+  length: number,
+): Promise<Qcow2WriteMapping> {
+  checkWritable(s);
+  const gen = enter(s);
+  let handedOff = false;
+  try {
+    const m = await mapWriteLocked(s, offset, length, gen);
+    handedOff = true;
+    return m;
+  } finally {
+    if (!handedOff) leave(s, gen);
+  }
+}
+
+async function mapWriteLocked(
+  s: Qcow2State,
+  offset: number,
+  length: number,
+  gen: number,
+): Promise<Qcow2WriteMapping> {
+  const gm = s.geom;
+  const cs = gm.clusterSize;
+  const l1i = Math.floor(offset / gm.l2Span);
+  const end = Math.min(offset + length, (l1i + 1) * gm.l2Span);
+  const c0 = Math.floor(offset / cs);
+  const inPlace = (host: number, len: number): Qcow2WriteMapping => ({
+    length: len,
+    host,
+    allocation: {
+      start: offset,
+      end: offset + len,
+      from: 'zero',
+      commit: async () => leave(s, gen),
+      abort: async () => leave(s, gen),
+    },
+  });
+  // In place without locks: a run of allocated clusters, contiguous in the file.
+  const fast = await inPlaceRun(s, l1i, offset, end);
+  if (fast) {
+    await checkDataHost(s, fast.host, fast.length);
+    return inPlace(fast.host, fast.length);
+  }
+  // Lock the clusters this mapping may cover (at most 32), then look again.
+  const cLast = Math.min(Math.floor((end - 1) / cs), c0 + 31);
+  const keys: number[] = [];
+  for (let ci = c0; ci <= cLast; ci++) keys.push(ci);
+  await s.clusterLocks.lockAll(keys);
+  let locked = keys;
+  const unlock = (ks: number[]) => s.clusterLocks.unlockAll(ks);
+  let l2: CacheEntry | null = null;
+  try {
+    await beforeMetadataChange(s);
+    l2 = await getOrCreateL2(s, l1i);
+    let e = entryAt(s, l2, c0);
+    if (e.compressed || (e.host !== 0 && !e.copied)) {
+      e = await makePrivate(s, l2, c0, e);
+    }
+    const again = await inPlaceRun(s, l1i, offset, end);
+    if (again) {
+      await checkDataHost(s, again.host, again.length);
+      s.l2Cache.unpin(l2);
+      l2 = null;
+      unlock(locked);
+      locked = [];
+      return inPlace(again.host, again.length);
+    }
+    const cBase = c0 * cs;
+    const from = offset - cBase;
+    const sourceOf = (x: L2Entry, sub: number): 'below' | 'zero' =>
+      (x.zero & (2 ** sub)) !== 0 || !s.backing ? 'zero' : 'below';
+    let start: number;
+    let unitEnd: number;
+    let src: 'below' | 'zero';
+    let hostStart: number;
+    let entries: Array<{ ci: number; e: L2Entry; host: number; fresh: boolean }>;
+    if (gm.extendedL2) {
+      // One cluster; the unit is the span of touched subclusters, minus allocated edges.
+      const sc = gm.subclusterSize;
+      const to = Math.min(end, cBase + cs) - cBase;
+      const a = Math.floor(from / sc);
+      let b = Math.ceil(to / sc);
+      const headPartial = from % sc !== 0 && (e.alloc & (2 ** a)) === 0;
+      let tailPartial = to % sc !== 0 && (e.alloc & (2 ** (b - 1))) === 0;
+      let wEnd = to;
+      if (headPartial && tailPartial && b - 1 !== a && sourceOf(e, a) !== sourceOf(e, b - 1)) {
+        // Different sources at both ends: stop at the end of the head subcluster.
+        wEnd = (a + 1) * sc;
+        b = a + 1;
+        tailPartial = false;
+      }
+      src = headPartial ? sourceOf(e, a) : tailPartial ? sourceOf(e, b - 1) : 'zero';
+      start = cBase + (headPartial ? a * sc : from);
+      unitEnd = cBase + (tailPartial ? b * sc : wEnd);
+      const fresh = e.host === 0;
+      const host = fresh ? 0 : e.host;
+      entries = [{ ci: c0, e, host, fresh }];
+      hostStart = host;
+      locked = keepLocked(s, locked, c0);
+      if (fresh) {
+        hostStart = await allocData(s, 1);
+        entries[0]!.host = hostStart;
+      }
+      const touched = touchedMask(s, start - cBase, unitEnd - cBase);
+      const mapping: Qcow2WriteMapping = {
+        length: Math.min(end, unitEnd) - offset,
+        host: hostStart + (offset - cBase),
+        allocation: allocationFor(s, l2, entries, start, unitEnd, src, gen, locked, (x) => ({
+          ...x,
+          copied: true,
+          alloc: (x.alloc | touched) >>> 0,
+          zero: (x.zero & ~touched) >>> 0,
+        })),
+      };
+      l2 = null;
+      locked = [];
+      return mapping;
+    }
+    // Standard L2: whole clusters. A zero cluster keeping its host is rewritten in place.
+    if (e.host !== 0) {
+      locked = keepLocked(s, locked, c0);
+      entries = [{ ci: c0, e, host: e.host, fresh: false }];
+      const mapping: Qcow2WriteMapping = {
+        length: Math.min(end, cBase + cs) - offset,
+        host: e.host + from,
+        allocation: allocationFor(s, l2, entries, cBase, cBase + cs, 'zero', gen, locked, (x) => ({
+          ...x,
+          copied: true,
+          alloc: 1,
+          zero: 0,
+        })),
+      };
+      await checkDataHost(s, e.host, cs);
+      l2 = null;
+      locked = [];
+      return mapping;
+    }
+    // Fresh clusters: the first, then following ones the write covers whole (or the last
+    // partly, when it fills from the same source).
+    const headSrc = sourceOf(e, 0);
+    const headFill = from !== 0;
+    entries = [{ ci: c0, e, host: 0, fresh: true }];
+    src = headSrc;
+    if (end >= cBase + cs) {
+      for (let ci = c0 + 1; ci <= cLast; ci++) {
+        const x = entryAt(s, l2, ci);
+        if (x.compressed || x.host !== 0) break;
+        if (end >= (ci + 1) * cs) {
+          entries.push({ ci, e: x, host: 0, fresh: true });
+          continue;
+        }
+        const tailSrc = sourceOf(x, 0);
+        if (!headFill || tailSrc === headSrc) {
+          entries.push({ ci, e: x, host: 0, fresh: true });
+          src = tailSrc;
+        }
+        break;
+      }
+    }
+    locked = keepLocked(s, locked, entries[entries.length - 1]!.ci);
+    hostStart = await allocData(s, entries.length);
+    entries.forEach((x, k) => {
+      x.host = hostStart + k * cs;
+    });
+    const unitStart = cBase;
+    const unitEndStd = (entries[entries.length - 1]!.ci + 1) * cs;
+    const mapping: Qcow2WriteMapping = {
+      length: Math.min(end, unitEndStd) - offset,
+      host: hostStart + from,
+      allocation: allocationFor(s, l2, entries, unitStart, unitEndStd, src, gen, locked, (x) => ({
+        ...x,
+        copied: true,
+        alloc: 1,
+        zero: 0,
+      })),
+    };
+    l2 = null;
+    locked = [];
+    return mapping;
+  } finally {
+    if (l2) s.l2Cache.unpin(l2);
+    if (locked.length) unlock(locked);
+  }
+}
+
+/** Unlocks the keys after `last` and returns the ones kept. */
+function keepLocked(s: Qcow2State, keys: number[], last: number): number[] {
+  const keep = keys.filter((k) => k <= last);
+  s.clusterLocks.unlockAll(keys.filter((k) => k > last));
+  return keep;
+}
+
+/** A run of in-place writable clusters from `offset`, contiguous in the file; null if none. */
+async function inPlaceRun(
+  s: Qcow2State,
+  l1i: number,
+  offset: number,
+  end: number,
+): Promise<{ host: number; length: number } | null> {
+  const l2 = await getL2(s, l1i);
+  if (!l2) return null;
+  const cs = s.clusterSize;
+  try {
+    let host = -1;
+    let pos = offset;
+    while (pos < end) {
+      const ci = Math.floor(pos / cs);
+      const e = entryAt(s, l2, ci);
+      const from = pos - ci * cs;
+      const to = Math.min(end, (ci + 1) * cs) - ci * cs;
+      if (!inPlace(s, e, from, to)) break;
+      if (host >= 0 && e.host + from !== host + (pos - offset)) break;
+      if (host < 0) host = e.host + from;
+      pos = ci * cs + to;
+    }
+    return pos > offset ? { host, length: pos - offset } : null;
+  } finally {
+    s.l2Cache.unpin(l2);
+  }
+}
+
+/** Copies a compressed or shared cluster into a cluster of its own and links it. */
+async function makePrivate(
+  s: Qcow2State,
+  l2: CacheEntry,
+  ci: number,
+  e: L2Entry,
+): Promise<L2Entry> {
+  const cs = s.clusterSize;
+  if (!e.compressed) {
+    const rc = await s.refcounts.get(e.host / cs);
+    if (rc === 0) await markCorrupt(s, `data cluster ${e.host} in use but has refcount 0`);
+    if (rc === 1) {
+      const ne = { ...e, copied: true };
+      encodeL2(l2.data, ci % s.geom.l2Entries, ne, s.geom);
+      s.l2Cache.markDirty(l2);
+      return ne;
+    }
+  }
+  const buf = ioBuffer(s.file, cs);
+  let host: number;
+  try {
+    await readCurrent(s, buf, e, ci, 0);
+    host = await allocData(s, 1);
+    await s.file.write(buf, host);
+  } finally {
+    releaseIoBuffer(s.file, buf);
+  }
+  const ne: L2Entry = {
+    compressed: false,
+    host,
+    copied: true,
+    alloc: s.geom.fullMask,
+    zero: 0,
+    sectors: 0,
+  };
+  encodeL2(l2.data, ci % s.geom.l2Entries, ne, s.geom);
+  s.l2Cache.markDirty(l2);
+  if (e.compressed) freeLater(s, e.host - (e.host % 512), e.sectors * 512);
+  else freeLater(s, e.host, cs);
+  return ne;
+}
+
+/** The commit/abort pair of an allocation; takes over the L2 pin and the locks. */
+function allocationFor(
+  s: Qcow2State,
+  l2: CacheEntry,
+  entries: Array<{ ci: number; e: L2Entry; host: number; fresh: boolean }>,
+  start: number,
+  end: number,
+  from: 'below' | 'zero',
+  gen: number,
+  locked: number[],
+  update: (e: L2Entry) => L2Entry,
+): Qcow2WriteMapping['allocation'] {
+  let settled = false;
+  const finish = () => {
+    settled = true;
+    s.l2Cache.unpin(l2);
+    s.clusterLocks.unlockAll(locked);
+    leave(s, gen);
+  };
+  return {
+    start,
+    end,
+    from,
+    commit: async () => {
+      if (settled) return;
+      try {
+        for (const x of entries) {
+          encodeL2(l2.data, x.ci % s.geom.l2Entries, update({ ...x.e, host: x.host }), s.geom);
+        }
+        s.l2Cache.markDirty(l2);
+      } finally {
+        finish();
+      }
+    },
+    abort: async () => {
+      if (settled) return;
+      try {
+        const fresh = entries.filter((x) => x.fresh);
+        // Never linked anywhere: the clusters can be returned at once.
+        for (const x of fresh) await s.refcounts.update(x.host, s.clusterSize, -1);
+      } finally {
+        finish();
+      }
+    },
+  };
+}
