@@ -13,12 +13,11 @@ import {
 } from './backing-chain.ts';
 import type { BlockDriver, ChildNode, EngineLike, OpenContext } from './driver.ts';
 import { builtinDrivers } from './drivers/index.ts';
-import { createTlsCreds } from './drivers/nbd.ts';
-import { createThrottleGroup } from './drivers/throttle.ts';
 import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import { GraphLock } from './graph-lock.ts';
 import { BlockNode, ChildEdge, type NodeSettings } from './node.ts';
-import { checkNodeName, checkOptions, type NodeSpec, type OptionSyntax } from './options.ts';
+import { type ObjectInfo, ObjectRegistry, type ObjectType } from './objects.ts';
+import { checkOptions, type NodeSpec, type OptionSyntax } from './options.ts';
 import {
   BLK_PERM_ALL,
   BLK_PERM_RESIZE,
@@ -71,6 +70,8 @@ export interface BlockGraphOptions {
    * chain fails to open with BACKING_CHAIN_TOO_DEEP.
    */
   maxBackingDepth?: number;
+  /** The object registry (default: a new one) the graph's drivers take objects from. */
+  objects?: ObjectRegistry;
 }
 
 export class BlockGraph implements BackendHost {
@@ -82,10 +83,8 @@ export class BlockGraph implements BackendHost {
   private readonly engines = new Map<string, Promise<EngineLike>>();
   private bufferEngine: EngineLike | undefined;
   private readonly arena = new WeakSet<Uint8Array>();
-  private readonly objects = new Map<
-    string,
-    { type: string; value: unknown; users: number; props: unknown }
-  >();
+  /** The objects (--object, object-add) drivers use: throttle groups, TLS credentials. */
+  readonly objects: ObjectRegistry;
   private autoName = 0;
   private backendSeq = 0;
   private closed = false;
@@ -95,6 +94,7 @@ export class BlockGraph implements BackendHost {
 
   constructor(options: BlockGraphOptions = {}) {
     this.maxBackingDepth = options.maxBackingDepth ?? DEFAULT_MAX_BACKING_DEPTH;
+    this.objects = options.objects ?? new ObjectRegistry();
     if (!Number.isSafeInteger(this.maxBackingDepth) || this.maxBackingDepth < 0) {
       throw new BlockOptionError('maxBackingDepth', 'expected a non-negative integer');
     }
@@ -360,66 +360,22 @@ export class BlockGraph implements BackendHost {
   }
 
   /**
-   * object-add: an object nodes refer to by id. Types: 'throttle-group' ({ limits }: the
-   * limits shared by the throttle nodes that name it in 'throttle-group'), 'tls-creds-psk'
-   * and 'tls-creds-x509' ({ dir, endpoint, username | verify-peer }: for nbd's 'tls-creds').
+   * object-add: an object nodes refer to by id (ObjectRegistry.add), under the graph lock
+   * so that no node is being opened meanwhile.
    */
   async addObject(options: unknown, how: { syntax?: OptionSyntax } = {}): Promise<void> {
-    const syntax = how.syntax ?? 'json';
     this.checkOpen();
-    if (typeof options !== 'object' || options === null || Array.isArray(options)) {
-      throw new BlockOptionError('(object)', 'expected an object');
-    }
-    const { 'qom-type': type, id, ...props } = options as Record<string, unknown>;
-    if (type !== 'throttle-group' && type !== 'tls-creds-psk' && type !== 'tls-creds-x509') {
-      throw new BlockOptionError(
-        'qom-type',
-        `'${String(type)}' is not a known object type (throttle-group, tls-creds-psk, tls-creds-x509)`,
-      );
-    }
-    if (typeof id !== 'string') throw new BlockOptionError('id', 'expected a string');
-    checkNodeName(id, 'id');
-    await this.lock.write(() => {
-      if (this.objects.has(id)) {
-        throw new BlockError(
-          BlockErrorCode.DUPLICATE_OBJECT,
-          `an object with id '${id}' exists already`,
-        );
-      }
-      const value =
-        type === 'throttle-group'
-          ? createThrottleGroup(props, syntax)
-          : createTlsCreds(type, props, syntax);
-      this.objects.set(id, { type, value, users: 0, props });
-    });
+    await this.lock.write(() => this.objects.add(options, how.syntax ?? 'json'));
   }
 
   /** object-del: refused while nodes use the object. */
   async delObject(id: string): Promise<void> {
-    await this.lock.write(() => {
-      const o = this.objects.get(id);
-      if (!o) throw new BlockError(BlockErrorCode.OBJECT_NOT_FOUND, `no object with id '${id}'`);
-      if (o.users > 0) {
-        const users = [...this.nodes.values()]
-          .filter((n) => n.objects.includes(id))
-          .map((n) => `'${n.name}'`);
-        throw new BlockError(
-          BlockErrorCode.OBJECT_IN_USE,
-          `object '${id}' is in use by ${users.join(', ')}`,
-        );
-      }
-      this.objects.delete(id);
-    });
+    await this.lock.write(() => this.objects.del(id));
   }
 
   /** The objects, as query-objects would show them. */
-  queryObjects(): { id: string; 'qom-type': string; users: number; props: unknown }[] {
-    return [...this.objects].map(([id, o]) => ({
-      id,
-      'qom-type': o.type,
-      users: o.users,
-      props: o.props,
-    }));
+  queryObjects(): ObjectInfo[] {
+    return this.objects.list();
   }
 
   /** Closes every backend and node. */
@@ -571,13 +527,9 @@ export class BlockGraph implements BackendHost {
         ),
         engine: (backend) => this.engine(backend),
         object: (type, id, key) => {
-          const o = this.objects.get(id);
-          if (!o || o.type !== type) {
-            throw new BlockOptionError(`${spec.path}${key}`, `no ${type} object with id '${id}'`);
-          }
-          o.users++;
+          const value = this.objects.use(type as ObjectType, id, `${spec.path}${key}`);
           node.objects.push(id);
-          return o.value;
+          return value;
         },
         openChild: async (key, options) => {
           const cs = childSpecs.get(key);
@@ -663,10 +615,7 @@ export class BlockGraph implements BackendHost {
   }
 
   private releaseObjects(node: BlockNode): void {
-    for (const id of node.objects.splice(0)) {
-      const o = this.objects.get(id);
-      if (o) o.users--;
-    }
+    for (const id of node.objects.splice(0)) this.objects.release(id);
   }
 
   private link(edge: ChildEdge): void {

@@ -30,6 +30,7 @@ export type {
 } from './driver.ts';
 export { lockForCreate } from './drivers/file-lock.ts';
 export { builtinDrivers } from './drivers/index.ts';
+export type { NbdTlsCreds } from './drivers/nbd.ts';
 export type { Qcow2CheckResult } from './drivers/qcow2/check.ts';
 export { checkQcow2 } from './drivers/qcow2/check.ts';
 export {
@@ -60,6 +61,15 @@ export {
   type NodeInfo,
 } from './graph.ts';
 export { type BlockdevCreateOptions, blockdevCreate } from './jobs/create.ts';
+export {
+  checkObjectOptions,
+  OBJECT_TYPES,
+  type ObjectInfo,
+  type ObjectOptions,
+  ObjectRegistry,
+  type ObjectType,
+  type Secret,
+} from './objects.ts';
 export {
   type BlockdevOptions,
   checkNoOtherKeys,

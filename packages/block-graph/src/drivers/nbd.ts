@@ -46,6 +46,7 @@ import {
   keyString,
   type OptionSyntax,
   optionMissing,
+  optionUnexpected,
 } from '../options.ts';
 
 /** QEMU's SocketAddress for `server`, checked. */
@@ -102,11 +103,12 @@ export function createTlsCreds(
   syntax: OptionSyntax,
 ): NbdTlsCreds {
   const type = qomType === 'tls-creds-psk' ? 'psk' : 'x509';
+  // priority (a GnuTLS priority string) is taken for compatibility; Node's TLS ignores it.
   const known =
-    type === 'psk' ? ['dir', 'endpoint', 'username'] : ['dir', 'endpoint', 'verify-peer'];
-  for (const k of Object.keys(props)) {
-    if (!known.includes(k)) throw new BlockOptionError(k, `unknown key for ${qomType}`);
-  }
+    type === 'psk'
+      ? ['dir', 'endpoint', 'username', 'priority']
+      : ['dir', 'endpoint', 'verify-peer', 'priority'];
+  for (const k of Object.keys(props)) if (!known.includes(k)) throw optionUnexpected(k);
   const { dir, endpoint = 'client', username } = props;
   if (typeof dir !== 'string' || dir === '')
     throw new BlockOptionError('dir', 'expected a directory');

@@ -268,10 +268,21 @@ export const throttleDriver: BlockDriver = {
   },
   async open(ctx) {
     const name = ctx.options['throttle-group'] as string | undefined;
-    const group =
-      name === undefined
-        ? new ThrottleGroup(ctx.options.limits as Record<string, number>)
-        : (ctx.object('throttle-group', name, 'throttle-group') as ThrottleGroup);
+    let group: ThrottleGroup;
+    if (name === undefined) {
+      group = new ThrottleGroup(ctx.options.limits as Record<string, number>);
+    } else {
+      try {
+        group = ctx.object('throttle-group', name, 'throttle-group') as ThrottleGroup;
+      } catch (e) {
+        if (!(e instanceof BlockOptionError)) throw e;
+        throw new BlockOptionError(
+          e.key,
+          'no such group',
+          `Throttle group '${name}' does not exist`,
+        );
+      }
+    }
     return new ThrottleInstance(ctx.children.file!, group, name);
   },
 };
