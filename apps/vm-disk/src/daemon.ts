@@ -8,10 +8,11 @@ import { JobRegistry, type JobStatusChangeEvent } from '@vmdisk/ao';
 import {
   type BlockBackend,
   BlockGraph,
+  type NbdTlsCreds,
   type NodeInfo,
   type OptionSyntax,
 } from '@vmdisk/block-graph';
-import { type ListenAddress, NbdServer } from '@vmdisk/nbd';
+import { type ListenAddress, NbdServer, type NbdServerTlsOptions } from '@vmdisk/nbd';
 import { VmDiskError } from './errors.ts';
 import type { Logger } from './log.ts';
 import type {
@@ -19,9 +20,8 @@ import type {
   NbdServerConfig,
   ServeConfig,
   SocketAddress,
-  TlsCredsConfig,
 } from './options/serve-options.ts';
-import { registerCommands } from './qmp/commands.ts';
+import type { DaemonControl } from './qmp/daemon-control.ts';
 import { QmpError, QmpMonitor, type QmpVersion } from './qmp/monitor.ts';
 import { serverTlsOptions } from './tls-creds.ts';
 
@@ -37,13 +37,13 @@ interface ExportEntry {
   shuttingDown: boolean;
 }
 
-export class Daemon {
+/** The daemon; its QMP commands are wired to it by the composition root (root.ts). */
+export class Daemon implements DaemonControl {
   readonly graph = new BlockGraph();
   readonly monitor: QmpMonitor;
   readonly jobs: JobRegistry;
   private nbd: { server: NbdServer; address: ListenAddress } | undefined;
   private readonly exports = new Map<string, ExportEntry>();
-  private readonly tlsCreds = new Map<string, TlsCredsConfig>();
   private pidfile: string | undefined;
   private stopping: Promise<void> | undefined;
   private readonly stopped: Promise<void>;
@@ -62,36 +62,44 @@ export class Daemon {
     this.stopped = new Promise((resolve) => {
       this.markStopped = resolve;
     });
-    registerCommands(this.monitor, this);
   }
 
-  /** Starts a daemon from checked options; on any failure, undoes what was done and throws. */
-  static async start(config: ServeConfig, log: Logger): Promise<Daemon> {
-    const daemon = new Daemon(log);
+  /** Configures the daemon from checked options; on any failure, stops it and throws. */
+  async start(config: ServeConfig): Promise<void> {
     try {
-      for (const creds of config.objects) daemon.addTlsCreds(creds);
-      for (const b of config.blockdevs) await daemon.blockdevAdd(b.options, b.syntax);
-      if (config.nbdServer) await daemon.nbdServerStart(config.nbdServer);
-      for (const e of config.exports) await daemon.blockExportAdd(e);
+      for (const o of config.objects) await this.objectAdd(o.options, o.syntax);
+      for (const b of config.blockdevs) await this.blockdevAdd(b.options, b.syntax);
+      if (config.nbdServer) await this.nbdServerStart(config.nbdServer);
+      for (const e of config.exports) await this.blockExportAdd(e);
       for (const m of config.monitors) {
-        await daemon.monitor.listen(m.chardev.path, { pretty: m.pretty });
-        log.info({ event: 'monitor-listening', path: m.chardev.path }, 'QMP monitor listening');
+        await this.monitor.listen(m.chardev.path, { pretty: m.pretty });
+        this.log.info(
+          { event: 'monitor-listening', path: m.chardev.path },
+          'QMP monitor listening',
+        );
       }
       if (config.pidfile) {
         writeFileSync(config.pidfile, `${process.pid}\n`);
-        daemon.pidfile = config.pidfile;
+        this.pidfile = config.pidfile;
       }
     } catch (e) {
-      await daemon.stop();
+      await this.stop();
       throw e;
     }
-    return daemon;
   }
 
-  addTlsCreds(creds: TlsCredsConfig): void {
-    if (this.tlsCreds.has(creds.id))
-      throw new QmpError('GenericError', `Duplicate ID '${creds.id}'`);
-    this.tlsCreds.set(creds.id, creds);
+  /** object-add / --object: an object of the graph's registry (drivers and NBD use it). */
+  async objectAdd(options: Record<string, unknown>, syntax: OptionSyntax): Promise<void> {
+    await this.graph.addObject(options, { syntax });
+    this.log.info(
+      { event: 'object-add', id: options.id, type: options['qom-type'] },
+      'object added',
+    );
+  }
+
+  async objectDel(id: string): Promise<void> {
+    await this.graph.delObject(id);
+    this.log.info({ event: 'object-del', id }, 'object deleted');
   }
 
   /** blockdev-add (QMP, typed) or --blockdev (JSON, or keyval strings); names the root. */
@@ -157,19 +165,28 @@ export class Daemon {
     this.log.info({ event: 'blockdev-del', node: nodeName }, 'node removed');
   }
 
+  /**
+   * The NBD server's TLS options from a tls-creds object of the graph's registry, read
+   * now: as in QEMU, the object may be deleted later without touching the running server.
+   */
+  private serverTls(id: string): NbdServerTlsOptions {
+    let creds: NbdTlsCreds;
+    try {
+      const types = ['tls-creds-psk', 'tls-creds-x509'] as const;
+      creds = this.graph.objects.get(types, id, 'tls-creds') as NbdTlsCreds;
+    } catch {
+      throw new QmpError('GenericError', `No TLS credentials with id '${id}'`);
+    }
+    return serverTlsOptions(creds, id);
+  }
+
   get nbdAddress(): ListenAddress | undefined {
     return this.nbd?.address;
   }
 
   async nbdServerStart(config: NbdServerConfig): Promise<ListenAddress> {
     if (this.nbd) throw new QmpError('GenericError', 'NBD server already running');
-    let tls: ReturnType<typeof serverTlsOptions> | undefined;
-    if (config.tlsCreds !== undefined) {
-      const creds = this.tlsCreds.get(config.tlsCreds);
-      if (!creds)
-        throw new QmpError('GenericError', `No TLS credentials with id '${config.tlsCreds}'`);
-      tls = serverTlsOptions(creds);
-    }
+    const tls = config.tlsCreds !== undefined ? this.serverTls(config.tlsCreds) : undefined;
     const server = new NbdServer({
       ...(config.maxConnections !== undefined && { maxConnections: config.maxConnections || 1024 }),
       ...(tls && { tls }),

@@ -5,10 +5,10 @@ import { existsSync, mkdirSync, renameSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { sharedEngine } from '@vmdisk/engine';
-import { Daemon } from './daemon.ts';
 import { BadOptionError } from './errors.ts';
 import { create } from './images.ts';
 import { createLogger } from './log.ts';
+import { startDaemon } from './root.ts';
 import { serveUntilStopped } from './serve.ts';
 
 const BASE_SIZE = 64 << 20;
@@ -59,7 +59,7 @@ export async function demo(argv: readonly string[], out: NodeJS.WritableStream):
   const { base, overlay } = await makeImages(dir, out);
   const qmp = resolve(dir, 'qmp.sock');
   const log = createLogger();
-  const daemon = await Daemon.start(
+  const daemon = await startDaemon(
     {
       blockdevs: [
         {

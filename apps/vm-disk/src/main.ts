@@ -16,7 +16,8 @@ Usage:
       --blockdev OPTIONS        add a block node (JSON or key=value,...)
       --nbd-server OPTIONS      start the NBD server (addr.type=inet|unix,...)
       --export OPTIONS          export a node (type=nbd,id=ID,node-name=NODE,...)
-      --object OPTIONS          TLS credentials (tls-creds-x509|tls-creds-psk,id=ID,dir=DIR,endpoint=server)
+      --object OPTIONS          an object: tls-creds-x509|tls-creds-psk,id=ID,dir=DIR,endpoint=server;
+                                throttle-group,id=ID,x-iops-total=N...; secret,id=ID,data=D|file=F
       --chardev OPTIONS         a monitor socket (socket,id=ID,path=PATH,server=on,wait=off)
       --monitor OPTIONS         a QMP monitor on a chardev (chardev=ID)
       --pidfile PATH            write the process id to PATH

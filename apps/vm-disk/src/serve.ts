@@ -1,15 +1,16 @@
 // `vm-disk serve [qemu-storage-daemon options]`: runs the daemon until `quit`, SIGINT or
 // SIGTERM, then stops cleanly.
-import { Daemon } from './daemon.ts';
+import type { Daemon } from './daemon.ts';
 import { createLogger, type Logger } from './log.ts';
 import { parseServeOptions } from './options/serve-options.ts';
+import { startDaemon } from './root.ts';
 
 export async function serve(
   argv: readonly string[],
   log: Logger = createLogger(),
 ): Promise<number> {
   const config = parseServeOptions(argv);
-  return serveUntilStopped(await Daemon.start(config, log), log);
+  return serveUntilStopped(await startDaemon(config, log), log);
 }
 
 /** Runs a started daemon until `quit`, SIGINT or SIGTERM; resolves to the exit status. */

@@ -54,11 +54,8 @@ describe("vm-disk serve's qemu-storage-daemon options", () => {
     ]);
     expect(config.objects).toEqual([
       {
-        qomType: 'tls-creds-psk',
-        id: 'tls0',
-        dir: '/etc/pki',
-        endpoint: 'server',
-        verifyPeer: true,
+        options: { 'qom-type': 'tls-creds-psk', id: 'tls0', dir: '/etc/pki', endpoint: 'server' },
+        syntax: 'keyval',
       },
     ]);
     expect(config.monitors).toEqual([

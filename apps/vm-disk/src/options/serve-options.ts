@@ -1,9 +1,10 @@
 // `vm-disk serve` takes qemu-storage-daemon's options, so that its command lines work
-// unchanged: --blockdev, --nbd-server, --export, --object (TLS credentials), --chardev
+// unchanged: --blockdev, --nbd-server, --export, --object (the graph's objects), --chardev
 // with --monitor, --pidfile. Each option value is JSON (`{...}`, typed as QMP's
 // arguments) or QEMU's keyval syntax (strings the schema converts), as in QEMU.
 // Everything is checked here, before anything starts (--blockdev's options are checked by
 // the block graph, in their syntax); an error names the option.
+import { checkObjectOptions } from '@vmdisk/block-graph';
 import { BadOptionError } from '../errors.ts';
 import { parseKeyval } from './keyval.ts';
 import { checkStruct, type OptionSyntax, type Schema } from './schema.ts';
@@ -26,15 +27,6 @@ export interface ExportConfig {
   description?: string;
   writable: boolean;
   allocationDepth: boolean;
-}
-
-export interface TlsCredsConfig {
-  qomType: 'tls-creds-x509' | 'tls-creds-psk';
-  id: string;
-  dir: string;
-  endpoint: 'server' | 'client';
-  verifyPeer: boolean;
-  username?: string;
 }
 
 export interface ChardevConfig {
@@ -60,7 +52,8 @@ export interface ServeConfig {
   blockdevs: BlockdevConfig[];
   nbdServer?: NbdServerConfig;
   exports: ExportConfig[];
-  objects: TlsCredsConfig[];
+  /** --object values, in order (checked; created by the graph's object registry). */
+  objects: BlockdevConfig[];
   monitors: MonitorConfig[];
   pidfile?: string;
 }
@@ -98,16 +91,6 @@ export const exportSchema: Schema = {
   writable: { type: 'bool' },
   writethrough: { type: 'bool' },
   'allocation-depth': { type: 'bool' },
-};
-
-const objectSchema: Schema = {
-  'qom-type': { type: { enum: ['tls-creds-x509', 'tls-creds-psk'] }, required: true },
-  id: { type: 'str', required: true },
-  dir: { type: 'str', required: true },
-  endpoint: { type: { enum: ['server', 'client'] } },
-  'verify-peer': { type: 'bool' },
-  username: { type: 'str' },
-  priority: { type: 'str' },
 };
 
 const chardevSchema: Schema = {
@@ -237,16 +220,16 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
         break;
       }
       case '--object': {
-        const v = check(option, parseValue(option, value, 'qom-type'), objectSchema);
-        uniqueId(option, v.id as string);
-        config.objects.push({
-          qomType: v['qom-type'] as TlsCredsConfig['qomType'],
-          id: v.id as string,
-          dir: v.dir as string,
-          endpoint: (v.endpoint as 'server' | 'client' | undefined) ?? 'client',
-          verifyPeer: (v['verify-peer'] as boolean | undefined) ?? true,
-          ...(v.username !== undefined && { username: v.username as string }),
-        });
+        // Checked by the graph's object registry, in its syntax; created at start.
+        const object = parseValue(option, value, 'qom-type');
+        let id: string;
+        try {
+          id = checkObjectOptions(object.options, object.syntax).id;
+        } catch (e) {
+          throw new BadOptionError(option, (e as Error).message, { cause: e });
+        }
+        uniqueId(option, id);
+        config.objects.push(object);
         break;
       }
       case '--chardev': {
@@ -283,8 +266,8 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
   }
   const tlsCreds = config.nbdServer?.tlsCreds;
   if (tlsCreds !== undefined) {
-    const creds = config.objects.find((o) => o.id === tlsCreds);
-    if (!creds)
+    const creds = config.objects.find((o) => o.options.id === tlsCreds)?.options;
+    if (creds?.['qom-type'] !== 'tls-creds-psk' && creds?.['qom-type'] !== 'tls-creds-x509')
       throw new BadOptionError('--nbd-server', `No TLS credentials with id '${tlsCreds}'`);
     if (creds.endpoint !== 'server') {
       throw new BadOptionError(

@@ -1,7 +1,12 @@
 // The QMP commands of `vm-disk serve`, with the arguments QEMU's schema gives them
-// (qapi/block-core.json, block-export.json, job.json), mapped onto the daemon.
-import { type BlockdevCreateOptions, blockdevCreate } from '@vmdisk/block-graph';
-import type { Daemon } from '../daemon.ts';
+// (qapi/block-core.json, block-export.json, job.json, qom.json), mapped onto the daemon
+// (as the DaemonControl it implements: the composition root wires them).
+import {
+  type BlockdevCreateOptions,
+  BlockError,
+  BlockErrorCode,
+  blockdevCreate,
+} from '@vmdisk/block-graph';
 import type { Schema } from '../options/schema.ts';
 import {
   exportConfig,
@@ -10,6 +15,7 @@ import {
   socketAddressOf,
   unixSocketAddress,
 } from '../options/serve-options.ts';
+import type { DaemonControl } from './daemon-control.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
 
 const id: Schema = { id: { type: 'str', required: true } };
@@ -26,7 +32,24 @@ const socketAddressLegacy = {
   },
 } as const;
 
-export function registerCommands(monitor: QmpMonitor, daemon: Daemon): void {
+/** The object registry's refusals (duplicate, missing, in use) as QEMU answers them. */
+async function objectCommand(run: () => Promise<void>): Promise<void> {
+  try {
+    await run();
+  } catch (e) {
+    const codes: string[] = [
+      BlockErrorCode.DUPLICATE_OBJECT,
+      BlockErrorCode.OBJECT_NOT_FOUND,
+      BlockErrorCode.OBJECT_IN_USE,
+    ];
+    if (e instanceof BlockError && codes.includes(e.code)) {
+      throw new QmpError('GenericError', e.message);
+    }
+    throw e;
+  }
+}
+
+export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): void {
   const job = (jobId: unknown) => {
     const found = daemon.jobs.find(jobId as string);
     if (!found) throw new QmpError('GenericError', 'Job not found');
@@ -99,6 +122,34 @@ export function registerCommands(monitor: QmpMonitor, daemon: Daemon): void {
         args.options as BlockdevCreateOptions,
         'options.',
       );
+    },
+  });
+  monitor.register({
+    name: 'object-add',
+    // ObjectOptions: qom-type, id and the type's properties, checked by the registry.
+    args: 'any',
+    run: (args) => objectCommand(() => daemon.objectAdd(args, 'json')),
+  });
+  monitor.register({
+    name: 'object-del',
+    args: id,
+    run: (args) => objectCommand(() => daemon.objectDel(args.id as string)),
+  });
+  monitor.register({
+    name: 'qom-list',
+    // Only the container of user-created objects (/objects) is there to list.
+    args: { path: { type: 'str', required: true } },
+    run: (args) => {
+      const path = args.path as string;
+      if (!/^\/?objects\/?$/.test(path)) {
+        throw new QmpError('DeviceNotFound', `Device '${path}' not found`);
+      }
+      return [
+        { name: 'type', type: 'string' },
+        ...daemon.graph.objects
+          .list()
+          .map((o) => ({ name: o.id, type: `child<${o['qom-type']}>` })),
+      ];
     },
   });
   monitor.register({ name: 'query-jobs', run: () => daemon.jobs.query() });

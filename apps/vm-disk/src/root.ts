@@ -1,0 +1,14 @@
+// The composition root of `vm-disk serve`: a daemon, and its QMP monitor's commands wired
+// to it (as the DaemonControl it implements), then configured from checked options.
+import { Daemon } from './daemon.ts';
+import type { Logger } from './log.ts';
+import type { ServeConfig } from './options/serve-options.ts';
+import { registerCommands } from './qmp/commands.ts';
+
+/** Starts a daemon from checked options; on any failure, undoes what was done and throws. */
+export async function startDaemon(config: ServeConfig, log: Logger): Promise<Daemon> {
+  const daemon = new Daemon(log);
+  registerCommands(daemon.monitor, daemon);
+  await daemon.start(config);
+  return daemon;
+}
