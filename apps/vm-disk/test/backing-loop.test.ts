@@ -1,27 +1,17 @@
 // Images whose backing chain loops: `serve` fails at once with a clear error, QMP
 // blockdev-add answers an error and the daemon keeps serving, and `create` refuses to make an
 // image its own backing file, as qemu-img does.
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { CLI, type RunningProcess, run, start, startServe } from './harness/daemon.ts';
+import { existsSync, readdirSync, readFileSync, symlinkSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import { CLI, run, start, startServe, useScratch } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
-let dir: string;
-const running: RunningProcess[] = [];
-
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-loop-'));
-});
-afterEach(async () => {
-  await Promise.all(running.splice(0).map((p) => p.stop('SIGKILL')));
-  rmSync(dir, { recursive: true, force: true });
-});
+const scratch = useScratch('vmdisk-loop-');
+const { running } = scratch;
 
 /** A 1 MiB qcow2 image whose header names `backing` (nothing is checked: qemu-img -u). */
 async function qcow2(name: string, backing?: string): Promise<string> {
-  const path = join(dir, name);
+  const path = scratch.path(name);
   const b = backing === undefined ? [] : ['-u', '-b', backing, '-F', 'qcow2'];
   await run('qemu-img', ['create', '-f', 'qcow2', ...b, path, '1M']);
   return path;
@@ -40,7 +30,7 @@ describe('backing chains that loop', () => {
   }, async () => {
     const self = await qcow2('self.qcow2');
     await rebase(self, 'self.qcow2');
-    const sock = join(dir, 'nbd.sock');
+    const sock = scratch.path('nbd.sock');
     const p = start(process.execPath, [
       CLI,
       'serve',
@@ -64,8 +54,8 @@ describe('backing chains that loop', () => {
     await rebase(a, 'b.qcow2');
     const good = await qcow2('good.qcow2');
     await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x3c 0 64k', good]);
-    const qmpSock = join(dir, 'qmp.sock');
-    const nbdSock = join(dir, 'nbd.sock');
+    const qmpSock = scratch.path('qmp.sock');
+    const nbdSock = scratch.path('nbd.sock');
     const p = await startServe([
       '--chardev',
       `socket,id=m0,path=${qmpSock},server=on,wait=off`,
@@ -128,7 +118,7 @@ describe('vm-disk create with itself as the backing file', () => {
   const message = 'Error: Trying to create an image with the same filename as the backing file';
 
   it('is refused as qemu-img refuses it (status 1), leaving no file behind', async () => {
-    const path = join(dir, 'self.qcow2');
+    const path = scratch.path('self.qcow2');
     for (const size of [['1M'], []]) {
       const theirs = start('qemu-img', [
         'create',
@@ -164,14 +154,14 @@ describe('vm-disk create with itself as the backing file', () => {
   it('is refused under any name of the file (./, absolute, symlink), leaving an existing image as it was', async () => {
     const path = await qcow2('image.qcow2');
     await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 7 0 64k', path]);
-    symlinkSync('image.qcow2', join(dir, 'link.qcow2'));
+    symlinkSync('image.qcow2', scratch.path('link.qcow2'));
     const before = readFileSync(path);
     for (const backing of [
       'image.qcow2',
       './image.qcow2',
       path,
       'link.qcow2',
-      `${dir}/../${dir.split('/').at(-1)}/image.qcow2`,
+      `${scratch.dir}/../${scratch.dir.split('/').at(-1)}/image.qcow2`,
     ]) {
       const p = start(process.execPath, [
         CLI,

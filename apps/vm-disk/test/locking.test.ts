@@ -4,23 +4,13 @@
 // refused, qemu-storage-daemon holding with vm-disk refused, and locks released when the
 // permission goes (an export removed, a node deleted).
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { CLI, type RunningProcess, run, start, startQsd, startServe } from './harness/daemon.ts';
+import { readFileSync, statSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import { CLI, run, start, startQsd, useScratch } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
-let dir: string;
-const running: RunningProcess[] = [];
-
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-locking-'));
-});
-afterEach(async () => {
-  await Promise.all(running.splice(0).map((p) => p.stop('SIGKILL')));
-  rmSync(dir, { recursive: true, force: true });
-});
+const scratch = useScratch('vmdisk-locking-');
+const { running, serve } = scratch;
 
 const WRITE_LOCK = 'Failed to get "write" lock';
 const SHARED_WRITE_LOCK = 'Failed to get shared "write" lock';
@@ -51,12 +41,6 @@ function qcow2Args(image: string, sock: string, writable = true): string[] {
   ];
 }
 
-async function serve(args: string[]): Promise<RunningProcess> {
-  const p = await startServe(args);
-  running.push(p);
-  return p;
-}
-
 /** A command expected to fail: its status and stderr. */
 function refused(command: string, args: string[]): { status: number | null; stderr: string } {
   const r = spawnSync(command, args, { encoding: 'utf8', timeout: 60_000 });
@@ -73,17 +57,17 @@ async function serveRefused(args: string[]): Promise<{ status: number | string; 
 
 describe('image locking against QEMU', () => {
   it('vm-disk serving an image writable refuses a second vm-disk, qemu-io, qemu-img and qemu-storage-daemon', async () => {
-    const image = join(dir, 'disk.qcow2');
+    const image = scratch.path('disk.qcow2');
     await run('qemu-img', ['create', '-f', 'qcow2', image, '16M']);
-    await serve(qcow2Args(image, join(dir, 'a.sock')));
+    await serve(qcow2Args(image, scratch.path('a.sock')));
 
-    const second = await serveRefused(qcow2Args(image, join(dir, 'b.sock')));
+    const second = await serveRefused(qcow2Args(image, scratch.path('b.sock')));
     expect(second.status).toBe(1);
     expect(second.stderr).toContain(WRITE_LOCK);
     expect(second.stderr).toContain('ERR_VMDISK_BLOCK_IMAGE_LOCKED');
     expect(second.stderr).toContain(hint(image));
     // Even read-only: a reader that does not share write is refused, as QEMU's are.
-    const reader = await serveRefused(qcow2Args(image, join(dir, 'c.sock'), false));
+    const reader = await serveRefused(qcow2Args(image, scratch.path('c.sock'), false));
     expect(reader.stderr).toContain(SHARED_WRITE_LOCK);
 
     const io = refused('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 64k', image]);
@@ -125,11 +109,11 @@ describe('image locking against QEMU', () => {
   });
 
   it('vm-disk create refuses to overwrite an image another process uses, and leaves it as it was', async () => {
-    const image = join(dir, 'in-use.qcow2');
+    const image = scratch.path('in-use.qcow2');
     await run('qemu-img', ['create', '-f', 'qcow2', image, '16M']);
     await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 64k', image]);
     const before = readFileSync(image);
-    await serve(qcow2Args(image, join(dir, 'a.sock')));
+    await serve(qcow2Args(image, scratch.path('a.sock')));
     for (const fmt of ['qcow2', 'raw']) {
       const r = refused(process.execPath, [CLI, 'create', '-f', fmt, image, '1M']);
       expect(r.status).toBe(1);
@@ -144,9 +128,9 @@ describe('image locking against QEMU', () => {
   });
 
   it('qemu-storage-daemon serving an image writable refuses vm-disk serve, info and map', async () => {
-    const image = join(dir, 'disk.qcow2');
+    const image = scratch.path('disk.qcow2');
     await run('qemu-img', ['create', '-f', 'qcow2', image, '16M']);
-    const qmp = join(dir, 'qsd.qmp');
+    const qmp = scratch.path('qsd.qmp');
     const qsd = await startQsd(
       [
         '--blockdev',
@@ -161,7 +145,7 @@ describe('image locking against QEMU', () => {
       qmp,
     );
     running.push(qsd);
-    const r = await serveRefused(qcow2Args(image, join(dir, 'b.sock')));
+    const r = await serveRefused(qcow2Args(image, scratch.path('b.sock')));
     expect(r.status).toBe(1);
     expect(r.stderr).toContain(WRITE_LOCK);
     expect(r.stderr).toContain(hint(image));
@@ -170,20 +154,20 @@ describe('image locking against QEMU', () => {
     expect(refused(process.execPath, [CLI, 'info', '-U', image]).status).toBe(0);
     await qsd.stop('SIGTERM');
     // Gone: vm-disk may have it now.
-    await serve(qcow2Args(image, join(dir, 'c.sock')));
+    await serve(qcow2Args(image, scratch.path('c.sock')));
   });
 
   it('gives the write lock back when the export that took it is removed; refuses a blockdev-add over QMP', async () => {
-    const image = join(dir, 'disk.raw');
+    const image = scratch.path('disk.raw');
     await run('qemu-img', ['create', '-f', 'raw', image, '16M']);
-    const qmpPath = join(dir, 'qmp.sock');
+    const qmpPath = scratch.path('qmp.sock');
     await serve([
       '--blockdev',
       `driver=file,node-name=f0,filename=${image}`,
       '--blockdev',
       'driver=raw,node-name=d0,file=f0',
       '--nbd-server',
-      `addr.type=unix,addr.path=${join(dir, 'nbd.sock')}`,
+      `addr.type=unix,addr.path=${scratch.path('nbd.sock')}`,
       '--export',
       'type=nbd,id=e0,node-name=d0,name=disk,writable=on',
       '--chardev',
@@ -214,9 +198,9 @@ describe('image locking against QEMU', () => {
       expect(lockedBytes(image)).toEqual([100]);
       // A blockdev-add that would write an image qemu-io holds is refused over QMP, with
       // QEMU's message and no hint.
-      const other = join(dir, 'other.qcow2');
+      const other = scratch.path('other.qcow2');
       await run('qemu-img', ['create', '-f', 'qcow2', other, '1M']);
-      const holderQmp = join(dir, 'holder.qmp');
+      const holderQmp = scratch.path('holder.qmp');
       // qemu-storage-daemon opens its blockdevs before it creates the monitor socket.
       const holder = await startQsd(
         [

@@ -2,25 +2,20 @@
 // refused as soon as it crosses it (QEMU's "JSON token size limit exceeded"), the rest of
 // the line is discarded unread into memory, and the monitor keeps answering. Measured on a
 // real `vm-disk serve` child from /proc/PID/status.
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { type RunningProcess, startServe } from './harness/daemon.ts';
+import { readFileSync } from 'node:fs';
+import { afterEach, describe, expect, it } from 'vitest';
+import { type RunningProcess, startServe, useScratch } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
-let dir: string;
+const scratch = useScratch('vmdisk-qmp-limits-');
+
 let daemon: RunningProcess | undefined;
 const clients: QmpTestClient[] = [];
 
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-qmp-limits-'));
-});
 afterEach(async () => {
   for (const c of clients.splice(0)) c.close();
   await daemon?.stop('SIGKILL');
   daemon = undefined;
-  rmSync(dir, { recursive: true, force: true });
 });
 
 /** VmRSS and VmHWM (peak) of a process, in MiB. */
@@ -41,7 +36,7 @@ const tooLong = { error: { class: 'GenericError', desc: 'JSON token size limit e
 
 describe('QMP input limits', () => {
   it('refuses a 100 MB line without buffering it, and keeps answering', async () => {
-    const qmp = join(dir, 'qmp.sock');
+    const qmp = scratch.path('qmp.sock');
     daemon = await startServe([
       '--chardev',
       `socket,id=m0,path=${qmp},server=on,wait=off`,
@@ -98,7 +93,7 @@ describe('QMP input limits', () => {
   }, 120_000);
 
   it('refuses nesting deeper than QEMU allows, and a bare token over the limit', async () => {
-    const qmp = join(dir, 'qmp.sock');
+    const qmp = scratch.path('qmp.sock');
     daemon = await startServe([
       '--chardev',
       `socket,id=m0,path=${qmp},server=on,wait=off`,
@@ -116,7 +111,7 @@ describe('QMP input limits', () => {
   });
 
   it('answers every command of a client that floods it, in order', async () => {
-    const qmp = join(dir, 'qmp.sock');
+    const qmp = scratch.path('qmp.sock');
     daemon = await startServe([
       '--chardev',
       `socket,id=m0,path=${qmp},server=on,wait=off`,

@@ -2,31 +2,18 @@
 // even while a QMP client stays connected (qemu-storage-daemon replies to quit, then
 // closes the monitor; it sends no SHUTDOWN event), and a daemon with nothing to serve
 // keeps running until told to stop.
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { type RunningProcess, startServe, waitFor } from './harness/daemon.ts';
+import { afterEach, describe, expect, it } from 'vitest';
+import { type RunningProcess, useScratch, waitFor } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
-let dir: string;
-const running: RunningProcess[] = [];
+const scratch = useScratch('vmdisk-stop-');
+const { serve } = scratch;
+
 const clients: QmpTestClient[] = [];
 
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-stop-'));
-});
 afterEach(async () => {
   for (const c of clients.splice(0)) c.close();
-  await Promise.all(running.splice(0).map((p) => p.stop('SIGKILL')));
-  rmSync(dir, { recursive: true, force: true });
 });
-
-async function serve(args: string[]): Promise<RunningProcess> {
-  const p = await startServe(args);
-  running.push(p);
-  return p;
-}
 
 function monitorArgs(qmp: string): string[] {
   return ['--chardev', `socket,id=m0,path=${qmp},server=on,wait=off`, '--monitor', 'chardev=m0'];
@@ -50,7 +37,7 @@ function exitWithin(p: RunningProcess, ms: number): Promise<number | string> {
 
 describe('stopping vm-disk serve', () => {
   it('stops on SIGTERM while a QMP client stays connected', async () => {
-    const qmp = join(dir, 'qmp.sock');
+    const qmp = scratch.path('qmp.sock');
     const p = await serve(monitorArgs(qmp));
     const client = await stayingClient(qmp);
     p.child.kill('SIGTERM');
@@ -60,8 +47,8 @@ describe('stopping vm-disk serve', () => {
   });
 
   it('stops on quit while the client stays connected: the reply, then the monitor closes', async () => {
-    const qmp = join(dir, 'qmp.sock');
-    const nbd = join(dir, 'nbd.sock');
+    const qmp = scratch.path('qmp.sock');
+    const nbd = scratch.path('nbd.sock');
     const p = await serve([
       ...monitorArgs(qmp),
       '--blockdev',
@@ -91,7 +78,7 @@ describe('stopping vm-disk serve', () => {
   });
 
   it('keeps running with only a monitor until quit', async () => {
-    const qmp = join(dir, 'qmp.sock');
+    const qmp = scratch.path('qmp.sock');
     const p = await serve(monitorArgs(qmp));
     const client = await stayingClient(qmp);
     expect(await client.execute({ execute: 'query-block-exports' })).toEqual({ return: [] });

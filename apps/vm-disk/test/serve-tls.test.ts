@@ -1,26 +1,22 @@
 // `vm-disk serve` with TLS credentials objects, as qemu-storage-daemon takes them:
 // tls-creds-psk (DIR/keys.psk) and tls-creds-x509 (DIR/ca-cert.pem, server-cert.pem,
 // server-key.pem; verify-peer on by default), checked with nbdinfo and qemu-img.
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { type RunningProcess, run, startServe } from './harness/daemon.ts';
+import { afterEach, describe, expect, it } from 'vitest';
+import { type RunningProcess, run, startServe, useScratch } from './harness/daemon.ts';
 
-let dir: string;
+const scratch = useScratch('vmdisk-tls-');
+
 let server: RunningProcess | undefined;
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-tls-'));
-});
 afterEach(async () => {
   await server?.stop('SIGKILL');
-  rmSync(dir, { recursive: true, force: true });
 });
 
 async function serveWith(object: string): Promise<{ sock: string }> {
-  const image = join(dir, 'disk.raw');
+  const image = scratch.path('disk.raw');
   writeFileSync(image, Buffer.alloc(1 << 20, 0x3c));
-  const sock = join(dir, 'nbd.sock');
+  const sock = scratch.path('nbd.sock');
   server = await startServe([
     '--object',
     object,
@@ -42,7 +38,7 @@ async function openssl(args: string[]): Promise<void> {
 
 describe('vm-disk serve with TLS', () => {
   it('PSK: a client with the key reads; one without TLS or with a wrong key is refused', async () => {
-    const creds = join(dir, 'psk');
+    const creds = scratch.path('psk');
     mkdirSync(creds);
     writeFileSync(join(creds, 'keys.psk'), 'alice:0123456789abcdef0123456789abcdef\n');
     const { sock } = await serveWith(`tls-creds-psk,id=t0,dir=${creds},endpoint=server`);
@@ -50,7 +46,7 @@ describe('vm-disk serve with TLS', () => {
     const info = JSON.parse(await run('nbdinfo', ['--json', uri(join(creds, 'keys.psk'))]));
     expect(info.exports[0]['export-size']).toBe(1 << 20);
     await expect(run('nbdinfo', [`nbd+unix:///disk?socket=${sock}`])).rejects.toThrow();
-    const wrong = join(dir, 'wrong.psk');
+    const wrong = scratch.path('wrong.psk');
     writeFileSync(wrong, 'alice:ffffffffffffffffffffffffffffffff\n');
     await expect(run('nbdinfo', [uri(wrong)])).rejects.toThrow();
     // qemu-io through qemu's own TLS client.
@@ -66,12 +62,12 @@ describe('vm-disk serve with TLS', () => {
   });
 
   it('X.509 with verify-peer: a client with a certificate from the CA reads; one without is refused', async () => {
-    const server = join(dir, 'server');
-    const client = join(dir, 'client');
+    const server = scratch.path('server');
+    const client = scratch.path('client');
     mkdirSync(server);
     mkdirSync(client);
     const ca = join(server, 'ca-cert.pem');
-    const caKey = join(dir, 'ca-key.pem');
+    const caKey = scratch.path('ca-key.pem');
     await openssl([
       'req',
       '-x509',
@@ -92,8 +88,8 @@ describe('vm-disk serve with TLS', () => {
       ['client', client],
     ] as const) {
       const key = join(folder, `${who}-key.pem`);
-      const csr = join(dir, `${who}.csr`);
-      const ext = join(dir, `${who}.ext`);
+      const csr = scratch.path(`${who}.csr`);
+      const ext = scratch.path(`${who}.ext`);
       writeFileSync(
         ext,
         who === 'server'
@@ -139,7 +135,7 @@ describe('vm-disk serve with TLS', () => {
       ]),
     );
     expect(info.exports[0]['export-size']).toBe(1 << 20);
-    const noCert = join(dir, 'nocert');
+    const noCert = scratch.path('nocert');
     mkdirSync(noCert);
     writeFileSync(join(noCert, 'ca-cert.pem'), await run('cat', [ca]));
     await expect(
@@ -150,7 +146,7 @@ describe('vm-disk serve with TLS', () => {
   });
 
   it('refuses credentials it cannot read before anything starts', async () => {
-    const missing = join(dir, 'nothing-here');
+    const missing = scratch.path('nothing-here');
     await expect(serveWith(`tls-creds-psk,id=t0,dir=${missing},endpoint=server`)).rejects.toThrow(
       /keys\.psk/,
     );

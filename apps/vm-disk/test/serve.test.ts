@@ -1,36 +1,12 @@
 // `vm-disk serve` end to end: the built bin serving image files over NBD to qemu-io,
 // qemu-img and nbdinfo, driven through QMP, stopped by signals and by `quit`.
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import {
-  CLI,
-  type RunningProcess,
-  run,
-  start,
-  startQsd,
-  startServe,
-  waitFor,
-} from './harness/daemon.ts';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import { CLI, run, start, startQsd, useScratch, waitFor } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
-let dir: string;
-const running: RunningProcess[] = [];
-
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-serve-'));
-});
-afterEach(async () => {
-  await Promise.all(running.splice(0).map((p) => p.stop('SIGKILL')));
-  rmSync(dir, { recursive: true, force: true });
-});
-
-async function serve(args: string[]): Promise<RunningProcess> {
-  const p = await startServe(args);
-  running.push(p);
-  return p;
-}
+const scratch = useScratch('vmdisk-serve-');
+const { running, serve } = scratch;
 
 function fileBlockdevs(image: string): string[] {
   return [
@@ -43,10 +19,10 @@ function fileBlockdevs(image: string): string[] {
 
 describe('vm-disk serve', () => {
   it('serves a raw image read-write to qemu-io and qemu-img, and stops cleanly on SIGTERM', async () => {
-    const image = join(dir, 'disk.raw');
+    const image = scratch.path('disk.raw');
     await run('qemu-img', ['create', '-f', 'raw', image, '8M']);
-    const sock = join(dir, 'nbd.sock');
-    const pidfile = join(dir, 'vm-disk.pid');
+    const sock = scratch.path('nbd.sock');
+    const pidfile = scratch.path('vm-disk.pid');
     const p = await serve([
       ...fileBlockdevs(image),
       '--nbd-server',
@@ -91,7 +67,7 @@ describe('vm-disk serve', () => {
     expect(map.find((e) => e.offset <= 4 << 20 && e.offset + e.length > 4 << 20)?.type).toBe(3);
     expect(await p.stop('SIGTERM')).toBe(0);
     expect(existsSync(pidfile)).toBe(false);
-    const copy = join(dir, 'copy.raw');
+    const copy = scratch.path('copy.raw');
     await run('qemu-img', ['create', '-f', 'raw', copy, '8M']);
     await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0xab 1M 64k', copy]);
     expect(await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', image, copy])).toContain(
@@ -100,10 +76,10 @@ describe('vm-disk serve', () => {
   });
 
   it('is driven through QMP: nodes, NBD server, exports, events, quit', async () => {
-    const image = join(dir, 'disk.raw');
+    const image = scratch.path('disk.raw');
     writeFileSync(image, Buffer.alloc(4 << 20, 0x5a));
-    const qmpSock = join(dir, 'qmp.sock');
-    const nbdSock = join(dir, 'nbd.sock');
+    const qmpSock = scratch.path('qmp.sock');
+    const nbdSock = scratch.path('nbd.sock');
     const p = await serve([
       '--chardev',
       `socket,id=m0,path=${qmpSock},server=on,wait=off`,
@@ -227,14 +203,14 @@ describe('vm-disk serve', () => {
       'type=nbd,id=e0,node-name=d0,name=disk,writable=on,description=differential',
     ];
     const ours = {
-      image: join(dir, 'ours.raw'),
-      sock: join(dir, 'ours.sock'),
-      qmp: join(dir, 'ours.qmp'),
+      image: scratch.path('ours.raw'),
+      sock: scratch.path('ours.sock'),
+      qmp: scratch.path('ours.qmp'),
     };
     const theirs = {
-      image: join(dir, 'theirs.raw'),
-      sock: join(dir, 'theirs.sock'),
-      qmp: join(dir, 'theirs.qmp'),
+      image: scratch.path('theirs.raw'),
+      sock: scratch.path('theirs.sock'),
+      qmp: scratch.path('theirs.qmp'),
     };
     const content = Buffer.alloc(8 << 20);
     for (let i = 0; i < content.length; i += 4096) content.writeUInt32BE(i, i);
@@ -299,7 +275,7 @@ describe('vm-disk serve', () => {
   });
 
   it('refuses bad options before starting anything, naming the option', async () => {
-    const sock = join(dir, 'nbd.sock');
+    const sock = scratch.path('nbd.sock');
     const p = start(process.execPath, [
       CLI,
       'serve',
@@ -314,12 +290,12 @@ describe('vm-disk serve', () => {
   });
 
   it('fails to start, leaving nothing behind, when a node cannot be opened', async () => {
-    const sock = join(dir, 'nbd.sock');
+    const sock = scratch.path('nbd.sock');
     const p = start(process.execPath, [
       CLI,
       'serve',
       '--blockdev',
-      JSON.stringify({ driver: 'file', 'node-name': 'f0', filename: join(dir, 'absent.img') }),
+      JSON.stringify({ driver: 'file', 'node-name': 'f0', filename: scratch.path('absent.img') }),
       '--nbd-server',
       `addr.type=unix,addr.path=${sock}`,
     ]);

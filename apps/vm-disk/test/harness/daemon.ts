@@ -1,9 +1,12 @@
 // Runs the built `vm-disk` bin as a child process for end-to-end tests, and the other
 // command-line peers (qemu-io, qemu-img, nbdinfo, qemu-storage-daemon).
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { afterEach, beforeEach } from 'vitest';
 
 export const CLI = fileURLToPath(new URL('../../dist/cli.js', import.meta.url));
 const exec = promisify(execFile);
@@ -91,4 +94,42 @@ export async function startQsd(args: string[], socket: string): Promise<RunningP
   await waitFor('qemu-storage-daemon', () => existsSync(socket) || p.child.exitCode !== null);
   if (p.child.exitCode !== null) throw new Error(`qemu-storage-daemon exited: ${p.stderr()}`);
   return p;
+}
+
+/**
+ * Scratch for the tests of one file that run daemons: before each test a fresh temporary
+ * directory; after it, every process in `running` killed (SIGKILL) and the directory removed.
+ * Call once at the top level of a test file.
+ */
+export function useScratch(prefix: string): {
+  /** The test's directory. */
+  readonly dir: string;
+  /** A path in the test's directory. */
+  path(name: string): string;
+  /** Processes to kill after the test. */
+  readonly running: RunningProcess[];
+  /** `vm-disk serve ARGS`, ready, killed after the test. */
+  serve(args: string[]): Promise<RunningProcess>;
+} {
+  let dir = '';
+  const running: RunningProcess[] = [];
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), prefix));
+  });
+  afterEach(async () => {
+    await Promise.all(running.splice(0).map((p) => p.stop('SIGKILL')));
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return {
+    get dir() {
+      return dir;
+    },
+    path: (name) => join(dir, name),
+    running,
+    serve: async (args) => {
+      const p = await startServe(args);
+      running.push(p);
+      return p;
+    },
+  };
 }
