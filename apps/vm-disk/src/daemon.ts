@@ -6,7 +6,7 @@
 import { unlinkSync, writeFileSync } from 'node:fs';
 import { JobRegistry, type JobStatusChangeEvent } from '@vmdisk/ao';
 import { type BlockBackend, BlockGraph, type NodeInfo } from '@vmdisk/block-graph';
-import { type ListenAddress, NbdServer } from '@vmdisk/nbd';
+import { type ListenAddress, type NbdError, NbdServer } from '@vmdisk/nbd';
 import { VmDiskError } from './errors.ts';
 import type { Logger } from './log.ts';
 import type {
@@ -238,18 +238,38 @@ export class Daemon {
     );
   }
 
-  /** block-export-del: resolves once the removal has started; BLOCK_EXPORT_DELETED follows. */
-  blockExportDel(id: string, mode: 'safe' | 'hard' = 'safe'): void {
+  /**
+   * block-export-del, as QEMU's: 'safe' is refused while clients are connected (nothing
+   * changes); 'hard' disconnects them. With no client attached the export is gone, and
+   * BLOCK_EXPORT_DELETED sent, before the reply; otherwise the reply comes first, the
+   * export shows shutting-down until its clients' requests are over, then the event.
+   */
+  async blockExportDel(id: string, mode: 'safe' | 'hard' = 'safe'): Promise<void> {
     const entry = this.exports.get(id);
     if (!entry || !this.nbd) throw new QmpError('GenericError', `Export '${id}' is not found`);
     if (entry.shuttingDown)
       throw new QmpError('GenericError', `Export '${id}' is already shutting down`);
+    const server = this.nbd.server;
+    const clients = server.exportStats(entry.name).connections;
+    let removed!: (err: Error | null | undefined) => void;
+    const gone = new Promise<void>((resolve) => {
+      removed = (err) => {
+        if (err) this.log.error({ event: 'export-del-failed', id, err }, 'export removal failed');
+        resolve(err ? undefined : this.exportGone(id));
+      };
+    });
+    try {
+      // A safe removal with clients attached is refused as it starts (nothing changed).
+      server.removeExport(entry.name, mode, { callback: (err) => removed(err) });
+    } catch (e) {
+      if ((e as NbdError).code === 'ERR_VMDISK_NBD_EXPORT_IN_USE') {
+        throw new QmpError('GenericError', `export '${id}' still in use`);
+      }
+      throw e;
+    }
     entry.shuttingDown = true;
-    this.nbd.server.removeExport(entry.name, mode).then(
-      () => this.exportGone(id),
-      (e: unknown) =>
-        this.log.error({ event: 'export-del-failed', id, err: e }, 'export removal failed'),
-    );
+    // Hard with clients: the reply first, the event when they are gone (as QEMU).
+    if (mode === 'safe' || clients === 0) await gone;
   }
 
   queryBlockExports(): {

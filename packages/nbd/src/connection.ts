@@ -227,6 +227,11 @@ export class Connection {
     });
   }
 
+  /** The client asked to disconnect (NBD_CMD_DISC), broke the protocol or is gone. */
+  get leaving(): boolean {
+    return this.phase === 'closing' || this.phase === 'closed';
+  }
+
   /** Hard disconnect: the socket goes at once; what is in flight completes unanswered. */
   destroy(): void {
     this.socket.destroy();

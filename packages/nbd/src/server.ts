@@ -230,12 +230,17 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   }
 
   /**
-   * Removes an export, as an asynchronous operation of @vmdisk/ao. 'safe': no new clients,
-   * completes once the connected ones have gone; 'hard': disconnects them and completes
-   * once nothing of theirs is in flight. Either way the target is no longer touched when
-   * it completes. Aborting a safe removal (`handle.abort()` or `options.signal`) turns it
-   * into a hard one. Without `how` it returns a promise; with `{ callback }` or
-   * `{ forEvent, queue }` a handle. An unknown export is an initiation failure.
+   * Removes an export, as an asynchronous operation of @vmdisk/ao, with QEMU's
+   * block-export-del semantics. 'safe' (the default): refused while clients are attached
+   * to the export (ERR_VMDISK_NBD_EXPORT_IN_USE, an initiation failure: nothing changes,
+   * they go on being served); clients that sent NBD_CMD_DISC are leaving, not attached,
+   * and finish their requests. 'hard': the attached clients are disconnected. Either way
+   * no new client gets the export, and it completes once nothing of the clients' is in
+   * flight: the target is no longer touched. Clients still negotiating are not attached:
+   * they can no longer choose the export. Without `how` it
+   * returns a promise (rejected on an initiation failure); with `{ callback }` or
+   * `{ forEvent, queue }` a handle (an initiation failure is thrown). An unknown export is
+   * an initiation failure; a hard removal of an export already being removed joins it.
    */
   removeExport(name: string, mode?: 'safe' | 'hard'): AoPromise<void>;
   removeExport(
@@ -253,10 +258,17 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     return runAo<void>(
       'nbd.removeExport',
       how,
-      (ao) => {
+      () => {
         const exp = this.exports.get(name);
         if (exp === undefined) {
           throw new NbdError('ERR_VMDISK_NBD_NO_SUCH_EXPORT', `no export "${name}"`);
+        }
+        const n = [...exp.connections].filter((c) => !c.leaving).length;
+        if (mode === 'safe' && n > 0) {
+          throw new NbdError(
+            'ERR_VMDISK_NBD_EXPORT_IN_USE',
+            `export "${name}" still in use (${n} client${n === 1 ? '' : 's'} connected)`,
+          );
         }
         exp.removing = true;
         const drained = new Promise<void>((resolve) => {
@@ -264,13 +276,10 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
           list.push(resolve);
           this.drainWaiters.set(exp, list);
         });
-        const hard = () => {
-          for (const conn of exp.connections) conn.destroy();
-        };
-        if (mode === 'hard') hard();
-        else ao.signal.addEventListener('abort', hard, { once: true });
+        // Those leaving (after NBD_CMD_DISC) finish their requests either way.
+        if (mode === 'hard') for (const conn of exp.connections) conn.destroy();
         this.checkDrained(exp);
-        return drained.finally(() => ao.signal.removeEventListener('abort', hard));
+        return drained;
       },
       options,
     ) as AoPromise<void> | AoHandle<void>;
