@@ -14,6 +14,7 @@ import {
 } from './connection.ts';
 import { NbdError, NbdSystemError } from './errors.ts';
 import type { BlockSizeConstraints, ExportTarget } from './export-target.ts';
+import { DEFAULT_MEMORY_BUDGET, MemoryBudget } from './memory-budget.ts';
 import { MAX_PAYLOAD_BYTES, MAX_STRING_BYTES } from './protocol.ts';
 import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
 import { listenUnixSocket } from './unix-socket.ts';
@@ -28,10 +29,16 @@ export interface NbdServerOptions {
   /** Requests served at once per connection; at the limit the socket is not read (16). */
   maxInFlight?: number;
   /**
-   * Request data (READ lengths and WRITE payloads) in flight per connection beyond which
-   * the socket is not read either (default 64 MiB; one request is always admitted).
+   * Bytes of request data in flight, all connections together: READ data read and not
+   * yet handed to the kernel, WRITE payloads received and not yet written. Default 256
+   * MiB: 64 busy connections each with a full window of 16 x 256 KiB requests. Each
+   * connection has a share (the budget divided among the connections using it, at most
+   * 1/64 of it but at least 2 MiB); a connection at its share, or when the budget is
+   * full, stops reading its socket until its requests finish. READs and WRITEs over 1 MiB
+   * are served in 1 MiB pieces that take budget each, so a client that never reads its
+   * replies holds at most 2 MiB of them; a request larger than the budget progresses alone.
    */
-  maxBytesInFlight?: number;
+  requestMemoryBudget?: number;
   /** The export a client asking for "" gets when none is named "" (default: the only one). */
   defaultExport?: string;
   tls?: NbdServerTlsOptions;
@@ -124,6 +131,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   private readonly drainWaiters = new Map<ExportEntry, Array<() => void>>();
   private readonly closeWaiters = new Map<Connection, () => void>();
   private readonly host: ConnectionHost;
+  private readonly budget: MemoryBudget;
   private readonly maxConnections: number;
   private readonly defaultExport: string | undefined;
   private nextId = 1;
@@ -135,8 +143,11 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     this.defaultExport = options.defaultExport;
     const handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     const maxInFlight = options.maxInFlight ?? 16;
-    const maxBytesInFlight = options.maxBytesInFlight ?? 64 * 1024 * 1024;
-    if (!(maxBytesInFlight > 0)) throw invalid('maxBytesInFlight: > 0');
+    const budget = options.requestMemoryBudget ?? DEFAULT_MEMORY_BUDGET;
+    if (!(Number.isSafeInteger(budget) && budget > 0)) {
+      throw invalid('requestMemoryBudget: an integer > 0 (bytes)');
+    }
+    this.budget = new MemoryBudget(budget);
     if (!(Number.isInteger(maxInFlight) && maxInFlight >= 1)) {
       throw invalid('maxInFlight: an integer >= 1');
     }
@@ -146,7 +157,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       tls,
       handshakeTimeoutMs,
       maxInFlight,
-      maxBytesInFlight,
+      budget: this.budget,
       pool: new BufferPool(),
       findExport: (name) => this.findExport(name),
       listExports: () => [...this.exports.values()].filter((e) => !e.removing),
@@ -302,6 +313,11 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     if (exp === undefined)
       throw new NbdError('ERR_VMDISK_NBD_NO_SUCH_EXPORT', `no export "${name}"`);
     return { ...exp.stats };
+  }
+
+  /** The request memory budget (bytes) and how much of it the connections hold now. */
+  get requestMemory(): { budget: number; inUse: number } {
+    return { budget: this.budget.limit, inUse: this.budget.used };
   }
 
   /** Connections open now, in any phase. */

@@ -730,7 +730,7 @@ describe('NbdServer over a raw socket', () => {
     });
   });
 
-  it('stops reading a connection at maxInFlight (or maxBytesInFlight) until a request completes', async () => {
+  it('stops reading a connection at maxInFlight (or at its share of requestMemoryBudget) until a request completes', async () => {
     const mem2 = new MemoryTarget(4 << 20);
     let running = 0;
     let peak = 0;
@@ -746,7 +746,7 @@ describe('NbdServer over a raw socket', () => {
     };
     for (const [options, length, expected] of [
       [{ maxInFlight: 3 }, 512, 3],
-      [{ maxInFlight: 16, maxBytesInFlight: 64 * 1024 }, 32 * 1024, 2],
+      [{ maxInFlight: 16, requestMemoryBudget: 64 * 1024 }, 32 * 1024, 2],
     ] as const) {
       peak = 0;
       const t = await startServer([{ name: 'g', target: gated }], options);
