@@ -164,8 +164,16 @@ export class Daemon {
         throw new QmpError('GenericError', `No TLS credentials with id '${config.tlsCreds}'`);
       tls = serverTlsOptions(creds);
     }
+    const budget = config.requestMemoryBudget;
+    if (budget !== undefined && !(Number.isSafeInteger(budget) && budget >= 1)) {
+      throw new QmpError(
+        'GenericError',
+        "Parameter 'request-memory-budget' expects a size of at least 1 byte",
+      );
+    }
     const server = new NbdServer({
       ...(config.maxConnections !== undefined && { maxConnections: config.maxConnections || 1024 }),
+      ...(budget !== undefined && { requestMemoryBudget: budget }),
       ...(tls && { tls }),
     });
     server.on('connection', (c) =>

@@ -3,7 +3,7 @@
 import { type BlockdevCreateOptions, blockdevCreate } from '@vmdisk/block-graph';
 import type { Daemon } from '../daemon.ts';
 import type { Schema } from '../options/schema.ts';
-import { exportConfig, exportSchema } from '../options/serve-options.ts';
+import { exportConfig, exportSchema, NBD_SERVER_EXTENSIONS } from '../options/serve-options.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
 
 const id: Schema = { id: { type: 'str', required: true } };
@@ -52,6 +52,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: Daemon): void {
       'tls-creds': { type: 'str' },
       'tls-authz': { type: 'str' },
       'max-connections': { type: 'int' },
+      ...NBD_SERVER_EXTENSIONS,
     },
     run: async (args) => {
       const addr = args.addr as { type: 'inet' | 'unix'; data: Record<string, string | undefined> };
@@ -73,6 +74,9 @@ export function registerCommands(monitor: QmpMonitor, daemon: Daemon): void {
         ...(args['tls-creds'] !== undefined && { tlsCreds: args['tls-creds'] as string }),
         ...(args['max-connections'] !== undefined && {
           maxConnections: args['max-connections'] as number,
+        }),
+        ...(args['request-memory-budget'] !== undefined && {
+          requestMemoryBudget: args['request-memory-budget'] as number,
         }),
       });
     },
