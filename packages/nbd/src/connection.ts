@@ -116,8 +116,10 @@ interface Request {
   readonly ids: Buffer;
   readonly offset: number;
   readonly length: number;
-  /** Bytes of the memory budget it holds until done (one piece when streamed). */
+  /** Bytes of the memory budget it holds until done (one piece for a streamed WRITE). */
   readonly cost: number;
+  /** A streamed READ: it runs on the connection's stream slot. */
+  readonly streamed: boolean;
 }
 
 interface PendingWrite {
@@ -198,6 +200,9 @@ export class Connection {
   private readonly account: BudgetAccount;
   /** Streamed READs in order; the first one holds the send queue. */
   private readonly streams: ReadStream[] = [];
+  /** Streamed READs admitted and not done, and whether the slot they share is held. */
+  private streamedReads = 0;
+  private streamSlot = false;
   /** A streamed WRITE whose payload is still being taken from the socket. */
   private writeStream: WriteStream | undefined;
   private socketClosed = false;
@@ -706,13 +711,19 @@ export class Connection {
       }
       // The request's data must fit this connection's share of the memory budget: if
       // not, the socket is not read until it does (onRoom or a request of ours done).
-      const cost = this.costOf(q.peek(headerBytes));
+      const [cost, streamed] = this.costOf(q.peek(headerBytes));
       if (!this.account.admit(cost)) {
         this.pauseReading();
         return;
       }
+      if (streamed) {
+        // The stream slot: one piece for the streamed READ running, handed from one to
+        // the next while any is pending (one runs at a time: it holds the send queue).
+        this.streamedReads++;
+        if (cost > 0) this.streamSlot = true;
+      }
       try {
-        this.request(q.take(headerBytes), cost);
+        this.request(q.take(headerBytes), streamed ? 0 : cost, streamed);
       } catch (err) {
         // A bug or a target that threw where it should have rejected: this connection
         // goes, the server stays.
@@ -731,9 +742,10 @@ export class Connection {
 
   /**
    * The budget a request takes when admitted: the buffer it needs (a READ's data, a
-   * WRITE's payload), or one piece for one streamed in pieces.
+   * WRITE's payload), or one piece for one streamed in pieces (a READ: the connection's
+   * stream slot, unless it holds it already); and whether it is a streamed READ.
    */
-  private costOf(h: Buffer): number {
+  private costOf(h: Buffer): [number, boolean] {
     const extended = this.mode === MODE_EXTENDED;
     const flags = h.readUInt16BE(4);
     const type = h.readUInt16BE(6);
@@ -746,14 +758,18 @@ export class Connection {
       (extended && (flags & CommandFlag.PAYLOAD_LEN) !== 0)
         ? length
         : 0;
-    return Math.min(data, STREAM_PIECE);
+    if (type === Command.READ && length > STREAM_PIECE) {
+      return [this.streamSlot ? 0 : STREAM_PIECE, true];
+    }
+    return [Math.min(data, STREAM_PIECE), false];
   }
 
-  private request(h: Buffer, cost: number): void {
+  private request(h: Buffer, cost: number, streamed = false): void {
     const extended = this.mode === MODE_EXTENDED;
     const magic = h.readUInt32BE(0);
     if (magic !== (extended ? EXTENDED_REQUEST_MAGIC : REQUEST_MAGIC)) {
       this.account.give(cost);
+      if (streamed) this.streamedReadDone();
       this.violation(`bad request magic 0x${magic.toString(16)}`);
       return;
     }
@@ -777,6 +793,7 @@ export class Connection {
       offset,
       length,
       cost,
+      streamed,
     };
     const exp = this.export!;
     this.inFlight++;
@@ -1468,12 +1485,21 @@ export class Connection {
   /** A request is over (its reply sent or dropped). */
   private done(req: Request): void {
     this.account.give(req.cost);
+    if (req.streamed) this.streamedReadDone();
     this.inFlight--;
     this.export!.stats.inFlight--;
     if (this.phase === 'transmission') {
       if (this.readingPaused || this.q.length > 0) this.pump();
     } else {
       this.maybeFinalize();
+    }
+  }
+
+  /** The last streamed READ pending gives the stream slot back. */
+  private streamedReadDone(): void {
+    if (--this.streamedReads === 0 && this.streamSlot) {
+      this.streamSlot = false;
+      this.account.give(STREAM_PIECE);
     }
   }
 

@@ -4,12 +4,14 @@
 // share and the budget has room; otherwise it stops reading its socket until bytes come
 // back (backpressure: nothing queues in memory).
 //
-// Requests larger than STREAM_PIECE are streamed in pieces: such a request is admitted
-// for one piece, which it keeps until it is done and reuses for each piece in turn, so
-// it always progresses (a reply streaming holds the connection's send queue: replies
-// behind it must not wait on the budget through it); a second piece in flight is taken
-// only when there is room to spare. A client that never reads its replies thus pins at
-// most two pieces of memory, whatever it asked for, and the others are served meanwhile.
+// Requests larger than STREAM_PIECE are streamed in pieces. A streamed WRITE is admitted
+// for one piece, a streamed READ for the connection's stream slot (one piece, held while
+// any streamed READ is pending: they run one at a time); that piece is kept until done
+// and reused for each piece in turn, so a stream always progresses (a reply streaming
+// holds the connection's send queue: replies behind it must not wait on the budget
+// through it); a second piece in flight is taken only when there is room to spare. A
+// client that never reads its replies thus pins at most two pieces of memory, whatever it
+// asked for, and the others are served meanwhile.
 
 /** Requests larger than this are streamed in pieces of this size (a multiple of any
  * power-of-two minimum block size up to 64 KiB). */

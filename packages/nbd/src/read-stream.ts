@@ -1,9 +1,10 @@
 // A READ larger than STREAM_PIECE, served in pieces: each piece is read from the target,
-// handed to the socket in order, and its buffer freed once the kernel has it. The request
-// was admitted for one piece of the memory budget, which covers a piece out at any time;
-// a second one (PIPELINE) is out only when the budget has room to spare. So a client
-// that does not read its replies pins at most two pieces, whatever it asked for, and the
-// stream never waits on the budget (replies behind it wait on it).
+// handed to the socket in order, and its buffer freed once the kernel has it. The
+// connection holds one piece of the memory budget for the stream running (its stream
+// slot), which covers a piece out at any time; a second one (PIPELINE) is out only when
+// the budget has room to spare. So a client that does not read its replies pins at most
+// two pieces, whatever it asked for, and the stream never waits on the budget (replies
+// behind it wait on it).
 //
 // On the wire: with simple replies, or a DF read, one reply header then all the data (a
 // piece that fails after the header went out can only be answered by disconnecting, as
@@ -30,7 +31,7 @@ export interface Segment {
 /** What a stream needs from its connection. */
 export interface StreamHost {
   readonly target: ExportTarget;
-  /** The connection's account: the request holds one piece of it already. */
+  /** The connection's account: it holds one piece for the stream already (its slot). */
   readonly account: BudgetAccount;
   readonly sendQueue: SendQueue;
   /** The connection is closed: no more pieces are read. */
@@ -72,7 +73,7 @@ interface Piece {
   failure?: unknown;
   /** Out (a data piece, until the kernel has it). */
   out: boolean;
-  /** Its bytes were taken from the budget beyond the request's own piece. */
+  /** Its bytes were taken from the budget beyond the stream slot's piece. */
   extra: boolean;
 }
 
@@ -86,6 +87,8 @@ export class ReadStream {
   private readonly pieces: Piece[] = [];
   /** Data pieces out (being read or in the socket). */
   private out = 0;
+  /** A piece out is covered by the stream slot. */
+  private slotUsed = false;
   private started = false;
   private headerSent = false;
   private ended = false;
@@ -134,11 +137,12 @@ export class ReadStream {
       const length = seg.zero
         ? seg.length - this.cut
         : Math.min(STREAM_PIECE, seg.length - this.cut);
-      // The request's own piece covers one out; a second needs room to spare.
+      // The stream slot covers one piece out; a second needs room to spare.
       let extra = false;
-      if (!seg.zero && this.out > 0) {
-        if (this.out >= PIPELINE || !host.account.tryTake(length)) break;
-        extra = true;
+      if (!seg.zero) {
+        if (!this.slotUsed) this.slotUsed = true;
+        else if (this.out < PIPELINE && host.account.tryTake(length)) extra = true;
+        else break;
       }
       this.cut += length;
       if (this.cut === seg.length) {
@@ -253,6 +257,7 @@ export class ReadStream {
       piece.out = false;
       this.out--;
       if (piece.extra) this.host.account.give(piece.length);
+      else this.slotUsed = false;
     }
   }
 

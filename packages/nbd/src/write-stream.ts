@@ -38,6 +38,8 @@ export class WriteStream {
   private filled = 0;
   /** Pieces out: filling or being written. */
   private out = 0;
+  /** A piece out is covered by the request's own piece of the budget. */
+  private ownUsed = false;
   /** Pieces out whose bytes were taken beyond the request's piece. */
   private readonly extras = new WeakSet<Uint8Array>();
   private failure: unknown;
@@ -80,7 +82,7 @@ export class WriteStream {
       if (this.buf === undefined) {
         const n = Math.min(STREAM_PIECE, this.length - this.taken);
         // The request's own piece covers one out; a second needs room to spare.
-        const extra = this.out > 0;
+        const extra = this.ownUsed;
         if (extra && (this.out >= PIPELINE || !this.host.account.tryTake(n))) {
           this.waiting = true;
           return false;
@@ -95,6 +97,7 @@ export class WriteStream {
         }
         this.out++;
         if (extra) this.extras.add(buf);
+        else this.ownUsed = true;
         this.buf = buf;
         this.filled = 0;
       }
@@ -152,6 +155,7 @@ export class WriteStream {
   private release(buf: Uint8Array): void {
     this.out--;
     if (this.extras.delete(buf)) this.host.account.give(buf.length);
+    else this.ownUsed = false;
     this.host.free(buf);
   }
 

@@ -206,8 +206,8 @@ describe('the memory budget', () => {
       }
       stuck.push(nbd);
     }
-    // Each has two reads admitted (its 2 MiB share: one piece each) and holds one piece
-    // of memory (the kernel holds what it took of its socket).
+    // Each holds two 1 MiB pieces of its first reply, its 2 MiB share (the kernel holds
+    // what it took of its socket; its other reads wait).
     await until(
       'the stuck clients to hold 2 MiB each',
       () => s.server.requestMemory.inUse === 32 * MiB,
