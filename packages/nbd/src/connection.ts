@@ -711,7 +711,8 @@ export class Connection {
       }
       // The request's data must fit this connection's share of the memory budget: if
       // not, the socket is not read until it does (onRoom or a request of ours done).
-      const [cost, streamed] = this.costOf(q.peek(headerBytes));
+      const header = q.peek(headerBytes);
+      const [cost, streamed] = this.costOf(header);
       if (!this.account.admit(cost)) {
         this.pauseReading();
         return;
@@ -723,7 +724,8 @@ export class Connection {
         if (cost > 0) this.streamSlot = true;
       }
       try {
-        this.request(q.take(headerBytes), streamed ? 0 : cost, streamed);
+        q.skip(headerBytes);
+        this.request(header, streamed ? 0 : cost, streamed);
       } catch (err) {
         // A bug or a target that threw where it should have rejected: this connection
         // goes, the server stays.
