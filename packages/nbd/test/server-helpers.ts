@@ -139,9 +139,13 @@ export class QemuIoSession {
 }
 
 /** Waits until `cond()` holds (polled every 10 ms), or fails after `timeoutMs`. */
-export async function until(what: string, cond: () => boolean, timeoutMs = 15_000): Promise<void> {
+export async function until(
+  what: string,
+  cond: () => boolean | Promise<boolean>,
+  timeoutMs = 15_000,
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
+  while (!(await cond())) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 10));
   }

@@ -188,6 +188,26 @@ describe('streamed WRITE', () => {
     expect((await nbd.read(4096)).every((b) => b === 0x3c)).toBe(true);
     nbd.destroy();
   });
+
+  it('a client that hangs up mid-payload: what it sent is written or dropped, nothing is left held', async () => {
+    const backing = new MemoryTarget(16 * MiB);
+    const s = await serve(backing);
+    const { nbd } = await RawNbd.open(s.port, 'd');
+    const h = Buffer.alloc(28);
+    h.writeUInt32BE(0x25609513, 0);
+    h.writeUInt16BE(Command.WRITE, 6);
+    h.writeUInt32BE(6 * MiB, 24);
+    nbd.write(Buffer.concat([h, Buffer.alloc(MiB + MiB / 2, 7)]));
+    await until('the first piece to be written', async () => {
+      const b = Buffer.alloc(1);
+      await backing.read(MiB - 1, b);
+      return b[0] === 7;
+    });
+    nbd.destroy();
+    await until('the connection to be gone', () => s.server.connectionCount === 0);
+    expect(s.server.requestMemory.inUse).toBe(0);
+    expect(s.server.exportStats('d').inFlight).toBe(0);
+  });
 });
 
 describe('the memory budget', () => {
