@@ -12,7 +12,12 @@ import {
   type NodeInfo,
   type OptionSyntax,
 } from '@vmdisk/block-graph';
-import { type ListenAddress, NbdServer, type NbdServerTlsOptions } from '@vmdisk/nbd';
+import {
+  type ListenAddress,
+  type NbdError,
+  NbdServer,
+  type NbdServerTlsOptions,
+} from '@vmdisk/nbd';
 import { VmDiskError } from './errors.ts';
 import type { Logger } from './log.ts';
 import type {
@@ -187,8 +192,16 @@ export class Daemon implements DaemonControl {
   async nbdServerStart(config: NbdServerConfig): Promise<ListenAddress> {
     if (this.nbd) throw new QmpError('GenericError', 'NBD server already running');
     const tls = config.tlsCreds !== undefined ? this.serverTls(config.tlsCreds) : undefined;
+    const budget = config.requestMemoryBudget;
+    if (budget !== undefined && !(Number.isSafeInteger(budget) && budget >= 1)) {
+      throw new QmpError(
+        'GenericError',
+        "Parameter 'request-memory-budget' expects a size of at least 1 byte",
+      );
+    }
     const server = new NbdServer({
       ...(config.maxConnections !== undefined && { maxConnections: config.maxConnections || 1024 }),
+      ...(budget !== undefined && { requestMemoryBudget: budget }),
       ...(tls && { tls }),
     });
     server.on('connection', (c) =>
@@ -261,18 +274,38 @@ export class Daemon implements DaemonControl {
     );
   }
 
-  /** block-export-del: resolves once the removal has started; BLOCK_EXPORT_DELETED follows. */
-  blockExportDel(id: string, mode: 'safe' | 'hard' = 'safe'): void {
+  /**
+   * block-export-del, as QEMU's: 'safe' is refused while clients are connected (nothing
+   * changes); 'hard' disconnects them. With no client attached the export is gone, and
+   * BLOCK_EXPORT_DELETED sent, before the reply; otherwise the reply comes first, the
+   * export shows shutting-down until its clients' requests are over, then the event.
+   */
+  async blockExportDel(id: string, mode: 'safe' | 'hard' = 'safe'): Promise<void> {
     const entry = this.exports.get(id);
     if (!entry || !this.nbd) throw new QmpError('GenericError', `Export '${id}' is not found`);
     if (entry.shuttingDown)
       throw new QmpError('GenericError', `Export '${id}' is already shutting down`);
+    const server = this.nbd.server;
+    const clients = server.exportStats(entry.name).connections;
+    let removed!: (err: Error | null | undefined) => void;
+    const gone = new Promise<void>((resolve) => {
+      removed = (err) => {
+        if (err) this.log.error({ event: 'export-del-failed', id, err }, 'export removal failed');
+        resolve(err ? undefined : this.exportGone(id));
+      };
+    });
+    try {
+      // A safe removal with clients attached is refused as it starts (nothing changed).
+      server.removeExport(entry.name, mode, { callback: (err) => removed(err) });
+    } catch (e) {
+      if ((e as NbdError).code === 'ERR_VMDISK_NBD_EXPORT_IN_USE') {
+        throw new QmpError('GenericError', `export '${id}' still in use`);
+      }
+      throw e;
+    }
     entry.shuttingDown = true;
-    this.nbd.server.removeExport(entry.name, mode).then(
-      () => this.exportGone(id),
-      (e: unknown) =>
-        this.log.error({ event: 'export-del-failed', id, err: e }, 'export removal failed'),
-    );
+    // Hard with clients: the reply first, the event when they are gone (as QEMU).
+    if (mode === 'safe' || clients === 0) await gone;
   }
 
   queryBlockExports(): {

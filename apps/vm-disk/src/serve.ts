@@ -1,5 +1,6 @@
 // `vm-disk serve [qemu-storage-daemon options]`: runs the daemon until `quit`, SIGINT or
 // SIGTERM, then stops cleanly.
+import { setMallocMmapThreshold } from '@vmdisk/engine';
 import type { Daemon } from './daemon.ts';
 import { createLogger, type Logger } from './log.ts';
 import { parseServeOptions } from './options/serve-options.ts';
@@ -10,6 +11,8 @@ export async function serve(
   log: Logger = createLogger(),
 ): Promise<number> {
   const config = parseServeOptions(argv);
+  // Buffers freed after a burst of large requests go back to the system (see there).
+  setMallocMmapThreshold();
   return serveUntilStopped(await startDaemon(config, log), log);
 }
 

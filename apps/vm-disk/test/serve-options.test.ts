@@ -93,6 +93,16 @@ describe("vm-disk serve's qemu-storage-daemon options", () => {
     expect(config.exports[0]).toMatchObject({ writable: true, allocationDepth: false });
   });
 
+  it('takes request-memory-budget, a vm-disk extension of --nbd-server, as a size', () => {
+    for (const value of ['request-memory-budget=512M', 'request-memory-budget=536870912']) {
+      const config = parseServeOptions(['--nbd-server', `addr.type=unix,addr.path=/s,${value}`]);
+      expect(config.nbdServer?.requestMemoryBudget).toBe(512 * 1024 * 1024);
+    }
+    expect(() =>
+      parseServeOptions(['--nbd-server', 'addr.type=unix,addr.path=/s,request-memory-budget=lots']),
+    ).toThrow(/request-memory-budget/);
+  });
+
   it.each([
     [['--bogus', 'x'], '--bogus', 'unknown option'],
     [['stray'], 'stray', 'unexpected argument'],

@@ -3,9 +3,13 @@
 // page multiples; a released buffer's block goes to a free list of its size and is handed
 // out again without a new allocation. Because the slabs are ArrayBuffers, a Buffer handed
 // out keeps its memory alive as long as it is reachable (the in-flight table holds the
-// buffers of every request until its completion), and nothing is unmapped under it. The
-// arena keeps every slab until it is dropped with its engine, so a slab registered with
-// io_uring (fixed buffers) stays valid as long as the ring that registered it.
+// buffers of every request until its completion), and nothing is unmapped under it.
+//
+// Free blocks are a cache of at most `cacheBytes`: beyond it, memory goes back to the
+// system at once, so that a burst (many large requests at a time) does not stay resident
+// after it. A slab goes when none of its blocks is handed out: the owner is told first
+// (e.g. io_uring unregisters it), then the ArrayBuffer is detached, which frees it now
+// rather than whenever the garbage collector runs.
 import { EngineError, ErrorCode } from './errors.ts';
 import { addressOf } from './native.ts';
 
@@ -13,27 +17,50 @@ export const PAGE = 4096;
 const SLAB = 4 * 1024 * 1024;
 /** Blocks at least this large get a slab of their own. */
 const LARGE = 1024 * 1024;
+/** Free blocks kept for reuse (bytes); beyond this, memory goes back. */
+export const ARENA_CACHE_BYTES = 16 * 1024 * 1024;
+
+interface Slab {
+  ab: ArrayBuffer;
+  /** The page-aligned part. */
+  offset: number;
+  capacity: number;
+  /** Blocks of it handed out now. */
+  live: number;
+  /** It holds one block only (a large one). */
+  own: boolean;
+}
 
 interface Block {
-  ab: ArrayBuffer;
+  slab: Slab;
   offset: number;
   capacity: number;
 }
 
+export interface ArenaHooks {
+  /** A new slab (its page-aligned part), e.g. to register it with io_uring. */
+  onSlab?: (mem: Uint8Array) => void;
+  /** A slab about to be freed (the same view as onSlab's), e.g. to unregister it. */
+  onDrop?: (mem: Uint8Array) => void;
+}
+
 export class BufferArena {
   private readonly free = new Map<number, Block[]>();
-  /** Every slab, kept for the life of the arena (registered memory must not be freed). */
-  private readonly slabs: ArrayBuffer[] = [];
+  private readonly slabs = new Set<Slab>();
+  private readonly views = new WeakMap<Slab, Uint8Array>();
   private readonly owned = new WeakMap<Uint8Array, Block>();
-  private slab: Block | null = null;
+  private slab: Slab | null = null;
   private slabUsed = 0;
-  /** Bytes of slabs allocated, for tests and stats. */
+  /** Bytes of slabs allocated now, for tests and stats. */
   allocatedBytes = 0;
-  /** Told of each new slab (the page-aligned part), e.g. to register it with io_uring. */
-  private readonly onSlab: ((mem: Uint8Array) => void) | undefined;
+  /** Bytes of free blocks kept for reuse. */
+  cachedBytes = 0;
+  private readonly hooks: ArenaHooks;
+  private readonly cacheBytes: number;
 
-  constructor(onSlab?: (mem: Uint8Array) => void) {
-    this.onSlab = onSlab;
+  constructor(hooks: ArenaHooks = {}, cacheBytes = ARENA_CACHE_BYTES) {
+    this.hooks = hooks;
+    this.cacheBytes = cacheBytes;
   }
 
   alloc(length: number): Buffer {
@@ -44,8 +71,11 @@ export class BufferArena {
       );
     }
     const capacity = Math.ceil(length / PAGE) * PAGE;
-    const block = this.free.get(capacity)?.pop() ?? this.carve(capacity);
-    const buf = Buffer.from(block.ab, block.offset, length);
+    let block = this.free.get(capacity)?.pop();
+    if (block !== undefined) this.cachedBytes -= capacity;
+    else block = this.carve(capacity);
+    block.slab.live++;
+    const buf = Buffer.from(block.slab.ab, block.offset, length);
     this.owned.set(buf, block);
     return buf;
   }
@@ -59,32 +89,72 @@ export class BufferArena {
       );
     }
     this.owned.delete(buf);
+    const slab = block.slab;
+    slab.live--;
+    if (slab.own && this.cachedBytes + block.capacity > this.cacheBytes) {
+      this.drop(slab);
+      return;
+    }
     let list = this.free.get(block.capacity);
     if (list === undefined) {
       list = [];
       this.free.set(block.capacity, list);
     }
     list.push(block);
+    this.cachedBytes += block.capacity;
+    if (slab.live === 0 && slab !== this.slab && this.cachedBytes > this.cacheBytes) {
+      // Every block of this slab is free and the cache is over: the slab goes.
+      this.trim(slab);
+    }
   }
 
   private carve(capacity: number): Block {
-    if (capacity >= LARGE) return this.newSlab(capacity);
-    if (this.slab === null || this.slabUsed + capacity > this.slab.capacity) {
-      this.slab = this.newSlab(SLAB);
-      this.slabUsed = 0;
+    if (capacity >= LARGE) {
+      const slab = this.newSlab(capacity, true);
+      return { slab, offset: slab.offset, capacity };
     }
-    const block = { ab: this.slab.ab, offset: this.slab.offset + this.slabUsed, capacity };
+    if (this.slab === null || this.slabUsed + capacity > this.slab.capacity) {
+      const old = this.slab;
+      this.slab = this.newSlab(SLAB, false);
+      this.slabUsed = 0;
+      // The slab carved so far may be all free already (its blocks wait in the cache).
+      if (old !== null && old.live === 0 && this.cachedBytes > this.cacheBytes) {
+        this.trim(old);
+      }
+    }
+    const block = { slab: this.slab, offset: this.slab.offset + this.slabUsed, capacity };
     this.slabUsed += capacity;
     return block;
   }
 
-  private newSlab(size: number): Block {
+  /** Takes a slab's free blocks out of the cache and drops it. */
+  private trim(slab: Slab): void {
+    for (const [capacity, blocks] of this.free) {
+      const kept = blocks.filter((b) => b.slab !== slab);
+      this.cachedBytes -= (blocks.length - kept.length) * capacity;
+      this.free.set(capacity, kept);
+    }
+    this.drop(slab);
+  }
+
+  private newSlab(size: number, own: boolean): Slab {
     const ab = new ArrayBuffer(size + PAGE);
-    this.slabs.push(ab);
     const base = addressOf(new Uint8Array(ab));
     const offset = (PAGE - (base % PAGE)) % PAGE;
     this.allocatedBytes += size + PAGE;
-    this.onSlab?.(new Uint8Array(ab, offset, size));
-    return { ab, offset, capacity: size };
+    const slab: Slab = { ab, offset, capacity: size, live: 0, own };
+    const view = new Uint8Array(ab, offset, size);
+    this.slabs.add(slab);
+    this.views.set(slab, view);
+    this.hooks.onSlab?.(view);
+    return slab;
+  }
+
+  private drop(slab: Slab): void {
+    if (!this.slabs.delete(slab)) return;
+    this.hooks.onDrop?.(this.views.get(slab)!);
+    this.allocatedBytes -= slab.capacity + PAGE;
+    // Detaching frees the memory now (nothing of it is handed out). transfer() is ES2024.
+    (slab.ab as ArrayBuffer & { transfer(length: number): ArrayBuffer }).transfer(0);
   }
 }

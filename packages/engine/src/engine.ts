@@ -400,7 +400,9 @@ class EngineImpl implements Engine {
     this.be = be;
     this.backend = be.name;
     this.arena = new BufferArena(
-      be instanceof IoUringBackend ? (mem) => be.registerBuffer(mem) : undefined,
+      be instanceof IoUringBackend
+        ? { onSlab: (mem) => be.registerBuffer(mem), onDrop: (mem) => be.unregisterBuffer(mem) }
+        : {},
     );
   }
 

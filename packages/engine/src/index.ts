@@ -10,3 +10,4 @@ export type {
 } from './engine.ts';
 export { openEngine, sharedEngine } from './engine.ts';
 export { EngineError, ErrorCode, IoError } from './errors.ts';
+export { setMallocMmapThreshold } from './native.ts';

@@ -86,7 +86,7 @@ export interface IoUringInfo {
   /** Whether a sparse registered-buffer table exists (arena slabs are registered into it
    * as long as the memlock limit allows; reads/writes into them use READ/WRITE_FIXED). */
   bufferTable: boolean;
-  /** Arena slabs registered so far. */
+  /** Arena slabs registered now. */
   registeredBuffers: number;
 }
 
@@ -133,6 +133,9 @@ export class IoUringBackend implements Backend {
   fixedIos = 0;
   /** Registered memory, by the ArrayBuffer that owns it. */
   private readonly registered = new WeakMap<ArrayBufferLike, Registered>();
+  /** Slots of the buffer table never used yet start here; freed ones are reused. */
+  private nextSlot = 0;
+  private readonly freeSlots: number[] = [];
   private readonly flushFn = (): void => this.flush();
   private readonly reapFn = (): void => {
     this.reapScheduled = false;
@@ -277,13 +280,41 @@ export class IoUringBackend implements Backend {
    * limit refuses it; the memory is then used through plain READ/WRITE.
    */
   registerBuffer(mem: Uint8Array): boolean {
-    if (!this.info.bufferTable || this.info.registeredBuffers >= BUFFER_SLOTS) return false;
-    const index = this.info.registeredBuffers;
+    if (!this.info.bufferTable) return false;
+    const index = this.freeSlots.pop() ?? this.nextSlot;
+    if (index >= BUFFER_SLOTS) return false;
     const start = addressOf(mem);
+    if (!this.updateSlot(index, start, mem.byteLength)) {
+      if (index !== this.nextSlot) this.freeSlots.push(index);
+      return false;
+    }
+    if (index === this.nextSlot) this.nextSlot++;
+    this.info.registeredBuffers++;
+    this.registered.set(mem.buffer, { index, start, end: start + mem.byteLength });
+    return true;
+  }
+
+  /**
+   * Unregisters a slab before the arena frees it (none of its requests is in flight; the
+   * kernel unpins the pages once the requests it saw with it are done). The slot is
+   * reused.
+   */
+  unregisterBuffer(mem: Uint8Array): void {
+    const reg = this.registered.get(mem.buffer);
+    if (reg === undefined) return;
+    this.registered.delete(mem.buffer);
+    // An empty iovec clears a slot of a sparse table.
+    if (!this.updateSlot(reg.index, 0, 0)) return;
+    this.info.registeredBuffers--;
+    this.freeSlots.push(reg.index);
+  }
+
+  /** IORING_REGISTER_BUFFERS_UPDATE of one slot with one iovec. */
+  private updateSlot(index: number, start: number, length: number): boolean {
     const iov = new Uint32Array(4);
     iov[0] = start >>> 0;
     iov[1] = (start / TWO32) >>> 0;
-    iov[2] = mem.byteLength;
+    iov[2] = length;
     // struct io_uring_rsrc_update2 { u32 offset; u32 resv; u64 data; u64 tags; u32 nr; u32 resv2; }
     const upd = new Uint32Array(8);
     const data = addressOf(iov);
@@ -291,10 +322,7 @@ export class IoUringBackend implements Backend {
     upd[2] = data >>> 0;
     upd[3] = (data / TWO32) >>> 0;
     upd[6] = 1;
-    if (ioUringRegister(this.ringFd, REGISTER_BUFFERS_UPDATE, upd, 32) !== 1) return false;
-    this.info.registeredBuffers++;
-    this.registered.set(mem.buffer, { index, start, end: start + mem.byteLength });
-    return true;
+    return ioUringRegister(this.ringFd, REGISTER_BUFFERS_UPDATE, upd, 32) === 1;
   }
 
   get inFlight(): number {

@@ -67,6 +67,25 @@ const statxFn = libc.func(
   'int statx(int dirfd, const char *path, int flags, uint mask, void *buf)',
 );
 const ioctlIntFn = libc.func('ioctl', 'int', ['int', 'ulong', 'void *']);
+const malloptFn = libc.func('int mallopt(int param, int value)');
+/** glibc's M_MMAP_THRESHOLD. */
+const M_MMAP_THRESHOLD = -3;
+
+/**
+ * Fixes glibc's mmap threshold at `bytes` (128 KiB is its default): blocks that large are
+ * mapped on their own and unmapped when freed. Left to itself, glibc raises the threshold
+ * to the size of the largest block freed so far (up to 32 MiB), after which such blocks
+ * come from the heap, and freed ones stay resident below any block still in use there:
+ * after a burst of large buffers the process would keep their memory. For the whole
+ * process; false where the C library has no mallopt (not glibc).
+ */
+export function setMallocMmapThreshold(bytes = 128 * 1024): boolean {
+  try {
+    return malloptFn(M_MMAP_THRESHOLD, bytes) === 1;
+  } catch {
+    return false;
+  }
+}
 
 function ret(r: number | bigint): number {
   const n = Number(r);

@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import koffi from 'koffi';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ARENA_CACHE_BYTES, BufferArena } from '../src/arena.ts';
 import { type Engine, EngineError, type EngineFile, IoError, openEngine } from '../src/index.ts';
 import { BACKENDS, rng, tempDir } from './helpers.ts';
 
@@ -504,6 +505,61 @@ describe('io_uring backend, registered buffers', () => {
       expect(big.equals(large)).toBe(true);
       await f.close();
       expect(readFileSync(path).equals(Buffer.concat([small, large]))).toBe(true);
+    } finally {
+      await engine.close();
+      tmp.cleanup();
+    }
+  });
+});
+
+describe('the buffer arena gives memory back', () => {
+  it('keeps at most its cache of free blocks: large ones and whole free slabs go at once', () => {
+    const arena = new BufferArena();
+    const MiB = 1024 * 1024;
+    // A burst: 64 large buffers (a slab each) and 2048 small ones (16 slabs of 4 MiB).
+    const large = Array.from({ length: 64 }, () => arena.alloc(2 * MiB).fill(1));
+    const small = Array.from({ length: 2048 }, () => arena.alloc(32 * 1024).fill(2));
+    expect(arena.allocatedBytes).toBeGreaterThan(190 * MiB);
+    for (const b of [...large, ...small]) arena.release(b);
+    // What is left: the cache, and the slab small blocks are carved from now (4 MiB).
+    expect(arena.cachedBytes).toBeLessThanOrEqual(ARENA_CACHE_BYTES + 4 * MiB);
+    expect(arena.allocatedBytes).toBeLessThanOrEqual(ARENA_CACHE_BYTES + 4 * MiB + 16 * 4096);
+    // The memory is freed, not left to the garbage collector: a dropped buffer is detached.
+    expect(large[63]!.length).toBe(0);
+    // And the arena still works, reusing what it kept.
+    const again = arena.alloc(32 * 1024);
+    expect(again.length).toBe(32 * 1024);
+    arena.release(again);
+  });
+
+  it('io_uring: a slab given back is unregistered, its slot reused, fixed I/O still right', async () => {
+    const tmp = tempDir();
+    const engine = await openEngine({ backend: 'io_uring' });
+    try {
+      const be = (
+        engine as unknown as { be: { fixedIos: number; info: { registeredBuffers: number } } }
+      ).be;
+      const path = tmp.file('reuse.img');
+      const f = await engine.openFile(path, { create: true, direct: true });
+      const MiB = 1024 * 1024;
+      const registered = be.info.registeredBuffers;
+      for (let round = 0; round < 3; round++) {
+        // 24 MiB of 2 MiB buffers at once: more than the cache keeps.
+        const bufs = Array.from({ length: 12 }, () => randomFillSync(engine.allocBuffer(2 * MiB)));
+        // The cache's 8 (round > 0) and new ones: 12 registered.
+        expect(be.info.registeredBuffers).toBe(registered + 12);
+        await Promise.all(bufs.map((b, i) => f.write(b, i * 2 * MiB)));
+        const back = engine.allocBuffer(2 * MiB);
+        const before = be.fixedIos;
+        await f.read(back, 22 * MiB);
+        expect(be.fixedIos).toBe(before + 1);
+        expect(back.equals(bufs[11]!)).toBe(true);
+        engine.releaseBuffer(back);
+        for (const b of bufs) engine.releaseBuffer(b);
+        // Beyond the 16 MiB cache (8 of them, and the read's one), slabs were unregistered.
+        expect(be.info.registeredBuffers).toBe(registered + 8);
+      }
+      await f.close();
     } finally {
       await engine.close();
       tmp.cleanup();

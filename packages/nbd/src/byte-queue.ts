@@ -26,6 +26,24 @@ export class ByteQueue {
     return out;
   }
 
+  /** The first `n` bytes (n <= length), left in the queue; a view when contiguous. */
+  peek(n: number): Buffer {
+    const first = this.chunks[0];
+    if (first !== undefined && first.length - this.head >= n) {
+      return first.subarray(this.head, this.head + n);
+    }
+    const out = Buffer.allocUnsafe(n);
+    let done = 0;
+    for (let i = 0; done < n; i++) {
+      const c = this.chunks[i]!;
+      const from = i === 0 ? this.head : 0;
+      const count = Math.min(c.length - from, n - done);
+      out.set(c.subarray(from, from + count), done);
+      done += count;
+    }
+    return out;
+  }
+
   /** Moves the first `n` bytes (n <= length) into `dst` at `at`. */
   copyInto(dst: Uint8Array, at: number, n: number): void {
     let done = 0;

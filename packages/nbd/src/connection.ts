@@ -1,7 +1,9 @@
 // One client connection of the NBD server: the fixed newstyle negotiation, then the
 // transmission phase. One receive loop parses requests and starts each on its own (up to
-// maxInFlight, beyond which the socket is no longer read); replies leave through the
-// connection's one send queue.
+// maxInFlight, and while the server's memory budget admits its data; otherwise the socket
+// is no longer read); replies leave through the connection's one send queue. READs and
+// WRITEs larger than STREAM_PIECE are streamed in pieces (read-stream.ts,
+// write-stream.ts).
 
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -9,6 +11,7 @@ import type { BufferPool } from './buffer-pool.ts';
 import { ByteQueue } from './byte-queue.ts';
 import { NbdError } from './errors.ts';
 import type { BlockSizeConstraints, ExportTarget, Extent } from './export-target.ts';
+import { type BudgetAccount, type MemoryBudget, STREAM_PIECE } from './memory-budget.ts';
 import {
   ChunkType,
   Command,
@@ -40,8 +43,10 @@ import {
   TransmissionFlag,
   WireError,
 } from './protocol.ts';
+import { ReadStream, type Segment, type StreamHost, type StreamOutcome } from './read-stream.ts';
 import { SendQueue } from './send-queue.ts';
 import { type ServerTls, startServerTls } from './server-tls.ts';
+import { type WriteOutcome, WriteStream, type WriteStreamHost } from './write-stream.ts';
 
 /** Per-export counters. */
 export interface ExportStats {
@@ -76,8 +81,8 @@ export interface ConnectionHost {
   readonly tls: ServerTls;
   readonly handshakeTimeoutMs: number;
   readonly maxInFlight: number;
-  /** Request data (READ lengths, WRITE payloads) in flight beyond which reading stops. */
-  readonly maxBytesInFlight: number;
+  /** The memory budget for request data, shared by the server's connections. */
+  readonly budget: MemoryBudget;
   /** Buffers for payloads and replies, shared by the server's connections. */
   readonly pool: BufferPool;
   /** The export a client asking for `name` gets ('' is the default export), if any. */
@@ -111,8 +116,10 @@ interface Request {
   readonly ids: Buffer;
   readonly offset: number;
   readonly length: number;
-  /** Bytes of data it carries (READ length, WRITE payload), for the byte budget. */
+  /** Bytes of the memory budget it holds until done (one piece for a streamed WRITE). */
   readonly cost: number;
+  /** A streamed READ: it runs on the connection's stream slot. */
+  readonly streamed: boolean;
 }
 
 interface PendingWrite {
@@ -189,7 +196,15 @@ export class Connection {
   private skipBytes = 0;
   private afterSkip: (() => void) | undefined;
   private skipReq: Request | undefined;
-  private bytesInFlight = 0;
+  /** This connection's part of the memory budget. */
+  private readonly account: BudgetAccount;
+  /** Streamed READs in order; the first one holds the send queue. */
+  private readonly streams: ReadStream[] = [];
+  /** Streamed READs admitted and not done, and whether the slot they share is held. */
+  private streamedReads = 0;
+  private streamSlot = false;
+  /** A streamed WRITE whose payload is still being taken from the socket. */
+  private writeStream: WriteStream | undefined;
   private socketClosed = false;
   private finalized = false;
 
@@ -198,6 +213,7 @@ export class Connection {
     this.raw = raw;
     this.socket = raw;
     this.host = host;
+    this.account = host.budget.account(this.onRoom);
     this.remoteAddress = raw.remoteAddress ?? 'unix';
     this.remotePort = raw.remotePort;
     this.sendQueue = new SendQueue(raw);
@@ -225,6 +241,11 @@ export class Connection {
       );
       this.destroy();
     });
+  }
+
+  /** The client asked to disconnect (NBD_CMD_DISC), broke the protocol or is gone. */
+  get leaving(): boolean {
+    return this.phase === 'closing' || this.phase === 'closed';
   }
 
   /** Hard disconnect: the socket goes at once; what is in flight completes unanswered. */
@@ -278,7 +299,17 @@ export class Connection {
       this.skipBytes = 0;
       this.done(skipped);
     }
+    const ws = this.writeStream;
+    this.writeStream = undefined;
+    ws?.abort();
+    for (const stream of [...this.streams]) stream.abort();
+    this.account.close();
     this.maybeFinalize();
+  };
+
+  /** The memory budget may have room for what this connection waits for. */
+  private readonly onRoom = (): void => {
+    if (this.phase === 'transmission') this.pump();
   };
 
   private read(n: number): Promise<Buffer> {
@@ -645,6 +676,16 @@ export class Connection {
         then?.();
         continue;
       }
+      const ws = this.writeStream;
+      if (ws !== undefined) {
+        if (!ws.consume(q)) {
+          if (ws.waiting) this.pauseReading();
+          else this.resumeReading();
+          return;
+        }
+        this.writeStream = undefined;
+        continue;
+      }
       const pw = this.pendingWrite;
       if (pw !== undefined) {
         const n = Math.min(q.length, pw.buf.length - pw.filled);
@@ -658,10 +699,7 @@ export class Connection {
         this.startWrite(pw.req, pw.buf, true);
         continue;
       }
-      if (
-        this.inFlight >= this.host.maxInFlight ||
-        (this.bytesInFlight >= this.host.maxBytesInFlight && this.inFlight > 0)
-      ) {
+      if (this.inFlight >= this.host.maxInFlight) {
         this.pauseReading();
         return;
       }
@@ -671,8 +709,23 @@ export class Connection {
         this.resumeReading();
         return;
       }
+      // The request's data must fit this connection's share of the memory budget: if
+      // not, the socket is not read until it does (onRoom or a request of ours done).
+      const header = q.peek(headerBytes);
+      const [cost, streamed] = this.costOf(header);
+      if (!this.account.admit(cost)) {
+        this.pauseReading();
+        return;
+      }
+      if (streamed) {
+        // The stream slot: one piece for the streamed READ running, handed from one to
+        // the next while any is pending (one runs at a time: it holds the send queue).
+        this.streamedReads++;
+        if (cost > 0) this.streamSlot = true;
+      }
       try {
-        this.request(q.take(headerBytes));
+        q.skip(headerBytes);
+        this.request(header, streamed ? 0 : cost, streamed);
       } catch (err) {
         // A bug or a target that threw where it should have rejected: this connection
         // goes, the server stays.
@@ -689,10 +742,36 @@ export class Connection {
     }
   }
 
-  private request(h: Buffer): void {
+  /**
+   * The budget a request takes when admitted: the buffer it needs (a READ's data, a
+   * WRITE's payload), or one piece for one streamed in pieces (a READ: the connection's
+   * stream slot, unless it holds it already); and whether it is a streamed READ.
+   */
+  private costOf(h: Buffer): [number, boolean] {
+    const extended = this.mode === MODE_EXTENDED;
+    const flags = h.readUInt16BE(4);
+    const type = h.readUInt16BE(6);
+    const length = extended
+      ? h.readUInt32BE(24) * 2 ** 32 + h.readUInt32BE(28)
+      : h.readUInt32BE(24);
+    const data =
+      type === Command.READ ||
+      type === Command.WRITE ||
+      (extended && (flags & CommandFlag.PAYLOAD_LEN) !== 0)
+        ? length
+        : 0;
+    if (type === Command.READ && length > STREAM_PIECE) {
+      return [this.streamSlot ? 0 : STREAM_PIECE, true];
+    }
+    return [Math.min(data, STREAM_PIECE), false];
+  }
+
+  private request(h: Buffer, cost: number, streamed = false): void {
     const extended = this.mode === MODE_EXTENDED;
     const magic = h.readUInt32BE(0);
     if (magic !== (extended ? EXTENDED_REQUEST_MAGIC : REQUEST_MAGIC)) {
+      this.account.give(cost);
+      if (streamed) this.streamedReadDone();
       this.violation(`bad request magic 0x${magic.toString(16)}`);
       return;
     }
@@ -703,12 +782,12 @@ export class Connection {
       ? h.readUInt32BE(24) * 2 ** 32 + h.readUInt32BE(28)
       : h.readUInt32BE(24);
     if (type === Command.DISC) {
+      this.account.give(cost);
       this.disconnectRequested();
       return;
     }
     const payload =
       type === Command.WRITE || (extended && (flags & CommandFlag.PAYLOAD_LEN) !== 0) ? length : 0;
-    const cost = Math.min(type === Command.READ ? length : payload, MAX_PAYLOAD_BYTES);
     const req: Request = {
       type,
       flags,
@@ -716,9 +795,9 @@ export class Connection {
       offset,
       length,
       cost,
+      streamed,
     };
     const exp = this.export!;
-    this.bytesInFlight += cost;
     this.inFlight++;
     exp.stats.inFlight++;
     exp.stats.requests++;
@@ -741,6 +820,10 @@ export class Connection {
         return;
       }
       const t = exp.target;
+      if (refusal === undefined && payload > STREAM_PIECE) {
+        this.streamWrite(req);
+        return;
+      }
       if (refusal === undefined && t.allocBuffer === undefined && this.q.length >= payload) {
         // A view of the received bytes: no copy, and not ours to recycle.
         this.startWrite(req, this.q.take(payload), false);
@@ -855,13 +938,18 @@ export class Connection {
     }
   }
 
-  private complete(req: Request, op: Promise<void> | undefined): void {
+  /** Answers `req` once `op` settles (`ok` runs first on success). */
+  private complete(req: Request, op: Promise<void> | undefined, ok?: () => void): void {
     if (op === undefined) {
+      ok?.();
       this.replyOk(req);
       return;
     }
     op.then(
-      () => this.replyOk(req),
+      () => {
+        ok?.();
+        this.replyOk(req);
+      },
       (err: unknown) => this.targetFailed(req, err),
     );
   }
@@ -959,6 +1047,41 @@ export class Connection {
     );
   }
 
+  /** A WRITE whose payload is larger than STREAM_PIECE: taken and written in pieces. */
+  private streamWrite(req: Request): void {
+    const exp = this.export!;
+    const t = exp.target;
+    const fua = (req.flags & CommandFlag.FUA) !== 0;
+    const host: WriteStreamHost = {
+      target: t,
+      account: this.account,
+      alloc: (n) => this.alloc(n),
+      free: (b) => this.free(b),
+      resume: () => {
+        if (this.phase === 'transmission') this.pump();
+      },
+    };
+    const done = (outcome: WriteOutcome): void => {
+      if (outcome === 'aborted') {
+        this.done(req);
+      } else if (outcome !== 'written') {
+        this.targetFailed(req, outcome.error);
+      } else {
+        const flushed = fua && !t.nativeFua && t.flush ? attempt(() => t.flush!()) : undefined;
+        this.complete(req, flushed, () => {
+          exp.stats.bytesWritten += req.length;
+        });
+      }
+    };
+    this.writeStream = new WriteStream(
+      host,
+      req.offset,
+      req.length,
+      fua && t.nativeFua === true,
+      done,
+    );
+  }
+
   /** A buffer for request data: the target's (e.g. aligned arena memory) or the pool's. */
   private alloc(length: number): Uint8Array {
     const t = this.export!.target;
@@ -983,6 +1106,10 @@ export class Connection {
         return;
       }
       this.sendChunks(req, [[ChunkType.NONE, EMPTY]]);
+      return;
+    }
+    if (req.length > STREAM_PIECE) {
+      this.streamRead(req).catch((err: unknown) => this.targetFailed(req, err));
       return;
     }
     if (this.mode !== MODE_SIMPLE && (req.flags & CommandFlag.DF) === 0 && t.blockStatus) {
@@ -1038,6 +1165,108 @@ export class Connection {
         this.targetFailed(req, err);
       },
     );
+  }
+
+  /**
+   * A READ larger than STREAM_PIECE, streamed in pieces (read-stream.ts). Structured
+   * without DF: the holes the target reports cheaply go out as OFFSET_HOLE chunks.
+   */
+  private async streamRead(req: Request): Promise<void> {
+    const exp = this.export!;
+    const t = exp.target;
+    const single = this.mode === MODE_SIMPLE || (req.flags & CommandFlag.DF) !== 0;
+    const segments: Segment[] = [];
+    if (!single && t.blockStatus) {
+      let pos = req.offset;
+      for (const e of await this.extents(req.offset, req.length)) {
+        const last = segments[segments.length - 1];
+        if (last !== undefined && last.zero === e.zero) last.length += e.length;
+        else segments.push({ offset: pos, length: e.length, zero: e.zero });
+        pos += e.length;
+      }
+    } else {
+      segments.push({ offset: req.offset, length: req.length, zero: false });
+    }
+    const host: StreamHost = {
+      target: t,
+      account: this.account,
+      sendQueue: this.sendQueue,
+      isClosed: () => this.socketClosed,
+      alloc: (n) => this.alloc(n),
+      free: (b) => this.free(b),
+      header: (what) => this.streamHeader(req, what),
+      fatal: (err) => {
+        this.host.error(
+          this,
+          new NbdError(
+            'ERR_VMDISK_NBD_TARGET_ERROR',
+            `read at ${req.offset} length ${req.length} failed after its reply began; disconnecting: ${String(err)}`,
+            { cause: err },
+          ),
+        );
+        this.destroy();
+      },
+      describe: (err) => [wireErrno(err), err instanceof Error ? err.message : String(err)],
+    };
+    const stream = new ReadStream(host, segments, single, (outcome) =>
+      this.streamDone(req, stream, outcome),
+    );
+    this.streams.push(stream);
+    if (this.socketClosed) stream.abort();
+    else if (this.streams[0] === stream) stream.start();
+  }
+
+  private streamDone(req: Request, stream: ReadStream, outcome: StreamOutcome): void {
+    const exp = this.export!;
+    const i = this.streams.indexOf(stream);
+    if (i >= 0) this.streams.splice(i, 1);
+    if (outcome === 'sent') {
+      exp.stats.bytesRead += req.length;
+      this.done(req);
+    } else if (outcome === 'aborted') {
+      this.done(req);
+    } else if (outcome.answered) {
+      exp.stats.errors++;
+      this.done(req);
+    } else {
+      this.targetFailed(req, outcome.error);
+    }
+    const next = this.streams[0];
+    if (i === 0 && next !== undefined && !this.socketClosed) next.start();
+  }
+
+  /** The headers of a streamed READ's reply (see StreamHost.header). */
+  private streamHeader(req: Request, what: Parameters<StreamHost['header']>[0]): Buffer {
+    if ('single' in what) {
+      if (this.mode === MODE_SIMPLE) {
+        const h = Buffer.allocUnsafe(16);
+        this.simpleHeader(h, req, 0);
+        return h;
+      }
+      const h = Buffer.allocUnsafe(this.mode === MODE_EXTENDED ? 40 : 28);
+      const at = this.chunkHeader(h, req, REPLY_FLAG_DONE, ChunkType.OFFSET_DATA, 8 + req.length);
+      req.ids.copy(h, at, 8, 16);
+      return h;
+    }
+    if ('errno' in what) {
+      let msg = Buffer.from(what.message, 'utf8');
+      if (msg.length > MAX_STRING_BYTES) msg = msg.subarray(0, MAX_STRING_BYTES);
+      const h = Buffer.allocUnsafe((this.mode === MODE_EXTENDED ? 32 : 20) + 6 + msg.length);
+      const at = this.chunkHeader(h, req, REPLY_FLAG_DONE, ChunkType.ERROR, 6 + msg.length);
+      h.writeUInt32BE(what.errno, at);
+      h.writeUInt16BE(msg.length, at + 4);
+      msg.copy(h, at + 6);
+      return h;
+    }
+    const flags = what.done ? REPLY_FLAG_DONE : 0;
+    const hole = 'hole' in what;
+    const body = hole ? 12 : 8;
+    const h = Buffer.allocUnsafe((this.mode === MODE_EXTENDED ? 32 : 20) + body);
+    const type = hole ? ChunkType.OFFSET_HOLE : ChunkType.OFFSET_DATA;
+    const at = this.chunkHeader(h, req, flags, type, hole ? 12 : 8 + what.length);
+    writeU64(h, at, what.offset);
+    if (hole) h.writeUInt32BE(what.length, at + 8);
+    return h;
   }
 
   /** A structured read that sends zero extents as OFFSET_HOLE chunks. */
@@ -1257,13 +1486,22 @@ export class Connection {
 
   /** A request is over (its reply sent or dropped). */
   private done(req: Request): void {
-    this.bytesInFlight -= req.cost;
+    this.account.give(req.cost);
+    if (req.streamed) this.streamedReadDone();
     this.inFlight--;
     this.export!.stats.inFlight--;
     if (this.phase === 'transmission') {
       if (this.readingPaused || this.q.length > 0) this.pump();
     } else {
       this.maybeFinalize();
+    }
+  }
+
+  /** The last streamed READ pending gives the stream slot back. */
+  private streamedReadDone(): void {
+    if (--this.streamedReads === 0 && this.streamSlot) {
+      this.streamSlot = false;
+      this.account.give(STREAM_PIECE);
     }
   }
 

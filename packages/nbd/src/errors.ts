@@ -16,6 +16,7 @@ export class NbdError extends Error {
 //   ERR_VMDISK_NBD_INVALID_ARGUMENT     a bad option given to the server, an export or a target
 //   ERR_VMDISK_NBD_EXPORT_EXISTS        addExport with a name already taken
 //   ERR_VMDISK_NBD_NO_SUCH_EXPORT       removeExport/exportStats of a name that is not there
+//   ERR_VMDISK_NBD_EXPORT_IN_USE        a safe removeExport while clients are attached
 //   ERR_VMDISK_NBD_SERVER_CLOSED        the server is closed (or closing)
 //   ERR_VMDISK_NBD_PSK_FILE             a PSK file that cannot be read or parsed
 // Codes carried by the server's 'error' events (the server keeps serving):

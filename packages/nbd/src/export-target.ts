@@ -5,7 +5,9 @@
 // Preconditions the server guarantees (a target does not re-check them): every request
 // is in bounds (offset + length <= size(), checked without overflow), lengths are > 0
 // and at most the advertised maximum block size, and write/trim/writeZeroes are only
-// called on a writable export. Requests may run concurrently.
+// called on a writable export. Requests may run concurrently. A buffer given to read or
+// write is the target's only until the promise settles: the server then reuses or frees
+// it (a target that keeps data copies it).
 //
 // Errors: a target rejects with an Error whose `errnoName` (or, for Node system errors,
 // `code`) is an errno name such as 'EIO', 'ENOSPC', 'EPERM', 'EINVAL', 'ENOTSUP'; the

@@ -14,6 +14,7 @@ import {
 } from './connection.ts';
 import { NbdError, NbdSystemError } from './errors.ts';
 import type { BlockSizeConstraints, ExportTarget } from './export-target.ts';
+import { DEFAULT_MEMORY_BUDGET, MemoryBudget } from './memory-budget.ts';
 import { MAX_PAYLOAD_BYTES, MAX_STRING_BYTES } from './protocol.ts';
 import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
 import { listenUnixSocket } from './unix-socket.ts';
@@ -28,10 +29,16 @@ export interface NbdServerOptions {
   /** Requests served at once per connection; at the limit the socket is not read (16). */
   maxInFlight?: number;
   /**
-   * Request data (READ lengths and WRITE payloads) in flight per connection beyond which
-   * the socket is not read either (default 64 MiB; one request is always admitted).
+   * Bytes of request data in flight, all connections together: READ data read and not
+   * yet handed to the kernel, WRITE payloads received and not yet written. Default 256
+   * MiB: 64 busy connections each with a full window of 16 x 256 KiB requests. Each
+   * connection has a share (the budget divided among the connections using it, at most
+   * 1/64 of it but at least 2 MiB); a connection at its share, or when the budget is
+   * full, stops reading its socket until its requests finish. READs and WRITEs over 1 MiB
+   * are served in 1 MiB pieces that take budget each, so a client that never reads its
+   * replies holds at most 2 MiB of them; a request larger than the budget progresses alone.
    */
-  maxBytesInFlight?: number;
+  requestMemoryBudget?: number;
   /** The export a client asking for "" gets when none is named "" (default: the only one). */
   defaultExport?: string;
   tls?: NbdServerTlsOptions;
@@ -124,6 +131,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   private readonly drainWaiters = new Map<ExportEntry, Array<() => void>>();
   private readonly closeWaiters = new Map<Connection, () => void>();
   private readonly host: ConnectionHost;
+  private readonly budget: MemoryBudget;
   private readonly maxConnections: number;
   private readonly defaultExport: string | undefined;
   private nextId = 1;
@@ -135,8 +143,11 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     this.defaultExport = options.defaultExport;
     const handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     const maxInFlight = options.maxInFlight ?? 16;
-    const maxBytesInFlight = options.maxBytesInFlight ?? 64 * 1024 * 1024;
-    if (!(maxBytesInFlight > 0)) throw invalid('maxBytesInFlight: > 0');
+    const budget = options.requestMemoryBudget ?? DEFAULT_MEMORY_BUDGET;
+    if (!(Number.isSafeInteger(budget) && budget > 0)) {
+      throw invalid('requestMemoryBudget: an integer > 0 (bytes)');
+    }
+    this.budget = new MemoryBudget(budget);
     if (!(Number.isInteger(maxInFlight) && maxInFlight >= 1)) {
       throw invalid('maxInFlight: an integer >= 1');
     }
@@ -146,7 +157,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       tls,
       handshakeTimeoutMs,
       maxInFlight,
-      maxBytesInFlight,
+      budget: this.budget,
       pool: new BufferPool(),
       findExport: (name) => this.findExport(name),
       listExports: () => [...this.exports.values()].filter((e) => !e.removing),
@@ -230,12 +241,17 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   }
 
   /**
-   * Removes an export, as an asynchronous operation of @vmdisk/ao. 'safe': no new clients,
-   * completes once the connected ones have gone; 'hard': disconnects them and completes
-   * once nothing of theirs is in flight. Either way the target is no longer touched when
-   * it completes. Aborting a safe removal (`handle.abort()` or `options.signal`) turns it
-   * into a hard one. Without `how` it returns a promise; with `{ callback }` or
-   * `{ forEvent, queue }` a handle. An unknown export is an initiation failure.
+   * Removes an export, as an asynchronous operation of @vmdisk/ao, with QEMU's
+   * block-export-del semantics. 'safe' (the default): refused while clients are attached
+   * to the export (ERR_VMDISK_NBD_EXPORT_IN_USE, an initiation failure: nothing changes,
+   * they go on being served); clients that sent NBD_CMD_DISC are leaving, not attached,
+   * and finish their requests. 'hard': the attached clients are disconnected. Either way
+   * no new client gets the export, and it completes once nothing of the clients' is in
+   * flight: the target is no longer touched. Clients still negotiating are not attached:
+   * they can no longer choose the export. Without `how` it
+   * returns a promise (rejected on an initiation failure); with `{ callback }` or
+   * `{ forEvent, queue }` a handle (an initiation failure is thrown). An unknown export is
+   * an initiation failure; a hard removal of an export already being removed joins it.
    */
   removeExport(name: string, mode?: 'safe' | 'hard'): AoPromise<void>;
   removeExport(
@@ -253,10 +269,17 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     return runAo<void>(
       'nbd.removeExport',
       how,
-      (ao) => {
+      () => {
         const exp = this.exports.get(name);
         if (exp === undefined) {
           throw new NbdError('ERR_VMDISK_NBD_NO_SUCH_EXPORT', `no export "${name}"`);
+        }
+        const n = [...exp.connections].filter((c) => !c.leaving).length;
+        if (mode === 'safe' && n > 0) {
+          throw new NbdError(
+            'ERR_VMDISK_NBD_EXPORT_IN_USE',
+            `export "${name}" still in use (${n} client${n === 1 ? '' : 's'} connected)`,
+          );
         }
         exp.removing = true;
         const drained = new Promise<void>((resolve) => {
@@ -264,13 +287,10 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
           list.push(resolve);
           this.drainWaiters.set(exp, list);
         });
-        const hard = () => {
-          for (const conn of exp.connections) conn.destroy();
-        };
-        if (mode === 'hard') hard();
-        else ao.signal.addEventListener('abort', hard, { once: true });
+        // Those leaving (after NBD_CMD_DISC) finish their requests either way.
+        if (mode === 'hard') for (const conn of exp.connections) conn.destroy();
         this.checkDrained(exp);
-        return drained.finally(() => ao.signal.removeEventListener('abort', hard));
+        return drained;
       },
       options,
     ) as AoPromise<void> | AoHandle<void>;
@@ -293,6 +313,11 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     if (exp === undefined)
       throw new NbdError('ERR_VMDISK_NBD_NO_SUCH_EXPORT', `no export "${name}"`);
     return { ...exp.stats };
+  }
+
+  /** The request memory budget (bytes) and how much of it the connections hold now. */
+  get requestMemory(): { budget: number; inUse: number } {
+    return { budget: this.budget.limit, inUse: this.budget.used };
   }
 
   /** Connections open now, in any phase. */

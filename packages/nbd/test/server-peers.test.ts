@@ -138,7 +138,7 @@ describe('NbdServer against qemu, libnbd and fio', () => {
     }
     expect(got).toEqual(want);
     expect(want.length).toBeGreaterThanOrEqual(5);
-    await s.server.removeExport('map');
+    await s.server.removeExport('map', 'hard');
   });
 
   it('nbdinfo --map=qemu:allocation-depth shows the depth a target reports', async () => {
@@ -177,7 +177,7 @@ describe('NbdServer against qemu, libnbd and fio', () => {
       [MiB, MiB, 2],
       [2 * MiB, 2 * MiB, 0],
     ]);
-    await s.server.removeExport('layers');
+    await s.server.removeExport('layers', 'hard');
   });
 
   it('qemu-io over a unix socket listener', async () => {

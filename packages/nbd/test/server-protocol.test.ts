@@ -15,7 +15,7 @@ import {
   WireError,
 } from '../src/protocol.ts';
 import { RawNbd, replyError } from './raw-nbd.ts';
-import { type Started, startServer, stillServes, tempDir } from './server-helpers.ts';
+import { type Started, startServer, stillServes, tempDir, until } from './server-helpers.ts';
 
 const SIZE = 4 * 1024 * 1024;
 const pattern = (n: number, seed: number): Buffer => {
@@ -185,7 +185,7 @@ describe('NbdServer over a raw socket', () => {
       expect((await nbd.go('watched')).pop()!.type).toBe(OptionReply.ACK);
       expect(calls).toContain('size');
       nbd.destroy();
-      await s.server.removeExport('watched');
+      await s.server.removeExport('watched', 'hard');
     });
 
     it('ABORT gets an ACK and the connection closes', async () => {
@@ -271,7 +271,7 @@ describe('NbdServer over a raw socket', () => {
         depth.readUInt32BE(16),
       ]).toEqual([65536, 2, (1 << 20) - 65536, 0]);
       nbd.destroy();
-      await s.server.removeExport('deep');
+      await s.server.removeExport('deep', 'hard');
     });
   });
 
@@ -647,7 +647,7 @@ describe('NbdServer over a raw socket', () => {
       nbd.request({ type: Command.READ, cookie: 99n, offset: 4096n, length: 512 });
       expect(replyError(await nbd.reply())).toBe(0);
       nbd.destroy();
-      await s.server.removeExport('faulty');
+      await s.server.removeExport('faulty', 'hard');
       expect(errors.some((e) => e.error.code === 'ERR_VMDISK_NBD_TARGET_ERROR')).toBe(true);
       await expectServing();
     });
@@ -683,7 +683,7 @@ describe('NbdServer over a raw socket', () => {
       expect(await nbd.simpleReply()).toEqual({ error: 0, cookie: 4n });
       expect((await nbd.read(4096)).equals(small)).toBe(true);
       nbd.destroy();
-      await s.server.removeExport('arena');
+      await s.server.removeExport('arena', 'hard');
       expect(given).toBe(2);
       expect(released).toBe(2);
     });
@@ -730,7 +730,7 @@ describe('NbdServer over a raw socket', () => {
     });
   });
 
-  it('stops reading a connection at maxInFlight (or maxBytesInFlight) until a request completes', async () => {
+  it('stops reading a connection at maxInFlight (or at its share of requestMemoryBudget) until a request completes', async () => {
     const mem2 = new MemoryTarget(4 << 20);
     let running = 0;
     let peak = 0;
@@ -746,7 +746,7 @@ describe('NbdServer over a raw socket', () => {
     };
     for (const [options, length, expected] of [
       [{ maxInFlight: 3 }, 512, 3],
-      [{ maxInFlight: 16, maxBytesInFlight: 64 * 1024 }, 32 * 1024, 2],
+      [{ maxInFlight: 16, requestMemoryBudget: 64 * 1024 }, 32 * 1024, 2],
     ] as const) {
       peak = 0;
       const t = await startServer([{ name: 'g', target: gated }], options);
@@ -788,27 +788,27 @@ describe('NbdServer over a raw socket', () => {
     await t.server.close();
   });
 
-  it('removeExport: safe waits for clients to go, hard disconnects them', async () => {
+  it('removeExport: safe is refused while a client is attached, hard disconnects', async () => {
     const t = await startServer([
       { name: 'a', target: new MemoryTarget(1 << 20), writable: true },
       { name: 'b', target: new MemoryTarget(1 << 20) },
     ]);
     const a = await RawNbd.open(t.port, 'a');
-    let safeDone = false;
-    const safe = t.server.removeExport('a', 'safe').then(() => {
-      safeDone = true;
+    await expect(t.server.removeExport('a', 'safe')).rejects.toMatchObject({
+      code: 'ERR_VMDISK_NBD_EXPORT_IN_USE',
     });
-    // No new clients, but the connected one is still served.
+    // Nothing changed: new clients still get the export, the connected one is served.
     const late = await RawNbd.connect(t.port);
     await late.handshake();
-    expect((await late.go('a')).pop()!.type).toBe(OptionReply.ERR_UNKNOWN);
+    expect((await late.go('a')).pop()!.type).toBe(OptionReply.ACK);
     late.destroy();
     a.nbd.request({ type: Command.READ, cookie: 1n, length: 16 });
     expect((await a.nbd.simpleReply()).error).toBe(0);
     await a.nbd.read(16);
-    expect(safeDone).toBe(false);
     a.nbd.request({ type: Command.DISC, cookie: 2n, length: 0 });
-    await safe;
+    expect(await a.nbd.closedWithin()).toBe(true);
+    await until('the client to leave', () => t.server.exportStats('a').connections === 0);
+    await t.server.removeExport('a', 'safe');
     expect(t.server.listExports().map((e) => e.name)).toEqual(['b']);
     const b = await RawNbd.open(t.port, 'b');
     await t.server.removeExport('b', 'hard');
@@ -851,6 +851,51 @@ describe('NbdServer over a raw socket', () => {
     await removal;
     expect(finished).toBe(1);
     expect(t.server.listExports()).toEqual([]);
+    await t.server.close();
+  });
+
+  it('removeExport safe: a client that sent NBD_CMD_DISC is leaving, not in the way; its read finishes first', async () => {
+    const backing = new MemoryTarget(1 << 20);
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    let started = 0;
+    let finished = 0;
+    const gated: ExportTarget = {
+      size: () => backing.size(),
+      read: async (o, b) => {
+        started++;
+        await gate;
+        await backing.read(o, b);
+        finished++;
+      },
+    };
+    const t = await startServer([{ name: 'g', target: gated }]);
+    const { nbd } = await RawNbd.open(t.port, 'g');
+    // READ then DISC in one segment: both parsed in one turn, the read started.
+    const header = (type: number, cookie: number, length: number) => {
+      const h = Buffer.alloc(28);
+      h.writeUInt32BE(0x25609513, 0);
+      h.writeUInt16BE(type, 6);
+      h.writeUInt32BE(cookie, 12);
+      h.writeUInt32BE(length, 24);
+      return h;
+    };
+    nbd.write(Buffer.concat([header(Command.READ, 1, 512), header(Command.DISC, 2, 0)]));
+    await until('the read to start', () => started === 1);
+    let removed = false;
+    const removal = t.server.removeExport('g', 'safe').then(() => {
+      removed = true;
+    });
+    expect(t.server.listExports()).toMatchObject([{ name: 'g', removing: true }]);
+    open();
+    // The leaving client still gets its reply, then the export is gone.
+    expect((await nbd.simpleReply()).error).toBe(0);
+    await removal;
+    expect(removed && finished === 1).toBe(true);
+    expect(t.server.listExports()).toEqual([]);
+    nbd.destroy();
     await t.server.close();
   });
 

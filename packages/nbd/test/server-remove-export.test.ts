@@ -1,10 +1,11 @@
-// removeExport as an asynchronous operation of @vmdisk/ao: promise, callback and event
-// modes; safe removal waits for connected clients, an abort turns it hard; an unknown
-// export is an initiation failure; no ao is left behind.
+// removeExport as an asynchronous operation of @vmdisk/ao, with QEMU's block-export-del
+// semantics: a safe removal is refused while clients are attached and changes nothing, a
+// hard one disconnects them; promise, callback and event modes; an unknown export is an
+// initiation failure; no ao is left behind. Our client and qemu-io are the peers.
 import { assertNoLiveAos, EventQueue, type OperationCompleteEvent } from '@vmdisk/ao';
 import { afterEach, describe, expect, it } from 'vitest';
 import { MemoryTarget, NbdClient, NbdError } from '../src/index.ts';
-import { startServer } from './server-helpers.ts';
+import { QemuIoSession, startServer, until } from './server-helpers.ts';
 
 afterEach(() => assertNoLiveAos());
 
@@ -17,20 +18,50 @@ async function serverWithClient() {
 }
 
 describe('NbdServer.removeExport as an ao', () => {
-  it('safe: refuses new clients at once and completes only after the connected client leaves', async () => {
+  it('safe: refused while a client is attached, and nothing changes; allowed once it left', async () => {
     const { server, client, uri } = await serverWithClient();
     try {
-      let done = false;
-      const removal = server.removeExport('disk', 'safe').then(() => {
-        done = true;
+      await expect(server.removeExport('disk', 'safe')).rejects.toMatchObject({
+        code: 'ERR_VMDISK_NBD_EXPORT_IN_USE',
+        message: 'export "disk" still in use (1 client connected)',
       });
-      await expect(NbdClient.connect(uri('disk'))).rejects.toThrow();
+      expect(() => server.removeExport('disk', 'safe', { callback: () => {} })).toThrow(
+        /still in use/,
+      );
+      // Still exported and served: the client reads and writes, a new one connects.
+      expect(server.listExports()).toMatchObject([{ name: 'disk', removing: false }]);
       await client.write(0, new Uint8Array(4096).fill(7));
-      expect(done).toBe(false);
+      expect((await client.read(0, 4096)).every((b) => b === 7)).toBe(true);
+      const second = await NbdClient.connect(uri('disk'));
+      await second.close();
       await client.close();
-      await removal;
+      // The server has seen both leave once the export's connection count is 0.
+      await until('both clients to leave', () => server.exportStats('disk').connections === 0);
+      await server.removeExport('disk', 'safe');
       expect(server.listExports()).toEqual([]);
+      await expect(NbdClient.connect(uri('disk'))).rejects.toThrow();
     } finally {
+      client.destroy();
+      await server.close();
+    }
+  });
+
+  it('with qemu-io holding a connection: safe is refused and qemu-io reads on; hard disconnects it', async () => {
+    const { server, client, uri } = await serverWithClient();
+    await client.close();
+    const qemuIo = await QemuIoSession.open(['-f', 'raw', uri('disk')]);
+    try {
+      await until('qemu-io to attach', () => server.exportStats('disk').connections === 1);
+      expect(await qemuIo.command('write -P 0x5c 0 64k')).toMatch(/wrote 65536\/65536 bytes/);
+      await expect(server.removeExport('disk')).rejects.toMatchObject({
+        code: 'ERR_VMDISK_NBD_EXPORT_IN_USE',
+      });
+      expect(await qemuIo.command('read -P 0x5c 0 64k')).toMatch(/read 65536\/65536 bytes/);
+      await server.removeExport('disk', 'hard');
+      expect(server.listExports()).toEqual([]);
+      expect(await qemuIo.command('read 0 4k')).toMatch(/read failed/);
+    } finally {
+      await qemuIo.kill();
       await server.close();
     }
   });
@@ -60,15 +91,15 @@ describe('NbdServer.removeExport as an ao', () => {
     }
   });
 
-  it('for an event: OPERATION_COMPLETE with the cookie on the queue; an abort makes a safe removal hard', async () => {
+  it('for an event: OPERATION_COMPLETE with the cookie on the queue once the client is gone', async () => {
     const { server, client } = await serverWithClient();
     try {
       const queue = new EventQueue<OperationCompleteEvent>();
-      const handle = server.removeExport('disk', 'safe', { forEvent: 'remove-disk', queue });
+      server.removeExport('disk', 'hard', { forEvent: 'remove-disk', queue });
       expect(queue.check()).toBeUndefined();
-      handle.abort(new Error('operator is impatient'));
       const event = await queue.wait();
       expect(event).toMatchObject({ type: 'OPERATION_COMPLETE', forUser: 'remove-disk' });
+      expect(server.listExports()).toEqual([]);
       await expect(client.read(0, 512)).rejects.toThrow();
     } finally {
       client.destroy();

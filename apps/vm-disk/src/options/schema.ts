@@ -16,6 +16,7 @@ import {
   keyString,
   keyUint,
   type OptionSyntax,
+  optionExpects,
   optionMissing,
 } from '@vmdisk/block-graph';
 
@@ -27,6 +28,8 @@ export type FieldType =
   | 'int'
   | 'uint32'
   | 'uint64'
+  /** QAPI's size: bytes; keyval also takes qemu-img's suffixes (512M, 1G). */
+  | 'size'
   | 'any'
   /** A JSON object whose members the command checks itself. */
   | 'object'
@@ -80,6 +83,12 @@ function convert(value: unknown, type: FieldType, key: string, syntax: OptionSyn
       return keyUint(value, key, syntax, 32);
     case 'uint64':
       return keyUint(value, key, syntax, 64);
+    case 'size': {
+      if (syntax === 'json' || typeof value !== 'string') return keyUint(value, key, syntax, 64);
+      const size = parseSize(value);
+      if (size === undefined) throw optionExpects(key, 'a size value');
+      return size;
+    }
   }
   if ('enum' in type) return keyEnum(value, key, type.enum);
   if ('list' in type) {

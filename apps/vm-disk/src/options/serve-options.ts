@@ -17,7 +17,18 @@ export interface NbdServerConfig {
   addr: SocketAddress;
   tlsCreds?: string;
   maxConnections?: number;
+  /** vm-disk's extension `request-memory-budget` (bytes): see NBD_SERVER_EXTENSIONS. */
+  requestMemoryBudget?: number;
 }
+
+/**
+ * Keys of --nbd-server and nbd-server-start that qemu-storage-daemon does not have:
+ * `request-memory-budget` (a size: bytes of NBD request data in flight, all clients
+ * together; default 256M).
+ */
+export const NBD_SERVER_EXTENSIONS: Schema = {
+  'request-memory-budget': { type: 'size' },
+};
 
 export interface ExportConfig {
   type: 'nbd';
@@ -79,6 +90,7 @@ const nbdServerSchema: Schema = {
   'tls-creds': { type: 'str' },
   'tls-authz': { type: 'str' },
   'max-connections': { type: 'uint32' },
+  ...NBD_SERVER_EXTENSIONS,
 };
 
 /** BlockExportOptions (nbd), as --export and QMP block-export-add take them. */
@@ -209,6 +221,9 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
           ...(v['tls-creds'] !== undefined && { tlsCreds: v['tls-creds'] as string }),
           ...(v['max-connections'] !== undefined && {
             maxConnections: v['max-connections'] as number,
+          }),
+          ...(v['request-memory-budget'] !== undefined && {
+            requestMemoryBudget: v['request-memory-budget'] as number,
           }),
         };
         break;

@@ -12,6 +12,7 @@ import {
   exportConfig,
   exportSchema,
   inetSocketAddress,
+  NBD_SERVER_EXTENSIONS,
   socketAddressOf,
   unixSocketAddress,
 } from '../options/serve-options.ts';
@@ -78,6 +79,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
       'tls-creds': { type: 'str' },
       'tls-authz': { type: 'str' },
       'max-connections': { type: 'uint32' },
+      ...NBD_SERVER_EXTENSIONS,
     },
     run: async (args) => {
       const addr = args.addr as { type: string; data: Record<string, unknown> };
@@ -86,6 +88,9 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
         ...(args['tls-creds'] !== undefined && { tlsCreds: args['tls-creds'] as string }),
         ...(args['max-connections'] !== undefined && {
           maxConnections: args['max-connections'] as number,
+        }),
+        ...(args['request-memory-budget'] !== undefined && {
+          requestMemoryBudget: args['request-memory-budget'] as number,
         }),
       });
     },
