@@ -15,18 +15,11 @@ import type { BlockDriver, ChildNode, EngineLike, OpenContext } from './driver.t
 import { builtinDrivers } from './drivers/index.ts';
 import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import { GraphLock } from './graph-lock.ts';
+import { refreshPermissions } from './graph-permissions.ts';
 import { BlockNode, ChildEdge, type NodeSettings } from './node.ts';
 import { type ObjectInfo, ObjectRegistry, type ObjectType } from './objects.ts';
 import { checkOptions, type NodeSpec, type OptionSyntax } from './options.ts';
-import {
-  BLK_PERM_ALL,
-  BLK_PERM_RESIZE,
-  BLK_PERM_WRITE,
-  BLK_PERM_WRITE_UNCHANGED,
-  defaultChildPerms,
-  type PermissionName,
-  permNames,
-} from './permissions.ts';
+import { type PermissionName, permNames } from './permissions.ts';
 
 type EngineBackend = 'io_uring' | 'aio' | 'threadpool' | 'auto';
 
@@ -664,121 +657,8 @@ export class BlockGraph implements BackendHost {
     return out;
   }
 
-  /**
-   * Tells the instances that hold something for their permissions (image locks) about the
-   * new ones, as one transaction: every check first; when one refuses, the others are
-   * aborted and the refusal thrown; then every change is committed.
-   */
-  private applyNodePerms(nodePerm: Map<BlockNode, { perm: number; shared: number }>): void {
-    const checked: BlockNode[] = [];
-    try {
-      for (const [n, p] of nodePerm) {
-        if (!n.instance?.checkPerm) continue;
-        n.instance.checkPerm(p.perm, p.shared);
-        checked.push(n);
-      }
-    } catch (err) {
-      for (const n of checked) n.instance!.abortPerm?.();
-      throw err;
-    }
-    for (const n of checked) {
-      const p = nodePerm.get(n)!;
-      n.instance!.setPerm?.(p.perm, p.shared);
-    }
-  }
-
-  /**
-   * Recomputes every edge's permissions from the backends down and checks them: a node's
-   * parents must share what each other takes, and a read-only node may not be written.
-   * Nothing changes when it throws.
-   */
+  /** Recomputes, checks and applies every permission (graph-permissions.ts); nothing changes when it throws. */
   private refreshPermissions(): void {
-    const nodes = [...this.nodes.values()];
-    // Kahn's order: a node after all of its parent nodes.
-    const pending = new Map<BlockNode, number>();
-    for (const n of nodes) {
-      let count = 0;
-      for (const e of n.parents) if (!e.parent.isBackend && this.nodes.has(e.parent.name)) count++;
-      pending.set(n, count);
-    }
-    const order: BlockNode[] = nodes.filter((n) => pending.get(n) === 0);
-    for (let i = 0; i < order.length; i++) {
-      for (const e of order[i]!.children.values()) {
-        const left = pending.get(e.node)! - 1;
-        pending.set(e.node, left);
-        if (left === 0) order.push(e.node);
-      }
-    }
-    if (order.length !== nodes.length) {
-      throw new BlockError(
-        BlockErrorCode.BAD_GRAPH_CHANGE,
-        'the change would make a cycle in the graph',
-      );
-    }
-    const edgePerm = new Map<ChildEdge, { perm: number; shared: number }>();
-    const nodePerm = new Map<BlockNode, { perm: number; shared: number }>();
-    for (const b of this.backends) {
-      const e = b.edge;
-      if (e) edgePerm.set(e, { perm: e.perm, shared: e.shared });
-    }
-    for (const n of order) {
-      let perm = 0;
-      let shared = BLK_PERM_ALL;
-      const parents = [...n.parents];
-      for (const e of parents) {
-        const p = edgePerm.get(e) ?? { perm: e.perm, shared: e.shared };
-        edgePerm.set(e, p);
-        perm |= p.perm;
-        shared &= p.shared;
-      }
-      if (n.readOnly && perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE)) {
-        const writer = parents.find(
-          (e) =>
-            edgePerm.get(e)!.perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE),
-        )!;
-        throw new BlockError(
-          BlockErrorCode.PERMISSION_CONFLICT,
-          `node '${n.name}' is read-only, but '${writer.parent.name}' (as '${writer.name}') needs ${permNames(
-            edgePerm.get(writer)!.perm & ~1,
-          )
-            .map((p) => `'${p}'`)
-            .join(', ')}`,
-        );
-      }
-      for (const a of parents) {
-        for (const b of parents) {
-          if (a === b) continue;
-          const conflict = edgePerm.get(a)!.perm & ~edgePerm.get(b)!.shared;
-          if (conflict) {
-            throw new BlockError(
-              BlockErrorCode.PERMISSION_CONFLICT,
-              `conflicts with use by '${b.parent.name}' as '${b.name}', which does not allow ${permNames(
-                conflict,
-              )
-                .map((p) => `'${p}'`)
-                .join(', ')} on node '${n.name}' (wanted by '${a.parent.name}' as '${a.name}')`,
-            );
-          }
-        }
-      }
-      nodePerm.set(n, { perm, shared });
-      const driver = this.drivers.get(n.driver);
-      for (const c of n.children.values()) {
-        const p = driver?.childPerms
-          ? driver.childPerms(c.roles, perm, shared, !n.readOnly)
-          : defaultChildPerms(c.roles, perm, shared, !n.readOnly);
-        if (c.node.settings.forceShare) p.shared = BLK_PERM_ALL;
-        edgePerm.set(c, p);
-      }
-    }
-    this.applyNodePerms(nodePerm);
-    for (const [e, p] of edgePerm) {
-      e.perm = p.perm;
-      e.shared = p.shared;
-    }
-    for (const [n, p] of nodePerm) {
-      n.perm = p.perm;
-      n.shared = p.shared;
-    }
+    refreshPermissions(this.nodes, this.backends, this.drivers);
   }
 }
