@@ -86,36 +86,31 @@ export function mapWriteCached(
 ): Qcow2WriteMapping | null {
   if (s.closed || s.readOnly || s.corrupt) return null;
   const g = s.geom;
-  const cs = g.clusterSize;
   const l1i = Math.floor(offset / g.l2Span);
   const l2off = s.l1[l1i] ?? 0;
   const l2 = l2off === 0 ? null : s.l2Cache.peek(l2off);
   if (!l2) return null;
   const end = Math.min(offset + length, (l1i + 1) * g.l2Span);
-  let host = -1;
-  let pos = offset;
+  let run: InPlaceRun | null;
   try {
-    while (pos < end) {
-      const ci = Math.floor(pos / cs);
-      const e = entryAt(s, l2, ci);
-      const from = pos - ci * cs;
-      const to = Math.min(end, (ci + 1) * cs) - ci * cs;
-      if (!inPlace(s, e, from, to)) break;
-      if (host >= 0 && e.host + from !== host + (pos - offset)) break;
-      if (isMetadata(s, e.host)) return null; // the asynchronous path reports it
-      if (host < 0) host = e.host + from;
-      pos = ci * cs + to;
-    }
+    run = scanInPlace(s, l2, offset, end);
   } catch {
     return null;
   }
-  if (pos === offset) return null;
+  // A run over metadata: the asynchronous path reports it.
+  if (!run || run.overMetadata) return null;
   const gen = enter(s);
   const done = async () => leave(s, gen);
   return {
-    length: pos - offset,
-    host,
-    allocation: { start: offset, end: pos, from: 'zero', commit: done, abort: done },
+    length: run.length,
+    host: run.host,
+    allocation: {
+      start: offset,
+      end: offset + run.length,
+      from: 'zero',
+      commit: done,
+      abort: done,
+    },
   };
 }
 
@@ -328,24 +323,46 @@ async function inPlaceRun(
 ): Promise<{ host: number; length: number } | null> {
   const l2 = await getL2(s, l1i);
   if (!l2) return null;
-  const cs = s.clusterSize;
   try {
-    let host = -1;
-    let pos = offset;
-    while (pos < end) {
-      const ci = Math.floor(pos / cs);
-      const e = entryAt(s, l2, ci);
-      const from = pos - ci * cs;
-      const to = Math.min(end, (ci + 1) * cs) - ci * cs;
-      if (!inPlace(s, e, from, to)) break;
-      if (host >= 0 && e.host + from !== host + (pos - offset)) break;
-      if (host < 0) host = e.host + from;
-      pos = ci * cs + to;
-    }
-    return pos > offset ? { host, length: pos - offset } : null;
+    return scanInPlace(s, l2, offset, end);
   } finally {
     s.l2Cache.unpin(l2);
   }
+}
+
+interface InPlaceRun {
+  host: number;
+  length: number;
+  /** A cluster of the run holds metadata (a corrupt image). */
+  overMetadata: boolean;
+}
+
+/**
+ * The clusters from `offset` (before `end`, within one L2 table) written in place and
+ * contiguous in the file; null when the first is not. Throws on a corrupt entry.
+ */
+function scanInPlace(
+  s: Qcow2State,
+  l2: CacheEntry,
+  offset: number,
+  end: number,
+): InPlaceRun | null {
+  const cs = s.clusterSize;
+  let host = -1;
+  let pos = offset;
+  let overMetadata = false;
+  while (pos < end) {
+    const ci = Math.floor(pos / cs);
+    const e = entryAt(s, l2, ci);
+    const from = pos - ci * cs;
+    const to = Math.min(end, (ci + 1) * cs) - ci * cs;
+    if (!inPlace(s, e, from, to)) break;
+    if (host >= 0 && e.host + from !== host + (pos - offset)) break;
+    if (isMetadata(s, e.host)) overMetadata = true;
+    if (host < 0) host = e.host + from;
+    pos = ci * cs + to;
+  }
+  return pos > offset ? { host, length: pos - offset, overMetadata } : null;
 }
 
 /** Copies a compressed or shared cluster into a cluster of its own and links it. */
