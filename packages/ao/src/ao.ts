@@ -16,43 +16,16 @@
 // - Abort is advisory (libxl_ao_abort): the operation either completes with an
 //   AoAbortError or finishes anyway. It flows down to nested aos and is a no-op once the
 //   ao has completed.
+//
+// Beside this file: how the caller is told (ao-how.ts), progress (ao-progress.ts), the
+// registry of live aos (ao-live.ts), and the caller's abort signals (caller-signal.ts).
 
+import { type AoHow, copyHow } from './ao-how.ts';
+import { live } from './ao-live.ts';
+import { AoProgress, type ProgressReport } from './ao-progress.ts';
+import { unwatchSignal, watchSignal } from './caller-signal.ts';
 import { defer } from './defer.ts';
 import { AoAbortError, AoError, AoErrorCode } from './errors.ts';
-import type { AoEventSink } from './event-queue.ts';
-
-/** A progress report: `done` out of `total` units (arbitrary unit), and an optional note. */
-export interface ProgressReport {
-  readonly done: number;
-  readonly total: number;
-  readonly message?: string;
-}
-
-/** Completion callback: `err` is null on success. */
-export type AoCallback<T> = (err: Error | null, result?: T) => void;
-
-/** The event an ao started with `{ forEvent }` puts on its queue when it completes. */
-export interface OperationCompleteEvent<T = unknown> {
-  readonly type: 'OPERATION_COMPLETE';
-  /** The caller's cookie (`forEvent`), as given (libxl: for_user). */
-  readonly forUser: unknown;
-  readonly aoId: number;
-  readonly kind: string;
-  /** null on success. */
-  readonly error: Error | null;
-  /** The result on success, undefined on failure. */
-  readonly result: T | undefined;
-}
-
-/**
- * How completion is wanted (libxl_asyncop_how). `undefined`: the initiating function
- * returns a Promise. `{ callback }`: `callback(err, result)` later, and no promise is
- * created. `{ forEvent, queue }`: an OPERATION_COMPLETE event carrying `forEvent` is
- * pushed on `queue` (an EventQueue the caller waits on or polls, or any sink with push).
- */
-export type AoHow<T> =
-  | { readonly callback: AoCallback<T> }
-  | { readonly forEvent: unknown; readonly queue: AoEventSink<OperationCompleteEvent<T>> };
 
 export interface AoOptions {
   /** The caller's abort signal; aborting it aborts the ao (advisory). */
@@ -98,58 +71,13 @@ export type AoBody<T> = (ao: Ao<T>) => T | PromiseLike<T>;
 /** The initiator of `initiateAo`: arranges for `ao.complete()` to be called once. */
 export type AoInitiator<T> = (ao: Ao<T>) => void;
 
-/** Information about a live ao (see `liveAos()`). */
-export interface LiveAoInfo {
-  readonly id: number;
-  readonly kind: string;
-  readonly parentId: number | undefined;
-  /** Milliseconds since creation. */
-  readonly ageMs: number;
-  /** The stack of the call that created it. */
-  readonly stack: string;
-}
-
 // The function where a creation stack starts (its frame and those above are left out).
 // biome-ignore lint/complexity/noBannedTypes: Error.captureStackTrace takes any function
 type StackEntry = Function;
 
 let nextId = 1;
-const live = new Set<Ao<unknown>>();
-const leakReported = new WeakSet<Ao<unknown>>();
-
-// One 'abort' listener per caller signal, whatever the number of aos sharing it, so a
-// long-lived signal never collects listeners (no MaxListenersExceededWarning).
-const signalUsers = new WeakMap<AbortSignal, { aos: Set<Ao<unknown>>; listener: () => void }>();
-
-function watchSignal(signal: AbortSignal, ao: Ao<unknown>): void {
-  let entry = signalUsers.get(signal);
-  if (!entry) {
-    const aos = new Set<Ao<unknown>>();
-    const listener = (): void => {
-      for (const a of [...aos]) a.abort(signal.reason);
-    };
-    entry = { aos, listener };
-    signalUsers.set(signal, entry);
-    signal.addEventListener('abort', listener);
-  }
-  entry.aos.add(ao);
-}
-
-function unwatchSignal(signal: AbortSignal, ao: Ao<unknown>): void {
-  const entry = signalUsers.get(signal);
-  if (!entry) return;
-  entry.aos.delete(ao);
-  if (entry.aos.size === 0) {
-    signal.removeEventListener('abort', entry.listener);
-    signalUsers.delete(signal);
-  }
-}
 
 type Notify<T> = (err: Error | null, result: T | undefined) => void;
-
-interface ProgressWaiter {
-  resolve(r: IteratorResult<ProgressReport, undefined>): void;
-}
 
 /**
  * One asynchronous operation, as its implementation sees it. The caller sees the
@@ -164,16 +92,12 @@ export class Ao<T> implements AoHandle<T> {
   readonly #controller = new AbortController();
   readonly #children = new Set<Ao<unknown>>();
   readonly #callerSignal: AbortSignal | undefined;
-  readonly #onProgress: ((report: ProgressReport) => void) | undefined;
+  readonly #progress: AoProgress;
   // Typed without T so that an Ao<T> is an Ao<unknown> (T is only in method parameters).
   #notify: Notify<unknown> | undefined;
   #completed = false;
   #outcome: AoOutcome<unknown> | undefined; // without T, as #notify
   #initiating = true;
-  #progress: ProgressReport | undefined;
-  #progressSeq = 0;
-  #progressDeliveryQueued = false;
-  readonly #progressWaiters = new Set<ProgressWaiter & { seen: { seq: number } }>();
 
   /** @internal use runAo / initiateAo; `entry` is where the creation stack starts. */
   constructor(kind: string, options: AoOptions, notify: Notify<T>, entry: StackEntry = Ao) {
@@ -184,7 +108,7 @@ export class Ao<T> implements AoHandle<T> {
     this.#stackHolder = {};
     Error.captureStackTrace(this.#stackHolder, entry);
     this.#notify = notify as Notify<unknown>;
-    this.#onProgress = options.onProgress;
+    this.#progress = new AoProgress(options.onProgress);
     this.#callerSignal = options.signal;
     live.add(this);
     if (this.parent) {
@@ -221,7 +145,7 @@ export class Ao<T> implements AoHandle<T> {
   }
 
   get lastProgress(): ProgressReport | undefined {
-    return this.#progress;
+    return this.#progress.last;
   }
 
   get outcome(): AoOutcome<T> | undefined {
@@ -253,72 +177,11 @@ export class Ao<T> implements AoHandle<T> {
         `ao #${this.id} (${this.kind}) reported progress after it completed`,
       );
     }
-    if (!Number.isFinite(done) || !Number.isFinite(total) || done < 0 || total < 0) {
-      throw new AoError(
-        AoErrorCode.INVALID_ARGUMENT,
-        `progress must be finite and non-negative (done ${done}, total ${total})`,
-      );
-    }
-    if (message !== undefined && typeof message !== 'string') {
-      throw new AoError(AoErrorCode.INVALID_ARGUMENT, 'progress message must be a string');
-    }
-    this.#progress = message === undefined ? { done, total } : { done, total, message };
-    this.#progressSeq++;
-    for (const w of [...this.#progressWaiters]) {
-      this.#progressWaiters.delete(w);
-      w.seen.seq = this.#progressSeq;
-      w.resolve({ value: this.#progress, done: false });
-    }
-    const onProgress = this.#onProgress;
-    if (onProgress && !this.#progressDeliveryQueued) {
-      this.#progressDeliveryQueued = true;
-      defer(() => {
-        this.#progressDeliveryQueued = false;
-        if (this.#progress) onProgress(this.#progress);
-      });
-    }
+    this.#progress.report(done, total, message);
   }
 
   progress(): AsyncIterableIterator<ProgressReport> {
-    const seen = { seq: 0 };
-    let finished = false;
-    let pending: (ProgressWaiter & { seen: { seq: number } }) | undefined;
-    const iterator: AsyncIterableIterator<ProgressReport> = {
-      next: () => {
-        if (finished) return Promise.resolve({ value: undefined, done: true });
-        if (this.#progressSeq > seen.seq && this.#progress) {
-          seen.seq = this.#progressSeq;
-          return Promise.resolve({ value: this.#progress, done: false });
-        }
-        if (this.#completed) {
-          finished = true;
-          return Promise.resolve({ value: undefined, done: true });
-        }
-        return new Promise<IteratorResult<ProgressReport, undefined>>((resolve) => {
-          pending = {
-            seen,
-            resolve: (r) => {
-              pending = undefined;
-              if (r.done) finished = true;
-              resolve(r);
-            },
-          };
-          this.#progressWaiters.add(pending);
-        });
-      },
-      return: () => {
-        finished = true;
-        if (pending) {
-          this.#progressWaiters.delete(pending);
-          pending.resolve({ value: undefined, done: true });
-        }
-        return Promise.resolve({ value: undefined, done: true });
-      },
-      [Symbol.asyncIterator]() {
-        return iterator;
-      },
-    };
-    return iterator;
+    return this.#progress.iterator();
   }
 
   /**
@@ -408,15 +271,7 @@ export class Ao<T> implements AoHandle<T> {
     live.delete(this);
     this.#detachFromParent();
     if (this.#callerSignal) unwatchSignal(this.#callerSignal, this);
-    for (const w of [...this.#progressWaiters]) {
-      this.#progressWaiters.delete(w);
-      if (this.#progressSeq > w.seen.seq && this.#progress) {
-        w.seen.seq = this.#progressSeq;
-        w.resolve({ value: this.#progress, done: false });
-      } else {
-        w.resolve({ value: undefined, done: true });
-      }
-    }
+    this.#progress.end();
   }
 }
 
@@ -425,43 +280,6 @@ function toError(e: unknown): Error {
   return new AoError(AoErrorCode.NON_ERROR_FAILURE, `operation failed with ${String(e)}`, {
     cause: e,
   });
-}
-
-function copyHow<T>(how: AoHow<T> | undefined): AoHow<T> | undefined {
-  if (how === undefined) return undefined;
-  if (how === null || typeof how !== 'object') {
-    throw new AoError(AoErrorCode.INVALID_ARGUMENT, 'how must be undefined or an object');
-  }
-  if ('callback' in how) {
-    if (typeof how.callback !== 'function') {
-      throw new AoError(AoErrorCode.INVALID_ARGUMENT, 'how.callback must be a function');
-    }
-    if ('forEvent' in how) {
-      throw new AoError(
-        AoErrorCode.INVALID_ARGUMENT,
-        'how takes either callback or forEvent, not both',
-      );
-    }
-    return { callback: how.callback };
-  }
-  if ('forEvent' in how) {
-    const queue = how.queue as unknown;
-    if (
-      queue === null ||
-      typeof queue !== 'object' ||
-      typeof (queue as { push?: unknown }).push !== 'function'
-    ) {
-      throw new AoError(
-        AoErrorCode.INVALID_ARGUMENT,
-        'how.queue must be an EventQueue (or an object with push)',
-      );
-    }
-    return { forEvent: how.forEvent, queue: how.queue };
-  }
-  throw new AoError(
-    AoErrorCode.INVALID_ARGUMENT,
-    'how must be undefined, { callback } or { forEvent, queue }',
-  );
 }
 
 function checkArgs(kind: unknown, fn: unknown, options: AoOptions): void {
@@ -645,39 +463,5 @@ function isThenable<T>(v: unknown): v is PromiseLike<T> {
     (typeof v === 'object' || typeof v === 'function') &&
     v !== null &&
     typeof (v as { then?: unknown }).then === 'function'
-  );
-}
-
-/** The aos that have not completed yet, oldest first. */
-export function liveAos(): LiveAoInfo[] {
-  const now = performance.now();
-  return [...live].map((ao) => ({
-    id: ao.id,
-    kind: ao.kind,
-    parentId: ao.parent?.id,
-    ageMs: now - ao.createdAt,
-    stack: ao.stack,
-  }));
-}
-
-/**
- * Throws ERR_VMDISK_AO_LEAKED, naming each ao's kind, age and creation stack, if any ao
- * created since the last check is still live. Each leaked ao is reported once, so one
- * leaking test does not fail the tests after it.
- */
-export function assertNoLiveAos(): void {
-  const leaked = [...live].filter((ao) => !leakReported.has(ao));
-  if (leaked.length === 0) return;
-  for (const ao of leaked) leakReported.add(ao);
-  const now = performance.now();
-  const lines = leaked.map(
-    (ao) =>
-      `  ao #${ao.id} ${ao.kind}${ao.parent ? ` (nested in #${ao.parent.id})` : ''}, ${Math.round(
-        now - ao.createdAt,
-      )} ms old, created at:\n${ao.stack.split('\n').slice(1).join('\n')}`,
-  );
-  throw new AoError(
-    AoErrorCode.LEAKED,
-    `${leaked.length} asynchronous operation(s) left live:\n${lines.join('\n')}`,
   );
 }

@@ -2,21 +2,17 @@
 export {
   Ao,
   type AoBody,
-  type AoCallback,
   type AoHandle,
-  type AoHow,
   type AoInitiator,
   type AoOptions,
   type AoOutcome,
   type AoPromise,
-  assertNoLiveAos,
   initiateAo,
-  type LiveAoInfo,
-  liveAos,
-  type OperationCompleteEvent,
-  type ProgressReport,
   runAo,
 } from './ao.ts';
+export type { AoCallback, AoHow, OperationCompleteEvent } from './ao-how.ts';
+export { assertNoLiveAos, type LiveAoInfo, liveAos } from './ao-live.ts';
+export type { ProgressReport } from './ao-progress.ts';
 export { AoAbortError, AoError, AoErrorCode, JobVerbError } from './errors.ts';
 export { EventQueue, type EventWaitOptions } from './event-queue.ts';
 export {

@@ -13,7 +13,8 @@
 // - Every job has an ID (no internal jobs); each runs as an ao (kind `job:<type>`), so a
 //   job that never ends shows in the live-ao registry.
 
-import { type Ao, type AoHandle, initiateAo, type ProgressReport } from './ao.ts';
+import { type Ao, type AoHandle, initiateAo } from './ao.ts';
+import type { ProgressReport } from './ao-progress.ts';
 import { defer } from './defer.ts';
 import { AoError, AoErrorCode, JobVerbError } from './errors.ts';
 import type { AoEventSink } from './event-queue.ts';
