@@ -13,11 +13,11 @@ import {
   lockForCreate,
   parseQcow2Header,
   type Qcow2CreateOptions,
+  schema,
 } from '@vmdisk/block-graph';
 import { type EngineFile, sharedEngine } from '@vmdisk/engine';
 import { BadOptionError, VmDiskError } from './errors.ts';
 import { parseKeyval } from './options/keyval.ts';
-import { parseSize } from './options/schema.ts';
 import { ProgressBar } from './progress.ts';
 
 const QCOW2_MAGIC = Buffer.from('QFI\xfb', 'latin1');
@@ -26,7 +26,7 @@ const BOCHS_MAGIC = Buffer.from('Bochs Virtual HD Image');
 type Format = 'qcow2' | 'raw' | 'bochs';
 
 function sizeArg(option: string, text: string): number {
-  const size = parseSize(text);
+  const size = schema.parseSize(text);
   if (size === undefined)
     throw new BadOptionError(option, `'${text}' is not a size (e.g. 64M, 10G)`);
   return size;
@@ -81,7 +81,7 @@ function onOff(key: string, value: string): boolean {
 }
 
 function sizeOption(key: string, value: string): number {
-  const size = parseSize(value);
+  const size = schema.parseSize(value);
   if (size === undefined) {
     throw new BadOptionError(
       '-o',
