@@ -178,7 +178,7 @@ export class Daemon implements DaemonControl {
     let creds: NbdTlsCreds;
     try {
       const types = ['tls-creds-psk', 'tls-creds-x509'] as const;
-      creds = this.graph.objects.get(types, id, 'tls-creds') as NbdTlsCreds;
+      creds = this.graph.objects.get(types, id, 'tls-creds');
     } catch {
       throw new QmpError('GenericError', `No TLS credentials with id '${id}'`);
     }

@@ -13,11 +13,11 @@ import {
   lockForCreate,
   parseQcow2Header,
   type Qcow2CreateOptions,
+  schema,
 } from '@vmdisk/block-graph';
 import { type EngineFile, sharedEngine } from '@vmdisk/engine';
 import { BadOptionError, VmDiskError } from './errors.ts';
 import { parseKeyval } from './options/keyval.ts';
-import { parseSize } from './options/schema.ts';
 import { ProgressBar } from './progress.ts';
 
 const QCOW2_MAGIC = Buffer.from('QFI\xfb', 'latin1');
@@ -26,7 +26,7 @@ const BOCHS_MAGIC = Buffer.from('Bochs Virtual HD Image');
 type Format = 'qcow2' | 'raw' | 'bochs';
 
 function sizeArg(option: string, text: string): number {
-  const size = parseSize(text);
+  const size = schema.parseSize(text);
   if (size === undefined)
     throw new BadOptionError(option, `'${text}' is not a size (e.g. 64M, 10G)`);
   return size;
@@ -70,18 +70,14 @@ const QCOW2_OPTIONS = new Set([
   'backing_fmt',
 ]);
 
-// Option values as qemu-img parses them, with its messages.
-const TRUE = new Set(['on', 'yes', 'true', 'y']);
-const FALSE = new Set(['off', 'no', 'false', 'n']);
-
+// Option values as qemu-img parses them, with its messages (the option schema's keyval
+// conversion: the same spellings and words as every other option).
 function onOff(key: string, value: string): boolean {
-  if (TRUE.has(value)) return true;
-  if (FALSE.has(value)) return false;
-  throw new BadOptionError('-o', `Parameter '${key}' expects 'on' or 'off'`);
+  return dashO(() => schema.bool.parse(value, key, 'keyval'));
 }
 
 function sizeOption(key: string, value: string): number {
-  const size = parseSize(value);
+  const size = schema.parseSize(value);
   if (size === undefined) {
     throw new BadOptionError(
       '-o',
@@ -91,11 +87,21 @@ function sizeOption(key: string, value: string): number {
   return size;
 }
 
-function oneOf<const T extends string>(key: string, value: string, values: readonly T[]): T {
-  if (!(values as readonly string[]).includes(value)) {
-    throw new BadOptionError('-o', `Parameter '${key}' does not accept value '${value}'`);
+function oneOf<const T extends readonly string[]>(
+  key: string,
+  value: string,
+  values: T,
+): T[number] {
+  return dashO(() => schema.enumOf(values).parse(value, key, 'keyval'));
+}
+
+/** Runs a check of an -o value; its error is the option's. */
+function dashO<T>(check: () => T): T {
+  try {
+    return check();
+  } catch (e) {
+    throw new BadOptionError('-o', e instanceof Error ? e.message : String(e), { cause: e });
   }
-  return value as T;
 }
 
 /** The qcow2 options of `-o` (parsed as qemu-img parses them), not yet checked together. */

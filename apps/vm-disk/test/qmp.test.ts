@@ -4,6 +4,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { schema } from '@vmdisk/block-graph';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpError, QmpMonitor } from '../src/qmp/monitor.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
@@ -23,8 +24,8 @@ beforeAll(async () => {
   monitor = new QmpMonitor({ qemu: { major: 7, minor: 2, micro: 0 }, package: 'vm-disk test' });
   monitor.register({
     name: 'test-echo',
-    args: { text: { type: 'str', required: true }, times: { type: 'int' } },
-    run: (args) => ({ text: String(args.text).repeat((args.times as number | undefined) ?? 1) }),
+    args: schema.struct({ text: schema.str, times: schema.opt(schema.int()) }),
+    run: (args) => ({ text: args.text.repeat(args.times ?? 1) }),
   });
   monitor.register({
     name: 'test-fail',

@@ -53,14 +53,7 @@
 import type { Engine } from '@vmdisk/engine';
 import type { ChildRole } from './permissions.ts';
 import type { RangeHold } from './range-lock.ts';
-
-/**
- * How option values are typed, as in QEMU's QObject input visitor: 'json' (QMP, and JSON
- * on the command line) is typed: a boolean is true or false, an integer a JSON number,
- * anything else is refused. 'keyval' (the command line's KEY=VALUE,... syntax) gives
- * strings, which the schema converts ("on"/"off", decimal integers). One schema serves both.
- */
-export type OptionSyntax = 'json' | 'keyval';
+import type { InferMembers, Members } from './schema.ts';
 
 export interface WriteFlags {
   /** The data is durable when the promise resolves. */
@@ -145,24 +138,6 @@ export interface BdrvChild {
   readonly node: ChildNode;
 }
 
-/**
- * An option of a driver, as blockdev-add spells it. Typed in JSON (QMP); as the strings of
- * the command line's keyval syntax ('4096', 'on', 'off') they are converted (OptionSyntax).
- */
-export type OptionSpec =
-  | { type: 'string'; required?: boolean; values?: readonly string[] }
-  | { type: 'int'; required?: boolean; min?: number; max?: number }
-  | { type: 'bool'; required?: boolean }
-  /**
-   * Any JSON value, checked and normalised by `parse` (throw BlockOptionError with the key
-   * given; keyInt/keyBool/keyList/... of options.ts check a value in the syntax given).
-   */
-  | {
-      type: 'json';
-      required?: boolean;
-      parse: (value: unknown, key: string, syntax: OptionSyntax) => unknown;
-    };
-
 /** A child key of a driver: a node name or inline blockdev-add options. */
 export interface ChildSpec {
   /** The key in blockdev-add ('file', 'backing', 'image'). */
@@ -182,8 +157,8 @@ export interface Limits {
   maxTransfer?: number;
 }
 
-/** What open() is given. */
-export interface OpenContext {
+/** What open() is given; `O` is the driver's options as its schema types them. */
+export interface OpenContext<O = Record<string, unknown>> {
   readonly nodeName: string;
   readonly readOnly: boolean;
   /**
@@ -195,8 +170,8 @@ export interface OpenContext {
   setReadOnly(): void;
   /** cache.direct: O_DIRECT on files. */
   readonly direct: boolean;
-  /** The driver's own keys, validated against its `options` (absent keys are absent). */
-  readonly options: Readonly<Record<string, unknown>>;
+  /** The driver's own keys, checked against its `options` (absent keys are absent). */
+  readonly options: Readonly<O>;
   /** The children attached by key ('file', 'backing'), before open() is called. */
   readonly children: Readonly<Record<string, BdrvChild | undefined>>;
   /**
@@ -221,7 +196,8 @@ export interface OpenContext {
   /**
    * An object of the graph (BlockGraph.addObject) by type and id, e.g. a throttle-group;
    * the node uses it until it closes (the object cannot be deleted meanwhile). A missing
-   * one is a BlockOptionError on `key`.
+   * one is a BlockOptionError on `key`. The value is the registry's (ObjectValues in
+   * objects.ts, which imports the drivers): check it with instanceof, not a cast.
    */
   object(type: string, id: string, key: string): unknown;
 }
@@ -384,11 +360,19 @@ export interface FilterInstance extends InstanceBase {
 
 export type DriverInstance = ProtocolInstance | FormatInstance | FilterInstance;
 
-/** A driver: what blockdev-add's `driver` names. */
-export interface BlockDriver {
+/**
+ * A driver: what blockdev-add's `driver` names. `M` is its options' schema (schema.ts):
+ * open() and validate() get them typed (InferMembers<M>); write drivers with
+ * defineDriver() so that `M` is inferred.
+ */
+export interface BlockDriver<M extends Members = Members> {
   readonly name: string;
-  /** The driver's own option keys (common keys such as node-name are the graph's; default none). */
-  readonly options?: Readonly<Record<string, OptionSpec>>;
+  /**
+   * The driver's own option keys as schema members (common keys such as node-name are the
+   * graph's; default none). Typed in JSON (QMP); the command line's keyval strings ('4096',
+   * 'on') are converted by the schema.
+   */
+  readonly options?: M;
   readonly children?: readonly ChildSpec[];
   /** The node can only be read-only ('read-only' defaults to true, false is refused). */
   readonly readOnlyOnly?: boolean;
@@ -403,6 +387,13 @@ export interface BlockDriver {
     writable: boolean,
   ): { perm: number; shared: number };
   /** Checks relations between options after each was checked alone (throw BlockOptionError). */
-  validate?(options: Readonly<Record<string, unknown>>): void;
-  open(ctx: OpenContext): Promise<DriverInstance>;
+  validate?(options: Readonly<InferMembers<M>>): void;
+  open(ctx: OpenContext<InferMembers<M>>): Promise<DriverInstance>;
+}
+
+/** A driver whose options' types are inferred from its `options` schema. */
+export function defineDriver<const M extends Members = Record<never, never>>(
+  driver: BlockDriver<M>,
+): BlockDriver<M> {
+  return driver;
 }

@@ -8,29 +8,28 @@ export {
   type Extent,
 } from './backend.ts';
 export { DEFAULT_MAX_BACKING_DEPTH } from './backing-chain.ts';
-export type {
-  BdrvChild,
-  BlockDriver,
-  ChildNode,
-  ChildSpec,
-  DriverInstance,
-  EngineLike,
-  FilterInstance,
-  FilterRequest,
-  FormatInstance,
-  Limits,
-  MapIntent,
-  Mapping,
-  OpenContext,
-  OptionSpec,
-  OptionSyntax,
-  ProtocolInstance,
-  ProtocolStatus,
-  Status,
+export {
+  type BdrvChild,
+  type BlockDriver,
+  type ChildNode,
+  type ChildSpec,
+  type DriverInstance,
+  defineDriver,
+  type EngineLike,
+  type FilterInstance,
+  type FilterRequest,
+  type FormatInstance,
+  type Limits,
+  type MapIntent,
+  type Mapping,
+  type OpenContext,
+  type ProtocolInstance,
+  type ProtocolStatus,
+  type Status,
 } from './driver.ts';
 export { lockForCreate } from './drivers/file-lock.ts';
 export { builtinDrivers } from './drivers/index.ts';
-export type { NbdTlsCreds } from './drivers/nbd.ts';
+export { NbdTlsCreds } from './drivers/nbd.ts';
 export type { Qcow2CheckResult } from './drivers/qcow2/check.ts';
 export { checkQcow2 } from './drivers/qcow2/check.ts';
 export {
@@ -60,30 +59,33 @@ export {
   type BlockGraphOptions,
   type NodeInfo,
 } from './graph.ts';
-export { type BlockdevCreateOptions, blockdevCreate } from './jobs/create.ts';
+export {
+  type BlockdevCreateOptions,
+  blockdevCreate,
+  blockdevCreateOptions,
+} from './jobs/create.ts';
 export {
   checkObjectOptions,
-  OBJECT_TYPES,
   type ObjectInfo,
   type ObjectOptions,
   ObjectRegistry,
   type ObjectType,
+  type ObjectValues,
+  objectOptions,
   type Secret,
 } from './objects.ts';
-export {
-  type BlockdevOptions,
-  checkNoOtherKeys,
-  keyBool,
-  keyEnum,
-  keyInt,
-  keyList,
-  keyObject,
-  keyString,
-  keyUint,
-  optionExpects,
-  optionMissing,
-  optionNotAccepted,
-  optionTypeError,
-  optionUnexpected,
-} from './options.ts';
+export type { BlockdevOptions } from './options.ts';
 export type { ChildRole, PermissionName } from './permissions.ts';
+export type {
+  Infer,
+  InferMembers,
+  Member,
+  Members,
+  Optional,
+  OptionSyntax,
+  StructType,
+  Type,
+  TypeInfo,
+} from './schema.ts';
+// The option schema (schema.ts): definitions under `schema`, the types by name.
+export * as schema from './schema.ts';

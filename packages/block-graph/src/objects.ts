@@ -7,27 +7,26 @@
 
 import { accessSync, constants, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { createTlsCreds } from './drivers/nbd.ts';
-import { createThrottleGroup, THROTTLE_LIMIT_KEYS } from './drivers/throttle.ts';
+import { NbdTlsCreds } from './drivers/nbd.ts';
+import {
+  THROTTLE_LIMIT_KEYS,
+  ThrottleGroup,
+  throttleLimits,
+  validateThrottleLimits,
+} from './drivers/throttle.ts';
 import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import {
-  keyEnum,
-  keyInt,
-  keyObject,
-  keyString,
+  bool,
+  custom,
+  enumOf,
+  type Infer,
+  int,
+  type Optional,
   type OptionSyntax,
-  optionExpects,
-  optionMissing,
-  optionUnexpected,
-} from './options.ts';
-
-export const OBJECT_TYPES = [
-  'secret',
-  'throttle-group',
-  'tls-creds-psk',
-  'tls-creds-x509',
-] as const;
-export type ObjectType = (typeof OBJECT_TYPES)[number];
+  opt,
+  str,
+  union,
+} from './schema.ts';
 
 /** A secret object's value (QEMU's `secret`: data or file, format raw or base64). */
 export interface Secret {
@@ -35,12 +34,54 @@ export interface Secret {
   data: Buffer;
 }
 
-/** object-add's options, checked: qom-type, id, and the type's properties. */
-export interface ObjectOptions {
-  type: ObjectType;
-  id: string;
-  props: Record<string, unknown>;
-}
+/** QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'. */
+const ID = /^[A-Za-z][A-Za-z0-9_.-]*$/;
+
+const id = custom('str', (v, key, syntax) => {
+  const name = str.parse(v, key, syntax);
+  if (!ID.test(name))
+    throw new BlockOptionError(
+      key,
+      'not an identifier',
+      `Parameter '${key}' expects an identifier`,
+    );
+  return name;
+});
+
+/** QEMU's TlsCredsProperties (priority, a GnuTLS string, is taken; Node's TLS ignores it). */
+const tlsCreds = {
+  'verify-peer': opt(bool, true),
+  dir: opt(str),
+  endpoint: opt(enumOf(['client', 'server']), 'client'),
+  priority: opt(str),
+};
+
+/** throttle-group takes `limits` and the same limits one by one as x-KEY (x-iops-total=100). */
+const throttleGroup: Record<string, Optional<unknown, undefined>> = {
+  limits: opt(throttleLimits),
+  ...Object.fromEntries(THROTTLE_LIMIT_KEYS.map((k) => [`x-${k}`, opt(int())])),
+};
+
+/** object-add's ObjectOptions (qapi/qom.json): qom-type, id, and the type's properties. */
+export const objectOptions = union(
+  'qom-type',
+  { id },
+  {
+    secret: {
+      data: opt(str),
+      file: opt(str),
+      format: opt(enumOf(['raw', 'base64']), 'raw'),
+      keyid: opt(str),
+      iv: opt(str),
+      loaded: opt(bool),
+    },
+    'throttle-group': throttleGroup,
+    'tls-creds-psk': { ...tlsCreds, username: opt(str) },
+    'tls-creds-x509': tlsCreds,
+  },
+);
+export type ObjectOptions = Infer<typeof objectOptions>;
+export type ObjectType = ObjectOptions['qom-type'];
 
 /** One object as query-objects would show it (QEMU's ObjectPropertyInfo-ish, plus users). */
 export interface ObjectInfo {
@@ -50,47 +91,68 @@ export interface ObjectInfo {
   props: unknown;
 }
 
+/** What each type of object is to its users (ObjectRegistry.get and use). */
+export interface ObjectValues {
+  secret: Secret;
+  'throttle-group': ThrottleGroup;
+  'tls-creds-psk': NbdTlsCreds;
+  'tls-creds-x509': NbdTlsCreds;
+}
+
 interface Entry {
   type: ObjectType;
-  value: unknown;
   users: number;
   props: Record<string, unknown>;
 }
-
-/** QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'. */
-const ID = /^[A-Za-z][A-Za-z0-9_.-]*$/;
 
 /**
  * Checks object-add's options (qom-type, id, properties) without creating anything (no
  * file is read): for the command line, checked before anything starts.
  */
 export function checkObjectOptions(options: unknown, syntax: OptionSyntax = 'json'): ObjectOptions {
-  const o = keyObject(options, '(object)');
-  const { 'qom-type': qomType, id, ...props } = o;
-  if (qomType === undefined) throw optionMissing('qom-type');
-  const type = keyEnum(qomType, 'qom-type', OBJECT_TYPES);
-  if (id === undefined) throw optionMissing('id');
-  const name = keyString(id, 'id');
-  if (!ID.test(name)) throw optionExpects('id', 'an identifier');
-  parse(type, props, syntax);
-  return { type, id: name, props };
+  const o = objectOptions.parse(options, '', syntax);
+  check(o);
+  return o;
 }
 
 /** The registry: one per graph (BlockGraph.objects). */
 export class ObjectRegistry {
   private readonly objects = new Map<string, Entry>();
+  /** The values by type, so that get() and use() answer with the type asked for. */
+  private readonly values: { [T in ObjectType]: Map<string, ObjectValues[T]> } = {
+    secret: new Map(),
+    'throttle-group': new Map(),
+    'tls-creds-psk': new Map(),
+    'tls-creds-x509': new Map(),
+  };
 
   /** object-add / --object: checks, loads (reads its files), and registers the object. */
   add(options: unknown, syntax: OptionSyntax = 'json'): void {
-    const { type, id, props } = checkObjectOptions(options, syntax);
-    if (this.objects.has(id)) {
+    const o = checkObjectOptions(options, syntax);
+    if (this.objects.has(o.id)) {
       throw new BlockError(
         BlockErrorCode.DUPLICATE_OBJECT,
-        `attempt to add duplicate property '${id}' to object (type 'container')`,
+        `attempt to add duplicate property '${o.id}' to object (type 'container')`,
       );
     }
-    const value = load(parse(type, props, syntax));
-    this.objects.set(id, { type, value, users: 0, props });
+    const { 'qom-type': type, id, ...props } = o;
+    this.store(load(o), id);
+    this.objects.set(id, { type, users: 0, props });
+  }
+
+  private store(loaded: Loaded, id: string): void {
+    switch (loaded.type) {
+      case 'secret':
+        this.values.secret.set(id, loaded.value);
+        break;
+      case 'throttle-group':
+        this.values['throttle-group'].set(id, loaded.value);
+        break;
+      case 'tls-creds-psk':
+      case 'tls-creds-x509':
+        this.values[loaded.type].set(id, loaded.value);
+        break;
+    }
   }
 
   /** object-del: refused while a node (or the NBD server) uses the object. */
@@ -104,6 +166,7 @@ export class ObjectRegistry {
       );
     }
     this.objects.delete(id);
+    this.values[o.type].delete(id);
   }
 
   /** The type of object `id`, if there is one. */
@@ -116,30 +179,27 @@ export class ObjectRegistry {
    * server reads its tls-creds: deleting them later does not touch the running server);
    * a missing one, or one of another type, is a BlockOptionError on `key`.
    */
-  get(types: ObjectType | readonly ObjectType[], id: string, key: string): unknown {
-    return this.entry(types, id, key).value;
+  get<T extends ObjectType>(types: T | readonly T[], id: string, key: string): ObjectValues[T] {
+    const want: readonly T[] = typeof types === 'string' ? [types] : types;
+    for (const type of want) {
+      const value = this.values[type].get(id);
+      if (value !== undefined) return value;
+    }
+    throw new BlockOptionError(key, `no ${want.join(' or ')} object with id '${id}'`);
   }
 
   /** As get(), and takes the object into use until release(id): it cannot be deleted. */
-  use(types: ObjectType | readonly ObjectType[], id: string, key: string): unknown {
-    const o = this.entry(types, id, key);
-    o.users++;
-    return o.value;
+  use<T extends ObjectType>(types: T | readonly T[], id: string, key: string): ObjectValues[T] {
+    const value = this.get(types, id, key);
+    const o = this.objects.get(id);
+    if (o) o.users++;
+    return value;
   }
 
   /** Gives back a use taken by use(). */
   release(id: string): void {
     const o = this.objects.get(id);
     if (o && o.users > 0) o.users--;
-  }
-
-  private entry(types: ObjectType | readonly ObjectType[], id: string, key: string): Entry {
-    const want: readonly ObjectType[] = typeof types === 'string' ? [types] : types;
-    const o = this.objects.get(id);
-    if (!o || !want.includes(o.type)) {
-      throw new BlockOptionError(key, `no ${want.join(' or ')} object with id '${id}'`);
-    }
-    return o;
   }
 
   /** The objects, in the order they were added. */
@@ -153,74 +213,48 @@ export class ObjectRegistry {
   }
 }
 
-type Parsed =
-  | { type: 'throttle-group'; value: unknown }
-  | { type: 'tls-creds-psk' | 'tls-creds-x509'; value: ReturnType<typeof createTlsCreds> }
-  | { type: 'secret'; data?: string; file?: string; format: 'raw' | 'base64' };
-
-function parse(type: ObjectType, props: Record<string, unknown>, syntax: OptionSyntax): Parsed {
-  switch (type) {
+/** The checks QEMU makes when it completes an object, before any file is read. */
+function check(o: ObjectOptions): void {
+  switch (o['qom-type']) {
+    case 'secret':
+      if (o.keyid !== undefined || o.iv !== undefined) {
+        const k = o.keyid !== undefined ? 'keyid' : 'iv';
+        throw new BlockOptionError(k, 'encrypted secrets (keyid, iv) are not supported');
+      }
+      if (o.data !== undefined && o.file !== undefined) {
+        throw new BlockOptionError('data', 'exclusive', "'file' and 'data' are mutually exclusive");
+      }
+      if (o.data === undefined && o.file === undefined) {
+        throw new BlockOptionError('data', 'missing', "Either 'file' or 'data' must be provided");
+      }
+      if (o.format === 'base64' && o.data !== undefined) decodeBase64(o.data);
+      return;
     case 'throttle-group':
-      return { type, value: createThrottleGroup(throttleProps(props, syntax), 'json') };
+      throttleGroupLimits(o);
+      return;
     case 'tls-creds-psk':
     case 'tls-creds-x509':
-      return { type, value: createTlsCreds(type, props, syntax) };
-    case 'secret':
-      return parseSecret(props);
+      if (o.dir === undefined) {
+        throw new BlockOptionError('dir', 'missing', "Missing 'dir' property value");
+      }
+      return;
   }
 }
 
-/**
- * A throttle-group's properties as { limits }: QEMU takes `limits` and the same limits
- * one by one as x-KEY (x-iops-total=100), the command line's way.
- */
-function throttleProps(
-  props: Record<string, unknown>,
-  syntax: OptionSyntax,
-): Record<string, unknown> {
-  const limits: Record<string, unknown> = {};
-  if (props.limits !== undefined) {
-    const given = keyObject(props.limits, 'limits', 'ThrottleLimits');
-    for (const [k, v] of Object.entries(given)) {
-      if (!THROTTLE_LIMIT_KEYS.includes(k)) throw optionUnexpected(`limits.${k}`);
-      limits[k] = keyInt(v, `limits.${k}`, syntax, 0);
+/** A throttle-group's limits: `limits`, then the x-KEY properties over them. */
+function throttleGroupLimits(o: Record<string, unknown>): Record<string, number> {
+  const limits: Record<string, number> = {};
+  for (const [k, v] of Object.entries(o.limits ?? {})) if (typeof v === 'number') limits[k] = v;
+  for (const k of THROTTLE_LIMIT_KEYS) {
+    const v = o[`x-${k}`];
+    if (typeof v !== 'number') continue;
+    if (v < 0) {
+      throw new BlockOptionError(`x-${k}`, 'negative', 'Property values cannot be negative');
     }
+    limits[k] = v;
   }
-  for (const [k, v] of Object.entries(props)) {
-    if (k === 'limits') continue;
-    const limit = k.startsWith('x-') ? k.slice(2) : undefined;
-    if (limit === undefined || !THROTTLE_LIMIT_KEYS.includes(limit)) throw optionUnexpected(k);
-    limits[limit] = keyInt(v, k, syntax, 0);
-  }
-  return { limits };
-}
-
-function parseSecret(props: Record<string, unknown>): Parsed {
-  for (const k of Object.keys(props)) {
-    if (k === 'keyid' || k === 'iv') {
-      throw new BlockOptionError(k, 'encrypted secrets (keyid, iv) are not supported');
-    }
-    if (k !== 'data' && k !== 'file' && k !== 'format' && k !== 'loaded') {
-      throw optionUnexpected(k);
-    }
-  }
-  const data = props.data === undefined ? undefined : keyString(props.data, 'data');
-  const file = props.file === undefined ? undefined : keyString(props.file, 'file');
-  const format =
-    props.format === undefined ? 'raw' : keyEnum(props.format, 'format', ['raw', 'base64']);
-  if (data !== undefined && file !== undefined) {
-    throw new BlockOptionError('data', 'exclusive', "'file' and 'data' are mutually exclusive");
-  }
-  if (data === undefined && file === undefined) {
-    throw new BlockOptionError('data', 'missing', "Either 'file' or 'data' must be provided");
-  }
-  if (format === 'base64' && data !== undefined) decodeBase64(data);
-  return {
-    type: 'secret',
-    format,
-    ...(data !== undefined && { data }),
-    ...(file !== undefined && { file }),
-  };
+  validateThrottleLimits(limits, 'limits');
+  return limits;
 }
 
 function decodeBase64(text: string): Buffer {
@@ -231,14 +265,20 @@ function decodeBase64(text: string): Buffer {
   return Buffer.from(text, 'base64');
 }
 
-/** Reads what an object needs from files, as QEMU does when it completes the object. */
-function load(p: Parsed): unknown {
-  switch (p.type) {
+type Loaded = {
+  [T in ObjectType]: { type: T; value: ObjectValues[T] };
+}[ObjectType];
+
+/** Makes the object's value, reading what it needs from files, as QEMU completes it. */
+function load(o: ObjectOptions): Loaded {
+  check(o);
+  switch (o['qom-type']) {
     case 'throttle-group':
-      return p.value;
+      return { type: o['qom-type'], value: new ThrottleGroup(throttleGroupLimits(o)) };
     case 'tls-creds-psk': {
+      const dir = o.dir ?? '';
       // QEMU checks the key file at once (its content is read per session).
-      const file = join(p.value.dir, 'keys.psk');
+      const file = join(dir, 'keys.psk');
       try {
         accessSync(file, constants.R_OK);
       } catch (e) {
@@ -248,29 +288,44 @@ function load(p: Parsed): unknown {
           `Unable to access credentials ${file}: ${describe(e)}`,
         );
       }
-      return p.value;
+      return {
+        type: o['qom-type'],
+        value: new NbdTlsCreds({
+          type: 'psk',
+          dir,
+          endpoint: o.endpoint,
+          verifyPeer: o['verify-peer'],
+          username: o.username,
+        }),
+      };
     }
     case 'tls-creds-x509':
-      return p.value;
+      return {
+        type: o['qom-type'],
+        value: new NbdTlsCreds({
+          type: 'x509',
+          dir: o.dir ?? '',
+          endpoint: o.endpoint,
+          verifyPeer: o['verify-peer'],
+        }),
+      };
     case 'secret': {
       let text: Buffer;
-      if (p.file !== undefined) {
+      if (o.file !== undefined) {
         try {
-          text = readFileSync(p.file);
+          text = readFileSync(o.file);
         } catch (e) {
           throw new BlockOptionError(
             'file',
             'unreadable',
-            `Unable to read ${p.file}: ${describe(e)}`,
+            `Unable to read ${o.file}: ${describe(e)}`,
           );
         }
       } else {
-        text = Buffer.from(p.data ?? '', 'utf8');
+        text = Buffer.from(o.data ?? '', 'utf8');
       }
-      const secret: Secret = {
-        data: p.format === 'base64' ? decodeBase64(text.toString('latin1').trim()) : text,
-      };
-      return secret;
+      const data = o.format === 'base64' ? decodeBase64(text.toString('latin1').trim()) : text;
+      return { type: o['qom-type'], value: { data } };
     }
   }
 }

@@ -4,8 +4,16 @@
 // the `backing` child. Its table lives in memory: the data is real and goes through the
 // graph, the metadata is not persisted (that is qcow2's business, not the generic layer's).
 
-import type { BdrvChild, BlockDriver, FormatInstance, Mapping } from '../src/index.ts';
-import { BlockError, BlockErrorCode, BlockOptionError } from '../src/index.ts';
+import type { BdrvChild, FormatInstance, Mapping } from '../src/index.ts';
+import {
+  BlockError,
+  BlockErrorCode,
+  BlockOptionError,
+  defineDriver,
+  schema,
+} from '../src/index.ts';
+
+const { int, opt, str } = schema;
 
 class CowInstance implements FormatInstance {
   readonly kind = 'format';
@@ -93,24 +101,24 @@ class CowInstance implements FormatInstance {
   }
 }
 
-export const cowFormat: BlockDriver = {
+export const cowFormat = defineDriver({
   name: 'test-cow',
   options: {
-    size: { type: 'int', required: true, min: 0 },
-    'cluster-size': { type: 'int', min: 512 },
+    size: int({ min: 0 }),
+    'cluster-size': opt(int({ min: 512 })),
     /** A raw backing file to open when no 'backing' is given (as qcow2's header names one). */
-    'backing-file': { type: 'string' },
+    'backing-file': opt(str),
   },
   children: [
     { key: 'file', required: true, roles: () => ['data', 'metadata', 'primary'] },
     { key: 'backing', required: false, nullable: true, roles: () => ['cow'] },
   ],
   validate(o) {
-    const cs = (o['cluster-size'] as number | undefined) ?? 65536;
+    const cs = o['cluster-size'] ?? 65536;
     if ((cs & (cs - 1)) !== 0) throw new BlockOptionError('cluster-size', 'not a power of two');
   },
   async open(ctx) {
-    const backingFile = ctx.options['backing-file'] as string | undefined;
+    const backingFile = ctx.options['backing-file'];
     if (backingFile !== undefined && !ctx.children.backing) {
       await ctx.openChild('backing', {
         driver: 'raw',
@@ -119,8 +127,8 @@ export const cowFormat: BlockDriver = {
     }
     return new CowInstance(
       ctx.children.file!,
-      ctx.options.size as number,
-      (ctx.options['cluster-size'] as number | undefined) ?? 65536,
+      ctx.options.size,
+      ctx.options['cluster-size'] ?? 65536,
     );
   },
-};
+});

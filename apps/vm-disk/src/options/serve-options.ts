@@ -4,10 +4,17 @@
 // arguments) or QEMU's keyval syntax (strings the schema converts), as in QEMU.
 // Everything is checked here, before anything starts (--blockdev's options are checked by
 // the block graph, in their syntax); an error names the option.
-import { checkObjectOptions } from '@vmdisk/block-graph';
+import {
+  checkObjectOptions,
+  type Infer,
+  type ObjectOptions,
+  type OptionSyntax,
+  schema,
+} from '@vmdisk/block-graph';
 import { BadOptionError } from '../errors.ts';
 import { parseKeyval } from './keyval.ts';
-import { checkStruct, type OptionSyntax, type Schema } from './schema.ts';
+
+const { bool, enumOf, opt, size, str, struct, uint32, union } = schema;
 
 export type SocketAddress =
   | { type: 'inet'; host: string; port: string }
@@ -26,8 +33,8 @@ export interface NbdServerConfig {
  * `request-memory-budget` (a size: bytes of NBD request data in flight, all clients
  * together; default 256M).
  */
-export const NBD_SERVER_EXTENSIONS: Schema = {
-  'request-memory-budget': { type: 'size' },
+export const NBD_SERVER_EXTENSIONS = {
+  'request-memory-budget': opt(size),
 };
 
 export interface ExportConfig {
@@ -70,55 +77,51 @@ export interface ServeConfig {
 }
 
 /** QEMU's InetSocketAddress and UnixSocketAddress, the members vm-disk serves with. */
-export const inetSocketAddress: Schema = {
-  host: { type: 'str', required: true },
-  port: { type: 'str', required: true },
-};
-export const unixSocketAddress: Schema = { path: { type: 'str', required: true } };
+export const inetSocketAddress = { host: str, port: str };
+export const unixSocketAddress = { path: str };
 
 /** QEMU's SocketAddress (flat: `type` beside the address's members), inet and unix. */
-const socketAddress = {
-  union: {
-    base: { type: { type: { enum: ['inet', 'unix'] }, required: true } },
-    tag: 'type',
-    variants: { inet: inetSocketAddress, unix: unixSocketAddress },
-  },
-} as const;
+const socketAddress = union('type', {}, { inet: inetSocketAddress, unix: unixSocketAddress });
 
-const nbdServerSchema: Schema = {
-  addr: { type: socketAddress, required: true },
-  'tls-creds': { type: 'str' },
-  'tls-authz': { type: 'str' },
-  'max-connections': { type: 'uint32' },
+const nbdServerOptions = struct({
+  addr: socketAddress,
+  'tls-creds': opt(str),
+  'tls-authz': opt(str),
+  'max-connections': opt(uint32),
   ...NBD_SERVER_EXTENSIONS,
-};
+});
 
 /** BlockExportOptions (nbd), as --export and QMP block-export-add take them. */
-export const exportSchema: Schema = {
-  type: { type: { enum: ['nbd'] }, required: true },
-  id: { type: 'str', required: true },
-  'node-name': { type: 'str', required: true },
-  name: { type: 'str' },
-  description: { type: 'str' },
-  writable: { type: 'bool' },
-  writethrough: { type: 'bool' },
-  'allocation-depth': { type: 'bool' },
-};
+export const exportOptions = union(
+  'type',
+  {
+    id: str,
+    'node-name': str,
+    writable: opt(bool, false),
+    writethrough: opt(bool),
+  },
+  { nbd: { name: opt(str), description: opt(str), 'allocation-depth': opt(bool, false) } },
+);
 
-const chardevSchema: Schema = {
-  backend: { type: { enum: ['socket'] }, required: true },
-  id: { type: 'str', required: true },
-  path: { type: 'str', required: true },
-  server: { type: 'bool' },
-  wait: { type: 'bool' },
-};
+/** ObjectOptions as the registry checks them (without reading any file). */
+const objectOptions = schema.custom('ObjectOptions', (v, _key, syntax) =>
+  checkObjectOptions(v, syntax),
+);
 
-const monitorSchema: Schema = {
-  chardev: { type: 'str', required: true },
-  mode: { type: { enum: ['control'] } },
-  pretty: { type: 'bool' },
-  id: { type: 'str' },
-};
+const chardevOptions = struct({
+  backend: enumOf(['socket']),
+  id: str,
+  path: str,
+  server: opt(bool, false),
+  wait: opt(bool, true),
+});
+
+const monitorOptions = struct({
+  chardev: str,
+  mode: opt(enumOf(['control'])),
+  pretty: opt(bool, false),
+  id: opt(str),
+});
 
 const VALUE_OPTIONS = new Set([
   '--blockdev',
@@ -130,17 +133,36 @@ const VALUE_OPTIONS = new Set([
   '--pidfile',
 ]);
 
-/** An export's configuration from options checked against exportSchema. */
-export function exportConfig(v: Record<string, unknown>): ExportConfig {
+/** An export's configuration from checked options. */
+export function exportConfig(v: Infer<typeof exportOptions>): ExportConfig {
   return {
-    type: 'nbd',
-    id: v.id as string,
-    nodeName: v['node-name'] as string,
-    ...(v.name !== undefined && { name: v.name as string }),
-    ...(v.description !== undefined && { description: v.description as string }),
-    writable: (v.writable as boolean | undefined) ?? false,
-    allocationDepth: (v['allocation-depth'] as boolean | undefined) ?? false,
+    type: v.type,
+    id: v.id,
+    nodeName: v['node-name'],
+    ...(v.name !== undefined && { name: v.name }),
+    ...(v.description !== undefined && { description: v.description }),
+    writable: v.writable,
+    allocationDepth: v['allocation-depth'],
   };
+}
+
+/** The NBD server's configuration from checked --nbd-server (or nbd-server-start) options. */
+export function nbdServerConfig(
+  v: Omit<Infer<typeof nbdServerOptions>, 'addr'>,
+  addr: SocketAddress,
+): NbdServerConfig {
+  return {
+    addr,
+    ...(v['tls-creds'] !== undefined && { tlsCreds: v['tls-creds'] }),
+    ...(v['max-connections'] !== undefined && { maxConnections: v['max-connections'] }),
+    ...(v['request-memory-budget'] !== undefined && {
+      requestMemoryBudget: v['request-memory-budget'],
+    }),
+  };
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
 /** An option's value: a JSON object (typed) when it starts with '{', keyval otherwise. */
@@ -152,34 +174,26 @@ function parseValue(option: string, text: string, impliedKey?: string): Blockdev
     }
     value = JSON.parse(text);
   } catch (e) {
-    throw new BadOptionError(option, (e as Error).message, { cause: e });
+    throw new BadOptionError(option, e instanceof Error ? e.message : String(e), { cause: e });
   }
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-    throw new BadOptionError(option, 'expected a JSON object');
-  }
-  return { options: value as Record<string, unknown>, syntax: 'json' };
+  if (!isObject(value)) throw new BadOptionError(option, 'expected a JSON object');
+  return { options: value, syntax: 'json' };
 }
 
-function check(option: string, value: BlockdevConfig, schema: Schema): Record<string, unknown> {
+/** Checks an option's value against its schema; errors name the option. */
+function check<T>(option: string, value: BlockdevConfig, type: schema.Type<T>): T {
   try {
-    return checkStruct(value.options, schema, value.syntax);
+    return type.parse(value.options, '', value.syntax);
   } catch (e) {
-    throw new BadOptionError(option, (e as Error).message, { cause: e });
+    throw new BadOptionError(option, e instanceof Error ? e.message : String(e), { cause: e });
   }
-}
-
-/** A checked SocketAddress (socketAddress above) as the daemon takes it. */
-export function socketAddressOf(addr: Record<string, unknown>): SocketAddress {
-  return addr.type === 'inet'
-    ? { type: 'inet', host: addr.host as string, port: addr.port as string }
-    : { type: 'unix', path: addr.path as string };
 }
 
 /** Parses `vm-disk serve`'s arguments (after `serve`). */
 export function parseServeOptions(argv: readonly string[]): ServeConfig {
   const raw: { option: string; value: string }[] = [];
   for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i] as string;
+    const arg = argv[i] ?? '';
     const eq = arg.startsWith('--') ? arg.indexOf('=') : -1;
     const option = eq > 0 ? arg.slice(0, eq) : arg;
     if (!VALUE_OPTIONS.has(option)) {
@@ -200,6 +214,7 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
 
   const config: ServeConfig = { blockdevs: [], exports: [], objects: [], monitors: [] };
   const chardevs = new Map<string, ChardevConfig>();
+  const objects = new Map<string, ObjectOptions>();
   const monitorRefs: { chardev: string; pretty: boolean }[] = [];
   const ids = new Set<string>();
   const uniqueId = (option: string, id: string) => {
@@ -215,55 +230,34 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
       case '--nbd-server': {
         if (config.nbdServer)
           throw new BadOptionError(option, 'only one --nbd-server can be given');
-        const v = check(option, parseValue(option, value), nbdServerSchema);
-        config.nbdServer = {
-          addr: socketAddressOf(v.addr as Record<string, unknown>),
-          ...(v['tls-creds'] !== undefined && { tlsCreds: v['tls-creds'] as string }),
-          ...(v['max-connections'] !== undefined && {
-            maxConnections: v['max-connections'] as number,
-          }),
-          ...(v['request-memory-budget'] !== undefined && {
-            requestMemoryBudget: v['request-memory-budget'] as number,
-          }),
-        };
+        const { addr, ...v } = check(option, parseValue(option, value), nbdServerOptions);
+        config.nbdServer = nbdServerConfig(v, addr);
         break;
       }
       case '--export': {
-        const v = check(option, parseValue(option, value), exportSchema);
-        uniqueId(option, v.id as string);
+        const v = check(option, parseValue(option, value), exportOptions);
+        uniqueId(option, v.id);
         config.exports.push(exportConfig(v));
         break;
       }
       case '--object': {
         // Checked by the graph's object registry, in its syntax; created at start.
         const object = parseValue(option, value, 'qom-type');
-        let id: string;
-        try {
-          id = checkObjectOptions(object.options, object.syntax).id;
-        } catch (e) {
-          throw new BadOptionError(option, (e as Error).message, { cause: e });
-        }
-        uniqueId(option, id);
+        const checked = check(option, object, objectOptions);
+        uniqueId(option, checked.id);
+        objects.set(checked.id, checked);
         config.objects.push(object);
         break;
       }
       case '--chardev': {
-        const v = check(option, parseValue(option, value, 'backend'), chardevSchema);
-        uniqueId(option, v.id as string);
-        chardevs.set(v.id as string, {
-          id: v.id as string,
-          path: v.path as string,
-          server: (v.server as boolean | undefined) ?? false,
-          wait: (v.wait as boolean | undefined) ?? true,
-        });
+        const v = check(option, parseValue(option, value, 'backend'), chardevOptions);
+        uniqueId(option, v.id);
+        chardevs.set(v.id, { id: v.id, path: v.path, server: v.server, wait: v.wait });
         break;
       }
       case '--monitor': {
-        const v = check(option, parseValue(option, value, 'chardev'), monitorSchema);
-        monitorRefs.push({
-          chardev: v.chardev as string,
-          pretty: (v.pretty as boolean | undefined) ?? false,
-        });
+        const v = check(option, parseValue(option, value, 'chardev'), monitorOptions);
+        monitorRefs.push({ chardev: v.chardev, pretty: v.pretty });
         break;
       }
       case '--pidfile':
@@ -281,7 +275,7 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
   }
   const tlsCreds = config.nbdServer?.tlsCreds;
   if (tlsCreds !== undefined) {
-    const creds = config.objects.find((o) => o.options.id === tlsCreds)?.options;
+    const creds = objects.get(tlsCreds);
     if (creds?.['qom-type'] !== 'tls-creds-psk' && creds?.['qom-type'] !== 'tls-creds-x509')
       throw new BadOptionError('--nbd-server', `No TLS credentials with id '${tlsCreds}'`);
     if (creds.endpoint !== 'server') {

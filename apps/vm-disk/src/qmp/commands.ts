@@ -2,36 +2,37 @@
 // (qapi/block-core.json, block-export.json, job.json, qom.json), mapped onto the daemon
 // (as the DaemonControl it implements: the composition root wires them).
 import {
-  type BlockdevCreateOptions,
   BlockError,
   BlockErrorCode,
   blockdevCreate,
+  blockdevCreateOptions,
+  objectOptions,
+  schema,
 } from '@vmdisk/block-graph';
-import type { Schema } from '../options/schema.ts';
 import {
   exportConfig,
-  exportSchema,
+  exportOptions,
   inetSocketAddress,
   NBD_SERVER_EXTENSIONS,
-  socketAddressOf,
+  nbdServerConfig,
   unixSocketAddress,
 } from '../options/serve-options.ts';
 import type { DaemonControl } from './daemon-control.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
 
-const id: Schema = { id: { type: 'str', required: true } };
+const { enumOf, opt, str, struct, uint32, union } = schema;
+
+const id = struct({ id: str });
 
 /** QEMU's SocketAddressLegacy (nbd-server-start's addr): {type, data: {...}}. */
-const socketAddressLegacy = {
-  union: {
-    base: { type: { type: { enum: ['inet', 'unix'] }, required: true } },
-    tag: 'type',
-    variants: {
-      inet: { data: { type: { struct: inetSocketAddress }, required: true } },
-      unix: { data: { type: { struct: unixSocketAddress }, required: true } },
-    },
+const socketAddressLegacy = union(
+  'type',
+  {},
+  {
+    inet: { data: struct(inetSocketAddress) },
+    unix: { data: struct(unixSocketAddress) },
   },
-} as const;
+);
 
 /** The object registry's refusals (duplicate, missing, in use) as QEMU answers them. */
 async function objectCommand(run: () => Promise<void>): Promise<void> {
@@ -51,101 +52,83 @@ async function objectCommand(run: () => Promise<void>): Promise<void> {
 }
 
 export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): void {
-  const job = (jobId: unknown) => {
-    const found = daemon.jobs.find(jobId as string);
+  const job = (jobId: string) => {
+    const found = daemon.jobs.find(jobId);
     if (!found) throw new QmpError('GenericError', 'Job not found');
     return found;
   };
 
   monitor.register({
     name: 'blockdev-add',
-    args: 'any', // checked by the block graph against the driver's options (typed: JSON)
+    // Checked by the block graph against the driver's options (typed: JSON).
+    args: schema.object('BlockdevOptions'),
     run: (args) => daemon.blockdevAdd(args, 'json'),
   });
   monitor.register({
     name: 'blockdev-del',
-    args: { 'node-name': { type: 'str', required: true } },
-    run: (args) => daemon.blockdevDel(args['node-name'] as string),
+    args: struct({ 'node-name': str }),
+    run: (args) => daemon.blockdevDel(args['node-name']),
   });
   monitor.register({
     name: 'query-named-block-nodes',
-    args: { flat: { type: 'bool' } },
+    args: struct({ flat: opt(schema.bool) }),
     run: () => daemon.queryNamedBlockNodes(),
   });
   monitor.register({
     name: 'nbd-server-start',
-    args: {
-      addr: { type: socketAddressLegacy, required: true },
-      'tls-creds': { type: 'str' },
-      'tls-authz': { type: 'str' },
-      'max-connections': { type: 'uint32' },
+    args: struct({
+      addr: socketAddressLegacy,
+      'tls-creds': opt(str),
+      'tls-authz': opt(str),
+      'max-connections': opt(uint32),
       ...NBD_SERVER_EXTENSIONS,
-    },
-    run: async (args) => {
-      const addr = args.addr as { type: string; data: Record<string, unknown> };
-      await daemon.nbdServerStart({
-        addr: socketAddressOf({ type: addr.type, ...addr.data }),
-        ...(args['tls-creds'] !== undefined && { tlsCreds: args['tls-creds'] as string }),
-        ...(args['max-connections'] !== undefined && {
-          maxConnections: args['max-connections'] as number,
-        }),
-        ...(args['request-memory-budget'] !== undefined && {
-          requestMemoryBudget: args['request-memory-budget'] as number,
-        }),
-      });
+    }),
+    run: async ({ addr, ...args }) => {
+      const flat =
+        addr.type === 'inet'
+          ? { type: addr.type, ...addr.data }
+          : { type: addr.type, ...addr.data };
+      await daemon.nbdServerStart(nbdServerConfig(args, flat));
     },
   });
   monitor.register({ name: 'nbd-server-stop', run: () => daemon.nbdServerStop() });
   monitor.register({
     name: 'block-export-add',
-    args: exportSchema,
+    args: exportOptions,
     run: (args) => daemon.blockExportAdd(exportConfig(args)),
   });
   monitor.register({
     name: 'block-export-del',
-    args: { id: { type: 'str', required: true }, mode: { type: { enum: ['safe', 'hard'] } } },
-    run: (args) =>
-      daemon.blockExportDel(
-        args.id as string,
-        (args.mode as 'safe' | 'hard' | undefined) ?? 'safe',
-      ),
+    args: struct({ id: str, mode: opt(enumOf(['safe', 'hard']), 'safe') }),
+    run: (args) => daemon.blockExportDel(args.id, args.mode),
   });
   monitor.register({ name: 'query-block-exports', run: () => daemon.queryBlockExports() });
   monitor.register({
     name: 'blockdev-create',
     // The options are checked by blockdev-create (typed, named 'options.KEY' as QEMU's);
     // a job ID in use is refused after them, as QEMU does.
-    args: {
-      'job-id': { type: 'str', required: true },
-      options: { type: 'object', required: true },
-    },
+    args: struct({ 'job-id': str, options: blockdevCreateOptions }),
     run: (args) => {
-      blockdevCreate(
-        daemon.graph,
-        daemon.jobs,
-        args['job-id'] as string,
-        args.options as BlockdevCreateOptions,
-        'options.',
-      );
+      blockdevCreate(daemon.graph, daemon.jobs, args['job-id'], args.options, 'options.');
     },
   });
   monitor.register({
     name: 'object-add',
-    // ObjectOptions: qom-type, id and the type's properties, checked by the registry.
-    args: 'any',
+    // ObjectOptions: qom-type, id and the type's properties (the registry's schema).
+    args: objectOptions,
     run: (args) => objectCommand(() => daemon.objectAdd(args, 'json')),
   });
   monitor.register({
     name: 'object-del',
     args: id,
-    run: (args) => objectCommand(() => daemon.objectDel(args.id as string)),
+    run: (args) => objectCommand(() => daemon.objectDel(args.id)),
   });
   monitor.register({
     name: 'qom-list',
     // Only the container of user-created objects (/objects) is there to list.
-    args: { path: { type: 'str', required: true } },
+    args: struct({ path: str }),
     run: (args) => {
-      const path = args.path as string;
+      const { path } = args;
       if (!/^\/?objects\/?$/.test(path)) {
         throw new QmpError('DeviceNotFound', `Device '${path}' not found`);
       }

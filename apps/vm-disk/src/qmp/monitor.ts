@@ -5,9 +5,8 @@
 // connection run one at a time, in order, as QEMU runs them (no out-of-band execution).
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
-import { BlockOptionError } from '@vmdisk/block-graph';
+import { BlockOptionError, schema, type Type } from '@vmdisk/block-graph';
 import { listenUnixSocket } from '@vmdisk/nbd';
-import { checkStruct, type Schema } from '../options/schema.ts';
 import { JsonStreamSplitter } from './json-stream.ts';
 
 export type QmpErrorClass =
@@ -36,13 +35,27 @@ export interface QmpSession {
   readonly negotiated: boolean;
 }
 
-export interface QmpCommand {
+/**
+ * A command: its arguments' schema (@vmdisk/block-graph's; QMP's arguments are typed JSON,
+ * never converted as the command line's keyval strings are), and what runs it with them
+ * checked and typed; what it returns is the `return` value.
+ */
+export interface QmpCommand<A> {
   name: string;
-  /** The arguments' schema; absent: the command takes no arguments; 'any': unchecked. */
-  args?: Schema | 'any';
-  /** Runs the command with checked arguments; what it returns is the `return` value. */
-  run(args: Record<string, unknown>, session: QmpSession): unknown | Promise<unknown>;
+  args: Type<A>;
+  run(args: A, session: QmpSession): unknown | Promise<unknown>;
 }
+
+/** A command without arguments. */
+export interface QmpCommandNoArgs {
+  name: string;
+  run(args: Record<string, never>, session: QmpSession): unknown | Promise<unknown>;
+}
+
+/** A registered command: checks its arguments, then runs. */
+type Runner = (args: Record<string, unknown>, session: QmpSession) => unknown;
+
+const noArgs = schema.struct({});
 
 export interface QmpVersion {
   qemu: { major: number; minor: number; micro: number };
@@ -55,6 +68,10 @@ export interface QmpLogger {
 }
 
 type Reply = Record<string, unknown>;
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
 
 /** Commands of one connection waiting to run before it stops being read. */
 const MAX_PENDING = 64;
@@ -146,7 +163,7 @@ class Connection implements QmpSession {
 }
 
 export class QmpMonitor extends EventEmitter {
-  private readonly commands = new Map<string, QmpCommand>();
+  private readonly commands = new Map<string, Runner>();
   private readonly connections = new Set<Connection>();
   private readonly servers: net.Server[] = [];
   private nextId = 1;
@@ -158,7 +175,7 @@ export class QmpMonitor extends EventEmitter {
     super();
     this.register({
       name: 'qmp_capabilities',
-      args: { enable: { type: { list: { enum: ['oob'] } } } },
+      args: schema.struct({ enable: schema.opt(schema.list(schema.enumOf(['oob']))) }),
       run: (args, session) => {
         // After its arguments are checked, as QEMU does.
         if (session.negotiated) {
@@ -167,7 +184,7 @@ export class QmpMonitor extends EventEmitter {
             'Capabilities negotiation is already complete, command ignored',
           );
         }
-        if (Array.isArray(args.enable) && args.enable.length > 0) {
+        if (args.enable !== undefined && args.enable.length > 0) {
           throw new QmpError('GenericError', `Capability '${args.enable[0]}' not available`);
         }
         return {};
@@ -180,8 +197,19 @@ export class QmpMonitor extends EventEmitter {
     });
   }
 
-  register(command: QmpCommand): void {
-    this.commands.set(command.name, command);
+  register<A>(command: QmpCommand<A>): void;
+  register(command: QmpCommandNoArgs): void;
+  register<A>(command: QmpCommand<A> | QmpCommandNoArgs): void {
+    if (!('args' in command)) {
+      this.commands.set(command.name, (given, session) => {
+        noArgs.parse(given, '', 'json');
+        return command.run({}, session);
+      });
+      return;
+    }
+    this.commands.set(command.name, (given, session) =>
+      command.run(command.args.parse(given, '', 'json'), session),
+    );
   }
 
   /** Broadcasts an event to every connection past capabilities negotiation. */
@@ -227,10 +255,10 @@ export class QmpMonitor extends EventEmitter {
 
   /** Checks and runs one request; resolves to the reply to send. */
   async dispatch(connection: Connection, request: unknown): Promise<Reply> {
-    if (typeof request !== 'object' || request === null || Array.isArray(request)) {
+    if (!isObject(request)) {
       return { error: { class: 'GenericError', desc: 'QMP input must be a JSON object' } };
     }
-    const req = request as Record<string, unknown>;
+    const req = request;
     const withId = (reply: Reply): Reply => ('id' in req ? { ...reply, id: req.id } : reply);
     const fail = (errorClass: QmpErrorClass, desc: string) =>
       withId({ error: { class: errorClass, desc } });
@@ -249,7 +277,7 @@ export class QmpMonitor extends EventEmitter {
     if (typeof req.execute !== 'string')
       return fail('GenericError', "QMP input member 'execute' must be a string");
     const args = req.arguments ?? {};
-    if (typeof args !== 'object' || args === null || Array.isArray(args)) {
+    if (!isObject(args)) {
       return fail('GenericError', "QMP input member 'arguments' must be an object");
     }
     const name = req.execute;
@@ -260,11 +288,7 @@ export class QmpMonitor extends EventEmitter {
     if (!command) return fail('CommandNotFound', `The command ${name} has not been found`);
 
     try {
-      const checked =
-        command.args === 'any'
-          ? (args as Record<string, unknown>)
-          : checkStruct(args as Record<string, unknown>, command.args ?? {}, 'json');
-      const result = await command.run(checked, connection);
+      const result = await command(args, connection);
       if (name === 'qmp_capabilities') connection.negotiated = true;
       this.log?.info(
         { event: 'qmp-command', session: connection.id, command: name },

@@ -8,17 +8,14 @@
 // (matching events let through first, default 0), once?: boolean (default false) }]
 // where op is read, write, write-zeroes, discard, flush or block-status.
 
-import type { BdrvChild, BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
-import { BlockIoError, BlockOptionError, errnoName, errnoNumber } from '../errors.ts';
-
 import {
-  keyBool,
-  keyInt,
-  keyList,
-  keyObject,
-  type OptionSyntax,
-  optionUnexpected,
-} from '../options.ts';
+  type BdrvChild,
+  defineDriver,
+  type FilterInstance,
+  type FilterRequest,
+} from '../driver.ts';
+import { BlockIoError, BlockOptionError, errnoName, errnoNumber } from '../errors.ts';
+import { bool, custom, enumOf, type Infer, int, list, opt, struct } from '../schema.ts';
 
 const OPS = ['read', 'write', 'write-zeroes', 'discard', 'flush', 'block-status'] as const;
 type Op = (typeof OPS)[number];
@@ -35,63 +32,35 @@ interface Rule {
   fired: number;
 }
 
-/** One rule of inject-error, checked and normalised. */
-interface RuleOptions {
-  iotype: Op[];
-  errno: string;
-  offset: number;
-  length?: number;
-  after: number;
-  once: boolean;
-}
+const op = enumOf(OPS);
 
-function parseRules(value: unknown, key: string, syntax: OptionSyntax): RuleOptions[] {
-  return keyList(value, key, syntax).map((r, i) => {
-    const k = `${key}[${i}]`;
-    const fields = keyObject(r, k);
-    const rule: RuleOptions = { iotype: [...OPS], errno: 'EIO', offset: 0, after: 0, once: false };
-    for (const [f, v] of Object.entries(fields)) {
-      const fk = `${k}.${f}`;
-      switch (f) {
-        case 'iotype': {
-          const list = typeof v === 'string' ? [v] : keyList(v, fk, syntax);
-          for (const op of list) {
-            if (!OPS.includes(op as Op)) {
-              throw new BlockOptionError(fk, `'${String(op)}' is not one of ${OPS.join(', ')}`);
-            }
-          }
-          rule.iotype = list as Op[];
-          break;
-        }
-        case 'errno': {
-          // An errno name ('EIO') or number (QEMU's is a number).
-          const name =
-            typeof v === 'string' && /^E[A-Z0-9]+$/.test(v)
-              ? v
-              : errnoName(keyInt(v, fk, syntax, 1));
-          if (!name || errnoNumber(name) === 0) {
-            throw new BlockOptionError(fk, `'${String(v)}' is not an errno`);
-          }
-          rule.errno = name;
-          break;
-        }
-        case 'offset':
-        case 'after':
-          rule[f] = keyInt(v, fk, syntax, 0);
-          break;
-        case 'length':
-          rule.length = keyInt(v, fk, syntax, 1);
-          break;
-        case 'once':
-          rule.once = keyBool(v, fk, syntax);
-          break;
-        default:
-          throw optionUnexpected(fk);
-      }
-    }
-    return rule;
-  });
-}
+/** An op or a list of them. */
+const iotype = custom('BlkdebugIOType', (v, key, syntax): Op[] =>
+  typeof v === 'string' ? [op.parse(v, key, syntax)] : list(op).parse(v, key, syntax),
+);
+
+/** An errno name ('EIO') or number (QEMU's is a number). */
+const errno = custom('BlkdebugErrno', (v, key, syntax): string => {
+  const name =
+    typeof v === 'string' && /^E[A-Z0-9]+$/.test(v)
+      ? v
+      : errnoName(int({ min: 1 }).parse(v, key, syntax));
+  if (!name || errnoNumber(name) === 0) {
+    throw new BlockOptionError(key, `'${String(v)}' is not an errno`);
+  }
+  return name;
+});
+
+/** One rule of inject-error, with its defaults. */
+const rule = struct({
+  iotype: opt(iotype, [...OPS]),
+  errno: opt(errno, 'EIO'),
+  offset: opt(int({ min: 0 }), 0),
+  length: opt(int({ min: 1 })),
+  after: opt(int({ min: 0 }), 0),
+  once: opt(bool, false),
+});
+type RuleOptions = Infer<typeof rule>;
 
 class BlkdebugInstance implements FilterInstance {
   readonly kind = 'filter';
@@ -162,17 +131,16 @@ class BlkdebugInstance implements FilterInstance {
   }
 }
 
-export const blkdebugDriver: BlockDriver = {
+export const blkdebugDriver = defineDriver({
   name: 'blkdebug',
   options: {
-    'inject-error': { type: 'json', parse: parseRules },
-    align: { type: 'int', min: 1 },
-    'max-transfer': { type: 'int', min: 1 },
+    'inject-error': opt(list(rule)),
+    align: opt(int({ min: 1 })),
+    'max-transfer': opt(int({ min: 1 })),
   },
   children: [{ key: 'image', required: true, roles: () => ['filtered', 'primary'] }],
   validate(o) {
-    const align = o.align as number | undefined;
-    const max = o['max-transfer'] as number | undefined;
+    const { align, 'max-transfer': max } = o;
     if (align !== undefined && (align & (align - 1)) !== 0) {
       throw new BlockOptionError('align', `${align} is not a power of two`);
     }
@@ -181,8 +149,8 @@ export const blkdebugDriver: BlockDriver = {
     }
   },
   async open(ctx) {
-    const list = (ctx.options['inject-error'] as RuleOptions[] | undefined) ?? [];
-    const rules: Rule[] = list.map((r) => ({
+    const given: RuleOptions[] = ctx.options['inject-error'] ?? [];
+    const rules: Rule[] = given.map((r) => ({
       ops: new Set(r.iotype),
       errnoName: r.errno,
       errno: errnoNumber(r.errno),
@@ -196,9 +164,9 @@ export const blkdebugDriver: BlockDriver = {
     return new BlkdebugInstance(
       ctx.children.image!,
       rules,
-      ctx.options.align as number | undefined,
-      ctx.options['max-transfer'] as number | undefined,
+      ctx.options.align,
+      ctx.options['max-transfer'],
       ctx.nodeName,
     );
   },
-};
+});

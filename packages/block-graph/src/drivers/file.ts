@@ -4,12 +4,19 @@
 // (file-lock.ts) for the permissions its parents hold, unless locking=off.
 
 import type { EngineFile } from '@vmdisk/engine';
-import type { BlockDriver, EngineLike, ProtocolInstance, ProtocolStatus } from '../driver.ts';
+import {
+  defineDriver,
+  type EngineLike,
+  type ProtocolInstance,
+  type ProtocolStatus,
+} from '../driver.ts';
 import { BlockError, BlockErrorCode, toBlockError } from '../errors.ts';
+import { enumOf, opt, str } from '../schema.ts';
 import { FileLocks } from './file-lock.ts';
 
 /** QEMU's aio names and the engine's backend names. */
-const AIO: Record<string, 'io_uring' | 'aio' | 'threadpool' | 'auto'> = {
+const AIO_NAMES = ['auto', 'io_uring', 'aio', 'native', 'threadpool', 'threads'] as const;
+const AIO: Record<(typeof AIO_NAMES)[number], 'io_uring' | 'aio' | 'threadpool' | 'auto'> = {
   auto: 'auto',
   io_uring: 'io_uring',
   aio: 'aio',
@@ -184,17 +191,17 @@ class FileInstance implements ProtocolInstance {
   }
 }
 
-export const fileDriver: BlockDriver = {
+export const fileDriver = defineDriver({
   name: 'file',
   options: {
-    filename: { type: 'string', required: true },
-    aio: { type: 'string', values: Object.keys(AIO) },
+    filename: str,
+    aio: opt(enumOf(AIO_NAMES)),
     // QEMU's: auto takes the locks where open file description locks exist (Linux), as on.
-    locking: { type: 'string', values: ['auto', 'on', 'off'] },
+    locking: opt(enumOf(['auto', 'on', 'off'])),
   },
   async open(ctx) {
-    const filename = ctx.options.filename as string;
-    const backend = AIO[(ctx.options.aio as string | undefined) ?? 'auto']!;
+    const { filename } = ctx.options;
+    const backend = AIO[ctx.options.aio ?? 'auto'];
     try {
       const engine = await ctx.engine(backend);
       let file: EngineFile;
@@ -219,4 +226,4 @@ export const fileDriver: BlockDriver = {
       throw toBlockError(err, ctx.nodeName);
     }
   },
-};
+});

@@ -36,101 +36,59 @@ import {
   type NbdConnectTarget,
   NbdOptionError,
 } from '@vmdisk/nbd';
-import type { BlockDriver, ProtocolInstance, ProtocolStatus } from '../driver.ts';
+import { defineDriver, type ProtocolInstance, type ProtocolStatus } from '../driver.ts';
 import { BlockError, BlockErrorCode, BlockIoError, BlockOptionError } from '../errors.ts';
-import {
-  checkNoOtherKeys,
-  keyBool,
-  keyEnum,
-  keyObject,
-  keyString,
-  type OptionSyntax,
-  optionMissing,
-  optionUnexpected,
-} from '../options.ts';
-
-/** QEMU's SocketAddress for `server`, checked. */
-type NbdServerAddress =
-  | { type: 'inet'; host: string; port: string }
-  | { type: 'unix'; path: string };
+import { custom, type Infer, int, opt, str, union } from '../schema.ts';
 
 /** The default pread/pwrite size when the server gives no maximum (QEMU's too). */
 const DEFAULT_MAX_TRANSFER = 32 << 20;
 /** The connect timeout in seconds when `open-timeout` is not given. */
 const DEFAULT_OPEN_TIMEOUT = 30;
 
-function parseServer(value: unknown, key: string): NbdServerAddress {
-  // QEMU's SocketAddress (a union on `type`); inet and unix are the ones we connect to.
-  const v = keyObject(value, key);
-  if (v.type === undefined) throw optionMissing(`${key}.type`);
-  const type = keyEnum(v.type, `${key}.type`, ['inet', 'unix']);
-  const str = (k: string): string => {
-    if (v[k] === undefined) throw optionMissing(`${key}.${k}`);
-    const x = keyString(v[k], `${key}.${k}`);
-    if (x === '') throw new BlockOptionError(`${key}.${k}`, 'expected a non-empty string');
-    return x;
-  };
-  if (type === 'unix') {
-    const path = str('path');
-    checkNoOtherKeys(v, ['type', 'path'], `${key}.`);
-    return { type, path };
-  }
-  const host = str('host');
-  // QEMU's port is a string: a number, or a service name we do not look up.
-  const port = str('port');
-  checkNoOtherKeys(v, ['type', 'host', 'port'], `${key}.`);
-  const n = /^\d+$/.test(port) ? Number(port) : Number.NaN;
-  if (!(n >= 1 && n <= 65535)) throw new BlockOptionError(`${key}.port`, `'${port}' is not a port`);
-  return { type, host, port: String(n) };
-}
+/** A string that is not empty. */
+const nonEmpty = custom('str', (v, key, syntax) => {
+  const x = str.parse(v, key, syntax);
+  if (x === '') throw new BlockOptionError(key, 'expected a non-empty string');
+  return x;
+});
+
+/** QEMU's port is a string: a number, or a service name we do not look up. */
+const port = custom('str', (v, key, syntax) => {
+  const p = nonEmpty.parse(v, key, syntax);
+  const n = /^\d+$/.test(p) ? Number(p) : Number.NaN;
+  if (!(n >= 1 && n <= 65535)) throw new BlockOptionError(key, `'${p}' is not a port`);
+  return String(n);
+});
+
+/** QEMU's SocketAddress for `server`: inet and unix are the ones we connect to. */
+const serverAddress = union(
+  'type',
+  {},
+  {
+    inet: { host: nonEmpty, port },
+    unix: { path: nonEmpty },
+  },
+);
+type NbdServerAddress = Infer<typeof serverAddress>;
 
 /** A tls-creds-psk or tls-creds-x509 object (BlockGraph.addObject), as the driver uses it. */
-export interface NbdTlsCreds {
-  type: 'psk' | 'x509';
+export class NbdTlsCreds {
+  readonly type: 'psk' | 'x509';
   /** The directory: keys.psk (psk) or ca-cert.pem, client-cert.pem, client-key.pem (x509). */
-  dir: string;
-  endpoint: 'client' | 'server';
+  readonly dir: string;
+  readonly endpoint: 'client' | 'server';
   /** psk: the identity to use from keys.psk (QEMU's default: 'qemu'). */
-  username?: string;
+  readonly username: string | undefined;
   /** x509: check the server's certificate (default true). */
-  verifyPeer: boolean;
-}
+  readonly verifyPeer: boolean;
 
-/** Checks the properties of a tls-creds-psk / tls-creds-x509 object (for addObject). */
-export function createTlsCreds(
-  qomType: 'tls-creds-psk' | 'tls-creds-x509',
-  props: Record<string, unknown>,
-  syntax: OptionSyntax,
-): NbdTlsCreds {
-  const type = qomType === 'tls-creds-psk' ? 'psk' : 'x509';
-  // priority (a GnuTLS priority string) is taken for compatibility; Node's TLS ignores it.
-  const known =
-    type === 'psk'
-      ? ['dir', 'endpoint', 'username', 'priority']
-      : ['dir', 'endpoint', 'verify-peer', 'priority'];
-  for (const k of Object.keys(props)) if (!known.includes(k)) throw optionUnexpected(k);
-  const { dir, endpoint = 'client', username } = props;
-  if (typeof dir !== 'string' || dir === '')
-    throw new BlockOptionError('dir', 'expected a directory');
-  if (endpoint !== 'client' && endpoint !== 'server') {
-    throw new BlockOptionError('endpoint', `'${String(endpoint)}' is not one of client, server`);
+  constructor(init: Omit<NbdTlsCreds, 'username'> & { username?: string | undefined }) {
+    this.type = init.type;
+    this.dir = init.dir;
+    this.endpoint = init.endpoint;
+    this.username = init.username;
+    this.verifyPeer = init.verifyPeer;
   }
-  const creds: NbdTlsCreds = {
-    type,
-    dir,
-    endpoint,
-    verifyPeer:
-      props['verify-peer'] === undefined
-        ? true
-        : keyBool(props['verify-peer'], 'verify-peer', syntax),
-  };
-  if (username !== undefined) {
-    if (typeof username !== 'string' || username === '') {
-      throw new BlockOptionError('username', 'expected a non-empty string');
-    }
-    creds.username = username;
-  }
-  return creds;
 }
 
 function tlsOptions(creds: NbdTlsCreds, hostname: string | undefined): NbdClientTlsOptions {
@@ -290,20 +248,20 @@ class NbdInstance implements ProtocolInstance {
   }
 }
 
-export const nbdDriver: BlockDriver = {
+export const nbdDriver = defineDriver({
   name: 'nbd',
   options: {
-    server: { type: 'json', required: true, parse: parseServer },
-    export: { type: 'string' },
-    'tls-creds': { type: 'string' },
-    'tls-hostname': { type: 'string' },
+    server: serverAddress,
+    export: opt(str),
+    'tls-creds': opt(str),
+    'tls-hostname': opt(str),
     /** Seconds for the connect and the handshake (QEMU's open-timeout; default 30, 0: none). */
-    'open-timeout': { type: 'int', min: 0, max: 86_400 },
+    'open-timeout': opt(int({ min: 0, max: 86_400 })),
   },
   async open(ctx) {
     const o = ctx.options;
-    const server = o.server as NbdServerAddress;
-    const exportName = (o.export as string | undefined) ?? '';
+    const server: NbdServerAddress = o.server;
+    const exportName = o.export ?? '';
     const target: NbdConnectTarget =
       server.type === 'unix'
         ? { path: server.path }
@@ -311,22 +269,23 @@ export const nbdDriver: BlockDriver = {
     const where = server.type === 'unix' ? server.path : `${server.host}:${server.port}`;
     const options: NbdClientOptions = {
       exportName,
-      connectTimeout: ((o['open-timeout'] as number | undefined) ?? DEFAULT_OPEN_TIMEOUT) * 1000,
+      connectTimeout: (o['open-timeout'] ?? DEFAULT_OPEN_TIMEOUT) * 1000,
     };
-    const credsId = o['tls-creds'] as string | undefined;
+    const credsId = o['tls-creds'];
     if (credsId !== undefined) {
-      let creds: NbdTlsCreds;
-      try {
-        creds = ctx.object('tls-creds-psk', credsId, 'tls-creds') as NbdTlsCreds;
-      } catch {
+      const found = (type: string): unknown => {
         try {
-          creds = ctx.object('tls-creds-x509', credsId, 'tls-creds') as NbdTlsCreds;
+          return ctx.object(type, credsId, 'tls-creds');
         } catch {
-          throw new BlockOptionError(
-            'tls-creds',
-            `no tls-creds-psk or tls-creds-x509 object with id '${credsId}'`,
-          );
+          return undefined;
         }
+      };
+      const creds = found('tls-creds-psk') ?? found('tls-creds-x509');
+      if (!(creds instanceof NbdTlsCreds)) {
+        throw new BlockOptionError(
+          'tls-creds',
+          `no tls-creds-psk or tls-creds-x509 object with id '${credsId}'`,
+        );
       }
       if (creds.endpoint !== 'client') {
         throw new BlockOptionError(
@@ -334,7 +293,7 @@ export const nbdDriver: BlockDriver = {
           `object '${credsId}' has endpoint '${creds.endpoint}', expected 'client'`,
         );
       }
-      options.tls = tlsOptions(creds, o['tls-hostname'] as string | undefined);
+      options.tls = tlsOptions(creds, o['tls-hostname']);
     }
     let client: NbdClient;
     try {
@@ -364,4 +323,4 @@ export const nbdDriver: BlockDriver = {
     }
     return new NbdInstance(client, ctx.nodeName, where);
   },
-};
+});

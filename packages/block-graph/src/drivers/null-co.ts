@@ -1,7 +1,8 @@
 // The `null-co` protocol driver: reads zeros (unless read-zeroes is false, then it leaves
 // the buffer alone), writes go nowhere, an optional latency per request.
 
-import type { BlockDriver, ProtocolInstance, ProtocolStatus } from '../driver.ts';
+import { defineDriver, type ProtocolInstance, type ProtocolStatus } from '../driver.ts';
+import { bool, int, opt } from '../schema.ts';
 
 class NullInstance implements ProtocolInstance {
   readonly kind = 'protocol';
@@ -51,19 +52,19 @@ class NullInstance implements ProtocolInstance {
   }
 }
 
-export const nullCoDriver: BlockDriver = {
+export const nullCoDriver = defineDriver({
   name: 'null-co',
   options: {
-    size: { type: 'int', min: 0 },
-    'latency-ns': { type: 'int', min: 0 },
-    'read-zeroes': { type: 'bool' },
+    size: opt(int({ min: 0 })),
+    'latency-ns': opt(int({ min: 0 })),
+    'read-zeroes': opt(bool),
   },
   async open(ctx) {
     const o = ctx.options;
     return new NullInstance(
-      (o.size as number | undefined) ?? 1 << 30,
-      Math.ceil(((o['latency-ns'] as number | undefined) ?? 0) / 1e6),
-      (o['read-zeroes'] as boolean | undefined) ?? true,
+      o.size ?? 1 << 30,
+      Math.ceil((o['latency-ns'] ?? 0) / 1e6),
+      o['read-zeroes'] ?? true,
     );
   },
-};
+});

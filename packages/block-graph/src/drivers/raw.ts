@@ -1,8 +1,9 @@
 // The `raw` format driver: the guest bytes are the child's, optionally a window of it
 // (offset, size). map() answers synchronously: nothing to look up.
 
-import type { BdrvChild, BlockDriver, FormatInstance, Mapping } from '../driver.ts';
+import { type BdrvChild, defineDriver, type FormatInstance, type Mapping } from '../driver.ts';
 import { BlockOptionError } from '../errors.ts';
+import { int, opt } from '../schema.ts';
 
 class RawInstance implements FormatInstance {
   readonly kind = 'format';
@@ -37,11 +38,11 @@ class RawInstance implements FormatInstance {
   }
 }
 
-export const rawDriver: BlockDriver = {
+export const rawDriver = defineDriver({
   name: 'raw',
   options: {
-    offset: { type: 'int', min: 0 },
-    size: { type: 'int', min: 0 },
+    offset: opt(int({ min: 0 })),
+    size: opt(int({ min: 0 })),
   },
   children: [
     {
@@ -54,15 +55,15 @@ export const rawDriver: BlockDriver = {
     },
   ],
   validate(o) {
-    const size = o.size as number | undefined;
+    const { size } = o;
     if (size !== undefined && size % 512 !== 0) {
       throw new BlockOptionError('size', `${size} is not a multiple of 512`);
     }
   },
   async open(ctx) {
     const file = ctx.children.file!;
-    const offset = (ctx.options.offset as number | undefined) ?? 0;
-    const size = ctx.options.size as number | undefined;
+    const offset = ctx.options.offset ?? 0;
+    const { size } = ctx.options;
     const fileSize = file.node.size();
     if (offset > fileSize) {
       throw new BlockOptionError(
@@ -78,4 +79,4 @@ export const rawDriver: BlockDriver = {
     }
     return new RawInstance(file, offset, size);
   },
-};
+});

@@ -4,10 +4,14 @@
 // order. Writes, write-zeroes and discards count as writes; flushes and block status pass.
 // When the graph drains, queued requests go at once (as QEMU's throttle does).
 
-import type { BdrvChild, BlockDriver, FilterInstance, FilterRequest } from '../driver.ts';
+import {
+  type BdrvChild,
+  defineDriver,
+  type FilterInstance,
+  type FilterRequest,
+} from '../driver.ts';
 import { BlockOptionError } from '../errors.ts';
-
-import { keyInt, keyObject, type OptionSyntax, optionUnexpected } from '../options.ts';
+import { custom, int, type Optional, type OptionSyntax, opt, str, struct } from '../schema.ts';
 
 const KINDS = ['total', 'read', 'write'] as const;
 const UNITS = ['iops', 'bps'] as const;
@@ -19,6 +23,11 @@ export const THROTTLE_LIMIT_KEYS: readonly string[] = [
   ),
   'iops-size',
 ];
+
+const limitMembers: Record<string, Optional<number, undefined>> = Object.fromEntries(
+  THROTTLE_LIMIT_KEYS.map((k) => [k, opt(int({ min: 0 }))]),
+);
+const limitsStruct = struct(limitMembers);
 
 class Bucket {
   level = 0;
@@ -125,9 +134,9 @@ class Direction {
 export class ThrottleGroup {
   private readonly reads: Direction;
   private readonly writes: Direction;
-  readonly limits: Readonly<Record<string, number>>;
+  readonly limits: Readonly<Partial<Record<string, number>>>;
 
-  constructor(limits: Record<string, number>) {
+  constructor(limits: Partial<Record<string, number>>) {
     this.limits = limits;
     const bucket = (unit: 'iops' | 'bps', kind: string) => {
       const avg = limits[`${unit}-${kind}`] ?? 0;
@@ -169,15 +178,6 @@ export class ThrottleGroup {
   }
 }
 
-/** Parses the options of a throttle-group object: { limits: {...} }. */
-export function createThrottleGroup(
-  props: Record<string, unknown>,
-  syntax: OptionSyntax,
-): ThrottleGroup {
-  for (const k of Object.keys(props)) if (k !== 'limits') throw optionUnexpected(k);
-  return new ThrottleGroup(parseLimits(props.limits ?? {}, 'limits', syntax));
-}
-
 class ThrottleInstance implements FilterInstance {
   readonly kind = 'filter';
   readonly child: BdrvChild;
@@ -215,15 +215,19 @@ class ThrottleInstance implements FilterInstance {
   }
 }
 
-function parseLimits(value: unknown, key: string, syntax: OptionSyntax): Record<string, number> {
-  const limits = keyObject(value, key);
-  const v: Record<string, number> = {};
-  for (const k of THROTTLE_LIMIT_KEYS) {
-    if (limits[k] !== undefined) v[k] = keyInt(limits[k], `${key}.${k}`, syntax, 0);
-  }
-  for (const k of Object.keys(limits)) {
-    if (!THROTTLE_LIMIT_KEYS.includes(k)) throw optionUnexpected(`${key}.${k}`);
-  }
+function parseLimits(
+  value: unknown,
+  key: string,
+  syntax: OptionSyntax,
+): Partial<Record<string, number>> {
+  return validateThrottleLimits(limitsStruct.parse(value, key, syntax), key);
+}
+
+/** Checks a set of limits together (the object's, or a throttle node's `limits` at `key`). */
+export function validateThrottleLimits<L extends Partial<Record<string, number>>>(
+  v: L,
+  key: string,
+): L {
   for (const u of UNITS) {
     const name = (k: string) => `${u}-${k}`;
     if (
@@ -236,12 +240,12 @@ function parseLimits(value: unknown, key: string, syntax: OptionSyntax): Record<
       );
     }
     for (const k of KINDS) {
-      const max = (v[`${name(k)}-max`] as number | undefined) ?? 0;
-      const avg = (v[name(k)] as number | undefined) ?? 0;
+      const max = v[`${name(k)}-max`] ?? 0;
+      const avg = v[name(k)] ?? 0;
       if (max && !avg) throw new BlockOptionError(`${key}.${name(k)}-max`, `needs ${name(k)}`);
       if (max && max < avg)
         throw new BlockOptionError(`${key}.${name(k)}-max`, `is less than ${name(k)}`);
-      const len = v[`${name(k)}-max-length`] as number | undefined;
+      const len = v[`${name(k)}-max-length`];
       if (len !== undefined && len < 1)
         throw new BlockOptionError(`${key}.${name(k)}-max-length`, 'must be at least 1');
       if (len !== undefined && len > 1 && !max) {
@@ -252,13 +256,16 @@ function parseLimits(value: unknown, key: string, syntax: OptionSyntax): Record<
   return v;
 }
 
-export const throttleDriver: BlockDriver = {
+/** QEMU's ThrottleLimits, checked. */
+export const throttleLimits = custom('ThrottleLimits', parseLimits);
+
+export const throttleDriver = defineDriver({
   name: 'throttle',
   options: {
     /** A throttle-group object of the graph (QEMU's way): its limits are shared. */
-    'throttle-group': { type: 'string' },
+    'throttle-group': opt(str),
     /** Limits of this node alone. */
-    limits: { type: 'json', parse: parseLimits },
+    limits: opt(throttleLimits),
   },
   children: [{ key: 'file', required: true, roles: () => ['filtered', 'primary'] }],
   validate(o) {
@@ -267,13 +274,16 @@ export const throttleDriver: BlockDriver = {
     }
   },
   async open(ctx) {
-    const name = ctx.options['throttle-group'] as string | undefined;
+    const { 'throttle-group': name, limits } = ctx.options;
     let group: ThrottleGroup;
     if (name === undefined) {
-      group = new ThrottleGroup(ctx.options.limits as Record<string, number>);
+      group = new ThrottleGroup(limits ?? {});
     } else {
       try {
-        group = ctx.object('throttle-group', name, 'throttle-group') as ThrottleGroup;
+        const value = ctx.object('throttle-group', name, 'throttle-group');
+        if (!(value instanceof ThrottleGroup))
+          throw new BlockOptionError('throttle-group', 'not a group');
+        group = value;
       } catch (e) {
         if (!(e instanceof BlockOptionError)) throw e;
         throw new BlockOptionError(
@@ -285,4 +295,4 @@ export const throttleDriver: BlockDriver = {
     }
     return new ThrottleInstance(ctx.children.file!, group, name);
   },
-};
+});

@@ -6,94 +6,59 @@ import type { Job, JobRegistry } from '@vmdisk/ao';
 import { lockForCreate } from '../drivers/file-lock.ts';
 import { createQcow2, type Qcow2CreateOptions } from '../drivers/qcow2/create.ts';
 import { qcow2FileOf } from '../drivers/qcow2/qcow2.ts';
-import { BlockOptionError } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
-import {
-  checkNoOtherKeys,
-  keyBool,
-  keyEnum,
-  keyInt,
-  keyString,
-  keyUint,
-  optionMissing,
-} from '../options.ts';
 import { BLK_PERM_ALL, permNames } from '../permissions.ts';
+import { bool, enumOf, type Infer, int, opt, size, str, union } from '../schema.ts';
 
-export type BlockdevCreateOptions = Record<string, unknown> & { driver: string };
+// In QEMU's schema order (qapi/block-core.json), which is the order errors come in; the
+// tag `driver` names the driver (file and qcow2 are the ones vm-disk creates).
+export const blockdevCreateOptions = union(
+  'driver',
+  {},
+  {
+    file: {
+      filename: str,
+      size: size,
+      preallocation: opt(enumOf(['off', 'falloc', 'full'])),
+      nocow: opt(bool),
+    },
+    qcow2: {
+      file: str,
+      'extended-l2': opt(bool),
+      size: size,
+      version: opt(enumOf(['v2', 'v3'])),
+      'backing-file': opt(str),
+      'backing-fmt': opt(str),
+      'cluster-size': opt(size),
+      preallocation: opt(enumOf(['off', 'metadata', 'full'])),
+      'lazy-refcounts': opt(bool),
+      'refcount-bits': opt(int()),
+      'compression-type': opt(enumOf(['zlib', 'zstd'])),
+    },
+  },
+);
+export type BlockdevCreateOptions = Infer<typeof blockdevCreateOptions>;
+type FileCreateOptions = Extract<BlockdevCreateOptions, { driver: 'file' }>;
+type Qcow2BlockdevCreateOptions = Extract<BlockdevCreateOptions, { driver: 'qcow2' }>;
 
-/** A member of BlockdevCreateOptions: QAPI types (size is QEMU's uint64 'size'). */
-type Member = { type: 'str' | 'size' | 'int' | 'bool' | readonly string[]; required?: true };
-type Spec = Record<string, Member>;
-
-// In QEMU's schema order (qapi/block-core.json), which is the order errors come in.
-const FILE_SPEC: Spec = {
-  filename: { type: 'str', required: true },
-  size: { type: 'size', required: true },
-  preallocation: { type: ['off', 'falloc', 'full'] },
-  nocow: { type: 'bool' },
-};
-const QCOW2_SPEC: Spec = {
-  file: { type: 'str', required: true },
-  'extended-l2': { type: 'bool' },
-  size: { type: 'size', required: true },
-  version: { type: ['v2', 'v3'] },
-  'backing-file': { type: 'str' },
-  'backing-fmt': { type: 'str' },
-  'cluster-size': { type: 'size' },
-  preallocation: { type: ['off', 'metadata', 'full'] },
-  'lazy-refcounts': { type: 'bool' },
-  'refcount-bits': { type: 'int' },
-  'compression-type': { type: ['zlib', 'zstd'] },
-};
-
-/** Checks the options as QEMU's QAPI layer does (JSON types), keys named `prefix`KEY. */
-function check(options: BlockdevCreateOptions, prefix: string): void {
-  const key = (k: string) => `${prefix}${k}`;
-  if (options.driver === undefined) throw optionMissing(key('driver'));
-  const driver = keyString(options.driver, key('driver'));
-  const spec = driver === 'file' ? FILE_SPEC : driver === 'qcow2' ? QCOW2_SPEC : undefined;
-  if (!spec) {
-    throw new BlockOptionError(
-      key('driver'),
-      `blockdev-create does not support driver '${driver}' (file, qcow2)`,
-    );
-  }
-  for (const [k, member] of Object.entries(spec)) {
-    const value = options[k];
-    if (value === undefined) {
-      if (member.required) throw optionMissing(key(k));
-      continue;
-    }
-    const { type } = member;
-    if (type === 'str') keyString(value, key(k));
-    else if (type === 'bool') keyBool(value, key(k), 'json');
-    else if (type === 'int') keyInt(value, key(k), 'json');
-    else if (type === 'size') keyUint(value, key(k), 'json');
-    else keyEnum(value, key(k), type);
-  }
-  checkNoOtherKeys(options, ['driver', ...Object.keys(spec)], prefix);
-}
-
-function qcow2Options(o: BlockdevCreateOptions): Qcow2CreateOptions {
-  const out: Qcow2CreateOptions = { size: o.size as number };
+function qcow2Options(o: Qcow2BlockdevCreateOptions): Qcow2CreateOptions {
+  const out: Qcow2CreateOptions = { size: o.size };
   if (o.version !== undefined) out.compat = o.version === 'v2' ? '0.10' : '1.1';
-  if (o['cluster-size'] !== undefined) out.clusterSize = o['cluster-size'] as number;
-  if (o['backing-file'] !== undefined) out.backingFile = o['backing-file'] as string;
-  if (o['backing-fmt'] !== undefined) out.backingFormat = o['backing-fmt'] as string;
-  if (o['lazy-refcounts'] !== undefined) out.lazyRefcounts = o['lazy-refcounts'] as boolean;
-  if (o['extended-l2'] !== undefined) out.extendedL2 = o['extended-l2'] as boolean;
-  if (o['refcount-bits'] !== undefined) out.refcountBits = o['refcount-bits'] as number;
-  if (o['compression-type'] !== undefined)
-    out.compressionType = o['compression-type'] as 'zlib' | 'zstd';
-  if (o.preallocation !== undefined)
-    out.preallocation = o.preallocation as 'off' | 'metadata' | 'full';
+  if (o['cluster-size'] !== undefined) out.clusterSize = o['cluster-size'];
+  if (o['backing-file'] !== undefined) out.backingFile = o['backing-file'];
+  if (o['backing-fmt'] !== undefined) out.backingFormat = o['backing-fmt'];
+  if (o['lazy-refcounts'] !== undefined) out.lazyRefcounts = o['lazy-refcounts'];
+  if (o['extended-l2'] !== undefined) out.extendedL2 = o['extended-l2'];
+  if (o['refcount-bits'] !== undefined) out.refcountBits = o['refcount-bits'];
+  if (o['compression-type'] !== undefined) out.compressionType = o['compression-type'];
+  if (o.preallocation !== undefined) out.preallocation = o.preallocation;
   return out;
 }
 
-async function createFile(graph: BlockGraph, o: BlockdevCreateOptions, job: Job): Promise<void> {
+async function createFile(graph: BlockGraph, o: FileCreateOptions, job: Job): Promise<void> {
   const engine = await graph.engine('auto');
-  const file = await engine.openFile(o.filename as string, { create: true });
-  const size = o.size as number;
+  const file = await engine.openFile(o.filename, { create: true });
+  const { size } = o;
   try {
     lockForCreate(file);
     await file.truncate(0);
@@ -122,11 +87,11 @@ async function createFile(graph: BlockGraph, o: BlockdevCreateOptions, job: Job)
 
 async function formatQcow2(
   graph: BlockGraph,
-  o: BlockdevCreateOptions,
+  o: Qcow2BlockdevCreateOptions,
   jobId: string,
   job: Job,
 ): Promise<void> {
-  const nodeName = o.file as string;
+  const nodeName = o.file;
   // The job writes the node and may grow it; everyone else may do anything meanwhile, as
   // in QEMU (the node is expected to be unused).
   const backend = await graph.createBackend(nodeName, {
@@ -156,11 +121,11 @@ export function blockdevCreate(
   graph: BlockGraph,
   jobs: JobRegistry,
   jobId: string,
-  options: BlockdevCreateOptions,
+  given: unknown,
   keyPrefix = '',
 ): Job {
-  check(options, keyPrefix);
-  if (options.driver === 'qcow2') graph.node(options.file as string);
+  const options = blockdevCreateOptions.parse(given, keyPrefix.replace(/\.$/, ''), 'json');
+  if (options.driver === 'qcow2') graph.node(options.file);
   const job = jobs.createJob({
     id: jobId,
     autoDismiss: false,

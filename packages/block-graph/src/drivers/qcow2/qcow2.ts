@@ -18,15 +18,16 @@
 //   qcow2, then raw); `backing: null` opens the image without one, as QEMU does.
 
 import { dirname, isAbsolute, resolve } from 'node:path';
-import type {
-  BdrvChild,
-  BlockDriver,
-  ChildNode,
-  FormatInstance,
-  Mapping,
-  OpenContext,
+import {
+  type BdrvChild,
+  type ChildNode,
+  defineDriver,
+  type FormatInstance,
+  type Mapping,
+  type OpenContext,
 } from '../../driver.ts';
 import { BlockError, BlockOptionError, Qcow2ErrorCode } from '../../errors.ts';
+import { bool, type InferMembers, int, opt } from '../../schema.ts';
 import { Incompat } from './header.ts';
 import {
   openQcow2,
@@ -181,14 +182,12 @@ async function openHeaderBacking(
  * it) and the refcount cache the rest (at least 4 clusters).
  */
 function cacheSizes(
-  o: Readonly<Record<string, unknown>>,
+  o: Readonly<InferMembers<typeof qcow2Options>>,
   virtualSize: number,
   clusterSize: number,
   l2Span: number,
 ): { l2CacheSize?: number; refcountCacheSize?: number } {
-  const l2 = o['l2-cache-size'] as number | undefined;
-  const rc = o['refcount-cache-size'] as number | undefined;
-  const all = o['cache-size'] as number | undefined;
+  const { 'l2-cache-size': l2, 'refcount-cache-size': rc, 'cache-size': all } = o;
   const out: { l2CacheSize?: number; refcountCacheSize?: number } = {};
   if (all === undefined) {
     if (l2 !== undefined) out.l2CacheSize = l2;
@@ -219,14 +218,16 @@ function cacheSizes(
   return { l2CacheSize: l2Part, refcountCacheSize: Math.max(minRc, all - l2Part) };
 }
 
-export const qcow2Driver: BlockDriver = {
+const qcow2Options = {
+  'lazy-refcounts': opt(bool),
+  'l2-cache-size': opt(int({ min: 0 })),
+  'refcount-cache-size': opt(int({ min: 0 })),
+  'cache-size': opt(int({ min: 0 })),
+};
+
+export const qcow2Driver = defineDriver({
   name: 'qcow2',
-  options: {
-    'lazy-refcounts': { type: 'bool' },
-    'l2-cache-size': { type: 'int', min: 0 },
-    'refcount-cache-size': { type: 'int', min: 0 },
-    'cache-size': { type: 'int', min: 0 },
-  },
+  options: qcow2Options,
   children: [
     { key: 'file', required: true, roles: () => ['data', 'metadata', 'primary'] },
     { key: 'backing', required: false, nullable: true, roles: () => ['cow'] },
@@ -246,7 +247,7 @@ export const qcow2Driver: BlockDriver = {
       if (o['lazy-refcounts'] === true && probe.header.version < 3) {
         throw new BlockOptionError('lazy-refcounts', 'lazy refcounts need a compat=1.1 image');
       }
-      opts.lazyRefcounts = o['lazy-refcounts'] as boolean;
+      opts.lazyRefcounts = o['lazy-refcounts'];
     }
     let backing = ctx.children.backing;
     const explicitNull = ctx.nullChildren.has('backing');
@@ -257,4 +258,4 @@ export const qcow2Driver: BlockDriver = {
     const image = await openQcow2(f, opts);
     return new Qcow2Instance(image, file);
   },
-};
+});
