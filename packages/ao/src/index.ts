@@ -21,9 +21,9 @@ export {
   type JobInfo,
   type JobOptions,
   JobRegistry,
-  type JobStatusChangeEvent,
   JobTxn,
 } from './job.ts';
+export type { JobStatusChangeEvent } from './job-events.ts';
 export {
   JOB_STATUSES,
   JOB_STT,

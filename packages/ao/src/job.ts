@@ -3,6 +3,10 @@
 // job-dismiss, block-job-change), pause points, auto-finalize / auto-dismiss,
 // transactions, JOB_STATUS_CHANGE events and query-jobs.
 //
+// This file is the public classes, thin; the job's state is a JobState (job-state.ts),
+// and the machinery runs over it: job-run.ts (start, pause points), job-txn.ts
+// (completion, transactions, cancel, dismiss), job-progress.ts, job-events.ts.
+//
 // Differences from QEMU, by design:
 // - A verb refused by JobVerbTable fails first, whatever else is wrong (QEMU checks
 //   "was not paused" before the table for resume).
@@ -15,19 +19,23 @@
 
 import { type Ao, type AoHandle, initiateAo } from './ao.ts';
 import type { ProgressReport } from './ao-progress.ts';
-import { defer } from './defer.ts';
-import { AoError, AoErrorCode, JobVerbError } from './errors.ts';
+import { AoError, AoErrorCode } from './errors.ts';
 import type { AoEventSink } from './event-queue.ts';
+import { type JobStatusChangeEvent, JobStatusEvents } from './job-events.ts';
+import { jobPausePoint, jobSleep, jobStart, jobYield } from './job-run.ts';
 import {
-  type JobStatus,
-  type JobType,
-  type JobVerb,
-  jobTransitionAllowed,
-  jobVerbAllowed,
-} from './job-tables.ts';
+  checkSpeed,
+  type JobDriverHooks,
+  type JobRegistryHooks,
+  JobState,
+  JobTxnState,
+  surface,
+} from './job-state.ts';
+import { type JobStatus, type JobType, jobVerbAllowed } from './job-tables.ts';
+import { jobCancel, jobDoDismiss, jobOnAoAbort, txnDoFinalize } from './job-txn.ts';
 
 /** What a kind of job does (QEMU JobDriver). Only `type` and `run` are required. */
-export interface JobDriver {
+export interface JobDriver extends JobDriverHooks<Job> {
   /** The job type reported by query-jobs (QEMU JobType; other names are allowed). */
   readonly type: JobType | (string & {});
   /** The job's work. Call `job.pausePoint()` (or `sleep` / `yield`) between steps; stop
@@ -81,39 +89,14 @@ export interface JobInfo {
   readonly error?: string;
 }
 
-/** The QMP event a status change is forwarded as (the app adds the timestamp). */
-export interface JobStatusChangeEvent {
-  readonly event: 'JOB_STATUS_CHANGE';
-  readonly data: { readonly id: string; readonly status: JobStatus };
-}
-
 const ID_RE = /^[A-Za-z][A-Za-z0-9._-]*$/;
-
-function toError(e: unknown): Error {
-  if (e instanceof Error) return e;
-  return new AoError(AoErrorCode.NON_ERROR_FAILURE, `job failed with ${String(e)}`, {
-    cause: e,
-  });
-}
-
-function surface(p: Promise<void>): void {
-  p.catch((err: unknown) =>
-    queueMicrotask(() => {
-      throw err;
-    }),
-  );
-}
 
 /** A transactional group of jobs (QEMU JobTxn): they finalize together, and when one
  * fails, all are cancelled and aborted. */
 export class JobTxn {
   readonly registry: JobRegistry;
   /** @internal */
-  readonly _jobs: Job[] = [];
-  /** @internal */
-  _aborting = false;
-  /** @internal */
-  _finalizing = false;
+  readonly _state = new JobTxnState<Job>();
 
   /** @internal use JobRegistry.createTransaction() */
   constructor(registry: JobRegistry) {
@@ -122,11 +105,12 @@ export class JobTxn {
 
   /** The jobs still in the transaction (a job leaves it when it concludes). */
   get jobs(): readonly Job[] {
-    return [...this._jobs];
+    return this._state.jobs.map((s) => s.job);
   }
 }
 
-/** A job: the verbs for its user, and what its driver's `run` uses. */
+/** A job: the verbs for its user, and what its driver's `run` uses. Its state and the
+ * machinery over it are in job-state.ts, job-run.ts and job-txn.ts. */
 export class Job {
   readonly id: string;
   readonly type: string;
@@ -134,26 +118,9 @@ export class Job {
   readonly registry: JobRegistry;
   readonly autoFinalize: boolean;
   readonly autoDismiss: boolean;
-  #txn: JobTxn | undefined;
-  #status: JobStatus = 'undefined';
-  #ao!: Ao<void>;
-  #pauseCount = 1;
-  #userPaused = false;
-  #paused = true;
-  #busy = false;
-  #started = false;
-  #deferred = false;
-  #cancelled = false;
-  #forceCancel = false;
-  #error: Error | undefined;
-  #speed = 0;
-  #progressCurrent = 0;
-  #progressTotal = 0;
-  #wake: (() => void) | undefined;
-  #sleepTimer: NodeJS.Timeout | undefined;
-  #bodyDone: Promise<void> | undefined;
-  #ended = false;
-  #endWaiters: (() => void)[] = [];
+  readonly #s: JobState<Job>;
+  /** The transaction the job was created in; `txn` shows it while the state is in it. */
+  readonly #txn: JobTxn;
 
   /** @internal use JobRegistry.createJob() */
   constructor(registry: JobRegistry, options: JobOptions, txn: JobTxn) {
@@ -163,99 +130,103 @@ export class Job {
     this.type = options.driver.type;
     this.autoFinalize = options.autoFinalize ?? true;
     this.autoDismiss = options.autoDismiss ?? true;
-    if (options.speed !== undefined) this.#speed = checkSpeed(options.speed);
+    const s = new JobState<Job>(this, this); // from the fields above and the registry
+    this.#s = s;
+    if (options.speed !== undefined) s.speed = checkSpeed(options.speed);
     initiateAo<void>(
       `job:${this.type}`,
       { callback: () => {} },
       (ao) => {
-        this.#ao = ao;
+        s.ao = ao;
       },
       {
         ...(options.signal && { signal: options.signal }),
         ...(options.parent && { parent: options.parent }),
       },
     );
-    this.#ao.signal.addEventListener('abort', () => this.#onAoAbort(), { once: true });
+    s.ao.signal.addEventListener('abort', () => jobOnAoAbort(s), { once: true });
     this.#txn = txn;
-    txn._jobs.push(this);
-    this.#transition('created');
-    if (this.#ao.aborted) this.#onAoAbort();
+    s.txn = txn._state;
+    txn._state.jobs.push(s);
+    s.transition('created');
+    if (s.ao.aborted) jobOnAoAbort(s);
   }
 
   // ---- state, as the user and the driver see it ----
 
   get status(): JobStatus {
-    return this.#status;
+    return this.#s.status;
   }
 
   /** The error the job failed with (also set for cancelled jobs: ERR_VMDISK_AO_JOB_CANCELLED). */
   get error(): Error | undefined {
-    return this.#error;
+    return this.#s.error;
   }
 
   /** The transaction the job is in, until it concludes. */
   get txn(): JobTxn | undefined {
-    return this.#txn;
+    return this.#s.txn ? this.#txn : undefined;
   }
 
   /** The job's ao (kind `job:<type>`), live until the job concludes. */
   get ao(): AoHandle<void> {
-    return this.#ao;
+    return this.#s.ao;
   }
 
   /** Aborted when the job is force-cancelled; pass it to what the job waits on. */
   get signal(): AbortSignal {
-    return this.#ao.signal;
+    return this.#s.ao.signal;
   }
 
   /** The job must stop: it was force-cancelled (QEMU job_is_cancelled). */
   get isCancelled(): boolean {
-    return this.#forceCancel;
+    return this.#s.forceCancel;
   }
 
   /** A cancel was requested, forced or not (QEMU job_cancel_requested). */
   get cancelRequested(): boolean {
-    return this.#cancelled;
+    return this.#s.cancelled;
   }
 
   /** The user paused the job (job-pause) and has not resumed it. */
   get userPaused(): boolean {
-    return this.#userPaused;
+    return this.#s.userPaused;
   }
 
   /** The job is at a pause point, waiting to be resumed. */
   get paused(): boolean {
-    return this.#paused;
+    return this.#s.paused;
   }
 
   /** Speed limit set by set-speed (0 = unlimited). */
   get speed(): number {
-    return this.#speed;
+    return this.#s.speed;
   }
 
   get progressCurrent(): number {
-    return this.#progressCurrent;
+    return this.#s.progress.current;
   }
 
   get progressTotal(): number {
-    return this.#progressTotal;
+    return this.#s.progress.total;
   }
 
   /** query-jobs entry. */
   info(): JobInfo {
+    const s = this.#s;
     const base = {
       id: this.id,
       type: this.type,
-      status: this.#status,
-      'current-progress': this.#progressCurrent,
-      'total-progress': this.#progressTotal,
+      status: s.status,
+      'current-progress': s.progress.current,
+      'total-progress': s.progress.total,
     };
-    return this.#error ? { ...base, error: this.#error.message } : base;
+    return s.error ? { ...base, error: s.error.message } : base;
   }
 
   /** Progress (current / total) as an async iterator ending when the job concludes. */
   progress(): AsyncIterableIterator<ProgressReport> {
-    return this.#ao.progress();
+    return this.#s.ao.progress();
   }
 
   /**
@@ -263,80 +234,19 @@ export class Job {
    * on success, rejecting with `job.error` on failure. The promise is made on demand.
    */
   wait(): Promise<void> {
+    const s = this.#s;
     return new Promise<void>((resolve, reject) => {
-      const settle = (): void => (this.#error ? reject(this.#error) : resolve());
-      if (this.#ended) settle();
-      else this.#endWaiters.push(settle);
+      const settle = (): void => (s.error ? reject(s.error) : resolve());
+      if (s.ended) settle();
+      else s.endWaiters.push(settle);
     });
   }
 
-  // ---- internal machinery ----
-
-  #transition(to: JobStatus): void {
-    const from = this.#status;
-    if (!jobTransitionAllowed(from, to)) {
-      throw new AoError(
-        AoErrorCode.JOB_STATE,
-        `Job '${this.id}': transition from '${from}' to '${to}' is not allowed`,
-      );
-    }
-    this.#status = to;
-    if (from !== to) this.registry._emit(this.id, to);
-  }
-
-  #applyVerb(verb: JobVerb): void {
-    if (!jobVerbAllowed(verb, this.#status)) throw new JobVerbError(this.id, this.#status, verb);
-  }
-
-  #isCompleted(): boolean {
-    const s = this.#status;
-    return (
-      s === 'waiting' || s === 'pending' || s === 'aborting' || s === 'concluded' || s === 'null'
-    );
-  }
-
-  #onAoAbort(): void {
-    // The caller's signal or the parent ao aborted the job's ao: a forced cancel, unless
-    // the job is already past the point where a cancel means anything.
-    if (this.#forceCancel) return;
-    const s = this.#status;
-    if (s === 'aborting' || s === 'concluded' || s === 'null') return;
-    this.#cancel(true);
-  }
+  // ---- what the driver's body uses ----
 
   /** Wakes the job's body if it is waiting in `yield`, `sleep` or a pause point. */
   enter(): void {
-    if (!this.#started || this.#deferred || this.#busy) return;
-    if (this.#sleepTimer) {
-      clearTimeout(this.#sleepTimer);
-      this.#sleepTimer = undefined;
-    }
-    this.#busy = true;
-    const wake = this.#wake;
-    this.#wake = undefined;
-    wake?.();
-  }
-
-  async #doYield(ms?: number): Promise<void> {
-    this.#busy = false;
-    await new Promise<void>((resolve) => {
-      this.#wake = resolve;
-      if (ms !== undefined) {
-        this.#sleepTimer = setTimeout(() => {
-          this.#sleepTimer = undefined;
-          this.enter();
-        }, ms);
-      }
-    });
-  }
-
-  #requireRunning(what: string): void {
-    if (!this.#started || this.#deferred) {
-      throw new AoError(
-        AoErrorCode.JOB_STATE,
-        `Job '${this.id}': ${what} is only for the job's own body while it runs`,
-      );
-    }
+    this.#s.enter();
   }
 
   /**
@@ -344,283 +254,93 @@ export class Job {
    * and the job is not cancelled, the job goes to 'paused' (or 'standby' when 'ready')
    * until resumed or cancelled.
    */
-  async pausePoint(): Promise<void> {
-    this.#requireRunning('pausePoint()');
-    if (this.#pauseCount === 0 || this.#forceCancel) return;
-    const status = this.#status;
-    this.#transition(status === 'ready' ? 'standby' : 'paused');
-    this.#paused = true;
-    await this.#doYield();
-    this.#paused = false;
-    this.#transition(status);
+  pausePoint(): Promise<void> {
+    return jobPausePoint(this.#s);
   }
 
   /** Waits until the job is entered (a verb or `enter()`), then passes a pause point. */
-  async yield(): Promise<void> {
-    this.#requireRunning('yield()');
-    if (this.#forceCancel) return;
-    if (this.#pauseCount === 0) await this.#doYield();
-    await this.pausePoint();
+  yield(): Promise<void> {
+    return jobYield(this.#s);
   }
 
   /** Sleeps `ms` milliseconds (woken early by a cancel), then passes a pause point. */
-  async sleep(ms: number): Promise<void> {
-    this.#requireRunning('sleep()');
-    if (!Number.isFinite(ms) || ms < 0) {
-      throw new AoError(AoErrorCode.INVALID_ARGUMENT, `sleep() takes milliseconds >= 0, not ${ms}`);
-    }
-    if (this.#forceCancel) return;
-    if (this.#pauseCount === 0) await this.#doYield(ms);
-    await this.pausePoint();
+  sleep(ms: number): Promise<void> {
+    return jobSleep(this.#s, ms);
   }
 
   /** The job is ready for job-complete (QEMU job_transition_to_ready). */
   transitionToReady(): void {
-    this.#requireRunning('transitionToReady()');
-    this.#transition('ready');
+    this.#s.requireRunning('transitionToReady()');
+    this.#s.transition('ready');
   }
 
   /** Adds `done` to the current progress (QEMU job_progress_update). */
   progressUpdate(done: number): void {
-    checkCount('progress', done);
-    this.#progressCurrent += done;
-    this.#reportProgress();
+    this.#s.progress.workDone(done);
   }
 
   /** Total = current + remaining (QEMU job_progress_set_remaining). */
   progressSetRemaining(remaining: number): void {
-    checkCount('remaining', remaining);
-    this.#progressTotal = this.#progressCurrent + remaining;
-    this.#reportProgress();
+    this.#s.progress.setRemaining(remaining);
   }
 
   /** Total += delta (QEMU job_progress_increase_remaining). */
   progressIncreaseRemaining(delta: number): void {
-    checkCount('delta', delta);
-    this.#progressTotal += delta;
-    this.#reportProgress();
-  }
-
-  #reportProgress(): void {
-    if (!this.#ao.completed) this.#ao.reportProgress(this.#progressCurrent, this.#progressTotal);
+    this.#s.progress.increaseRemaining(delta);
   }
 
   /** Starts the job's body (QEMU job_start); the job goes 'created' -> 'running'. */
   start(): void {
-    if (this.#started || this.#status !== 'created') {
-      throw new AoError(
-        AoErrorCode.JOB_ALREADY_STARTED,
-        `Job '${this.id}' in state '${this.#status}' cannot be started`,
-      );
-    }
-    this.#started = true;
-    this.#pauseCount--;
-    this.#busy = true;
-    this.#paused = false;
-    this.#transition('running');
-    this.#bodyDone = new Promise<void>((resolve) => {
-      defer(() => surface(this.#coEntry().then(resolve)));
-    });
-  }
-
-  async #coEntry(): Promise<void> {
-    await this.pausePoint();
-    let err: Error | undefined;
-    try {
-      await this.driver.run(this);
-    } catch (e) {
-      err = toError(e);
-    }
-    if (err && !this.#error) this.#error = err;
-    this.#deferred = true;
-    this.#busy = true;
-    if (this.#sleepTimer) clearTimeout(this.#sleepTimer);
-    await this.#completed();
-  }
-
-  #updateRc(): void {
-    if (!this.#error && this.#forceCancel) {
-      this.#error = new AoError(AoErrorCode.JOB_CANCELLED, 'Operation canceled');
-    }
-    if (this.#error) this.#transition('aborting');
-  }
-
-  async #completed(): Promise<void> {
-    this.#updateRc();
-    if (this.#error) await txnAbort(this.#txn!, this);
-    else await txnSuccess(this.#txn!, this);
-  }
-
-  /** @internal */
-  _isCompleted(): boolean {
-    return this.#isCompleted();
-  }
-
-  /** @internal: the body has finished (or, not started, the job completed at once). */
-  async _finishSync(): Promise<void> {
-    if (this.#isCompleted()) return;
-    if (!this.#started) {
-      this.#deferred = true;
-      this.#updateRc();
-      return;
-    }
-    await this.#bodyDone;
-  }
-
-  /** @internal */
-  _transitionWaiting(): void {
-    this.#transition('waiting');
-  }
-
-  /** @internal */
-  _transitionToPending(): void {
-    this.#transition('pending');
-  }
-
-  /** @internal: QEMU job_prepare. */
-  async _prepare(): Promise<boolean> {
-    if (!this.#error && this.driver.prepare) {
-      try {
-        await this.driver.prepare(this);
-      } catch (e) {
-        this.#error = toError(e);
-      }
-      this.#updateRc();
-    }
-    return this.#error === undefined;
-  }
-
-  /** @internal: QEMU job_finalize_single. */
-  async _finalizeSingle(): Promise<void> {
-    this.#updateRc();
-    const hook = async (fn: ((job: Job) => void | Promise<void>) | undefined): Promise<void> => {
-      if (!fn) return;
-      try {
-        await fn.call(this.driver, this);
-      } catch (e) {
-        if (!this.#error) this.#error = toError(e);
-      }
-    };
-    if (!this.#error) await hook(this.driver.commit);
-    else await hook(this.driver.abort);
-    await hook(this.driver.clean);
-    this.#leaveTxn();
-    this.#conclude();
-  }
-
-  /** @internal: QEMU job_cancel_async. */
-  _cancelAsync(forceIn: boolean): void {
-    // A forced cancel stays forced; a soft one is forced unless the driver supports it.
-    const force = forceIn || (this.driver.cancel ? this.driver.cancel(this, forceIn) : true);
-    if (this.#userPaused) {
-      this.#userPaused = false;
-      this.#pauseCount--;
-    }
-    if (force || !this.#deferred) {
-      this.#cancelled = true;
-      this.#forceCancel ||= force;
-    }
-    if (this.#forceCancel && !this.#ao.aborted) {
-      this.#ao.abort(new AoError(AoErrorCode.JOB_CANCELLED, `Job '${this.id}' was cancelled`));
-    }
-  }
-
-  #leaveTxn(): void {
-    const txn = this.#txn;
-    if (!txn) return;
-    const i = txn._jobs.indexOf(this);
-    if (i >= 0) txn._jobs.splice(i, 1);
-    this.#txn = undefined;
-  }
-
-  #conclude(): void {
-    this.#transition('concluded');
-    this.#end();
-    if (this.autoDismiss || !this.#started) this.#doDismiss();
-  }
-
-  #end(): void {
-    if (this.#ended) return;
-    this.#ended = true;
-    if (!this.#ao.completed) this.#ao._settle(this.#error ?? null);
-    const waiters = this.#endWaiters;
-    this.#endWaiters = [];
-    for (const w of waiters) w();
-  }
-
-  #doDismiss(): void {
-    this.#busy = false;
-    this.#paused = false;
-    this.#deferred = true;
-    this.#leaveTxn();
-    this.#transition('null');
-    this.registry._remove(this);
-    this.#end();
-  }
-
-  #cancel(force: boolean): void {
-    if (this.#status === 'concluded') {
-      this.#doDismiss();
-      return;
-    }
-    const txn = this.#txn!;
-    // Too late: the transaction is committing (or aborting already); see the header.
-    if (txn._finalizing) return;
-    this._cancelAsync(force);
-    if (!this.#started) {
-      this.#deferred = true;
-      surface(this.#completed());
-    } else if (this.#deferred) {
-      if (this.#forceCancel && !txn._finalizing && !txn._aborting) surface(txnAbort(txn, this));
-    } else {
-      this.enter();
-    }
+    jobStart(this.#s);
   }
 
   // ---- verbs (QMP commands): each is checked against JobVerbTable first ----
 
   /** job-cancel. `force` matters only for drivers with soft cancel (e.g. a ready mirror). */
   cancel(force = false): void {
-    this.#applyVerb('cancel');
-    this.#cancel(force);
+    this.#s.applyVerb('cancel');
+    jobCancel(this.#s, force);
   }
 
   /** job-pause: the job pauses at its next pause point. */
   pause(): void {
-    this.#applyVerb('pause');
-    if (this.#userPaused) {
+    const s = this.#s;
+    s.applyVerb('pause');
+    if (s.userPaused) {
       throw new AoError(AoErrorCode.JOB_ALREADY_PAUSED, `Job '${this.id}' is already paused`);
     }
-    this.#userPaused = true;
-    this.#pauseCount++;
-    if (!this.#paused) this.enter();
+    s.userPaused = true;
+    s.pauseCount++;
+    if (!s.paused) s.enter();
   }
 
   /** job-resume. */
   resume(): void {
-    this.#applyVerb('resume');
-    if (!this.#userPaused || this.#pauseCount <= 0) {
+    const s = this.#s;
+    s.applyVerb('resume');
+    if (!s.userPaused || s.pauseCount <= 0) {
       throw new AoError(
         AoErrorCode.JOB_NOT_PAUSED,
         `Can't resume job '${this.id}': it was not paused`,
       );
     }
-    this.#userPaused = false;
-    this.#pauseCount--;
-    if (this.#pauseCount === 0 && !this.#sleepTimer) this.enter();
+    s.userPaused = false;
+    s.pauseCount--;
+    if (s.pauseCount === 0 && !s.sleepTimer) s.enter();
   }
 
   /** block-job-set-speed (0 = unlimited). */
   setSpeed(speed: number): void {
-    this.#applyVerb('set-speed');
-    this.#speed = checkSpeed(speed);
-    this.driver.setSpeed?.(this, this.#speed);
+    const s = this.#s;
+    s.applyVerb('set-speed');
+    s.speed = checkSpeed(speed);
+    this.driver.setSpeed?.(this, s.speed);
   }
 
   /** job-complete: a ready job finishes (driver's `complete`). */
   complete(): void {
-    this.#applyVerb('complete');
-    if (this.#cancelled || !this.driver.complete) {
+    this.#s.applyVerb('complete');
+    if (this.#s.cancelled || !this.driver.complete) {
       throw new AoError(
         AoErrorCode.JOB_CANNOT_COMPLETE,
         `The job '${this.id}' cannot be completed`,
@@ -631,21 +351,21 @@ export class Job {
 
   /** job-finalize: finalizes the whole transaction of this pending job. */
   finalize(): void {
-    this.#applyVerb('finalize');
-    const txn = this.#txn!;
-    if (txn._finalizing || txn._aborting) return;
-    surface(doFinalize(txn, this));
+    this.#s.applyVerb('finalize');
+    const txn = this.#s.txn!;
+    if (txn.finalizing || txn.aborting) return;
+    surface(txnDoFinalize(txn, this.#s));
   }
 
   /** job-dismiss: removes a concluded job. */
   dismiss(): void {
-    this.#applyVerb('dismiss');
-    this.#doDismiss();
+    this.#s.applyVerb('dismiss');
+    jobDoDismiss(this.#s);
   }
 
   /** block-job-change. */
   change(options: unknown): void {
-    this.#applyVerb('change');
+    this.#s.applyVerb('change');
     if (!this.driver.change) {
       throw new AoError(
         AoErrorCode.JOB_CHANGE_UNSUPPORTED,
@@ -656,82 +376,15 @@ export class Job {
   }
 }
 
-function checkSpeed(speed: number): number {
-  if (typeof speed !== 'number' || !Number.isSafeInteger(speed) || speed < 0) {
-    throw new AoError(
-      AoErrorCode.INVALID_ARGUMENT,
-      `Invalid parameter 'speed': expected an integer >= 0, got ${String(speed)}`,
-    );
-  }
-  return speed;
-}
-
-function checkCount(what: string, n: number): void {
-  if (typeof n !== 'number' || !Number.isFinite(n) || n < 0) {
-    throw new AoError(AoErrorCode.INVALID_ARGUMENT, `${what} must be a number >= 0, got ${n}`);
-  }
-}
-
-// ---- transactions (QEMU job_completed_txn_success / _abort, job_do_finalize) ----
-
-async function txnSuccess(txn: JobTxn, job: Job): Promise<void> {
-  job._transitionWaiting();
-  if (txn._aborting) return;
-  if (txn._jobs.some((other) => !other._isCompleted())) return;
-  for (const other of txn.jobs) other._transitionToPending();
-  if (txn._jobs.every((other) => other.autoFinalize)) await doFinalize(txn, job);
-}
-
-async function doFinalize(txn: JobTxn, job: Job): Promise<void> {
-  txn._finalizing = true;
-  try {
-    let ok = true;
-    for (const other of txn.jobs) {
-      if (!(await other._prepare())) {
-        ok = false;
-        break;
-      }
-    }
-    if (!ok) {
-      txn._finalizing = false;
-      await txnAbort(txn, job);
-      return;
-    }
-    for (const other of txn.jobs) await other._finalizeSingle();
-  } finally {
-    txn._finalizing = false;
-  }
-}
-
-async function txnAbort(txn: JobTxn, job: Job): Promise<void> {
-  if (txn._aborting) return;
-  txn._aborting = true;
-  for (const other of txn.jobs) {
-    // One failure decides the transaction: cancel the others as fast as possible.
-    if (other !== job) other._cancelAsync(true);
-  }
-  for (const other of txn.jobs) other.enter();
-  while (txn._jobs.length > 0) {
-    const other = txn._jobs[0]!;
-    await other._finishSync();
-    await other._finalizeSingle();
-  }
-}
-
 /** The jobs of one monitor: IDs are unique within a registry. */
-export class JobRegistry {
+export class JobRegistry implements JobRegistryHooks<Job> {
   readonly #jobs = new Map<string, Job>();
-  readonly #listeners = new Set<(event: JobStatusChangeEvent) => void>();
-  readonly #queue: AoEventSink<JobStatusChangeEvent> | undefined;
+  readonly #events: JobStatusEvents;
 
   /** `events`: an EventQueue (or any sink with push) that also receives every
    * JOB_STATUS_CHANGE event, in order. */
   constructor(options: { events?: AoEventSink<JobStatusChangeEvent> } = {}) {
-    const events = options.events;
-    if (events !== undefined && (events === null || typeof events.push !== 'function')) {
-      throw new AoError(AoErrorCode.INVALID_ARGUMENT, 'events must have a push method');
-    }
-    this.#queue = events;
+    this.#events = new JobStatusEvents(options.events);
   }
 
   /** Creates a job in 'created' (QEMU job_create); call `job.start()` to run it. */
@@ -762,7 +415,7 @@ export class JobRegistry {
       if (!(txn instanceof JobTxn) || txn.registry !== this) {
         throw new AoError(AoErrorCode.JOB_TXN, 'the transaction belongs to another registry');
       }
-      if (txn._aborting || txn._finalizing) {
+      if (txn._state.aborting || txn._state.finalizing) {
         throw new AoError(AoErrorCode.JOB_TXN, 'the transaction is already ending');
       }
     }
@@ -821,19 +474,12 @@ export class JobRegistry {
 
   /** Calls `listener` (later, in order) for every JOB_STATUS_CHANGE; returns an unsubscribe. */
   onStatusChange(listener: (event: JobStatusChangeEvent) => void): () => void {
-    this.#listeners.add(listener);
-    return () => {
-      this.#listeners.delete(listener);
-    };
+    return this.#events.listen(listener);
   }
 
   /** @internal */
   _emit(id: string, status: JobStatus): void {
-    const event: JobStatusChangeEvent = { event: 'JOB_STATUS_CHANGE', data: { id, status } };
-    if (this.#listeners.size === 0 && !this.#queue) return;
-    for (const l of [...this.#listeners]) defer(() => l(event));
-    const queue = this.#queue;
-    if (queue) defer(() => queue.push(event));
+    this.#events.emit(id, status);
   }
 
   /** @internal */
