@@ -22,6 +22,7 @@ export { EventQueue, type EventWaitOptions } from './event-queue.ts';
 export {
   Job,
   type JobDriver,
+  type JobEvent,
   type JobInfo,
   type JobOptions,
   JobRegistry,

@@ -86,6 +86,13 @@ export interface JobStatusChangeEvent {
   readonly data: { readonly id: string; readonly status: JobStatus };
 }
 
+/** Another event of a job (a block job's BLOCK_JOB_COMPLETED, ...), delivered with the
+ * JOB_STATUS_CHANGE events, in order with them (JobRegistry.emitEvent). */
+export interface JobEvent {
+  readonly event: string;
+  readonly data: Readonly<Record<string, unknown>>;
+}
+
 const ID_RE = /^[A-Za-z][A-Za-z0-9._-]*$/;
 
 function toError(e: unknown): Error {
@@ -225,6 +232,11 @@ export class Job {
   /** The job is at a pause point, waiting to be resumed. */
   get paused(): boolean {
     return this.#paused;
+  }
+
+  /** The job's body is running, not waiting in a pause point, sleep or yield (QEMU busy). */
+  get busy(): boolean {
+    return this.#busy;
   }
 
   /** Speed limit set by set-speed (0 = unlimited). */
@@ -721,11 +733,11 @@ async function txnAbort(txn: JobTxn, job: Job): Promise<void> {
 export class JobRegistry {
   readonly #jobs = new Map<string, Job>();
   readonly #listeners = new Set<(event: JobStatusChangeEvent) => void>();
-  readonly #queue: AoEventSink<JobStatusChangeEvent> | undefined;
+  readonly #queue: AoEventSink<JobStatusChangeEvent | JobEvent> | undefined;
 
   /** `events`: an EventQueue (or any sink with push) that also receives every
    * JOB_STATUS_CHANGE event, in order. */
-  constructor(options: { events?: AoEventSink<JobStatusChangeEvent> } = {}) {
+  constructor(options: { events?: AoEventSink<JobStatusChangeEvent | JobEvent> } = {}) {
     const events = options.events;
     if (events !== undefined && (events === null || typeof events.push !== 'function')) {
       throw new AoError(AoErrorCode.INVALID_ARGUMENT, 'events must have a push method');
@@ -824,6 +836,12 @@ export class JobRegistry {
     return () => {
       this.#listeners.delete(listener);
     };
+  }
+
+  /** Queues another event of a job to the events sink, after every event queued before. */
+  emitEvent(event: JobEvent): void {
+    const queue = this.#queue;
+    if (queue) defer(() => queue.push(event));
   }
 
   /** @internal */
