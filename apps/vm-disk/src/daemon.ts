@@ -4,7 +4,7 @@
 // other: a BlockBackend of @vmdisk/block-graph is served as an ExportTarget by
 // @vmdisk/nbd; jobs come from @vmdisk/ao.
 import { unlinkSync, writeFileSync } from 'node:fs';
-import { JobRegistry, type JobStatusChangeEvent } from '@vmdisk/ao';
+import { type JobEvent, JobRegistry, type JobStatusChangeEvent } from '@vmdisk/ao';
 import {
   type BlockBackend,
   BlockGraph,
@@ -58,8 +58,10 @@ export class Daemon implements DaemonControl {
     this.monitor = new QmpMonitor(QMP_VERSION, log.child({ component: 'qmp' }));
     this.jobs = new JobRegistry({
       events: {
-        push: (e: JobStatusChangeEvent) => {
-          log.info({ event: 'job-status', id: e.data.id, status: e.data.status }, 'job status');
+        push: (e: JobStatusChangeEvent | JobEvent) => {
+          if (e.event === 'JOB_STATUS_CHANGE') {
+            log.info({ event: 'job-status', id: e.data.id, status: e.data.status }, 'job status');
+          } else log.info({ event: 'job-event', name: e.event, ...e.data }, 'job event');
           this.monitor.emitEvent(e.event, { ...e.data });
         },
       },

@@ -23,7 +23,7 @@ export {
   JobRegistry,
   JobTxn,
 } from './job.ts';
-export type { JobStatusChangeEvent } from './job-events.ts';
+export type { JobEvent, JobStatusChangeEvent } from './job-events.ts';
 export {
   JOB_STATUSES,
   JOB_STT,

@@ -13,12 +13,19 @@ export interface JobStatusChangeEvent {
   readonly data: { readonly id: string; readonly status: JobStatus };
 }
 
+/** Another event of a job (a block job's BLOCK_JOB_COMPLETED, ...), delivered with the
+ * JOB_STATUS_CHANGE events, in order with them (JobRegistry.emitEvent). */
+export interface JobEvent {
+  readonly event: string;
+  readonly data: Readonly<Record<string, unknown>>;
+}
+
 export class JobStatusEvents {
   readonly #listeners = new Set<(event: JobStatusChangeEvent) => void>();
-  readonly #queue: AoEventSink<JobStatusChangeEvent> | undefined;
+  readonly #queue: AoEventSink<JobStatusChangeEvent | JobEvent> | undefined;
 
   /** `events`: an EventQueue (or any sink with push) that receives every event. */
-  constructor(events: AoEventSink<JobStatusChangeEvent> | undefined) {
+  constructor(events: AoEventSink<JobStatusChangeEvent | JobEvent> | undefined) {
     if (events !== undefined && (events === null || typeof events.push !== 'function')) {
       throw new AoError(AoErrorCode.INVALID_ARGUMENT, 'events must have a push method');
     }
@@ -37,6 +44,12 @@ export class JobStatusEvents {
     const event: JobStatusChangeEvent = { event: 'JOB_STATUS_CHANGE', data: { id, status } };
     if (this.#listeners.size === 0 && !this.#queue) return;
     for (const l of [...this.#listeners]) defer(() => l(event));
+    const queue = this.#queue;
+    if (queue) defer(() => queue.push(event));
+  }
+
+  /** Queues another event to the sink, after every event queued before. */
+  other(event: JobEvent): void {
     const queue = this.#queue;
     if (queue) defer(() => queue.push(event));
   }

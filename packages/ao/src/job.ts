@@ -21,7 +21,7 @@ import { type Ao, type AoHandle, initiateAo } from './ao.ts';
 import type { ProgressReport } from './ao-progress.ts';
 import { AoError, AoErrorCode } from './errors.ts';
 import type { AoEventSink } from './event-queue.ts';
-import { type JobStatusChangeEvent, JobStatusEvents } from './job-events.ts';
+import { type JobEvent, type JobStatusChangeEvent, JobStatusEvents } from './job-events.ts';
 import { jobPausePoint, jobSleep, jobStart, jobYield } from './job-run.ts';
 import {
   checkSpeed,
@@ -196,6 +196,11 @@ export class Job {
   /** The job is at a pause point, waiting to be resumed. */
   get paused(): boolean {
     return this.#s.paused;
+  }
+
+  /** The job's body is running, not waiting in a pause point, sleep or yield (QEMU busy). */
+  get busy(): boolean {
+    return this.#s.busy;
   }
 
   /** Speed limit set by set-speed (0 = unlimited). */
@@ -383,7 +388,7 @@ export class JobRegistry implements JobRegistryHooks<Job> {
 
   /** `events`: an EventQueue (or any sink with push) that also receives every
    * JOB_STATUS_CHANGE event, in order. */
-  constructor(options: { events?: AoEventSink<JobStatusChangeEvent> } = {}) {
+  constructor(options: { events?: AoEventSink<JobStatusChangeEvent | JobEvent> } = {}) {
     this.#events = new JobStatusEvents(options.events);
   }
 
@@ -475,6 +480,11 @@ export class JobRegistry implements JobRegistryHooks<Job> {
   /** Calls `listener` (later, in order) for every JOB_STATUS_CHANGE; returns an unsubscribe. */
   onStatusChange(listener: (event: JobStatusChangeEvent) => void): () => void {
     return this.#events.listen(listener);
+  }
+
+  /** Queues another event of a job to the events sink, after every event queued before. */
+  emitEvent(event: JobEvent): void {
+    this.#events.other(event);
   }
 
   /** @internal */

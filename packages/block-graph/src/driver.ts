@@ -339,6 +339,13 @@ export interface FormatInstance extends InstanceBase {
   discard?(offset: number, length: number): Promise<void>;
   /** Writes cached metadata back (called before the children are flushed). */
   flush?(): Promise<void>;
+  /** Sets the virtual size (block_resize), drained. Absent: the size cannot change. */
+  truncate?(size: number): Promise<void>;
+  /**
+   * Writes another backing file name and format into the image (null: none), drained
+   * (QEMU bdrv_change_backing_file: stream and commit at their end).
+   */
+  changeBackingFile?(filename: string | null, format: string | null): Promise<void>;
 }
 
 /** One request as a filter sees it before passing it on. */

@@ -50,6 +50,10 @@ export const BlockErrorCode = {
   BACKING_LOOP: 'ERR_VMDISK_BLOCK_BACKING_LOOP',
   /** A backing chain deeper than the graph allows (BackingChainError). */
   BACKING_CHAIN_TOO_DEEP: 'ERR_VMDISK_BLOCK_BACKING_CHAIN_TOO_DEEP',
+  /** A node is used by a block job (QEMU's op blockers: "Node 'x' is busy: ..."). */
+  NODE_BUSY: 'ERR_VMDISK_BLOCK_NODE_BUSY',
+  /** A block job's arguments are refused (QEMU's wording); nothing was started. */
+  BAD_JOB: 'ERR_VMDISK_BLOCK_BAD_JOB',
 } as const;
 
 export type BlockErrorCodeValue = (typeof BlockErrorCode)[keyof typeof BlockErrorCode];

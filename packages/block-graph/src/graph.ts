@@ -8,6 +8,7 @@ import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import { GraphLock } from './graph-lock.ts';
 import type { BlockGraphOptions } from './graph-nodes.ts';
 import { GraphOpener } from './graph-open.ts';
+import { checkLinkNotFrozen, checkNotBusy } from './jobs/op-blockers.ts';
 import { BlockNode, ChildEdge } from './node.ts';
 import type { ObjectInfo } from './objects.ts';
 import { checkOptions, type OptionSyntax } from './options.ts';
@@ -156,6 +157,7 @@ export class BlockGraph extends GraphOpener implements BackendHost {
   async del(name: string): Promise<void> {
     await this.lock.write(async () => {
       const node = this.lookup(name);
+      checkNotBusy(this, name);
       if (!node.ownedByUser) {
         throw new BlockError(
           BlockErrorCode.NODE_IN_USE,
@@ -237,6 +239,65 @@ export class BlockGraph extends GraphOpener implements BackendHost {
       }
       next.refcount++;
       await this.unref(old);
+      this.refreshPermissions();
+    });
+  }
+
+  /**
+   * Points a node's backing link at another node, or drops it (null): what stream and
+   * commit do at their end and blockdev-snapshot does to its overlay (bdrv_set_backing_hd),
+   * drained. `before` runs first, under the lock (the image's header change); layers
+   * no one holds any more close.
+   */
+  async setBacking(
+    parentName: string,
+    backingName: string | null,
+    before?: () => Promise<void>,
+  ): Promise<void> {
+    await this.lock.write(async () => {
+      const parent = this.lookup(parentName);
+      checkLinkNotFrozen(this, parentName);
+      const next = backingName === null ? undefined : this.lookup(backingName);
+      const edge = parent.backing;
+      const old = edge?.node;
+      if (old === next) return;
+      const key = edge?.name ?? 'backing';
+      if (!edge && !(this.drivers.get(parent.driver)?.children ?? []).some((c) => c.key === key)) {
+        throw new BlockError(
+          BlockErrorCode.BAD_GRAPH_CHANGE,
+          `Driver '${parent.driver}' of node '${parentName}' does not support backing files`,
+        );
+      }
+      const added = edge ?? new ChildEdge(key, ['cow'], parent, next!);
+      const undo = (): void => {
+        if (edge) this.repoint(edge, old!);
+        else {
+          this.unlink(added);
+          parent.children.delete(key);
+        }
+        if (edge && !next) {
+          this.link(edge);
+          parent.children.set(key, edge);
+        }
+      };
+      if (edge && next) this.repoint(edge, next);
+      else if (edge) {
+        this.unlink(edge);
+        parent.children.delete(key);
+      } else {
+        this.link(added);
+        parent.children.set(key, added);
+      }
+      try {
+        this.refreshPermissions();
+        await before?.();
+      } catch (err) {
+        undo();
+        this.refreshPermissions();
+        throw err;
+      }
+      if (next) next.refcount++;
+      if (old) await this.unref(old);
       this.refreshPermissions();
     });
   }

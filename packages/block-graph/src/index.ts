@@ -60,10 +60,27 @@ export {
   type NodeInfo,
 } from './graph.ts';
 export {
+  type BlockdevOnError,
+  type BlockJob,
+  type BlockJobCommonOptions,
+  type BlockJobInfo,
+  type BlockJobIoStatus,
+  blockJobs,
+  findBlockJob,
+} from './jobs/block-job.ts';
+export { type BlockCommitOptions, blockCommit } from './jobs/commit.ts';
+export {
   type BlockdevCreateOptions,
   blockdevCreate,
   blockdevCreateOptions,
 } from './jobs/create.ts';
+export { type BlockResizeOptions, blockResize } from './jobs/resize.ts';
+export {
+  type BlockdevSnapshotSyncOptions,
+  blockdevSnapshot,
+  blockdevSnapshotSync,
+} from './jobs/snapshot.ts';
+export { type BlockStreamOptions, blockStream } from './jobs/stream.ts';
 export {
   checkObjectOptions,
   type ObjectInfo,

@@ -33,6 +33,7 @@ import { Incompat, parseHeader, peekClusterBits, type Qcow2Header } from './head
 import { blockStatus, mapRead, mapReadCached, read } from './mapping.ts';
 import { openImage } from './open.ts';
 import type { RefcountManager } from './refcount.ts';
+import { changeBackingFile, resizeQcow2 } from './resize.ts';
 import { Qcow2State, writeHeader } from './state.ts';
 import {
   ioBuffer,
@@ -76,8 +77,6 @@ export class Qcow2Image {
   readonly header: Qcow2Header;
   readonly geom: Geometry;
   readonly readOnly: boolean;
-  /** Virtual disk size in bytes. */
-  readonly virtualSize: number;
   readonly clusterSize: number;
   readonly lazyRefcounts: boolean;
 
@@ -88,9 +87,23 @@ export class Qcow2Image {
     this.header = state.header;
     this.geom = state.geom;
     this.readOnly = state.readOnly;
-    this.virtualSize = state.header.size;
     this.clusterSize = state.clusterSize;
     this.lazyRefcounts = state.lazyRefcounts;
+  }
+
+  /** Virtual disk size in bytes (block_resize changes it). */
+  get virtualSize(): number {
+    return this.state.header.size;
+  }
+
+  /** Sets the virtual size (see resize.ts). Precondition: no request in flight. */
+  resize(size: number): Promise<void> {
+    return resizeQcow2(this.state, size);
+  }
+
+  /** Writes another backing file name and format into the header (null: none). */
+  changeBackingFile(filename: string | null, format: string | null): Promise<void> {
+    return changeBackingFile(this.state, filename, format);
   }
 
   /** The virtual size (so that an image is a Qcow2BackingReader of another). */

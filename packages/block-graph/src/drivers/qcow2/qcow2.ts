@@ -138,6 +138,14 @@ class Qcow2Instance implements FormatInstance {
     return this.image.flush();
   }
 
+  truncate(size: number): Promise<void> {
+    return this.image.resize(size);
+  }
+
+  changeBackingFile(filename: string | null, format: string | null): Promise<void> {
+    return this.image.changeBackingFile(filename, format);
+  }
+
   close(): Promise<void> {
     return this.image.close();
   }

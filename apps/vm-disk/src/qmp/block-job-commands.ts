@@ -1,0 +1,163 @@
+// The QMP commands of block jobs, snapshots and resize, with QEMU 7.2's arguments
+// (qapi/block-core.json): block-stream, block-commit, block_resize, blockdev-snapshot,
+// blockdev-snapshot-sync, query-block-jobs and the block-job-* verbs. The work is in
+// @vmdisk/block-graph; the events (BLOCK_JOB_*) reach the monitor through the job
+// registry's event sink, in order with JOB_STATUS_CHANGE.
+import {
+  type BlockJob,
+  blockCommit,
+  blockdevSnapshot,
+  blockdevSnapshotSync,
+  blockJobs,
+  blockResize,
+  blockStream,
+  findBlockJob,
+  schema,
+} from '@vmdisk/block-graph';
+import type { DaemonControl } from './daemon-control.ts';
+import { QmpError, type QmpMonitor } from './monitor.ts';
+
+const { bool, enumOf, int, opt, str, struct } = schema;
+
+/** The arguments block-stream and block-commit share (QEMU's schema order). */
+const jobCommon = {
+  'job-id': opt(str),
+  device: str,
+  base: opt(str),
+  'base-node': opt(str),
+  'backing-file': opt(str),
+  speed: opt(int()),
+  'on-error': opt(enumOf(['report', 'ignore', 'stop', 'enospc'])),
+  'auto-finalize': opt(bool),
+  'auto-dismiss': opt(bool),
+} as const;
+
+type Camel<S extends string> = S extends `${infer H}-${infer T}`
+  ? `${H}${Capitalize<Camel<T>>}`
+  : S;
+/** QMP's kebab-case members as the graph's camelCase options, absent ones left out. */
+type CamelKeys<T> = { [K in keyof T as Camel<K & string>]: Exclude<T[K], undefined> };
+
+function camel<T extends object>(args: T): CamelKeys<T> {
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(args)) {
+    if (v !== undefined) out[k.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase())] = v;
+  }
+  return out as CamelKeys<T>;
+}
+
+export function registerBlockJobCommands(monitor: QmpMonitor, daemon: DaemonControl): void {
+  const { graph, jobs } = daemon;
+  const blockJob = (id: string): BlockJob => {
+    const found = findBlockJob(graph, id);
+    if (!found) throw new QmpError('DeviceNotActive', `Block job '${String(id)}' not found`);
+    return found;
+  };
+  const device = struct({ device: str });
+  const id = struct({ id: str });
+
+  monitor.register({
+    name: 'block-stream',
+    args: struct(jobCommon),
+    run: async (args) => {
+      await blockStream(graph, jobs, camel(args));
+    },
+  });
+  monitor.register({
+    name: 'block-commit',
+    args: struct({ ...jobCommon, top: opt(str), 'top-node': opt(str) }),
+    run: async (args) => {
+      await blockCommit(graph, jobs, camel(args));
+    },
+  });
+  monitor.register({
+    name: 'block_resize',
+    args: struct({ device: opt(str), 'node-name': opt(str), size: int() }),
+    run: async (args) => {
+      await blockResize(graph, camel(args));
+    },
+  });
+  monitor.register({
+    name: 'blockdev-snapshot',
+    args: struct({ node: str, overlay: str }),
+    run: (args) => blockdevSnapshot(graph, args.node, args.overlay),
+  });
+  monitor.register({
+    name: 'blockdev-snapshot-sync',
+    args: struct({
+      device: opt(str),
+      'node-name': opt(str),
+      'snapshot-file': str,
+      'snapshot-node-name': opt(str),
+      format: opt(str),
+      mode: opt(enumOf(['existing', 'absolute-paths'])),
+    }),
+    run: async (args) => {
+      await blockdevSnapshotSync(graph, camel(args));
+    },
+  });
+  monitor.register({
+    name: 'query-block-jobs',
+    run: () => blockJobs(graph).map((j) => j.info()),
+  });
+  monitor.register({
+    name: 'block-job-set-speed',
+    args: struct({ device: str, speed: int() }),
+    run: (args) => {
+      const { speed } = args;
+      if (speed < 0) {
+        throw new QmpError('GenericError', "Parameter 'speed' expects a non-negative value");
+      }
+      blockJob(args.device).job.setSpeed(speed);
+    },
+  });
+  monitor.register({
+    name: 'block-job-pause',
+    args: device,
+    run: (args) => blockJob(args.device).job.pause(),
+  });
+  monitor.register({
+    name: 'block-job-resume',
+    args: device,
+    run: (args) => {
+      const bj = blockJob(args.device);
+      bj.job.resume();
+      bj.iostatus = 'ok'; // QEMU resets the io-status on resume
+    },
+  });
+  monitor.register({
+    name: 'block-job-cancel',
+    args: struct({ device: str, force: opt(bool, false) }),
+    run: (args) => {
+      const bj = blockJob(args.device);
+      const { force } = args;
+      if (bj.job.userPaused && !force) {
+        throw new QmpError(
+          'GenericError',
+          `The block job for device '${bj.id}' is currently paused`,
+        );
+      }
+      bj.job.cancel(force);
+    },
+  });
+  monitor.register({
+    name: 'block-job-complete',
+    args: device,
+    run: (args) => blockJob(args.device).job.complete(),
+  });
+  monitor.register({
+    name: 'block-job-finalize',
+    args: id,
+    run: async (args) => {
+      // QEMU finalizes within the command: its events come before the reply.
+      const job = blockJob(args.id).job;
+      job.finalize();
+      await job.wait().catch(() => {});
+    },
+  });
+  monitor.register({
+    name: 'block-job-dismiss',
+    args: id,
+    run: (args) => blockJob(args.id).job.dismiss(),
+  });
+}

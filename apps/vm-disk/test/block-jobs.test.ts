@@ -1,0 +1,241 @@
+// Block jobs, snapshots and resize over QMP, side by side with qemu-storage-daemon 7.2:
+// the same QMP sequence on both gives the same replies, events (in order, timestamps
+// aside) and resulting images (guest data, backing chain, qemu-img check clean).
+import { rmSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import { run, startQsd, startServe, useScratch } from './harness/daemon.ts';
+import { type QmpMessage, QmpTestClient } from './harness/qmp-client.ts';
+
+const scratch = useScratch('vmdisk-block-jobs-');
+const MiB = 1 << 20;
+
+const monitorArgs = (qmp: string) => [
+  '--chardev',
+  `socket,id=m0,path=${qmp},server=on,wait=off`,
+  '--monitor',
+  'chardev=m0',
+];
+
+/** base (0x11 at 0-1M) <- mid (0x22 at 1-2M) <- top (0x33 at 3M+512k), 4 MiB, qcow2. */
+async function makeChain(): Promise<void> {
+  const p = scratch.path.bind(scratch);
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', p('base.qcow2'), '4M']);
+  await run('qemu-io', ['-c', 'write -P 0x11 0 1M', p('base.qcow2')]);
+  for (const [img, below] of [
+    ['mid.qcow2', 'base.qcow2'],
+    ['top.qcow2', 'mid.qcow2'],
+  ] as const) {
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', below, '-F', 'qcow2', p(img)]);
+  }
+  await run('qemu-io', ['-c', 'write -P 0x22 1M 1M', p('mid.qcow2')]);
+  await run('qemu-io', ['-c', 'write -P 0x33 3M 512k', p('top.qcow2')]);
+}
+
+/** A message as compared: without its timestamp. */
+const bare = ({ timestamp: _, ...rest }: QmpMessage): QmpMessage => rest;
+
+/** A QMP session that records every reply and event, in order. */
+class Recorder {
+  readonly seen: QmpMessage[] = [];
+  private constructor(readonly client: QmpTestClient) {}
+
+  static async open(qmp: string): Promise<Recorder> {
+    const { client } = await QmpTestClient.connect(qmp);
+    await client.execute({ execute: 'qmp_capabilities' });
+    return new Recorder(client);
+  }
+
+  /** Sends a command; records the events before its reply and the reply (minus `drop` keys of each job). */
+  async cmd(
+    execute: string,
+    args?: Record<string, unknown>,
+    drop: string[] = [],
+  ): Promise<QmpMessage> {
+    this.client.sendRaw(`${JSON.stringify({ execute, ...(args && { arguments: args }) })}\n`);
+    for (;;) {
+      const m = bare(await this.client.next());
+      if ('event' in m) {
+        this.seen.push(m);
+        continue;
+      }
+      const r = m.return;
+      if (Array.isArray(r) && drop.length > 0) {
+        m.return = r.map((j: Record<string, unknown>) =>
+          Object.fromEntries(Object.entries(j).filter(([k]) => !drop.includes(k))),
+        );
+      }
+      this.seen.push(m);
+      return m;
+    }
+  }
+
+  /** Records events until one matches. */
+  async until(event: string, status?: string): Promise<void> {
+    for (;;) {
+      const m = bare(await this.client.next(30_000));
+      this.seen.push(m);
+      const data = m.data as { status?: string } | undefined;
+      if (m.event === event && (status === undefined || data?.status === status)) return;
+    }
+  }
+}
+
+type Daemon = 'qsd' | 'vm-disk';
+
+async function startDaemon(which: Daemon, args: string[]): Promise<() => Promise<unknown>> {
+  const qmp = scratch.path(`${which}.qmp`);
+  const all = [...monitorArgs(qmp), ...args];
+  const p = which === 'qsd' ? await startQsd(all, qmp) : await startServe(all);
+  scratch.running.push(p);
+  return () => p.exited;
+}
+
+/** What an image chain reads as, and its backing chain as qemu-img shows it. */
+async function imageState(top: string): Promise<{ info: unknown; raw: string }> {
+  const info = JSON.parse(
+    await run('qemu-img', ['info', '--backing-chain', '--output=json', top]),
+  ) as Record<string, unknown>[];
+  for (const layer of info) {
+    await run('qemu-img', ['check', '-f', String(layer.format), String(layer.filename)]);
+    delete layer['actual-size'];
+    delete layer['dirty-flag'];
+  }
+  const raw = scratch.path(`state-${Math.random().toString(36).slice(2)}.raw`);
+  await run('qemu-img', ['convert', '-O', 'raw', top, raw]);
+  return { info, raw };
+}
+
+/** Runs `scenario` on a fresh chain with each daemon; returns what each recorded and left. */
+async function sideBySide(
+  args: string[],
+  scenario: (r: Recorder) => Promise<void>,
+  result: string,
+): Promise<void> {
+  const out: { seen: QmpMessage[]; info: unknown; raw: string }[] = [];
+  for (const which of ['qsd', 'vm-disk'] as const) {
+    for (const f of ['base', 'mid', 'top', 'snap'])
+      rmSync(scratch.path(`${f}.qcow2`), { force: true });
+    await makeChain();
+    const exited = await startDaemon(which, args);
+    const r = await Recorder.open(scratch.path(`${which}.qmp`));
+    await scenario(r);
+    await r.cmd('quit');
+    await exited();
+    r.client.close();
+    out.push({ seen: r.seen, ...(await imageState(scratch.path(result))) });
+  }
+  const [qsd, ours] = out;
+  expect(ours!.seen).toEqual(qsd!.seen);
+  expect(ours!.info).toEqual(qsd!.info);
+  await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', qsd!.raw, ours!.raw]);
+}
+
+const topArgs = () => [
+  '--blockdev',
+  `driver=file,node-name=tf,filename=${scratch.path('top.qcow2')}`,
+  '--blockdev',
+  'driver=qcow2,node-name=top,file=tf',
+];
+
+describe('block jobs against qemu-storage-daemon 7.2', () => {
+  it('block-stream: errors, busy nodes, set-speed, manual finalize, the chain after', async () => {
+    await sideBySide(
+      topArgs(),
+      async (r) => {
+        await r.cmd('block-stream', { device: 'top' });
+        await r.cmd('block-stream', { 'job-id': 'j', device: 'top', base: 'x', 'base-node': 'y' });
+        await r.cmd('block-stream', { 'job-id': 'j', device: 'top', 'base-node': 'y' });
+        await r.cmd('block-stream', { 'job-id': 'j', device: 'top', 'base-node': 'tf' });
+        await r.cmd('block-stream', { 'job-id': 'j', device: 'top', 'backing-file': 'f' });
+        await r.cmd('block-stream', { 'job-id': 'j', device: 'nope' });
+        await r.cmd('block-stream', { 'job-id': '1j', device: 'top' });
+        await r.cmd('block-stream', { 'job-id': 'j', device: 'top', base: 'nope.qcow2' });
+        // speed 1: the job sleeps after its first chunk until the speed changes.
+        const base = scratch.path('base.qcow2');
+        await r.cmd('block-stream', { 'job-id': 's1', device: 'top', base, speed: 1 });
+        await r.cmd('query-block-jobs', undefined, ['offset', 'busy']);
+        await r.cmd('block-stream', { 'job-id': 's2', device: 'top' });
+        await r.cmd('blockdev-del', { 'node-name': 'top' });
+        await r.cmd('block_resize', { 'node-name': 'top', size: 8 * MiB });
+        await r.cmd('block-job-set-speed', { device: 'nope', speed: 0 });
+        await r.cmd('block-job-set-speed', { device: 's1', speed: -1 });
+        await r.cmd('block-job-set-speed', { device: 's1', speed: 0 });
+        await r.until('JOB_STATUS_CHANGE', 'null');
+        await r.cmd('query-block-jobs');
+        // The rest of the chain into top, finalized and dismissed by hand.
+        await r.cmd('block-stream', {
+          'job-id': 's3',
+          device: 'top',
+          'auto-finalize': false,
+          'auto-dismiss': false,
+        });
+        await r.until('BLOCK_JOB_PENDING');
+        await r.cmd('query-block-jobs');
+        await r.cmd('block-job-dismiss', { id: 's3' });
+        await r.cmd('block-job-finalize', { id: 's3' });
+        await r.cmd('query-block-jobs');
+        await r.cmd('block-job-dismiss', { id: 's3' });
+        await r.cmd('query-block-jobs');
+      },
+      'top.qcow2',
+    );
+  });
+
+  it('block_resize and blockdev-snapshot-sync, and the images they leave', async () => {
+    await sideBySide(
+      topArgs(),
+      async (r) => {
+        await r.cmd('block_resize', { 'node-name': 'nope', size: MiB });
+        await r.cmd('block_resize', { size: MiB });
+        await r.cmd('block_resize', { 'node-name': 'top', size: -1 });
+        await r.cmd('block_resize', { 'node-name': 'top', size: 8 * MiB + 1 });
+        await r.cmd('block_resize', { 'node-name': 'top', size: 8 * MiB });
+        await r.cmd('block_resize', { 'node-name': 'top', size: 6 * MiB });
+        const snap = scratch.path('snap.qcow2');
+        await r.cmd('blockdev-snapshot-sync', { 'node-name': 'top', 'snapshot-file': snap });
+        await r.cmd('blockdev-snapshot-sync', {
+          'node-name': 'top',
+          'snapshot-file': snap,
+          'snapshot-node-name': 'top',
+        });
+        await r.cmd('blockdev-snapshot-sync', {
+          'node-name': 'top',
+          'snapshot-file': snap,
+          'snapshot-node-name': 'snap',
+        });
+        await r.cmd('query-block-jobs');
+      },
+      'snap.qcow2',
+    );
+  });
+
+  it('block-commit of an intermediate layer', async () => {
+    const p = scratch.path.bind(scratch);
+    await sideBySide(
+      [
+        '--blockdev',
+        `driver=qcow2,node-name=base,file.driver=file,file.filename=${p('base.qcow2')}`,
+        '--blockdev',
+        `driver=qcow2,node-name=mid,backing=base,file.driver=file,file.filename=${p('mid.qcow2')}`,
+        '--blockdev',
+        `driver=qcow2,node-name=top,backing=mid,file.driver=file,file.filename=${p('top.qcow2')}`,
+      ],
+      async (r) => {
+        await r.cmd('block-commit', {
+          'job-id': 'c',
+          device: 'top',
+          'top-node': 'mid',
+          'base-node': 'mid',
+        });
+        await r.cmd('block-commit', { 'job-id': 'c', device: 'top', 'top-node': 'nope' });
+        await r.cmd('block-commit', { 'job-id': 'c', device: 'top', 'top-node': 'mid', speed: 1 });
+        await r.cmd('query-block-jobs', undefined, ['offset', 'busy']);
+        await r.cmd('block-stream', { 'job-id': 's', device: 'top' });
+        await r.cmd('block-job-set-speed', { device: 'c', speed: 0 });
+        await r.until('JOB_STATUS_CHANGE', 'null');
+        await r.cmd('query-block-jobs');
+      },
+      'top.qcow2',
+    );
+  });
+});

@@ -1,0 +1,327 @@
+// Block jobs over the graph (QEMU's blockjob.c): an @vmdisk/ao Job plus what a block job
+// owns. Nodes it uses, with the permissions QEMU's jobs take (block_job_add_bdrv: one
+// backend per node), busy for other jobs and graph changes, and the backing links it will
+// change frozen; the rate limit (`speed`); the error policy (on-error); BlockJobInfo for
+// query-block-jobs; and the BLOCK_JOB_* events, queued with JOB_STATUS_CHANGE so that they
+// come in QEMU's order.
+import type { Job, JobRegistry } from '@vmdisk/ao';
+import type { BlockBackend } from '../backend.ts';
+import { BlockError, BlockErrorCode } from '../errors.ts';
+import type { BlockGraph } from '../graph.ts';
+import type { PermissionName } from '../permissions.ts';
+import {
+  blockNodes,
+  checkNotBusy,
+  freezeLinks,
+  unblockNodes,
+  unfreezeLinks,
+} from './op-blockers.ts';
+import { RateLimit } from './ratelimit.ts';
+
+export type BlockdevOnError = 'report' | 'ignore' | 'stop' | 'enospc';
+export type BlockJobIoStatus = 'ok' | 'failed' | 'nospace';
+
+/** The arguments every block job command takes (QEMU's names in the QMP layer). */
+export interface BlockJobCommonOptions {
+  /** The job ID (QEMU: defaults to the device name; a node has none, so it is required). */
+  jobId?: string;
+  speed?: number;
+  onError?: BlockdevOnError;
+  autoFinalize?: boolean;
+  autoDismiss?: boolean;
+}
+
+/** One entry of query-block-jobs (QEMU's BlockJobInfo). */
+export interface BlockJobInfo {
+  type: string;
+  device: string;
+  len: number;
+  offset: number;
+  busy: boolean;
+  paused: boolean;
+  speed: number;
+  'io-status': BlockJobIoStatus;
+  ready: boolean;
+  status: string;
+  'auto-finalize': boolean;
+  'auto-dismiss': boolean;
+  error?: string;
+}
+
+/** What a kind of block job does, over its BlockJob. */
+export interface BlockJobBody {
+  run(bj: BlockJob): Promise<void>;
+  /** The graph change of a successful job (QEMU .prepare), drained, under the graph lock. */
+  prepare?(bj: BlockJob): Promise<void>;
+}
+
+const jobsOf = new WeakMap<BlockGraph, Map<string, BlockJob>>();
+
+/** The block jobs of a graph, in creation order (query-block-jobs). */
+export function blockJobs(graph: BlockGraph): BlockJob[] {
+  return [...(jobsOf.get(graph)?.values() ?? [])];
+}
+
+/** The block job of that ID, or undefined (QEMU find_block_job). */
+export function findBlockJob(graph: BlockGraph, id: string): BlockJob | undefined {
+  return jobsOf.get(graph)?.get(id);
+}
+
+const STRERROR: Record<string, string> = {
+  EIO: 'Input/output error',
+  ENOSPC: 'No space left on device',
+  EPERM: 'Operation not permitted',
+  EACCES: 'Permission denied',
+  EINVAL: 'Invalid argument',
+  ENOTSUP: 'Not supported',
+  ECANCELED: 'Operation canceled',
+};
+
+/** An error as QEMU words a job's failure (strerror of its errno). */
+function errorText(err: Error): string {
+  const errno = (err as { errnoName?: string }).errnoName;
+  return (errno !== undefined && STRERROR[errno]) || err.message;
+}
+
+function checkSpeed(speed: number | undefined): void {
+  if (speed !== undefined && speed < 0) {
+    throw new BlockError(BlockErrorCode.BAD_JOB, "Parameter 'speed' expects a non-negative value");
+  }
+}
+
+export class BlockJob {
+  readonly graph: BlockGraph;
+  readonly type: string;
+  readonly id: string;
+  readonly onError: BlockdevOnError;
+  iostatus: BlockJobIoStatus = 'ok';
+  #job: Job | undefined;
+  readonly #limit = new RateLimit();
+  readonly #backends: BlockBackend[] = [];
+  readonly #busy: string[] = [];
+  readonly #frozen: [string, string][] = [];
+  #released = false;
+
+  private constructor(graph: BlockGraph, type: string, id: string, onError: BlockdevOnError) {
+    this.graph = graph;
+    this.type = type;
+    this.id = id;
+    this.onError = onError;
+  }
+
+  /**
+   * Creates and starts a block job (QEMU block_job_create + job_start): `setup` takes the
+   * nodes (addNode) and freezes links; when it or the job's creation fails, everything
+   * taken is given back and nothing is left.
+   */
+  static async start(
+    graph: BlockGraph,
+    jobs: JobRegistry,
+    type: string,
+    options: BlockJobCommonOptions,
+    setup: (bj: BlockJob) => Promise<void>,
+    body: BlockJobBody,
+  ): Promise<BlockJob> {
+    const id = options.jobId;
+    if (id === undefined) {
+      throw new BlockError(BlockErrorCode.BAD_JOB, "Invalid job ID ''");
+    }
+    if (!/^[A-Za-z][A-Za-z0-9._-]*$/.test(id)) {
+      throw new BlockError(BlockErrorCode.BAD_JOB, `Invalid job ID '${id}'`);
+    }
+    if (jobs.find(id)) {
+      throw new BlockError(BlockErrorCode.BAD_JOB, `Job ID '${id}' already in use`);
+    }
+    checkSpeed(options.speed);
+    const bj = new BlockJob(graph, type, id, options.onError ?? 'report');
+    try {
+      await setup(bj);
+    } catch (err) {
+      await bj.#release();
+      throw err;
+    }
+    bj.#limit.speed = options.speed ?? 0;
+    const job = jobs.createJob({
+      id,
+      ...(options.autoFinalize !== undefined && { autoFinalize: options.autoFinalize }),
+      ...(options.autoDismiss !== undefined && { autoDismiss: options.autoDismiss }),
+      ...(options.speed !== undefined && { speed: options.speed }),
+      driver: {
+        type,
+        run: () => body.run(bj),
+        ...(body.prepare && { prepare: () => body.prepare!(bj) }),
+        clean: (j) => bj.#clean(j),
+        setSpeed: (j, speed) => {
+          const old = bj.#limit.speed;
+          bj.#limit.speed = speed;
+          // A faster (or unlimited) job wakes from its rate-limit sleep (QEMU kicks it).
+          if (speed === 0 || speed > old) j.enter();
+        },
+      },
+    });
+    bj.#job = job;
+    let map = jobsOf.get(graph);
+    if (!map) {
+      map = new Map();
+      jobsOf.set(graph, map);
+    }
+    map.set(id, bj);
+    const off = jobs.onStatusChange((e) => {
+      if (e.data.id !== id) return;
+      // QEMU emits BLOCK_JOB_PENDING only when the user finalizes (job_event_pending).
+      if (e.data.status === 'pending' && !job.autoFinalize) {
+        jobs.emitEvent({ event: 'BLOCK_JOB_PENDING', data: { type, id } });
+      }
+      if (e.data.status === 'null') {
+        off();
+        if (map.get(id) === bj) map.delete(id);
+      }
+    });
+    job.start();
+    return bj;
+  }
+
+  get job(): Job {
+    return this.#job!;
+  }
+
+  /**
+   * Uses a node for the job (QEMU block_job_add_bdrv): a backend taking `perm` and sharing
+   * `shared`, and the node busy for other jobs and graph changes until the job ends.
+   */
+  async addNode(
+    name: string,
+    perm: readonly PermissionName[],
+    shared: readonly PermissionName[],
+  ): Promise<void> {
+    checkNotBusy(this.graph, name);
+    const backend = await this.graph.createBackend(name, {
+      name: `block job '${this.id}'`,
+      perm,
+      shared,
+    });
+    this.#backends.push(backend);
+    blockNodes(this.graph, [name], `block device is in use by block job: ${this.type}`);
+    this.#busy.push(name);
+  }
+
+  /** Freezes backing links parent -> child until the job ends (bdrv_freeze_backing_chain). */
+  freeze(links: readonly [string, string][]): void {
+    freezeLinks(this.graph, links);
+    this.#frozen.push(...links);
+  }
+
+  /** Unfreezes the links before the job changes them itself (at prepare). */
+  unfreeze(): void {
+    unfreezeLinks(this.graph, this.#frozen.splice(0));
+  }
+
+  /** Runs `fn` holding the graph's read lock, as any request does. */
+  async io<T>(fn: () => Promise<T>): Promise<T> {
+    const lock = this.graph.lock;
+    if (!lock.tryRead()) await lock.read();
+    try {
+      return await fn();
+    } finally {
+      lock.releaseRead();
+    }
+  }
+
+  /**
+   * After `bytes` were copied: sleeps as the speed asks (QEMU block_job_ratelimit_sleep),
+   * passing a pause point either way.
+   */
+  async rateLimit(bytes: number): Promise<void> {
+    const delay = this.#limit.account(bytes);
+    await this.job.sleep(delay);
+  }
+
+  /**
+   * What to do about an I/O error (QEMU block_job_error_action): 'report' (fail the job),
+   * 'ignore' (go on), 'stop' (the job pauses, io-status failed or nospace, until resumed:
+   * then the caller retries). Emits BLOCK_JOB_ERROR for each.
+   */
+  errorAction(err: unknown, isRead: boolean): 'report' | 'ignore' | 'stop' {
+    const errno = (err as { errnoName?: string }).errnoName;
+    const action =
+      this.onError === 'ignore'
+        ? 'ignore'
+        : this.onError === 'stop' || (this.onError === 'enospc' && errno === 'ENOSPC')
+          ? 'stop'
+          : 'report';
+    const job = this.job;
+    if (action === 'stop') {
+      if (!job.userPaused) job.pause();
+      this.iostatus = errno === 'ENOSPC' ? 'nospace' : 'failed';
+    }
+    job.registry.emitEvent({
+      event: 'BLOCK_JOB_ERROR',
+      data: { device: this.id, operation: isRead ? 'read' : 'write', action },
+    });
+    return action;
+  }
+
+  /** Waits while the job is stopped by an error, then clears io-status (QEMU resets it on resume). */
+  async afterStop(): Promise<void> {
+    await this.job.pausePoint();
+    this.iostatus = 'ok';
+  }
+
+  /** query-block-jobs entry. */
+  info(): BlockJobInfo {
+    const job = this.job;
+    const len = Math.max(job.progressTotal, job.progressCurrent);
+    const status = job.status;
+    const info: BlockJobInfo = {
+      type: this.type,
+      device: this.id,
+      len,
+      offset: Math.min(job.progressCurrent, len),
+      // Busy while the body runs (not in a pause point or sleep, and not after it ended).
+      busy: job.busy && (status === 'running' || status === 'ready'),
+      paused: job.userPaused || status === 'paused' || status === 'standby',
+      speed: job.speed,
+      'io-status': this.iostatus,
+      ready: status === 'ready' || status === 'standby',
+      status,
+      'auto-finalize': job.autoFinalize,
+      'auto-dismiss': job.autoDismiss,
+    };
+    if (job.error && (status === 'concluded' || status === 'aborting')) {
+      info.error = errorText(job.error);
+    }
+    return info;
+  }
+
+  /** The event data of COMPLETED / CANCELLED / READY (QEMU's). */
+  #eventData(): Record<string, unknown> {
+    const i = this.info();
+    return { type: this.type, device: this.id, len: i.len, offset: i.offset, speed: i.speed };
+  }
+
+  /** A job that reached 'ready' (mirror, active commit): BLOCK_JOB_READY after the change. */
+  transitionToReady(): void {
+    this.job.transitionToReady();
+    this.job.registry.emitEvent({ event: 'BLOCK_JOB_READY', data: this.#eventData() });
+  }
+
+  /** QEMU .clean, then the event of the end (job_finalize_single): nodes given back first. */
+  async #clean(job: Job): Promise<void> {
+    await this.#release();
+    const data = this.#eventData();
+    if (job.isCancelled) {
+      job.registry.emitEvent({ event: 'BLOCK_JOB_CANCELLED', data });
+    } else {
+      if (job.error) data.error = errorText(job.error);
+      job.registry.emitEvent({ event: 'BLOCK_JOB_COMPLETED', data });
+    }
+  }
+
+  async #release(): Promise<void> {
+    if (this.#released) return;
+    this.#released = true;
+    this.unfreeze();
+    unblockNodes(this.graph, this.#busy.splice(0));
+    for (const b of this.#backends.splice(0)) await b.close();
+  }
+}

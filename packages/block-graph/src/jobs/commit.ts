@@ -1,0 +1,166 @@
+// block-commit (QEMU's block/commit.c), the intermediate case: the data of `top` and the
+// layers between it and `base` is copied into base, then top's overlay gets base as its
+// backing and the committed layers go. Active commit (top is the active layer: it needs a
+// filter catching guest writes, as mirror does) is refused for now.
+import type { JobRegistry } from '@vmdisk/ao';
+import { BlockError, BlockErrorCode } from '../errors.ts';
+import type { BlockGraph } from '../graph.ts';
+import type { BlockNode } from '../node.ts';
+import { BlockJob, type BlockJobCommonOptions } from './block-job.ts';
+import { chainOf, findBase, layerFilename } from './chain.ts';
+import { checkNotBusy } from './op-blockers.ts';
+import { lookupNode } from './resize.ts';
+
+/** QEMU's COMMIT_BUFFER_SIZE. */
+const CHUNK = 512 * 1024;
+
+export interface BlockCommitOptions extends BlockJobCommonOptions {
+  device: string;
+  top?: string;
+  topNode?: string;
+  base?: string;
+  baseNode?: string;
+  /** The name written into the overlay's header for base (default: base's file name). */
+  backingFile?: string;
+}
+
+const ALL = ['consistent-read', 'write', 'write-unchanged', 'resize'] as const;
+
+export async function blockCommit(
+  graph: BlockGraph,
+  jobs: JobRegistry,
+  o: BlockCommitOptions,
+): Promise<BlockJob> {
+  const active = lookupNode(graph, o.device, o.device) as BlockNode;
+  const chain = chainOf(active);
+  let top: BlockNode = active;
+  if (o.top !== undefined && o.topNode !== undefined) {
+    throw new BlockError(
+      BlockErrorCode.BAD_JOB,
+      "'top' and 'top-node' cannot be specified at the same time",
+    );
+  }
+  if (o.topNode !== undefined) {
+    top = lookupNode(graph, undefined, o.topNode) as BlockNode;
+    if (!chain.includes(top)) {
+      throw new BlockError(
+        BlockErrorCode.BAD_JOB,
+        `'${o.topNode}' is not in this backing file chain`,
+      );
+    }
+  } else if (o.top !== undefined) {
+    const found = chain.slice(1).find((n) => layerFilename(n) === o.top);
+    if (!found && layerFilename(active) !== o.top) {
+      throw new BlockError(BlockErrorCode.BAD_JOB, `Top image file ${o.top} not found`);
+    }
+    top = (found as BlockNode | undefined) ?? active;
+  }
+  const topChain = chainOf(top);
+  if (o.baseNode === top.name) {
+    throw new BlockError(BlockErrorCode.BAD_JOB, 'cannot commit an image into itself');
+  }
+  const base =
+    findBase(graph, top, o.base, o.baseNode) ??
+    (topChain.length > 1 ? topChain[topChain.length - 1] : undefined);
+  if (!base || base === top) {
+    throw new BlockError(BlockErrorCode.BAD_JOB, 'cannot commit an image into itself');
+  }
+  if (top === active) {
+    throw new BlockError(
+      BlockErrorCode.NOT_SUPPORTED,
+      `Active commit (top '${top.name}' is the active layer of '${active.name}') is not yet supported`,
+    );
+  }
+  if (base.readOnly) {
+    throw new BlockError(
+      BlockErrorCode.READ_ONLY,
+      `Base '${base.name}' is read-only (reopening it read-write is not yet supported: add it with read-only=off)`,
+    );
+  }
+  if (base.size() < top.size()) {
+    throw new BlockError(
+      BlockErrorCode.NOT_SUPPORTED,
+      `Base '${base.name}' is smaller than top '${top.name}' (growing it is not yet supported)`,
+    );
+  }
+  const overlay = chain[chain.indexOf(top) - 1]! as BlockNode;
+  const baseAt = topChain.indexOf(base); // layers of top's chain above base
+  const committed = topChain.slice(0, baseAt) as BlockNode[];
+  for (const n of [overlay, ...committed, base]) checkNotBusy(graph, n.name);
+  return BlockJob.start(
+    graph,
+    jobs,
+    'commit',
+    o,
+    async (bj) => {
+      await bj.addNode(
+        base.name,
+        ['consistent-read', 'write', 'resize'],
+        ['consistent-read', 'write-unchanged'],
+      );
+      for (const n of committed) await bj.addNode(n.name, ['consistent-read'], ALL);
+      await bj.addNode(overlay.name, [], ALL); // "overlay of top": its backing link changes
+      const links: [string, string][] = [[overlay.name, top.name]];
+      for (let i = 0; i < baseAt; i++) links.push([topChain[i]!.name, topChain[i + 1]!.name]);
+      bj.freeze(links);
+    },
+    {
+      run: (bj) => run(bj, top, base as BlockNode, baseAt),
+      prepare: async (bj) => {
+        bj.unfreeze();
+        const filename = o.backingFile ?? layerFilename(base) ?? base.name;
+        await graph.setBacking(overlay.name, base.name, async () => {
+          const inst = overlay.instance;
+          if (inst.kind === 'format' && inst.changeBackingFile) {
+            await inst.changeBackingFile(filename, base.driver);
+          }
+        });
+      },
+    },
+  );
+}
+
+async function run(bj: BlockJob, top: BlockNode, base: BlockNode, baseAt: number): Promise<void> {
+  const job = bj.job;
+  const len = top.size();
+  job.progressSetRemaining(len);
+  let firstError: unknown;
+  let offset = 0;
+  while (offset < len) {
+    if (job.isCancelled) return;
+    const want = Math.min(CHUNK, len - offset);
+    let n = want;
+    let copied = 0;
+    let reading = true;
+    try {
+      await bj.io(async () => {
+        const s = await top.blockStatus(offset, want, false);
+        n = s.length;
+        // Allocated in top or a layer between it and base (depth 1 .. baseAt).
+        if (s.depth < 1 || s.depth > baseAt) return;
+        const buf = top.allocBuffer(n);
+        try {
+          const data = buf.subarray(0, n);
+          await top.read(offset, data);
+          reading = false;
+          await base.write(offset, data);
+          copied = n;
+        } finally {
+          top.releaseBuffer(buf);
+        }
+      });
+    } catch (err) {
+      const action = bj.errorAction(err, reading);
+      if (action === 'stop') {
+        await bj.afterStop();
+        continue;
+      }
+      firstError ??= err;
+      if (action === 'report') throw err;
+    }
+    offset += n;
+    job.progressUpdate(n);
+    await bj.rateLimit(copied);
+  }
+  if (firstError !== undefined) throw firstError;
+}

@@ -1,0 +1,130 @@
+// External snapshots (QEMU's blockdev-snapshot and blockdev-snapshot-sync): an overlay
+// gets the node as its backing, then every user of the node (exports, parents) moves onto
+// the overlay, drained. blockdev-snapshot-sync first creates the overlay image (qcow2,
+// backed by the node's file) and opens it.
+import { lockForCreate } from '../drivers/file-lock.ts';
+import { createQcow2 } from '../drivers/qcow2/create.ts';
+import { qcow2FileOf } from '../drivers/qcow2/qcow2.ts';
+import { BlockError, BlockErrorCode } from '../errors.ts';
+import type { BlockGraph } from '../graph.ts';
+import type { BlockNode } from '../node.ts';
+import { layerFilename } from './chain.ts';
+import { checkNotBusy } from './op-blockers.ts';
+import { lookupNode } from './resize.ts';
+
+/** blockdev-snapshot: `overlay` (opened without backing) goes on top of `node`. */
+export async function blockdevSnapshot(
+  graph: BlockGraph,
+  nodeName: string,
+  overlayName: string,
+): Promise<void> {
+  const node = lookupNode(graph, nodeName, nodeName) as BlockNode;
+  const overlay = lookupNode(graph, overlayName, overlayName) as BlockNode;
+  checkNotBusy(graph, node.name);
+  for (const e of node.parents) {
+    if (e.roles.includes('cow')) {
+      throw new BlockError(
+        BlockErrorCode.NODE_BUSY,
+        `Node '${node.name}' is busy: node is used as backing hd of '${e.parent.name}'`,
+      );
+    }
+  }
+  if ([...overlay.parents].some((e) => e.parent.isBackend)) {
+    throw new BlockError(BlockErrorCode.NODE_IN_USE, 'The overlay is already in use');
+  }
+  if (overlay.backing) {
+    throw new BlockError(
+      BlockErrorCode.BAD_GRAPH_CHANGE,
+      'The overlay already has a backing image',
+    );
+  }
+  if (!overlay.isFormat || overlay.driver === 'raw') {
+    throw new BlockError(
+      BlockErrorCode.BAD_GRAPH_CHANGE,
+      'The overlay does not support backing images',
+    );
+  }
+  await graph.setBacking(overlay.name, node.name);
+  try {
+    await graph.replaceNode(node.name, overlay.name);
+  } catch (err) {
+    await graph.setBacking(overlay.name, null);
+    throw err;
+  }
+}
+
+export interface BlockdevSnapshotSyncOptions {
+  device?: string;
+  nodeName?: string;
+  snapshotFile: string;
+  snapshotNodeName?: string;
+  format?: string;
+  mode?: 'existing' | 'absolute-paths';
+}
+
+/** blockdev-snapshot-sync: creates (or, mode existing, opens) the overlay, then snapshots. */
+export async function blockdevSnapshotSync(
+  graph: BlockGraph,
+  o: BlockdevSnapshotSyncOptions,
+): Promise<void> {
+  const node = lookupNode(graph, o.device, o.nodeName) as BlockNode;
+  if (o.nodeName !== undefined && o.snapshotNodeName === undefined) {
+    throw new BlockError(BlockErrorCode.BAD_JOB, 'New overlay node-name missing');
+  }
+  if (o.snapshotNodeName !== undefined && graph.hasNode(o.snapshotNodeName)) {
+    throw new BlockError(BlockErrorCode.BAD_JOB, 'New overlay node-name already in use');
+  }
+  const format = o.format ?? 'qcow2';
+  if (format !== 'qcow2') {
+    throw new BlockError(
+      BlockErrorCode.NOT_SUPPORTED,
+      `blockdev-snapshot-sync does not support format '${format}' (qcow2)`,
+    );
+  }
+  checkNotBusy(graph, node.name);
+  if ((o.mode ?? 'absolute-paths') === 'absolute-paths') {
+    await createOverlay(graph, o.snapshotFile, node);
+  }
+  const overlay = await graph.add({
+    driver: format,
+    ...(o.snapshotNodeName !== undefined && { 'node-name': o.snapshotNodeName }),
+    file: { driver: 'file', filename: o.snapshotFile },
+    backing: null,
+  });
+  try {
+    await blockdevSnapshot(graph, node.name, overlay.name);
+  } catch (err) {
+    await graph.del(overlay.name);
+    throw err;
+  }
+}
+
+/** A new qcow2 image of the node's size whose header names the node's file as backing. */
+async function createOverlay(graph: BlockGraph, filename: string, node: BlockNode): Promise<void> {
+  const engine = await graph.engine('auto');
+  const file = await engine.openFile(filename, { create: true });
+  try {
+    lockForCreate(file);
+    await file.truncate(0);
+  } finally {
+    await file.close();
+  }
+  const fileNode = await graph.add({ driver: 'file', filename });
+  try {
+    const backend = await graph.createBackend(fileNode.name, {
+      perm: ['consistent-read', 'write', 'resize'],
+      shared: ['consistent-read', 'write', 'write-unchanged', 'resize'],
+    });
+    try {
+      const backingFile = layerFilename(node);
+      await createQcow2(qcow2FileOf(fileNode), {
+        size: node.size(),
+        ...(backingFile !== undefined && { backingFile, backingFormat: node.driver }),
+      });
+    } finally {
+      await backend.close();
+    }
+  } finally {
+    await graph.del(fileNode.name);
+  }
+}
