@@ -19,16 +19,13 @@ import type { BlockSizeConstraints } from './export-target.ts';
 import {
   Command,
   CommandFlag,
-  EXTENDED_REQUEST_HEADER_BYTES,
-  EXTENDED_REQUEST_MAGIC,
   MAX_PAYLOAD_BYTES,
   META_CONTEXT_ALLOCATION_DEPTH,
   META_CONTEXT_BASE_ALLOCATION,
-  REQUEST_HEADER_BYTES,
-  REQUEST_MAGIC,
   TransmissionFlag,
 } from './protocol.ts';
 import { type NbdTransport, parseNbdUri } from './uri.ts';
+import { encodeRequestHeader } from './wire.ts';
 
 export type { NbdExportListing } from './client-negotiation.ts';
 export type { BlockStatusResult, NbdExtent } from './client-replies.ts';
@@ -667,26 +664,7 @@ export class NbdClient {
         this.socket.uncork();
       });
     }
-    let h: Buffer;
-    if (this.extendedHeaders) {
-      h = Buffer.allocUnsafe(EXTENDED_REQUEST_HEADER_BYTES);
-      h.writeUInt32BE(EXTENDED_REQUEST_MAGIC, 0);
-      h.writeUInt16BE(flags, 4);
-      h.writeUInt16BE(command, 6);
-      h.writeUInt32BE(0, 8);
-      h.writeUInt32BE(cookie, 12);
-      h.writeBigUInt64BE(BigInt(offset), 16);
-      h.writeBigUInt64BE(BigInt(length), 24);
-    } else {
-      h = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
-      h.writeUInt32BE(REQUEST_MAGIC, 0);
-      h.writeUInt16BE(flags, 4);
-      h.writeUInt16BE(command, 6);
-      h.writeUInt32BE(0, 8);
-      h.writeUInt32BE(cookie, 12);
-      h.writeBigUInt64BE(BigInt(offset), 16);
-      h.writeUInt32BE(length, 24);
-    }
+    const h = encodeRequestHeader(this.extendedHeaders, flags, command, cookie, offset, length);
     this.socket.write(h);
   }
 

@@ -1,0 +1,33 @@
+// An export as the server holds it: its target, what it advertises, its counters and the
+// connections in transmission on it.
+
+import type { Connection } from './connection.ts';
+import type { BlockSizeConstraints, ExportTarget } from './export-target.ts';
+
+/** Per-export counters. */
+export interface ExportStats {
+  /** Requests received (every command but DISC). */
+  requests: number;
+  bytesRead: number;
+  bytesWritten: number;
+  /** Requests answered with an error. */
+  errors: number;
+  /** Requests being served now. */
+  inFlight: number;
+  /** Connections in transmission on this export now. */
+  connections: number;
+}
+
+/** An export as the server holds it. */
+export interface ExportEntry {
+  readonly name: string;
+  readonly description: string;
+  readonly target: ExportTarget;
+  readonly writable: boolean;
+  readonly multiConn: boolean;
+  readonly blockSize: BlockSizeConstraints;
+  readonly stats: ExportStats;
+  readonly connections: Set<Connection>;
+  /** removeExport was called: no new clients. */
+  removing: boolean;
+}
