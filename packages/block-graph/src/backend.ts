@@ -67,8 +67,11 @@ const NO_FLAGS = Object.freeze({});
 
 export class BlockBackend implements ChildParent {
   readonly isBackend = true;
-  /** FUA is emulated by a flush of the node (nothing below writes with FUA natively). */
-  readonly nativeFua = false;
+  /**
+   * FUA is honoured here: the node's generic I/O layer (node.ts) emulates it with a flush
+   * of the node, so the NBD server passes it down rather than emulating it again.
+   */
+  readonly nativeFua = true;
   /** One graph in one process: a flush through any backend flushes the same nodes. */
   readonly multiConnSafe = true;
   readonly reportsDepth = true;

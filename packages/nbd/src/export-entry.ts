@@ -2,7 +2,8 @@
 // connections in transmission on it.
 
 import type { Connection } from './connection.ts';
-import type { BlockSizeConstraints, ExportTarget } from './export-target.ts';
+import type { BlockSizeConstraints } from './export-target.ts';
+import type { CompleteTarget } from './with-defaults.ts';
 
 /** Per-export counters. */
 export interface ExportStats {
@@ -22,7 +23,8 @@ export interface ExportStats {
 export interface ExportEntry {
   readonly name: string;
   readonly description: string;
-  readonly target: ExportTarget;
+  /** The target given, completed with what the server emulates (with-defaults.ts). */
+  readonly target: CompleteTarget;
   readonly writable: boolean;
   readonly multiConn: boolean;
   readonly blockSize: BlockSizeConstraints;

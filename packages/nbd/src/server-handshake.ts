@@ -353,7 +353,7 @@ export class Handshake {
     const available: Array<[number, string]> = [
       [CTX_BASE_ALLOCATION, META_CONTEXT_BASE_ALLOCATION],
     ];
-    if (exp.target.reportsDepth && exp.target.blockStatus) {
+    if (exp.target.features.depth) {
       available.push([CTX_ALLOCATION_DEPTH, META_CONTEXT_ALLOCATION_DEPTH]);
     }
     const list = option === Option.LIST_META_CONTEXT;
@@ -377,18 +377,18 @@ export class Handshake {
   }
 
   private transmissionFlags(exp: ExportEntry): number {
-    const t = exp.target;
+    const can = exp.target.features;
     let flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH;
     if (!exp.writable) {
       flags |= TransmissionFlag.READ_ONLY;
     } else {
       flags |= TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_WRITE_ZEROES;
-      if (t.trim) flags |= TransmissionFlag.SEND_TRIM;
-      if (t.writeZeroes) flags |= TransmissionFlag.SEND_FAST_ZERO;
+      if (can.trim) flags |= TransmissionFlag.SEND_TRIM;
+      if (can.fastZero) flags |= TransmissionFlag.SEND_FAST_ZERO;
     }
     if (this.mode !== ReplyMode.SIMPLE) flags |= TransmissionFlag.SEND_DF;
-    if (t.cache) flags |= TransmissionFlag.SEND_CACHE;
-    if (exp.multiConn && (t.multiConnSafe === true || !exp.writable)) {
+    if (can.cache) flags |= TransmissionFlag.SEND_CACHE;
+    if (exp.multiConn && (can.multiConnSafe || !exp.writable)) {
       flags |= TransmissionFlag.CAN_MULTI_CONN;
     }
     return flags;

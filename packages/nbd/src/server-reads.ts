@@ -59,11 +59,7 @@ export class ServerReads {
       this.streamRead(req).catch((err: unknown) => ctx.targetFailed(req, err));
       return;
     }
-    if (
-      ctx.replies.structured &&
-      (req.flags & CommandFlag.DF) === 0 &&
-      ctx.export.target.blockStatus
-    ) {
+    if (ctx.replies.structured && (req.flags & CommandFlag.DF) === 0 && this.holes) {
       this.sparseRead(req).catch((err: unknown) => ctx.targetFailed(req, err));
       return;
     }
@@ -116,7 +112,7 @@ export class ServerReads {
     const t = ctx.export.target;
     const single = !ctx.replies.structured || (req.flags & CommandFlag.DF) !== 0;
     const segments: Segment[] =
-      !single && t.blockStatus
+      !single && this.holes
         ? await this.segments(req.offset, req.length)
         : [{ offset: req.offset, length: req.length, zero: false }];
     const host: StreamHost = {
@@ -207,31 +203,21 @@ export class ServerReads {
 
   /** Extents covering exactly [offset, offset+length), asked of the target in pieces. */
   private async extents(offset: number, length: number): Promise<Extent[]> {
-    const exp = this.ctx.export;
-    const t = exp.target;
-    const max = exp.blockSize.maximum;
+    const t = this.ctx.export.target;
     const out: Extent[] = [];
-    let pos = offset;
     const end = offset + length;
-    while (pos < end) {
-      const want = Math.min(max, end - pos);
+    for (let pos = offset; pos < end; ) {
       // Only holes that are cheap to know are worth skipping in a READ.
-      const got = t.blockStatus ? await t.blockStatus(pos, want, { wantZero: false }) : [];
-      let covered = 0;
-      for (const e of got) {
-        const n = Math.min(e.length, want - covered);
-        if (!(n > 0)) continue;
-        out.push(n === e.length ? e : { ...e, length: n });
-        covered += n;
-        if (covered >= want) break;
+      for (const e of await t.blockStatus(pos, end - pos, { wantZero: false })) {
+        out.push(e);
+        pos += e.length;
       }
-      if (covered === 0) {
-        // The target said nothing useful: the rest reads as data.
-        out.push({ length: end - pos, hole: false, zero: false });
-        break;
-      }
-      pos += covered;
     }
     return out;
+  }
+
+  /** The target reports block status: a read may skip its holes. */
+  private get holes(): boolean {
+    return this.ctx.export.target.features.blockStatus;
   }
 }

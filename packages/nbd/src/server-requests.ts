@@ -58,6 +58,7 @@ export function validate(
   contexts: readonly number[],
 ): Refusal | undefined {
   const t = exp.target;
+  const can = t.features;
   const { type, flags, offset, length } = req;
   let allowed = CommandFlag.FUA;
   switch (type) {
@@ -87,8 +88,8 @@ export function validate(
   const writeLike =
     type === Command.WRITE || type === Command.TRIM || type === Command.WRITE_ZEROES;
   if (writeLike && !exp.writable) return [WireError.EPERM, 'the export is read-only'];
-  if (type === Command.TRIM && !t.trim) return [WireError.EINVAL, 'trim is not supported'];
-  if (type === Command.CACHE && !t.cache) return [WireError.EINVAL, 'cache is not supported'];
+  if (type === Command.TRIM && !can.trim) return [WireError.EINVAL, 'trim is not supported'];
+  if (type === Command.CACHE && !can.cache) return [WireError.EINVAL, 'cache is not supported'];
   if (type === Command.BLOCK_STATUS) {
     if (contexts.length === 0) return [WireError.EINVAL, 'no meta context selected'];
     if (length === 0) return [WireError.EINVAL, 'block status of zero bytes'];
@@ -131,10 +132,6 @@ export function wireErrno(err: unknown): number {
 export function describeFailure(err: unknown): Refusal {
   return [wireErrno(err), err instanceof Error ? err.message : String(err)];
 }
-
-/** An error carrying an errno name, as a target rejects with. */
-export const errnoError = (errnoName: string, message: string): Error =>
-  Object.assign(new Error(message), { errnoName });
 
 /** Calls a target method; a synchronous throw becomes a rejection. */
 export function attempt(fn: () => Promise<void>): Promise<void> {

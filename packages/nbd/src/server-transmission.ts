@@ -9,7 +9,6 @@ import type { ByteQueue } from './byte-queue.ts';
 import type { ConnectionHost } from './connection.ts';
 import { NbdError } from './errors.ts';
 import type { ExportEntry } from './export-entry.ts';
-import type { Extent } from './export-target.ts';
 import { type BudgetAccount, STREAM_PIECE } from './memory-budget.ts';
 import {
   Command,
@@ -26,7 +25,6 @@ import { ReplyEncoder, ReplyMode } from './server-replies.ts';
 import {
   attempt,
   costOf,
-  errnoError,
   type Refusal,
   type Request,
   validate,
@@ -306,21 +304,38 @@ export class Transmission implements ReadContext {
 
   private execute(req: Request): void {
     const t = this.export.target;
+    const { offset, length, flags } = req;
+    const fua = (flags & CommandFlag.FUA) !== 0;
     switch (req.type) {
       case Command.READ:
         this.reads.read(req);
         return;
       case Command.FLUSH:
-        this.complete(req, t.flush ? attempt(() => t.flush!()) : undefined);
+        this.complete(
+          req,
+          attempt(() => t.flush()),
+        );
         return;
       case Command.TRIM:
-        this.complete(req, this.trim(req));
+        this.complete(
+          req,
+          attempt(() => t.trim(offset, length, { fua })),
+        );
         return;
-      case Command.WRITE_ZEROES:
-        this.complete(req, this.writeZeroes(req));
+      case Command.WRITE_ZEROES: {
+        const noHole = (flags & CommandFlag.NO_HOLE) !== 0;
+        const fastZero = (flags & CommandFlag.FAST_ZERO) !== 0;
+        const op = attempt(() => t.writeZeroes(offset, length, { fua, noHole, fastZero }));
+        this.complete(req, op, () => {
+          this.export.stats.bytesWritten += length;
+        });
         return;
+      }
       case Command.CACHE:
-        this.complete(req, this.cache(req));
+        this.complete(
+          req,
+          attempt(() => t.cache(offset, length)),
+        );
         return;
       case Command.BLOCK_STATUS:
         this.blockStatus(req).catch((err: unknown) => this.targetFailed(req, err));
@@ -368,76 +383,8 @@ export class Transmission implements ReadContext {
     this.link.destroy();
   }
 
-  /** Splits a length-only command at the maximum block size (the target's precondition). */
-  private async inPieces(
-    req: Request,
-    fn: (offset: number, length: number) => Promise<void>,
-  ): Promise<void> {
-    const max = this.export.blockSize.maximum;
-    let pos = req.offset;
-    const end = req.offset + req.length;
-    while (pos < end) {
-      const n = Math.min(max, end - pos);
-      await fn(pos, n);
-      pos += n;
-    }
-  }
-
-  private async fuaFlush(req: Request): Promise<void> {
-    const t = this.export.target;
-    if ((req.flags & CommandFlag.FUA) !== 0 && !t.nativeFua && t.flush) await t.flush();
-  }
-
-  private async trim(req: Request): Promise<void> {
-    const t = this.export.target;
-    const fua = (req.flags & CommandFlag.FUA) !== 0 && t.nativeFua === true;
-    await this.inPieces(req, (o, n) => t.trim!(o, n, { fua }));
-    await this.fuaFlush(req);
-  }
-
-  private async writeZeroes(req: Request): Promise<void> {
-    const t = this.export.target;
-    const fua = (req.flags & CommandFlag.FUA) !== 0 && t.nativeFua === true;
-    const noHole = (req.flags & CommandFlag.NO_HOLE) !== 0;
-    const fastZero = (req.flags & CommandFlag.FAST_ZERO) !== 0;
-    if (t.writeZeroes) {
-      await this.inPieces(req, (o, n) => t.writeZeroes!(o, n, { fua, noHole, fastZero }));
-    } else {
-      if (fastZero) throw errnoError('ENOTSUP', 'zeroing would not be fast');
-      const zeros = Buffer.alloc(Math.min(req.length, 1024 * 1024, this.export.blockSize.maximum));
-      let pos = req.offset;
-      const end = req.offset + req.length;
-      while (pos < end) {
-        const n = Math.min(zeros.length, end - pos);
-        await t.write!(pos, n === zeros.length ? zeros : zeros.subarray(0, n), { fua });
-        pos += n;
-      }
-    }
-    this.export.stats.bytesWritten += req.length;
-    await this.fuaFlush(req);
-  }
-
-  private async cache(req: Request): Promise<void> {
-    const t = this.export.target;
-    await this.inPieces(req, (o, n) => t.cache!(o, n));
-  }
-
   private async blockStatus(req: Request): Promise<void> {
-    const exp = this.export;
-    const t = exp.target;
-    const want = Math.min(req.length, exp.blockSize.maximum);
-    let extents: Extent[] = [];
-    if (t.blockStatus) {
-      let covered = 0;
-      for (const e of await t.blockStatus(req.offset, want)) {
-        const n = Math.min(e.length, want - covered);
-        if (!(n > 0)) continue;
-        extents.push(n === e.length ? e : { ...e, length: n });
-        covered += n;
-        if (covered >= want) break;
-      }
-    }
-    if (extents.length === 0) extents = [{ length: want, hole: false, zero: false }];
+    const extents = await this.export.target.blockStatus(req.offset, req.length);
     const reqOne = (req.flags & CommandFlag.REQ_ONE) !== 0;
     const chunks = this.replies.blockStatus(this.contexts, extents, reqOne);
     this.send(req, this.replies.chunks(req.ids, chunks));
@@ -453,8 +400,7 @@ export class Transmission implements ReadContext {
       return;
     }
     const fua = (req.flags & CommandFlag.FUA) !== 0;
-    const write = attempt(() => t.write!(req.offset, buf, { fua: fua && t.nativeFua === true }));
-    const op = fua && !t.nativeFua && t.flush ? write.then(() => t.flush!()) : write;
+    const op = attempt(() => t.write(req.offset, buf, { fua }));
     op.then(
       () => {
         if (owned) this.free(buf);
@@ -482,25 +428,19 @@ export class Transmission implements ReadContext {
         if (this.link.active) this.pump();
       },
     };
+    // With FUA: the pieces are written without it, then one flush covers them all.
     const done = (outcome: WriteOutcome): void => {
       if (outcome === 'aborted') {
         this.done(req);
       } else if (outcome !== 'written') {
         this.targetFailed(req, outcome.error);
       } else {
-        const flushed = fua && !t.nativeFua && t.flush ? attempt(() => t.flush!()) : undefined;
-        this.complete(req, flushed, () => {
+        this.complete(req, fua ? attempt(() => t.flush()) : undefined, () => {
           exp.stats.bytesWritten += req.length;
         });
       }
     };
-    this.writeStream = new WriteStream(
-      host,
-      req.offset,
-      req.length,
-      fua && t.nativeFua === true,
-      done,
-    );
+    this.writeStream = new WriteStream(host, req.offset, req.length, done);
   }
 
   /** A buffer for request data: the target's (e.g. aligned arena memory) or the pool's. */

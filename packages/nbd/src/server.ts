@@ -14,6 +14,7 @@ import { DEFAULT_MEMORY_BUDGET, MemoryBudget } from './memory-budget.ts';
 import { MAX_PAYLOAD_BYTES, MAX_STRING_BYTES } from './protocol.ts';
 import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
 import { listenUnixSocket } from './unix-socket.ts';
+import { withDefaults } from './with-defaults.ts';
 
 export type { ExportStats } from './export-entry.ts';
 
@@ -223,13 +224,14 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     if (writable && typeof target.write !== 'function') {
       throw invalid(`export "${name}": a writable export needs a target with write`);
     }
+    const blockSize = checkBlockSize(options.blockSize ?? target.blockSize ?? DEFAULT_BLOCK_SIZE);
     this.exports.set(name, {
       name,
       description,
-      target,
+      target: withDefaults(target, blockSize),
       writable,
       multiConn: options.multiConn ?? true,
-      blockSize: checkBlockSize(options.blockSize ?? target.blockSize ?? DEFAULT_BLOCK_SIZE),
+      blockSize,
       stats: { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connections: 0 },
       connections: new Set(),
       removing: false,
