@@ -4,7 +4,7 @@
 
 import { BlockError, BlockErrorCode } from './errors.ts';
 import type { GraphLock } from './graph-lock.ts';
-import type { BlockNode, ChildEdge, ChildParent } from './node.ts';
+import type { BlockNode, ChildEdge, ChildParent, SparsePiece } from './node.ts';
 import {
   BLK_PERM_CONSISTENT_READ,
   BLK_PERM_RESIZE,
@@ -276,6 +276,24 @@ export class BlockBackend implements ChildParent {
         pos += s.length;
       }
       return out;
+    } finally {
+      lock.releaseRead();
+    }
+  }
+
+  /**
+   * A READ's data and holes together (ExportTarget.readSparse): one pass over the node's
+   * mapping under one hold of the read lock; the holes take no memory.
+   */
+  async readSparse(
+    offset: number,
+    length: number,
+    alloc: (length: number) => Uint8Array,
+  ): Promise<SparsePiece[]> {
+    const lock = this.graph.lock;
+    if (!lock.tryRead()) await lock.read();
+    try {
+      return await this.node().readSparse(offset, length, alloc);
     } finally {
       lock.releaseRead();
     }

@@ -5,12 +5,12 @@
 
 import type { BufferPool } from './buffer-pool.ts';
 import type { ExportEntry } from './export-entry.ts';
-import type { Extent } from './export-target.ts';
+import type { Extent, SparsePiece } from './export-target.ts';
 import { type BudgetAccount, STREAM_PIECE } from './memory-budget.ts';
 import { CommandFlag } from './protocol.ts';
 import { ReadStream, type Segment, type StreamHost, type StreamOutcome } from './read-stream.ts';
 import type { SendQueue } from './send-queue.ts';
-import type { Chunk, ReplyEncoder } from './server-replies.ts';
+import type { ReplyEncoder } from './server-replies.ts';
 import { attempt, describeFailure, type Request } from './server-requests.ts';
 
 /** What reads need from the transmission they belong to. */
@@ -59,6 +59,7 @@ export class ServerReads {
       this.streamRead(req).catch((err: unknown) => ctx.targetFailed(req, err));
       return;
     }
+    // A target without block status has no holes to report: its data in one piece.
     if (ctx.replies.structured && (req.flags & CommandFlag.DF) === 0 && this.holes) {
       this.sparseRead(req).catch((err: unknown) => ctx.targetFailed(req, err));
       return;
@@ -154,38 +155,37 @@ export class ServerReads {
     if (i === 0 && next !== undefined && !ctx.isClosed()) next.start();
   }
 
-  /** A structured read that sends zero extents as OFFSET_HOLE chunks. */
+  /**
+   * A structured read asks the target once for data and holes (ExportTarget.readSparse):
+   * the holes go out as OFFSET_HOLE chunks and take no memory.
+   */
   private async sparseRead(req: Request): Promise<void> {
     const ctx = this.ctx;
     const exp = ctx.export;
-    const t = exp.target;
-    const segments = await this.segments(req.offset, req.length);
-    const first = segments[0]!;
-    if (segments.length === 1 && !first.zero) return this.denseRead(req);
-    const buffers: Uint8Array[] = [];
-    const reads: Promise<void>[] = [];
-    for (const s of segments) {
-      if (s.zero) continue;
-      const buf = ctx.alloc(s.length);
-      buffers.push(buf);
-      reads.push(t.read(s.offset, buf));
-    }
-    // Every read settled before any buffer goes back.
-    const failed = (await Promise.allSettled(reads)).find((r) => r.status === 'rejected');
-    if (failed !== undefined) {
-      for (const b of buffers) ctx.free(b);
-      throw failed.reason;
+    const handed: Uint8Array[] = [];
+    const alloc = (n: number): Uint8Array => {
+      const buf = ctx.alloc(n);
+      handed.push(buf);
+      return buf;
+    };
+    const freeAll = (): void => {
+      for (const b of handed) ctx.free(b);
+    };
+    let pieces: SparsePiece[];
+    try {
+      pieces = await exp.target.readSparse(req.offset, req.length, alloc);
+    } catch (err) {
+      freeAll();
+      throw err;
     }
     exp.stats.bytesRead += req.length;
-    const chunks: Chunk[] = [];
-    let data = 0;
-    for (const s of segments) {
-      if (s.zero) chunks.push(ctx.replies.holeChunk(s.offset, s.length));
-      else chunks.push(ctx.replies.dataChunk(s.offset, buffers[data++]!));
-    }
-    ctx.send(req, ctx.replies.chunks(req.ids, chunks), () => {
-      for (const b of buffers) ctx.free(b);
-    });
+    const replies = ctx.replies;
+    const chunks = pieces.map((p) =>
+      p.data !== undefined
+        ? replies.dataChunk(p.offset, p.data)
+        : replies.holeChunk(p.offset, p.length),
+    );
+    ctx.send(req, replies.chunks(req.ids, chunks), freeAll);
   }
 
   /** The range as data and zero segments, adjacent ones of a kind merged. */

@@ -9,6 +9,7 @@
 //   trim           nothing (trim is advisory; not advertised, refused as the spec says)
 //   cache          nothing (not advertised, refused)
 //   block status   all data (the spec's answer for a server that knows nothing)
+//   sparse read    block status (only what is cheap to know), then reads of the data
 //   large requests trim, write-zeroes and cache are split at the maximum block size (a
 //                  target's precondition), block status is cut to the range asked
 //
@@ -19,6 +20,7 @@ import type {
   BlockStatusOptions,
   ExportTarget,
   Extent,
+  SparsePiece,
   WriteFlags,
   WriteZeroesFlags,
 } from './export-target.ts';
@@ -48,14 +50,46 @@ export interface CompleteTarget extends ExportTarget {
   /** Extents covering exactly [offset, offset + min(length, maximum)), never none. */
   blockStatus(offset: number, length: number, options?: BlockStatusOptions): Promise<Extent[]>;
   cache(offset: number, length: number): Promise<void>;
+  /** Pieces checked to cover the range exactly, adjacent holes merged. */
+  readSparse(
+    offset: number,
+    length: number,
+    alloc: (length: number) => Uint8Array,
+  ): Promise<SparsePiece[]>;
 }
 
 /** Zero buffers for emulated write-zeroes are at most this big. */
 const ZERO_BUFFER = 1024 * 1024;
 const NO_FUA: WriteFlags = Object.freeze({ fua: false });
 
+const EMPTY = new Uint8Array(0);
+
 const errnoError = (errnoName: string, message: string): Error =>
   Object.assign(new Error(message), { errnoName });
+
+/** A target's pieces, checked to cover [offset, offset + length) in order; holes merged. */
+function checkPieces(offset: number, length: number, pieces: SparsePiece[]): SparsePiece[] {
+  const out: SparsePiece[] = [];
+  let pos = offset;
+  for (const p of pieces) {
+    const bad =
+      p.offset !== pos ||
+      !(p.length > 0) ||
+      (p.data !== undefined && p.data.length !== p.length) ||
+      p.offset + p.length > offset + length;
+    if (bad)
+      throw errnoError('EIO', `the target's sparse read of ${length} at ${offset} is malformed`);
+    const last = out[out.length - 1];
+    if (p.data === undefined && last !== undefined && last.data === undefined)
+      last.length += p.length;
+    else out.push(p.data === undefined ? { offset: p.offset, length: p.length } : p);
+    pos += p.length;
+  }
+  if (pos !== offset + length) {
+    throw errnoError('EIO', `the target's sparse read of ${length} at ${offset} is short`);
+  }
+  return out;
+}
 
 /** `target` completed; `blockSize` is what the export advertises. */
 export function withDefaults(
@@ -140,12 +174,52 @@ export function withDefaults(
     return out;
   };
 
+  /** Block status, then the data extents read (all settled before this settles). */
+  const statusThenRead = async (
+    offset: number,
+    length: number,
+    alloc: (length: number) => Uint8Array,
+  ): Promise<SparsePiece[]> => {
+    const pieces: SparsePiece[] = [];
+    const end = offset + length;
+    for (let pos = offset; pos < end; ) {
+      for (const e of await blockStatus(pos, end - pos, { wantZero: false })) {
+        const last = pieces[pieces.length - 1];
+        if (last !== undefined && (last.data === undefined) === e.zero) last.length += e.length;
+        else pieces.push({ offset: pos, length: e.length, ...(!e.zero && { data: EMPTY }) });
+        pos += e.length;
+      }
+    }
+    const reads: Promise<void>[] = [];
+    for (const p of pieces) {
+      if (p.data === undefined) continue;
+      p.data = alloc(p.length);
+      try {
+        reads.push(t.read(p.offset, p.data));
+      } catch (err) {
+        reads.push(Promise.reject(err));
+      }
+    }
+    const failed = (await Promise.allSettled(reads)).find((r) => r.status === 'rejected');
+    if (failed !== undefined) throw failed.reason;
+    return pieces;
+  };
+
+  const readSparse = async (
+    offset: number,
+    length: number,
+    alloc: (length: number) => Uint8Array,
+  ): Promise<SparsePiece[]> => {
+    if (!t.readSparse) return statusThenRead(offset, length, alloc);
+    return checkPieces(offset, length, await t.readSparse(offset, length, alloc));
+  };
+
   const complete: CompleteTarget = {
     features: {
       trim: t.trim !== undefined,
       fastZero: t.writeZeroes !== undefined,
       cache: t.cache !== undefined,
-      blockStatus: t.blockStatus !== undefined,
+      blockStatus: t.blockStatus !== undefined || t.readSparse !== undefined,
       depth: t.reportsDepth === true && t.blockStatus !== undefined,
       multiConnSafe: t.multiConnSafe === true,
     },
@@ -157,6 +231,7 @@ export function withDefaults(
     writeZeroes,
     blockStatus,
     cache,
+    readSparse,
     nativeFua: true,
     ...(t.multiConnSafe !== undefined && { multiConnSafe: t.multiConnSafe }),
     ...(t.reportsDepth !== undefined && { reportsDepth: t.reportsDepth }),
