@@ -45,7 +45,7 @@ export class Connection implements TransmissionLink {
   export: ExportEntry | undefined;
   tlsActive = false;
 
-  readonly host: ConnectionHost;
+  private readonly host: ConnectionHost;
   /** Bytes received and not taken yet. */
   readonly queue = new ByteQueue();
   socketClosed = false;
@@ -102,6 +102,16 @@ export class Connection implements TransmissionLink {
   /** The client asked to disconnect (NBD_CMD_DISC), broke the protocol or is gone. */
   get leaving(): boolean {
     return this.phase === 'closing' || this.phase === 'closed';
+  }
+
+  /** @internal */
+  get maxInFlight(): number {
+    return this.host.maxInFlight;
+  }
+
+  /** @internal */
+  get pool(): BufferPool {
+    return this.host.pool;
   }
 
   /** @internal: in transmission, taking requests. */

@@ -1,7 +1,6 @@
 // An export as the server holds it: its target, what it advertises, its counters and the
 // connections in transmission on it.
 
-import type { Connection } from './connection.ts';
 import type { BlockSizeConstraints } from './export-target.ts';
 import type { CompleteTarget } from './with-defaults.ts';
 
@@ -19,6 +18,14 @@ export interface ExportStats {
   connections: number;
 }
 
+/** What the server does with a connection in transmission on an export. */
+export interface AttachedConnection {
+  /** The client asked to disconnect, broke the protocol or is gone. */
+  readonly leaving: boolean;
+  /** Hard disconnect. */
+  destroy(): void;
+}
+
 /** An export as the server holds it. */
 export interface ExportEntry {
   readonly name: string;
@@ -29,7 +36,7 @@ export interface ExportEntry {
   readonly multiConn: boolean;
   readonly blockSize: BlockSizeConstraints;
   readonly stats: ExportStats;
-  readonly connections: Set<Connection>;
+  readonly connections: Set<AttachedConnection>;
   /** removeExport was called: no new clients. */
   removing: boolean;
 }

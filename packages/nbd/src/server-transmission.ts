@@ -6,7 +6,6 @@
 
 import type { BufferPool } from './buffer-pool.ts';
 import type { ByteQueue } from './byte-queue.ts';
-import type { ConnectionHost } from './connection.ts';
 import { NbdError } from './errors.ts';
 import type { ExportEntry } from './export-entry.ts';
 import { type BudgetAccount, STREAM_PIECE } from './memory-budget.ts';
@@ -37,7 +36,10 @@ const EMPTY = Buffer.alloc(0);
 
 /** What transmission needs from its connection (the socket's lifecycle is the connection's). */
 export interface TransmissionLink {
-  readonly host: ConnectionHost;
+  /** Requests served at once; at the limit the socket is not read. */
+  readonly maxInFlight: number;
+  /** Buffers for payloads and replies, shared by the server's connections. */
+  readonly pool: BufferPool;
   /** Bytes received and not parsed yet. */
   readonly queue: ByteQueue;
   /** Requests are taken (not closing nor closed). */
@@ -98,7 +100,7 @@ export class Transmission implements ReadContext {
     this.extended = agreed.mode === ReplyMode.EXTENDED;
     this.sendQueue = sendQueue;
     this.account = account;
-    this.pool = link.host.pool;
+    this.pool = link.pool;
     this.reads = new ServerReads(this);
   }
 
@@ -166,7 +168,7 @@ export class Transmission implements ReadContext {
         this.startWrite(pw.req, pw.buf, true);
         continue;
       }
-      if (this.inFlight >= link.host.maxInFlight) {
+      if (this.inFlight >= link.maxInFlight) {
         link.pauseReading();
         return;
       }
