@@ -4,7 +4,7 @@
 
 import { BlockError, BlockErrorCode } from './errors.ts';
 import type { GraphLock } from './graph-lock.ts';
-import type { BlockNode, ChildEdge, ChildParent } from './node.ts';
+import type { BlockNode, ChildEdge, ChildParent, SparsePiece } from './node.ts';
 import {
   BLK_PERM_CONSISTENT_READ,
   BLK_PERM_RESIZE,
@@ -67,8 +67,11 @@ const NO_FLAGS = Object.freeze({});
 
 export class BlockBackend implements ChildParent {
   readonly isBackend = true;
-  /** FUA is emulated by a flush of the node (nothing below writes with FUA natively). */
-  readonly nativeFua = false;
+  /**
+   * FUA is honoured here: the node's generic I/O layer (node.ts) emulates it with a flush
+   * of the node, so the NBD server passes it down rather than emulating it again.
+   */
+  readonly nativeFua = true;
   /** One graph in one process: a flush through any backend flushes the same nodes. */
   readonly multiConnSafe = true;
   readonly reportsDepth = true;
@@ -273,6 +276,24 @@ export class BlockBackend implements ChildParent {
         pos += s.length;
       }
       return out;
+    } finally {
+      lock.releaseRead();
+    }
+  }
+
+  /**
+   * A READ's data and holes together (ExportTarget.readSparse): one pass over the node's
+   * mapping under one hold of the read lock; the holes take no memory.
+   */
+  async readSparse(
+    offset: number,
+    length: number,
+    alloc: (length: number) => Uint8Array,
+  ): Promise<SparsePiece[]> {
+    const lock = this.graph.lock;
+    if (!lock.tryRead()) await lock.read();
+    try {
+      return await this.node().readSparse(offset, length, alloc);
     } finally {
       lock.releaseRead();
     }

@@ -5,6 +5,7 @@
 
 import type {
   BdrvChild,
+  ChildNode,
   DriverInstance,
   FilterInstance,
   FormatInstance,
@@ -20,6 +21,13 @@ import {
   outOfBounds,
   readChildClamped,
 } from './io-request.ts';
+
+/** A piece of a sparse read: data read, or (without data) a hole reading as zeros. */
+export interface SparsePiece {
+  offset: number;
+  length: number;
+  data?: Uint8Array;
+}
 
 export abstract class NodeRead {
   abstract readonly name: string;
@@ -153,6 +161,79 @@ export abstract class NodeRead {
       return Promise.resolve();
     }
     return readChildClamped(backing.node, offset, buf);
+  }
+
+  /**
+   * Reads a range as data and holes in one pass (an NBD READ, under one hold of the
+   * graph lock): a format node maps each range once, reads its data into buffers from
+   * `alloc` and reports zero clusters and what is unallocated down the chain as holes; a
+   * filter that does not transform reads passes it on; anything else is one piece of
+   * data. Only what is cheap to know is a hole (as blockStatus with wantZero false).
+   * Settles once no read into a buffer is running.
+   */
+  async readSparse(
+    offset: number,
+    length: number,
+    alloc: (length: number) => Uint8Array,
+  ): Promise<SparsePiece[]> {
+    const err = checkRequest(this.name, offset, length, this.instance.size());
+    if (err) throw err;
+    const inst = this.instance;
+    const a = this.align;
+    if (inst.kind === 'filter' && !inst.read && inst.child.node instanceof NodeRead) {
+      if (inst.intercept) await inst.intercept({ op: 'read', offset, length });
+      return inst.child.node.readSparse(offset, length, alloc);
+    }
+    if (inst.kind !== 'format' || (a > 1 && (offset % a !== 0 || length % a !== 0))) {
+      const data = alloc(length);
+      await this.read(offset, data);
+      return [{ offset, length, data }];
+    }
+    // Map the whole range first, so that adjacent data runs read into one buffer.
+    const end = offset + length;
+    const runs: Array<{ pos: number; len: number; m?: Mapping; below?: ChildNode }> = [];
+    for (let pos = offset; pos < end; ) {
+      const m = await inst.map(pos, end - pos, 'read');
+      const len = this.mappingLength(m, end - pos);
+      const backing = m.kind === 'unallocated' ? this.backing?.node : undefined;
+      const below = backing ? Math.max(0, Math.min(len, backing.size() - pos)) : 0;
+      if (m.kind === 'data') runs.push({ pos, len, m });
+      else if (below > 0) runs.push({ pos, len: below, below: backing! });
+      if (below < len && m.kind !== 'data') runs.push({ pos: pos + below, len: len - below });
+      pos += len;
+    }
+    const out: SparsePiece[] = [];
+    const push = (p: SparsePiece): void => {
+      const last = out[out.length - 1];
+      if (!p.data && last && !last.data) last.length += p.length;
+      else out.push(p);
+    };
+    for (let i = 0; i < runs.length; ) {
+      const r = runs[i]!;
+      if (r.below instanceof NodeRead) {
+        for (const p of await r.below.readSparse(r.pos, r.len, alloc)) push(p);
+        i++;
+      } else if (r.below) {
+        const data = alloc(r.len);
+        await readChildClamped(r.below, r.pos, data);
+        out.push({ offset: r.pos, length: r.len, data });
+        i++;
+      } else if (!r.m) {
+        push({ offset: r.pos, length: r.len });
+        i++;
+      } else {
+        let j = i;
+        let n = 0;
+        while (j < runs.length && runs[j]!.m) n += runs[j++]!.len;
+        const data = alloc(n);
+        for (; i < j; i++) {
+          const d = runs[i]!;
+          await this.readMapping(d.m!, d.pos, data.subarray(d.pos - r.pos, d.pos - r.pos + d.len));
+        }
+        out.push({ offset: r.pos, length: n, data });
+      }
+    }
+    return out;
   }
 
   // ---------------------------------------------------------------- block status

@@ -15,6 +15,7 @@ import type { ChildRole } from './permissions.ts';
 import { BLK_PERM_ALL } from './permissions.ts';
 import { type RangeHold, RangeLock } from './range-lock.ts';
 
+export type { SparsePiece } from './node-read.ts';
 export type { NodeSettings } from './node-settings.ts';
 
 /** Who holds an edge: a node or a backend (by name). */

@@ -24,6 +24,7 @@ import {
   OptionReply,
   TransmissionFlag,
 } from './protocol.ts';
+import { encodeOption } from './wire.ts';
 
 /** The oldstyle handshake's second magic (cliserv_magic). */
 const OLDSTYLE_MAGIC = 0x00420281861253n;
@@ -275,12 +276,8 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
     current.write(clientFlags);
     haggling = fixed;
 
-    const sendOption = (option: number, data: Buffer = Buffer.alloc(0)) => {
-      const h = Buffer.allocUnsafe(16);
-      h.writeBigUInt64BE(IHAVEOPT, 0);
-      h.writeUInt32BE(option, 8);
-      h.writeUInt32BE(data.length, 12);
-      current.write(data.length ? Buffer.concat([h, data]) : h);
+    const sendOption = (option: number, data?: Buffer) => {
+      current.write(encodeOption(option, data));
     };
 
     const exportName = async (): Promise<{ size: number; flags: number }> => {
@@ -562,9 +559,7 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
         (err.code === 'ERR_VMDISK_NBD_TLS_REQUIRED' || err.code === 'ERR_VMDISK_NBD_TLS_FAILED'));
     if (haggling && refusal && !opts.signal?.aborted && current.writable) {
       // A refusal ends option haggling with a soft disconnect: NBD_OPT_ABORT, then close.
-      const abort = Buffer.alloc(16);
-      abort.writeBigUInt64BE(IHAVEOPT, 0);
-      abort.writeUInt32BE(Option.ABORT, 8);
+      const abort = encodeOption(Option.ABORT);
       const sock = current;
       const done = () => {
         sock.destroy();

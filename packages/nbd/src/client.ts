@@ -1,6 +1,6 @@
-// The NBD client: connects over TCP or a unix socket (optionally TLS), negotiates the
-// export (client-negotiation.ts) and then keeps any number of requests in flight, each
-// matched to its reply by cookie (client-replies.ts parses the replies).
+// The NBD client: connects over TCP or a unix socket (optionally TLS, client-connect.ts),
+// negotiates the export (client-negotiation.ts) and then keeps any number of requests in
+// flight, each matched to its reply by cookie (client-replies.ts parses the replies).
 //
 // A request's promise settles with the server's answer: a server error rejects it with an
 // NbdCommandError (code ERR_VMDISK_NBD_COMMAND_FAILED, errnoName 'EIO' etc.); a broken
@@ -8,59 +8,21 @@
 // and ends the connection. Buffers handed to write() must stay untouched until the
 // promise settles (they are sent without a copy); read() fills the caller's buffer.
 
-import * as net from 'node:net';
+import type * as net from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import { type NbdExportListing, type Negotiated, negotiate } from './client-negotiation.ts';
-import { ReadRouter } from './client-reads.ts';
+import { type NbdClientOptions, type NbdConnectTarget, openConnection } from './client-connect.ts';
+import type { NbdExportListing, Negotiated } from './client-negotiation.ts';
+import type { ReadRouter } from './client-reads.ts';
 import { type BlockStatusResult, type PendingRequest, ReplyParser } from './client-replies.ts';
-import type { NbdClientTlsOptions } from './client-tls.ts';
 import { NbdCommandError, NbdConnectionError, NbdError } from './errors.ts';
 import type { BlockSizeConstraints } from './export-target.ts';
-import {
-  Command,
-  CommandFlag,
-  EXTENDED_REQUEST_HEADER_BYTES,
-  EXTENDED_REQUEST_MAGIC,
-  MAX_PAYLOAD_BYTES,
-  META_CONTEXT_ALLOCATION_DEPTH,
-  META_CONTEXT_BASE_ALLOCATION,
-  REQUEST_HEADER_BYTES,
-  REQUEST_MAGIC,
-  TransmissionFlag,
-} from './protocol.ts';
-import { type NbdTransport, parseNbdUri } from './uri.ts';
+import { Command, CommandFlag, MAX_PAYLOAD_BYTES, TransmissionFlag } from './protocol.ts';
+import { encodeRequestHeader } from './wire.ts';
 
+export type { NbdClientOptions, NbdConnectTarget } from './client-connect.ts';
 export type { NbdExportListing } from './client-negotiation.ts';
 export type { BlockStatusResult, NbdExtent } from './client-replies.ts';
 export type { NbdClientTlsOptions } from './client-tls.ts';
-
-/** Where to connect: an NBD URI, a TCP address (port 10809 by default) or a unix socket. */
-export type NbdConnectTarget = string | URL | { host: string; port?: number } | { path: string };
-
-export interface NbdClientOptions {
-  /** The export to use (default: the URI's, else "" — the server's default export). */
-  exportName?: string;
-  /** TLS credentials; merged over those an nbds:// URI names. */
-  tls?: NbdClientTlsOptions;
-  /** Negotiate structured replies (default true). */
-  structuredReplies?: boolean;
-  /** Negotiate extended headers when the server offers them (default true). */
-  extendedHeaders?: boolean;
-  /** Select base:allocation for blockStatus (default true). */
-  baseAllocation?: boolean;
-  /** Also select qemu:allocation-depth (default false). */
-  allocationDepth?: boolean;
-  /** Further meta contexts to select (e.g. 'qemu:dirty-bitmap:NAME'). */
-  metaContexts?: string[];
-  /**
-   * Requests on the wire at once (default: no limit); more wait in order in the client.
-   * Split requests count piece by piece.
-   */
-  maxInFlight?: number;
-  /** Milliseconds for the TCP connect plus the whole handshake (default 30 000; 0: none). */
-  connectTimeout?: number;
-  signal?: AbortSignal;
-}
 
 export interface NbdWriteOptions {
   /** Force Unit Access: durable when the reply comes (needs canFua). */
@@ -107,90 +69,6 @@ const DISC_LINGER_MS = 5000;
 /** Effect lengths of TRIM, WRITE_ZEROES and CACHE are split at this with compact headers. */
 const COMPACT_SPLIT = 2 ** 31;
 
-function resolveTarget(
-  target: NbdConnectTarget,
-  options: NbdClientOptions,
-): { transport: NbdTransport; exportName: string; tls: NbdClientTlsOptions | undefined } {
-  if (typeof target === 'string' || target instanceof URL) {
-    const uri = parseNbdUri(String(target));
-    let tls: NbdClientTlsOptions | undefined;
-    if (uri.tls || options.tls) {
-      tls = { ...uri.tlsOptions, ...options.tls };
-      if (uri.tls) tls.mode = 'require';
-      if (uri.tlsOptions.type === 'psk' && !tls.psk && tls.pskFile === undefined) {
-        throw new NbdError(
-          'ERR_VMDISK_NBD_INVALID_URI',
-          'tls-type=psk needs tls-psk-file or a key',
-        );
-      }
-    }
-    return { transport: uri.transport, exportName: options.exportName ?? uri.exportName, tls };
-  }
-  if ('path' in target) {
-    if (typeof target.path !== 'string' || target.path === '') {
-      throw invalidRequest('a unix socket target needs a path');
-    }
-    return {
-      transport: { path: target.path },
-      exportName: options.exportName ?? '',
-      tls: options.tls,
-    };
-  }
-  const port = target.port ?? 10809;
-  if (!Number.isInteger(port) || port <= 0 || port > 65535) {
-    throw invalidRequest(`bad port ${port}`);
-  }
-  return {
-    transport: { host: target.host, port },
-    exportName: options.exportName ?? '',
-    tls: options.tls,
-  };
-}
-
-function connectSocket(
-  transport: NbdTransport,
-  signal: AbortSignal,
-  router: ReadRouter | undefined,
-): Promise<net.Socket> {
-  return new Promise((resolve, reject) => {
-    const onread = router ? { onread: router.onread } : {};
-    const socket =
-      'path' in transport
-        ? net.connect({ path: transport.path, ...onread })
-        : net.connect({ host: transport.host, port: transport.port, ...onread });
-    const where = 'path' in transport ? transport.path : `${transport.host}:${transport.port}`;
-    const onError = (err: Error) => {
-      cleanup();
-      socket.destroy();
-      reject(
-        new NbdConnectionError(
-          'ERR_VMDISK_NBD_CONNECT_FAILED',
-          `cannot connect to the NBD server at ${where}: ${err.message}`,
-          err,
-        ),
-      );
-    };
-    const onConnect = () => {
-      cleanup();
-      resolve(socket);
-    };
-    const onAbort = () => {
-      cleanup();
-      socket.destroy();
-      reject(signal.reason);
-    };
-    const cleanup = () => {
-      socket.off('error', onError);
-      socket.off('connect', onConnect);
-      signal.removeEventListener('abort', onAbort);
-    };
-    socket.on('error', onError);
-    socket.on('connect', onConnect);
-    if (signal.aborted) onAbort();
-    else signal.addEventListener('abort', onAbort, { once: true });
-  });
-}
-
 export class NbdClient {
   /** The export's size in bytes. */
   readonly size: number;
@@ -235,7 +113,7 @@ export class NbdClient {
   ): Promise<NbdClient> {
     const maxInFlight = options.maxInFlight ?? Number.POSITIVE_INFINITY;
     if (!(maxInFlight >= 1)) throw invalidRequest(`maxInFlight ${maxInFlight}: at least 1`);
-    const { socket, negotiated, exportName, router } = await NbdClient.open(target, options, false);
+    const { socket, negotiated, exportName, router } = await openConnection(target, options, false);
     return new NbdClient(socket, negotiated, exportName, maxInFlight, router);
   }
 
@@ -247,73 +125,9 @@ export class NbdClient {
     target: NbdConnectTarget,
     options: Pick<NbdClientOptions, 'tls' | 'connectTimeout' | 'signal'> = {},
   ): Promise<NbdExportListing[]> {
-    const { socket, negotiated } = await NbdClient.open(target, options, true);
+    const { socket, negotiated } = await openConnection(target, options, true);
     socket.destroySoon();
     return negotiated.exports ?? [];
-  }
-
-  private static async open(
-    target: NbdConnectTarget,
-    options: NbdClientOptions,
-    list: boolean,
-  ): Promise<{
-    socket: net.Socket;
-    negotiated: Negotiated;
-    exportName: string;
-    router: ReadRouter | undefined;
-  }> {
-    const { transport, exportName, tls } = resolveTarget(target, options);
-    const ac = new AbortController();
-    // connectTimeout 0 or Infinity: no time limit.
-    const timeoutMs = options.connectTimeout ?? 30_000;
-    const timer =
-      timeoutMs > 0 && Number.isFinite(timeoutMs)
-        ? setTimeout(() => {
-            ac.abort(
-              new NbdConnectionError(
-                'ERR_VMDISK_NBD_TIMEOUT',
-                `the NBD connection and handshake did not finish in ${timeoutMs} ms`,
-              ),
-            );
-          }, timeoutMs)
-        : undefined;
-    const userSignal = options.signal;
-    const onUserAbort = () =>
-      ac.abort(
-        new NbdConnectionError(
-          'ERR_VMDISK_NBD_ABORTED',
-          'the NBD connect was aborted',
-          userSignal?.reason,
-        ),
-      );
-    if (userSignal?.aborted) onUserAbort();
-    else userSignal?.addEventListener('abort', onUserAbort, { once: true });
-    try {
-      // Plain connections read through onread (TLS sockets decrypt into 'data' events).
-      const router = tls ? undefined : new ReadRouter();
-      const socket = await connectSocket(transport, ac.signal, router);
-      if (!('path' in transport)) socket.setNoDelay(true);
-      const contexts: string[] = [];
-      if (options.baseAllocation !== false) contexts.push(META_CONTEXT_BASE_ALLOCATION);
-      if (options.allocationDepth) contexts.push(META_CONTEXT_ALLOCATION_DEPTH);
-      for (const c of options.metaContexts ?? []) if (!contexts.includes(c)) contexts.push(c);
-      const negotiateOptions: Parameters<typeof negotiate>[1] = {
-        exportName,
-        structuredReplies: options.structuredReplies !== false,
-        extendedHeaders: options.extendedHeaders !== false && options.structuredReplies !== false,
-        metaContexts: contexts,
-        signal: ac.signal,
-      };
-      if (tls) negotiateOptions.tls = tls;
-      if (!('path' in transport)) negotiateOptions.host = transport.host;
-      if (list) negotiateOptions.list = true;
-      if (router) negotiateOptions.router = router;
-      const negotiated = await negotiate(socket, negotiateOptions);
-      return { socket, negotiated, exportName, router };
-    } finally {
-      clearTimeout(timer);
-      userSignal?.removeEventListener('abort', onUserAbort);
-    }
   }
 
   private constructor(
@@ -667,26 +481,7 @@ export class NbdClient {
         this.socket.uncork();
       });
     }
-    let h: Buffer;
-    if (this.extendedHeaders) {
-      h = Buffer.allocUnsafe(EXTENDED_REQUEST_HEADER_BYTES);
-      h.writeUInt32BE(EXTENDED_REQUEST_MAGIC, 0);
-      h.writeUInt16BE(flags, 4);
-      h.writeUInt16BE(command, 6);
-      h.writeUInt32BE(0, 8);
-      h.writeUInt32BE(cookie, 12);
-      h.writeBigUInt64BE(BigInt(offset), 16);
-      h.writeBigUInt64BE(BigInt(length), 24);
-    } else {
-      h = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
-      h.writeUInt32BE(REQUEST_MAGIC, 0);
-      h.writeUInt16BE(flags, 4);
-      h.writeUInt16BE(command, 6);
-      h.writeUInt32BE(0, 8);
-      h.writeUInt32BE(cookie, 12);
-      h.writeBigUInt64BE(BigInt(offset), 16);
-      h.writeUInt32BE(length, 24);
-    }
+    const h = encodeRequestHeader(this.extendedHeaders, flags, command, cookie, offset, length);
     this.socket.write(h);
   }
 

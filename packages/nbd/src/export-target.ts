@@ -49,6 +49,16 @@ export interface BlockStatusOptions {
   wantZero?: boolean;
 }
 
+/**
+ * A piece of a sparse read, in order: `data` read from the target, or without data a hole
+ * (it reads as zeros and is sent as NBD_REPLY_TYPE_OFFSET_HOLE).
+ */
+export interface SparsePiece {
+  offset: number;
+  length: number;
+  data?: Uint8Array | undefined;
+}
+
 export interface BlockSizeConstraints {
   minimum: number;
   preferred: number;
@@ -70,6 +80,19 @@ export interface ExportTarget {
   writeZeroes?(offset: number, length: number, flags: WriteZeroesFlags): Promise<void>;
   /** The allocation status of a range: extents from `offset`, covering at least one byte. */
   blockStatus?(offset: number, length: number, options?: BlockStatusOptions): Promise<Extent[]>;
+  /**
+   * Reads a range as data and holes together, in one pass (e.g. one mapping under one
+   * lock): pieces in order covering exactly [offset, offset + length). Only holes that are
+   * cheap to know need be reported (as blockStatus with wantZero false). Data buffers come
+   * from `alloc` (the request's memory; a hole takes none) and go back to the server,
+   * whatever the outcome, once the promise has settled: it settles only when no read into
+   * them is still running. Absent: the server asks blockStatus, then reads the data.
+   */
+  readSparse?(
+    offset: number,
+    length: number,
+    alloc: (length: number) => Uint8Array,
+  ): Promise<SparsePiece[]>;
   /** Prefetches a range into whatever cache the target has. */
   cache?(offset: number, length: number): Promise<void>;
   /**

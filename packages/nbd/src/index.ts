@@ -26,6 +26,7 @@ export type {
   BlockStatusOptions,
   ExportTarget,
   Extent,
+  SparsePiece,
   WriteFlags,
   WriteZeroesFlags,
 } from './export-target.ts';

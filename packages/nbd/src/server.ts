@@ -6,20 +6,17 @@ import { unlink } from 'node:fs/promises';
 import * as net from 'node:net';
 import { type AoHandle, type AoHow, type AoOptions, type AoPromise, runAo } from '@vmdisk/ao';
 import { BufferPool } from './buffer-pool.ts';
-import {
-  Connection,
-  type ConnectionHost,
-  type ExportEntry,
-  type ExportStats,
-} from './connection.ts';
+import { Connection, type ConnectionHost } from './connection.ts';
 import { NbdError, NbdSystemError } from './errors.ts';
+import type { ExportEntry, ExportStats } from './export-entry.ts';
 import type { BlockSizeConstraints, ExportTarget } from './export-target.ts';
 import { DEFAULT_MEMORY_BUDGET, MemoryBudget } from './memory-budget.ts';
 import { MAX_PAYLOAD_BYTES, MAX_STRING_BYTES } from './protocol.ts';
 import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
 import { listenUnixSocket } from './unix-socket.ts';
+import { withDefaults } from './with-defaults.ts';
 
-export type { ExportStats } from './connection.ts';
+export type { ExportStats } from './export-entry.ts';
 
 export interface NbdServerOptions {
   /** Connections beyond this many are closed at once (default 1024). */
@@ -227,13 +224,14 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     if (writable && typeof target.write !== 'function') {
       throw invalid(`export "${name}": a writable export needs a target with write`);
     }
+    const blockSize = checkBlockSize(options.blockSize ?? target.blockSize ?? DEFAULT_BLOCK_SIZE);
     this.exports.set(name, {
       name,
       description,
-      target,
+      target: withDefaults(target, blockSize),
       writable,
       multiConn: options.multiConn ?? true,
-      blockSize: checkBlockSize(options.blockSize ?? target.blockSize ?? DEFAULT_BLOCK_SIZE),
+      blockSize,
       stats: { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connections: 0 },
       connections: new Set(),
       removing: false,

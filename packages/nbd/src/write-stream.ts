@@ -12,6 +12,7 @@ import type { BudgetAccount } from './memory-budget.ts';
 import { STREAM_PIECE } from './memory-budget.ts';
 
 const PIPELINE = 2;
+const NO_FUA = Object.freeze({ fua: false });
 
 export interface WriteStreamHost {
   readonly target: ExportTarget;
@@ -30,7 +31,6 @@ export class WriteStream {
   private readonly host: WriteStreamHost;
   private readonly offset: number;
   private readonly length: number;
-  private readonly fua: boolean;
   /** Bytes of the payload taken from the socket so far. */
   private taken = 0;
   /** The piece being filled. */
@@ -47,18 +47,16 @@ export class WriteStream {
   private finished = false;
   private readonly onDone: (outcome: WriteOutcome) => void;
 
-  /** `fua`: each piece is written with FUA (a target that has it natively). */
+  /** Pieces are written without FUA: a FUA request flushes once they are all written. */
   constructor(
     host: WriteStreamHost,
     offset: number,
     length: number,
-    fua: boolean,
     onDone: (outcome: WriteOutcome) => void,
   ) {
     this.host = host;
     this.offset = offset;
     this.length = length;
-    this.fua = fua;
     this.onDone = onDone;
   }
 
@@ -133,7 +131,7 @@ export class WriteStream {
     const t = this.host.target;
     let op: Promise<void>;
     try {
-      op = Promise.resolve(t.write!(at, buf, { fua: this.fua }));
+      op = Promise.resolve(t.write!(at, buf, NO_FUA));
     } catch (err) {
       op = Promise.reject(err);
     }

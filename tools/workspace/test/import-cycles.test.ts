@@ -8,7 +8,13 @@ import { describe, expect, it } from 'vitest';
 const root = resolve(import.meta.dirname, '../../..');
 
 /** The packages checked; the others still have cycles the other parts break. */
-const CHECKED = ['packages/ao/src', 'packages/block-graph/src', 'apps/vm-disk/src'];
+const CHECKED = [
+  'packages/engine/src',
+  'packages/ao/src',
+  'packages/nbd/src',
+  'packages/block-graph/src',
+  'apps/vm-disk/src',
+];
 
 function sourceFiles(dir: string): string[] {
   const out: string[] = [];

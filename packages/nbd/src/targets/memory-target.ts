@@ -1,12 +1,13 @@
 // A sparse ExportTarget in memory: the export is cut into 64 KiB chunks that exist only
-// once written. Block status comes from what was written, zeroed or trimmed: a chunk
-// never written (or trimmed, or zeroed whole) is a hole reading as zeros.
+// once written. Block status and sparse reads come from what was written, zeroed or
+// trimmed: a chunk never written (or trimmed, or zeroed whole) is a hole reading as zeros.
 
 import { NbdError } from '../errors.ts';
 import type {
   BlockSizeConstraints,
   ExportTarget,
   Extent,
+  SparsePiece,
   WriteFlags,
   WriteZeroesFlags,
 } from '../export-target.ts';
@@ -48,6 +49,32 @@ export class MemoryTarget implements ExportTarget {
       if (chunk === undefined) buf.fill(0, done, done + n);
       else buf.set(chunk.subarray(at, at + n), done);
     });
+  }
+
+  /** Chunks never written (or trimmed, or zeroed whole) are holes; the rest is data. */
+  async readSparse(
+    offset: number,
+    length: number,
+    alloc: (length: number) => Uint8Array,
+  ): Promise<SparsePiece[]> {
+    const runs: Array<{ offset: number; length: number; hole: boolean }> = [];
+    this.each(offset, length, (index, at, n) => {
+      const hole = !this.chunks.has(index);
+      const last = runs[runs.length - 1];
+      if (last !== undefined && last.hole === hole) last.length += n;
+      else runs.push({ offset: index * CHUNK + at, length: n, hole });
+    });
+    const out: SparsePiece[] = [];
+    for (const r of runs) {
+      if (r.hole) {
+        out.push({ offset: r.offset, length: r.length });
+      } else {
+        const data = alloc(r.length);
+        await this.read(r.offset, data);
+        out.push({ offset: r.offset, length: r.length, data });
+      }
+    }
+    return out;
   }
 
   async write(offset: number, buf: Uint8Array, _flags: WriteFlags): Promise<void> {
