@@ -3,8 +3,10 @@
 // issue: vm-disk vs vm-disk, vm-disk holding with qemu-io/qemu-img/qemu-storage-daemon
 // refused, qemu-storage-daemon holding with vm-disk refused, and locks released when the
 // permission goes (an export removed, a node deleted).
+
 import { spawnSync } from 'node:child_process';
-import { readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
+import { lockedBytes } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
 import { CLI, run, start, startQsd, useScratch } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
@@ -15,18 +17,6 @@ const { running, serve } = scratch;
 const WRITE_LOCK = 'Failed to get "write" lock';
 const SHARED_WRITE_LOCK = 'Failed to get shared "write" lock';
 const hint = (path: string) => `Is another process using the image [${path}]?`;
-
-/** The bytes of `path` locked by anyone (OFD locks name no process), from /proc/locks. */
-function lockedBytes(path: string): number[] {
-  const ino = statSync(path).ino;
-  const bytes: number[] = [];
-  for (const line of readFileSync('/proc/locks', 'utf8').split('\n')) {
-    const f = line.trim().split(/\s+/);
-    if (f[1] !== 'OFDLCK' || Number(f[5]!.split(':')[2]) !== ino) continue;
-    for (let b = Number(f[6]); b <= Number(f[7]); b++) bytes.push(b);
-  }
-  return bytes.sort((a, b) => a - b);
-}
 
 function qcow2Args(image: string, sock: string, writable = true): string[] {
   return [

@@ -2,12 +2,13 @@
 // the same command line: safe mode (the default) is refused while a client is attached
 // and changes nothing, hard mode disconnects it; the replies, errors, events and their
 // order, and query-block-exports, as QEMU gives them. qemu-io holds the connection.
+
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { QemuIoSession } from '@vmdisk/test-support';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { type RunningProcess, run, startQsd, startServe } from './harness/daemon.ts';
-import { QemuIoSession } from './harness/qemu-io.ts';
 import { type QmpMessage, QmpTestClient } from './harness/qmp-client.ts';
 
 let dir: string;

@@ -2,10 +2,12 @@
 // semantics: a safe removal is refused while clients are attached and changes nothing, a
 // hard one disconnects them; promise, callback and event modes; an unknown export is an
 // initiation failure; no ao is left behind. Our client and qemu-io are the peers.
+
 import { assertNoLiveAos, EventQueue, type OperationCompleteEvent } from '@vmdisk/ao';
+import { QemuIoSession } from '@vmdisk/test-support';
 import { afterEach, describe, expect, it } from 'vitest';
 import { MemoryTarget, NbdClient, NbdError } from '../src/index.ts';
-import { QemuIoSession, startServer, until } from './server-helpers.ts';
+import { startServer, until } from './server-helpers.ts';
 
 afterEach(() => assertNoLiveAos());
 
