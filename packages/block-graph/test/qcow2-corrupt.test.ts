@@ -3,20 +3,14 @@
 
 import { open, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { checkQcow2, readHeader } from '../src/drivers/qcow2/check.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { BlockError } from '../src/errors.ts';
 import { ImageFile, must, rng, run, tempDir } from './qcow2-helpers.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
-afterAll(async () => {
-  await cleanup();
-});
+const { dir, cleanup } = tempDir();
+afterAll(cleanup);
 
 let n = 0;
 /** A 4 MiB image with some data, made by qemu-img / qemu-io. */

@@ -3,20 +3,14 @@
 
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { createQcow2, type Qcow2CreateOptions } from '../src/drivers/qcow2/create.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { BlockGraph } from '../src/index.ts';
 import { firstDiff, ImageFile, must, run, tempDir } from './qcow2-helpers.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
-afterAll(async () => {
-  await cleanup();
-});
+const { dir, cleanup } = tempDir();
+afterAll(cleanup);
 
 async function create(name: string, opts: Qcow2CreateOptions): Promise<string> {
   const path = join(dir, name);

@@ -4,7 +4,7 @@
 
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { createQcow2 } from '../src/drivers/qcow2/create.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { qcow2Driver, qcow2FileOf } from '../src/drivers/qcow2/qcow2.ts';
@@ -12,14 +12,8 @@ import type { Qcow2File } from '../src/drivers/qcow2/types.ts';
 import { BlockGraph } from '../src/index.ts';
 import { firstDiff, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
-afterAll(async () => {
-  await cleanup();
-});
+const { dir, cleanup } = tempDir();
+afterAll(cleanup);
 
 async function rawOf(path: string): Promise<Uint8Array> {
   // -U: the graph still holds the image open.

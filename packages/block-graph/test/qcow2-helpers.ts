@@ -2,7 +2,8 @@
 // running qemu-img / qemu-io, and temporary directories.
 
 import { execFile } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtempSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type EngineFile, sharedEngine } from '@vmdisk/engine';
@@ -77,8 +78,9 @@ export async function must(cmd: string, args: string[]): Promise<string> {
   return r.stdout;
 }
 
-export async function tempDir(): Promise<{ dir: string; cleanup: () => Promise<void> }> {
-  const dir = await mkdtemp(join(tmpdir(), 'qcow2-test-'));
+/** A temporary directory (made at once) and the call that removes it. */
+export function tempDir(): { dir: string; cleanup: () => Promise<void> } {
+  const dir = mkdtempSync(join(tmpdir(), 'qcow2-test-'));
   return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
 }
 

@@ -3,18 +3,14 @@
 
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { openQcow2, type Qcow2Image } from '../src/drivers/qcow2/image.ts';
 import type { Qcow2BackingReader } from '../src/drivers/qcow2/types.ts';
 import { firstDiff, ImageFile, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
+const { dir, cleanup } = tempDir();
 const files: ImageFile[] = [];
 
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
 afterAll(async () => {
   for (const f of files) await f.close();
   await cleanup();

@@ -4,21 +4,14 @@
 
 import { stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { checkQcow2 } from '../src/drivers/qcow2/check.ts';
 import { openQcow2, type Qcow2Image } from '../src/drivers/qcow2/image.ts';
 import type { Qcow2BackingReader, Qcow2File } from '../src/drivers/qcow2/types.ts';
 import { firstDiff, ImageFile, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
-
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
-afterAll(async () => {
-  await cleanup();
-});
+const { dir, cleanup } = tempDir();
+afterAll(cleanup);
 
 interface Variant {
   name: string;
