@@ -7,7 +7,7 @@ import { mkdir, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BlockError, BlockErrorCode, BlockGraph, DEFAULT_MAX_BACKING_DEPTH } from '../src/index.ts';
-import { must, tempDir } from './qcow2-helpers.ts';
+import { must, tempDir } from './qemu-tools.ts';
 
 const { dir, cleanup } = tempDir();
 let fdsBefore = 0;

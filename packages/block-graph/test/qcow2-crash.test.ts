@@ -13,7 +13,8 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
-import { ImageFile, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
+import { ImageFile, pattern, rng } from './qcow2-helpers.ts';
+import { must, qemuImgCreate, run, tempDir } from './qemu-tools.ts';
 
 const { dir, cleanup } = tempDir();
 afterAll(cleanup);
@@ -111,21 +112,9 @@ describe('qcow2 crash safety (SIGKILL at random moments)', () => {
           base = pattern(new Uint8Array(v.size - (1 << 20)), vi * 10 + run_);
           await writeFile(basePath, base);
           model.set(base);
-          await must('qemu-img', [
-            'create',
-            '-f',
-            'qcow2',
-            '-o',
-            v.opts,
-            '-b',
-            basePath,
-            '-F',
-            'raw',
-            path,
-            String(v.size),
-          ]);
+          await qemuImgCreate(path, v.size, { o: v.opts, backing: basePath });
         } else {
-          await must('qemu-img', ['create', '-f', 'qcow2', '-o', v.opts, path, String(v.size)]);
+          await qemuImgCreate(path, v.size, { o: v.opts });
         }
         const out = await runAndKill(
           [path, basePath, String(vi * 1000 + run_ + 1), v.l2, v.mode],

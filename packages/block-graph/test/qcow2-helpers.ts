@@ -1,11 +1,6 @@
 // Test helpers for the qcow2 tests: a real file behind the Qcow2File interface (the engine),
-// running qemu-img / qemu-io, and temporary directories.
+// and deterministic data (qemu-tools.ts runs qemu-img and qemu-io).
 
-import { execFile } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
-import { rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { type EngineFile, sharedEngine } from '@vmdisk/engine';
 import type { Qcow2File } from '../src/drivers/qcow2/types.ts';
 
@@ -49,39 +44,6 @@ export class ImageFile implements Qcow2File {
   close(): Promise<void> {
     return this.#f.close();
   }
-}
-
-export interface RunResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs a program; resolves with its exit code and output (never rejects on a non-zero exit). */
-export function run(cmd: string, args: string[]): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
-      if (err && typeof (err as NodeJS.ErrnoException).code !== 'number') {
-        reject(err);
-        return;
-      }
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
-}
-
-/** Runs a program that must succeed. */
-export async function must(cmd: string, args: string[]): Promise<string> {
-  const r = await run(cmd, args);
-  if (r.code !== 0)
-    throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr}${r.stdout}`);
-  return r.stdout;
-}
-
-/** A temporary directory (made at once) and the call that removes it. */
-export function tempDir(): { dir: string; cleanup: () => Promise<void> } {
-  const dir = mkdtempSync(join(tmpdir(), 'qcow2-test-'));
-  return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
 }
 
 /** A deterministic pseudo-random generator (xorshift32). */
