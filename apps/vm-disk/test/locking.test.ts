@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { lockedBytes } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
-import { CLI, run, start, startQsd, useScratch } from './harness/daemon.ts';
+import { CLI, monitorArgs, run, start, startQsd, useScratch } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 const scratch = useScratch('vmdisk-locking-');
@@ -127,10 +127,7 @@ describe('image locking against QEMU', () => {
         `driver=file,node-name=f0,filename=${image}`,
         '--blockdev',
         'driver=qcow2,node-name=d0,file=f0',
-        '--chardev',
-        `socket,id=m0,path=${qmp},server=on,wait=off`,
-        '--monitor',
-        'chardev=m0',
+        ...monitorArgs(qmp),
       ],
       qmp,
     );
@@ -160,10 +157,7 @@ describe('image locking against QEMU', () => {
       `addr.type=unix,addr.path=${scratch.path('nbd.sock')}`,
       '--export',
       'type=nbd,id=e0,node-name=d0,name=disk,writable=on',
-      '--chardev',
-      `socket,id=m0,path=${qmpPath},server=on,wait=off`,
-      '--monitor',
-      'chardev=m0',
+      ...monitorArgs(qmpPath),
     ]);
     // A writable export of a raw node: reads and writes, and shares everything (qemu-io may
     // write beside it, as beside QEMU's exports).
@@ -195,10 +189,7 @@ describe('image locking against QEMU', () => {
           `driver=file,node-name=f0,filename=${other}`,
           '--blockdev',
           'driver=qcow2,node-name=d0,file=f0',
-          '--chardev',
-          `socket,id=m0,path=${holderQmp},server=on,wait=off`,
-          '--monitor',
-          'chardev=m0',
+          ...monitorArgs(holderQmp),
         ],
         holderQmp,
       );

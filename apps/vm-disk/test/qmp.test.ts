@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpError, QmpMonitor } from '../src/qmp/monitor.ts';
+import { monitorArgs } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 let dir: string;
@@ -40,13 +41,9 @@ beforeAll(async () => {
     },
   });
   await monitor.listen(ours());
-  qsd = spawn(
-    'qemu-storage-daemon',
-    ['--chardev', `socket,id=m0,path=${theirs()},server=on,wait=off`, '--monitor', 'chardev=m0'],
-    {
-      stdio: 'ignore',
-    },
-  );
+  qsd = spawn('qemu-storage-daemon', monitorArgs(theirs()), {
+    stdio: 'ignore',
+  });
   await waitForSocket(theirs());
 });
 
