@@ -96,16 +96,23 @@ interface Hs {
   contexts?: string[];
 }
 
+/** The server's greeting (newstyle, with `flags`); returns once the client sent its flags. */
+async function greet(io: Io, flags: number): Promise<void> {
+  io.write(Buffer.concat([u64(NBDMAGIC), u64(IHAVEOPT), u16(flags)]));
+  await io.read(4);
+}
+
+/** The client's next option: its code and its data. */
+async function readOption(io: Io): Promise<{ opt: number; data: Buffer }> {
+  const h = await io.read(16);
+  return { opt: h.readUInt32BE(8), data: await io.read(h.readUInt32BE(12)) };
+}
+
 /** A well-behaved handshake; returns once GO is acknowledged. */
 async function handshake(io: Io, hs: Hs = {}): Promise<void> {
-  io.write(
-    Buffer.concat([u64(NBDMAGIC), u64(IHAVEOPT), u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)]),
-  );
-  await io.read(4);
+  await greet(io, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
   for (;;) {
-    const h = await io.read(16);
-    const opt = h.readUInt32BE(8);
-    const data = await io.read(h.readUInt32BE(12));
+    const { opt } = await readOption(io);
     switch (opt) {
       case Option.EXTENDED_HEADERS:
         io.write(optReply(opt, hs.extended ? OptionReply.ACK : OptionReply.ERR_UNSUP));
@@ -135,7 +142,6 @@ async function handshake(io: Io, hs: Hs = {}): Promise<void> {
           ),
         );
         io.write(optReply(opt, OptionReply.ACK));
-        void data;
         return;
       }
       default:
@@ -264,17 +270,10 @@ describe('NbdClient against a misbehaving server', () => {
 
   it('refuses an option reply claiming 4 GiB without allocating it', async () => {
     script = async (io) => {
-      io.write(Buffer.concat([u64(NBDMAGIC), u64(IHAVEOPT), u16(FLAG_FIXED_NEWSTYLE)]));
-      await io.read(4);
-      const h = await io.read(16);
-      await io.read(h.readUInt32BE(12));
+      await greet(io, FLAG_FIXED_NEWSTYLE);
+      const { opt } = await readOption(io);
       io.write(
-        Buffer.concat([
-          u64(OPTION_REPLY_MAGIC),
-          u32(h.readUInt32BE(8)),
-          u32(OptionReply.ACK),
-          u32(0xffffffff),
-        ]),
+        Buffer.concat([u64(OPTION_REPLY_MAGIC), u32(opt), u32(OptionReply.ACK), u32(0xffffffff)]),
       );
     };
     const err = await NbdClient.connect({ path: sockPath }).catch((e: unknown) => e);
@@ -301,12 +300,9 @@ describe('NbdClient against a misbehaving server', () => {
   it('falls back to EXPORT_NAME when the server answers GO with ERR_UNSUP', async () => {
     let askedName = '';
     script = async (io) => {
-      io.write(Buffer.concat([u64(NBDMAGIC), u64(IHAVEOPT), u16(FLAG_FIXED_NEWSTYLE)]));
-      await io.read(4);
+      await greet(io, FLAG_FIXED_NEWSTYLE);
       for (;;) {
-        const h = await io.read(16);
-        const opt = h.readUInt32BE(8);
-        const data = await io.read(h.readUInt32BE(12));
+        const { opt, data } = await readOption(io);
         if (opt === Option.EXPORT_NAME) {
           askedName = data.toString();
           const flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH;
@@ -330,12 +326,9 @@ describe('NbdClient against a misbehaving server', () => {
   it('ends negotiation with NBD_OPT_ABORT when the server refuses the export', async () => {
     let afterRefusal = -1;
     script = async (io) => {
-      io.write(Buffer.concat([u64(NBDMAGIC), u64(IHAVEOPT), u16(FLAG_FIXED_NEWSTYLE)]));
-      await io.read(4);
+      await greet(io, FLAG_FIXED_NEWSTYLE);
       for (;;) {
-        const h = await io.read(16);
-        const opt = h.readUInt32BE(8);
-        await io.read(h.readUInt32BE(12));
+        const { opt } = await readOption(io);
         if (opt === Option.GO) {
           io.write(optReply(opt, OptionReply.ERR_UNKNOWN, Buffer.from('no such export')));
           const next = await io.read(16);
