@@ -8,7 +8,7 @@ import { lockedBytes, QemuIoSession } from '@vmdisk/test-support';
 import { afterAll, describe, expect, it } from 'vitest';
 import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
 import { BlockGraph, ImageLockError } from '../src/index.ts';
-import { qemuImg, tempDir, writeFile } from './helpers.ts';
+import { qemuImg, tempDir } from './helpers.ts';
 
 const tmp = tempDir();
 afterAll(() => tmp.cleanup());
@@ -30,8 +30,7 @@ function qcow2(name: string): string {
 }
 
 function raw(name: string): string {
-  const path = tmp.path(name);
-  writeFile(path, Buffer.alloc(1 << 20));
+  const path = tmp.file(name, Buffer.alloc(1 << 20));
   return path;
 }
 
