@@ -7,7 +7,7 @@ import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 import { MemoryTarget, NbdServer } from '@vmdisk/nbd';
-import { makeCertificates } from '@vmdisk/test-support';
+import { makeCertificates, qemuImgMap } from '@vmdisk/test-support';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { BlockGraph } from '../src/index.ts';
 import { pattern, qemuImg, tempDir, writeFile } from './helpers.ts';
@@ -186,13 +186,8 @@ async function ourMap(
 }
 
 /** qemu-img map of a local image as runs (NBD's view: hole = no data). */
-function qemuImgMap(file: string, format: string): Run[] {
-  const entries = JSON.parse(qemuImg('map', '-U', '--output=json', '-f', format, file)) as {
-    start: number;
-    length: number;
-    data: boolean;
-    zero: boolean;
-  }[];
+async function qemuImgRuns(file: string, format: string): Promise<Run[]> {
+  const entries = await qemuImgMap(file, format);
   return merge(
     entries.map((e) => ({ start: e.start, length: e.length, hole: !e.data, zero: e.zero })),
   );
@@ -267,7 +262,7 @@ describe('nbd driver against qemu-nbd serving a qcow2', () => {
     ).toBe(true);
 
     // Block status: the same runs as qemu-img map of the image qemu-nbd serves.
-    expect(await ourMap(b, 4 * MiB)).toEqual(qemuImgMap(file, 'qcow2'));
+    expect(await ourMap(b, 4 * MiB)).toEqual(await qemuImgRuns(file, 'qcow2'));
 
     // Writes (one unaligned), write-zeroes, a flush, then close and let qemu check the file.
     const w = pattern(5, 3 * MiB + 7, 70_000);
