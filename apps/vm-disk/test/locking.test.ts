@@ -8,7 +8,15 @@ import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { lockedBytes } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
-import { CLI, monitorArgs, run, start, startQsd, useScratch } from './harness/daemon.ts';
+import {
+  CLI,
+  monitorArgs,
+  type RunningProcess,
+  run,
+  start,
+  startQsd,
+  useScratch,
+} from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 const scratch = useScratch('vmdisk-locking-');
@@ -17,6 +25,23 @@ const { running, serve } = scratch;
 const WRITE_LOCK = 'Failed to get "write" lock';
 const SHARED_WRITE_LOCK = 'Failed to get shared "write" lock';
 const hint = (path: string) => `Is another process using the image [${path}]?`;
+
+/** qemu-storage-daemon holding the qcow2 `image` writable, with its monitor on `qmp`. */
+async function qsdHolding(image: string, qmp: string): Promise<RunningProcess> {
+  // qemu-storage-daemon opens its blockdevs before it creates the monitor socket.
+  const qsd = await startQsd(
+    [
+      '--blockdev',
+      `driver=file,node-name=f0,filename=${image}`,
+      '--blockdev',
+      'driver=qcow2,node-name=d0,file=f0',
+      ...monitorArgs(qmp),
+    ],
+    qmp,
+  );
+  running.push(qsd);
+  return qsd;
+}
 
 function qcow2Args(image: string, sock: string, writable = true): string[] {
   return [
@@ -121,17 +146,7 @@ describe('image locking against QEMU', () => {
     const image = scratch.path('disk.qcow2');
     await run('qemu-img', ['create', '-f', 'qcow2', image, '16M']);
     const qmp = scratch.path('qsd.qmp');
-    const qsd = await startQsd(
-      [
-        '--blockdev',
-        `driver=file,node-name=f0,filename=${image}`,
-        '--blockdev',
-        'driver=qcow2,node-name=d0,file=f0',
-        ...monitorArgs(qmp),
-      ],
-      qmp,
-    );
-    running.push(qsd);
+    const qsd = await qsdHolding(image, qmp);
     const r = await serveRefused(qcow2Args(image, scratch.path('b.sock')));
     expect(r.status).toBe(1);
     expect(r.stderr).toContain(WRITE_LOCK);
@@ -182,18 +197,7 @@ describe('image locking against QEMU', () => {
       const other = scratch.path('other.qcow2');
       await run('qemu-img', ['create', '-f', 'qcow2', other, '1M']);
       const holderQmp = scratch.path('holder.qmp');
-      // qemu-storage-daemon opens its blockdevs before it creates the monitor socket.
-      const holder = await startQsd(
-        [
-          '--blockdev',
-          `driver=file,node-name=f0,filename=${other}`,
-          '--blockdev',
-          'driver=qcow2,node-name=d0,file=f0',
-          ...monitorArgs(holderQmp),
-        ],
-        holderQmp,
-      );
-      running.push(holder);
+      await qsdHolding(other, holderQmp);
       const refusedAdd = await client.execute({
         execute: 'blockdev-add',
         arguments: {
