@@ -2,6 +2,7 @@
 // and deterministic data (qemu-tools.ts runs qemu-img and qemu-io).
 
 import { type EngineFile, sharedEngine } from '@vmdisk/engine';
+import { fillPattern } from '@vmdisk/test-support';
 import type { Qcow2File } from '../src/drivers/qcow2/types.ts';
 
 /** A Qcow2File over a real file, through @vmdisk/engine (this thread's shared engine). */
@@ -60,18 +61,7 @@ export function rng(seed: number): () => number {
 }
 
 /** Fills `buf` with a pattern that depends on `seed` and the position. */
-export function pattern(buf: Uint8Array, seed: number): Uint8Array {
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < buf.length; i++) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    buf[i] = x & 0xff;
-  }
-  return buf;
-}
+export const pattern = fillPattern;
 
 /** First differing offset of two buffers, or -1. */
 export function firstDiff(a: Uint8Array, b: Uint8Array): number {
