@@ -423,7 +423,11 @@ const human = (n: number): string => {
   return u === 0 ? `${n} B` : `${Number(v.toFixed(3))} ${units[u]}`;
 };
 
-export async function info(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
+/** The command line `info` and `map` share: FILE, `--output human|json`, `-U`. */
+function imageArgs(
+  command: string,
+  argv: readonly string[],
+): { path: string; json: boolean; forceShare: boolean } {
   const { values, positionals } = parseArgs({
     args: [...argv],
     options: {
@@ -433,11 +437,16 @@ export async function info(argv: readonly string[], out: NodeJS.WritableStream):
     allowPositionals: true,
   });
   const path = positionals[0];
-  if (!path || positionals.length > 1) throw new BadOptionError('info', 'expected one FILE');
+  if (!path || positionals.length > 1) throw new BadOptionError(command, 'expected one FILE');
   if (values.output !== 'human' && values.output !== 'json')
     throw new BadOptionError('--output', 'human or json');
-  const d = await describe(path, values['force-share']);
-  if (values.output === 'json') {
+  return { path, json: values.output === 'json', forceShare: values['force-share'] };
+}
+
+export async function info(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
+  const { path, json, forceShare } = imageArgs('info', argv);
+  const d = await describe(path, forceShare);
+  if (json) {
     out.write(`${JSON.stringify(infoJson(d), null, 4)}\n`);
     return 0;
   }
@@ -521,20 +530,9 @@ export async function mapImage(path: string, forceShare = false): Promise<MapEnt
 }
 
 export async function map(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: [...argv],
-    options: {
-      output: { type: 'string', default: 'human' },
-      'force-share': { type: 'boolean', short: 'U', default: false },
-    },
-    allowPositionals: true,
-  });
-  const path = positionals[0];
-  if (!path || positionals.length > 1) throw new BadOptionError('map', 'expected one FILE');
-  if (values.output !== 'human' && values.output !== 'json')
-    throw new BadOptionError('--output', 'human or json');
-  const entries = await mapImage(path, values['force-share']);
-  if (values.output === 'json') {
+  const { path, json, forceShare } = imageArgs('map', argv);
+  const entries = await mapImage(path, forceShare);
+  if (json) {
     out.write(`[${entries.map((e) => JSON.stringify(e)).join(',\n')}]\n`);
     return 0;
   }

@@ -3,7 +3,7 @@
 // image its own backing file, as qemu-img does.
 import { existsSync, readdirSync, readFileSync, symlinkSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { CLI, run, start, startServe, useScratch } from './harness/daemon.ts';
+import { CLI, monitorArgs, run, start, startServe, useScratch } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 const scratch = useScratch('vmdisk-loop-');
@@ -57,10 +57,7 @@ describe('backing chains that loop', () => {
     const qmpSock = scratch.path('qmp.sock');
     const nbdSock = scratch.path('nbd.sock');
     const p = await startServe([
-      '--chardev',
-      `socket,id=m0,path=${qmpSock},server=on,wait=off`,
-      '--monitor',
-      'chardev=m0',
+      ...monitorArgs(qmpSock),
       '--nbd-server',
       `addr.type=unix,addr.path=${nbdSock}`,
     ]);

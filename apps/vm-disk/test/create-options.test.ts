@@ -20,6 +20,9 @@ async function exits(command: string, args: string[]): Promise<{ code: unknown; 
   return { code, stderr: p.stderr() };
 }
 
+/** `vm-disk create ARGS`: how it exited and what it said. */
+const create = (...args: string[]) => exits(process.execPath, [CLI, 'create', ...args]);
+
 describe('vm-disk create refuses bad options before creating anything', () => {
   it.each([
     ['cluster_size=3k', '1G'],
@@ -50,7 +53,7 @@ describe('vm-disk create refuses bad options before creating anything', () => {
     expect(theirs.code).toBe(1);
     expect(existsSync(path)).toBe(false);
     const message = theirs.stderr.split('\n')[0]!.replace(`qemu-img: ${path}: `, '');
-    const ours = await exits(process.execPath, [CLI, 'create', '-f', 'qcow2', '-o', o, path, size]);
+    const ours = await create('-f', 'qcow2', '-o', o, path, size);
     expect([1, 2]).toContain(ours.code);
     expect(ours.stderr).toContain(message);
     expect(existsSync(path)).toBe(false);
@@ -58,16 +61,7 @@ describe('vm-disk create refuses bad options before creating anything', () => {
 
   it('raw: a bad preallocation is refused, no file left', async () => {
     const path = join(dir, 'x.raw');
-    const ours = await exits(process.execPath, [
-      CLI,
-      'create',
-      '-f',
-      'raw',
-      '-o',
-      'preallocation=bogus',
-      path,
-      '1M',
-    ]);
+    const ours = await create('-f', 'raw', '-o', 'preallocation=bogus', path, '1M');
     expect(ours.code).toBe(2);
     expect(ours.stderr).toContain("Parameter 'preallocation' does not accept value 'bogus'");
     expect(existsSync(path)).toBe(false);
@@ -77,16 +71,7 @@ describe('vm-disk create refuses bad options before creating anything', () => {
     const path = join(dir, 'keep.qcow2');
     writeFileSync(path, 'precious');
     for (const o of ['cluster_size=3k', 'refcount_bits=3', 'lazy_refcounts=maybe']) {
-      const ours = await exits(process.execPath, [
-        CLI,
-        'create',
-        '-f',
-        'qcow2',
-        '-o',
-        o,
-        path,
-        '1G',
-      ]);
+      const ours = await create('-f', 'qcow2', '-o', o, path, '1G');
       expect(ours.code).not.toBe(0);
       expect(readFileSync(path, 'utf8')).toBe('precious');
     }

@@ -3,10 +3,20 @@
 // issue: vm-disk vs vm-disk, vm-disk holding with qemu-io/qemu-img/qemu-storage-daemon
 // refused, qemu-storage-daemon holding with vm-disk refused, and locks released when the
 // permission goes (an export removed, a node deleted).
+
 import { spawnSync } from 'node:child_process';
-import { readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
+import { lockedBytes } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
-import { CLI, run, start, startQsd, useScratch } from './harness/daemon.ts';
+import {
+  CLI,
+  monitorArgs,
+  type RunningProcess,
+  run,
+  start,
+  startQsd,
+  useScratch,
+} from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 const scratch = useScratch('vmdisk-locking-');
@@ -16,16 +26,21 @@ const WRITE_LOCK = 'Failed to get "write" lock';
 const SHARED_WRITE_LOCK = 'Failed to get shared "write" lock';
 const hint = (path: string) => `Is another process using the image [${path}]?`;
 
-/** The bytes of `path` locked by anyone (OFD locks name no process), from /proc/locks. */
-function lockedBytes(path: string): number[] {
-  const ino = statSync(path).ino;
-  const bytes: number[] = [];
-  for (const line of readFileSync('/proc/locks', 'utf8').split('\n')) {
-    const f = line.trim().split(/\s+/);
-    if (f[1] !== 'OFDLCK' || Number(f[5]!.split(':')[2]) !== ino) continue;
-    for (let b = Number(f[6]); b <= Number(f[7]); b++) bytes.push(b);
-  }
-  return bytes.sort((a, b) => a - b);
+/** qemu-storage-daemon holding the qcow2 `image` writable, with its monitor on `qmp`. */
+async function qsdHolding(image: string, qmp: string): Promise<RunningProcess> {
+  // qemu-storage-daemon opens its blockdevs before it creates the monitor socket.
+  const qsd = await startQsd(
+    [
+      '--blockdev',
+      `driver=file,node-name=f0,filename=${image}`,
+      '--blockdev',
+      'driver=qcow2,node-name=d0,file=f0',
+      ...monitorArgs(qmp),
+    ],
+    qmp,
+  );
+  running.push(qsd);
+  return qsd;
 }
 
 function qcow2Args(image: string, sock: string, writable = true): string[] {
@@ -131,20 +146,7 @@ describe('image locking against QEMU', () => {
     const image = scratch.path('disk.qcow2');
     await run('qemu-img', ['create', '-f', 'qcow2', image, '16M']);
     const qmp = scratch.path('qsd.qmp');
-    const qsd = await startQsd(
-      [
-        '--blockdev',
-        `driver=file,node-name=f0,filename=${image}`,
-        '--blockdev',
-        'driver=qcow2,node-name=d0,file=f0',
-        '--chardev',
-        `socket,id=m0,path=${qmp},server=on,wait=off`,
-        '--monitor',
-        'chardev=m0',
-      ],
-      qmp,
-    );
-    running.push(qsd);
+    const qsd = await qsdHolding(image, qmp);
     const r = await serveRefused(qcow2Args(image, scratch.path('b.sock')));
     expect(r.status).toBe(1);
     expect(r.stderr).toContain(WRITE_LOCK);
@@ -170,10 +172,7 @@ describe('image locking against QEMU', () => {
       `addr.type=unix,addr.path=${scratch.path('nbd.sock')}`,
       '--export',
       'type=nbd,id=e0,node-name=d0,name=disk,writable=on',
-      '--chardev',
-      `socket,id=m0,path=${qmpPath},server=on,wait=off`,
-      '--monitor',
-      'chardev=m0',
+      ...monitorArgs(qmpPath),
     ]);
     // A writable export of a raw node: reads and writes, and shares everything (qemu-io may
     // write beside it, as beside QEMU's exports).
@@ -198,21 +197,7 @@ describe('image locking against QEMU', () => {
       const other = scratch.path('other.qcow2');
       await run('qemu-img', ['create', '-f', 'qcow2', other, '1M']);
       const holderQmp = scratch.path('holder.qmp');
-      // qemu-storage-daemon opens its blockdevs before it creates the monitor socket.
-      const holder = await startQsd(
-        [
-          '--blockdev',
-          `driver=file,node-name=f0,filename=${other}`,
-          '--blockdev',
-          'driver=qcow2,node-name=d0,file=f0',
-          '--chardev',
-          `socket,id=m0,path=${holderQmp},server=on,wait=off`,
-          '--monitor',
-          'chardev=m0',
-        ],
-        holderQmp,
-      );
-      running.push(holder);
+      await qsdHolding(other, holderQmp);
       const refusedAdd = await client.execute({
         execute: 'blockdev-add',
         arguments: {

@@ -6,7 +6,14 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, type RunningProcess, start, startQsd, startServe } from './harness/daemon.ts';
+import {
+  CLI,
+  monitorArgs,
+  type RunningProcess,
+  start,
+  startQsd,
+  startServe,
+} from './harness/daemon.ts';
 import { type QmpMessage, QmpTestClient } from './harness/qmp-client.ts';
 
 let dir: string;
@@ -14,10 +21,6 @@ let image: string;
 const processes: RunningProcess[] = [];
 let ours: QmpTestClient;
 let theirs: QmpTestClient;
-
-function monitorArgs(qmp: string): string[] {
-  return ['--chardev', `socket,id=m0,path=${qmp},server=on,wait=off`, '--monitor', 'chardev=m0'];
-}
 
 async function negotiated(qmp: string): Promise<QmpTestClient> {
   const { client } = await QmpTestClient.connect(qmp);

@@ -4,7 +4,7 @@
 // real `vm-disk serve` child from /proc/PID/status.
 import { readFileSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
-import { type RunningProcess, startServe, useScratch } from './harness/daemon.ts';
+import { monitorArgs, type RunningProcess, startServe, useScratch } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 const scratch = useScratch('vmdisk-qmp-limits-');
@@ -37,12 +37,7 @@ const tooLong = { error: { class: 'GenericError', desc: 'JSON token size limit e
 describe('QMP input limits', () => {
   it('refuses a 100 MB line without buffering it, and keeps answering', async () => {
     const qmp = scratch.path('qmp.sock');
-    daemon = await startServe([
-      '--chardev',
-      `socket,id=m0,path=${qmp},server=on,wait=off`,
-      '--monitor',
-      'chardev=m0',
-    ]);
+    daemon = await startServe([...monitorArgs(qmp)]);
     const pid = daemon.child.pid as number;
     const client = await connect(qmp);
     expect(await client.execute({ execute: 'query-version' })).toHaveProperty('return');
@@ -94,12 +89,7 @@ describe('QMP input limits', () => {
 
   it('refuses nesting deeper than QEMU allows, and a bare token over the limit', async () => {
     const qmp = scratch.path('qmp.sock');
-    daemon = await startServe([
-      '--chardev',
-      `socket,id=m0,path=${qmp},server=on,wait=off`,
-      '--monitor',
-      'chardev=m0',
-    ]);
+    daemon = await startServe([...monitorArgs(qmp)]);
     const client = await connect(qmp);
     expect(await client.execute(`{"execute":"query-version","x":${'['.repeat(1100)}\n`)).toEqual({
       error: { class: 'GenericError', desc: 'JSON nesting depth limit exceeded' },
@@ -112,12 +102,7 @@ describe('QMP input limits', () => {
 
   it('answers every command of a client that floods it, in order', async () => {
     const qmp = scratch.path('qmp.sock');
-    daemon = await startServe([
-      '--chardev',
-      `socket,id=m0,path=${qmp},server=on,wait=off`,
-      '--monitor',
-      'chardev=m0',
-    ]);
+    daemon = await startServe([...monitorArgs(qmp)]);
     const client = await connect(qmp);
     // About 800 kB of commands in one write: the monitor stops reading while 64 wait to run
     // or while its replies back up, and resumes; nothing is lost or reordered.

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { schema } from '@vmdisk/block-graph';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpError, QmpMonitor } from '../src/qmp/monitor.ts';
+import { monitorArgs } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 let dir: string;
@@ -41,13 +42,9 @@ beforeAll(async () => {
     },
   });
   await monitor.listen(ours());
-  qsd = spawn(
-    'qemu-storage-daemon',
-    ['--chardev', `socket,id=m0,path=${theirs()},server=on,wait=off`, '--monitor', 'chardev=m0'],
-    {
-      stdio: 'ignore',
-    },
-  );
+  qsd = spawn('qemu-storage-daemon', monitorArgs(theirs()), {
+    stdio: 'ignore',
+  });
   await waitForSocket(theirs());
 });
 

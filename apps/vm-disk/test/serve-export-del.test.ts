@@ -2,30 +2,17 @@
 // the same command line: safe mode (the default) is refused while a client is attached
 // and changes nothing, hard mode disconnects it; the replies, errors, events and their
 // order, and query-block-exports, as QEMU gives them. qemu-io holds the connection.
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { type RunningProcess, run, startQsd, startServe } from './harness/daemon.ts';
-import { QemuIoSession } from './harness/qemu-io.ts';
+
+import { QemuIoSession } from '@vmdisk/test-support';
+import { describe, expect, it } from 'vitest';
+import { monitorArgs, run, startQsd, startServe, useScratch } from './harness/daemon.ts';
 import { type QmpMessage, QmpTestClient } from './harness/qmp-client.ts';
 
-let dir: string;
-const running: RunningProcess[] = [];
-
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-export-del-'));
-});
-afterEach(async () => {
-  await Promise.all(running.splice(0).map((p) => p.stop('SIGKILL')));
-  rmSync(dir, { recursive: true, force: true });
-});
+const scratch = useScratch('vmdisk-export-del-');
+const { running } = scratch;
 
 const args = (image: string, sock: string, qmp: string) => [
-  '--chardev',
-  `socket,id=m0,path=${qmp},server=on,wait=off`,
-  '--monitor',
-  'chardev=m0',
+  ...monitorArgs(qmp),
   '--blockdev',
   `driver=file,node-name=f0,filename=${image}`,
   '--blockdev',
@@ -82,18 +69,18 @@ async function scenario(qmp: string, sock: string): Promise<unknown[]> {
 
 describe('block-export-del with a client connected', () => {
   it('refuses safe mode and disconnects in hard mode, with the replies and events of qemu-storage-daemon', async () => {
-    const image = join(dir, 'theirs.raw');
-    const mine = join(dir, 'ours.raw');
+    const image = scratch.path('theirs.raw');
+    const mine = scratch.path('ours.raw');
     for (const f of [image, mine]) await run('qemu-img', ['create', '-f', 'raw', f, '4M']);
     const qsd = await startQsd(
-      args(image, join(dir, 'qsd.sock'), join(dir, 'qsd.qmp')),
-      join(dir, 'qsd.qmp'),
+      args(image, scratch.path('qsd.sock'), scratch.path('qsd.qmp')),
+      scratch.path('qsd.qmp'),
     );
     running.push(qsd);
-    const theirs = await scenario(join(dir, 'qsd.qmp'), join(dir, 'qsd.sock'));
-    const ours = await startServe(args(mine, join(dir, 'ours.sock'), join(dir, 'ours.qmp')));
+    const theirs = await scenario(scratch.path('qsd.qmp'), scratch.path('qsd.sock'));
+    const ours = await startServe(args(mine, scratch.path('ours.sock'), scratch.path('ours.qmp')));
     running.push(ours);
-    const got = await scenario(join(dir, 'ours.qmp'), join(dir, 'ours.sock'));
+    const got = await scenario(scratch.path('ours.qmp'), scratch.path('ours.sock'));
 
     const inUse = { error: { class: 'GenericError', desc: "export 'e0' still in use" } };
     const exportE0 = { type: 'nbd', id: 'e0', 'node-name': 'd0', 'shutting-down': false };

@@ -3,25 +3,22 @@
 // daemon's resident memory (VmRSS of the child) stays within its request memory budget
 // and a margin, another client is served meanwhile, and the memory goes back once they
 // have gone.
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { type RunningProcess, run, startServe, waitFor } from './harness/daemon.ts';
+import { describe, expect, it } from 'vitest';
+import {
+  monitorArgs,
+  type RunningProcess,
+  run,
+  startServe,
+  useScratch,
+  waitFor,
+} from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 const MiB = 1024 * 1024;
-let dir: string;
-const running: RunningProcess[] = [];
-
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-memory-'));
-});
-afterEach(async () => {
-  await Promise.all(running.splice(0).map((p) => p.stop('SIGKILL')));
-  rmSync(dir, { recursive: true, force: true });
-});
+const scratch = useScratch('vmdisk-memory-');
+const { running } = scratch;
 
 function rssMiB(pid: number): number {
   const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
@@ -67,11 +64,11 @@ function read(s: net.Socket, cookie: number, offset: number, length: number): vo
 }
 
 async function serveImage(extra = ''): Promise<{ p: RunningProcess; sock: string }> {
-  const image = join(dir, 'disk.raw');
+  const image = scratch.path('disk.raw');
   await run('qemu-img', ['create', '-f', 'raw', image, '512M']);
   // Data, not holes: the reads cost what they say.
   writeFileSync(image, Buffer.alloc(64 * MiB, 0x5a), { flag: 'r+' });
-  const sock = join(dir, 'nbd.sock');
+  const sock = scratch.path('nbd.sock');
   const p = await startServe([
     '--blockdev',
     `driver=file,node-name=f0,filename=${image}`,
@@ -176,13 +173,8 @@ describe('vm-disk serve memory under clients that never read', () => {
   }, 120_000);
 
   it('nbd-server-start takes request-memory-budget too, and refuses a budget of 0', async () => {
-    const qmp = join(dir, 'qmp.sock');
-    const p = await startServe([
-      '--chardev',
-      `socket,id=m0,path=${qmp},server=on,wait=off`,
-      '--monitor',
-      'chardev=m0',
-    ]);
+    const qmp = scratch.path('qmp.sock');
+    const p = await startServe([...monitorArgs(qmp)]);
     running.push(p);
     const { client } = await QmpTestClient.connect(qmp);
     try {
@@ -191,7 +183,7 @@ describe('vm-disk serve memory under clients that never read', () => {
         client.execute({
           execute: 'nbd-server-start',
           arguments: {
-            addr: { type: 'unix', data: { path: join(dir, 'nbd.sock') } },
+            addr: { type: 'unix', data: { path: scratch.path('nbd.sock') } },
             'request-memory-budget': budget,
           },
         });

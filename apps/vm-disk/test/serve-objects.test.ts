@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
+  monitorArgs,
   type RunningProcess,
   run,
   start,
@@ -25,10 +26,6 @@ afterAll(async () => {
   await Promise.all(processes.map((p) => p.stop('SIGKILL')));
   rmSync(dir, { recursive: true, force: true });
 });
-
-function monitorArgs(qmp: string): string[] {
-  return ['--chardev', `socket,id=m0,path=${qmp},server=on,wait=off`, '--monitor', 'chardev=m0'];
-}
 
 async function negotiated(qmp: string): Promise<QmpTestClient> {
   const { client } = await QmpTestClient.connect(qmp);

@@ -3,7 +3,7 @@
 // closes the monitor; it sends no SHUTDOWN event), and a daemon with nothing to serve
 // keeps running until told to stop.
 import { afterEach, describe, expect, it } from 'vitest';
-import { type RunningProcess, useScratch, waitFor } from './harness/daemon.ts';
+import { monitorArgs, type RunningProcess, useScratch, waitFor } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 const scratch = useScratch('vmdisk-stop-');
@@ -14,10 +14,6 @@ const clients: QmpTestClient[] = [];
 afterEach(async () => {
   for (const c of clients.splice(0)) c.close();
 });
-
-function monitorArgs(qmp: string): string[] {
-  return ['--chardev', `socket,id=m0,path=${qmp},server=on,wait=off`, '--monitor', 'chardev=m0'];
-}
 
 /** A negotiated QMP client that never hangs up by itself. */
 async function stayingClient(qmp: string): Promise<QmpTestClient> {

@@ -3,6 +3,7 @@
 // server-key.pem; verify-peer on by default), checked with nbdinfo and qemu-img.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { makeCertificates } from '@vmdisk/test-support';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type RunningProcess, run, startServe, useScratch } from './harness/daemon.ts';
 
@@ -32,10 +33,6 @@ async function serveWith(object: string): Promise<{ sock: string }> {
   return { sock };
 }
 
-async function openssl(args: string[]): Promise<void> {
-  await run('openssl', args);
-}
-
 describe('vm-disk serve with TLS', () => {
   it('PSK: a client with the key reads; one without TLS or with a wrong key is refused', async () => {
     const creds = scratch.path('psk');
@@ -62,71 +59,8 @@ describe('vm-disk serve with TLS', () => {
   });
 
   it('X.509 with verify-peer: a client with a certificate from the CA reads; one without is refused', async () => {
-    const server = scratch.path('server');
-    const client = scratch.path('client');
-    mkdirSync(server);
-    mkdirSync(client);
+    const { server, client } = await makeCertificates(scratch.dir, 'x509');
     const ca = join(server, 'ca-cert.pem');
-    const caKey = scratch.path('ca-key.pem');
-    await openssl([
-      'req',
-      '-x509',
-      '-newkey',
-      'rsa:2048',
-      '-nodes',
-      '-days',
-      '2',
-      '-subj',
-      '/CN=vm-disk test CA',
-      '-keyout',
-      caKey,
-      '-out',
-      ca,
-    ]);
-    for (const [who, folder] of [
-      ['server', server],
-      ['client', client],
-    ] as const) {
-      const key = join(folder, `${who}-key.pem`);
-      const csr = scratch.path(`${who}.csr`);
-      const ext = scratch.path(`${who}.ext`);
-      writeFileSync(
-        ext,
-        who === 'server'
-          ? 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n'
-          : 'extendedKeyUsage=clientAuth\n',
-      );
-      await openssl([
-        'req',
-        '-newkey',
-        'rsa:2048',
-        '-nodes',
-        '-subj',
-        `/CN=${who === 'server' ? 'localhost' : 'vm-disk client'}`,
-        '-keyout',
-        key,
-        '-out',
-        csr,
-      ]);
-      await openssl([
-        'x509',
-        '-req',
-        '-in',
-        csr,
-        '-CA',
-        ca,
-        '-CAkey',
-        caKey,
-        '-CAcreateserial',
-        '-days',
-        '2',
-        '-extfile',
-        ext,
-        '-out',
-        join(folder, `${who}-cert.pem`),
-      ]);
-    }
-    writeFileSync(join(client, 'ca-cert.pem'), await run('cat', [ca]));
     const { sock } = await serveWith(`tls-creds-x509,id=t0,dir=${server},endpoint=server`);
     const info = JSON.parse(
       await run('nbdinfo', [

@@ -2,7 +2,7 @@
 // qemu-img and nbdinfo, driven through QMP, stopped by signals and by `quit`.
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { CLI, run, start, startQsd, useScratch, waitFor } from './harness/daemon.ts';
+import { CLI, monitorArgs, run, start, startQsd, useScratch, waitFor } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 const scratch = useScratch('vmdisk-serve-');
@@ -80,12 +80,7 @@ describe('vm-disk serve', () => {
     writeFileSync(image, Buffer.alloc(4 << 20, 0x5a));
     const qmpSock = scratch.path('qmp.sock');
     const nbdSock = scratch.path('nbd.sock');
-    const p = await serve([
-      '--chardev',
-      `socket,id=m0,path=${qmpSock},server=on,wait=off`,
-      '--monitor',
-      'chardev=m0',
-    ]);
+    const p = await serve([...monitorArgs(qmpSock)]);
     const { client, greeting } = await QmpTestClient.connect(qmpSock);
     try {
       expect(greeting).toHaveProperty('QMP.version.qemu.major');
@@ -191,10 +186,7 @@ describe('vm-disk serve', () => {
 
   it('takes a qemu-storage-daemon command line unchanged and serves what qemu-storage-daemon serves', async () => {
     const args = (image: string, sock: string, qmp: string) => [
-      '--chardev',
-      `socket,id=m0,path=${qmp},server=on,wait=off`,
-      '--monitor',
-      'chardev=m0',
+      ...monitorArgs(qmp),
       '--blockdev',
       `driver=file,node-name=f0,filename=${image}`,
       '--blockdev',

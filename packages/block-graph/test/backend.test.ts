@@ -3,7 +3,7 @@
 
 import { afterAll, describe, expect, it } from 'vitest';
 import { type BlockBackend, BlockGraph } from '../src/index.ts';
-import { pattern, tempDir, writeFile } from './helpers.ts';
+import { pattern, tempDir } from './helpers.ts';
 
 interface WriteFlags {
   fua?: boolean;
@@ -40,8 +40,7 @@ afterAll(() => tmp.cleanup());
 
 describe('BlockBackend as an ExportTarget', () => {
   it('is assignable to the ExportTarget interface and serves it', async () => {
-    const path = tmp.path('export.img');
-    writeFile(path, pattern(1, 0, 1 << 20));
+    const path = tmp.file('export.img', pattern(1, 0, 1 << 20));
     const g = new BlockGraph();
     await g.add({
       driver: 'raw',

@@ -7,15 +7,13 @@ import { mkdir, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BlockError, BlockErrorCode, BlockGraph, DEFAULT_MAX_BACKING_DEPTH } from '../src/index.ts';
-import { must, tempDir } from './qcow2-helpers.ts';
+import { must, tempDir } from './qemu-tools.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
+const { dir, cleanup } = tempDir();
 let fdsBefore = 0;
 const openFds = () => readdirSync('/proc/self/fd').length;
 
 beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
   // The engine keeps a few descriptors (its ring) once used: count after a first use.
   const warm = join(dir, 'warm.qcow2');
   await must('qemu-img', ['create', '-f', 'qcow2', warm, '1M']);
@@ -24,9 +22,7 @@ beforeAll(async () => {
   await g.close();
   fdsBefore = openFds();
 });
-afterAll(async () => {
-  await cleanup();
-});
+afterAll(cleanup);
 
 async function qcow2(name: string, backing?: string): Promise<string> {
   const path = join(dir, name);

@@ -175,10 +175,8 @@ describe('backing chain', () => {
   });
 
   it('a format opens the backing file it names itself (openChild), owned by it', async () => {
-    const basePath = tmp.path('named-base.img');
-    writeFile(basePath, pattern(5, 0, MiB));
-    const topPath = tmp.path('named-top.img');
-    writeFile(topPath, Buffer.alloc(0));
+    const basePath = tmp.file('named-base.img', pattern(5, 0, MiB));
+    const topPath = tmp.file('named-top.img', Buffer.alloc(0));
     const g = new BlockGraph({ drivers: [cowFormat] });
     await g.add({
       driver: 'test-cow',

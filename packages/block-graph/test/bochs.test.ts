@@ -159,8 +159,7 @@ describe('bochs', () => {
   }
 
   it('reports block status: unallocated extents and clear bits as zeros, set bits as data', async () => {
-    const path = tmp.path('status.bochs');
-    writeFile(path, buildBochs(cases[0]![1], 3));
+    const path = tmp.file('status.bochs', buildBochs(cases[0]![1], 3));
     const g = new BlockGraph();
     await g.add({ driver: 'bochs', 'node-name': 'b', file: { driver: 'file', filename: path } });
     expect(g.query().find((n) => n['node-name'] === 'b')!['read-only']).toBe(true);

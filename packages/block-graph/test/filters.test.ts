@@ -1,6 +1,6 @@
 import { afterAll, describe, expect, it } from 'vitest';
 import { BlockGraph, BlockIoError } from '../src/index.ts';
-import { pattern, tempDir, writeFile } from './helpers.ts';
+import { pattern, tempDir } from './helpers.ts';
 
 const tmp = tempDir();
 afterAll(() => tmp.cleanup());
@@ -141,8 +141,7 @@ describe('throttle groups', () => {
 
 describe('blkdebug', () => {
   it('injects an errno on a chosen op and range after N events, once; the graph stays usable', async () => {
-    const path = tmp.path('dbg.img');
-    writeFile(path, pattern(1, 0, MiB));
+    const path = tmp.file('dbg.img', pattern(1, 0, MiB));
     const g = new BlockGraph();
     await g.add({ driver: 'raw', 'node-name': 'disk', file: { driver: 'file', filename: path } });
     await g.add({

@@ -1,14 +1,13 @@
 import { readlinkSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { type AddOptions, BlockError, BlockGraph, BlockOptionError } from '../src/index.ts';
-import { tempDir, writeFile } from './helpers.ts';
+import { tempDir } from './helpers.ts';
 
 const tmp = tempDir();
 afterAll(() => tmp.cleanup());
 
 function img(name: string, size = 1 << 20): string {
-  const path = tmp.path(name);
-  writeFile(path, Buffer.alloc(size));
+  const path = tmp.file(name, Buffer.alloc(size));
   return path;
 }
 

@@ -5,11 +5,21 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-export function tempDir(): { dir: string; path(name: string): string; cleanup(): void } {
+export function tempDir(): {
+  dir: string;
+  path(name: string): string;
+  /** Writes `data` to the file `name` of the directory; returns its path. */
+  file(name: string, data: Uint8Array): string;
+  cleanup(): void;
+} {
   const dir = mkdtempSync(join(tmpdir(), 'block-graph-'));
   return {
     dir,
     path: (name) => join(dir, name),
+    file: (name, data) => {
+      writeFileSync(join(dir, name), data);
+      return join(dir, name);
+    },
     cleanup: () => rmSync(dir, { recursive: true, force: true }),
   };
 }

@@ -3,12 +3,12 @@
 // QEMU's tools refuse each other's conflicting uses. Judged by qemu-io and qemu-img holding
 // and opening the same images, and by the lock bytes the kernel lists in /proc/locks.
 
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { readFileSync, statSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { lockedBytes, QemuIoSession } from '@vmdisk/test-support';
 import { afterAll, describe, expect, it } from 'vitest';
 import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
 import { BlockGraph, ImageLockError } from '../src/index.ts';
-import { qemuImg, tempDir, writeFile } from './helpers.ts';
+import { qemuImg, tempDir } from './helpers.ts';
 
 const tmp = tempDir();
 afterAll(() => tmp.cleanup());
@@ -30,49 +30,14 @@ function qcow2(name: string): string {
 }
 
 function raw(name: string): string {
-  const path = tmp.path(name);
-  writeFile(path, Buffer.alloc(1 << 20));
+  const path = tmp.file(name, Buffer.alloc(1 << 20));
   return path;
-}
-
-/** The bytes locked on `path` by anyone (OFD locks name no process), from /proc/locks. */
-function lockedBytes(path: string): number[] {
-  const ino = statSync(path).ino;
-  const bytes: number[] = [];
-  for (const line of readFileSync('/proc/locks', 'utf8').split('\n')) {
-    const f = line.trim().split(/\s+/);
-    if (f[1] !== 'OFDLCK' || Number(f[5]!.split(':')[2]) !== ino) continue;
-    for (let b = Number(f[6]); b <= Number(f[7]); b++) bytes.push(b);
-  }
-  return bytes.sort((a, b) => a - b);
 }
 
 /** qemu-io on `path` with a command; its status and what it printed. */
 function qemuIo(args: string[]): { status: number | null; out: string } {
   const r = spawnSync('qemu-io', args, { encoding: 'utf8' });
   return { status: r.status, out: `${r.stdout}${r.stderr}` };
-}
-
-/** qemu-io holding `path` open (interactive, waiting at its prompt) until release(). */
-async function qemuIoHolding(args: string[]): Promise<{ release(): Promise<void> }> {
-  const p: ChildProcess = spawn('qemu-io', args, { stdio: ['pipe', 'pipe', 'pipe'] });
-  let out = '';
-  await new Promise<void>((resolve, reject) => {
-    const seen = (d: Buffer) => {
-      out += d.toString();
-      if (out.includes('qemu-io>')) resolve();
-    };
-    p.stdout!.on('data', seen);
-    p.stderr!.on('data', seen);
-    p.on('exit', (code) => reject(new Error(`qemu-io exited ${code}: ${out}`)));
-  });
-  return {
-    release: async () => {
-      const closed = new Promise((r) => p.once('close', r));
-      p.stdin!.end('quit\n');
-      await closed;
-    },
-  };
 }
 
 function lockError(err: unknown): ImageLockError {
@@ -83,9 +48,9 @@ function lockError(err: unknown): ImageLockError {
 describe('image locking', () => {
   it('a writable qcow2 node locks the bytes qemu-io locks for the same use', async () => {
     const path = qcow2('same-bytes.qcow2');
-    const held = await qemuIoHolding(['-f', 'qcow2', path]);
+    const held = await QemuIoSession.open(['-f', 'qcow2', path]);
     const qemuBytes = lockedBytes(path);
-    await held.release();
+    await held.quit();
     expect(qemuBytes).toEqual([100, 101, 103, 201, 203]);
 
     const g = graph();
@@ -153,7 +118,7 @@ describe('image locking', () => {
     await g.close();
     expect(qemuIo(['-f', 'qcow2', '-c', 'write 0 4k', path]).status).toBe(0);
 
-    const held = await qemuIoHolding(['-f', 'qcow2', path]);
+    const held = await QemuIoSession.open(['-f', 'qcow2', path]);
     try {
       const err = lockError(
         await graph()
@@ -162,7 +127,7 @@ describe('image locking', () => {
       );
       expect(err.message).toBe('Failed to get "write" lock');
     } finally {
-      await held.release();
+      await held.quit();
     }
   });
 
@@ -193,7 +158,7 @@ describe('image locking', () => {
   it('a refused backend leaves no lock behind (the permission change is aborted)', async () => {
     const path = qcow2('abort.qcow2');
     // qemu-io reading a qcow2 shares no write of its file.
-    const held = await qemuIoHolding(['-f', 'qcow2', '-r', path]);
+    const held = await QemuIoSession.open(['-f', 'qcow2', '-r', path]);
     try {
       const g = graph();
       await g.add({ driver: 'raw', 'node-name': 'd', file: { driver: 'file', filename: path } });
@@ -209,7 +174,7 @@ describe('image locking', () => {
       await reader.close();
       expect(lockedBytes(path)).toEqual(before);
     } finally {
-      await held.release();
+      await held.quit();
     }
   });
 

@@ -1,18 +1,33 @@
 import { readFileSync, truncateSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
-import { BlockError, BlockGraph } from '../src/index.ts';
+import { type BlockBackend, BlockError, BlockGraph } from '../src/index.ts';
 import { pattern, tempDir, writeFile } from './helpers.ts';
 
 const tmp = tempDir();
 afterAll(() => tmp.cleanup());
 
+/** A graph holding one node (blockdev-add options) and a writable backend on it. */
+async function withBackend(
+  options: { 'node-name': string } & Record<string, unknown>,
+): Promise<{ g: BlockGraph; b: BlockBackend }> {
+  const g = new BlockGraph();
+  await g.add(options);
+  return { g, b: await g.createBackend(options['node-name'], { write: true }) };
+}
+
+/** The event counters of the blkdebug node `name`. */
+function eventsOf(g: BlockGraph, name: string): Record<string, number> {
+  return g.query().find((n) => n['node-name'] === name)!.events as Record<string, number>;
+}
+
 describe('raw over file', () => {
   it('reads and writes through the graph, the bytes land in the file', async () => {
-    const path = tmp.path('a.img');
-    writeFile(path, pattern(1, 0, 1 << 20));
-    const g = new BlockGraph();
-    await g.add({ driver: 'raw', 'node-name': 'disk0', file: { driver: 'file', filename: path } });
-    const b = await g.createBackend('disk0', { write: true });
+    const path = tmp.file('a.img', pattern(1, 0, 1 << 20));
+    const { g, b } = await withBackend({
+      driver: 'raw',
+      'node-name': 'disk0',
+      file: { driver: 'file', filename: path },
+    });
     expect(b.size()).toBe(1 << 20);
     const buf = b.allocBuffer(8192);
     await b.read(4096, buf);
@@ -27,17 +42,14 @@ describe('raw over file', () => {
   });
 
   it('serves a window of the file with offset and size', async () => {
-    const path = tmp.path('win.img');
-    writeFile(path, pattern(3, 0, 64 * 1024));
-    const g = new BlockGraph();
-    await g.add({
+    const path = tmp.file('win.img', pattern(3, 0, 64 * 1024));
+    const { g, b } = await withBackend({
       driver: 'raw',
       'node-name': 'w',
       offset: 4096,
       size: 8192,
       file: { driver: 'file', filename: path },
     });
-    const b = await g.createBackend('w', { write: true });
     expect(b.size()).toBe(8192);
     const buf = Buffer.alloc(8192);
     await b.read(0, buf);
@@ -58,8 +70,7 @@ describe('raw over file', () => {
   });
 
   it('refuses a window past the end of the file, naming the key', async () => {
-    const path = tmp.path('small.img');
-    writeFile(path, Buffer.alloc(4096));
+    const path = tmp.file('small.img', Buffer.alloc(4096));
     const g = new BlockGraph();
     await expect(
       g.add({ driver: 'raw', offset: 1024, size: 4096, file: { driver: 'file', filename: path } }),
@@ -76,9 +87,7 @@ describe('raw over file', () => {
 
 describe('bounds', () => {
   it('refuses requests outside the node without overflow near 2^53 and 2^64', async () => {
-    const g = new BlockGraph();
-    await g.add({ driver: 'null-co', 'node-name': 'n', size: 1 << 20 });
-    const b = await g.createBackend('n', { write: true });
+    const { g, b } = await withBackend({ driver: 'null-co', 'node-name': 'n', size: 1 << 20 });
     const bad: [number, number][] = [
       [-1, 1],
       [1 << 20, 1],
@@ -111,8 +120,7 @@ describe('bounds', () => {
 
 describe('alignment, splitting, zeroes, FUA', () => {
   it('read-modify-write on an O_DIRECT file keeps the bytes around unaligned writes', async () => {
-    const path = tmp.path('direct.img');
-    writeFile(path, pattern(4, 0, 1 << 20));
+    const path = tmp.file('direct.img', pattern(4, 0, 1 << 20));
     const g = new BlockGraph();
     await g.add({
       driver: 'raw',
@@ -147,14 +155,12 @@ describe('alignment, splitting, zeroes, FUA', () => {
     const path = tmp.path('odd.img');
     const size = 65536 + 1000;
     writeFile(path, pattern(13, 0, size));
-    const g = new BlockGraph();
-    await g.add({
+    const { g, b } = await withBackend({
       driver: 'raw',
       'node-name': 'd',
       cache: { direct: true },
       file: { driver: 'file', filename: path },
     });
-    const b = await g.createBackend('d', { write: true });
     expect(b.size()).toBe(size);
     const tail = Buffer.alloc(1500);
     await b.read(size - 1500, tail);
@@ -171,16 +177,13 @@ describe('alignment, splitting, zeroes, FUA', () => {
   });
 
   it('serialises overlapping read-modify-writes: no update is lost', async () => {
-    const path = tmp.path('rmw.img');
-    writeFile(path, Buffer.alloc(64 * 1024));
-    const g = new BlockGraph();
-    await g.add({
+    const path = tmp.file('rmw.img', Buffer.alloc(64 * 1024));
+    const { g, b } = await withBackend({
       driver: 'raw',
       'node-name': 'd',
       cache: { direct: true },
       file: { driver: 'file', filename: path },
     });
-    const b = await g.createBackend('d', { write: true });
     // 512 one-byte writes into the same few blocks, all in flight at once.
     await Promise.all(
       Array.from({ length: 512 }, (_, i) => b.write(i * 7, Buffer.from([(i % 255) + 1]))),
@@ -192,22 +195,18 @@ describe('alignment, splitting, zeroes, FUA', () => {
   });
 
   it('splits requests at max-transfer and aligns them (blkdebug align)', async () => {
-    const path = tmp.path('split.img');
-    writeFile(path, pattern(5, 0, 1 << 20));
-    const g = new BlockGraph();
-    await g.add({
+    const path = tmp.file('split.img', pattern(5, 0, 1 << 20));
+    const { g, b } = await withBackend({
       driver: 'blkdebug',
       'node-name': 'dbg',
       align: 4096,
       'max-transfer': 65536,
       image: { driver: 'file', filename: path },
     });
-    const b = await g.createBackend('dbg', { write: true });
     const buf = Buffer.alloc(1 << 20);
     await b.read(0, buf);
     expect(Buffer.compare(buf, pattern(5, 0, 1 << 20))).toBe(0);
-    const events = () =>
-      g.query().find((n) => n['node-name'] === 'dbg')!.events as Record<string, number>;
+    const events = () => eventsOf(g, 'dbg');
     expect(events().read).toBe(16);
     // An unaligned write: the blocks around it are read, then written whole.
     await b.write(5000, pattern(6, 5000, 10));
@@ -222,16 +221,13 @@ describe('alignment, splitting, zeroes, FUA', () => {
   });
 
   it('writes zeroes natively (punching holes) and emulates them where not allowed to', async () => {
-    const path = tmp.path('zero.img');
-    writeFile(path, pattern(7, 0, 1 << 20));
-    const g = new BlockGraph();
-    await g.add({
+    const path = tmp.file('zero.img', pattern(7, 0, 1 << 20));
+    const { g, b } = await withBackend({
       driver: 'raw',
       'node-name': 'z',
       discard: 'unmap',
       file: { driver: 'file', filename: path },
     });
-    const b = await g.createBackend('z', { write: true });
     await b.writeZeroes(65536, 131072, {});
     await b.writeZeroes(300001, 1000, { noHole: true });
     const status = await b.blockStatus(0, 1 << 20);
@@ -247,28 +243,22 @@ describe('alignment, splitting, zeroes, FUA', () => {
   });
 
   it('emulates write-zeroes with buffers below a filter with max-transfer, and refuses fast zero', async () => {
-    const g = new BlockGraph();
-    await g.add({ driver: 'null-co', 'node-name': 'n', size: 1 << 20 });
-    const b = await g.createBackend('n', { write: true });
+    const { g, b } = await withBackend({ driver: 'null-co', 'node-name': 'n', size: 1 << 20 });
     await b.writeZeroes(0, 4096, { fastZero: true });
     await g.close();
-    const path = tmp.path('fz.img');
-    writeFile(path, pattern(8, 0, 65536));
+    const path = tmp.file('fz.img', pattern(8, 0, 65536));
     truncateSync(path, 65536);
-    const g2 = new BlockGraph();
-    await g2.add({
+    const { g: g2, b: b2 } = await withBackend({
       driver: 'blkdebug',
       'node-name': 'dbg',
       'inject-error': [{ iotype: 'write-zeroes', errno: 'ENOTSUP' }],
       image: { driver: 'file', filename: path },
     });
-    const b2 = await g2.createBackend('dbg', { write: true });
     await expect(b2.writeZeroes(0, 4096, { fastZero: true })).rejects.toMatchObject({
       errnoName: 'ENOTSUP',
     });
     // Without fastZero, the generic layer writes zero buffers instead.
-    const events = () =>
-      g2.query().find((n) => n['node-name'] === 'dbg')!.events as Record<string, number>;
+    const events = () => eventsOf(g2, 'dbg');
     await b2.writeZeroes(1000, 20000);
     expect(events().write).toBeGreaterThan(0);
     const out = Buffer.alloc(65536);
@@ -280,17 +270,13 @@ describe('alignment, splitting, zeroes, FUA', () => {
   });
 
   it('FUA writes are followed by a flush of the node', async () => {
-    const path = tmp.path('fua.img');
-    writeFile(path, Buffer.alloc(65536));
-    const g = new BlockGraph();
-    await g.add({
+    const path = tmp.file('fua.img', Buffer.alloc(65536));
+    const { g, b } = await withBackend({
       driver: 'blkdebug',
       'node-name': 'dbg',
       image: { driver: 'raw', file: { driver: 'file', filename: path } },
     });
-    const b = await g.createBackend('dbg', { write: true });
-    const events = () =>
-      g.query().find((n) => n['node-name'] === 'dbg')!.events as Record<string, number>;
+    const events = () => eventsOf(g, 'dbg');
     await b.write(0, Buffer.alloc(512, 1));
     expect(events().flush).toBe(0);
     await b.write(0, Buffer.alloc(512, 2), { fua: true });
@@ -302,8 +288,7 @@ describe('alignment, splitting, zeroes, FUA', () => {
 
 describe('file options', () => {
   it('opens files through the engine backend the aio option names', async () => {
-    const path = tmp.path('aio.img');
-    writeFile(path, pattern(11, 0, 65536));
+    const path = tmp.file('aio.img', pattern(11, 0, 65536));
     const g = new BlockGraph();
     for (const [aio, backend] of [
       ['threads', 'threadpool'],
@@ -324,17 +309,14 @@ describe('file options', () => {
   });
 
   it('detect-zeroes=unmap turns zero writes into holes', async () => {
-    const path = tmp.path('dz.img');
-    writeFile(path, pattern(12, 0, 1 << 20));
-    const g = new BlockGraph();
-    await g.add({
+    const path = tmp.file('dz.img', pattern(12, 0, 1 << 20));
+    const { g, b } = await withBackend({
       driver: 'raw',
       'node-name': 'd',
       'detect-zeroes': 'unmap',
       discard: 'unmap',
       file: { driver: 'file', filename: path },
     });
-    const b = await g.createBackend('d', { write: true });
     await b.write(65536, Buffer.alloc(65536));
     expect(await b.blockStatus(65536, 65536)).toEqual([
       { length: 65536, hole: true, zero: true, depth: 1 },

@@ -29,8 +29,7 @@ const graphs: [string, Build][] = [
   ...(['io_uring', 'aio', 'threadpool'] as const).map((aio): [string, Build] => [
     `raw over an O_DIRECT file (engine backend ${aio})`,
     async (g) => {
-      const path = tmp.path(`m1-${aio}.img`);
-      writeFile(path, pattern(1, 0, SIZE));
+      const path = tmp.file(`m1-${aio}.img`, pattern(1, 0, SIZE));
       await g.add({
         driver: 'raw',
         'node-name': 'top',
@@ -44,8 +43,7 @@ const graphs: [string, Build][] = [
   [
     'blkdebug (align 4096, max-transfer 16 KiB) over raw with an offset',
     async (g) => {
-      const path = tmp.path('m2.img');
-      writeFile(path, pattern(2, 0, SIZE + 8192));
+      const path = tmp.file('m2.img', pattern(2, 0, SIZE + 8192));
       await g.add({
         driver: 'blkdebug',
         'node-name': 'top',
@@ -59,8 +57,7 @@ const graphs: [string, Build][] = [
   [
     'an allocating format (8 KiB clusters) over a raw backing, through copy-on-read',
     async (g) => {
-      const base = tmp.path('m3-base.img');
-      writeFile(base, pattern(3, 0, SIZE / 2));
+      const base = tmp.file('m3-base.img', pattern(3, 0, SIZE / 2));
       writeFile(tmp.path('m3-top.img'), Buffer.alloc(0));
       await g.add({ driver: 'raw', 'node-name': 'base', file: { driver: 'file', filename: base } });
       await g.add({

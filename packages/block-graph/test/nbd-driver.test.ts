@@ -7,6 +7,7 @@ import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 import { MemoryTarget, NbdServer } from '@vmdisk/nbd';
+import { makeCertificates, qemuImgMap } from '@vmdisk/test-support';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { BlockGraph } from '../src/index.ts';
 import { pattern, qemuImg, tempDir, writeFile } from './helpers.ts';
@@ -185,13 +186,8 @@ async function ourMap(
 }
 
 /** qemu-img map of a local image as runs (NBD's view: hole = no data). */
-function qemuImgMap(file: string, format: string): Run[] {
-  const entries = JSON.parse(qemuImg('map', '-U', '--output=json', '-f', format, file)) as {
-    start: number;
-    length: number;
-    data: boolean;
-    zero: boolean;
-  }[];
+async function qemuImgRuns(file: string, format: string): Promise<Run[]> {
+  const entries = await qemuImgMap(file, format);
   return merge(
     entries.map((e) => ({ start: e.start, length: e.length, hole: !e.data, zero: e.zero })),
   );
@@ -266,7 +262,7 @@ describe('nbd driver against qemu-nbd serving a qcow2', () => {
     ).toBe(true);
 
     // Block status: the same runs as qemu-img map of the image qemu-nbd serves.
-    expect(await ourMap(b, 4 * MiB)).toEqual(qemuImgMap(file, 'qcow2'));
+    expect(await ourMap(b, 4 * MiB)).toEqual(await qemuImgRuns(file, 'qcow2'));
 
     // Writes (one unaligned), write-zeroes, a flush, then close and let qemu check the file.
     const w = pattern(5, 3 * MiB + 7, 70_000);
@@ -455,68 +451,12 @@ describe('nbd driver against qemu-nbd serving a qcow2', () => {
   });
 });
 
-/** A CA, a server certificate for 127.0.0.1 and a client certificate (openssl CLI). */
-function makeCertificates(): { server: string; client: string } {
-  const base = uniq('x509');
-  const server = `${base}/server`;
-  const client = `${base}/client`;
-  execFileSync('mkdir', ['-p', server, client]);
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  const caKey = `${base}/ca-key.pem`;
-  const caCert = `${base}/ca-cert.pem`;
-  const openssl = (...args: string[]) => execFileSync('openssl', args, { stdio: 'ignore' });
-  openssl(
-    'req',
-    '-x509',
-    ...ec,
-    '-keyout',
-    caKey,
-    '-out',
-    caCert,
-    '-days',
-    '2',
-    '-subj',
-    '/CN=test CA',
-    '-addext',
-    'basicConstraints=critical,CA:TRUE',
-    '-addext',
-    'keyUsage=critical,keyCertSign,cRLSign',
-  );
-  const sign = (who: string, dir: string, ext: string) => {
-    const csr = `${base}/${who}.csr`;
-    writeFileSync(`${base}/${who}.ext`, ext);
-    openssl('req', ...ec, '-keyout', `${dir}/${who}-key.pem`, '-out', csr, '-subj', `/CN=${who}`);
-    openssl(
-      'x509',
-      '-req',
-      '-in',
-      csr,
-      '-CA',
-      caCert,
-      '-CAkey',
-      caKey,
-      '-CAcreateserial',
-      '-out',
-      `${dir}/${who}-cert.pem`,
-      '-days',
-      '2',
-      '-extfile',
-      `${base}/${who}.ext`,
-    );
-  };
-  sign('server', server, 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n');
-  sign('client', client, 'extendedKeyUsage=clientAuth\n');
-  writeFileSync(`${server}/ca-cert.pem`, readFileSync(caCert));
-  writeFileSync(`${client}/ca-cert.pem`, readFileSync(caCert));
-  return { server, client };
-}
-
 describe('nbd driver with X.509 against qemu-nbd over TCP', () => {
   it('verifies the server (and is verified) through a tls-creds-x509 object', async () => {
     const file = uniq('x509.raw');
     const data = pattern(7, 0, MiB);
     writeFile(file, data);
-    const { server: serverDir, client: clientDir } = makeCertificates();
+    const { server: serverDir, client: clientDir } = await makeCertificates(tmp.dir, 'x509');
     const port = await freePort();
     const child = startPeer('qemu-nbd', [
       '-t',

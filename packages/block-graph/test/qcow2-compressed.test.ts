@@ -4,22 +4,17 @@
 
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { checkQcow2, readHeader } from '../src/drivers/qcow2/check.ts';
 import { serializeHeader } from '../src/drivers/qcow2/header.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
 import { BlockGraph } from '../src/index.ts';
-import { firstDiff, ImageFile, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
+import { firstDiff, ImageFile, pattern, rng } from './qcow2-helpers.ts';
+import { must, qemuImgCreate, run, tempDir } from './qemu-tools.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
-afterAll(async () => {
-  await cleanup();
-});
+const { dir, cleanup } = tempDir();
+afterAll(cleanup);
 
 const SIZE = 4 << 20;
 
@@ -147,7 +142,7 @@ describe('qcow2 compressed writes', () => {
   for (const [vi, v] of variants.entries()) {
     it(`writeCompressed packs clusters that qemu-img reads back (${v.name})`, async () => {
       const path = join(dir, `wc${vi}.qcow2`);
-      await must('qemu-img', ['create', '-f', 'qcow2', '-o', v.opts, path, String(SIZE)]);
+      await qemuImgCreate(path, SIZE, { o: v.opts });
       const cs = JSON.parse(await must('qemu-img', ['info', '--output=json', path]))[
         'cluster-size'
       ] as number;

@@ -3,20 +3,15 @@
 
 import { open, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { checkQcow2, readHeader } from '../src/drivers/qcow2/check.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { BlockError } from '../src/errors.ts';
-import { ImageFile, must, rng, run, tempDir } from './qcow2-helpers.ts';
+import { ImageFile, rng } from './qcow2-helpers.ts';
+import { must, qemuImgCreate, run, tempDir } from './qemu-tools.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
-afterAll(async () => {
-  await cleanup();
-});
+const { dir, cleanup } = tempDir();
+afterAll(cleanup);
 
 let n = 0;
 /** A 4 MiB image with some data, made by qemu-img / qemu-io. */
@@ -25,7 +20,7 @@ async function image(
   io: string[] = ['write -P 1 0 200k', 'write -P 2 3M 64k'],
 ): Promise<string> {
   const path = join(dir, `i${n++}.qcow2`);
-  await must('qemu-img', ['create', '-f', 'qcow2', '-o', opts, path, '4M']);
+  await qemuImgCreate(path, '4M', { o: opts });
   await must('qemu-io', ['-f', 'qcow2', ...io.flatMap((c) => ['-c', c]), path]);
   return path;
 }
@@ -115,7 +110,7 @@ describe('qcow2 corrupt headers', () => {
 
   it('a file too short for a header', async () => {
     const path = join(dir, 'short.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', path, '1M']);
+    await qemuImgCreate(path, '1M');
     await truncate(path, 50);
     expectCode(await tryAll(path, true), BAD_HEADER);
   });
@@ -140,7 +135,7 @@ describe('qcow2 refused features name the feature', () => {
 
   it('an external data file (made by qemu-img)', async () => {
     const path = join(dir, 'df.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', '-o', `data_file=${path}.data`, path, '1M']);
+    await qemuImgCreate(path, '1M', { o: `data_file=${path}.data` });
     const err = (await tryAll(path, true)) as { feature: string };
     expectCode(err, UNSUPPORTED);
     expect(err.feature).toBe('external data file');

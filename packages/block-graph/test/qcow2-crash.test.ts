@@ -11,18 +11,13 @@
 import { spawn } from 'node:child_process';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
-import { ImageFile, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
+import { ImageFile, pattern, rng } from './qcow2-helpers.ts';
+import { must, qemuImgCreate, run, tempDir } from './qemu-tools.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
-afterAll(async () => {
-  await cleanup();
-});
+const { dir, cleanup } = tempDir();
+afterAll(cleanup);
 
 const child = new URL('./qcow2-crash-child.ts', import.meta.url).pathname;
 
@@ -117,21 +112,9 @@ describe('qcow2 crash safety (SIGKILL at random moments)', () => {
           base = pattern(new Uint8Array(v.size - (1 << 20)), vi * 10 + run_);
           await writeFile(basePath, base);
           model.set(base);
-          await must('qemu-img', [
-            'create',
-            '-f',
-            'qcow2',
-            '-o',
-            v.opts,
-            '-b',
-            basePath,
-            '-F',
-            'raw',
-            path,
-            String(v.size),
-          ]);
+          await qemuImgCreate(path, v.size, { o: v.opts, backing: basePath });
         } else {
-          await must('qemu-img', ['create', '-f', 'qcow2', '-o', v.opts, path, String(v.size)]);
+          await qemuImgCreate(path, v.size, { o: v.opts });
         }
         const out = await runAndKill(
           [path, basePath, String(vi * 1000 + run_ + 1), v.l2, v.mode],

@@ -3,20 +3,15 @@
 
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { createQcow2, type Qcow2CreateOptions } from '../src/drivers/qcow2/create.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { BlockGraph } from '../src/index.ts';
-import { firstDiff, ImageFile, must, run, tempDir } from './qcow2-helpers.ts';
+import { firstDiff, ImageFile } from './qcow2-helpers.ts';
+import { must, qemuImgCreate, run, tempDir } from './qemu-tools.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
-afterAll(async () => {
-  await cleanup();
-});
+const { dir, cleanup } = tempDir();
+afterAll(cleanup);
 
 async function create(name: string, opts: Qcow2CreateOptions): Promise<string> {
   const path = join(dir, name);
@@ -134,7 +129,7 @@ describe('createQcow2', () => {
 
   it('with a backing file and format: info shows them and the chain reads through', async () => {
     const base = join(dir, 'base.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', base, '4M']);
+    await qemuImgCreate(base, '4M');
     await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 4M', base]);
     const path = await create('over.qcow2', {
       size: 8 << 20,

@@ -4,22 +4,17 @@
 
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { createQcow2 } from '../src/drivers/qcow2/create.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { qcow2Driver, qcow2FileOf } from '../src/drivers/qcow2/qcow2.ts';
 import type { Qcow2File } from '../src/drivers/qcow2/types.ts';
 import { BlockGraph } from '../src/index.ts';
-import { firstDiff, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
+import { firstDiff, pattern, rng } from './qcow2-helpers.ts';
+import { must, qemuImgCreate, run, tempDir } from './qemu-tools.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
-afterAll(async () => {
-  await cleanup();
-});
+const { dir, cleanup } = tempDir();
+afterAll(cleanup);
 
 async function rawOf(path: string): Promise<Uint8Array> {
   // -U: the graph still holds the image open.
@@ -36,7 +31,7 @@ async function openNode(options: Record<string, unknown>) {
 describe('qcow2 in the block graph', () => {
   it('reads a qemu-io filled image and a compressed one exactly', async () => {
     const path = join(dir, 'a.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', '-o', 'cluster_size=16k', path, '8M']);
+    await qemuImgCreate(path, '8M', { o: 'cluster_size=16k' });
     await must('qemu-io', [
       '-f',
       'qcow2',
@@ -70,32 +65,13 @@ describe('qcow2 in the block graph', () => {
     await writeFile(base, pattern(new Uint8Array(3 << 20), 5));
     const mid = join(dir, 'mid.qcow2');
     const top = join(dir, 'top.qcow2');
-    await must('qemu-img', [
-      'create',
-      '-f',
-      'qcow2',
-      '-u',
-      '-b',
-      'base.img',
-      '-F',
-      'raw',
-      mid,
-      '6M',
-    ]);
+    await qemuImgCreate(mid, '6M', { unsafe: true, backing: 'base.img' });
     await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 6 1M 1500k', mid]);
-    await must('qemu-img', [
-      'create',
-      '-f',
-      'qcow2',
-      '-o',
-      'extended_l2=on',
-      '-b',
-      'mid.qcow2',
-      '-F',
-      'qcow2',
-      top,
-      '8M',
-    ]);
+    await qemuImgCreate(top, '8M', {
+      o: 'extended_l2=on',
+      backing: 'mid.qcow2',
+      backingFormat: 'qcow2',
+    });
     await must('qemu-io', [
       '-f',
       'qcow2',
@@ -132,7 +108,7 @@ describe('qcow2 in the block graph', () => {
     const base = join(dir, 'bs-base.img');
     await writeFile(base, pattern(new Uint8Array(1 << 20), 9));
     const top = join(dir, 'bs-top.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'raw', top, '2M']);
+    await qemuImgCreate(top, '2M', { backing: base });
     await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 64k', '-c', 'write -z 64k 64k', top]);
     const g = await openNode({ driver: 'qcow2', file: { driver: 'file', filename: top } });
     const b = await g.createBackend('disk');
@@ -158,19 +134,7 @@ describe('qcow2 in the block graph', () => {
     const basePattern = pattern(new Uint8Array(1 << 20), 77);
     await writeFile(base, basePattern);
     const top = join(dir, 'cc-top.qcow2');
-    await must('qemu-img', [
-      'create',
-      '-f',
-      'qcow2',
-      '-o',
-      'cluster_size=16k',
-      '-b',
-      base,
-      '-F',
-      'raw',
-      top,
-      '1M',
-    ]);
+    await qemuImgCreate(top, '1M', { o: 'cluster_size=16k', backing: base });
     const g = await openNode({ driver: 'qcow2', file: { driver: 'file', filename: top } });
     const b = await g.createBackend('disk', { write: true });
     const model = basePattern.slice();
@@ -197,9 +161,9 @@ describe('qcow2 in the block graph', () => {
   it("'backing': null opens without the backing file", async () => {
     const base = join(dir, 'nb-base.qcow2');
     const top = join(dir, 'nb-top.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', base, '1M']);
+    await qemuImgCreate(base, '1M');
     await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 1M', base]);
-    await must('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '1M']);
+    await qemuImgCreate(top, '1M', { backing: base, backingFormat: 'qcow2' });
     const g = await openNode({
       driver: 'qcow2',
       backing: null,
@@ -248,7 +212,7 @@ describe('qcow2 in the block graph', () => {
 
   it('takes cache-size, l2-cache-size and refcount-cache-size as QEMU does', async () => {
     const path = join(dir, 'cache.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', path, '64M']);
+    await qemuImgCreate(path, '64M');
     const file = { driver: 'file', filename: path };
     for (const opts of [
       { 'cache-size': 1 << 20 },
@@ -281,7 +245,7 @@ describe('qcow2 in the block graph', () => {
 
   it('rejects lazy-refcounts on a compat=0.10 image as a bad option', async () => {
     const path = join(dir, 'v2.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', '-o', 'compat=0.10', path, '1M']);
+    await qemuImgCreate(path, '1M', { o: 'compat=0.10' });
     const g = new BlockGraph({ drivers: [qcow2Driver] });
     await expect(
       g.add({ driver: 'qcow2', 'lazy-refcounts': true, file: { driver: 'file', filename: path } }),
@@ -334,20 +298,8 @@ describe('qcow2 in the block graph', () => {
         base = pattern(new Uint8Array(size - (2 << 20)), vi + 50);
         model.set(base);
         await writeFile(bp, base);
-        await must('qemu-img', [
-          'create',
-          '-f',
-          'qcow2',
-          '-o',
-          v.opts,
-          '-b',
-          bp,
-          '-F',
-          'raw',
-          path,
-          String(size),
-        ]);
-      } else await must('qemu-img', ['create', '-f', 'qcow2', '-o', v.opts, path, String(size)]);
+        await qemuImgCreate(path, size, { o: v.opts, backing: bp });
+      } else await qemuImgCreate(path, size, { o: v.opts });
       const cs = JSON.parse(await must('qemu-img', ['info', '--output=json', path]))[
         'cluster-size'
       ] as number;
@@ -419,7 +371,7 @@ describe('qcow2 I/O buffers under cache.direct=on', () => {
   it('L2 tables, refcount blocks, their write-back snapshots and copy-on-write units come from the node allocator', async () => {
     const path = join(dir, 'direct-buffers.qcow2');
     const cs = 65536;
-    await must('qemu-img', ['create', '-f', 'qcow2', path, '64M']);
+    await qemuImgCreate(path, '64M');
     const g = new BlockGraph({ drivers: [qcow2Driver] });
     const fileNode = await g.add({
       driver: 'file',

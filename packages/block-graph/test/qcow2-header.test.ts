@@ -4,21 +4,16 @@
 
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { checkQcow2, readHeader } from '../src/drivers/qcow2/check.ts';
 import { createQcow2 } from '../src/drivers/qcow2/create.ts';
 import { ExtType, serializeHeader } from '../src/drivers/qcow2/header.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
-import { firstDiff, ImageFile, must, pattern, run, tempDir } from './qcow2-helpers.ts';
+import { firstDiff, ImageFile, pattern } from './qcow2-helpers.ts';
+import { must, qemuImgCreate, run, tempDir } from './qemu-tools.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
-afterAll(async () => {
-  await cleanup();
-});
+const { dir, cleanup } = tempDir();
+afterAll(cleanup);
 
 async function rewriteHeader(
   path: string,
@@ -35,20 +30,12 @@ describe('qcow2 header', () => {
   it('keeps unknown header extensions and the backing file name when it rewrites the header', async () => {
     const base = join(dir, 'hb.qcow2');
     const path = join(dir, 'h.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', base, '1M']);
-    await must('qemu-img', [
-      'create',
-      '-f',
-      'qcow2',
-      '-o',
-      'lazy_refcounts=on',
-      '-b',
-      base,
-      '-F',
-      'qcow2',
-      path,
-      '1M',
-    ]);
+    await qemuImgCreate(base, '1M');
+    await qemuImgCreate(path, '1M', {
+      o: 'lazy_refcounts=on',
+      backing: base,
+      backingFormat: 'qcow2',
+    });
     const unknown = { type: 0x12345678, data: new TextEncoder().encode('kept across rewrites') };
     await rewriteHeader(path, (h) => {
       h.otherExtensions.push(unknown);
@@ -106,7 +93,7 @@ describe('qcow2 header', () => {
 
   it('checks images with internal snapshots (their tables counted) and reads them read-only', async () => {
     const path = join(dir, 'snap.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', path, '4M']);
+    await qemuImgCreate(path, '4M');
     await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 1M', path]);
     await must('qemu-img', ['snapshot', '-c', 'one', path]);
     await must('qemu-io', [
@@ -160,7 +147,7 @@ describe('qcow2 header', () => {
 
   it('creates preallocated extended-L2 images over a backing file that still read through', async () => {
     const base = join(dir, 'pb.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', base, '2M']);
+    await qemuImgCreate(base, '2M');
     await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x21 0 2M', base]);
     const path = join(dir, 'p.qcow2');
     const f = await ImageFile.open(path, { create: true });

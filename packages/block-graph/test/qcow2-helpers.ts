@@ -1,11 +1,8 @@
 // Test helpers for the qcow2 tests: a real file behind the Qcow2File interface (the engine),
-// running qemu-img / qemu-io, and temporary directories.
+// and deterministic data (qemu-tools.ts runs qemu-img and qemu-io).
 
-import { execFile } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { type EngineFile, sharedEngine } from '@vmdisk/engine';
+import { fillPattern } from '@vmdisk/test-support';
 import type { Qcow2File } from '../src/drivers/qcow2/types.ts';
 
 /** A Qcow2File over a real file, through @vmdisk/engine (this thread's shared engine). */
@@ -50,38 +47,6 @@ export class ImageFile implements Qcow2File {
   }
 }
 
-export interface RunResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs a program; resolves with its exit code and output (never rejects on a non-zero exit). */
-export function run(cmd: string, args: string[]): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
-      if (err && typeof (err as NodeJS.ErrnoException).code !== 'number') {
-        reject(err);
-        return;
-      }
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
-}
-
-/** Runs a program that must succeed. */
-export async function must(cmd: string, args: string[]): Promise<string> {
-  const r = await run(cmd, args);
-  if (r.code !== 0)
-    throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr}${r.stdout}`);
-  return r.stdout;
-}
-
-export async function tempDir(): Promise<{ dir: string; cleanup: () => Promise<void> }> {
-  const dir = await mkdtemp(join(tmpdir(), 'qcow2-test-'));
-  return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
-}
-
 /** A deterministic pseudo-random generator (xorshift32). */
 export function rng(seed: number): () => number {
   let x = seed >>> 0 || 1;
@@ -96,18 +61,7 @@ export function rng(seed: number): () => number {
 }
 
 /** Fills `buf` with a pattern that depends on `seed` and the position. */
-export function pattern(buf: Uint8Array, seed: number): Uint8Array {
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < buf.length; i++) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    buf[i] = x & 0xff;
-  }
-  return buf;
-}
+export const pattern = fillPattern;
 
 /** First differing offset of two buffers, or -1. */
 export function firstDiff(a: Uint8Array, b: Uint8Array): number {

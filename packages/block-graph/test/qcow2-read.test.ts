@@ -3,18 +3,15 @@
 
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { openQcow2, type Qcow2Image } from '../src/drivers/qcow2/image.ts';
 import type { Qcow2BackingReader } from '../src/drivers/qcow2/types.ts';
-import { firstDiff, ImageFile, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
+import { firstDiff, ImageFile, pattern, rng } from './qcow2-helpers.ts';
+import { must, qemuImgCreate, run, tempDir } from './qemu-tools.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
+const { dir, cleanup } = tempDir();
 const files: ImageFile[] = [];
 
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
 afterAll(async () => {
   for (const f of files) await f.close();
   await cleanup();
@@ -87,7 +84,7 @@ describe('qcow2 read: images from qemu-img create filled by qemu-io', () => {
   for (const [i, v] of variants.entries()) {
     it(`${v.name} reads back exactly`, async () => {
       const path = join(dir, `v${i}.qcow2`);
-      await must('qemu-img', ['create', '-f', 'qcow2', '-o', v.opts, path, String(v.size)]);
+      await qemuImgCreate(path, v.size, { o: v.opts });
       await must('qemu-io', ['-f', 'qcow2', ...fillCommands(v.size, i + 7), path]);
       const img = await openRO(path);
       await expectSameAsQemu(img, path);
@@ -122,7 +119,7 @@ describe('qcow2 read: images from qemu-img create filled by qemu-io', () => {
 
   it('refuses to read past nothing: a zero-size image opens', async () => {
     const path = join(dir, 'empty.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', path, '0']);
+    await qemuImgCreate(path, '0');
     const img = await openRO(path);
     expect(img.virtualSize).toBe(0);
     expect(await img.blockStatus(0, 0)).toEqual([]);
@@ -182,31 +179,13 @@ describe('qcow2 read: backing chains', () => {
     const mid = join(dir, 'mid.qcow2');
     const top = join(dir, 'top.qcow2');
     await writeFile(base, pattern(new Uint8Array(6 << 20), 99)); // shorter than the top
-    await must('qemu-img', [
-      'create',
-      '-f',
-      'qcow2',
-      '-b',
-      base,
-      '-F',
-      'raw',
-      mid,
-      String(10 << 20),
-    ]);
+    await qemuImgCreate(mid, 10 << 20, { backing: base });
     await must('qemu-io', ['-f', 'qcow2', ...fillCommands(10 << 20, 3), mid]);
-    await must('qemu-img', [
-      'create',
-      '-f',
-      'qcow2',
-      '-o',
-      'cluster_size=32k',
-      '-b',
-      mid,
-      '-F',
-      'qcow2',
-      top,
-      String(12 << 20),
-    ]);
+    await qemuImgCreate(top, 12 << 20, {
+      o: 'cluster_size=32k',
+      backing: mid,
+      backingFormat: 'qcow2',
+    });
     await must('qemu-io', ['-f', 'qcow2', ...fillCommands(12 << 20, 4), top]);
     const baseFile = await ImageFile.open(base, { readOnly: true });
     files.push(baseFile);
@@ -222,9 +201,9 @@ describe('qcow2 read: backing chains', () => {
   it('requires the backing to be given (or null) when the header names one', async () => {
     const base = join(dir, 'b2.qcow2');
     const top = join(dir, 't2.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', base, '1M']);
+    await qemuImgCreate(base, '1M');
     await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 7 0 64k', base]);
-    await must('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '1M']);
+    await qemuImgCreate(top, '1M', { backing: base, backingFormat: 'qcow2' });
     const f = await ImageFile.open(top, { readOnly: true });
     files.push(f);
     await expect(openQcow2(f, { readOnly: true })).rejects.toMatchObject({
@@ -242,7 +221,7 @@ describe('qcow2 read: backing chains', () => {
 describe('qcow2 read/write: host offsets beyond 2 and 4 GiB', () => {
   it('a 6 GiB image with preallocated metadata (sparse file)', async () => {
     const path = join(dir, 'big.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', '-o', 'preallocation=metadata', path, '6G']);
+    await qemuImgCreate(path, '6G', { o: 'preallocation=metadata' });
     const G = 2 ** 30;
     await must('qemu-io', [
       '-f',

@@ -4,21 +4,15 @@
 
 import { stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { checkQcow2 } from '../src/drivers/qcow2/check.ts';
 import { openQcow2, type Qcow2Image } from '../src/drivers/qcow2/image.ts';
 import type { Qcow2BackingReader, Qcow2File } from '../src/drivers/qcow2/types.ts';
-import { firstDiff, ImageFile, must, pattern, rng, run, tempDir } from './qcow2-helpers.ts';
+import { firstDiff, ImageFile, pattern, rng } from './qcow2-helpers.ts';
+import { must, qemuImgCreate, run, tempDir } from './qemu-tools.ts';
 
-let dir = '';
-let cleanup: () => Promise<void> = async () => {};
-
-beforeAll(async () => {
-  ({ dir, cleanup } = await tempDir());
-});
-afterAll(async () => {
-  await cleanup();
-});
+const { dir, cleanup } = tempDir();
+afterAll(cleanup);
 
 interface Variant {
   name: string;
@@ -118,22 +112,10 @@ describe('qcow2 write: random operations judged by qemu-img check and compare', 
         backingRaw = pattern(new Uint8Array(v.size - (3 << 20)), vi + 100); // shorter than the image
         await writeFile(base, backingRaw);
         model.set(backingRaw);
-        await must('qemu-img', [
-          'create',
-          '-f',
-          'qcow2',
-          '-o',
-          v.opts,
-          '-b',
-          base,
-          '-F',
-          'raw',
-          path,
-          String(v.size),
-        ]);
+        await qemuImgCreate(path, v.size, { o: v.opts, backing: base });
         backing = await rawReader(base);
       } else {
-        await must('qemu-img', ['create', '-f', 'qcow2', '-o', v.opts, path, String(v.size)]);
+        await qemuImgCreate(path, v.size, { o: v.opts });
       }
       const info = JSON.parse(await must('qemu-img', ['info', '--output=json', path]));
       const cs: number = info['cluster-size'];
@@ -230,7 +212,7 @@ describe('qcow2 write: random operations judged by qemu-img check and compare', 
 describe('qcow2 write: allocation', () => {
   it('reuses discarded clusters instead of growing the file', async () => {
     const path = join(dir, 'reuse.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', path, String(32 << 20)]);
+    await qemuImgCreate(path, 32 << 20);
     const file = await ImageFile.open(path);
     const img = await openQcow2(file, { backing: null });
     const data = pattern(new Uint8Array(4 << 20), 1);
@@ -255,7 +237,7 @@ describe('qcow2 write: allocation', () => {
 
   it('passes discards of whole clusters down to the file (holes) once they are free', async () => {
     const path = join(dir, 'punch.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', path, String(16 << 20)]);
+    await qemuImgCreate(path, 16 << 20);
     const file = await ImageFile.open(path);
     const img = await openQcow2(file, { backing: null });
     await img.write(pattern(new Uint8Array(8 << 20), 2), 0);
@@ -279,15 +261,7 @@ describe('qcow2 write: allocation', () => {
 
   it('many writes in flight to the same clusters and L2 table, disjoint bytes', async () => {
     const path = join(dir, 'conc.qcow2');
-    await must('qemu-img', [
-      'create',
-      '-f',
-      'qcow2',
-      '-o',
-      'cluster_size=16k',
-      path,
-      String(8 << 20),
-    ]);
+    await qemuImgCreate(path, 8 << 20, { o: 'cluster_size=16k' });
     const file = await ImageFile.open(path);
     const img = await openQcow2(file, { backing: null });
     const model = new Uint8Array(8 << 20);
@@ -317,7 +291,7 @@ describe('qcow2 write: allocation', () => {
 describe('qcow2 write: races inside one cluster', () => {
   it('a write waiting for an allocation never rewrites bytes another write put there meanwhile', async () => {
     const path = join(dir, 'race.qcow2');
-    await must('qemu-img', ['create', '-f', 'qcow2', path, '1M']);
+    await qemuImgCreate(path, '1M');
     const inner = await ImageFile.open(path);
     const cs = 65536;
     // Writes land late, whole-cluster ones later: what a slow disk (or io_uring) may do.

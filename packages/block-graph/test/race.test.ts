@@ -5,7 +5,7 @@
 import { readFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { BlockGraph } from '../src/index.ts';
-import { pattern, tempDir, writeFile } from './helpers.ts';
+import { pattern, tempDir } from './helpers.ts';
 
 const tmp = tempDir();
 afterAll(() => tmp.cleanup());
@@ -18,8 +18,7 @@ const BURSTS = 4;
 
 describe('graph changes against requests in flight', () => {
   it('replaces children and inserts/removes filters while thousands of requests run; data verified', async () => {
-    const path = tmp.path('race.img');
-    writeFile(path, pattern(0, 0, BLOCK * BLOCKS));
+    const path = tmp.file('race.img', pattern(0, 0, BLOCK * BLOCKS));
     const g = new BlockGraph();
     // O_DIRECT: the writes below are unaligned, so each is a read-modify-write that holds its
     // file node across several I/Os (a graph change that did not drain would close the file

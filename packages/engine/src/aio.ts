@@ -29,6 +29,7 @@ import {
   ioGetevents,
   ioSetup,
   ioSubmit,
+  iovecs,
 } from './native.ts';
 import type { Backend, IoRequest } from './request.ts';
 import { ThreadPoolBackend } from './threadpool.ts';
@@ -204,19 +205,9 @@ export class AioBackend implements Backend {
       len = Math.min(b.byteLength, MAX_ATTEMPT);
     } else {
       op = req.kind === 'readv' ? IOCB_CMD_PREADV : IOCB_CMD_PWRITEV;
-      const bufs = req.bufs;
-      const iov = new Uint32Array(bufs.length * 4);
-      for (let i = 0; i < bufs.length; i++) {
-        const b = bufs[i]!;
-        const a = addressOf(b);
-        iov[i * 4] = a >>> 0;
-        iov[i * 4 + 1] = (a / TWO32) >>> 0;
-        iov[i * 4 + 2] = b.byteLength >>> 0;
-        iov[i * 4 + 3] = (b.byteLength / TWO32) >>> 0;
-      }
-      req.iov = iov;
-      addr = addressOf(iov);
-      len = bufs.length;
+      req.iov = iovecs(req.bufs);
+      addr = addressOf(req.iov);
+      len = req.bufs.length;
     }
     const nowait = req.align === 0;
     this.nowait[slot] = nowait;

@@ -142,22 +142,52 @@ function checkLockRange(type: string, start: number, length: number): EngineErro
   return checkOffset('lock', start);
 }
 
+/**
+ * The closing of a file or an engine: refused at once (`closed`), finished (once, however
+ * often close is called) when the last of its requests in flight has settled.
+ */
+class Closing {
+  inFlight = 0;
+  closed = false;
+  private done: Promise<void> | null = null;
+  private drained: (() => void) | null = null;
+
+  issued(): void {
+    this.inFlight++;
+  }
+
+  settled(): void {
+    this.inFlight--;
+    if (this.inFlight === 0 && this.drained) this.drained();
+  }
+
+  close(finish: () => Promise<void>): Promise<void> {
+    if (this.done) return this.done;
+    this.closed = true;
+    this.done = (async () => {
+      if (this.inFlight > 0) {
+        await new Promise<void>((resolve) => {
+          this.drained = resolve;
+        });
+      }
+      await finish();
+    })();
+    return this.done;
+  }
+}
+
 class EngineFileImpl implements EngineFile {
   readonly path: string;
   readonly fd: number;
   readonly direct: boolean;
   readonly readOnly: boolean;
   readonly logicalBlockSize: number;
-  inFlight = 0;
-  closed = false;
-  private closing: Promise<void> | null = null;
-  private drained: (() => void) | null = null;
+  private readonly closing = new Closing();
   private readonly engine: EngineImpl;
   /** Called once per request when it settles. */
   readonly settle = (_req: IoRequest): void => {
-    this.inFlight--;
     this.engine.settled();
-    if (this.inFlight === 0 && this.drained) this.drained();
+    this.closing.settled();
   };
 
   constructor(
@@ -177,7 +207,7 @@ class EngineFileImpl implements EngineFile {
   }
 
   private refuse(): EngineError | null {
-    if (this.closed) {
+    if (this.closing.closed) {
       return new EngineError(ErrorCode.FILE_CLOSED, `file '${this.path}' is closed`);
     }
     return this.engine.refuse();
@@ -238,7 +268,7 @@ class EngineFileImpl implements EngineFile {
     mode: number,
   ): Promise<number> {
     const backend = this.engine.be;
-    this.inFlight++;
+    this.closing.issued();
     this.engine.issued();
     return new Promise<number>((resolve, reject) => {
       const req = new IoRequest(
@@ -341,7 +371,7 @@ class EngineFileImpl implements EngineFile {
 
   setLock(type: LockType, start: number, length: number): void {
     // A closed file's locks went with it: dropping one is done already.
-    if (type === 'unlock' && this.closed) return;
+    if (type === 'unlock' && this.closing.closed) return;
     const err = this.refuse() ?? checkLockRange(type, start, length);
     if (err) throw err;
     const r = ofdSetLock(this.fd, LOCK_TYPES[type], start, length);
@@ -357,14 +387,7 @@ class EngineFileImpl implements EngineFile {
   }
 
   close(): Promise<void> {
-    if (this.closing) return this.closing;
-    this.closed = true;
-    this.closing = (async () => {
-      if (this.inFlight > 0) {
-        await new Promise<void>((resolve) => {
-          this.drained = resolve;
-        });
-      }
+    return this.closing.close(async () => {
       this.engine.forget(this);
       await new Promise<void>((resolve, reject) => {
         fs.close(this.fd, (e) => {
@@ -372,8 +395,7 @@ class EngineFileImpl implements EngineFile {
           else resolve();
         });
       });
-    })();
-    return this.closing;
+    });
   }
 }
 
@@ -391,10 +413,7 @@ class EngineImpl implements Engine {
   readonly be: Backend;
   private readonly arena: BufferArena;
   private readonly files = new Set<EngineFileImpl>();
-  private inFlight = 0;
-  private closed = false;
-  private closing: Promise<void> | null = null;
-  private drained: (() => void) | null = null;
+  private readonly closing = new Closing();
 
   constructor(be: Backend) {
     this.be = be;
@@ -407,22 +426,21 @@ class EngineImpl implements Engine {
   }
 
   get isClosed(): boolean {
-    return this.closed;
+    return this.closing.closed;
   }
 
   refuse(): EngineError | null {
-    return this.closed
+    return this.closing.closed
       ? new EngineError(ErrorCode.CLOSED, `the ${this.backend} engine is closed`)
       : null;
   }
 
   issued(): void {
-    this.inFlight++;
+    this.closing.issued();
   }
 
   settled(): void {
-    this.inFlight--;
-    if (this.inFlight === 0 && this.drained) this.drained();
+    this.closing.settled();
   }
 
   forget(file: EngineFileImpl): void {
@@ -440,7 +458,7 @@ class EngineImpl implements Engine {
     const flags =
       (readOnly ? O_RDONLY : O_RDWR) | (options.create ? O_CREAT : 0) | (direct ? O_DIRECT : 0);
     const fd = await openFd(path, flags);
-    if (this.closed) {
+    if (this.closing.closed) {
       fs.close(fd, () => {});
       throw this.refuse()!;
     }
@@ -460,19 +478,11 @@ class EngineImpl implements Engine {
   }
 
   close(): Promise<void> {
-    if (this.closing) return this.closing;
-    this.closed = true;
-    this.closing = (async () => {
-      if (this.inFlight > 0) {
-        await new Promise<void>((resolve) => {
-          this.drained = resolve;
-        });
-      }
+    return this.closing.close(async () => {
       const files = [...this.files];
       await Promise.allSettled(files.map((f) => f.close()));
       this.be.destroy();
-    })();
-    return this.closing;
+    });
   }
 }
 

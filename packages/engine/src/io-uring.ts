@@ -34,6 +34,7 @@ import {
   ioUringEnter,
   ioUringRegister,
   ioUringSetup,
+  iovecs,
   mmap,
   munmap,
   view,
@@ -440,18 +441,8 @@ export class IoUringBackend implements Backend {
   /** A struct iovec array for the remaining buffers, kept on the request until its
    * completion. */
   private iovec(req: IoRequest): number {
-    const bufs = req.bufs;
-    const iov = new Uint32Array(bufs.length * 4);
-    for (let i = 0; i < bufs.length; i++) {
-      const b = bufs[i]!;
-      const a = addressOf(b);
-      iov[i * 4] = a >>> 0;
-      iov[i * 4 + 1] = (a / TWO32) >>> 0;
-      iov[i * 4 + 2] = b.byteLength >>> 0;
-      iov[i * 4 + 3] = (b.byteLength / TWO32) >>> 0;
-    }
-    req.iov = iov;
-    return addressOf(iov);
+    req.iov = iovecs(req.bufs);
+    return addressOf(req.iov);
   }
 
   /** Submits what the SQ holds. Returns false when the kernel could not take anything now

@@ -97,6 +97,20 @@ export function addressOf(view: ArrayBufferView): number {
   return Number(koffi.address(view));
 }
 
+/** A struct iovec array for `bufs` (64-bit base and length each, as little-endian words). */
+export function iovecs(bufs: readonly Uint8Array[]): Uint32Array {
+  const iov = new Uint32Array(bufs.length * 4);
+  for (let i = 0; i < bufs.length; i++) {
+    const b = bufs[i]!;
+    const a = addressOf(b);
+    iov[i * 4] = a >>> 0;
+    iov[i * 4 + 1] = (a / 2 ** 32) >>> 0;
+    iov[i * 4 + 2] = b.byteLength >>> 0;
+    iov[i * 4 + 3] = (b.byteLength / 2 ** 32) >>> 0;
+  }
+  return iov;
+}
+
 export function ioUringSetup(entries: number, params: Uint8Array): number {
   return ret(syscall2p(SYS.io_uring_setup, entries, params));
 }

@@ -96,16 +96,23 @@ interface Hs {
   contexts?: string[];
 }
 
+/** The server's greeting (newstyle, with `flags`); returns once the client sent its flags. */
+async function greet(io: Io, flags: number): Promise<void> {
+  io.write(Buffer.concat([u64(NBDMAGIC), u64(IHAVEOPT), u16(flags)]));
+  await io.read(4);
+}
+
+/** The client's next option: its code and its data. */
+async function readOption(io: Io): Promise<{ opt: number; data: Buffer }> {
+  const h = await io.read(16);
+  return { opt: h.readUInt32BE(8), data: await io.read(h.readUInt32BE(12)) };
+}
+
 /** A well-behaved handshake; returns once GO is acknowledged. */
 async function handshake(io: Io, hs: Hs = {}): Promise<void> {
-  io.write(
-    Buffer.concat([u64(NBDMAGIC), u64(IHAVEOPT), u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)]),
-  );
-  await io.read(4);
+  await greet(io, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
   for (;;) {
-    const h = await io.read(16);
-    const opt = h.readUInt32BE(8);
-    const data = await io.read(h.readUInt32BE(12));
+    const { opt } = await readOption(io);
     switch (opt) {
       case Option.EXTENDED_HEADERS:
         io.write(optReply(opt, hs.extended ? OptionReply.ACK : OptionReply.ERR_UNSUP));
@@ -135,7 +142,6 @@ async function handshake(io: Io, hs: Hs = {}): Promise<void> {
           ),
         );
         io.write(optReply(opt, OptionReply.ACK));
-        void data;
         return;
       }
       default:
@@ -264,17 +270,10 @@ describe('NbdClient against a misbehaving server', () => {
 
   it('refuses an option reply claiming 4 GiB without allocating it', async () => {
     script = async (io) => {
-      io.write(Buffer.concat([u64(NBDMAGIC), u64(IHAVEOPT), u16(FLAG_FIXED_NEWSTYLE)]));
-      await io.read(4);
-      const h = await io.read(16);
-      await io.read(h.readUInt32BE(12));
+      await greet(io, FLAG_FIXED_NEWSTYLE);
+      const { opt } = await readOption(io);
       io.write(
-        Buffer.concat([
-          u64(OPTION_REPLY_MAGIC),
-          u32(h.readUInt32BE(8)),
-          u32(OptionReply.ACK),
-          u32(0xffffffff),
-        ]),
+        Buffer.concat([u64(OPTION_REPLY_MAGIC), u32(opt), u32(OptionReply.ACK), u32(0xffffffff)]),
       );
     };
     const err = await NbdClient.connect({ path: sockPath }).catch((e: unknown) => e);
@@ -301,12 +300,9 @@ describe('NbdClient against a misbehaving server', () => {
   it('falls back to EXPORT_NAME when the server answers GO with ERR_UNSUP', async () => {
     let askedName = '';
     script = async (io) => {
-      io.write(Buffer.concat([u64(NBDMAGIC), u64(IHAVEOPT), u16(FLAG_FIXED_NEWSTYLE)]));
-      await io.read(4);
+      await greet(io, FLAG_FIXED_NEWSTYLE);
       for (;;) {
-        const h = await io.read(16);
-        const opt = h.readUInt32BE(8);
-        const data = await io.read(h.readUInt32BE(12));
+        const { opt, data } = await readOption(io);
         if (opt === Option.EXPORT_NAME) {
           askedName = data.toString();
           const flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH;
@@ -330,12 +326,9 @@ describe('NbdClient against a misbehaving server', () => {
   it('ends negotiation with NBD_OPT_ABORT when the server refuses the export', async () => {
     let afterRefusal = -1;
     script = async (io) => {
-      io.write(Buffer.concat([u64(NBDMAGIC), u64(IHAVEOPT), u16(FLAG_FIXED_NEWSTYLE)]));
-      await io.read(4);
+      await greet(io, FLAG_FIXED_NEWSTYLE);
       for (;;) {
-        const h = await io.read(16);
-        const opt = h.readUInt32BE(8);
-        await io.read(h.readUInt32BE(12));
+        const { opt } = await readOption(io);
         if (opt === Option.GO) {
           io.write(optReply(opt, OptionReply.ERR_UNKNOWN, Buffer.from('no such export')));
           const next = await io.read(16);
@@ -383,33 +376,32 @@ describe('NbdClient against a misbehaving server', () => {
     }
   });
 
-  it('disconnects on a wrong reply magic', async () => {
-    script = async (io) => {
-      await handshake(io);
-      const r = await readRequest(io);
-      io.write(Buffer.concat([u32(0xdeadbeef), u32(0), r.cookie]));
-    };
-    const c = await connect();
-    await expectProtocolFailure(c, c.read(0, 4096), /bad reply magic 0xdeadbeef/);
-  });
-
-  it('disconnects on a reply to an unknown cookie', async () => {
-    script = async (io) => {
-      await handshake(io);
-      const r = await readRequest(io);
-      const other = Buffer.from(r.cookie);
-      other[0] = other[0]! ^ 0xff;
-      io.write(simple(other));
-    };
-    const c = await connect();
-    await expectProtocolFailure(c, c.flush(), /unknown cookie/);
-  });
-
-  it('disconnects on a data chunk longer than the read, before taking its payload', async () => {
-    script = async (io) => {
-      await handshake(io);
-      const r = await readRequest(io);
-      io.write(
+  /** One bad reply to the client's first request, after a plain handshake. */
+  const badReplies: {
+    what: string;
+    reply: (r: Req) => Buffer;
+    request: (c: NbdClient) => Promise<unknown>;
+    why: RegExp;
+  }[] = [
+    {
+      what: 'a wrong reply magic',
+      reply: (r) => Buffer.concat([u32(0xdeadbeef), u32(0), r.cookie]),
+      request: (c) => c.read(0, 4096),
+      why: /bad reply magic 0xdeadbeef/,
+    },
+    {
+      what: 'a reply to an unknown cookie',
+      reply: (r) => {
+        const other = Buffer.from(r.cookie);
+        other[0] = other[0]! ^ 0xff;
+        return simple(other);
+      },
+      request: (c) => c.flush(),
+      why: /unknown cookie/,
+    },
+    {
+      what: 'a data chunk longer than the read, before taking its payload',
+      reply: (r) =>
         Buffer.concat([
           u32(STRUCTURED_REPLY_MAGIC),
           u16(REPLY_FLAG_DONE),
@@ -417,62 +409,74 @@ describe('NbdClient against a misbehaving server', () => {
           r.cookie,
           u32(0xfffffff0),
         ]),
-      );
-    };
-    const c = await connect();
-    await expectProtocolFailure(c, c.read(0, 4096), /data chunk of 4294967280 bytes/);
-  });
-
-  it('disconnects on a data chunk outside the requested range', async () => {
-    script = async (io) => {
-      await handshake(io);
-      const r = await readRequest(io);
-      io.write(
+      request: (c) => c.read(0, 4096),
+      why: /data chunk of 4294967280 bytes/,
+    },
+    {
+      what: 'a data chunk outside the requested range',
+      reply: (r) =>
         chunk(
           REPLY_FLAG_DONE,
           ChunkType.OFFSET_DATA,
           r.cookie,
           Buffer.concat([u64(r.offset + 512), Buffer.alloc(r.length)]),
         ),
-      );
-    };
-    const c = await connect();
-    await expectProtocolFailure(c, c.read(4096, 4096), /outside the read/);
-  });
-
-  it('disconnects on a read reply that does not cover the range', async () => {
-    script = async (io) => {
-      await handshake(io);
-      const r = await readRequest(io);
-      io.write(
+      request: (c) => c.read(4096, 4096),
+      why: /outside the read/,
+    },
+    {
+      what: 'a read reply that does not cover the range',
+      reply: (r) =>
         chunk(
           REPLY_FLAG_DONE,
           ChunkType.OFFSET_DATA,
           r.cookie,
           Buffer.concat([u64(r.offset), Buffer.alloc(512)]),
         ),
-      );
-    };
-    const c = await connect();
-    await expectProtocolFailure(c, c.read(0, 4096), /covering 512 of 4096/);
-  });
-
-  it('disconnects on block status for a context it never selected', async () => {
-    script = async (io) => {
-      await handshake(io);
-      const r = await readRequest(io);
-      io.write(
+      request: (c) => c.read(0, 4096),
+      why: /covering 512 of 4096/,
+    },
+    {
+      what: 'block status for a context it never selected',
+      reply: (r) =>
         chunk(
           REPLY_FLAG_DONE,
           ChunkType.BLOCK_STATUS,
           r.cookie,
           Buffer.concat([u32(7), u32(4096), u32(0)]),
         ),
-      );
-    };
-    const c = await connect();
-    await expectProtocolFailure(c, c.blockStatus(0, 4096), /unknown context id 7/);
-  });
+      request: (c) => c.blockStatus(0, 4096),
+      why: /unknown context id 7/,
+    },
+    {
+      what: 'an error chunk whose message length lies',
+      reply: (r) =>
+        chunk(
+          REPLY_FLAG_DONE,
+          ChunkType.ERROR,
+          r.cookie,
+          Buffer.concat([u32(5), u16(4000), Buffer.from('short')]),
+        ),
+      request: (c) => c.flush(),
+      why: /message length/,
+    },
+    {
+      what: 'an unknown chunk type',
+      reply: (r) => chunk(REPLY_FLAG_DONE, 77, r.cookie, Buffer.alloc(4)),
+      request: (c) => c.flush(),
+      why: /unknown reply chunk type 77/,
+    },
+  ];
+  for (const { what, reply, request, why } of badReplies) {
+    it(`disconnects on ${what}`, async () => {
+      script = async (io) => {
+        await handshake(io);
+        io.write(reply(await readRequest(io)));
+      };
+      const c = await connect();
+      await expectProtocolFailure(c, request(c), why);
+    });
+  }
 
   it('disconnects on a BLOCK_STATUS_EXT chunk whose descriptor count lies', async () => {
     script = async (io) => {
@@ -484,33 +488,6 @@ describe('NbdClient against a misbehaving server', () => {
     const c = await connect();
     expect(c.extendedHeaders).toBe(true);
     await expectProtocolFailure(c, c.blockStatus(0, 4096), /declaring 5 extents but holding 1/);
-  });
-
-  it('disconnects on an error chunk whose message length lies', async () => {
-    script = async (io) => {
-      await handshake(io);
-      const r = await readRequest(io);
-      io.write(
-        chunk(
-          REPLY_FLAG_DONE,
-          ChunkType.ERROR,
-          r.cookie,
-          Buffer.concat([u32(5), u16(4000), Buffer.from('short')]),
-        ),
-      );
-    };
-    const c = await connect();
-    await expectProtocolFailure(c, c.flush(), /message length/);
-  });
-
-  it('disconnects on an unknown chunk type', async () => {
-    script = async (io) => {
-      await handshake(io);
-      const r = await readRequest(io);
-      io.write(chunk(REPLY_FLAG_DONE, 77, r.cookie, Buffer.alloc(4)));
-    };
-    const c = await connect();
-    await expectProtocolFailure(c, c.flush(), /unknown reply chunk type 77/);
   });
 
   it('reassembles a read from data and hole chunks in any order, split across packets', async () => {

@@ -9,6 +9,7 @@ import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { fillPattern } from '@vmdisk/test-support';
 import { afterEach, beforeEach } from 'vitest';
 import { NbdClient } from '../src/index.ts';
 
@@ -136,17 +137,7 @@ export async function qemuNbd(
 
 /** A pattern that differs per byte and per seed. */
 export function pattern(length: number, seed: number): Buffer {
-  const b = Buffer.allocUnsafe(length);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    b[i] = x & 0xff;
-  }
-  return b;
+  return fillPattern(Buffer.allocUnsafe(length), seed);
 }
 
 /**

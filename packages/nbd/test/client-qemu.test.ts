@@ -4,26 +4,13 @@
 
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { qemuImgMap } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
 import type { NbdClient as Client, NbdExtent } from '../src/index.ts';
 import { pattern, run, usePeers } from './client-peers.ts';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-interface MapEntry {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-}
-
-async function qemuImgMap(file: string, format: string): Promise<MapEntry[]> {
-  const { stdout } = await run('qemu-img', ['map', '-U', '--output=json', '-f', format, file]);
-  return JSON.parse(stdout) as MapEntry[];
-}
 
 /** Runs of equal state: [start, length, state] with neighbours of equal state merged. */
 function runs<T>(items: { length: number; state: T }[]): [number, number, T][] {

@@ -36,6 +36,13 @@ describe('NbdClient against our NbdServer', () => {
     await server.listen({ path: socket });
   };
 
+  /** Our client on "mem" with `options`, destroyed after the test. */
+  const connect = async (options: Parameters<typeof NbdClient.connect>[1] = {}) => {
+    const c = await NbdClient.connect({ path: socket }, { exportName: 'mem', ...options });
+    clients.push(c);
+    return c;
+  };
+
   const exercise = async (c: NbdClient) => {
     expect(c.size).toBe(8 * MiB);
     expect(c.description).toBe('memory disk');
@@ -88,11 +95,7 @@ describe('NbdClient against our NbdServer', () => {
 
   it('works with compact structured replies', async () => {
     await start();
-    const c = await NbdClient.connect(
-      { path: socket },
-      { exportName: 'mem', extendedHeaders: false },
-    );
-    clients.push(c);
+    const c = await connect({ extendedHeaders: false });
     expect(c.extendedHeaders).toBe(false);
     expect(c.structuredReplies).toBe(true);
     await exercise(c);
@@ -101,11 +104,7 @@ describe('NbdClient against our NbdServer', () => {
 
   it('works with simple replies only', async () => {
     await start();
-    const c = await NbdClient.connect(
-      { path: socket },
-      { exportName: 'mem', structuredReplies: false },
-    );
-    clients.push(c);
+    const c = await connect({ structuredReplies: false });
     expect(c.structuredReplies).toBe(false);
     expect(c.metaContexts).toEqual([]);
     await exercise(c);
@@ -118,11 +117,7 @@ describe('NbdClient against our NbdServer', () => {
       (e: unknown) => e,
     );
     expect(plain).toMatchObject({ code: 'ERR_VMDISK_NBD_TLS_REQUIRED' });
-    const c = await NbdClient.connect(
-      { path: socket },
-      { exportName: 'mem', tls: { psk: { identity: 'alice', key: KEY } } },
-    );
-    clients.push(c);
+    const c = await connect({ tls: { psk: { identity: 'alice', key: KEY } } });
     expect(c.tls).toBe(true);
     await exercise(c);
     await c.close();

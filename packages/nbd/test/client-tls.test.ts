@@ -1,81 +1,14 @@
 // Our client over TLS against nbdkit: PSK (a psktool-format key file) and X.509
-// (certificates made here with the openssl CLI, the server verifying the client too).
+// (certificates made with the openssl CLI, the server verifying the client too).
 
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { makeCertificates } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
 import { NbdClient, NbdConnectionError } from '../src/index.ts';
 import { pattern, qemuNbd, run, usePeers } from './client-peers.ts';
 
 const KEY = '0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef';
-
-/** A CA, a server certificate for 127.0.0.1/localhost and a client certificate. */
-async function makeCertificates(
-  dir: string,
-  name: string,
-): Promise<{ server: string; client: string }> {
-  const base = join(dir, name);
-  const server = join(base, 'server');
-  const client = join(base, 'client');
-  await run('mkdir', ['-p', server, client]);
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  const caKey = join(base, 'ca-key.pem');
-  const caCert = join(base, 'ca-cert.pem');
-  await run('openssl', [
-    'req',
-    '-x509',
-    ...ec,
-    '-keyout',
-    caKey,
-    '-out',
-    caCert,
-    '-days',
-    '2',
-    '-subj',
-    `/CN=${name} CA`,
-    '-addext',
-    'basicConstraints=critical,CA:TRUE',
-    '-addext',
-    'keyUsage=critical,keyCertSign,cRLSign',
-  ]);
-  const sign = async (who: string, outDir: string, ext: string) => {
-    const key = join(outDir, `${who}-key.pem`);
-    const csr = join(base, `${who}.csr`);
-    const extFile = join(base, `${who}.ext`);
-    await writeFile(extFile, ext);
-    await run('openssl', ['req', ...ec, '-keyout', key, '-out', csr, '-subj', `/CN=${who}`]);
-    await run('openssl', [
-      'x509',
-      '-req',
-      '-in',
-      csr,
-      '-CA',
-      caCert,
-      '-CAkey',
-      caKey,
-      '-CAcreateserial',
-      '-out',
-      join(outDir, `${who}-cert.pem`),
-      '-days',
-      '2',
-      '-extfile',
-      extFile,
-    ]);
-  };
-  await sign(
-    'server',
-    server,
-    'subjectAltName=IP:127.0.0.1,DNS:localhost\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n',
-  );
-  await sign(
-    'client',
-    client,
-    'keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n',
-  );
-  await run('cp', [caCert, join(server, 'ca-cert.pem')]);
-  await run('cp', [caCert, join(client, 'ca-cert.pem')]);
-  return { server, client };
-}
 
 describe('NbdClient over TLS against nbdkit and qemu-nbd', () => {
   const t = usePeers();

@@ -1,7 +1,7 @@
 // Shared pieces of the server's tests: a server on 127.0.0.1 with an ephemeral port, the
 // peers run as child processes, and the check that a server still serves.
 
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -71,72 +71,6 @@ export async function stillServes(port: number, name: string): Promise<Buffer> {
 }
 
 export { OptionReply };
-
-/**
- * qemu-io in interactive mode (commands on its stdin): a peer that holds one connection
- * open between commands. `command` resolves with what the command printed, once qemu-io
- * prompts again (or has exited).
- */
-export class QemuIoSession {
-  private out = '';
-  private readonly exited: Promise<number | null>;
-  private done = false;
-  private wake: (() => void) | undefined;
-
-  private constructor(private readonly child: ReturnType<typeof spawn>) {
-    child.stdout!.setEncoding('utf8').on('data', (d: string) => {
-      this.out += d;
-      this.wake?.();
-    });
-    child.stderr!.setEncoding('utf8').on('data', (d: string) => {
-      this.out += d;
-      this.wake?.();
-    });
-    // Writing to one that has exited is not an error of the test.
-    child.stdin!.on('error', () => {});
-    this.exited = new Promise((resolve) => {
-      child.on('exit', (code) => {
-        this.done = true;
-        this.wake?.();
-        resolve(code);
-      });
-    });
-  }
-
-  /** Starts `qemu-io ARGS` and waits for its first prompt (it has connected by then). */
-  static async open(args: string[]): Promise<QemuIoSession> {
-    const s = new QemuIoSession(spawn('qemu-io', args, { stdio: ['pipe', 'pipe', 'pipe'] }));
-    await s.prompts(1);
-    if (s.done) throw new Error(`qemu-io exited: ${s.out}`);
-    return s;
-  }
-
-  async command(cmd: string): Promise<string> {
-    const start = this.out.length;
-    const want = this.count() + 1;
-    this.child.stdin!.write(`${cmd}\n`);
-    await this.prompts(want);
-    return this.out.slice(start);
-  }
-
-  /** Kills it; resolves once it exited. */
-  kill(): Promise<number | null> {
-    if (!this.done) this.child.kill('SIGKILL');
-    return this.exited;
-  }
-
-  private count(): number {
-    return this.out.split('qemu-io> ').length - 1;
-  }
-
-  private async prompts(n: number): Promise<void> {
-    while (this.count() < n && !this.done) {
-      await new Promise<void>((resolve) => {
-        this.wake = resolve;
-      });
-    }
-  }
-}
 
 /** Waits until `cond()` holds (polled every 10 ms), or fails after `timeoutMs`. */
 export async function until(

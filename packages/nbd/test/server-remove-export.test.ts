@@ -2,10 +2,12 @@
 // semantics: a safe removal is refused while clients are attached and changes nothing, a
 // hard one disconnects them; promise, callback and event modes; an unknown export is an
 // initiation failure; no ao is left behind. Our client and qemu-io are the peers.
+
 import { assertNoLiveAos, EventQueue, type OperationCompleteEvent } from '@vmdisk/ao';
+import { QemuIoSession } from '@vmdisk/test-support';
 import { afterEach, describe, expect, it } from 'vitest';
 import { MemoryTarget, NbdClient, NbdError } from '../src/index.ts';
-import { QemuIoSession, startServer, until } from './server-helpers.ts';
+import { startServer, until } from './server-helpers.ts';
 
 afterEach(() => assertNoLiveAos());
 
@@ -17,10 +19,22 @@ async function serverWithClient() {
   return { ...started, client };
 }
 
+/** Runs `body` with a server exporting "disk" and a client attached; drops both after it. */
+async function withClient(
+  body: (s: Awaited<ReturnType<typeof serverWithClient>>) => Promise<void>,
+): Promise<void> {
+  const s = await serverWithClient();
+  try {
+    await body(s);
+  } finally {
+    s.client.destroy();
+    await s.server.close();
+  }
+}
+
 describe('NbdServer.removeExport as an ao', () => {
-  it('safe: refused while a client is attached, and nothing changes; allowed once it left', async () => {
-    const { server, client, uri } = await serverWithClient();
-    try {
+  it('safe: refused while a client is attached, and nothing changes; allowed once it left', () =>
+    withClient(async ({ server, client, uri }) => {
       await expect(server.removeExport('disk', 'safe')).rejects.toMatchObject({
         code: 'ERR_VMDISK_NBD_EXPORT_IN_USE',
         message: 'export "disk" still in use (1 client connected)',
@@ -40,11 +54,7 @@ describe('NbdServer.removeExport as an ao', () => {
       await server.removeExport('disk', 'safe');
       expect(server.listExports()).toEqual([]);
       await expect(NbdClient.connect(uri('disk'))).rejects.toThrow();
-    } finally {
-      client.destroy();
-      await server.close();
-    }
-  });
+    }));
 
   it('with qemu-io holding a connection: safe is refused and qemu-io reads on; hard disconnects it', async () => {
     const { server, client, uri } = await serverWithClient();
@@ -66,9 +76,8 @@ describe('NbdServer.removeExport as an ao', () => {
     }
   });
 
-  it('with a callback: no promise; the callback runs once, never on the caller stack', async () => {
-    const { server, client } = await serverWithClient();
-    try {
+  it('with a callback: no promise; the callback runs once, never on the caller stack', () =>
+    withClient(async ({ server, client }) => {
       const calls: (Error | null | undefined)[] = [];
       let returned = false;
       const finished = new Promise<void>((resolve) => {
@@ -85,15 +94,10 @@ describe('NbdServer.removeExport as an ao', () => {
       await finished;
       expect(calls).toEqual([null]);
       await expect(client.read(0, 512)).rejects.toThrow();
-    } finally {
-      client.destroy();
-      await server.close();
-    }
-  });
+    }));
 
-  it('for an event: OPERATION_COMPLETE with the cookie on the queue once the client is gone', async () => {
-    const { server, client } = await serverWithClient();
-    try {
+  it('for an event: OPERATION_COMPLETE with the cookie on the queue once the client is gone', () =>
+    withClient(async ({ server, client }) => {
       const queue = new EventQueue<OperationCompleteEvent>();
       server.removeExport('disk', 'hard', { forEvent: 'remove-disk', queue });
       expect(queue.check()).toBeUndefined();
@@ -101,11 +105,7 @@ describe('NbdServer.removeExport as an ao', () => {
       expect(event).toMatchObject({ type: 'OPERATION_COMPLETE', forUser: 'remove-disk' });
       expect(server.listExports()).toEqual([]);
       await expect(client.read(0, 512)).rejects.toThrow();
-    } finally {
-      client.destroy();
-      await server.close();
-    }
-  });
+    }));
 
   it('an unknown export: a rejected promise without how, a thrown initiation failure with one', async () => {
     const { server, client } = await serverWithClient();

@@ -1,10 +1,11 @@
-// STARTTLS on the server: PSK (a qemu/nbdkit key file) and X.509 (certificates made here
+// STARTTLS on the server: PSK (a qemu/nbdkit key file) and X.509 (certificates made
 // with the openssl CLI), checked with nbdinfo and qemu-img; TLS 'require' mode and the
 // rule that plain-text state is forgotten, checked with a raw client.
 
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as tls from 'node:tls';
+import { makeCertificates } from '@vmdisk/test-support';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MemoryTarget, NbdServer, parsePskKeys } from '../src/index.ts';
 import { Command, Option, OptionReply, TransmissionFlag } from '../src/protocol.ts';
@@ -13,73 +14,9 @@ import { run, type Started, startServer, tempDir } from './server-helpers.ts';
 
 const PSK_HEX = '3f1a9c0d4e5b6a7f8091a2b3c4d5e6f70123456789abcdef0fedcba987654321';
 
-async function openssl(args: string[]): Promise<void> {
-  const r = await run('openssl', args);
-  if (r.code !== 0) throw new Error(`openssl ${args.join(' ')}: ${r.stderr}`);
-}
-
-/** A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files. */
-async function makePki(dir: string): Promise<void> {
-  const p = (f: string): string => join(dir, f);
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  await openssl([
-    'req',
-    '-x509',
-    ...ec,
-    '-keyout',
-    p('ca-key.pem'),
-    '-out',
-    p('ca-cert.pem'),
-    '-days',
-    '2',
-    '-subj',
-    '/CN=vmdisk test CA',
-    '-addext',
-    'basicConstraints=critical,CA:TRUE',
-    '-addext',
-    'keyUsage=critical,keyCertSign,cRLSign',
-  ]);
-  for (const [who, purpose] of [
-    ['server', 'serverAuth'],
-    ['client', 'clientAuth'],
-  ] as const) {
-    writeFileSync(
-      p(`${who}.ext`),
-      `basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=${purpose}\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n`,
-    );
-    await openssl([
-      'req',
-      ...ec,
-      '-keyout',
-      p(`${who}-key.pem`),
-      '-out',
-      p(`${who}.csr`),
-      '-subj',
-      `/CN=${who === 'server' ? 'localhost' : 'vmdisk test client'}`,
-    ]);
-    await openssl([
-      'x509',
-      '-req',
-      '-in',
-      p(`${who}.csr`),
-      '-CA',
-      p('ca-cert.pem'),
-      '-CAkey',
-      p('ca-key.pem'),
-      '-CAcreateserial',
-      '-out',
-      p(`${who}-cert.pem`),
-      '-days',
-      '2',
-      '-extfile',
-      p(`${who}.ext`),
-    ]);
-  }
-}
-
 describe('NbdServer TLS', () => {
   const tmp = tempDir();
-  const pki = join(tmp.dir, 'pki');
+  let pki = { server: '', client: '' };
   const clientNoCert = join(tmp.dir, 'client-no-cert');
   const pskDir = join(tmp.dir, 'psk');
   const pskFile = join(pskDir, 'keys.psk');
@@ -88,11 +25,10 @@ describe('NbdServer TLS', () => {
 
   beforeAll(async () => {
     const { mkdirSync, copyFileSync, readFileSync } = await import('node:fs');
-    mkdirSync(pki);
     mkdirSync(clientNoCert);
     mkdirSync(pskDir);
-    await makePki(pki);
-    copyFileSync(join(pki, 'ca-cert.pem'), join(clientNoCert, 'ca-cert.pem'));
+    pki = await makeCertificates(tmp.dir, 'pki');
+    copyFileSync(join(pki.client, 'ca-cert.pem'), join(clientNoCert, 'ca-cert.pem'));
     writeFileSync(pskFile, `# comment\nalice:${PSK_HEX}\n`);
     const mem = new MemoryTarget(8 << 20);
     await mem.write(0, Buffer.alloc(65536, 0x6b), {});
@@ -100,9 +36,9 @@ describe('NbdServer TLS', () => {
     x509 = await startServer([{ name: 'disk', target: mem, writable: true }], {
       tls: {
         mode: 'require',
-        key: readFileSync(join(pki, 'server-key.pem')),
-        cert: readFileSync(join(pki, 'server-cert.pem')),
-        ca: readFileSync(join(pki, 'ca-cert.pem')),
+        key: readFileSync(join(pki.server, 'server-key.pem')),
+        cert: readFileSync(join(pki.server, 'server-cert.pem')),
+        ca: readFileSync(join(pki.server, 'ca-cert.pem')),
       },
     });
   }, 60_000);
@@ -155,7 +91,7 @@ describe('NbdServer TLS', () => {
     const img = await run('qemu-img', [
       'info',
       '--object',
-      `tls-creds-x509,id=tls0,endpoint=client,dir=${pki}`,
+      `tls-creds-x509,id=tls0,endpoint=client,dir=${pki.client}`,
       '--image-opts',
       `driver=nbd,host=127.0.0.1,port=${x509.port},export=disk,tls-creds=tls0`,
     ]);
@@ -163,7 +99,7 @@ describe('NbdServer TLS', () => {
     expect(img.stdout).toMatch(/virtual size: 8 MiB/);
     const io = await run('qemu-io', [
       '--object',
-      `tls-creds-x509,id=tls0,endpoint=client,dir=${pki}`,
+      `tls-creds-x509,id=tls0,endpoint=client,dir=${pki.client}`,
       '--image-opts',
       `driver=nbd,host=127.0.0.1,port=${x509.port},export=disk,tls-creds=tls0`,
       '-c',
@@ -171,7 +107,7 @@ describe('NbdServer TLS', () => {
     ]);
     expect(io.stdout + io.stderr).not.toMatch(/fail|error/i);
     const info = await run('nbdinfo', [
-      `nbds://127.0.0.1:${x509.port}/disk?tls-certificates=${pki}`,
+      `nbds://127.0.0.1:${x509.port}/disk?tls-certificates=${pki.client}`,
     ]);
     expect(info.code).toBe(0);
     expect(info.stdout).toMatch(/with TLS/);
@@ -188,7 +124,7 @@ describe('NbdServer TLS', () => {
     const { mkdirSync, copyFileSync } = await import('node:fs');
     mkdirSync(serverDir);
     for (const f of ['server-cert.pem', 'server-key.pem'])
-      copyFileSync(join(pki, f), join(serverDir, f));
+      copyFileSync(join(pki.server, f), join(serverDir, f));
     const t = await startServer([{ name: 'd', target: new MemoryTarget(1 << 20) }], {
       tls: { certificatesDir: serverDir },
     });

@@ -119,4 +119,22 @@ describe('the dependency rule of docs/architecture.md', () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  it('@vmdisk/test-support imports nothing of ours and serves only tests, as a devDependency', () => {
+    const outOfPlace: string[] = [];
+    for (const file of sourceFiles(join(root, 'tools/test-support'))) {
+      for (const spec of specifiers(readFileSync(file, 'utf8')))
+        if (reaches(file, spec) || spec.startsWith('@vmdisk/')) outOfPlace.push(spec);
+    }
+    for (const [name, dir] of Object.entries(DIRS)) {
+      const pkg = JSON.parse(readFileSync(join(root, dir, 'package.json'), 'utf8'));
+      if (pkg.dependencies?.['@vmdisk/test-support']) outOfPlace.push(`${name} dependencies`);
+      for (const file of sourceFiles(join(root, dir))) {
+        if (relative(join(root, dir), file).startsWith('test/')) continue;
+        if (specifiers(readFileSync(file, 'utf8')).includes('@vmdisk/test-support'))
+          outOfPlace.push(relative(root, file));
+      }
+    }
+    expect(outOfPlace).toEqual([]);
+  });
 });

@@ -73,6 +73,11 @@ export function start(
   };
 }
 
+/** The options of a QMP monitor on the unix socket `qmp` (as qemu-storage-daemon takes them). */
+export function monitorArgs(qmp: string): string[] {
+  return ['--chardev', `socket,id=m0,path=${qmp},server=on,wait=off`, '--monitor', 'chardev=m0'];
+}
+
 /** Starts `vm-disk serve ARGS` and waits until it says it is serving. */
 export async function startServe(args: string[]): Promise<RunningProcess> {
   const p = start(process.execPath, [CLI, 'serve', ...args]);

@@ -14,15 +14,21 @@ import { type CacheEntry, MetadataCache } from './l2-cache.ts';
 import { Mutex } from './lock.ts';
 import { ioBuffer, type Qcow2File, releaseIoBuffer } from './types.ts';
 
+/** Where refcount `i` of a block of `1 << order`-bit entries (order 0 to 2) lies in its byte. */
+function subByte(i: number, order: number): { byte: number; shift: number; mask: number } {
+  const bits = 1 << order;
+  const bit = i * bits;
+  return { byte: bit >> 3, shift: bit & 7, mask: (1 << bits) - 1 };
+}
+
 /** Reads refcount `i` of a block of `1 << order`-bit entries. Throws if too large for JS. */
 export function getRefcount(buf: Uint8Array, i: number, order: number): number {
   switch (order) {
     case 0:
     case 1:
     case 2: {
-      const bits = 1 << order;
-      const bit = i * bits;
-      return (buf[bit >> 3]! >> (bit & 7)) & ((1 << bits) - 1);
+      const { byte, shift, mask } = subByte(i, order);
+      return (buf[byte]! >> shift) & mask;
     }
     case 3:
       return buf[i]!;
@@ -45,10 +51,8 @@ export function setRefcount(buf: Uint8Array, i: number, order: number, v: number
     case 0:
     case 1:
     case 2: {
-      const bits = 1 << order;
-      const bit = i * bits;
-      const mask = ((1 << bits) - 1) << (bit & 7);
-      buf[bit >> 3] = (buf[bit >> 3]! & ~mask) | ((v << (bit & 7)) & mask);
+      const { byte, shift, mask } = subByte(i, order);
+      buf[byte] = (buf[byte]! & ~(mask << shift)) | ((v & mask) << shift);
       return;
     }
     case 3:

@@ -1,5 +1,5 @@
-// qemu-io in interactive mode (commands on its stdin): an NBD peer that holds one
-// connection open between commands, as a guest's disk does.
+// qemu-io in interactive mode (commands on its stdin): a peer that holds one connection (or
+// image) open between commands, as a guest's disk does.
 import { type ChildProcess, spawn } from 'node:child_process';
 
 export class QemuIoSession {
@@ -41,6 +41,12 @@ export class QemuIoSession {
     this.child.stdin!.write(`${cmd}\n`);
     await this.prompts(want);
     return this.out.slice(start);
+  }
+
+  /** Tells it to quit (it closes its images, releasing their locks); resolves once it exited. */
+  quit(): Promise<number | null> {
+    if (!this.done) this.child.stdin!.end('quit\n');
+    return this.exited;
   }
 
   /** Kills it; resolves once it exited. */
