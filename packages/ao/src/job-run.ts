@@ -14,9 +14,11 @@ export async function jobPausePoint<J>(s: JobState<J>): Promise<void> {
   const status = s.status;
   s.transition(status === 'ready' ? 'standby' : 'paused');
   s.paused = true;
+  s.onResume = () => {
+    s.paused = false;
+    s.transition(status);
+  };
   await s.doYield();
-  s.paused = false;
-  s.transition(status);
 }
 
 /** QEMU job_yield; see Job.yield. */

@@ -77,6 +77,8 @@ export class JobState<J> {
     if (!this.ao.completed) this.ao.reportProgress(current, total);
   });
   wake: (() => void) | undefined;
+  /** Set by a pause point: what entering the job does first (its status back). */
+  onResume: (() => void) | undefined;
   sleepTimer: NodeJS.Timeout | undefined;
   bodyDone: Promise<void> | undefined;
   ended = false;
@@ -133,6 +135,11 @@ export class JobState<J> {
     this.busy = true;
     const wake = this.wake;
     this.wake = undefined;
+    const resumed = this.onResume;
+    this.onResume = undefined;
+    // Out of a pause point the status changes now, as QEMU's coroutine runs at once: its
+    // JOB_STATUS_CHANGE comes before the reply of the verb that resumed it.
+    resumed?.();
     wake?.();
   }
 

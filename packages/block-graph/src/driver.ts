@@ -68,6 +68,8 @@ export interface ZeroFlags {
   mayUnmap?: boolean;
   /** Fail with ENOTSUP rather than fall back to writing zero buffers. */
   fastZero?: boolean;
+  /** The serialising operation this request belongs to (ChildNode.serialise). */
+  owner?: RangeHold;
 }
 
 /** Block status of a range from its start, relative to one node. */
@@ -346,6 +348,12 @@ export interface FormatInstance extends InstanceBase {
    * (QEMU bdrv_change_backing_file: stream and commit at their end).
    */
   changeBackingFile?(filename: string | null, format: string | null): Promise<void>;
+  /**
+   * The node's backing (cow) child changed: another node, or none (QEMU's
+   * bdrv_backing_attach/detach). Called by the graph, drained, for a driver that reads its
+   * backing file itself (qcow2: copy on write, zero clusters).
+   */
+  backingChanged?(child: BdrvChild | undefined): void;
 }
 
 /** One request as a filter sees it before passing it on. */

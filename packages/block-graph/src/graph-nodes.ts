@@ -103,6 +103,15 @@ export class GraphNodes {
     edge.node.parents.delete(edge);
   }
 
+  /** Tells the driver of an edge's parent that its backing child changed (see FormatInstance). */
+  protected backingChanged(edge: ChildEdge): void {
+    if (edge.parent.isBackend || !edge.roles.includes('cow')) return;
+    const parent = edge.parent as BlockNode;
+    if (parent.closed) return;
+    const inst = parent.instance;
+    if (inst?.kind === 'format') inst.backingChanged?.(parent.backing);
+  }
+
   protected repoint(edge: ChildEdge, to: BlockNode): void {
     edge.node.parents.delete(edge);
     edge.node = to;

@@ -237,6 +237,7 @@ export class BlockGraph extends GraphOpener implements BackendHost {
         this.refreshPermissions();
         throw err;
       }
+      this.backingChanged(edge);
       next.refcount++;
       await this.unref(old);
       this.refreshPermissions();
@@ -296,6 +297,7 @@ export class BlockGraph extends GraphOpener implements BackendHost {
         this.refreshPermissions();
         throw err;
       }
+      this.backingChanged(added);
       if (next) next.refcount++;
       if (old) await this.unref(old);
       this.refreshPermissions();
@@ -325,6 +327,7 @@ export class BlockGraph extends GraphOpener implements BackendHost {
         this.refreshPermissions();
         throw err;
       }
+      for (const e of moved) this.backingChanged(e);
       to.refcount += moved.length;
       from.refcount -= moved.length - 1;
       await this.unref(from);

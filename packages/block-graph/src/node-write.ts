@@ -47,6 +47,7 @@ export abstract class NodeWrite extends NodeRead {
     if (this.settings.detectZeroes !== 'off' && isZero(buf)) {
       return this.writeZeroes(offset, length, {
         mayUnmap: this.settings.detectZeroes === 'unmap',
+        ...(flags.owner && { owner: flags.owner }),
       });
     }
     const a = this.align;
@@ -240,16 +241,36 @@ export abstract class NodeWrite extends NodeRead {
 
   // ---------------------------------------------------------------- zeroes, discard, flush
 
-  /** Writes zeros: natively where the driver can, else by writing zero buffers. */
+  /**
+   * Writes zeros: natively where the driver can, else by writing zero buffers. Serialised
+   * as a write is (a hold on the range, when the node tracks requests): it waits for a
+   * copy-on-read or a stream's copy of the range, so that old data never lands on the zeros.
+   */
   async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
     const err = this.checkWrite(offset, length);
     if (err) throw err;
     if (length === 0) return;
+    const t = this.tracker;
+    const hold = t ? await t.write(offset, offset + length, flags.owner) : undefined;
+    try {
+      await this.zeroes(offset, length, flags, hold);
+    } finally {
+      if (hold) t!.release(hold);
+    }
+    if (flags.fua) await this.flush();
+  }
+
+  private async zeroes(
+    offset: number,
+    length: number,
+    flags: ZeroFlags,
+    owner: RangeHold | undefined,
+  ): Promise<void> {
     const mayUnmap = !!flags.mayUnmap && this.settings.discard === 'unmap';
     const inst = this.instance;
     const fast = !!flags.fastZero;
     if (isProtocol(inst)) {
-      await this.zeroProtocol(inst, offset, length, mayUnmap, fast);
+      await this.zeroProtocol(inst, offset, length, mayUnmap, fast, owner);
     } else if (inst.kind === 'filter') {
       try {
         if (inst.intercept) await inst.intercept({ op: 'write-zeroes', offset, length });
@@ -257,19 +278,18 @@ export abstract class NodeWrite extends NodeRead {
       } catch (err) {
         // Not supported below (or refused by the filter): write zero buffers through here.
         if (fast || !isNotSupported(err)) throw err;
-        await this.writeZeroBuffers(offset, length);
+        await this.writeZeroBuffers(offset, length, owner);
       }
     } else if (inst.writeZeroes) {
       try {
         await this.wrap(inst.writeZeroes(offset, length, mayUnmap));
       } catch (err) {
         if (!isNotSupported(err)) throw err;
-        await this.zeroFormat(inst, offset, length, mayUnmap, fast);
+        await this.zeroFormat(inst, offset, length, mayUnmap, fast, owner);
       }
     } else {
-      await this.zeroFormat(inst, offset, length, mayUnmap, fast);
+      await this.zeroFormat(inst, offset, length, mayUnmap, fast, owner);
     }
-    if (flags.fua) await this.flush();
   }
 
   private async zeroProtocol(
@@ -278,6 +298,7 @@ export abstract class NodeWrite extends NodeRead {
     length: number,
     mayUnmap: boolean,
     fast: boolean,
+    owner: RangeHold | undefined,
   ): Promise<void> {
     if (inst.writeZeroes) {
       const a = this.align;
@@ -286,23 +307,16 @@ export abstract class NodeWrite extends NodeRead {
       const start = Math.min(Math.ceil(offset / a) * a, stop);
       const end = Math.max(start, Math.floor(stop / a) * a);
       try {
-        if (end > start) {
-          const hold = this.tracker ? await this.tracker.write(start, end) : undefined;
-          try {
-            await this.wrap(inst.writeZeroes(start, end - start, mayUnmap));
-          } finally {
-            if (hold) this.tracker!.release(hold);
-          }
-        }
-        if (start > offset) await this.writeZeroBuffers(offset, start - offset);
-        if (stop > end) await this.writeZeroBuffers(end, stop - end);
+        if (end > start) await this.wrap(inst.writeZeroes(start, end - start, mayUnmap));
+        if (start > offset) await this.writeZeroBuffers(offset, start - offset, owner);
+        if (stop > end) await this.writeZeroBuffers(end, stop - end, owner);
         return;
       } catch (err) {
         if (!isNotSupported(err)) throw err;
       }
     }
     if (fast) throw this.notSupported('fast zeroing');
-    await this.writeZeroBuffers(offset, length);
+    await this.writeZeroBuffers(offset, length, owner);
   }
 
   private async zeroFormat(
@@ -311,6 +325,7 @@ export abstract class NodeWrite extends NodeRead {
     length: number,
     mayUnmap: boolean,
     fast: boolean,
+    owner: RangeHold | undefined,
   ): Promise<void> {
     let pos = 0;
     while (pos < length) {
@@ -326,26 +341,31 @@ export abstract class NodeWrite extends NodeRead {
               : 'fast zeroing over a backing file',
           );
         }
-        await this.writeZeroBuffers(offset + pos, len);
+        await this.writeZeroBuffers(offset + pos, len, owner);
       }
       // zero, or unallocated without backing: already reads as zeros.
       pos += len;
     }
   }
 
-  private async writeZeroBuffers(offset: number, length: number): Promise<void> {
+  /** Zero buffers over a range; `owner`: the hold of the request they belong to. */
+  private async writeZeroBuffers(
+    offset: number,
+    length: number,
+    owner: RangeHold | undefined,
+  ): Promise<void> {
     const chunk = Math.min(ZERO_CHUNK, this.maxTransfer);
     for (let pos = 0; pos < length; pos += chunk) {
       const n = Math.min(chunk, length - pos);
       const a = this.align;
       if (a > 1 && ((offset + pos) % a !== 0 || n % a !== 0)) {
-        await this.writeUnaligned(offset + pos, zeros(n));
+        await this.writeUnaligned(offset + pos, zeros(n), owner);
       } else {
         // O_DIRECT needs arena memory: copy the zeros into a bounce buffer there.
         const buf = a > 1 ? this.allocBuffer(n) : undefined;
         try {
           const data = buf ? buf.subarray(0, n).fill(0) : zeros(n);
-          if (this.tracker) await this.writeTracked(offset + pos, data);
+          if (this.tracker) await this.writeTracked(offset + pos, data, owner);
           else await this.writeAligned(offset + pos, data);
         } finally {
           if (buf) this.releaseBuffer(buf);
@@ -354,11 +374,24 @@ export abstract class NodeWrite extends NodeRead {
     }
   }
 
-  /** Discards a range where the node's `discard` option is 'unmap'; a no-op otherwise. */
+  /**
+   * Discards a range where the node's `discard` option is 'unmap'; a no-op otherwise.
+   * Serialised as a write is (see writeZeroes).
+   */
   async discard(offset: number, length: number): Promise<void> {
     const err = this.checkWrite(offset, length);
     if (err) throw err;
     if (length === 0 || this.settings.discard !== 'unmap') return;
+    const t = this.tracker;
+    const hold = t ? await t.write(offset, offset + length) : undefined;
+    try {
+      await this.discardRange(offset, length);
+    } finally {
+      if (hold) t!.release(hold);
+    }
+  }
+
+  private async discardRange(offset: number, length: number): Promise<void> {
     const inst = this.instance;
     if (isProtocol(inst)) {
       if (!inst.discard) return;

@@ -115,6 +115,12 @@ export class Qcow2Image {
     return this.state.backing;
   }
 
+  /** Another backing file (or none) from now on, of that size: the graph changed it. */
+  setBacking(reader: Qcow2BackingReader | null, size: number): void {
+    this.state.backing = reader;
+    this.state.backingSize = reader ? size : 0;
+  }
+
   /** Whether the image was found corrupt while open (writes are refused from then on). */
   get corrupt(): boolean {
     return this.state.corrupt;

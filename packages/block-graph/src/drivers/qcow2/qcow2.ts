@@ -146,6 +146,10 @@ class Qcow2Instance implements FormatInstance {
     return this.image.changeBackingFile(filename, format);
   }
 
+  backingChanged(child: BdrvChild | undefined): void {
+    this.image.setBacking(child ? childReader(child) : null, child?.node.size() ?? 0);
+  }
+
   close(): Promise<void> {
     return this.image.close();
   }

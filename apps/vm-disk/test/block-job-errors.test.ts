@@ -1,0 +1,172 @@
+// The on-error policies of block jobs (report, ignore, stop) with blkdebug injecting EIO
+// under the job, side by side with qemu-storage-daemon 7.2: the same replies and events in
+// the same order, and the same images after. The rules differ in form only: QEMU's fire
+// after a driver's debug event (read_aio: qcow2 reads guest data from its file), ours on
+// a request type and range, here the host range of that data (qemu-img map), so that both
+// fail the same request.
+import { describe, expect, it } from 'vitest';
+import { run, startQsd, startServe, useScratch } from './harness/daemon.ts';
+import type { QmpMessage } from './harness/qmp-client.ts';
+import { monitorArgs, Recorder } from './harness/qmp-recorder.ts';
+
+const scratch = useScratch('vmdisk-block-job-errors-');
+
+/** base (0x11 at 0-1M) <- mid (0x22 at 1-2M) <- top (0x33 at 3M+512k), 4 MiB, qcow2. */
+async function makeChain(): Promise<void> {
+  const p = scratch.path.bind(scratch);
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', p('base.qcow2'), '4M']);
+  await run('qemu-io', ['-c', 'write -P 0x11 0 1M', p('base.qcow2')]);
+  await run('qemu-img', [
+    'create',
+    '-q',
+    '-f',
+    'qcow2',
+    '-b',
+    'base.qcow2',
+    '-F',
+    'qcow2',
+    p('mid.qcow2'),
+  ]);
+  await run('qemu-img', [
+    'create',
+    '-q',
+    '-f',
+    'qcow2',
+    '-b',
+    'mid.qcow2',
+    '-F',
+    'qcow2',
+    p('top.qcow2'),
+  ]);
+  await run('qemu-io', ['-c', 'write -P 0x22 1M 1M', p('mid.qcow2')]);
+  await run('qemu-io', ['-c', 'write -P 0x33 3M 512k', p('top.qcow2')]);
+}
+
+type Rule = Record<string, unknown>;
+
+/** base <- mid <- top as nodes, blkdebug with `rules` between `on`'s qcow2 and its file. */
+function chainArgs(on: 'base' | 'mid', rules: Rule[]): string[] {
+  return chainArgsOf(on, rules);
+}
+
+/** Where mid's own data (guest 1M, 1 MiB) is in mid.qcow2. */
+async function midDataHost(): Promise<number> {
+  const map = JSON.parse(
+    await run('qemu-img', ['map', '--output=json', scratch.path('mid.qcow2')]),
+  ) as { start: number; depth: number; offset?: number }[];
+  return map.find((e) => e.start === 1 << 20 && e.depth === 0)!.offset!;
+}
+
+/** The same failure for each daemon: QEMU's event rule, or ours on the same request. */
+type Rules = { qsd: Rule[]; ours: () => Promise<Rule[]> };
+
+function chainArgsOf(on: 'base' | 'mid', rules: Rule[]): string[] {
+  const layer = (name: string, backing?: string) => {
+    const file = { driver: 'file', filename: scratch.path(`${name}.qcow2`) };
+    return JSON.stringify({
+      driver: 'qcow2',
+      'node-name': name,
+      ...(backing && { backing }),
+      file: name === on ? { driver: 'blkdebug', image: file, 'inject-error': rules } : file,
+    });
+  };
+  return [
+    '--blockdev',
+    layer('base'),
+    '--blockdev',
+    layer('mid', 'base'),
+    '--blockdev',
+    layer('top', 'mid'),
+  ];
+}
+
+/** What the chain reads as (raw), its layers checked clean, and its backing chain. */
+async function imageState(top: string): Promise<{ info: unknown; raw: string }> {
+  const info = JSON.parse(
+    await run('qemu-img', ['info', '--backing-chain', '--output=json', top]),
+  ) as Record<string, unknown>[];
+  for (const layer of info) {
+    await run('qemu-img', ['check', '-f', String(layer.format), String(layer.filename)]);
+    delete layer['actual-size'];
+    delete layer['dirty-flag'];
+  }
+  const raw = scratch.path(`state-${Math.random().toString(36).slice(2)}.raw`);
+  await run('qemu-img', ['convert', '-O', 'raw', top, raw]);
+  return { info, raw };
+}
+
+/** Runs `scenario` on a fresh chain with each daemon and compares what they did and left. */
+async function sideBySide(
+  on: 'base' | 'mid',
+  rules: Rules,
+  scenario: (r: Recorder) => Promise<void>,
+) {
+  const out: { seen: QmpMessage[]; info: unknown; raw: string }[] = [];
+  for (const which of ['qsd', 'vm-disk'] as const) {
+    await makeChain();
+    const qmp = scratch.path(`${which}.qmp`);
+    const given = which === 'qsd' ? rules.qsd : await rules.ours();
+    const all = [...monitorArgs(qmp), ...chainArgs(on, given)];
+    const p = which === 'qsd' ? await startQsd(all, qmp) : await startServe(all);
+    scratch.running.push(p);
+    const r = await Recorder.open(qmp);
+    await scenario(r);
+    await r.cmd('quit');
+    await p.exited;
+    r.client.close();
+    out.push({ seen: r.seen, ...(await imageState(scratch.path('top.qcow2'))) });
+  }
+  const [qsd, ours] = out;
+  expect(ours!.seen).toEqual(qsd!.seen);
+  expect(ours!.info).toEqual(qsd!.info);
+  await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', qsd!.raw, ours!.raw]);
+  return ours!.seen;
+}
+
+/** One EIO on the first read of mid's data. */
+const READ_ONCE: Rules = {
+  qsd: [{ event: 'read_aio', errno: 5, once: true }],
+  ours: async () => [
+    { iotype: 'read', errno: 'EIO', offset: await midDataHost(), length: 1 << 20, once: true },
+  ],
+};
+
+const stream = (onError: string) => ({
+  'job-id': 's',
+  device: 'top',
+  'base-node': 'base',
+  'on-error': onError,
+});
+
+describe('block job on-error policies against qemu-storage-daemon 7.2', () => {
+  it('stop: the job pauses with io-status failed and BLOCK_JOB_ERROR; resume retries and completes', async () => {
+    const seen = await sideBySide('mid', READ_ONCE, async (r) => {
+      await r.cmd('block-stream', stream('stop'));
+      await r.until('JOB_STATUS_CHANGE', 'paused');
+      await r.cmd('query-block-jobs');
+      await r.cmd('block-job-resume', { device: 's' });
+      await r.until('JOB_STATUS_CHANGE', 'null');
+      await r.cmd('query-block-jobs');
+    });
+    expect(seen).toContainEqual({
+      event: 'BLOCK_JOB_ERROR',
+      data: { device: 's', operation: 'read', action: 'stop' },
+    });
+  });
+
+  it('report: the job fails, BLOCK_JOB_COMPLETED carries the error, the chain stays', async () => {
+    await sideBySide('mid', READ_ONCE, async (r) => {
+      await r.cmd('block-stream', stream('report'));
+      await r.until('JOB_STATUS_CHANGE', 'null');
+      await r.cmd('query-block-jobs');
+    });
+  });
+
+  it('ignore: the job goes on past the error, then ends failed with it', async () => {
+    await sideBySide('mid', READ_ONCE, async (r) => {
+      await r.cmd('block-stream', stream('ignore'));
+      await r.until('JOB_STATUS_CHANGE', 'null');
+      await r.cmd('query-block-jobs');
+    });
+  });
+});
