@@ -9,6 +9,12 @@ export {
 } from './backend.ts';
 export { DEFAULT_MAX_BACKING_DEPTH } from './backing-chain.ts';
 export {
+  BdrvDirtyBitmap,
+  type BlockDirtyInfo,
+  checkGranularity,
+  defaultGranularity,
+} from './dirty-bitmap.ts';
+export {
   type BdrvChild,
   type BlockDriver,
   type ChildNode,
