@@ -80,6 +80,13 @@ export {
   blockdevCreate,
   blockdevCreateOptions,
 } from './jobs/create.ts';
+export {
+  type BlockdevMirrorOptions,
+  blockdevMirror,
+  type DriveMirrorOptions,
+  driveMirror,
+  type MirrorSyncMode,
+} from './jobs/mirror.ts';
 export { type BlockResizeOptions, blockResize } from './jobs/resize.ts';
 export {
   type BlockdevSnapshotSyncOptions,
