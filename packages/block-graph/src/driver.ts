@@ -371,6 +371,10 @@ export interface FilterInstance extends InstanceBase {
   intercept?(req: FilterRequest): Promise<void> | undefined;
   /** Replaces the pass-through read (copy-on-read). */
   read?(offset: number, buf: Uint8Array): Promise<void>;
+  /** Replace the pass-through writes (mirror_top: a write goes to the child and a target). */
+  write?(offset: number, buf: Uint8Array): Promise<void>;
+  writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
+  discard?(offset: number, length: number): Promise<void>;
 }
 
 export type DriverInstance = ProtocolInstance | FormatInstance | FilterInstance;

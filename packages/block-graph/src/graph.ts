@@ -11,7 +11,7 @@ import { GraphOpener } from './graph-open.ts';
 import { checkLinkNotFrozen, checkNotBusy } from './jobs/op-blockers.ts';
 import { BlockNode, ChildEdge } from './node.ts';
 import type { ObjectInfo } from './objects.ts';
-import { checkOptions, type OptionSyntax } from './options.ts';
+import { checkOptions, type NodeSpec, type OptionSyntax } from './options.ts';
 import { type PermissionName, permNames } from './permissions.ts';
 
 export type { BlockGraphOptions } from './graph-nodes.ts';
@@ -311,26 +311,84 @@ export class BlockGraph extends GraphOpener implements BackendHost {
    * removed (replaceNode(filter, node), then del(filter)).
    */
   async replaceNode(fromName: string, toName: string): Promise<void> {
-    await this.lock.write(async () => {
-      const from = this.lookup(fromName);
-      const to = this.lookup(toName);
-      if (from === to) return;
-      const below = this.descendants(to);
-      const moved = [...from.parents].filter(
-        (e) => !(e.parent instanceof BlockNode && below.has(e.parent)) && e.parent !== to,
-      );
-      for (const e of moved) this.repoint(e, to);
+    await this.lock.write(() => this.moveParents(this.lookup(fromName), this.lookup(toName)));
+  }
+
+  /** replaceNode's change, under the write lock. */
+  private async moveParents(from: BlockNode, to: BlockNode): Promise<void> {
+    if (from === to) return;
+    const below = this.descendants(to);
+    const moved = [...from.parents].filter(
+      (e) => !(e.parent instanceof BlockNode && below.has(e.parent)) && e.parent !== to,
+    );
+    for (const e of moved) this.repoint(e, to);
+    try {
+      this.refreshPermissions();
+    } catch (err) {
+      for (const e of moved) this.repoint(e, from);
+      this.refreshPermissions();
+      throw err;
+    }
+    for (const e of moved) this.backingChanged(e);
+    to.refcount += moved.length;
+    from.refcount -= moved.length - 1;
+    await this.unref(from);
+    this.refreshPermissions();
+  }
+
+  /**
+   * Opens an implicit filter node of `driver` (not one blockdev-add knows: mirror_top) over
+   * `childName` as its 'backing' child, and moves every parent of the child onto it, as one
+   * drained change (QEMU bdrv_new_open_driver + bdrv_append). `then` runs in the same change.
+   */
+  async insertFilter(
+    driver: BlockDriver,
+    childName: string,
+    nodeName: string | undefined,
+    then?: (filter: BlockNode) => void,
+  ): Promise<BlockNode> {
+    this.checkOpen();
+    return this.lock.write(async () => {
+      const child = this.lookup(childName);
+      const spec: NodeSpec = {
+        driver,
+        ...(nodeName !== undefined && { nodeName }),
+        readOnly: child.readOnly,
+        discard: child.settings.discard,
+        options: {},
+        children: { backing: childName },
+        path: '',
+        raw: { driver: driver.name },
+      };
+      this.checkNames(spec, new Set());
+      const filter = await this.open(spec, undefined);
       try {
-        this.refreshPermissions();
+        await this.moveParents(child, filter);
+        then?.(filter);
       } catch (err) {
-        for (const e of moved) this.repoint(e, from);
+        await this.unref(filter);
         this.refreshPermissions();
         throw err;
       }
-      for (const e of moved) this.backingChanged(e);
-      to.refcount += moved.length;
-      from.refcount -= moved.length - 1;
-      await this.unref(from);
+      return filter;
+    });
+  }
+
+  /**
+   * Takes an implicit filter out: its parents move to `replacement` (its child, or the
+   * node a mirror pivots to) and it closes, as one drained change; `before` runs first in
+   * the same change (a mirror's last copy, with no request in flight).
+   */
+  async removeFilter(
+    filterName: string,
+    replacementName: string,
+    before?: () => Promise<void>,
+  ): Promise<void> {
+    await this.lock.write(async () => {
+      const filter = this.lookup(filterName);
+      await before?.();
+      await this.moveParents(filter, this.lookup(replacementName));
+      await this.unref(filter); // the reference insertFilter kept
       this.refreshPermissions();
     });
   }

@@ -9,6 +9,12 @@ export {
 } from './backend.ts';
 export { DEFAULT_MAX_BACKING_DEPTH } from './backing-chain.ts';
 export {
+  BdrvDirtyBitmap,
+  type BlockDirtyInfo,
+  checkGranularity,
+  defaultGranularity,
+} from './dirty-bitmap.ts';
+export {
   type BdrvChild,
   type BlockDriver,
   type ChildNode,
@@ -74,6 +80,13 @@ export {
   blockdevCreate,
   blockdevCreateOptions,
 } from './jobs/create.ts';
+export {
+  type BlockdevMirrorOptions,
+  blockdevMirror,
+  type DriveMirrorOptions,
+  driveMirror,
+  type MirrorSyncMode,
+} from './jobs/mirror.ts';
 export { type BlockResizeOptions, blockResize } from './jobs/resize.ts';
 export {
   type BlockdevSnapshotSyncOptions,

@@ -169,6 +169,7 @@ export abstract class NodeWrite extends NodeRead {
 
   private async writeFilter(inst: FilterInstance, offset: number, buf: Uint8Array): Promise<void> {
     if (inst.intercept) await inst.intercept({ op: 'write', offset, length: buf.byteLength });
+    if (inst.write) return inst.write(offset, buf);
     return inst.child.node.write(offset, buf);
   }
   private writeFormat(inst: FormatInstance, offset: number, buf: Uint8Array): Promise<void> {
@@ -274,7 +275,9 @@ export abstract class NodeWrite extends NodeRead {
     } else if (inst.kind === 'filter') {
       try {
         if (inst.intercept) await inst.intercept({ op: 'write-zeroes', offset, length });
-        await inst.child.node.writeZeroes(offset, length, { mayUnmap, fastZero: fast });
+        const zf = { mayUnmap, fastZero: fast };
+        if (inst.writeZeroes) await inst.writeZeroes(offset, length, zf);
+        else await inst.child.node.writeZeroes(offset, length, zf);
       } catch (err) {
         // Not supported below (or refused by the filter): write zero buffers through here.
         if (fast || !isNotSupported(err)) throw err;
@@ -401,7 +404,8 @@ export abstract class NodeWrite extends NodeRead {
       if (end > start) await this.wrap(inst.discard(start, end - start));
     } else if (inst.kind === 'filter') {
       if (inst.intercept) await inst.intercept({ op: 'discard', offset, length });
-      await inst.child.node.discard(offset, length);
+      if (inst.discard) await inst.discard(offset, length);
+      else await inst.child.node.discard(offset, length);
     } else if (inst.discard) {
       await this.wrap(inst.discard(offset, length));
     } else {

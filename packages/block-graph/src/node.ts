@@ -9,8 +9,8 @@
 
 import type { BdrvChild, ChildNode, DriverInstance } from './driver.ts';
 import { BlockError, BlockErrorCode } from './errors.ts';
+import { NodeDirty } from './node-dirty.ts';
 import type { NodeSettings } from './node-settings.ts';
-import { NodeWrite } from './node-write.ts';
 import type { ChildRole } from './permissions.ts';
 import { BLK_PERM_ALL } from './permissions.ts';
 import { type RangeHold, RangeLock } from './range-lock.ts';
@@ -51,7 +51,7 @@ export interface NodeHost {
   releaseBuffer(buf: Uint8Array): void;
 }
 
-export class BlockNode extends NodeWrite implements ChildParent, ChildNode {
+export class BlockNode extends NodeDirty implements ChildParent, ChildNode {
   readonly isBackend = false;
   /** Edges to children, by child name. */
   readonly children = new Map<string, ChildEdge>();

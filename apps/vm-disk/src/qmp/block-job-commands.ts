@@ -6,11 +6,13 @@
 import {
   type BlockJob,
   blockCommit,
+  blockdevMirror,
   blockdevSnapshot,
   blockdevSnapshotSync,
   blockJobs,
   blockResize,
   blockStream,
+  driveMirror,
   findBlockJob,
   schema,
 } from '@vmdisk/block-graph';
@@ -46,6 +48,32 @@ function camel<T extends object>(args: T): CamelKeys<T> {
   return out as CamelKeys<T>;
 }
 
+const onError = opt(enumOf(['report', 'ignore', 'stop', 'enospc']));
+
+/** The arguments blockdev-mirror and drive-mirror share (qapi/block-core.json). */
+const mirrorCommon = {
+  'job-id': opt(str),
+  device: str,
+  target: str,
+  replaces: opt(str),
+  sync: enumOf(['top', 'full', 'none', 'incremental', 'bitmap']),
+  speed: opt(int()),
+  granularity: opt(int()),
+  'buf-size': opt(int()),
+  'on-source-error': onError,
+  'on-target-error': onError,
+  'filter-node-name': opt(str),
+  'copy-mode': opt(enumOf(['background', 'write-blocking'])),
+  'auto-finalize': opt(bool),
+  'auto-dismiss': opt(bool),
+} as const;
+
+function noReplaces(replaces: string | undefined): void {
+  if (replaces !== undefined) {
+    throw new QmpError('GenericError', "Parameter 'replaces' is not supported");
+  }
+}
+
 export function registerBlockJobCommands(monitor: QmpMonitor, daemon: DaemonControl): void {
   const { graph, jobs } = daemon;
   const blockJob = (id: string): BlockJob => {
@@ -68,6 +96,28 @@ export function registerBlockJobCommands(monitor: QmpMonitor, daemon: DaemonCont
     args: struct({ ...jobCommon, top: opt(str), 'top-node': opt(str) }),
     run: async (args) => {
       await blockCommit(graph, jobs, camel(args));
+    },
+  });
+  monitor.register({
+    name: 'blockdev-mirror',
+    args: struct(mirrorCommon),
+    run: async (args) => {
+      noReplaces(args.replaces);
+      await blockdevMirror(graph, jobs, camel(args));
+    },
+  });
+  monitor.register({
+    name: 'drive-mirror',
+    args: struct({
+      ...mirrorCommon,
+      format: opt(str),
+      'node-name': opt(str),
+      mode: opt(enumOf(['existing', 'absolute-paths'])),
+      unmap: opt(bool),
+    }),
+    run: async (args) => {
+      noReplaces(args.replaces);
+      await driveMirror(graph, jobs, camel(args));
     },
   });
   monitor.register({

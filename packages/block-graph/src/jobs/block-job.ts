@@ -53,6 +53,12 @@ export interface BlockJobBody {
   run(bj: BlockJob): Promise<void>;
   /** The graph change of a successful job (QEMU .prepare), drained, under the graph lock. */
   prepare?(bj: BlockJob): Promise<void>;
+  /** Undoes the job's graph changes when it failed or was cancelled (QEMU .abort). */
+  abort?(bj: BlockJob): Promise<void>;
+  /** block-job-complete of a ready job (mirror, active commit). */
+  complete?(bj: BlockJob): void;
+  /** Whether a cancel is forced (QEMU .cancel: a ready mirror cancels softly). */
+  cancel?(bj: BlockJob, force: boolean): boolean;
 }
 
 const jobsOf = new WeakMap<BlockGraph, Map<string, BlockJob>>();
@@ -150,6 +156,9 @@ export class BlockJob {
         type,
         run: () => body.run(bj),
         ...(body.prepare && { prepare: () => body.prepare!(bj) }),
+        ...(body.abort && { abort: () => body.abort!(bj) }),
+        ...(body.complete && { complete: () => body.complete!(bj) }),
+        ...(body.cancel && { cancel: (_j, force) => body.cancel!(bj, force) }),
         clean: (j) => bj.#clean(j),
         setSpeed: (j, speed) => {
           const old = bj.#limit.speed;
@@ -241,12 +250,16 @@ export class BlockJob {
    * 'ignore' (go on), 'stop' (the job pauses, io-status failed or nospace, until resumed:
    * then the caller retries). Emits BLOCK_JOB_ERROR for each.
    */
-  errorAction(err: unknown, isRead: boolean): 'report' | 'ignore' | 'stop' {
+  errorAction(
+    err: unknown,
+    isRead: boolean,
+    policy: BlockdevOnError = this.onError,
+  ): 'report' | 'ignore' | 'stop' {
     const errno = (err as { errnoName?: string }).errnoName;
     const action =
-      this.onError === 'ignore'
+      policy === 'ignore'
         ? 'ignore'
-        : this.onError === 'stop' || (this.onError === 'enospc' && errno === 'ENOSPC')
+        : policy === 'stop' || (policy === 'enospc' && errno === 'ENOSPC')
           ? 'stop'
           : 'report';
     const job = this.job;

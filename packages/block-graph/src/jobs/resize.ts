@@ -21,6 +21,11 @@ export function lookupNode(graph: BlockGraph, device?: string, nodeName?: string
 }
 
 async function resizeNode(node: BlockNode, size: number): Promise<void> {
+  await resizeLayer(node, size);
+  node.truncateDirtyBitmaps(node.size());
+}
+
+async function resizeLayer(node: BlockNode, size: number): Promise<void> {
   const inst = node.instance;
   if (inst.kind === 'format' && inst.truncate) return inst.truncate(size);
   if (inst.kind === 'filter') return resizeNode(inst.child.node as BlockNode, size);

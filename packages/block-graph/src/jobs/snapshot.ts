@@ -83,7 +83,14 @@ export async function blockdevSnapshotSync(
   }
   checkNotBusy(graph, node.name);
   if ((o.mode ?? 'absolute-paths') === 'absolute-paths') {
-    await createOverlay(graph, o.snapshotFile, node);
+    const backingFile = layerFilename(node);
+    await createImage(
+      graph,
+      o.snapshotFile,
+      'qcow2',
+      node.size(),
+      backingFile !== undefined ? { file: backingFile, format: node.driver } : undefined,
+    );
   }
   const overlay = await graph.add({
     driver: format,
@@ -99,16 +106,26 @@ export async function blockdevSnapshotSync(
   }
 }
 
-/** A new qcow2 image of the node's size whose header names the node's file as backing. */
-async function createOverlay(graph: BlockGraph, filename: string, node: BlockNode): Promise<void> {
+/**
+ * A new image (blockdev-snapshot-sync, drive-mirror): qcow2, naming `backing` in its
+ * header, or raw (an empty file of that size).
+ */
+export async function createImage(
+  graph: BlockGraph,
+  filename: string,
+  format: 'qcow2' | 'raw',
+  size: number,
+  backing: { file: string; format: string } | undefined,
+): Promise<void> {
   const engine = await graph.engine('auto');
   const file = await engine.openFile(filename, { create: true });
   try {
     lockForCreate(file);
-    await file.truncate(0);
+    await file.truncate(format === 'raw' ? size : 0);
   } finally {
     await file.close();
   }
+  if (format === 'raw') return;
   const fileNode = await graph.add({ driver: 'file', filename });
   try {
     const backend = await graph.createBackend(fileNode.name, {
@@ -116,10 +133,9 @@ async function createOverlay(graph: BlockGraph, filename: string, node: BlockNod
       shared: ['consistent-read', 'write', 'write-unchanged', 'resize'],
     });
     try {
-      const backingFile = layerFilename(node);
       await createQcow2(qcow2FileOf(fileNode), {
-        size: node.size(),
-        ...(backingFile !== undefined && { backingFile, backingFormat: node.driver }),
+        size,
+        ...(backing !== undefined && { backingFile: backing.file, backingFormat: backing.format }),
       });
     } finally {
       await backend.close();

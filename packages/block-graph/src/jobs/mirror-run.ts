@@ -1,0 +1,279 @@
+// The copying of a mirror (QEMU block/mirror.c mirror_run, mirror_iteration,
+// do_sync_target_write): dirty ranges of the source's bitmap go to the target, up to
+// buf-size bytes in flight; the job is ready when nothing is dirty or in flight, and at
+// complete (or a cancel after ready) the last dirty ranges are copied with no request in
+// flight (drained) before the pivot.
+//
+// An operation resets its range's bits before it reads the source, so that a guest write
+// landing meanwhile marks them again (bits are set when a write is done: node-dirty.ts).
+// Operations and the target writes of write-blocking mode hold their granules in one
+// RangeLock, so that an older copy never lands on the target after a newer write; each
+// takes the graph's read lock first, so that a drain never waits on it.
+import type { BdrvDirtyBitmap } from '../dirty-bitmap.ts';
+import type { ChildNode } from '../driver.ts';
+import type { BlockNode } from '../node.ts';
+import { RangeLock } from '../range-lock.ts';
+import type { BlockdevOnError, BlockJob } from './block-job.ts';
+import type { MirrorTopWrites } from './mirror-top.ts';
+
+/** QEMU's MAX_IN_FLIGHT and MAX_IO_BYTES. */
+const MAX_IN_FLIGHT = 16;
+const MAX_IO_BYTES = 1 << 20;
+/** How long a ready job waits between looks at the bitmap (BLOCK_JOB_SLICE_TIME). */
+const SLICE_MS = 100;
+
+export interface MirrorRunOptions {
+  source: BlockNode;
+  target: BlockNode;
+  bitmap: BdrvDirtyBitmap;
+  /** Bytes in flight at most (buf-size). */
+  bufSize: number;
+  /** Which part of the source is dirty at the start. */
+  sync: 'full' | 'top' | 'none';
+  /** Layers of the source's chain that count as its data for sync (1: the top only). */
+  depth: number;
+  /** Zero the target first (sync full onto an existing image). */
+  zeroTarget: boolean;
+  writeBlocking: boolean;
+  onSourceError: BlockdevOnError;
+  onTargetError: BlockdevOnError;
+}
+
+export class MirrorRun implements MirrorTopWrites {
+  readonly o: MirrorRunOptions;
+  readonly bj: BlockJob;
+  shouldComplete = false;
+  ready = false;
+  #ops = new RangeLock();
+  #inFlight = 0;
+  #bytesInFlight = 0;
+  #opDone: (() => void)[] = [];
+  #error: unknown;
+  #initialZeroing = false;
+  #settleReady!: () => void;
+  /** Resolves when the job is ready, or when its run ends. */
+  readonly whenReady = new Promise<void>((resolve) => {
+    this.#settleReady = resolve;
+  });
+
+  constructor(bj: BlockJob, o: MirrorRunOptions) {
+    this.bj = bj;
+    this.o = o;
+  }
+
+  get granularity(): number {
+    return this.o.bitmap.granularity;
+  }
+
+  /** Copies actively (write-blocking) while the job has not failed or been cancelled. */
+  get #copyToTarget(): boolean {
+    return this.o.writeBlocking && this.#error === undefined && !this.bj.job.isCancelled;
+  }
+
+  async run(): Promise<void> {
+    const { bj, o } = this;
+    const job = bj.job;
+    const size = o.source.size();
+    await this.#dirtyInit(size);
+    let pos = 0;
+    try {
+      for (;;) {
+        if (job.isCancelled) break;
+        if (this.#error !== undefined) throw this.#error;
+        const cnt = o.bitmap.count();
+        job.progressSetRemaining(this.#bytesInFlight + cnt);
+        if (cnt > 0 && this.#inFlight < MAX_IN_FLIGHT && this.#bytesInFlight < o.bufSize) {
+          // One iteration (mirror_iteration): a contiguous dirty area of up to buf-size,
+          // in operations of up to max-io bytes, then the rate limit for all of it.
+          let area = o.bitmap.nextDirtyArea(pos, size, o.bufSize);
+          if (!area) area = o.bitmap.nextDirtyArea(0, size, o.bufSize);
+          if (area) {
+            pos = area.offset + area.length;
+            const max = this.#maxIo();
+            o.bitmap.reset(area.offset, area.length);
+            for (let off = area.offset; off < pos; off += max) {
+              while (this.#inFlight >= MAX_IN_FLIGHT) await this.#waitOp();
+              this.#issue(off, Math.min(max, pos - off));
+            }
+            await bj.rateLimit(area.length);
+            continue;
+          }
+        }
+        if (this.#inFlight > 0) {
+          await this.#waitOp();
+          continue;
+        }
+        if (cnt > 0) continue;
+        if (!this.ready) {
+          await bj.io(() => o.target.flush());
+          bj.transitionToReady();
+          this.ready = true;
+          this.#settleReady();
+        }
+        if (this.shouldComplete || job.cancelRequested) return;
+        await job.sleep(SLICE_MS);
+      }
+    } finally {
+      while (this.#inFlight > 0) await this.#waitOp();
+      this.#settleReady();
+    }
+  }
+
+  /** The longest operation: buf-size / MAX_IN_FLIGHT, at least 1 MiB and a granule. */
+  #maxIo(): number {
+    const g = this.granularity;
+    const max = Math.max(MAX_IO_BYTES, Math.floor(this.o.bufSize / MAX_IN_FLIGHT));
+    return Math.max(g, Math.min(this.o.bufSize, max - (max % g)));
+  }
+
+  /** The bitmap at the start (mirror_dirty_init). */
+  async #dirtyInit(size: number): Promise<void> {
+    const { o, bj } = this;
+    if (o.sync === 'none') return;
+    if (o.zeroTarget) {
+      if (!canZeroWithUnmap(o.target)) {
+        o.bitmap.set(0, size);
+        return;
+      }
+      this.#initialZeroing = true;
+      for (let off = 0; off < size; off += MAX_IO_BYTES * 64) {
+        if (bj.job.isCancelled) return;
+        const n = Math.min(MAX_IO_BYTES * 64, size - off);
+        await bj.io(() => o.target.writeZeroes(off, n, { mayUnmap: true }));
+        await bj.job.pausePoint();
+      }
+      this.#initialZeroing = false;
+    }
+    for (let off = 0; off < size; ) {
+      if (bj.job.isCancelled) return;
+      const s = await bj.io(() => o.source.blockStatus(off, size - off, false));
+      if (s.depth >= 1 && s.depth <= o.depth) o.bitmap.set(off, s.length);
+      off += s.length;
+      await bj.job.pausePoint();
+    }
+  }
+
+  #issue(offset: number, length: number): void {
+    this.o.bitmap.reset(offset, length);
+    this.#inFlight++;
+    this.#bytesInFlight += length;
+    void this.#copy(offset, length).finally(() => {
+      this.#inFlight--;
+      this.#bytesInFlight -= length;
+      for (const w of this.#opDone.splice(0)) w();
+    });
+  }
+
+  #waitOp(): Promise<void> {
+    return new Promise((resolve) => this.#opDone.push(resolve));
+  }
+
+  /** One operation: [offset, +length) from the source to the target (mirror_co_read/zero). */
+  async #copy(offset: number, length: number): Promise<void> {
+    const { o, bj } = this;
+    let reading = true;
+    try {
+      await bj.io(async () => {
+        const hold = await this.#ops.serialise(offset, offset + length);
+        try {
+          await copyRange(o.source, o.target, offset, length, () => {
+            reading = false;
+          });
+        } finally {
+          this.#ops.release(hold);
+        }
+      });
+      if (!this.#initialZeroing) bj.job.progressUpdate(length);
+    } catch (err) {
+      o.bitmap.set(offset, length);
+      const action = bj.errorAction(err, reading, reading ? o.onSourceError : o.onTargetError);
+      if (action === 'report') this.#error ??= err;
+    }
+  }
+
+  /** Write-blocking mode: the guest's write to the source, then to the target (active write). */
+  async active(
+    offset: number,
+    length: number,
+    source: () => Promise<void>,
+    target: (node: ChildNode) => Promise<void>,
+  ): Promise<void> {
+    const g = this.granularity;
+    const start = offset - (offset % g);
+    const end = Math.ceil((offset + length) / g) * g;
+    const hold = await this.#ops.serialise(start, end);
+    try {
+      await source();
+      if (!this.#copyToTarget) return;
+      const job = this.bj.job;
+      job.progressIncreaseRemaining(length);
+      try {
+        await target(this.o.target);
+        // Whole granules the write covered are clean now; partial ones stay dirty.
+        const a = Math.ceil(offset / g) * g;
+        const b = Math.floor((offset + length) / g) * g;
+        if (b > a) this.o.bitmap.reset(a, b - a);
+        job.progressUpdate(length);
+      } catch (err) {
+        this.o.bitmap.set(offset, length);
+        const action = this.bj.errorAction(err, false, this.o.onTargetError);
+        if (action === 'report') this.#error ??= err;
+      }
+    } finally {
+      this.#ops.release(hold);
+    }
+  }
+
+  /**
+   * The last copy, with no request in flight (under the graph's write lock): whatever is
+   * still dirty goes to the target, then the target is flushed.
+   */
+  async finalCopy(): Promise<void> {
+    const { o } = this;
+    for (;;) {
+      const area = o.bitmap.nextDirtyArea(0, o.source.size(), this.#maxIo());
+      if (!area) break;
+      o.bitmap.reset(area.offset, area.length);
+      await copyRange(o.source, o.target, area.offset, area.length);
+      this.bj.job.progressIncreaseRemaining(area.length);
+      this.bj.job.progressUpdate(area.length);
+    }
+    await o.target.flush();
+  }
+}
+
+/** Copies [offset, +length): data read and written, zeros written as zeros (may unmap). */
+async function copyRange(
+  source: BlockNode,
+  target: BlockNode,
+  offset: number,
+  length: number,
+  onRead?: () => void,
+): Promise<void> {
+  let pos = offset;
+  const end = offset + length;
+  while (pos < end) {
+    const s = await source.blockStatus(pos, end - pos, true);
+    const n = s.length;
+    if (s.zero) {
+      onRead?.();
+      await target.writeZeroes(pos, n, { mayUnmap: true });
+    } else {
+      const buf = source.allocBuffer(n);
+      try {
+        const data = buf.subarray(0, n);
+        await source.read(pos, data);
+        onRead?.();
+        await target.write(pos, data);
+      } finally {
+        source.releaseBuffer(buf);
+      }
+    }
+    pos += n;
+  }
+}
+
+/** QEMU bdrv_can_write_zeroes_with_unmap: discard=unmap on a node that can unmap zeros. */
+function canZeroWithUnmap(node: BlockNode): boolean {
+  return node.settings.discard === 'unmap' && !node.readOnly;
+}
