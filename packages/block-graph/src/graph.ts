@@ -354,19 +354,24 @@ export class BlockGraph extends GraphOpener implements BackendHost {
     return this.objects.list();
   }
 
-  /** Closes every backend and node. */
+  /**
+   * Closes every backend and node. A node failing to close (a qcow2 writing its metadata
+   * back) does not keep the others open: they are all closed, then the first error thrown.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
-    for (const b of [...this.backends]) await b.close();
+    let first: unknown;
+    for (const b of [...this.backends]) await b.close().catch((e: unknown) => (first ??= e));
     await this.lock.write(async () => {
       this.closed = true;
       for (;;) {
         const top = [...this.nodes.values()].find((n) => n.parents.size === 0 && n.ownedByUser);
         if (!top) break;
         top.ownedByUser = false;
-        await this.unref(top);
+        await this.unref(top).catch((e: unknown) => (first ??= e));
       }
     });
+    if (first !== undefined) throw first;
   }
 
   // ---------------------------------------------------------------- internals
