@@ -183,4 +183,58 @@ describe('block jobs against qemu-storage-daemon 7.2', () => {
       'top.qcow2',
     );
   });
+
+  /** The chain with each layer's file a node of its own (bf, mf, tf). */
+  const fileNodeArgs = () =>
+    (['base', 'mid', 'top'] as const).flatMap((n, i) => [
+      '--blockdev',
+      `driver=file,node-name=${n[0]}f,filename=${scratch.path(`${n}.qcow2`)}`,
+      '--blockdev',
+      `driver=qcow2,node-name=${n},file=${n[0]}f${i > 0 ? `,backing=${['base', 'mid'][i - 1]}` : ''}`,
+    ]);
+
+  /** What a job's nodes and their files refuse while it runs: blockdev-del and block_resize. */
+  const refusals = async (r: Recorder) => {
+    for (const n of ['base', 'mid', 'top', 'bf', 'mf', 'tf']) {
+      await r.cmd('blockdev-del', { 'node-name': n });
+    }
+    for (const n of ['bf', 'mf', 'tf', 'base', 'mid', 'top']) {
+      await r.cmd('block_resize', { 'node-name': n, size: 8 * MiB });
+    }
+  };
+
+  it('blockdev-del and block_resize refused during a commit, in QEMU words', async () => {
+    await sideBySide(
+      fileNodeArgs(),
+      async (r) => {
+        // Without a job: not found, a backing node, a file node.
+        await r.cmd('blockdev-del', { 'node-name': 'nope' });
+        await r.cmd('blockdev-del', { 'node-name': 'base' });
+        await r.cmd('blockdev-del', { 'node-name': 'bf' });
+        await r.cmd('block-commit', { 'job-id': 'c', device: 'top', 'top-node': 'mid', speed: 1 });
+        await refusals(r);
+        await r.cmd('block-job-set-speed', { device: 'c', speed: 0 });
+        await r.until('JOB_STATUS_CHANGE', 'null');
+      },
+      'top.qcow2',
+    );
+  });
+
+  it('blockdev-del and block_resize refused during a stream, in QEMU words', async () => {
+    await sideBySide(
+      fileNodeArgs(),
+      async (r) => {
+        await r.cmd('block-stream', {
+          'job-id': 's',
+          device: 'top',
+          'base-node': 'base',
+          speed: 1,
+        });
+        await refusals(r);
+        await r.cmd('block-job-set-speed', { device: 's', speed: 0 });
+        await r.until('JOB_STATUS_CHANGE', 'null');
+      },
+      'top.qcow2',
+    );
+  });
 });
