@@ -131,6 +131,25 @@ const READ_ONCE: Rules = {
   ],
 };
 
+/** One EIO on the first write to base's file (the commit's copy, or its allocation). */
+const WRITE_ONCE: Rules = {
+  qsd: [{ event: 'write_aio', errno: 5, once: true }],
+  ours: async () => [{ iotype: 'write', errno: 'EIO', once: true }],
+};
+
+/**
+ * An intermediate commit of mid into base. The backing file name is given: QEMU would
+ * otherwise write base's json: filename (blkdebug makes it one) into top's header.
+ */
+const commit = (onError: string) => ({
+  'job-id': 'c',
+  device: 'top',
+  'top-node': 'mid',
+  'base-node': 'base',
+  'backing-file': scratch.path('base.qcow2'),
+  'on-error': onError,
+});
+
 const stream = (onError: string) => ({
   'job-id': 's',
   device: 'top',
@@ -165,6 +184,29 @@ describe('block job on-error policies against qemu-storage-daemon 7.2', () => {
   it('ignore: the job goes on past the error, then ends failed with it', async () => {
     await sideBySide('mid', READ_ONCE, async (r) => {
       await r.cmd('block-stream', stream('ignore'));
+      await r.until('JOB_STATUS_CHANGE', 'null');
+      await r.cmd('query-block-jobs');
+    });
+  });
+
+  it('commit, stop: a write to base fails, the job pauses; resume retries and completes', async () => {
+    const seen = await sideBySide('base', WRITE_ONCE, async (r) => {
+      await r.cmd('block-commit', commit('stop'));
+      await r.until('JOB_STATUS_CHANGE', 'paused');
+      await r.cmd('query-block-jobs');
+      await r.cmd('block-job-resume', { device: 'c' });
+      await r.until('JOB_STATUS_CHANGE', 'null');
+      await r.cmd('query-block-jobs');
+    });
+    expect(seen).toContainEqual({
+      event: 'BLOCK_JOB_ERROR',
+      data: { device: 'c', operation: 'write', action: 'stop' },
+    });
+  });
+
+  it('commit, report: the job fails with EIO, the chain stays', async () => {
+    await sideBySide('base', WRITE_ONCE, async (r) => {
+      await r.cmd('block-commit', commit('report'));
       await r.until('JOB_STATUS_CHANGE', 'null');
       await r.cmd('query-block-jobs');
     });

@@ -4,17 +4,11 @@
 import { rmSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { run, startQsd, startServe, useScratch } from './harness/daemon.ts';
-import { type QmpMessage, QmpTestClient } from './harness/qmp-client.ts';
+import type { QmpMessage } from './harness/qmp-client.ts';
+import { monitorArgs, Recorder } from './harness/qmp-recorder.ts';
 
 const scratch = useScratch('vmdisk-block-jobs-');
 const MiB = 1 << 20;
-
-const monitorArgs = (qmp: string) => [
-  '--chardev',
-  `socket,id=m0,path=${qmp},server=on,wait=off`,
-  '--monitor',
-  'chardev=m0',
-];
 
 /** base (0x11 at 0-1M) <- mid (0x22 at 1-2M) <- top (0x33 at 3M+512k), 4 MiB, qcow2. */
 async function makeChain(): Promise<void> {
@@ -29,55 +23,6 @@ async function makeChain(): Promise<void> {
   }
   await run('qemu-io', ['-c', 'write -P 0x22 1M 1M', p('mid.qcow2')]);
   await run('qemu-io', ['-c', 'write -P 0x33 3M 512k', p('top.qcow2')]);
-}
-
-/** A message as compared: without its timestamp. */
-const bare = ({ timestamp: _, ...rest }: QmpMessage): QmpMessage => rest;
-
-/** A QMP session that records every reply and event, in order. */
-class Recorder {
-  readonly seen: QmpMessage[] = [];
-  private constructor(readonly client: QmpTestClient) {}
-
-  static async open(qmp: string): Promise<Recorder> {
-    const { client } = await QmpTestClient.connect(qmp);
-    await client.execute({ execute: 'qmp_capabilities' });
-    return new Recorder(client);
-  }
-
-  /** Sends a command; records the events before its reply and the reply (minus `drop` keys of each job). */
-  async cmd(
-    execute: string,
-    args?: Record<string, unknown>,
-    drop: string[] = [],
-  ): Promise<QmpMessage> {
-    this.client.sendRaw(`${JSON.stringify({ execute, ...(args && { arguments: args }) })}\n`);
-    for (;;) {
-      const m = bare(await this.client.next());
-      if ('event' in m) {
-        this.seen.push(m);
-        continue;
-      }
-      const r = m.return;
-      if (Array.isArray(r) && drop.length > 0) {
-        m.return = r.map((j: Record<string, unknown>) =>
-          Object.fromEntries(Object.entries(j).filter(([k]) => !drop.includes(k))),
-        );
-      }
-      this.seen.push(m);
-      return m;
-    }
-  }
-
-  /** Records events until one matches. */
-  async until(event: string, status?: string): Promise<void> {
-    for (;;) {
-      const m = bare(await this.client.next(30_000));
-      this.seen.push(m);
-      const data = m.data as { status?: string } | undefined;
-      if (m.event === event && (status === undefined || data?.status === status)) return;
-    }
-  }
 }
 
 type Daemon = 'qsd' | 'vm-disk';
@@ -234,6 +179,60 @@ describe('block jobs against qemu-storage-daemon 7.2', () => {
         await r.cmd('block-job-set-speed', { device: 'c', speed: 0 });
         await r.until('JOB_STATUS_CHANGE', 'null');
         await r.cmd('query-block-jobs');
+      },
+      'top.qcow2',
+    );
+  });
+
+  /** The chain with each layer's file a node of its own (bf, mf, tf). */
+  const fileNodeArgs = () =>
+    (['base', 'mid', 'top'] as const).flatMap((n, i) => [
+      '--blockdev',
+      `driver=file,node-name=${n[0]}f,filename=${scratch.path(`${n}.qcow2`)}`,
+      '--blockdev',
+      `driver=qcow2,node-name=${n},file=${n[0]}f${i > 0 ? `,backing=${['base', 'mid'][i - 1]}` : ''}`,
+    ]);
+
+  /** What a job's nodes and their files refuse while it runs: blockdev-del and block_resize. */
+  const refusals = async (r: Recorder) => {
+    for (const n of ['base', 'mid', 'top', 'bf', 'mf', 'tf']) {
+      await r.cmd('blockdev-del', { 'node-name': n });
+    }
+    for (const n of ['bf', 'mf', 'tf', 'base', 'mid', 'top']) {
+      await r.cmd('block_resize', { 'node-name': n, size: 8 * MiB });
+    }
+  };
+
+  it('blockdev-del and block_resize refused during a commit, in QEMU words', async () => {
+    await sideBySide(
+      fileNodeArgs(),
+      async (r) => {
+        // Without a job: not found, a backing node, a file node.
+        await r.cmd('blockdev-del', { 'node-name': 'nope' });
+        await r.cmd('blockdev-del', { 'node-name': 'base' });
+        await r.cmd('blockdev-del', { 'node-name': 'bf' });
+        await r.cmd('block-commit', { 'job-id': 'c', device: 'top', 'top-node': 'mid', speed: 1 });
+        await refusals(r);
+        await r.cmd('block-job-set-speed', { device: 'c', speed: 0 });
+        await r.until('JOB_STATUS_CHANGE', 'null');
+      },
+      'top.qcow2',
+    );
+  });
+
+  it('blockdev-del and block_resize refused during a stream, in QEMU words', async () => {
+    await sideBySide(
+      fileNodeArgs(),
+      async (r) => {
+        await r.cmd('block-stream', {
+          'job-id': 's',
+          device: 'top',
+          'base-node': 'base',
+          speed: 1,
+        });
+        await refusals(r);
+        await r.cmd('block-job-set-speed', { device: 's', speed: 0 });
+        await r.until('JOB_STATUS_CHANGE', 'null');
       },
       'top.qcow2',
     );

@@ -3,7 +3,7 @@
 // closes the monitor; it sends no SHUTDOWN event), and a daemon with nothing to serve
 // keeps running until told to stop.
 import { afterEach, describe, expect, it } from 'vitest';
-import { monitorArgs, type RunningProcess, useScratch, waitFor } from './harness/daemon.ts';
+import { monitorArgs, type RunningProcess, run, useScratch, waitFor } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 
 const scratch = useScratch('vmdisk-stop-');
@@ -82,5 +82,26 @@ describe('stopping vm-disk serve', () => {
     expect(await p.exited).toBe(0);
     await waitFor('the stopped log line', () => p.stderr().includes('"event":"stopped"'));
     expect(p.stderr()).not.toMatch(/Warning|unsettled|top-level await/);
+  });
+
+  it('stops with exit status 0 when a node fails to close (EIO flushing a qcow2), as qemu-storage-daemon', async () => {
+    const qmp = scratch.path('qmp.sock');
+    const img = scratch.path('x.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '4M']);
+    const node = {
+      driver: 'qcow2',
+      'node-name': 'x',
+      file: {
+        driver: 'blkdebug',
+        image: { driver: 'file', filename: img },
+        'inject-error': [{ iotype: 'flush', errno: 'EIO' }],
+      },
+    };
+    const p = await serve([...monitorArgs(qmp), '--blockdev', JSON.stringify(node)]);
+    const client = await stayingClient(qmp);
+    expect(await client.execute({ execute: 'quit' })).toEqual({ return: {} });
+    expect(await exitWithin(p, 20_000)).toBe(0);
+    expect(p.stderr()).toContain('"event":"close-failed"');
+    expect(p.stderr()).toContain('"event":"stopped"');
   });
 });

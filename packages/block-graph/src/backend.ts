@@ -37,6 +37,11 @@ export interface BackendOptions {
   shared?: readonly PermissionName[];
   /** Most extents one blockStatus answer carries (default 1024). */
   maxExtents?: number;
+  /**
+   * A block job's hold on a node (QEMU's child_job), named "<type> job '<id>'": the node
+   * is busy for blockdev-del rather than in use, as in QEMU.
+   */
+  jobChild?: boolean;
 }
 
 export interface BackendWriteFlags {
@@ -88,6 +93,10 @@ export class BlockBackend implements ChildParent {
     this.name = name;
     this.options = options;
     this.maxExtents = options.maxExtents ?? 1024;
+  }
+
+  get jobChild(): boolean {
+    return this.options.jobChild ?? false;
   }
 
   /** @internal: the permissions this backend takes and shares. */

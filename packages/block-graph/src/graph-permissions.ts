@@ -6,7 +6,7 @@
 import type { BlockBackend } from './backend.ts';
 import type { BlockDriver } from './driver.ts';
 import { BlockError, BlockErrorCode } from './errors.ts';
-import type { BlockNode, ChildEdge } from './node.ts';
+import type { BlockNode, ChildEdge, ChildParent } from './node.ts';
 import {
   BLK_PERM_ALL,
   BLK_PERM_RESIZE,
@@ -17,6 +17,15 @@ import {
 } from './permissions.ts';
 
 type Perms = { perm: number; shared: number };
+
+/**
+ * A parent as QEMU's permission errors name it (bdrv_child_user_desc): a node, a block
+ * job ("commit job 'c'"), or a BlockBackend (qemu-storage-daemon's are all unnamed).
+ */
+function parentDesc(p: ChildParent): string {
+  if (!p.isBackend) return `node '${p.name}'`;
+  return p.jobChild ? p.name : 'an unnamed block device';
+}
 
 /**
  * Tells the instances that hold something for their permissions (image locks) about the
@@ -108,13 +117,10 @@ export function refreshPermissions(
         if (a === b) continue;
         const conflict = edgePerm.get(a)!.perm & ~edgePerm.get(b)!.shared;
         if (conflict) {
+          // QEMU's wording (bdrv_a_allow_b).
           throw new BlockError(
             BlockErrorCode.PERMISSION_CONFLICT,
-            `conflicts with use by '${b.parent.name}' as '${b.name}', which does not allow ${permNames(
-              conflict,
-            )
-              .map((p) => `'${p}'`)
-              .join(', ')} on node '${n.name}' (wanted by '${a.parent.name}' as '${a.name}')`,
+            `Permission conflict on node '${n.name}': permissions '${permNames(conflict).join(', ')}' are both required by ${parentDesc(a.parent)} (uses node '${n.name}' as '${a.name}' child) and unshared by ${parentDesc(b.parent)} (uses node '${n.name}' as '${b.name}' child).`,
           );
         }
       }

@@ -153,22 +153,39 @@ export class BlockGraph extends GraphOpener implements BackendHost {
     });
   }
 
-  /** blockdev-del: removes a node added by name, refused while it has parents. */
+  /**
+   * blockdev-del: removes a node added by name, refused while it has parents; the checks
+   * and their words in QEMU's order (qmp_blockdev_del).
+   */
   async del(name: string): Promise<void> {
     await this.lock.write(async () => {
-      const node = this.lookup(name);
+      const node = this.nodes.get(name);
+      if (!node) {
+        throw new BlockError(
+          BlockErrorCode.NODE_NOT_FOUND,
+          `Failed to find node with node-name='${name}'`,
+        );
+      }
+      const parents = [...node.parents];
+      if (parents.some((e) => e.parent.isBackend && !e.parent.jobChild)) {
+        throw new BlockError(BlockErrorCode.NODE_IN_USE, `Node ${name} is in use`);
+      }
       checkNotBusy(this, name);
+      const overlay = parents.find((e) => !e.parent.isBackend && e.name === 'backing');
+      if (overlay) {
+        throw new BlockError(
+          BlockErrorCode.NODE_BUSY,
+          `Node '${name}' is busy: node is used as backing hd of '${overlay.parent.name}'`,
+        );
+      }
       if (!node.ownedByUser) {
         throw new BlockError(
           BlockErrorCode.NODE_IN_USE,
-          `node '${name}' was created inline by its parent and goes with it`,
+          `Node ${name} is not owned by the monitor`,
         );
       }
-      if (node.parents.size > 0) {
-        const users = [...node.parents]
-          .map((c) => `'${c.parent.name}' (as '${c.name}')`)
-          .join(', ');
-        throw new BlockError(BlockErrorCode.NODE_IN_USE, `node '${name}' is in use by ${users}`);
+      if (parents.length > 0) {
+        throw new BlockError(BlockErrorCode.NODE_IN_USE, `Block device ${name} is in use`);
       }
       node.ownedByUser = false;
       await this.unref(node);
@@ -412,19 +429,24 @@ export class BlockGraph extends GraphOpener implements BackendHost {
     return this.objects.list();
   }
 
-  /** Closes every backend and node. */
+  /**
+   * Closes every backend and node. A node failing to close (a qcow2 writing its metadata
+   * back) does not keep the others open: they are all closed, then the first error thrown.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
-    for (const b of [...this.backends]) await b.close();
+    let first: unknown;
+    for (const b of [...this.backends]) await b.close().catch((e: unknown) => (first ??= e));
     await this.lock.write(async () => {
       this.closed = true;
       for (;;) {
         const top = [...this.nodes.values()].find((n) => n.parents.size === 0 && n.ownedByUser);
         if (!top) break;
         top.ownedByUser = false;
-        await this.unref(top);
+        await this.unref(top).catch((e: unknown) => (first ??= e));
       }
     });
+    if (first !== undefined) throw first;
   }
 
   // ---------------------------------------------------------------- internals

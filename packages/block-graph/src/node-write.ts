@@ -74,7 +74,13 @@ export abstract class NodeWrite extends NodeRead {
   }
 
   private get canGrow(): boolean {
-    return isProtocol(this.instance) && (this.perm & BLK_PERM_RESIZE) !== 0;
+    if ((this.perm & BLK_PERM_RESIZE) === 0) return false;
+    const inst = this.instance;
+    if (isProtocol(inst)) return true;
+    // A filter passes a write past its end on to its child (blkdebug under a format).
+    return (
+      inst.kind === 'filter' && inst.child.node instanceof NodeWrite && inst.child.node.canGrow
+    );
   }
 
   /** Sets the size of a protocol node (a parent must hold 'resize'). */

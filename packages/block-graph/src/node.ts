@@ -22,6 +22,8 @@ export type { NodeSettings } from './node-settings.ts';
 export interface ChildParent {
   readonly name: string;
   readonly isBackend: boolean;
+  /** A block job's hold on a node (QEMU's child_job), not a user of it (a BlockBackend). */
+  readonly jobChild?: boolean;
 }
 
 /** An edge from a parent to a child node, with the permissions taken and shared. */

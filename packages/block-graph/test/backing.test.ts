@@ -216,7 +216,7 @@ describe('backing chain', () => {
       .add({ driver: 'test-cow', 'node-name': 'two', size: MiB, file: 'f' })
       .catch((e) => e);
     expect(err).toMatchObject({ code: 'ERR_VMDISK_BLOCK_PERMISSION_CONFLICT' });
-    expect(err.message).toMatch(/'one' as 'file'/);
+    expect(err.message).toMatch(/by node 'one' \(uses node 'f' as 'file' child\)/);
     expect(g.hasNode('two')).toBe(false);
     // Even read-only: a reader of metadata shares no writes, and 'one' writes.
     const ro = await g

@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { afterAll, describe, expect, it } from 'vitest';
 import { BlockGraph, BlockIoError } from '../src/index.ts';
 import { pattern, tempDir } from './helpers.ts';
@@ -188,6 +189,35 @@ describe('blkdebug', () => {
     expect(buf.subarray(0, 512).every((x) => x === 7)).toBe(true);
     expect(Buffer.compare(buf.subarray(512), pattern(1, 512, 3584))).toBe(0);
     await g.close();
+  });
+
+  it('under a qcow2, passes its allocations past the end of the file through (the format grows it)', async () => {
+    const path = tmp.path('grow.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', path, '4M']);
+    const g = new BlockGraph();
+    await g.add({
+      driver: 'qcow2',
+      'node-name': 'q',
+      file: {
+        driver: 'blkdebug',
+        'node-name': 'dbg',
+        'inject-error': [{ iotype: 'write', errno: 'EIO', once: true }],
+        image: { driver: 'file', filename: path },
+      },
+    });
+    const b = await g.createBackend('q', { write: true });
+    // The allocation's data write is past the file's end: blkdebug sees it and fails it.
+    await expect(b.write(MiB, pattern(2, 0, 64 * KiB))).rejects.toMatchObject({
+      errnoName: 'EIO',
+      syscall: 'blkdebug',
+    });
+    await b.write(MiB, pattern(2, 0, 64 * KiB));
+    const buf = Buffer.alloc(64 * KiB);
+    await b.read(MiB, buf);
+    expect(Buffer.compare(buf, pattern(2, 0, 64 * KiB))).toBe(0);
+    await b.close();
+    await g.close();
+    execFileSync('qemu-img', ['check', '-q', path]);
   });
 });
 

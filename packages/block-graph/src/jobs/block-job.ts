@@ -197,17 +197,21 @@ export class BlockJob {
   /**
    * Uses a node for the job (QEMU block_job_add_bdrv): a backend taking `perm` and sharing
    * `shared`, and the node busy for other jobs and graph changes until the job ends.
+   * `blk`: the job also does I/O on the node through a BlockBackend of its own in QEMU
+   * (commit's base and top), so that blockdev-del finds it in use rather than busy.
    */
   async addNode(
     name: string,
     perm: readonly PermissionName[],
     shared: readonly PermissionName[],
+    blk = false,
   ): Promise<void> {
     checkNotBusy(this.graph, name);
     const backend = await this.graph.createBackend(name, {
-      name: `block job '${this.id}'`,
+      name: `${this.type} job '${this.id}'`,
       perm,
       shared,
+      jobChild: !blk,
     });
     this.#backends.push(backend);
     blockNodes(this.graph, [name], `block device is in use by block job: ${this.type}`);

@@ -97,8 +97,10 @@ export async function blockCommit(
         base.name,
         ['consistent-read', 'write', 'resize'],
         ['consistent-read', 'write-unchanged'],
+        true,
       );
-      for (const n of committed) await bj.addNode(n.name, ['consistent-read'], ALL);
+      // QEMU reads top through a BlockBackend (s->top); the layers below it are job children.
+      for (const n of committed) await bj.addNode(n.name, ['consistent-read'], ALL, n === top);
       await bj.addNode(overlay.name, [], ALL); // "overlay of top": its backing link changes
       const links: [string, string][] = [[overlay.name, top.name]];
       for (let i = 0; i < baseAt; i++) links.push([topChain[i]!.name, topChain[i + 1]!.name]);

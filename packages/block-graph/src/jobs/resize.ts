@@ -51,10 +51,15 @@ export async function blockResize(graph: BlockGraph, o: BlockResizeOptions): Pro
   if (o.size < 0) {
     throw new BlockError(BlockErrorCode.BAD_OPTION, "Parameter 'size' expects a >0 size");
   }
+  // Blocked by a job, or as a backing node (QEMU's backing blocker): QEMU's words
+  // (QERR_DEVICE_IN_USE with the device argument, NULL without it).
+  let blocked = [...node.parents].some((e) => !e.parent.isBackend && e.name === 'backing');
   try {
     checkNotBusy(graph, node.name);
   } catch {
-    // QEMU's words (QERR_DEVICE_IN_USE with the device argument, NULL without it).
+    blocked = true;
+  }
+  if (blocked) {
     throw new BlockError(BlockErrorCode.NODE_BUSY, `Device '${o.device ?? '(null)'}' is in use`);
   }
   const backend = await graph.createBackend(node.name, {
