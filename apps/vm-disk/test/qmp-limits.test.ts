@@ -75,7 +75,8 @@ describe('QMP input limits', () => {
     // Behaviour checks with wide margins. Nothing of the line is held, but the socket's
     // read buffers are garbage until V8 collects them, which it does once about 64 MiB of
     // them (its external-memory threshold) are outstanding: the peak grows by that much,
-    // less than the line, and no further with a second line.
+    // less than the line, and by well under a line with a second one (when V8 collects
+    // varies with the machine's load: up to about a third of a line was seen).
     expect(after.hwm - before.hwm).toBeLessThan(96);
     await line();
     expect(await client.next(60_000)).toEqual(tooLong);
@@ -84,7 +85,7 @@ describe('QMP input limits', () => {
     console.info(
       `after a second 100 MiB line: rss ${second.rss.toFixed(1)} MiB (peak ${second.hwm.toFixed(1)})`,
     );
-    expect(second.hwm - after.hwm).toBeLessThan(32);
+    expect(second.hwm - after.hwm).toBeLessThan(50);
   }, 120_000);
 
   it('refuses nesting deeper than QEMU allows, and a bare token over the limit', async () => {
