@@ -93,7 +93,12 @@ export function registerBlockJobCommands(monitor: QmpMonitor, daemon: DaemonCont
   });
   monitor.register({
     name: 'block-commit',
-    args: struct({ ...jobCommon, top: opt(str), 'top-node': opt(str) }),
+    args: struct({
+      ...jobCommon,
+      top: opt(str),
+      'top-node': opt(str),
+      'filter-node-name': opt(str),
+    }),
     run: async (args) => {
       await blockCommit(graph, jobs, camel(args));
     },

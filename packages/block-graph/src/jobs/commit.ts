@@ -1,13 +1,15 @@
 // block-commit (QEMU's block/commit.c), the intermediate case: the data of `top` and the
 // layers between it and `base` is copied into base, then top's overlay gets base as its
-// backing and the committed layers go. Active commit (top is the active layer: it needs a
-// filter catching guest writes, as mirror does) is refused for now.
+// backing and the committed layers go. Active commit (top is the active layer) is a
+// mirror into base: commit-active.ts.
 import type { JobRegistry } from '@vmdisk/ao';
 import { BlockError, BlockErrorCode } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
 import type { BlockNode } from '../node.ts';
 import { BlockJob, type BlockJobCommonOptions } from './block-job.ts';
 import { chainOf, findBase, layerFilename } from './chain.ts';
+import { commitActive } from './commit-active.ts';
+import { rootNode } from './mirror.ts';
 import { checkNotBusy } from './op-blockers.ts';
 import { lookupNode } from './resize.ts';
 
@@ -22,6 +24,8 @@ export interface BlockCommitOptions extends BlockJobCommonOptions {
   baseNode?: string;
   /** The name written into the overlay's header for base (default: base's file name). */
   backingFile?: string;
+  /** Active commit: the name of its mirror_top filter. */
+  filterNodeName?: string;
 }
 
 const ALL = ['consistent-read', 'write', 'write-unchanged', 'resize'] as const;
@@ -31,7 +35,7 @@ export async function blockCommit(
   jobs: JobRegistry,
   o: BlockCommitOptions,
 ): Promise<BlockJob> {
-  const active = lookupNode(graph, o.device, o.device) as BlockNode;
+  const active = rootNode(graph, o.device);
   const chain = chainOf(active);
   let top: BlockNode = active;
   if (o.top !== undefined && o.topNode !== undefined) {
@@ -65,12 +69,7 @@ export async function blockCommit(
   if (!base || base === top) {
     throw new BlockError(BlockErrorCode.BAD_JOB, 'cannot commit an image into itself');
   }
-  if (top === active) {
-    throw new BlockError(
-      BlockErrorCode.NOT_SUPPORTED,
-      `Active commit (top '${top.name}' is the active layer of '${active.name}') is not yet supported`,
-    );
-  }
+  if (top === active) return commitActive(graph, jobs, o, top, base as BlockNode);
   if (base.readOnly) {
     throw new BlockError(
       BlockErrorCode.READ_ONLY,

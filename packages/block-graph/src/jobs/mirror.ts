@@ -4,7 +4,7 @@
 // until source and target converge (ready). block-job-complete then pivots: drained, the
 // last dirty ranges are copied and every parent of the filter (exports, the guest's
 // backend) moves to the target; a cancel after ready leaves the target a consistent copy
-// and the source in use. Active commit (commit.ts) is a mirror into the base.
+// and the source in use. Active commit (commit-active.ts) is a mirror into the base.
 import type { JobRegistry } from '@vmdisk/ao';
 import type { BdrvDirtyBitmap } from '../dirty-bitmap.ts';
 import { BlockError, BlockErrorCode } from '../errors.ts';
@@ -89,7 +89,7 @@ function checkMirrorOptions(o: MirrorCommonOptions): void {
  * The node `device` names, which must be a root: no node and no block job above it (QEMU
  * qmp_get_root_bs; a job's backend is no root parent there).
  */
-function rootNode(graph: BlockGraph, device: string): BlockNode {
+export function rootNode(graph: BlockGraph, device: string): BlockNode {
   const node = lookupNode(graph, device, device) as BlockNode;
   // A mirror's job uses its mirror_top (QEMU's job node is the filter).
   if (node.driver === mirrorTopDriver.name) {
