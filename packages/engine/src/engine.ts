@@ -481,6 +481,7 @@ class EngineImpl implements Engine {
     return this.closing.close(async () => {
       const files = [...this.files];
       await Promise.allSettled(files.map((f) => f.close()));
+      this.arena.dispose();
       this.be.destroy();
     });
   }
