@@ -1,7 +1,10 @@
 import { parseArgs } from 'node:util';
-import { BadOptionError, VmDiskError } from './errors.ts';
+import { BadOptionError, UsageError, VmDiskError } from './errors.ts';
 
 export const VERSION = '0.1.0';
+
+/** The subcommands, as the error for an unknown one lists them. */
+export const COMMANDS = ['serve', 'demo', 'create', 'info', 'map', 'convert', 'compare', 'check'];
 
 export function usage(): string {
   return `vm-disk ${VERSION}: the storage side of a virtual machine, in TypeScript on Node.js.
@@ -61,18 +64,31 @@ export async function main(
         return await demo(rest, out);
       }
       case 'create':
+        return await (await import('./img/create.ts')).create(rest, out);
       case 'info':
-      case 'map': {
-        const images = await import('./images.ts');
-        return await images[command](rest, out);
-      }
+        return await (await import('./img/info.ts')).info(rest, out);
+      case 'map':
+        return await (await import('./img/map.ts')).map(rest, out);
+      case 'convert':
+        return await (await import('./img/convert.ts')).convert(rest, out);
+      case 'compare':
+        return await (await import('./img/compare.ts')).compare(rest, out, err);
+      case 'check':
+        return await (await import('./img/check.ts')).check(rest, out, err);
       default:
+        if (command !== undefined && !command.startsWith('-')) {
+          throw new UsageError(
+            `Command not found: ${command}\nKnown commands: ${COMMANDS.join(', ')}`,
+          );
+        }
         return topLevel(argv, out);
     }
   } catch (e) {
     if (e instanceof VmDiskError) {
       err.write(`vm-disk: ${e.message}\n`);
       if (e instanceof BadOptionError) err.write(`Try 'vm-disk --help'.\n`);
+      // As qemu-img: a usage error exits 1, with where to look.
+      if (e instanceof UsageError) err.write(`Try 'vm-disk --help' for more information\n`);
       return e instanceof BadOptionError ? 2 : 1;
     }
     const error = e as { code?: string; message?: string; hint?: unknown };

@@ -90,3 +90,15 @@ export function compressCluster(type: number, data: Uint8Array): Uint8Array {
   if (type === CompressionType.ZSTD) return zlib.zstdCompressSync(data);
   return zlib.deflateRawSync(data);
 }
+
+/**
+ * compressCluster on the thread pool (node:zlib's asynchronous calls), so that several
+ * clusters compress at once and the event loop keeps serving.
+ */
+export function compressClusterAsync(type: number, data: Uint8Array): Promise<Uint8Array> {
+  return new Promise((resolve, reject) => {
+    const done = (err: Error | null, out: Buffer) => (err ? reject(err) : resolve(out));
+    if (type === CompressionType.ZSTD) zlib.zstdCompress(data, done);
+    else zlib.deflateRaw(data, done);
+  });
+}

@@ -5,7 +5,7 @@
 import { Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
 import { write } from './allocation.ts';
 import { encodeL2Compressed } from './cluster-map.ts';
-import { compressCluster, encodeCompressed } from './compress.ts';
+import { compressClusterAsync, encodeCompressed } from './compress.ts';
 import { entryAt, getOrCreateL2 } from './mapping.ts';
 import { allocData } from './overlap.ts';
 import {
@@ -36,7 +36,7 @@ export async function writeCompressed(
     full = new Uint8Array(cs);
     full.set(data);
   }
-  const packed = compressCluster(s.header.compressionType, full);
+  const packed = await compressClusterAsync(s.header.compressionType, full);
   if (packed.length >= cs - 512) {
     await write(s, data, offset);
     return;
