@@ -46,7 +46,8 @@ export async function probeFormat(path: string): Promise<Format> {
 export function couldNotOpen(path: string, e: unknown): unknown {
   if (e instanceof ImageLockError)
     return new ImageLockError(`Could not open '${path}': ${e.message}`, path, { cause: e });
-  if ((e as NodeJS.ErrnoException).code === 'ENOENT')
+  const err = e as { code?: string; errnoName?: string };
+  if (err.code === 'ENOENT' || err.errnoName === 'ENOENT')
     return new Error(`Could not open '${path}': No such file or directory`, { cause: e });
   return e;
 }

@@ -7,7 +7,7 @@ import type { Logger } from '../log.ts';
 const f = Math.fround;
 
 /** printf("%0.2f"): the exact value rounded, ties to even (JS toFixed rounds them up). */
-function percent(v: number): string {
+export function percent(v: number): string {
   const s = v * 100;
   if (Number.isInteger(s * 2) && !Number.isInteger(s)) {
     const n = Math.floor(s) % 2 === 0 ? Math.floor(s) : Math.ceil(s);
