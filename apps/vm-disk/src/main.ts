@@ -33,6 +33,17 @@ Usage:
                             where the image's data is: allocated, zero, or unallocated, by depth
                             (-U, --force-share: read an image another process may be writing;
                             without it, an image in use is refused, as qemu-img refuses it)
+  vm-disk convert [-f FMT] [-O raw|qcow2] [-o K=V,...] [-B BACKING [-F FMT]] [-c] [-n]
+                  [--target-is-zero] [-W] [-m N] [-S SIZE] [-t CACHE] [-T CACHE] [-p] [-U]
+                  [--object OPTS] [--image-opts] [--target-image-opts] SRC DST
+                            copy an image as qemu-img convert does (sparse; -c compressed
+                            qcow2); SRC and DST may be nbd://HOST[:PORT]/EXPORT or
+                            nbd+unix:///EXPORT?socket=PATH
+  vm-disk compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B
+                            whether two images read the same (exit 0 same, 1 different, 2 error)
+  vm-disk check [-f FMT] [-r leaks|all] [--output=human|json] [-q] [-U] FILE
+                            check (and repair) a qcow2 image as qemu-img check does (exit 0
+                            clean, 1 failed, 2 corruptions, 3 leaks, 63 no checks for the format)
   vm-disk --help | --version
 
 Logs go to stderr: JSON lines, or readable lines on a terminal (VMDISK_LOG_FORMAT=json|pretty,

@@ -7,35 +7,12 @@ import type { BlockBackend, Extent } from '@vmdisk/block-graph';
 import { UsageError } from '../errors.ts';
 import { createLogger } from '../log.ts';
 import { imgArgs } from './args.ts';
+import { ExtentCursor } from './extents.ts';
 import { checkCacheMode, imageGraph, openImage } from './open.ts';
 import { ImgProgress } from './progress.ts';
 
 const IO_BUF_SIZE = 2 << 20;
 const SECTOR = 512;
-
-/** Block status from a moving offset, asked for in large answers and consumed in pieces. */
-class ExtentCursor {
-  private extents: Extent[] = [];
-  private at = 0;
-
-  constructor(
-    private readonly backend: BlockBackend,
-    private readonly end: number,
-  ) {}
-
-  /** The extent at `offset` (the cursor's position), from `offset` on. */
-  async current(offset: number): Promise<Extent> {
-    while (this.extents.length > 0 && this.at + this.extents[0]!.length <= offset) {
-      this.at += this.extents.shift()!.length;
-    }
-    if (this.extents.length === 0) {
-      this.at = offset;
-      this.extents = await this.backend.blockStatus(offset, this.end - offset);
-    }
-    const e = this.extents[0]!;
-    return { ...e, length: this.at + e.length - offset };
-  }
-}
 
 /** QEMU's block status bits as compare -s compares them (ALLOCATED, DATA, ZERO). */
 const statusBits = (e: Extent): number =>

@@ -14,6 +14,7 @@ import { BadOptionError, ImageCommandError, UsageError } from '../errors.ts';
 import { createLogger } from '../log.ts';
 import { imgArgs, intArg } from './args.ts';
 import { createImage } from './create.ts';
+import { ExtentCursor } from './extents.ts';
 import { checkCacheMode, imageGraph, nbdUri, openImage, sizeArg } from './open.ts';
 import { ImgProgress } from './progress.ts';
 
@@ -29,6 +30,32 @@ function isZero(buf: Uint8Array): boolean {
     if (!Buffer.from(buf.buffer, buf.byteOffset + at, n).equals(ZERO.subarray(0, n))) return false;
   }
   return true;
+}
+
+/**
+ * Whether each grain of `data` (grains aligned at `offset` in the image, the first and last
+ * possibly shorter) is all zeros: one pass over 32-bit words, a data grain left at its
+ * first non-zero word (no object per grain).
+ */
+function zeroGrains(data: Uint8Array, offset: number, grain: number): boolean[] {
+  const out: boolean[] = [];
+  const aligned = data.byteOffset % 4 === 0 && data.length % 4 === 0 && grain % 4 === 0;
+  const words = aligned ? new Int32Array(data.buffer, data.byteOffset, data.length / 4) : null;
+  for (let at = 0; at < data.length; ) {
+    const to = Math.min(data.length, at + grain - ((offset + at) % grain));
+    let zero = true;
+    if (words && at % 4 === 0 && to % 4 === 0) {
+      for (let w = at / 4; w < to / 4; w++) {
+        if (words[w] !== 0) {
+          zero = false;
+          break;
+        }
+      }
+    } else zero = isZero(data.subarray(at, to));
+    out.push(zero);
+    at = to;
+  }
+  return out;
 }
 
 export interface ConvertOptions {
@@ -68,12 +95,20 @@ export async function copyImage(
   const chunk = unit ?? CHUNK;
   // Zero runs are found in blocks of -S bytes, and no smaller than the target's cluster.
   const grain = Math.max(o.minSparse, dst.compressedUnit ?? 512);
+  const status = new ExtentCursor(src, size);
   let next = 0;
   let done = 0;
   let failed: unknown;
   let writeTail: Promise<void> = Promise.resolve();
 
-  const take = async (): Promise<Item | undefined> => {
+  // Windows are taken one at a time (the cursor moves forward only), in order.
+  let taking: Promise<unknown> = Promise.resolve();
+  const take = (): Promise<Item | undefined> => {
+    const p = taking.then(takeNext);
+    taking = p.catch(() => {});
+    return p;
+  };
+  const takeNext = async (): Promise<Item | undefined> => {
     if (next >= size || failed !== undefined) return undefined;
     const offset = next;
     const length = Math.min(chunk - (offset % chunk), size - offset);
@@ -86,12 +121,10 @@ export async function copyImage(
     });
     const extents: Extent[] = [];
     for (let at = offset; at < offset + length; ) {
-      for (const e of await src.blockStatus(at, offset + length - at)) {
-        const n = Math.min(e.length, offset + length - at);
-        extents.push({ ...e, length: n });
-        at += n;
-        if (at >= offset + length) break;
-      }
+      const e = await status.current(at);
+      const n = Math.min(e.length, offset + length - at);
+      extents.push({ ...e, length: n });
+      at += n;
     }
     return { offset, length, extents, before, release };
   };
@@ -101,27 +134,21 @@ export async function copyImage(
     await dst.writeZeroes(offset, length);
   };
 
-  /** Writes what was read of one window (data runs written, zero runs skipped or zeroed). */
-  const writeItem = async (item: Item, buf: Uint8Array | undefined): Promise<void> => {
-    if (!buf) return zeroes(item.offset, item.length);
-    if (o.compress) {
-      if (!isZero(buf)) await dst.writeCompressed(item.offset, buf);
-      else await zeroes(item.offset, item.length);
-      return;
-    }
-    if (o.minSparse === 0) return dst.write(item.offset, buf);
-    // Runs of whole grains (aligned in the image) that are zero or not.
-    let runStart = item.offset;
+  /** Writes data at offset, its zero runs of whole grains skipped or zeroed (-S). */
+  const writeData = async (offset: number, data: Uint8Array): Promise<void> => {
+    if (o.minSparse === 0) return dst.write(offset, data);
+    const end = offset + data.length;
+    let runStart = offset;
     let runZero: boolean | undefined;
-    const end = item.offset + item.length;
     const flush = async (to: number) => {
       if (to <= runStart) return;
       if (runZero) await zeroes(runStart, to - runStart);
-      else await dst.write(runStart, buf.subarray(runStart - item.offset, to - item.offset));
+      else await dst.write(runStart, data.subarray(runStart - offset, to - offset));
     };
-    for (let at = item.offset; at < end; ) {
+    const zeros = zeroGrains(data, offset, grain);
+    let at = offset;
+    for (const zero of zeros) {
       const to = Math.min(end, at - (at % grain) + grain);
-      const zero = isZero(buf.subarray(at - item.offset, to - item.offset));
       if (runZero !== undefined && zero !== runZero) {
         await flush(at);
         runStart = at;
@@ -132,34 +159,53 @@ export async function copyImage(
     await flush(end);
   };
 
-  const worker = async (): Promise<void> => {
+  /**
+   * What becomes of each extent of a window: read and written ('data'), written as zeros
+   * without reading ('fill': -S 0), zeroed ('zero'), or left to the backing file ('skip').
+   */
+  const plan = (e: Extent): 'data' | 'fill' | 'zero' | 'skip' => {
+    if (o.targetHasBacking && e.depth !== 1) return 'skip';
+    if (!e.zero) return 'data';
+    return o.minSparse === 0 ? 'fill' : 'zero';
+  };
+
+  const copyItem = async (item: Item, buf: Uint8Array): Promise<void> => {
+    const kinds = item.extents.map(plan);
+    let at = item.offset;
+    // Reads first (in parallel with other windows), then the writes in order.
+    for (const [i, e] of item.extents.entries()) {
+      const part = buf.subarray(at - item.offset, at - item.offset + e.length);
+      if (kinds[i] === 'data') await src.read(at, part);
+      else if (kinds[i] === 'fill' || o.compress) part.fill(0);
+      at += e.length;
+    }
+    if (!o.outOfOrder) await item.before;
+    if (o.compress) {
+      // A whole cluster: compressed unless it is all zeros.
+      const data = buf.subarray(0, item.length);
+      if (kinds.some((k) => k === 'data') && !isZero(data))
+        await dst.writeCompressed(item.offset, data);
+      else if (!kinds.every((k) => k === 'skip')) await zeroes(item.offset, item.length);
+      return;
+    }
+    at = item.offset;
+    for (const [i, e] of item.extents.entries()) {
+      const part = buf.subarray(at - item.offset, at - item.offset + e.length);
+      if (kinds[i] === 'data') await writeData(at, part);
+      else if (kinds[i] === 'fill') await dst.write(at, part);
+      else if (kinds[i] === 'zero') await zeroes(at, e.length);
+      at += e.length;
+    }
+  };
+
+  // One buffer for all workers, a window each, reused: one allocation (and one io_uring
+  // buffer registration) for the whole copy.
+  const arena = src.allocBuffer(chunk * o.parallel);
+  const worker = async (index: number): Promise<void> => {
+    const buf = arena.subarray(index * chunk, (index + 1) * chunk);
     for (let item = await take(); item; item = await take()) {
       try {
-        let buf: Uint8Array | undefined;
-        const allZero = item.extents.every((e) => e.zero);
-        const fromBacking = o.targetHasBacking && item.extents.every((e) => e.depth !== 1);
-        if (fromBacking) {
-          // Left to the target's backing file.
-        } else if (!allZero || o.minSparse === 0) {
-          buf = src.allocBuffer(item.length);
-          let at = item.offset;
-          for (const e of item.extents) {
-            const part = buf.subarray(at - item.offset, at - item.offset + e.length);
-            if (e.zero) part.fill(0);
-            else if (o.targetHasBacking && e.depth !== 1) part.fill(0);
-            else await src.read(at, part);
-            at += e.length;
-          }
-        }
-        if (!o.outOfOrder) await item.before;
-        try {
-          if (!fromBacking) {
-            if (o.targetHasBacking && buf) await writeTopLayer(item, buf);
-            else await writeItem(item, buf);
-          }
-        } finally {
-          if (buf) src.releaseBuffer(buf);
-        }
+        await copyItem(item, buf);
         done += item.length;
         o.onProgress?.(done, size);
       } catch (e) {
@@ -170,22 +216,11 @@ export async function copyImage(
     }
   };
 
-  /** With -B: only the runs the source's top layer holds are written. */
-  const writeTopLayer = async (item: Item, buf: Uint8Array): Promise<void> => {
-    let at = item.offset;
-    for (const e of item.extents) {
-      if (e.depth === 1) {
-        const sub = { offset: at, length: e.length, extents: [e] };
-        await writeItem(
-          sub,
-          e.zero ? undefined : buf.subarray(at - item.offset, at - item.offset + e.length),
-        );
-      }
-      at += e.length;
-    }
-  };
-
-  await Promise.all(Array.from({ length: o.parallel }, worker));
+  try {
+    await Promise.all(Array.from({ length: o.parallel }, (_, i) => worker(i)));
+  } finally {
+    src.releaseBuffer(arena);
+  }
   if (failed !== undefined) throw failed;
   await dst.flush();
 }
