@@ -4,7 +4,17 @@ import { BadOptionError, UsageError, VmDiskError } from './errors.ts';
 export const VERSION = '0.1.0';
 
 /** The subcommands, as the error for an unknown one lists them. */
-export const COMMANDS = ['serve', 'demo', 'create', 'info', 'map', 'convert', 'compare', 'check'];
+export const COMMANDS = [
+  'serve',
+  'demo',
+  'create',
+  'info',
+  'map',
+  'convert',
+  'compare',
+  'check',
+  'resize',
+];
 
 export function usage(): string {
   return `vm-disk ${VERSION}: the storage side of a virtual machine, in TypeScript on Node.js.
@@ -44,6 +54,8 @@ Usage:
   vm-disk check [-f FMT] [-r leaks|all] [--output=human|json] [-q] [-U] FILE
                             check (and repair) a qcow2 image as qemu-img check does (exit 0
                             clean, 1 failed, 2 corruptions, 3 leaks, 63 no checks for the format)
+  vm-disk resize [-f FMT] [--shrink] [-q] FILE [+|-]SIZE
+                            change an image's virtual size as qemu-img resize does
   vm-disk --help | --version
 
 Logs go to stderr: JSON lines, or readable lines on a terminal (VMDISK_LOG_FORMAT=json|pretty,
@@ -86,6 +98,8 @@ export async function main(
         return await (await import('./img/compare.ts')).compare(rest, out, err);
       case 'check':
         return await (await import('./img/check.ts')).check(rest, out, err);
+      case 'resize':
+        return await (await import('./img/resize.ts')).resize(rest, out);
       default:
         if (command !== undefined && !command.startsWith('-')) {
           throw new UsageError(
