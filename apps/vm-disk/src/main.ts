@@ -56,6 +56,8 @@ Usage:
                             clean, 1 failed, 2 corruptions, 3 leaks, 63 no checks for the format)
   vm-disk resize [-f FMT] [--shrink] [-q] FILE [+|-]SIZE
                             change an image's virtual size as qemu-img resize does
+  vm-disk dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
+                            copy part of an image into a new one as qemu-img dd does
   vm-disk --help | --version
 
 Logs go to stderr: JSON lines, or readable lines on a terminal (VMDISK_LOG_FORMAT=json|pretty,
@@ -100,6 +102,8 @@ export async function main(
         return await (await import('./img/check.ts')).check(rest, out, err);
       case 'resize':
         return await (await import('./img/resize.ts')).resize(rest, out);
+      case 'dd':
+        return await (await import('./img/dd.ts')).dd(rest, out, err);
       default:
         if (command !== undefined && !command.startsWith('-')) {
           throw new UsageError(
