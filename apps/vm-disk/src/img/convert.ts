@@ -323,7 +323,9 @@ export async function convert(
         format: values['target-image-opts'] ? undefined : format,
         imageOpts: values['target-image-opts'],
         readOnly: false,
-        cache: values.cache,
+        // qemu-img convert's default for the target: no flushes (the copy is redone if it
+        // is lost; -t writeback or stricter to have it flushed).
+        cache: values.cache ?? 'unsafe',
       },
       'target',
     );
