@@ -6,7 +6,7 @@ import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { sharedEngine } from '@vmdisk/engine';
 import { BadOptionError } from './errors.ts';
-import { create } from './images.ts';
+import { create } from './img/create.ts';
 import { createLogger } from './log.ts';
 import { startDaemon } from './root.ts';
 import { serveUntilStopped } from './serve.ts';

@@ -1,7 +1,20 @@
 import { parseArgs } from 'node:util';
-import { BadOptionError, VmDiskError } from './errors.ts';
+import { BadOptionError, UsageError, VmDiskError } from './errors.ts';
 
 export const VERSION = '0.1.0';
+
+/** The subcommands, as the error for an unknown one lists them. */
+export const COMMANDS = [
+  'serve',
+  'demo',
+  'create',
+  'info',
+  'map',
+  'convert',
+  'compare',
+  'check',
+  'resize',
+];
 
 export function usage(): string {
   return `vm-disk ${VERSION}: the storage side of a virtual machine, in TypeScript on Node.js.
@@ -30,6 +43,21 @@ Usage:
                             where the image's data is: allocated, zero, or unallocated, by depth
                             (-U, --force-share: read an image another process may be writing;
                             without it, an image in use is refused, as qemu-img refuses it)
+  vm-disk convert [-f FMT] [-O raw|qcow2] [-o K=V,...] [-B BACKING [-F FMT]] [-c] [-n]
+                  [--target-is-zero] [-W] [-m N] [-S SIZE] [-t CACHE] [-T CACHE] [-p] [-U]
+                  [--object OPTS] [--image-opts] [--target-image-opts] SRC DST
+                            copy an image as qemu-img convert does (sparse; -c compressed
+                            qcow2); SRC and DST may be nbd://HOST[:PORT]/EXPORT or
+                            nbd+unix:///EXPORT?socket=PATH
+  vm-disk compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B
+                            whether two images read the same (exit 0 same, 1 different, 2 error)
+  vm-disk check [-f FMT] [-r leaks|all] [--output=human|json] [-q] [-U] FILE
+                            check (and repair) a qcow2 image as qemu-img check does (exit 0
+                            clean, 1 failed, 2 corruptions, 3 leaks, 63 no checks for the format)
+  vm-disk resize [-f FMT] [--shrink] [-q] FILE [+|-]SIZE
+                            change an image's virtual size as qemu-img resize does
+  vm-disk dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
+                            copy part of an image into a new one as qemu-img dd does
   vm-disk --help | --version
 
 Logs go to stderr: JSON lines, or readable lines on a terminal (VMDISK_LOG_FORMAT=json|pretty,
@@ -61,18 +89,35 @@ export async function main(
         return await demo(rest, out);
       }
       case 'create':
+        return await (await import('./img/create.ts')).create(rest, out);
       case 'info':
-      case 'map': {
-        const images = await import('./images.ts');
-        return await images[command](rest, out);
-      }
+        return await (await import('./img/info.ts')).info(rest, out);
+      case 'map':
+        return await (await import('./img/map.ts')).map(rest, out);
+      case 'convert':
+        return await (await import('./img/convert.ts')).convert(rest, out);
+      case 'compare':
+        return await (await import('./img/compare.ts')).compare(rest, out, err);
+      case 'check':
+        return await (await import('./img/check.ts')).check(rest, out, err);
+      case 'resize':
+        return await (await import('./img/resize.ts')).resize(rest, out);
+      case 'dd':
+        return await (await import('./img/dd.ts')).dd(rest, out, err);
       default:
+        if (command !== undefined && !command.startsWith('-')) {
+          throw new UsageError(
+            `Command not found: ${command}\nKnown commands: ${COMMANDS.join(', ')}`,
+          );
+        }
         return topLevel(argv, out);
     }
   } catch (e) {
     if (e instanceof VmDiskError) {
       err.write(`vm-disk: ${e.message}\n`);
       if (e instanceof BadOptionError) err.write(`Try 'vm-disk --help'.\n`);
+      // As qemu-img: a usage error exits 1, with where to look.
+      if (e instanceof UsageError) err.write(`Try 'vm-disk --help' for more information\n`);
       return e instanceof BadOptionError ? 2 : 1;
     }
     const error = e as { code?: string; message?: string; hint?: unknown };

@@ -344,6 +344,13 @@ export interface FormatInstance extends InstanceBase {
   /** Sets the virtual size (block_resize), drained. Absent: the size cannot change. */
   truncate?(size: number): Promise<void>;
   /**
+   * Writes one whole cluster compressed (qemu-img convert -c), `offset` cluster aligned;
+   * the last cluster of the disk may be shorter. Absent: the format cannot compress.
+   */
+  writeCompressed?(offset: number, buf: Uint8Array): Promise<void>;
+  /** The unit writeCompressed takes (the cluster size). */
+  readonly compressedUnit?: number;
+  /**
    * Writes another backing file name and format into the image (null: none), drained
    * (QEMU bdrv_change_backing_file: stream and commit at their end).
    */

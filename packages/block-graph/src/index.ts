@@ -46,6 +46,12 @@ export {
 } from './drivers/qcow2/create.ts';
 export { parseHeader as parseQcow2Header, type Qcow2Header } from './drivers/qcow2/header.ts';
 export {
+  checkQcow2Image,
+  Qcow2CheckFailed,
+  type Qcow2CheckFix,
+  type Qcow2ImageCheck,
+} from './drivers/qcow2/repair.ts';
+export {
   BackingChainError,
   BlockError,
   BlockErrorCode,

@@ -188,7 +188,7 @@ export async function computeReferences(
 }
 
 /** Reads the refcount of every cluster below `nb` from the image's refcount structures. */
-async function readRefcounts(
+export async function readRefcounts(
   file: Qcow2File,
   h: Qcow2Header,
   nb: number,

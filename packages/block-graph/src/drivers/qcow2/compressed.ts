@@ -5,7 +5,7 @@
 import { Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
 import { write } from './allocation.ts';
 import { encodeL2Compressed } from './cluster-map.ts';
-import { compressCluster, encodeCompressed } from './compress.ts';
+import { compressClusterAsync, encodeCompressed } from './compress.ts';
 import { entryAt, getOrCreateL2 } from './mapping.ts';
 import { allocData } from './overlap.ts';
 import {
@@ -36,7 +36,7 @@ export async function writeCompressed(
     full = new Uint8Array(cs);
     full.set(data);
   }
-  const packed = compressCluster(s.header.compressionType, full);
+  const packed = await compressClusterAsync(s.header.compressionType, full);
   if (packed.length >= cs - 512) {
     await write(s, data, offset);
     return;
@@ -67,7 +67,12 @@ export async function writeCompressed(
   }
 }
 
-/** Host bytes for compressed data, each host cluster they touch counted once more. */
+/**
+ * Host bytes for compressed data, each host cluster they touch counted once more. As
+ * QEMU's qcow2_alloc_bytes, the data continues into freshly allocated clusters when they
+ * follow the current one, so that compressed clusters are packed end to end (not one
+ * host cluster per compressed cluster when each takes more than half of one).
+ */
 async function allocBytes(s: Qcow2State, size: number): Promise<number> {
   const cs = s.clusterSize;
   return s.bytesMutex.run(async () => {
@@ -83,7 +88,28 @@ async function allocBytes(s: Qcow2State, size: number): Promise<number> {
         if (!(err instanceof Qcow2Error) || err.code !== Qcow2ErrorCode.REFCOUNT_OVERFLOW)
           throw err;
         // refcount_bits too small to share the cluster: start a new one.
+        s.byteTail = null;
       }
+    }
+    const tail = s.byteTail;
+    if (tail && tail.end > tail.offset) {
+      // Continue after the current cluster if what is allocated next follows it.
+      const more = Math.ceil((size - (tail.end - tail.offset)) / cs);
+      const next = await allocData(s, more);
+      if (next === tail.end) {
+        try {
+          await s.refcounts.update(tail.offset - (tail.offset % cs), 1, 1);
+          const at = tail.offset;
+          const end = next + more * cs;
+          s.byteTail = at + size < end ? { offset: at + size, end } : null;
+          return at;
+        } catch (err) {
+          if (!(err instanceof Qcow2Error) || err.code !== Qcow2ErrorCode.REFCOUNT_OVERFLOW)
+            throw err;
+        }
+      }
+      // Not contiguous (or the current cluster cannot be shared): give those back.
+      freeLater(s, next, more * cs);
     }
     const n = Math.ceil(size / cs);
     const base = await allocData(s, n);

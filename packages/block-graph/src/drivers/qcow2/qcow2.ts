@@ -142,6 +142,14 @@ class Qcow2Instance implements FormatInstance {
     return this.image.resize(size);
   }
 
+  get compressedUnit(): number {
+    return this.image.clusterSize;
+  }
+
+  writeCompressed(offset: number, buf: Uint8Array): Promise<void> {
+    return this.image.writeCompressed(buf, offset);
+  }
+
   changeBackingFile(filename: string | null, format: string | null): Promise<void> {
     return this.image.changeBackingFile(filename, format);
   }

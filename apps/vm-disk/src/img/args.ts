@@ -1,0 +1,56 @@
+// Command-line parsing for the image subcommands, with qemu-img's words for what it
+// refuses ("unrecognized option '--frob'"), which exit with status 1 as qemu-img's do.
+import { type ParseArgsOptionsConfig, parseArgs } from 'node:util';
+import { UsageError } from '../errors.ts';
+
+export function imgArgs<const T extends ParseArgsOptionsConfig>(
+  argv: readonly string[],
+  options: T,
+) {
+  try {
+    return parseArgs({ args: [...argv], options, allowPositionals: true, strict: true });
+  } catch (e) {
+    const err = e as { code?: string; message: string };
+    const named = /'(-[^']*)'/.exec(err.message)?.[1] ?? '';
+    if (err.code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') {
+      throw new UsageError(
+        named.startsWith('--')
+          ? `unrecognized option '${named}'`
+          : `invalid option -- '${named.slice(1)}'`,
+        { cause: e },
+      );
+    }
+    if (err.code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') {
+      const opt = /(--?[\w-]+)/.exec(err.message)?.[1] ?? named;
+      throw new UsageError(
+        opt.startsWith('--')
+          ? `option '${opt}' requires an argument`
+          : `option requires an argument -- '${opt.slice(1)}'`,
+        { cause: e },
+      );
+    }
+    throw new UsageError(err.message, { cause: e });
+  }
+}
+
+/** A number option (-m 16), refused with qemu-img's message when it is not one. */
+export function intArg(
+  text: string | undefined,
+  what: string,
+  min: number,
+  max: number,
+): number | undefined {
+  if (text === undefined) return undefined;
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || n < min || n > max) {
+    throw new UsageError(`Invalid ${what}. Allowed ${what} is between ${min} and ${max}`);
+  }
+  return n;
+}
+
+/** --output: human or json. */
+export function outputFormat(text: string | undefined): 'human' | 'json' {
+  if (text === undefined || text === 'human') return 'human';
+  if (text === 'json') return 'json';
+  throw new UsageError(`--output must be used with human or json as argument.`);
+}
