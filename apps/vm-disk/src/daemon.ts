@@ -54,7 +54,10 @@ export class Daemon implements DaemonControl {
   private readonly stopped: Promise<void>;
   private markStopped!: () => void;
 
-  constructor(readonly log: Logger) {
+  readonly log: Logger;
+
+  constructor(log: Logger) {
+    this.log = log;
     this.monitor = new QmpMonitor(QMP_VERSION, log.child({ component: 'qmp' }));
     this.jobs = new JobRegistry({
       events: {

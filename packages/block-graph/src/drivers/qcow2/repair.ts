@@ -36,8 +36,10 @@ export interface Qcow2CheckFix {
 
 /** Thrown when the refcount structures need a rebuild that `errors` does not allow. */
 export class Qcow2CheckFailed extends Error {
-  constructor(readonly result: Qcow2ImageCheck) {
+  readonly result: Qcow2ImageCheck;
+  constructor(result: Qcow2ImageCheck) {
     super('Input/output error');
+    this.result = result;
   }
 }
 
