@@ -37,7 +37,10 @@ class Io {
   ended = false;
   readonly closed: Promise<void>;
 
-  constructor(readonly sock: net.Socket) {
+  readonly sock: net.Socket;
+
+  constructor(sock: net.Socket) {
+    this.sock = sock;
     sock.on('data', (d: Buffer) => {
       this.buf = Buffer.concat([this.buf, d]);
       this.wake?.();

@@ -8,7 +8,10 @@ export class QemuIoSession {
   private done = false;
   private wake: (() => void) | undefined;
 
-  private constructor(private readonly child: ChildProcess) {
+  private readonly child: ChildProcess;
+
+  private constructor(child: ChildProcess) {
+    this.child = child;
     for (const stream of [child.stdout!, child.stderr!]) {
       stream.setEncoding('utf8').on('data', (d: string) => {
         this.out += d;
