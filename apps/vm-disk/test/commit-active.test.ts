@@ -1,9 +1,18 @@
+// Active commit (block-commit with top = the active layer) side by side with
+// qemu-storage-daemon 7.2: the same QMP sequence on both gives the same replies, events
+// (in order, timestamps aside), graph (the implicit mirror_top above top during the job)
+// and resulting images; then an active commit under live writes through top's export,
+// completed, with every acknowledged write in base afterwards.
 import { QemuIoSession } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
 import { run, useScratch } from './harness/daemon.ts';
 import type { QmpMessage } from './harness/qmp-client.ts';
 import { monitorArgs, Recorder } from './harness/qmp-recorder.ts';
-import { sideBySide as compare, makeChain as makeChainIn } from './harness/side-by-side.ts';
+import {
+  chainBlockdevs,
+  sideBySide as compare,
+  makeChain as makeChainIn,
+} from './harness/side-by-side.ts';
 
 const scratch = useScratch('vmdisk-commit-active-');
 const MiB = 1 << 20;
@@ -17,17 +26,7 @@ const CHAIN = {
 };
 const makeChain = () => makeChainIn(scratch, CHAIN);
 
-const chainArgs = (): string[] => {
-  const p = scratch.path.bind(scratch);
-  return [
-    '--blockdev',
-    `driver=qcow2,node-name=base,file.driver=file,file.filename=${p('base.qcow2')}`,
-    '--blockdev',
-    `driver=qcow2,node-name=mid,backing=base,file.driver=file,file.filename=${p('mid.qcow2')}`,
-    '--blockdev',
-    `driver=qcow2,node-name=top,backing=mid,file.driver=file,file.filename=${p('top.qcow2')}`,
-  ];
-};
+const chainArgs = (): string[] => chainBlockdevs(scratch);
 
 /**
  * query-named-block-nodes as compared: each format or filter node's name (implicit ones

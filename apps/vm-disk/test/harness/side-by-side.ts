@@ -110,3 +110,17 @@ export async function sideBySide(scratch: Scratch, s: SideBySide): Promise<QmpMe
   }
   return ours!.seen;
 }
+
+/** `--blockdev` arguments for the chain base <- mid <- top, `opts` (`k=v,`...) on each qcow2 node. */
+export function chainBlockdevs(scratch: Scratch, opts = ''): string[] {
+  const layer = (name: string, backing?: string) =>
+    `driver=qcow2,node-name=${name},${opts}${backing ? `backing=${backing},` : ''}file.driver=file,file.filename=${scratch.path(`${name}.qcow2`)}`;
+  return [
+    '--blockdev',
+    layer('base'),
+    '--blockdev',
+    layer('mid', 'base'),
+    '--blockdev',
+    layer('top', 'mid'),
+  ];
+}
