@@ -8,6 +8,7 @@ import { describe, expect, it } from 'vitest';
 import { run, useScratch } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 import { monitorArgs } from './harness/qmp-recorder.ts';
+import { chainBlockdevs, makeChain as makeChainIn } from './harness/side-by-side.ts';
 
 const scratch = useScratch('vmdisk-block-job-crash-');
 const MiB = 1 << 20;
@@ -23,30 +24,14 @@ const CACHES = 'l2-cache-size=8192,refcount-cache-size=16384';
  * base (0x11 at 0-1M and 6-8M) <- mid (0x22 at 1-6M) <- top (0x33 at 3M+512k), 8 MiB,
  * qcow2: both jobs allocate in the layer they write (stream in top, commit in base).
  */
-async function makeChain(): Promise<void> {
-  const p = scratch.path.bind(scratch);
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', ...SMALL, p('base.qcow2'), `${SIZE}`]);
-  await run('qemu-io', ['-c', 'write -P 0x11 0 1M', '-c', 'write -P 0x11 6M 2M', p('base.qcow2')]);
-  for (const [img, below] of [
-    ['mid.qcow2', 'base.qcow2'],
-    ['top.qcow2', 'mid.qcow2'],
-  ] as const) {
-    await run('qemu-img', [
-      'create',
-      '-q',
-      '-f',
-      'qcow2',
-      ...SMALL,
-      '-b',
-      below,
-      '-F',
-      'qcow2',
-      p(img),
-    ]);
-  }
-  await run('qemu-io', ['-c', 'write -P 0x22 1M 5M', p('mid.qcow2')]);
-  await run('qemu-io', ['-c', 'write -P 0x33 3M 512k', p('top.qcow2')]);
-}
+const makeChain = () =>
+  makeChainIn(scratch, {
+    size: `${SIZE}`,
+    create: SMALL,
+    base: ['write -P 0x11 0 1M', 'write -P 0x11 6M 2M'],
+    mid: ['write -P 0x22 1M 5M'],
+    top: ['write -P 0x33 3M 512k'],
+  });
 
 /** The size of the layer `name`'s file: it grows as a job writes data clusters into it. */
 const fileSize = (name: string): number => statSync(scratch.path(`${name}.qcow2`)).size;
@@ -59,18 +44,7 @@ async function ownBytes(name: string): Promise<number> {
   return map.filter((e) => e.depth === 0 && e.data).reduce((n, e) => n + e.length, 0);
 }
 
-const chainArgs = () => {
-  const layer = (name: string, backing?: string) =>
-    `driver=qcow2,node-name=${name},${CACHES},${backing ? `backing=${backing},` : ''}file.driver=file,file.filename=${scratch.path(`${name}.qcow2`)}`;
-  return [
-    '--blockdev',
-    layer('base'),
-    '--blockdev',
-    layer('mid', 'base'),
-    '--blockdev',
-    layer('top', 'mid'),
-  ];
-};
+const chainArgs = () => chainBlockdevs(scratch, `${CACHES},`);
 
 /**
  * Every layer of the chain under `top` checks without corruption or error. Leaked clusters

@@ -5,42 +5,19 @@
 // a request type and range, here the host range of that data (qemu-img map), so that both
 // fail the same request.
 import { describe, expect, it } from 'vitest';
-import { run, startQsd, startServe, useScratch } from './harness/daemon.ts';
-import type { QmpMessage } from './harness/qmp-client.ts';
-import { monitorArgs, Recorder } from './harness/qmp-recorder.ts';
+import { run, useScratch } from './harness/daemon.ts';
+import type { Recorder } from './harness/qmp-recorder.ts';
+import { sideBySide as compare, makeChain } from './harness/side-by-side.ts';
 
 const scratch = useScratch('vmdisk-block-job-errors-');
 
 /** base (0x11 at 0-1M) <- mid (0x22 at 1-2M) <- top (0x33 at 3M+512k), 4 MiB, qcow2. */
-async function makeChain(): Promise<void> {
-  const p = scratch.path.bind(scratch);
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', p('base.qcow2'), '4M']);
-  await run('qemu-io', ['-c', 'write -P 0x11 0 1M', p('base.qcow2')]);
-  await run('qemu-img', [
-    'create',
-    '-q',
-    '-f',
-    'qcow2',
-    '-b',
-    'base.qcow2',
-    '-F',
-    'qcow2',
-    p('mid.qcow2'),
-  ]);
-  await run('qemu-img', [
-    'create',
-    '-q',
-    '-f',
-    'qcow2',
-    '-b',
-    'mid.qcow2',
-    '-F',
-    'qcow2',
-    p('top.qcow2'),
-  ]);
-  await run('qemu-io', ['-c', 'write -P 0x22 1M 1M', p('mid.qcow2')]);
-  await run('qemu-io', ['-c', 'write -P 0x33 3M 512k', p('top.qcow2')]);
-}
+const CHAIN = {
+  size: '4M',
+  base: ['write -P 0x11 0 1M'],
+  mid: ['write -P 0x22 1M 1M'],
+  top: ['write -P 0x33 3M 512k'],
+};
 
 type Rule = Record<string, unknown>;
 
@@ -80,47 +57,14 @@ function chainArgsOf(on: 'base' | 'mid', rules: Rule[]): string[] {
   ];
 }
 
-/** What the chain reads as (raw), its layers checked clean, and its backing chain. */
-async function imageState(top: string): Promise<{ info: unknown; raw: string }> {
-  const info = JSON.parse(
-    await run('qemu-img', ['info', '--backing-chain', '--output=json', top]),
-  ) as Record<string, unknown>[];
-  for (const layer of info) {
-    await run('qemu-img', ['check', '-f', String(layer.format), String(layer.filename)]);
-    delete layer['actual-size'];
-    delete layer['dirty-flag'];
-  }
-  const raw = scratch.path(`state-${Math.random().toString(36).slice(2)}.raw`);
-  await run('qemu-img', ['convert', '-O', 'raw', top, raw]);
-  return { info, raw };
-}
-
 /** Runs `scenario` on a fresh chain with each daemon and compares what they did and left. */
-async function sideBySide(
-  on: 'base' | 'mid',
-  rules: Rules,
-  scenario: (r: Recorder) => Promise<void>,
-) {
-  const out: { seen: QmpMessage[]; info: unknown; raw: string }[] = [];
-  for (const which of ['qsd', 'vm-disk'] as const) {
-    await makeChain();
-    const qmp = scratch.path(`${which}.qmp`);
-    const given = which === 'qsd' ? rules.qsd : await rules.ours();
-    const all = [...monitorArgs(qmp), ...chainArgs(on, given)];
-    const p = which === 'qsd' ? await startQsd(all, qmp) : await startServe(all);
-    scratch.running.push(p);
-    const r = await Recorder.open(qmp);
-    await scenario(r);
-    await r.cmd('quit');
-    await p.exited;
-    r.client.close();
-    out.push({ seen: r.seen, ...(await imageState(scratch.path('top.qcow2'))) });
-  }
-  const [qsd, ours] = out;
-  expect(ours!.seen).toEqual(qsd!.seen);
-  expect(ours!.info).toEqual(qsd!.info);
-  await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', qsd!.raw, ours!.raw]);
-  return ours!.seen;
+function sideBySide(on: 'base' | 'mid', rules: Rules, scenario: (r: Recorder) => Promise<void>) {
+  return compare(scratch, {
+    prepare: () => makeChain(scratch, CHAIN),
+    args: async (which) => chainArgs(on, which === 'qsd' ? rules.qsd : await rules.ours()),
+    scenario,
+    results: ['top.qcow2'],
+  });
 }
 
 /** One EIO on the first read of mid's data. */

@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { run, useScratch } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
 import { monitorArgs } from './harness/qmp-recorder.ts';
+import { chainBlockdevs, makeChain as makeChainIn } from './harness/side-by-side.ts';
 
 const scratch = useScratch('vmdisk-block-job-live-io-');
 const KiB = 1024;
@@ -14,31 +15,18 @@ const MiB = 1 << 20;
 const SIZE = 8 * MiB;
 
 /** base (0x11 at 0-1M and 6-8M) <- mid (0x22 at 1-6M) <- top (0x33 at 3M+512k), qcow2. */
-async function makeChain(): Promise<void> {
-  const p = scratch.path.bind(scratch);
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', p('base.qcow2'), `${SIZE}`]);
-  await run('qemu-io', ['-c', 'write -P 0x11 0 1M', '-c', 'write -P 0x11 6M 2M', p('base.qcow2')]);
-  for (const [img, below] of [
-    ['mid.qcow2', 'base.qcow2'],
-    ['top.qcow2', 'mid.qcow2'],
-  ] as const) {
-    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', below, '-F', 'qcow2', p(img)]);
-  }
-  await run('qemu-io', ['-c', 'write -P 0x22 1M 5M', p('mid.qcow2')]);
-  await run('qemu-io', ['-c', 'write -P 0x33 3M 512k', p('top.qcow2')]);
-}
+const makeChain = () =>
+  makeChainIn(scratch, {
+    size: `${SIZE}`,
+    base: ['write -P 0x11 0 1M', 'write -P 0x11 6M 2M'],
+    mid: ['write -P 0x22 1M 5M'],
+    top: ['write -P 0x33 3M 512k'],
+  });
 
 const serveArgs = (qmp: string, nbd: string) => {
-  const layer = (name: string, backing?: string) =>
-    `driver=qcow2,node-name=${name},${backing ? `backing=${backing},` : ''}file.driver=file,file.filename=${scratch.path(`${name}.qcow2`)}`;
   return [
     ...monitorArgs(qmp),
-    '--blockdev',
-    layer('base'),
-    '--blockdev',
-    layer('mid', 'base'),
-    '--blockdev',
-    layer('top', 'mid'),
+    ...chainBlockdevs(scratch),
     '--nbd-server',
     `addr.type=unix,addr.path=${nbd}`,
     '--export',

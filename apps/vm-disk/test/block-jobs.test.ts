@@ -2,77 +2,37 @@
 // the same QMP sequence on both gives the same replies, events (in order, timestamps
 // aside) and resulting images (guest data, backing chain, qemu-img check clean).
 import { rmSync } from 'node:fs';
-import { describe, expect, it } from 'vitest';
-import { run, startQsd, startServe, useScratch } from './harness/daemon.ts';
-import type { QmpMessage } from './harness/qmp-client.ts';
-import { monitorArgs, Recorder } from './harness/qmp-recorder.ts';
+import { describe, it } from 'vitest';
+import { useScratch } from './harness/daemon.ts';
+import type { Recorder } from './harness/qmp-recorder.ts';
+import { sideBySide as compare, makeChain } from './harness/side-by-side.ts';
 
 const scratch = useScratch('vmdisk-block-jobs-');
 const MiB = 1 << 20;
 
 /** base (0x11 at 0-1M) <- mid (0x22 at 1-2M) <- top (0x33 at 3M+512k), 4 MiB, qcow2. */
-async function makeChain(): Promise<void> {
-  const p = scratch.path.bind(scratch);
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', p('base.qcow2'), '4M']);
-  await run('qemu-io', ['-c', 'write -P 0x11 0 1M', p('base.qcow2')]);
-  for (const [img, below] of [
-    ['mid.qcow2', 'base.qcow2'],
-    ['top.qcow2', 'mid.qcow2'],
-  ] as const) {
-    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', below, '-F', 'qcow2', p(img)]);
-  }
-  await run('qemu-io', ['-c', 'write -P 0x22 1M 1M', p('mid.qcow2')]);
-  await run('qemu-io', ['-c', 'write -P 0x33 3M 512k', p('top.qcow2')]);
-}
+const CHAIN = {
+  size: '4M',
+  base: ['write -P 0x11 0 1M'],
+  mid: ['write -P 0x22 1M 1M'],
+  top: ['write -P 0x33 3M 512k'],
+};
 
-type Daemon = 'qsd' | 'vm-disk';
-
-async function startDaemon(which: Daemon, args: string[]): Promise<() => Promise<unknown>> {
-  const qmp = scratch.path(`${which}.qmp`);
-  const all = [...monitorArgs(qmp), ...args];
-  const p = which === 'qsd' ? await startQsd(all, qmp) : await startServe(all);
-  scratch.running.push(p);
-  return () => p.exited;
-}
-
-/** What an image chain reads as, and its backing chain as qemu-img shows it. */
-async function imageState(top: string): Promise<{ info: unknown; raw: string }> {
-  const info = JSON.parse(
-    await run('qemu-img', ['info', '--backing-chain', '--output=json', top]),
-  ) as Record<string, unknown>[];
-  for (const layer of info) {
-    await run('qemu-img', ['check', '-f', String(layer.format), String(layer.filename)]);
-    delete layer['actual-size'];
-    delete layer['dirty-flag'];
-  }
-  const raw = scratch.path(`state-${Math.random().toString(36).slice(2)}.raw`);
-  await run('qemu-img', ['convert', '-O', 'raw', top, raw]);
-  return { info, raw };
-}
-
-/** Runs `scenario` on a fresh chain with each daemon; returns what each recorded and left. */
+/** Runs `scenario` on a fresh chain with each daemon; compares what each recorded and left. */
 async function sideBySide(
   args: string[],
   scenario: (r: Recorder) => Promise<void>,
   result: string,
 ): Promise<void> {
-  const out: { seen: QmpMessage[]; info: unknown; raw: string }[] = [];
-  for (const which of ['qsd', 'vm-disk'] as const) {
-    for (const f of ['base', 'mid', 'top', 'snap'])
-      rmSync(scratch.path(`${f}.qcow2`), { force: true });
-    await makeChain();
-    const exited = await startDaemon(which, args);
-    const r = await Recorder.open(scratch.path(`${which}.qmp`));
-    await scenario(r);
-    await r.cmd('quit');
-    await exited();
-    r.client.close();
-    out.push({ seen: r.seen, ...(await imageState(scratch.path(result))) });
-  }
-  const [qsd, ours] = out;
-  expect(ours!.seen).toEqual(qsd!.seen);
-  expect(ours!.info).toEqual(qsd!.info);
-  await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', qsd!.raw, ours!.raw]);
+  await compare(scratch, {
+    prepare: async () => {
+      rmSync(scratch.path('snap.qcow2'), { force: true });
+      await makeChain(scratch, CHAIN);
+    },
+    args: () => args,
+    scenario,
+    results: [result],
+  });
 }
 
 const topArgs = () => [

@@ -3,43 +3,30 @@
 // (in order, timestamps aside), graph (the implicit mirror_top above top during the job)
 // and resulting images; then an active commit under live writes through top's export,
 // completed, with every acknowledged write in base afterwards.
-import { rmSync } from 'node:fs';
 import { QemuIoSession } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
-import { run, startQsd, startServe, useScratch } from './harness/daemon.ts';
+import { run, useScratch } from './harness/daemon.ts';
 import type { QmpMessage } from './harness/qmp-client.ts';
 import { monitorArgs, Recorder } from './harness/qmp-recorder.ts';
+import {
+  chainBlockdevs,
+  sideBySide as compare,
+  makeChain as makeChainIn,
+} from './harness/side-by-side.ts';
 
 const scratch = useScratch('vmdisk-commit-active-');
 const MiB = 1 << 20;
 
 /** base (0x11 at 0-1M) <- mid (0x22 at 1M+512k) <- top (0x33 at 3M+64k), 4 MiB, qcow2. */
-async function makeChain(): Promise<void> {
-  const p = scratch.path.bind(scratch);
-  for (const f of ['base.qcow2', 'mid.qcow2', 'top.qcow2']) rmSync(p(f), { force: true });
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', p('base.qcow2'), '4M']);
-  await run('qemu-io', ['-c', 'write -P 0x11 0 1M', p('base.qcow2')]);
-  for (const [img, below] of [
-    ['mid.qcow2', 'base.qcow2'],
-    ['top.qcow2', 'mid.qcow2'],
-  ] as const) {
-    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', below, '-F', 'qcow2', p(img)]);
-  }
-  await run('qemu-io', ['-c', 'write -P 0x22 1M 512k', p('mid.qcow2')]);
-  await run('qemu-io', ['-c', 'write -P 0x33 3M 64k', '-c', 'write -z 512k 64k', p('top.qcow2')]);
-}
-
-const chainArgs = (): string[] => {
-  const p = scratch.path.bind(scratch);
-  return [
-    '--blockdev',
-    `driver=qcow2,node-name=base,file.driver=file,file.filename=${p('base.qcow2')}`,
-    '--blockdev',
-    `driver=qcow2,node-name=mid,backing=base,file.driver=file,file.filename=${p('mid.qcow2')}`,
-    '--blockdev',
-    `driver=qcow2,node-name=top,backing=mid,file.driver=file,file.filename=${p('top.qcow2')}`,
-  ];
+const CHAIN = {
+  size: '4M',
+  base: ['write -P 0x11 0 1M'],
+  mid: ['write -P 0x22 1M 512k'],
+  top: ['write -P 0x33 3M 64k', 'write -z 512k 64k'],
 };
+const makeChain = () => makeChainIn(scratch, CHAIN);
+
+const chainArgs = (): string[] => chainBlockdevs(scratch);
 
 /**
  * query-named-block-nodes as compared: each format or filter node's name (implicit ones
@@ -62,48 +49,14 @@ async function graphOf(r: Recorder): Promise<void> {
 /** An image's file name (QEMU shows a node with options as json:{..., "filename": ...}). */
 const fileOf = (filename: string): string => /([^/"]+)"?\}*$/.exec(filename)?.[1] ?? filename;
 
-/** What an image chain reads as and what qemu-img says of it (each layer checked clean). */
-async function imageState(img: string): Promise<{ info: unknown; raw: string }> {
-  const info = JSON.parse(
-    await run('qemu-img', ['info', '--backing-chain', '--output=json', img]),
-  ) as Record<string, unknown>[];
-  for (const layer of info) {
-    await run('qemu-img', ['check', '-f', String(layer.format), String(layer.filename)]);
-    delete layer['actual-size'];
-    delete layer['dirty-flag'];
-  }
-  const raw = scratch.path(`state-${Math.random().toString(36).slice(2)}.raw`);
-  await run('qemu-img', ['convert', '-O', 'raw', img, raw]);
-  return { info, raw };
-}
-
 /** Runs `scenario` on qemu-storage-daemon then vm-disk; compares sessions and images. */
 async function sideBySide(scenario: (r: Recorder) => Promise<void>): Promise<void> {
-  type State = { info: unknown; raw: string };
-  const out: { seen: QmpMessage[]; base: State; top: State }[] = [];
-  for (const which of ['qsd', 'vm-disk'] as const) {
-    await makeChain();
-    const qmp = scratch.path(`${which}.qmp`);
-    const args = [...monitorArgs(qmp), ...chainArgs()];
-    const p = which === 'qsd' ? await startQsd(args, qmp) : await startServe(args);
-    scratch.running.push(p);
-    const r = await Recorder.open(qmp);
-    await scenario(r);
-    await r.cmd('quit');
-    await p.exited;
-    r.client.close();
-    out.push({
-      seen: r.seen,
-      base: await imageState(scratch.path('base.qcow2')),
-      top: await imageState(scratch.path('top.qcow2')),
-    });
-  }
-  const [qsd, ours] = out;
-  expect(ours!.seen).toEqual(qsd!.seen);
-  for (const which of ['base', 'top'] as const) {
-    expect(ours![which].info).toEqual(qsd![which].info);
-    await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', qsd![which].raw, ours![which].raw]);
-  }
+  await compare(scratch, {
+    prepare: makeChain,
+    args: chainArgs,
+    scenario,
+    results: ['base.qcow2', 'top.qcow2'],
+  });
 }
 
 describe('active commit against qemu-storage-daemon 7.2', () => {

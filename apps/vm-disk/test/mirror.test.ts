@@ -2,46 +2,17 @@
 // same QMP sequence on both gives the same replies, events (in order, timestamps aside,
 // the implicit mirror_top's generated name aside) and resulting images.
 import { rmSync } from 'node:fs';
-import { describe, expect, it } from 'vitest';
-import { run, startQsd, startServe, useScratch } from './harness/daemon.ts';
-import { type QmpMessage, QmpTestClient } from './harness/qmp-client.ts';
+import { describe, it } from 'vitest';
+import { run, useScratch } from './harness/daemon.ts';
+import type { QmpMessage } from './harness/qmp-client.ts';
+import type { Recorder } from './harness/qmp-recorder.ts';
+import { sideBySide as compare } from './harness/side-by-side.ts';
 
 const scratch = useScratch('vmdisk-mirror-');
 
 /** A message as compared: no timestamp, generated node names (#block123) alike. */
 const bare = ({ timestamp: _, ...rest }: QmpMessage): QmpMessage =>
   JSON.parse(JSON.stringify(rest).replace(/#block\d+/g, '#blockN')) as QmpMessage;
-
-class Recorder {
-  readonly seen: QmpMessage[] = [];
-  private constructor(readonly client: QmpTestClient) {}
-
-  static async open(qmp: string): Promise<Recorder> {
-    const { client } = await QmpTestClient.connect(qmp);
-    await client.execute({ execute: 'qmp_capabilities' });
-    return new Recorder(client);
-  }
-
-  /** Sends a command; records the events before its reply, and the reply. */
-  async cmd(execute: string, args?: Record<string, unknown>): Promise<QmpMessage> {
-    this.client.sendRaw(`${JSON.stringify({ execute, ...(args && { arguments: args }) })}\n`);
-    for (;;) {
-      const m = bare(await this.client.next());
-      this.seen.push(m);
-      if (!('event' in m)) return m;
-    }
-  }
-
-  /** Records events until one matches. */
-  async until(event: string, status?: string): Promise<void> {
-    for (;;) {
-      const m = bare(await this.client.next(30_000));
-      this.seen.push(m);
-      const data = m.data as { status?: string } | undefined;
-      if (m.event === event && (status === undefined || data?.status === status)) return;
-    }
-  }
-}
 
 /** src: 4 MiB qcow2 with data at 0-1M and 3M+64k; dst: an empty 4 MiB qcow2. */
 async function makeImages(): Promise<void> {
@@ -66,46 +37,14 @@ const daemonArgs = () => {
   ];
 };
 
-/** What an image reads as and what qemu-img says of it (check clean). */
-async function imageState(img: string): Promise<{ info: unknown; raw: string }> {
-  const info = JSON.parse(
-    await run('qemu-img', ['info', '--backing-chain', '--output=json', img]),
-  ) as Record<string, unknown>[];
-  for (const layer of info) {
-    await run('qemu-img', ['check', '-f', String(layer.format), String(layer.filename)]);
-    delete layer['actual-size'];
-    delete layer['dirty-flag'];
-  }
-  const raw = scratch.path(`state-${Math.random().toString(36).slice(2)}.raw`);
-  await run('qemu-img', ['convert', '-O', 'raw', img, raw]);
-  return { info, raw };
-}
-
 async function sideBySide(scenario: (r: Recorder) => Promise<void>, result: string): Promise<void> {
-  const out: { seen: QmpMessage[]; info: unknown; raw: string }[] = [];
-  for (const which of ['qsd', 'vm-disk'] as const) {
-    await makeImages();
-    const qmp = scratch.path(`${which}.qmp`);
-    const args = [
-      '--chardev',
-      `socket,id=m0,path=${qmp},server=on,wait=off`,
-      '--monitor',
-      'chardev=m0',
-      ...daemonArgs(),
-    ];
-    const p = which === 'qsd' ? await startQsd(args, qmp) : await startServe(args);
-    scratch.running.push(p);
-    const r = await Recorder.open(qmp);
-    await scenario(r);
-    await r.cmd('quit');
-    await p.exited;
-    r.client.close();
-    out.push({ seen: r.seen, ...(await imageState(scratch.path(result))) });
-  }
-  const [qsd, ours] = out;
-  expect(ours!.seen).toEqual(qsd!.seen);
-  expect(ours!.info).toEqual(qsd!.info);
-  await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', qsd!.raw, ours!.raw]);
+  await compare(scratch, {
+    prepare: makeImages,
+    args: daemonArgs,
+    scenario,
+    results: [result],
+    bare,
+  });
 }
 
 describe('mirror against qemu-storage-daemon 7.2', () => {

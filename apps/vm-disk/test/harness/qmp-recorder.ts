@@ -16,12 +16,18 @@ export const monitorArgs = (qmp: string): string[] => [
 
 export class Recorder {
   readonly seen: QmpMessage[] = [];
-  private constructor(readonly client: QmpTestClient) {}
+  readonly client: QmpTestClient;
+  private readonly bare: (m: QmpMessage) => QmpMessage;
+  private constructor(client: QmpTestClient, normalize: (m: QmpMessage) => QmpMessage) {
+    this.client = client;
+    this.bare = normalize;
+  }
 
-  static async open(qmp: string): Promise<Recorder> {
+  /** A session on `qmp` that records messages as `normalize` makes them. */
+  static async open(qmp: string, normalize = bare): Promise<Recorder> {
     const { client } = await QmpTestClient.connect(qmp);
     await client.execute({ execute: 'qmp_capabilities' });
-    return new Recorder(client);
+    return new Recorder(client, normalize);
   }
 
   /** Sends a command; records the events before its reply and the reply (minus `drop` keys of each job). */
@@ -32,7 +38,7 @@ export class Recorder {
   ): Promise<QmpMessage> {
     this.client.sendRaw(`${JSON.stringify({ execute, ...(args && { arguments: args }) })}\n`);
     for (;;) {
-      const m = bare(await this.client.next(30_000));
+      const m = this.bare(await this.client.next(30_000));
       if ('event' in m) {
         this.seen.push(m);
         continue;
@@ -51,7 +57,7 @@ export class Recorder {
   /** Records events until one matches (and returns it). */
   async until(event: string, status?: string): Promise<QmpMessage> {
     for (;;) {
-      const m = bare(await this.client.next(30_000));
+      const m = this.bare(await this.client.next(30_000));
       this.seen.push(m);
       const data = m.data as { status?: string } | undefined;
       if (m.event === event && (status === undefined || data?.status === status)) return m;

@@ -9,6 +9,7 @@ import type { BlockNode } from '../node.ts';
 import { BlockJob, type BlockJobCommonOptions } from './block-job.ts';
 import { chainOf, findBase, layerFilename } from './chain.ts';
 import { commitActive } from './commit-active.ts';
+import { copyChunks } from './copy-loop.ts';
 import { rootNode } from './mirror.ts';
 import { checkNotBusy } from './op-blockers.ts';
 import { lookupNode } from './resize.ts';
@@ -121,47 +122,21 @@ export async function blockCommit(
   );
 }
 
-async function run(bj: BlockJob, top: BlockNode, base: BlockNode, baseAt: number): Promise<void> {
-  const job = bj.job;
-  const len = top.size();
-  job.progressSetRemaining(len);
-  let firstError: unknown;
-  let offset = 0;
-  while (offset < len) {
-    if (job.isCancelled) return;
-    const want = Math.min(CHUNK, len - offset);
-    let n = want;
-    let copied = 0;
-    let reading = true;
+function run(bj: BlockJob, top: BlockNode, base: BlockNode, baseAt: number): Promise<void> {
+  return copyChunks(bj, top.size(), CHUNK, async (offset, want, c) => {
+    const s = await top.blockStatus(offset, want, false);
+    c.n = s.length;
+    // Allocated in top or a layer between it and base (depth 1 .. baseAt).
+    if (s.depth < 1 || s.depth > baseAt) return;
+    const buf = top.allocBuffer(c.n);
     try {
-      await bj.io(async () => {
-        const s = await top.blockStatus(offset, want, false);
-        n = s.length;
-        // Allocated in top or a layer between it and base (depth 1 .. baseAt).
-        if (s.depth < 1 || s.depth > baseAt) return;
-        const buf = top.allocBuffer(n);
-        try {
-          const data = buf.subarray(0, n);
-          await top.read(offset, data);
-          reading = false;
-          await base.write(offset, data);
-          copied = n;
-        } finally {
-          top.releaseBuffer(buf);
-        }
-      });
-    } catch (err) {
-      const action = bj.errorAction(err, reading);
-      if (action === 'stop') {
-        await bj.afterStop();
-        continue;
-      }
-      firstError ??= err;
-      if (action === 'report') throw err;
+      const data = buf.subarray(0, c.n);
+      await top.read(offset, data);
+      c.reading = false;
+      await base.write(offset, data);
+      c.copied = c.n;
+    } finally {
+      top.releaseBuffer(buf);
     }
-    offset += n;
-    job.progressUpdate(n);
-    await bj.rateLimit(copied);
-  }
-  if (firstError !== undefined) throw firstError;
+  });
 }

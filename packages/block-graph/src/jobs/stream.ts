@@ -14,6 +14,7 @@ import type { BlockGraph } from '../graph.ts';
 import type { BlockNode } from '../node.ts';
 import { BlockJob, type BlockJobCommonOptions } from './block-job.ts';
 import { chainOf, findBase, layerFilename } from './chain.ts';
+import { copyChunks } from './copy-loop.ts';
 import { checkNotBusy } from './op-blockers.ts';
 import { lookupNode } from './resize.ts';
 
@@ -93,52 +94,26 @@ async function needsCopy(
   return { copy: s.depth >= 2 && s.depth <= baseAt, length: s.length };
 }
 
-async function run(bj: BlockJob, top: BlockNode, baseAt: number): Promise<void> {
-  const job = bj.job;
-  const len = top.size();
-  job.progressSetRemaining(len);
-  let firstError: unknown;
-  let offset = 0;
-  while (offset < len) {
-    if (job.isCancelled) return;
-    const want = Math.min(CHUNK, len - offset);
-    let n = want;
-    let copied = 0;
-    let reading = true;
+function run(bj: BlockJob, top: BlockNode, baseAt: number): Promise<void> {
+  return copyChunks(bj, top.size(), CHUNK, async (offset, want, c) => {
+    const r = await needsCopy(top, offset, want, baseAt);
+    c.n = r.length;
+    if (!r.copy) return;
+    const hold = await top.serialise(offset, offset + c.n);
+    const buf = top.allocBuffer(c.n);
     try {
-      await bj.io(async () => {
-        const r = await needsCopy(top, offset, want, baseAt);
-        n = r.length;
-        if (!r.copy) return;
-        const hold = await top.serialise(offset, offset + n);
-        const buf = top.allocBuffer(n);
-        try {
-          // Again under the hold: a guest write may have allocated it meanwhile.
-          const again = await needsCopy(top, offset, n, baseAt);
-          n = again.length;
-          if (!again.copy) return;
-          const data = buf.subarray(0, n);
-          await top.readBelow(offset, data);
-          reading = false;
-          await top.write(offset, data, { owner: hold });
-          copied = n;
-        } finally {
-          top.releaseBuffer(buf);
-          top.release(hold);
-        }
-      });
-    } catch (err) {
-      const action = bj.errorAction(err, reading);
-      if (action === 'stop') {
-        await bj.afterStop();
-        continue;
-      }
-      firstError ??= err;
-      if (action === 'report') throw err;
+      // Again under the hold: a guest write may have allocated it meanwhile.
+      const again = await needsCopy(top, offset, c.n, baseAt);
+      c.n = again.length;
+      if (!again.copy) return;
+      const data = buf.subarray(0, c.n);
+      await top.readBelow(offset, data);
+      c.reading = false;
+      await top.write(offset, data, { owner: hold });
+      c.copied = c.n;
+    } finally {
+      top.releaseBuffer(buf);
+      top.release(hold);
     }
-    offset += n;
-    job.progressUpdate(n);
-    await bj.rateLimit(copied);
-  }
-  if (firstError !== undefined) throw firstError;
+  });
 }
