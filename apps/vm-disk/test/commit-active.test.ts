@@ -117,29 +117,11 @@ describe('active commit under live I/O', () => {
     const p = scratch.path.bind(scratch);
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', p('base.qcow2'), '64M']);
     await run('qemu-io', ['-c', 'write -P 0x11 0 8M', p('base.qcow2')]);
-    await run('qemu-img', [
-      'create',
-      '-q',
-      '-f',
-      'qcow2',
-      '-b',
-      'base.qcow2',
-      '-F',
-      'qcow2',
-      p('mid.qcow2'),
-    ]);
+    const overlay = (backing: string, file: string) =>
+      run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', backing, '-F', 'qcow2', p(file)]);
+    await overlay('base.qcow2', 'mid.qcow2');
     await run('qemu-io', ['-c', 'write -P 0x22 8M 8M', p('mid.qcow2')]);
-    await run('qemu-img', [
-      'create',
-      '-q',
-      '-f',
-      'qcow2',
-      '-b',
-      'mid.qcow2',
-      '-F',
-      'qcow2',
-      p('top.qcow2'),
-    ]);
+    await overlay('mid.qcow2', 'top.qcow2');
     await run('qemu-io', ['-c', 'write -P 0x33 16M 24M', p('top.qcow2')]);
     const qmp = p('a.qmp');
     const sock = p('a.sock');

@@ -3,6 +3,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { BdrvDirtyBitmap, BlockGraph, blockResize, defaultGranularity } from '../src/index.ts';
 import type { BlockNode } from '../src/node.ts';
 import { pattern, qemuImg, tempDir } from './helpers.ts';
+import { rng } from './qcow2-helpers.ts';
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -11,19 +12,6 @@ afterAll(() => tmp.cleanup());
 
 function qemuIo(...args: string[]): void {
   execFileSync('qemu-io', args);
-}
-
-/** A deterministic pseudo-random sequence (xorshift32). */
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x / 2 ** 32;
-  };
 }
 
 describe('BdrvDirtyBitmap', () => {

@@ -228,6 +228,18 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
   };
   if (opts.signal?.aborted) onAbort();
   opts.signal?.addEventListener('abort', onAbort, { once: true });
+  /** The outcome of a handshake without options (oldstyle, or newstyle not fixed). */
+  const plain = (handshake: 'oldstyle' | 'newstyle', size: number, flags: number): Negotiated => ({
+    socket: current,
+    tls: false,
+    size,
+    flags,
+    structuredReplies: false,
+    extendedHeaders: false,
+    contexts: new Map(),
+    handshake,
+    leftover: reader.detach(),
+  });
   try {
     const nameBytes = encodeString(opts.exportName, 'export name');
     const contextQueries = opts.metaContexts.map((c) => encodeString(c, 'meta context name'));
@@ -253,17 +265,7 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
       const rest = await reader.read(8 + 4 + 124);
       const size = checkSize(rest.readBigUInt64BE(0));
       const flags = rest.readUInt32BE(8) & 0xffff;
-      return {
-        socket: current,
-        tls: false,
-        size,
-        flags,
-        structuredReplies: false,
-        extendedHeaders: false,
-        contexts: new Map(),
-        handshake: 'oldstyle',
-        leftover: reader.detach(),
-      };
+      return plain('oldstyle', size, flags);
     }
     if (magic2 !== IHAVEOPT) throw protocolError('unknown handshake magic after NBDMAGIC');
     const hsFlags = (await reader.read(2)).readUInt16BE(0);
@@ -314,17 +316,7 @@ export async function negotiate(socket: Socket, opts: NegotiateOptions): Promise
         );
       }
       const { size, flags } = await exportName();
-      return {
-        socket: current,
-        tls: false,
-        size,
-        flags,
-        structuredReplies: false,
-        extendedHeaders: false,
-        contexts: new Map(),
-        handshake: 'newstyle',
-        leftover: reader.detach(),
-      };
+      return plain('newstyle', size, flags);
     }
 
     let inTls = false;

@@ -1,7 +1,7 @@
 // Command-line parsing for the image subcommands, with qemu-img's words for what it
 // refuses ("unrecognized option '--frob'"), which exit with status 1 as qemu-img's do.
 import { type ParseArgsOptionsConfig, parseArgs } from 'node:util';
-import { UsageError } from '../errors.ts';
+import { BadOptionError, UsageError } from '../errors.ts';
 
 export function imgArgs<const T extends ParseArgsOptionsConfig>(
   argv: readonly string[],
@@ -53,4 +53,27 @@ export function outputFormat(text: string | undefined): 'human' | 'json' {
   if (text === undefined || text === 'human') return 'human';
   if (text === 'json') return 'json';
   throw new UsageError(`--output must be used with human or json as argument.`);
+}
+
+/**
+ * The command line `info` and `map` share: FILE, `--output human|json`, `-U` (they keep
+ * their exit status 2 for a bad option, as before the other subcommands came).
+ */
+export function imageArgs(
+  command: string,
+  argv: readonly string[],
+): { path: string; json: boolean; forceShare: boolean } {
+  const { values, positionals } = parseArgs({
+    args: [...argv],
+    options: {
+      output: { type: 'string', default: 'human' },
+      'force-share': { type: 'boolean', short: 'U', default: false },
+    },
+    allowPositionals: true,
+  });
+  const path = positionals[0];
+  if (!path || positionals.length > 1) throw new BadOptionError(command, 'expected one FILE');
+  if (values.output !== 'human' && values.output !== 'json')
+    throw new BadOptionError('--output', 'human or json');
+  return { path, json: values.output === 'json', forceShare: values['force-share'] };
 }

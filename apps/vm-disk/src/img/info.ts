@@ -1,8 +1,7 @@
 // `vm-disk info`, as `qemu-img info`: format, sizes, backing file, qcow2 features.
 import { stat } from 'node:fs/promises';
-import { parseArgs } from 'node:util';
 import { type BlockGraph, parseQcow2Header } from '@vmdisk/block-graph';
-import { BadOptionError } from '../errors.ts';
+import { imageArgs } from './args.ts';
 import { type Format, openFile, openForReading, probeFormat } from './open.ts';
 
 export interface ImageDescription {
@@ -96,20 +95,9 @@ const human = (n: number): string => {
 };
 
 export async function info(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: [...argv],
-    options: {
-      output: { type: 'string', default: 'human' },
-      'force-share': { type: 'boolean', short: 'U', default: false },
-    },
-    allowPositionals: true,
-  });
-  const path = positionals[0];
-  if (!path || positionals.length > 1) throw new BadOptionError('info', 'expected one FILE');
-  if (values.output !== 'human' && values.output !== 'json')
-    throw new BadOptionError('--output', 'human or json');
-  const d = await describe(path, values['force-share']);
-  if (values.output === 'json') {
+  const { path, json, forceShare } = imageArgs('info', argv);
+  const d = await describe(path, forceShare);
+  if (json) {
     out.write(`${JSON.stringify(infoJson(d), null, 4)}\n`);
     return 0;
   }

@@ -1,7 +1,6 @@
 // `vm-disk map`, as `qemu-img map`: the allocation of an image through its backing chain.
-import { parseArgs } from 'node:util';
 import type { Extent } from '@vmdisk/block-graph';
-import { BadOptionError } from '../errors.ts';
+import { imageArgs } from './args.ts';
 import { openForReading, probeFormat } from './open.ts';
 
 export interface MapEntry {
@@ -64,20 +63,9 @@ export async function mapImage(path: string, forceShare = false): Promise<MapEnt
 }
 
 export async function map(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: [...argv],
-    options: {
-      output: { type: 'string', default: 'human' },
-      'force-share': { type: 'boolean', short: 'U', default: false },
-    },
-    allowPositionals: true,
-  });
-  const path = positionals[0];
-  if (!path || positionals.length > 1) throw new BadOptionError('map', 'expected one FILE');
-  if (values.output !== 'human' && values.output !== 'json')
-    throw new BadOptionError('--output', 'human or json');
-  const entries = await mapImage(path, values['force-share']);
-  if (values.output === 'json') {
+  const { path, json, forceShare } = imageArgs('map', argv);
+  const entries = await mapImage(path, forceShare);
+  if (json) {
     out.write(`[${entries.map((e) => JSON.stringify(e)).join(',\n')}]\n`);
     return 0;
   }

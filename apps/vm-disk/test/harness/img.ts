@@ -76,29 +76,11 @@ export async function makeSources(dir: string): Promise<Sources> {
   await run('qemu-img', ['convert', '-c', '-O', 'qcow2', p('v3.qcow2'), p('compressed.qcow2')]);
   await run('qemu-img', ['create', '-q', '-f', 'qcow2', p('base.qcow2'), String(SIZE)]);
   await io('qcow2', p('base.qcow2'), 'write -P 0x61 0 1M', 'write -P 0x62 4M 512k');
-  await run('qemu-img', [
-    'create',
-    '-q',
-    '-f',
-    'qcow2',
-    '-F',
-    'qcow2',
-    '-b',
-    'base.qcow2',
-    p('mid.qcow2'),
-  ]);
+  const overlay = (backing: string, file: string) =>
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', backing, p(file)]);
+  await overlay('base.qcow2', 'mid.qcow2');
   await io('qcow2', p('mid.qcow2'), 'write -P 0x71 512k 1M', 'write -z 4M 64k');
-  await run('qemu-img', [
-    'create',
-    '-q',
-    '-f',
-    'qcow2',
-    '-F',
-    'qcow2',
-    '-b',
-    'mid.qcow2',
-    p('top.qcow2'),
-  ]);
+  await overlay('mid.qcow2', 'top.qcow2');
   await io('qcow2', p('top.qcow2'), 'write -P 0x81 1M 64k', 'write -P 0x82 7M 64k');
   return {
     raw: p('src.raw'),

@@ -35,18 +35,7 @@ export async function commitActive(
       "'backing-file' specified, but 'top' is the active layer",
     );
   }
-  if (base.readOnly) {
-    throw new BlockError(
-      BlockErrorCode.READ_ONLY,
-      `Base '${base.name}' is read-only (reopening it read-write is not yet supported: add it with read-only=off)`,
-    );
-  }
-  if (base.size() < top.size()) {
-    throw new BlockError(
-      BlockErrorCode.NOT_SUPPORTED,
-      `Base '${base.name}' is smaller than top '${top.name}' (growing it is not yet supported)`,
-    );
-  }
+  checkCommitBase(top, base);
   const committed = layersAbove(top, base);
   // The layers between top and base go at the pivot: no other job may use them.
   const intermediate = committed.slice(1);
@@ -81,4 +70,22 @@ export async function commitActive(
       },
     },
   );
+}
+
+/** What both commits need of base: writable, and at least top's size. */
+type Layer = Pick<BlockNode, 'name' | 'readOnly' | 'size'>;
+
+export function checkCommitBase(top: Layer, base: Layer): void {
+  if (base.readOnly) {
+    throw new BlockError(
+      BlockErrorCode.READ_ONLY,
+      `Base '${base.name}' is read-only (reopening it read-write is not yet supported: add it with read-only=off)`,
+    );
+  }
+  if (base.size() < top.size()) {
+    throw new BlockError(
+      BlockErrorCode.NOT_SUPPORTED,
+      `Base '${base.name}' is smaller than top '${top.name}' (growing it is not yet supported)`,
+    );
+  }
 }

@@ -8,7 +8,7 @@ import type { BlockGraph } from '../graph.ts';
 import type { BlockNode } from '../node.ts';
 import { BlockJob, type BlockJobCommonOptions } from './block-job.ts';
 import { chainOf, findBase, layerFilename } from './chain.ts';
-import { commitActive } from './commit-active.ts';
+import { checkCommitBase, commitActive } from './commit-active.ts';
 import { copyChunks } from './copy-loop.ts';
 import { rootNode } from './mirror.ts';
 import { checkNotBusy } from './op-blockers.ts';
@@ -71,18 +71,7 @@ export async function blockCommit(
     throw new BlockError(BlockErrorCode.BAD_JOB, 'cannot commit an image into itself');
   }
   if (top === active) return commitActive(graph, jobs, o, top, base as BlockNode);
-  if (base.readOnly) {
-    throw new BlockError(
-      BlockErrorCode.READ_ONLY,
-      `Base '${base.name}' is read-only (reopening it read-write is not yet supported: add it with read-only=off)`,
-    );
-  }
-  if (base.size() < top.size()) {
-    throw new BlockError(
-      BlockErrorCode.NOT_SUPPORTED,
-      `Base '${base.name}' is smaller than top '${top.name}' (growing it is not yet supported)`,
-    );
-  }
+  checkCommitBase(top, base);
   const overlay = chain[chain.indexOf(top) - 1]! as BlockNode;
   const baseAt = topChain.indexOf(base); // layers of top's chain above base
   const committed = topChain.slice(0, baseAt) as BlockNode[];
