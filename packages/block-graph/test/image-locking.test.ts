@@ -4,8 +4,8 @@
 // and opening the same images, and by the lock bytes the kernel lists in /proc/locks.
 
 import { spawnSync } from 'node:child_process';
-import { lockedBytes, QemuIoSession } from '@vmdisk/test-support';
 import { afterAll, describe, expect, it } from 'vitest';
+import { lockedBytes, QemuIoSession } from '../../../tools/test-support/src/index.ts';
 import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
 import { BlockGraph, ImageLockError } from '../src/index.ts';
 import { qemuImg, tempDir } from './helpers.ts';

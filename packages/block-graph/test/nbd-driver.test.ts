@@ -7,8 +7,8 @@ import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 import { MemoryTarget, NbdServer } from '@vmdisk/nbd';
-import { makeCertificates, qemuImgMap } from '@vmdisk/test-support';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { makeCertificates, qemuImgMap } from '../../../tools/test-support/src/index.ts';
 import { BlockGraph } from '../src/index.ts';
 import { pattern, qemuImg, tempDir, writeFile } from './helpers.ts';
 

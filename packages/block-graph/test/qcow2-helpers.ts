@@ -2,7 +2,7 @@
 // and deterministic data (qemu-tools.ts runs qemu-img and qemu-io).
 
 import { type EngineFile, sharedEngine } from '@vmdisk/engine';
-import { fillPattern } from '@vmdisk/test-support';
+import { fillPattern } from '../../../tools/test-support/src/index.ts';
 import type { Qcow2File } from '../src/drivers/qcow2/types.ts';
 
 /** A Qcow2File over a real file, through @vmdisk/engine (this thread's shared engine). */

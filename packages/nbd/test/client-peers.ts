@@ -9,8 +9,8 @@ import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { fillPattern } from '@vmdisk/test-support';
 import { afterEach, beforeEach } from 'vitest';
+import { fillPattern } from '../../../tools/test-support/src/index.ts';
 import { NbdClient } from '../src/index.ts';
 
 export const run = promisify(execFile);

@@ -4,8 +4,8 @@
 
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { qemuImgMap } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
+import { qemuImgMap } from '../../../tools/test-support/src/index.ts';
 import type { NbdClient as Client, NbdExtent } from '../src/index.ts';
 import { pattern, run, usePeers } from './client-peers.ts';
 

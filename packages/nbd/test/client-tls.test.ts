@@ -3,8 +3,8 @@
 
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { makeCertificates } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
+import { makeCertificates } from '../../../tools/test-support/src/index.ts';
 import { NbdClient, NbdConnectionError } from '../src/index.ts';
 import { pattern, qemuNbd, run, usePeers } from './client-peers.ts';
 

@@ -4,8 +4,8 @@
 // initiation failure; no ao is left behind. Our client and qemu-io are the peers.
 
 import { assertNoLiveAos, EventQueue, type OperationCompleteEvent } from '@vmdisk/ao';
-import { QemuIoSession } from '@vmdisk/test-support';
 import { afterEach, describe, expect, it } from 'vitest';
+import { QemuIoSession } from '../../../tools/test-support/src/index.ts';
 import { MemoryTarget, NbdClient, NbdError } from '../src/index.ts';
 import { startServer, until } from './server-helpers.ts';
 

@@ -5,8 +5,8 @@
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as tls from 'node:tls';
-import { makeCertificates } from '@vmdisk/test-support';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { makeCertificates } from '../../../tools/test-support/src/index.ts';
 import { MemoryTarget, NbdServer, parsePskKeys } from '../src/index.ts';
 import { Command, Option, OptionReply, TransmissionFlag } from '../src/protocol.ts';
 import { RawNbd } from './raw-nbd.ts';
