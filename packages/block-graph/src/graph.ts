@@ -11,8 +11,9 @@ import { GraphOpener } from './graph-open.ts';
 import { checkLinkNotFrozen, checkNotBusy } from './jobs/op-blockers.ts';
 import { BlockNode, ChildEdge } from './node.ts';
 import type { ObjectInfo } from './objects.ts';
-import { checkOptions, type NodeSpec, type OptionSyntax } from './options.ts';
+import { blockdevOptionsInfo, checkOptions, type NodeSpec, type OptionSyntax } from './options.ts';
 import { type PermissionName, permNames } from './permissions.ts';
+import type { TypeInfo } from './schema.ts';
 
 export type { BlockGraphOptions } from './graph-nodes.ts';
 
@@ -64,6 +65,11 @@ export class BlockGraph extends GraphOpener implements BackendHost {
   /** Makes a driver known to this graph (replacing one of the same name). */
   registerDriver(driver: BlockDriver): void {
     this.drivers.set(driver.name, driver);
+  }
+
+  /** blockdev-add's options for the drivers known, as query-qmp-schema describes them. */
+  optionsInfo(): TypeInfo {
+    return blockdevOptionsInfo(this.drivers.values());
   }
 
   /** The names of the drivers known. */

@@ -68,12 +68,12 @@ export const objectOptions = union(
   { id },
   {
     secret: {
-      data: opt(str),
-      file: opt(str),
+      loaded: opt(bool),
       format: opt(enumOf(['raw', 'base64']), 'raw'),
       keyid: opt(str),
       iv: opt(str),
-      loaded: opt(bool),
+      data: opt(str),
+      file: opt(str),
     },
     'throttle-group': throttleGroup,
     'tls-creds-psk': { ...tlsCreds, username: opt(str) },

@@ -7,7 +7,9 @@ import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import {
   bool,
   checkNoOtherKeys,
+  custom,
   enumOf,
+  type Member,
   type OptionSyntax,
   object,
   opt,
@@ -16,6 +18,9 @@ import {
   optionTypeError,
   parseMembers,
   str,
+  struct,
+  type TypeInfo,
+  union,
 } from './schema.ts';
 
 export type { OptionSyntax };
@@ -61,6 +66,33 @@ const COMMON = new Set([
 const detectZeroes = enumOf(['off', 'on', 'unmap']);
 
 const NODE_NAME = /^[A-Za-z][A-Za-z0-9_.-]{0,30}$/;
+
+/** A child: a node's options inline, or a node's name (QEMU's BlockdevRef, checked by checkOptions). */
+const blockdevRef = custom('BlockdevRef', (v) => v);
+
+/**
+ * BlockdevOptions as query-qmp-schema describes it: a union on `driver` of the drivers
+ * known, each with the common members, its children and its own options (what
+ * checkOptions accepts).
+ */
+export function blockdevOptionsInfo(drivers: Iterable<BlockDriver>): TypeInfo {
+  const common = {
+    'node-name': opt(str),
+    discard: opt(enumOf(['ignore', 'unmap'])),
+    cache: opt(struct({ direct: opt(bool), 'no-flush': opt(bool) })),
+    'read-only': opt(bool),
+    'auto-read-only': opt(bool),
+    'force-share': opt(bool),
+    'detect-zeroes': opt(detectZeroes),
+  };
+  const variants: Record<string, Record<string, Member>> = {};
+  for (const d of drivers) {
+    const members: Record<string, Member> = {};
+    for (const c of d.children ?? []) members[c.key] = c.required ? blockdevRef : opt(blockdevRef);
+    variants[d.name] = { ...members, ...d.options };
+  }
+  return union('driver', common, variants).info;
+}
 
 export function checkNodeName(name: string, key = 'node-name'): void {
   if (!NODE_NAME.test(name)) {

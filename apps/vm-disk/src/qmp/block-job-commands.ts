@@ -21,8 +21,8 @@ import { QmpError, type QmpMonitor } from './monitor.ts';
 
 const { bool, enumOf, int, opt, str, struct } = schema;
 
-/** The arguments block-stream and block-commit share (QEMU's schema order). */
-const jobCommon = {
+/** block-stream's arguments, in QEMU's order (its first error is on the first bad member). */
+const streamArgs = {
   'job-id': opt(str),
   device: str,
   base: opt(str),
@@ -30,6 +30,22 @@ const jobCommon = {
   'backing-file': opt(str),
   speed: opt(int()),
   'on-error': opt(enumOf(['report', 'ignore', 'stop', 'enospc'])),
+  'auto-finalize': opt(bool),
+  'auto-dismiss': opt(bool),
+} as const;
+
+/** block-commit's, in QEMU's order. */
+const commitArgs = {
+  'job-id': streamArgs['job-id'],
+  device: str,
+  'base-node': opt(str),
+  base: opt(str),
+  'top-node': opt(str),
+  top: opt(str),
+  'backing-file': opt(str),
+  speed: streamArgs.speed,
+  'on-error': streamArgs['on-error'],
+  'filter-node-name': opt(str),
   'auto-finalize': opt(bool),
   'auto-dismiss': opt(bool),
 } as const;
@@ -48,10 +64,10 @@ function camel<T extends object>(args: T): CamelKeys<T> {
   return out as CamelKeys<T>;
 }
 
-const onError = opt(enumOf(['report', 'ignore', 'stop', 'enospc']));
+const onError = streamArgs['on-error'];
 
-/** The arguments blockdev-mirror and drive-mirror share (qapi/block-core.json). */
-const mirrorCommon = {
+/** blockdev-mirror's arguments in QEMU's order (its first error is on the first bad member). */
+const blockdevMirrorArgs = {
   'job-id': opt(str),
   device: str,
   target: str,
@@ -66,6 +82,28 @@ const mirrorCommon = {
   'copy-mode': opt(enumOf(['background', 'write-blocking'])),
   'auto-finalize': opt(bool),
   'auto-dismiss': opt(bool),
+} as const;
+
+/** drive-mirror's: a target to open or create, and no filter-node-name (QEMU 7.2's). */
+const m = blockdevMirrorArgs;
+const driveMirrorArgs = {
+  'job-id': m['job-id'],
+  device: m.device,
+  target: m.target,
+  format: opt(str),
+  'node-name': opt(str),
+  replaces: m.replaces,
+  sync: m.sync,
+  mode: opt(enumOf(['existing', 'absolute-paths'])),
+  speed: m.speed,
+  granularity: m.granularity,
+  'buf-size': m['buf-size'],
+  'on-source-error': m['on-source-error'],
+  'on-target-error': m['on-target-error'],
+  unmap: opt(bool),
+  'copy-mode': m['copy-mode'],
+  'auto-finalize': m['auto-finalize'],
+  'auto-dismiss': m['auto-dismiss'],
 } as const;
 
 function noReplaces(replaces: string | undefined): void {
@@ -86,26 +124,21 @@ export function registerBlockJobCommands(monitor: QmpMonitor, daemon: DaemonCont
 
   monitor.register({
     name: 'block-stream',
-    args: struct(jobCommon),
+    args: struct(streamArgs),
     run: async (args) => {
       await blockStream(graph, jobs, camel(args));
     },
   });
   monitor.register({
     name: 'block-commit',
-    args: struct({
-      ...jobCommon,
-      top: opt(str),
-      'top-node': opt(str),
-      'filter-node-name': opt(str),
-    }),
+    args: struct(commitArgs),
     run: async (args) => {
       await blockCommit(graph, jobs, camel(args));
     },
   });
   monitor.register({
     name: 'blockdev-mirror',
-    args: struct(mirrorCommon),
+    args: struct(blockdevMirrorArgs),
     run: async (args) => {
       noReplaces(args.replaces);
       await blockdevMirror(graph, jobs, camel(args));
@@ -113,13 +146,7 @@ export function registerBlockJobCommands(monitor: QmpMonitor, daemon: DaemonCont
   });
   monitor.register({
     name: 'drive-mirror',
-    args: struct({
-      ...mirrorCommon,
-      format: opt(str),
-      'node-name': opt(str),
-      mode: opt(enumOf(['existing', 'absolute-paths'])),
-      unmap: opt(bool),
-    }),
+    args: struct(driveMirrorArgs),
     run: async (args) => {
       noReplaces(args.replaces);
       await driveMirror(graph, jobs, camel(args));

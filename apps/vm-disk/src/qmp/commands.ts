@@ -19,6 +19,7 @@ import {
 } from '../options/serve-options.ts';
 import { registerBlockJobCommands } from './block-job-commands.ts';
 import type { DaemonControl } from './daemon-control.ts';
+import { declareEvents } from './events.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
 
 const { enumOf, opt, str, struct, uint32, union } = schema;
@@ -61,8 +62,9 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
 
   monitor.register({
     name: 'blockdev-add',
-    // Checked by the block graph against the driver's options (typed: JSON).
-    args: schema.object('BlockdevOptions'),
+    // Checked by the block graph against the driver's options (typed: JSON); described
+    // (query-qmp-schema) as the union of the drivers' options it checks them against.
+    args: { ...schema.object('BlockdevOptions'), info: daemon.graph.optionsInfo() },
     run: (args) => daemon.blockdevAdd(args, 'json'),
   });
   monitor.register({
@@ -155,6 +157,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   monitor.register({ name: 'job-finalize', args: id, run: (args) => job(args.id).finalize() });
   monitor.register({ name: 'job-dismiss', args: id, run: (args) => job(args.id).dismiss() });
   registerBlockJobCommands(monitor, daemon);
+  declareEvents(monitor);
   monitor.register({
     name: 'quit',
     run: () => {

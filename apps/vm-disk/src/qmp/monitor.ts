@@ -5,8 +5,9 @@
 // connection run one at a time, in order, as QEMU runs them (no out-of-band execution).
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
-import { BlockOptionError, schema, type Type } from '@vmdisk/block-graph';
+import { BlockOptionError, schema, type Type, type TypeInfo } from '@vmdisk/block-graph';
 import { listenUnixSocket } from '@vmdisk/nbd';
+import { type IntrospectedEvent, introspect } from './introspect.ts';
 import { JsonStreamSplitter } from './json-stream.ts';
 
 export type QmpErrorClass =
@@ -43,17 +44,24 @@ export interface QmpSession {
 export interface QmpCommand<A> {
   name: string;
   args: Type<A>;
+  /** What it returns, for query-qmp-schema (absent: any value). */
+  returns?: Type<unknown>;
   run(args: A, session: QmpSession): unknown | Promise<unknown>;
 }
 
 /** A command without arguments. */
 export interface QmpCommandNoArgs {
   name: string;
+  returns?: Type<unknown>;
   run(args: Record<string, never>, session: QmpSession): unknown | Promise<unknown>;
 }
 
 /** A registered command: checks its arguments, then runs. */
-type Runner = (args: Record<string, unknown>, session: QmpSession) => unknown;
+interface Registered {
+  run(args: Record<string, unknown>, session: QmpSession): unknown;
+  args?: TypeInfo;
+  returns?: TypeInfo;
+}
 
 const noArgs = schema.struct({});
 
@@ -163,7 +171,8 @@ class Connection implements QmpSession {
 }
 
 export class QmpMonitor extends EventEmitter {
-  private readonly commands = new Map<string, Runner>();
+  private readonly commands = new Map<string, Registered>();
+  private readonly events = new Map<string, IntrospectedEvent>();
   private readonly connections = new Set<Connection>();
   private readonly servers: net.Server[] = [];
   private nextId = 1;
@@ -195,25 +204,53 @@ export class QmpMonitor extends EventEmitter {
       name: 'query-commands',
       run: () => [...this.commands.keys()].map((name) => ({ name })),
     });
+    this.register({ name: 'query-qmp-schema', run: () => this.schema() });
+  }
+
+  /** Declares an event the monitor may send, with its data's schema (for query-qmp-schema). */
+  declareEvent(name: string, data?: Type<unknown>): void {
+    this.events.set(name, { name, ...(data && { data: data.info }) });
+  }
+
+  /** query-qmp-schema's answer: every registered command and declared event. */
+  schema(): ReturnType<typeof introspect> {
+    const commands = [...this.commands].map(([name, c]) => ({
+      name,
+      ...(c.args && { args: c.args }),
+      ...(c.returns && { returns: c.returns }),
+    }));
+    return introspect(commands, [...this.events.values()]);
   }
 
   register<A>(command: QmpCommand<A>): void;
   register(command: QmpCommandNoArgs): void;
   register<A>(command: QmpCommand<A> | QmpCommandNoArgs): void {
+    const returns = command.returns && { returns: command.returns.info };
     if (!('args' in command)) {
-      this.commands.set(command.name, (given, session) => {
-        noArgs.parse(given, '', 'json');
-        return command.run({}, session);
+      this.commands.set(command.name, {
+        run: (given, session) => {
+          noArgs.parse(given, '', 'json');
+          return command.run({}, session);
+        },
+        ...returns,
       });
       return;
     }
-    this.commands.set(command.name, (given, session) =>
-      command.run(command.args.parse(given, '', 'json'), session),
-    );
+    this.commands.set(command.name, {
+      run: (given, session) => command.run(command.args.parse(given, '', 'json'), session),
+      args: command.args.info,
+      ...returns,
+    });
   }
 
-  /** Broadcasts an event to every connection past capabilities negotiation. */
+  /**
+   * Broadcasts an event to every connection past capabilities negotiation. An event not
+   * declared (declareEvent) is a bug of ours, logged, and sent all the same.
+   */
   emitEvent(event: string, data?: Record<string, unknown>): void {
+    if (!this.events.has(event)) {
+      this.log?.warn({ event: 'qmp-event-undeclared', name: event }, 'undeclared QMP event');
+    }
     const now = Date.now();
     const message: Reply = {
       event,
@@ -288,7 +325,7 @@ export class QmpMonitor extends EventEmitter {
     if (!command) return fail('CommandNotFound', `The command ${name} has not been found`);
 
     try {
-      const result = await command(args, connection);
+      const result = await command.run(args, connection);
       if (name === 'qmp_capabilities') connection.negotiated = true;
       this.log?.info(
         { event: 'qmp-command', session: connection.id, command: name },

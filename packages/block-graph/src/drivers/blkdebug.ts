@@ -134,9 +134,9 @@ class BlkdebugInstance implements FilterInstance {
 export const blkdebugDriver = defineDriver({
   name: 'blkdebug',
   options: {
-    'inject-error': opt(list(rule)),
     align: opt(int({ min: 1 })),
     'max-transfer': opt(int({ min: 1 })),
+    'inject-error': opt(list(rule)),
   },
   children: [{ key: 'image', required: true, roles: () => ['filtered', 'primary'] }],
   validate(o) {

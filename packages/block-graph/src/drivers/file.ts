@@ -195,9 +195,9 @@ export const fileDriver = defineDriver({
   name: 'file',
   options: {
     filename: str,
-    aio: opt(enumOf(AIO_NAMES)),
     // QEMU's: auto takes the locks where open file description locks exist (Linux), as on.
     locking: opt(enumOf(['auto', 'on', 'off'])),
+    aio: opt(enumOf(AIO_NAMES)),
   },
   async open(ctx) {
     const { filename } = ctx.options;

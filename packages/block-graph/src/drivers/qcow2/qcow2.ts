@@ -240,9 +240,9 @@ function cacheSizes(
 
 const qcow2Options = {
   'lazy-refcounts': opt(bool),
+  'cache-size': opt(int({ min: 0 })),
   'l2-cache-size': opt(int({ min: 0 })),
   'refcount-cache-size': opt(int({ min: 0 })),
-  'cache-size': opt(int({ min: 0 })),
 };
 
 export const qcow2Driver = defineDriver({
