@@ -252,8 +252,9 @@ export class Daemon implements DaemonControl {
     const backend = await this.graph.createBackend(config.nodeName, {
       name: `export:${config.id}`,
       write: config.writable,
-      // Like QEMU's exports, share everything: other users of the node may write it too.
-      shared: ['consistent-read', 'write', 'write-unchanged', 'resize'],
+      // As QEMU's NBD export: others may write the node too, but not resize it under
+      // clients that were told its size (nbd_export_create unshares resize).
+      shared: ['consistent-read', 'write', 'write-unchanged'],
     });
     try {
       this.nbd.server.addExport({

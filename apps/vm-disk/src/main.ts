@@ -14,6 +14,8 @@ export const COMMANDS = [
   'compare',
   'check',
   'resize',
+  'dd',
+  'graph',
 ];
 
 export function usage(): string {
@@ -58,6 +60,10 @@ Usage:
                             change an image's virtual size as qemu-img resize does
   vm-disk dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
                             copy part of an image into a new one as qemu-img dd does
+  vm-disk graph [--format dot|svg|png] [-o FILE] QMP-SOCKET
+                            draw the live block graph of a running daemon (nodes, edges with
+                            child names and permissions, exports, jobs): DOT, or SVG/PNG
+                            through Graphviz's dot
   vm-disk --help | --version
 
 Logs go to stderr: JSON lines, or readable lines on a terminal (VMDISK_LOG_FORMAT=json|pretty,
@@ -104,6 +110,8 @@ export async function main(
         return await (await import('./img/resize.ts')).resize(rest, out);
       case 'dd':
         return await (await import('./img/dd.ts')).dd(rest, out, err);
+      case 'graph':
+        return await (await import('./graph/graph-command.ts')).graph(rest, out);
       default:
         if (command !== undefined && !command.startsWith('-')) {
           throw new UsageError(

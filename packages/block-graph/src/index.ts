@@ -72,6 +72,12 @@ export {
   type NodeInfo,
 } from './graph.ts';
 export {
+  debugQueryBlockGraph,
+  type XDbgBlockGraph,
+  type XDbgBlockGraphEdge,
+  type XDbgBlockGraphNode,
+} from './graph-debug.ts';
+export {
   type BlockdevOnError,
   type BlockJob,
   type BlockJobCommonOptions,

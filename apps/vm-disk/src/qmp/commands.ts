@@ -6,6 +6,7 @@ import {
   BlockErrorCode,
   blockdevCreate,
   blockdevCreateOptions,
+  debugQueryBlockGraph,
   objectOptions,
   schema,
 } from '@vmdisk/block-graph';
@@ -156,6 +157,10 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   monitor.register({ name: 'job-complete', args: id, run: (args) => job(args.id).complete() });
   monitor.register({ name: 'job-finalize', args: id, run: (args) => job(args.id).finalize() });
   monitor.register({ name: 'job-dismiss', args: id, run: (args) => job(args.id).dismiss() });
+  monitor.register({
+    name: 'x-debug-query-block-graph',
+    run: () => debugQueryBlockGraph(daemon.graph),
+  });
   registerBlockJobCommands(monitor, daemon);
   declareEvents(monitor);
   monitor.register({
