@@ -8,6 +8,8 @@ import { type JobEvent, JobRegistry, type JobStatusChangeEvent } from '@vmdisk/a
 import {
   type BlockBackend,
   BlockGraph,
+  type ExportedBitmaps,
+  exportDirtyBitmaps,
   type NbdTlsCreds,
   type NodeInfo,
   type OptionSyntax,
@@ -39,6 +41,8 @@ interface ExportEntry {
   config: ExportConfig;
   name: string;
   backend: BlockBackend;
+  /** The dirty bitmaps it offers (busy until the export is gone). */
+  bitmaps: ExportedBitmaps | undefined;
   shuttingDown: boolean;
 }
 
@@ -255,18 +259,24 @@ export class Daemon implements DaemonControl {
       // Like QEMU's exports, share everything: other users of the node may write it too.
       shared: ['consistent-read', 'write', 'write-unchanged', 'resize'],
     });
+    let bitmaps: ExportedBitmaps | undefined;
     try {
+      if (config.bitmaps !== undefined && config.bitmaps.length > 0) {
+        bitmaps = exportDirtyBitmaps(this.graph, config.nodeName, config.bitmaps, !config.writable);
+      }
       this.nbd.server.addExport({
         name,
         target: backend,
         writable: config.writable,
         ...(config.description !== undefined && { description: config.description }),
+        ...(bitmaps !== undefined && { dirtyBitmaps: bitmaps.bitmaps }),
       });
     } catch (e) {
+      bitmaps?.release();
       await backend.close();
       throw e;
     }
-    this.exports.set(config.id, { config, name, backend, shuttingDown: false });
+    this.exports.set(config.id, { config, name, backend, bitmaps, shuttingDown: false });
     this.log.info(
       {
         event: 'export-add',
@@ -331,6 +341,7 @@ export class Daemon implements DaemonControl {
     const entry = this.exports.get(id);
     if (!entry) return;
     this.exports.delete(id);
+    entry.bitmaps?.release();
     await entry.backend.close();
     this.log.info({ event: 'export-deleted', id }, 'export deleted');
     this.monitor.emitEvent('BLOCK_EXPORT_DELETED', { id });

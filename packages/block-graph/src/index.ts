@@ -84,6 +84,7 @@ export {
   Qcow2UnsupportedError,
   toBlockError,
 } from './errors.ts';
+export { bitmapExtents, type ExportedBitmaps, exportDirtyBitmaps } from './export-bitmaps.ts';
 export {
   type AddOptions,
   BlockGraph,

@@ -24,13 +24,16 @@ const blockDirtyBitmap = struct({ node: str, name: str });
  * of neither type gets QEMU 7.2's words, which name the member 'null' (its alternate
  * visitor has no name for a list element).
  */
-const bitmapOrStr = custom<BlockDirtyBitmapOrStr>('BlockDirtyBitmapOrStr', (v, key, syntax) => {
-  if (typeof v === 'string') return v;
-  if (typeof v !== 'object' || v === null || Array.isArray(v)) {
-    throw schema.optionTypeError('null', 'BlockDirtyBitmapOrStr');
-  }
-  return blockDirtyBitmap.parse(v, key, syntax);
-});
+export const bitmapOrStr = custom<BlockDirtyBitmapOrStr>(
+  'BlockDirtyBitmapOrStr',
+  (v, key, syntax) => {
+    if (typeof v === 'string') return v;
+    if (typeof v !== 'object' || v === null || Array.isArray(v)) {
+      throw schema.optionTypeError('null', 'BlockDirtyBitmapOrStr');
+    }
+    return blockDirtyBitmap.parse(v, key, syntax);
+  },
+);
 
 export function registerBitmapCommands(monitor: QmpMonitor, daemon: DaemonControl): void {
   const { graph } = daemon;
