@@ -1,7 +1,8 @@
 // block-export-add `bitmaps` side by side with qemu-storage-daemon 7.2: the same QMP (and
 // the same refusals), the bitmaps busy while exported, and what libnbd reads of each
 // export: the meta contexts nbdinfo lists and `nbdinfo --map=qemu:dirty-bitmap:NAME`, the
-// dirty extents of the writes at the bitmap's granularity.
+// dirty extents of the writes at the bitmap's granularity; and what QEMU's nbd driver
+// reads of them with x-dirty-bitmap (qemu-img map).
 import { execFile } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
 import { parseServeOptions } from '../src/options/serve-options.ts';
@@ -72,6 +73,12 @@ async function look(r: Recorder, name: string, maps: string[]): Promise<void> {
   for (const context of maps) {
     const map = JSON.parse(await run('nbdinfo', [`--map=${context}`, '--json', uri(name)]));
     r.seen.push({ export: name, context, map });
+    // QEMU's own client reads it too (x-dirty-bitmap: dirty shows as "data": false).
+    const opts = `driver=nbd,server.type=unix,server.path=${scratch.path('nbd.sock')},export=${name},x-dirty-bitmap=${context}`;
+    const qemuMap = JSON.parse(
+      await run('qemu-img', ['map', '--output=json', '--image-opts', opts]),
+    ) as unknown[];
+    r.seen.push({ export: name, context, qemuMap });
   }
 }
 
