@@ -245,3 +245,32 @@ describe('dirty bitmaps as qemu:dirty-bitmap:NAME', () => {
     ).toThrow(/dirtyBitmaps/);
   });
 });
+
+describe('REQ_ONE', () => {
+  it('merges neighbours of the same state into the one descriptor, as QEMU', async () => {
+    const mem = new MemoryTarget(MiB);
+    // Two data extents, then a hole: QEMU's extent array merges the first two.
+    const target = {
+      size: () => mem.size(),
+      read: (o: number, b: Uint8Array) => mem.read(o, b),
+      blockStatus: async () => [
+        { length: 64 * KiB, hole: false, zero: false },
+        { length: 64 * KiB, hole: false, zero: false },
+        { length: MiB - 128 * KiB, hole: true, zero: true },
+      ],
+    };
+    const b = testBitmap('b', 64 * KiB, [[0, 1]]);
+    const srv = await startServer([{ name: 'x', target, dirtyBitmaps: [b] }]);
+    const c = await NbdClient.connect(srv.uri('x'), { metaContexts: ['qemu:dirty-bitmap:b'] });
+    try {
+      const got = await c.blockStatus(0, MiB, { reqOne: true });
+      expect(got.get('base:allocation')!.map((e) => [e.length, e.flags])).toEqual([[128 * KiB, 0]]);
+      expect(got.get('qemu:dirty-bitmap:b')!.map((e) => [e.length, e.flags])).toEqual([
+        [64 * KiB, 1],
+      ]);
+    } finally {
+      await c.close();
+      await srv.server.close();
+    }
+  });
+});
