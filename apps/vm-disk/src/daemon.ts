@@ -8,6 +8,8 @@ import { type JobEvent, JobRegistry, type JobStatusChangeEvent } from '@vmdisk/a
 import {
   type BlockBackend,
   BlockGraph,
+  type ExportedBitmaps,
+  exportDirtyBitmaps,
   type NbdTlsCreds,
   type NodeInfo,
   type OptionSyntax,
@@ -39,6 +41,8 @@ interface ExportEntry {
   config: ExportConfig;
   name: string;
   backend: BlockBackend;
+  /** The dirty bitmaps it offers (busy until the export is gone). */
+  bitmaps: ExportedBitmaps | undefined;
   shuttingDown: boolean;
 }
 
@@ -256,18 +260,24 @@ export class Daemon implements DaemonControl {
       // clients that were told its size (nbd_export_create unshares resize).
       shared: ['consistent-read', 'write', 'write-unchanged'],
     });
+    let bitmaps: ExportedBitmaps | undefined;
     try {
+      if (config.bitmaps !== undefined && config.bitmaps.length > 0) {
+        bitmaps = exportDirtyBitmaps(this.graph, config.nodeName, config.bitmaps, !config.writable);
+      }
       this.nbd.server.addExport({
         name,
         target: backend,
         writable: config.writable,
         ...(config.description !== undefined && { description: config.description }),
+        ...(bitmaps !== undefined && { dirtyBitmaps: bitmaps.bitmaps }),
       });
     } catch (e) {
+      bitmaps?.release();
       await backend.close();
       throw e;
     }
-    this.exports.set(config.id, { config, name, backend, shuttingDown: false });
+    this.exports.set(config.id, { config, name, backend, bitmaps, shuttingDown: false });
     this.log.info(
       {
         event: 'export-add',
@@ -332,6 +342,7 @@ export class Daemon implements DaemonControl {
     const entry = this.exports.get(id);
     if (!entry) return;
     this.exports.delete(id);
+    entry.bitmaps?.release();
     await entry.backend.close();
     this.log.info({ event: 'export-deleted', id }, 'export deleted');
     this.monitor.emitEvent('BLOCK_EXPORT_DELETED', { id });

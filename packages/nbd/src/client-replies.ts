@@ -15,8 +15,10 @@ import {
   MAX_STRING_BYTES,
   META_CONTEXT_ALLOCATION_DEPTH,
   META_CONTEXT_BASE_ALLOCATION,
+  META_CONTEXT_DIRTY_BITMAP,
   REPLY_FLAG_DONE,
   SIMPLE_REPLY_MAGIC,
+  STATE_DIRTY,
   STATE_HOLE,
   STATE_ZERO,
   STRUCTURED_REPLY_MAGIC,
@@ -26,6 +28,8 @@ import {
 /** An extent of block status as the client reports it: `flags` is the raw status value. */
 export interface NbdExtent extends Extent {
   flags: number;
+  /** qemu:dirty-bitmap:NAME contexts: the range is dirty (flag 1). */
+  dirty?: boolean;
 }
 
 /** Block status per selected meta context name ('base:allocation', ...). */
@@ -453,6 +457,8 @@ export class ReplyParser {
       e.zero = (flags & STATE_ZERO) !== 0;
     } else if (this.contextName === META_CONTEXT_ALLOCATION_DEPTH) {
       e.depth = flags;
+    } else if (this.contextName.startsWith(META_CONTEXT_DIRTY_BITMAP)) {
+      e.dirty = (flags & STATE_DIRTY) !== 0;
     }
     this.extents.push(e);
     this.payloadLeft -= this.extentSize;

@@ -59,6 +59,27 @@ export interface SparsePiece {
   data?: Uint8Array | undefined;
 }
 
+/** One extent of a dirty bitmap's status, in order from the offset asked for. */
+export interface BitmapExtent {
+  length: number;
+  /** Written since the bitmap was cleared (qemu:dirty-bitmap flag 1, NBD_STATE_DIRTY). */
+  dirty: boolean;
+}
+
+/**
+ * A dirty bitmap an export offers as meta context `qemu:dirty-bitmap:NAME` (as QEMU's
+ * block-export-add `bitmaps`). The list is fixed when the export is added.
+ */
+export interface ExportBitmap {
+  /** The NAME of the context (a bitmap name: not empty, at most 1023 bytes). */
+  readonly name: string;
+  /**
+   * The bitmap's status of [offset, offset + length): extents in order from `offset`,
+   * covering at least one byte (more than the range is cut off).
+   */
+  status(offset: number, length: number): BitmapExtent[] | Promise<BitmapExtent[]>;
+}
+
 export interface BlockSizeConstraints {
   minimum: number;
   preferred: number;
@@ -108,6 +129,8 @@ export interface ExportTarget {
   readonly multiConnSafe?: boolean;
   /** blockStatus fills Extent.depth (qemu:allocation-depth may be offered). */
   readonly reportsDepth?: boolean;
+  /** Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` meta contexts, in order. */
+  readonly dirtyBitmaps?: readonly ExportBitmap[];
   /** The target's I/O constraints; the server advertises them with NBD_INFO_BLOCK_SIZE. */
   readonly blockSize?: BlockSizeConstraints;
 }

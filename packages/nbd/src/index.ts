@@ -22,8 +22,10 @@ export {
   NbdSystemError,
 } from './errors.ts';
 export type {
+  BitmapExtent,
   BlockSizeConstraints,
   BlockStatusOptions,
+  ExportBitmap,
   ExportTarget,
   Extent,
   SparsePiece,

@@ -118,6 +118,9 @@ export const STATE_HOLE = 1 << 0;
 export const STATE_ZERO = 1 << 1;
 export const META_CONTEXT_BASE_ALLOCATION = 'base:allocation';
 export const META_CONTEXT_ALLOCATION_DEPTH = 'qemu:allocation-depth';
+/** `qemu:dirty-bitmap:NAME` (QEMU's docs/interop/nbd.txt): flag 1 set where dirty. */
+export const META_CONTEXT_DIRTY_BITMAP = 'qemu:dirty-bitmap:';
+export const STATE_DIRTY = 1 << 0;
 
 /** Errors on the wire. */
 export const WireError = {

@@ -15,6 +15,7 @@ import {
   MAX_STRING_BYTES,
   META_CONTEXT_ALLOCATION_DEPTH,
   META_CONTEXT_BASE_ALLOCATION,
+  META_CONTEXT_DIRTY_BITMAP,
   NBDMAGIC,
   Option,
   OptionReply,
@@ -23,6 +24,7 @@ import {
 import {
   CTX_ALLOCATION_DEPTH,
   CTX_BASE_ALLOCATION,
+  CTX_DIRTY_BITMAP,
   ReplyMode,
   type ReplyModeValue,
 } from './server-replies.ts';
@@ -350,21 +352,26 @@ export class Handshake {
       this.optReply(option, OptionReply.ERR_UNKNOWN, `no export "${name}"`);
       return;
     }
+    // QEMU's order: base:allocation, qemu:allocation-depth, then the bitmaps as exported.
     const available: Array<[number, string]> = [
       [CTX_BASE_ALLOCATION, META_CONTEXT_BASE_ALLOCATION],
     ];
     if (exp.target.features.depth) {
       available.push([CTX_ALLOCATION_DEPTH, META_CONTEXT_ALLOCATION_DEPTH]);
     }
+    exp.target.features.dirtyBitmaps.forEach((n, i) => {
+      available.push([CTX_DIRTY_BITMAP + i, `${META_CONTEXT_DIRTY_BITMAP}${n}`]);
+    });
     const list = option === Option.LIST_META_CONTEXT;
-    const chosen = new Map<number, string>();
-    if (list && queries.length === 0) for (const [id, n] of available) chosen.set(id, n);
-    for (const query of queries) {
-      for (const [id, n] of available) {
-        const namespaceQuery = list && query.endsWith(':') && n.startsWith(query);
-        if (n === query || namespaceQuery) chosen.set(id, n);
-      }
-    }
+    // Listing: everything when there is no query; a query ending in ':' (a namespace,
+    // 'qemu:' or 'qemu:dirty-bitmap:') lists every context under it, as QEMU answers.
+    // Selecting: exact names only, the first of a name exported twice (as QEMU).
+    const chosen = available.filter(([, n], i) =>
+      list
+        ? queries.length === 0 ||
+          queries.some((q) => n === q || (q.endsWith(':') && n.startsWith(q)))
+        : queries.includes(n) && available.findIndex(([, m]) => m === n) === i,
+    );
     for (const [id, n] of chosen) {
       const nb = Buffer.from(n, 'utf8');
       const body = Buffer.alloc(4 + nb.length);
@@ -372,7 +379,7 @@ export class Handshake {
       nb.copy(body, 4);
       this.optReply(option, OptionReply.META_CONTEXT, body);
     }
-    if (!list) this.meta = { exportName: exp.name, ids: [...chosen.keys()].sort() };
+    if (!list) this.meta = { exportName: exp.name, ids: chosen.map(([id]) => id) };
     this.optReply(option, OptionReply.ACK);
   }
 

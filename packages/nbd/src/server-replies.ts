@@ -31,6 +31,8 @@ export type ReplyModeValue = (typeof ReplyMode)[keyof typeof ReplyMode];
 /** Meta context ids the server hands out. */
 export const CTX_BASE_ALLOCATION = 1;
 export const CTX_ALLOCATION_DEPTH = 2;
+/** The first export bitmap's context (qemu:dirty-bitmap:NAME); the next ones follow. */
+export const CTX_DIRTY_BITMAP = 3;
 
 /** One chunk: its type, its body, and data that follows the body (an OFFSET_DATA's). */
 export type Chunk = readonly [type: number, body: Uint8Array, data?: Uint8Array];
@@ -174,22 +176,9 @@ export class ReplyEncoder {
   }
 
   /** The chunks of a BLOCK_STATUS reply: one per meta context, in the order chosen. */
-  blockStatus(contexts: readonly number[], extents: readonly Extent[], reqOne: boolean): Chunk[] {
+  blockStatus(contexts: readonly ContextStatus[]): Chunk[] {
     const extended = this.mode === ReplyMode.EXTENDED;
-    const chunks: Chunk[] = [];
-    for (const id of contexts) {
-      const descs: Array<[number, number]> = [];
-      for (const e of extents) {
-        const flags =
-          id === CTX_BASE_ALLOCATION
-            ? (e.hole ? STATE_HOLE : 0) | (e.zero ? STATE_ZERO : 0)
-            : (e.depth ?? (e.hole ? 0 : 1));
-        const last = descs[descs.length - 1];
-        if (last !== undefined && last[1] === flags) last[0] += e.length;
-        else descs.push([e.length, flags]);
-        if (reqOne) break;
-      }
-      if (reqOne && descs.length > 1) descs.length = 1;
+    return contexts.map(([id, descs]): Chunk => {
       const body = Buffer.alloc(extended ? 8 + 16 * descs.length : 4 + 8 * descs.length);
       body.writeUInt32BE(id, 0);
       if (extended) {
@@ -204,10 +193,36 @@ export class ReplyEncoder {
           body.writeUInt32BE(flags >>> 0, 8 + 8 * i);
         });
       }
-      chunks.push([extended ? ChunkType.BLOCK_STATUS_EXT : ChunkType.BLOCK_STATUS, body]);
-    }
-    return chunks;
+      return [extended ? ChunkType.BLOCK_STATUS_EXT : ChunkType.BLOCK_STATUS, body];
+    });
   }
+}
+
+/** A context's block status descriptors: (length, flags) pairs in order. */
+export type ContextStatus = readonly [id: number, descs: ReadonlyArray<readonly [number, number]>];
+
+/**
+ * Descriptors from (length, flags) pairs: neighbours with the same flags merged (QEMU's
+ * nbd_extent_array_add), only the first with REQ_ONE.
+ */
+export function descriptors(
+  extents: Iterable<readonly [number, number]>,
+  reqOne: boolean,
+): Array<[number, number]> {
+  const descs: Array<[number, number]> = [];
+  for (const [length, flags] of extents) {
+    const last = descs[descs.length - 1];
+    if (last !== undefined && last[1] === flags) last[0] += length;
+    else if (reqOne && last !== undefined) break;
+    else descs.push([length, flags]);
+  }
+  return descs;
+}
+
+/** An allocation extent's flags in a base:allocation or qemu:allocation-depth context. */
+export function allocationFlags(id: number, e: Extent): number {
+  if (id === CTX_BASE_ALLOCATION) return (e.hole ? STATE_HOLE : 0) | (e.zero ? STATE_ZERO : 0);
+  return e.depth ?? (e.hole ? 0 : 1);
 }
 
 /** An ERROR chunk's body: errno, the message's length, the message (cut to the limit). */

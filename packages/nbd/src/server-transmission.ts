@@ -15,12 +15,20 @@ import {
   EXTENDED_REQUEST_MAGIC,
   MAX_PAYLOAD_BYTES,
   REQUEST_MAGIC,
+  STATE_DIRTY,
   WireError,
 } from './protocol.ts';
 import type { SendQueue } from './send-queue.ts';
 import { badClient, type Negotiated } from './server-handshake.ts';
 import { type ReadContext, ServerReads } from './server-reads.ts';
-import { ReplyEncoder, ReplyMode } from './server-replies.ts';
+import {
+  allocationFlags,
+  type ContextStatus,
+  CTX_DIRTY_BITMAP,
+  descriptors,
+  ReplyEncoder,
+  ReplyMode,
+} from './server-replies.ts';
 import {
   attempt,
   costOf,
@@ -386,10 +394,31 @@ export class Transmission implements ReadContext {
   }
 
   private async blockStatus(req: Request): Promise<void> {
-    const extents = await this.export.target.blockStatus(req.offset, req.length);
+    const t = this.export.target;
     const reqOne = (req.flags & CommandFlag.REQ_ONE) !== 0;
-    const chunks = this.replies.blockStatus(this.contexts, extents, reqOne);
-    this.send(req, this.replies.chunks(req.ids, chunks));
+    const { offset, length } = req;
+    const allocation = this.contexts.some((id) => id < CTX_DIRTY_BITMAP)
+      ? t.blockStatus(offset, length)
+      : undefined;
+    const contexts = await Promise.all(
+      this.contexts.map(async (id): Promise<ContextStatus> => {
+        if (id >= CTX_DIRTY_BITMAP) {
+          // A bitmap answers for the whole range asked for, as QEMU's does.
+          const extents = await t.bitmapStatus(id - CTX_DIRTY_BITMAP, offset, length);
+          const pairs = extents.map((e) => [e.length, e.dirty ? STATE_DIRTY : 0] as const);
+          return [id, descriptors(pairs, reqOne)];
+        }
+        const extents = await allocation!;
+        return [
+          id,
+          descriptors(
+            extents.map((e) => [e.length, allocationFlags(id, e)]),
+            reqOne,
+          ),
+        ];
+      }),
+    );
+    this.send(req, this.replies.chunks(req.ids, this.replies.blockStatus(contexts)));
   }
 
   /** Runs a WRITE whose payload is in `buf` (`owned`: from alloc, to be freed). */

@@ -9,9 +9,9 @@ import { BufferPool } from './buffer-pool.ts';
 import { Connection, type ConnectionHost } from './connection.ts';
 import { NbdError, NbdSystemError } from './errors.ts';
 import type { ExportEntry, ExportStats } from './export-entry.ts';
-import type { BlockSizeConstraints, ExportTarget } from './export-target.ts';
+import type { BlockSizeConstraints, ExportBitmap, ExportTarget } from './export-target.ts';
 import { DEFAULT_MEMORY_BUDGET, MemoryBudget } from './memory-budget.ts';
-import { MAX_PAYLOAD_BYTES, MAX_STRING_BYTES } from './protocol.ts';
+import { MAX_PAYLOAD_BYTES, MAX_STRING_BYTES, META_CONTEXT_DIRTY_BITMAP } from './protocol.ts';
 import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
 import { listenUnixSocket } from './unix-socket.ts';
 import { withDefaults } from './with-defaults.ts';
@@ -61,6 +61,8 @@ export interface ExportOptions {
   multiConn?: boolean;
   /** Overrides the target's blockSize (the maximum is capped at 32 MiB). */
   blockSize?: BlockSizeConstraints;
+  /** Overrides the target's dirtyBitmaps (offered as qemu:dirty-bitmap:NAME contexts). */
+  dirtyBitmaps?: readonly ExportBitmap[];
 }
 
 export interface ExportInfo {
@@ -119,6 +121,27 @@ function checkBlockSize(bs: BlockSizeConstraints): BlockSizeConstraints {
     throw invalid(`blockSize.maximum ${bs.maximum}: a multiple of the minimum`);
   }
   return { minimum: bs.minimum, preferred: bs.preferred, maximum };
+}
+
+/**
+ * Bitmaps an export offers: named (a context name within the limit, no NUL). A name may
+ * come twice (QEMU lists both; a client selecting it gets the first).
+ */
+function checkBitmaps(bitmaps: readonly ExportBitmap[]): readonly ExportBitmap[] {
+  for (const b of bitmaps) {
+    const name = b?.name;
+    const context = `${META_CONTEXT_DIRTY_BITMAP}${name}`;
+    if (
+      typeof name !== 'string' ||
+      name === '' ||
+      name.includes('\0') ||
+      Buffer.byteLength(context) > MAX_STRING_BYTES ||
+      typeof b.status !== 'function'
+    ) {
+      throw invalid('dirtyBitmaps: each a name (not empty, no NUL, short enough) and status');
+    }
+  }
+  return bitmaps;
 }
 
 export class NbdServer extends EventEmitter<NbdServerEvents> {
@@ -225,10 +248,11 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       throw invalid(`export "${name}": a writable export needs a target with write`);
     }
     const blockSize = checkBlockSize(options.blockSize ?? target.blockSize ?? DEFAULT_BLOCK_SIZE);
+    const bitmaps = checkBitmaps(options.dirtyBitmaps ?? target.dirtyBitmaps ?? []);
     this.exports.set(name, {
       name,
       description,
-      target: withDefaults(target, blockSize),
+      target: withDefaults(target, blockSize, bitmaps),
       writable,
       multiConn: options.multiConn ?? true,
       blockSize,

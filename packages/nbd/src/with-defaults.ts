@@ -9,6 +9,7 @@
 //   trim           nothing (trim is advisory; not advertised, refused as the spec says)
 //   cache          nothing (not advertised, refused)
 //   block status   all data (the spec's answer for a server that knows nothing)
+//   dirty bitmaps  none offered; a bitmap's extents are cut to the range and merged
 //   sparse read    block status (only what is cheap to know), then reads of the data
 //   large requests trim, write-zeroes and cache are split at the maximum block size (a
 //                  target's precondition), block status is cut to the range asked
@@ -16,8 +17,10 @@
 // What the target does natively is in `features`, for what the server advertises.
 
 import type {
+  BitmapExtent,
   BlockSizeConstraints,
   BlockStatusOptions,
+  ExportBitmap,
   ExportTarget,
   Extent,
   SparsePiece,
@@ -38,6 +41,8 @@ export interface TargetFeatures {
   /** qemu:allocation-depth may be offered. */
   readonly depth: boolean;
   readonly multiConnSafe: boolean;
+  /** The names of the dirty bitmaps offered as qemu:dirty-bitmap:NAME, in order. */
+  readonly dirtyBitmaps: readonly string[];
 }
 
 /** A target with every operation; what it lacked is emulated (see above). */
@@ -50,6 +55,11 @@ export interface CompleteTarget extends ExportTarget {
   /** Extents covering exactly [offset, offset + min(length, maximum)), never none. */
   blockStatus(offset: number, length: number, options?: BlockStatusOptions): Promise<Extent[]>;
   cache(offset: number, length: number): Promise<void>;
+  /**
+   * Dirty bitmap `index` (of features.dirtyBitmaps) over [offset, offset + length): extents
+   * from `offset`, cut to the range, neighbours of the same state merged, never none.
+   */
+  bitmapStatus(index: number, offset: number, length: number): Promise<BitmapExtent[]>;
   /** Pieces checked to cover the range exactly, adjacent holes merged. */
   readSparse(
     offset: number,
@@ -91,10 +101,30 @@ function checkPieces(offset: number, length: number, pieces: SparsePiece[]): Spa
   return out;
 }
 
-/** `target` completed; `blockSize` is what the export advertises. */
+/** Extents of a bitmap cut to `length`, merged; an EIO error when they cover nothing. */
+function checkBitmapExtents(extents: readonly BitmapExtent[], length: number): BitmapExtent[] {
+  const out: BitmapExtent[] = [];
+  let covered = 0;
+  for (const e of extents) {
+    const n = Math.min(e.length, length - covered);
+    if (!(n > 0)) break;
+    const last = out[out.length - 1];
+    if (last !== undefined && last.dirty === e.dirty) last.length += n;
+    else out.push({ length: n, dirty: e.dirty });
+    covered += n;
+  }
+  if (out.length === 0) throw errnoError('EIO', 'the dirty bitmap reported no extent');
+  return out;
+}
+
+/**
+ * `target` completed; `blockSize` is what the export advertises, `bitmaps` the dirty
+ * bitmaps it offers (the target's own when not given).
+ */
 export function withDefaults(
   target: ExportTarget,
   blockSize: BlockSizeConstraints,
+  bitmaps: readonly ExportBitmap[] = target.dirtyBitmaps ?? [],
 ): CompleteTarget {
   const t = target;
   const max = blockSize.maximum;
@@ -214,6 +244,17 @@ export function withDefaults(
     return checkPieces(offset, length, await t.readSparse(offset, length, alloc));
   };
 
+  const bitmapList = [...bitmaps];
+  const bitmapStatus = async (
+    index: number,
+    offset: number,
+    length: number,
+  ): Promise<BitmapExtent[]> => {
+    const bitmap = bitmapList[index];
+    if (bitmap === undefined) throw errnoError('EINVAL', `no dirty bitmap ${index}`);
+    return checkBitmapExtents(await bitmap.status(offset, length), length);
+  };
+
   const complete: CompleteTarget = {
     features: {
       trim: t.trim !== undefined,
@@ -222,6 +263,7 @@ export function withDefaults(
       blockStatus: t.blockStatus !== undefined || t.readSparse !== undefined,
       depth: t.reportsDepth === true && t.blockStatus !== undefined,
       multiConnSafe: t.multiConnSafe === true,
+      dirtyBitmaps: bitmapList.map((b) => b.name),
     },
     size: () => t.size(),
     read: (offset, buf) => t.read(offset, buf),
@@ -231,11 +273,13 @@ export function withDefaults(
     writeZeroes,
     blockStatus,
     cache,
+    bitmapStatus,
     readSparse,
     nativeFua: true,
     ...(t.multiConnSafe !== undefined && { multiConnSafe: t.multiConnSafe }),
     ...(t.reportsDepth !== undefined && { reportsDepth: t.reportsDepth }),
     ...(t.blockSize !== undefined && { blockSize: t.blockSize }),
+    dirtyBitmaps: bitmapList,
   };
   if (t.allocBuffer) {
     // Buffers are the target's memory (e.g. aligned for O_DIRECT): not emulated.

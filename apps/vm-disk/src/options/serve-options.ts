@@ -5,6 +5,7 @@
 // Everything is checked here, before anything starts (--blockdev's options are checked by
 // the block graph, in their syntax); an error names the option.
 import {
+  type BlockDirtyBitmapOrStr,
   checkObjectOptions,
   type Infer,
   type ObjectOptions,
@@ -12,9 +13,10 @@ import {
   schema,
 } from '@vmdisk/block-graph';
 import { BadOptionError } from '../errors.ts';
+import { bitmapOrStr } from '../qmp/bitmap-commands.ts';
 import { parseKeyval } from './keyval.ts';
 
-const { bool, enumOf, opt, size, str, struct, uint32, union } = schema;
+const { bool, enumOf, list, opt, size, str, struct, uint32, union } = schema;
 
 export type SocketAddress =
   | { type: 'inet'; host: string; port: string }
@@ -45,6 +47,8 @@ export interface ExportConfig {
   description?: string;
   writable: boolean;
   allocationDepth: boolean;
+  /** Dirty bitmaps offered as qemu:dirty-bitmap:NAME: names on the node (or below), or {node, name}. */
+  bitmaps?: BlockDirtyBitmapOrStr[];
 }
 
 export interface ChardevConfig {
@@ -100,7 +104,14 @@ export const exportOptions = union(
     writable: opt(bool, false),
     writethrough: opt(bool),
   },
-  { nbd: { name: opt(str), description: opt(str), 'allocation-depth': opt(bool, false) } },
+  {
+    nbd: {
+      name: opt(str),
+      description: opt(str),
+      bitmaps: opt(list(bitmapOrStr)),
+      'allocation-depth': opt(bool, false),
+    },
+  },
 );
 
 /** ObjectOptions as the registry checks them (without reading any file). */
@@ -143,6 +154,7 @@ export function exportConfig(v: Infer<typeof exportOptions>): ExportConfig {
     ...(v.description !== undefined && { description: v.description }),
     writable: v.writable,
     allocationDepth: v['allocation-depth'],
+    ...(v.bitmaps !== undefined && { bitmaps: v.bitmaps }),
   };
 }
 

@@ -26,6 +26,11 @@
 // with endpoint 'client'; `tls-hostname` is the name the server's certificate must carry.
 // `open-timeout` (seconds, default 30, 0: none) bounds the connect and the handshake; unlike
 // QEMU's it does not retry.
+// `x-dirty-bitmap` (QEMU's, experimental there too): a meta context such as
+// `qemu:dirty-bitmap:NAME` selected instead of base:allocation, its flags read as if they
+// were base:allocation's (a dirty extent, flag 1, shows as a hole: "data": false in a map),
+// so that a map of the node lists a remote bitmap. A server not offering it fails the open
+// with QEMU 7.2's words.
 
 import { join } from 'node:path';
 import {
@@ -42,6 +47,9 @@ import { custom, type Infer, int, opt, str, union } from '../schema.ts';
 
 /** The default pread/pwrite size when the server gives no maximum (QEMU's too). */
 const DEFAULT_MAX_TRANSFER = 32 << 20;
+/** base:allocation's flags (NBD_STATE_HOLE, NBD_STATE_ZERO). */
+const STATE_HOLE = 1;
+const STATE_ZERO = 2;
 /** The connect timeout in seconds when `open-timeout` is not given. */
 const DEFAULT_OPEN_TIMEOUT = 30;
 
@@ -148,15 +156,18 @@ class NbdInstance implements ProtocolInstance {
   private readonly node: string;
   private readonly where: string;
   private readonly hasStatus: boolean;
+  /** The meta context block status comes from (base:allocation or x-dirty-bitmap's). */
+  private readonly context: string;
 
-  constructor(client: NbdClient, node: string, where: string) {
+  constructor(client: NbdClient, node: string, where: string, context: string) {
     this.client = client;
     this.node = node;
     this.where = where;
+    this.context = context;
     const align = client.blockSize?.minimum ?? 1;
     const max = Math.min(client.blockSize?.maximum ?? DEFAULT_MAX_TRANSFER, DEFAULT_MAX_TRANSFER);
     this.limits = { requestAlignment: align, maxTransfer: Math.max(align, max - (max % align)) };
-    this.hasStatus = client.metaContexts.includes('base:allocation');
+    this.hasStatus = client.metaContexts.includes(context);
   }
 
   size(): number {
@@ -222,17 +233,23 @@ class NbdInstance implements ProtocolInstance {
     } catch (err) {
       throw ioError(err, this.node, offset, length);
     }
-    const extents = result.get('base:allocation') ?? [];
+    const extents = result.get(this.context) ?? [];
     const first = extents[0];
     if (!first) return { length, hole: false, zero: false };
+    // Any context's flags read as base:allocation's (QEMU's x-dirty-bitmap does the same).
+    const flags = first.flags & (STATE_HOLE | STATE_ZERO);
     // Merge the extents of one status that follow the first, up to the length asked.
     let n = 0;
     for (const e of extents) {
-      if (e.hole !== first.hole || e.zero !== first.zero) break;
+      if ((e.flags & (STATE_HOLE | STATE_ZERO)) !== flags) break;
       n += e.length;
       if (n >= length) break;
     }
-    return { length: Math.max(1, Math.min(n, length)), hole: first.hole, zero: first.zero };
+    return {
+      length: Math.max(1, Math.min(n, length)),
+      hole: (flags & STATE_HOLE) !== 0,
+      zero: (flags & STATE_ZERO) !== 0,
+    };
   }
 
   async close(): Promise<void> {
@@ -257,6 +274,8 @@ export const nbdDriver = defineDriver({
     'tls-hostname': opt(str),
     /** Seconds for the connect and the handshake (QEMU's open-timeout; default 30, 0: none). */
     'open-timeout': opt(int({ min: 0, max: 86_400 })),
+    /** A meta context read in place of base:allocation (QEMU's, e.g. qemu:dirty-bitmap:NAME). */
+    'x-dirty-bitmap': opt(str),
   },
   async open(ctx) {
     const o = ctx.options;
@@ -271,6 +290,11 @@ export const nbdDriver = defineDriver({
       exportName,
       connectTimeout: (o['open-timeout'] ?? DEFAULT_OPEN_TIMEOUT) * 1000,
     };
+    const context = o['x-dirty-bitmap'] ?? 'base:allocation';
+    if (o['x-dirty-bitmap'] !== undefined) {
+      options.baseAllocation = false;
+      options.metaContexts = [context];
+    }
     const credsId = o['tls-creds'];
     if (credsId !== undefined) {
       const found = (type: string): unknown => {
@@ -321,6 +345,13 @@ export const nbdDriver = defineDriver({
         );
       }
     }
-    return new NbdInstance(client, ctx.nodeName, where);
+    if (context !== 'base:allocation' && !client.metaContexts.includes(context)) {
+      // QEMU 7.2 loses its "requested x-dirty-bitmap ... not found" on the way out.
+      await client.close().catch(() => undefined);
+      throw new BlockError(BlockErrorCode.BAD_OPTION, 'Could not open image: Invalid argument', {
+        errnoName: 'EINVAL',
+      });
+    }
+    return new NbdInstance(client, ctx.nodeName, where, context);
   },
 });
