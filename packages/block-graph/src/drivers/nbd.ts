@@ -272,10 +272,10 @@ export const nbdDriver = defineDriver({
     export: opt(str),
     'tls-creds': opt(str),
     'tls-hostname': opt(str),
-    /** Seconds for the connect and the handshake (QEMU's open-timeout; default 30, 0: none). */
-    'open-timeout': opt(int({ min: 0, max: 86_400 })),
     /** A meta context read in place of base:allocation (QEMU's, e.g. qemu:dirty-bitmap:NAME). */
     'x-dirty-bitmap': opt(str),
+    /** Seconds for the connect and the handshake (QEMU's open-timeout; default 30, 0: none). */
+    'open-timeout': opt(int({ min: 0, max: 86_400 })),
   },
   async open(ctx) {
     const o = ctx.options;
