@@ -269,6 +269,7 @@ export class Daemon implements DaemonControl {
         name,
         target: backend,
         writable: config.writable,
+        allocationDepth: config.allocationDepth,
         ...(config.description !== undefined && { description: config.description }),
         ...(bitmaps !== undefined && { dirtyBitmaps: bitmaps.bitmaps }),
       });

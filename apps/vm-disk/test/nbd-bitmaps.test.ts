@@ -67,9 +67,7 @@ async function look(r: Recorder, name: string, maps: string[]): Promise<void> {
       'print(json.dumps(seen))',
     ].join('\n'),
   );
-  // vm-disk offers qemu:allocation-depth without `allocation-depth: true` (left as it is).
-  const listed = (contexts as string[]).filter((c) => c !== 'qemu:allocation-depth');
-  r.seen.push({ export: name, contexts: listed });
+  r.seen.push({ export: name, contexts });
   for (const context of maps) {
     const map = JSON.parse(await run('nbdinfo', [`--map=${context}`, '--json', uri(name)]));
     r.seen.push({ export: name, context, map });

@@ -63,6 +63,11 @@ export interface ExportOptions {
   blockSize?: BlockSizeConstraints;
   /** Overrides the target's dirtyBitmaps (offered as qemu:dirty-bitmap:NAME contexts). */
   dirtyBitmaps?: readonly ExportBitmap[];
+  /**
+   * Offer qemu:allocation-depth when the target reports depth (default true; QEMU's
+   * block-export-add offers it only with `allocation-depth: true`).
+   */
+  allocationDepth?: boolean;
 }
 
 export interface ExportInfo {
@@ -252,7 +257,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     this.exports.set(name, {
       name,
       description,
-      target: withDefaults(target, blockSize, bitmaps),
+      target: withDefaults(target, blockSize, bitmaps, options.allocationDepth ?? true),
       writable,
       multiConn: options.multiConn ?? true,
       blockSize,

@@ -125,6 +125,7 @@ export function withDefaults(
   target: ExportTarget,
   blockSize: BlockSizeConstraints,
   bitmaps: readonly ExportBitmap[] = target.dirtyBitmaps ?? [],
+  offerDepth = true,
 ): CompleteTarget {
   const t = target;
   const max = blockSize.maximum;
@@ -261,7 +262,7 @@ export function withDefaults(
       fastZero: t.writeZeroes !== undefined,
       cache: t.cache !== undefined,
       blockStatus: t.blockStatus !== undefined || t.readSparse !== undefined,
-      depth: t.reportsDepth === true && t.blockStatus !== undefined,
+      depth: offerDepth && t.reportsDepth === true && t.blockStatus !== undefined,
       multiConnSafe: t.multiConnSafe === true,
       dirtyBitmaps: bitmapList.map((b) => b.name),
     },
