@@ -108,6 +108,39 @@ describe('QMP monitor', () => {
     }
   });
 
+  it('offers oob and answers exec-oob as qemu-storage-daemon does, word for word', async () => {
+    const sequences: Record<string, unknown>[][] = [
+      // oob enabled: no command runs out of band; the members are checked as QEMU does.
+      [
+        { 'exec-oob': 'query-version' },
+        { execute: 'qmp_capabilities', arguments: { enable: ['oob'] } },
+        { 'exec-oob': 'query-version', id: 1 },
+        { 'exec-oob': 'nope', id: 2 },
+        { 'exec-oob': 'query-version', execute: 'query-version', id: 3 },
+        { 'exec-oob': 7, id: 4 },
+        { execute: 'qmp_capabilities', arguments: { enable: ['oob'] } },
+      ],
+      // oob not enabled: exec-oob is an unexpected member.
+      [{ execute: 'qmp_capabilities' }, { 'exec-oob': 'query-version', id: 1 }],
+    ];
+    for (const requests of sequences) {
+      const a = await QmpTestClient.connect(ours());
+      const b = await QmpTestClient.connect(theirs());
+      try {
+        expect((a.greeting.QMP as { capabilities: unknown }).capabilities).toEqual(
+          (b.greeting.QMP as { capabilities: unknown }).capabilities,
+        );
+        for (const request of requests) {
+          const mine = await a.client.execute(request);
+          expect(mine, JSON.stringify(request)).toEqual(await b.client.execute(request));
+        }
+      } finally {
+        a.client.close();
+        b.client.close();
+      }
+    }
+  });
+
   it('checks arguments, runs commands in order and answers errors with their class', async () => {
     const { client } = await QmpTestClient.connect(ours());
     try {

@@ -89,6 +89,8 @@ const CLOSE_GRACE_MS = 2000;
 
 class Connection implements QmpSession {
   negotiated = false;
+  /** The client enabled the oob capability (qmp_capabilities). */
+  oob = false;
   private queue: Promise<void> = Promise.resolve();
   private pending = 0;
   private readonly splitter = new JsonStreamSplitter();
@@ -193,9 +195,8 @@ export class QmpMonitor extends EventEmitter {
             'Capabilities negotiation is already complete, command ignored',
           );
         }
-        if (args.enable !== undefined && args.enable.length > 0) {
-          throw new QmpError('GenericError', `Capability '${args.enable[0]}' not available`);
-        }
+        // The schema takes 'oob' only, the one capability offered.
+        if (args.enable?.includes('oob')) (session as Connection).oob = true;
         return {};
       },
     });
@@ -280,7 +281,7 @@ export class QmpMonitor extends EventEmitter {
       );
     });
     socket.on('error', () => {});
-    connection.send({ QMP: { version: this.version, capabilities: [] } });
+    connection.send({ QMP: { version: this.version, capabilities: ['oob'] } });
   }
 
   /** Stops listening and closes every connection (resolves once they are closed). */
@@ -300,29 +301,33 @@ export class QmpMonitor extends EventEmitter {
     const fail = (errorClass: QmpErrorClass, desc: string) =>
       withId({ error: { class: errorClass, desc } });
 
+    // exec-oob: known once the client enabled the oob capability (QEMU's wording).
+    const known = ['execute', 'arguments', 'id', ...(connection.oob ? ['exec-oob'] : [])];
     for (const key of Object.keys(req)) {
-      if (key === 'exec-oob')
-        return fail(
-          'GenericError',
-          "QMP input member 'exec-oob' requires OOB, which is not enabled",
-        );
-      if (key !== 'execute' && key !== 'arguments' && key !== 'id') {
+      if (!known.includes(key)) {
         return fail('GenericError', `QMP input member '${key}' is unexpected`);
       }
     }
-    if (!('execute' in req)) return fail('GenericError', "QMP input lacks member 'execute'");
-    if (typeof req.execute !== 'string')
-      return fail('GenericError', "QMP input member 'execute' must be a string");
+    const oob = 'exec-oob' in req;
+    if (oob && 'execute' in req) {
+      return fail('GenericError', "QMP input member 'execute' clashes with 'exec-oob'");
+    }
+    const member = oob ? 'exec-oob' : 'execute';
+    if (!(member in req)) return fail('GenericError', "QMP input lacks member 'execute'");
+    const name = req[member];
+    if (typeof name !== 'string')
+      return fail('GenericError', `QMP input member '${member}' must be a string`);
     const args = req.arguments ?? {};
     if (!isObject(args)) {
       return fail('GenericError', "QMP input member 'arguments' must be an object");
     }
-    const name = req.execute;
     if (!connection.negotiated && name !== 'qmp_capabilities') {
       return fail('CommandNotFound', "Expecting capabilities negotiation with 'qmp_capabilities'");
     }
     const command = this.commands.get(name);
     if (!command) return fail('CommandNotFound', `The command ${name} has not been found`);
+    // As qemu-storage-daemon's: no command runs out of band (none is marked allow-oob).
+    if (oob) return fail('GenericError', `The command ${name} does not support OOB`);
 
     try {
       const result = await command.run(args, connection);
