@@ -4,9 +4,11 @@
 // qemu:dirty-bitmap:NAME, nbdinfo maps them); an image open read-write has them in use.
 import { execFileSync } from 'node:child_process';
 import { afterAll, describe, expect, it } from 'vitest';
+import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { BlockGraph, blockDirtyBitmapAdd, blockDirtyBitmapRemove } from '../src/index.ts';
 import type { BlockNode } from '../src/node.ts';
 import { pattern, qemuImg, tempDir } from './helpers.ts';
+import { ImageFile } from './qcow2-helpers.ts';
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -52,6 +54,18 @@ function qemuDirty(img: string, name: string): { offset: number; length: number 
 
 function check(img: string): void {
   qemuImg('check', '-q', '-U', img); // throws on any problem
+}
+
+/** Our own check agrees: the bitmaps' clusters are counted (no leaks, nothing unchecked). */
+async function ourCheck(img: string): Promise<void> {
+  const f = await ImageFile.open(img, { readOnly: true });
+  try {
+    const c = await (await openQcow2(f, { backing: null, readOnly: true })).check();
+    expect(c.messages).toEqual([]);
+    expect(c.notChecked).toEqual([]);
+  } finally {
+    await f.close();
+  }
 }
 
 async function open(
@@ -141,6 +155,7 @@ describe('qcow2 persistent dirty bitmaps', () => {
       { offset: 63 * MiB, length: MiB },
     ]);
     expect(qemuDirty(img, 'stopped')).toEqual([]);
+    await ourCheck(img);
     // Reopened: loaded again; stored again over the old clusters (check stays clean).
     ({ g } = await open(img));
     await blockDirtyBitmapRemove(g, 'n', 'fine');
