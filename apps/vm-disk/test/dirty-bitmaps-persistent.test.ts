@@ -104,6 +104,10 @@ describe('persistent dirty bitmaps as qemu-storage-daemon 7.2', () => {
         await bitmaps(r);
         // In use in the image while open.
         r.seen.push({ info: await infoBitmaps('q.qcow2') });
+        // Resized: the bitmaps follow, and are stored at the new size.
+        await r.cmd('block_resize', { 'node-name': 'q', size: 128 << 20 });
+        await write(r, ['write 100M 4k']);
+        await bitmaps(r);
       },
       results: ['q.qcow2'],
     });
@@ -114,8 +118,14 @@ describe('persistent dirty bitmaps as qemu-storage-daemon 7.2', () => {
     const M = K * K;
     const at = (offset: number, length: number) => ({ offset, length });
     expect(dirty).toEqual({
-      b0: [at(0, 64 * K), at(40 * M, 64 * K), at(50 * M, 64 * K), at(60 * M, M)],
-      fine: [at(0, 1536), at(40 * M, 512), at(50 * M, 4 * K), at(60 * M, M)],
+      b0: [
+        at(0, 64 * K),
+        at(40 * M, 64 * K),
+        at(50 * M, 64 * K),
+        at(60 * M, M),
+        at(100 * M, 64 * K),
+      ],
+      fine: [at(0, 1536), at(40 * M, 512), at(50 * M, 4 * K), at(60 * M, M), at(100 * M, 4 * K)],
       off: [],
       old: [at(0, 16 * K), at(2 * M, 16 * K), at(40 * M, 16 * K), at(60 * M, M)],
     });
