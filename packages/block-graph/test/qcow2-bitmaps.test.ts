@@ -171,6 +171,34 @@ describe('qcow2 persistent dirty bitmaps', () => {
     check(img);
   }, 30_000);
 
+  it('a bitmap of several clusters of data (a table of many entries) goes both ways', async () => {
+    const img = tmp.path('big.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', img, '1G');
+    // 512-byte granules: a cluster of bitmap data covers 256 MiB of disk, four in all.
+    qemuImg('bitmap', '--add', '-g', '512', img, 'fine');
+    qemuIo(img, 'write 300M 1k');
+    let { g } = await open(img);
+    const b = await g.createBackend('n', { write: true });
+    await b.write(0, pattern(4, 0, 512));
+    await b.write(700 * MiB, pattern(5, 0, 4 * KiB));
+    await b.write(1024 * MiB - 512, pattern(6, 0, 512));
+    await b.close();
+    await g.close();
+    check(img);
+    await ourCheck(img);
+    const expected = [
+      { offset: 0, length: 512 },
+      { offset: 300 * MiB, length: KiB },
+      { offset: 700 * MiB, length: 4 * KiB },
+      { offset: 1024 * MiB - 512, length: 512 },
+    ];
+    expect(qemuDirty(img, 'fine')).toEqual(expected);
+    ({ g } = await open(img));
+    const node = g.node('n') as unknown as BlockNode;
+    expect([...node.findDirtyBitmap('fine')!.dirtyRanges()]).toEqual(expected);
+    await g.close();
+  }, 30_000);
+
   it('a bitmap left in use is inconsistent: kept as found, removable', async () => {
     const img = tmp.path('crashed.qcow2');
     qemuImg('create', '-q', '-f', 'qcow2', img, '8M');
