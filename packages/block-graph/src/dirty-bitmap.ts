@@ -282,6 +282,49 @@ export class BdrvDirtyBitmap {
     }
   }
 
+  /** Bytes of the serialized bits: one bit per granule, least significant bit first. */
+  get serializedSize(): number {
+    return Math.ceil(this.#granules(this.#size) / 8);
+  }
+
+  /**
+   * The bits from byte `byteOffset` of the serialized form (hbitmap_serialize_part: bit i
+   * of the bitmap is bit i % 8 of byte i / 8, as qcow2 stores it) into `out`; zeros past
+   * the end.
+   */
+  serializeBytes(byteOffset: number, out: Uint8Array): void {
+    const words = this.#words;
+    for (let j = 0; j < out.byteLength; j++) {
+      const b = byteOffset + j;
+      const w = words[b >>> 2];
+      out[j] = w === undefined ? 0 : (w >>> ((b & 3) * 8)) & 0xff;
+    }
+  }
+
+  /** Replaces the bits of serialized bytes [byteOffset, +data.length) (deserialize_part). */
+  deserializeBytes(byteOffset: number, data: Uint8Array): void {
+    const words = this.#words;
+    const total = this.#granules(this.#size);
+    const first = byteOffset >>> 2;
+    const last = Math.min(words.length, (byteOffset + data.byteLength + 3) >>> 2);
+    for (let w = first; w < last; w++) {
+      let v = words[w]!;
+      for (let k = 0; k < 4; k++) {
+        const j = w * 4 + k - byteOffset;
+        if (j < 0 || j >= data.byteLength) continue;
+        v = ((v & ~(0xff << (k * 8))) | (data[j]! << (k * 8))) >>> 0;
+      }
+      // Bits past the last granule stay clear.
+      const base = w << 5;
+      if (base + 32 > total) v = total <= base ? 0 : (v & ((1 << (total - base)) - 1)) >>> 0;
+      this.#bits += popcount(v) - popcount(words[w]!);
+      words[w] = v;
+      const sb = 1 << (w & 31);
+      const s = w >>> 5;
+      this.#summary[s] = v !== 0 ? (this.#summary[s]! | sb) >>> 0 : (this.#summary[s]! & ~sb) >>> 0;
+    }
+  }
+
   /** query-block's entry for it (BlockDirtyInfo). */
   info(): BlockDirtyInfo {
     return {

@@ -2,10 +2,11 @@
 // structures, as QEMU's qcow2-refcount.c check does) and the refcount rebuild used when a
 // dirty image (lazy refcounts) is opened read-write.
 //
-// Internal snapshots are walked (their L1 and L2 tables count like the active ones);
-// persistent bitmaps are not (listed in `notChecked`).
+// Internal snapshots are walked (their L1 and L2 tables count like the active ones), and
+// so are persistent bitmaps (directory, tables, data: bitmap-directory.ts).
 
 import { Qcow2CorruptError } from '../../errors.ts';
+import { countBitmapReferences } from './bitmap-directory.ts';
 import { decodeL2, Geometry, parseL1 } from './cluster-map.ts';
 import { Incompat, parseHeader, peekClusterBits, type Qcow2Header } from './header.ts';
 import { getRefcount, maxRefcount, RefcountOverflowError, setRefcount } from './refcount.ts';
@@ -183,7 +184,7 @@ export async function computeReferences(
       }
     }
   }
-  if (h.otherExtensions.some((e) => e.type === 0x23852875)) notChecked.push('persistent bitmaps');
+  await countBitmapReferences(file, h, inc, errors);
   return { counts, errors, copied, fileSize, notChecked };
 }
 

@@ -220,7 +220,8 @@ export function parseHeader(buf: Uint8Array): Qcow2Header {
     if (type === ExtType.END) break;
     const padded = Math.ceil(len / 8) * 8;
     if (off + 8 + len > limit) throw badHeader(`header extension 0x${type.toString(16)} too long`);
-    const data = buf.slice(off + 8, off + 8 + len);
+    // A copy: `buf` may be a Buffer (slice is a view) whose memory is reused after parsing.
+    const data = new Uint8Array(buf.subarray(off + 8, off + 8 + len));
     if (type === ExtType.BACKING_FORMAT) h.backingFormat = textDecoder.decode(data);
     else if (type === ExtType.FEATURE_TABLE) {
       for (let i = 0; i + 48 <= data.length; i += 48) {

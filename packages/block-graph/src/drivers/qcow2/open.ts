@@ -5,7 +5,7 @@ import { badOption, Qcow2CorruptError, Qcow2UnsupportedError } from '../../error
 import { computeReferences, rebuildRefcounts } from './check.ts';
 import { parseL1 } from './cluster-map.ts';
 import { flushMetadata } from './flush.ts';
-import { Incompat, KNOWN_INCOMPAT } from './header.ts';
+import { Autoclear, Incompat, KNOWN_INCOMPAT } from './header.ts';
 import { MetadataCache } from './l2-cache.ts';
 import { RefcountManager } from './refcount.ts';
 import { MiB, type Qcow2State, writeHeader } from './state.ts';
@@ -102,9 +102,11 @@ export async function openImage(s: Qcow2State): Promise<void> {
       h.incompatibleFeatures &= ~Incompat.DIRTY;
       await writeHeader(s);
     }
-    if (h.autoclearFeatures !== 0n) {
-      // We keep no bitmaps up to date: clear every autoclear bit before writing.
-      h.autoclearFeatures = 0n;
+    // Clear every autoclear bit we do not keep up to date before writing: the bitmaps bit
+    // stays only when the caller loads and stores the bitmaps (the graph's qcow2 driver).
+    const keep = s.options.keepBitmaps ? Autoclear.BITMAPS : 0n;
+    if ((h.autoclearFeatures & ~keep) !== 0n) {
+      h.autoclearFeatures &= keep;
       await writeHeader(s);
     }
   }

@@ -265,6 +265,7 @@ export const qcow2Driver = defineDriver({
     await probe.close();
     const opts: Parameters<typeof openQcow2>[1] = {
       readOnly: ctx.readOnly,
+      keepBitmaps: true, // the node layer loads and stores them (bitmaps.ts)
       ...cacheSizes(o, probe.virtualSize, probe.clusterSize, probe.geom.l2Span),
     };
     if (o['lazy-refcounts'] !== undefined) {

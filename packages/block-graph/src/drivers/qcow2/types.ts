@@ -60,6 +60,11 @@ export interface Qcow2OpenOptions {
   lazyRefcounts?: boolean;
   /** Pending freed clusters that trigger a metadata flush (default 1024). */
   discardBatch?: number;
+  /**
+   * The caller keeps the persistent bitmaps up to date (loads them, flags them in use,
+   * stores them: bitmaps.ts): the bitmaps autoclear bit survives a read-write open.
+   */
+  keepBitmaps?: boolean;
 }
 
 /** Where the first bytes of a guest range live, for a map()-based caller (the graph). */
