@@ -51,6 +51,7 @@
 // throw synchronously from a method that returns a promise.
 
 import type { Engine } from '@vmdisk/engine';
+import type { BdrvDirtyBitmap } from './dirty-bitmap.ts';
 import type { ChildRole } from './permissions.ts';
 import type { RangeHold } from './range-lock.ts';
 import type { InferMembers, Members } from './schema.ts';
@@ -127,6 +128,8 @@ export interface ChildNode {
    */
   serialise(start: number, end: number): Promise<RangeHold>;
   release(hold: RangeHold): void;
+  /** The node's dirty bitmap of that name (copy-before-write's `bitmap` option). */
+  findDirtyBitmap(name: string): BdrvDirtyBitmap | undefined;
 }
 
 /**

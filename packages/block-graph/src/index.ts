@@ -72,6 +72,12 @@ export {
   type NodeInfo,
 } from './graph.ts';
 export {
+  type BlockdevBackupOptions,
+  blockdevBackup,
+  type DriveBackupOptions,
+  driveBackup,
+} from './jobs/backup.ts';
+export {
   type BlockdevOnError,
   type BlockJob,
   type BlockJobCommonOptions,

@@ -17,6 +17,7 @@ import {
   nbdServerConfig,
   unixSocketAddress,
 } from '../options/serve-options.ts';
+import { registerBackupCommands } from './backup-commands.ts';
 import { registerBlockJobCommands } from './block-job-commands.ts';
 import type { DaemonControl } from './daemon-control.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
@@ -155,6 +156,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   monitor.register({ name: 'job-finalize', args: id, run: (args) => job(args.id).finalize() });
   monitor.register({ name: 'job-dismiss', args: id, run: (args) => job(args.id).dismiss() });
   registerBlockJobCommands(monitor, daemon);
+  registerBackupCommands(monitor, daemon);
   monitor.register({
     name: 'quit',
     run: () => {
