@@ -232,7 +232,7 @@ describe('backup job', () => {
     await bj.job.wait();
     expect(bj.job.error).toBeUndefined();
     // The filter is gone: the guest's backend is on the source again.
-    expect(graph.query().some((n) => n.drv === 'copy-before-write')).toBe(false);
+    expect(graph.query().some((n) => n.driver === 'copy-before-write')).toBe(false);
     await guest.close();
     await graph.close();
     sh('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', p('src.raw'), p('now.raw')]);

@@ -26,13 +26,18 @@ const backupCommon = {
   target: str,
 } as const;
 
+type Camel<S extends string> = S extends `${infer H}-${infer T}`
+  ? `${H}${Capitalize<Camel<T>>}`
+  : S;
 /** QMP's kebab-case members as the graph's camelCase options, absent ones left out. */
-function camel(args: Record<string, unknown>): Record<string, unknown> {
+type CamelKeys<T> = { [K in keyof T as Camel<K & string>]: Exclude<T[K], undefined> };
+
+function camel<T extends object>(args: T): CamelKeys<T> {
   const out: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(args)) {
     if (v !== undefined) out[k.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase())] = v;
   }
-  return out;
+  return out as CamelKeys<T>;
 }
 
 export function registerBackupCommands(monitor: QmpMonitor, daemon: DaemonControl): void {
@@ -41,7 +46,7 @@ export function registerBackupCommands(monitor: QmpMonitor, daemon: DaemonContro
     name: 'blockdev-backup',
     args: struct(backupCommon),
     run: async (args) => {
-      await blockdevBackup(graph, jobs, camel(args) as Parameters<typeof blockdevBackup>[2]);
+      await blockdevBackup(graph, jobs, camel(args));
     },
   });
   monitor.register({
@@ -52,7 +57,7 @@ export function registerBackupCommands(monitor: QmpMonitor, daemon: DaemonContro
       mode: opt(enumOf(['existing', 'absolute-paths'])),
     }),
     run: async (args) => {
-      await driveBackup(graph, jobs, camel(args) as Parameters<typeof driveBackup>[2]);
+      await driveBackup(graph, jobs, camel(args));
     },
   });
 }

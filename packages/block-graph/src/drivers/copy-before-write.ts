@@ -338,7 +338,10 @@ export const copyBeforeWriteDriver: BlockDriver = {
       bitmap = found;
     }
     if (target.node.size() < file.node.size()) {
-      throw new BlockError(BlockErrorCode.BAD_OPTION, 'Source and target must have the same size');
+      throw new BlockError(
+        BlockErrorCode.BAD_OPTION,
+        'Source and target image have different sizes',
+      );
     }
     return new CopyBeforeWriteInstance(file, target, {
       onCbwError: o['on-cbw-error'] ?? 'break-guest-write',

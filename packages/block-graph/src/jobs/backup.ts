@@ -194,7 +194,13 @@ export async function backupStart(
   }
   checkNotBusy(graph, source.name);
   checkNotBusy(graph, target.name);
-  if (source.size() !== target.size()) throw bad('Source and target must have the same size');
+  if (source.size() !== target.size()) throw bad('Source and target image have different sizes');
+  if (o.speed !== undefined && o.speed < 0) {
+    // QEMU refuses the speed of a job it created already: its created and null come first.
+    for (const status of ['created', 'null']) {
+      jobs.emitEvent({ event: 'JOB_STATUS_CHANGE', data: { status, id: o.jobId } });
+    }
+  }
   let filter: BlockNode | undefined;
   let syncBitmap: SyncBitmap | undefined;
   let run: BackupRun | undefined;
@@ -208,7 +214,8 @@ export async function backupStart(
     syncBitmap?.finish(ok, run?.o.cbw.copyBitmap);
     syncBitmap = undefined;
   };
-  return BlockJob.start(
+  let paused: Promise<void> | undefined;
+  const bj = await BlockJob.start(
     graph,
     jobs,
     'backup',
@@ -256,6 +263,28 @@ export async function backupStart(
         finishBitmap(false);
         await dropFilter();
       },
+      started: (bj) => {
+        paused = pauseAtStart(jobs, bj);
+      },
     },
   );
+  // QEMU runs the command in a drained section of the source, which pauses the new job at
+  // its first pause point and resumes it at the end: JOB_STATUS_CHANGE paused and running
+  // come before the reply.
+  await paused;
+  if (bj.job.userPaused) bj.job.resume();
+  return bj;
+}
+
+/** Pauses a job whose body has not run yet; resolves when it reached its first pause point. */
+function pauseAtStart(jobs: JobRegistry, bj: BlockJob): Promise<void> {
+  const reached = new Promise<void>((resolve) => {
+    const off = jobs.onStatusChange((e) => {
+      if (e.data.id !== bj.id || (e.data.status !== 'paused' && e.data.status !== 'null')) return;
+      off();
+      resolve();
+    });
+  });
+  bj.job.pause();
+  return reached;
 }
