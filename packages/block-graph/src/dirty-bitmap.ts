@@ -20,6 +20,8 @@ export interface BlockDirtyInfo {
   recording: boolean;
   busy: boolean;
   persistent: boolean;
+  /** Present (true) only for a bitmap found in use at open (QEMU leaves it out otherwise). */
+  inconsistent?: boolean;
 }
 
 /** QEMU bdrv_get_default_bitmap_granularity: the cluster size, within 4 KiB .. 64 KiB. */
@@ -65,8 +67,12 @@ export class BdrvDirtyBitmap {
   enabled = true;
   /** In use by an operation (a job, an NBD export): not to be changed by the user. */
   busy = false;
-  /** Stored in the image (issue 14; in-memory bitmaps are not). */
+  /** Stored in the image (qcow2's bitmaps extension); in-memory bitmaps are not. */
   persistent = false;
+  /** Loaded from an image opened read-only: may not be changed (QEMU's bitmap->readonly). */
+  readOnly = false;
+  /** Found in use in the image (a crash left it unsaved): may only be removed. */
+  inconsistent = false;
   #size: number;
   #words: Uint32Array;
   /** Bit i set: word i is not zero. */
@@ -285,6 +291,7 @@ export class BdrvDirtyBitmap {
       recording: this.enabled,
       busy: this.busy,
       persistent: this.persistent,
+      ...(this.inconsistent && { inconsistent: true }),
     };
   }
 }

@@ -220,6 +220,8 @@ interface InstanceBase {
   close?(): Promise<void>;
   /** Extra fields for query-named-block-nodes (e.g. { file: '/x.img' }). */
   info?(): Record<string, unknown>;
+  /** Persistent dirty bitmaps (a format that stores them); without it a node has none. */
+  readonly persistentBitmaps?: PersistentBitmapStore;
   /**
    * Permission changes, for a driver that holds something outside the process for its
    * users' permissions (the file driver's image locks): QEMU's bdrv_check_perm, set_perm and
@@ -233,6 +235,22 @@ interface InstanceBase {
   checkPerm?(perm: number, shared: number): void;
   setPerm?(perm: number, shared: number): void;
   abortPerm?(): void;
+}
+
+/**
+ * The dirty bitmaps a format stores in its image (qcow2's bitmaps extension), as the node
+ * layer (node-dirty.ts) uses them: load after open, ask before making one persistent,
+ * remove one from the image, store them all before close.
+ */
+export interface PersistentBitmapStore {
+  /** The image's bitmaps (those found in use flagged inconsistent); marks them in use. */
+  load(): Promise<BdrvDirtyBitmap[]>;
+  /** Throws a BlockError with the reason (QEMU's words) a new bitmap could not be stored. */
+  canStore(name: string, granularity: number): void;
+  /** Drops the bitmap of that name from the image (nothing when it is not stored yet). */
+  remove(name: string): Promise<void>;
+  /** Writes the node's persistent bitmaps to the image, not in use (before close). */
+  store(bitmaps: readonly BdrvDirtyBitmap[]): Promise<void>;
 }
 
 /** Block status of a range at a protocol node. */

@@ -54,6 +54,17 @@ export const BlockErrorCode = {
   NODE_BUSY: 'ERR_VMDISK_BLOCK_NODE_BUSY',
   /** A block job's arguments are refused (QEMU's wording); nothing was started. */
   BAD_JOB: 'ERR_VMDISK_BLOCK_BAD_JOB',
+  /** No dirty bitmap of that name on the node. */
+  BITMAP_NOT_FOUND: 'ERR_VMDISK_BLOCK_BITMAP_NOT_FOUND',
+  /** A dirty bitmap of that name exists already on the node. */
+  DUPLICATE_BITMAP: 'ERR_VMDISK_BLOCK_DUPLICATE_BITMAP',
+  /**
+   * A dirty bitmap may not be used or changed: busy (a job or export uses it), read-only
+   * (loaded from a read-only image) or inconsistent (found in use in the image).
+   */
+  BITMAP_IN_USE: 'ERR_VMDISK_BLOCK_BITMAP_IN_USE',
+  /** A dirty bitmap cannot be made persistent on the node (QEMU's reasons). */
+  BITMAP_NOT_STORABLE: 'ERR_VMDISK_BLOCK_BITMAP_NOT_STORABLE',
 } as const;
 
 export type BlockErrorCodeValue = (typeof BlockErrorCode)[keyof typeof BlockErrorCode];

@@ -126,7 +126,8 @@ export class GraphNodes {
     this.nodes.delete(node.name);
     this.releaseObjects(node);
     try {
-      await node.instance?.close?.();
+      // The bitmaps first (they need the image open); the image closes even if that failed.
+      await node.storePersistentBitmaps().finally(() => node.instance?.close?.());
     } finally {
       for (const e of [...node.children.values()]) {
         this.unlink(e);

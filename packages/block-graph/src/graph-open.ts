@@ -195,6 +195,7 @@ export class GraphOpener extends GraphNodes {
       const instance = await spec.driver.open(ctx);
       try {
         node.setInstance(instance);
+        await node.loadPersistentBitmaps();
         // Again: auto-read-only may have made the node read-only, and the instance now
         // takes what its parents hold (the file driver's image locks).
         this.refreshPermissions();

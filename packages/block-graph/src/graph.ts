@@ -107,6 +107,10 @@ export class BlockGraph extends GraphOpener implements BackendHost {
         })),
         'cache-direct': n.settings.direct,
         ...(n.instance?.info?.() ?? {}),
+        // QEMU's BlockDeviceInfo: only when there are some, newest first.
+        ...(n.dirtyBitmaps.length > 0 && {
+          'dirty-bitmaps': n.dirtyBitmaps.map((b) => b.info()).reverse(),
+        }),
       };
       return info;
     });

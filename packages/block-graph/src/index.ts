@@ -15,6 +15,24 @@ export {
   defaultGranularity,
 } from './dirty-bitmap.ts';
 export {
+  BITMAP_ALLOW_RO,
+  BITMAP_BUSY,
+  BITMAP_DEFAULT,
+  BITMAP_INCONSISTENT,
+  BITMAP_RO,
+  checkDirtyBitmap,
+  mergeDirtyBitmap,
+} from './dirty-bitmap-check.ts';
+export {
+  type BlockDirtyBitmapOrStr,
+  blockDirtyBitmapAdd,
+  blockDirtyBitmapClear,
+  blockDirtyBitmapEnable,
+  blockDirtyBitmapMerge,
+  blockDirtyBitmapRemove,
+  lookupDirtyBitmap,
+} from './dirty-bitmap-ops.ts';
+export {
   type BdrvChild,
   type BlockDriver,
   type ChildNode,
@@ -29,6 +47,7 @@ export {
   type MapIntent,
   type Mapping,
   type OpenContext,
+  type PersistentBitmapStore,
   type ProtocolInstance,
   type ProtocolStatus,
   type Status,

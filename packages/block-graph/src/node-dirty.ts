@@ -4,11 +4,25 @@
 // above, copy-on-read, a block job). Bits are set when the request is done, succeeded or
 // not (bdrv_co_write_req_finish): a consumer that reset a range before reading it sees a
 // write that lands later as dirty again.
+//
+// Persistent bitmaps are the driver's to store (driver.ts PersistentBitmapStore): loaded
+// after open, stored before close, asked before one is made persistent.
 
 import { BdrvDirtyBitmap, defaultGranularity } from './dirty-bitmap.ts';
+import { BITMAP_BUSY, BITMAP_RO, checkDirtyBitmap } from './dirty-bitmap-check.ts';
 import type { WriteFlags, ZeroFlags } from './driver.ts';
 import { BlockError, BlockErrorCode } from './errors.ts';
 import { NodeWrite } from './node-write.ts';
+
+/** QEMU's longest bitmap name (BDRV_BITMAP_MAX_NAME_SIZE). */
+export const BITMAP_MAX_NAME_SIZE = 1023;
+
+/** block-dirty-bitmap-add's options besides the node and name. */
+export interface DirtyBitmapAddOptions {
+  granularity?: number | undefined;
+  persistent?: boolean | undefined;
+  disabled?: boolean | undefined;
+}
 
 export abstract class NodeDirty extends NodeWrite {
   /** The node's dirty bitmaps, in creation order. */
@@ -26,11 +40,79 @@ export abstract class NodeDirty extends NodeWrite {
    */
   createDirtyBitmap(granularity = this.defaultBitmapGranularity(), name?: string): BdrvDirtyBitmap {
     if (name !== undefined && this.findDirtyBitmap(name)) {
-      throw new BlockError(BlockErrorCode.BAD_OPTION, `Bitmap already exists: ${name}`);
+      throw new BlockError(BlockErrorCode.DUPLICATE_BITMAP, `Bitmap already exists: ${name}`);
+    }
+    if (name !== undefined && Buffer.byteLength(name) > BITMAP_MAX_NAME_SIZE) {
+      throw new BlockError(BlockErrorCode.BAD_OPTION, `Bitmap name too long: ${name}`);
     }
     const bitmap = new BdrvDirtyBitmap(this.size(), granularity, name);
     this.dirtyBitmaps.push(bitmap);
     return bitmap;
+  }
+
+  /**
+   * block-dirty-bitmap-add once the node is found (qmp_block_dirty_bitmap_add): the
+   * granularity checked, a persistent one asked of the driver first, then created.
+   */
+  addDirtyBitmap(name: string, o: DirtyBitmapAddOptions = {}): BdrvDirtyBitmap {
+    const { granularity = this.defaultBitmapGranularity() } = o;
+    if (granularity < 512 || (granularity & (granularity - 1)) !== 0) {
+      throw new BlockError(
+        BlockErrorCode.BAD_OPTION,
+        'Granularity must be power of 2 and at least 512',
+      );
+    }
+    if (o.persistent) this.#checkCanStore(name, granularity);
+    const bitmap = this.createDirtyBitmap(granularity, name);
+    if (o.disabled) bitmap.enabled = false;
+    bitmap.persistent = o.persistent ?? false;
+    return bitmap;
+  }
+
+  /** bdrv_can_store_new_dirty_bitmap: the driver's store decides, with QEMU's words. */
+  #checkCanStore(name: string, granularity: number): void {
+    const store = this.instance.persistentBitmaps;
+    if (!store) {
+      throw new BlockError(
+        BlockErrorCode.BITMAP_NOT_STORABLE,
+        `Can't store persistent bitmaps to ${this.name}: Operation not supported`,
+      );
+    }
+    try {
+      store.canStore(name, granularity);
+    } catch (e) {
+      throw new BlockError(
+        BlockErrorCode.BITMAP_NOT_STORABLE,
+        `Can't make bitmap '${name}' persistent in '${this.name}': ${(e as Error).message}`,
+        { cause: e },
+      );
+    }
+  }
+
+  /**
+   * block-dirty-bitmap-remove (block_dirty_bitmap_remove): not while busy or read-only; a
+   * persistent bitmap leaves the image too. An inconsistent one may be removed.
+   */
+  async removeDirtyBitmap(bitmap: BdrvDirtyBitmap): Promise<void> {
+    checkDirtyBitmap(bitmap, BITMAP_BUSY | BITMAP_RO);
+    if (bitmap.persistent && bitmap.name !== undefined) {
+      await this.instance.persistentBitmaps?.remove(bitmap.name);
+    }
+    this.releaseDirtyBitmap(bitmap);
+  }
+
+  /** The image's persistent bitmaps join the node's (after open). */
+  async loadPersistentBitmaps(): Promise<void> {
+    const store = this.instance.persistentBitmaps;
+    if (!store) return;
+    for (const b of await store.load()) this.dirtyBitmaps.push(b);
+  }
+
+  /** The node's persistent bitmaps go to the image (before close). */
+  async storePersistentBitmaps(): Promise<void> {
+    const store = this.instance?.persistentBitmaps;
+    if (!store) return;
+    await store.store(this.dirtyBitmaps.filter((b) => b.persistent));
   }
 
   /** Drops a bitmap from the node (bdrv_release_dirty_bitmap). */
@@ -67,7 +149,9 @@ export abstract class NodeDirty extends NodeWrite {
 
   override discard(offset: number, length: number): Promise<void> {
     const p = super.discard(offset, length);
-    if (this.dirtyBitmaps.length === 0) return p;
+    // A discard the node ignores (discard=ignore) is not a write: QEMU returns before
+    // marking (bdrv_co_pdiscard without BDRV_O_UNMAP).
+    if (this.dirtyBitmaps.length === 0 || this.settings.discard !== 'unmap') return p;
     return this.#marked(p, offset, length);
   }
 

@@ -18,6 +18,7 @@ import {
   unixSocketAddress,
 } from '../options/serve-options.ts';
 import { registerBackupCommands } from './backup-commands.ts';
+import { registerBitmapCommands } from './bitmap-commands.ts';
 import { registerBlockJobCommands } from './block-job-commands.ts';
 import type { DaemonControl } from './daemon-control.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
@@ -157,6 +158,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   monitor.register({ name: 'job-dismiss', args: id, run: (args) => job(args.id).dismiss() });
   registerBlockJobCommands(monitor, daemon);
   registerBackupCommands(monitor, daemon);
+  registerBitmapCommands(monitor, daemon);
   monitor.register({
     name: 'quit',
     run: () => {

@@ -187,7 +187,8 @@ export class CopyBeforeWriteInstance implements FilterInstance {
     const target = this.target.node;
     let pos = start;
     while (pos < end) {
-      const s = await source.blockStatus(pos, end - pos, true);
+      // Allocation and the format's zeros suffice (asking the file too costs far more).
+      const s = await source.blockStatus(pos, end - pos, false);
       // Whole clusters: a shorter answer copies one cluster as data (block_copy_block_status).
       let n = Math.min(end - pos, Math.max(s.length, this.clusterSize));
       if (n < end - pos) n -= n % this.clusterSize;

@@ -160,7 +160,9 @@ export class BackupRun {
         .finally(() => inFlight.delete(p));
       inFlight.add(p);
       if (inFlight.size >= MAX_WORKERS) await Promise.race(inFlight);
-      await bj.rateLimit(area.length);
+      // Unlimited: a pause point only (a zero-length sleep per area costs a timer each).
+      if (job.speed > 0) await bj.rateLimit(area.length);
+      else await job.pausePoint();
     }
     await Promise.all(inFlight);
     return failure;

@@ -6,6 +6,7 @@
 // (backup-run.ts) and takes the filter out at the end.
 import { readFileSync } from 'node:fs';
 import type { JobRegistry } from '@vmdisk/ao';
+import { BITMAP_ALLOW_RO, BITMAP_DEFAULT, checkDirtyBitmap } from '../dirty-bitmap-check.ts';
 import type { FormatInstance } from '../driver.ts';
 import {
   type CopyBeforeWriteInstance,
@@ -72,12 +73,7 @@ function checkSync(
     const bm = source.findDirtyBitmap(o.bitmap);
     if (!bm) throw bad(`Bitmap '${o.bitmap}' could not be found`);
     if (mode === undefined) throw bad('Bitmap sync mode must be given when providing a bitmap');
-    if (bm.busy) {
-      throw bad(`Bitmap '${o.bitmap}' is currently in use by another operation and cannot be used`);
-    }
-    if ((bm as { inconsistent?: boolean }).inconsistent) {
-      throw bad(`Bitmap '${o.bitmap}' is inconsistent and cannot be used`);
-    }
+    checkDirtyBitmap(bm, BITMAP_ALLOW_RO);
     if (sync === 'none') {
       throw bad("sync mode 'none' does not produce meaningful bitmap outputs");
     }
@@ -188,6 +184,9 @@ export async function backupStart(
 ): Promise<BlockJob> {
   const { sync, bitmapMode } = checkSync(source, o);
   if (source === target) throw bad('Source and target cannot be the same');
+  const bm = o.bitmap !== undefined ? source.findDirtyBitmap(o.bitmap) : undefined;
+  // A bitmap the job will reset must be changeable (backup_job_create).
+  if (bm && bitmapMode !== 'never') checkDirtyBitmap(bm, BITMAP_DEFAULT);
   const ti = target.instance as Partial<FormatInstance>;
   if (o.compress && !(ti.kind === 'format' && ti.writeCompressed)) {
     throw bad('Compression is not supported for this drive ');
@@ -228,7 +227,6 @@ export async function backupStart(
           source.name,
           o.filterNodeName,
           () => {
-            const bm = o.bitmap !== undefined ? source.findDirtyBitmap(o.bitmap) : undefined;
             if (bm && bitmapMode) syncBitmap = new SyncBitmap(source, bm, bitmapMode);
           },
           { children: { file: source.name, target: target.name } },

@@ -28,6 +28,7 @@ import {
 } from '../../driver.ts';
 import { BlockError, BlockOptionError, Qcow2ErrorCode } from '../../errors.ts';
 import { bool, type InferMembers, int, opt } from '../../schema.ts';
+import { Qcow2Bitmaps } from './bitmaps.ts';
 import { Incompat } from './header.ts';
 import {
   openQcow2,
@@ -79,12 +80,15 @@ function childReader(child: BdrvChild): Qcow2BackingReader {
 class Qcow2Instance implements FormatInstance {
   readonly kind = 'format';
   readonly image: Qcow2Image;
+  /** The image's persistent dirty bitmaps (bitmaps.ts). */
+  readonly persistentBitmaps: Qcow2Bitmaps;
   readonly #file: BdrvChild;
   /** Reads compressed clusters (guest offsets) through the core, which decompresses. */
   readonly #readCompressed: (offset: number, buf: Uint8Array) => Promise<void>;
 
   constructor(image: Qcow2Image, file: BdrvChild) {
     this.image = image;
+    this.persistentBitmaps = new Qcow2Bitmaps(image);
     this.#file = file;
     this.#readCompressed = (offset, buf) => image.read(buf, offset);
   }
