@@ -308,4 +308,47 @@ describe('backup job', () => {
       [3 * MiB, 128 * KiB],
     ]);
   });
+
+  it('bitmap-mode never keeps the bitmap; always, failed, keeps only what was not copied', async () => {
+    const src = await source();
+    const bm = src.createDirtyBitmap(64 * KiB, 'b0');
+    const guest = await graph.createBackend('src', { write: true });
+    await guest.write(0, fill(4 * KiB, 0x33));
+    await guest.write(3 * MiB, fill(128 * KiB, 0x44));
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('a.qcow2'), String(SIZE)]);
+    await qcow2('a');
+    const never = await blockdevBackup(graph, jobs, {
+      jobId: 'n',
+      device: 'src',
+      target: 'a',
+      sync: 'bitmap',
+      bitmap: 'b0',
+      bitmapMode: 'never',
+    });
+    await never.job.wait();
+    expect(never.job.error).toBeUndefined();
+    expect(bm.count()).toBe(3 * 64 * KiB);
+
+    // Writes at 3M fail, those at 0 succeed: always leaves the bitmap with what was not
+    // copied (and what was written meanwhile: nothing), cluster 0 clean.
+    sh('qemu-img', ['create', '-q', '-f', 'raw', p('bad.raw'), String(SIZE)]);
+    await graph.add({
+      driver: 'blkdebug',
+      'node-name': 'bad',
+      'inject-error': [{ iotype: 'write', offset: 3 * MiB, length: 128 * KiB }],
+      image: { driver: 'raw', file: { driver: 'file', filename: p('bad.raw') } },
+    });
+    const always = await blockdevBackup(graph, jobs, {
+      jobId: 'a',
+      device: 'src',
+      target: 'bad',
+      sync: 'bitmap',
+      bitmap: 'b0',
+      bitmapMode: 'always',
+    });
+    await always.job.wait().catch(() => {});
+    expect(always.job.error).toBeDefined();
+    expect([...bm.dirtyRanges()]).toEqual([{ offset: 3 * MiB, length: 128 * KiB }]);
+    await guest.close();
+  });
 });
