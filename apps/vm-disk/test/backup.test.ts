@@ -20,7 +20,7 @@ const bare = ({ timestamp: _, ...rest }: QmpMessage): QmpMessage =>
 
 /** base.qcow2 (0x11 over 0-1M) <- src.qcow2 (0x22 at 3M+64k); dst, top: empty; small: 2M. */
 async function makeImages(): Promise<void> {
-  for (const f of ['base', 'src', 'dst', 'top', 'small', 'new']) {
+  for (const f of ['base', 'src', 'dst', 'top', 'small', 'new', 'ex']) {
     rmSync(p(`${f}.qcow2`), { force: true });
   }
   const create = (args: string[]) => run('qemu-img', ['create', '-q', '-f', 'qcow2', ...args]);
@@ -31,6 +31,7 @@ async function makeImages(): Promise<void> {
   await create([p('dst.qcow2'), '4M']);
   await create(['-b', p('base.qcow2'), '-F', 'qcow2', p('top.qcow2')]);
   await create([p('small.qcow2'), '2M']);
+  await create([p('ex.qcow2'), '4M']);
 }
 
 const daemonArgs = (): string[] => {
@@ -104,7 +105,7 @@ describe('backup against qemu-storage-daemon 7.2', () => {
     );
   });
 
-  it('drive-backup: a new compressed image, and sync=top creating one over the base', async () => {
+  it('drive-backup: a new compressed image, sync=top creating one over the base, an existing one', async () => {
     await sideBySide(
       async (r) => {
         await r.cmd('drive-backup', {
@@ -124,8 +125,17 @@ describe('backup against qemu-storage-daemon 7.2', () => {
           format: 'qcow2',
         });
         await r.until('JOB_STATUS_CHANGE', 'null');
+        // An existing image, its format probed.
+        await r.cmd('drive-backup', {
+          'job-id': 'x',
+          device: 'src',
+          target: p('ex.qcow2'),
+          sync: 'full',
+          mode: 'existing',
+        });
+        await r.until('JOB_STATUS_CHANGE', 'null');
       },
-      ['new.qcow2', 'top2.qcow2'],
+      ['new.qcow2', 'top2.qcow2', 'ex.qcow2'],
     );
   });
 });
