@@ -128,6 +128,8 @@ export interface ChildNode {
    */
   serialise(start: number, end: number): Promise<RangeHold>;
   release(hold: RangeHold): void;
+  /** The node's dirty bitmap of that name (copy-before-write's `bitmap` option). */
+  findDirtyBitmap(name: string): BdrvDirtyBitmap | undefined;
 }
 
 /**

@@ -364,15 +364,17 @@ export class BlockGraph extends GraphOpener implements BackendHost {
   }
 
   /**
-   * Opens an implicit filter node of `driver` (not one blockdev-add knows: mirror_top) over
-   * `childName` as its 'backing' child, and moves every parent of the child onto it, as one
-   * drained change (QEMU bdrv_new_open_driver + bdrv_append). `then` runs in the same change.
+   * Opens an implicit filter node of `driver` (mirror_top, or a backup's copy-before-write)
+   * over `childName` as its 'backing' child (or with the children `how` gives), and moves
+   * every parent of the child onto it, as one drained change (QEMU bdrv_new_open_driver +
+   * bdrv_append). `then` runs in the same change.
    */
   async insertFilter(
     driver: BlockDriver,
     childName: string,
     nodeName: string | undefined,
     then?: (filter: BlockNode) => void,
+    how: { options?: Record<string, unknown>; children?: Record<string, string> } = {},
   ): Promise<BlockNode> {
     this.checkOpen();
     return this.lock.write(async () => {
@@ -382,8 +384,9 @@ export class BlockGraph extends GraphOpener implements BackendHost {
         ...(nodeName !== undefined && { nodeName }),
         readOnly: child.readOnly,
         discard: child.settings.discard,
-        options: {},
-        children: { backing: childName },
+        options: how.options ?? {},
+        // 'backing' by default (mirror_top); copy-before-write has 'file' and 'target'.
+        children: how.children ?? { backing: childName },
         path: '',
         raw: { driver: driver.name },
       };

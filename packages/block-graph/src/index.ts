@@ -98,6 +98,12 @@ export {
   type XDbgBlockGraphNode,
 } from './graph-debug.ts';
 export {
+  type BlockdevBackupOptions,
+  blockdevBackup,
+  type DriveBackupOptions,
+  driveBackup,
+} from './jobs/backup.ts';
+export {
   type BlockdevOnError,
   type BlockJob,
   type BlockJobCommonOptions,

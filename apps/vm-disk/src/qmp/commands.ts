@@ -18,6 +18,7 @@ import {
   nbdServerConfig,
   unixSocketAddress,
 } from '../options/serve-options.ts';
+import { registerBackupCommands } from './backup-commands.ts';
 import { registerBitmapCommands } from './bitmap-commands.ts';
 import { registerBlockJobCommands } from './block-job-commands.ts';
 import type { DaemonControl } from './daemon-control.ts';
@@ -163,6 +164,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
     run: () => debugQueryBlockGraph(daemon.graph),
   });
   registerBlockJobCommands(monitor, daemon);
+  registerBackupCommands(monitor, daemon);
   registerBitmapCommands(monitor, daemon);
   declareEvents(monitor);
   monitor.register({

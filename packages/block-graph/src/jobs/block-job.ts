@@ -59,6 +59,8 @@ export interface BlockJobBody {
   complete?(bj: BlockJob): void;
   /** Whether a cancel is forced (QEMU .cancel: a ready mirror cancels softly). */
   cancel?(bj: BlockJob, force: boolean): boolean;
+  /** Called right after the job started, before its body runs (backup pauses it there). */
+  started?(bj: BlockJob): void;
 }
 
 const jobsOf = new WeakMap<BlockGraph, Map<string, BlockJob>>();
@@ -187,6 +189,7 @@ export class BlockJob {
       }
     });
     job.start();
+    body.started?.(bj);
     return bj;
   }
 
