@@ -48,7 +48,9 @@ interface ExportEntry {
 
 /** The daemon; its QMP commands are wired to it by the composition root (root.ts). */
 export class Daemon implements DaemonControl {
-  readonly graph = new BlockGraph();
+  readonly graph = new BlockGraph({
+    onEvent: (e) => this.monitor.emitEvent(e.event, { ...e.data }),
+  });
   readonly monitor: QmpMonitor;
   readonly jobs: JobRegistry;
   private nbd: { server: NbdServer; address: ListenAddress } | undefined;
@@ -150,6 +152,7 @@ export class Daemon implements DaemonControl {
         size,
         'read-only': ro,
         'cache-direct': direct,
+        'write-threshold': writeThreshold,
         ...ours
       } = n;
       return {
@@ -168,7 +171,7 @@ export class Daemon implements DaemonControl {
         iops: 0,
         iops_rd: 0,
         iops_wr: 0,
-        write_threshold: 0,
+        write_threshold: writeThreshold,
         ...ours,
       };
     });
@@ -349,6 +352,10 @@ export class Daemon implements DaemonControl {
     this.monitor.emitEvent('BLOCK_EXPORT_DELETED', { id });
   }
 
+  async closeExports(): Promise<void> {
+    if (this.nbd) await this.nbdServerStop();
+  }
+
   /** Resolves when the daemon has stopped (quit, a signal, or stop()). */
   wait(): Promise<void> {
     return this.stopped;
@@ -358,7 +365,7 @@ export class Daemon implements DaemonControl {
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       this.log.info({ event: 'stopping' }, 'stopping');
-      if (this.nbd) await this.nbdServerStop();
+      await this.closeExports();
       for (const job of this.jobs.jobs) {
         if (job.status !== 'concluded' && job.status !== 'null') job.cancel(true);
       }

@@ -9,7 +9,7 @@ import type { BlockDriver, EngineLike } from './driver.ts';
 import { builtinDrivers } from './drivers/index.ts';
 import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import { refreshPermissions } from './graph-permissions.ts';
-import type { BlockNode, ChildEdge } from './node.ts';
+import type { BlockNode, ChildEdge, GraphEvent } from './node.ts';
 import { ObjectRegistry } from './objects.ts';
 
 type EngineBackend = 'io_uring' | 'aio' | 'threadpool' | 'auto';
@@ -24,6 +24,8 @@ export interface BlockGraphOptions {
   maxBackingDepth?: number;
   /** The object registry (default: a new one) the graph's drivers take objects from. */
   objects?: ObjectRegistry;
+  /** Events of the graph's nodes (BLOCK_WRITE_THRESHOLD), called as they happen. */
+  onEvent?: (event: GraphEvent) => void;
 }
 
 export class GraphNodes {
@@ -36,17 +38,24 @@ export class GraphNodes {
   /** The objects (--object, object-add) drivers use: throttle groups, TLS credentials. */
   readonly objects: ObjectRegistry;
   protected readonly maxBackingDepth: number;
+  readonly #onEvent: ((event: GraphEvent) => void) | undefined;
   /** The identity (dev:ino) of each open file node, to find backing chains that loop. */
   protected readonly fileIds = new WeakMap<BlockNode, string>();
 
   constructor(options: BlockGraphOptions = {}) {
     this.maxBackingDepth = options.maxBackingDepth ?? DEFAULT_MAX_BACKING_DEPTH;
     this.objects = options.objects ?? new ObjectRegistry();
+    this.#onEvent = options.onEvent;
     if (!Number.isSafeInteger(this.maxBackingDepth) || this.maxBackingDepth < 0) {
       throw new BlockOptionError('maxBackingDepth', 'expected a non-negative integer');
     }
     for (const d of builtinDrivers) this.drivers.set(d.name, d);
     for (const d of options.drivers ?? []) this.drivers.set(d.name, d);
+  }
+
+  /** A node's event, to the graph's user (BlockGraphOptions.onEvent). */
+  nodeEvent(event: GraphEvent): void {
+    this.#onEvent?.(event);
   }
 
   // ---------------------------------------------------------------- buffers and engines

@@ -37,6 +37,8 @@ export interface NodeInfo {
   }[];
   parents: { parent: string; child: string; backend: boolean }[];
   'cache-direct': boolean;
+  /** block-set-write-threshold's, 0 when off. */
+  'write-threshold': number;
   /** Driver-specific fields (e.g. file: the filename). */
   [key: string]: unknown;
 }
@@ -88,6 +90,14 @@ export class BlockGraph extends GraphOpener implements BackendHost {
     return this.nodes.has(name);
   }
 
+  /**
+   * block-set-write-threshold: BLOCK_WRITE_THRESHOLD (BlockGraphOptions.onEvent) when a
+   * write first ends beyond `threshold` bytes of the node; 0 turns it off.
+   */
+  setWriteThreshold(nodeName: string, threshold: number): void {
+    this.lookup(nodeName).writeThreshold = threshold;
+  }
+
   /** All nodes, as query-named-block-nodes shows them (parents before children). */
   query(): NodeInfo[] {
     return [...this.nodes.values()].map((n) => {
@@ -112,6 +122,7 @@ export class BlockGraph extends GraphOpener implements BackendHost {
           backend: c.parent.isBackend,
         })),
         'cache-direct': n.settings.direct,
+        'write-threshold': n.writeThreshold,
         ...(n.instance?.info?.() ?? {}),
         // QEMU's BlockDeviceInfo: only when there are some, newest first.
         ...(n.dirtyBitmaps.length > 0 && {

@@ -132,6 +132,7 @@ export {
   blockdevSnapshotSync,
 } from './jobs/snapshot.ts';
 export { type BlockStreamOptions, blockStream } from './jobs/stream.ts';
+export type { GraphEvent } from './node.ts';
 export {
   checkObjectOptions,
   type ObjectInfo,

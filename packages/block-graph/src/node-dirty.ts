@@ -135,19 +135,40 @@ export abstract class NodeDirty extends NodeWrite {
     for (const b of this.dirtyBitmaps) b.truncate(size);
   }
 
+  /**
+   * block-set-write-threshold: the first write or write-zeroes (or discard that is not
+   * ignored) ending beyond it fires BLOCK_WRITE_THRESHOLD and turns it off; 0 is off
+   * (QEMU's bdrv_write_threshold_check_write, checked as the request starts).
+   */
+  writeThreshold = 0;
+
+  protected abstract writeThresholdExceeded(amountExceeded: number, threshold: number): void;
+
+  #checkThreshold(offset: number, length: number): void {
+    const threshold = this.writeThreshold;
+    if (threshold === 0 || threshold >= offset + length) return;
+    this.writeThreshold = 0;
+    this.writeThresholdExceeded(offset + length - threshold, threshold);
+  }
+
   override write(offset: number, buf: Uint8Array, flags?: WriteFlags): Promise<void> {
+    if (this.writeThreshold !== 0) this.#checkThreshold(offset, buf.byteLength);
     const p = super.write(offset, buf, flags);
     if (this.dirtyBitmaps.length === 0) return p;
     return this.#marked(p, offset, buf.byteLength);
   }
 
   override writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
+    if (this.writeThreshold !== 0) this.#checkThreshold(offset, length);
     const p = super.writeZeroes(offset, length, flags);
     if (this.dirtyBitmaps.length === 0) return p;
     return this.#marked(p, offset, length);
   }
 
   override discard(offset: number, length: number): Promise<void> {
+    if (this.writeThreshold !== 0 && this.settings.discard === 'unmap') {
+      this.#checkThreshold(offset, length);
+    }
     const p = super.discard(offset, length);
     // A discard the node ignores (discard=ignore) is not a write: QEMU returns before
     // marking (bdrv_co_pdiscard without BDRV_O_UNMAP).

@@ -51,6 +51,14 @@ export class ChildEdge implements BdrvChild {
 export interface NodeHost {
   allocBuffer(length: number): Uint8Array;
   releaseBuffer(buf: Uint8Array): void;
+  /** An event of a node (BLOCK_WRITE_THRESHOLD), for the graph's user. */
+  nodeEvent(event: GraphEvent): void;
+}
+
+/** An event of the graph, with QEMU's name and data (a QMP event to the daemon). */
+export interface GraphEvent {
+  event: 'BLOCK_WRITE_THRESHOLD';
+  data: { 'node-name': string; 'amount-exceeded': number; 'write-threshold': number };
 }
 
 export class BlockNode extends NodeDirty implements ChildParent, ChildNode {
@@ -161,6 +169,17 @@ export class BlockNode extends NodeDirty implements ChildParent, ChildNode {
 
   allocBuffer(length: number): Uint8Array {
     return this.host.allocBuffer(length);
+  }
+
+  protected override writeThresholdExceeded(amountExceeded: number, threshold: number): void {
+    this.host.nodeEvent({
+      event: 'BLOCK_WRITE_THRESHOLD',
+      data: {
+        'node-name': this.name,
+        'amount-exceeded': amountExceeded,
+        'write-threshold': threshold,
+      },
+    });
   }
 
   releaseBuffer(buf: Uint8Array): void {

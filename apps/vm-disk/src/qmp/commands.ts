@@ -160,6 +160,16 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   monitor.register({ name: 'job-finalize', args: id, run: (args) => job(args.id).finalize() });
   monitor.register({ name: 'job-dismiss', args: id, run: (args) => job(args.id).dismiss() });
   monitor.register({
+    name: 'block-set-write-threshold',
+    args: struct({ 'node-name': str, 'write-threshold': schema.uint64 }),
+    run: (args) => {
+      if (!daemon.graph.hasNode(args['node-name'])) {
+        throw new QmpError('GenericError', `Device '${args['node-name']}' not found`);
+      }
+      daemon.graph.setWriteThreshold(args['node-name'], args['write-threshold']);
+    },
+  });
+  monitor.register({
     name: 'x-debug-query-block-graph',
     run: () => debugQueryBlockGraph(daemon.graph),
   });
@@ -169,8 +179,10 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   declareEvents(monitor);
   monitor.register({
     name: 'quit',
-    run: () => {
-      // Answer first, then stop (QEMU replies to quit before it shuts down).
+    run: async () => {
+      // qemu-storage-daemon's exports are gone (their events sent) before it answers;
+      // the rest stops after the answer.
+      await daemon.closeExports();
       setImmediate(() => void daemon.stop());
     },
   });

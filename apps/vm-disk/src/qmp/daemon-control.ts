@@ -26,5 +26,7 @@ export interface DaemonControl {
   objectAdd(options: Record<string, unknown>, syntax: OptionSyntax): Promise<void>;
   /** object-del: refused while the object is in use. */
   objectDel(id: string): Promise<void>;
+  /** Removes every export and stops the NBD server (BLOCK_EXPORT_DELETED for each). */
+  closeExports(): Promise<void>;
   stop(): Promise<void>;
 }

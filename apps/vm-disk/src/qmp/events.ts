@@ -32,4 +32,8 @@ export function declareEvents(monitor: QmpMonitor): void {
     }),
   );
   monitor.declareEvent('BLOCK_EXPORT_DELETED', struct({ id: str }));
+  monitor.declareEvent(
+    'BLOCK_WRITE_THRESHOLD',
+    struct({ 'node-name': str, 'amount-exceeded': int(), 'write-threshold': int() }),
+  );
 }
