@@ -157,7 +157,16 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   monitor.register({ name: 'job-pause', args: id, run: (args) => job(args.id).pause() });
   monitor.register({ name: 'job-resume', args: id, run: (args) => job(args.id).resume() });
   monitor.register({ name: 'job-complete', args: id, run: (args) => job(args.id).complete() });
-  monitor.register({ name: 'job-finalize', args: id, run: (args) => job(args.id).finalize() });
+  monitor.register({
+    name: 'job-finalize',
+    args: id,
+    run: async (args) => {
+      // QEMU finalizes within the command: the transaction's events come before the reply.
+      const found = job(args.id);
+      found.finalize();
+      await found.wait().catch(() => {});
+    },
+  });
   monitor.register({ name: 'job-dismiss', args: id, run: (args) => job(args.id).dismiss() });
   monitor.register({
     name: 'block-set-write-threshold',
