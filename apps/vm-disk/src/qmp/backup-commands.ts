@@ -2,6 +2,7 @@
 // BackupCommon): blockdev-backup and drive-backup. The work is in @vmdisk/block-graph
 // (jobs/backup.ts); the events come as for every block job.
 import { blockdevBackup, driveBackup, schema } from '@vmdisk/block-graph';
+import { camel } from './camel.ts';
 import type { DaemonControl } from './daemon-control.ts';
 import type { QmpMonitor } from './monitor.ts';
 
@@ -25,20 +26,6 @@ const backupCommon = {
   'filter-node-name': opt(str),
   target: str,
 } as const;
-
-type Camel<S extends string> = S extends `${infer H}-${infer T}`
-  ? `${H}${Capitalize<Camel<T>>}`
-  : S;
-/** QMP's kebab-case members as the graph's camelCase options, absent ones left out. */
-type CamelKeys<T> = { [K in keyof T as Camel<K & string>]: Exclude<T[K], undefined> };
-
-function camel<T extends object>(args: T): CamelKeys<T> {
-  const out: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(args)) {
-    if (v !== undefined) out[k.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase())] = v;
-  }
-  return out as CamelKeys<T>;
-}
 
 export function registerBackupCommands(monitor: QmpMonitor, daemon: DaemonControl): void {
   const { graph, jobs } = daemon;

@@ -16,6 +16,7 @@ import {
   findBlockJob,
   schema,
 } from '@vmdisk/block-graph';
+import { camel } from './camel.ts';
 import type { DaemonControl } from './daemon-control.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
 
@@ -49,20 +50,6 @@ const commitArgs = {
   'auto-finalize': opt(bool),
   'auto-dismiss': opt(bool),
 } as const;
-
-type Camel<S extends string> = S extends `${infer H}-${infer T}`
-  ? `${H}${Capitalize<Camel<T>>}`
-  : S;
-/** QMP's kebab-case members as the graph's camelCase options, absent ones left out. */
-type CamelKeys<T> = { [K in keyof T as Camel<K & string>]: Exclude<T[K], undefined> };
-
-function camel<T extends object>(args: T): CamelKeys<T> {
-  const out: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(args)) {
-    if (v !== undefined) out[k.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase())] = v;
-  }
-  return out as CamelKeys<T>;
-}
 
 const onError = streamArgs['on-error'];
 
