@@ -101,6 +101,13 @@ export {
 } from './jobs/snapshot.ts';
 export { type BlockStreamOptions, blockStream } from './jobs/stream.ts';
 export {
+  ACCT_TYPES,
+  type AcctCounters,
+  type AcctType,
+  BlockAcctStats,
+  LATENCY_BUCKETS,
+} from './node-stats.ts';
+export {
   checkObjectOptions,
   type ObjectInfo,
   type ObjectOptions,

@@ -18,6 +18,7 @@ import {
   unixSocketAddress,
 } from '../options/serve-options.ts';
 import { registerBlockJobCommands } from './block-job-commands.ts';
+import { registerStatsCommands } from './blockstats.ts';
 import type { DaemonControl } from './daemon-control.ts';
 import { declareEvents } from './events.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
@@ -157,6 +158,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   monitor.register({ name: 'job-finalize', args: id, run: (args) => job(args.id).finalize() });
   monitor.register({ name: 'job-dismiss', args: id, run: (args) => job(args.id).dismiss() });
   registerBlockJobCommands(monitor, daemon);
+  registerStatsCommands(monitor, daemon.graph);
   declareEvents(monitor);
   monitor.register({
     name: 'quit',
