@@ -10,7 +10,9 @@ export type VmDiskErrorCode =
   /** An image subcommand used wrongly (unknown subcommand or option, missing file name). */
   | 'ERR_VMDISK_APP_USAGE'
   /** An image subcommand failed (convert, compare, check...): qemu-img's exit status 1. */
-  | 'ERR_VMDISK_APP_IMAGE';
+  | 'ERR_VMDISK_APP_IMAGE'
+  /** The metrics endpoint (--metrics) cannot listen on its address. */
+  | 'ERR_VMDISK_APP_METRICS_LISTEN';
 
 export class VmDiskError extends Error {
   override name = 'VmDiskError';
