@@ -59,7 +59,10 @@ function keys(e: Record<string, unknown>, prefix = ''): string[] {
 describe('query-blockstats', () => {
   it('answers with qemu-storage-daemon 7.2 keys, and counts the I/O of an NBD export', async () => {
     const daemons = await pair();
-    const replies: Record<string, { devices: QmpMessage; nodes: Entry[]; bad: QmpMessage }> = {};
+    const replies: Record<
+      string,
+      { devices: QmpMessage; nodes: Entry[]; bad: QmpMessage; intervals: QmpMessage }
+    > = {};
     for (const d of daemons) {
       await run('qemu-io', [
         '-f',
@@ -77,6 +80,11 @@ describe('query-blockstats', () => {
           a['node-name'].localeCompare(b['node-name']),
         ),
         bad: await d.qmp.execute({ execute: 'query-blockstats', arguments: { 'query-nodes': 1 } }),
+        // Interval statistics are a -drive option in QEMU 7.2, not an argument.
+        intervals: await d.qmp.execute({
+          execute: 'query-blockstats',
+          arguments: { 'query-nodes': true, 'stats-intervals': [2] },
+        }),
       };
     }
     const ours = replies['vm-disk']!;
@@ -85,6 +93,8 @@ describe('query-blockstats', () => {
     expect(ours.devices).toEqual({ return: [] });
     expect(theirs.devices).toEqual({ return: [] });
     expect(ours.bad).toEqual(theirs.bad);
+    expect(ours.intervals).toEqual(theirs.intervals);
+    expect(theirs.intervals).toMatchObject({ error: { class: 'GenericError' } });
     expect(ours.nodes.map((n) => n['node-name'])).toEqual(['d0', 'f0']);
     expect(theirs.nodes.map((n) => n['node-name'])).toEqual(['d0', 'f0']);
     for (const [i, node] of ours.nodes.entries()) {
