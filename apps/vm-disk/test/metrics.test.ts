@@ -1,5 +1,7 @@
 // `vm-disk serve --metrics`: the Prometheus text format at /metrics (node, export and NBD
 // server metrics, latency histograms), /healthz, on TCP or a unix socket; bad options.
+import { existsSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { describe, expect, it } from 'vitest';
 import { CLI, run, start, useScratch } from './harness/daemon.ts';
 import { httpGet, sample, serveWithMetrics } from './harness/metrics.ts';
@@ -89,5 +91,28 @@ describe('vm-disk serve --metrics', () => {
     ]);
     expect(await twice.exited).toBe(2);
     expect(twice.stderr()).toMatch(/--metrics: only one --metrics can be given/);
+  });
+
+  it('fails to start, cleanly, when the metrics address is taken', async () => {
+    const taken = createServer();
+    await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
+    const { port } = taken.address() as { port: number };
+    try {
+      const nbd = scratch.path('nbd.sock');
+      const p = start(process.execPath, [
+        CLI,
+        'serve',
+        '--nbd-server',
+        `addr.type=unix,addr.path=${nbd}`,
+        '--metrics',
+        `addr.type=inet,addr.host=127.0.0.1,addr.port=${port}`,
+      ]);
+      expect(await p.exited).toBe(1);
+      expect(p.stderr()).toMatch(`vm-disk: cannot listen on 127.0.0.1:${port}`);
+      // What had started is undone: the NBD socket is gone.
+      expect(existsSync(nbd)).toBe(false);
+    } finally {
+      taken.close();
+    }
   });
 });
