@@ -1,8 +1,9 @@
 // I/O accounting of a node (QEMU's BlockAcctStats, block/accounting.c): per operation
 // type, requests done, bytes, failed and invalid requests, total time, requests in flight
 // and a latency histogram; the highest offset written. Fixed-size typed arrays: counting
-// a request allocates nothing, and readers (query-blockstats, the metrics endpoint) read
-// the counters when they are asked, never on the I/O path.
+// a request adds no record of its own (only the promise that waits for its end), and
+// readers (query-blockstats, the metrics endpoint) read the counters when they are asked,
+// never on the I/O path.
 
 import { BlockErrorCode } from './errors.ts';
 
