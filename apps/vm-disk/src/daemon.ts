@@ -201,6 +201,24 @@ export class Daemon implements DaemonControl {
     return this.nbd?.address;
   }
 
+  /** Started and not stopping (the metrics endpoint's health). */
+  get serving(): boolean {
+    return this.stopping === undefined;
+  }
+
+  /** The NBD server and its exports (id, NBD name, node), for the metrics endpoint. */
+  nbdExports(): {
+    server: NbdServer | undefined;
+    exports: { id: string; name: string; node: string }[];
+  } {
+    const exports = [...this.exports.values()].map((e) => ({
+      id: e.config.id,
+      name: e.name,
+      node: e.config.nodeName,
+    }));
+    return { server: this.nbd?.server, exports };
+  }
+
   async nbdServerStart(config: NbdServerConfig): Promise<ListenAddress> {
     if (this.nbd) throw new QmpError('GenericError', 'NBD server already running');
     const tls = config.tlsCreds !== undefined ? this.serverTls(config.tlsCreds) : undefined;

@@ -12,7 +12,9 @@ export type VmDiskErrorCode =
   /** An image subcommand failed (convert, compare, check...): qemu-img's exit status 1. */
   | 'ERR_VMDISK_APP_IMAGE'
   /** A command talking to a running daemon (`vm-disk graph`) could not reach or use its monitor. */
-  | 'ERR_VMDISK_APP_MONITOR';
+  | 'ERR_VMDISK_APP_MONITOR'
+  /** The metrics endpoint (--metrics) cannot listen on its address. */
+  | 'ERR_VMDISK_APP_METRICS_LISTEN';
 
 export class VmDiskError extends Error {
   override name = 'VmDiskError';

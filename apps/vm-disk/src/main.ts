@@ -36,6 +36,8 @@ Usage:
       --chardev OPTIONS         a monitor socket (socket,id=ID,path=PATH,server=on,wait=off)
       --monitor OPTIONS         a QMP monitor on a chardev (chardev=ID)
       --pidfile PATH            write the process id to PATH
+      --metrics OPTIONS         Prometheus metrics at /metrics, health at /healthz
+                                (addr.type=inet,addr.host=H,addr.port=P | addr.type=unix,addr.path=P)
   vm-disk create [-f raw|qcow2] [-o KEY=VALUE,...] [-b BACKING [-F FMT]] FILE [SIZE]
                             make an image (qcow2 options as qemu-img's: cluster_size,
                             compat, lazy_refcounts, extended_l2, preallocation, refcount_bits)

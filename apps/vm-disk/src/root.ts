@@ -1,7 +1,9 @@
 // The composition root of `vm-disk serve`: a daemon, and its QMP monitor's commands wired
-// to it (as the DaemonControl it implements), then configured from checked options.
+// to it (as the DaemonControl it implements), then configured from checked options; the
+// metrics endpoint (--metrics) reads the daemon until it stops.
 import { Daemon } from './daemon.ts';
 import type { Logger } from './log.ts';
+import { startMetricsServer } from './metrics/server.ts';
 import type { ServeConfig } from './options/serve-options.ts';
 import { registerCommands } from './qmp/commands.ts';
 
@@ -10,5 +12,14 @@ export async function startDaemon(config: ServeConfig, log: Logger): Promise<Dae
   const daemon = new Daemon(log);
   registerCommands(daemon.monitor, daemon);
   await daemon.start(config);
+  if (config.metrics) {
+    const metrics = await startMetricsServer(daemon, config.metrics.addr, log).catch(
+      async (err: unknown) => {
+        await daemon.stop();
+        throw err;
+      },
+    );
+    void daemon.wait().then(() => metrics.close());
+  }
   return daemon;
 }

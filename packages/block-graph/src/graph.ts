@@ -10,6 +10,7 @@ import type { BlockGraphOptions } from './graph-nodes.ts';
 import { GraphOpener } from './graph-open.ts';
 import { checkLinkNotFrozen, checkNotBusy } from './jobs/op-blockers.ts';
 import { BlockNode, ChildEdge } from './node.ts';
+import type { BlockAcctStats } from './node-stats.ts';
 import type { ObjectInfo } from './objects.ts';
 import { blockdevOptionsInfo, checkOptions, type NodeSpec, type OptionSyntax } from './options.ts';
 import { type PermissionName, permNames } from './permissions.ts';
@@ -84,6 +85,11 @@ export class BlockGraph extends GraphOpener implements BackendHost {
   /** The node of that name: its I/O and facts (what a driver sees of a child). */
   node(name: string): ChildNode {
     return this.lookup(name);
+  }
+
+  /** The I/O accounting of the node of that name (query-blockstats, metrics). */
+  nodeStats(name: string): BlockAcctStats {
+    return this.lookup(name).stats;
   }
 
   hasNode(name: string): boolean {

@@ -134,6 +134,13 @@ export {
 export { type BlockStreamOptions, blockStream } from './jobs/stream.ts';
 export type { GraphEvent } from './node.ts';
 export {
+  ACCT_TYPES,
+  type AcctCounters,
+  type AcctType,
+  BlockAcctStats,
+  LATENCY_BUCKETS,
+} from './node-stats.ts';
+export {
   checkObjectOptions,
   type ObjectInfo,
   type ObjectOptions,

@@ -21,6 +21,7 @@ import {
   outOfBounds,
   readChildClamped,
 } from './io-request.ts';
+import { ACCT_READ, BlockAcctStats } from './node-stats.ts';
 
 /** A piece of a sparse read: data read, or (without data) a hole reading as zeros. */
 export interface SparsePiece {
@@ -40,11 +41,18 @@ export abstract class NodeRead {
   abstract size(): number;
   abstract allocBuffer(length: number): Uint8Array;
   abstract releaseBuffer(buf: Uint8Array): void;
+  /** The node's I/O accounting: each request a parent makes (not the node's own inner ones). */
+  readonly stats = new BlockAcctStats();
 
   // ---------------------------------------------------------------- read
 
   /** Fills buf with the bytes at offset. */
   read(offset: number, buf: Uint8Array): Promise<void> {
+    const t0 = this.stats.start(ACCT_READ);
+    return this.stats.track(ACCT_READ, t0, buf.byteLength, 0, this.readRequest(offset, buf));
+  }
+
+  private readRequest(offset: number, buf: Uint8Array): Promise<void> {
     const length = buf.byteLength;
     const err = checkRequest(this.name, offset, length, this.instance.size());
     if (err) return Promise.reject(err);
@@ -171,7 +179,17 @@ export abstract class NodeRead {
    * data. Only what is cheap to know is a hole (as blockStatus with wantZero false).
    * Settles once no read into a buffer is running.
    */
-  async readSparse(
+  readSparse(
+    offset: number,
+    length: number,
+    alloc: (length: number) => Uint8Array,
+  ): Promise<SparsePiece[]> {
+    const t0 = this.stats.start(ACCT_READ);
+    const p = this.readSparseRequest(offset, length, alloc);
+    return this.stats.track(ACCT_READ, t0, length, 0, p);
+  }
+
+  private async readSparseRequest(
     offset: number,
     length: number,
     alloc: (length: number) => Uint8Array,
@@ -186,7 +204,7 @@ export abstract class NodeRead {
     }
     if (inst.kind !== 'format' || (a > 1 && (offset % a !== 0 || length % a !== 0))) {
       const data = alloc(length);
-      await this.read(offset, data);
+      await this.readRequest(offset, data);
       return [{ offset, length, data }];
     }
     // Map the whole range first, so that adjacent data runs read into one buffer.

@@ -24,6 +24,7 @@ import {
 } from './io-request.ts';
 import { NodeRead } from './node-read.ts';
 import type { NodeSettings } from './node-settings.ts';
+import { ACCT_DISCARD, ACCT_FLUSH, ACCT_WRITE, ACCT_ZERO } from './node-stats.ts';
 import { BLK_PERM_RESIZE } from './permissions.ts';
 import type { RangeHold, RangeLock } from './range-lock.ts';
 
@@ -39,13 +40,19 @@ export abstract class NodeWrite extends NodeRead {
 
   /** Writes buf at offset; with fua, durable when resolved (a flush when not native). */
   write(offset: number, buf: Uint8Array, flags: WriteFlags = {}): Promise<void> {
+    const t0 = this.stats.start(ACCT_WRITE);
+    const p = this.writeRequest(offset, buf, flags);
+    return this.stats.track(ACCT_WRITE, t0, buf.byteLength, offset + buf.byteLength, p);
+  }
+
+  private writeRequest(offset: number, buf: Uint8Array, flags: WriteFlags): Promise<void> {
     const length = buf.byteLength;
     const err = this.checkWrite(offset, length, true);
     if (err) return Promise.reject(err);
     if (length === 0) return Promise.resolve();
     if (flags.fua) return this.writeThenFlush(offset, buf, flags.owner);
     if (this.settings.detectZeroes !== 'off' && isZero(buf)) {
-      return this.writeZeroes(offset, length, {
+      return this.writeZeroesRequest(offset, length, {
         mayUnmap: this.settings.detectZeroes === 'unmap',
         ...(flags.owner && { owner: flags.owner }),
       });
@@ -59,8 +66,8 @@ export abstract class NodeWrite extends NodeRead {
   }
 
   private async writeThenFlush(offset: number, buf: Uint8Array, owner?: RangeHold): Promise<void> {
-    await this.write(offset, buf, owner ? { owner } : {});
-    await this.flush();
+    await this.writeRequest(offset, buf, owner ? { owner } : {});
+    await this.flushRequest();
   }
 
   private checkWrite(offset: number, length: number, grow = false): BlockError | undefined {
@@ -253,7 +260,17 @@ export abstract class NodeWrite extends NodeRead {
    * as a write is (a hold on the range, when the node tracks requests): it waits for a
    * copy-on-read or a stream's copy of the range, so that old data never lands on the zeros.
    */
-  async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+  writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+    const t0 = this.stats.start(ACCT_ZERO);
+    const p = this.writeZeroesRequest(offset, length, flags);
+    return this.stats.track(ACCT_ZERO, t0, length, offset + length, p);
+  }
+
+  private async writeZeroesRequest(
+    offset: number,
+    length: number,
+    flags: ZeroFlags,
+  ): Promise<void> {
     const err = this.checkWrite(offset, length);
     if (err) throw err;
     if (length === 0) return;
@@ -264,7 +281,7 @@ export abstract class NodeWrite extends NodeRead {
     } finally {
       if (hold) t!.release(hold);
     }
-    if (flags.fua) await this.flush();
+    if (flags.fua) await this.flushRequest();
   }
 
   private async zeroes(
@@ -387,7 +404,12 @@ export abstract class NodeWrite extends NodeRead {
    * Discards a range where the node's `discard` option is 'unmap'; a no-op otherwise.
    * Serialised as a write is (see writeZeroes).
    */
-  async discard(offset: number, length: number): Promise<void> {
+  discard(offset: number, length: number): Promise<void> {
+    const t0 = this.stats.start(ACCT_DISCARD);
+    return this.stats.track(ACCT_DISCARD, t0, length, 0, this.discardRequest(offset, length));
+  }
+
+  private async discardRequest(offset: number, length: number): Promise<void> {
     const err = this.checkWrite(offset, length);
     if (err) throw err;
     if (length === 0 || this.settings.discard !== 'unmap') return;
@@ -426,7 +448,12 @@ export abstract class NodeWrite extends NodeRead {
   }
 
   /** Makes completed writes durable: the driver's own cache first, then the children it writes. */
-  async flush(): Promise<void> {
+  flush(): Promise<void> {
+    const t0 = this.stats.start(ACCT_FLUSH);
+    return this.stats.track(ACCT_FLUSH, t0, 0, 0, this.flushRequest());
+  }
+
+  private async flushRequest(): Promise<void> {
     const inst = this.instance;
     if (inst.kind === 'filter' && inst.intercept) {
       await inst.intercept({ op: 'flush', offset: 0, length: 0 });

@@ -33,6 +33,8 @@ export interface ConnectionHost {
   /** The connection is closed and nothing of it is in flight any more. */
   closed(conn: Connection): void;
   error(conn: Connection, err: NbdError): void;
+  /** The connection's TLS handshake succeeded. */
+  tlsEstablished(conn: Connection): void;
 }
 
 class Closed extends Error {}
@@ -242,6 +244,7 @@ export class Connection implements TransmissionLink {
     secure.on('error', this.onSocketError);
     secure.on('close', this.onClose);
     this.tlsActive = true;
+    this.host.tlsEstablished(this);
   }
 
   private enterTransmission(agreed: Negotiated): void {

@@ -16,6 +16,10 @@ export interface ExportStats {
   inFlight: number;
   /** Connections in transmission on this export now. */
   connections: number;
+  /** Connections that entered transmission on this export, ever. */
+  connectionsTotal: number;
+  /** Requests received, by NBD command type (Command.READ...: the index). */
+  commands: number[];
 }
 
 /** What the server does with a connection in transmission on an export. */

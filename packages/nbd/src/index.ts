@@ -43,6 +43,7 @@ export type {
   ListenOptions,
   NbdServerEvents,
   NbdServerOptions,
+  ServerCounters,
 } from './server.ts';
 export { NbdServer } from './server.ts';
 export type { NbdServerTlsOptions } from './server-tls.ts';

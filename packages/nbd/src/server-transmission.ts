@@ -247,6 +247,7 @@ export class Transmission implements ReadContext {
     this.inFlight++;
     exp.stats.inFlight++;
     exp.stats.requests++;
+    if (type < exp.stats.commands.length) exp.stats.commands[type]!++;
     let refusal: Refusal | undefined;
     try {
       refusal = validate(req, exp, this.replies.mode, this.contexts);

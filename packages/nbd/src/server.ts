@@ -11,7 +11,12 @@ import { NbdError, NbdSystemError } from './errors.ts';
 import type { ExportEntry, ExportStats } from './export-entry.ts';
 import type { BlockSizeConstraints, ExportBitmap, ExportTarget } from './export-target.ts';
 import { DEFAULT_MEMORY_BUDGET, MemoryBudget } from './memory-budget.ts';
-import { MAX_PAYLOAD_BYTES, MAX_STRING_BYTES, META_CONTEXT_DIRTY_BITMAP } from './protocol.ts';
+import {
+  Command,
+  MAX_PAYLOAD_BYTES,
+  MAX_STRING_BYTES,
+  META_CONTEXT_DIRTY_BITMAP,
+} from './protocol.ts';
 import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
 import { listenUnixSocket } from './unix-socket.ts';
 import { withDefaults } from './with-defaults.ts';
@@ -103,6 +108,19 @@ export interface NbdServerEvents {
   error: [ErrorEvent];
 }
 
+/** Request counters by command type: one for each Command value. */
+const COMMAND_TYPES = Math.max(...Object.values(Command)) + 1;
+
+/** The server's counters of connections (all exports, and none: before one is chosen). */
+export interface ServerCounters {
+  /** Connections accepted. */
+  connections: number;
+  /** Connections that failed before transmission (bad handshake, TLS failure, timeout). */
+  negotiationFailures: number;
+  /** TLS handshakes that succeeded. */
+  tlsHandshakes: number;
+}
+
 const DEFAULT_BLOCK_SIZE: BlockSizeConstraints = {
   minimum: 1,
   preferred: 4096,
@@ -153,6 +171,8 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   private readonly exports = new Map<string, ExportEntry>();
   private readonly sockets: Array<{ server: net.Server; path?: string }> = [];
   private readonly connections = new Set<Connection>();
+  /** Connection counters (read them; the server counts). */
+  readonly counters: ServerCounters = { connections: 0, negotiationFailures: 0, tlsHandshakes: 0 };
   private readonly drainWaiters = new Map<ExportEntry, Array<() => void>>();
   private readonly closeWaiters = new Map<Connection, () => void>();
   private readonly host: ConnectionHost;
@@ -190,10 +210,16 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
         const exp = conn.export!;
         exp.connections.add(conn);
         exp.stats.connections++;
+        exp.stats.connectionsTotal++;
         this.emit('connection', this.describe(conn));
       },
       closed: (conn) => this.connectionClosed(conn),
+      tlsEstablished: () => {
+        this.counters.tlsHandshakes++;
+      },
       error: (conn, error) => {
+        // Before transmission: the client never got to an export.
+        if (conn.export === undefined) this.counters.negotiationFailures++;
         if (this.listenerCount('error') > 0) this.emit('error', { ...this.describe(conn), error });
       },
     };
@@ -261,7 +287,16 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       writable,
       multiConn: options.multiConn ?? true,
       blockSize,
-      stats: { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connections: 0 },
+      stats: {
+        requests: 0,
+        bytesRead: 0,
+        bytesWritten: 0,
+        errors: 0,
+        inFlight: 0,
+        connections: 0,
+        connectionsTotal: 0,
+        commands: new Array<number>(COMMAND_TYPES).fill(0),
+      },
       connections: new Set(),
       removing: false,
     });
@@ -330,7 +365,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       size: e.target.size(),
       writable: e.writable,
       removing: e.removing,
-      stats: { ...e.stats },
+      stats: { ...e.stats, commands: [...e.stats.commands] },
     }));
   }
 
@@ -339,7 +374,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     const exp = this.exports.get(name);
     if (exp === undefined)
       throw new NbdError('ERR_VMDISK_NBD_NO_SUCH_EXPORT', `no export "${name}"`);
-    return { ...exp.stats };
+    return { ...exp.stats, commands: [...exp.stats.commands] };
   }
 
   /** The request memory budget (bytes) and how much of it the connections hold now. */
@@ -405,6 +440,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       socket.destroy();
       return;
     }
+    this.counters.connections++;
     this.connections.add(new Connection(id, socket, this.host));
   }
 

@@ -1,9 +1,10 @@
 // `vm-disk serve` takes qemu-storage-daemon's options, so that its command lines work
 // unchanged: --blockdev, --nbd-server, --export, --object (the graph's objects), --chardev
-// with --monitor, --pidfile. Each option value is JSON (`{...}`, typed as QMP's
-// arguments) or QEMU's keyval syntax (strings the schema converts), as in QEMU.
-// Everything is checked here, before anything starts (--blockdev's options are checked by
-// the block graph, in their syntax); an error names the option.
+// with --monitor, --pidfile; and vm-disk's own --metrics (a Prometheus endpoint). Each
+// option value is JSON (`{...}`, typed as QMP's arguments) or QEMU's keyval syntax
+// (strings the schema converts), as in QEMU. Everything is checked here, before anything
+// starts (--blockdev's options are checked by the block graph, in their syntax); an error
+// names the option.
 import {
   type BlockDirtyBitmapOrStr,
   checkObjectOptions,
@@ -69,6 +70,11 @@ export interface BlockdevConfig {
   syntax: OptionSyntax;
 }
 
+/** --metrics (vm-disk's own): where the Prometheus endpoint listens. */
+export interface MetricsConfig {
+  addr: SocketAddress;
+}
+
 export interface ServeConfig {
   /** --blockdev values, in order. */
   blockdevs: BlockdevConfig[];
@@ -78,6 +84,7 @@ export interface ServeConfig {
   objects: BlockdevConfig[];
   monitors: MonitorConfig[];
   pidfile?: string;
+  metrics?: MetricsConfig;
 }
 
 /** QEMU's InetSocketAddress and UnixSocketAddress, the members vm-disk serves with. */
@@ -119,6 +126,9 @@ const objectOptions = schema.custom('ObjectOptions', (v, _key, syntax) =>
   checkObjectOptions(v, syntax),
 );
 
+/** --metrics addr.type=inet,addr.host=H,addr.port=P (or addr.type=unix,addr.path=P). */
+const metricsOptions = struct({ addr: socketAddress });
+
 const chardevOptions = struct({
   backend: enumOf(['socket']),
   id: str,
@@ -142,6 +152,7 @@ const VALUE_OPTIONS = new Set([
   '--chardev',
   '--monitor',
   '--pidfile',
+  '--metrics',
 ]);
 
 /** An export's configuration from checked options. */
@@ -275,6 +286,11 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
       case '--pidfile':
         config.pidfile = value;
         break;
+      case '--metrics': {
+        if (config.metrics) throw new BadOptionError(option, 'only one --metrics can be given');
+        config.metrics = check(option, parseValue(option, value), metricsOptions);
+        break;
+      }
     }
   }
 

@@ -21,6 +21,7 @@ import {
 import { registerBackupCommands } from './backup-commands.ts';
 import { registerBitmapCommands } from './bitmap-commands.ts';
 import { registerBlockJobCommands } from './block-job-commands.ts';
+import { registerStatsCommands } from './blockstats.ts';
 import type { DaemonControl } from './daemon-control.ts';
 import { declareEvents } from './events.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
@@ -185,6 +186,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   registerBlockJobCommands(monitor, daemon);
   registerBackupCommands(monitor, daemon);
   registerBitmapCommands(monitor, daemon);
+  registerStatsCommands(monitor, daemon.graph);
   declareEvents(monitor);
   monitor.register({
     name: 'quit',
