@@ -197,4 +197,28 @@ describe('block jobs against qemu-storage-daemon 7.2', () => {
       'top.qcow2',
     );
   });
+
+  it('a job that fails once created goes created -> null (job_early_fail), in QEMU words', async () => {
+    await sideBySide(
+      [
+        ...topArgs(),
+        '--blockdev',
+        `driver=qcow2,node-name=ro,read-only=on,file.driver=file,file.filename=${scratch.path('base.qcow2')}`,
+      ],
+      async (r) => {
+        // Refused before the job exists: no event.
+        await r.cmd('block-stream', { 'job-id': 'j', device: 'nope' });
+        // Refused once created: the target cannot be written; the speed is checked last.
+        await r.cmd('blockdev-mirror', {
+          'job-id': 'm',
+          device: 'top',
+          target: 'ro',
+          sync: 'full',
+        });
+        await r.cmd('block-stream', { 'job-id': 's', device: 'top', speed: -1 });
+        await r.cmd('query-block-jobs');
+      },
+      'top.qcow2',
+    );
+  });
 });
