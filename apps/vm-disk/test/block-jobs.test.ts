@@ -3,7 +3,7 @@
 // aside) and resulting images (guest data, backing chain, qemu-img check clean).
 import { rmSync } from 'node:fs';
 import { describe, it } from 'vitest';
-import { useScratch } from './harness/daemon.ts';
+import { run, useScratch } from './harness/daemon.ts';
 import type { Recorder } from './harness/qmp-recorder.ts';
 import { sideBySide as compare, makeChain } from './harness/side-by-side.ts';
 
@@ -217,6 +217,35 @@ describe('block jobs against qemu-storage-daemon 7.2', () => {
         });
         await r.cmd('block-stream', { 'job-id': 's', device: 'top', speed: -1 });
         await r.cmd('query-block-jobs');
+      },
+      'top.qcow2',
+    );
+  });
+
+  it('a node a job uses (a mirror target) is no root: "Need a root block node"', async () => {
+    for (const t of ['t0', 't1']) {
+      await run('qemu-img', ['create', '-q', '-f', 'qcow2', scratch.path(`${t}.qcow2`), '4M']);
+    }
+    const node = (t: string) =>
+      `driver=qcow2,node-name=${t},file.driver=file,file.filename=${scratch.path(`${t}.qcow2`)}`;
+    await sideBySide(
+      [...topArgs(), '--blockdev', node('t0'), '--blockdev', node('t1')],
+      async (r) => {
+        await r.cmd('blockdev-mirror', {
+          'job-id': 'm',
+          device: 'top',
+          target: 't0',
+          sync: 'none',
+        });
+        await r.cmd('blockdev-mirror', {
+          'job-id': 'm2',
+          device: 't0',
+          target: 't1',
+          sync: 'none',
+        });
+        await r.cmd('block-commit', { 'job-id': 'c', device: 't0' });
+        await r.cmd('block-job-cancel', { device: 'm' });
+        await r.until('JOB_STATUS_CHANGE', 'null');
       },
       'top.qcow2',
     );
