@@ -144,6 +144,33 @@ describe('block jobs against qemu-storage-daemon 7.2', () => {
     );
   });
 
+  it('block-commit of an intermediate layer with filter-node-name: a commit_top of that name for the job', async () => {
+    const p = scratch.path.bind(scratch);
+    await sideBySide(
+      [
+        '--blockdev',
+        `driver=qcow2,node-name=base,file.driver=file,file.filename=${p('base.qcow2')}`,
+        '--blockdev',
+        `driver=qcow2,node-name=mid,backing=base,file.driver=file,file.filename=${p('mid.qcow2')}`,
+        '--blockdev',
+        `driver=qcow2,node-name=top,backing=mid,file.driver=file,file.filename=${p('top.qcow2')}`,
+      ],
+      async (r) => {
+        const commit = { 'job-id': 'c', device: 'top', 'top-node': 'mid' };
+        await r.cmd('block-commit', { ...commit, 'filter-node-name': 'base' });
+        await r.cmd('block-commit', { ...commit, 'filter-node-name': 'cf', speed: 1 });
+        // The filter holds its name while the job runs, and gives it back after.
+        await r.cmd('blockdev-add', { driver: 'null-co', 'node-name': 'cf' });
+        await r.cmd('blockdev-del', { 'node-name': 'cf' });
+        await r.cmd('block-job-set-speed', { device: 'c', speed: 0 });
+        await r.until('JOB_STATUS_CHANGE', 'null');
+        await r.cmd('blockdev-add', { driver: 'null-co', 'node-name': 'cf' });
+        await r.cmd('blockdev-del', { 'node-name': 'cf' });
+      },
+      'top.qcow2',
+    );
+  });
+
   /** The chain with each layer's file a node of its own (bf, mf, tf). */
   const fileNodeArgs = () =>
     (['base', 'mid', 'top'] as const).flatMap((n, i) => [
