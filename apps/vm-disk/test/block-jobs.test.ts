@@ -3,7 +3,7 @@
 // aside) and resulting images (guest data, backing chain, qemu-img check clean).
 import { rmSync } from 'node:fs';
 import { describe, it } from 'vitest';
-import { useScratch } from './harness/daemon.ts';
+import { run, useScratch } from './harness/daemon.ts';
 import type { Recorder } from './harness/qmp-recorder.ts';
 import { sideBySide as compare, makeChain } from './harness/side-by-side.ts';
 
@@ -144,6 +144,33 @@ describe('block jobs against qemu-storage-daemon 7.2', () => {
     );
   });
 
+  it('block-commit of an intermediate layer with filter-node-name: a commit_top of that name for the job', async () => {
+    const p = scratch.path.bind(scratch);
+    await sideBySide(
+      [
+        '--blockdev',
+        `driver=qcow2,node-name=base,file.driver=file,file.filename=${p('base.qcow2')}`,
+        '--blockdev',
+        `driver=qcow2,node-name=mid,backing=base,file.driver=file,file.filename=${p('mid.qcow2')}`,
+        '--blockdev',
+        `driver=qcow2,node-name=top,backing=mid,file.driver=file,file.filename=${p('top.qcow2')}`,
+      ],
+      async (r) => {
+        const commit = { 'job-id': 'c', device: 'top', 'top-node': 'mid' };
+        await r.cmd('block-commit', { ...commit, 'filter-node-name': 'base' });
+        await r.cmd('block-commit', { ...commit, 'filter-node-name': 'cf', speed: 1 });
+        // The filter holds its name while the job runs, and gives it back after.
+        await r.cmd('blockdev-add', { driver: 'null-co', 'node-name': 'cf' });
+        await r.cmd('blockdev-del', { 'node-name': 'cf' });
+        await r.cmd('block-job-set-speed', { device: 'c', speed: 0 });
+        await r.until('JOB_STATUS_CHANGE', 'null');
+        await r.cmd('blockdev-add', { driver: 'null-co', 'node-name': 'cf' });
+        await r.cmd('blockdev-del', { 'node-name': 'cf' });
+      },
+      'top.qcow2',
+    );
+  });
+
   /** The chain with each layer's file a node of its own (bf, mf, tf). */
   const fileNodeArgs = () =>
     (['base', 'mid', 'top'] as const).flatMap((n, i) => [
@@ -192,6 +219,59 @@ describe('block jobs against qemu-storage-daemon 7.2', () => {
         });
         await refusals(r);
         await r.cmd('block-job-set-speed', { device: 's', speed: 0 });
+        await r.until('JOB_STATUS_CHANGE', 'null');
+      },
+      'top.qcow2',
+    );
+  });
+
+  it('a job that fails once created goes created -> null (job_early_fail), in QEMU words', async () => {
+    await sideBySide(
+      [
+        ...topArgs(),
+        '--blockdev',
+        `driver=qcow2,node-name=ro,read-only=on,file.driver=file,file.filename=${scratch.path('base.qcow2')}`,
+      ],
+      async (r) => {
+        // Refused before the job exists: no event.
+        await r.cmd('block-stream', { 'job-id': 'j', device: 'nope' });
+        // Refused once created: the target cannot be written; the speed is checked last.
+        await r.cmd('blockdev-mirror', {
+          'job-id': 'm',
+          device: 'top',
+          target: 'ro',
+          sync: 'full',
+        });
+        await r.cmd('block-stream', { 'job-id': 's', device: 'top', speed: -1 });
+        await r.cmd('query-block-jobs');
+      },
+      'top.qcow2',
+    );
+  });
+
+  it('a node a job uses (a mirror target) is no root: "Need a root block node"', async () => {
+    for (const t of ['t0', 't1']) {
+      await run('qemu-img', ['create', '-q', '-f', 'qcow2', scratch.path(`${t}.qcow2`), '4M']);
+    }
+    const node = (t: string) =>
+      `driver=qcow2,node-name=${t},file.driver=file,file.filename=${scratch.path(`${t}.qcow2`)}`;
+    await sideBySide(
+      [...topArgs(), '--blockdev', node('t0'), '--blockdev', node('t1')],
+      async (r) => {
+        await r.cmd('blockdev-mirror', {
+          'job-id': 'm',
+          device: 'top',
+          target: 't0',
+          sync: 'none',
+        });
+        await r.cmd('blockdev-mirror', {
+          'job-id': 'm2',
+          device: 't0',
+          target: 't1',
+          sync: 'none',
+        });
+        await r.cmd('block-commit', { 'job-id': 'c', device: 't0' });
+        await r.cmd('block-job-cancel', { device: 'm' });
         await r.until('JOB_STATUS_CHANGE', 'null');
       },
       'top.qcow2',

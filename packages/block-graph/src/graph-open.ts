@@ -25,7 +25,8 @@ export class GraphOpener extends GraphNodes {
         throw Object.assign(
           new BlockError(
             BlockErrorCode.DUPLICATE_NODE,
-            `Invalid option '${spec.path}node-name': a node named '${spec.nodeName}' exists already`,
+            // QEMU's wording (bdrv_assign_node_name).
+            `Duplicate nodes with node-name='${spec.nodeName}'`,
           ),
           { key: `${spec.path}node-name` },
         );

@@ -99,18 +99,8 @@ export function refreshPermissions(
       shared &= p.shared;
     }
     if (n.readOnly && perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE)) {
-      const writer = parents.find(
-        (e) =>
-          edgePerm.get(e)!.perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE),
-      )!;
-      throw new BlockError(
-        BlockErrorCode.PERMISSION_CONFLICT,
-        `node '${n.name}' is read-only, but '${writer.parent.name}' (as '${writer.name}') needs ${permNames(
-          edgePerm.get(writer)!.perm & ~1,
-        )
-          .map((p) => `'${p}'`)
-          .join(', ')}`,
-      );
+      // QEMU's wording (bdrv_node_check_perm).
+      throw new BlockError(BlockErrorCode.PERMISSION_CONFLICT, 'Block node is read-only');
     }
     for (const a of parents) {
       for (const b of parents) {

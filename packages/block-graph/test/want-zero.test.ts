@@ -38,6 +38,32 @@ describe('blockStatus wantZero', () => {
     await disk.close();
   });
 
+  it('raw: a data region seen once is data until a discard or write-zeroes punches it', async () => {
+    const path = join(dir, 'full.raw');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'raw', path, '4M']);
+    execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 4M', path]);
+    await graph.add({
+      driver: 'raw',
+      'node-name': 'd0',
+      discard: 'unmap',
+      file: { driver: 'file', filename: path, discard: 'unmap' },
+    });
+    const disk = await graph.createBackend('d0', { write: true });
+    const data = { length: 4 << 20, hole: false, zero: false, depth: 1 };
+    expect(await disk.blockStatus(0, 4 << 20)).toEqual([data]);
+    expect(await disk.blockStatus(1 << 20, 64 << 10)).toEqual([{ ...data, length: 64 << 10 }]);
+    await disk.trim(1 << 20, 1 << 20);
+    await disk.writeZeroes(3 << 20, 64 << 10);
+    expect(await disk.blockStatus(0, 4 << 20)).toEqual([
+      { ...data, length: 1 << 20 },
+      { length: 1 << 20, hole: true, zero: true, depth: 1 },
+      { ...data, length: 1 << 20 },
+      { length: 64 << 10, hole: true, zero: true, depth: 1 },
+      { ...data, length: (1 << 20) - (64 << 10) },
+    ]);
+    await disk.close();
+  });
+
   it('qcow2: zero and unallocated clusters are reported without wantZero too', async () => {
     const path = join(dir, 'img.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', path, '4M']);

@@ -29,6 +29,12 @@ class FileInstance implements ProtocolInstance {
   readonly kind = 'protocol';
   readonly limits: { requestAlignment: number };
   private unsupportedZero = false;
+  /**
+   * The last data region SEEK_DATA/SEEK_HOLE found: on tmpfs SEEK_HOLE walks the page cache
+   * up to the next hole (O(file size) in a fully written file), and a copy asking per chunk
+   * went quadratic. Answering data is always safe, so only punching or truncating drops it.
+   */
+  private dataCache: { start: number; end: number } | undefined;
 
   private readonly file: EngineFile;
   private length: number;
@@ -94,6 +100,7 @@ class FileInstance implements ProtocolInstance {
   }
 
   async truncate(size: number): Promise<void> {
+    this.dataCache = undefined;
     try {
       await this.file.truncate(size);
       this.length = size;
@@ -139,6 +146,7 @@ class FileInstance implements ProtocolInstance {
   }
 
   async discard(offset: number, length: number): Promise<void> {
+    this.dropDataCache(offset, length);
     try {
       await this.file.fallocate('punch-hole', offset, length);
     } catch (err) {
@@ -152,6 +160,7 @@ class FileInstance implements ProtocolInstance {
     if (this.unsupportedZero) {
       throw new BlockError(BlockErrorCode.NOT_SUPPORTED, 'zero-range is not supported here');
     }
+    this.dropDataCache(offset, length);
     try {
       await this.file.fallocate(mayUnmap ? 'punch-hole' : 'zero-range', offset, length);
     } catch (err) {
@@ -164,13 +173,23 @@ class FileInstance implements ProtocolInstance {
     }
   }
 
+  private dropDataCache(offset: number, length: number): void {
+    const c = this.dataCache;
+    if (c && offset < c.end && offset + length > c.start) this.dataCache = undefined;
+  }
+
   async blockStatus(offset: number, length: number): Promise<ProtocolStatus> {
+    const end = offset + length;
+    const c = this.dataCache;
+    if (c && offset >= c.start && offset < c.end) {
+      return { length: Math.min(c.end, end) - offset, hole: false, zero: false };
+    }
     try {
-      const end = offset + length;
       const data = await this.file.seekData(offset);
       if (data === null || data >= end) return { length, hole: true, zero: true };
       if (data > offset) return { length: data - offset, hole: true, zero: true };
       const hole = await this.file.seekHole(offset);
+      if (hole !== null && hole > offset) this.dataCache = { start: offset, end: hole };
       const stop = hole === null ? end : Math.min(hole, end);
       return { length: Math.max(stop - offset, 1), hole: false, zero: false };
     } catch (err) {

@@ -109,6 +109,8 @@ export class BlockJob {
   readonly #busy: string[] = [];
   readonly #frozen: [string, string][] = [];
   #released = false;
+  /** Whether QEMU would have created the job by now (events on an early failure). */
+  #created = false;
 
   private constructor(graph: BlockGraph, type: string, id: string, onError: BlockdevOnError) {
     this.graph = graph;
@@ -140,12 +142,19 @@ export class BlockJob {
     if (jobs.find(id)) {
       throw new BlockError(BlockErrorCode.BAD_JOB, `Job ID '${id}' already in use`);
     }
-    checkSpeed(options.speed);
     const bj = new BlockJob(graph, type, id, options.onError ?? 'report');
     try {
       await setup(bj);
+      bj.#created = true;
+      checkSpeed(options.speed);
     } catch (err) {
       await bj.#release();
+      // Past QEMU's job_create (it took its first node, block_job_add_bdrv), a failure is
+      // job_early_fail: the job was created and goes to null.
+      if (bj.#created) {
+        jobs.emitEvent({ event: 'JOB_STATUS_CHANGE', data: { id, status: 'created' } });
+        jobs.emitEvent({ event: 'JOB_STATUS_CHANGE', data: { id, status: 'null' } });
+      }
       throw err;
     }
     bj.#limit.speed = options.speed ?? 0;
@@ -210,6 +219,7 @@ export class BlockJob {
     blk = false,
   ): Promise<void> {
     checkNotBusy(this.graph, name);
+    this.#created = true;
     const backend = await this.graph.createBackend(name, {
       name: `${this.type} job '${this.id}'`,
       perm,

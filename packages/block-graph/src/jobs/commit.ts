@@ -3,6 +3,7 @@
 // backing and the committed layers go. Active commit (top is the active layer) is a
 // mirror into base: commit-active.ts.
 import type { JobRegistry } from '@vmdisk/ao';
+import type { BlockDriver } from '../driver.ts';
 import { BlockError, BlockErrorCode } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
 import type { BlockNode } from '../node.ts';
@@ -11,8 +12,19 @@ import { chainOf, findBase, layerFilename } from './chain.ts';
 import { checkCommitBase, commitActive } from './commit-active.ts';
 import { copyChunks } from './copy-loop.ts';
 import { rootNode } from './mirror.ts';
+import { MirrorTopInstance } from './mirror-top.ts';
 import { checkNotBusy } from './op-blockers.ts';
 import { lookupNode } from './resize.ts';
+
+/** QEMU's commit_top (bdrv_commit_top): passes everything through to top. */
+const commitTopDriver: BlockDriver = {
+  name: 'commit_top',
+  options: {},
+  children: [{ key: 'backing', required: true, roles: () => ['filtered', 'primary'] }],
+  async open(ctx) {
+    return new MirrorTopInstance(ctx.children.backing!);
+  },
+};
 
 /** QEMU's COMMIT_BUFFER_SIZE. */
 const CHUNK = 512 * 1024;
@@ -25,7 +37,7 @@ export interface BlockCommitOptions extends BlockJobCommonOptions {
   baseNode?: string;
   /** The name written into the overlay's header for base (default: base's file name). */
   backingFile?: string;
-  /** Active commit: the name of its mirror_top filter. */
+  /** The name of the job's filter above top (active commit: mirror_top; else commit_top). */
   filterNodeName?: string;
 }
 
@@ -76,6 +88,12 @@ export async function blockCommit(
   const baseAt = topChain.indexOf(base); // layers of top's chain above base
   const committed = topChain.slice(0, baseAt) as BlockNode[];
   for (const n of [overlay, ...committed, base]) checkNotBusy(graph, n.name);
+  let filter: BlockNode | undefined;
+  const dropFilter = async (): Promise<void> => {
+    const f = filter;
+    filter = undefined;
+    if (f) await graph.removeFilter(f.name, top.name);
+  };
   return BlockJob.start(
     graph,
     jobs,
@@ -88,17 +106,34 @@ export async function blockCommit(
         ['consistent-read', 'write-unchanged'],
         true,
       );
-      // QEMU reads top through a BlockBackend (s->top); the layers below it are job children.
-      for (const n of committed) await bj.addNode(n.name, ['consistent-read'], ALL, n === top);
-      await bj.addNode(overlay.name, [], ALL); // "overlay of top": its backing link changes
-      const links: [string, string][] = [[overlay.name, top.name]];
+      // QEMU 7.2 puts a commit_top filter above top (named by filter-node-name) for the job's
+      // life; without a name it is implicit there and left out here.
+      if (o.filterNodeName !== undefined) {
+        filter = await graph.insertFilter(commitTopDriver, top.name, o.filterNodeName);
+      }
+      try {
+        // QEMU reads top through a BlockBackend (s->top); the layers below it are job children.
+        for (const n of committed) await bj.addNode(n.name, ['consistent-read'], ALL, n === top);
+        await bj.addNode(overlay.name, [], ALL); // "overlay of top": its backing link changes
+      } catch (err) {
+        await dropFilter();
+        throw err;
+      }
+      const links: [string, string][] = filter
+        ? [
+            [overlay.name, filter.name],
+            [filter.name, top.name],
+          ]
+        : [[overlay.name, top.name]];
       for (let i = 0; i < baseAt; i++) links.push([topChain[i]!.name, topChain[i + 1]!.name]);
       bj.freeze(links);
     },
     {
       run: (bj) => run(bj, top, base as BlockNode, baseAt),
+      abort: dropFilter,
       prepare: async (bj) => {
         bj.unfreeze();
+        await dropFilter();
         const filename = o.backingFile ?? layerFilename(base) ?? base.name;
         await graph.setBacking(overlay.name, base.name, async () => {
           const inst = overlay.instance;

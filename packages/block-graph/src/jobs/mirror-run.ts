@@ -89,13 +89,8 @@ export class MirrorRun implements MirrorTopWrites {
           if (!area) area = o.bitmap.nextDirtyArea(0, size, o.bufSize);
           if (area) {
             pos = area.offset + area.length;
-            const max = this.#maxIo();
             o.bitmap.reset(area.offset, area.length);
-            for (let off = area.offset; off < pos; off += max) {
-              while (this.#inFlight >= MAX_IN_FLIGHT) await this.#waitOp();
-              this.#issue(off, Math.min(max, pos - off));
-            }
-            await bj.rateLimit(area.length);
+            await bj.rateLimit(await this.#issueArea(area.offset, pos));
             continue;
           }
         }
@@ -117,6 +112,34 @@ export class MirrorRun implements MirrorTopWrites {
       while (this.#inFlight > 0) await this.#waitOp();
       this.#settleReady();
     }
+  }
+
+  /**
+   * Issues [offset, end) in operations of up to max-io bytes; returns the bytes the rate
+   * limit charges. As QEMU's mirror_iteration: where the target can write zeros by
+   * unmapping, a range the source reads as zeros is one operation and costs nothing.
+   */
+  async #issueArea(offset: number, end: number): Promise<number> {
+    const { o, bj } = this;
+    const max = this.#maxIo();
+    const zeroOk = canZeroWithUnmap(o.target);
+    let charged = 0;
+    for (let off = offset; off < end; ) {
+      let n = Math.min(max, end - off);
+      let zero = false;
+      if (zeroOk) {
+        const s = await bj.io(() => o.source.blockStatus(off, end - off, true)).catch(() => null);
+        if (s?.zero) {
+          zero = true;
+          n = s.length;
+        } else if (s) n = Math.min(n, s.length);
+      }
+      while (this.#inFlight >= MAX_IN_FLIGHT) await this.#waitOp();
+      this.#issue(off, n);
+      if (!zero) charged += n;
+      off += n;
+    }
+    return charged;
   }
 
   /** The longest operation: buf-size / MAX_IN_FLIGHT, at least 1 MiB and a granule. */

@@ -96,7 +96,8 @@ export function rootNode(graph: BlockGraph, device: string): BlockNode {
     throw new BlockError(BlockErrorCode.BAD_JOB, 'Need a root block node');
   }
   for (const e of node.parents) {
-    if (!e.parent.isBackend || e.parent.name.startsWith('block job ')) {
+    // A job's own use of a node (child_job in QEMU) is no root parent; its BlockBackends are.
+    if (!e.parent.isBackend || e.parent.jobChild) {
       throw new BlockError(BlockErrorCode.BAD_JOB, 'Need a root block node');
     }
   }

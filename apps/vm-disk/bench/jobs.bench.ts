@@ -1,0 +1,312 @@
+// Block-job throughput: `vm-disk serve` against qemu-storage-daemon given the same command
+// line and the same QMP, on images in tmpfs (/dev/shm):
+// - mirror: blockdev-mirror sync=full of a fully allocated qcow2 to a new qcow2 / raw node
+//   (blockdev-add), timed from the command to BLOCK_JOB_READY, then cancelled;
+// - stream: block-stream of a 2-layer chain (a fully allocated base under an empty overlay),
+//   timed from the command to BLOCK_JOB_COMPLETED.
+// Each again under a concurrent fio 4 KiB random-write load (iodepth 32, nbd engine) on the
+// daemon's NBD export of the disk (the mirror's source, the stream's top), over its first
+// eighth (steady after the 3 s warm-up; elsewhere the job has its work to do). Under load the
+// mirror runs with copy-mode=write-blocking and granularity=4096: in background mode a
+// random-write load keeps dirtying the bitmap, and a write that covers no whole granule
+// leaves its granule dirty (QEMU 7.2 do_sync_target_write), so the job need never converge. fio logs its IOPS every 100 ms with
+// Unix timestamps; the export's IOPS while the job runs are divided by its IOPS in the
+// 3 s before the job started (less fio's first half second).
+// MiB/s of each daemon and ours over theirs (above 1: we are faster); daemons take turns,
+// best of 2 rounds. Size: VMDISK_BENCH_JOBS_MIB (default 1024). On a 2-CPU machine each
+// daemon runs pinned to CPU 0 and fio to CPU 1, as in serve.bench.ts.
+// Run with plain node after `nx build vm-disk` (it starts the built bin).
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import { join } from 'node:path';
+
+const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
+const MIB = Number(process.env.VMDISK_BENCH_JOBS_MIB ?? 1024);
+const SIZE = `${MIB}M`;
+/** How long fio runs before the job starts: the IOPS baseline. */
+const BASELINE_MS = 3000;
+const dir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : '/tmp', 'vmdisk-jobs-bench-'));
+
+function sh(cmd: string, args: string[]): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
+  return r.stdout;
+}
+
+const PIN = sh('nproc', []).trim() === '2';
+function pinned(cpu: number, cmd: string, args: string[]): [string, string[]] {
+  return PIN ? ['taskset', ['-c', String(cpu), cmd, ...args]] : [cmd, args];
+}
+
+type Msg = Record<string, unknown>;
+
+/** A QMP connection: requests in turn, events kept until looked for. */
+class Qmp {
+  #socket: net.Socket;
+  #buf = '';
+  #messages: Msg[] = [];
+  #wake: (() => void) | undefined;
+
+  constructor(socket: net.Socket) {
+    this.#socket = socket;
+    socket.setEncoding('utf8').on('data', (d: string) => {
+      this.#buf += d;
+      for (let nl = this.#buf.indexOf('\n'); nl >= 0; nl = this.#buf.indexOf('\n')) {
+        const line = this.#buf.slice(0, nl).trim();
+        this.#buf = this.#buf.slice(nl + 1);
+        if (line) this.#messages.push(JSON.parse(line) as Msg);
+      }
+      this.#wake?.();
+    });
+  }
+
+  static async connect(path: string): Promise<Qmp> {
+    const socket = net.connect(path);
+    await new Promise((resolve, reject) => socket.once('connect', resolve).once('error', reject));
+    const qmp = new Qmp(socket);
+    await qmp.#take((m) => 'QMP' in m);
+    await qmp.run('qmp_capabilities');
+    return qmp;
+  }
+
+  async #take(match: (m: Msg) => boolean): Promise<Msg> {
+    for (;;) {
+      const i = this.#messages.findIndex(match);
+      if (i >= 0) return this.#messages.splice(i, 1)[0] as Msg;
+      await new Promise<void>((resolve) => {
+        this.#wake = resolve;
+      });
+    }
+  }
+
+  async run(execute: string, args?: Msg): Promise<Msg> {
+    this.#socket.write(`${JSON.stringify({ execute, ...(args && { arguments: args }) })}\n`);
+    const reply = await this.#take((m) => 'return' in m || 'error' in m);
+    if ('error' in reply) throw new Error(`${execute}: ${JSON.stringify(reply.error)}`);
+    return reply;
+  }
+
+  event(name: string): Promise<Msg> {
+    return this.#take((m) => m.event === name);
+  }
+
+  close(): void {
+    this.#socket.destroy();
+  }
+}
+
+interface Daemon {
+  name: string;
+  start(args: string[]): ChildProcess;
+}
+
+const DAEMONS: Daemon[] = [
+  {
+    name: 'vm-disk',
+    start: (args) =>
+      spawn(...pinned(0, process.execPath, [CLI, 'serve', ...args]), {
+        stdio: 'ignore',
+        env: { ...process.env, VMDISK_LOG_LEVEL: 'warn' },
+      }),
+  },
+  {
+    name: 'qemu-storage-daemon',
+    start: (args) => spawn(...pinned(0, 'qemu-storage-daemon', args), { stdio: 'ignore' }),
+  },
+];
+
+async function waitForSocket(path: string, child: ChildProcess): Promise<void> {
+  while (!existsSync(path)) {
+    if (child.exitCode !== null) throw new Error('daemon exited');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** fio's 4 KiB random writes on the export until stopped; its IOPS log (Unix ms, IOPS). */
+function startFio(sock: string): { stop(): Promise<[number, number][]> } {
+  const prefix = join(dir, 'fio');
+  const child = spawn(
+    ...pinned(1, 'fio', [
+      '--name=load',
+      '--ioengine=nbd',
+      `--uri=nbd+unix:///disk?socket=${sock}`,
+      '--rw=randwrite',
+      '--bs=4k',
+      '--iodepth=32',
+      // The first eighth only: in a few seconds 4 KiB writes all over the disk would
+      // allocate every cluster of the stream's top, leaving the job nothing to copy.
+      `--size=${Math.max(1, MIB >> 3)}M`,
+      '--time_based',
+      '--runtime=3600',
+      `--write_iops_log=${prefix}`,
+      '--log_avg_msec=100',
+      '--log_unix_epoch=1',
+    ]),
+    { stdio: 'ignore' },
+  );
+  return {
+    stop: async () => {
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGINT');
+      await exited;
+      const log = readFileSync(`${prefix}_iops.1.log`, 'utf8');
+      rmSync(`${prefix}_iops.1.log`, { force: true });
+      return log
+        .trim()
+        .split('\n')
+        .map((l) => l.split(',').map(Number) as [number, number]);
+    },
+  };
+}
+
+/**
+ * The export's IOPS over [from, to] (Unix ms) by the log's 100 ms intervals that end in it.
+ * fio logs an interval only when requests complete in it: a stall is a gap, counted as 0.
+ */
+function iopsOver(log: [number, number][], from: number, to: number): number {
+  const ios = log.filter(([t]) => t > from && t <= to).reduce((s, [, v]) => s + v / 10, 0);
+  return (ios * 1000) / Math.max(100, to - from);
+}
+
+interface Case {
+  name: string;
+  /** Makes the images; returns the daemon's arguments after the monitor's and NBD's. */
+  setup(): string[];
+  /** Starts the job and resolves when its copying is done. */
+  job(qmp: Qmp, load: boolean): Promise<void>;
+}
+
+const base = join(dir, 'base.qcow2');
+const top = join(dir, 'top.qcow2');
+const target = (fmt: string) => join(dir, `target.${fmt}`);
+const exportOf = (node: string) => [
+  '--export',
+  `type=nbd,id=e0,node-name=${node},name=disk,writable=on`,
+];
+
+const mirrorCase = (fmt: string): Case => ({
+  name: `mirror -> ${fmt}`,
+  setup: () => {
+    rmSync(target(fmt), { force: true });
+    sh('qemu-img', ['create', '-q', '-f', fmt, target(fmt), SIZE]);
+    return [
+      '--blockdev',
+      `driver=file,node-name=f0,filename=${base}`,
+      '--blockdev',
+      'driver=qcow2,node-name=d0,file=f0',
+      ...exportOf('d0'),
+    ];
+  },
+  job: async (qmp, load) => {
+    await qmp.run('blockdev-add', {
+      driver: fmt,
+      'node-name': 't0',
+      file: { driver: 'file', filename: target(fmt) },
+    });
+    await qmp.run('blockdev-mirror', {
+      'job-id': 'j0',
+      device: 'd0',
+      target: 't0',
+      sync: 'full',
+      ...(load && { 'copy-mode': 'write-blocking', granularity: 4096 }),
+    });
+    await qmp.event('BLOCK_JOB_READY');
+  },
+});
+
+const streamCase: Case = {
+  name: 'stream',
+  setup: () => {
+    rmSync(top, { force: true });
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+    return [
+      '--blockdev',
+      `driver=file,node-name=f1,filename=${top}`,
+      '--blockdev',
+      'driver=qcow2,node-name=d1,file=f1',
+      ...exportOf('d1'),
+    ];
+  },
+  job: async (qmp) => {
+    await qmp.run('block-stream', { 'job-id': 'j0', device: 'd1' });
+    await qmp.event('BLOCK_JOB_COMPLETED');
+  },
+};
+
+const CASES = [mirrorCase('qcow2'), mirrorCase('raw'), streamCase];
+
+/** One job on one daemon: MiB/s, and under load the export's IOPS kept (fraction). */
+async function measure(
+  daemon: Daemon,
+  c: Case,
+  load: boolean,
+): Promise<{ mibs: number; kept?: number }> {
+  const qmpPath = join(dir, 'qmp.sock');
+  const nbdPath = join(dir, 'nbd.sock');
+  rmSync(qmpPath, { force: true });
+  rmSync(nbdPath, { force: true });
+  const child = daemon.start([
+    '--chardev',
+    `socket,id=m0,path=${qmpPath},server=on,wait=off`,
+    '--monitor',
+    'chardev=m0',
+    '--nbd-server',
+    `addr.type=unix,addr.path=${nbdPath}`,
+    ...c.setup(),
+  ]);
+  const exited = new Promise((r) => child.once('exit', r));
+  let qmp: Qmp | undefined;
+  try {
+    await waitForSocket(qmpPath, child);
+    await waitForSocket(nbdPath, child);
+    qmp = await Qmp.connect(qmpPath);
+    const fio = load ? startFio(nbdPath) : undefined;
+    if (fio) await new Promise((r) => setTimeout(r, BASELINE_MS));
+    const t0 = Date.now();
+    await c.job(qmp, load);
+    const t1 = Date.now();
+    const mibs = MIB / ((t1 - t0) / 1000);
+    if (!fio) return { mibs };
+    const log = await fio.stop();
+    // fio takes a while to connect and to settle: its first five intervals are left out.
+    const settled = log[5]?.[0] ?? t0;
+    const before = iopsOver(log, settled, t0);
+    return { mibs, ...(before > 0 && { kept: iopsOver(log, t0, t1) / before }) };
+  } finally {
+    qmp?.close();
+    child.kill('SIGKILL');
+    await exited;
+  }
+}
+
+const table: string[] = [];
+try {
+  sh('qemu-img', ['create', '-q', '-f', 'qcow2', base, SIZE]);
+  sh('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x5a 0 ${SIZE}`, base]);
+  console.log(`${MIB} MiB images in ${dir}; ${PIN ? 'daemons on CPU 0, fio on CPU 1' : ''}`);
+  for (const load of [false, true]) {
+    for (const c of CASES) {
+      const best = new Map<string, { mibs: number; kept?: number }>();
+      for (let round = 0; round < 2; round++) {
+        for (const d of DAEMONS) {
+          const r = await measure(d, c, load);
+          if (r.mibs > (best.get(d.name)?.mibs ?? 0)) best.set(d.name, r);
+        }
+      }
+      const ours = best.get('vm-disk')!;
+      const theirs = best.get('qemu-storage-daemon')!;
+      const kept = (r: { kept?: number }) =>
+        r.kept === undefined ? '-' : `${Math.round(r.kept * 100)}%`;
+      const line = `| ${c.name}${load ? ' + fio 4k randwrite' : ''} | ${ours.mibs.toFixed(0)} | ${theirs.mibs.toFixed(0)} | ${(ours.mibs / theirs.mibs).toFixed(2)}x | ${kept(ours)} | ${kept(theirs)} |`;
+      console.log(line);
+      table.push(line);
+    }
+  }
+} finally {
+  rmSync(dir, { recursive: true, force: true });
+}
+console.log(
+  `\n| job (${MIB} MiB, tmpfs) | vm-disk MiB/s | qsd MiB/s | vm-disk ratio | vm-disk export IOPS kept | qsd export IOPS kept |\n|---|---|---|---|---|---|`,
+);
+for (const line of table) console.log(line);
