@@ -14,6 +14,7 @@ export const COMMANDS = [
   'compare',
   'check',
   'resize',
+  'snapshot',
 ];
 
 export function usage(): string {
@@ -58,6 +59,9 @@ Usage:
                             change an image's virtual size as qemu-img resize does
   vm-disk dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
                             copy part of an image into a new one as qemu-img dd does
+  vm-disk snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-q] [-U] FILE
+                            list, create, apply or delete a qcow2 image's internal snapshots
+                            as qemu-img snapshot does
   vm-disk --help | --version
 
 Logs go to stderr: JSON lines, or readable lines on a terminal (VMDISK_LOG_FORMAT=json|pretty,
@@ -104,6 +108,8 @@ export async function main(
         return await (await import('./img/resize.ts')).resize(rest, out);
       case 'dd':
         return await (await import('./img/dd.ts')).dd(rest, out, err);
+      case 'snapshot':
+        return await (await import('./img/snapshot.ts')).snapshot(rest, out);
       default:
         if (command !== undefined && !command.startsWith('-')) {
           throw new UsageError(

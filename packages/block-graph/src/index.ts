@@ -52,6 +52,16 @@ export {
   type Qcow2ImageCheck,
 } from './drivers/qcow2/repair.ts';
 export {
+  applySnapshot as applyQcow2Snapshot,
+  createSnapshot as createQcow2Snapshot,
+  deleteSnapshot as deleteQcow2Snapshot,
+  listSnapshots as listQcow2Snapshots,
+  type Qcow2Snapshot,
+  Qcow2SnapshotNotFound,
+  type SnapshotSelector as Qcow2SnapshotSelector,
+  withQcow2File,
+} from './drivers/qcow2/snapshot.ts';
+export {
   BackingChainError,
   BlockError,
   BlockErrorCode,
