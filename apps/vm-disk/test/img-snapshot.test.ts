@@ -104,7 +104,7 @@ describe('vm-disk snapshot', () => {
       await clean(ours);
       await sameSnapshots(ours, theirs, []);
       expect(await info(ours)).toEqual(await info(theirs));
-    });
+    }, 180_000);
   });
 
   it("applies and deletes qemu-img's snapshots; qemu-img applies and deletes ours", async () => {

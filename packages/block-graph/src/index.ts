@@ -36,6 +36,11 @@ export {
 export { lockForCreate } from './drivers/file-lock.ts';
 export { builtinDrivers } from './drivers/index.ts';
 export { NbdTlsCreds } from './drivers/nbd.ts';
+export {
+  type AmendProgress as Qcow2AmendProgress,
+  amendQcow2,
+  type Qcow2AmendOptions,
+} from './drivers/qcow2/amend.ts';
 export type { Qcow2CheckResult } from './drivers/qcow2/check.ts';
 export { checkQcow2 } from './drivers/qcow2/check.ts';
 export {

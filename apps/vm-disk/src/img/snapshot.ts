@@ -4,7 +4,6 @@
 // list none and refuse the rest in qemu-img's words.
 import {
   applyQcow2Snapshot,
-  type BlockBackend,
   createQcow2Snapshot,
   deleteQcow2Snapshot,
   listQcow2Snapshots,
@@ -14,7 +13,8 @@ import {
 } from '@vmdisk/block-graph';
 import { ImageCommandError, UsageError } from '../errors.ts';
 import { imgArgs } from './args.ts';
-import { imageGraph, nodeOptions, openImage } from './open.ts';
+import { openImageFile, probeImage } from './image-file.ts';
+import { imageGraph } from './open.ts';
 
 type Action = 'list' | 'create' | 'apply' | 'delete';
 
@@ -56,36 +56,14 @@ export async function snapshot(
     );
   }
   // Opened first as qemu-img opens it (its errors, its locks).
-  const probe = await imageGraph(values.object);
-  try {
-    await openImage(probe, spec, 'image');
-  } finally {
-    await probe.close();
-  }
+  const options = await probeImage(spec, values.object);
   if (action === undefined) return 0;
-  const options = await nodeOptions(spec);
   if (options.driver !== 'qcow2') return refuse(action, name);
 
   // The snapshot work is on the image's file: its `file` node, alone.
   const graph = await imageGraph(values.object);
   try {
-    await graph.add(
-      {
-        ...(options.file as Record<string, unknown>),
-        'node-name': 'file',
-        'read-only': readOnly,
-        ...(spec.forceShare && { 'force-share': true }),
-      },
-      { syntax: spec.imageOpts ? 'keyval' : 'json' },
-    );
-    const backend = await graph.createBackend('file', {
-      name: 'snapshot',
-      perm: readOnly ? ['consistent-read'] : ['consistent-read', 'write', 'resize'],
-      shared: spec.forceShare
-        ? ['consistent-read', 'write', 'write-unchanged', 'resize']
-        : ['consistent-read', 'write-unchanged'],
-    });
-    const file = fileOf(backend);
+    const file = await openImageFile(graph, spec, options);
     try {
       switch (action) {
         case 'list': {
@@ -148,24 +126,6 @@ function failed(action: Action, name: string, e: unknown): unknown {
     default:
       return e;
   }
-}
-
-/** The image file as the qcow2 core reads and writes it. */
-function fileOf(b: BlockBackend) {
-  return {
-    async read(buf: Uint8Array, offset: number) {
-      const n = Math.min(buf.byteLength, b.size() - offset);
-      if (n <= 0) return 0;
-      await b.read(offset, buf.subarray(0, n));
-      return n;
-    },
-    write: (buf: Uint8Array, offset: number) => b.write(offset, buf),
-    size: async () => b.size(),
-    truncate: async () => {
-      throw new ImageCommandError('snapshot does not truncate');
-    },
-    flush: () => b.flush(),
-  };
 }
 
 /** qemu-img's snapshot table (bdrv_snapshot_dump's columns); nothing without snapshots. */

@@ -208,7 +208,8 @@ function setActiveCopied(s: Qcow2State, copied: boolean[]): void {
   });
 }
 
-async function readL1(
+/** Reads an L1 table (a snapshot's) of `entries` entries at `offset`. */
+export async function readL1(
   s: Qcow2State,
   offset: number,
   entries: number,
