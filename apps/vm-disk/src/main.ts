@@ -16,6 +16,9 @@ export const COMMANDS = [
   'resize',
   'dd',
   'graph',
+  'snapshot',
+  'amend',
+  'bench',
 ];
 
 export function usage(): string {
@@ -66,6 +69,14 @@ Usage:
                             draw the live block graph of a running daemon (nodes, edges with
                             child names and permissions, exports, jobs): DOT, or SVG/PNG
                             through Graphviz's dot
+  vm-disk snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-q] [-U] FILE
+                            list, create, apply or delete a qcow2 image's internal snapshots
+                            as qemu-img snapshot does
+  vm-disk amend [-f FMT] [-p] [-q] [--force] -o compat=..,lazy_refcounts=..,refcount_bits=..,size=.. FILE
+                            change a qcow2 image's options in place as qemu-img amend does
+  vm-disk bench [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-w] [--pattern=N]
+                [--flush-interval=N] [--no-drain] [-t CACHE] [-i AIO] [-f FMT] [-U] FILE
+                            run a simple I/O benchmark on an image as qemu-img bench does
   vm-disk --help | --version
 
 Logs go to stderr: JSON lines, or readable lines on a terminal (VMDISK_LOG_FORMAT=json|pretty,
@@ -114,6 +125,12 @@ export async function main(
         return await (await import('./img/dd.ts')).dd(rest, out, err);
       case 'graph':
         return await (await import('./graph/graph-command.ts')).graph(rest, out);
+      case 'snapshot':
+        return await (await import('./img/snapshot.ts')).snapshot(rest, out);
+      case 'amend':
+        return await (await import('./img/amend.ts')).amend(rest, out);
+      case 'bench':
+        return await (await import('./img/bench.ts')).bench(rest, out);
       default:
         if (command !== undefined && !command.startsWith('-')) {
           throw new UsageError(

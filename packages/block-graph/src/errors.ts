@@ -250,6 +250,8 @@ export const Qcow2ErrorCode = {
   BACKING_CYCLE: 'ERR_VMDISK_BLOCK_QCOW2_BACKING_CYCLE',
   /** The image is closed. */
   CLOSED: 'ERR_VMDISK_BLOCK_QCOW2_CLOSED',
+  /** No internal snapshot has the id or name asked for. */
+  SNAPSHOT_NOT_FOUND: 'ERR_VMDISK_BLOCK_QCOW2_SNAPSHOT_NOT_FOUND',
 } as const;
 
 export type Qcow2ErrorCodeValue = (typeof Qcow2ErrorCode)[keyof typeof Qcow2ErrorCode];

@@ -55,6 +55,11 @@ export {
 export { lockForCreate } from './drivers/file-lock.ts';
 export { builtinDrivers } from './drivers/index.ts';
 export { NbdTlsCreds } from './drivers/nbd.ts';
+export {
+  type AmendProgress as Qcow2AmendProgress,
+  amendQcow2,
+  type Qcow2AmendOptions,
+} from './drivers/qcow2/amend.ts';
 export type { Qcow2CheckResult } from './drivers/qcow2/check.ts';
 export { checkQcow2 } from './drivers/qcow2/check.ts';
 export {
@@ -70,6 +75,16 @@ export {
   type Qcow2CheckFix,
   type Qcow2ImageCheck,
 } from './drivers/qcow2/repair.ts';
+export {
+  applySnapshot as applyQcow2Snapshot,
+  createSnapshot as createQcow2Snapshot,
+  deleteSnapshot as deleteQcow2Snapshot,
+  listSnapshots as listQcow2Snapshots,
+  type Qcow2Snapshot,
+  Qcow2SnapshotNotFound,
+  type SnapshotSelector as Qcow2SnapshotSelector,
+  withQcow2File,
+} from './drivers/qcow2/snapshot.ts';
 export {
   BackingChainError,
   BlockError,

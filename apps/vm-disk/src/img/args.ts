@@ -13,21 +13,12 @@ export function imgArgs<const T extends ParseArgsOptionsConfig>(
     const err = e as { code?: string; message: string };
     const named = /'(-[^']*)'/.exec(err.message)?.[1] ?? '';
     if (err.code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') {
-      throw new UsageError(
-        named.startsWith('--')
-          ? `unrecognized option '${named}'`
-          : `invalid option -- '${named.slice(1)}'`,
-        { cause: e },
-      );
+      // qemu-img words short and long options alike.
+      throw new UsageError(`unrecognized option '${named}'`, { cause: e });
     }
     if (err.code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') {
       const opt = /(--?[\w-]+)/.exec(err.message)?.[1] ?? named;
-      throw new UsageError(
-        opt.startsWith('--')
-          ? `option '${opt}' requires an argument`
-          : `option requires an argument -- '${opt.slice(1)}'`,
-        { cause: e },
-      );
+      throw new UsageError(`missing argument for option '${opt}'`, { cause: e });
     }
     throw new UsageError(err.message, { cause: e });
   }

@@ -7,7 +7,7 @@ import { decodeL2, type L2Entry, UNALLOCATED } from './cluster-map.ts';
 import { decompressCluster } from './compress.ts';
 import type { CacheEntry } from './l2-cache.ts';
 import { isMetadata } from './overlap.ts';
-import { enter, leave, markCorrupt, type Qcow2State } from './state.ts';
+import { enter, freeLater, leave, markCorrupt, type Qcow2State } from './state.ts';
 import type { Qcow2Extent, Qcow2ReadMapping } from './types.ts';
 
 export type Segment =
@@ -44,27 +44,33 @@ export async function getL2(s: Qcow2State, i: number): Promise<CacheEntry | null
   return s.l2Cache.get(off);
 }
 
-/** The L2 table of L1 index `i`, created if missing, pinned. Caller holds the cluster locks. */
+/**
+ * The L2 table of L1 index `i`, created if missing, pinned, and ours alone: a table an
+ * internal snapshot shares (refcount > 1, COPIED clear in L1) is first copied into a new
+ * cluster (QEMU's l2_allocate copying the old table). Caller holds the cluster locks.
+ */
 export async function getOrCreateL2(s: Qcow2State, i: number): Promise<CacheEntry> {
   const have = await getL2(s, i);
-  if (have) {
-    if (!s.l1Copied[i]) {
-      const rc = await s.refcounts.get(s.l1[i]! / s.clusterSize);
-      if (rc !== 1) {
-        s.l2Cache.unpin(have);
-        throw new Qcow2CorruptError(
-          `L2 table ${i} is shared (refcount ${rc}); internal snapshots are not supported`,
-        );
-      }
-      s.l1Copied[i] = true;
-      s.l1Dirty.add(i);
-    }
-    return have;
-  }
+  if (have && s.l1Copied[i]) return have;
+  if (have) s.l2Cache.unpin(have);
   await s.l2Locks.lock(i);
   try {
     const again = await getL2(s, i);
-    if (again) return again;
+    if (again && s.l1Copied[i]) return again;
+    if (again) {
+      const old = s.l1[i]!;
+      const rc = await s.refcounts.get(old / s.clusterSize);
+      if (rc === 1) {
+        s.l1Copied[i] = true;
+        s.l1Dirty.add(i);
+        return again;
+      }
+      try {
+        return await copyL2(s, i, again);
+      } finally {
+        s.l2Cache.unpin(again);
+      }
+    }
     const off = await s.refcounts.allocate(1);
     if (isMetadata(s, off)) await markCorrupt(s, `new L2 table at ${off} overlaps metadata`);
     const e = await s.l2Cache.create(off);
@@ -76,6 +82,24 @@ export async function getOrCreateL2(s: Qcow2State, i: number): Promise<CacheEntr
   } finally {
     s.l2Locks.unlock(i);
   }
+}
+
+/**
+ * Copies the shared L2 table of L1 index `i` into a cluster of its own and points L1 at
+ * it; the entries keep their COPIED flags (clear: the data clusters stay shared). The old
+ * table loses this reference once the new L1 entry is on disk (freeLater).
+ */
+async function copyL2(s: Qcow2State, i: number, shared: CacheEntry): Promise<CacheEntry> {
+  const old = s.l1[i]!;
+  const off = await s.refcounts.allocate(1);
+  if (isMetadata(s, off)) await markCorrupt(s, `new L2 table at ${off} overlaps metadata`);
+  const e = await s.l2Cache.create(off, shared.data);
+  s.l2Offsets.add(off);
+  s.l1[i] = off;
+  s.l1Copied[i] = true;
+  s.l1Dirty.add(i);
+  freeLater(s, old, s.clusterSize);
+  return e;
 }
 
 export function entryAt(s: Qcow2State, l2: CacheEntry | null, ci: number): L2Entry {

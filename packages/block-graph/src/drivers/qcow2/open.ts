@@ -44,12 +44,6 @@ export async function openImage(s: Qcow2State): Promise<void> {
       'the image is marked corrupt (corrupt bit); open it read-only or repair it with qemu-img check -r all',
     );
   }
-  if (!s.readOnly && h.nbSnapshots > 0) {
-    throw new Qcow2UnsupportedError(
-      'internal snapshots',
-      `qcow2 image has ${h.nbSnapshots} internal snapshots: only read-only access is supported`,
-    );
-  }
   if (h.backingFile !== null && s.options.backing === undefined) {
     throw badOption(
       `the image has backing file '${h.backingFile}': pass 'backing' (a reader, or null for none)`,
