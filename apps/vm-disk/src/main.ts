@@ -14,6 +14,8 @@ export const COMMANDS = [
   'compare',
   'check',
   'resize',
+  'dd',
+  'commit',
 ];
 
 export function usage(): string {
@@ -56,6 +58,9 @@ Usage:
                             clean, 1 failed, 2 corruptions, 3 leaks, 63 no checks for the format)
   vm-disk resize [-f FMT] [--shrink] [-q] FILE [+|-]SIZE
                             change an image's virtual size as qemu-img resize does
+  vm-disk commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-r RATE] [-p] [-q] FILE
+                            write an image's data into its backing file (or BASE) as
+                            qemu-img commit does; the image is emptied unless -d or -b
   vm-disk dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
                             copy part of an image into a new one as qemu-img dd does
   vm-disk --help | --version
@@ -104,6 +109,8 @@ export async function main(
         return await (await import('./img/resize.ts')).resize(rest, out);
       case 'dd':
         return await (await import('./img/dd.ts')).dd(rest, out, err);
+      case 'commit':
+        return await (await import('./img/commit.ts')).commit(rest, out);
       default:
         if (command !== undefined && !command.startsWith('-')) {
           throw new UsageError(

@@ -71,6 +71,7 @@ export {
   type BlockGraphOptions,
   type NodeInfo,
 } from './graph.ts';
+export { changeBackingFile, makeEmpty } from './image-edit.ts';
 export {
   type BlockdevOnError,
   type BlockJob,
