@@ -16,6 +16,7 @@ export const COMMANDS = [
   'resize',
   'dd',
   'commit',
+  'rebase',
 ];
 
 export function usage(): string {
@@ -61,6 +62,10 @@ Usage:
   vm-disk commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-r RATE] [-p] [-q] FILE
                             write an image's data into its backing file (or BASE) as
                             qemu-img commit does; the image is emptied unless -d or -b
+  vm-disk rebase [-f FMT] [-F FMT] [-t CACHE] [-T CACHE] [-u] [-p] [-q] [-U] -b BACKING FILE
+                            give an image another backing file as qemu-img rebase does:
+                            safe mode copies what differs first; -b '' flattens; -u only
+                            rewrites the header
   vm-disk dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
                             copy part of an image into a new one as qemu-img dd does
   vm-disk --help | --version
@@ -111,6 +116,8 @@ export async function main(
         return await (await import('./img/dd.ts')).dd(rest, out, err);
       case 'commit':
         return await (await import('./img/commit.ts')).commit(rest, out);
+      case 'rebase':
+        return await (await import('./img/rebase.ts')).rebase(rest, out);
       default:
         if (command !== undefined && !command.startsWith('-')) {
           throw new UsageError(

@@ -2,12 +2,13 @@
 // chains (3-deep qcow2, and overlays over raw, qcow2 v2/v3 and compressed images): the
 // same stdout and exit status, and every layer left alike (qemu-img compare, map, info,
 // check).
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { basename, join } from 'node:path';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from './harness/daemon.ts';
-import { infoOf, makeSources, mapOf, qemuImg, type Sources, vmDisk } from './harness/img.ts';
+import { makeSources, qemuImg, type Sources, vmDisk } from './harness/img.ts';
+import { chainCopy, collapseProgress, sameLayers } from './harness/img-chain.ts';
 
 let dir: string;
 let src: Sources;
@@ -17,31 +18,9 @@ beforeAll(async () => {
 }, 60_000);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-/** Copies of `files` (one chain, relative backing names) into a directory of their own. */
-function chainCopy(name: string, files: string[]): string {
-  const to = join(dir, name);
-  mkdirSync(to, { recursive: true });
-  for (const f of files) copyFileSync(f, join(to, basename(f)));
-  return to;
-}
-
-/** qemu-img's -p output with repeated redraws of one value collapsed (their count varies). */
+/** -p output without the values between 0 and 100 (how many are drawn varies). */
 const progressOf = (s: string) =>
-  s
-    .replace(/( {4}\(\d+\.\d\d\/100%\)\r)\1+/g, '$1')
-    .replace(/^( {4}\(0\.00\/100%\)\r).*?( {4}\(100\.00\/100%\)\r)/s, '$1$2');
-
-/** Every layer of two copies of one chain reads, maps and checks alike. */
-async function sameLayers(ours: string, theirs: string, files: string[]): Promise<void> {
-  for (const f of files) {
-    const [a, b] = [join(ours, f), join(theirs, f)];
-    await run('qemu-img', ['compare', '-U', a, b]);
-    expect(await mapOf(a), f).toEqual(await mapOf(b));
-    const strip = ({ 'full-backing-filename': _, ...rest }: Record<string, unknown>) => rest;
-    expect(strip(await infoOf(a)), f).toEqual(strip(await infoOf(b)));
-    if (f.endsWith('.qcow2')) await run('qemu-img', ['check', a]);
-  }
-}
+  collapseProgress(s).replace(/^( {4}\(0\.00\/100%\)\r).*?( {4}\(100\.00\/100%\)\r)/s, '$1$2');
 
 const CHAIN = ['top.qcow2', 'mid.qcow2', 'base.qcow2'];
 
@@ -64,8 +43,8 @@ describe('vm-disk commit', () => {
     ['an unknown option', ['--frob']],
   ])('a 3-deep chain, %s: as qemu-img', async (name, args) => {
     const tag = name.replace(/\W+/g, '-');
-    const ours = chainCopy(`${tag}.ours`, chainFiles());
-    const theirs = chainCopy(`${tag}.theirs`, chainFiles());
+    const ours = chainCopy(dir, `${tag}.ours`, chainFiles());
+    const theirs = chainCopy(dir, `${tag}.theirs`, chainFiles());
     const abs = (d: string) => args.map((a) => a.replace('@', d));
     const a = await vmDisk(['commit', ...abs(ours), join(ours, 'top.qcow2')]);
     const b = await qemuImg(['commit', ...abs(theirs), join(theirs, 'top.qcow2')]);
@@ -80,7 +59,7 @@ describe('vm-disk commit', () => {
     ['an image without a backing file', 'base.qcow2'],
     ['a missing image', 'missing.qcow2'],
   ])('%s: as qemu-img', async (_name, file) => {
-    const ours = chainCopy('alone.ours', chainFiles());
+    const ours = chainCopy(dir, 'alone.ours', chainFiles());
     const a = await vmDisk(['commit', join(ours, file)]);
     const b = await qemuImg(['commit', join(ours, file)]);
     expect({ code: a.code, stdout: a.stdout }).toEqual({ code: b.code, stdout: b.stdout });
@@ -126,8 +105,8 @@ describe('vm-disk commit', () => {
         ]),
       );
     };
-    const ours = chainCopy(`${kind}${options}-overlay.ours`, []);
-    const theirs = chainCopy(`${kind}${options}-overlay.theirs`, []);
+    const ours = chainCopy(dir, `${kind}${options}-overlay.ours`, []);
+    const theirs = chainCopy(dir, `${kind}${options}-overlay.theirs`, []);
     await layer(ours);
     await layer(theirs);
     const a = await vmDisk(['commit', join(ours, 'overlay.qcow2')]);
