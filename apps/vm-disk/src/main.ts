@@ -17,6 +17,7 @@ export const COMMANDS = [
   'dd',
   'commit',
   'rebase',
+  'measure',
 ];
 
 export function usage(): string {
@@ -66,6 +67,9 @@ Usage:
                             give an image another backing file as qemu-img rebase does:
                             safe mode copies what differs first; -b '' flattens; -u only
                             rewrites the header
+  vm-disk measure [--output=human|json] [-O raw|qcow2] [-o OPTIONS] [--size N | [-f FMT] [-U] FILE]
+                            the size a new image needs (required, fully allocated) as
+                            qemu-img measure computes it
   vm-disk dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
                             copy part of an image into a new one as qemu-img dd does
   vm-disk --help | --version
@@ -118,6 +122,8 @@ export async function main(
         return await (await import('./img/commit.ts')).commit(rest, out);
       case 'rebase':
         return await (await import('./img/rebase.ts')).rebase(rest, out);
+      case 'measure':
+        return await (await import('./img/measure.ts')).measure(rest, out);
       default:
         if (command !== undefined && !command.startsWith('-')) {
           throw new UsageError(
