@@ -20,6 +20,9 @@ export const COMMANDS = [
   'measure',
 ];
 
+/** The subcommands of qemu-img's (a bad option exits 1, as qemu-img's). */
+const IMAGE_COMMANDS = new Set(COMMANDS.filter((c) => c !== 'serve' && c !== 'demo'));
+
 export function usage(): string {
   return `vm-disk ${VERSION}: the storage side of a virtual machine, in TypeScript on Node.js.
 
@@ -138,7 +141,8 @@ export async function main(
       if (e instanceof BadOptionError) err.write(`Try 'vm-disk --help'.\n`);
       // As qemu-img: a usage error exits 1, with where to look.
       if (e instanceof UsageError) err.write(`Try 'vm-disk --help' for more information\n`);
-      return e instanceof BadOptionError ? 2 : 1;
+      // The daemon's bad options exit 2; an image subcommand's exit 1, as qemu-img's.
+      return e instanceof BadOptionError && !IMAGE_COMMANDS.has(command ?? '') ? 2 : 1;
     }
     const error = e as { code?: string; message?: string; hint?: unknown };
     err.write(`vm-disk: ${error.message ?? String(e)}${error.code ? ` (${error.code})` : ''}\n`);

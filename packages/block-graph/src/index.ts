@@ -71,6 +71,7 @@ export {
   type BlockGraphOptions,
   type NodeInfo,
 } from './graph.ts';
+export { hostOffset } from './host-offset.ts';
 export { changeBackingFile, makeEmpty } from './image-edit.ts';
 export {
   type BlockdevOnError,
