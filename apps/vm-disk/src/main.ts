@@ -44,9 +44,9 @@ Usage:
   vm-disk create [-f raw|qcow2] [-o KEY=VALUE,...] [-b BACKING [-F FMT]] FILE [SIZE]
                             make an image (qcow2 options as qemu-img's: cluster_size,
                             compat, lazy_refcounts, extended_l2, preallocation, refcount_bits)
-  vm-disk info [--output=human|json] [-U] FILE
+  vm-disk info [--output=human|json] [--backing-chain] [-f FMT] [-U] FILE
                             describe an image (format, sizes, backing file, qcow2 features)
-  vm-disk map [--output=human|json] [-U] FILE
+  vm-disk map [--output=human|json] [-f FMT] [--start-offset=N] [--max-length=N] [-U] FILE
                             where the image's data is: allocated, zero, or unallocated, by depth
                             (-U, --force-share: read an image another process may be writing;
                             without it, an image in use is refused, as qemu-img refuses it)

@@ -97,6 +97,10 @@ describe('vm-disk map', () => {
     });
   });
 
+  it('of a chain given by --image-opts: as qemu-img', async () => {
+    await same(['map', '--image-opts', `driver=qcow2,file.driver=file,file.filename=${src.chain}`]);
+  });
+
   it.each([
     ['an unknown option', ['--frob']],
     ['no file', []],

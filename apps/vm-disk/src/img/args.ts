@@ -83,6 +83,8 @@ export function imageArgs(command: 'info' | 'map', argv: readonly string[]) {
     json,
     forceShare: values['force-share'],
     format: values.format,
+    objects: values.object,
+    imageOpts: values['image-opts'],
     backingChain: v['backing-chain'] ?? false,
     startOffset: v['start-offset'],
     maxLength: v['max-length'],

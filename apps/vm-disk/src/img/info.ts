@@ -2,6 +2,7 @@
 // resolves to), qcow2 features; with --backing-chain every layer, as a JSON list.
 import { stat } from 'node:fs/promises';
 import { type BlockGraph, parseQcow2Header } from '@vmdisk/block-graph';
+import { UsageError } from '../errors.ts';
 import { imageArgs } from './args.ts';
 import { type Format, openFile, openForReading, probeFormat } from './open.ts';
 
@@ -146,7 +147,12 @@ function humanInfo(d: ImageDescription): string {
 }
 
 export async function info(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
-  const { path, json, forceShare, format, backingChain } = imageArgs('info', argv);
+  const { path, json, forceShare, format, backingChain, imageOpts, objects } = imageArgs(
+    'info',
+    argv,
+  );
+  if (imageOpts || objects.length > 0)
+    throw new UsageError('info: --image-opts and --object are not supported yet');
   const chain: ImageDescription[] = [];
   let d = await describe(path, forceShare, format);
   chain.push(d);

@@ -119,16 +119,23 @@ export async function map(argv: readonly string[], out: NodeJS.WritableStream): 
   };
   const startOffset = offsetArg('start offset', a.startOffset) ?? 0;
   const maxLength = offsetArg('max length', a.maxLength);
-  const graph = await imageGraph();
+  const graph = await imageGraph(a.objects);
   try {
     const backend = await openImage(
       graph,
-      { name: a.path, format: a.format, readOnly: true, forceShare: a.forceShare },
+      {
+        name: a.path,
+        format: a.format,
+        imageOpts: a.imageOpts,
+        readOnly: true,
+        forceShare: a.forceShare,
+      },
       'layer0',
     );
     const size = backend.size();
     const end = maxLength !== undefined ? Math.min(size, startOffset + maxLength) : size;
-    const names = layerNames(a.path, layersOf(graph, 'layer0'));
+    const layers = layersOf(graph, 'layer0');
+    const names = layerNames(a.imageOpts ? layers[0]!.filename : a.path, layers);
     const hex = (n: number) => (n === 0 ? '0' : `0x${n.toString(16)}`).padEnd(16);
     if (a.json) {
       const lines: string[] = [];
