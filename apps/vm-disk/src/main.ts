@@ -19,7 +19,13 @@ export const COMMANDS = [
   'snapshot',
   'amend',
   'bench',
+  'commit',
+  'rebase',
+  'measure',
 ];
+
+/** The subcommands of qemu-img's (a bad option exits 1, as qemu-img's). */
+const IMAGE_COMMANDS = new Set(COMMANDS.filter((c) => c !== 'serve' && c !== 'demo' && c !== 'graph'));
 
 export function usage(): string {
   return `vm-disk ${VERSION}: the storage side of a virtual machine, in TypeScript on Node.js.
@@ -44,9 +50,9 @@ Usage:
   vm-disk create [-f raw|qcow2] [-o KEY=VALUE,...] [-b BACKING [-F FMT]] FILE [SIZE]
                             make an image (qcow2 options as qemu-img's: cluster_size,
                             compat, lazy_refcounts, extended_l2, preallocation, refcount_bits)
-  vm-disk info [--output=human|json] [-U] FILE
+  vm-disk info [--output=human|json] [--backing-chain] [-f FMT] [-U] FILE
                             describe an image (format, sizes, backing file, qcow2 features)
-  vm-disk map [--output=human|json] [-U] FILE
+  vm-disk map [--output=human|json] [-f FMT] [--start-offset=N] [--max-length=N] [-U] FILE
                             where the image's data is: allocated, zero, or unallocated, by depth
                             (-U, --force-share: read an image another process may be writing;
                             without it, an image in use is refused, as qemu-img refuses it)
@@ -63,6 +69,16 @@ Usage:
                             clean, 1 failed, 2 corruptions, 3 leaks, 63 no checks for the format)
   vm-disk resize [-f FMT] [--shrink] [-q] FILE [+|-]SIZE
                             change an image's virtual size as qemu-img resize does
+  vm-disk commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-r RATE] [-p] [-q] FILE
+                            write an image's data into its backing file (or BASE) as
+                            qemu-img commit does; the image is emptied unless -d or -b
+  vm-disk rebase [-f FMT] [-F FMT] [-t CACHE] [-T CACHE] [-u] [-p] [-q] [-U] -b BACKING FILE
+                            give an image another backing file as qemu-img rebase does:
+                            safe mode copies what differs first; -b '' flattens; -u only
+                            rewrites the header
+  vm-disk measure [--output=human|json] [-O raw|qcow2] [-o OPTIONS] [--size N | [-f FMT] [-U] FILE]
+                            the size a new image needs (required, fully allocated) as
+                            qemu-img measure computes it
   vm-disk dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
                             copy part of an image into a new one as qemu-img dd does
   vm-disk graph [--format dot|svg|png] [-o FILE] QMP-SOCKET
@@ -131,6 +147,12 @@ export async function main(
         return await (await import('./img/amend.ts')).amend(rest, out);
       case 'bench':
         return await (await import('./img/bench.ts')).bench(rest, out);
+      case 'commit':
+        return await (await import('./img/commit.ts')).commit(rest, out);
+      case 'rebase':
+        return await (await import('./img/rebase.ts')).rebase(rest, out);
+      case 'measure':
+        return await (await import('./img/measure.ts')).measure(rest, out);
       default:
         if (command !== undefined && !command.startsWith('-')) {
           throw new UsageError(
@@ -145,7 +167,8 @@ export async function main(
       if (e instanceof BadOptionError) err.write(`Try 'vm-disk --help'.\n`);
       // As qemu-img: a usage error exits 1, with where to look.
       if (e instanceof UsageError) err.write(`Try 'vm-disk --help' for more information\n`);
-      return e instanceof BadOptionError ? 2 : 1;
+      // The daemon's bad options exit 2; an image subcommand's exit 1, as qemu-img's.
+      return e instanceof BadOptionError && !IMAGE_COMMANDS.has(command ?? '') ? 2 : 1;
     }
     const error = e as { code?: string; message?: string; hint?: unknown };
     err.write(`vm-disk: ${error.message ?? String(e)}${error.code ? ` (${error.code})` : ''}\n`);

@@ -54,7 +54,7 @@ describe('vm-disk create refuses bad options before creating anything', () => {
     expect(existsSync(path)).toBe(false);
     const message = theirs.stderr.split('\n')[0]!.replace(`qemu-img: ${path}: `, '');
     const ours = await create('-f', 'qcow2', '-o', o, path, size);
-    expect([1, 2]).toContain(ours.code);
+    expect(ours.code).toBe(1);
     expect(ours.stderr).toContain(message);
     expect(existsSync(path)).toBe(false);
   });
@@ -62,7 +62,7 @@ describe('vm-disk create refuses bad options before creating anything', () => {
   it('raw: a bad preallocation is refused, no file left', async () => {
     const path = join(dir, 'x.raw');
     const ours = await create('-f', 'raw', '-o', 'preallocation=bogus', path, '1M');
-    expect(ours.code).toBe(2);
+    expect(ours.code).toBe(1);
     expect(ours.stderr).toContain("Parameter 'preallocation' does not accept value 'bogus'");
     expect(existsSync(path)).toBe(false);
   });

@@ -15,8 +15,9 @@ afterEach(() => rmSync(dir, { recursive: true, force: true }));
 const vmDisk = (...args: string[]) => run(process.execPath, [CLI, ...args]);
 const qemuInfo = async (path: string) =>
   JSON.parse(await run('qemu-img', ['info', '--output=json', path]));
-const withoutOffsets = (entries: Record<string, unknown>[]) =>
-  entries.map(({ offset: _o, compressed: _c, ...rest }) => rest);
+/** qemu-img map's entries without `compressed` (QEMU 8 has it, vm-disk prints 7.2's). */
+const withoutCompressed = (entries: Record<string, unknown>[]) =>
+  entries.map(({ compressed: _c, ...rest }) => rest);
 
 describe('vm-disk create', () => {
   it.each([
@@ -99,13 +100,13 @@ describe('vm-disk create', () => {
     [['-f', 'qcow2', '-o', 'lazy_refcounts=maybe', 'x', '1M'], '-o'],
     [['-f', 'raw', 'x', 'huge'], 'SIZE'],
     [['-f', 'raw', 'x'], 'create'],
-  ])('refuses %j with status 2, naming %s', async (args, option) => {
+  ])('refuses %j with status 1 (as qemu-img), naming %s', async (args, option) => {
     const p = start(process.execPath, [
       CLI,
       'create',
       ...args.map((a) => (a === 'x' ? join(dir, 'x') : a)),
     ]);
-    expect(await p.exited).toBe(2);
+    expect(await p.exited).toBe(1);
     expect(p.stderr()).toContain(option);
   });
 });
@@ -152,9 +153,8 @@ describe('vm-disk map and info', () => {
     ]);
     const ours = JSON.parse(await vmDisk('map', '--output=json', top));
     const theirs = JSON.parse(await run('qemu-img', ['map', '--output=json', top]));
-    expect(ours).toEqual(withoutOffsets(theirs));
-    const human = await vmDisk('map', top);
-    expect(human).toMatch(/^Offset\s+Length\s+Depth\s+Allocation$/m);
+    expect(ours).toEqual(withoutCompressed(theirs));
+    expect(await vmDisk('map', top)).toBe(await run('qemu-img', ['map', top]));
   });
 
   it('map of a sparse raw file equals qemu-img map', async () => {
@@ -163,7 +163,7 @@ describe('vm-disk map and info', () => {
     await run('qemu-io', ['-f', 'raw', '-c', 'write -P 9 4M 1M', '-c', 'write -P 9 20M 64k', path]);
     const ours = JSON.parse(await vmDisk('map', '--output=json', path));
     const theirs = JSON.parse(await run('qemu-img', ['map', '--output=json', path]));
-    expect(ours).toEqual(withoutOffsets(theirs));
+    expect(ours).toEqual(withoutCompressed(theirs));
   });
 
   it('info of a compressed image and a bochs-free raw file say what qemu-img says', async () => {

@@ -376,6 +376,8 @@ export interface FormatInstance extends InstanceBase {
    * (QEMU bdrv_change_backing_file: stream and commit at their end).
    */
   changeBackingFile?(filename: string | null, format: string | null): Promise<void>;
+  /** Deallocates everything (QEMU bdrv_make_empty: qemu-img commit, rebase). */
+  makeEmpty?(): Promise<void>;
   /**
    * The node's backing (cow) child changed: another node, or none (QEMU's
    * bdrv_backing_attach/detach). Called by the graph, drained, for a driver that reads its

@@ -106,6 +106,8 @@ export {
   type BlockGraphOptions,
   type NodeInfo,
 } from './graph.ts';
+export { hostOffset } from './host-offset.ts';
+export { changeBackingFile, makeEmpty } from './image-edit.ts';
 export {
   debugQueryBlockGraph,
   type XDbgBlockGraph,

@@ -1,7 +1,7 @@
 // Command-line parsing for the image subcommands, with qemu-img's words for what it
 // refuses ("unrecognized option '--frob'"), which exit with status 1 as qemu-img's do.
 import { type ParseArgsOptionsConfig, parseArgs } from 'node:util';
-import { BadOptionError, UsageError } from '../errors.ts';
+import { UsageError } from '../errors.ts';
 
 export function imgArgs<const T extends ParseArgsOptionsConfig>(
   argv: readonly string[],
@@ -47,24 +47,37 @@ export function outputFormat(text: string | undefined): 'human' | 'json' {
 }
 
 /**
- * The command line `info` and `map` share: FILE, `--output human|json`, `-U` (they keep
- * their exit status 2 for a bad option, as before the other subcommands came).
+ * The command line `info` and `map` share: FILE, `--output human|json`, `-U`, `-f`;
+ * info's `--backing-chain`, map's `--start-offset` and `--max-length`. A bad option exits
+ * with status 1, as qemu-img's.
  */
-export function imageArgs(
-  command: string,
-  argv: readonly string[],
-): { path: string; json: boolean; forceShare: boolean } {
-  const { values, positionals } = parseArgs({
-    args: [...argv],
-    options: {
-      output: { type: 'string', default: 'human' },
-      'force-share': { type: 'boolean', short: 'U', default: false },
-    },
-    allowPositionals: true,
-  });
-  const path = positionals[0];
-  if (!path || positionals.length > 1) throw new BadOptionError(command, 'expected one FILE');
-  if (values.output !== 'human' && values.output !== 'json')
-    throw new BadOptionError('--output', 'human or json');
-  return { path, json: values.output === 'json', forceShare: values['force-share'] };
+export function imageArgs(command: 'info' | 'map', argv: readonly string[]) {
+  const { values, positionals } = imgArgs(argv, {
+    output: { type: 'string' },
+    'force-share': { type: 'boolean', short: 'U', default: false },
+    format: { type: 'string', short: 'f' },
+    object: { type: 'string', multiple: true, default: [] },
+    'image-opts': { type: 'boolean', default: false },
+    ...(command === 'info'
+      ? { 'backing-chain': { type: 'boolean', default: false } }
+      : { 'start-offset': { type: 'string' }, 'max-length': { type: 'string' } }),
+  } as const);
+  const json = outputFormat(values.output) === 'json';
+  if (positionals.length !== 1) throw new UsageError('Expecting one image file name');
+  const v = values as typeof values & {
+    'backing-chain'?: boolean;
+    'start-offset'?: string;
+    'max-length'?: string;
+  };
+  return {
+    path: positionals[0]!,
+    json,
+    forceShare: values['force-share'],
+    format: values.format,
+    objects: values.object,
+    imageOpts: values['image-opts'],
+    backingChain: v['backing-chain'] ?? false,
+    startOffset: v['start-offset'],
+    maxLength: v['max-length'],
+  };
 }

@@ -2,7 +2,6 @@
 // before anything is made.
 import { open, stat, unlink } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
-import { parseArgs } from 'node:util';
 import {
   checkQcow2CreateOptions,
   createQcow2,
@@ -14,6 +13,7 @@ import { type EngineFile, sharedEngine } from '@vmdisk/engine';
 import { BadOptionError, VmDiskError } from '../errors.ts';
 import { parseKeyval } from '../options/keyval.ts';
 import { ProgressBar } from '../progress.ts';
+import { imgArgs } from './args.ts';
 import { describe } from './info.ts';
 import { openFile, sizeArg } from './open.ts';
 
@@ -119,16 +119,12 @@ async function createExclusive(path: string): Promise<boolean> {
  * one that was there before).
  */
 export async function create(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: [...argv],
-    options: {
-      format: { type: 'string', short: 'f', default: 'raw' },
-      options: { type: 'string', short: 'o', multiple: true, default: [] },
-      backing: { type: 'string', short: 'b' },
-      'backing-format': { type: 'string', short: 'F' },
-      quiet: { type: 'boolean', short: 'q' },
-    },
-    allowPositionals: true,
+  const { values, positionals } = imgArgs(argv, {
+    format: { type: 'string', short: 'f', default: 'raw' },
+    options: { type: 'string', short: 'o', multiple: true, default: [] },
+    backing: { type: 'string', short: 'b' },
+    'backing-format': { type: 'string', short: 'F' },
+    quiet: { type: 'boolean', short: 'q' },
   });
   const [path, sizeText, ...extra] = positionals;
   if (!path) throw new BadOptionError('create', 'expected FILE [SIZE]');

@@ -1,8 +1,20 @@
-// `vm-disk info`, as `qemu-img info`: format, sizes, backing file, qcow2 features.
+// `vm-disk info`, as `qemu-img info`: format, sizes, backing file (and the path it
+// resolves to), qcow2 features; with --backing-chain every layer, as a JSON list.
 import { stat } from 'node:fs/promises';
 import { type BlockGraph, parseQcow2Header } from '@vmdisk/block-graph';
+import { UsageError } from '../errors.ts';
 import { imageArgs } from './args.ts';
 import { type Format, openFile, openForReading, probeFormat } from './open.ts';
+
+/**
+ * The name a backing file name stands for next to `image` (QEMU path_combine): as is when
+ * absolute or `image` has no directory, else in `image`'s directory.
+ */
+export function fullBackingName(image: string, backing: string): string {
+  if (backing.startsWith('/') || /^[a-z][\w+.-]*:/i.test(backing)) return backing;
+  const slash = image.lastIndexOf('/');
+  return slash < 0 ? backing : image.slice(0, slash + 1) + backing;
+}
 
 export interface ImageDescription {
   filename: string;
@@ -12,12 +24,17 @@ export interface ImageDescription {
   clusterSize?: number;
   dirty?: boolean;
   backingFile?: string;
+  fullBackingFile?: string;
   backingFormat?: string;
   formatSpecific?: { type: string; data: Record<string, unknown> };
 }
 
-export async function describe(path: string, forceShare = false): Promise<ImageDescription> {
-  const format = await probeFormat(path);
+export async function describe(
+  path: string,
+  forceShare = false,
+  given?: string,
+): Promise<ImageDescription> {
+  const format = (given as Format | undefined) ?? (await probeFormat(path));
   const graph = await openForReading(path, format, forceShare, false);
   try {
     return await describeOpen(path, format, graph);
@@ -60,47 +77,53 @@ async function describeOpen(
       virtualSize: header.size,
       clusterSize: 1 << header.clusterBits,
       dirty: (header.incompatibleFeatures & 1n) !== 0n,
-      ...(header.backingFile !== null && { backingFile: header.backingFile }),
+      ...(header.backingFile !== null && {
+        backingFile: header.backingFile,
+        fullBackingFile: fullBackingName(path, header.backingFile),
+      }),
       ...(header.backingFormat !== null && { backingFormat: header.backingFormat }),
       formatSpecific: { type: 'qcow2', data },
     };
   }
   if (format === 'bochs') return { ...base, virtualSize: graph.node('image').size() };
-  return { ...base, virtualSize: st.size };
+  // QEMU's raw size is in whole sectors.
+  return { ...base, virtualSize: Math.ceil(st.size / 512) * 512 };
 }
 
+/** qemu-img's ImageInfo, its members in the order it prints them. */
 function infoJson(d: ImageDescription): Record<string, unknown> {
   return {
+    ...(d.backingFormat !== undefined && { 'backing-filename-format': d.backingFormat }),
     'virtual-size': d.virtualSize,
     filename: d.filename,
     ...(d.clusterSize !== undefined && { 'cluster-size': d.clusterSize }),
     format: d.format,
     'actual-size': d.actualSize,
     ...(d.formatSpecific && { 'format-specific': d.formatSpecific }),
+    ...(d.fullBackingFile !== undefined && { 'full-backing-filename': d.fullBackingFile }),
     ...(d.backingFile !== undefined && { 'backing-filename': d.backingFile }),
-    ...(d.backingFormat !== undefined && { 'backing-filename-format': d.backingFormat }),
     ...(d.dirty !== undefined && { 'dirty-flag': d.dirty }),
   };
 }
 
-const human = (n: number): string => {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
-  let v = n;
-  let u = 0;
-  while (v >= 1024 && u < units.length - 1) {
-    v /= 1024;
-    u++;
-  }
-  return u === 0 ? `${n} B` : `${Number(v.toFixed(3))} ${units[u]}`;
-};
+/**
+ * QEMU's size_to_str: "%0.3g" of the size in the largest unit it is at least 1000/1024 of
+ * (so 1000 bytes are 0.977 KiB), ties of the exact value rounded to even as printf does.
+ */
+export function human(n: number): string {
+  const units = ['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'];
+  let i = 0;
+  while (i < units.length - 1 && n / 2 ** (10 * (i + 1)) >= 1000 / 1024) i++;
+  const v = n / 2 ** (10 * i);
+  if (v === 0) return `0 ${units[i]}B`;
+  const scale = 10 ** (2 - Math.floor(Math.log10(v)));
+  const s = v * scale;
+  const tie = Number.isInteger(s * 2) && !Number.isInteger(s);
+  const r = tie ? (Math.floor(s) % 2 === 0 ? Math.floor(s) : Math.ceil(s)) : Math.round(s);
+  return `${Number((r / scale).toPrecision(3))} ${units[i]}B`;
+}
 
-export async function info(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
-  const { path, json, forceShare } = imageArgs('info', argv);
-  const d = await describe(path, forceShare);
-  if (json) {
-    out.write(`${JSON.stringify(infoJson(d), null, 4)}\n`);
-    return 0;
-  }
+function humanInfo(d: ImageDescription): string {
   const lines = [
     `image: ${d.filename}`,
     `file format: ${d.format}`,
@@ -108,13 +131,39 @@ export async function info(argv: readonly string[], out: NodeJS.WritableStream):
     `disk size: ${human(d.actualSize)}`,
   ];
   if (d.clusterSize !== undefined) lines.push(`cluster_size: ${d.clusterSize}`);
-  if (d.backingFile !== undefined) lines.push(`backing file: ${d.backingFile}`);
+  if (d.backingFile !== undefined) {
+    const full = d.fullBackingFile;
+    lines.push(
+      `backing file: ${d.backingFile}${full !== undefined && full !== d.backingFile ? ` (actual path: ${full})` : ''}`,
+    );
+  }
   if (d.backingFormat !== undefined) lines.push(`backing file format: ${d.backingFormat}`);
   if (d.formatSpecific) {
     lines.push('Format specific information:');
     for (const [k, v] of Object.entries(d.formatSpecific.data))
       lines.push(`    ${k.replaceAll('-', ' ')}: ${v}`);
   }
-  out.write(`${lines.join('\n')}\n`);
+  return `${lines.join('\n')}\n`;
+}
+
+export async function info(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
+  const { path, json, forceShare, format, backingChain, imageOpts, objects } = imageArgs(
+    'info',
+    argv,
+  );
+  if (imageOpts || objects.length > 0)
+    throw new UsageError('info: --image-opts and --object are not supported yet');
+  const chain: ImageDescription[] = [];
+  let d = await describe(path, forceShare, format);
+  chain.push(d);
+  // --backing-chain: each backing file as its overlay names it, in the format it gives.
+  while (backingChain && d.fullBackingFile !== undefined) {
+    d = await describe(d.fullBackingFile, forceShare, d.backingFormat);
+    chain.push(d);
+  }
+  if (json) {
+    const value = backingChain ? chain.map(infoJson) : infoJson(chain[0]!);
+    out.write(`${JSON.stringify(value, null, 4)}\n`);
+  } else out.write(chain.map(humanInfo).join('\n'));
   return 0;
 }

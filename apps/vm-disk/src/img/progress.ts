@@ -40,6 +40,12 @@ export class ImgProgress {
     this.set(f(this.current + f(f(delta / 100) * 100)));
   }
 
+  /** Progress by `delta` percent more (rebase's accounting: qemu_progress_print(delta, 100)). */
+  add(delta: number): void {
+    // Drawn at most 100 (qemu-img rebase's last chunk may go past it).
+    this.set(Math.min(100, f(this.current + f(f(delta / 100) * 100))));
+  }
+
   /** Progress as `done` of `total` (convert's accounting). */
   update(done: number, total: number): void {
     this.set(total > 0 ? f((100 * done) / total) : 100);

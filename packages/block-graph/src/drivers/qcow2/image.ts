@@ -45,7 +45,7 @@ import {
   type Qcow2WriteMapping,
   releaseIoBuffer,
 } from './types.ts';
-import { discard, writeZeroes } from './zero.ts';
+import { discard, makeEmpty, writeZeroes } from './zero.ts';
 
 export type { Qcow2Extent, Qcow2OpenOptions, Qcow2ReadMapping, Qcow2WriteMapping };
 
@@ -209,6 +209,11 @@ export class Qcow2Image {
   /** Discards [offset, offset + length) (see zero.ts). Precondition: within the disk. */
   discard(offset: number, length: number): Promise<void> {
     return discard(this.state, offset, length);
+  }
+
+  /** Deallocates every cluster (see zero.ts makeEmpty). */
+  makeEmpty(): Promise<void> {
+    return makeEmpty(this.state);
   }
 
   /** Writes back metadata in crash-safe order and flushes the file. */

@@ -158,6 +158,10 @@ class Qcow2Instance implements FormatInstance {
     return this.image.changeBackingFile(filename, format);
   }
 
+  makeEmpty(): Promise<void> {
+    return this.image.makeEmpty();
+  }
+
   backingChanged(child: BdrvChild | undefined): void {
     this.image.setBacking(child ? childReader(child) : null, child?.node.size() ?? 0);
   }

@@ -54,12 +54,26 @@ export async function discard(s: Qcow2State, offset: number, length: number): Pr
   await zeroOrDiscard(s, offset, length, true, true);
 }
 
+/**
+ * Empties the image (QEMU qcow2_make_empty, as qemu-img commit leaves the committed
+ * image): every cluster deallocated, reading from the backing file again, flushed.
+ */
+export async function makeEmpty(s: Qcow2State): Promise<void> {
+  checkWritable(s);
+  const size = s.header.size;
+  for (let pos = 0; pos < size; pos += s.geom.l2Span) {
+    await zeroOrDiscard(s, pos, Math.min(s.geom.l2Span, size - pos), true, true, true);
+  }
+  await flushMetadata(s);
+}
+
 async function zeroOrDiscard(
   s: Qcow2State,
   offset: number,
   length: number,
   unmap: boolean,
   discard: boolean,
+  full = false,
 ): Promise<void> {
   const g = enter(s);
   const partial: Array<[number, number]> = [];
@@ -70,7 +84,7 @@ async function zeroOrDiscard(
     while (pos < end) {
       const l1i = Math.floor(pos / gm.l2Span);
       const chunkEnd = Math.min(end, (l1i + 1) * gm.l2Span);
-      await zeroChunk(s, pos, chunkEnd, l1i, unmap, discard, partial);
+      await zeroChunk(s, pos, chunkEnd, l1i, unmap, discard, partial, full);
       pos = chunkEnd;
     }
   } finally {
@@ -89,6 +103,7 @@ async function zeroChunk(
   unmap: boolean,
   discard: boolean,
   partial: Array<[number, number]>,
+  full = false,
 ): Promise<void> {
   const g = s.geom;
   const cs = g.clusterSize;
@@ -102,7 +117,8 @@ async function zeroChunk(
   await s.clusterLocks.lockAll(keys);
   try {
     const existing = await getL2(s, l1i);
-    if (!existing && !hasBacking) return; // no L2 table, no backing: reads as zeros already
+    // No L2 table: reads as zeros without a backing file, and a full discard has nothing to drop.
+    if (!existing && (!hasBacking || full)) return;
     if (existing) s.l2Cache.unpin(existing);
     await beforeMetadataChange(s);
     const l2 = await getOrCreateL2(s, l1i);
@@ -129,7 +145,8 @@ async function zeroChunk(
         if (!g.extendedL2 && !whole) continue;
         let mask = 0;
         for (let i = a; i < b; i++) mask = (mask | (2 ** i)) >>> 0;
-        const makeZero = discard ? hasBacking && v3 : v3;
+        // A full discard (make empty) leaves nothing, not even zero flags.
+        const makeZero = discard ? hasBacking && v3 && !full : v3;
         let ne: L2Entry;
         if (!whole) {
           // Extended L2, whole subclusters of a cluster.
