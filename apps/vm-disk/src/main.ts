@@ -25,7 +25,9 @@ export const COMMANDS = [
 ];
 
 /** The subcommands of qemu-img's (a bad option exits 1, as qemu-img's). */
-const IMAGE_COMMANDS = new Set(COMMANDS.filter((c) => c !== 'serve' && c !== 'demo' && c !== 'graph'));
+const IMAGE_COMMANDS = new Set(
+  COMMANDS.filter((c) => c !== 'serve' && c !== 'demo' && c !== 'graph'),
+);
 
 export function usage(): string {
   return `vm-disk ${VERSION}: the storage side of a virtual machine, in TypeScript on Node.js.

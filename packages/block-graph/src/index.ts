@@ -106,14 +106,14 @@ export {
   type BlockGraphOptions,
   type NodeInfo,
 } from './graph.ts';
-export { hostOffset } from './host-offset.ts';
-export { changeBackingFile, makeEmpty } from './image-edit.ts';
 export {
   debugQueryBlockGraph,
   type XDbgBlockGraph,
   type XDbgBlockGraphEdge,
   type XDbgBlockGraphNode,
 } from './graph-debug.ts';
+export { hostOffset } from './host-offset.ts';
+export { changeBackingFile, makeEmpty } from './image-edit.ts';
 export {
   type BlockdevBackupOptions,
   blockdevBackup,
