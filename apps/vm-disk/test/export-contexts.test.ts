@@ -1,5 +1,6 @@
 // The meta contexts an NBD export offers, as qemu-storage-daemon 7.2 offers them for the
 // same --export options: qemu:allocation-depth only with allocation-depth=on.
+import { rmSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { monitorArgs, run, startQsd, useScratch } from './harness/daemon.ts';
 
@@ -36,7 +37,9 @@ describe('NBD export meta contexts', () => {
     const ours = await scratch.serve([...monitorArgs(qmp), ...args]);
     const seenOurs = await contexts();
     await ours.stop();
-    const qsd = await startQsd([...monitorArgs(qmp), ...args], qmp);
+    rmSync(sock, { force: true });
+    // Its NBD socket comes last (after the monitor's): wait for it.
+    const qsd = await startQsd([...monitorArgs(qmp), ...args], sock);
     scratch.running.push(qsd);
     expect(seenOurs).toEqual(await contexts());
     expect(seenOurs).toEqual({

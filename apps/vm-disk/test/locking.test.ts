@@ -174,9 +174,9 @@ describe('image locking against QEMU', () => {
       'type=nbd,id=e0,node-name=d0,name=disk,writable=on',
       ...monitorArgs(qmpPath),
     ]);
-    // A writable export of a raw node: reads and writes, and shares everything (qemu-io may
-    // write beside it, as beside QEMU's exports).
-    expect(lockedBytes(image)).toEqual([100, 101]);
+    // A writable export of a raw node: reads and writes, and shares all but resize (qemu-io
+    // may write beside it, as beside QEMU's exports; qemu-storage-daemon locks the same).
+    expect(lockedBytes(image)).toEqual([100, 101, 203]);
     const { client } = await QmpTestClient.connect(qmpPath);
     try {
       await client.execute({ execute: 'qmp_capabilities' });
@@ -191,7 +191,7 @@ describe('image locking against QEMU', () => {
         arguments: { type: 'nbd', id: 'e1', 'node-name': 'd0', name: 'disk', writable: false },
       });
       expect(add).toEqual({ return: {} });
-      expect(lockedBytes(image)).toEqual([100]);
+      expect(lockedBytes(image)).toEqual([100, 203]);
       // A blockdev-add that would write an image qemu-io holds is refused over QMP, with
       // QEMU's message and no hint.
       const other = scratch.path('other.qcow2');

@@ -194,12 +194,6 @@ export async function backupStart(
   checkNotBusy(graph, source.name);
   checkNotBusy(graph, target.name);
   if (source.size() !== target.size()) throw bad('Source and target image have different sizes');
-  if (o.speed !== undefined && o.speed < 0) {
-    // QEMU refuses the speed of a job it created already: its created and null come first.
-    for (const status of ['created', 'null']) {
-      jobs.emitEvent({ event: 'JOB_STATUS_CHANGE', data: { status, id: o.jobId } });
-    }
-  }
   let filter: BlockNode | undefined;
   let syncBitmap: SyncBitmap | undefined;
   let run: BackupRun | undefined;
