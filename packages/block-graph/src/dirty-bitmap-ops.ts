@@ -13,9 +13,29 @@ import { BlockError, BlockErrorCode } from './errors.ts';
 import type { BlockGraph } from './graph.ts';
 import type { BlockNode } from './node.ts';
 import type { DirtyBitmapAddOptions } from './node-dirty.ts';
+import { custom, optionTypeError, str, struct } from './schema.ts';
 
 /** A source of block-dirty-bitmap-merge: a bitmap of the target's node, or of any node. */
 export type BlockDirtyBitmapOrStr = string | { node: string; name: string };
+
+/** QEMU's BlockDirtyBitmap: a node and one of its bitmaps. */
+const blockDirtyBitmap = struct({ node: str, name: str });
+
+/**
+ * BlockDirtyBitmapOrStr's schema (merge sources, an export's bitmaps): a name, or {node,
+ * name}. A value of neither type gets QEMU 7.2's words, which name the member 'null' (its
+ * alternate visitor has no name for a list element).
+ */
+export const blockDirtyBitmapOrStr = custom<BlockDirtyBitmapOrStr>(
+  'BlockDirtyBitmapOrStr',
+  (v, key, syntax) => {
+    if (typeof v === 'string') return v;
+    if (typeof v !== 'object' || v === null || Array.isArray(v)) {
+      throw optionTypeError('null', 'BlockDirtyBitmapOrStr');
+    }
+    return blockDirtyBitmap.parse(v, key, syntax);
+  },
+);
 
 /** The node and its bitmap (block_dirty_bitmap_lookup). */
 export function lookupDirtyBitmap(

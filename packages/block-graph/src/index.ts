@@ -29,6 +29,7 @@ export {
   blockDirtyBitmapClear,
   blockDirtyBitmapEnable,
   blockDirtyBitmapMerge,
+  blockDirtyBitmapOrStr,
   blockDirtyBitmapRemove,
   lookupDirtyBitmap,
 } from './dirty-bitmap-ops.ts';

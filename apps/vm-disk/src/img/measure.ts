@@ -5,6 +5,7 @@
 // and the room persistent bitmaps need where the source could have them.
 import { schema } from '@vmdisk/block-graph';
 import { ImageCommandError, UsageError } from '../errors.ts';
+import { usage } from '../usage.ts';
 import { imgArgs, outputFormat } from './args.ts';
 import { imageGraph, openImage } from './open.ts';
 
@@ -175,7 +176,7 @@ export async function measure(
     // qemu-img measure answers an unknown option with its help, and exit status 0.
     if (!(e instanceof UsageError)) throw e;
     process.stderr.write(`vm-disk: measure: ${e.message}\n`);
-    out.write((await import('../main.ts')).usage());
+    out.write(usage());
     return 0;
   }
   const { values, positionals } = parsed;

@@ -7,6 +7,7 @@
 // names the option.
 import {
   type BlockDirtyBitmapOrStr,
+  blockDirtyBitmapOrStr,
   checkObjectOptions,
   type Infer,
   type ObjectOptions,
@@ -14,7 +15,6 @@ import {
   schema,
 } from '@vmdisk/block-graph';
 import { BadOptionError } from '../errors.ts';
-import { bitmapOrStr } from '../qmp/bitmap-commands.ts';
 import { parseKeyval } from './keyval.ts';
 
 const { bool, enumOf, list, opt, size, str, struct, uint32, union } = schema;
@@ -115,7 +115,7 @@ export const exportOptions = union(
     nbd: {
       name: opt(str),
       description: opt(str),
-      bitmaps: opt(list(bitmapOrStr)),
+      bitmaps: opt(list(blockDirtyBitmapOrStr)),
       'allocation-depth': opt(bool, false),
     },
   },

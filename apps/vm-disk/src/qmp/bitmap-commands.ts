@@ -3,11 +3,11 @@
 // checks are in @vmdisk/block-graph (dirty-bitmap-ops.ts); query-named-block-nodes lists
 // the bitmaps (the graph's query).
 import {
-  type BlockDirtyBitmapOrStr,
   blockDirtyBitmapAdd,
   blockDirtyBitmapClear,
   blockDirtyBitmapEnable,
   blockDirtyBitmapMerge,
+  blockDirtyBitmapOrStr,
   blockDirtyBitmapRemove,
   schema,
 } from '@vmdisk/block-graph';
@@ -18,22 +18,6 @@ const { bool, custom, list, opt, str, struct, uint32 } = schema;
 
 /** QEMU's BlockDirtyBitmap: a node and one of its bitmaps. */
 const blockDirtyBitmap = struct({ node: str, name: str });
-
-/**
- * BlockDirtyBitmapOrStr: a bitmap of the target's node by name, or {node, name}. A value
- * of neither type gets QEMU 7.2's words, which name the member 'null' (its alternate
- * visitor has no name for a list element).
- */
-export const bitmapOrStr = custom<BlockDirtyBitmapOrStr>(
-  'BlockDirtyBitmapOrStr',
-  (v, key, syntax) => {
-    if (typeof v === 'string') return v;
-    if (typeof v !== 'object' || v === null || Array.isArray(v)) {
-      throw schema.optionTypeError('null', 'BlockDirtyBitmapOrStr');
-    }
-    return blockDirtyBitmap.parse(v, key, syntax);
-  },
-);
 
 export function registerBitmapCommands(monitor: QmpMonitor, daemon: DaemonControl): void {
   const { graph } = daemon;
@@ -72,7 +56,7 @@ export function registerBitmapCommands(monitor: QmpMonitor, daemon: DaemonContro
   });
   monitor.register({
     name: 'block-dirty-bitmap-merge',
-    args: struct({ node: str, target: str, bitmaps: list(bitmapOrStr) }),
+    args: struct({ node: str, target: str, bitmaps: list(blockDirtyBitmapOrStr) }),
     run: (args) => blockDirtyBitmapMerge(graph, args.node, args.target, args.bitmaps),
   });
 }
