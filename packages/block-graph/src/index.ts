@@ -55,6 +55,10 @@ export {
 export { lockForCreate } from './drivers/file-lock.ts';
 export { builtinDrivers } from './drivers/index.ts';
 export { NbdTlsCreds } from './drivers/nbd.ts';
+export {
+  bitmapInfoList as qcow2BitmapInfoList,
+  type Qcow2BitmapInfo,
+} from './drivers/qcow2/bitmap-directory.ts';
 export type { Qcow2CheckResult } from './drivers/qcow2/check.ts';
 export { checkQcow2 } from './drivers/qcow2/check.ts';
 export {

@@ -1,7 +1,8 @@
 // `vm-disk info`, as `qemu-img info`: format, sizes, backing file, qcow2 features.
 import { stat } from 'node:fs/promises';
-import { type BlockGraph, parseQcow2Header } from '@vmdisk/block-graph';
+import { type BlockGraph, parseQcow2Header, qcow2BitmapInfoList } from '@vmdisk/block-graph';
 import { imageArgs } from './args.ts';
+import { humanField } from './human-value.ts';
 import { type Format, openFile, openForReading, probeFormat } from './open.ts';
 
 export interface ImageDescription {
@@ -36,10 +37,12 @@ async function describeOpen(
   if (format === 'qcow2') {
     const file = await openFile(path, { readOnly: true });
     let header: ReturnType<typeof parseQcow2Header>;
+    let bitmaps: Awaited<ReturnType<typeof qcow2BitmapInfoList>>;
     try {
       const buf = Buffer.alloc(Math.min(st.size, 1 << 20));
       await file.read(buf, 0);
       header = parseQcow2Header(buf);
+      bitmaps = await qcow2BitmapInfoList(file, header);
     } finally {
       await file.close();
     }
@@ -48,6 +51,7 @@ async function describeOpen(
     if (v3) {
       data['compression-type'] = header.compressionType === 1 ? 'zstd' : 'zlib';
       data['lazy-refcounts'] = (header.compatibleFeatures & 1n) !== 0n;
+      if (bitmaps) data.bitmaps = bitmaps;
       data['refcount-bits'] = 1 << header.refcountOrder;
       data.corrupt = (header.incompatibleFeatures & 2n) !== 0n;
       data['extended-l2'] = (header.incompatibleFeatures & 16n) !== 0n;
@@ -112,8 +116,7 @@ export async function info(argv: readonly string[], out: NodeJS.WritableStream):
   if (d.backingFormat !== undefined) lines.push(`backing file format: ${d.backingFormat}`);
   if (d.formatSpecific) {
     lines.push('Format specific information:');
-    for (const [k, v] of Object.entries(d.formatSpecific.data))
-      lines.push(`    ${k.replaceAll('-', ' ')}: ${v}`);
+    for (const [k, v] of Object.entries(d.formatSpecific.data)) lines.push(...humanField(k, v, 4));
   }
   out.write(`${lines.join('\n')}\n`);
   return 0;
