@@ -15,6 +15,7 @@ export const COMMANDS = [
   'check',
   'resize',
   'dd',
+  'bitmap',
   'graph',
 ];
 
@@ -58,6 +59,9 @@ Usage:
                             clean, 1 failed, 2 corruptions, 3 leaks, 63 no checks for the format)
   vm-disk resize [-f FMT] [--shrink] [-q] FILE [+|-]SIZE
                             change an image's virtual size as qemu-img resize does
+  vm-disk bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC)...
+                  [-g GRANULARITY] [-b SRC_FILE [-F SRC_FMT]] [-f FMT] FILE BITMAP
+                            change a persistent bitmap of a qcow2 image as qemu-img bitmap does
   vm-disk dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
                             copy part of an image into a new one as qemu-img dd does
   vm-disk graph [--format dot|svg|png] [-o FILE] QMP-SOCKET
@@ -108,6 +112,8 @@ export async function main(
         return await (await import('./img/check.ts')).check(rest, out, err);
       case 'resize':
         return await (await import('./img/resize.ts')).resize(rest, out);
+      case 'bitmap':
+        return await (await import('./img/bitmap.ts')).bitmap(rest, out);
       case 'dd':
         return await (await import('./img/dd.ts')).dd(rest, out, err);
       case 'graph':
