@@ -112,6 +112,7 @@ export async function info(argv: readonly string[], out: NodeJS.WritableStream):
     `disk size: ${human(d.actualSize)}`,
   ];
   if (d.clusterSize !== undefined) lines.push(`cluster_size: ${d.clusterSize}`);
+  if (d.dirty) lines.push('cleanly shut down: no');
   if (d.backingFile !== undefined) lines.push(`backing file: ${d.backingFile}`);
   if (d.backingFormat !== undefined) lines.push(`backing file format: ${d.backingFormat}`);
   if (d.formatSpecific) {
