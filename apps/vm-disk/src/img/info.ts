@@ -102,7 +102,9 @@ export async function info(argv: readonly string[], out: NodeJS.WritableStream):
   const { path, json, forceShare } = imageArgs('info', argv);
   const d = await describe(path, forceShare);
   if (json) {
-    out.write(`${JSON.stringify(infoJson(d), null, 4)}\n`);
+    // QEMU prints an empty list on two lines ("flags": [ then ] below it).
+    const text = JSON.stringify(infoJson(d), null, 4).replace(/^( *)(".*": )\[\]/gm, '$1$2[\n$1]');
+    out.write(`${text}\n`);
     return 0;
   }
   const lines = [
