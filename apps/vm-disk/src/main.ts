@@ -18,6 +18,7 @@ export const COMMANDS = [
   'check',
   'resize',
   'dd',
+  'bitmap',
   'graph',
   'snapshot',
   'amend',
@@ -63,6 +64,8 @@ export async function main(
         return await (await import('./img/check.ts')).check(rest, out, err);
       case 'resize':
         return await (await import('./img/resize.ts')).resize(rest, out);
+      case 'bitmap':
+        return await (await import('./img/bitmap.ts')).bitmap(rest, out);
       case 'dd':
         return await (await import('./img/dd.ts')).dd(rest, out, err);
       case 'graph':

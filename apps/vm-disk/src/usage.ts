@@ -53,6 +53,9 @@ Usage:
   vm-disk measure [--output=human|json] [-O raw|qcow2] [-o OPTIONS] [--size N | [-f FMT] [-U] FILE]
                             the size a new image needs (required, fully allocated) as
                             qemu-img measure computes it
+  vm-disk bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC)...
+                  [-g GRANULARITY] [-b SRC_FILE [-F SRC_FMT]] [-f FMT] FILE BITMAP
+                            change a persistent bitmap of a qcow2 image as qemu-img bitmap does
   vm-disk dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
                             copy part of an image into a new one as qemu-img dd does
   vm-disk graph [--format dot|svg|png] [-o FILE] QMP-SOCKET

@@ -61,6 +61,10 @@ export {
   amendQcow2,
   type Qcow2AmendOptions,
 } from './drivers/qcow2/amend.ts';
+export {
+  bitmapInfoList as qcow2BitmapInfoList,
+  type Qcow2BitmapInfo,
+} from './drivers/qcow2/bitmap-directory.ts';
 export type { Qcow2CheckResult } from './drivers/qcow2/check.ts';
 export { checkQcow2 } from './drivers/qcow2/check.ts';
 export {

@@ -1,9 +1,10 @@
 // `vm-disk info`, as `qemu-img info`: format, sizes, backing file (and the path it
 // resolves to), qcow2 features; with --backing-chain every layer, as a JSON list.
 import { stat } from 'node:fs/promises';
-import { type BlockGraph, parseQcow2Header } from '@vmdisk/block-graph';
+import { type BlockGraph, parseQcow2Header, qcow2BitmapInfoList } from '@vmdisk/block-graph';
 import { UsageError } from '../errors.ts';
 import { imageArgs } from './args.ts';
+import { humanField } from './human-value.ts';
 import { type Format, openFile, openForReading, probeFormat } from './open.ts';
 
 /**
@@ -53,10 +54,12 @@ async function describeOpen(
   if (format === 'qcow2') {
     const file = await openFile(path, { readOnly: true });
     let header: ReturnType<typeof parseQcow2Header>;
+    let bitmaps: Awaited<ReturnType<typeof qcow2BitmapInfoList>>;
     try {
       const buf = Buffer.alloc(Math.min(st.size, 1 << 20));
       await file.read(buf, 0);
       header = parseQcow2Header(buf);
+      bitmaps = await qcow2BitmapInfoList(file, header);
     } finally {
       await file.close();
     }
@@ -65,6 +68,7 @@ async function describeOpen(
     if (v3) {
       data['compression-type'] = header.compressionType === 1 ? 'zstd' : 'zlib';
       data['lazy-refcounts'] = (header.compatibleFeatures & 1n) !== 0n;
+      if (bitmaps) data.bitmaps = bitmaps;
       data['refcount-bits'] = 1 << header.refcountOrder;
       data.corrupt = (header.incompatibleFeatures & 2n) !== 0n;
       data['extended-l2'] = (header.incompatibleFeatures & 16n) !== 0n;
@@ -131,6 +135,7 @@ function humanInfo(d: ImageDescription): string {
     `disk size: ${human(d.actualSize)}`,
   ];
   if (d.clusterSize !== undefined) lines.push(`cluster_size: ${d.clusterSize}`);
+  if (d.dirty) lines.push('cleanly shut down: no');
   if (d.backingFile !== undefined) {
     const full = d.fullBackingFile;
     lines.push(
@@ -140,8 +145,7 @@ function humanInfo(d: ImageDescription): string {
   if (d.backingFormat !== undefined) lines.push(`backing file format: ${d.backingFormat}`);
   if (d.formatSpecific) {
     lines.push('Format specific information:');
-    for (const [k, v] of Object.entries(d.formatSpecific.data))
-      lines.push(`    ${k.replaceAll('-', ' ')}: ${v}`);
+    for (const [k, v] of Object.entries(d.formatSpecific.data)) lines.push(...humanField(k, v, 4));
   }
   return `${lines.join('\n')}\n`;
 }
@@ -163,7 +167,9 @@ export async function info(argv: readonly string[], out: NodeJS.WritableStream):
   }
   if (json) {
     const value = backingChain ? chain.map(infoJson) : infoJson(chain[0]!);
-    out.write(`${JSON.stringify(value, null, 4)}\n`);
+    // QEMU prints an empty list on two lines ("flags": [ then ] below it).
+    const text = JSON.stringify(value, null, 4).replace(/^( *)(".*": )\[\]/gm, '$1$2[\n$1]');
+    out.write(`${text}\n`);
   } else out.write(chain.map(humanInfo).join('\n'));
   return 0;
 }

@@ -47,8 +47,11 @@ export function couldNotOpen(path: string, e: unknown): unknown {
   if (e instanceof ImageLockError)
     return new ImageLockError(`Could not open '${path}': ${e.message}`, path, { cause: e });
   const err = e as { code?: string; errnoName?: string };
-  if (err.code === 'ENOENT' || err.errnoName === 'ENOENT')
-    return new Error(`Could not open '${path}': No such file or directory`, { cause: e });
+  if (err.code === 'ENOENT' || err.errnoName === 'ENOENT') {
+    // qemu-img's words, then the file driver's (raw_open): both name the file.
+    const could = `Could not open '${path}'`;
+    return new Error(`${could}: ${could}: No such file or directory`, { cause: e });
+  }
   return e;
 }
 

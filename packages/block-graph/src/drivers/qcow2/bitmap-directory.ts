@@ -205,3 +205,33 @@ export async function countBitmapReferences(
     errors.push(`ERROR ${(err as Error).message}`);
   }
 }
+
+/** One bitmap as qemu-img info lists it (QEMU's Qcow2BitmapInfo). */
+export interface Qcow2BitmapInfo {
+  flags: ('in-use' | 'auto')[];
+  name: string;
+  granularity: number;
+}
+
+/**
+ * The bitmaps of an image as its directory says (qcow2_get_bitmap_info_list), or undefined
+ * when it has none, or none that count: without the autoclear bit they are stale.
+ */
+export async function bitmapInfoList(
+  file: Pick<Qcow2File, 'read'>,
+  h: Qcow2Header,
+): Promise<Qcow2BitmapInfo[] | undefined> {
+  const ext = readBitmapsExt(h);
+  if (!ext || ext.nbBitmaps === 0 || !(h.autoclearFeatures & Autoclear.BITMAPS)) return undefined;
+  const buf = new Uint8Array(ext.directorySize);
+  if ((await file.read(buf, ext.directoryOffset)) < buf.byteLength)
+    throw corrupt('bitmap directory is truncated');
+  return parseDirectory(buf, ext.nbBitmaps).map((e) => ({
+    flags: [
+      ...(e.flags & BME_FLAG_IN_USE ? (['in-use'] as const) : []),
+      ...(e.flags & BME_FLAG_AUTO ? (['auto'] as const) : []),
+    ],
+    name: e.name,
+    granularity: 2 ** e.granularityBits,
+  }));
+}

@@ -281,10 +281,33 @@ async function finish(
  * second result with the repairs of the first. `say` gets QEMU's message for each problem.
  * Throws Qcow2CheckFailed when the refcount structures need a rebuild `fix` does not allow.
  */
-export function checkQcow2Image(
+export async function checkQcow2Image(
   file: Qcow2File,
   fix: Qcow2CheckFix = {},
   say: (line: string) => void = () => {},
 ): Promise<Qcow2ImageCheck> {
-  return checkOnce(file, fix, say);
+  if (!fix.leaks && !fix.errors) return checkOnce(file, fix, say);
+  let consistent = false;
+  try {
+    const res = await checkOnce(file, fix, say);
+    consistent = !res.checkErrors && !res.corruptions;
+    return res;
+  } finally {
+    await markClean(file, consistent);
+  }
+}
+
+/**
+ * After a repair, as qemu-img leaves the image it opened for writing: the dirty bit
+ * cleared (qcow2_mark_clean, which its close does whatever the check found), the corrupt
+ * bit too when nothing is left wrong (qcow2_mark_consistent).
+ */
+async function markClean(file: Qcow2File, consistent: boolean): Promise<void> {
+  const h = await readHeader(file);
+  const marks = consistent ? Incompat.DIRTY | Incompat.CORRUPT : Incompat.DIRTY;
+  if (h.version < 3 || !(h.incompatibleFeatures & marks)) return;
+  const buf = new Uint8Array(8);
+  new DataView(buf.buffer).setBigUint64(0, h.incompatibleFeatures & ~marks);
+  await file.write(buf, 72);
+  await file.flush();
 }
