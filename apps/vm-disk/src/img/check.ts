@@ -3,37 +3,15 @@
 // -r leaks|all and then checked again. Output and exit status as qemu-img's: 0 clean,
 // 1 the check failed, 2 corruptions, 3 leaks only, 63 a format without checks; the
 // problems one per line on stderr.
-import {
-  type BlockBackend,
-  checkQcow2Image,
-  Qcow2CheckFailed,
-  type Qcow2ImageCheck,
-} from '@vmdisk/block-graph';
-import { ImageCommandError, UsageError } from '../errors.ts';
+import { checkQcow2Image, Qcow2CheckFailed, type Qcow2ImageCheck } from '@vmdisk/block-graph';
+import { UsageError } from '../errors.ts';
 import { imgArgs, outputFormat } from './args.ts';
+import { fileOf } from './image-file.ts';
 import { checkCacheMode, imageGraph, nodeOptions, openImage } from './open.ts';
 import { percent } from './progress.ts';
 
 /** Exit status of a format that has no check (qemu-img's 63). */
 const NOT_SUPPORTED = 63;
-
-/** The image file (the format node's `file` child) as the check reads and writes it. */
-function fileOf(b: BlockBackend) {
-  return {
-    async read(buf: Uint8Array, offset: number) {
-      const n = Math.min(buf.byteLength, b.size() - offset);
-      if (n <= 0) return 0;
-      await b.read(offset, buf.subarray(0, n));
-      return n;
-    },
-    write: (buf: Uint8Array, offset: number) => b.write(offset, buf),
-    size: async () => b.size(),
-    truncate: async () => {
-      throw new ImageCommandError('check does not truncate');
-    },
-    flush: () => b.flush(),
-  };
-}
 
 function human(r: Qcow2ImageCheck): string {
   const lines: string[] = [];

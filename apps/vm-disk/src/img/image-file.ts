@@ -44,7 +44,11 @@ export async function openImageFile(
   return fileOf(backend);
 }
 
-function fileOf(b: BlockBackend) {
+/**
+ * A backend of an image's file node as the qcow2 core's file (check, snapshot, amend):
+ * reads past the end are short, and nothing here truncates it.
+ */
+export function fileOf(b: BlockBackend) {
   return {
     async read(buf: Uint8Array, offset: number) {
       const n = Math.min(buf.byteLength, b.size() - offset);

@@ -17,7 +17,6 @@ import type { BlockGraph } from '../graph.ts';
 import type { BlockNode } from '../node.ts';
 import { BackupRun, type BackupSyncMode, type BitmapSyncMode, SyncBitmap } from './backup-run.ts';
 import { type BlockdevOnError, BlockJob, type BlockJobCommonOptions } from './block-job.ts';
-import { layerFilename } from './chain.ts';
 import { checkNotBusy } from './op-blockers.ts';
 import { lookupNode } from './resize.ts';
 import { createImage } from './snapshot.ts';
@@ -134,14 +133,7 @@ export async function driveBackup(
   }
   if (sync === 'none') backing = source;
   if (mode === 'absolute-paths') {
-    const file = backing ? layerFilename(backing) : undefined;
-    await createImage(
-      graph,
-      o.target,
-      format,
-      source.size(),
-      file !== undefined && backing ? { file, format: backing.driver } : undefined,
-    );
+    await createImage(graph, o.target, format, source.size(), backing);
   }
   const target = (await graph.add({
     driver: format,

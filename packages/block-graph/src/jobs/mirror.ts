@@ -11,7 +11,7 @@ import { BlockError, BlockErrorCode } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
 import type { BlockNode } from '../node.ts';
 import { type BlockdevOnError, BlockJob, type BlockJobCommonOptions } from './block-job.ts';
-import { chainOf, layerFilename } from './chain.ts';
+import { chainOf } from './chain.ts';
 import { MirrorRun } from './mirror-run.ts';
 import { type MirrorTopInstance, mirrorTopDriver } from './mirror-top.ts';
 import { checkNotBusy } from './op-blockers.ts';
@@ -144,14 +144,7 @@ export async function driveMirror(
   // The target's backing after the pivot: none (full), the source's (top), the source (none).
   const backing = o.sync === 'full' ? null : o.sync === 'top' ? (below ?? null) : source;
   if (mode === 'absolute-paths') {
-    const file = backing ? layerFilename(backing) : undefined;
-    await createImage(
-      graph,
-      o.target,
-      format,
-      source.size(),
-      file !== undefined && backing ? { file, format: backing.driver } : undefined,
-    );
+    await createImage(graph, o.target, format, source.size(), backing);
   }
   const target = (await graph.add({
     driver: format,

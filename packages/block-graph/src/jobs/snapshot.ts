@@ -2,6 +2,8 @@
 // gets the node as its backing, then every user of the node (exports, parents) moves onto
 // the overlay, drained. blockdev-snapshot-sync first creates the overlay image (qcow2,
 // backed by the node's file) and opens it.
+
+import type { ChildNode } from '../driver.ts';
 import { lockForCreate } from '../drivers/file-lock.ts';
 import { createQcow2 } from '../drivers/qcow2/create.ts';
 import { qcow2FileOf } from '../drivers/qcow2/qcow2.ts';
@@ -83,14 +85,7 @@ export async function blockdevSnapshotSync(
   }
   checkNotBusy(graph, node.name);
   if ((o.mode ?? 'absolute-paths') === 'absolute-paths') {
-    const backingFile = layerFilename(node);
-    await createImage(
-      graph,
-      o.snapshotFile,
-      'qcow2',
-      node.size(),
-      backingFile !== undefined ? { file: backingFile, format: node.driver } : undefined,
-    );
+    await createImage(graph, o.snapshotFile, 'qcow2', node.size(), node);
   }
   const overlay = await graph.add({
     driver: format,
@@ -107,16 +102,22 @@ export async function blockdevSnapshotSync(
 }
 
 /**
- * A new image (blockdev-snapshot-sync, drive-mirror): qcow2, naming `backing` in its
- * header, or raw (an empty file of that size).
+ * A new image (blockdev-snapshot-sync, drive-mirror, drive-backup with absolute-paths):
+ * qcow2, naming `backingNode`'s file and format in its header (when it has a file name),
+ * or raw (an empty file of that size).
  */
 export async function createImage(
   graph: BlockGraph,
   filename: string,
   format: 'qcow2' | 'raw',
   size: number,
-  backing: { file: string; format: string } | undefined,
+  backingNode: ChildNode | null | undefined,
 ): Promise<void> {
+  const backingFile = backingNode ? layerFilename(backingNode) : undefined;
+  const backing =
+    backingNode && backingFile !== undefined
+      ? { file: backingFile, format: backingNode.driver }
+      : undefined;
   const engine = await graph.engine('auto');
   const file = await engine.openFile(filename, { create: true });
   try {
