@@ -1,12 +1,21 @@
 // `vm-disk convert` against `qemu-img convert` with the same options (-m 16 -W, as fast as
 // qemu-img goes), on a 1 GiB image with 50% data (1 MiB of data every other MiB, half of
 // each 4 KiB random and half text, so that it compresses about as a disk does) in /tmp:
-// raw -> qcow2, qcow2 -> raw, qcow2 -> compressed qcow2. Tools take turns, best of 2
+// raw -> qcow2, qcow2 -> raw, qcow2 -> compressed qcow2, and NBD -> qcow2 (the raw image served
+// by qemu-nbd). Tools take turns, best of 2
 // rounds; seconds, and qemu-img's time over ours (above 1: we are faster).
 // Run with plain node after `nx build vm-disk` (it starts the built bin).
-import { spawnSync } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { closeSync, ftruncateSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  ftruncateSync,
+  mkdtempSync,
+  openSync,
+  rmSync,
+  writeSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -39,6 +48,11 @@ function makeRaw(path: string): void {
   }
 }
 
+/** Waits `ms` (a script, before the measured runs: blocking is fine). */
+function sleepMs(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}
+
 function seconds(cmd: string, args: string[]): number {
   const start = process.hrtime.bigint();
   sh(cmd, args);
@@ -47,10 +61,14 @@ function seconds(cmd: string, args: string[]): number {
 
 const raw = join(dir, 'src.raw');
 const qcow2 = join(dir, 'src.qcow2');
+// The NBD source: the raw image served by qemu-nbd (a third party to both tools).
+const nbdSocket = join(dir, 'nbd.sock');
+const nbdUri = `nbd+unix:///?socket=${nbdSocket}`;
 const ROWS = [
   { name: 'raw -> qcow2', args: ['-O', 'qcow2', raw] },
   { name: 'qcow2 -> raw', args: ['-O', 'raw', qcow2] },
   { name: 'qcow2 -> compressed qcow2', args: ['-c', '-O', 'qcow2', qcow2] },
+  { name: 'NBD (qemu-nbd) -> qcow2', args: ['-f', 'raw', '-O', 'qcow2', nbdUri] },
 ];
 const TOOLS = [
   { name: 'vm-disk', run: (a: string[]) => seconds(process.execPath, [CLI, 'convert', ...a]) },
@@ -58,9 +76,14 @@ const TOOLS = [
 ];
 
 const table: string[] = [];
+let qemuNbd: ChildProcess | undefined;
 try {
   makeRaw(raw);
   sh('qemu-img', ['convert', '-O', 'qcow2', raw, qcow2]);
+  qemuNbd = spawn('qemu-nbd', ['-r', '-t', '-e', '32', '-f', 'raw', '-k', nbdSocket, raw], {
+    stdio: 'ignore',
+  });
+  for (let i = 0; i < 200 && !existsSync(nbdSocket); i++) sleepMs(25);
   console.log(`source: ${SIZE >> 20} MiB, 50% data, in ${dir}`);
   for (const row of ROWS) {
     const best = new Map<string, number>();
@@ -79,6 +102,7 @@ try {
     table.push(line);
   }
 } finally {
+  qemuNbd?.kill();
   rmSync(dir, { recursive: true, force: true });
 }
 console.log('\n| convert (-m 16 -W) | vm-disk s | qemu-img s | vm-disk speed |\n|---|---|---|---|');
