@@ -175,9 +175,12 @@ async function okThen(r: Recorder, cmd: string, args: Record<string, unknown>, s
   if (!came) await r.until('JOB_STATUS_CHANGE', status);
 }
 
-/** block-export-del, then waits until the export is gone (its event may come before the reply). */
-async function exportDel(r: Recorder, id: string): Promise<void> {
-  await ok(r, 'block-export-del', { id });
+/**
+ * block-export-del, then waits until the export is gone (its event may come before the
+ * reply). `hard` after a client was killed: the server may not have seen it go yet.
+ */
+async function exportDel(r: Recorder, id: string, mode?: 'hard'): Promise<void> {
+  await ok(r, 'block-export-del', { id, ...(mode && { mode }) });
   for (;;) {
     const list = (await r.cmd('query-block-exports')).return as { id: string }[];
     if (!list.some((e) => e.id === id)) return;
@@ -294,7 +297,7 @@ describe.each(['vm-disk', 'qsd'] as const)('backup under live writes (%s)', (whi
       file: { driver: 'file', filename: p('tmp2.qcow2') },
     });
     await io.kill();
-    await exportDel(r, 'e0');
+    await exportDel(r, 'e0', 'hard');
     await ok(r, 'blockdev-add', {
       driver: 'copy-before-write',
       'node-name': 'cbw',
