@@ -127,15 +127,20 @@ export async function createSnapshot(
   return sn;
 }
 
-/** Makes the snapshot `sel` names the active disk (what was written since is dropped). */
-export async function applySnapshot(image: Qcow2Image, sel: SnapshotSelector): Promise<void> {
+/** The image made writable (its caches written back), its table, and the snapshot `sel` names. */
+async function openSnapshot(image: Qcow2Image, sel: SnapshotSelector) {
   const s = image.state;
   checkWritable(s);
   await writeBack(s);
   const list = await readSnapshotTable(s);
   const k = findSnapshot(list, sel);
   if (k < 0) throw new Qcow2SnapshotNotFound(describe(sel));
-  const sn = list[k]!;
+  return { s, list, k, sn: list[k]! };
+}
+
+/** Makes the snapshot `sel` names the active disk (what was written since is dropped). */
+export async function applySnapshot(image: Qcow2Image, sel: SnapshotSelector): Promise<void> {
+  const { s, list, k, sn } = await openSnapshot(image, sel);
   const h = s.header;
   if (sn.l1Size > h.l1Size) {
     throw new Qcow2Error(
@@ -174,13 +179,7 @@ export async function applySnapshot(image: Qcow2Image, sel: SnapshotSelector): P
 
 /** Deletes the snapshot `sel` names; clusters only it referenced are freed. */
 export async function deleteSnapshot(image: Qcow2Image, sel: SnapshotSelector): Promise<void> {
-  const s = image.state;
-  checkWritable(s);
-  await writeBack(s);
-  const list = await readSnapshotTable(s);
-  const k = findSnapshot(list, sel);
-  if (k < 0) throw new Qcow2SnapshotNotFound(describe(sel));
-  const sn = list[k]!;
+  const { s, list, k, sn } = await openSnapshot(image, sel);
   await writeSnapshotTable(
     s,
     list.filter((_, i) => i !== k),
