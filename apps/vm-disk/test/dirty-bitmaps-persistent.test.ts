@@ -4,6 +4,7 @@
 // are in use in the image; kill -9 leaves them in use, so that both daemons reopen them as
 // inconsistent, and only removable.
 import { copyFileSync } from 'node:fs';
+import { qemuDirtyExtents, qemuImgBitmaps } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
 import { run, startQsd, startServe, useScratch } from './harness/daemon.ts';
 import { QmpTestClient } from './harness/qmp-client.ts';
@@ -15,38 +16,8 @@ const scratch = useScratch('vmdisk-bitmaps-persistent-');
 const node = (img: string) =>
   `driver=qcow2,node-name=q,file.driver=file,file.filename=${scratch.path(img)}`;
 
-interface InfoBitmap {
-  name: string;
-  granularity: number;
-  flags: string[];
-}
-
-async function infoBitmaps(img: string): Promise<InfoBitmap[] | undefined> {
-  const out = await run('qemu-img', ['info', '-U', '--output=json', scratch.path(img)]);
-  const info = JSON.parse(out) as { 'format-specific': { data: { bitmaps?: InfoBitmap[] } } };
-  return info['format-specific'].data.bitmaps;
-}
-
-/** The dirty extents QEMU reads from bitmap `name` of `img` (qemu-nbd -B, nbdinfo --map). */
-async function qemuDirty(img: string, name: string): Promise<unknown> {
-  const out = await run('nbdinfo', [
-    '--json',
-    `--map=qemu:dirty-bitmap:${name}`,
-    '--',
-    '[',
-    'qemu-nbd',
-    '-r',
-    '-f',
-    'qcow2',
-    '-B',
-    name,
-    scratch.path(img),
-    ']',
-  ]);
-  return (JSON.parse(out) as { offset: number; length: number; type: number }[])
-    .filter((e) => e.type === 1)
-    .map(({ offset, length }) => ({ offset, length }));
-}
+const infoBitmaps = (img: string) => qemuImgBitmaps(scratch.path(img));
+const qemuDirty = (img: string, name: string) => qemuDirtyExtents(scratch.path(img), name);
 
 /** Writes through an NBD export of node q with qemu-io (the export made and deleted). */
 async function write(r: Recorder, cmds: string[]): Promise<void> {

@@ -6,6 +6,7 @@
 import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { type QemuImgBitmap, qemuDirtyExtents } from '@vmdisk/test-support';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from './harness/daemon.ts';
 import { infoOf, type Outcome, outcome, qemuImg, vmDisk } from './harness/img.ts';
@@ -43,34 +44,10 @@ beforeAll(async () => {
 }, 60_000);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-interface InfoBitmap {
-  name: string;
-  flags: string[];
-}
+const qemuDirty = qemuDirtyExtents;
 
-/** The dirty extents QEMU reads from bitmap `name` of `img` (qemu-nbd -B, nbdinfo --map). */
-async function qemuDirty(img: string, name: string): Promise<unknown> {
-  const out = await run('nbdinfo', [
-    '--json',
-    `--map=qemu:dirty-bitmap:${name}`,
-    '--',
-    '[',
-    'qemu-nbd',
-    '-r',
-    '-f',
-    'qcow2',
-    '-B',
-    name,
-    img,
-    ']',
-  ]);
-  return (JSON.parse(out) as { offset: number; length: number; type: number }[])
-    .filter((e) => e.type === 1)
-    .map(({ offset, length }) => ({ offset, length }));
-}
-
-function bitmapsOf(info: Record<string, unknown>): InfoBitmap[] {
-  const fs = info['format-specific'] as { data: { bitmaps?: InfoBitmap[] } } | undefined;
+function bitmapsOf(info: Record<string, unknown>): QemuImgBitmap[] {
+  const fs = info['format-specific'] as { data: { bitmaps?: QemuImgBitmap[] } } | undefined;
   return fs?.data.bitmaps ?? [];
 }
 

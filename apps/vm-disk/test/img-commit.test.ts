@@ -2,13 +2,12 @@
 // chains (3-deep qcow2, and overlays over raw, qcow2 v2/v3 and compressed images): the
 // same stdout and exit status, and every layer left alike (qemu-img compare, map, info,
 // check).
-import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { run } from './harness/daemon.ts';
 import { makeSources, qemuImg, type Sources, vmDisk } from './harness/img.ts';
-import { chainCopy, collapseProgress, sameLayers } from './harness/img-chain.ts';
+import { chainCopy, collapseProgress, overlayOver, sameLayers } from './harness/img-chain.ts';
 
 let dir: string;
 let src: Sources;
@@ -80,31 +79,8 @@ describe('vm-disk commit', () => {
     ['compressed', ''],
     ['qcow2v3', 'compat=0.10'],
   ] as const)('an overlay over a %s image (%s): as qemu-img', async (kind, options) => {
-    const layer = (d: string) => {
-      copyFileSync(src[kind], join(d, 'backing.img'));
-      return run('qemu-img', [
-        'create',
-        '-q',
-        '-f',
-        'qcow2',
-        '-F',
-        kind === 'raw' ? 'raw' : 'qcow2',
-        ...(options ? ['-o', options] : []),
-        '-b',
-        'backing.img',
-        join(d, 'overlay.qcow2'),
-      ]).then(() =>
-        run('qemu-io', [
-          '-c',
-          'write -P 0x99 60k 200k',
-          '-c',
-          'write -z 3M 64k',
-          '-c',
-          'write -P 0x98 8100k 4k',
-          join(d, 'overlay.qcow2'),
-        ]),
-      );
-    };
+    const layer = (d: string) =>
+      overlayOver(d, src[kind], kind === 'raw' ? 'raw' : 'qcow2', options);
     const ours = chainCopy(dir, `${kind}${options}-overlay.ours`, []);
     const theirs = chainCopy(dir, `${kind}${options}-overlay.theirs`, []);
     await layer(ours);

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from './harness/daemon.ts';
 import { makeSources, qemuImg, type Sources, vmDisk } from './harness/img.ts';
-import { chainCopy, sameLayers } from './harness/img-chain.ts';
+import { chainCopy, overlayOver, sameLayers } from './harness/img-chain.ts';
 
 let dir: string;
 let src: Sources;
@@ -84,29 +84,8 @@ describe('vm-disk rebase', () => {
     ['qcow2v3', '', ['-b', 'other.raw', '-F', 'raw']],
   ] as const)('an overlay over a %s image (%s), %j: as qemu-img', async (kind, options, args) => {
     const layer = async (d: string) => {
-      copyFileSync(src[kind], join(d, 'backing.img'));
       copyFileSync(other, join(d, 'other.raw'));
-      await run('qemu-img', [
-        'create',
-        '-q',
-        '-f',
-        'qcow2',
-        '-F',
-        kind === 'raw' ? 'raw' : 'qcow2',
-        ...(options ? ['-o', options] : []),
-        '-b',
-        'backing.img',
-        join(d, 'overlay.qcow2'),
-      ]);
-      await run('qemu-io', [
-        '-c',
-        'write -P 0x99 60k 200k',
-        '-c',
-        'write -z 3M 64k',
-        '-c',
-        'write -P 0x98 8100k 4k',
-        join(d, 'overlay.qcow2'),
-      ]);
+      await overlayOver(d, src[kind], kind === 'raw' ? 'raw' : 'qcow2', options);
     };
     const tag = `${kind}${options}${args.join('')}`.replace(/\W+/g, '-');
     const ours = chainCopy(dir, `${tag}.ours`, []);

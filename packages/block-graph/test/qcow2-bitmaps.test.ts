@@ -3,6 +3,7 @@
 // leave qemu-img check clean and carry the same bits for QEMU (qemu-nbd exports them as
 // qemu:dirty-bitmap:NAME, nbdinfo maps them); an image open read-write has them in use.
 import { execFileSync } from 'node:child_process';
+import { qemuDirtyExtents, qemuImgBitmaps } from '@vmdisk/test-support';
 import { afterAll, describe, expect, it } from 'vitest';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { BlockGraph, blockDirtyBitmapAdd, blockDirtyBitmapRemove } from '../src/index.ts';
@@ -18,39 +19,8 @@ afterAll(() => tmp.cleanup());
 const qemuIo = (img: string, ...cmds: string[]) =>
   execFileSync('qemu-io', ['-f', 'qcow2', ...cmds.flatMap((c) => ['-c', c]), img]);
 
-interface InfoBitmap {
-  name: string;
-  granularity: number;
-  flags: string[];
-}
-
-function infoBitmaps(img: string): InfoBitmap[] | undefined {
-  const info = JSON.parse(qemuImg('info', '-U', '--output=json', img)) as {
-    'format-specific': { data: { bitmaps?: InfoBitmap[] } };
-  };
-  return info['format-specific'].data.bitmaps;
-}
-
-/** The dirty extents QEMU reads from the bitmap (qemu-nbd -B, nbdinfo --map). */
-function qemuDirty(img: string, name: string): { offset: number; length: number }[] {
-  const out = execFileSync('nbdinfo', [
-    '--json',
-    `--map=qemu:dirty-bitmap:${name}`,
-    '--',
-    '[',
-    'qemu-nbd',
-    '-r',
-    '-f',
-    'qcow2',
-    '-B',
-    name,
-    img,
-    ']',
-  ]).toString();
-  return (JSON.parse(out) as { offset: number; length: number; type: number }[])
-    .filter((e) => e.type === 1)
-    .map(({ offset, length }) => ({ offset, length }));
-}
+const infoBitmaps = qemuImgBitmaps;
+const qemuDirty = qemuDirtyExtents;
 
 function check(img: string): void {
   qemuImg('check', '-q', '-U', img); // throws on any problem
@@ -103,7 +73,7 @@ describe('qcow2 persistent dirty bitmaps', () => {
     expect(byName('off').count()).toBe(0);
     expect(byName('off').enabled).toBe(false);
     expect(byName('big').persistent).toBe(true);
-    expect(infoBitmaps(img)!.map((b) => b.flags)).toEqual([
+    expect((await infoBitmaps(img))!.map((b) => b.flags)).toEqual([
       ['in-use', 'auto'],
       ['in-use', 'auto'],
       ['in-use'],
@@ -113,9 +83,9 @@ describe('qcow2 persistent dirty bitmaps', () => {
     await b.write(7 * MiB, pattern(1, 0, 512));
     await b.close();
     await g.close();
-    expect(infoBitmaps(img)!.map((x) => x.flags)).toEqual([['auto'], ['auto'], []]);
+    expect((await infoBitmaps(img))!.map((x) => x.flags)).toEqual([['auto'], ['auto'], []]);
     check(img);
-    expect(qemuDirty(img, 'small')).toEqual([
+    expect(await qemuDirty(img, 'small')).toEqual([
       { offset: 0, length: 4 * KiB },
       { offset: MiB, length: 100 * KiB },
       { offset: 5 * MiB, length: 64 * KiB },
@@ -139,27 +109,27 @@ describe('qcow2 persistent dirty bitmaps', () => {
     await g.close();
     check(img);
     // New bitmaps are stored newest first, as QEMU stores them.
-    expect(infoBitmaps(img)).toEqual([
+    expect(await infoBitmaps(img)).toEqual([
       { name: 'stopped', granularity: 65536, flags: [] },
       { name: 'fine', granularity: 512, flags: ['auto'] },
       { name: 'b0', granularity: 65536, flags: ['auto'] },
     ]);
-    expect(qemuDirty(img, 'fine')).toEqual([
+    expect(await qemuDirty(img, 'fine')).toEqual([
       { offset: 0, length: 1536 },
       { offset: 40 * MiB + 512, length: 512 },
       { offset: 63 * MiB, length: MiB },
     ]);
-    expect(qemuDirty(img, 'b0')).toEqual([
+    expect(await qemuDirty(img, 'b0')).toEqual([
       { offset: 0, length: 64 * KiB },
       { offset: 40 * MiB, length: 64 * KiB },
       { offset: 63 * MiB, length: MiB },
     ]);
-    expect(qemuDirty(img, 'stopped')).toEqual([]);
+    expect(await qemuDirty(img, 'stopped')).toEqual([]);
     await ourCheck(img);
     // Reopened: loaded again; stored again over the old clusters (check stays clean).
     ({ g } = await open(img));
     await blockDirtyBitmapRemove(g, 'n', 'fine');
-    expect(infoBitmaps(img)!.map((x) => x.name)).toEqual(['stopped', 'b0']);
+    expect((await infoBitmaps(img))!.map((x) => x.name)).toEqual(['stopped', 'b0']);
     check(img);
     await g.close();
     check(img);
@@ -167,7 +137,7 @@ describe('qcow2 persistent dirty bitmaps', () => {
     await blockDirtyBitmapRemove(g, 'n', 'b0');
     await blockDirtyBitmapRemove(g, 'n', 'stopped');
     await g.close();
-    expect(infoBitmaps(img)).toBeUndefined();
+    expect(await infoBitmaps(img)).toBeUndefined();
     check(img);
   }, 30_000);
 
@@ -192,7 +162,7 @@ describe('qcow2 persistent dirty bitmaps', () => {
       { offset: 700 * MiB, length: 4 * KiB },
       { offset: 1024 * MiB - 512, length: 512 },
     ];
-    expect(qemuDirty(img, 'fine')).toEqual(expected);
+    expect(await qemuDirty(img, 'fine')).toEqual(expected);
     ({ g } = await open(img));
     const node = g.node('n') as unknown as BlockNode;
     expect([...node.findDirtyBitmap('fine')!.dirtyRanges()]).toEqual(expected);
@@ -216,7 +186,7 @@ describe('qcow2 persistent dirty bitmaps', () => {
     expect(rw.node.findDirtyBitmap('b1')!.info()).toMatchObject({ inconsistent: true });
     await blockDirtyBitmapRemove(rw.g, 'n', 'b1');
     await rw.g.close();
-    expect(infoBitmaps(img)).toEqual([
+    expect(await infoBitmaps(img)).toEqual([
       { name: 'b0', granularity: 65536, flags: ['in-use', 'auto'] },
     ]);
     check(img);

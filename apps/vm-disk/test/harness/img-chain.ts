@@ -34,3 +34,33 @@ export async function sameLayers(ours: string, theirs: string, files: string[]):
     if (f.endsWith('.qcow2')) await run('qemu-img', ['check', a]);
   }
 }
+
+/**
+ * In `d`: backing.img, a copy of `backing` (raw when `backingFormat` says so, else qcow2),
+ * and overlay.qcow2 over it (qcow2 options `options`), written by qemu-io at 60k+200k
+ * (0x99), zeroed at 3M+64k and written at 8100k+4k (0x98).
+ */
+export async function overlayOver(
+  d: string,
+  backing: string,
+  backingFormat: 'raw' | 'qcow2',
+  options: string,
+): Promise<void> {
+  copyFileSync(backing, join(d, 'backing.img'));
+  const overlay = join(d, 'overlay.qcow2');
+  const o = options ? ['-o', options] : [];
+  await run('qemu-img', [
+    'create',
+    '-q',
+    '-f',
+    'qcow2',
+    '-F',
+    backingFormat,
+    ...o,
+    '-b',
+    'backing.img',
+    overlay,
+  ]);
+  const writes = ['write -P 0x99 60k 200k', 'write -z 3M 64k', 'write -P 0x98 8100k 4k'];
+  await run('qemu-io', [...writes.flatMap((c) => ['-c', c]), overlay]);
+}
