@@ -80,6 +80,47 @@ function original(): Uint8Array {
   return b;
 }
 
+/** Copy-before-write 'cbw' over node 'src', copying to `target`: the guest's backend on it. */
+async function cbwFilter(
+  target: string,
+  options: Record<string, unknown> = {},
+): Promise<BlockBackend> {
+  await graph.add({
+    driver: 'copy-before-write',
+    'node-name': 'cbw',
+    file: 'src',
+    target,
+    ...options,
+  });
+  return graph.createBackend('cbw', { write: true });
+}
+
+/** The fleecing set-up: cbwFilter and snapshot-access 'snap' over it, with their backends. */
+async function fleece(
+  target: string,
+  options: Record<string, unknown> = {},
+): Promise<{ guest: BlockBackend; snap: BlockBackend }> {
+  const guest = await cbwFilter(target, options);
+  await graph.add({
+    driver: 'snapshot-access',
+    'node-name': 'snap',
+    file: 'cbw',
+    'read-only': true,
+  });
+  return { guest, snap: await graph.createBackend('snap', { shareWrite: true }) };
+}
+
+/** Node 'bad': a qcow2 image whose every write fails (blkdebug). */
+async function failingTarget(): Promise<void> {
+  sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('tmp.qcow2'), String(SIZE)]);
+  await graph.add({
+    driver: 'blkdebug',
+    'node-name': 'bad',
+    'inject-error': [{ iotype: 'write' }],
+    image: { driver: 'qcow2', file: { driver: 'file', filename: p('tmp.qcow2') } },
+  });
+}
+
 describe('copy-before-write and snapshot-access (image fleecing)', () => {
   it('reads the point-in-time while the guest writes through the filter', async () => {
     await source();
@@ -95,20 +136,7 @@ describe('copy-before-write and snapshot-access (image fleecing)', () => {
       p('tmp.qcow2'),
     ]);
     await qcow2('tmp', { backing: 'src' });
-    await graph.add({
-      driver: 'copy-before-write',
-      'node-name': 'cbw',
-      file: 'src',
-      target: 'tmp',
-    });
-    await graph.add({
-      driver: 'snapshot-access',
-      'node-name': 'snap',
-      file: 'cbw',
-      'read-only': true,
-    });
-    const guest = await graph.createBackend('cbw', { write: true });
-    const snap = await graph.createBackend('snap', { shareWrite: true });
+    const { guest, snap } = await fleece('tmp');
     await guestWrites(guest);
 
     const now = new Uint8Array(SIZE);
@@ -129,20 +157,7 @@ describe('copy-before-write and snapshot-access (image fleecing)', () => {
     await source();
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('tmp.qcow2'), String(SIZE)]);
     await qcow2('tmp');
-    await graph.add({
-      driver: 'copy-before-write',
-      'node-name': 'cbw',
-      file: 'src',
-      target: 'tmp',
-    });
-    await graph.add({
-      driver: 'snapshot-access',
-      'node-name': 'snap',
-      file: 'cbw',
-      'read-only': true,
-    });
-    const guest = await graph.createBackend('cbw', { write: true });
-    const snap = await graph.createBackend('snap', { shareWrite: true });
+    const { guest, snap } = await fleece('tmp');
     // Reads and writes of the same clusters, interleaved: every read sees the old data.
     const reads: Promise<void>[] = [];
     const bufs: Uint8Array[] = [];
@@ -160,28 +175,8 @@ describe('copy-before-write and snapshot-access (image fleecing)', () => {
 
   it('break-snapshot: a failed copy lets the guest write and the snapshot fails', async () => {
     await source();
-    sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('tmp.qcow2'), String(SIZE)]);
-    await graph.add({
-      driver: 'blkdebug',
-      'node-name': 'bad',
-      'inject-error': [{ iotype: 'write' }],
-      image: { driver: 'qcow2', file: { driver: 'file', filename: p('tmp.qcow2') } },
-    });
-    await graph.add({
-      driver: 'copy-before-write',
-      'node-name': 'cbw',
-      file: 'src',
-      target: 'bad',
-      'on-cbw-error': 'break-snapshot',
-    });
-    await graph.add({
-      driver: 'snapshot-access',
-      'node-name': 'snap',
-      file: 'cbw',
-      'read-only': true,
-    });
-    const guest = await graph.createBackend('cbw', { write: true });
-    const snap = await graph.createBackend('snap', { shareWrite: true });
+    await failingTarget();
+    const { guest, snap } = await fleece('bad', { 'on-cbw-error': 'break-snapshot' });
     await guest.write(0, fill(4 * KiB, 0xaa));
     await expect(snap.read(MiB, new Uint8Array(512))).rejects.toMatchObject({
       errnoName: 'EACCES',
@@ -192,20 +187,8 @@ describe('copy-before-write and snapshot-access (image fleecing)', () => {
 
   it('break-guest-write (the default): the guest write fails and nothing is written', async () => {
     await source();
-    sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('tmp.qcow2'), String(SIZE)]);
-    await graph.add({
-      driver: 'blkdebug',
-      'node-name': 'bad',
-      'inject-error': [{ iotype: 'write' }],
-      image: { driver: 'qcow2', file: { driver: 'file', filename: p('tmp.qcow2') } },
-    });
-    await graph.add({
-      driver: 'copy-before-write',
-      'node-name': 'cbw',
-      file: 'src',
-      target: 'bad',
-    });
-    const guest = await graph.createBackend('cbw', { write: true });
+    await failingTarget();
+    const guest = await cbwFilter('bad');
     await expect(guest.write(0, fill(4 * KiB, 0xaa))).rejects.toMatchObject({ errnoName: 'EIO' });
     const b = new Uint8Array(4 * KiB);
     await guest.read(0, b);
