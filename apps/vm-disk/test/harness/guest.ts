@@ -42,6 +42,8 @@ export interface GuestOptions {
   fio?: boolean;
   /** `reconnect=1` on the socket chardev: the device reconnects after the server restarts. */
   reconnect?: boolean;
+  /** Runs QEMU as `taskset -c CPU qemu-system-x86_64 ...`. */
+  cpuAffinity?: number;
   /** Also writes the serial console to this file. */
   serialLog?: string;
   /** Called with each line of the serial console as it arrives. */
@@ -148,7 +150,12 @@ export async function runGuest(o: GuestOptions): Promise<GuestRun> {
   let log = '';
   let partial = '';
   try {
-    const child = spawn('qemu-system-x86_64', qemuArgs(o, dir, initrd), {
+    const args = qemuArgs(o, dir, initrd);
+    const [cmd, argv] =
+      o.cpuAffinity === undefined
+        ? ['qemu-system-x86_64', args]
+        : ['taskset', ['-c', String(o.cpuAffinity), 'qemu-system-x86_64', ...args]];
+    const child = spawn(cmd, argv, {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let stderr = '';
