@@ -1,11 +1,12 @@
 // A real QEMU guest (Debian's kernel, busybox initramfs: harness/guest.ts) on a
 // vhost-user-blk export of a qcow2 image: patterns written with dd and read back after
 // dropping the page cache, write-zeroes and discard, an ext4 filesystem made, filled,
-// remounted and fsck'd, all in the guest; then, with the guest and the server stopped,
-// the host's view of the image (qemu-img check, convert, map; e2fsck) must match what the
-// guest saw. The same script runs against each server of the table.
+// remounted and fsck'd, all in the guest, with a restart of the server in the middle (the
+// device reconnects); then, with the guest and the server stopped, the host's view of the
+// image (qemu-img check, convert, map; e2fsck) must match what the guest saw. Two queues,
+// two vCPUs. The same script runs against each server of the table.
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { run, useScratch } from './harness/daemon.ts';
 import { runGuest } from './harness/guest.ts';
@@ -49,6 +50,11 @@ dd if=/tmp/p3 of=$dev bs=1M seek=${P3.offset / MiB} conv=fsync 2>/dev/null
 /usr/sbin/blkdiscard -z -o ${ZEROED.offset} -l ${ZEROED.length} $dev
 
 sync
+# The host restarts the server when it reads this line, and types "go" once the new one
+# listens: the device reconnects (reconnect=1), and what was written must still be there.
+echo VMDISK-RESTART-SERVER
+read -r go
+r restarted $go
 echo 3 > /proc/sys/vm/drop_caches
 # Read back through the device: the md5 of each range, as the guest sees it.
 back() { dd if=$dev bs=512 skip=$(($1 / 512)) count=$(($2 / 512)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1; }
@@ -89,16 +95,17 @@ const range = (b: Buffer, r: { offset: number; length: number }) =>
 describe.each(SERVERS)('a real guest on $name vhost-user-blk export', (server) => {
   const scratch = useScratch('vmdisk-guest-');
 
-  it('writes, reads back, discards, zeroes, and keeps ext4 clean; the host agrees', async () => {
+  it('writes, reconnects, reads back, discards, zeroes, keeps ext4 clean; the host agrees', async () => {
     const image = scratch.path('disk.qcow2');
     const socket = scratch.path('vhost.sock');
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(DISK)]);
-    const daemon: VhostDaemon = await server.start({
-      image,
-      format: 'qcow2',
-      socket,
-      numQueues: 2,
-    });
+    const exported = { image, format: 'qcow2', socket, numQueues: 2 };
+    let daemon: VhostDaemon = await server.start(exported);
+    const restart = async () => {
+      await daemon.stop();
+      rmSync(socket, { force: true });
+      daemon = await server.start(exported);
+    };
     let guest: Awaited<ReturnType<typeof runGuest>>;
     try {
       // Two vCPUs, so that the guest uses both queues.
@@ -110,6 +117,14 @@ describe.each(SERVERS)('a real guest on $name vhost-user-blk export', (server) =
         serialLog: scratch.path('serial.log'),
         // A TCG boot takes 20 to 60 s on a busy 2-core machine.
         timeoutMs: 300_000,
+        reconnect: true,
+        onLine: (line, guestConsole) => {
+          if (line !== 'VMDISK-RESTART-SERVER') return;
+          restart().then(
+            () => guestConsole.send('go\n'),
+            (e: Error) => guestConsole.send(`failed:${e.message.replace(/\s+/g, '_')}\n`),
+          );
+        },
       });
     } finally {
       await daemon.stop();
@@ -117,6 +132,7 @@ describe.each(SERVERS)('a real guest on $name vhost-user-blk export', (server) =
     const r = guest.results;
     expect(r.get('size')).toBe(String(DISK));
     expect(r.get('queues')).toBe('2');
+    expect(r.get('restarted')).toBe('go');
     expect(r.get('write_cache')).toBe('write_through'); // as qemu-storage-daemon 7.2 starts
     expect(r.get('write_cache_set')).toBe('write_back'); // the guest sends FLUSH
     expect(Number(r.get('discard_max'))).toBeGreaterThan(0);

@@ -46,8 +46,15 @@ export interface GuestOptions {
   cpuAffinity?: number;
   /** Also writes the serial console to this file. */
   serialLog?: string;
-  /** Called with each line of the serial console as it arrives. */
-  onLine?: (line: string) => void;
+  /**
+   * Called with each line of the serial console as it arrives; `console.send` types text
+   * on the guest's serial console (the script reads it with `read`).
+   */
+  onLine?: (line: string, console: GuestConsole) => void;
+}
+
+export interface GuestConsole {
+  send(text: string): void;
 }
 
 export interface GuestRun {
@@ -156,8 +163,10 @@ export async function runGuest(o: GuestOptions): Promise<GuestRun> {
         ? ['qemu-system-x86_64', args]
         : ['taskset', ['-c', String(o.cpuAffinity), 'qemu-system-x86_64', ...args]];
     const child = spawn(cmd, argv, {
-      stdio: ['ignore', 'pipe', 'pipe'],
+      stdio: ['pipe', 'pipe', 'pipe'],
     });
+    const guestConsole: GuestConsole = { send: (text) => child.stdin.write(text) };
+    child.stdin.on('error', () => {}); // QEMU gone: its exit is reported below
     let stderr = '';
     child.stderr.setEncoding('utf8').on('data', (d: string) => {
       stderr += d;
@@ -169,7 +178,7 @@ export async function runGuest(o: GuestOptions): Promise<GuestRun> {
       partial = lines.pop() ?? '';
       for (const line of lines) {
         if (bootMs < 0 && line.startsWith(MARK_BOOTED)) bootMs = Date.now() - started;
-        o.onLine?.(line);
+        o.onLine?.(line, guestConsole);
       }
     });
     const timeoutMs = o.timeoutMs ?? 180_000;
