@@ -31,7 +31,10 @@ done
 for p in "${PROGRAMS[@]}" "$FIO"; do [ -x "$p" ] || { log "missing: $p"; exit 1; }; done
 
 # The versioned kernel package behind the metapackage, e.g. linux-image-6.1.0-56-amd64.
-pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+kernel_package() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+pkg=$(kernel_package)
+# A machine whose package lists were never fetched (or were cleaned) knows no kernel yet.
+if [ -z "$pkg" ] && [ "$(id -u)" = 0 ]; then apt-get update -q >/dev/null; pkg=$(kernel_package); fi
 [ -n "$pkg" ] || { log "cannot resolve linux-image-amd64 to a versioned kernel package"; exit 1; }
 kver=${pkg#linux-image-}
 recipe=$( (cat "${BASH_SOURCE[0]}"; /bin/busybox | head -1; for p in "${PROGRAMS[@]}" "$FIO"; do
