@@ -15,6 +15,8 @@ import { type GuestRun, hasHardwareKvm, runGuest } from '../test/harness/guest.t
 import { QSD, type VhostServer, VM_DISK } from '../test/harness/vhost-servers.ts';
 
 const RUNTIME_S = Number(process.env.VMDISK_BENCH_RUNTIME ?? 5);
+// Each workload runs this many times in the guest (one boot per server); the best counts.
+const ROUNDS = Number(process.env.VMDISK_BENCH_ROUNDS ?? 2);
 const IMAGE_MIB = Number(process.env.VMDISK_BENCH_GUEST_IMAGE_MIB ?? 256);
 const SERVERS: VhostServer[] = [QSD, VM_DISK];
 const WORKLOADS = [
@@ -45,12 +47,15 @@ function cpuSeconds(pid: number): number {
 // (version 3) on the end marker: field 6 is read KiB, 8 read IOPS, 47 write KiB, 49 write IOPS.
 // A workload that stalls (a request never completed) is cut short by `timeout`, and the
 // device's in-flight counts are printed instead of figures.
-const SCRIPT = WORKLOADS.map(
-  (w) => `echo "VMDISK-BENCH-START ${w.name}"
+const RUNS = Array.from({ length: ROUNDS }, (_, round) =>
+  WORKLOADS.map((w) => ({ ...w, run: `${w.name}#${round}` })),
+).flat();
+const SCRIPT = RUNS.map(
+  (w) => `echo "VMDISK-BENCH-START ${w.run}"
 out=$(timeout ${RUNTIME_S + 60} fio --name=bench --filename=/dev/vda --ioengine=libaio \\
   --direct=1 --rw=${w.rw} --bs=${w.bs} --iodepth=32 --runtime=${RUNTIME_S} --time_based \\
-  --output-format=terse) || echo "VMDISK-BENCH-STALLED ${w.name} inflight $(cat /sys/block/vda/inflight)"
-echo "VMDISK-BENCH-END ${w.name} $out"`,
+  --output-format=terse) || echo "VMDISK-BENCH-STALLED ${w.run} inflight $(cat /sys/block/vda/inflight)"
+echo "VMDISK-BENCH-END ${w.run} $out"`,
 ).join('\n');
 
 interface Figure {
@@ -78,7 +83,7 @@ async function measure(server: VhostServer, image: string): Promise<Map<string, 
       vhostSocket: socket,
       script: SCRIPT,
       fio: true,
-      timeoutMs: 300_000 + WORKLOADS.length * RUNTIME_S * 4000,
+      timeoutMs: 300_000 + RUNS.length * RUNTIME_S * 4000,
       ...(PIN && { cpuAffinity: 1 }),
       onLine: (line) => {
         const [marker, name = '', terse = ''] = line.split(' ');
@@ -92,21 +97,24 @@ async function measure(server: VhostServer, image: string): Promise<Map<string, 
     await daemon.stop();
   }
   const figures = new Map<string, Figure>();
-  for (const w of WORKLOADS) {
-    const end = ends.get(w.name);
+  for (const w of RUNS) {
+    const end = ends.get(w.run);
     const f = end?.terse.split(';') ?? [];
     if (end === undefined || f.length < 50) {
       const stalled = run.log
         .split('\n')
-        .find((l) => l.startsWith(`VMDISK-BENCH-STALLED ${w.name}`));
-      console.log(`${server.name} ${w.name}: no figures (${stalled ?? 'fio failed'})`);
+        .find((l) => l.startsWith(`VMDISK-BENCH-STALLED ${w.run}`));
+      console.log(`${server.name} ${w.run}: no figures (${stalled ?? 'fio failed'})`);
       continue;
     }
     const write = w.rw.includes('write');
     const kib = Number(f[write ? 46 : 5]);
     const ios = (kib * 1024) / w.bs;
     const rate = w.bs === 4096 ? Number(f[write ? 48 : 7]) : kib / 1024 / RUNTIME_S;
-    figures.set(w.name, { rate, cpuUsPerIo: (end.cpu * 1e6) / ios });
+    const best = figures.get(w.name);
+    if (best === undefined || rate > best.rate) {
+      figures.set(w.name, { rate, cpuUsPerIo: (end.cpu * 1e6) / ios });
+    }
   }
   console.log(
     `${server.name}: guest booted in ${(run.bootMs / 1000).toFixed(1)} s, ran ${(run.totalMs / 1000).toFixed(1)} s`,
@@ -122,7 +130,7 @@ try {
   console.log(
     `guest: ${hasHardwareKvm() ? 'KVM' : 'TCG (no hardware KVM)'}; ${
       PIN ? 'daemon on CPU 0, QEMU on CPU 1' : 'unpinned (nproc is not 2)'
-    }; ${RUNTIME_S} s per workload, ${IMAGE_MIB} MiB raw image on tmpfs`,
+    }; ${RUNTIME_S} s per workload, best of ${ROUNDS}, ${IMAGE_MIB} MiB raw image on tmpfs`,
   );
   for (const server of SERVERS) {
     try {
