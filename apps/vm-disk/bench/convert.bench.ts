@@ -18,6 +18,7 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { BenchReport } from '../../../scripts/bench/report.ts';
 
 const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 const SIZE = Number(process.env.VMDISK_BENCH_CONVERT_MIB ?? 1024) << 20;
@@ -75,7 +76,7 @@ const TOOLS = [
   { name: 'qemu-img', run: (a: string[]) => seconds('qemu-img', ['convert', ...a]) },
 ];
 
-const table: string[] = [];
+const report = new BenchReport('convert');
 let qemuNbd: ChildProcess | undefined;
 try {
   makeRaw(raw);
@@ -95,15 +96,10 @@ try {
         best.set(tool.name, Math.min(best.get(tool.name) ?? Number.POSITIVE_INFINITY, s));
       }
     }
-    const ours = best.get('vm-disk') as number;
-    const theirs = best.get('qemu-img') as number;
-    const line = `| ${row.name} | ${ours.toFixed(2)} | ${theirs.toFixed(2)} | ${(theirs / ours).toFixed(2)}x |`;
-    console.log(line);
-    table.push(line);
+    for (const [tool, seconds] of best) report.add(row.name, tool, seconds, 's');
   }
 } finally {
   qemuNbd?.kill();
   rmSync(dir, { recursive: true, force: true });
 }
-console.log('\n| convert (-m 16 -W) | vm-disk s | qemu-img s | vm-disk speed |\n|---|---|---|---|');
-for (const line of table) console.log(line);
+report.flush();

@@ -10,6 +10,7 @@ import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { BenchReport } from '../../../scripts/bench/report.ts';
 
 const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 const MIB = Number(process.env.VMDISK_BENCH_IMG_MIB ?? 1024);
@@ -47,7 +48,7 @@ const TOOLS = [
   { name: 'qemu-img', run: (a: string[]) => sh('qemu-img', ['bench', ...a]) },
 ];
 
-const table: string[] = [];
+const report = new BenchReport('img-bench');
 try {
   sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=falloc', image, `${MIB}M`]);
   console.log(`image: ${MIB} MiB qcow2, every cluster allocated, in ${dir}; ${COUNT} requests`);
@@ -62,14 +63,9 @@ try {
         rmSync(copy, { force: true });
       }
     }
-    const ours = best.get('vm-disk') as number;
-    const theirs = best.get('qemu-img') as number;
-    const line = `| ${row.name} | ${ours.toFixed(3)} | ${theirs.toFixed(3)} | ${(theirs / ours).toFixed(2)}x |`;
-    console.log(line);
-    table.push(line);
+    for (const [tool, seconds] of best) report.add(row.name, tool, seconds, 's');
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }
-console.log('\n| bench | vm-disk s | qemu-img s | vm-disk speed |\n|---|---|---|---|');
-for (const line of table) console.log(line);
+report.flush();
