@@ -3,6 +3,7 @@
 //   npm run bench                      # all of them (nx run-many -t bench, one at a time)
 //   npm run bench -- --only serve,nbd  # some (bench file names without .bench.ts)
 //   npm run bench -- --out /tmp/b      # elsewhere than docs/bench
+//   npm run bench -- --charts           # only redraw the charts of results.json
 //
 // The benchmarks report through scripts/bench/report.ts, which appends their rows to the
 // file named by VMDISK_BENCH_RESULTS; this sets it, runs them, then writes
@@ -26,7 +27,7 @@ interface Results {
 
 const root = resolve(import.meta.dirname, '..');
 const { values } = parseArgs({
-  options: { only: { type: 'string' }, out: { type: 'string' }, 'no-run': { type: 'boolean' } },
+  options: { only: { type: 'string' }, out: { type: 'string' }, charts: { type: 'boolean' } },
 });
 const out = resolve(values.out ?? join(root, 'docs/bench'));
 const resultsPath = join(out, 'results.json');
@@ -43,26 +44,40 @@ function machine(): Record<string, string | number> {
   };
 }
 
+function drawCharts(results: Results, names: Iterable<string>): void {
+  for (const name of names) {
+    const meta = results.benches[name]!;
+    const rows = results.rows.filter((r) => r.bench === name);
+    const m = results.machine;
+    const title = `${name}: ${m.cpu}, ${m.cores} cores, ${meta.date.slice(0, 10)}`;
+    writeFileSync(join(out, `${name}.svg`), barChart(title, rows, meta.ours));
+  }
+}
+
+if (values.charts) {
+  const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as Results;
+  drawCharts(results, Object.keys(results.benches));
+  process.exit(0);
+}
+
 const scratch = mkdtempSync(join(tmpdir(), 'vmdisk-bench-'));
 const rowsFile = join(scratch, 'rows.jsonl');
 writeFileSync(rowsFile, '');
 try {
-  if (!values['no-run']) {
-    const r = spawnSync(
-      'npx',
-      ['nx', 'run-many', '-t', 'bench', '--parallel=1', '--outputStyle=stream'],
-      {
-        cwd: root,
-        stdio: 'inherit',
-        env: {
-          ...process.env,
-          VMDISK_BENCH_RESULTS: rowsFile,
-          ...(values.only !== undefined && { VMDISK_BENCH_ONLY: values.only }),
-        },
+  const r = spawnSync(
+    'npx',
+    ['nx', 'run-many', '-t', 'bench', '--parallel=1', '--outputStyle=stream'],
+    {
+      cwd: root,
+      stdio: 'inherit',
+      env: {
+        ...process.env,
+        VMDISK_BENCH_RESULTS: rowsFile,
+        ...(values.only !== undefined && { VMDISK_BENCH_ONLY: values.only }),
       },
-    );
-    if (r.status !== 0) console.error(`benchmarks exited ${r.status}: writing what they reported`);
-  }
+    },
+  );
+  if (r.status !== 0) console.error(`benchmarks exited ${r.status}: writing what they reported`);
   const date = new Date().toISOString();
   const previous: Results | undefined =
     values.only !== undefined && existsSync(resultsPath)
@@ -88,13 +103,7 @@ try {
   }
   mkdirSync(out, { recursive: true });
   writeFileSync(resultsPath, `${JSON.stringify(results, null, 2)}\n`);
-  for (const [name, meta] of Object.entries(results.benches)) {
-    if (!fresh.has(name) && existsSync(join(out, `${name}.svg`))) continue;
-    const rows = results.rows.filter((r) => r.bench === name);
-    const m = results.machine;
-    const title = `${name}: ${m.cpu}, ${m.cores} cores, ${String(m.date).slice(0, 10)}`;
-    writeFileSync(join(out, `${name}.svg`), barChart(title, rows, meta.ours));
-  }
+  drawCharts(results, fresh);
   console.log(`\n${results.rows.length} rows: ${resultsPath}; charts: ${out}/*.svg`);
 } finally {
   rmSync(scratch, { recursive: true, force: true });

@@ -61,6 +61,10 @@ export function barChart(title: string, rows: readonly BenchRow[], ours: string)
     }
     y += SPACE;
   }
+  out.push(
+    `<text x="8" y="${y + 4}" class="u">${esc(`(${ours} n×): ${ours} against that server, above 1: ${ours} better`)}</text>`,
+  );
+  y += 16;
   const height = y + 6;
   return [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${WIDTH}" height="${height}" viewBox="0 0 ${WIDTH} ${height}" font-family="sans-serif" font-size="12">`,

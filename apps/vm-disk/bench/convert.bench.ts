@@ -5,7 +5,7 @@
 // by qemu-nbd). Tools take turns, best of 2
 // rounds; seconds, and qemu-img's time over ours (above 1: we are faster).
 // Run with plain node after `nx build vm-disk` (it starts the built bin).
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import {
   closeSync,
@@ -19,15 +19,10 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BenchReport } from '../../../scripts/bench/report.ts';
+import { CLI, sh } from './support.ts';
 
-const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 const SIZE = Number(process.env.VMDISK_BENCH_CONVERT_MIB ?? 1024) << 20;
 const dir = mkdtempSync(join(tmpdir(), 'vmdisk-convert-bench-'));
-
-function sh(cmd: string, args: string[]): void {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
-}
 
 /** The source: every other MiB data, the rest a hole. */
 function makeRaw(path: string): void {

@@ -1,27 +1,12 @@
-// `vm-disk bench` against `qemu-img bench` with the same arguments, on a qcow2 image with
-// every cluster allocated (preallocation=falloc) in /tmp: reads and writes, small requests
-// deep and large ones direct. Each tool reports its own run time ("Run completed in N
-// seconds", process start excluded); tools take turns, best of 2 rounds; seconds, and
-// qemu-img's time over ours (above 1: we are faster).
-// Run with plain node after `nx build vm-disk` (it starts the built bin). Smaller runs:
-// VMDISK_BENCH_IMG_MIB (image size, default 1024), VMDISK_BENCH_IMG_COUNT (requests,
-// default 100000).
-import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BenchReport } from '../../../scripts/bench/report.ts';
+import { CLI, sh } from './support.ts';
 
-const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 const MIB = Number(process.env.VMDISK_BENCH_IMG_MIB ?? 1024);
 const COUNT = String(Number(process.env.VMDISK_BENCH_IMG_COUNT ?? 100000));
 const dir = mkdtempSync(join(tmpdir(), 'vmdisk-img-bench-'));
-
-function sh(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
 
 /** The run time the tool printed. */
 function reported(stdout: string): number {

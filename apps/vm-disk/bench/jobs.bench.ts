@@ -16,29 +16,18 @@
 // best of 2 rounds. Size: VMDISK_BENCH_JOBS_MIB (default 1024). On a 2-CPU machine each
 // daemon runs pinned to CPU 0 and fio to CPU 1, as in serve.bench.ts.
 // Run with plain node after `nx build vm-disk` (it starts the built bin).
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { BenchReport } from '../../../scripts/bench/report.ts';
+import { CLI, PIN, pinned, sh } from './support.ts';
 
-const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 const MIB = Number(process.env.VMDISK_BENCH_JOBS_MIB ?? 1024);
 const SIZE = `${MIB}M`;
 /** How long fio runs before the job starts: the IOPS baseline. */
 const BASELINE_MS = 3000;
 const dir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : '/tmp', 'vmdisk-jobs-bench-'));
-
-function sh(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
-
-const PIN = sh('nproc', []).trim() === '2';
-function pinned(cpu: number, cmd: string, args: string[]): [string, string[]] {
-  return PIN ? ['taskset', ['-c', String(cpu), cmd, ...args]] : [cmd, args];
-}
 
 type Msg = Record<string, unknown>;
 
