@@ -11,6 +11,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { BenchReport } from '../../../scripts/bench/report.ts';
 
 const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 const MIB = Number(process.env.VMDISK_BENCH_BACKUP_MIB ?? 1024);
@@ -178,16 +179,14 @@ try {
       });
     }
   }
-  const ours = best.get('vm-disk')!;
-  const theirs = best.get('qemu-storage-daemon')!;
   const dirty = MIB / 10;
-  const row = (name: string, mib: number, a: number, b: number) =>
-    `| ${name} | ${(mib / a).toFixed(0)} | ${(mib / b).toFixed(0)} | ${(b / a).toFixed(2)}x |`;
-  console.log(
-    '\n| backup (MiB/s) | vm-disk | qemu-storage-daemon | vm-disk speed |\n|---|---|---|---|',
-  );
-  console.log(row(`full, ${MIB} MiB`, MIB, ours.full, theirs.full));
-  console.log(row('incremental, 10% dirty', dirty, ours.incremental, theirs.incremental));
+  const report = new BenchReport('backup');
+  report.note(`source: ${MIB} MiB qcow2 on tmpfs, all data; best of 2`);
+  for (const [name, f] of best) {
+    report.add(`full, ${MIB} MiB`, name, MIB / f.full, 'MiB/s');
+    report.add('incremental, 10% dirty', name, dirty / f.incremental, 'MiB/s');
+  }
+  report.flush();
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }

@@ -5,7 +5,7 @@
 // by qemu-nbd). Tools take turns, best of 2
 // rounds; seconds, and qemu-img's time over ours (above 1: we are faster).
 // Run with plain node after `nx build vm-disk` (it starts the built bin).
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import {
   closeSync,
@@ -18,15 +18,11 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { BenchReport } from '../../../scripts/bench/report.ts';
+import { CLI, sh } from './support.ts';
 
-const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 const SIZE = Number(process.env.VMDISK_BENCH_CONVERT_MIB ?? 1024) << 20;
 const dir = mkdtempSync(join(tmpdir(), 'vmdisk-convert-bench-'));
-
-function sh(cmd: string, args: string[]): void {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
-}
 
 /** The source: every other MiB data, the rest a hole. */
 function makeRaw(path: string): void {
@@ -75,7 +71,7 @@ const TOOLS = [
   { name: 'qemu-img', run: (a: string[]) => seconds('qemu-img', ['convert', ...a]) },
 ];
 
-const table: string[] = [];
+const report = new BenchReport('convert');
 let qemuNbd: ChildProcess | undefined;
 try {
   makeRaw(raw);
@@ -95,15 +91,10 @@ try {
         best.set(tool.name, Math.min(best.get(tool.name) ?? Number.POSITIVE_INFINITY, s));
       }
     }
-    const ours = best.get('vm-disk') as number;
-    const theirs = best.get('qemu-img') as number;
-    const line = `| ${row.name} | ${ours.toFixed(2)} | ${theirs.toFixed(2)} | ${(theirs / ours).toFixed(2)}x |`;
-    console.log(line);
-    table.push(line);
+    for (const [tool, seconds] of best) report.add(row.name, tool, seconds, 's');
   }
 } finally {
   qemuNbd?.kill();
   rmSync(dir, { recursive: true, force: true });
 }
-console.log('\n| convert (-m 16 -W) | vm-disk s | qemu-img s | vm-disk speed |\n|---|---|---|---|');
-for (const line of table) console.log(line);
+report.flush();

@@ -1,26 +1,12 @@
-// `vm-disk bench` against `qemu-img bench` with the same arguments, on a qcow2 image with
-// every cluster allocated (preallocation=falloc) in /tmp: reads and writes, small requests
-// deep and large ones direct. Each tool reports its own run time ("Run completed in N
-// seconds", process start excluded); tools take turns, best of 2 rounds; seconds, and
-// qemu-img's time over ours (above 1: we are faster).
-// Run with plain node after `nx build vm-disk` (it starts the built bin). Smaller runs:
-// VMDISK_BENCH_IMG_MIB (image size, default 1024), VMDISK_BENCH_IMG_COUNT (requests,
-// default 100000).
-import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { BenchReport } from '../../../scripts/bench/report.ts';
+import { CLI, sh } from './support.ts';
 
-const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 const MIB = Number(process.env.VMDISK_BENCH_IMG_MIB ?? 1024);
 const COUNT = String(Number(process.env.VMDISK_BENCH_IMG_COUNT ?? 100000));
 const dir = mkdtempSync(join(tmpdir(), 'vmdisk-img-bench-'));
-
-function sh(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
 
 /** The run time the tool printed. */
 function reported(stdout: string): number {
@@ -47,7 +33,7 @@ const TOOLS = [
   { name: 'qemu-img', run: (a: string[]) => sh('qemu-img', ['bench', ...a]) },
 ];
 
-const table: string[] = [];
+const report = new BenchReport('img-bench');
 try {
   sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=falloc', image, `${MIB}M`]);
   console.log(`image: ${MIB} MiB qcow2, every cluster allocated, in ${dir}; ${COUNT} requests`);
@@ -62,14 +48,9 @@ try {
         rmSync(copy, { force: true });
       }
     }
-    const ours = best.get('vm-disk') as number;
-    const theirs = best.get('qemu-img') as number;
-    const line = `| ${row.name} | ${ours.toFixed(3)} | ${theirs.toFixed(3)} | ${(theirs / ours).toFixed(2)}x |`;
-    console.log(line);
-    table.push(line);
+    for (const [tool, seconds] of best) report.add(row.name, tool, seconds, 's');
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }
-console.log('\n| bench | vm-disk s | qemu-img s | vm-disk speed |\n|---|---|---|---|');
-for (const line of table) console.log(line);
+report.flush();

@@ -16,28 +16,18 @@
 // best of 2 rounds. Size: VMDISK_BENCH_JOBS_MIB (default 1024). On a 2-CPU machine each
 // daemon runs pinned to CPU 0 and fio to CPU 1, as in serve.bench.ts.
 // Run with plain node after `nx build vm-disk` (it starts the built bin).
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
+import { BenchReport } from '../../../scripts/bench/report.ts';
+import { CLI, PIN, pinned, sh } from './support.ts';
 
-const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 const MIB = Number(process.env.VMDISK_BENCH_JOBS_MIB ?? 1024);
 const SIZE = `${MIB}M`;
 /** How long fio runs before the job starts: the IOPS baseline. */
 const BASELINE_MS = 3000;
 const dir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : '/tmp', 'vmdisk-jobs-bench-'));
-
-function sh(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
-
-const PIN = sh('nproc', []).trim() === '2';
-function pinned(cpu: number, cmd: string, args: string[]): [string, string[]] {
-  return PIN ? ['taskset', ['-c', String(cpu), cmd, ...args]] : [cmd, args];
-}
 
 type Msg = Record<string, unknown>;
 
@@ -280,7 +270,8 @@ async function measure(
   }
 }
 
-const table: string[] = [];
+const report = new BenchReport('jobs');
+report.note(`${MIB} MiB images on tmpfs; best of 2`);
 try {
   sh('qemu-img', ['create', '-q', '-f', 'qcow2', base, SIZE]);
   sh('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x5a 0 ${SIZE}`, base]);
@@ -294,19 +285,15 @@ try {
           if (r.mibs > (best.get(d.name)?.mibs ?? 0)) best.set(d.name, r);
         }
       }
-      const ours = best.get('vm-disk')!;
-      const theirs = best.get('qemu-storage-daemon')!;
-      const kept = (r: { kept?: number }) =>
-        r.kept === undefined ? '-' : `${Math.round(r.kept * 100)}%`;
-      const line = `| ${c.name}${load ? ' + fio 4k randwrite' : ''} | ${ours.mibs.toFixed(0)} | ${theirs.mibs.toFixed(0)} | ${(ours.mibs / theirs.mibs).toFixed(2)}x | ${kept(ours)} | ${kept(theirs)} |`;
-      console.log(line);
-      table.push(line);
+      const workload = `${c.name}${load ? ' + fio 4k randwrite' : ''}`;
+      for (const [daemon, r] of best) {
+        report.add(workload, daemon, r.mibs, 'MiB/s');
+        if (r.kept !== undefined)
+          report.add(`${workload}: export IOPS kept`, daemon, r.kept * 100, '%');
+      }
     }
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }
-console.log(
-  `\n| job (${MIB} MiB, tmpfs) | vm-disk MiB/s | qsd MiB/s | vm-disk ratio | vm-disk export IOPS kept | qsd export IOPS kept |\n|---|---|---|---|---|---|`,
-);
-for (const line of table) console.log(line);
+report.flush();

@@ -6,61 +6,17 @@
 // The nodes' accounting itself is always on (query-blockstats reads it): both runs pay for
 // it; this measures the endpoint and its scrapes.
 // Run with plain node after `nx build vm-disk` (it starts the built bin).
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { BenchReport } from '../../../scripts/bench/report.ts';
+import { fio, makeImage, stop, VM_DISK, waitForSocket } from './support.ts';
 
-const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 const RUNTIME_S = Number(process.env.VMDISK_BENCH_RUNTIME ?? 5);
 const ROUNDS = Number(process.env.VMDISK_BENCH_ROUNDS ?? 2);
 const IMAGE = process.env.VMDISK_BENCH_IMAGE_SIZE ?? '512M';
 const dir = mkdtempSync(join(tmpdir(), 'vmdisk-metrics-bench-'));
-
-function sh(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
-
-const PIN = sh('nproc', []).trim() === '2';
-const pinned = (cpu: number, cmd: string, args: string[]): [string, string[]] =>
-  PIN ? ['taskset', ['-c', String(cpu), cmd, ...args]] : [cmd, args];
-
-async function waitForSocket(path: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400 && !existsSync(path); i++) {
-    if (child.exitCode !== null) throw new Error('server exited');
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
-function fio(sock: string): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(
-      ...pinned(1, 'fio', [
-        '--name=bench',
-        '--ioengine=nbd',
-        `--uri=nbd+unix:///disk?socket=${sock}`,
-        '--rw=randread',
-        '--bs=4k',
-        '--iodepth=32',
-        '--size=100%',
-        `--runtime=${RUNTIME_S}`,
-        '--time_based',
-        '--output-format=json',
-      ]),
-    );
-    let out = '';
-    child.stdout.on('data', (d) => {
-      out += d;
-    });
-    child.on('exit', (code) => {
-      if (code !== 0) return reject(new Error(`fio exited ${code}`));
-      resolve(JSON.parse(out.slice(out.indexOf('{'))).jobs[0].read.iops);
-    });
-  });
-}
 
 /** GETs /metrics on the unix socket; resolves with the body's length. */
 function scrape(socketPath: string): Promise<number> {
@@ -81,22 +37,8 @@ async function measure(image: string, format: string, metrics: boolean): Promise
   const sock = join(dir, 'nbd.sock');
   const metricsSock = join(dir, 'metrics.sock');
   rmSync(sock, { force: true });
-  const args = [
-    'serve',
-    '--blockdev',
-    `driver=file,node-name=f0,filename=${image}`,
-    '--blockdev',
-    `driver=${format},node-name=d0,file=f0`,
-    '--nbd-server',
-    `addr.type=unix,addr.path=${sock}`,
-    '--export',
-    'type=nbd,id=e0,node-name=d0,name=disk,writable=on',
-    ...(metrics ? ['--metrics', `addr.type=unix,addr.path=${metricsSock}`] : []),
-  ];
-  const child = spawn(...pinned(0, process.execPath, [CLI, ...args]), {
-    stdio: 'ignore',
-    env: { ...process.env, VMDISK_LOG_LEVEL: 'warn' },
-  });
+  const extra = metrics ? ['--metrics', `addr.type=unix,addr.path=${metricsSock}`] : [];
+  const child = VM_DISK.start(image, format, sock, extra);
   let scrapes = 0;
   const scraper = metrics
     ? setInterval(() => {
@@ -108,30 +50,22 @@ async function measure(image: string, format: string, metrics: boolean): Promise
     : undefined;
   try {
     await waitForSocket(sock, child);
-    const iops = await fio(sock);
+    const job = await fio(sock, { rw: 'randread', bs: '4k', runtime: RUNTIME_S });
     if (metrics && scrapes === 0) throw new Error('the metrics endpoint was never scraped');
-    return iops;
+    return job.read.iops;
   } finally {
     clearInterval(scraper);
-    child.kill('SIGTERM');
-    await new Promise((r) => child.once('exit', r));
+    await stop(child);
   }
 }
 
-const rows: string[] = [];
+// "ours" is the run with metrics on; its ratio over the run without is the cost.
+const report = new BenchReport('metrics', 'metrics on');
+report.note(`fio nbd 4k randread, iodepth 32, ${RUNTIME_S} s, best of ${ROUNDS}; target >= 0.95`);
 try {
   for (const format of ['raw', 'qcow2']) {
     const image = join(dir, `image.${format}`);
-    sh('qemu-img', [
-      'create',
-      '-q',
-      '-f',
-      format,
-      ...(format === 'qcow2' ? ['-o', 'preallocation=metadata'] : []),
-      image,
-      IMAGE,
-    ]);
-    sh('qemu-io', ['-f', format, '-c', `write -P 0x5a 0 ${IMAGE}`, image]);
+    makeImage(image, format, IMAGE);
     let off = 0;
     let on = 0;
     // Turns alternate which goes first, so that neither always meets a cold page cache.
@@ -142,14 +76,10 @@ try {
         else off = Math.max(off, iops);
       }
     }
-    const row = `| ${format} | 4k randread | ${Math.round(off)} | ${Math.round(on)} | ${(on / off).toFixed(3)} |`;
-    console.log(row);
-    rows.push(row);
+    report.add(`${format} 4k randread`, 'metrics off', off, 'IOPS');
+    report.add(`${format} 4k randread`, 'metrics on', on, 'IOPS');
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }
-console.log(
-  `\n| image | workload | IOPS metrics off | IOPS metrics on | on/off |\n|---|---|---|---|---|`,
-);
-for (const r of rows) console.log(r);
+report.flush();

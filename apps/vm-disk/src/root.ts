@@ -3,7 +3,6 @@
 // metrics endpoint (--metrics) reads the daemon until it stops.
 import { Daemon } from './daemon.ts';
 import type { Logger } from './log.ts';
-import { startMetricsServer } from './metrics/server.ts';
 import type { ServeConfig } from './options/serve-options.ts';
 import { registerCommands } from './qmp/commands.ts';
 
@@ -13,6 +12,8 @@ export async function startDaemon(config: ServeConfig, log: Logger): Promise<Dae
   registerCommands(daemon.monitor, daemon);
   await daemon.start(config);
   if (config.metrics) {
+    // Loaded only when asked for: prom-client and node:http cost idle memory (issue 18).
+    const { startMetricsServer } = await import('./metrics/server.ts');
     const metrics = await startMetricsServer(daemon, config.metrics.addr, log).catch(
       async (err: unknown) => {
         await daemon.stop();

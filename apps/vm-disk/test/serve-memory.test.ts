@@ -111,6 +111,18 @@ async function otherClientReads(sock: string): Promise<void> {
   s.destroy();
 }
 
+describe('vm-disk serve idle memory', () => {
+  it('one raw NBD export, one client served: under 70 MiB resident (no TLS, metrics or pretty logs loaded)', async () => {
+    // Node alone is about 41 MiB and the engine's FFI (koffi) about 10 more; this was 76
+    // MiB while prom-client, pino-pretty and node:tls were loaded whether used or not.
+    const { p, sock } = await serveImage();
+    await otherClientReads(sock);
+    const rss = rssMiB(p.child.pid!);
+    console.log(`idle RSS ${rss.toFixed(1)} MiB`);
+    expect(rss).toBeLessThan(70);
+  });
+});
+
 describe('vm-disk serve memory under clients that never read', () => {
   it('48 connections x 4 unread 32 MiB reads: within the default budget, others served, memory back after', async () => {
     const { p, sock } = await serveImage();

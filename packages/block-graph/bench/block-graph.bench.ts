@@ -14,6 +14,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sharedEngine } from '@vmdisk/engine';
+import { BenchReport } from '../../../scripts/bench/report.ts';
 import { BlockGraph } from '../src/index.ts';
 
 const SLICE = Number(process.env.BENCH_SLICE ?? 0.2);
@@ -110,21 +111,18 @@ try {
   const gCpu = median(graphSlices.map((x) => x.cpu));
   const ratio = median(ratios);
   const overhead = (1 / ratio - 1) * 100;
-  const row = (name: string, iops: number, cpu: number) =>
-    `${name.padEnd(34)} ${Math.round(iops).toString().padStart(9)} IOPS ${((iops * BS) / 2 ** 20).toFixed(1).padStart(8)} MiB/s ${cpu.toFixed(2).padStart(7)} CPU us/IO`;
-  console.log(
-    `4 KiB random read, QD ${QD}, hot cache, ${FILE_SIZE >> 20} MiB file, engine backend ${engine.backend}`,
+  const report = new BenchReport('block-graph', 'graph');
+  const w = `4k randread QD ${QD}, hot`;
+  report.add(w, 'graph', gr, 'IOPS');
+  report.add(w, 'engine alone', e, 'IOPS');
+  report.add(`${w}: CPU per I/O`, 'graph', gCpu, 'µs/IO');
+  report.add(`${w}: CPU per I/O`, 'engine alone', eCpu, 'µs/IO');
+  report.note(
+    `graph = BlockBackend > raw > file; ${FILE_SIZE >> 20} MiB file, engine backend ${engine.backend}; ` +
+      `${PAIRS} pairs of ${SLICE} s slices, alternating, medians; graph/engine ratio (median of pairs) ` +
+      `${ratio.toFixed(3)}: overhead ${overhead.toFixed(1)}% (target <= ${TARGET}%): ${overhead <= TARGET ? 'OK' : 'OVER TARGET'}`,
   );
-  console.log(`${PAIRS} pairs of ${SLICE} s slices, alternating; medians:`);
-  console.log(row('engine alone (EngineFile.read)', e, eCpu));
-  console.log(row('graph: BlockBackend > raw > file', gr, gCpu));
-  console.log(
-    `graph/engine IOPS ratio (median of pairs) ${ratio.toFixed(3)}: overhead ${overhead.toFixed(1)}% (target <= ${TARGET}%): ${overhead <= TARGET ? 'OK' : 'OVER TARGET'}`,
-  );
-  console.log(
-    `CPU per I/O: graph ${gCpu.toFixed(2)} us vs engine ${eCpu.toFixed(2)} us (+${(gCpu - eCpu).toFixed(2)} us, ratio ${(gCpu / eCpu).toFixed(3)})`,
-  );
-  console.log(`pair ratios: ${ratios.map((r) => r.toFixed(2)).join(' ')}`);
+  report.flush();
   for (const b of bufs) engine.releaseBuffer(b);
   await g.close();
   await file.close();

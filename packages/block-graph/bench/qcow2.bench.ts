@@ -13,6 +13,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sharedEngine } from '@vmdisk/engine';
+import { BenchReport } from '../../../scripts/bench/report.ts';
 import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
 import { BlockGraph } from '../src/index.ts';
 
@@ -155,18 +156,15 @@ try {
       }
     },
   );
-  console.log(
-    `qcow2 (64 KiB clusters, ${SIZE >> 20} MiB image; ${SEQ_SIZE >> 20} MiB for the sequential write), medians of ${ROUNDS} runs, engine backend ${engine.backend}, qemu-img bench -i ${aio} -t writeback`,
-  );
-  console.log(
-    `${'workload'.padEnd(38)} ${'ours IOPS'.padStart(10)} ${'qemu IOPS'.padStart(10)} ${'ours MiB/s'.padStart(11)} ${'qemu MiB/s'.padStart(11)} ratio`,
-  );
-  for (const [name, o, q, bs] of rows) {
-    const ratio = o / q;
-    console.log(
-      `${name.padEnd(38)} ${Math.round(o).toString().padStart(10)} ${Math.round(q).toString().padStart(10)} ${((o * bs) / 2 ** 20).toFixed(1).padStart(11)} ${((q * bs) / 2 ** 20).toFixed(1).padStart(11)} ${ratio.toFixed(2)} ${ratio >= TARGET ? 'OK' : 'BELOW TARGET'}`,
-    );
+  const report = new BenchReport('qcow2', 'ours');
+  for (const [name, o, q] of rows) {
+    report.add(name, 'ours', o, 'IOPS');
+    report.add(name, 'qemu-img bench', q, 'IOPS');
   }
+  report.note(
+    `qcow2 (64 KiB clusters, ${SIZE >> 20} MiB image; ${SEQ_SIZE >> 20} MiB for the sequential write), medians of ${ROUNDS} runs, engine backend ${engine.backend}, qemu-img bench -i ${aio} -t writeback; target ratio ${TARGET}`,
+  );
+  report.flush();
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }

@@ -24,6 +24,7 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { BenchReport } from '../../../scripts/bench/report.ts';
 import { type BackendName, type Engine, type EngineFile, openEngine } from '../src/index.ts';
 
 /** Rounds per case, and seconds per round. */
@@ -171,26 +172,6 @@ function fmt(n: number | undefined, digits = 0): string {
   return n === undefined ? '' : n.toFixed(digits);
 }
 
-function table(rows: Row[]): string {
-  const out: string[] = [];
-  out.push(
-    '| case | implementation | IOPS | MiB/s | CPU µs/IO (usr+sys) | × fio io_uring | × FileHandle.read |',
-  );
-  out.push('|---|---|---:|---:|---:|---:|---:|');
-  for (const row of rows) {
-    const same = rows.filter((x) => x.group === row.group);
-    const fioU = same.find((x) => x.name === 'fio io_uring')?.r.iops;
-    const fh = same.find((x) => x.name.startsWith('Node FileHandle'))?.r.iops;
-    const cpu = row.r.usr === undefined ? '' : `${fmt(row.r.usr, 1)} + ${fmt(row.r.sys, 1)}`;
-    out.push(
-      `| ${row.group} | ${row.name} | ${fmt(row.r.iops)} | ${fmt(row.r.mibs, 1)} | ${cpu} | ${
-        fioU ? `${(row.r.iops / fioU).toFixed(2)}×` : ''
-      } | ${fh ? `${(row.r.iops / fh).toFixed(2)}×` : ''} |`,
-    );
-  }
-  return out.join('\n');
-}
-
 async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), 'vmdisk-engine-bench-'));
   const path = join(dir, 'bench.img');
@@ -310,13 +291,19 @@ async function main(): Promise<void> {
       }
     }
     for (const e of engines.values()) await e.close();
-    console.log(table(rows));
-    console.log(
-      `\nMedian of ${ROUNDS} interleaved rounds of ${SECONDS} s per case, ${FILE_SIZE / 1048576} MiB file in ${tmpdir()}, ${QD} in flight ` +
+    const report = new BenchReport('engine', 'engine io_uring');
+    for (const { group, name, r } of rows) {
+      report.add(group, name, r.iops, 'IOPS');
+      if (r.usr !== undefined && r.sys !== undefined)
+        report.add(`${group}: CPU per I/O`, name, r.usr + r.sys, 'µs/IO');
+    }
+    report.note(
+      `Median of ${ROUNDS} interleaved rounds of ${SECONDS} s per case, ${FILE_SIZE / 1048576} MiB file in ${tmpdir()}, ${QD} in flight ` +
         "(fio psync: 1). CPU µs/IO is this process's CPU time per I/O (ours and Node's; fio " +
         'runs in its own process). UV_THREADPOOL_SIZE=' +
         `${process.env.UV_THREADPOOL_SIZE ?? 4}. Figures from a shared, loaded 2-core machine.`,
     );
+    report.flush();
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

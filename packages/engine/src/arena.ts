@@ -9,7 +9,9 @@
 // for reuse (a queue of large requests reuses the same memory rather than mapping and
 // unmapping a slab per request, which halved 1 MiB write throughput); once the cache has
 // been over its size for `trimDelayMs` the surplus goes back to the system, so that a
-// burst (many large requests at a time) does not stay resident after it. A slab goes when none of its blocks is handed out: the owner is told first
+// burst (many large requests at a time) does not stay resident after it. Once no buffer
+// has been asked for during `idleTrimMs`, the cache goes back too: an idle daemon holds
+// none of it. A slab goes when none of its blocks is handed out: the owner is told first
 // (e.g. io_uring unregisters it), then the ArrayBuffer is detached, which frees it now
 // rather than whenever the garbage collector runs.
 import { EngineError, ErrorCode } from './errors.ts';
@@ -23,6 +25,8 @@ const LARGE = 1024 * 1024;
 export const ARENA_CACHE_BYTES = 16 * 1024 * 1024;
 /** How long free blocks over the cache's size are kept before they go back (ms). */
 export const ARENA_TRIM_DELAY_MS = 1000;
+/** How long without an allocation before all free blocks go back (ms). */
+export const ARENA_IDLE_TRIM_MS = 5000;
 
 interface Slab {
   ab: ArrayBuffer;
@@ -63,15 +67,21 @@ export class BufferArena {
   private readonly cacheBytes: number;
   private readonly trimDelayMs: number;
   private trimTimer: ReturnType<typeof setTimeout> | undefined;
+  private readonly idleTrimMs: number;
+  private idleTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Allocations so far: the idle check compares it with what it saw last. */
+  private allocs = 0;
 
   constructor(
     hooks: ArenaHooks = {},
     cacheBytes = ARENA_CACHE_BYTES,
     trimDelayMs = ARENA_TRIM_DELAY_MS,
+    idleTrimMs = ARENA_IDLE_TRIM_MS,
   ) {
     this.hooks = hooks;
     this.cacheBytes = cacheBytes;
     this.trimDelayMs = trimDelayMs;
+    this.idleTrimMs = idleTrimMs;
   }
 
   alloc(length: number): Buffer {
@@ -82,6 +92,7 @@ export class BufferArena {
       );
     }
     const capacity = Math.ceil(length / PAGE) * PAGE;
+    this.allocs++;
     let block = this.free.get(capacity)?.pop();
     if (block !== undefined) this.cachedBytes -= capacity;
     else block = this.carve(capacity);
@@ -115,18 +126,35 @@ export class BufferArena {
       }, this.trimDelayMs);
       this.trimTimer.unref();
     }
+    if (this.idleTimer === undefined) this.watchIdle(this.allocs);
+  }
+
+  /** Gives the whole cache back once `idleTrimMs` passes with no allocation since `seen`. */
+  private watchIdle(seen: number): void {
+    this.idleTimer = setTimeout(() => {
+      this.idleTimer = undefined;
+      if (this.allocs !== seen) {
+        if (this.cachedBytes > 0) this.watchIdle(this.allocs);
+        return;
+      }
+      this.trim(0);
+    }, this.idleTrimMs);
+    this.idleTimer.unref();
   }
 
   /**
-   * Gives free memory back until the cache is within its size: slabs of one large block
-   * first, then small-block slabs none of whose blocks is handed out (not the one being
-   * carved).
+   * Gives free memory back until the cache is within `keep` bytes: slabs of one large
+   * block first, then small-block slabs none of whose blocks is handed out (the one being
+   * carved only when nothing is to be kept).
    */
-  trim(): void {
-    const candidates = [...this.slabs].filter((s) => s.live === 0 && s !== this.slab);
+  trim(keep = this.cacheBytes): void {
+    const candidates = [...this.slabs].filter(
+      (s) => s.live === 0 && (s !== this.slab || keep === 0),
+    );
     candidates.sort((a, b) => Number(b.own) - Number(a.own));
     for (const slab of candidates) {
-      if (this.cachedBytes <= this.cacheBytes) break;
+      if (this.cachedBytes <= keep) break;
+      if (slab === this.slab) this.slab = null;
       for (const [capacity, blocks] of this.free) {
         const kept = blocks.filter((b) => b.slab !== slab);
         this.cachedBytes -= (blocks.length - kept.length) * capacity;
@@ -140,6 +168,8 @@ export class BufferArena {
   dispose(): void {
     clearTimeout(this.trimTimer);
     this.trimTimer = undefined;
+    clearTimeout(this.idleTimer);
+    this.idleTimer = undefined;
   }
 
   private carve(capacity: number): Block {

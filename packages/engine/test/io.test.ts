@@ -4,7 +4,7 @@ import { closeSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync }
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import koffi from 'koffi';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { ARENA_CACHE_BYTES, BufferArena } from '../src/arena.ts';
 import { type Engine, EngineError, type EngineFile, IoError, openEngine } from '../src/index.ts';
 import { BACKENDS, rng, tempDir } from './helpers.ts';
@@ -538,6 +538,26 @@ describe('the buffer arena gives memory back', () => {
     const again = arena.alloc(32 * 1024);
     expect(again.length).toBe(32 * 1024);
     arena.release(again);
+  });
+
+  it('gives the whole cache back once no buffer has been asked for a while', async () => {
+    const arena = new BufferArena({}, ARENA_CACHE_BYTES, 50, 100);
+    const MiB = 1024 * 1024;
+    // Less than the cache keeps while busy: 4 large buffers and 64 small ones.
+    const bufs = [
+      ...Array.from({ length: 4 }, () => arena.alloc(2 * MiB).fill(1)),
+      ...Array.from({ length: 64 }, () => arena.alloc(32 * 1024).fill(2)),
+    ];
+    for (const b of bufs) arena.release(b);
+    expect(arena.cachedBytes).toBe(4 * 2 * MiB + 64 * 32 * 1024);
+    await vi.waitFor(() => expect(arena.allocatedBytes).toBe(0), { timeout: 5000 });
+    expect(arena.cachedBytes).toBe(0);
+    expect(bufs.every((b) => b.length === 0)).toBe(true);
+    // And it still works, from a new slab.
+    const again = arena.alloc(32 * 1024);
+    expect(again.length).toBe(32 * 1024);
+    arena.release(again);
+    arena.dispose();
   });
 
   it('io_uring: a slab given back is unregistered, its slot reused, fixed I/O still right', async () => {

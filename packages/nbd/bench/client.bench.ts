@@ -9,6 +9,7 @@ import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { BenchReport } from '../../../scripts/bench/report.ts';
 import { NbdClient } from '../src/index.ts';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 3);
@@ -107,21 +108,13 @@ async function main(): Promise<void> {
       await ours(pattern.socket, 'read', 262144),
       fio(pattern.socket, 'read', 262144),
     ]);
-    console.log(
-      `NbdClient vs fio --ioengine=nbd (libnbd), nbdkit on a unix socket, iodepth ${DEPTH}, ${SECONDS} s each`,
-    );
-    console.log(
-      'test                      ours IOPS   ours MiB/s    fio IOPS    fio MiB/s   ratio',
-    );
+    const report = new BenchReport('client', 'NbdClient');
     for (const [name, a, b] of rows) {
-      console.log(
-        `${name.padEnd(24)} ${a.iops.toFixed(0).padStart(10)} ${a.mibps.toFixed(1).padStart(12)} ${b.iops
-          .toFixed(0)
-          .padStart(
-            11,
-          )} ${b.mibps.toFixed(1).padStart(12)} ${(a.iops / b.iops).toFixed(2).padStart(7)}x`,
-      );
+      report.add(name, 'NbdClient', a.iops, 'IOPS');
+      report.add(name, 'fio nbd (libnbd)', b.iops, 'IOPS');
     }
+    report.note(`nbdkit on a unix socket, iodepth ${DEPTH}, ${SECONDS} s each`);
+    report.flush();
   } finally {
     for (const p of procs) p.kill('SIGTERM');
     rmSync(dir, { recursive: true, force: true });

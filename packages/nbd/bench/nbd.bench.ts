@@ -10,6 +10,7 @@ import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } fro
 import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { BenchReport } from '../../../scripts/bench/report.ts';
 import { FileTarget, NbdServer } from '../src/index.ts';
 
 const MiB = 1024 * 1024;
@@ -220,7 +221,6 @@ async function memoryUnderLoad(
   return { before, peak, after };
 }
 
-const fmt = (n: number): string => (n >= 1000 ? Math.round(n).toString() : n.toFixed(1));
 const mib = (n: number): string => `${(n / MiB).toFixed(1)} MiB`;
 
 const ROUNDS = Number(process.env.NBD_BENCH_ROUNDS ?? 2);
@@ -260,32 +260,25 @@ async function main(): Promise<void> {
   } finally {
     for (const s of servers) await s.stop();
   }
-  const ours = best.get('ours')!;
-  const q = best.get('qemu-nbd')!;
-  const k = best.get('nbdkit file')!;
-  console.log('\n| workload | ours | qemu-nbd | nbdkit file | ours / qemu-nbd | ours / nbdkit |');
-  console.log('|---|---|---|---|---|---|');
+  const report = new BenchReport('nbd', 'ours');
   for (const w of WORKLOADS) {
-    const o = ours.get(w.name)!;
-    const a = q.get(w.name)!;
-    const b = k.get(w.name)!;
-    const unit =
-      w.bs === '4k'
-        ? (r: FioResult) => `${fmt(r.iops)} IOPS`
-        : (r: FioResult) => `${fmt(r.mibps)} MiB/s`;
-    console.log(
-      `| ${w.name} | ${unit(o)} | ${unit(a)} | ${unit(b)} | ${(o.iops / a.iops).toFixed(2)}x | ${(o.iops / b.iops).toFixed(2)}x |`,
-    );
+    for (const [server, results] of best) {
+      const r = results.get(w.name)!;
+      report.add(
+        w.name,
+        server,
+        w.bs === '4k' ? r.iops : r.mibps,
+        w.bs === '4k' ? 'IOPS' : 'MiB/s',
+      );
+    }
   }
-  console.log('\nresident memory, 64 connections x 32 requests in flight (4k randrw), two runs:');
-  console.log('| server | before | peak run 1 | after run 1 | peak run 2 | after run 2 |');
-  console.log('|---|---|---|---|---|---|');
-  for (const [name, [r1, r2]] of memory) {
-    console.log(
-      `| ${name} | ${mib(r1!.before)} | ${mib(r1!.peak)} | ${mib(r1!.after)} | ${mib(r2!.peak)} | ${mib(r2!.after)} |`,
-    );
+  for (const [server, runs] of memory) {
+    const peak = Math.max(...runs.map((r) => r.peak));
+    report.add('RSS peak, 64 conns x QD 32 4k randrw', server, peak / MiB, 'MiB');
+    report.add('RSS after 2 runs', server, runs[runs.length - 1]!.after / MiB, 'MiB');
   }
-  console.log(heap);
+  report.note(`ours = NbdServer + FileTarget in the bench process; ${heap}`);
+  report.flush();
 }
 
 try {

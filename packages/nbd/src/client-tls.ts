@@ -4,8 +4,11 @@
 import { readFile } from 'node:fs/promises';
 import { isIP, type Socket } from 'node:net';
 import { join } from 'node:path';
-import * as tls from 'node:tls';
+import type * as Tls from 'node:tls';
 import { NbdConnectionError, NbdError } from './errors.ts';
+
+/** node:tls, loaded at first use: a client without TLS does not pay its memory. */
+const tls = (): typeof Tls => process.getBuiltinModule('node:tls');
 
 export interface NbdClientTlsOptions {
   /**
@@ -86,7 +89,7 @@ async function readOptional(path: string): Promise<Buffer | undefined> {
 export async function buildTlsConnectOptions(
   opts: NbdClientTlsOptions,
   host: string | undefined,
-): Promise<tls.ConnectionOptions> {
+): Promise<Tls.ConnectionOptions> {
   let psk: { identity: string; key: Buffer } | undefined;
   if (opts.psk) psk = { identity: opts.psk.identity, key: keyBytes(opts.psk.key) };
   else if (opts.pskFile !== undefined) {
@@ -123,7 +126,7 @@ export async function buildTlsConnectOptions(
     throw tlsFailed('a client certificate needs its key (and the other way round)');
   }
   const name = opts.hostname ?? (host === undefined || host === '' ? 'localhost' : host);
-  const out: tls.ConnectionOptions = {
+  const out: Tls.ConnectionOptions = {
     minVersion: 'TLSv1.2',
     rejectUnauthorized: opts.verifyPeer !== false,
     host: name,
@@ -138,12 +141,12 @@ export async function buildTlsConnectOptions(
 /** Runs the TLS handshake on `socket` (after the server's ACK to STARTTLS). */
 export function upgradeToTls(
   socket: Socket,
-  options: tls.ConnectionOptions,
-): Promise<tls.TLSSocket> {
+  options: Tls.ConnectionOptions,
+): Promise<Tls.TLSSocket> {
   return new Promise((resolve, reject) => {
-    let secure: tls.TLSSocket;
+    let secure: Tls.TLSSocket;
     try {
-      secure = tls.connect({ ...options, socket });
+      secure = tls().connect({ ...options, socket });
     } catch (err) {
       reject(err instanceof NbdError ? err : tlsFailed('cannot start TLS', err));
       return;

@@ -5,7 +5,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { join } from 'node:path';
-import * as tls from 'node:tls';
+import type * as Tls from 'node:tls';
 import { NbdError } from './errors.ts';
 
 export interface NbdServerTlsOptions {
@@ -36,10 +36,13 @@ export interface NbdServerTlsOptions {
 /** The server's TLS configuration, resolved once. */
 export interface ServerTls {
   readonly mode: 'off' | 'on' | 'require';
-  readonly context?: tls.SecureContext;
+  readonly context?: Tls.SecureContext;
   readonly psk?: ReadonlyMap<string, Buffer>;
   readonly verifyClients: boolean;
 }
+
+/** node:tls, loaded at first use: a server without TLS does not pay its memory (issue 18). */
+const tls = (): typeof Tls => process.getBuiltinModule('node:tls');
 
 const invalid = (message: string): NbdError =>
   new NbdError('ERR_VMDISK_NBD_INVALID_ARGUMENT', message);
@@ -129,15 +132,15 @@ export function resolveServerTls(options: NbdServerTlsOptions | undefined): Serv
     throw invalid(`tls mode '${mode}' needs X.509 (key, cert) or PSK keys`);
   }
   if (mode === 'off') return { mode, verifyClients: false };
-  let context: tls.SecureContext;
+  let context: Tls.SecureContext;
   try {
-    context = tls.createSecureContext({
+    context = tls().createSecureContext({
       ...(x509 ? { key: toPem(key), cert: toPem(cert) } : {}),
       ...(ca !== undefined ? { ca: toPem(ca) } : {}),
       // With PSK only, TLS 1.2 PSK suites; with a certificate too, the defaults as well.
       ...(psk !== undefined
         ? x509
-          ? { ciphers: `${tls.DEFAULT_CIPHERS}:${PSK_CIPHERS}` }
+          ? { ciphers: `${tls().DEFAULT_CIPHERS}:${PSK_CIPHERS}` }
           : { ciphers: PSK_CIPHERS, maxVersion: 'TLSv1.2' as const }
         : {}),
     });
@@ -159,16 +162,16 @@ const toPem = (v: string | Uint8Array | undefined): string | Buffer =>
  * Starts TLS (server side) on a socket whose NBD_OPT_STARTTLS was acknowledged. Resolves
  * with the TLS socket once the handshake is done; rejects if it fails.
  */
-export function startServerTls(raw: Socket, config: ServerTls): Promise<tls.TLSSocket> {
+export function startServerTls(raw: Socket, config: ServerTls): Promise<Tls.TLSSocket> {
   return new Promise((resolve, reject) => {
     const psk = config.psk;
-    const secure = new tls.TLSSocket(raw, {
+    const secure = new (tls().TLSSocket)(raw, {
       isServer: true,
       ...(config.context !== undefined ? { secureContext: config.context } : {}),
       requestCert: config.verifyClients,
       rejectUnauthorized: config.verifyClients,
       ...(psk !== undefined
-        ? { pskCallback: (_socket: tls.TLSSocket, identity: string) => psk.get(identity) ?? null }
+        ? { pskCallback: (_socket: Tls.TLSSocket, identity: string) => psk.get(identity) ?? null }
         : {}),
     });
     const fail = (err: Error): void => {

@@ -3,10 +3,13 @@
 // followed by unrelated bytes (the next compressed cluster shares the last sector), so
 // decompression stops at the end of the first stream or frame.
 
-import * as zlib from 'node:zlib';
+import type * as Zlib from 'node:zlib';
 import { Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
 import { compressOnPool } from './compress-pool.ts';
 import { CompressionType } from './header.ts';
+
+/** node:zlib, loaded at first use: images without compressed clusters do not pay for it. */
+const zlib = (): typeof Zlib => process.getBuiltinModule('node:zlib');
 
 /** Decodes a compressed cluster descriptor (the L2 entry without bits 62 and 63). */
 export function decodeCompressed(
@@ -71,12 +74,12 @@ export function decompressCluster(type: number, data: Uint8Array, clusterSize: n
   let out: Uint8Array;
   try {
     if (type === CompressionType.ZLIB) {
-      out = zlib.inflateRawSync(data, { finishFlush: zlib.constants.Z_SYNC_FLUSH });
+      out = zlib().inflateRawSync(data, { finishFlush: zlib().constants.Z_SYNC_FLUSH });
     } else if (type === CompressionType.ZSTD) {
-      if (typeof zlib.zstdDecompressSync !== 'function') throw fail('zstd not available in Node');
+      if (typeof zlib().zstdDecompressSync !== 'function') throw fail('zstd not available in Node');
       const len = zstdFrameLength(data);
       if (len < 0) throw fail('no complete zstd frame');
-      out = zlib.zstdDecompressSync(data.subarray(0, len));
+      out = zlib().zstdDecompressSync(data.subarray(0, len));
     } else throw fail(`unknown compression type ${type}`);
   } catch (err) {
     if (err instanceof Qcow2Error) throw err;
@@ -94,8 +97,8 @@ const DEFLATE = Object.freeze({ windowBits: 12, memLevel: 9 });
 
 /** Compresses one cluster (for writing compressed clusters and for tests). */
 export function compressCluster(type: number, data: Uint8Array): Uint8Array {
-  if (type === CompressionType.ZSTD) return zlib.zstdCompressSync(data);
-  return zlib.deflateRawSync(data, DEFLATE);
+  if (type === CompressionType.ZSTD) return zlib().zstdCompressSync(data);
+  return zlib().deflateRawSync(data, DEFLATE);
 }
 
 /**
