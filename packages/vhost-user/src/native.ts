@@ -231,11 +231,12 @@ export function pollHandle(fd: number, onReadable: () => void): node.PollHandle 
   return koffi.node.poll(fd, { readable: true }, onReadable);
 }
 
-export const ERRNO_NAMES: Record<number, string> = {
-  2: 'ENOENT',
-  13: 'EACCES',
-  17: 'EEXIST',
-  22: 'EINVAL',
-  36: 'ENAMETOOLONG',
-  98: 'EADDRINUSE',
+/** errno names and strerror texts (glibc's words, as QEMU prints them) of bind's failures. */
+export const ERRNOS: Record<number, [name: string, text: string]> = {
+  2: ['ENOENT', 'No such file or directory'],
+  13: ['EACCES', 'Permission denied'],
+  20: ['ENOTDIR', 'Not a directory'],
+  30: ['EROFS', 'Read-only file system'],
+  36: ['ENAMETOOLONG', 'File name too long'],
+  98: ['EADDRINUSE', 'Address already in use'],
 };

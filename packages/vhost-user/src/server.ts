@@ -6,7 +6,7 @@ import type { ExportTarget } from '@vmdisk/nbd';
 import type { node } from 'koffi';
 import { VhostUserConnection } from './connection.ts';
 import { VhostUserError } from './errors.ts';
-import { accept, closeFd, EAGAIN, ERRNO_NAMES, listenUnix, pollHandle } from './native.ts';
+import { accept, closeFd, EAGAIN, ERRNOS, listenUnix, pollHandle } from './native.ts';
 import { blkFeatures } from './protocol.ts';
 
 export interface VhostUserBlkOptions {
@@ -14,9 +14,9 @@ export interface VhostUserBlkOptions {
   path: string;
   target: ExportTarget;
   writable: boolean;
-  /** 512 (the default) to 4096, a power of two, at most the target's... as QEMU's. */
+  /** 512 (the default) to 2 MiB, a power of two, as QEMU's logical-block-size. */
   logicalBlockSize?: number;
-  /** 1 (the default) to 1024 (VIRTIO_QUEUE_MAX). */
+  /** 1 (the default) to 65535, as QEMU's num-queues. */
   numQueues?: number;
   /** What GET_ID answers: qemu-storage-daemon's "vhost_user_blk" by default. */
   serial?: string;
@@ -26,8 +26,8 @@ export interface VhostUserBlkOptions {
   onConnection?: (connected: boolean) => void;
 }
 
-/** The largest num-queues (VIRTIO_QUEUE_MAX). */
-const MAX_QUEUES = 1024;
+const MAX_QUEUES = 0xffff;
+const MAX_BLOCK_SIZE = 2 * 1024 * 1024;
 
 export class VhostUserBlkServer {
   private listenFd = -1;
@@ -42,10 +42,10 @@ export class VhostUserBlkServer {
   constructor(options: VhostUserBlkOptions) {
     this.options = options;
     const bs = options.logicalBlockSize ?? 512;
-    if (bs < 512 || bs > 32768 || (bs & (bs - 1)) !== 0) {
+    if (bs < 512 || bs > MAX_BLOCK_SIZE || (bs & (bs - 1)) !== 0) {
       throw new VhostUserError(
         'ERR_VMDISK_VHOST_INVALID_ARGUMENT',
-        `logical-block-size must be a power of 2 between 512 and 32768, got ${bs}`,
+        `logical-block-size must be a power of 2 between 512 and ${MAX_BLOCK_SIZE}, got ${bs}`,
       );
     }
     const nq = options.numQueues ?? 1;
@@ -74,10 +74,10 @@ export class VhostUserBlkServer {
     }
     const fd = listenUnix(path);
     if (fd < 0) {
-      const errnoName = ERRNO_NAMES[-fd] ?? `errno ${-fd}`;
+      const [errnoName, text] = ERRNOS[-fd] ?? [`errno ${-fd}`, `errno ${-fd}`];
       throw new VhostUserError(
         'ERR_VMDISK_VHOST_LISTEN_FAILED',
-        `Failed to bind socket to ${path}: ${errnoName}`,
+        `Failed to bind socket to ${path}: ${text}`,
         { errnoName },
       );
     }
