@@ -1,0 +1,159 @@
+// A real QEMU guest running fio on a vhost-user-blk export: vm-disk against
+// qemu-storage-daemon, each given the same command line and the same raw image on tmpfs.
+// Workloads (libaio, direct=1): 4 KiB random read and random write at QD 32, 256 KiB
+// sequential read. Under TCG the guest is the bottleneck, so beside the guest's IOPS
+// (MiB/s) the figure that compares the daemons is their CPU time per I/O: utime + stime
+// from /proc/PID/stat between the guest's start and end markers of each workload.
+// On a 2-CPU machine the daemon runs on CPU 0 (`taskset -c 0`) and QEMU on CPU 1.
+// A server whose vhost-user-blk export is refused is skipped with a message.
+// Run with plain node after `nx build vm-disk` (the vm-disk row starts the built bin);
+// the guest comes from scripts/guest-image.sh.
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { type GuestRun, hasHardwareKvm, runGuest } from '../test/harness/guest.ts';
+import { QSD, type VhostServer, VM_DISK } from '../test/harness/vhost-servers.ts';
+
+const RUNTIME_S = Number(process.env.VMDISK_BENCH_RUNTIME ?? 5);
+const IMAGE_MIB = Number(process.env.VMDISK_BENCH_GUEST_IMAGE_MIB ?? 256);
+const SERVERS: VhostServer[] = [QSD, VM_DISK];
+const WORKLOADS = [
+  { name: '4k-randread', rw: 'randread', bs: 4096 },
+  { name: '4k-randwrite', rw: 'randwrite', bs: 4096 },
+  { name: '256k-seqread', rw: 'read', bs: 256 * 1024 },
+];
+
+function sh(cmd: string, args: string[]): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
+  return r.stdout;
+}
+
+const PIN = sh('nproc', []).trim() === '2';
+const CLK_TCK = Number(sh('getconf', ['CLK_TCK']).trim());
+// tmpfs, so that the image's own storage is not what is measured.
+const dir = mkdtempSync(join('/dev/shm', 'vmdisk-vhost-bench-'));
+
+/** utime + stime of a process, in seconds (fields 14 and 15 of /proc/PID/stat). */
+function cpuSeconds(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
+}
+
+// Each workload between markers the host sees on the serial console; fio's terse output
+// (version 3) on the end marker: field 6 is read KiB, 8 read IOPS, 47 write KiB, 49 write IOPS.
+// A workload that stalls (a request never completed) is cut short by `timeout`, and the
+// device's in-flight counts are printed instead of figures.
+const SCRIPT = WORKLOADS.map(
+  (w) => `echo "VMDISK-BENCH-START ${w.name}"
+out=$(timeout ${RUNTIME_S + 60} fio --name=bench --filename=/dev/vda --ioengine=libaio \\
+  --direct=1 --rw=${w.rw} --bs=${w.bs} --iodepth=32 --runtime=${RUNTIME_S} --time_based \\
+  --output-format=terse) || echo "VMDISK-BENCH-STALLED ${w.name} inflight $(cat /sys/block/vda/inflight)"
+echo "VMDISK-BENCH-END ${w.name} $out"`,
+).join('\n');
+
+interface Figure {
+  /** IOPS for 4 KiB workloads, MiB/s for the sequential one. */
+  rate: number;
+  /** Daemon CPU microseconds per I/O. */
+  cpuUsPerIo: number;
+}
+
+async function measure(server: VhostServer, image: string): Promise<Map<string, Figure>> {
+  const socket = join(dir, 'vhost.sock');
+  rmSync(socket, { force: true });
+  const daemon = await server.start({
+    image,
+    format: 'raw',
+    socket,
+    ...(PIN && { cpu: 0 }),
+  });
+  // CPU seconds the daemon used during each workload, and fio's line for it.
+  const cpuAtStart = new Map<string, number>();
+  const ends = new Map<string, { cpu: number; terse: string }>();
+  let run: GuestRun;
+  try {
+    run = await runGuest({
+      vhostSocket: socket,
+      script: SCRIPT,
+      fio: true,
+      timeoutMs: 300_000 + WORKLOADS.length * RUNTIME_S * 4000,
+      ...(PIN && { cpuAffinity: 1 }),
+      onLine: (line) => {
+        const [marker, name = '', terse = ''] = line.split(' ');
+        if (marker === 'VMDISK-BENCH-START') cpuAtStart.set(name, cpuSeconds(daemon.pid));
+        if (marker === 'VMDISK-BENCH-END') {
+          ends.set(name, { cpu: cpuSeconds(daemon.pid) - (cpuAtStart.get(name) ?? 0), terse });
+        }
+      },
+    });
+  } finally {
+    await daemon.stop();
+  }
+  const figures = new Map<string, Figure>();
+  for (const w of WORKLOADS) {
+    const end = ends.get(w.name);
+    const f = end?.terse.split(';') ?? [];
+    if (end === undefined || f.length < 50) {
+      const stalled = run.log
+        .split('\n')
+        .find((l) => l.startsWith(`VMDISK-BENCH-STALLED ${w.name}`));
+      console.log(`${server.name} ${w.name}: no figures (${stalled ?? 'fio failed'})`);
+      continue;
+    }
+    const write = w.rw.includes('write');
+    const kib = Number(f[write ? 46 : 5]);
+    const ios = (kib * 1024) / w.bs;
+    const rate = w.bs === 4096 ? Number(f[write ? 48 : 7]) : kib / 1024 / RUNTIME_S;
+    figures.set(w.name, { rate, cpuUsPerIo: (end.cpu * 1e6) / ios });
+  }
+  console.log(
+    `${server.name}: guest booted in ${(run.bootMs / 1000).toFixed(1)} s, ran ${(run.totalMs / 1000).toFixed(1)} s`,
+  );
+  return figures;
+}
+
+const results = new Map<string, Map<string, Figure>>();
+try {
+  const image = join(dir, 'disk.raw');
+  sh('qemu-img', ['create', '-q', '-f', 'raw', image, `${IMAGE_MIB}M`]);
+  sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x5a 0 ${IMAGE_MIB}M`, image]);
+  console.log(
+    `guest: ${hasHardwareKvm() ? 'KVM' : 'TCG (no hardware KVM)'}; ${
+      PIN ? 'daemon on CPU 0, QEMU on CPU 1' : 'unpinned (nproc is not 2)'
+    }; ${RUNTIME_S} s per workload, ${IMAGE_MIB} MiB raw image on tmpfs`,
+  );
+  for (const server of SERVERS) {
+    try {
+      results.set(server.name, await measure(server, image));
+    } catch (e) {
+      const why = (e as Error).message.split('\n').find((l) => l.trim() !== '') ?? '';
+      if (server === VM_DISK && why.includes("does not accept value 'vhost-user-blk'")) {
+        console.log(`vm-disk: skipped, its vhost-user-blk export is refused (${why.trim()})`);
+      } else {
+        throw e;
+      }
+    }
+  }
+} finally {
+  rmSync(dir, { recursive: true, force: true });
+}
+
+const ref = results.get(QSD.name);
+const ours = results.get(VM_DISK.name);
+const cell = (f: Figure | undefined, pick: (f: Figure) => number, digits: number) =>
+  f === undefined ? '-' : pick(f).toFixed(digits);
+const ratio = (a: number | undefined, b: number | undefined) =>
+  a === undefined || b === undefined ? '-' : `${(a / b).toFixed(2)}x`;
+console.log(
+  '\n| workload | unit | qemu-storage-daemon | vm-disk | ratio | qsd CPU µs/IO | vm-disk CPU µs/IO | ratio |',
+);
+console.log(`|${'---|'.repeat(8)}`);
+for (const w of WORKLOADS) {
+  const a = ref?.get(w.name);
+  const b = ours?.get(w.name);
+  console.log(
+    `| ${w.name} | ${w.bs === 4096 ? 'IOPS' : 'MiB/s'} | ${cell(a, (f) => f.rate, 0)} | ${cell(b, (f) => f.rate, 0)} | ${ratio(b?.rate, a?.rate)} | ${cell(a, (f) => f.cpuUsPerIo, 1)} | ${cell(b, (f) => f.cpuUsPerIo, 1)} | ${ratio(b?.cpuUsPerIo, a?.cpuUsPerIo)} |`,
+  );
+}
