@@ -163,9 +163,9 @@ describe('vhost-user-blk exports', () => {
     expect(JSON.parse(JSON.stringify(ourAnswers).replaceAll('/ours/', '/qsd/'))).toEqual(
       theirsInOrder,
     );
-    // Features: qemu-storage-daemon's but SIZE_MAX (1), CONFIG_WCE (11), NOTIFY_ON_EMPTY
-    // (24) and LOG_ALL (26), which vm-disk leaves out.
-    const notOffered = (1n << 1n) | (1n << 11n) | (1n << 24n) | (1n << 26n);
+    // Features: qemu-storage-daemon's but SIZE_MAX (1), NOTIFY_ON_EMPTY (24) and LOG_ALL
+    // (26), which vm-disk leaves out.
+    const notOffered = (1n << 1n) | (1n << 24n) | (1n << 26n);
     expect(ourFeatures).toBe(theirFeatures & ~notOffered);
     for (const p of running.splice(0)) await p.stop('SIGTERM');
     await run('qemu-img', ['check', ours]);

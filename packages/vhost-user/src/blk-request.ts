@@ -25,6 +25,11 @@ export interface BlkDevice {
   blkSize: number;
   /** GET_ID's answer (NUL-padded to 20 bytes). */
   serial: string;
+  /**
+   * The guest's write cache setting (config writeback, CONFIG_WCE): off, each write is
+   * durable when it completes (FUA), as qemu-storage-daemon's write-through.
+   */
+  cache: { writeback: boolean };
   /** A request answered with an error status (logged by the server). */
   onRequestError(err: VhostUserError): void;
 }
@@ -134,7 +139,8 @@ export async function processBlkRequest(dev: BlkDevice, el: VirtqElement): Promi
         if (!dev.writable || !write)
           throw new BadRequest(BLK_S_IOERR, 'write to a read-only export');
         const offset = checkRange(dev, sector, total(dataOut));
-        await transfer(pieces(dataOut), offset, (o, b) => write(o, b, {}));
+        const fua = !dev.cache.writeback;
+        await transfer(pieces(dataOut), offset, (o, b) => write(o, b, { fua }));
         break;
       }
       case BLK_T.FLUSH:
@@ -227,9 +233,12 @@ async function discardOrZero(dev: BlkDevice, type: number, dataOut: Uint8Array[]
   if (!zero) {
     await t.trim?.(offset, length, {});
   } else if (t.writeZeroes) {
-    await t.writeZeroes(offset, length, { noHole: !(flags & BLK_WRITE_ZEROES_FLAG_UNMAP) });
+    await t.writeZeroes(offset, length, {
+      noHole: !(flags & BLK_WRITE_ZEROES_FLAG_UNMAP),
+      fua: !dev.cache.writeback,
+    });
   } else if (t.write) {
-    await t.write(offset, new Uint8Array(length), {});
+    await t.write(offset, new Uint8Array(length), { fua: !dev.cache.writeback });
   } else {
     throw new BadRequest(BLK_S_IOERR, 'write zeroes to a read-only target');
   }

@@ -16,6 +16,7 @@ import {
 } from './native.ts';
 import {
   BLK_CONFIG_SIZE,
+  BLK_CONFIG_WRITEBACK_OFFSET,
   bit,
   encodeBlkConfig,
   F,
@@ -281,15 +282,24 @@ export class VhostUserConnection {
           capacitySectors: BigInt(Math.floor(this.dev.target.size() / SECTOR_SIZE)),
           blkSize: this.dev.blkSize,
           numQueues: this.queues.length,
+          writeback: this.dev.cache.writeback,
         });
         const out = new Uint8Array(12 + size);
         out.set(new Uint8Array(p.buffer, 0, 12));
         out.set(config.subarray(offset, offset + size), 12);
         return out;
       }
-      case VHOST_USER.SET_CONFIG:
-        // Nothing is writable in the config space (no CONFIG_WCE): as qemu-storage-daemon.
+      case VHOST_USER.SET_CONFIG: {
+        // The guest may write only the writeback byte (CONFIG_WCE); as qemu-storage-daemon,
+        // anything else is ignored.
+        need(12);
+        const offset = p.getUint32(0, true);
+        const size = p.getUint32(4, true);
+        if (offset === BLK_CONFIG_WRITEBACK_OFFSET && size === 1 && p.byteLength >= 13) {
+          this.dev.cache.writeback = p.getUint8(12) !== 0;
+        }
         return undefined;
+      }
       default:
         for (const fd of m.fds) closeFd(fd);
         throw badMessage(`unsupported request ${m.request}`);

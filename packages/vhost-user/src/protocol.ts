@@ -57,6 +57,7 @@ export const F = {
   BLK_BLK_SIZE: 6,
   BLK_FLUSH: 9,
   BLK_TOPOLOGY: 10,
+  BLK_CONFIG_WCE: 11,
   BLK_MQ: 12,
   BLK_DISCARD: 13,
   BLK_WRITE_ZEROES: 14,
@@ -109,7 +110,12 @@ export interface BlkConfig {
   capacitySectors: bigint;
   blkSize: number;
   numQueues: number;
+  /** The write cache is on (the guest then sends FLUSH); off: writes are write-through. */
+  writeback: boolean;
 }
+
+/** Where virtio_blk_config.writeback is (the one field the guest may write, CONFIG_WCE). */
+export const BLK_CONFIG_WRITEBACK_OFFSET = 32;
 
 /** virtio_blk_config as qemu-storage-daemon 7.2 fills it (vu_blk_initialize_config). */
 export function encodeBlkConfig(c: BlkConfig): Uint8Array {
@@ -123,6 +129,7 @@ export function encodeBlkConfig(c: BlkConfig): Uint8Array {
   v.setUint8(25, 0); // alignment_offset
   v.setUint16(26, 1, true); // min_io_size
   v.setUint32(28, 1, true); // opt_io_size
+  v.setUint8(BLK_CONFIG_WRITEBACK_OFFSET, c.writeback ? 1 : 0);
   v.setUint16(34, c.numQueues, true);
   v.setUint32(36, MAX_DISCARD_SECTORS, true);
   v.setUint32(40, 1, true); // max_discard_seg
@@ -142,6 +149,7 @@ export function blkFeatures(writable: boolean): bigint {
     bit(F.RING_EVENT_IDX) |
     bit(F.BLK_SEG_MAX) |
     bit(F.BLK_TOPOLOGY) |
+    bit(F.BLK_CONFIG_WCE) |
     bit(F.BLK_BLK_SIZE) |
     bit(F.BLK_FLUSH) |
     bit(F.BLK_DISCARD) |

@@ -36,6 +36,8 @@ export class VhostUserBlkServer {
   private closing: Promise<void> | undefined;
   private readonly blkSize: number;
   private readonly numQueues: number;
+  /** The guest's write cache setting: the export's, kept across front-ends (off at start). */
+  private readonly cache = { writeback: false };
 
   private readonly options: VhostUserBlkOptions;
 
@@ -101,6 +103,7 @@ export class VhostUserBlkServer {
       writable: o.writable,
       blkSize: this.blkSize,
       serial: o.serial ?? 'vhost_user_blk',
+      cache: this.cache,
       numQueues: this.numQueues,
       features: blkFeatures(o.writable),
       onError: (err) => o.onError?.(err),

@@ -106,6 +106,15 @@ describe('negotiation and config', () => {
     expect(cfg.getUint32(48, true)).toBe(32768); // max_write_zeroes_sectors
     // A piece of the config space, as the guest driver reads it field by field.
     expect((await c.config(20, 4)).getUint32(0, true)).toBe(4096);
+    // The write cache starts off (write-through); the guest turns it on (CONFIG_WCE).
+    expect(features & (1n << BigInt(F.BLK_CONFIG_WCE))).not.toBe(0n);
+    expect((await c.config(32, 1)).getUint8(0)).toBe(0);
+    const set = new Uint8Array(13);
+    new DataView(set.buffer).setUint32(0, 32, true);
+    new DataView(set.buffer).setUint32(4, 1, true);
+    set[12] = 1;
+    expect(await c.ack(VHOST_USER.SET_CONFIG, set)).toBe(0n);
+    expect((await c.config(32, 1)).getUint8(0)).toBe(1);
   });
 
   it('offers RO on a read-only export, and refuses writes with IOERR', async () => {
@@ -199,6 +208,26 @@ describe('requests', () => {
     expect(c.mem[c.at(st)]).toBe(BLK_S_IOERR);
     expect((await c.blk(0, BLK_T.IN, 0n, { inLen: 4096 })).status).toBe(BLK_S_OK);
     expect(errors.map((e) => e.code)).toEqual(Array(5).fill('ERR_VMDISK_VHOST_BAD_REQUEST'));
+  });
+
+  it('signals by event index when negotiated (as Linux guests do)', async () => {
+    const { path, file } = await serve('evidx');
+    const c = RawVhostClient.connect(path);
+    cleanup.push(() => c.close());
+    await c.negotiate(ALL_PROTOCOL, { eventIdx: true });
+    expect(await c.setMemTable()).toBe(0n);
+    c.startQueue(0);
+    for (let i = 0; i < 20; i++) {
+      expect((await c.blk(0, BLK_T.IN, BigInt(i * 8), { inLen: 4096 })).status).toBe(BLK_S_OK);
+    }
+    const reads = await Promise.all(
+      Array.from({ length: 16 }, (_, i) => c.blk(0, BLK_T.IN, BigInt(i * 8), { inLen: 4096 })),
+    );
+    const bytes = readFileSync(file);
+    reads.forEach((r, i) => {
+      expect(r.status).toBe(BLK_S_OK);
+      expect(Buffer.from(r.data).equals(bytes.subarray(i * 4096, (i + 1) * 4096))).toBe(true);
+    });
   });
 
   it('serves several queues', async () => {

@@ -19,10 +19,9 @@ const RUN = join(import.meta.dirname, 'raw-client-run.ts');
 
 /**
  * What qemu-storage-daemon offers and we do not: SIZE_MAX (with size_max 0, nothing to
- * tell), CONFIG_WCE (a writeback switch we would ignore), NOTIFY_ON_EMPTY and LOG_ALL
- * (dirty logging for live migration, not supported).
+ * tell), NOTIFY_ON_EMPTY and LOG_ALL (dirty logging for live migration, not supported).
  */
-const NOT_OFFERED = bit(F.BLK_SIZE_MAX) | bit(11) | bit(24) | bit(26);
+const NOT_OFFERED = bit(F.BLK_SIZE_MAX) | bit(24) | bit(26);
 
 let dir: string;
 let children: ChildProcess[];

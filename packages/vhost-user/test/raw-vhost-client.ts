@@ -73,6 +73,8 @@ export class RawVhostClient {
   mem = new Uint8Array(0);
   private next = 0x1000;
   private readonly queues = new Map<number, Queue>();
+  /** VIRTIO_RING_F_EVENT_IDX negotiated: used_event is kept up to date in each avail ring. */
+  private eventIdx = false;
 
   private constructor(fd: number) {
     this.fd = fd;
@@ -165,12 +167,16 @@ export class RawVhostClient {
   }
 
   /** Features and protocol features as QEMU negotiates them; returns the device's. */
-  async negotiate(protocolFeatures: bigint): Promise<{ features: bigint; protocol: bigint }> {
+  async negotiate(
+    protocolFeatures: bigint,
+    options: { eventIdx?: boolean } = {},
+  ): Promise<{ features: bigint; protocol: bigint }> {
     const features = await this.getU64(VHOST_USER.GET_FEATURES);
     const protocol = await this.getU64(VHOST_USER.GET_PROTOCOL_FEATURES);
     this.send(VHOST_USER.SET_PROTOCOL_FEATURES, u64(protocol & protocolFeatures));
     this.send(VHOST_USER.SET_OWNER);
-    const wanted = features & ~(1n << BigInt(F.RING_EVENT_IDX));
+    this.eventIdx = options.eventIdx ?? false;
+    const wanted = this.eventIdx ? features : features & ~(1n << BigInt(F.RING_EVENT_IDX));
     this.send(VHOST_USER.SET_FEATURES, u64(wanted));
     return { features, protocol };
   }
@@ -282,6 +288,8 @@ export class RawVhostClient {
       q.waiting.delete(id);
       w?.({ len });
     }
+    // Ask to be signalled at the next used entry (used_event, after the avail ring).
+    if (this.eventIdx) v.setUint16(q.avail + 4 + 2 * q.num, q.usedSeen, true);
   }
 
   /**
