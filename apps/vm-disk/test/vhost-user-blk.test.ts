@@ -4,7 +4,7 @@
 // mode, the event before the reply), and the same front-end session (the raw client of
 // @vmdisk/vhost-user's tests, run as a process) leaving the same qcow2 image.
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { monitorArgs, run, startQsd, startServe, useScratch, waitFor } from './harness/daemon.ts';
@@ -170,5 +170,21 @@ describe('vhost-user-blk exports', () => {
     for (const p of running.splice(0)) await p.stop('SIGTERM');
     await run('qemu-img', ['check', ours]);
     await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', ours, theirs]);
+  });
+
+  it('listens again at the same path after a kill -9 left the socket behind', async () => {
+    const image = scratch.path('disk.qcow2');
+    await run('qemu-img', ['create', '-f', 'qcow2', image, '4M']);
+    const sock = scratch.path('vhost.sock');
+    const first = await startServe(args(image, scratch.path('1.qmp'), sock));
+    await first.stop('SIGKILL');
+    expect(existsSync(sock)).toBe(true); // stale: nobody listens there
+    running.push(await startServe(args(image, scratch.path('2.qmp'), sock)));
+    const session = await holdSession(sock);
+    // The export of args() is read-only: reads are served, writes refused with IOERR.
+    expect(session.summary).toMatchObject({
+      memTable: 0,
+      results: { read: { status: 0 }, write: { status: 1 }, getId: { status: 0 } },
+    });
   });
 });

@@ -383,7 +383,11 @@ export class VhostUserConnection {
         );
       }
     } catch (e) {
-      this.fail(e as VhostUserError);
+      this.fail(
+        e instanceof VhostUserError
+          ? e
+          : new VhostUserError('ERR_VMDISK_VHOST_DEVICE_BROKEN', String(e), { cause: e }),
+      );
     }
   }
 
