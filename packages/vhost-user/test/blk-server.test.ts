@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { FileTarget } from '@vmdisk/nbd';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { VhostUserBlkServer, type VhostUserError } from '../src/index.ts';
+import { closeFd, eventfd } from '../src/native.ts';
 import {
   BLK_S_IOERR,
   BLK_S_OK,
@@ -16,7 +17,7 @@ import {
   PROTOCOL_F,
   VHOST_USER,
 } from '../src/protocol.ts';
-import { RawVhostClient } from './raw-vhost-client.ts';
+import { pair, RawVhostClient, u64 } from './raw-vhost-client.ts';
 
 const SIZE = 4 * 1024 * 1024;
 const ALL_PROTOCOL = (1n << BigInt(PROTOCOL_F.CONFIG)) | (1n << BigInt(PROTOCOL_F.REPLY_ACK)) | 1n;
@@ -274,6 +275,67 @@ describe('vring and memory management', () => {
     c1.close();
     const c2 = await connect(path);
     expect((await c2.blk(0, BLK_T.IN, 0n, { inLen: 512 })).status).toBe(BLK_S_OK);
+  });
+});
+
+describe('the rest of the protocol', () => {
+  it('SET_VRING_ENABLE 0 holds requests until the ring is enabled again', async () => {
+    const { path } = await serve('enable');
+    const c = await connect(path);
+    expect(await c.ack(VHOST_USER.SET_VRING_ENABLE, pair(0, 0))).toBe(0n);
+    const pending = c.blk(0, BLK_T.IN, 0n, { inLen: 512 });
+    expect(await c.ack(VHOST_USER.SET_VRING_ENABLE, pair(0, 1))).toBe(0n);
+    expect((await pending).status).toBe(BLK_S_OK);
+  });
+
+  it('takes SET_VRING_ERR, and starts over after RESET_OWNER', async () => {
+    const { path } = await serve('reset');
+    const c = await connect(path);
+    const err = eventfd();
+    cleanup.push(() => void closeFd(err));
+    expect(await c.ack(VHOST_USER.SET_VRING_ERR, u64(0n), [err])).toBe(0n);
+    expect((await c.blk(0, BLK_T.IN, 0n, { inLen: 512 })).status).toBe(BLK_S_OK);
+    expect(await c.ack(VHOST_USER.RESET_OWNER)).toBe(0n);
+    expect(await c.setMemTable()).toBe(0n);
+    c.startQueue(0);
+    expect((await c.blk(0, BLK_T.IN, 0n, { inLen: 512 })).status).toBe(BLK_S_OK);
+  });
+
+  it.each([
+    [
+      'a ring size that is not a power of 2',
+      (c: RawVhostClient) => c.send(VHOST_USER.SET_VRING_NUM, pair(0, 3)),
+    ],
+    [
+      'a ring that does not exist',
+      (c: RawVhostClient) => c.send(VHOST_USER.SET_VRING_NUM, pair(5, 128)),
+    ],
+    [
+      'a memory table without its fds',
+      (c: RawVhostClient) => c.send(VHOST_USER.SET_MEM_TABLE, c.memTablePayload().payload),
+    ],
+    [
+      'a message too large',
+      (c: RawVhostClient) => c.send(VHOST_USER.SET_FEATURES, new Uint8Array(8192)),
+    ],
+    [
+      'a kick before the memory table',
+      (c: RawVhostClient) => {
+        const kick = eventfd();
+        c.send(VHOST_USER.SET_VRING_KICK, u64(0n), [kick]);
+        closeFd(kick);
+      },
+    ],
+  ])('%s closes the connection (ERR_VMDISK_VHOST_BAD_MESSAGE or DEVICE_BROKEN)', async (_, act) => {
+    const { path, errors } = await serve('proto');
+    const c = RawVhostClient.connect(path);
+    cleanup.push(() => c.close());
+    await c.negotiate(ALL_PROTOCOL);
+    act(c);
+    await c.closed;
+    expect(errors.map((e) => e.code)).toEqual([
+      expect.stringMatching(/^ERR_VMDISK_VHOST_(BAD_MESSAGE|DEVICE_BROKEN)$/),
+    ]);
   });
 });
 
