@@ -16,6 +16,7 @@ import {
   F,
   PROTOCOL_F,
   VHOST_USER,
+  VRING_DESC_F_INDIRECT,
 } from '../src/protocol.ts';
 import { pair, RawVhostClient, u64 } from './raw-vhost-client.ts';
 
@@ -384,6 +385,21 @@ describe('bad guests', () => {
     ]);
     await c.closed;
     expect(errors.at(-1)?.code).toBe('ERR_VMDISK_VHOST_DEVICE_BROKEN');
+  });
+
+  it.each([
+    ['outside guest memory', false, /indirect table outside guest memory/],
+    ['nested in another', true, /nested indirect/],
+  ])('an indirect table %s breaks the device', async (_, nested, message) => {
+    const { path, errors } = await serve('ind2');
+    const c = await connect(path);
+    const table = nested ? c.alloc(32) : 0x5000_0000n;
+    void c.submitChain(0, [{ gpa: table, len: 32, write: false, flags: VRING_DESC_F_INDIRECT }], {
+      indirect: nested,
+    });
+    await c.closed;
+    expect(errors.at(-1)?.code).toBe('ERR_VMDISK_VHOST_DEVICE_BROKEN');
+    expect(errors.at(-1)?.message).toMatch(message);
   });
 
   it('a chain head out of range breaks the device', async () => {

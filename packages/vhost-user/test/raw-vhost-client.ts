@@ -39,6 +39,8 @@ export interface Desc {
   gpa: bigint;
   len: number;
   write: boolean;
+  /** Flags added to those the chain gives it (VRING_DESC_F_INDIRECT, for bad guests). */
+  flags?: number;
 }
 
 export interface Completion {
@@ -310,7 +312,7 @@ export class RawVhostClient {
       v.setUint32(at + 8, d.len, true);
       v.setUint16(
         at + 12,
-        (d.write ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT),
+        (d.write ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT) | (d.flags ?? 0),
         true,
       );
       v.setUint16(at + 14, options.nextOf?.(i) ?? i + 1, true);
