@@ -24,6 +24,7 @@ import { VmDiskError } from './errors.ts';
 import type { Logger } from './log.ts';
 import type {
   ExportConfig,
+  NbdExportConfig,
   NbdServerConfig,
   ServeConfig,
   SocketAddress,
@@ -31,6 +32,7 @@ import type {
 import type { DaemonControl } from './qmp/daemon-control.ts';
 import { QmpError, QmpMonitor, type QmpVersion } from './qmp/monitor.ts';
 import { serverTlsOptions } from './tls-creds.ts';
+import { VhostExports } from './vhost-exports.ts';
 
 export const QMP_VERSION: QmpVersion = {
   qemu: { major: 7, minor: 2, micro: 0 },
@@ -38,7 +40,7 @@ export const QMP_VERSION: QmpVersion = {
 };
 
 interface ExportEntry {
-  config: ExportConfig;
+  config: NbdExportConfig;
   name: string;
   backend: BlockBackend;
   /** The dirty bitmaps it offers (busy until the export is gone). */
@@ -55,6 +57,7 @@ export class Daemon implements DaemonControl {
   readonly jobs: JobRegistry;
   private nbd: { server: NbdServer; address: ListenAddress } | undefined;
   private readonly exports = new Map<string, ExportEntry>();
+  private readonly vhostExports: VhostExports;
   private pidfile: string | undefined;
   private stopping: Promise<void> | undefined;
   private readonly stopped: Promise<void>;
@@ -65,6 +68,7 @@ export class Daemon implements DaemonControl {
   constructor(log: Logger) {
     this.log = log;
     this.monitor = new QmpMonitor(QMP_VERSION, log.child({ component: 'qmp' }));
+    this.vhostExports = new VhostExports(this.graph, log.child({ component: 'vhost-user' }));
     this.jobs = new JobRegistry({
       events: {
         push: (e: JobStatusChangeEvent | JobEvent) => {
@@ -266,6 +270,10 @@ export class Daemon implements DaemonControl {
   }
 
   async blockExportAdd(config: ExportConfig): Promise<void> {
+    if (this.exports.has(config.id) || this.vhostExports.has(config.id)) {
+      throw new QmpError('GenericError', `Block export id '${config.id}' is already in use`);
+    }
+    if (config.type === 'vhost-user-blk') return this.vhostExports.add(config);
     if (!this.nbd) throw new QmpError('GenericError', 'NBD server not running');
     if (this.exports.has(config.id)) {
       throw new QmpError('GenericError', `Block export id '${config.id}' is already in use`);
@@ -319,6 +327,13 @@ export class Daemon implements DaemonControl {
    * export shows shutting-down until its clients' requests are over, then the event.
    */
   async blockExportDel(id: string, mode: 'safe' | 'hard' = 'safe'): Promise<void> {
+    if (this.vhostExports.has(id)) {
+      // As qemu-storage-daemon: the front-end is disconnected in either mode, the export
+      // gone (its event sent) before the reply.
+      await this.vhostExports.del(id);
+      this.monitor.emitEvent('BLOCK_EXPORT_DELETED', { id });
+      return;
+    }
     const entry = this.exports.get(id);
     if (!entry || !this.nbd) throw new QmpError('GenericError', `Export '${id}' is not found`);
     if (entry.shuttingDown)
@@ -352,12 +367,15 @@ export class Daemon implements DaemonControl {
     'node-name': string;
     'shutting-down': boolean;
   }[] {
-    return [...this.exports.values()].map((e) => ({
-      type: 'nbd',
-      id: e.config.id,
-      'node-name': e.config.nodeName,
-      'shutting-down': e.shuttingDown,
-    }));
+    return [
+      ...[...this.exports.values()].map((e) => ({
+        type: 'nbd',
+        id: e.config.id,
+        'node-name': e.config.nodeName,
+        'shutting-down': e.shuttingDown,
+      })),
+      ...this.vhostExports.query(),
+    ];
   }
 
   private async exportGone(id: string): Promise<void> {
@@ -371,6 +389,7 @@ export class Daemon implements DaemonControl {
   }
 
   async closeExports(): Promise<void> {
+    for (const id of this.vhostExports.ids()) await this.blockExportDel(id);
     if (this.nbd) await this.nbdServerStop();
   }
 

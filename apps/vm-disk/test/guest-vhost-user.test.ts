@@ -10,10 +10,9 @@ import { readFileSync, rmSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { run, useScratch } from './harness/daemon.ts';
 import { runGuest } from './harness/guest.ts';
-import { QSD, type VhostDaemon, type VhostServer } from './harness/vhost-servers.ts';
+import { QSD, type VhostDaemon, type VhostServer, VM_DISK } from './harness/vhost-servers.ts';
 
-// vm-disk's row (VM_DISK from harness/vhost-servers.ts) joins when its export lands.
-const SERVERS: VhostServer[] = [QSD];
+const SERVERS: VhostServer[] = [QSD, VM_DISK];
 
 const MiB = 1 << 20;
 const DISK = 64 * MiB;

@@ -14,13 +14,21 @@ const ALLOWED: Record<string, string[]> = {
   '@vmdisk/engine': [],
   '@vmdisk/ao': [],
   '@vmdisk/nbd': ['@vmdisk/ao'],
+  '@vmdisk/vhost-user': ['@vmdisk/nbd'],
   '@vmdisk/block-graph': ['@vmdisk/engine', '@vmdisk/ao', '@vmdisk/nbd'],
-  'vm-disk': ['@vmdisk/engine', '@vmdisk/ao', '@vmdisk/nbd', '@vmdisk/block-graph'],
+  'vm-disk': [
+    '@vmdisk/engine',
+    '@vmdisk/ao',
+    '@vmdisk/nbd',
+    '@vmdisk/vhost-user',
+    '@vmdisk/block-graph',
+  ],
 };
 const DIRS: Record<string, string> = {
   '@vmdisk/engine': 'packages/engine',
   '@vmdisk/ao': 'packages/ao',
   '@vmdisk/nbd': 'packages/nbd',
+  '@vmdisk/vhost-user': 'packages/vhost-user',
   '@vmdisk/block-graph': 'packages/block-graph',
   'vm-disk': 'apps/vm-disk',
 };
@@ -115,6 +123,7 @@ describe('the dependency rule of docs/architecture.md', () => {
       expect(deps('@vmdisk/engine')).toEqual([]);
       expect(deps('@vmdisk/ao')).toEqual([]);
       expect(deps('@vmdisk/nbd')).not.toContain('@vmdisk/block-graph');
+      expect(deps('@vmdisk/vhost-user')).not.toContain('@vmdisk/block-graph');
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

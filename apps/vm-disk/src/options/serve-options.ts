@@ -40,7 +40,9 @@ export const NBD_SERVER_EXTENSIONS = {
   'request-memory-budget': opt(size),
 };
 
-export interface ExportConfig {
+export type ExportConfig = NbdExportConfig | VhostUserBlkExportConfig;
+
+export interface NbdExportConfig {
   type: 'nbd';
   id: string;
   nodeName: string;
@@ -50,6 +52,17 @@ export interface ExportConfig {
   allocationDepth: boolean;
   /** Dirty bitmaps offered as qemu:dirty-bitmap:NAME: names on the node (or below), or {node, name}. */
   bitmaps?: BlockDirtyBitmapOrStr[];
+}
+
+/** A vhost-user-blk export (BlockExportOptionsVhostUserBlk). */
+export interface VhostUserBlkExportConfig {
+  type: 'vhost-user-blk';
+  id: string;
+  nodeName: string;
+  writable: boolean;
+  addr: SocketAddress;
+  logicalBlockSize: number;
+  numQueues: number;
 }
 
 export interface ChardevConfig {
@@ -102,7 +115,15 @@ const nbdServerOptions = struct({
   ...NBD_SERVER_EXTENSIONS,
 });
 
-/** BlockExportOptions (nbd), as --export and QMP block-export-add take them. */
+/** uint16, with QEMU's words ("Parameter 'num-queues' expects uint16_t"). */
+const uint16 = schema.custom('uint16', (v, key, syntax) => {
+  if (typeof v === 'string' && v.startsWith('-')) throw schema.optionExpects(key, 'uint16_t');
+  const n = uint32.parse(v, key, syntax);
+  if (n > 0xffff) throw schema.optionExpects(key, 'uint16_t');
+  return n;
+});
+
+/** BlockExportOptions (nbd, vhost-user-blk), as --export and QMP block-export-add take them. */
 export const exportOptions = union(
   'type',
   {
@@ -117,6 +138,11 @@ export const exportOptions = union(
       description: opt(str),
       bitmaps: opt(list(blockDirtyBitmapOrStr)),
       'allocation-depth': opt(bool, false),
+    },
+    'vhost-user-blk': {
+      addr: socketAddress,
+      'logical-block-size': opt(size, 512),
+      'num-queues': opt(uint16, 1),
     },
   },
 );
@@ -157,6 +183,17 @@ const VALUE_OPTIONS = new Set([
 
 /** An export's configuration from checked options. */
 export function exportConfig(v: Infer<typeof exportOptions>): ExportConfig {
+  if (v.type === 'vhost-user-blk') {
+    return {
+      type: v.type,
+      id: v.id,
+      nodeName: v['node-name'],
+      writable: v.writable,
+      addr: v.addr,
+      logicalBlockSize: v['logical-block-size'],
+      numQueues: v['num-queues'],
+    };
+  }
   return {
     type: v.type,
     id: v.id,
@@ -324,7 +361,7 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
       );
     }
   }
-  if (config.exports.length > 0 && !config.nbdServer) {
+  if (config.exports.some((e) => e.type === 'nbd') && !config.nbdServer) {
     throw new BadOptionError('--export', 'NBD exports need an --nbd-server');
   }
   return config;
