@@ -21,8 +21,10 @@ import {
   type NbdServerTlsOptions,
 } from '@vmdisk/nbd';
 import { VmDiskError } from './errors.ts';
+import { FuseExports } from './fuse-exports.ts';
 import type { Logger } from './log.ts';
 import type {
+  BlockExportConfig,
   ExportConfig,
   NbdServerConfig,
   ServeConfig,
@@ -55,6 +57,7 @@ export class Daemon implements DaemonControl {
   readonly jobs: JobRegistry;
   private nbd: { server: NbdServer; address: ListenAddress } | undefined;
   private readonly exports = new Map<string, ExportEntry>();
+  private readonly fuse: FuseExports;
   private pidfile: string | undefined;
   private stopping: Promise<void> | undefined;
   private readonly stopped: Promise<void>;
@@ -75,6 +78,9 @@ export class Daemon implements DaemonControl {
         },
       },
     });
+    this.fuse = new FuseExports(this.graph, log, (id) =>
+      this.monitor.emitEvent('BLOCK_EXPORT_DELETED', { id }),
+    );
     this.stopped = new Promise((resolve) => {
       this.markStopped = resolve;
     });
@@ -265,9 +271,16 @@ export class Daemon implements DaemonControl {
     this.log.info({ event: 'nbd-stopped' }, 'NBD server stopped');
   }
 
-  async blockExportAdd(config: ExportConfig): Promise<void> {
+  async blockExportAdd(config: BlockExportConfig): Promise<void> {
+    const idTaken = this.exports.has(config.id) || this.fuse.has(config.id);
+    if (config.type === 'fuse') {
+      if (idTaken) {
+        throw new QmpError('GenericError', `Block export id '${config.id}' is already in use`);
+      }
+      return this.fuse.add(config);
+    }
     if (!this.nbd) throw new QmpError('GenericError', 'NBD server not running');
-    if (this.exports.has(config.id)) {
+    if (idTaken) {
       throw new QmpError('GenericError', `Block export id '${config.id}' is already in use`);
     }
     const name = config.name ?? config.nodeName;
@@ -319,6 +332,7 @@ export class Daemon implements DaemonControl {
    * export shows shutting-down until its clients' requests are over, then the event.
    */
   async blockExportDel(id: string, mode: 'safe' | 'hard' = 'safe'): Promise<void> {
+    if (this.fuse.has(id)) return this.fuse.del(id);
     const entry = this.exports.get(id);
     if (!entry || !this.nbd) throw new QmpError('GenericError', `Export '${id}' is not found`);
     if (entry.shuttingDown)
@@ -352,12 +366,13 @@ export class Daemon implements DaemonControl {
     'node-name': string;
     'shutting-down': boolean;
   }[] {
-    return [...this.exports.values()].map((e) => ({
+    const nbd = [...this.exports.values()].map((e) => ({
       type: 'nbd',
       id: e.config.id,
       'node-name': e.config.nodeName,
       'shutting-down': e.shuttingDown,
     }));
+    return [...nbd, ...this.fuse.query()];
   }
 
   private async exportGone(id: string): Promise<void> {
@@ -371,6 +386,7 @@ export class Daemon implements DaemonControl {
   }
 
   async closeExports(): Promise<void> {
+    await this.fuse.closeAll();
     if (this.nbd) await this.nbdServerStop();
   }
 

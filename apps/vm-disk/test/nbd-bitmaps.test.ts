@@ -179,12 +179,12 @@ describe('block-export-add bitmaps as qemu-storage-daemon 7.2', () => {
       '--export',
       'type=nbd,id=e,node-name=n,bitmaps.0=a,bitmaps.1.node=n,bitmaps.1.name=b',
     ]);
-    expect(keyval.exports[0]?.bitmaps).toEqual(['a', { node: 'n', name: 'b' }]);
+    expect(keyval.exports[0]).toMatchObject({ bitmaps: ['a', { node: 'n', name: 'b' }] });
     const json = parseServeOptions([
       ...blockdev,
       '--export',
       '{"type":"nbd","id":"e","node-name":"n","bitmaps":["a"]}',
     ]);
-    expect(json.exports[0]?.bitmaps).toEqual(['a']);
+    expect(json.exports[0]).toMatchObject({ bitmaps: ['a'] });
   });
 });

@@ -14,13 +14,15 @@ const ALLOWED: Record<string, string[]> = {
   '@vmdisk/engine': [],
   '@vmdisk/ao': [],
   '@vmdisk/nbd': ['@vmdisk/ao'],
+  '@vmdisk/fuse': [],
   '@vmdisk/block-graph': ['@vmdisk/engine', '@vmdisk/ao', '@vmdisk/nbd'],
-  'vm-disk': ['@vmdisk/engine', '@vmdisk/ao', '@vmdisk/nbd', '@vmdisk/block-graph'],
+  'vm-disk': ['@vmdisk/engine', '@vmdisk/ao', '@vmdisk/nbd', '@vmdisk/fuse', '@vmdisk/block-graph'],
 };
 const DIRS: Record<string, string> = {
   '@vmdisk/engine': 'packages/engine',
   '@vmdisk/ao': 'packages/ao',
   '@vmdisk/nbd': 'packages/nbd',
+  '@vmdisk/fuse': 'packages/fuse',
   '@vmdisk/block-graph': 'packages/block-graph',
   'vm-disk': 'apps/vm-disk',
 };

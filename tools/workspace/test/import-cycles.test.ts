@@ -12,6 +12,7 @@ const CHECKED = [
   'packages/engine/src',
   'packages/ao/src',
   'packages/nbd/src',
+  'packages/fuse/src',
   'packages/block-graph/src',
   'apps/vm-disk/src',
 ];

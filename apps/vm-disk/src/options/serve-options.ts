@@ -52,6 +52,20 @@ export interface ExportConfig {
   bitmaps?: BlockDirtyBitmapOrStr[];
 }
 
+/** A FUSE export (`type=fuse`): the node as a regular file mounted over `mountpoint`. */
+export interface FuseExportConfig {
+  type: 'fuse';
+  id: string;
+  nodeName: string;
+  mountpoint: string;
+  writable: boolean;
+  growable: boolean;
+  allowOther: 'on' | 'off' | 'auto';
+}
+
+/** Any export --export and block-export-add create. */
+export type BlockExportConfig = ExportConfig | FuseExportConfig;
+
 export interface ChardevConfig {
   id: string;
   path: string;
@@ -79,7 +93,7 @@ export interface ServeConfig {
   /** --blockdev values, in order. */
   blockdevs: BlockdevConfig[];
   nbdServer?: NbdServerConfig;
-  exports: ExportConfig[];
+  exports: BlockExportConfig[];
   /** --object values, in order (checked; created by the graph's object registry). */
   objects: BlockdevConfig[];
   monitors: MonitorConfig[];
@@ -117,6 +131,11 @@ export const exportOptions = union(
       description: opt(str),
       bitmaps: opt(list(blockDirtyBitmapOrStr)),
       'allocation-depth': opt(bool, false),
+    },
+    fuse: {
+      mountpoint: str,
+      growable: opt(bool, false),
+      'allow-other': opt(enumOf(['off', 'on', 'auto']), 'auto'),
     },
   },
 );
@@ -156,7 +175,18 @@ const VALUE_OPTIONS = new Set([
 ]);
 
 /** An export's configuration from checked options. */
-export function exportConfig(v: Infer<typeof exportOptions>): ExportConfig {
+export function exportConfig(v: Infer<typeof exportOptions>): BlockExportConfig {
+  if (v.type === 'fuse') {
+    return {
+      type: v.type,
+      id: v.id,
+      nodeName: v['node-name'],
+      mountpoint: v.mountpoint,
+      writable: v.writable,
+      growable: v.growable,
+      allowOther: v['allow-other'],
+    };
+  }
   return {
     type: v.type,
     id: v.id,
@@ -324,7 +354,7 @@ export function parseServeOptions(argv: readonly string[]): ServeConfig {
       );
     }
   }
-  if (config.exports.length > 0 && !config.nbdServer) {
+  if (config.exports.some((e) => e.type === 'nbd') && !config.nbdServer) {
     throw new BadOptionError('--export', 'NBD exports need an --nbd-server');
   }
   return config;

@@ -4,7 +4,7 @@
 import type { JobRegistry } from '@vmdisk/ao';
 import type { BlockGraph, OptionSyntax } from '@vmdisk/block-graph';
 import type { ListenAddress } from '@vmdisk/nbd';
-import type { ExportConfig, NbdServerConfig } from '../options/serve-options.ts';
+import type { BlockExportConfig, NbdServerConfig } from '../options/serve-options.ts';
 
 export interface DaemonControl {
   readonly graph: BlockGraph;
@@ -14,7 +14,7 @@ export interface DaemonControl {
   queryNamedBlockNodes(): Record<string, unknown>[];
   nbdServerStart(config: NbdServerConfig): Promise<ListenAddress>;
   nbdServerStop(): Promise<void>;
-  blockExportAdd(config: ExportConfig): Promise<void>;
+  blockExportAdd(config: BlockExportConfig): Promise<void>;
   blockExportDel(id: string, mode?: 'safe' | 'hard'): void;
   queryBlockExports(): {
     type: string;
