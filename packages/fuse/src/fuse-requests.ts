@@ -184,7 +184,9 @@ export class FuseRequests {
   private init(v: DataView): Uint8Array[] | Errno {
     const init = parseInitIn(v, IN_HEADER_SIZE);
     if (init.major !== FUSE_KERNEL_VERSION) return err('EPROTO');
-    const wanted = Init.ASYNC_READ | Init.BIG_WRITES | Init.MAX_PAGES | Init.AUTO_INVAL_DATA;
+    // What libfuse 3 (qemu-storage-daemon's) turns on by default, as far as a file needs it.
+    const wanted =
+      Init.ASYNC_READ | Init.BIG_WRITES | Init.MAX_PAGES | Init.AUTO_INVAL_DATA | Init.ASYNC_DIO;
     return [
       initOut({
         maxReadahead: init.maxReadahead,

@@ -33,6 +33,8 @@ export const Init = {
   ASYNC_READ: 1 << 0,
   BIG_WRITES: 1 << 5,
   AUTO_INVAL_DATA: 1 << 12,
+  /** Asynchronous direct I/O: without it the kernel waits for each O_DIRECT request. */
+  ASYNC_DIO: 1 << 15,
   MAX_PAGES: 1 << 22,
 } as const;
 

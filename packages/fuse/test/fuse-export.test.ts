@@ -98,6 +98,36 @@ describe('FuseExport', () => {
     expect(mounted(mountpoint)).toBe(false);
   });
 
+  it('runs direct I/O requests concurrently (FUSE_ASYNC_DIO)', async () => {
+    // Each read waits until four are on the target at once: without asynchronous direct
+    // I/O the kernel sends one request of fio's queue at a time and this never completes.
+    const t = memoryTarget(1024 * 1024);
+    const waiting: (() => void)[] = [];
+    let peak = 0;
+    t.read = (offset, buf) =>
+      new Promise<void>((resolve) => {
+        buf.set(t.data.subarray(offset, offset + buf.byteLength));
+        waiting.push(resolve);
+        peak = Math.max(peak, waiting.length);
+        if (waiting.length >= 4) for (const w of waiting.splice(0)) w();
+      });
+    const { mountpoint } = await mountOn(t, { writable: false });
+    await exec('fio', [
+      '--name=t',
+      `--filename=${mountpoint}`,
+      '--rw=randread',
+      '--bs=4k',
+      '--iodepth=4',
+      '--iodepth_batch_submit=4',
+      '--ioengine=io_uring',
+      '--direct=1',
+      '--number_ios=4',
+      '--size=1M',
+      '--norandommap',
+    ]);
+    expect(peak).toBe(4);
+  });
+
   it('answers a failed target request with its errno, and keeps serving', async () => {
     const t = memoryTarget(65536);
     const seen: string[] = [];
