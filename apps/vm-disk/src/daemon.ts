@@ -21,6 +21,7 @@ import {
   type NbdServerTlsOptions,
 } from '@vmdisk/nbd';
 import { VmDiskError } from './errors.ts';
+import { FuseExports } from './fuse-exports.ts';
 import type { Logger } from './log.ts';
 import type {
   ExportConfig,
@@ -58,6 +59,7 @@ export class Daemon implements DaemonControl {
   private nbd: { server: NbdServer; address: ListenAddress } | undefined;
   private readonly exports = new Map<string, ExportEntry>();
   private readonly vhostExports: VhostExports;
+  private readonly fuse: FuseExports;
   private pidfile: string | undefined;
   private stopping: Promise<void> | undefined;
   private readonly stopped: Promise<void>;
@@ -79,6 +81,9 @@ export class Daemon implements DaemonControl {
         },
       },
     });
+    this.fuse = new FuseExports(this.graph, log, (id) =>
+      this.monitor.emitEvent('BLOCK_EXPORT_DELETED', { id }),
+    );
     this.stopped = new Promise((resolve) => {
       this.markStopped = resolve;
     });
@@ -270,14 +275,14 @@ export class Daemon implements DaemonControl {
   }
 
   async blockExportAdd(config: ExportConfig): Promise<void> {
-    if (this.exports.has(config.id) || this.vhostExports.has(config.id)) {
+    const idTaken =
+      this.exports.has(config.id) || this.vhostExports.has(config.id) || this.fuse.has(config.id);
+    if (idTaken) {
       throw new QmpError('GenericError', `Block export id '${config.id}' is already in use`);
     }
     if (config.type === 'vhost-user-blk') return this.vhostExports.add(config);
+    if (config.type === 'fuse') return this.fuse.add(config);
     if (!this.nbd) throw new QmpError('GenericError', 'NBD server not running');
-    if (this.exports.has(config.id)) {
-      throw new QmpError('GenericError', `Block export id '${config.id}' is already in use`);
-    }
     const name = config.name ?? config.nodeName;
     if ([...this.exports.values()].some((e) => e.name === name)) {
       throw new QmpError('GenericError', `NBD server already has export named '${name}'`);
@@ -334,6 +339,7 @@ export class Daemon implements DaemonControl {
       this.monitor.emitEvent('BLOCK_EXPORT_DELETED', { id });
       return;
     }
+    if (this.fuse.has(id)) return this.fuse.del(id);
     const entry = this.exports.get(id);
     if (!entry || !this.nbd) throw new QmpError('GenericError', `Export '${id}' is not found`);
     if (entry.shuttingDown)
@@ -367,15 +373,13 @@ export class Daemon implements DaemonControl {
     'node-name': string;
     'shutting-down': boolean;
   }[] {
-    return [
-      ...[...this.exports.values()].map((e) => ({
-        type: 'nbd',
-        id: e.config.id,
-        'node-name': e.config.nodeName,
-        'shutting-down': e.shuttingDown,
-      })),
-      ...this.vhostExports.query(),
-    ];
+    const nbd = [...this.exports.values()].map((e) => ({
+      type: 'nbd',
+      id: e.config.id,
+      'node-name': e.config.nodeName,
+      'shutting-down': e.shuttingDown,
+    }));
+    return [...nbd, ...this.vhostExports.query(), ...this.fuse.query()];
   }
 
   private async exportGone(id: string): Promise<void> {
@@ -390,6 +394,7 @@ export class Daemon implements DaemonControl {
 
   async closeExports(): Promise<void> {
     for (const id of this.vhostExports.ids()) await this.blockExportDel(id);
+    await this.fuse.closeAll();
     if (this.nbd) await this.nbdServerStop();
   }
 

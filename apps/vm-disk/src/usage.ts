@@ -13,7 +13,7 @@ Usage:
                             qemu-storage-daemon's options:
       --blockdev OPTIONS        add a block node (JSON or key=value,...)
       --nbd-server OPTIONS      start the NBD server (addr.type=inet|unix,...)
-      --export OPTIONS          export a node (type=nbd,id=ID,node-name=NODE,...)
+      --export OPTIONS          export a node (type=nbd|fuse,id=ID,node-name=NODE,...)
       --object OPTIONS          an object: tls-creds-x509|tls-creds-psk,id=ID,dir=DIR,endpoint=server;
                                 throttle-group,id=ID,x-iops-total=N...; secret,id=ID,data=D|file=F
       --chardev OPTIONS         a monitor socket (socket,id=ID,path=PATH,server=on,wait=off)

@@ -3,8 +3,8 @@
 // leave qemu-img check clean and carry the same bits for QEMU (qemu-nbd exports them as
 // qemu:dirty-bitmap:NAME, nbdinfo maps them); an image open read-write has them in use.
 import { execFileSync } from 'node:child_process';
-import { qemuDirtyExtents, qemuImgBitmaps } from '@vmdisk/test-support';
 import { afterAll, describe, expect, it } from 'vitest';
+import { qemuDirtyExtents, qemuImgBitmaps } from '../../../tools/test-support/src/index.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { BlockGraph, blockDirtyBitmapAdd, blockDirtyBitmapRemove } from '../src/index.ts';
 import type { BlockNode } from '../src/node.ts';

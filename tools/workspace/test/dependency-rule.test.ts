@@ -15,12 +15,14 @@ const ALLOWED: Record<string, string[]> = {
   '@vmdisk/ao': [],
   '@vmdisk/nbd': ['@vmdisk/ao'],
   '@vmdisk/vhost-user': ['@vmdisk/nbd'],
+  '@vmdisk/fuse': [],
   '@vmdisk/block-graph': ['@vmdisk/engine', '@vmdisk/ao', '@vmdisk/nbd'],
   'vm-disk': [
     '@vmdisk/engine',
     '@vmdisk/ao',
     '@vmdisk/nbd',
     '@vmdisk/vhost-user',
+    '@vmdisk/fuse',
     '@vmdisk/block-graph',
   ],
 };
@@ -29,6 +31,7 @@ const DIRS: Record<string, string> = {
   '@vmdisk/ao': 'packages/ao',
   '@vmdisk/nbd': 'packages/nbd',
   '@vmdisk/vhost-user': 'packages/vhost-user',
+  '@vmdisk/fuse': 'packages/fuse',
   '@vmdisk/block-graph': 'packages/block-graph',
   'vm-disk': 'apps/vm-disk',
 };

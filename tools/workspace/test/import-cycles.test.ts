@@ -13,6 +13,7 @@ const CHECKED = [
   'packages/ao/src',
   'packages/nbd/src',
   'packages/vhost-user/src',
+  'packages/fuse/src',
   'packages/block-graph/src',
   'apps/vm-disk/src',
 ];

@@ -40,7 +40,8 @@ export const NBD_SERVER_EXTENSIONS = {
   'request-memory-budget': opt(size),
 };
 
-export type ExportConfig = NbdExportConfig | VhostUserBlkExportConfig;
+/** Any export --export and block-export-add create. */
+export type ExportConfig = NbdExportConfig | VhostUserBlkExportConfig | FuseExportConfig;
 
 export interface NbdExportConfig {
   type: 'nbd';
@@ -63,6 +64,17 @@ export interface VhostUserBlkExportConfig {
   addr: SocketAddress;
   logicalBlockSize: number;
   numQueues: number;
+}
+
+/** A FUSE export (`type=fuse`): the node as a regular file mounted over `mountpoint`. */
+export interface FuseExportConfig {
+  type: 'fuse';
+  id: string;
+  nodeName: string;
+  mountpoint: string;
+  writable: boolean;
+  growable: boolean;
+  allowOther: 'on' | 'off' | 'auto';
 }
 
 export interface ChardevConfig {
@@ -144,6 +156,11 @@ export const exportOptions = union(
       'logical-block-size': opt(size, 512),
       'num-queues': opt(uint16, 1),
     },
+    fuse: {
+      mountpoint: str,
+      growable: opt(bool, false),
+      'allow-other': opt(enumOf(['off', 'on', 'auto']), 'auto'),
+    },
   },
 );
 
@@ -192,6 +209,17 @@ export function exportConfig(v: Infer<typeof exportOptions>): ExportConfig {
       addr: v.addr,
       logicalBlockSize: v['logical-block-size'],
       numQueues: v['num-queues'],
+    };
+  }
+  if (v.type === 'fuse') {
+    return {
+      type: v.type,
+      id: v.id,
+      nodeName: v['node-name'],
+      mountpoint: v.mountpoint,
+      writable: v.writable,
+      growable: v.growable,
+      allowOther: v['allow-other'],
     };
   }
   return {
