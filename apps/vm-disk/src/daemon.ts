@@ -11,7 +11,6 @@ import {
   type ExportedBitmaps,
   exportDirtyBitmaps,
   type NbdTlsCreds,
-  type NodeInfo,
   type OptionSyntax,
 } from '@vmdisk/block-graph';
 import {
@@ -28,6 +27,7 @@ import type {
   ServeConfig,
   SocketAddress,
 } from './options/serve-options.ts';
+import { namedBlockNodes } from './qmp/block-device-info.ts';
 import type { DaemonControl } from './qmp/daemon-control.ts';
 import { QmpError, QmpMonitor, type QmpVersion } from './qmp/monitor.ts';
 import { serverTlsOptions } from './tls-creds.ts';
@@ -124,57 +124,9 @@ export class Daemon implements DaemonControl {
     this.log.info({ event: 'blockdev-add', node: node.name, driver: options.driver }, 'node added');
   }
 
-  /**
-   * query-named-block-nodes in QEMU's shape (BlockDeviceInfo: node-name, drv, ro, file,
-   * image, cache, backing_file_depth, the throttle figures...), so that QMP clients read
-   * it unchanged; the graph's own fields (children, permissions, refcount) come along.
-   */
-  queryNamedBlockNodes(): Record<string, unknown>[] {
-    const nodes = this.graph.query();
-    const byName = new Map(nodes.map((n) => [n['node-name'], n]));
-    const childNamed = (n: NodeInfo, roles: string[]) =>
-      n.children.find((c) => c.role.some((r) => roles.includes(r)));
-    const filename = (n: NodeInfo): string => {
-      if (typeof n.file === 'string') return n.file;
-      const below = childNamed(n, ['primary', 'filtered', 'data']);
-      const child = below ? byName.get(below['node-name']) : undefined;
-      return child ? filename(child) : `json:{"driver": "${n.driver}"}`;
-    };
-    const depth = (n: NodeInfo): number => {
-      const backing = childNamed(n, ['cow']);
-      const child = backing ? byName.get(backing['node-name']) : undefined;
-      return child ? 1 + depth(child) : 0;
-    };
-    return nodes.map((n) => {
-      const {
-        'node-name': name,
-        driver,
-        size,
-        'read-only': ro,
-        'cache-direct': direct,
-        'write-threshold': writeThreshold,
-        ...ours
-      } = n;
-      return {
-        'node-name': name,
-        drv: driver,
-        ro,
-        file: filename(n),
-        encrypted: false,
-        backing_file_depth: depth(n),
-        detect_zeroes: 'off',
-        cache: { writeback: true, direct, 'no-flush': false },
-        image: { filename: filename(n), format: driver, 'virtual-size': size },
-        bps: 0,
-        bps_rd: 0,
-        bps_wr: 0,
-        iops: 0,
-        iops_rd: 0,
-        iops_wr: 0,
-        write_threshold: writeThreshold,
-        ...ours,
-      };
-    });
+  /** query-named-block-nodes, in QEMU's BlockDeviceInfo shape (qmp/block-device-info.ts). */
+  queryNamedBlockNodes(): Promise<Record<string, unknown>[]> {
+    return namedBlockNodes(this.graph);
   }
 
   async blockdevDel(nodeName: string): Promise<void> {

@@ -25,6 +25,7 @@ import { registerStatsCommands } from './blockstats.ts';
 import type { DaemonControl } from './daemon-control.ts';
 import { declareEvents } from './events.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
+import { registerQueryBlock } from './query-block.ts';
 
 const { enumOf, opt, str, struct, uint32, union } = schema;
 
@@ -187,6 +188,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   registerBackupCommands(monitor, daemon);
   registerBitmapCommands(monitor, daemon);
   registerStatsCommands(monitor, daemon.graph);
+  registerQueryBlock(monitor);
   declareEvents(monitor);
   monitor.register({
     name: 'quit',

@@ -11,7 +11,7 @@ export interface DaemonControl {
   readonly jobs: JobRegistry;
   blockdevAdd(options: Record<string, unknown>, syntax: OptionSyntax): Promise<void>;
   blockdevDel(nodeName: string): Promise<void>;
-  queryNamedBlockNodes(): Record<string, unknown>[];
+  queryNamedBlockNodes(): Promise<Record<string, unknown>[]>;
   nbdServerStart(config: NbdServerConfig): Promise<ListenAddress>;
   nbdServerStop(): Promise<void>;
   blockExportAdd(config: ExportConfig): Promise<void>;
