@@ -19,6 +19,7 @@ import {
   NbdServer,
   type NbdServerTlsOptions,
 } from '@vmdisk/nbd';
+import { ChardevRegistry } from './chardevs.ts';
 import { VmDiskError } from './errors.ts';
 import type { Logger } from './log.ts';
 import type {
@@ -52,6 +53,8 @@ export class Daemon implements DaemonControl {
     onEvent: (e) => this.monitor.emitEvent(e.event, { ...e.data }),
   });
   readonly monitor: QmpMonitor;
+  /** The chardevs: the monitors' sockets, and chardev-add's. */
+  readonly chardevs: ChardevRegistry;
   readonly jobs: JobRegistry;
   private nbd: { server: NbdServer; address: ListenAddress } | undefined;
   private readonly exports = new Map<string, ExportEntry>();
@@ -65,6 +68,7 @@ export class Daemon implements DaemonControl {
   constructor(log: Logger) {
     this.log = log;
     this.monitor = new QmpMonitor(QMP_VERSION, log.child({ component: 'qmp' }));
+    this.chardevs = new ChardevRegistry(this.monitor);
     this.jobs = new JobRegistry({
       events: {
         push: (e: JobStatusChangeEvent | JobEvent) => {
@@ -88,7 +92,8 @@ export class Daemon implements DaemonControl {
       if (config.nbdServer) await this.nbdServerStart(config.nbdServer);
       for (const e of config.exports) await this.blockExportAdd(e);
       for (const m of config.monitors) {
-        await this.monitor.listen(m.chardev.path, { pretty: m.pretty });
+        const addr = { type: 'unix' as const, path: m.chardev.path };
+        await this.chardevs.add(m.chardev.id, { type: 'socket', addr }, { pretty: m.pretty });
         this.log.info(
           { event: 'monitor-listening', path: m.chardev.path },
           'QMP monitor listening',
@@ -345,6 +350,7 @@ export class Daemon implements DaemonControl {
         this.log.error({ event: 'close-failed', err }, 'closing the block graph failed');
       });
       await this.monitor.close();
+      await this.chardevs.close();
       if (this.pidfile) unlinkSync(this.pidfile);
       this.log.info({ event: 'stopped' }, 'stopped');
       this.markStopped();

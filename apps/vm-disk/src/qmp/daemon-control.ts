@@ -4,11 +4,13 @@
 import type { JobRegistry } from '@vmdisk/ao';
 import type { BlockGraph, OptionSyntax } from '@vmdisk/block-graph';
 import type { ListenAddress } from '@vmdisk/nbd';
+import type { ChardevRegistry } from '../chardevs.ts';
 import type { ExportConfig, NbdServerConfig } from '../options/serve-options.ts';
 
 export interface DaemonControl {
   readonly graph: BlockGraph;
   readonly jobs: JobRegistry;
+  readonly chardevs: ChardevRegistry;
   blockdevAdd(options: Record<string, unknown>, syntax: OptionSyntax): Promise<void>;
   blockdevDel(nodeName: string): Promise<void>;
   queryNamedBlockNodes(): Promise<Record<string, unknown>[]>;
