@@ -11,7 +11,6 @@ import {
   type ExportedBitmaps,
   exportDirtyBitmaps,
   type NbdTlsCreds,
-  type NodeInfo,
   type OptionSyntax,
 } from '@vmdisk/block-graph';
 import {
@@ -20,6 +19,7 @@ import {
   NbdServer,
   type NbdServerTlsOptions,
 } from '@vmdisk/nbd';
+import { ChardevRegistry } from './chardevs.ts';
 import { VmDiskError } from './errors.ts';
 import { FuseExports } from './fuse-exports.ts';
 import type { Logger } from './log.ts';
@@ -30,6 +30,7 @@ import type {
   ServeConfig,
   SocketAddress,
 } from './options/serve-options.ts';
+import { namedBlockNodes } from './qmp/block-device-info.ts';
 import type { DaemonControl } from './qmp/daemon-control.ts';
 import { QmpError, QmpMonitor, type QmpVersion } from './qmp/monitor.ts';
 import { serverTlsOptions } from './tls-creds.ts';
@@ -55,6 +56,8 @@ export class Daemon implements DaemonControl {
     onEvent: (e) => this.monitor.emitEvent(e.event, { ...e.data }),
   });
   readonly monitor: QmpMonitor;
+  /** The chardevs: the monitors' sockets, and chardev-add's. */
+  readonly chardevs: ChardevRegistry;
   readonly jobs: JobRegistry;
   private nbd: { server: NbdServer; address: ListenAddress } | undefined;
   private readonly exports = new Map<string, ExportEntry>();
@@ -71,6 +74,7 @@ export class Daemon implements DaemonControl {
     this.log = log;
     this.monitor = new QmpMonitor(QMP_VERSION, log.child({ component: 'qmp' }));
     this.vhostExports = new VhostExports(this.graph, log.child({ component: 'vhost-user' }));
+    this.chardevs = new ChardevRegistry(this.monitor);
     this.jobs = new JobRegistry({
       events: {
         push: (e: JobStatusChangeEvent | JobEvent) => {
@@ -97,7 +101,8 @@ export class Daemon implements DaemonControl {
       if (config.nbdServer) await this.nbdServerStart(config.nbdServer);
       for (const e of config.exports) await this.blockExportAdd(e);
       for (const m of config.monitors) {
-        await this.monitor.listen(m.chardev.path, { pretty: m.pretty });
+        const addr = { type: 'unix' as const, path: m.chardev.path };
+        await this.chardevs.add(m.chardev.id, { type: 'socket', addr }, { pretty: m.pretty });
         this.log.info(
           { event: 'monitor-listening', path: m.chardev.path },
           'QMP monitor listening',
@@ -133,57 +138,9 @@ export class Daemon implements DaemonControl {
     this.log.info({ event: 'blockdev-add', node: node.name, driver: options.driver }, 'node added');
   }
 
-  /**
-   * query-named-block-nodes in QEMU's shape (BlockDeviceInfo: node-name, drv, ro, file,
-   * image, cache, backing_file_depth, the throttle figures...), so that QMP clients read
-   * it unchanged; the graph's own fields (children, permissions, refcount) come along.
-   */
-  queryNamedBlockNodes(): Record<string, unknown>[] {
-    const nodes = this.graph.query();
-    const byName = new Map(nodes.map((n) => [n['node-name'], n]));
-    const childNamed = (n: NodeInfo, roles: string[]) =>
-      n.children.find((c) => c.role.some((r) => roles.includes(r)));
-    const filename = (n: NodeInfo): string => {
-      if (typeof n.file === 'string') return n.file;
-      const below = childNamed(n, ['primary', 'filtered', 'data']);
-      const child = below ? byName.get(below['node-name']) : undefined;
-      return child ? filename(child) : `json:{"driver": "${n.driver}"}`;
-    };
-    const depth = (n: NodeInfo): number => {
-      const backing = childNamed(n, ['cow']);
-      const child = backing ? byName.get(backing['node-name']) : undefined;
-      return child ? 1 + depth(child) : 0;
-    };
-    return nodes.map((n) => {
-      const {
-        'node-name': name,
-        driver,
-        size,
-        'read-only': ro,
-        'cache-direct': direct,
-        'write-threshold': writeThreshold,
-        ...ours
-      } = n;
-      return {
-        'node-name': name,
-        drv: driver,
-        ro,
-        file: filename(n),
-        encrypted: false,
-        backing_file_depth: depth(n),
-        detect_zeroes: 'off',
-        cache: { writeback: true, direct, 'no-flush': false },
-        image: { filename: filename(n), format: driver, 'virtual-size': size },
-        bps: 0,
-        bps_rd: 0,
-        bps_wr: 0,
-        iops: 0,
-        iops_rd: 0,
-        iops_wr: 0,
-        write_threshold: writeThreshold,
-        ...ours,
-      };
-    });
+  /** query-named-block-nodes, in QEMU's BlockDeviceInfo shape (qmp/block-device-info.ts). */
+  queryNamedBlockNodes(): Promise<Record<string, unknown>[]> {
+    return namedBlockNodes(this.graph);
   }
 
   async blockdevDel(nodeName: string): Promise<void> {
@@ -417,6 +374,7 @@ export class Daemon implements DaemonControl {
         this.log.error({ event: 'close-failed', err }, 'closing the block graph failed');
       });
       await this.monitor.close();
+      await this.chardevs.close();
       if (this.pidfile) unlinkSync(this.pidfile);
       this.log.info({ event: 'stopped' }, 'stopped');
       this.markStopped();

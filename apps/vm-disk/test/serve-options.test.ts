@@ -109,7 +109,7 @@ describe("vm-disk serve's qemu-storage-daemon options", () => {
     [['--blockdev'], '--blockdev', 'requires a value'],
     [['--blockdev', 'driver'], '--blockdev', "Expected '='"],
     [['--blockdev', '{"driver":'], '--blockdev', 'JSON'],
-    [['--nbd-server', 'addr.type=tcp'], '--nbd-server', "'addr.type' does not accept value 'tcp'"],
+    [['--nbd-server', 'addr.type=tcp'], '--nbd-server', "'type' does not accept value 'tcp'"],
     [['--nbd-server', 'addr.type=inet,addr.host=h'], '--nbd-server', "'addr.port' is missing"],
     [
       ['--nbd-server', 'addr.type=unix,addr.path=/s,max-connections=many'],

@@ -9,7 +9,7 @@ import { GraphLock } from './graph-lock.ts';
 import type { BlockGraphOptions } from './graph-nodes.ts';
 import { GraphOpener } from './graph-open.ts';
 import { checkLinkNotFrozen, checkNotBusy } from './jobs/op-blockers.ts';
-import { BlockNode, ChildEdge } from './node.ts';
+import { BlockNode, ChildEdge, type NodeSettings } from './node.ts';
 import type { BlockAcctStats } from './node-stats.ts';
 import type { ObjectInfo } from './objects.ts';
 import { blockdevOptionsInfo, checkOptions, type NodeSpec, type OptionSyntax } from './options.ts';
@@ -137,6 +137,18 @@ export class BlockGraph extends GraphOpener implements BackendHost {
       };
       return info;
     });
+  }
+
+  /**
+   * The settings a node opened with and the options it was added with (a format's children
+   * as given: node names, inline options, or null), for query-named-block-nodes.
+   */
+  nodeConfig(name: string): {
+    settings: Readonly<NodeSettings>;
+    options: Readonly<Record<string, unknown>>;
+  } {
+    const n = this.lookup(name);
+    return { settings: n.settings, options: n.options };
   }
 
   /** The backends attached now. */

@@ -90,6 +90,7 @@ export {
   type SnapshotSelector as Qcow2SnapshotSelector,
   withQcow2File,
 } from './drivers/qcow2/snapshot.ts';
+export { THROTTLE_LIMIT_KEYS } from './drivers/throttle.ts';
 export {
   BackingChainError,
   BlockError,

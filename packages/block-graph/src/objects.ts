@@ -202,6 +202,37 @@ export class ObjectRegistry {
     if (o && o.users > 0) o.users--;
   }
 
+  /**
+   * qom-set on a complete object, as QEMU's setters: a throttle-group's `limits` merge into
+   * the live group's (checked first); its x-KEY properties are refused; any other property
+   * takes the value, checked against its type, without touching what was loaded from it
+   * (as QEMU's secret and tls-creds). Unknown properties are the caller's to refuse.
+   */
+  setProperty(id: string, name: string, value: unknown): void {
+    const o = this.objects.get(id);
+    if (!o) throw new BlockError(BlockErrorCode.OBJECT_NOT_FOUND, `object '${id}' not found`);
+    if (o.type === 'throttle-group') {
+      if (name !== 'limits') {
+        throw new BlockOptionError(
+          name,
+          'cannot be set after initialization',
+          'Property cannot be set after initialization',
+        );
+      }
+      const group = this.values['throttle-group'].get(id)!;
+      const given = throttleLimits.parse(value, 'limits', 'json');
+      const merged = validateThrottleLimits({ ...group.limits, ...given }, 'limits');
+      group.setLimits(merged);
+      return;
+    }
+    const checked = objectOptions.parse(
+      { ...o.props, 'qom-type': o.type, id, [name]: value },
+      '',
+      'json',
+    );
+    o.props[name] = (checked as Record<string, unknown>)[name];
+  }
+
   /** The objects, in the order they were added. */
   list(): ObjectInfo[] {
     return [...this.objects].map(([id, o]) => ({

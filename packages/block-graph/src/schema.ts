@@ -248,13 +248,20 @@ export const any: Type<unknown> = {
   parse: (value) => value,
 };
 
+/** The member a key names: 'file.inject-error[0].event' -> 'event'. */
+function memberName(key: string): string {
+  const last = key.slice(key.lastIndexOf('.') + 1);
+  return last.replace(/(\[\d+\])+$/, '');
+}
+
 /** An enum: a string that is one of `values`. */
 export function enumOf<const V extends readonly string[]>(values: V): Type<V[number]> {
   return {
     info: { meta: 'enum', values },
     parse(value, key) {
       const s = str.parse(value, key, 'json');
-      if (!values.includes(s)) throw optionNotAccepted(key, s);
+      // QEMU names the member alone here (its visitor's name, not the full path).
+      if (!values.includes(s)) throw optionNotAccepted(memberName(key), s);
       return s;
     },
   };

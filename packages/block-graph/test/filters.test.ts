@@ -89,6 +89,34 @@ describe('throttle', () => {
 });
 
 describe('throttle groups', () => {
+  it("qom-set of a group's limits merges them into the live group: waiting requests go", async () => {
+    const g = new BlockGraph();
+    await g.addObject({
+      'qom-type': 'throttle-group',
+      id: 'tg1',
+      limits: { 'iops-total': 1, 'bps-read': 1 << 30 },
+    });
+    await g.add({ driver: 'null-co', 'node-name': 'n', size: 1 << 20 });
+    await g.add({ driver: 'throttle', 'node-name': 't', 'throttle-group': 'tg1', file: 'n' });
+    const b = await g.createBackend('t');
+    // At one request a second these would take most of a minute.
+    const reads = Promise.all(Array.from({ length: 40 }, () => b.read(0, Buffer.alloc(512))));
+    expect(() => g.objects.setProperty('tg1', 'x-iops-total', 0)).toThrow(
+      'Property cannot be set after initialization',
+    );
+    expect(() => g.objects.setProperty('tg1', 'limits', { 'iops-total-max': 1 })).toThrow(
+      /iops-total-max/,
+    );
+    g.objects.setProperty('tg1', 'limits', { 'iops-total': 0 });
+    expect(g.objects.get('throttle-group', 'tg1', 'id').limits).toEqual({
+      'iops-total': 0,
+      'bps-read': 1 << 30,
+    });
+    await reads;
+    await b.close();
+    await g.close();
+  });
+
   it('nodes of one throttle-group share its limits; the group cannot go while used', async () => {
     const g = new BlockGraph();
     await g.addObject({ 'qom-type': 'throttle-group', id: 'tg0', limits: { 'iops-total': 100 } });

@@ -22,9 +22,12 @@ import { registerBackupCommands } from './backup-commands.ts';
 import { registerBitmapCommands } from './bitmap-commands.ts';
 import { registerBlockJobCommands } from './block-job-commands.ts';
 import { registerStatsCommands } from './blockstats.ts';
+import { registerChardevCommands } from './chardev-commands.ts';
 import type { DaemonControl } from './daemon-control.ts';
 import { declareEvents } from './events.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
+import { registerQomCommands } from './qom-commands.ts';
+import { registerQueryBlock } from './query-block.ts';
 
 const { enumOf, opt, str, struct, uint32, union } = schema;
 
@@ -130,23 +133,6 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
     args: id,
     run: (args) => objectCommand(() => daemon.objectDel(args.id)),
   });
-  monitor.register({
-    name: 'qom-list',
-    // Only the container of user-created objects (/objects) is there to list.
-    args: struct({ path: str }),
-    run: (args) => {
-      const { path } = args;
-      if (!/^\/?objects\/?$/.test(path)) {
-        throw new QmpError('DeviceNotFound', `Device '${path}' not found`);
-      }
-      return [
-        { name: 'type', type: 'string' },
-        ...daemon.graph.objects
-          .list()
-          .map((o) => ({ name: o.id, type: `child<${o['qom-type']}>` })),
-      ];
-    },
-  });
   monitor.register({ name: 'query-jobs', run: () => daemon.jobs.query() });
   monitor.register({
     name: 'job-cancel',
@@ -187,6 +173,9 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   registerBackupCommands(monitor, daemon);
   registerBitmapCommands(monitor, daemon);
   registerStatsCommands(monitor, daemon.graph);
+  registerQueryBlock(monitor);
+  registerChardevCommands(monitor, daemon.chardevs);
+  registerQomCommands(monitor, daemon);
   declareEvents(monitor);
   monitor.register({
     name: 'quit',

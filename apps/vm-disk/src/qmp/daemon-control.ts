@@ -4,14 +4,16 @@
 import type { JobRegistry } from '@vmdisk/ao';
 import type { BlockGraph, OptionSyntax } from '@vmdisk/block-graph';
 import type { ListenAddress } from '@vmdisk/nbd';
+import type { ChardevRegistry } from '../chardevs.ts';
 import type { ExportConfig, NbdServerConfig } from '../options/serve-options.ts';
 
 export interface DaemonControl {
   readonly graph: BlockGraph;
   readonly jobs: JobRegistry;
+  readonly chardevs: ChardevRegistry;
   blockdevAdd(options: Record<string, unknown>, syntax: OptionSyntax): Promise<void>;
   blockdevDel(nodeName: string): Promise<void>;
-  queryNamedBlockNodes(): Record<string, unknown>[];
+  queryNamedBlockNodes(): Promise<Record<string, unknown>[]>;
   nbdServerStart(config: NbdServerConfig): Promise<ListenAddress>;
   nbdServerStop(): Promise<void>;
   blockExportAdd(config: ExportConfig): Promise<void>;

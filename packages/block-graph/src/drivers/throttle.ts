@@ -132,11 +132,20 @@ class Direction {
  * nodes of a throttle group (an object of the graph: BlockGraph.addObject).
  */
 export class ThrottleGroup {
-  private readonly reads: Direction;
-  private readonly writes: Direction;
-  readonly limits: Readonly<Partial<Record<string, number>>>;
+  private reads!: Direction;
+  private writes!: Direction;
+  limits!: Readonly<Partial<Record<string, number>>>;
 
   constructor(limits: Partial<Record<string, number>>) {
+    this.setLimits(limits);
+  }
+
+  /**
+   * New limits for the group's nodes (QOM's qom-set of a throttle-group's limits): what
+   * waits under the old ones goes now, the new buckets count from here.
+   */
+  setLimits(limits: Partial<Record<string, number>>): void {
+    if (this.reads) this.release();
     this.limits = limits;
     const bucket = (unit: 'iops' | 'bps', kind: string) => {
       const avg = limits[`${unit}-${kind}`] ?? 0;

@@ -182,6 +182,8 @@ class Qcow2Instance implements FormatInstance {
       ...(h.backingFile !== null ? { 'backing-filename': h.backingFile } : {}),
       ...(h.backingFormat !== null ? { 'backing-filename-format': h.backingFormat } : {}),
       corrupt: this.image.corrupt,
+      'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib',
+      'dirty-flag': (h.incompatibleFeatures & Incompat.DIRTY) !== 0n,
     };
   }
 }
