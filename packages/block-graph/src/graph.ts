@@ -7,7 +7,7 @@ import type { BlockDriver, ChildNode } from './driver.ts';
 import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import { GraphLock } from './graph-lock.ts';
 import type { BlockGraphOptions } from './graph-nodes.ts';
-import { GraphOpener } from './graph-open.ts';
+import { GraphReopener } from './graph-reopen.ts';
 import { checkLinkNotFrozen, checkNotBusy } from './jobs/op-blockers.ts';
 import { BlockNode, ChildEdge } from './node.ts';
 import type { BlockAcctStats } from './node-stats.ts';
@@ -52,7 +52,7 @@ export interface AddOptions {
   requireNodeName?: boolean;
 }
 
-export class BlockGraph extends GraphOpener implements BackendHost {
+export class BlockGraph extends GraphReopener implements BackendHost {
   /** The graph lock: requests hold the read side, graph changes the write side. */
   readonly lock = new GraphLock();
   private backendSeq = 0;
@@ -217,6 +217,29 @@ export class BlockGraph extends GraphOpener implements BackendHost {
       node.ownedByUser = false;
       await this.unref(node);
       this.refreshPermissions();
+    });
+  }
+
+  /**
+   * blockdev-reopen: new options for open nodes (blockdev-add-shaped, a node-name each),
+   * as one drained change; the children they opened inline follow (graph-reopen.ts).
+   */
+  async reopenMultiple(list: readonly unknown[]): Promise<void> {
+    this.checkOpen();
+    await this.lock.write(() => this.reopenQueue(list));
+  }
+
+  /**
+   * Reopens one node with `changes` over the options it has (e.g. {'read-only': false}):
+   * QEMU's bdrv_reopen_set_read_only, as block jobs use it.
+   */
+  async reopen(nodeName: string, changes: Record<string, unknown>): Promise<void> {
+    this.checkOpen();
+    await this.lock.write(() => {
+      const node = this.lookup(nodeName);
+      const options: Record<string, unknown> = { ...node.options, 'node-name': nodeName };
+      for (const [key, edge] of node.children) options[key] = edge.node.name;
+      return this.reopenQueue([{ ...options, ...changes }], 'reopen');
     });
   }
 

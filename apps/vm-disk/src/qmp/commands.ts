@@ -25,6 +25,7 @@ import { registerStatsCommands } from './blockstats.ts';
 import type { DaemonControl } from './daemon-control.ts';
 import { declareEvents } from './events.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
+import { registerReopenCommands } from './reopen-commands.ts';
 
 const { enumOf, opt, str, struct, uint32, union } = schema;
 
@@ -184,6 +185,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
     run: () => debugQueryBlockGraph(daemon.graph),
   });
   registerBlockJobCommands(monitor, daemon);
+  registerReopenCommands(monitor, daemon);
   registerBackupCommands(monitor, daemon);
   registerBitmapCommands(monitor, daemon);
   registerStatsCommands(monitor, daemon.graph);
