@@ -9,12 +9,12 @@ import type { BlockGraph } from '../graph.ts';
 import type { BlockNode } from '../node.ts';
 import { BlockJob, type BlockJobCommonOptions } from './block-job.ts';
 import { chainOf, findBase, layerFilename } from './chain.ts';
-import { checkCommitBase, commitActive } from './commit-active.ts';
+import { commitActive, makeWritable } from './commit-active.ts';
 import { copyChunks } from './copy-loop.ts';
 import { rootNode } from './mirror.ts';
 import { MirrorTopInstance } from './mirror-top.ts';
 import { checkNotBusy } from './op-blockers.ts';
-import { lookupNode } from './resize.ts';
+import { lookupNode, resizeNode } from './resize.ts';
 
 /** QEMU's commit_top (bdrv_commit_top): passes everything through to top. */
 const commitTopDriver: BlockDriver = {
@@ -83,7 +83,6 @@ export async function blockCommit(
     throw new BlockError(BlockErrorCode.BAD_JOB, 'cannot commit an image into itself');
   }
   if (top === active) return commitActive(graph, jobs, o, top, base as BlockNode);
-  checkCommitBase(top, base);
   const overlay = chain[chain.indexOf(top) - 1]! as BlockNode;
   const baseAt = topChain.indexOf(base); // layers of top's chain above base
   const committed = topChain.slice(0, baseAt) as BlockNode[];
@@ -100,6 +99,11 @@ export async function blockCommit(
     'commit',
     o,
     async (bj) => {
+      // QEMU reopens a read-only base read-write for the job and back afterwards
+      // (commit_start, commit_clean).
+      if (await makeWritable(graph, base as BlockNode)) {
+        bj.onRelease(() => graph.reopen(base.name, { 'read-only': true }));
+      }
       await bj.addNode(
         base.name,
         ['consistent-read', 'write', 'resize'],
@@ -146,7 +150,10 @@ export async function blockCommit(
   );
 }
 
-function run(bj: BlockJob, top: BlockNode, base: BlockNode, baseAt: number): Promise<void> {
+async function run(bj: BlockJob, top: BlockNode, base: BlockNode, baseAt: number): Promise<void> {
+  // A base smaller than top grows to top's size first (commit_run's blk_truncate).
+  const len = top.size();
+  if (base.size() < len) await bj.graph.lock.write(() => resizeNode(base, len));
   return copyChunks(bj, top.size(), CHUNK, async (offset, want, c) => {
     const s = await top.blockStatus(offset, want, false);
     c.n = s.length;

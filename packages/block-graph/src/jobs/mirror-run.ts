@@ -15,6 +15,7 @@ import type { BlockNode } from '../node.ts';
 import { RangeLock } from '../range-lock.ts';
 import type { BlockdevOnError, BlockJob } from './block-job.ts';
 import type { MirrorTopWrites } from './mirror-top.ts';
+import { resizeNode } from './resize.ts';
 
 /** QEMU's MAX_IN_FLIGHT and MAX_IO_BYTES. */
 const MAX_IN_FLIGHT = 16;
@@ -34,6 +35,8 @@ export interface MirrorRunOptions {
   depth: number;
   /** Zero the target first (sync full onto an existing image). */
   zeroTarget: boolean;
+  /** Grow a smaller target to the source's size first (active commit). */
+  growTarget: boolean;
   writeBlocking: boolean;
   onSourceError: BlockdevOnError;
   onTargetError: BlockdevOnError;
@@ -74,6 +77,9 @@ export class MirrorRun implements MirrorTopWrites {
     const { bj, o } = this;
     const job = bj.job;
     const size = o.source.size();
+    if (o.growTarget && o.target.size() < size) {
+      await bj.graph.lock.write(() => resizeNode(o.target, size));
+    }
     await this.#dirtyInit(size);
     let pos = 0;
     try {

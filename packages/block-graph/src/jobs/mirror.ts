@@ -62,6 +62,8 @@ interface MirrorSetup {
   done?: (pivoted: boolean) => Promise<void>;
   /** Called after a successful pivot, still inside the job's prepare. */
   afterPivot?: () => Promise<void>;
+  /** Grow a smaller target to the source's size first (active commit's base). */
+  growTarget?: boolean;
   /** Extra nodes the job holds (active commit: the layers committed). */
   hold?: (bj: BlockJob) => Promise<void>;
 }
@@ -219,7 +221,8 @@ export async function mirrorStart(
           bitmap.busy = true;
         });
         await bj.addNode(source.name, ['consistent-read'], ALL);
-        await bj.addNode(target.name, ['write'], ALL);
+        const growing = how.growTarget === true && target.size() < source.size();
+        await bj.addNode(target.name, growing ? ['write', 'resize'] : ['write'], ALL);
         await how.hold?.(bj);
       } catch (err) {
         await dropFilter(source);
@@ -233,6 +236,7 @@ export async function mirrorStart(
         sync: o.sync === 'top' || o.sync === 'none' ? o.sync : 'full',
         depth: how.depth,
         zeroTarget: how.zeroTarget,
+        growTarget: how.growTarget === true,
         writeBlocking: o.copyMode === 'write-blocking',
         onSourceError: o.onSourceError ?? 'report',
         onTargetError: o.onTargetError ?? 'report',
