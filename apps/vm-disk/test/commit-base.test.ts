@@ -39,6 +39,19 @@ async function nodes(r: Recorder): Promise<void> {
     .sort((a, b) => a['node-name'].localeCompare(b['node-name']));
 }
 
+/** Every node's driver and read-only flag, implicit ones (automatic names) as '#', sorted. */
+async function graph(r: Recorder): Promise<void> {
+  const m = await r.cmd('query-named-block-nodes');
+  const all = m.return as { 'node-name': string; drv: string; ro: boolean }[];
+  m.return = all
+    .map((n) => ({
+      'node-name': n['node-name'].startsWith('#') ? '#' : n['node-name'],
+      drv: n.drv,
+      ro: n.ro,
+    }))
+    .sort((a, b) => a['node-name'].localeCompare(b['node-name']));
+}
+
 /** base read-only (and its file with it), mid and top read-write. */
 function args(): string[] {
   const layer = (name: string, extra: Record<string, unknown>) => [
@@ -90,6 +103,16 @@ describe('block-commit into a read-only or smaller base, against qemu-storage-da
       await r.cmd('block-commit', intermediate);
       await r.until('JOB_STATUS_CHANGE', 'null');
       await nodes(r);
+    });
+  });
+
+  it('an intermediate commit without filter-node-name has an implicit read-only commit_top', async () => {
+    await sideBySide(chain, async (r) => {
+      await r.cmd('block-commit', { ...intermediate, speed: 1 });
+      await graph(r);
+      await r.cmd('block-job-set-speed', { device: 'c', speed: 0 });
+      await r.until('JOB_STATUS_CHANGE', 'null');
+      await graph(r);
     });
   });
 

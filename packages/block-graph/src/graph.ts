@@ -414,7 +414,12 @@ export class BlockGraph extends GraphReopener implements BackendHost {
     childName: string,
     nodeName: string | undefined,
     then?: (filter: BlockNode) => void,
-    how: { options?: Record<string, unknown>; children?: Record<string, string> } = {},
+    how: {
+      options?: Record<string, unknown>;
+      children?: Record<string, string>;
+      /** Default: the child's (commit_top is read-only whatever top is). */
+      readOnly?: boolean;
+    } = {},
   ): Promise<BlockNode> {
     this.checkOpen();
     return this.lock.write(async () => {
@@ -422,7 +427,7 @@ export class BlockGraph extends GraphReopener implements BackendHost {
       const spec: NodeSpec = {
         driver,
         ...(nodeName !== undefined && { nodeName }),
-        readOnly: child.readOnly,
+        readOnly: how.readOnly ?? child.readOnly,
         discard: child.settings.discard,
         options: how.options ?? {},
         // 'backing' by default (mirror_top); copy-before-write has 'file' and 'target'.

@@ -7,6 +7,7 @@ import type { BlockDriver } from '../driver.ts';
 import { BlockError, BlockErrorCode } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
 import type { BlockNode } from '../node.ts';
+import { BLK_PERM_ALL } from '../permissions.ts';
 import { BlockJob, type BlockJobCommonOptions } from './block-job.ts';
 import { chainOf, findBase, layerFilename } from './chain.ts';
 import { commitActive, makeWritable } from './commit-active.ts';
@@ -16,11 +17,15 @@ import { MirrorTopInstance } from './mirror-top.ts';
 import { checkNotBusy } from './op-blockers.ts';
 import { lookupNode, resizeNode } from './resize.ts';
 
-/** QEMU's commit_top (bdrv_commit_top): passes everything through to top. */
+/**
+ * QEMU's commit_top (bdrv_commit_top): passes everything through to top; read-only, it
+ * takes nothing of top and shares everything (bdrv_commit_top_child_perm).
+ */
 const commitTopDriver: BlockDriver = {
   name: 'commit_top',
   options: {},
   children: [{ key: 'backing', required: true, roles: () => ['filtered', 'primary'] }],
+  childPerms: () => ({ perm: 0, shared: BLK_PERM_ALL }),
   async open(ctx) {
     return new MirrorTopInstance(ctx.children.backing!);
   },
@@ -110,11 +115,11 @@ export async function blockCommit(
         ['consistent-read', 'write-unchanged'],
         true,
       );
-      // QEMU 7.2 puts a commit_top filter above top (named by filter-node-name) for the job's
-      // life; without a name it is implicit there and left out here.
-      if (o.filterNodeName !== undefined) {
-        filter = await graph.insertFilter(commitTopDriver, top.name, o.filterNodeName);
-      }
+      // QEMU 7.2 puts a read-only commit_top filter above top for the job's life, named by
+      // filter-node-name or implicit (an automatic name, shown by query-named-block-nodes).
+      filter = await graph.insertFilter(commitTopDriver, top.name, o.filterNodeName, undefined, {
+        readOnly: true,
+      });
       try {
         // QEMU reads top through a BlockBackend (s->top); the layers below it are job children.
         for (const n of committed) await bj.addNode(n.name, ['consistent-read'], ALL, n === top);
