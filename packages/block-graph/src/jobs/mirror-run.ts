@@ -86,6 +86,13 @@ export class MirrorRun implements MirrorTopWrites {
       for (;;) {
         if (job.isCancelled) break;
         if (this.#error !== undefined) throw this.#error;
+        if (job.userPaused) {
+          // QEMU's mirror_pause: the operations in flight end before the job pauses (an
+          // error's stop included), so that a paused job's progress is all it did.
+          while (this.#inFlight > 0) await this.#waitOp();
+          await job.pausePoint();
+          continue;
+        }
         const cnt = o.bitmap.count();
         job.progressSetRemaining(this.#bytesInFlight + cnt);
         if (cnt > 0 && this.#inFlight < MAX_IN_FLIGHT && this.#bytesInFlight < o.bufSize) {
