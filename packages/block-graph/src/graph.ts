@@ -458,6 +458,7 @@ export class BlockGraph extends GraphReopener implements BackendHost {
     filterName: string,
     replacementName: string,
     before?: () => Promise<void>,
+    replace?: { from: string; to: string },
   ): Promise<void> {
     await this.lock.write(async () => {
       const filter = this.lookup(filterName);
@@ -465,6 +466,8 @@ export class BlockGraph extends GraphReopener implements BackendHost {
       await this.moveParents(filter, this.lookup(replacementName));
       await this.unref(filter); // the reference insertFilter kept
       this.refreshPermissions();
+      // A mirror's `replaces`: that node's parents move to the target in the same change.
+      if (replace) await this.moveParents(this.lookup(replace.from), this.lookup(replace.to));
     });
   }
 
