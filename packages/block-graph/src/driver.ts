@@ -423,6 +423,13 @@ export interface BlockDriver<M extends Members = Members> {
    */
   readonly options?: M;
   readonly children?: readonly ChildSpec[];
+  /**
+   * blockdev-reopen: the driver's option keys that may change, and whether the instance
+   * depends on read-only or cache.direct (the file's open mode, qcow2's metadata): then
+   * the instance is opened again (closed first when it goes read-only). Default: no
+   * driver option may change; read-only and the other settings change the node alone.
+   */
+  readonly reopen?: { readonly options?: readonly string[]; readonly instance?: boolean };
   /** The node can only be read-only ('read-only' defaults to true, false is refused). */
   readonly readOnlyOnly?: boolean;
   /**

@@ -16,6 +16,44 @@ import { BlockNode, ChildEdge, type NodeSettings } from './node.ts';
 import type { ObjectType } from './objects.ts';
 import { checkOptions, type NodeSpec } from './options.ts';
 
+/** A node's settings from its options and what it inherits from its parent (if inline). */
+export function nodeSettings(
+  spec: NodeSpec,
+  inherited: Partial<NodeSettings> | undefined,
+): NodeSettings {
+  const settings: NodeSettings = {
+    readOnly: spec.readOnly ?? inherited?.readOnly ?? false,
+    direct: spec.direct ?? inherited?.direct ?? false,
+    noFlush: spec.noFlush ?? inherited?.noFlush ?? false,
+    discard: spec.discard ?? inherited?.discard ?? 'ignore',
+    detectZeroes: spec.detectZeroes ?? 'off',
+    autoReadOnly: spec.autoReadOnly ?? inherited?.autoReadOnly ?? false,
+    forceShare: spec.forceShare ?? inherited?.forceShare ?? false,
+  };
+  if (settings.forceShare && !settings.readOnly) {
+    throw new BlockOptionError(
+      `${spec.path}force-share`,
+      'force-share=on can only be used with read-only images',
+    );
+  }
+  return settings;
+}
+
+/**
+ * What an inline child inherits: cache, read-only and force-share; lower layers default
+ * to discard=unmap (the policy is the top's); backing files default to read-only.
+ */
+export function inheritedSettings(settings: NodeSettings, cow: boolean): Partial<NodeSettings> {
+  return {
+    readOnly: cow ? true : settings.readOnly,
+    direct: settings.direct,
+    noFlush: settings.noFlush,
+    discard: 'unmap',
+    autoReadOnly: settings.autoReadOnly,
+    forceShare: settings.forceShare,
+  };
+}
+
 export class GraphOpener extends GraphNodes {
   private autoName = 0;
 
@@ -67,31 +105,8 @@ export class GraphOpener extends GraphNodes {
     const filename = spec.driver.name === 'file' ? spec.options.filename : undefined;
     const fileId = typeof filename === 'string' ? await fileIdentity(filename) : undefined;
     if (typeof filename === 'string') checkLoop(chain, fileId, filename);
-    const settings: NodeSettings = {
-      readOnly: spec.readOnly ?? inherited?.readOnly ?? false,
-      direct: spec.direct ?? inherited?.direct ?? false,
-      noFlush: spec.noFlush ?? inherited?.noFlush ?? false,
-      discard: spec.discard ?? inherited?.discard ?? 'ignore',
-      detectZeroes: spec.detectZeroes ?? 'off',
-      autoReadOnly: spec.autoReadOnly ?? inherited?.autoReadOnly ?? false,
-      forceShare: spec.forceShare ?? inherited?.forceShare ?? false,
-    };
-    if (settings.forceShare && !settings.readOnly) {
-      throw new BlockOptionError(
-        `${spec.path}force-share`,
-        'force-share=on can only be used with read-only images',
-      );
-    }
-    // Children inherit cache, read-only and force-share; lower layers default to
-    // discard=unmap (the policy is the top's); backing files default to read-only.
-    const childSettings = (cow: boolean): Partial<NodeSettings> => ({
-      readOnly: cow ? true : settings.readOnly,
-      direct: settings.direct,
-      noFlush: settings.noFlush,
-      discard: 'unmap',
-      autoReadOnly: settings.autoReadOnly,
-      forceShare: settings.forceShare,
-    });
+    const settings = nodeSettings(spec, inherited);
+    const childSettings = (cow: boolean) => inheritedSettings(settings, cow);
     const name = spec.nodeName ?? this.newName();
     const node = new BlockNode(name, spec.driver.name, settings, spec.raw, this);
     const edges: ChildEdge[] = [];
@@ -112,6 +127,7 @@ export class GraphOpener extends GraphNodes {
             childChain(chain, cow, c, this.maxBackingDepth),
           );
           child.refcount--; // the edge below takes the reference open() handed out
+          child.inheritsFrom = node;
         }
         const edge = new ChildEdge(key, roles, node, child);
         this.link(edge);
@@ -176,6 +192,7 @@ export class GraphOpener extends GraphNodes {
             this.storageFiles(node),
           );
           const child = await this.open(childSpec, childSettings(cow), below);
+          child.inheritsFrom = node;
           const edge = new ChildEdge(key, roles, node, child);
           this.link(edge); // takes over the reference open() handed out
           edges.push(edge);

@@ -99,8 +99,11 @@ export function refreshPermissions(
       shared &= p.shared;
     }
     if (n.readOnly && perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE)) {
-      // QEMU's wording (bdrv_node_check_perm).
-      throw new BlockError(BlockErrorCode.PERMISSION_CONFLICT, 'Block node is read-only');
+      // QEMU's wording (bdrv_node_check_perm); `node` lets a reopen word it as QEMU does.
+      throw Object.assign(
+        new BlockError(BlockErrorCode.PERMISSION_CONFLICT, 'Block node is read-only'),
+        { node: n.name },
+      );
     }
     for (const a of parents) {
       for (const b of parents) {

@@ -7,7 +7,7 @@ import type { BlockDriver, ChildNode } from './driver.ts';
 import { BlockError, BlockErrorCode, BlockOptionError } from './errors.ts';
 import { GraphLock } from './graph-lock.ts';
 import type { BlockGraphOptions } from './graph-nodes.ts';
-import { GraphOpener } from './graph-open.ts';
+import { GraphReopener } from './graph-reopen.ts';
 import { checkLinkNotFrozen, checkNotBusy } from './jobs/op-blockers.ts';
 import { BlockNode, ChildEdge, type NodeSettings } from './node.ts';
 import type { BlockAcctStats } from './node-stats.ts';
@@ -52,7 +52,7 @@ export interface AddOptions {
   requireNodeName?: boolean;
 }
 
-export class BlockGraph extends GraphOpener implements BackendHost {
+export class BlockGraph extends GraphReopener implements BackendHost {
   /** The graph lock: requests hold the read side, graph changes the write side. */
   readonly lock = new GraphLock();
   private backendSeq = 0;
@@ -232,6 +232,29 @@ export class BlockGraph extends GraphOpener implements BackendHost {
     });
   }
 
+  /**
+   * blockdev-reopen: new options for open nodes (blockdev-add-shaped, a node-name each),
+   * as one drained change; the children they opened inline follow (graph-reopen.ts).
+   */
+  async reopenMultiple(list: readonly unknown[]): Promise<void> {
+    this.checkOpen();
+    await this.lock.write(() => this.reopenQueue(list));
+  }
+
+  /**
+   * Reopens one node with `changes` over the options it has (e.g. {'read-only': false}):
+   * QEMU's bdrv_reopen_set_read_only, as block jobs use it.
+   */
+  async reopen(nodeName: string, changes: Record<string, unknown>): Promise<void> {
+    this.checkOpen();
+    await this.lock.write(() => {
+      const node = this.lookup(nodeName);
+      const options: Record<string, unknown> = { ...node.options, 'node-name': nodeName };
+      for (const [key, edge] of node.children) options[key] = edge.node.name;
+      return this.reopenQueue([{ ...options, ...changes }], 'reopen');
+    });
+  }
+
   /** A backend on a node: takes the permissions it needs (write: it writes). */
   async createBackend(nodeName: string, options: BackendOptions = {}): Promise<BlockBackend> {
     this.checkOpen();
@@ -403,7 +426,12 @@ export class BlockGraph extends GraphOpener implements BackendHost {
     childName: string,
     nodeName: string | undefined,
     then?: (filter: BlockNode) => void,
-    how: { options?: Record<string, unknown>; children?: Record<string, string> } = {},
+    how: {
+      options?: Record<string, unknown>;
+      children?: Record<string, string>;
+      /** Default: the child's (commit_top is read-only whatever top is). */
+      readOnly?: boolean;
+    } = {},
   ): Promise<BlockNode> {
     this.checkOpen();
     return this.lock.write(async () => {
@@ -411,7 +439,7 @@ export class BlockGraph extends GraphOpener implements BackendHost {
       const spec: NodeSpec = {
         driver,
         ...(nodeName !== undefined && { nodeName }),
-        readOnly: child.readOnly,
+        readOnly: how.readOnly ?? child.readOnly,
         discard: child.settings.discard,
         options: how.options ?? {},
         // 'backing' by default (mirror_top); copy-before-write has 'file' and 'target'.
@@ -442,6 +470,7 @@ export class BlockGraph extends GraphOpener implements BackendHost {
     filterName: string,
     replacementName: string,
     before?: () => Promise<void>,
+    replace?: { from: string; to: string },
   ): Promise<void> {
     await this.lock.write(async () => {
       const filter = this.lookup(filterName);
@@ -449,6 +478,8 @@ export class BlockGraph extends GraphOpener implements BackendHost {
       await this.moveParents(filter, this.lookup(replacementName));
       await this.unref(filter); // the reference insertFilter kept
       this.refreshPermissions();
+      // A mirror's `replaces`: that node's parents move to the target in the same change.
+      if (replace) await this.moveParents(this.lookup(replace.from), this.lookup(replace.to));
     });
   }
 

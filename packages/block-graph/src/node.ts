@@ -78,14 +78,16 @@ export class BlockNode extends NodeDirty implements ChildParent, ChildNode {
   align = 1;
   maxTransfer = Number.MAX_SAFE_INTEGER;
   closed = false;
+  /** The parent that opened it inline (QEMU's inherits_from): blockdev-reopen reopens it too. */
+  inheritsFrom: BlockNode | undefined;
   /** Ids of the graph objects this node uses (released when it closes). */
   readonly objects: string[] = [];
 
   readonly name: string;
   readonly driver: string;
   readonly settings: NodeSettings;
-  /** The options it was added with (for queries). */
-  readonly options: Readonly<Record<string, unknown>>;
+  /** The options it was added (or last reopened) with. */
+  options: Readonly<Record<string, unknown>>;
   private readonly host: NodeHost;
 
   constructor(

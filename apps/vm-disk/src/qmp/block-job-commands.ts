@@ -127,7 +127,6 @@ export function registerBlockJobCommands(monitor: QmpMonitor, daemon: DaemonCont
     name: 'blockdev-mirror',
     args: struct(blockdevMirrorArgs),
     run: async (args) => {
-      noReplaces(args.replaces);
       await blockdevMirror(graph, jobs, camel(args));
     },
   });

@@ -28,6 +28,7 @@ import { declareEvents } from './events.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
 import { registerQomCommands } from './qom-commands.ts';
 import { registerQueryBlock } from './query-block.ts';
+import { registerReopenCommands } from './reopen-commands.ts';
 
 const { enumOf, opt, str, struct, uint32, union } = schema;
 
@@ -170,6 +171,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
     run: () => debugQueryBlockGraph(daemon.graph),
   });
   registerBlockJobCommands(monitor, daemon);
+  registerReopenCommands(monitor, daemon);
   registerBackupCommands(monitor, daemon);
   registerBitmapCommands(monitor, daemon);
   registerStatsCommands(monitor, daemon.graph);

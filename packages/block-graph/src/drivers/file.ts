@@ -212,6 +212,8 @@ class FileInstance implements ProtocolInstance {
 
 export const fileDriver = defineDriver({
   name: 'file',
+  // The open mode (read-only, O_DIRECT) is the fd's: a reopen opens the file again.
+  reopen: { instance: true },
   options: {
     filename: str,
     // QEMU's: auto takes the locks where open file description locks exist (Linux), as on.

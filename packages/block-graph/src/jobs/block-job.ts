@@ -108,6 +108,7 @@ export class BlockJob {
   readonly #backends: BlockBackend[] = [];
   readonly #busy: string[] = [];
   readonly #frozen: [string, string][] = [];
+  readonly #onRelease: (() => Promise<void>)[] = [];
   #released = false;
   /** Whether QEMU would have created the job by now (events on an early failure). */
   #created = false;
@@ -229,6 +230,14 @@ export class BlockJob {
     this.#backends.push(backend);
     blockNodes(this.graph, [name], `block device is in use by block job: ${this.type}`);
     this.#busy.push(name);
+  }
+
+  /**
+   * Runs `fn` when the job lets go of its nodes, after them (QEMU .clean: commit puts a
+   * base it reopened read-write back to read-only); its failure is ignored, as QEMU's.
+   */
+  onRelease(fn: () => Promise<void>): void {
+    this.#onRelease.push(fn);
   }
 
   /** Freezes backing links parent -> child until the job ends (bdrv_freeze_backing_chain). */
@@ -353,5 +362,6 @@ export class BlockJob {
     this.unfreeze();
     unblockNodes(this.graph, this.#busy.splice(0));
     for (const b of this.#backends.splice(0)) await b.close();
+    for (const fn of this.#onRelease.splice(0)) await fn().catch(() => {});
   }
 }

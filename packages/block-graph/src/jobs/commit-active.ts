@@ -35,57 +35,57 @@ export async function commitActive(
       "'backing-file' specified, but 'top' is the active layer",
     );
   }
-  checkCommitBase(top, base);
   const committed = layersAbove(top, base);
   // The layers between top and base go at the pivot: no other job may use them.
   const intermediate = committed.slice(1);
   for (const n of intermediate) checkNotBusy(graph, n.name);
   const onError = o.onError ?? 'report';
-  return mirrorStart(
-    graph,
-    jobs,
-    top,
-    base,
-    {
-      ...o,
-      sync: 'full',
-      onSourceError: onError,
-      onTargetError: onError,
-    },
-    {
-      type: 'commit',
-      zeroTarget: false,
-      // bdrv_is_allocated_above(top, base_overlay): data of the layers above base.
-      depth: committed.length,
-      hold: async (bj) => {
-        // QEMU's "intermediate node" blockers: no permission taken, reads and writes shared.
-        for (const n of intermediate) {
-          await bj.addNode(n.name, [], ['consistent-read', 'write-unchanged', 'write']);
-        }
-        const links: [string, string][] = [];
-        for (let i = 0; i < committed.length; i++) {
-          links.push([committed[i]!.name, (committed[i + 1] ?? base).name]);
-        }
-        bj.freeze(links);
+  // QEMU reopens a read-only base read-write first (commit_active_start) and leaves it so
+  // after the job (it takes top's place), unless the job could not start.
+  const reopened = await makeWritable(graph, base);
+  try {
+    return await mirrorStart(
+      graph,
+      jobs,
+      top,
+      base,
+      {
+        ...o,
+        sync: 'full',
+        onSourceError: onError,
+        onTargetError: onError,
       },
-    },
-  );
+      {
+        type: 'commit',
+        zeroTarget: false,
+        // bdrv_is_allocated_above(top, base_overlay): data of the layers above base.
+        depth: committed.length,
+        growTarget: true,
+        hold: async (bj) => {
+          // QEMU's "intermediate node" blockers: no permission taken, reads and writes shared.
+          for (const n of intermediate) {
+            await bj.addNode(n.name, [], ['consistent-read', 'write-unchanged', 'write']);
+          }
+          const links: [string, string][] = [];
+          for (let i = 0; i < committed.length; i++) {
+            links.push([committed[i]!.name, (committed[i + 1] ?? base).name]);
+          }
+          bj.freeze(links);
+        },
+      },
+    );
+  } catch (err) {
+    if (reopened) await graph.reopen(base.name, { 'read-only': true }).catch(() => {});
+    throw err;
+  }
 }
 
-/** What both commits need of base: writable, and at least top's size. */
-type Layer = Pick<BlockNode, 'name' | 'readOnly' | 'size'>;
-
-export function checkCommitBase(top: Layer, base: Layer): void {
-  if (base.readOnly) {
-    throw new BlockError(
-      BlockErrorCode.READ_ONLY,
-      `Base '${base.name}' is read-only (reopening it read-write is not yet supported: add it with read-only=off)`,
-    );
-  }
-  if (base.size() < top.size()) {
-    throw new BlockError(
-      BlockErrorCode.NOT_SUPPORTED,
-      `Base '${base.name}' is smaller than top '${top.name}' (growing it is not yet supported)`,
-    );
-  }
+/**
+ * Reopens a read-only base read-write for a commit (bdrv_reopen_set_read_only); true when
+ * it did (the caller puts it back).
+ */
+export async function makeWritable(graph: BlockGraph, base: BlockNode): Promise<boolean> {
+  if (!base.readOnly) return false;
+  await graph.reopen(base.name, { 'read-only': false });
+  return true;
 }

@@ -7,20 +7,25 @@ import type { BlockDriver } from '../driver.ts';
 import { BlockError, BlockErrorCode } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
 import type { BlockNode } from '../node.ts';
+import { BLK_PERM_ALL } from '../permissions.ts';
 import { BlockJob, type BlockJobCommonOptions } from './block-job.ts';
 import { chainOf, findBase, layerFilename } from './chain.ts';
-import { checkCommitBase, commitActive } from './commit-active.ts';
+import { commitActive, makeWritable } from './commit-active.ts';
 import { copyChunks } from './copy-loop.ts';
 import { rootNode } from './mirror.ts';
 import { MirrorTopInstance } from './mirror-top.ts';
 import { checkNotBusy } from './op-blockers.ts';
-import { lookupNode } from './resize.ts';
+import { lookupNode, resizeNode } from './resize.ts';
 
-/** QEMU's commit_top (bdrv_commit_top): passes everything through to top. */
+/**
+ * QEMU's commit_top (bdrv_commit_top): passes everything through to top; read-only, it
+ * takes nothing of top and shares everything (bdrv_commit_top_child_perm).
+ */
 const commitTopDriver: BlockDriver = {
   name: 'commit_top',
   options: {},
   children: [{ key: 'backing', required: true, roles: () => ['filtered', 'primary'] }],
+  childPerms: () => ({ perm: 0, shared: BLK_PERM_ALL }),
   async open(ctx) {
     return new MirrorTopInstance(ctx.children.backing!);
   },
@@ -83,7 +88,6 @@ export async function blockCommit(
     throw new BlockError(BlockErrorCode.BAD_JOB, 'cannot commit an image into itself');
   }
   if (top === active) return commitActive(graph, jobs, o, top, base as BlockNode);
-  checkCommitBase(top, base);
   const overlay = chain[chain.indexOf(top) - 1]! as BlockNode;
   const baseAt = topChain.indexOf(base); // layers of top's chain above base
   const committed = topChain.slice(0, baseAt) as BlockNode[];
@@ -100,17 +104,22 @@ export async function blockCommit(
     'commit',
     o,
     async (bj) => {
+      // QEMU reopens a read-only base read-write for the job and back afterwards
+      // (commit_start, commit_clean).
+      if (await makeWritable(graph, base as BlockNode)) {
+        bj.onRelease(() => graph.reopen(base.name, { 'read-only': true }));
+      }
       await bj.addNode(
         base.name,
         ['consistent-read', 'write', 'resize'],
         ['consistent-read', 'write-unchanged'],
         true,
       );
-      // QEMU 7.2 puts a commit_top filter above top (named by filter-node-name) for the job's
-      // life; without a name it is implicit there and left out here.
-      if (o.filterNodeName !== undefined) {
-        filter = await graph.insertFilter(commitTopDriver, top.name, o.filterNodeName);
-      }
+      // QEMU 7.2 puts a read-only commit_top filter above top for the job's life, named by
+      // filter-node-name or implicit (an automatic name, shown by query-named-block-nodes).
+      filter = await graph.insertFilter(commitTopDriver, top.name, o.filterNodeName, undefined, {
+        readOnly: true,
+      });
       try {
         // QEMU reads top through a BlockBackend (s->top); the layers below it are job children.
         for (const n of committed) await bj.addNode(n.name, ['consistent-read'], ALL, n === top);
@@ -146,7 +155,10 @@ export async function blockCommit(
   );
 }
 
-function run(bj: BlockJob, top: BlockNode, base: BlockNode, baseAt: number): Promise<void> {
+async function run(bj: BlockJob, top: BlockNode, base: BlockNode, baseAt: number): Promise<void> {
+  // A base smaller than top grows to top's size first (commit_run's blk_truncate).
+  const len = top.size();
+  if (base.size() < len) await bj.graph.lock.write(() => resizeNode(base, len));
   return copyChunks(bj, top.size(), CHUNK, async (offset, want, c) => {
     const s = await top.blockStatus(offset, want, false);
     c.n = s.length;

@@ -15,6 +15,7 @@ import type { BlockNode } from '../node.ts';
 import { RangeLock } from '../range-lock.ts';
 import type { BlockdevOnError, BlockJob } from './block-job.ts';
 import type { MirrorTopWrites } from './mirror-top.ts';
+import { resizeNode } from './resize.ts';
 
 /** QEMU's MAX_IN_FLIGHT and MAX_IO_BYTES. */
 const MAX_IN_FLIGHT = 16;
@@ -34,6 +35,8 @@ export interface MirrorRunOptions {
   depth: number;
   /** Zero the target first (sync full onto an existing image). */
   zeroTarget: boolean;
+  /** Grow a smaller target to the source's size first (active commit). */
+  growTarget: boolean;
   writeBlocking: boolean;
   onSourceError: BlockdevOnError;
   onTargetError: BlockdevOnError;
@@ -74,12 +77,22 @@ export class MirrorRun implements MirrorTopWrites {
     const { bj, o } = this;
     const job = bj.job;
     const size = o.source.size();
+    if (o.growTarget && o.target.size() < size) {
+      await bj.graph.lock.write(() => resizeNode(o.target, size));
+    }
     await this.#dirtyInit(size);
     let pos = 0;
     try {
       for (;;) {
         if (job.isCancelled) break;
         if (this.#error !== undefined) throw this.#error;
+        if (job.userPaused) {
+          // QEMU's mirror_pause: the operations in flight end before the job pauses (an
+          // error's stop included), so that a paused job's progress is all it did.
+          while (this.#inFlight > 0) await this.#waitOp();
+          await job.pausePoint();
+          continue;
+        }
         const cnt = o.bitmap.count();
         job.progressSetRemaining(this.#bytesInFlight + cnt);
         if (cnt > 0 && this.#inFlight < MAX_IN_FLIGHT && this.#bytesInFlight < o.bufSize) {

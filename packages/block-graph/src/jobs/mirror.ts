@@ -9,7 +9,7 @@ import type { JobRegistry } from '@vmdisk/ao';
 import type { BdrvDirtyBitmap } from '../dirty-bitmap.ts';
 import { BlockError, BlockErrorCode } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
-import type { BlockNode } from '../node.ts';
+import type { BlockNode, ChildEdge } from '../node.ts';
 import { type BlockdevOnError, BlockJob, type BlockJobCommonOptions } from './block-job.ts';
 import { chainOf } from './chain.ts';
 import { MirrorRun } from './mirror-run.ts';
@@ -33,6 +33,8 @@ export interface MirrorCommonOptions extends BlockJobCommonOptions {
   onTargetError?: BlockdevOnError;
   filterNodeName?: string;
   copyMode?: 'background' | 'write-blocking';
+  /** The node the target takes the place of at completion (default: the source). */
+  replaces?: string;
 }
 
 export interface BlockdevMirrorOptions extends MirrorCommonOptions {
@@ -62,6 +64,8 @@ interface MirrorSetup {
   done?: (pivoted: boolean) => Promise<void>;
   /** Called after a successful pivot, still inside the job's prepare. */
   afterPivot?: () => Promise<void>;
+  /** Grow a smaller target to the source's size first (active commit's base). */
+  growTarget?: boolean;
   /** Extra nodes the job holds (active commit: the layers committed). */
   hold?: (bj: BlockJob) => Promise<void>;
 }
@@ -104,6 +108,41 @@ export function rootNode(graph: BlockGraph, device: string): BlockNode {
   return node;
 }
 
+/** Whether `node` is `below` or reaches it through filters (QEMU bdrv_recurse_can_replace). */
+function canReplace(node: BlockNode, below: BlockNode): boolean {
+  for (let n: BlockNode | undefined = node; n; ) {
+    if (n === below) return true;
+    const p: ChildEdge | undefined = n.primary;
+    n = p?.roles.includes('filtered') ? p.node : undefined;
+  }
+  return false;
+}
+
+/** The node `replaces` names, checked as QEMU's check_to_replace_node. */
+function checkReplaces(graph: BlockGraph, source: BlockNode, replaces: string): BlockNode {
+  if (!graph.hasNode(replaces)) {
+    throw new BlockError(
+      BlockErrorCode.NODE_NOT_FOUND,
+      `Failed to find node with node-name='${replaces}'`,
+    );
+  }
+  const node = graph.node(replaces) as BlockNode;
+  checkNotBusy(graph, node.name);
+  if (!canReplace(source, node)) {
+    throw new BlockError(
+      BlockErrorCode.BAD_JOB,
+      `Cannot replace '${replaces}' by a node mirrored from '${source.name}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data`,
+    );
+  }
+  if (node.size() !== source.size()) {
+    throw new BlockError(
+      BlockErrorCode.BAD_JOB,
+      'cannot replace image with a mirror image of different size',
+    );
+  }
+  return node;
+}
+
 /** blockdev-mirror: to an existing node. */
 export async function blockdevMirror(
   graph: BlockGraph,
@@ -113,6 +152,7 @@ export async function blockdevMirror(
   const source = rootNode(graph, o.device);
   const target = lookupNode(graph, o.target, o.target) as BlockNode;
   checkMirrorOptions(o);
+  if (o.replaces !== undefined) checkReplaces(graph, source, o.replaces);
   return mirrorStart(graph, jobs, source, target, o, {
     type: 'mirror',
     zeroTarget: o.sync === 'full',
@@ -199,10 +239,14 @@ export async function mirrorStart(
   let bitmap: BdrvDirtyBitmap | undefined;
   let run: MirrorRun | undefined;
   let pivoted = false;
-  const dropFilter = async (to: BlockNode, before?: () => Promise<void>): Promise<void> => {
+  const dropFilter = async (
+    to: BlockNode,
+    before?: () => Promise<void>,
+    replace?: { from: string; to: string },
+  ): Promise<void> => {
     const f = filter;
     if (!f) return;
-    await graph.removeFilter(f.name, to.name, before);
+    await graph.removeFilter(f.name, to.name, before, replace);
     filter = undefined;
     if (bitmap) source.releaseDirtyBitmap(bitmap);
   };
@@ -219,7 +263,8 @@ export async function mirrorStart(
           bitmap.busy = true;
         });
         await bj.addNode(source.name, ['consistent-read'], ALL);
-        await bj.addNode(target.name, ['write'], ALL);
+        const growing = how.growTarget === true && target.size() < source.size();
+        await bj.addNode(target.name, growing ? ['write', 'resize'] : ['write'], ALL);
         await how.hold?.(bj);
       } catch (err) {
         await dropFilter(source);
@@ -233,6 +278,7 @@ export async function mirrorStart(
         sync: o.sync === 'top' || o.sync === 'none' ? o.sync : 'full',
         depth: how.depth,
         zeroTarget: how.zeroTarget,
+        growTarget: how.growTarget === true,
         writeBlocking: o.copyMode === 'write-blocking',
         onSourceError: o.onSourceError ?? 'report',
         onTargetError: o.onTargetError ?? 'report',
@@ -256,7 +302,13 @@ export async function mirrorStart(
       prepare: async (bj) => {
         // A cancel after ready: the target stays a consistent copy, the source in use.
         const pivot = !bj.job.cancelRequested;
-        await dropFilter(pivot ? target : source, () => run!.finalCopy());
+        // With `replaces` (below the source, through filters) the source stays and that
+        // node's users move to the target instead; QEMU checks it can again, and skips
+        // the replacement (no error) when it cannot.
+        const r =
+          o.replaces !== undefined && pivot ? replacedNode(graph, source, o.replaces) : undefined;
+        if (r) await dropFilter(source, () => run!.finalCopy(), { from: r.name, to: target.name });
+        else await dropFilter(pivot ? target : source, () => run!.finalCopy());
         if (pivot) {
           pivoted = true;
           if (how.targetBacking !== undefined) {
@@ -275,6 +327,13 @@ export async function mirrorStart(
   // With nothing to copy, QEMU's job is ready before the command returns.
   if (o.sync === 'none') await run!.whenReady;
   return bj;
+}
+
+/** The node a completing mirror replaces, when it still may (mirror_exit_common). */
+function replacedNode(graph: BlockGraph, source: BlockNode, name: string): BlockNode | undefined {
+  if (!graph.hasNode(name)) return undefined;
+  const node = graph.node(name) as BlockNode;
+  return node !== source && canReplace(source, node) ? node : undefined;
 }
 
 /** The layers of `top`'s chain above `base` (active commit's committed layers). */

@@ -20,7 +20,8 @@ export function lookupNode(graph: BlockGraph, device?: string, nodeName?: string
   return graph.node(name);
 }
 
-async function resizeNode(node: BlockNode, size: number): Promise<void> {
+/** Sets a node's size, drained (the caller holds the graph's write lock and 'resize'). */
+export async function resizeNode(node: BlockNode, size: number): Promise<void> {
   await resizeLayer(node, size);
   node.truncateDirtyBitmaps(node.size());
 }

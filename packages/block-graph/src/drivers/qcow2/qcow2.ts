@@ -258,6 +258,8 @@ const qcow2Options = {
 export const qcow2Driver = defineDriver({
   name: 'qcow2',
   options: qcow2Options,
+  // Read-only and the cache options are the open image's: a reopen opens it again.
+  reopen: { options: Object.keys(qcow2Options), instance: true },
   children: [
     { key: 'file', required: true, roles: () => ['data', 'metadata', 'primary'] },
     { key: 'backing', required: false, nullable: true, roles: () => ['cow'] },
