@@ -25,6 +25,7 @@ import { registerStatsCommands } from './blockstats.ts';
 import type { DaemonControl } from './daemon-control.ts';
 import { declareEvents } from './events.ts';
 import { QmpError, type QmpMonitor } from './monitor.ts';
+import { registerTransactionCommands } from './transaction-commands.ts';
 
 const { enumOf, opt, str, struct, uint32, union } = schema;
 
@@ -186,6 +187,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   registerBlockJobCommands(monitor, daemon);
   registerBackupCommands(monitor, daemon);
   registerBitmapCommands(monitor, daemon);
+  registerTransactionCommands(monitor, daemon);
   registerStatsCommands(monitor, daemon.graph);
   declareEvents(monitor);
   monitor.register({
