@@ -5,9 +5,9 @@
 // completion-mode grouped cancels every backup of the transaction when one fails, and
 // keeps their bitmaps.
 import { describe, expect, it } from 'vitest';
-import { run, useScratch } from './harness/daemon.ts';
+import { monitorArgs, run, useScratch } from './harness/daemon.ts';
 import type { QmpMessage } from './harness/qmp-client.ts';
-import type { Recorder } from './harness/qmp-recorder.ts';
+import { Recorder } from './harness/qmp-recorder.ts';
 import { type Daemon, sideBySide } from './harness/side-by-side.ts';
 
 const scratch = useScratch('vmdisk-txn-');
@@ -260,5 +260,25 @@ describe('transaction against qemu-storage-daemon 7.2', () => {
         await leftovers(r);
       },
     });
+  });
+
+  it('block-dirty-bitmap-merge of no bitmaps changes nothing (QEMU source; qsd 7.2 crashes)', async () => {
+    await create([p('src.qcow2'), '4M']);
+    const qmp = p('qmp');
+    await scratch.serve([...monitorArgs(qmp), ...node('src')]);
+    const r = await Recorder.open(qmp);
+    await r.cmd('nbd-server-start', { addr: { type: 'unix', data: { path: p('nbd.sock') } } });
+    await r.cmd('block-dirty-bitmap-add', { node: 'src', name: 'b0' });
+    await write(r, ['write 0 64k']);
+    const merge = { node: 'src', target: 'b0', bitmaps: [] };
+    expect(await r.cmd('block-dirty-bitmap-merge', merge)).toEqual({ return: {} });
+    expect(
+      await r.cmd('transaction', { actions: [{ type: 'block-dirty-bitmap-merge', data: merge }] }),
+    ).toEqual({ return: {} });
+    await leftovers(r);
+    expect(r.seen.at(-2)).toMatchObject({
+      return: { bitmaps: [{ name: 'b0', count: 64 * KiB, busy: false }] },
+    });
+    r.client.close();
   });
 });
