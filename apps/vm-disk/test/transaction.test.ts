@@ -170,9 +170,9 @@ describe('transaction against qemu-storage-daemon 7.2', () => {
   it('a transaction whose last action fails leaves nothing behind: no bitmap, overlay or job', async () => {
     await sideBySide(scratch, {
       prepare: async () => {
-        for (const f of ['src', 'full', 'ov']) await create([p(`${f}.qcow2`), '4M']);
+        for (const f of ['src', 'full', 'ov', 'd0']) await create([p(`${f}.qcow2`), '4M']);
       },
-      args: () => [...node('src'), ...node('full'), ...node('ov')],
+      args: () => [...node('src'), ...node('full'), ...node('ov'), ...node('d0')],
       bare,
       results: ['src.qcow2', 'full.qcow2'],
       scenario: async (r) => {
@@ -194,6 +194,10 @@ describe('transaction against qemu-storage-daemon 7.2', () => {
           },
           { type: 'block-dirty-bitmap-remove', data: { node: 'src', name: 'old' } },
           {
+            type: 'drive-backup',
+            data: { 'job-id': 'd', device: 'd0', target: p('db.qcow2'), sync: 'full' },
+          },
+          {
             type: 'blockdev-snapshot-sync',
             data: {
               'node-name': 'ov',
@@ -203,12 +207,16 @@ describe('transaction against qemu-storage-daemon 7.2', () => {
           },
         ];
         await leftovers(r);
-        await r.cmd('transaction', { actions: [...all, { type: 'abort', data: {} }] });
+        const aborted = await r.cmd('transaction', {
+          actions: [...all, { type: 'abort', data: {} }],
+        });
+        expect(aborted.error).toMatchObject({ desc: 'Transaction aborted using Abort action' });
         await leftovers(r);
         // The last one refused by its own checks (a bitmap of that name exists by then).
-        await r.cmd('transaction', {
+        const refused = await r.cmd('transaction', {
           actions: [...all, { type: 'block-dirty-bitmap-add', data: { node: 'src', name: 'b0' } }],
         });
+        expect(refused.error).toMatchObject({ desc: 'Bitmap already exists: b0' });
         await leftovers(r);
         // Grouped completion is for backups only.
         await r.cmd('transaction', {
