@@ -34,7 +34,7 @@ import { QmpError, type QmpMonitor } from './monitor.ts';
 const { enumOf, list, opt, struct, union } = schema;
 
 /** TransactionAction: {type, data} (QEMU's legacy "simple union" on the wire). */
-const actionUnion = union(
+const transactionAction = union(
   'type',
   {},
   {
@@ -52,20 +52,7 @@ const actionUnion = union(
   },
 );
 
-type Action = ReturnType<typeof actionUnion.parse>;
-
-/** QEMU names an enum's member by its bare name in this error ('type', not 'actions[0].type'). */
-const transactionAction: schema.Type<Action> = {
-  info: actionUnion.info,
-  parse(value, key, syntax) {
-    const type = (value as { type?: unknown } | null)?.type;
-    const kinds = (actionUnion.info as { variants: Record<string, unknown> }).variants;
-    if (typeof type === 'string' && !(type in kinds)) {
-      throw schema.optionNotAccepted('type', type);
-    }
-    return actionUnion.parse(value, key, syntax);
-  },
-};
+type Action = ReturnType<typeof transactionAction.parse>;
 
 const completionMode = enumOf(['individual', 'grouped']);
 
