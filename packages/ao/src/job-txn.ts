@@ -156,16 +156,18 @@ async function txnSuccess<J>(txn: JobTxnState<J>, job: JobState<J>): Promise<voi
 export async function txnDoFinalize<J>(txn: JobTxnState<J>, job: JobState<J>): Promise<void> {
   txn.finalizing = true;
   try {
-    let ok = true;
+    let failed: JobState<J> | undefined;
     for (const other of [...txn.jobs]) {
       if (!(await jobPrepare(other))) {
-        ok = false;
+        failed = other;
         break;
       }
     }
-    if (!ok) {
+    if (failed) {
       txn.finalizing = false;
-      await txnAbort(txn, job);
+      // The job whose prepare failed is the one not cancelled: every other aborts too,
+      // `job` (the last to complete) included, whatever its own prepare did.
+      await txnAbort(txn, failed);
       return;
     }
     for (const other of [...txn.jobs]) await jobFinalizeSingle(other);

@@ -147,7 +147,9 @@ export class Job {
     s.ao.signal.addEventListener('abort', () => jobOnAoAbort(s), { once: true });
     this.#txn = txn;
     s.txn = txn._state;
-    txn._state.jobs.push(s);
+    // Newest first, as QEMU job_txn_add_job (QLIST_INSERT_HEAD): the order transactions
+    // finalize and abort their jobs in.
+    txn._state.jobs.unshift(s);
     s.transition('created');
     if (s.ao.aborted) jobOnAoAbort(s);
   }

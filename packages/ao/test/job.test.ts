@@ -446,8 +446,9 @@ describe('transactions', () => {
     const txn = registry.createTransaction();
     const ctls = [control({ finish: true }), control({ finish: true })];
     const drivers = ctls.map((c) => scriptedDriver(c));
-    drivers[1] = {
-      ...drivers[1]!,
+    // The jobs prepare newest first (QEMU's order): p1 prepares, then p0 refuses.
+    drivers[0] = {
+      ...drivers[0]!,
       prepare: () => {
         throw new Error('graph change refused');
       },
@@ -456,10 +457,10 @@ describe('transactions', () => {
     for (const j of jobs) j.start();
     const results = await Promise.allSettled(jobs.map((j) => j.wait()));
     expect(results.map((r) => r.status)).toEqual(['rejected', 'rejected']);
-    expect(jobs[1]!.error?.message).toBe('graph change refused');
-    expect(ctls[0]!.calls).toEqual(['prepare', 'abort', 'clean']);
-    expect(ctls[0]!.calls).not.toContain('commit');
-    expect(ctls[1]!.calls).toEqual(['abort', 'clean']);
+    expect(jobs[0]!.error?.message).toBe('graph change refused');
+    expect(ctls[1]!.calls).toEqual(['prepare', 'abort', 'clean']);
+    expect(ctls[1]!.calls).not.toContain('commit');
+    expect(ctls[0]!.calls).toEqual(['abort', 'clean']);
   });
 
   it('cancelling one job of a transaction cancels the others', async () => {

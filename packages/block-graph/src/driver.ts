@@ -105,6 +105,8 @@ export interface ChildNode {
   /** The file name of a `file` node (to resolve a backing file name against), else undefined. */
   readonly filename: string | undefined;
   size(): number;
+  /** The format's cluster size (QEMU bdrv_get_info), through filters; undefined if none. */
+  clusterSize(): number | undefined;
   /** Fills buf with the bytes at offset. */
   read(offset: number, buf: Uint8Array): Promise<void>;
   write(offset: number, buf: Uint8Array, flags?: WriteFlags): Promise<void>;

@@ -121,10 +121,13 @@ export {
 export { hostOffset } from './host-offset.ts';
 export { changeBackingFile, makeEmpty } from './image-edit.ts';
 export {
+  type BackupAction,
   type BlockdevBackupOptions,
   blockdevBackup,
+  blockdevBackupPrepare,
   type DriveBackupOptions,
   driveBackup,
+  driveBackupPrepare,
 } from './jobs/backup.ts';
 export {
   type BlockdevOnError,
@@ -188,3 +191,13 @@ export type {
 } from './schema.ts';
 // The option schema (schema.ts): definitions under `schema`, the types by name.
 export * as schema from './schema.ts';
+export {
+  bitmapAddPrepare,
+  bitmapClearPrepare,
+  bitmapEnablePrepare,
+  bitmapMergePrepare,
+  bitmapRemovePrepare,
+  type PreparedAction,
+  snapshotPrepare,
+  snapshotSyncPrepare,
+} from './transaction.ts';

@@ -153,6 +153,13 @@ export class BlockNode extends NodeDirty implements ChildParent, ChildNode {
     return this.instance.kind === 'format';
   }
 
+  /** bdrv_get_info's cluster size: the format's (through filters), else undefined. */
+  clusterSize(): number | undefined {
+    const cs = this.instance.info?.()['cluster-size'];
+    if (typeof cs === 'number') return cs;
+    return this.instance.kind === 'filter' ? this.primary?.node.clusterSize() : undefined;
+  }
+
   /** The backing (cow) child, if any. */
   get backing(): ChildEdge | undefined {
     for (const c of this.children.values()) if (c.roles.includes('cow')) return c;

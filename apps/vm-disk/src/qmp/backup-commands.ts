@@ -27,22 +27,28 @@ const backupCommon = {
   target: str,
 } as const;
 
+/** blockdev-backup's arguments (also a transaction's action). */
+export const blockdevBackupArgs = struct(backupCommon);
+
+/** drive-backup's. */
+export const driveBackupArgs = struct({
+  ...backupCommon,
+  format: opt(str),
+  mode: opt(enumOf(['existing', 'absolute-paths'])),
+});
+
 export function registerBackupCommands(monitor: QmpMonitor, daemon: DaemonControl): void {
   const { graph, jobs } = daemon;
   monitor.register({
     name: 'blockdev-backup',
-    args: struct(backupCommon),
+    args: blockdevBackupArgs,
     run: async (args) => {
       await blockdevBackup(graph, jobs, camel(args));
     },
   });
   monitor.register({
     name: 'drive-backup',
-    args: struct({
-      ...backupCommon,
-      format: opt(str),
-      mode: opt(enumOf(['existing', 'absolute-paths'])),
-    }),
+    args: driveBackupArgs,
     run: async (args) => {
       await driveBackup(graph, jobs, camel(args));
     },

@@ -17,19 +17,29 @@ import type { QmpMonitor } from './monitor.ts';
 const { bool, custom, list, opt, str, struct, uint32 } = schema;
 
 /** QEMU's BlockDirtyBitmap: a node and one of its bitmaps. */
-const blockDirtyBitmap = struct({ node: str, name: str });
+export const blockDirtyBitmap = struct({ node: str, name: str });
+
+/** BlockDirtyBitmapAdd. */
+export const blockDirtyBitmapAddArgs = struct({
+  node: str,
+  name: str,
+  granularity: opt(uint32),
+  persistent: opt(bool),
+  disabled: opt(bool),
+});
+
+/** BlockDirtyBitmapMerge. */
+export const blockDirtyBitmapMergeArgs = struct({
+  node: str,
+  target: str,
+  bitmaps: list(blockDirtyBitmapOrStr),
+});
 
 export function registerBitmapCommands(monitor: QmpMonitor, daemon: DaemonControl): void {
   const { graph } = daemon;
   monitor.register({
     name: 'block-dirty-bitmap-add',
-    args: struct({
-      node: str,
-      name: str,
-      granularity: opt(uint32),
-      persistent: opt(bool),
-      disabled: opt(bool),
-    }),
+    args: blockDirtyBitmapAddArgs,
     run: (args) => {
       blockDirtyBitmapAdd(graph, args);
     },
@@ -56,7 +66,7 @@ export function registerBitmapCommands(monitor: QmpMonitor, daemon: DaemonContro
   });
   monitor.register({
     name: 'block-dirty-bitmap-merge',
-    args: struct({ node: str, target: str, bitmaps: list(blockDirtyBitmapOrStr) }),
+    args: blockDirtyBitmapMergeArgs,
     run: (args) => blockDirtyBitmapMerge(graph, args.node, args.target, args.bitmaps),
   });
 }

@@ -93,6 +93,19 @@ const driveMirrorArgs = {
   'auto-dismiss': m['auto-dismiss'],
 } as const;
 
+/** BlockdevSnapshot (also a transaction's action). */
+export const blockdevSnapshotArgs = struct({ node: str, overlay: str });
+
+/** BlockdevSnapshotSync. */
+export const blockdevSnapshotSyncArgs = struct({
+  device: opt(str),
+  'node-name': opt(str),
+  'snapshot-file': str,
+  'snapshot-node-name': opt(str),
+  format: opt(str),
+  mode: opt(enumOf(['existing', 'absolute-paths'])),
+});
+
 function noReplaces(replaces: string | undefined): void {
   if (replaces !== undefined) {
     throw new QmpError('GenericError', "Parameter 'replaces' is not supported");
@@ -147,19 +160,12 @@ export function registerBlockJobCommands(monitor: QmpMonitor, daemon: DaemonCont
   });
   monitor.register({
     name: 'blockdev-snapshot',
-    args: struct({ node: str, overlay: str }),
+    args: blockdevSnapshotArgs,
     run: (args) => blockdevSnapshot(graph, args.node, args.overlay),
   });
   monitor.register({
     name: 'blockdev-snapshot-sync',
-    args: struct({
-      device: opt(str),
-      'node-name': opt(str),
-      'snapshot-file': str,
-      'snapshot-node-name': opt(str),
-      format: opt(str),
-      mode: opt(enumOf(['existing', 'absolute-paths'])),
-    }),
+    args: blockdevSnapshotSyncArgs,
     run: async (args) => {
       await blockdevSnapshotSync(graph, camel(args));
     },

@@ -29,6 +29,7 @@ import { QmpError, type QmpMonitor } from './monitor.ts';
 import { registerQomCommands } from './qom-commands.ts';
 import { registerQueryBlock } from './query-block.ts';
 import { registerReopenCommands } from './reopen-commands.ts';
+import { registerTransactionCommands } from './transaction-commands.ts';
 
 const { enumOf, opt, str, struct, uint32, union } = schema;
 
@@ -174,6 +175,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   registerReopenCommands(monitor, daemon);
   registerBackupCommands(monitor, daemon);
   registerBitmapCommands(monitor, daemon);
+  registerTransactionCommands(monitor, daemon);
   registerStatsCommands(monitor, daemon.graph);
   registerQueryBlock(monitor);
   registerChardevCommands(monitor, daemon.chardevs);

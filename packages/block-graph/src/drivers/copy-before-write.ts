@@ -74,7 +74,8 @@ export class CopyBeforeWriteInstance implements FilterInstance {
   readonly kind = 'filter';
   readonly child: BdrvChild;
   readonly target: BdrvChild;
-  readonly clusterSize = CBW_CLUSTER_SIZE;
+  /** The target's cluster size, at least 64 KiB (block_copy_calculate_cluster_size). */
+  readonly clusterSize: number;
   /** Clusters whose old data still has to be copied (block-copy's copy_bitmap). */
   readonly copyBitmap: BdrvDirtyBitmap;
   /** Clusters copied: the point-in-time reads them from the target. */
@@ -101,6 +102,9 @@ export class CopyBeforeWriteInstance implements FilterInstance {
     this.onCbwError = o.onCbwError;
     this.timeoutMs = o.timeoutMs;
     const size = file.node.size();
+    // Copying less than a target cluster would make the target copy on write from its
+    // backing (or, without one, leave the rest of the cluster unwritten).
+    this.clusterSize = Math.max(CBW_CLUSTER_SIZE, target.node.clusterSize() ?? 0);
     this.copyBitmap = new BdrvDirtyBitmap(size, this.clusterSize);
     if (o.bitmap) this.copyBitmap.merge(o.bitmap);
     else this.copyBitmap.set(0, size);

@@ -5,7 +5,7 @@
 // write after that copies the old data to the target first. The job copies the rest
 // (backup-run.ts) and takes the filter out at the end.
 import { readFileSync } from 'node:fs';
-import type { JobRegistry } from '@vmdisk/ao';
+import type { JobRegistry, JobTxn } from '@vmdisk/ao';
 import { BITMAP_ALLOW_RO, BITMAP_DEFAULT, checkDirtyBitmap } from '../dirty-bitmap-check.ts';
 import type { FormatInstance } from '../driver.ts';
 import {
@@ -15,6 +15,7 @@ import {
 import { BlockError, BlockErrorCode } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
 import type { BlockNode } from '../node.ts';
+import type { PreparedAction } from '../transaction.ts';
 import { BackupRun, type BackupSyncMode, type BitmapSyncMode, SyncBitmap } from './backup-run.ts';
 import { type BlockdevOnError, BlockJob, type BlockJobCommonOptions } from './block-job.ts';
 import { checkNotBusy } from './op-blockers.ts';
@@ -93,9 +94,35 @@ export async function blockdevBackup(
   jobs: JobRegistry,
   o: BlockdevBackupOptions,
 ): Promise<BlockJob> {
+  const prepared = await blockdevBackupPrepare(graph, jobs, o);
+  await runPrepared(prepared);
+  return prepared.bj;
+}
+
+/** blockdev-backup's job, created (not started), in `txn` if given (a transaction's action). */
+export async function blockdevBackupPrepare(
+  graph: BlockGraph,
+  jobs: JobRegistry,
+  o: BlockdevBackupOptions,
+  txn?: JobTxn,
+): Promise<BackupAction> {
   const source = lookupNode(graph, o.device, o.device) as BlockNode;
   const target = lookupNode(graph, o.target, o.target) as BlockNode;
-  return backupStart(graph, jobs, source, target, o);
+  return backupPrepare(graph, jobs, source, target, o, txn);
+}
+
+/** A backup job created and not yet started: commit starts it, abort cancels it. */
+export interface BackupAction extends PreparedAction {
+  readonly bj: BlockJob;
+  commit(): Promise<void>;
+  abort(): Promise<void>;
+  clean(): void;
+}
+
+/** The command outside a transaction: the action prepared, then committed at once. */
+async function runPrepared(a: BackupAction): Promise<void> {
+  await a.commit();
+  await a.clean();
 }
 
 /** The format of an existing image (QEMU probes it): qcow2 by its magic, raw otherwise. */
@@ -114,6 +141,18 @@ export async function driveBackup(
   jobs: JobRegistry,
   o: DriveBackupOptions,
 ): Promise<BlockJob> {
+  const prepared = await driveBackupPrepare(graph, jobs, o);
+  await runPrepared(prepared);
+  return prepared.bj;
+}
+
+/** drive-backup's target made and its job created (not started), in `txn` if given. */
+export async function driveBackupPrepare(
+  graph: BlockGraph,
+  jobs: JobRegistry,
+  o: DriveBackupOptions,
+  txn?: JobTxn,
+): Promise<BackupAction> {
   const source = lookupNode(graph, o.device, o.device) as BlockNode;
   const mode = o.mode ?? 'absolute-paths';
   const format = o.format ?? (mode === 'existing' ? probeFormat(o.target) : source.driver);
@@ -144,13 +183,13 @@ export async function driveBackup(
   })) as BlockNode;
   try {
     if (backing && format === 'qcow2') await graph.setBacking(target.name, backing.name);
-    const bj = await backupStart(graph, jobs, source, target, { ...o, sync });
-    // The target goes once the job has let go of it.
+    const prepared = await backupPrepare(graph, jobs, source, target, { ...o, sync }, txn);
+    // The target goes once the job has let go of it (ended, or cancelled by abort).
     const drop = async (): Promise<void> => {
       await graph.del(target.name).catch(() => {});
     };
-    void bj.job.wait().then(drop, drop);
-    return bj;
+    void prepared.bj.job.wait().then(drop, drop);
+    return prepared;
   } catch (err) {
     await graph.del(target.name);
     throw err;
@@ -166,14 +205,18 @@ function cowBelow(node: BlockNode): BlockNode | undefined {
   return undefined;
 }
 
-/** The backup job from `source` to `target` (backup_job_create). */
-export async function backupStart(
+/**
+ * The backup job from `source` to `target` (backup_job_create), created with its filter in
+ * place (the point-in-time) and not started: commit starts it, abort cancels it.
+ */
+async function backupPrepare(
   graph: BlockGraph,
   jobs: JobRegistry,
   source: BlockNode,
   target: BlockNode,
   o: BackupCommonOptions,
-): Promise<BlockJob> {
+  txn: JobTxn | undefined,
+): Promise<BackupAction> {
   const { sync, bitmapMode } = checkSync(source, o);
   if (source === target) throw bad('Source and target cannot be the same');
   const bm = o.bitmap !== undefined ? source.findDirtyBitmap(o.bitmap) : undefined;
@@ -199,8 +242,7 @@ export async function backupStart(
     syncBitmap?.finish(ok, run?.o.cbw.copyBitmap);
     syncBitmap = undefined;
   };
-  let paused: Promise<void> | undefined;
-  const bj = await BlockJob.start(
+  const bj = await BlockJob.create(
     graph,
     jobs,
     'backup',
@@ -247,17 +289,27 @@ export async function backupStart(
         finishBitmap(false);
         await dropFilter();
       },
-      started: (bj) => {
-        paused = pauseAtStart(jobs, bj);
-      },
     },
+    txn,
   );
-  // QEMU runs the command in a drained section of the source, which pauses the new job at
-  // its first pause point and resumes it at the end: JOB_STATUS_CHANGE paused and running
-  // come before the reply.
-  await paused;
-  if (bj.job.userPaused) bj.job.resume();
-  return bj;
+  return {
+    bj,
+    // QEMU runs the command in a drained section of the source, which pauses the new job
+    // at its first pause point and resumes it at the end (clean): JOB_STATUS_CHANGE paused
+    // and running come before the reply.
+    commit: async () => {
+      bj.begin();
+      await pauseAtStart(jobs, bj);
+    },
+    abort: async () => {
+      // In a job transaction, cancelling one job may have ended the others already.
+      if (bj.job.status === 'created') bj.job.cancel(true);
+      await bj.job.wait().catch(() => {});
+    },
+    clean: () => {
+      if (bj.job.userPaused) bj.job.resume();
+    },
+  };
 }
 
 /** Pauses a job whose body has not run yet; resolves when it reached its first pause point. */

@@ -4,7 +4,7 @@
 // change frozen; the rate limit (`speed`); the error policy (on-error); BlockJobInfo for
 // query-block-jobs; and the BLOCK_JOB_* events, queued with JOB_STATUS_CHANGE so that they
 // come in QEMU's order.
-import type { Job, JobRegistry } from '@vmdisk/ao';
+import type { Job, JobRegistry, JobTxn } from '@vmdisk/ao';
 import type { BlockBackend } from '../backend.ts';
 import { BlockError, BlockErrorCode } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
@@ -112,6 +112,9 @@ export class BlockJob {
   #released = false;
   /** Whether QEMU would have created the job by now (events on an early failure). */
   #created = false;
+  /** Started (begin): only a started job sends BLOCK_JOB_COMPLETED / _CANCELLED. */
+  #begun = false;
+  #started: ((bj: BlockJob) => void) | undefined;
 
   private constructor(graph: BlockGraph, type: string, id: string, onError: BlockdevOnError) {
     this.graph = graph;
@@ -120,11 +123,7 @@ export class BlockJob {
     this.onError = onError;
   }
 
-  /**
-   * Creates and starts a block job (QEMU block_job_create + job_start): `setup` takes the
-   * nodes (addNode) and freezes links; when it or the job's creation fails, everything
-   * taken is given back and nothing is left.
-   */
+  /** Creates and starts a block job (QEMU block_job_create + job_start): see create. */
   static async start(
     graph: BlockGraph,
     jobs: JobRegistry,
@@ -132,6 +131,25 @@ export class BlockJob {
     options: BlockJobCommonOptions,
     setup: (bj: BlockJob) => Promise<void>,
     body: BlockJobBody,
+  ): Promise<BlockJob> {
+    const bj = await BlockJob.create(graph, jobs, type, options, setup, body);
+    bj.begin();
+    return bj;
+  }
+
+  /**
+   * Creates a block job in 'created' (QEMU block_job_create), in the job transaction `txn`
+   * if given: `setup` takes the nodes (addNode) and freezes links; when it or the job's
+   * creation fails, everything taken is given back and nothing is left. `begin` starts it.
+   */
+  static async create(
+    graph: BlockGraph,
+    jobs: JobRegistry,
+    type: string,
+    options: BlockJobCommonOptions,
+    setup: (bj: BlockJob) => Promise<void>,
+    body: BlockJobBody,
+    txn?: JobTxn,
   ): Promise<BlockJob> {
     const id = options.jobId;
     if (id === undefined) {
@@ -161,6 +179,7 @@ export class BlockJob {
     bj.#limit.speed = options.speed ?? 0;
     const job = jobs.createJob({
       id,
+      ...(txn !== undefined && { txn }),
       ...(options.autoFinalize !== undefined && { autoFinalize: options.autoFinalize }),
       ...(options.autoDismiss !== undefined && { autoDismiss: options.autoDismiss }),
       ...(options.speed !== undefined && { speed: options.speed }),
@@ -198,9 +217,15 @@ export class BlockJob {
         if (map.get(id) === bj) map.delete(id);
       }
     });
-    job.start();
-    body.started?.(bj);
+    bj.#started = body.started;
     return bj;
+  }
+
+  /** Starts a created job (QEMU job_start). */
+  begin(): void {
+    this.#begun = true;
+    this.job.start();
+    this.#started?.(this);
   }
 
   get job(): Job {
@@ -347,6 +372,7 @@ export class BlockJob {
   /** QEMU .clean, then the event of the end (job_finalize_single): nodes given back first. */
   async #clean(job: Job): Promise<void> {
     await this.#release();
+    if (!this.#begun) return; // QEMU: events only for a job that started
     const data = this.#eventData();
     if (job.isCancelled) {
       job.registry.emitEvent({ event: 'BLOCK_JOB_CANCELLED', data });

@@ -68,7 +68,7 @@ export interface BlockdevSnapshotSyncOptions {
 export async function blockdevSnapshotSync(
   graph: BlockGraph,
   o: BlockdevSnapshotSyncOptions,
-): Promise<void> {
+): Promise<{ node: string; overlay: string }> {
   const node = lookupNode(graph, o.device, o.nodeName) as BlockNode;
   if (o.nodeName !== undefined && o.snapshotNodeName === undefined) {
     throw new BlockError(BlockErrorCode.BAD_JOB, 'New overlay node-name missing');
@@ -99,6 +99,18 @@ export async function blockdevSnapshotSync(
     await graph.del(overlay.name);
     throw err;
   }
+  return { node: node.name, overlay: overlay.name };
+}
+
+/** Undoes blockdev-snapshot (a transaction's abort): the users go back to `node`, and the
+ * overlay loses its backing. */
+export async function snapshotUndo(
+  graph: BlockGraph,
+  node: string,
+  overlay: string,
+): Promise<void> {
+  await graph.replaceNode(overlay, node);
+  await graph.setBacking(overlay, null);
 }
 
 /**
