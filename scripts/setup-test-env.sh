@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs, idempotently, what the tests need beyond npm (docs/testing.md):
 # the oracle and container Debian packages, a running Docker engine (no bridge, host
-# networking only), and the local base image. As root with apt it installs what is
-# missing; elsewhere it prints exactly what is missing and fails.
+# networking only), the local base image and the Ceph image built from it. As root with
+# apt it installs what is missing; elsewhere it prints exactly what is missing and fails.
 # Usage: scripts/setup-test-env.sh   (prints the base image tag on stdout)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-APT_PACKAGES=(qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit fio docker.io debootstrap e2fsprogs fuse3 openssl graphviz prometheus)
+APT_PACKAGES=(qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit fio docker.io debootstrap e2fsprogs fuse3 openssl graphviz prometheus librbd1 qemu-block-extra)
 RUNTIME_NAME=vmdisk-runc
 RUNTIME_PATH=/usr/local/libexec/vm-disk/runc-nosysresource
 DOCKERD_LOG=/var/log/vm-disk-dockerd.log
@@ -65,4 +65,7 @@ ensure_docker() {
 ensure_apt_packages
 ensure_node
 ensure_docker
-"$VMDISK_ROOT/scripts/base-image.sh"
+base=$("$VMDISK_ROOT/scripts/base-image.sh")
+# The Ceph image the RBD tests start a cluster from (built from the base image).
+"$VMDISK_ROOT/scripts/ceph-image.sh" "$base" >/dev/null
+echo "$base"

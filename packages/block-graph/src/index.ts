@@ -90,6 +90,7 @@ export {
   type SnapshotSelector as Qcow2SnapshotSelector,
   withQcow2File,
 } from './drivers/qcow2/snapshot.ts';
+export { createRbd, type RbdLocation } from './drivers/rbd.ts';
 export {
   BackingChainError,
   BlockError,
@@ -102,6 +103,8 @@ export {
   Qcow2Error,
   Qcow2ErrorCode,
   Qcow2UnsupportedError,
+  RbdError,
+  RbdErrorCode,
   toBlockError,
 } from './errors.ts';
 export { bitmapExtents, type ExportedBitmaps, exportDirtyBitmaps } from './export-bitmaps.ts';
