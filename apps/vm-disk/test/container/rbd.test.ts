@@ -327,12 +327,23 @@ describe('rbd against a Ceph cluster, qemu-storage-daemon 7.2 as the reference',
     const client = await NbdClient.connect({ host: '127.0.0.1', port }, { exportName: 'r' });
     try {
       await client.write(0, new Uint8Array(65536).fill(0x41));
+      // A writer writes 64 KiB after 64 KiB over 4M-8M until a write fails; the OSD is
+      // killed while it runs.
+      let written = 0;
+      const writer = (async (): Promise<unknown> => {
+        const chunk = new Uint8Array(65536).fill(0x42);
+        for (let i = 0; ; i++) {
+          try {
+            await client.write((4 << 20) + (i % 64) * 65536, chunk);
+            written++;
+          } catch (e) {
+            return e;
+          }
+        }
+      })();
+      await waitFor('the writer to be writing', () => written >= 10, 60_000);
       await ceph.killOsd();
-      const failed = await client.write(1 << 20, new Uint8Array(65536).fill(0x42)).then(
-        () => undefined,
-        (e: unknown) => e as { errnoName?: string },
-      );
-      expect(failed).toBeDefined();
+      expect(await writer).toBeDefined();
       // The server logs what librbd said: the write timed out.
       await waitFor('the timeout in the log', () => s.process.stderr().includes('rbd_aio_write'));
       expect(s.process.stderr()).toMatch(/rbd_aio_write on rbd\/osd failed: Connection timed out/);
