@@ -325,6 +325,9 @@ export const rbdDriver = defineDriver({
       }
       ctx.setReadOnly();
     }
+    // The graph's request buffers come from the engine's arena once an engine is open
+    // (otherwise each is a new Buffer: 1 MiB writes spent most of their CPU faulting pages).
+    await ctx.engine('auto');
     const { cluster, ioctx } = await rbdConnect(
       o,
       secretLookup((t, i, k) => ctx.object(t, i, k)),
