@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Installs, idempotently, what the tests need beyond npm (docs/testing.md):
 # the oracle and container Debian packages, a running Docker engine (no bridge, host
-# networking only), the local base image, and the test guest (scripts/guest-image.sh). As
-# root with apt it installs what is missing; elsewhere it prints exactly what is missing
-# and fails.
+# networking only), the local base image, the Ceph image built from it and the test guest
+# (scripts/guest-image.sh). As root with apt it installs what is missing; elsewhere it
+# prints exactly what is missing and fails.
 # Usage: scripts/setup-test-env.sh   (prints the base image tag on stdout)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-APT_PACKAGES=(qemu-utils qemu-system-common qemu-system-x86 busybox-static cpio libnbd-bin python3-libnbd nbdkit fio docker.io debootstrap e2fsprogs fuse3 openssl graphviz prometheus)
+APT_PACKAGES=(qemu-utils qemu-system-common qemu-system-x86 busybox-static cpio libnbd-bin python3-libnbd nbdkit fio docker.io debootstrap e2fsprogs fuse3 openssl graphviz prometheus librbd1 qemu-block-extra)
 RUNTIME_NAME=vmdisk-runc
 RUNTIME_PATH=/usr/local/libexec/vm-disk/runc-nosysresource
 DOCKERD_LOG=/var/log/vm-disk-dockerd.log
@@ -66,5 +66,8 @@ ensure_docker() {
 ensure_apt_packages
 ensure_node
 ensure_docker
-"$VMDISK_ROOT/scripts/base-image.sh"
+base=$("$VMDISK_ROOT/scripts/base-image.sh")
 "$VMDISK_ROOT/scripts/guest-image.sh" >/dev/null
+# The Ceph image the RBD tests start a cluster from (built from the base image).
+"$VMDISK_ROOT/scripts/ceph-image.sh" "$base" >/dev/null
+echo "$base"

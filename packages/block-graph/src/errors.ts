@@ -289,3 +289,35 @@ export function badHeader(message: string): Qcow2Error {
 export function badOption(message: string): Qcow2Error {
   return new Qcow2Error(Qcow2ErrorCode.BAD_OPTION, message);
 }
+
+// ---------------------------------------------------------------- the rbd driver
+// Each is a BlockError with a stable code `ERR_VMDISK_BLOCK_RBD_*` and the errno librados or
+// librbd answered; the message is QEMU 7.2's (block/rbd.c).
+
+export const RbdErrorCode = {
+  /** The ceph.conf named by `conf` could not be read. */
+  CONF: 'ERR_VMDISK_BLOCK_RBD_CONF',
+  /** A setting (key, mon_host, auth_client_required, a key=value pair) was refused. */
+  SETTING: 'ERR_VMDISK_BLOCK_RBD_SETTING',
+  /** No connection to the cluster: no monitor answered in time, or authentication failed. */
+  CONNECT: 'ERR_VMDISK_BLOCK_RBD_CONNECT',
+  /** The pool (or namespace) could not be opened: missing, or not permitted. */
+  POOL: 'ERR_VMDISK_BLOCK_RBD_POOL',
+  /** The image (or snapshot) could not be opened: missing, or not permitted. */
+  IMAGE: 'ERR_VMDISK_BLOCK_RBD_IMAGE',
+  /** The image could not be created (exists already, bad object size). */
+  CREATE: 'ERR_VMDISK_BLOCK_RBD_CREATE',
+} as const;
+
+export type RbdErrorCodeValue = (typeof RbdErrorCode)[keyof typeof RbdErrorCode];
+
+export class RbdError extends BlockError {
+  override name = 'RbdError';
+  constructor(
+    code: RbdErrorCodeValue,
+    message: string,
+    options?: ErrorOptions & { errnoName?: string },
+  ) {
+    super(code, message, options);
+  }
+}

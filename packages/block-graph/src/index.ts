@@ -90,6 +90,7 @@ export {
   type SnapshotSelector as Qcow2SnapshotSelector,
   withQcow2File,
 } from './drivers/qcow2/snapshot.ts';
+export { createRbd, type RbdLocation } from './drivers/rbd.ts';
 export { THROTTLE_LIMIT_KEYS } from './drivers/throttle.ts';
 export {
   BackingChainError,
@@ -103,6 +104,8 @@ export {
   Qcow2Error,
   Qcow2ErrorCode,
   Qcow2UnsupportedError,
+  RbdError,
+  RbdErrorCode,
   toBlockError,
 } from './errors.ts';
 export { bitmapExtents, type ExportedBitmaps, exportDirtyBitmaps } from './export-bitmaps.ts';

@@ -303,11 +303,14 @@ export function object(name = 'object'): Type<Record<string, unknown>> {
 // ---------------------------------------------------------------- structs and unions
 
 function membersInfo(members: Members): MemberInfo[] {
-  return Object.entries(members).map(([name, m]) => ({
-    name,
-    type: isOptional(m) ? m.type.info : m.info,
-    optional: isOptional(m),
-  }));
+  // Members named '=...' are QEMU's hidden options (rbd's =keyvalue-pairs): not in its schema.
+  return Object.entries(members)
+    .filter(([name]) => !name.startsWith('='))
+    .map(([name, m]) => ({
+      name,
+      type: isOptional(m) ? m.type.info : m.info,
+      optional: isOptional(m),
+    }));
 }
 
 /**

@@ -11,3 +11,5 @@ export type {
 export { openEngine, sharedEngine } from './engine.ts';
 export { EngineError, ErrorCode, IoError } from './errors.ts';
 export { setMallocMmapThreshold } from './native.ts';
+export type { RadosOptions, RbdExtent } from './rbd.ts';
+export { RadosCluster, RadosIoctx, RbdImage } from './rbd.ts';

@@ -5,8 +5,10 @@ import { dirname, isAbsolute, join, resolve } from 'node:path';
 import {
   checkQcow2CreateOptions,
   createQcow2,
+  createRbd,
   lockForCreate,
   type Qcow2CreateOptions,
+  type RbdLocation,
   schema,
 } from '@vmdisk/block-graph';
 import { type EngineFile, sharedEngine } from '@vmdisk/engine';
@@ -16,6 +18,7 @@ import { ProgressBar } from '../progress.ts';
 import { imgArgs } from './args.ts';
 import { describe } from './info.ts';
 import { openFile, sizeArg } from './open.ts';
+import { rbdFilename } from './rbd-name.ts';
 
 const QCOW2_OPTIONS = new Set([
   'size',
@@ -177,6 +180,7 @@ export async function createImage(req: CreateRequest): Promise<void> {
       throw new BadOptionError('-o', (e as Error).message);
     }
   }
+  if (rbdFilename(path) !== undefined) return createRbdImage(req, o);
   const allowed = format === 'qcow2' ? QCOW2_OPTIONS : new Set(['size', 'preallocation']);
   for (const key of Object.keys(o)) {
     if (!allowed.has(key))
@@ -279,4 +283,36 @@ async function createRaw(
     }
   }
   await file.fdatasync();
+}
+
+/**
+ * `create -f raw rbd:POOL/IMAGE SIZE` (qemu-img's rbd create options: size, cluster_size):
+ * a new RBD image; a format on top of it is not made here.
+ */
+async function createRbdImage(req: CreateRequest, o: Record<string, string>): Promise<void> {
+  if (req.format !== 'raw')
+    throw new BadOptionError(
+      '-f',
+      `rbd images are created raw (a ${req.format} on rbd is not made here)`,
+    );
+  for (const key of Object.keys(o)) {
+    if (key !== 'size' && key !== 'cluster_size')
+      throw new BadOptionError('-o', `Invalid parameter '${key}' for rbd`);
+  }
+  const size = req.size ?? (o.size !== undefined ? sizeOption('size', o.size) : undefined);
+  if (size === undefined) throw new BadOptionError('create', 'expected an image size');
+  const clusterSize =
+    o.cluster_size !== undefined ? sizeOption('cluster_size', o.cluster_size) : undefined;
+  const { driver: _driver, ...location } = rbdFilename(req.path) as Record<string, unknown>;
+  const shown = clusterSize !== undefined ? ` cluster_size=${clusterSize}` : '';
+  req.out?.write(`Formatting '${req.path}', fmt=raw size=${size}${shown}\n`);
+  try {
+    await createRbd(location as RbdLocation, size, clusterSize, (id) => {
+      throw new BadOptionError('key-secret', `no secret object with id '${id}'`);
+    });
+  } catch (e) {
+    // qemu-img's words: the image name, then the driver's message (the code is kept).
+    if (e instanceof Error) e.message = `${req.path}: ${e.message}`;
+    throw e;
+  }
 }

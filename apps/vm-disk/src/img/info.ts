@@ -1,11 +1,12 @@
 // `vm-disk info`, as `qemu-img info`: format, sizes, backing file (and the path it
 // resolves to), qcow2 features; with --backing-chain every layer, as a JSON list.
 import { stat } from 'node:fs/promises';
-import { type BlockGraph, parseQcow2Header, qcow2BitmapInfoList } from '@vmdisk/block-graph';
+import { BlockGraph, parseQcow2Header, qcow2BitmapInfoList } from '@vmdisk/block-graph';
 import { UsageError } from '../errors.ts';
 import { imageArgs } from './args.ts';
 import { humanField } from './human-value.ts';
 import { type Format, openFile, openForReading, probeFormat } from './open.ts';
+import { rbdFilename } from './rbd-name.ts';
 
 /**
  * The name a backing file name stands for next to `image` (QEMU path_combine): as is when
@@ -21,7 +22,8 @@ export interface ImageDescription {
   filename: string;
   format: Format;
   virtualSize: number;
-  actualSize: number;
+  /** Absent where the storage cannot tell (rbd: "disk size: unavailable"). */
+  actualSize?: number | undefined;
   clusterSize?: number;
   dirty?: boolean;
   backingFile?: string;
@@ -35,6 +37,8 @@ export async function describe(
   forceShare = false,
   given?: string,
 ): Promise<ImageDescription> {
+  const rbd = rbdFilename(path);
+  if (rbd !== undefined) return describeRbd(path, rbd, (given as Format | undefined) ?? 'raw');
   const format = (given as Format | undefined) ?? (await probeFormat(path));
   const graph = await openForReading(path, format, forceShare, false);
   try {
@@ -42,6 +46,49 @@ export async function describe(
   } finally {
     await graph.close();
   }
+}
+
+/**
+ * An image of a Ceph cluster (`rbd:` name): a raw image is the rbd image itself. Named as
+ * qemu-img names it, by its options as json:{...}.
+ */
+async function describeRbd(
+  path: string,
+  file: Record<string, unknown>,
+  format: Format,
+): Promise<ImageDescription> {
+  if (format !== 'raw') throw new UsageError(`info: ${format} images on rbd are not supported yet`);
+  const graph = new BlockGraph();
+  try {
+    await graph.add({ driver: 'raw', 'node-name': 'image', 'read-only': true, file });
+    const info = graph.query().find((n) => n.driver === 'rbd') as
+      | Record<string, unknown>
+      | undefined;
+    const { driver, namespace, ...rest } = file;
+    const name = { ...rest, driver, namespace: namespace ?? '' };
+    return {
+      filename: `json:${qemuJson({ driver: 'raw', file: name })}`,
+      format,
+      virtualSize: graph.node('image').size(),
+      ...(typeof info?.['cluster-size'] === 'number' && { clusterSize: info['cluster-size'] }),
+      dirty: false,
+    };
+  } catch (e) {
+    // qemu-img's words before the driver's; the error (and its code) kept.
+    if (e instanceof Error) e.message = `Could not open '${path}': ${e.message}`;
+    throw e;
+  } finally {
+    await graph.close();
+  }
+}
+
+/** JSON as QEMU's qobject_to_json writes it in a json: name (", " and ": "). */
+function qemuJson(value: unknown): string {
+  if (value !== null && typeof value === 'object') {
+    const entries = Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${qemuJson(v)}`);
+    return `{${entries.join(', ')}}`;
+  }
+  return JSON.stringify(value);
 }
 
 async function describeOpen(
@@ -102,7 +149,7 @@ function infoJson(d: ImageDescription): Record<string, unknown> {
     filename: d.filename,
     ...(d.clusterSize !== undefined && { 'cluster-size': d.clusterSize }),
     format: d.format,
-    'actual-size': d.actualSize,
+    ...(d.actualSize !== undefined && { 'actual-size': d.actualSize }),
     ...(d.formatSpecific && { 'format-specific': d.formatSpecific }),
     ...(d.fullBackingFile !== undefined && { 'full-backing-filename': d.fullBackingFile }),
     ...(d.backingFile !== undefined && { 'backing-filename': d.backingFile }),
@@ -132,7 +179,7 @@ function humanInfo(d: ImageDescription): string {
     `image: ${d.filename}`,
     `file format: ${d.format}`,
     `virtual size: ${human(d.virtualSize)} (${d.virtualSize} bytes)`,
-    `disk size: ${human(d.actualSize)}`,
+    `disk size: ${d.actualSize !== undefined ? human(d.actualSize) : 'unavailable'}`,
   ];
   if (d.clusterSize !== undefined) lines.push(`cluster_size: ${d.clusterSize}`);
   if (d.dirty) lines.push('cleanly shut down: no');

@@ -5,6 +5,7 @@ import { type BlockBackend, BlockGraph, ImageLockError, schema } from '@vmdisk/b
 import { type EngineFile, sharedEngine } from '@vmdisk/engine';
 import { BadOptionError, UsageError } from '../errors.ts';
 import { parseKeyval } from '../options/keyval.ts';
+import { rbdFilename } from './rbd-name.ts';
 
 const QCOW2_MAGIC = Buffer.from('QFI\xfb', 'latin1');
 const BOCHS_MAGIC = Buffer.from('Bochs Virtual HD Image');
@@ -114,10 +115,10 @@ export async function nodeOptions(spec: ImageSpec): Promise<Record<string, unkno
   }
   if (spec.format !== undefined && !FORMATS.includes(spec.format))
     throw new UsageError(`Unknown file format '${spec.format}'`);
-  const nbd = nbdUri(spec.name);
-  const file = nbd ?? { driver: 'file', filename: spec.name, ...cache };
+  const remote = nbdUri(spec.name) ?? rbdFilename(spec.name);
+  const file = remote ?? { driver: 'file', filename: spec.name, ...cache };
   let format = spec.format;
-  if (format === undefined) format = nbd ? 'raw' : await probeFormat(spec.name);
+  if (format === undefined) format = remote ? 'raw' : await probeFormat(spec.name);
   return {
     driver: format,
     file,

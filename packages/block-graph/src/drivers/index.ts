@@ -10,6 +10,7 @@ import { nbdDriver } from './nbd.ts';
 import { nullCoDriver } from './null-co.ts';
 import { qcow2Driver } from './qcow2/qcow2.ts';
 import { rawDriver } from './raw.ts';
+import { rbdDriver } from './rbd.ts';
 import { snapshotAccessDriver } from './snapshot-access.ts';
 import { throttleDriver } from './throttle.ts';
 
@@ -25,4 +26,5 @@ export const builtinDrivers: readonly BlockDriver[] = [
   blkdebugDriver,
   copyBeforeWriteDriver,
   snapshotAccessDriver,
+  rbdDriver,
 ];

@@ -6,9 +6,10 @@ import type { Job, JobRegistry } from '@vmdisk/ao';
 import { lockForCreate } from '../drivers/file-lock.ts';
 import { createQcow2, type Qcow2CreateOptions } from '../drivers/qcow2/create.ts';
 import { qcow2FileOf } from '../drivers/qcow2/qcow2.ts';
+import { createRbd, rbdLocationOptions } from '../drivers/rbd.ts';
 import type { BlockGraph } from '../graph.ts';
 import { BLK_PERM_ALL, permNames } from '../permissions.ts';
-import { bool, enumOf, type Infer, int, opt, size, str, union } from '../schema.ts';
+import { any, bool, enumOf, type Infer, int, opt, size, str, struct, union } from '../schema.ts';
 
 // In QEMU's schema order (qapi/block-core.json), which is the order errors come in; the
 // tag `driver` names the driver (file and qcow2 are the ones vm-disk creates).
@@ -34,6 +35,12 @@ export const blockdevCreateOptions = union(
       'lazy-refcounts': opt(bool),
       'refcount-bits': opt(int()),
       'compression-type': opt(enumOf(['zlib', 'zstd'])),
+    },
+    rbd: {
+      location: struct(rbdLocationOptions, 'BlockdevOptionsRbd'),
+      size: size,
+      'cluster-size': opt(size),
+      encrypt: opt(any),
     },
   },
 );
@@ -135,7 +142,15 @@ export function blockdevCreate(
         await job.pausePoint();
         if (job.isCancelled) return;
         if (options.driver === 'file') await createFile(graph, options, job);
-        else await formatQcow2(graph, options, jobId, job);
+        else if (options.driver === 'rbd') {
+          if (options.encrypt !== undefined) throw new Error('RBD encryption is not supported');
+          await createRbd(
+            options.location,
+            options.size,
+            options['cluster-size'],
+            (id, key) => graph.objects.get('secret', id, `location.${key}`).data,
+          );
+        } else await formatQcow2(graph, options, jobId, job);
       },
     },
   });
