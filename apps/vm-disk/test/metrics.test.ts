@@ -59,8 +59,10 @@ describe('vm-disk serve --metrics', () => {
     expect(sample(t, 'vmdisk_nbd_connections_total')).toBe(1);
     expect(sample(t, 'vmdisk_nbd_negotiation_failures_total')).toBe(0);
     expect(sample(t, 'vmdisk_nbd_tls_handshakes_total')).toBe(0);
-    // Process metrics come along (prom-client's defaults).
+    // Process metrics come along (under prom-client's default names).
     expect(t).toMatch(/^vmdisk_process_cpu_seconds_total /m);
+    expect(sample(t, 'vmdisk_process_resident_memory_bytes')).toBeGreaterThan(1 << 20);
+    expect(sample(t, 'vmdisk_process_open_fds')).toBeGreaterThan(3);
     expect((await httpGet({ port }, '/nope')).status).toBe(404);
   });
 

@@ -10,7 +10,8 @@ import {
   LATENCY_BUCKETS,
 } from '@vmdisk/block-graph';
 import type { NbdServer } from '@vmdisk/nbd';
-import { collectDefaultMetrics, Registry } from 'prom-client';
+import { Registry } from 'prom-client';
+import { processSamples } from './process.ts';
 
 /** What the metrics are read from (the daemon). */
 export interface MetricsSource {
@@ -66,7 +67,20 @@ interface NodeCounters {
 /** The registry of a daemon's metrics. */
 export function metricsRegistry(source: MetricsSource): Registry {
   const registry = new Registry();
-  collectDefaultMetrics({ register: registry, prefix: 'vmdisk_' });
+  // The process's own figures, one reading per scrape.
+  let proc: { at: number; samples: ReturnType<typeof processSamples> } | undefined;
+  const procSamples = () => {
+    const now = Date.now();
+    if (!proc || now - proc.at >= 100) proc = { at: now, samples: processSamples('vmdisk_') };
+    return proc.samples;
+  };
+  for (const { name, help, type } of processSamples('vmdisk_')) {
+    metric(registry, name, help, type, () =>
+      procSamples()
+        .filter((x) => x.name === name)
+        .map((x) => ({ labels: x.labels ?? {}, value: x.value })),
+    );
+  }
 
   // One read of the graph per scrape serves the node metrics that follow.
   let snapshot: { at: number; nodes: NodeCounters[]; omitted: number } | undefined;
