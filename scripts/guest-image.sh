@@ -26,12 +26,12 @@ FIO=/usr/bin/fio
 for tool in apt-cache apt-get dpkg-deb cpio ldd; do
   command -v "$tool" >/dev/null || { log "missing: $tool"; exit 1; }
 done
-[ -x /bin/busybox ] && /bin/busybox --list | grep -qx insmod ||
+[ -x /bin/busybox ] && /bin/busybox --list | grep -x insmod >/dev/null ||
   { log "missing: a static busybox at /bin/busybox (Debian package busybox-static)"; exit 1; }
 for p in "${PROGRAMS[@]}" "$FIO"; do [ -x "$p" ] || { log "missing: $p"; exit 1; }; done
 
 # The versioned kernel package behind the metapackage, e.g. linux-image-6.1.0-56-amd64.
-kernel_package() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+kernel_package() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ && !found {print $2; found = 1}'; }
 pkg=$(kernel_package)
 # A machine whose package lists were never fetched (or were cleaned) knows no kernel yet.
 if [ -z "$pkg" ] && [ "$(id -u)" = 0 ]; then apt-get update -q >/dev/null; pkg=$(kernel_package); fi
@@ -64,7 +64,7 @@ if [ ! -f "$out/initramfs.cpio" ]; then
     local name=$1 file dep
     [ -n "${seen[$name]:-}" ] && return 0
     seen[$name]=1
-    file=$(find "$moddir/kernel" -name "$name.ko" -o -name "${name//_/-}.ko" | head -1)
+    file=$(find "$moddir/kernel" \( -name "$name.ko" -o -name "${name//_/-}.ko" \) -print -quit)
     [ -n "$file" ] || { log "module $name not found in $pkg"; exit 1; }
     for dep in $(modinfo -F depends "$file" | tr ',' ' '); do add_module "$dep"; done
     cp "$file" "$root/lib/modules/$name.ko"
