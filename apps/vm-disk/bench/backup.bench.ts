@@ -10,30 +10,19 @@
 // cluster before the guest's write goes on). On 2 CPUs the daemon runs on CPU 0, fio on 1.
 // Run with plain node after `nx build vm-disk`.
 // VMDISK_BENCH_BACKUP_MIB sets the size (default 1024).
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import type { ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BenchReport } from '../../../scripts/bench/report.ts';
+import { type DaemonName, iopsKept, sh, startDaemon, startFioLoad } from './support.ts';
 
-const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 const MIB = Number(process.env.VMDISK_BENCH_BACKUP_MIB ?? 1024);
 const SIZE = MIB << 20;
 const base = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
 const dir = mkdtempSync(join(base, 'vmdisk-backup-bench-'));
 const p = (name: string): string => join(dir, name);
-
-function sh(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 64 << 20 });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
-
-const PIN = sh('nproc', []).trim() === '2';
-function pinned(cpu: number, cmd: string, args: string[]): [string, string[]] {
-  return PIN ? ['taskset', ['-c', String(cpu), cmd, ...args]] : [cmd, args];
-}
 
 /** How long fio runs alone before the backup starts: the IOPS baseline. */
 const BASELINE_MS = 3000;
@@ -120,33 +109,41 @@ async function backup(q: Qmp, id: string, args: Record<string, unknown>): Promis
   return Number(process.hrtime.bigint() - start) / 1e9;
 }
 
-async function runOne(tool: 'vm-disk' | 'qemu-storage-daemon'): Promise<Figures> {
-  for (const f of ['full.qcow2', 'inc.qcow2']) {
-    rmSync(p(f), { force: true });
-    sh('qemu-img', ['create', '-q', '-f', 'qcow2', p(f), String(SIZE)]);
-  }
-  sh('cp', ['--sparse=always', p('orig.qcow2'), p('src.qcow2')]);
-  const qmp = p(`${tool}.qmp`);
-  const sock = p(`${tool}.nbd`);
-  const node = (name: string) =>
-    `driver=qcow2,node-name=${name},file.driver=file,file.filename=${p(`${name}.qcow2`)}`;
-  const args = [
+/**
+ * The daemon's command line: a QMP monitor on `qmp`, a qcow2 node over `<name>.qcow2` for each
+ * of `nodes`, and node `src` exported as `disk` on `sock`.
+ */
+function backupArgs(qmp: string, sock: string, nodes: string[]): string[] {
+  return [
     '--chardev',
     `socket,id=m0,path=${qmp},server=on,wait=off`,
     '--monitor',
     'chardev=m0',
-    '--blockdev',
-    node('src'),
-    '--blockdev',
-    node('full'),
-    '--blockdev',
-    node('inc'),
+    ...nodes.flatMap((name) => [
+      '--blockdev',
+      `driver=qcow2,node-name=${name},file.driver=file,file.filename=${p(`${name}.qcow2`)}`,
+    ]),
     '--nbd-server',
     `addr.type=unix,addr.path=${sock}`,
     '--export',
     'type=nbd,id=e0,node-name=src,name=disk,writable=on',
   ];
-  const child = startDaemon(tool, args);
+}
+
+/** Empty qcow2 targets of SIZE, and src.qcow2 a fresh copy of the source. */
+function freshImages(targets: string[]): void {
+  for (const f of targets) {
+    rmSync(p(f), { force: true });
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', p(f), String(SIZE)]);
+  }
+  sh('cp', ['--sparse=always', p('orig.qcow2'), p('src.qcow2')]);
+}
+
+async function runOne(tool: DaemonName): Promise<Figures> {
+  freshImages(['full.qcow2', 'inc.qcow2']);
+  const qmp = p(`${tool}.qmp`);
+  const sock = p(`${tool}.nbd`);
+  const child = startDaemon(tool, backupArgs(qmp, sock, ['src', 'full', 'inc']));
   try {
     const q = await Qmp.open(qmp);
     await q.cmd('block-dirty-bitmap-add', { node: 'src', name: 'b0' });
@@ -168,12 +165,6 @@ async function runOne(tool: 'vm-disk' | 'qemu-storage-daemon'): Promise<Figures>
   }
 }
 
-function startDaemon(tool: 'vm-disk' | 'qemu-storage-daemon', args: string[]): ChildProcess {
-  return tool === 'vm-disk'
-    ? spawn(...pinned(0, process.execPath, [CLI, 'serve', ...args]), { stdio: 'ignore' })
-    : spawn(...pinned(0, 'qemu-storage-daemon', args), { stdio: 'ignore' });
-}
-
 function stopped(child: ChildProcess): Promise<void> {
   return new Promise<void>((resolve) => {
     if (child.exitCode !== null) return resolve();
@@ -182,72 +173,15 @@ function stopped(child: ChildProcess): Promise<void> {
   });
 }
 
-/** fio's 4 KiB random writes at iodepth 8 on the export until stopped; its IOPS log. */
-function startFio(sock: string): { stop(): Promise<[number, number][]> } {
-  const prefix = p('fio');
-  const child = spawn(
-    ...pinned(1, 'fio', [
-      '--name=guest',
-      '--ioengine=nbd',
-      `--uri=nbd+unix:///disk?socket=${sock}`,
-      '--rw=randwrite',
-      '--bs=4k',
-      '--iodepth=8',
-      '--time_based',
-      '--runtime=3600',
-      `--write_iops_log=${prefix}`,
-      '--log_avg_msec=100',
-      '--log_unix_epoch=1',
-    ]),
-    { stdio: 'ignore' },
-  );
-  return {
-    stop: async () => {
-      const exited = new Promise((r) => child.once('exit', r));
-      child.kill('SIGINT');
-      await exited;
-      const log = readFileSync(`${prefix}_iops.1.log`, 'utf8');
-      rmSync(`${prefix}_iops.1.log`, { force: true });
-      return log
-        .trim()
-        .split('\n')
-        .map((l) => l.split(',').map(Number) as [number, number]);
-    },
-  };
-}
-
-/** IOPS over [from, to] (Unix ms) by fio's 100 ms intervals ending in it (a gap counts 0). */
-function iopsOver(log: [number, number][], from: number, to: number): number {
-  const ios = log.filter(([t]) => t > from && t <= to).reduce((sum, [, v]) => sum + v / 10, 0);
-  return (ios * 1000) / Math.max(100, to - from);
-}
-
 /** The fraction of the guest's IOPS kept while a full backup runs. */
-async function ioDuringBackup(tool: 'vm-disk' | 'qemu-storage-daemon'): Promise<number> {
-  rmSync(p('full.qcow2'), { force: true });
-  sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('full.qcow2'), String(SIZE)]);
-  sh('cp', ['--sparse=always', p('orig.qcow2'), p('src.qcow2')]);
+async function ioDuringBackup(tool: DaemonName): Promise<number> {
+  freshImages(['full.qcow2']);
   const qmp = p(`${tool}-io.qmp`);
   const sock = p(`${tool}-io.nbd`);
-  const node = (name: string) =>
-    `driver=qcow2,node-name=${name},file.driver=file,file.filename=${p(`${name}.qcow2`)}`;
-  const child = startDaemon(tool, [
-    '--chardev',
-    `socket,id=m0,path=${qmp},server=on,wait=off`,
-    '--monitor',
-    'chardev=m0',
-    '--blockdev',
-    node('src'),
-    '--blockdev',
-    node('full'),
-    '--nbd-server',
-    `addr.type=unix,addr.path=${sock}`,
-    '--export',
-    'type=nbd,id=e0,node-name=src,name=disk,writable=on',
-  ]);
+  const child = startDaemon(tool, backupArgs(qmp, sock, ['src', 'full']));
   try {
     const q = await Qmp.open(qmp);
-    const fio = startFio(sock);
+    const fio = startFioLoad(sock, { prefix: p('fio'), iodepth: 8 });
     await new Promise((r) => setTimeout(r, BASELINE_MS));
     const t0 = Date.now();
     await backup(q, 'f', { target: 'full', sync: 'full' });
@@ -255,9 +189,7 @@ async function ioDuringBackup(tool: 'vm-disk' | 'qemu-storage-daemon'): Promise<
     const log = await fio.stop();
     await q.cmd('quit');
     q.close();
-    // fio takes a while to connect and settle: its first five intervals are left out.
-    const settled = log[5]?.[0] ?? t0;
-    return iopsOver(log, t0, t1) / iopsOver(log, settled, t0);
+    return iopsKept(log, t0, t1) ?? 0;
   } finally {
     await stopped(child);
   }

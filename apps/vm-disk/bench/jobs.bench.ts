@@ -16,12 +16,19 @@
 // best of 2 rounds. Size: VMDISK_BENCH_JOBS_MIB (default 1024). On a 2-CPU machine each
 // daemon runs pinned to CPU 0 and fio to CPU 1, as in serve.bench.ts.
 // Run with plain node after `nx build vm-disk` (it starts the built bin).
-import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { BenchReport } from '../../../scripts/bench/report.ts';
-import { CLI, PIN, pinned, sh } from './support.ts';
+import {
+  type DaemonName,
+  iopsKept,
+  PIN,
+  sh,
+  startDaemon,
+  startFioLoad,
+  waitForSocket,
+} from './support.ts';
 
 const MIB = Number(process.env.VMDISK_BENCH_JOBS_MIB ?? 1024);
 const SIZE = `${MIB}M`;
@@ -86,78 +93,7 @@ class Qmp {
   }
 }
 
-interface Daemon {
-  name: string;
-  start(args: string[]): ChildProcess;
-}
-
-const DAEMONS: Daemon[] = [
-  {
-    name: 'vm-disk',
-    start: (args) =>
-      spawn(...pinned(0, process.execPath, [CLI, 'serve', ...args]), {
-        stdio: 'ignore',
-        env: { ...process.env, VMDISK_LOG_LEVEL: 'warn' },
-      }),
-  },
-  {
-    name: 'qemu-storage-daemon',
-    start: (args) => spawn(...pinned(0, 'qemu-storage-daemon', args), { stdio: 'ignore' }),
-  },
-];
-
-async function waitForSocket(path: string, child: ChildProcess): Promise<void> {
-  while (!existsSync(path)) {
-    if (child.exitCode !== null) throw new Error('daemon exited');
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
-/** fio's 4 KiB random writes on the export until stopped; its IOPS log (Unix ms, IOPS). */
-function startFio(sock: string): { stop(): Promise<[number, number][]> } {
-  const prefix = join(dir, 'fio');
-  const child = spawn(
-    ...pinned(1, 'fio', [
-      '--name=load',
-      '--ioengine=nbd',
-      `--uri=nbd+unix:///disk?socket=${sock}`,
-      '--rw=randwrite',
-      '--bs=4k',
-      '--iodepth=32',
-      // The first eighth only: in a few seconds 4 KiB writes all over the disk would
-      // allocate every cluster of the stream's top, leaving the job nothing to copy.
-      `--size=${Math.max(1, MIB >> 3)}M`,
-      '--time_based',
-      '--runtime=3600',
-      `--write_iops_log=${prefix}`,
-      '--log_avg_msec=100',
-      '--log_unix_epoch=1',
-    ]),
-    { stdio: 'ignore' },
-  );
-  return {
-    stop: async () => {
-      const exited = new Promise((r) => child.once('exit', r));
-      child.kill('SIGINT');
-      await exited;
-      const log = readFileSync(`${prefix}_iops.1.log`, 'utf8');
-      rmSync(`${prefix}_iops.1.log`, { force: true });
-      return log
-        .trim()
-        .split('\n')
-        .map((l) => l.split(',').map(Number) as [number, number]);
-    },
-  };
-}
-
-/**
- * The export's IOPS over [from, to] (Unix ms) by the log's 100 ms intervals that end in it.
- * fio logs an interval only when requests complete in it: a stall is a gap, counted as 0.
- */
-function iopsOver(log: [number, number][], from: number, to: number): number {
-  const ios = log.filter(([t]) => t > from && t <= to).reduce((s, [, v]) => s + v / 10, 0);
-  return (ios * 1000) / Math.max(100, to - from);
-}
+const DAEMONS: DaemonName[] = ['vm-disk', 'qemu-storage-daemon'];
 
 interface Case {
   name: string;
@@ -228,7 +164,7 @@ const CASES = [mirrorCase('qcow2'), mirrorCase('raw'), streamCase];
 
 /** One job on one daemon: MiB/s, and under load the export's IOPS kept (fraction). */
 async function measure(
-  daemon: Daemon,
+  daemon: DaemonName,
   c: Case,
   load: boolean,
 ): Promise<{ mibs: number; kept?: number }> {
@@ -236,7 +172,7 @@ async function measure(
   const nbdPath = join(dir, 'nbd.sock');
   rmSync(qmpPath, { force: true });
   rmSync(nbdPath, { force: true });
-  const child = daemon.start([
+  const child = startDaemon(daemon, [
     '--chardev',
     `socket,id=m0,path=${qmpPath},server=on,wait=off`,
     '--monitor',
@@ -251,18 +187,20 @@ async function measure(
     await waitForSocket(qmpPath, child);
     await waitForSocket(nbdPath, child);
     qmp = await Qmp.connect(qmpPath);
-    const fio = load ? startFio(nbdPath) : undefined;
+    // The first eighth only: in a few seconds 4 KiB writes all over the disk would allocate
+    // every cluster of the stream's top, leaving the job nothing to copy.
+    const size = `${Math.max(1, MIB >> 3)}M`;
+    const fio = load
+      ? startFioLoad(nbdPath, { prefix: join(dir, 'fio'), iodepth: 32, size })
+      : undefined;
     if (fio) await new Promise((r) => setTimeout(r, BASELINE_MS));
     const t0 = Date.now();
     await c.job(qmp, load);
     const t1 = Date.now();
     const mibs = MIB / ((t1 - t0) / 1000);
     if (!fio) return { mibs };
-    const log = await fio.stop();
-    // fio takes a while to connect and to settle: its first five intervals are left out.
-    const settled = log[5]?.[0] ?? t0;
-    const before = iopsOver(log, settled, t0);
-    return { mibs, ...(before > 0 && { kept: iopsOver(log, t0, t1) / before }) };
+    const kept = iopsKept(await fio.stop(), t0, t1);
+    return { mibs, ...(kept !== undefined && { kept }) };
   } finally {
     qmp?.close();
     child.kill('SIGKILL');
@@ -282,7 +220,7 @@ try {
       for (let round = 0; round < 2; round++) {
         for (const d of DAEMONS) {
           const r = await measure(d, c, load);
-          if (r.mibs > (best.get(d.name)?.mibs ?? 0)) best.set(d.name, r);
+          if (r.mibs > (best.get(d)?.mibs ?? 0)) best.set(d, r);
         }
       }
       const workload = `${c.name}${load ? ' + fio 4k randwrite' : ''}`;

@@ -1,14 +1,15 @@
 // What the daemon benchmarks share: running a tool, pinning on a 2-CPU machine, starting
 // `vm-disk serve` / qemu-storage-daemon / nbdkit on one image with the same command line,
-// and fio's nbd engine against it. Not a benchmark itself (no .bench.ts).
+// fio's nbd engine against it (a timed run, or a logged load beside a job), and a process's
+// memory and CPU time. Not a benchmark itself (no .bench.ts).
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
 
 /** The built bin (benchmarks run after `nx build vm-disk`). */
 export const CLI = new URL('../dist/cli.js', import.meta.url).pathname;
 
 export function sh(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 64 << 20 });
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
   return r.stdout;
 }
@@ -21,12 +22,29 @@ export function pinned(cpu: number, cmd: string, args: string[]): [string, strin
   return PIN ? ['taskset', ['-c', String(cpu), cmd, ...args]] : [cmd, args];
 }
 
-export async function waitForSocket(path: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400 && !existsSync(path); i++) {
+export async function waitForSocket(
+  path: string,
+  child: ChildProcess,
+  timeoutMs = 20_000,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!existsSync(path) && Date.now() < deadline) {
     if (child.exitCode !== null) throw new Error(`server exited (${child.exitCode})`);
     await new Promise((r) => setTimeout(r, 50));
   }
-  if (!existsSync(path)) throw new Error(`no socket ${path} after 20 s`);
+  if (!existsSync(path)) throw new Error(`no socket ${path} after ${timeoutMs / 1000} s`);
+}
+
+export type DaemonName = 'vm-disk' | 'qemu-storage-daemon';
+
+/** `vm-disk serve` (the built bin, warnings only) or qemu-storage-daemon; CPU 0 when pinning. */
+export function startDaemon(name: DaemonName, args: string[]): ChildProcess {
+  return name === 'vm-disk'
+    ? spawn(...pinned(0, process.execPath, [CLI, 'serve', ...args]), {
+        stdio: 'ignore',
+        env: { ...process.env, VMDISK_LOG_LEVEL: 'warn' },
+      })
+    : spawn(...pinned(0, 'qemu-storage-daemon', args), { stdio: 'ignore' });
 }
 
 /** The command line both daemons take: a file node, a format node over it, an NBD export. */
@@ -49,17 +67,12 @@ export interface Server {
 
 export const VM_DISK: Server = {
   name: 'vm-disk',
-  start: (i, f, s, extra = []) =>
-    spawn(...pinned(0, process.execPath, [CLI, 'serve', ...daemonArgs(i, f, s), ...extra]), {
-      stdio: 'ignore',
-      env: { ...process.env, VMDISK_LOG_LEVEL: 'warn' },
-    }),
+  start: (i, f, s, extra = []) => startDaemon('vm-disk', [...daemonArgs(i, f, s), ...extra]),
 };
 
 export const QSD: Server = {
   name: 'qemu-storage-daemon',
-  start: (i, f, s) =>
-    spawn(...pinned(0, 'qemu-storage-daemon', daemonArgs(i, f, s)), { stdio: 'ignore' }),
+  start: (i, f, s) => startDaemon('qemu-storage-daemon', daemonArgs(i, f, s)),
 };
 
 /** nbdkit's file plugin: raw images only. */
@@ -82,9 +95,27 @@ export function rss(pid: number): number {
   return Number(m?.[1] ?? 0) * 1024;
 }
 
+/** Clock ticks per second of /proc/PID/stat's times (USER_HZ). */
+const CLK_TCK = Number(sh('getconf', ['CLK_TCK']).trim()) || 100;
+
+/** The CPU seconds (user + system) a process has used so far, from /proc/PID/stat. */
+export function cpuSeconds(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  // After the command name (in parentheses, may hold spaces): utime and stime are 12th, 13th.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
+}
+
+/** One direction of a fio job: IOPS, KiB/s and the I/Os completed. */
+export interface FioSide {
+  iops: number;
+  bw: number;
+  total_ios: number;
+}
+
 export interface FioJob {
-  read: { iops: number; bw: number };
-  write: { iops: number; bw: number };
+  read: FioSide;
+  write: FioSide;
 }
 
 /**
@@ -138,4 +169,72 @@ export function makeImage(path: string, format: string, size: string): void {
     size,
   ]);
   sh('qemu-io', ['-f', format, '-c', `write -P 0x5a 0 ${size}`, path]);
+}
+
+/** fio running as a load beside a job; stop() ends it and gives its IOPS log. */
+export interface FioLoad {
+  /** SIGINT, then the log as [Unix ms, IOPS] pairs, one per 100 ms interval. */
+  stop(): Promise<[number, number][]>;
+}
+
+/**
+ * fio's 4 KiB random writes at `iodepth` on export `disk` of `sock` (on CPU 1 when pinning)
+ * until stopped, over the first `size` of the disk (default all of it), logging its IOPS
+ * every 100 ms with Unix timestamps to `${prefix}_iops.1.log`.
+ */
+export function startFioLoad(
+  sock: string,
+  opts: { prefix: string; iodepth: number; size?: string },
+): FioLoad {
+  const child = spawn(
+    ...pinned(1, 'fio', [
+      '--name=load',
+      '--ioengine=nbd',
+      `--uri=nbd+unix:///disk?socket=${sock}`,
+      '--rw=randwrite',
+      '--bs=4k',
+      `--iodepth=${opts.iodepth}`,
+      ...(opts.size !== undefined ? [`--size=${opts.size}`] : []),
+      '--time_based',
+      '--runtime=3600',
+      `--write_iops_log=${opts.prefix}`,
+      '--log_avg_msec=100',
+      '--log_unix_epoch=1',
+    ]),
+    { stdio: 'ignore' },
+  );
+  return {
+    stop: async () => {
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGINT');
+      await exited;
+      const file = `${opts.prefix}_iops.1.log`;
+      const log = readFileSync(file, 'utf8');
+      rmSync(file, { force: true });
+      return log
+        .trim()
+        .split('\n')
+        .map((l) => l.split(',').map(Number) as [number, number]);
+    },
+  };
+}
+
+/**
+ * The IOPS over [from, to] (Unix ms) by the log's 100 ms intervals that end in it. fio logs
+ * an interval only when requests complete in it: a stall is a gap, counted as 0.
+ */
+function iopsOver(log: [number, number][], from: number, to: number): number {
+  const ios = log.filter(([t]) => t > from && t <= to).reduce((sum, [, v]) => sum + v / 10, 0);
+  return (ios * 1000) / Math.max(100, to - from);
+}
+
+/**
+ * The fraction of a load's IOPS kept over [t0, t1] (Unix ms), against its IOPS before t0;
+ * undefined if it had none before. fio takes a while to connect and settle: its first five
+ * intervals are left out of the baseline.
+ */
+export function iopsKept(log: [number, number][], t0: number, t1: number): number | undefined {
+  const settled = log[5]?.[0] ?? t0;
+  const before = iopsOver(log, settled, t0);
+  return before > 0 ? iopsOver(log, t0, t1) / before : undefined;
 }

@@ -3,16 +3,18 @@
 // Workloads (libaio, direct=1): 4 KiB random read and random write at QD 32, 256 KiB
 // sequential read. Under TCG the guest is the bottleneck, so beside the guest's IOPS
 // (MiB/s) the figure that compares the daemons is their CPU time per I/O: utime + stime
-// from /proc/PID/stat between the guest's start and end markers of each workload.
+// from /proc/PID/stat between the guest's start and end markers of each workload. Ratios
+// are vm-disk's against qsd (above 1: vm-disk better), for the CPU time too.
 // On a 2-CPU machine the daemon runs on CPU 0 (`taskset -c 0`) and QEMU on CPU 1.
 // A server whose vhost-user-blk export is refused is skipped with a message.
 // Run with plain node after `nx build vm-disk` (the vm-disk row starts the built bin);
 // the guest comes from scripts/guest-image.sh.
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { BenchReport } from '../../../scripts/bench/report.ts';
 import { type GuestRun, hasHardwareKvm, runGuest } from '../test/harness/guest.ts';
 import { QSD, type VhostServer, VM_DISK } from '../test/harness/vhost-servers.ts';
+import { cpuSeconds, makeImage, PIN } from './support.ts';
 
 const RUNTIME_S = Number(process.env.VMDISK_BENCH_RUNTIME ?? 5);
 // Each workload runs this many times in the guest (one boot per server); the best counts.
@@ -25,23 +27,8 @@ const WORKLOADS = [
   { name: '256k-seqread', rw: 'read', bs: 256 * 1024 },
 ];
 
-function sh(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
-
-const PIN = sh('nproc', []).trim() === '2';
-const CLK_TCK = Number(sh('getconf', ['CLK_TCK']).trim());
 // tmpfs, so that the image's own storage is not what is measured.
 const dir = mkdtempSync(join('/dev/shm', 'vmdisk-vhost-bench-'));
-
-/** utime + stime of a process, in seconds (fields 14 and 15 of /proc/PID/stat). */
-function cpuSeconds(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
-}
 
 // Each workload between markers the host sees on the serial console; fio's terse output
 // (version 3) on the end marker: field 6 is read KiB, 8 read IOPS, 47 write KiB, 49 write IOPS.
@@ -122,12 +109,12 @@ async function measure(server: VhostServer, image: string): Promise<Map<string, 
   return figures;
 }
 
+const report = new BenchReport('vhost');
 const results = new Map<string, Map<string, Figure>>();
 try {
   const image = join(dir, 'disk.raw');
-  sh('qemu-img', ['create', '-q', '-f', 'raw', image, `${IMAGE_MIB}M`]);
-  sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x5a 0 ${IMAGE_MIB}M`, image]);
-  console.log(
+  makeImage(image, 'raw', `${IMAGE_MIB}M`);
+  report.note(
     `guest: ${hasHardwareKvm() ? 'KVM' : 'TCG (no hardware KVM)'}; ${
       PIN ? 'daemon on CPU 0, QEMU on CPU 1' : 'unpinned (nproc is not 2)'
     }; ${RUNTIME_S} s per workload, best of ${ROUNDS}, ${IMAGE_MIB} MiB raw image on tmpfs`,
@@ -139,6 +126,7 @@ try {
       const why = (e as Error).message.split('\n').find((l) => l.trim() !== '') ?? '';
       if (server === VM_DISK && why.includes("does not accept value 'vhost-user-blk'")) {
         console.log(`vm-disk: skipped, its vhost-user-blk export is refused (${why.trim()})`);
+        report.note('vm-disk skipped: its vhost-user-blk export is refused');
       } else {
         throw e;
       }
@@ -148,20 +136,18 @@ try {
   rmSync(dir, { recursive: true, force: true });
 }
 
-const ref = results.get(QSD.name);
-const ours = results.get(VM_DISK.name);
-const cell = (f: Figure | undefined, pick: (f: Figure) => number, digits: number) =>
-  f === undefined ? '-' : pick(f).toFixed(digits);
-const ratio = (a: number | undefined, b: number | undefined) =>
-  a === undefined || b === undefined ? '-' : `${(a / b).toFixed(2)}x`;
-console.log(
-  '\n| workload | unit | qemu-storage-daemon | vm-disk | ratio | qsd CPU µs/IO | vm-disk CPU µs/IO | ratio |',
-);
-console.log(`|${'---|'.repeat(8)}`);
+// The guest's rates first, then the daemons' CPU time per I/O for the same runs.
 for (const w of WORKLOADS) {
-  const a = ref?.get(w.name);
-  const b = ours?.get(w.name);
-  console.log(
-    `| ${w.name} | ${w.bs === 4096 ? 'IOPS' : 'MiB/s'} | ${cell(a, (f) => f.rate, 0)} | ${cell(b, (f) => f.rate, 0)} | ${ratio(b?.rate, a?.rate)} | ${cell(a, (f) => f.cpuUsPerIo, 1)} | ${cell(b, (f) => f.cpuUsPerIo, 1)} | ${ratio(b?.cpuUsPerIo, a?.cpuUsPerIo)} |`,
-  );
+  for (const [server, figures] of results) {
+    const f = figures.get(w.name);
+    if (f !== undefined) report.add(w.name, server, f.rate, w.bs === 4096 ? 'IOPS' : 'MiB/s');
+  }
 }
+for (const w of WORKLOADS) {
+  for (const [server, figures] of results) {
+    const f = figures.get(w.name);
+    if (f !== undefined)
+      report.add(`${w.name}: daemon CPU`, server, f.cpuUsPerIo, 'µs/IO', 'lower');
+  }
+}
+report.flush();
