@@ -282,9 +282,9 @@ describe('transaction against qemu-storage-daemon 7.2', () => {
     expect(
       await r.cmd('transaction', { actions: [{ type: 'block-dirty-bitmap-merge', data: merge }] }),
     ).toEqual({ return: {} });
-    // A bad enum value is named by its full path, as everywhere in vm-disk (QEMU: 'type').
+    // A bad enum value is named by its member alone, as QEMU's visitor names it.
     expect(await r.cmd('transaction', { actions: [{ type: 'nope', data: {} }] })).toMatchObject({
-      error: { desc: "Parameter 'actions[0].type' does not accept value 'nope'" },
+      error: { desc: "Parameter 'type' does not accept value 'nope'" },
     });
     await leftovers(r);
     expect(r.seen.at(-2)).toMatchObject({

@@ -50,11 +50,11 @@ export function optionExpects(key: string, what: string): BlockOptionError {
 }
 
 /** QEMU's "Parameter 'KEY' does not accept value 'VALUE'" (not one of an enum's values). */
-export function optionNotAccepted(key: string, value: string): BlockOptionError {
+export function optionNotAccepted(key: string, value: string, named = key): BlockOptionError {
   return new BlockOptionError(
     key,
     `does not accept value '${value}'`,
-    `Parameter '${key}' does not accept value '${value}'`,
+    `Parameter '${named}' does not accept value '${value}'`,
   );
 }
 
@@ -260,8 +260,8 @@ export function enumOf<const V extends readonly string[]>(values: V): Type<V[num
     info: { meta: 'enum', values },
     parse(value, key) {
       const s = str.parse(value, key, 'json');
-      // QEMU names the member alone here (its visitor's name, not the full path).
-      if (!values.includes(s)) throw optionNotAccepted(memberName(key), s);
+      // QEMU's message names the member alone (its visitor's name); `key` keeps the path.
+      if (!values.includes(s)) throw optionNotAccepted(key, s, memberName(key));
       return s;
     },
   };
