@@ -121,6 +121,15 @@ describe('block-stream copy-on-read filter, against qemu-storage-daemon 7.2', ()
     });
   });
 
+  it('a cancelled stream takes its filter away and leaves the chain', async () => {
+    await sideBySide(async (r) => {
+      await r.cmd('block-stream', { 'job-id': 's', device: 'top', speed: 1 });
+      await r.cmd('block-job-cancel', { device: 's' });
+      await r.until('JOB_STATUS_CHANGE', 'null');
+      await graph(r);
+    });
+  });
+
   it('bottom and filter-node-name: errors, then a named filter and base kept', async () => {
     await sideBySide(async (r) => {
       const s = { 'job-id': 's', device: 'top' };
