@@ -29,8 +29,10 @@ const streamArgs = {
   base: opt(str),
   'base-node': opt(str),
   'backing-file': opt(str),
+  bottom: opt(str),
   speed: opt(int()),
   'on-error': opt(enumOf(['report', 'ignore', 'stop', 'enospc'])),
+  'filter-node-name': opt(str),
   'auto-finalize': opt(bool),
   'auto-dismiss': opt(bool),
 } as const;

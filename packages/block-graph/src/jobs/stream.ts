@@ -5,10 +5,12 @@
 // Each chunk not allocated in top but above base is copied under a serialising hold on
 // top's range (as copy-on-read does): a guest write to the range waits, and one that came
 // first is seen by the allocation check, so that the job never overwrites newer data.
-// Unlike QEMU 7.2 no copy-on-read filter node is inserted above top: the job writes top
-// through its own backend.
+// As QEMU 7.2, a copy-on-read filter sits above top for the job's life (named by
+// filter-node-name, else implicit), its `bottom` the lowest streamed layer, so that guest
+// reads through it copy up too; the job itself writes top directly.
 import type { JobRegistry } from '@vmdisk/ao';
 import type { ChildNode } from '../driver.ts';
+import { copyOnReadDriver } from '../drivers/copy-on-read.ts';
 import { BlockError, BlockErrorCode } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
 import type { BlockNode } from '../node.ts';
@@ -27,6 +29,10 @@ export interface BlockStreamOptions extends BlockJobCommonOptions {
   baseNode?: string;
   /** The name written into top's header for base (default: base's file name). */
   backingFile?: string;
+  /** The lowest layer streamed (instead of base: the one above it). */
+  bottom?: string;
+  /** The name of the copy-on-read filter above top (default: an implicit one). */
+  filterNodeName?: string;
 }
 
 const ALL = ['consistent-read', 'write', 'write-unchanged', 'resize'] as const;
@@ -38,17 +44,24 @@ export async function blockStream(
   o: BlockStreamOptions,
 ): Promise<BlockJob> {
   const top = lookupNode(graph, o.device, o.device) as BlockNode;
-  const base = findBase(graph, top, o.base, o.baseNode);
-  if (o.backingFile !== undefined && !base) {
+  const chain = chainOf(top);
+  const bottom = findBottom(graph, top, chain, o);
+  const base = bottom ? chain[chain.indexOf(bottom) + 1] : findBase(graph, top, o.base, o.baseNode);
+  if (o.backingFile !== undefined && (bottom || !base)) {
     throw new BlockError(
       BlockErrorCode.BAD_JOB,
       'backing file specified, but streaming the entire chain',
     );
   }
-  const chain = chainOf(top);
   const baseAt = base ? chain.indexOf(base) : chain.length;
   const streamed = chain.slice(1, baseAt);
   for (const n of [top, ...streamed]) checkNotBusy(graph, n.name);
+  let filter: BlockNode | undefined;
+  const dropFilter = async (): Promise<void> => {
+    const f = filter;
+    filter = undefined;
+    if (f) await graph.removeFilter(f.name, top.name);
+  };
   return BlockJob.start(
     graph,
     jobs,
@@ -57,6 +70,10 @@ export async function blockStream(
     async (bj) => {
       await bj.addNode(top.name, ['consistent-read', 'write-unchanged'], ALL);
       for (const n of streamed) await bj.addNode(n.name, [], READ_UNCHANGED);
+      filter = await graph.insertFilter(copyOnReadDriver, top.name, o.filterNodeName, undefined, {
+        children: { file: top.name },
+        options: { bottom: chain[Math.max(0, baseAt - 1)]!.name },
+      });
       const links: [string, string][] = [];
       for (let i = 0; i < baseAt && i + 1 < chain.length; i++) {
         links.push([chain[i]!.name, chain[i + 1]!.name]);
@@ -65,8 +82,10 @@ export async function blockStream(
     },
     {
       run: (bj) => run(bj, top, baseAt),
+      abort: dropFilter,
       prepare: async (bj) => {
         bj.unfreeze();
+        await dropFilter();
         const filename = base ? (o.backingFile ?? layerFilename(base) ?? base.name) : null;
         const format = base ? base.driver : null;
         await graph.setBacking(top.name, base ? base.name : null, async () => {
@@ -78,6 +97,36 @@ export async function blockStream(
       },
     },
   );
+}
+
+/**
+ * block-stream's `bottom` (QEMU's qmp_block_stream): exclusive with base and base-node,
+ * a node of top's chain.
+ */
+function findBottom(
+  graph: BlockGraph,
+  top: ChildNode,
+  chain: ChildNode[],
+  o: BlockStreamOptions,
+): ChildNode | undefined {
+  if (o.bottom === undefined) return undefined;
+  const fail = (msg: string) => new BlockError(BlockErrorCode.BAD_JOB, msg);
+  if (o.base !== undefined && o.baseNode !== undefined) {
+    throw fail("'base' and 'base-node' cannot be specified at the same time");
+  }
+  if (o.base !== undefined) throw fail("'base' and 'bottom' cannot be specified at the same time");
+  if (o.baseNode !== undefined) {
+    throw fail("'bottom' and 'base-node' cannot be specified at the same time");
+  }
+  if (!graph.hasNode(o.bottom)) {
+    throw new BlockError(
+      BlockErrorCode.NODE_NOT_FOUND,
+      `Cannot find device='' nor node-name='${o.bottom}'`,
+    );
+  }
+  const found = chain.find((n) => n.name === o.bottom);
+  if (!found) throw fail(`Node '${o.bottom}' is not in a chain starting from '${top.name}'`);
+  return found;
 }
 
 /**
