@@ -40,11 +40,26 @@ export class QmpTestClient {
     path: string,
     options: { stayConnected?: boolean } = {},
   ): Promise<{ client: QmpTestClient; greeting: QmpMessage }> {
-    const socket = net.connect({ path, allowHalfOpen: options.stayConnected ?? false });
-    await new Promise<void>((resolve, reject) => {
-      socket.once('connect', resolve);
-      socket.once('error', reject);
-    });
+    // The socket file appears at bind(), a moment before listen(): until then a connect is
+    // refused, so a refused connect is tried again (for a few seconds at most).
+    const deadline = Date.now() + 5000;
+    let socket: net.Socket;
+    for (;;) {
+      socket = net.connect({ path, allowHalfOpen: options.stayConnected ?? false });
+      try {
+        await new Promise<void>((resolve, reject) => {
+          socket.once('connect', resolve);
+          socket.once('error', reject);
+        });
+        break;
+      } catch (err) {
+        socket.destroy();
+        if ((err as NodeJS.ErrnoException).code !== 'ECONNREFUSED' || Date.now() > deadline) {
+          throw err;
+        }
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
     const client = new QmpTestClient(socket);
     return { client, greeting: await client.next() };
   }
