@@ -5,7 +5,7 @@
 import { describe, it } from 'vitest';
 import { run, useScratch } from './harness/daemon.ts';
 import type { Recorder } from './harness/qmp-recorder.ts';
-import { sideBySide as compare, makeChain } from './harness/side-by-side.ts';
+import { sideBySide as compare, makeChain, nodeGraph } from './harness/side-by-side.ts';
 
 const scratch = useScratch('vmdisk-commit-base-');
 
@@ -36,19 +36,6 @@ async function nodes(r: Recorder): Promise<void> {
   m.return = all
     .filter((n) => !n['node-name'].startsWith('#'))
     .map((n) => ({ 'node-name': n['node-name'], ro: n.ro, size: n.image['virtual-size'] }))
-    .sort((a, b) => a['node-name'].localeCompare(b['node-name']));
-}
-
-/** Every node's driver and read-only flag, implicit ones (automatic names) as '#', sorted. */
-async function graph(r: Recorder): Promise<void> {
-  const m = await r.cmd('query-named-block-nodes');
-  const all = m.return as { 'node-name': string; drv: string; ro: boolean }[];
-  m.return = all
-    .map((n) => ({
-      'node-name': n['node-name'].startsWith('#') ? '#' : n['node-name'],
-      drv: n.drv,
-      ro: n.ro,
-    }))
     .sort((a, b) => a['node-name'].localeCompare(b['node-name']));
 }
 
@@ -109,10 +96,10 @@ describe('block-commit into a read-only or smaller base, against qemu-storage-da
   it('an intermediate commit without filter-node-name has an implicit read-only commit_top', async () => {
     await sideBySide(chain, async (r) => {
       await r.cmd('block-commit', { ...intermediate, speed: 1 });
-      await graph(r);
+      await nodeGraph(r);
       await r.cmd('block-job-set-speed', { device: 'c', speed: 0 });
       await r.until('JOB_STATUS_CHANGE', 'null');
-      await graph(r);
+      await nodeGraph(r);
     });
   });
 

@@ -5,7 +5,7 @@ import { existsSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { run, useScratch } from './harness/daemon.ts';
 import type { Recorder } from './harness/qmp-recorder.ts';
-import { sideBySide as compare, makeChain } from './harness/side-by-side.ts';
+import { sideBySide as compare, makeChain, nodeGraph } from './harness/side-by-side.ts';
 
 const scratch = useScratch('vmdisk-stream-filter-');
 const p = scratch.path.bind(scratch);
@@ -35,19 +35,6 @@ function args(): string[] {
     ...layer('mid', { backing: 'base' }),
     ...layer('top', { backing: 'mid' }),
   ];
-}
-
-/** Every node's driver and read-only flag, implicit ones (automatic names) as '#', sorted. */
-async function graph(r: Recorder): Promise<void> {
-  const m = await r.cmd('query-named-block-nodes');
-  const all = m.return as { 'node-name': string; drv: string; ro: boolean }[];
-  m.return = all
-    .map((n) => ({
-      'node-name': n['node-name'].startsWith('#') ? '#' : n['node-name'],
-      drv: n.drv,
-      ro: n.ro,
-    }))
-    .sort((a, b) => `${a['node-name']}${a.drv}`.localeCompare(`${b['node-name']}${b.drv}`));
 }
 
 /** Reads [0, 4M) of `node` through an NBD export (made and deleted). */
@@ -114,10 +101,10 @@ describe('block-stream copy-on-read filter, against qemu-storage-daemon 7.2', ()
   it('an implicit copy-on-read node sits above top during a stream, gone after', async () => {
     await sideBySide(async (r) => {
       await r.cmd('block-stream', { 'job-id': 's', device: 'top', speed: 1 });
-      await graph(r);
+      await nodeGraph(r);
       await r.cmd('block-job-set-speed', { device: 's', speed: 0 });
       await r.until('JOB_STATUS_CHANGE', 'null');
-      await graph(r);
+      await nodeGraph(r);
     });
   });
 
@@ -126,7 +113,7 @@ describe('block-stream copy-on-read filter, against qemu-storage-daemon 7.2', ()
       await r.cmd('block-stream', { 'job-id': 's', device: 'top', speed: 1 });
       await r.cmd('block-job-cancel', { device: 's' });
       await r.until('JOB_STATUS_CHANGE', 'null');
-      await graph(r);
+      await nodeGraph(r);
     });
   });
 
@@ -139,10 +126,10 @@ describe('block-stream copy-on-read filter, against qemu-storage-daemon 7.2', ()
       await r.cmd('block-stream', { ...s, bottom: 'top-file' });
       await r.cmd('block-stream', { ...s, bottom: 'mid', 'backing-file': 'x' });
       await r.cmd('block-stream', { ...s, bottom: 'mid', speed: 1, 'filter-node-name': 'cor' });
-      await graph(r);
+      await nodeGraph(r);
       await r.cmd('block-job-set-speed', { device: 's', speed: 0 });
       await r.until('JOB_STATUS_CHANGE', 'null');
-      await graph(r);
+      await nodeGraph(r);
     });
   });
 });

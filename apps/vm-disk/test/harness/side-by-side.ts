@@ -124,3 +124,19 @@ export function chainBlockdevs(scratch: Scratch, opts = ''): string[] {
     layer('top', 'mid'),
   ];
 }
+
+/**
+ * query-named-block-nodes reduced to each node's name, driver and read-only flag (implicit
+ * nodes, whose automatic names differ between daemons, as '#'), sorted; recorded so.
+ */
+export async function nodeGraph(r: Recorder): Promise<void> {
+  const m = await r.cmd('query-named-block-nodes');
+  const all = m.return as { 'node-name': string; drv: string; ro: boolean }[];
+  m.return = all
+    .map((n) => ({
+      'node-name': n['node-name'].startsWith('#') ? '#' : n['node-name'],
+      drv: n.drv,
+      ro: n.ro,
+    }))
+    .sort((a, b) => `${a['node-name']}${a.drv}`.localeCompare(`${b['node-name']}${b.drv}`));
+}
