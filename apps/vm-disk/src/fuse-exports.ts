@@ -12,6 +12,7 @@ import {
   type PermissionName,
 } from '@vmdisk/block-graph';
 import { FuseError, FuseExport, type FuseTarget } from '@vmdisk/fuse';
+import type { BlockExportInfo, BlockExportKind, ExportDeleted } from './export-kind.ts';
 import type { Logger } from './log.ts';
 import type { FuseExportConfig } from './options/serve-options.ts';
 import { QmpError } from './qmp/monitor.ts';
@@ -25,20 +26,16 @@ interface FuseEntry {
 
 const ALL_PERMS: PermissionName[] = ['consistent-read', 'write', 'write-unchanged', 'resize'];
 
-export class FuseExports {
+export class FuseExports implements BlockExportKind<FuseExportConfig> {
   private readonly entries = new Map<string, FuseEntry>();
   private readonly graph: BlockGraph;
   private readonly log: Logger;
-  private readonly onDeleted: (id: string) => void;
+  private readonly onDeleted: ExportDeleted;
 
-  constructor(graph: BlockGraph, log: Logger, onDeleted: (id: string) => void) {
+  constructor(graph: BlockGraph, log: Logger, onDeleted: ExportDeleted) {
     this.graph = graph;
     this.log = log;
     this.onDeleted = onDeleted;
-  }
-
-  has(id: string): boolean {
-    return this.entries.has(id);
   }
 
   async add(config: FuseExportConfig): Promise<void> {
@@ -102,13 +99,11 @@ export class FuseExports {
     this.onDeleted(id);
   }
 
-  query(): { type: string; id: string; 'node-name': string; 'shutting-down': boolean }[] {
-    return [...this.entries.values()].map((e) => ({
-      type: 'fuse',
-      id: e.config.id,
-      'node-name': e.config.nodeName,
-      'shutting-down': e.shuttingDown,
-    }));
+  info(id: string): BlockExportInfo | undefined {
+    const e = this.entries.get(id);
+    return (
+      e && { type: 'fuse', id, 'node-name': e.config.nodeName, 'shutting-down': e.shuttingDown }
+    );
   }
 
   async closeAll(): Promise<void> {

@@ -4,6 +4,7 @@
 // export in use: block-export-del (safe or hard) disconnects it, as qemu-storage-daemon.
 import type { BlockBackend, BlockGraph } from '@vmdisk/block-graph';
 import { VhostUserBlkServer } from '@vmdisk/vhost-user';
+import type { BlockExportInfo, BlockExportKind, ExportDeleted } from './export-kind.ts';
 import type { Logger } from './log.ts';
 import type { VhostUserBlkExportConfig } from './options/serve-options.ts';
 import { QmpError } from './qmp/monitor.ts';
@@ -18,18 +19,16 @@ interface VhostExport {
   server: VhostUserBlkServer;
 }
 
-export class VhostExports {
+export class VhostExports implements BlockExportKind<VhostUserBlkExportConfig> {
   private readonly exports = new Map<string, VhostExport>();
   private readonly graph: BlockGraph;
   private readonly log: Logger;
+  private readonly onDeleted: ExportDeleted;
 
-  constructor(graph: BlockGraph, log: Logger) {
+  constructor(graph: BlockGraph, log: Logger, onDeleted: ExportDeleted) {
     this.graph = graph;
     this.log = log;
-  }
-
-  has(id: string): boolean {
-    return this.exports.has(id);
+    this.onDeleted = onDeleted;
   }
 
   /** Checks the options as qemu-storage-daemon does, then listens on the socket. */
@@ -100,7 +99,11 @@ export class VhostExports {
     );
   }
 
-  /** Removes an export: its front-end disconnected once its requests are done. */
+  /**
+   * Removes an export, as qemu-storage-daemon's in either mode: its front-end
+   * disconnected once its requests are done, the export gone (its event sent) before
+   * this resolves.
+   */
   async del(id: string): Promise<void> {
     const e = this.exports.get(id);
     if (!e) return;
@@ -108,18 +111,17 @@ export class VhostExports {
     await e.server.close();
     await e.backend.close();
     this.log.info({ event: 'export-deleted', id }, 'export deleted');
+    this.onDeleted(id);
   }
 
-  ids(): string[] {
-    return [...this.exports.keys()];
+  info(id: string): BlockExportInfo | undefined {
+    const e = this.exports.get(id);
+    return (
+      e && { type: 'vhost-user-blk', id, 'node-name': e.config.nodeName, 'shutting-down': false }
+    );
   }
 
-  query(): { type: string; id: string; 'node-name': string; 'shutting-down': boolean }[] {
-    return [...this.exports.values()].map((e) => ({
-      type: 'vhost-user-blk',
-      id: e.config.id,
-      'node-name': e.config.nodeName,
-      'shutting-down': false,
-    }));
+  async closeAll(): Promise<void> {
+    for (const id of [...this.exports.keys()]) await this.del(id);
   }
 }
