@@ -3,30 +3,12 @@
 // as /proc/locks shows them against qemu-io's), what may not change (QEMU's words), and a
 // refused reopen changing nothing.
 
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { lockedBytes, QemuIoSession } from '../../../tools/test-support/src/index.ts';
-import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
-import { BlockGraph } from '../src/index.ts';
-import { pattern, qemuImg, tempDir } from './helpers.ts';
+import type { BlockGraph } from '../src/index.ts';
+import { pattern, qcow2Fixture, qemuImg } from './helpers.ts';
 
-const tmp = tempDir();
-afterAll(() => tmp.cleanup());
-
-const graphs: BlockGraph[] = [];
-function graph(): BlockGraph {
-  const g = new BlockGraph({ drivers: [qcow2Driver] });
-  graphs.push(g);
-  return g;
-}
-afterAll(async () => {
-  for (const g of graphs) await g.close();
-});
-
-function qcow2(name: string): string {
-  const path = tmp.path(name);
-  qemuImg('create', '-q', '-f', 'qcow2', path, '4M');
-  return path;
-}
+const { graph, qcow2 } = qcow2Fixture();
 
 /** The bytes qemu-io locks on `path` with `args` (e.g. -r), as /proc/locks lists them. */
 async function qemuIoBytes(path: string, args: string[]): Promise<number[]> {

@@ -4,6 +4,9 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { afterAll } from 'vitest';
+import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
+import { BlockGraph } from '../src/index.ts';
 
 export function tempDir(): {
   dir: string;
@@ -40,4 +43,35 @@ export function writeFile(path: string, data: Uint8Array): void {
 
 export function qemuImg(...args: string[]): string {
   return execFileSync('qemu-img', args, { encoding: 'utf8' });
+}
+
+/**
+ * A test file's qcow2 images and the graphs opening them (with the qcow2 driver): the
+ * graphs closed, then the directory removed, after the file's tests.
+ */
+export function qcow2Fixture(): {
+  tmp: ReturnType<typeof tempDir>;
+  graph(): BlockGraph;
+  /** A new qcow2 image of `size` (qemu-img's syntax) in the directory; its path. */
+  qcow2(name: string, size?: string): string;
+} {
+  const tmp = tempDir();
+  const graphs: BlockGraph[] = [];
+  afterAll(async () => {
+    for (const g of graphs) await g.close();
+    tmp.cleanup();
+  });
+  return {
+    tmp,
+    graph: () => {
+      const g = new BlockGraph({ drivers: [qcow2Driver] });
+      graphs.push(g);
+      return g;
+    },
+    qcow2: (name, size = '4M') => {
+      const path = tmp.path(name);
+      qemuImg('create', '-q', '-f', 'qcow2', path, size);
+      return path;
+    },
+  };
 }

@@ -4,30 +4,12 @@
 // and opening the same images, and by the lock bytes the kernel lists in /proc/locks.
 
 import { spawnSync } from 'node:child_process';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { lockedBytes, QemuIoSession } from '../../../tools/test-support/src/index.ts';
-import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
-import { BlockGraph, ImageLockError } from '../src/index.ts';
-import { qemuImg, tempDir } from './helpers.ts';
+import { ImageLockError } from '../src/index.ts';
+import { qcow2Fixture } from './helpers.ts';
 
-const tmp = tempDir();
-afterAll(() => tmp.cleanup());
-
-const graphs: BlockGraph[] = [];
-function graph(): BlockGraph {
-  const g = new BlockGraph({ drivers: [qcow2Driver] });
-  graphs.push(g);
-  return g;
-}
-afterAll(async () => {
-  for (const g of graphs) await g.close();
-});
-
-function qcow2(name: string): string {
-  const path = tmp.path(name);
-  qemuImg('create', '-q', '-f', 'qcow2', path, '4M');
-  return path;
-}
+const { tmp, graph, qcow2 } = qcow2Fixture();
 
 function raw(name: string): string {
   const path = tmp.file(name, Buffer.alloc(1 << 20));
