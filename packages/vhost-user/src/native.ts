@@ -1,12 +1,41 @@
 // libc entry points through koffi (no C addon): the unix socket the vhost-user messages
 // and their file descriptors (SCM_RIGHTS) arrive on, which Node's net module cannot
-// receive; mmap of the guest's memory; eventfds. Every wrapper returns -errno on failure.
-import koffi, { type node } from 'koffi';
+// receive; and, from @vmdisk/native, mmap of the guest's memory and eventfds. Every
+// wrapper returns -errno on failure.
+import {
+  closeFd,
+  EFD_CLOEXEC,
+  EFD_NONBLOCK,
+  ERRNO,
+  eventfd,
+  eventfdRead,
+  eventfdSignal,
+  libc,
+  mmapShared,
+  munmap,
+  addressOf as nativeAddressOf,
+  pollReadable,
+  read,
+  sysResult as ret,
+  view,
+} from '@vmdisk/native';
 
-const libc = koffi.load('libc.so.6');
+export {
+  closeFd,
+  EFD_CLOEXEC,
+  EFD_NONBLOCK,
+  eventfd,
+  eventfdRead,
+  eventfdSignal,
+  mmapShared,
+  munmap,
+  pollReadable as pollHandle,
+  read as readSome,
+  view,
+};
 
-export const EAGAIN = 11;
-export const EINTR = 4;
+export const EAGAIN = ERRNO.EAGAIN;
+export const EINTR = ERRNO.EINTR;
 
 const socketFn = libc.func('int socket(int domain, int type, int protocol)');
 const bindFn = libc.func('int bind(int fd, void *addr, uint32_t len)');
@@ -16,14 +45,6 @@ const connectFn = libc.func('int connect(int fd, void *addr, uint32_t len)');
 const recvmsgFn = libc.func('long recvmsg(int fd, void *msg, int flags)');
 const sendmsgFn = libc.func('long sendmsg(int fd, void *msg, int flags)');
 const recvFn = libc.func('long recv(int fd, void *buf, size_t len, int flags)');
-const closeFn = libc.func('int close(int fd)');
-const readFn = libc.func('long read(int fd, void *buf, size_t count)');
-const writeFn = libc.func('long write(int fd, void *buf, size_t count)');
-const eventfdFn = libc.func('int eventfd(uint initval, int flags)');
-const mmapFn = libc.func(
-  'void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)',
-);
-const munmapFn = libc.func('int munmap(void *addr, size_t length)');
 const memfdCreateFn = libc.func('int memfd_create(const char *name, uint flags)');
 const ftruncateFn = libc.func('int ftruncate(int fd, int64_t length)');
 
@@ -36,19 +57,9 @@ const SCM_RIGHTS = 1;
 const MSG_NOSIGNAL = 0x4000;
 const MSG_DONTWAIT = 0x40;
 const MSG_CMSG_CLOEXEC = 0x40000000;
-const PROT_READ = 1;
-const PROT_WRITE = 2;
-const MAP_SHARED = 1;
-export const EFD_NONBLOCK = 0x800;
-export const EFD_CLOEXEC = 0x80000;
-
-function ret(r: number | bigint): number {
-  const n = Number(r);
-  return n === -1 ? -koffi.errno() : n;
-}
 
 function addressOf(view: ArrayBufferView): bigint {
-  return koffi.address(view);
+  return BigInt(nativeAddressOf(view));
 }
 
 /** struct sockaddr_un for `path` (at most 107 bytes); null when too long. */
@@ -70,7 +81,7 @@ export function listenUnix(path: string, backlog = 1): number {
   let r = ret(bindFn(fd, addr, 2 + Buffer.byteLength(path) + 1));
   if (r === 0) r = ret(listenFn(fd, backlog));
   if (r < 0) {
-    closeFn(fd);
+    closeFd(fd);
     return r;
   }
   return fd;
@@ -84,7 +95,7 @@ export function connectUnix(path: string): number {
   if (fd < 0) return fd;
   const r = ret(connectFn(fd, addr, 2 + Buffer.byteLength(path) + 1));
   if (r < 0) {
-    closeFn(fd);
+    closeFd(fd);
     return r;
   }
   return fd;
@@ -166,52 +177,13 @@ export function sendWithFds(fd: number, data: Uint8Array, fds: readonly number[]
   return ret(sendmsgFn(fd, msghdr, MSG_NOSIGNAL));
 }
 
-export function closeFd(fd: number): number {
-  return ret(closeFn(fd));
-}
-
-export function eventfd(flags = EFD_NONBLOCK | EFD_CLOEXEC): number {
-  return ret(eventfdFn(0, flags));
-}
-
-const eventfdScratch = new BigUint64Array(1);
-/** Reads (clears) a non-blocking eventfd: the count, or -errno (-EAGAIN: not signalled). */
-export function eventfdRead(fd: number): number {
-  const r = ret(readFn(fd, eventfdScratch, 8));
-  return r < 0 ? r : Number(eventfdScratch[0]);
-}
-
-const eventfdOne = new BigUint64Array([1n]);
-export function eventfdSignal(fd: number): number {
-  return ret(writeFn(fd, eventfdOne, 8));
-}
-
-/** A shared read-write mapping of `fd` at `offset`: the address, or -errno. */
-export function mmapShared(fd: number, length: number, offset: bigint): bigint | number {
-  const p = mmapFn(null, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset) as
-    | bigint
-    | number
-    | null;
-  if (p === null || BigInt.asIntN(64, BigInt(p)) === -1n) return -koffi.errno();
-  return BigInt(p);
-}
-
-export function munmap(addr: bigint, length: number): number {
-  return ret(munmapFn(addr, length));
-}
-
-/** An ArrayBuffer over native memory, without copy (valid until that memory is unmapped). */
-export function view(addr: bigint, length: number): ArrayBuffer {
-  return koffi.view(addr, length);
-}
-
 /** memfd_create + ftruncate (the tests' guest memory); fd or -errno. */
 export function memfd(name: string, size: number): number {
   const fd = ret(memfdCreateFn(name, 1 /* MFD_CLOEXEC */));
   if (fd < 0) return fd;
   const r = ret(ftruncateFn(fd, size));
   if (r < 0) {
-    closeFn(fd);
+    closeFd(fd);
     return r;
   }
   return fd;
@@ -220,15 +192,6 @@ export function memfd(name: string, size: number): number {
 /** write() the whole of `data` to a blocking fd; bytes or -errno. */
 export function writeAll(fd: number, data: Uint8Array): number {
   return sendWithFds(fd, data, []);
-}
-
-/** read() into `buf` on a blocking fd; bytes or -errno. */
-export function readSome(fd: number, buf: Uint8Array): number {
-  return ret(readFn(fd, buf, buf.length));
-}
-
-export function pollHandle(fd: number, onReadable: () => void): node.PollHandle {
-  return koffi.node.poll(fd, { readable: true }, onReadable);
 }
 
 /** errno names and strerror texts (glibc's words, as QEMU prints them) of bind's failures. */

@@ -11,11 +11,12 @@ const root = resolve(import.meta.dirname, '../../..');
 
 /** docs/architecture.md, "The dependency rule": which workspace packages each may use. */
 const ALLOWED: Record<string, string[]> = {
-  '@vmdisk/engine': [],
+  '@vmdisk/native': [],
+  '@vmdisk/engine': ['@vmdisk/native'],
   '@vmdisk/ao': [],
   '@vmdisk/nbd': ['@vmdisk/ao'],
-  '@vmdisk/vhost-user': ['@vmdisk/nbd'],
-  '@vmdisk/fuse': [],
+  '@vmdisk/vhost-user': ['@vmdisk/native', '@vmdisk/nbd'],
+  '@vmdisk/fuse': ['@vmdisk/native'],
   '@vmdisk/block-graph': ['@vmdisk/engine', '@vmdisk/ao', '@vmdisk/nbd'],
   'vm-disk': [
     '@vmdisk/engine',
@@ -27,6 +28,7 @@ const ALLOWED: Record<string, string[]> = {
   ],
 };
 const DIRS: Record<string, string> = {
+  '@vmdisk/native': 'packages/native',
   '@vmdisk/engine': 'packages/engine',
   '@vmdisk/ao': 'packages/ao',
   '@vmdisk/nbd': 'packages/nbd',
@@ -123,7 +125,8 @@ describe('the dependency rule of docs/architecture.md', () => {
           name,
         ).toEqual([]);
       }
-      expect(deps('@vmdisk/engine')).toEqual([]);
+      expect(deps('@vmdisk/native')).toEqual([]);
+      expect(deps('@vmdisk/engine')).toEqual(['@vmdisk/native']);
       expect(deps('@vmdisk/ao')).toEqual([]);
       expect(deps('@vmdisk/nbd')).not.toContain('@vmdisk/block-graph');
       expect(deps('@vmdisk/vhost-user')).not.toContain('@vmdisk/block-graph');
