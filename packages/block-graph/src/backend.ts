@@ -229,22 +229,15 @@ export class BlockBackend implements ChildParent {
   }
 
   /**
-   * Writes one cluster compressed (qemu-img convert -c): `offset` aligned to compressedUnit,
-   * `buf` one unit (the disk's last may be shorter). For a writer that has the node to
-   * itself: it goes to the format directly, past the generic layer's request tracking.
+   * Writes one cluster compressed (qemu-img convert -c): `offset` aligned to
+   * compressedUnit, `buf` one unit (the disk's last may be shorter); through the generic
+   * layer as any write.
    */
   async writeCompressed(offset: number, buf: Uint8Array): Promise<void> {
     const lock = this.graph.lock;
     if (!lock.tryRead()) await lock.read();
     try {
-      const i = this.writableNode().instance;
-      if (i.kind !== 'format' || !i.writeCompressed) {
-        throw new BlockError(
-          BlockErrorCode.NOT_SUPPORTED,
-          'Compression not supported for this file format',
-        );
-      }
-      await i.writeCompressed(offset, buf);
+      await this.writableNode().writeCompressed(offset, buf);
     } finally {
       lock.releaseRead();
     }

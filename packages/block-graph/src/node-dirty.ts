@@ -158,6 +158,13 @@ export abstract class NodeDirty extends NodeWrite {
     return this.#marked(p, offset, buf.byteLength);
   }
 
+  override writeCompressed(offset: number, buf: Uint8Array): Promise<void> {
+    if (this.writeThreshold !== 0) this.#checkThreshold(offset, buf.byteLength);
+    const p = super.writeCompressed(offset, buf);
+    if (this.dirtyBitmaps.length === 0) return p;
+    return this.#marked(p, offset, buf.byteLength);
+  }
+
   override writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
     if (this.writeThreshold !== 0) this.#checkThreshold(offset, length);
     const p = super.writeZeroes(offset, length, flags);

@@ -9,7 +9,7 @@ import { checkQcow2, readHeader } from '../src/drivers/qcow2/check.ts';
 import { serializeHeader } from '../src/drivers/qcow2/header.ts';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
 import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
-import { BlockGraph } from '../src/index.ts';
+import { BlockGraph, blockDirtyBitmapAdd } from '../src/index.ts';
 import { firstDiff, ImageFile, pattern, rng } from './qcow2-helpers.ts';
 import { must, qemuImgCreate, run, tempDir } from './qemu-tools.ts';
 
@@ -111,6 +111,37 @@ describe('qcow2 compressed clusters', () => {
     await b.close();
     await g.close();
     await expectIdentical(path, model);
+  });
+
+  it('compressed writes through a backend are requests as any write: counted, marked, serialised', async () => {
+    const path = join(dir, 'wc-generic.qcow2');
+    await qemuImgCreate(path, SIZE, { o: 'cluster_size=64k' });
+    const g = new BlockGraph({ drivers: [qcow2Driver] });
+    await g.add({ driver: 'qcow2', 'node-name': 'disk', file: { driver: 'file', filename: path } });
+    const b = await g.createBackend('disk', { write: true });
+    const bitmap = blockDirtyBitmapAdd(g, { node: 'disk', name: 'b0' });
+    const cluster = new Uint8Array(65536).fill(0x5a);
+    // A plain write over the same cluster at once: serialised, so one wins whole.
+    const plain = new Uint8Array(65536).fill(0x33);
+    await Promise.all([b.writeCompressed(131072, cluster), b.write(131072, plain)]);
+    const got = new Uint8Array(65536);
+    await b.read(131072, got);
+    expect([0x5a, 0x33]).toContain(got[0]);
+    expect(got.every((x) => x === got[0])).toBe(true);
+    await b.writeCompressed(262144, cluster);
+    expect(bitmap.count()).toBe(2 * 65536);
+    expect(g.nodeStats('disk').counters('write')).toMatchObject({
+      operations: 3,
+      bytes: 3 * 65536,
+    });
+    // Out of bounds: refused as any write is, counted invalid.
+    await expect(b.writeCompressed(SIZE, cluster)).rejects.toMatchObject({
+      code: 'ERR_VMDISK_BLOCK_OUT_OF_BOUNDS',
+    });
+    await b.close();
+    await g.close();
+    const check = await run('qemu-img', ['check', path]);
+    expect(check.stdout).toContain('No errors were found');
   });
 
   it('a dirty image with compressed clusters gets its refcounts rebuilt as qemu-img counts them', async () => {

@@ -268,7 +268,7 @@ async function backupPrepare(
       }
       const cbw = filter.instance as CopyBeforeWriteInstance;
       if (o.compress) {
-        cbw.copy.compress = (offset, buf) => ti.writeCompressed!(offset, buf);
+        cbw.copy.compress = (offset, buf) => target.writeCompressed(offset, buf);
       }
       run = new BackupRun(bj, {
         source,
