@@ -26,10 +26,12 @@ export interface BlkDevice {
   /** GET_ID's answer (NUL-padded to 20 bytes). */
   serial: string;
   /**
-   * The guest's write cache setting (config writeback, CONFIG_WCE): off, each write is
-   * durable when it completes (FUA), as qemu-storage-daemon's write-through.
+   * The write cache, as qemu-storage-daemon 7.2's BlockBackend and config space: writeback
+   * off makes each write durable when it completes (FUA); it starts as the export's
+   * writethrough option says, and the guest's CONFIG_WCE write sets it. `wce` is what the
+   * config space says, write-through (false) until the guest writes it.
    */
-  cache: { writeback: boolean };
+  cache: { writeback: boolean; wce: boolean };
   /** A request answered with an error status (logged by the server). */
   onRequestError(err: VhostUserError): void;
 }
