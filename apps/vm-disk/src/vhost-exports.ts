@@ -75,6 +75,7 @@ export class VhostExports implements BlockExportKind<VhostUserBlkExportConfig> {
       writable: config.writable,
       logicalBlockSize: bs,
       numQueues: config.numQueues,
+      writethrough: config.writethrough,
       onError: (err) =>
         this.log.warn(
           { event: 'vhost-user-error', id, code: err.code, err: err.message },

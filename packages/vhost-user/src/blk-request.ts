@@ -26,10 +26,12 @@ export interface BlkDevice {
   /** GET_ID's answer (NUL-padded to 20 bytes). */
   serial: string;
   /**
-   * The guest's write cache setting (config writeback, CONFIG_WCE): off, each write is
-   * durable when it completes (FUA), as qemu-storage-daemon's write-through.
+   * The write cache, as qemu-storage-daemon 7.2's BlockBackend and config space: writeback
+   * off makes each write durable when it completes (FUA); it starts as the export's
+   * writethrough option says, and the guest's CONFIG_WCE write sets it. `wce` is what the
+   * config space says, write-through (false) until the guest writes it.
    */
-  cache: { writeback: boolean };
+  cache: { writeback: boolean; wce: boolean };
   /** A request answered with an error status (logged by the server). */
   onRequestError(err: VhostUserError): void;
 }
@@ -57,8 +59,10 @@ function total(bufs: readonly Uint8Array[]): number {
   return n;
 }
 
-/** Copies the first `n` bytes of `bufs` (the header, a discard segment). */
-function gather(bufs: readonly Uint8Array[], n: number): DataView {
+/** The first `n` bytes of `bufs` (the header, a discard segment): copied only when split. */
+function gather(bufs: readonly Uint8Array[], n: number): Uint8Array {
+  const first = bufs[0];
+  if (first !== undefined && first.length >= n) return first;
   const out = new Uint8Array(n);
   let at = 0;
   for (const b of bufs) {
@@ -67,8 +71,21 @@ function gather(bufs: readonly Uint8Array[], n: number): DataView {
     out.set(b.subarray(0, k), at);
     at += k;
   }
-  return new DataView(out.buffer);
+  return out;
 }
+
+/** Little-endian u32 at `at` (guest memory: no DataView made for each request). */
+function le32(b: Uint8Array, at: number): number {
+  return (b[at]! | (b[at + 1]! << 8) | (b[at + 2]! << 16)) + b[at + 3]! * 0x1000000;
+}
+
+/** Little-endian u64 at `at` as a number (exact below 2^53; larger ones are out of range). */
+function le64(b: Uint8Array, at: number): number {
+  return le32(b, at) + le32(b, at + 4) * 0x100000000;
+}
+
+const FUA = Object.freeze({ fua: true });
+const NO_FUA = Object.freeze({ fua: false });
 
 /**
  * Merges buffers adjacent in memory (the guest's contiguous pages) and cuts pieces at
@@ -98,6 +115,14 @@ function pieces(bufs: readonly Uint8Array[]): Uint8Array[] {
   return out;
 }
 
+/** The buffers the guest reads: its writable ones but the status byte (the last one). */
+function dataInOf(inBufs: readonly Uint8Array[]): Uint8Array[] {
+  const last = inBufs[inBufs.length - 1]!;
+  const data = inBufs.slice(0, -1);
+  if (last.length > 1) data.push(last.subarray(0, last.length - 1));
+  return data;
+}
+
 class BadRequest extends Error {
   readonly status: number;
 
@@ -114,33 +139,47 @@ class BadRequest extends Error {
  */
 export async function processBlkRequest(dev: BlkDevice, el: VirtqElement): Promise<number> {
   const inBufs = el.in;
+  const inLen = total(inBufs);
   const last = inBufs[inBufs.length - 1]!;
-  const status = last.subarray(last.length - 1);
-  const dataIn = inBufs.slice(0, -1);
-  if (last.length > 1) dataIn.push(last.subarray(0, last.length - 1));
+  const statusAt = last.length - 1;
   try {
     if (el.badAddress) throw new BadRequest(BLK_S_IOERR, 'a buffer is outside guest memory');
-    if (total(el.out) < BLK_OUTHDR_SIZE) {
+    const out = el.out;
+    if (total(out) < BLK_OUTHDR_SIZE) {
       throw new BadRequest(BLK_S_IOERR, 'virtio-blk request outhdr too short');
     }
-    const hdr = gather(el.out, BLK_OUTHDR_SIZE);
-    const type = hdr.getUint32(0, true);
-    const sector = hdr.getBigUint64(8, true);
-    const dataOut = slice(el.out, BLK_OUTHDR_SIZE);
+    const hdr = gather(out, BLK_OUTHDR_SIZE);
+    const type = le32(hdr, 0);
+    const sector = le64(hdr, 8);
     switch (type) {
       case BLK_T.IN: {
-        const length = total(dataIn);
-        const offset = checkRange(dev, sector, length);
-        await transfer(pieces(dataIn), offset, (o, b) => dev.target.read(o, b));
+        const t = dev.target;
+        // One data buffer, the status byte in a buffer of its own (as Linux guests lay
+        // 4 KiB requests out): no lists made for it.
+        const one = inBufs.length === 2 && last.length === 1 ? inBufs[0]! : undefined;
+        if (one !== undefined && one.length <= MAX_CHUNK) {
+          await t.read(checkRange(dev, sector, one.length), one);
+          break;
+        }
+        const data = dataInOf(inBufs);
+        const offset = checkRange(dev, sector, total(data));
+        await transfer(pieces(data), offset, (o, b) => t.read(o, b));
         break;
       }
       case BLK_T.OUT: {
-        const write = dev.target.write?.bind(dev.target);
-        if (!dev.writable || !write)
+        const t = dev.target;
+        if (!dev.writable || !t.write)
           throw new BadRequest(BLK_S_IOERR, 'write to a read-only export');
+        const flags = dev.cache.writeback ? NO_FUA : FUA;
+        // The header, then one data buffer.
+        const one = out.length === 2 && out[0]!.length === BLK_OUTHDR_SIZE ? out[1]! : undefined;
+        if (one !== undefined && one.length <= MAX_CHUNK) {
+          await t.write(checkRange(dev, sector, one.length), one, flags);
+          break;
+        }
+        const dataOut = slice(out, BLK_OUTHDR_SIZE);
         const offset = checkRange(dev, sector, total(dataOut));
-        const fua = !dev.cache.writeback;
-        await transfer(pieces(dataOut), offset, (o, b) => write(o, b, { fua }));
+        await transfer(pieces(dataOut), offset, (o, b) => t.write!(o, b, flags));
         break;
       }
       case BLK_T.FLUSH:
@@ -150,7 +189,7 @@ export async function processBlkRequest(dev: BlkDevice, el: VirtqElement): Promi
         const id = new Uint8Array(BLK_ID_BYTES);
         id.set(Buffer.from(dev.serial).subarray(0, BLK_ID_BYTES));
         let at = 0;
-        for (const b of dataIn) {
+        for (const b of dataInOf(inBufs)) {
           const n = Math.min(b.length, BLK_ID_BYTES - at);
           b.set(id.subarray(at, at + n));
           at += n;
@@ -159,18 +198,18 @@ export async function processBlkRequest(dev: BlkDevice, el: VirtqElement): Promi
       }
       case BLK_T.DISCARD:
       case BLK_T.WRITE_ZEROES:
-        await discardOrZero(dev, type, dataOut);
+        await discardOrZero(dev, type, slice(out, BLK_OUTHDR_SIZE));
         break;
       default:
         throw new BadRequest(BLK_S_UNSUPP, `unsupported request type ${type}`);
     }
-    status[0] = BLK_S_OK;
+    last[statusAt] = BLK_S_OK;
   } catch (e) {
     if (e instanceof BadRequest) {
-      status[0] = e.status;
+      last[statusAt] = e.status;
       dev.onRequestError(new VhostUserError('ERR_VMDISK_VHOST_BAD_REQUEST', e.message));
     } else {
-      status[0] = BLK_S_IOERR;
+      last[statusAt] = BLK_S_IOERR;
       dev.onRequestError(
         new VhostUserError(
           'ERR_VMDISK_VHOST_TARGET_ERROR',
@@ -180,16 +219,16 @@ export async function processBlkRequest(dev: BlkDevice, el: VirtqElement): Promi
       );
     }
   }
-  return total(inBufs);
+  return inLen;
 }
 
 /** The byte offset of a request of `length` bytes at `sector`, or IOERR out of range. */
-function checkRange(dev: BlkDevice, sector: bigint, length: number): number {
-  const offset = Number(sector) * SECTOR_SIZE;
+function checkRange(dev: BlkDevice, sector: number, length: number): number {
+  const offset = sector * SECTOR_SIZE;
   if (offset % dev.blkSize !== 0 || length % dev.blkSize !== 0) {
     throw new BadRequest(BLK_S_IOERR, `request not aligned to ${dev.blkSize} bytes`);
   }
-  if (sector > BigInt(Number.MAX_SAFE_INTEGER) / 512n || offset + length > dev.target.size()) {
+  if (sector > Number.MAX_SAFE_INTEGER / SECTOR_SIZE || offset + length > dev.target.size()) {
     throw new BadRequest(BLK_S_IOERR, 'request beyond the end of the disk');
   }
   return offset;
@@ -216,9 +255,9 @@ async function discardOrZero(dev: BlkDevice, type: number, dataOut: Uint8Array[]
     throw new BadRequest(BLK_S_UNSUPP, 'discard/write zeroes: not exactly one segment');
   }
   const seg = gather(dataOut, BLK_DWZ_SEGMENT_SIZE);
-  const sector = seg.getBigUint64(0, true);
-  const sectors = seg.getUint32(8, true);
-  const flags = seg.getUint32(12, true);
+  const sector = le64(seg, 0);
+  const sectors = le32(seg, 8);
+  const flags = le32(seg, 12);
   const zero = type === BLK_T.WRITE_ZEROES;
   if (flags & ~(zero ? BLK_WRITE_ZEROES_FLAG_UNMAP : 0)) {
     throw new BadRequest(BLK_S_UNSUPP, `discard/write zeroes: flags ${flags}`);

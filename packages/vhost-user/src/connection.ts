@@ -282,7 +282,7 @@ export class VhostUserConnection {
           capacitySectors: BigInt(Math.floor(this.dev.target.size() / SECTOR_SIZE)),
           blkSize: this.dev.blkSize,
           numQueues: this.queues.length,
-          writeback: this.dev.cache.writeback,
+          writeback: this.dev.cache.wce,
         });
         const out = new Uint8Array(12 + size);
         out.set(new Uint8Array(p.buffer, 0, 12));
@@ -296,7 +296,8 @@ export class VhostUserConnection {
         const offset = p.getUint32(0, true);
         const size = p.getUint32(4, true);
         if (offset === BLK_CONFIG_WRITEBACK_OFFSET && size === 1 && p.byteLength >= 13) {
-          this.dev.cache.writeback = p.getUint8(12) !== 0;
+          this.dev.cache.wce = p.getUint8(12) !== 0;
+          this.dev.cache.writeback = this.dev.cache.wce;
         }
         return undefined;
       }

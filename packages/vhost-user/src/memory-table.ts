@@ -83,7 +83,7 @@ export class MemoryTable {
    */
   guestPieces(gpa: number, length: number, out: Uint8Array[]): boolean {
     while (length > 0) {
-      const r = this.regions.find((r) => gpa >= r.gpa && gpa - r.gpa < r.length);
+      const r = this.regionAt(gpa);
       if (!r) return false;
       const at = gpa - r.gpa;
       const n = Math.min(length, r.length - at);
@@ -92,6 +92,12 @@ export class MemoryTable {
       length -= n;
     }
     return true;
+  }
+
+  private regionAt(gpa: number): Region | undefined {
+    // A loop, not find(): this runs for each descriptor of each request.
+    for (const r of this.regions) if (gpa >= r.gpa && gpa - r.gpa < r.length) return r;
+    return undefined;
   }
 
   /** Bytes at a front-end virtual address (the vring addresses), or null. */

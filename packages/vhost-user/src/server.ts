@@ -18,6 +18,12 @@ export interface VhostUserBlkOptions {
   logicalBlockSize?: number;
   /** 1 (the default) to 65535, as QEMU's num-queues. */
   numQueues?: number;
+  /**
+   * The export's writethrough option (default off): as qemu-storage-daemon 7.2, the
+   * backend's write cache is on unless it is set, whatever the guest was told (its config
+   * says write-through until it turns its write cache on or off itself, CONFIG_WCE).
+   */
+  writethrough?: boolean;
   /** What GET_ID answers: qemu-storage-daemon's "vhost_user_blk" by default. */
   serial?: string;
   /** A front-end or guest misbehaved, or a request failed (the server keeps serving). */
@@ -36,8 +42,8 @@ export class VhostUserBlkServer {
   private closing: Promise<void> | undefined;
   private readonly blkSize: number;
   private readonly numQueues: number;
-  /** The guest's write cache setting: the export's, kept across front-ends (off at start). */
-  private readonly cache = { writeback: false };
+  /** The write cache: the export's, kept across front-ends. */
+  private readonly cache: { writeback: boolean; wce: boolean };
 
   private readonly options: VhostUserBlkOptions;
 
@@ -59,6 +65,7 @@ export class VhostUserBlkServer {
     }
     this.blkSize = bs;
     this.numQueues = nq;
+    this.cache = { writeback: !options.writethrough, wce: false };
   }
 
   /** A front-end is connected. */

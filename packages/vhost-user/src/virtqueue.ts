@@ -189,11 +189,15 @@ export class Virtqueue {
     if (!this.signalPending) {
       this.signalPending = true;
       this.signalFrom = old;
-      queueMicrotask(() => this.signal());
+      // After the microtask queue drains: the requests that completed in the same event
+      // loop turn are all pushed by then, and get one signal (a queued microtask would run
+      // before the later ones reach push, through their chains of awaits).
+      process.nextTick(this.signalNow);
     }
   }
 
   private signalFrom = 0;
+  private readonly signalNow = (): void => this.signal();
 
   private signal(): void {
     this.signalPending = false;

@@ -44,11 +44,25 @@ function pattern(len: number, seed: number): Uint8Array {
 
 async function serve(
   name: string,
-  options: { writable?: boolean; numQueues?: number; logicalBlockSize?: number } = {},
+  options: {
+    writable?: boolean;
+    numQueues?: number;
+    logicalBlockSize?: number;
+    writethrough?: boolean;
+  } = {},
 ) {
   const file = join(dir, `${name}.raw`);
   writeFileSync(file, pattern(SIZE, 3));
   const target = await FileTarget.open(file, { readOnly: options.writable === false });
+  // The FUA flag of each write the target is given.
+  const fua: boolean[] = [];
+  const write = target.write;
+  if (write) {
+    target.write = (offset, buf, flags) => {
+      fua.push(flags.fua === true);
+      return write(offset, buf, flags);
+    };
+  }
   const errors: VhostUserError[] = [];
   const path = join(dir, `${name}.sock`);
   const server = new VhostUserBlkServer({
@@ -57,6 +71,7 @@ async function serve(
     writable: options.writable ?? true,
     ...(options.numQueues !== undefined && { numQueues: options.numQueues }),
     ...(options.logicalBlockSize !== undefined && { logicalBlockSize: options.logicalBlockSize }),
+    ...(options.writethrough !== undefined && { writethrough: options.writethrough }),
     onError: (e) => errors.push(e),
   });
   server.listen();
@@ -64,7 +79,7 @@ async function serve(
     await server.close();
     await target.close();
   });
-  return { file, path, server, errors };
+  return { file, path, server, errors, fua };
 }
 
 async function connect(path: string, queues = 1): Promise<RawVhostClient> {
@@ -149,6 +164,36 @@ describe('requests', () => {
     expect(r2.status).toBe(BLK_S_OK);
     expect(r2.data).toEqual(new Uint8Array(readFileSync(file).subarray(0, 8192)));
     expect((await c.blk(0, BLK_T.FLUSH, 0n)).status).toBe(BLK_S_OK);
+  });
+
+  it('flushes writes as qemu-storage-daemon 7.2: by the writethrough option, then the guest config', async () => {
+    const setWce = (c: RawVhostClient, on: boolean) => {
+      const set = new Uint8Array(13);
+      new DataView(set.buffer).setUint32(0, 32, true);
+      new DataView(set.buffer).setUint32(4, 1, true);
+      set[12] = on ? 1 : 0;
+      return c.ack(VHOST_USER.SET_CONFIG, set);
+    };
+    const data = pattern(4096, 5);
+    // The backend's write cache is on (writethrough defaults off), though the guest's
+    // config says write-through: its writes are not flushed one by one.
+    const wb = await serve('wb');
+    const c = await connect(wb.path);
+    expect((await c.config(32, 1)).getUint8(0)).toBe(0);
+    expect((await c.blk(0, BLK_T.OUT, 0n, { out: data })).status).toBe(BLK_S_OK);
+    // The guest turns its write cache off, then on again.
+    expect(await setWce(c, false)).toBe(0n);
+    expect((await c.blk(0, BLK_T.OUT, 8n, { out: data })).status).toBe(BLK_S_OK);
+    expect(await setWce(c, true)).toBe(0n);
+    expect((await c.blk(0, BLK_T.OUT, 16n, { out: data })).status).toBe(BLK_S_OK);
+    expect(wb.fua).toEqual([false, true, false]);
+    // writethrough=on: each write is durable when it completes.
+    const wt = await serve('wt', { writethrough: true });
+    const c2 = await connect(wt.path);
+    expect((await c2.config(32, 1)).getUint8(0)).toBe(0);
+    expect((await c2.blk(0, BLK_T.OUT, 0n, { out: data })).status).toBe(BLK_S_OK);
+    expect(wt.fua).toEqual([true]);
+    expect(new Uint8Array(readFileSync(wt.file).subarray(0, 4096))).toEqual(data);
   });
 
   it('answers GET_ID with the serial', async () => {

@@ -64,6 +64,8 @@ export interface VhostUserBlkExportConfig {
   addr: SocketAddress;
   logicalBlockSize: number;
   numQueues: number;
+  /** Every write flushed before it completes (block-export-add's writethrough, default off). */
+  writethrough: boolean;
 }
 
 /** A FUSE export (`type=fuse`): the node as a regular file mounted over `mountpoint`. */
@@ -209,6 +211,7 @@ export function exportConfig(v: Infer<typeof exportOptions>): ExportConfig {
       addr: v.addr,
       logicalBlockSize: v['logical-block-size'],
       numQueues: v['num-queues'],
+      writethrough: v.writethrough ?? false,
     };
   }
   if (v.type === 'fuse') {
