@@ -13,7 +13,7 @@ const root = resolve(import.meta.dirname, '../../..');
 const ALLOWED: Record<string, string[]> = {
   '@vmdisk/engine': [],
   '@vmdisk/ao': [],
-  '@vmdisk/nbd': ['@vmdisk/ao'],
+  '@vmdisk/nbd': ['@vmdisk/ao', '@vmdisk/engine'],
   '@vmdisk/vhost-user': ['@vmdisk/nbd'],
   '@vmdisk/fuse': [],
   '@vmdisk/block-graph': ['@vmdisk/engine', '@vmdisk/ao', '@vmdisk/nbd'],
