@@ -116,11 +116,6 @@ describe('FileTarget', () => {
       });
       expect(await Promise.race([io, stuck])).toBe('done');
       clearTimeout(bound);
-      // The server takes request buffers from the engine's arena (the ring's registered
-      // buffers, which writes complete from without a kernel worker).
-      const a = t.allocBuffer(4 * KiB).fill(5);
-      await t.write!(0, a, {});
-      t.releaseBuffer(a);
       for (const fifo of fifos) openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
       await Promise.all(blocked);
       fifos.length = 0;

@@ -1,13 +1,13 @@
 // An ExportTarget over a file or block device, through this thread's shared @vmdisk/engine
 // (io_uring where the kernel has it): reads and writes are submitted to the ring from the
-// event loop, not run on libuv's thread pool. Request buffers come from the engine's arena
-// (allocBuffer), which the ring has registered: writes from them complete in the enter
-// call, where writes from other memory wait for a kernel worker. It reports no block
-// status (the server then reports all of it as data) and leaves write-zeroes to the
-// server's emulation.
+// event loop, not run on libuv's thread pool; page-cache reads complete in the enter call.
+// No allocBuffer: the server's own buffers (a view of the received bytes for a write, one
+// buffer for a read reply's header and data) measured faster than copying through arena
+// memory. It reports no block status (the server then reports all of it as data) and
+// leaves write-zeroes to the server's emulation.
 
 import * as fs from 'node:fs';
-import { type Engine, type EngineFile, sharedEngine } from '@vmdisk/engine';
+import { type EngineFile, sharedEngine } from '@vmdisk/engine';
 import { NbdError, NbdSystemError } from '../errors.ts';
 import type { BlockSizeConstraints, ExportTarget, WriteFlags } from '../export-target.ts';
 import { MAX_PAYLOAD_BYTES } from '../protocol.ts';
@@ -42,20 +42,12 @@ export class FileTarget implements ExportTarget {
     preferred: 4096,
     maximum: MAX_PAYLOAD_BYTES,
   };
-  private readonly engine: Engine;
   private readonly file: EngineFile;
   private readonly bytes: number;
   declare write?: (offset: number, buf: Uint8Array, flags: WriteFlags) => Promise<void>;
 
-  private constructor(
-    path: string,
-    engine: Engine,
-    file: EngineFile,
-    size: number,
-    readOnly: boolean,
-  ) {
+  private constructor(path: string, file: EngineFile, size: number, readOnly: boolean) {
     this.path = path;
-    this.engine = engine;
     this.file = file;
     this.bytes = size;
     this.readOnly = readOnly;
@@ -90,7 +82,7 @@ export class FileTarget implements ExportTarget {
     }
     // A block device's st_size is 0: its size is where its end is.
     const size = st.isFile() ? st.size : await file.size();
-    return new FileTarget(path, engine, file, size, readOnly);
+    return new FileTarget(path, file, size, readOnly);
   }
 
   size(): number {
@@ -113,14 +105,6 @@ export class FileTarget implements ExportTarget {
     return this.file.fdatasync().catch((err: unknown) => {
       throw fileError('fdatasync', err);
     });
-  }
-
-  allocBuffer(length: number): Uint8Array {
-    return this.engine.allocBuffer(length);
-  }
-
-  releaseBuffer(buf: Uint8Array): void {
-    this.engine.releaseBuffer(buf as Buffer);
   }
 
   /** Closes the file; the target must not be used afterwards. */
