@@ -6,7 +6,8 @@
 // use the page cache (qemu: -t writeback) and the same I/O backend (qemu: -i io_uring when
 // our engine uses io_uring, else threads). Target: ours >= 0.8x qemu-img bench.
 // Each workload runs BENCH_ROUNDS times (default 5), alternating; medians are shown.
-// Run: node bench/qcow2.bench.ts (BENCH_COUNT=requests for the 4 KiB runs).
+// Run: node bench/qcow2.bench.ts (BENCH_COUNT=requests for the 4 KiB runs; BENCH_ONLY=text:
+// only the workloads whose name contains it, e.g. BENCH_ONLY=sequential).
 
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -24,6 +25,7 @@ const SEQ_COUNT = 256;
 const SEQ_SIZE = 256 * 1024 * 1024;
 const TARGET = 0.8;
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
+const ONLY = process.env.BENCH_ONLY;
 
 const dir = mkdtempSync(join(tmpdir(), 'qcow2-bench-'));
 const engine = await sharedEngine('auto');
@@ -111,6 +113,7 @@ try {
     runOurs: (round: number) => Promise<number>,
     runQemu: (round: number) => number,
   ) => {
+    if (ONLY && !name.includes(ONLY)) return;
     const o: number[] = [];
     const q: number[] = [];
     for (let round = 0; round < ROUNDS; round++) {

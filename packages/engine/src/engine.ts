@@ -543,22 +543,40 @@ export async function openEngine(options: EngineOptions = {}): Promise<Engine> {
 }
 
 const shared = new Map<string, Promise<Engine>>();
+/** What 'auto' picked on this thread, by the VMDISK_ENGINE value it honoured. */
+const autoPicks = new Map<string, BackendName>();
 
 /** This JS thread's shared engine for a backend (created on first use, then the same
- * object; a new one once that one is closed). Module state is per thread: a worker gets
- * its own. */
+ * object; a new one once that one is closed). 'auto' and the backend it picks are one
+ * engine: buffers from one are the other's registered buffers, and io_uring writes from
+ * registered buffers complete in the enter call where others wait for a kernel worker.
+ * Module state is per thread: a worker gets its own. */
 export async function sharedEngine(backend: BackendName | 'auto' = 'auto'): Promise<Engine> {
-  const existing = shared.get(backend);
+  const env = process.env.VMDISK_ENGINE ?? '';
+  const key = backend === 'auto' ? (autoPicks.get(env) ?? 'auto') : backend;
+  const existing = shared.get(key);
   if (existing) {
     const e = await existing;
     if (!(e as EngineImpl).isClosed) return e;
-    if (shared.get(backend) === existing) shared.delete(backend);
+    if (shared.get(key) === existing) shared.delete(key);
     return sharedEngine(backend);
   }
-  const p = openEngine({ backend });
-  shared.set(backend, p);
+  const p = openEngine({ backend: key }).then(async (e) => {
+    if (key !== 'auto') return e;
+    autoPicks.set(env, e.backend);
+    if (shared.get('auto') === p) shared.delete('auto');
+    // A request naming the backend may have made it already: that one is the engine.
+    const named = shared.get(e.backend);
+    if (named === undefined) {
+      shared.set(e.backend, p);
+      return e;
+    }
+    await e.close();
+    return sharedEngine(backend);
+  });
+  shared.set(key, p);
   p.catch(() => {
-    if (shared.get(backend) === p) shared.delete(backend);
+    if (shared.get(key) === p) shared.delete(key);
   });
   return p;
 }

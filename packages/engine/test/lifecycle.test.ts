@@ -153,6 +153,23 @@ describe('choosing a backend', () => {
     await c.close();
     await u.close();
   });
+  it("'auto' and the backend it picks are one shared engine, whichever is asked first", async () => {
+    // A buffer from one must be a registered buffer of the other (see sharedEngine).
+    const r = await runChild(
+      `import { sharedEngine } from '${INDEX}';
+       const named = await sharedEngine('io_uring');
+       const auto = await sharedEngine('auto');
+       const [a, b] = await Promise.all([sharedEngine('auto'), sharedEngine('io_uring')]);
+       console.log(auto === named, a === named, b === named);
+       await named.close();
+       const [c, d] = await Promise.all([sharedEngine('auto'), sharedEngine('io_uring')]);
+       console.log(c !== named, c === d, c.backend);
+       await c.close();`,
+      { VMDISK_ENGINE: '' },
+    );
+    expect(r.stderr).toBe('');
+    expect(r.stdout.trim().split('\n')).toEqual(['true true true', 'true true io_uring']);
+  });
 });
 
 describe('one engine per JS thread', () => {

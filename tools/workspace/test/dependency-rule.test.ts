@@ -14,7 +14,7 @@ const ALLOWED: Record<string, string[]> = {
   '@vmdisk/native': [],
   '@vmdisk/engine': ['@vmdisk/native'],
   '@vmdisk/ao': [],
-  '@vmdisk/nbd': ['@vmdisk/ao'],
+  '@vmdisk/nbd': ['@vmdisk/ao', '@vmdisk/engine'],
   '@vmdisk/vhost-user': ['@vmdisk/native', '@vmdisk/nbd'],
   '@vmdisk/fuse': ['@vmdisk/native'],
   '@vmdisk/block-graph': ['@vmdisk/engine', '@vmdisk/ao', '@vmdisk/nbd'],
