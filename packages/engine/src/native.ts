@@ -3,6 +3,7 @@
 // that callers compare with negative errno values (the io-engine crate's EINTR check,
 // which compared -1 with -EINTR, never matched).
 import koffi from 'koffi';
+import { IoError } from './errors.ts';
 
 const libc = koffi.load('libc.so.6');
 
@@ -58,6 +59,18 @@ const mmapFn = libc.func(
 );
 const munmapFn = libc.func('int munmap(void *addr, size_t length)');
 const closeFn = libc.func('int close(int fd)');
+const fcntlInt = libc.func('int fcntl(int fd, int cmd, int arg)');
+const F_DUPFD_CLOEXEC = 1030;
+
+/**
+ * dup(2) with close-on-exec: a second descriptor of the same open file, e.g. a socket's
+ * for another thread while the first is closed. An IoError when it fails.
+ */
+export function dupFd(fd: number): number {
+  const r = fcntlInt(fd, F_DUPFD_CLOEXEC, 0);
+  if (r < 0) throw new IoError(koffi.errno(), 'fcntl');
+  return r;
+}
 const eventfdFn = libc.func('int eventfd(uint initval, int flags)');
 const readFn = libc.func('long read(int fd, void *buf, size_t count)');
 const writeFn = libc.func('long write(int fd, void *buf, size_t count)');
