@@ -233,4 +233,70 @@ describe('iothreads', () => {
     const out = await run('qemu-io', ['-r', '-f', 'raw', ...cmds, dst]);
     expect(out).not.toMatch(/Pattern verification failed/);
   });
+
+  it('multi-queue: connections round-robin over a list of iothreads; a qcow2 node takes one', async () => {
+    const img = await image('mq.raw');
+    const q = scratch.path('mq.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', q, '16M']);
+    const sock = scratch.path('nbd4.sock');
+    const { daemon } = await serve([
+      '--object',
+      'iothread,id=io0',
+      '--object',
+      'iothread,id=io1',
+      '--blockdev',
+      `driver=file,node-name=f0,filename=${img}`,
+      '--blockdev',
+      'driver=raw,node-name=d0,file=f0',
+      '--blockdev',
+      `driver=file,node-name=fq,filename=${q}`,
+      '--blockdev',
+      'driver=qcow2,node-name=dq,file=fq',
+      '--nbd-server',
+      `addr.type=unix,addr.path=${sock}`,
+      '--export',
+      'type=nbd,id=e0,node-name=d0,name=disk,writable=on,iothread.0=io0,iothread.1=io1',
+    ]);
+    const a = await QemuIoSession.open(['-f', 'raw', `nbd+unix:///disk?socket=${sock}`]);
+    const b = await QemuIoSession.open(['-f', 'raw', `nbd+unix:///disk?socket=${sock}`]);
+    try {
+      expect(daemon.iothreads.get('io0')?.connections).toBe(1);
+      expect(daemon.iothreads.get('io1')?.connections).toBe(1);
+      expect(await a.command('write -P 0x7 0 1M')).toContain('wrote 1048576/1048576');
+      // Written through one iothread, read through the other.
+      expect(await b.command('read -P 0x7 0 1M')).toContain('read 1048576/1048576');
+    } finally {
+      await a.kill();
+      await b.kill();
+    }
+    await expect(
+      daemon.blockExportAdd({
+        type: 'nbd',
+        id: 'eq',
+        nodeName: 'dq',
+        writable: false,
+        allocationDepth: false,
+        iothread: { ids: ['io0', 'io1'], list: true },
+      }),
+    ).rejects.toThrow("Invalid parameter type for 'iothread', expected: string");
+    await daemon.blockExportAdd({
+      type: 'nbd',
+      id: 'eq',
+      nodeName: 'dq',
+      writable: true,
+      allocationDepth: false,
+      iothread: { ids: ['io1'], list: false },
+    });
+    const out = await run('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x9 64k 64k',
+      '-c',
+      'read -P 0x9 64k 64k',
+      `nbd+unix:///dq?socket=${sock}`,
+    ]);
+    expect(out).toContain('read 65536/65536');
+    expect(daemon.iothreads.fastReads('dq')).toBe(false);
+  });
 });
