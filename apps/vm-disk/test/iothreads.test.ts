@@ -299,4 +299,41 @@ describe('iothreads', () => {
     expect(out).toContain('read 65536/65536');
     expect(daemon.iothreads.fastReads('dq')).toBe(false);
   });
+
+  it('fio writes and verifies through two connections spread over two iothreads', async () => {
+    const img = await image('fio.raw');
+    const sock = scratch.path('nbd5.sock');
+    await serve([
+      '--object',
+      'iothread,id=io0',
+      '--object',
+      'iothread,id=io1',
+      '--blockdev',
+      `driver=file,node-name=f0,filename=${img}`,
+      '--blockdev',
+      'driver=raw,node-name=d0,file=f0',
+      '--nbd-server',
+      `addr.type=unix,addr.path=${sock}`,
+      '--export',
+      '{"type":"nbd","id":"e0","node-name":"d0","name":"disk","writable":true,"iothread":["io0","io1"]}',
+    ]);
+    // Each job its own half of the disk (its own connection): written, then read back
+    // and checked, with reads served by the worker from the file.
+    const out = await run('fio', [
+      '--name=verify',
+      '--ioengine=nbd',
+      `--uri=nbd+unix:///disk?socket=${sock}`,
+      '--rw=randwrite',
+      '--bs=4k,64k',
+      '--iodepth=16',
+      '--numjobs=2',
+      '--size=8M',
+      '--offset_increment=8M',
+      '--verify=crc32c',
+      '--do_verify=1',
+      '--output-format=json',
+    ]);
+    const jobs = (JSON.parse(out.slice(out.indexOf('{'))) as { jobs: { error: number }[] }).jobs;
+    expect(jobs.map((j) => j.error)).toEqual([0, 0]);
+  });
 });
