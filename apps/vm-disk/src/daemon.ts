@@ -10,6 +10,7 @@ import type { ListenAddress } from '@vmdisk/nbd';
 import { ChardevRegistry } from './chardevs.ts';
 import type { BlockExportInfo, BlockExportKind } from './export-kind.ts';
 import { FuseExports } from './fuse-exports.ts';
+import { IoThreads } from './iothreads/iothreads.ts';
 import type { Logger } from './log.ts';
 import { NbdExports } from './nbd-exports.ts';
 import type { ExportConfig, NbdServerConfig, ServeConfig } from './options/serve-options.ts';
@@ -32,6 +33,8 @@ export class Daemon implements DaemonControl {
   /** The chardevs: the monitors' sockets, and chardev-add's. */
   readonly chardevs: ChardevRegistry;
   readonly jobs: JobRegistry;
+  /** The iothreads' workers (iothreads/). */
+  readonly iothreads: IoThreads;
   private readonly nbd: NbdExports;
   private readonly exportKinds: {
     nbd: NbdExports;
@@ -51,6 +54,7 @@ export class Daemon implements DaemonControl {
     this.log = log;
     this.monitor = new QmpMonitor(QMP_VERSION, log.child({ component: 'qmp' }));
     this.chardevs = new ChardevRegistry(this.monitor);
+    this.iothreads = new IoThreads(this.graph, log.child({ component: 'iothread' }));
     this.jobs = new JobRegistry({
       events: {
         push: (e: JobStatusChangeEvent | JobEvent) => {
@@ -62,7 +66,7 @@ export class Daemon implements DaemonControl {
       },
     });
     const deleted = (id: string) => this.exportDeleted(id);
-    this.nbd = new NbdExports(this.graph, log, deleted);
+    this.nbd = new NbdExports(this.graph, this.iothreads, log, deleted);
     this.exportKinds = {
       nbd: this.nbd,
       'vhost-user-blk': new VhostExports(
@@ -105,6 +109,7 @@ export class Daemon implements DaemonControl {
   /** object-add / --object: an object of the graph's registry (drivers and NBD use it). */
   async objectAdd(options: Record<string, unknown>, syntax: OptionSyntax): Promise<void> {
     await this.graph.addObject(options, { syntax });
+    if (options['qom-type'] === 'iothread') this.iothreads.started(String(options.id));
     this.log.info(
       { event: 'object-add', id: options.id, type: options['qom-type'] },
       'object added',
@@ -112,7 +117,9 @@ export class Daemon implements DaemonControl {
   }
 
   async objectDel(id: string): Promise<void> {
+    const iothread = this.graph.objects.typeOf(id) === 'iothread';
     await this.graph.delObject(id);
+    if (iothread) await this.iothreads.stopped(id);
     this.log.info({ event: 'object-del', id }, 'object deleted');
   }
 
@@ -206,6 +213,7 @@ export class Daemon implements DaemonControl {
       await this.graph.close().catch((err: unknown) => {
         this.log.error({ event: 'close-failed', err }, 'closing the block graph failed');
       });
+      await this.iothreads.close();
       await this.monitor.close();
       await this.chardevs.close();
       if (this.pidfile) unlinkSync(this.pidfile);

@@ -8,6 +8,17 @@
 
 import { runAo } from '@vmdisk/ao';
 
+/**
+ * Someone outside the graph whose I/O must stop while the graph changes (e.g. another
+ * thread reading a node's file itself, holding the read side as one long request).
+ */
+export interface DrainObserver {
+  /** A drained section began: stop, and release the read side held for that I/O. */
+  begin(): void;
+  /** The last drained section ended (requests are admitted again). */
+  end(): void;
+}
+
 export class GraphLock {
   private readers = 0;
   private drained = 0;
@@ -16,6 +27,13 @@ export class GraphLock {
   private writer: Promise<void> = Promise.resolve();
   /** Called when a drained section begins (filters let queued requests go). */
   onDrainBegin: (() => void) | undefined;
+  private readonly observers = new Set<DrainObserver>();
+
+  /** Tells `o` of drained sections from now on, until the function returned is called. */
+  observeDrain(o: DrainObserver): () => void {
+    this.observers.add(o);
+    return () => this.observers.delete(o);
+  }
 
   /** Requests holding the read side now. */
   get inFlight(): number {
@@ -56,7 +74,10 @@ export class GraphLock {
    */
   drainedBegin(): Promise<void> {
     this.drained++;
-    if (this.drained === 1) this.onDrainBegin?.();
+    if (this.drained === 1) {
+      this.onDrainBegin?.();
+      for (const o of [...this.observers]) o.begin();
+    }
     if (this.readers === 0) return Promise.resolve();
     return runAo('block-graph.drain', undefined, async () => {
       while (this.readers !== 0) await new Promise<void>((resolve) => this.idle.push(resolve));
@@ -71,6 +92,7 @@ export class GraphLock {
       const admit = this.admit;
       this.admit = [];
       for (const w of admit) w();
+      for (const o of [...this.observers]) if (this.drained === 0) o.end();
     }
   }
 

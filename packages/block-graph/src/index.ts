@@ -121,6 +121,7 @@ export {
   type XDbgBlockGraphEdge,
   type XDbgBlockGraphNode,
 } from './graph-debug.ts';
+export type { DrainObserver } from './graph-lock.ts';
 export { hostOffset } from './host-offset.ts';
 export { changeBackingFile, makeEmpty } from './image-edit.ts';
 export {
@@ -171,6 +172,7 @@ export {
 } from './node-stats.ts';
 export {
   checkObjectOptions,
+  type IoThreadSettings,
   type ObjectInfo,
   type ObjectOptions,
   ObjectRegistry,

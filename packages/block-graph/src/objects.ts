@@ -1,5 +1,5 @@
 // The objects of a graph, as QEMU's user-creatable objects under /objects: one registry of
-// typed objects (tls-creds-psk, tls-creds-x509, throttle-group, secret), filled by the
+// typed objects (tls-creds-psk, tls-creds-x509, throttle-group, secret, iothread), filled by the
 // command line's --object and QMP's object-add, used by drivers (ctx.object: throttle's
 // throttle-group, nbd's tls-creds) and by the app (its NBD server's tls-creds). Properties
 // are checked with the option helpers drivers use, in QEMU's words; an object in use
@@ -62,6 +62,26 @@ const throttleGroup: Record<string, Optional<unknown, undefined>> = {
   ...Object.fromEntries(THROTTLE_LIMIT_KEYS.map((k) => [`x-${k}`, opt(int())])),
 };
 
+/** QEMU's IothreadProperties (the thread itself is the app's: these are its settings). */
+const iothread = {
+  'aio-max-batch': opt(int()),
+  'thread-pool-min': opt(int()),
+  'thread-pool-max': opt(int()),
+  'poll-max-ns': opt(int()),
+  'poll-grow': opt(int()),
+  'poll-shrink': opt(int()),
+};
+
+/** An iothread's settings, with QEMU 7.2's defaults. */
+export interface IoThreadSettings {
+  pollMaxNs: number;
+  pollGrow: number;
+  pollShrink: number;
+  aioMaxBatch: number;
+  threadPoolMin: number;
+  threadPoolMax: number;
+}
+
 /** object-add's ObjectOptions (qapi/qom.json): qom-type, id, and the type's properties. */
 export const objectOptions = union(
   'qom-type',
@@ -76,6 +96,7 @@ export const objectOptions = union(
       file: opt(str),
     },
     'throttle-group': throttleGroup,
+    iothread,
     'tls-creds-psk': { ...tlsCreds, username: opt(str) },
     'tls-creds-x509': tlsCreds,
   },
@@ -95,6 +116,7 @@ export interface ObjectInfo {
 export interface ObjectValues {
   secret: Secret;
   'throttle-group': ThrottleGroup;
+  iothread: IoThreadSettings;
   'tls-creds-psk': NbdTlsCreds;
   'tls-creds-x509': NbdTlsCreds;
 }
@@ -122,6 +144,7 @@ export class ObjectRegistry {
   private readonly values: { [T in ObjectType]: Map<string, ObjectValues[T]> } = {
     secret: new Map(),
     'throttle-group': new Map(),
+    iothread: new Map(),
     'tls-creds-psk': new Map(),
     'tls-creds-x509': new Map(),
   };
@@ -147,6 +170,9 @@ export class ObjectRegistry {
         break;
       case 'throttle-group':
         this.values['throttle-group'].set(id, loaded.value);
+        break;
+      case 'iothread':
+        this.values.iothread.set(id, loaded.value);
         break;
       case 'tls-creds-psk':
       case 'tls-creds-x509':
@@ -230,7 +256,11 @@ export class ObjectRegistry {
       '',
       'json',
     );
-    o.props[name] = (checked as Record<string, unknown>)[name];
+    const value2 = (checked as Record<string, unknown>)[name];
+    if (o.type === 'iothread') {
+      this.values.iothread.set(id, ioThreadSettings({ ...o.props, [name]: value2 }));
+    }
+    o.props[name] = value2;
   }
 
   /** The objects, in the order they were added. */
@@ -263,6 +293,9 @@ function check(o: ObjectOptions): void {
     case 'throttle-group':
       throttleGroupLimits(o);
       return;
+    case 'iothread':
+      ioThreadSettings(o);
+      return;
     case 'tls-creds-psk':
     case 'tls-creds-x509':
       if (o.dir === undefined) {
@@ -270,6 +303,40 @@ function check(o: ObjectOptions): void {
       }
       return;
   }
+}
+
+const INT64_MAX = '9223372036854775807';
+
+/** An iothread's settings, checked as QEMU's iothread_set_param / thread-pool setters. */
+function ioThreadSettings(o: Record<string, unknown>): IoThreadSettings {
+  const get = (key: string, dflt: number): number => {
+    const v = o[key];
+    if (typeof v !== 'number') return dflt;
+    if (v < 0) {
+      throw new BlockOptionError(
+        key,
+        'negative',
+        `${key} value must be in range [0, ${INT64_MAX}]`,
+      );
+    }
+    return v;
+  };
+  const settings = {
+    pollMaxNs: get('poll-max-ns', 32768),
+    pollGrow: get('poll-grow', 0),
+    pollShrink: get('poll-shrink', 0),
+    aioMaxBatch: get('aio-max-batch', 0),
+    threadPoolMin: get('thread-pool-min', 0),
+    threadPoolMax: get('thread-pool-max', 64),
+  };
+  if (settings.threadPoolMin > settings.threadPoolMax || settings.threadPoolMax === 0) {
+    throw new BlockOptionError(
+      'thread-pool-min',
+      'bad values',
+      'bad thread-pool-min/thread-pool-max values',
+    );
+  }
+  return settings;
 }
 
 /** A throttle-group's limits: `limits`, then the x-KEY properties over them. */
@@ -306,6 +373,8 @@ function load(o: ObjectOptions): Loaded {
   switch (o['qom-type']) {
     case 'throttle-group':
       return { type: o['qom-type'], value: new ThrottleGroup(throttleGroupLimits(o)) };
+    case 'iothread':
+      return { type: o['qom-type'], value: ioThreadSettings(o) };
     case 'tls-creds-psk': {
       const dir = o.dir ?? '';
       // QEMU checks the key file at once (its content is read per session).

@@ -54,6 +54,36 @@ describe('object registry', () => {
     await g.close();
   });
 
+  it('iothread: its settings with QEMU 7.2 defaults and words; refused while in use', () => {
+    const r = new ObjectRegistry();
+    r.add({ 'qom-type': 'iothread', id: 'io0' });
+    r.add({ 'qom-type': 'iothread', id: 'io1', 'poll-max-ns': '0' }, 'keyval');
+    expect(r.get('iothread', 'io0', 'iothread')).toEqual({
+      pollMaxNs: 32768,
+      pollGrow: 0,
+      pollShrink: 0,
+      aioMaxBatch: 0,
+      threadPoolMin: 0,
+      threadPoolMax: 64,
+    });
+    expect(r.get('iothread', 'io1', 'iothread').pollMaxNs).toBe(0);
+    const add = (o: Record<string, unknown>) =>
+      message(() => r.add({ 'qom-type': 'iothread', id: 'x', ...o }));
+    expect(add({ 'poll-max-ns': -1 })).toBe(
+      'poll-max-ns value must be in range [0, 9223372036854775807]',
+    );
+    expect(add({ 'thread-pool-min': 5, 'thread-pool-max': 2 })).toBe(
+      'bad thread-pool-min/thread-pool-max values',
+    );
+    expect(add({ bogus: 1 })).toBe("Parameter 'bogus' is unexpected");
+    r.setProperty('io0', 'poll-max-ns', 5);
+    expect(r.get('iothread', 'io0', 'iothread').pollMaxNs).toBe(5);
+    r.use('iothread', 'io0', 'iothread');
+    expect(message(() => r.del('io0'))).toBe("object 'io0' is in use, can not be deleted");
+    r.release('io0');
+    r.del('io0');
+  });
+
   it('secret: data or file, raw or base64, in QEMU words when wrong', () => {
     const r = new ObjectRegistry();
     const file = join(dir, 'key');

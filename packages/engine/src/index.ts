@@ -10,6 +10,6 @@ export type {
 } from './engine.ts';
 export { openEngine, sharedEngine } from './engine.ts';
 export { EngineError, ErrorCode, IoError } from './errors.ts';
-export { setMallocMmapThreshold } from './native.ts';
+export { dupFd, setMallocMmapThreshold } from './native.ts';
 export type { RadosOptions, RbdExtent } from './rbd.ts';
 export { RadosCluster, RadosIoctx, RbdImage } from './rbd.ts';

@@ -18,6 +18,7 @@ import {
   sysResult as ret,
   view,
 } from '@vmdisk/native';
+import { IoError } from './errors.ts';
 
 export {
   addressOf,
@@ -78,6 +79,18 @@ const syscallGetevents = libc.func('syscall', 'long', [
 ]);
 const syscallDestroy = libc.func('syscall', 'long', ['long', 'uint64_t']);
 
+const fcntlInt = libc.func('int fcntl(int fd, int cmd, int arg)');
+const F_DUPFD_CLOEXEC = 1030;
+
+/**
+ * dup(2) with close-on-exec: a second descriptor of the same open file, e.g. a socket's
+ * for another thread while the first is closed. An IoError when it fails.
+ */
+export function dupFd(fd: number): number {
+  const r = ret(fcntlInt(fd, F_DUPFD_CLOEXEC, 0));
+  if (r < 0) throw new IoError(-r, 'fcntl');
+  return r;
+}
 const lseekFn = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
 const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
 const statxFn = libc.func(

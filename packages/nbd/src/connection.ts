@@ -9,9 +9,11 @@ import type { BufferPool } from './buffer-pool.ts';
 import { ByteQueue } from './byte-queue.ts';
 import { NbdError } from './errors.ts';
 import type { ExportEntry } from './export-entry.ts';
+import type { HandedOff, TransmissionState } from './handoff.ts';
 import type { BudgetAccount, MemoryBudget } from './memory-budget.ts';
 import { SendQueue } from './send-queue.ts';
 import { badClient, Handshake, type Negotiated } from './server-handshake.ts';
+import type { ReplyModeValue } from './server-replies.ts';
 import { type ServerTls, startServerTls } from './server-tls.ts';
 import { Transmission, type TransmissionLink } from './server-transmission.ts';
 
@@ -64,9 +66,17 @@ export class Connection implements TransmissionLink {
   /** This connection's part of the memory budget. */
   private readonly account: BudgetAccount;
   private transmission: Transmission | undefined;
+  /** Served elsewhere (the export's handoff took it). */
+  private handedOff: HandedOff | undefined;
   private finalized = false;
 
-  constructor(id: number, raw: Socket, host: ConnectionHost) {
+  /** With `adopted`, the connection starts in transmission (another server negotiated). */
+  constructor(
+    id: number,
+    raw: Socket,
+    host: ConnectionHost,
+    adopted?: TransmissionState & { export: ExportEntry },
+  ) {
     this.id = id;
     this.raw = raw;
     this.socket = raw;
@@ -81,6 +91,16 @@ export class Connection implements TransmissionLink {
     raw.on('data', this.onData);
     raw.on('error', this.onSocketError);
     raw.on('close', this.onClose);
+    if (adopted !== undefined) {
+      if (adopted.pending.length > 0) this.queue.push(Buffer.from(adopted.pending));
+      this.enterTransmission({
+        export: adopted.export,
+        mode: adopted.mode as ReplyModeValue,
+        contexts: [...adopted.contexts],
+        reply: Buffer.from(adopted.reply),
+      });
+      return;
+    }
     this.timer = setTimeout(() => {
       this.host.error(
         this,
@@ -123,6 +143,10 @@ export class Connection implements TransmissionLink {
 
   /** Hard disconnect: the socket goes at once; what is in flight completes unanswered. */
   destroy(): void {
+    if (this.handedOff !== undefined) {
+      this.handedOff.destroy();
+      return;
+    }
     this.socket.destroy();
     if (this.socket !== this.raw) this.raw.destroy();
   }
@@ -251,11 +275,83 @@ export class Connection implements TransmissionLink {
     clearTimeout(this.timer);
     this.timer = undefined;
     this.export = agreed.export;
+    if (!this.tlsActive && agreed.export.handoff !== undefined && this.handOff(agreed)) return;
     this.transmission = new Transmission(this, agreed, this.sendQueue, this.account);
     this.phase = 'transmission';
     this.socket.write(agreed.reply);
     this.host.attached(this);
     if (this.queue.length > 0) this.transmission.pump();
+  }
+
+  /** Offers the connection to its export's handoff; true when taken. */
+  private handOff(agreed: Negotiated): boolean {
+    const raw = this.raw;
+    // No more reads from here: what the stream has buffered goes with the state, what
+    // libuv has not read stays in the kernel for the taker (libuv reads only between
+    // ticks, so stopping after the synchronous drain loses nothing).
+    raw.removeListener('data', this.onData);
+    raw.pause();
+    const chunks: Buffer[] = [];
+    if (this.queue.length > 0) chunks.push(this.queue.take(this.queue.length));
+    for (let c = raw.read() as Buffer | null; c !== null; c = raw.read() as Buffer | null) {
+      chunks.push(c);
+    }
+    // As net.Socket's own pause with its `onread` option: stop the handle (and say so).
+    const handle = (
+      raw as unknown as {
+        _handle?: { readStop?: () => void; readStart?: () => void; reading?: boolean };
+      }
+    )._handle;
+    if (handle?.readStop) {
+      handle.readStop();
+      handle.reading = false;
+    }
+    raw.removeListener('error', this.onSocketError);
+    raw.removeListener('close', this.onClose);
+    const state: TransmissionState = {
+      mode: agreed.mode,
+      contexts: agreed.contexts,
+      reply: agreed.reply,
+      pending: Buffer.concat(chunks),
+    };
+    let taken: HandedOff | undefined;
+    try {
+      taken = agreed.export.handoff?.({
+        id: this.id,
+        socket: raw,
+        state,
+        done: () => this.remoteDone(),
+      });
+    } catch (e) {
+      this.host.error(this, badClient(`handing the connection off failed: ${String(e)}`));
+    }
+    if (taken === undefined) {
+      // Declined: served here after all, with what was already read.
+      raw.on('data', this.onData);
+      raw.on('error', this.onSocketError);
+      raw.on('close', this.onClose);
+      if (state.pending.length > 0) this.queue.push(Buffer.from(state.pending));
+      // The stream may think a read is still pending (it is not): start the handle again.
+      if (handle?.readStart) {
+        handle.readStart();
+        handle.reading = true;
+      }
+      raw.resume();
+      return false;
+    }
+    this.handedOff = taken;
+    this.phase = 'transmission';
+    this.host.attached(this);
+    return true;
+  }
+
+  /** The connection handed off is over. */
+  private remoteDone(): void {
+    if (this.socketClosed) return;
+    this.socketClosed = true;
+    this.phase = 'closed';
+    this.account.close();
+    this.idle();
   }
 
   // ---- the end ----

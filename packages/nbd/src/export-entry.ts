@@ -2,6 +2,7 @@
 // connections in transmission on it.
 
 import type { BlockSizeConstraints } from './export-target.ts';
+import type { HandedOff, TransmissionOffer } from './handoff.ts';
 import type { CompleteTarget } from './with-defaults.ts';
 
 /** Per-export counters. */
@@ -41,6 +42,8 @@ export interface ExportEntry {
   readonly blockSize: BlockSizeConstraints;
   readonly stats: ExportStats;
   readonly connections: Set<AttachedConnection>;
+  /** Serves a plain (not TLS) connection elsewhere, or declines (undefined). */
+  readonly handoff: ((offer: TransmissionOffer) => HandedOff | undefined) | undefined;
   /** removeExport was called: no new clients. */
   removing: boolean;
 }

@@ -34,6 +34,11 @@ export type {
 } from './export-target.ts';
 // ---- The server ----
 export type {
+  HandedOff,
+  TransmissionOffer,
+  TransmissionState,
+} from './handoff.ts';
+export type {
   ConnectionEvent,
   ErrorEvent,
   ExportInfo,

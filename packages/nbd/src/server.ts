@@ -10,6 +10,7 @@ import { Connection, type ConnectionHost } from './connection.ts';
 import { NbdError, NbdSystemError } from './errors.ts';
 import type { ExportEntry, ExportStats } from './export-entry.ts';
 import type { BlockSizeConstraints, ExportBitmap, ExportTarget } from './export-target.ts';
+import type { HandedOff, TransmissionOffer, TransmissionState } from './handoff.ts';
 import { DEFAULT_MEMORY_BUDGET, MemoryBudget } from './memory-budget.ts';
 import {
   Command,
@@ -73,6 +74,12 @@ export interface ExportOptions {
    * block-export-add offers it only with `allocation-depth: true`).
    */
   allocationDepth?: boolean;
+  /**
+   * Serves connections elsewhere (another thread): each plain (not TLS) connection that
+   * enters transmission on the export is offered; one taken counts as the export's
+   * connection until the taker calls `done`. Returning undefined serves it here.
+   */
+  handoff?: (offer: TransmissionOffer) => HandedOff | undefined;
 }
 
 export interface ExportInfo {
@@ -298,8 +305,29 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
         commands: new Array<number>(COMMAND_TYPES).fill(0),
       },
       connections: new Set(),
+      handoff: options.handoff,
       removing: false,
     });
+  }
+
+  /**
+   * Serves a connection another server negotiated and handed off (TransmissionOffer) on
+   * this server's export `exportName`: `socket` is the same client's (e.g. made from its
+   * fd in a worker thread). The handshake's reply is sent first. Returns the server's
+   * number for the connection (its events carry it); an unknown export (or a server
+   * closing) ends the connection at once: undefined.
+   */
+  adopt(socket: net.Socket, exportName: string, state: TransmissionState): number | undefined {
+    const exp = this.exports.get(exportName);
+    if (this.closing || exp === undefined || exp.removing) {
+      socket.on('error', () => {});
+      socket.destroy();
+      return undefined;
+    }
+    const id = this.nextId++;
+    this.counters.connections++;
+    this.connections.add(new Connection(id, socket, this.host, { export: exp, ...state }));
+    return id;
   }
 
   /**

@@ -53,6 +53,11 @@ export interface NbdExportConfig {
   allocationDepth: boolean;
   /** Dirty bitmaps offered as qemu:dirty-bitmap:NAME: names on the node (or below), or {node, name}. */
   bitmaps?: BlockDirtyBitmapOrStr[];
+  /**
+   * The iothreads serving its connections (`iothread`: one id, or a list for multi-queue
+   * as QEMU 9's form, round-robin over them; raw and file nodes only).
+   */
+  iothread?: { ids: string[]; list: boolean };
 }
 
 /** A vhost-user-blk export (BlockExportOptionsVhostUserBlk). */
@@ -137,11 +142,27 @@ const uint16 = schema.custom('uint16', (v, key, syntax) => {
   return n;
 });
 
+/**
+ * `iothread`: an iothread's id (QEMU 7.2), or a list of them (QEMU 9's multi-queue form;
+ * keyval iothread.0=io0,iothread.1=io1).
+ */
+const iothreadOption = schema.custom('StrOrList', (v, key, syntax) => {
+  if (typeof v === 'string') return { ids: [v], list: false };
+  if (Array.isArray(v) || (syntax === 'keyval' && isObject(v))) {
+    const ids = list(str).parse(v, key, syntax);
+    if (ids.length === 0) throw schema.optionExpects(key, 'a non-empty list of iothreads');
+    return { ids, list: true };
+  }
+  throw schema.optionTypeError(key, 'string');
+});
+
 /** BlockExportOptions (nbd, vhost-user-blk), as --export and QMP block-export-add take them. */
 export const exportOptions = union(
   'type',
   {
     id: str,
+    'fixed-iothread': opt(bool),
+    iothread: opt(iothreadOption),
     'node-name': str,
     writable: opt(bool, false),
     writethrough: opt(bool),
@@ -234,6 +255,7 @@ export function exportConfig(v: Infer<typeof exportOptions>): ExportConfig {
     writable: v.writable,
     allocationDepth: v['allocation-depth'],
     ...(v.bitmaps !== undefined && { bitmaps: v.bitmaps }),
+    ...(v.iothread !== undefined && { iothread: v.iothread }),
   };
 }
 

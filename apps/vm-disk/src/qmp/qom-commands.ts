@@ -1,6 +1,6 @@
 // qom-list, qom-get and qom-set (qapi/qom.json) on the part of QEMU's object tree the
 // daemon has: / with /objects (the graph's user-created objects: secret, throttle-group,
-// tls-creds-psk, tls-creds-x509) and /chardevs (chardevs.ts). The properties of each type
+// iothread, tls-creds-psk, tls-creds-x509) and /chardevs (chardevs.ts). The properties of each type
 // are QEMU 7.2's (names and types as qemu-storage-daemon lists them); paths resolve as
 // QEMU's object_resolve_path does, absolute or partial (a unique trailing match).
 import { schema, THROTTLE_LIMIT_KEYS } from '@vmdisk/block-graph';
@@ -67,6 +67,19 @@ function objectNode(
           writable: true,
         });
       }
+      break;
+    }
+    case 'iothread': {
+      // In QEMU 7.2's order; the values are the object's (defaults filled in).
+      const settings = () => objects.get('iothread', id, 'id');
+      const int = (name: string, key: keyof ReturnType<typeof settings>) =>
+        properties.set(name, { type: 'int', get: () => settings()[key], writable: true });
+      int('thread-pool-min', 'threadPoolMin');
+      int('aio-max-batch', 'aioMaxBatch');
+      int('thread-pool-max', 'threadPoolMax');
+      int('poll-max-ns', 'pollMaxNs');
+      int('poll-grow', 'pollGrow');
+      int('poll-shrink', 'pollShrink');
       break;
     }
     case 'tls-creds-psk':
