@@ -101,6 +101,39 @@ describe('vm-disk info', () => {
   });
 });
 
+// --image-opts: the image named by options, completed as qemu-img completes them (a file
+// node under a filename, the format probed), or refused with its exit status.
+const IMAGE_OPTS = [
+  'driver=qcow2,file.filename=@chain',
+  'driver=qcow2,file.driver=file,file.filename=@chain',
+  'file.filename=@chain',
+  'file.filename=@raw',
+  'driver=raw,file.filename=@raw',
+  '@chain',
+  'foo=bar',
+  'driver=qcow2',
+  'driver=qcow2,file=@chain',
+  'driver=qcow2,file.filename=@missing',
+  'file.filename=@missing',
+];
+const opts = (text: string) =>
+  text
+    .replace('@chain', src.chain)
+    .replace('@raw', src.raw)
+    .replace('@missing', join(dir, 'missing.qcow2'));
+
+describe.each([
+  ['info'],
+  ['info', '--output=json', '--backing-chain'],
+  ['map', '--output=json'],
+  ['map'],
+  ['measure', '-O', 'qcow2'],
+])('%s %s %s --image-opts', (...cmd) => {
+  it.each(IMAGE_OPTS)('%s: as qemu-img', async (text) => {
+    await same([...cmd, '--image-opts', opts(text)]);
+  });
+});
+
 describe('vm-disk map', () => {
   // The host offsets of zero and unallocated (sub)clusters of allocated clusters too.
   describe.each([...KINDS, 'extl2Overlay', 'zeroAlloc'] as const)('of a %s image', (kind) => {
