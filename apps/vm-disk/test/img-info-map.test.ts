@@ -10,14 +10,34 @@ import { run } from './harness/daemon.ts';
 import { makeSources, qemuImg, type Sources, vmDisk } from './harness/img.ts';
 
 let dir: string;
-let src: Sources & { extl2: string };
+let src: Sources & { extl2: string; extl2Overlay: string; zeroAlloc: string };
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), 'vmdisk-info-map-'));
   const s = await makeSources(dir);
   const extl2 = join(dir, 'extl2.qcow2');
   await run('qemu-img', ['convert', '-O', 'qcow2', '-o', 'extended_l2=on', s.qcow2v3, extl2]);
   await run('qemu-io', ['-c', 'write -P 7 100k 4k', '-c', 'write -z 640k 8k', extl2]);
-  src = { ...s, extl2 };
+  // Extended L2 over a backing file: the unallocated subclusters of an allocated cluster
+  // read from below; and a v3 image whose allocated clusters were zeroed (ZERO_ALLOC).
+  const extl2Overlay = join(dir, 'extl2-overlay.qcow2');
+  await run('qemu-img', [
+    'create',
+    '-q',
+    '-f',
+    'qcow2',
+    '-o',
+    'extended_l2=on',
+    '-F',
+    'qcow2',
+    '-b',
+    s.chain,
+    extl2Overlay,
+  ]);
+  await run('qemu-io', ['-c', 'write -P 9 1028k 4k', '-c', 'write -z 3076k 2k', extl2Overlay]);
+  const zeroAlloc = join(dir, 'zero-alloc.qcow2');
+  await run('qemu-img', ['convert', '-O', 'qcow2', s.qcow2v3, zeroAlloc]);
+  await run('qemu-io', ['-c', 'write -z 64k 128k', '-c', 'write -z 1M 64k', zeroAlloc]);
+  src = { ...s, extl2, extl2Overlay, zeroAlloc };
 }, 60_000);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -81,10 +101,42 @@ describe('vm-disk info', () => {
   });
 });
 
+// --image-opts: the image named by options, completed as qemu-img completes them (a file
+// node under a filename, the format probed), or refused with its exit status.
+const IMAGE_OPTS = [
+  'driver=qcow2,file.filename=@chain',
+  'driver=qcow2,file.driver=file,file.filename=@chain',
+  'file.filename=@chain',
+  'file.filename=@raw',
+  'driver=raw,file.filename=@raw',
+  '@chain',
+  'foo=bar',
+  'driver=qcow2',
+  'driver=qcow2,file=@chain',
+  'driver=qcow2,file.filename=@missing',
+  'file.filename=@missing',
+];
+const opts = (text: string) =>
+  text
+    .replace('@chain', src.chain)
+    .replace('@raw', src.raw)
+    .replace('@missing', join(dir, 'missing.qcow2'));
+
+describe.each([
+  ['info'],
+  ['info', '--output=json', '--backing-chain'],
+  ['map', '--output=json'],
+  ['map'],
+  ['measure', '-O', 'qcow2'],
+])('%s %s %s --image-opts', (...cmd) => {
+  it.each(IMAGE_OPTS)('%s: as qemu-img', async (text) => {
+    await same([...cmd, '--image-opts', opts(text)]);
+  });
+});
+
 describe('vm-disk map', () => {
-  // Not extended L2 yet: qemu-img gives the host offset of the unallocated subclusters of
-  // an allocated cluster too, the graph's mapping does not.
-  describe.each(KINDS.filter((k) => k !== 'extl2'))('of a %s image', (kind) => {
+  // The host offsets of zero and unallocated (sub)clusters of allocated clusters too.
+  describe.each([...KINDS, 'extl2Overlay', 'zeroAlloc'] as const)('of a %s image', (kind) => {
     it.each([
       [],
       ['--output=json'],

@@ -309,7 +309,10 @@ export interface Mapping {
   kind: 'data' | 'zero' | 'unallocated';
   /** For data: the child holding the bytes. */
   child?: BdrvChild;
-  /** For data: the offset in that child. */
+  /**
+   * For data: the offset in that child. For zero or unallocated: where storage is allocated
+   * for the range all the same (QEMU's OFFSET_VALID without DATA), for qemu-img map.
+   */
   offset?: number;
   /** For data: block status is the child's as is (raw); otherwise data, plus zero if the child says so. */
   passthrough?: boolean;

@@ -6,7 +6,8 @@ import type { BlockNode } from './node.ts';
 /**
  * The host offset of guest byte `offset` of node `nodeName` in the file below it, and how
  * many bytes from there (at most `length`) follow contiguously: a format node's data
- * mapping (none for zero, unallocated or compressed data), a protocol node's own offset.
+ * mapping (also of zero or unallocated (sub)clusters of an allocated qcow2 cluster, as
+ * QEMU's; none for compressed data), a protocol node's own offset.
  */
 export async function hostOffset(
   graph: BlockGraph,
@@ -23,7 +24,7 @@ export async function hostOffset(
   try {
     const m = await inst.map(offset, length, 'read');
     const n = Math.min(m.length, length);
-    if (m.kind !== 'data' || m.read || m.offset === undefined) return { length: n };
+    if (m.read || m.offset === undefined) return { length: n };
     return { length: n, offset: m.offset };
   } finally {
     lock.releaseRead();

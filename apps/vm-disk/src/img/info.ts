@@ -1,11 +1,20 @@
 // `vm-disk info`, as `qemu-img info`: format, sizes, backing file (and the path it
 // resolves to), qcow2 features; with --backing-chain every layer, as a JSON list.
+import { existsSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { BlockGraph, parseQcow2Header, qcow2BitmapInfoList } from '@vmdisk/block-graph';
 import { UsageError } from '../errors.ts';
 import { imageArgs } from './args.ts';
 import { humanField } from './human-value.ts';
-import { type Format, openFile, openForReading, probeFormat } from './open.ts';
+import {
+  couldNotOpen,
+  FORMATS,
+  type Format,
+  nodeOptions,
+  openFile,
+  openForReading,
+  probeFormat,
+} from './open.ts';
 import { rbdFilename } from './rbd-name.ts';
 
 /**
@@ -197,15 +206,37 @@ function humanInfo(d: ImageDescription): string {
   return `${lines.join('\n')}\n`;
 }
 
+/**
+ * The image file and format an --image-opts string names (a format over a file, as
+ * qemu-img completes it); other options are not supported here yet.
+ */
+async function optsImage(text: string): Promise<{ path: string; format: string }> {
+  const o = await nodeOptions({ name: text, imageOpts: true, readOnly: true });
+  const { driver, file, ...rest } = o as { driver?: unknown; file?: Record<string, unknown> };
+  const { driver: fileDriver, filename, ...fileRest } = file ?? {};
+  if (
+    typeof driver !== 'string' ||
+    !FORMATS.includes(driver) ||
+    fileDriver !== 'file' ||
+    typeof filename !== 'string' ||
+    Object.keys(rest).length > 0 ||
+    Object.keys(fileRest).length > 0
+  )
+    throw new UsageError('info: --image-opts other than a format over a file is not supported yet');
+  if (!existsSync(filename))
+    throw couldNotOpen(text, Object.assign(new Error('ENOENT'), { code: 'ENOENT' }), filename);
+  return { path: filename, format: driver };
+}
+
 export async function info(argv: readonly string[], out: NodeJS.WritableStream): Promise<number> {
   const { path, json, forceShare, format, backingChain, imageOpts, objects } = imageArgs(
     'info',
     argv,
   );
-  if (imageOpts || objects.length > 0)
-    throw new UsageError('info: --image-opts and --object are not supported yet');
+  if (objects.length > 0) throw new UsageError('info: --object is not supported yet');
+  const image = imageOpts ? await optsImage(path) : { path, format };
   const chain: ImageDescription[] = [];
-  let d = await describe(path, forceShare, format);
+  let d = await describe(image.path, forceShare, image.format);
   chain.push(d);
   // --backing-chain: each backing file as its overlay names it, in the format it gives.
   while (backingChain && d.fullBackingFile !== undefined) {

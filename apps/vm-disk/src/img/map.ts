@@ -53,12 +53,11 @@ async function entryAt(
   const depth = e!.depth ?? 1;
   let length = Math.min(e!.length, n);
   const layer = depth === 0 ? layers.length - 1 : depth - 1;
-  let host: number | undefined;
-  if (depth !== 0) {
-    const m = await hostOffset(graph, layers[layer]!.nodeName, offset, length);
-    length = m.length;
-    host = m.offset;
-  }
+  // Unallocated throughout, the last layer still tells where its cluster is (qcow2's
+  // unallocated subclusters of an allocated cluster), as QEMU's last block status does.
+  const m = await hostOffset(graph, layers[layer]!.nodeName, offset, length);
+  length = m.length;
+  const host = m.offset;
   // A data cluster is data even over a hole in its file (QEMU does not look below it).
   const data = !e!.hole;
   return {

@@ -3,7 +3,7 @@
 // --image-opts a set of block-graph options; --object values go to the graph first.
 import { type BlockBackend, BlockGraph, ImageLockError, schema } from '@vmdisk/block-graph';
 import { type EngineFile, sharedEngine } from '@vmdisk/engine';
-import { BadOptionError, UsageError } from '../errors.ts';
+import { BadOptionError, ImageCommandError, UsageError } from '../errors.ts';
 import { parseKeyval } from '../options/keyval.ts';
 import { rbdFilename } from './rbd-name.ts';
 
@@ -44,14 +44,16 @@ export async function probeFormat(path: string): Promise<Format> {
 }
 
 /** A lock refusal as qemu-img words it: "Could not open 'PATH': Failed to get ... lock". */
-export function couldNotOpen(path: string, e: unknown): unknown {
+export function couldNotOpen(path: string, e: unknown, file = path): unknown {
   if (e instanceof ImageLockError)
     return new ImageLockError(`Could not open '${path}': ${e.message}`, path, { cause: e });
   const err = e as { code?: string; errnoName?: string };
   if (err.code === 'ENOENT' || err.errnoName === 'ENOENT') {
     // qemu-img's words, then the file driver's (raw_open): both name the file.
-    const could = `Could not open '${path}'`;
-    return new Error(`${could}: ${could}: No such file or directory`, { cause: e });
+    return new Error(
+      `Could not open '${path}': Could not open '${file}': No such file or directory`,
+      { cause: e },
+    );
   }
   return e;
 }
@@ -108,10 +110,9 @@ export async function nodeOptions(spec: ImageSpec): Promise<Record<string, unkno
         ? { cache: { 'no-flush': true } }
         : {};
   if (spec.imageOpts) {
-    const o: Record<string, unknown> = parseKeyval(spec.name);
     if (spec.format !== undefined)
       throw new UsageError('--image-opts and --format are mutually exclusive');
-    return o;
+    return imageOptsNode(spec.name);
   }
   if (spec.format !== undefined && !FORMATS.includes(spec.format))
     throw new UsageError(`Unknown file format '${spec.format}'`);
@@ -124,6 +125,37 @@ export async function nodeOptions(spec: ImageSpec): Promise<Record<string, unkno
     file,
     ...(format === 'qcow2' && spec.backing === false && { backing: null }),
   };
+}
+
+/**
+ * The node an --image-opts string names, completed as QEMU's bdrv_fill_options does: a
+ * `file` given by its filename alone is a file node, the format is probed from the file
+ * when no driver is given. Refused with qemu-img's words ("Could not open 'OPTS': ...").
+ */
+async function imageOptsNode(text: string): Promise<Record<string, unknown>> {
+  const fail = (why: string) => new ImageCommandError(`Could not open '${text}': ${why}`);
+  const reference = (name: string) => fail(`Cannot find device='${name}' nor node-name='${name}'`);
+  if (!text.includes('=') && !text.includes(',')) throw reference(text);
+  const o: Record<string, unknown> = parseKeyval(text);
+  const file = o.file;
+  if (typeof file === 'string') throw reference(file);
+  if (o.driver === undefined && file === undefined)
+    throw fail('Must specify either driver or file');
+  if (file === undefined) {
+    if (typeof o.driver === 'string' && FORMATS.includes(o.driver))
+      throw fail('A block device must be specified for "file"');
+    return o;
+  }
+  const f = { ...(file as Record<string, unknown>) };
+  if (f.driver === undefined && typeof f.filename === 'string') f.driver = 'file';
+  if (o.driver === undefined && f.driver === 'file' && typeof f.filename === 'string') {
+    const filename = f.filename;
+    const driver = await probeFormat(filename).catch((e: unknown) => {
+      throw couldNotOpen(text, e, filename);
+    });
+    return { driver, ...o, file: f };
+  }
+  return { ...o, file: f };
 }
 
 /** A graph of one subcommand, with its --object values added. */
@@ -170,7 +202,18 @@ export async function openImage(
         : { write: true }),
     });
   } catch (e) {
-    throw couldNotOpen(spec.name, e);
+    throw couldNotOpen(spec.name, e, spec.imageOpts ? optsFilename(spec.name) : spec.name);
+  }
+}
+
+/** The file name an --image-opts string gives (file.filename or filename). */
+function optsFilename(text: string): string {
+  try {
+    const o = parseKeyval(text) as { filename?: unknown; file?: { filename?: unknown } };
+    const name = o.file?.filename ?? o.filename;
+    return typeof name === 'string' ? name : text;
+  } catch {
+    return text;
   }
 }
 

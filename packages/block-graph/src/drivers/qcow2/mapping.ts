@@ -10,10 +10,12 @@ import { isMetadata } from './overlap.ts';
 import { enter, freeLater, leave, markCorrupt, type Qcow2State } from './state.ts';
 import type { Qcow2Extent, Qcow2ReadMapping } from './types.ts';
 
+// Zero and backing segments of an allocated cluster (QEMU's ZERO_ALLOC and UNALLOCATED_ALLOC)
+// keep its host offset: block status reports it (OFFSET_VALID) as QEMU's does.
 export type Segment =
   | { kind: 'data'; guest: number; length: number; host: number }
-  | { kind: 'zero'; guest: number; length: number }
-  | { kind: 'backing'; guest: number; length: number }
+  | { kind: 'zero'; guest: number; length: number; host?: number }
+  | { kind: 'backing'; guest: number; length: number; host?: number }
   | { kind: 'compressed'; guest: number; length: number; entry: L2Entry; within: number };
 
 /** What mapRead answers for the first segment of a range. */
@@ -22,9 +24,17 @@ function readMappingOf(seg: Segment): Qcow2ReadMapping {
     case 'data':
       return { length: seg.length, kind: 'data', host: seg.host };
     case 'zero':
-      return { length: seg.length, kind: 'zero' };
+      return {
+        length: seg.length,
+        kind: 'zero',
+        ...(seg.host !== undefined && { host: seg.host }),
+      };
     case 'backing':
-      return { length: seg.length, kind: 'unallocated' };
+      return {
+        length: seg.length,
+        kind: 'unallocated',
+        ...(seg.host !== undefined && { host: seg.host }),
+      };
     default:
       return { length: seg.length, kind: 'compressed' };
   }
@@ -133,18 +143,21 @@ function segmentsOf(
     const sc = Math.floor(pos / g.subclusterSize);
     const end = Math.min(to, (sc + 1) * g.subclusterSize);
     const bit = 2 ** sc;
+    const host = e.host !== 0 ? { host: e.host + pos } : {};
     const seg: Segment =
       (e.alloc & bit) !== 0
         ? { kind: 'data', guest: base + pos, length: end - pos, host: e.host + pos }
         : (e.zero & bit) !== 0
-          ? { kind: 'zero', guest: base + pos, length: end - pos }
-          : { kind: 'backing', guest: base + pos, length: end - pos };
+          ? { kind: 'zero', guest: base + pos, length: end - pos, ...host }
+          : { kind: 'backing', guest: base + pos, length: end - pos, ...host };
     const last = out[out.length - 1];
     if (
       last &&
       last.kind === seg.kind &&
       last.guest + last.length === seg.guest &&
-      (seg.kind !== 'data' || (last.kind === 'data' && last.host + last.length === seg.host))
+      (last.host === undefined
+        ? seg.host === undefined
+        : seg.host !== undefined && last.host + last.length === seg.host)
     ) {
       last.length += seg.length;
     } else out.push(seg);

@@ -126,7 +126,7 @@ class Qcow2Instance implements FormatInstance {
       case 'compressed':
         return { length: m.length, kind: 'data', read: this.#readCompressed };
       default:
-        return { length: m.length, kind: m.kind };
+        return { length: m.length, kind: m.kind, ...(m.host !== undefined && { offset: m.host }) };
     }
   }
 

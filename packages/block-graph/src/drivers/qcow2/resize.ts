@@ -45,7 +45,8 @@ export async function resizeQcow2(s: Qcow2State, size: number): Promise<void> {
   }
 }
 
-async function growL1(s: Qcow2State, need: number): Promise<void> {
+/** Moves the L1 table to a new place with room for `need` entries (QEMU's qcow2_grow_l1_table). */
+export async function growL1(s: Qcow2State, need: number): Promise<void> {
   await flushMetadata(s); // every L1 entry of the old table on disk
   const cluster = s.clusterSize;
   const clusters = Math.ceil((need * 8) / cluster);

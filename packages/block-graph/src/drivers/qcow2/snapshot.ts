@@ -16,6 +16,7 @@ import { Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
 import { decodeL2, encodeL1, encodeL2, parseL1 } from './cluster-map.ts';
 import { writeBack } from './flush.ts';
 import { openQcow2, type Qcow2Image } from './image.ts';
+import { growL1 } from './resize.ts';
 import {
   MAX_SNAPSHOTS,
   type Qcow2Snapshot,
@@ -142,12 +143,9 @@ async function openSnapshot(image: Qcow2Image, sel: SnapshotSelector) {
 export async function applySnapshot(image: Qcow2Image, sel: SnapshotSelector): Promise<void> {
   const { s, list, k, sn } = await openSnapshot(image, sel);
   const h = s.header;
-  if (sn.l1Size > h.l1Size) {
-    throw new Qcow2Error(
-      Qcow2ErrorCode.BAD_OPTION,
-      `snapshot '${sn.name}' has a larger L1 table (${sn.l1Size}) than the image (${h.l1Size})`,
-    );
-  }
+  // As QEMU's qcow2_snapshot_goto: the active table grown to hold the snapshot's whole
+  // (the image was shrunk, or its table written smaller, since the snapshot).
+  if (sn.l1Size > h.l1Size) await growL1(s, sn.l1Size);
   const snL1 = await readL1(s, sn.l1TableOffset, sn.l1Size);
   await updateRefcounts(s, snL1.offsets, 1);
   await sync(s);

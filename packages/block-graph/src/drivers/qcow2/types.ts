@@ -73,7 +73,7 @@ export interface Qcow2ReadMapping {
   length: number;
   /** compressed: only readable through Qcow2Image.read (the data must be decompressed). */
   kind: 'data' | 'zero' | 'unallocated' | 'compressed';
-  /** For data: the offset in the image file. */
+  /** For data, and zero or unallocated (sub)clusters of an allocated cluster: the offset in the image file. */
   host?: number;
 }
 
