@@ -205,8 +205,10 @@ export interface OpenContext<O = Record<string, unknown>> {
    * the node uses it until it closes (the object cannot be deleted meanwhile). A missing
    * one is a BlockOptionError on `key`. The value is the registry's (ObjectValues in
    * objects.ts, which imports the drivers): check it with instanceof, not a cast.
+   * `keep` false: read once, not taken into use (QEMU reads a secret at open; it may be
+   * deleted afterwards).
    */
-  object(type: string, id: string, key: string): unknown;
+  object(type: string, id: string, key: string, keep?: boolean): unknown;
 }
 
 /** The I/O engine (@vmdisk/engine). */

@@ -163,7 +163,8 @@ export class GraphOpener extends GraphNodes {
             .map(([k]) => k),
         ),
         engine: (backend) => this.engine(backend),
-        object: (type, id, key) => {
+        object: (type, id, key, keep = true) => {
+          if (!keep) return this.objects.get(type as ObjectType, id, `${spec.path}${key}`);
           const value = this.objects.use(type as ObjectType, id, `${spec.path}${key}`);
           node.objects.push(id);
           return value;

@@ -227,7 +227,8 @@ export class GraphReopener extends GraphOpener {
       children,
       nullChildren,
       engine: (backend) => this.engine(backend),
-      object: (type, id, key) => {
+      object: (type, id, key, keep = true) => {
+        if (!keep) return this.objects.get(type as ObjectType, id, key);
         const value = this.objects.use(type as ObjectType, id, key);
         objects.push(id);
         return value;

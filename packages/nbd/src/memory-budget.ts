@@ -4,6 +4,12 @@
 // share and the budget has room; otherwise it stops reading its socket until bytes come
 // back (backpressure: nothing queues in memory).
 //
+// The share is the budget divided among the connections using it now (holding bytes or
+// waiting for them), never below one piece: a connection alone may fill its whole window
+// (16 x 1 MiB, as QEMU's NBD server allows 16 requests of any size), while 64 busy ones
+// get 1/64 each. The total never exceeds the budget whatever the share: a connection
+// over its share just admits nothing more until its own requests are done.
+//
 // Requests larger than STREAM_PIECE are streamed in pieces. A streamed WRITE is admitted
 // for one piece, a streamed READ for the connection's stream slot (one piece, held while
 // any streamed READ is pending: they run one at a time); that piece is kept until done
@@ -20,9 +26,6 @@ export const STREAM_PIECE = 1024 * 1024;
 /** The default budget: 64 connections each with a full window of 16 x 256 KiB. */
 export const DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024;
 
-/** Connections among which a budget is divided before shares shrink below the ceiling. */
-const SHARES = 64;
-
 export class MemoryBudget {
   readonly limit: number;
   /** Bytes held by all accounts. */
@@ -32,12 +35,12 @@ export class MemoryBudget {
   /** Accounts waiting for room, first come first served. */
   private readonly queue: BudgetAccount[] = [];
   private wakeQueued = false;
-  /** The most one connection may hold while others use the budget too. */
-  private readonly ceiling: number;
+  /** The least share: one piece (or the whole budget if smaller). */
+  private readonly floor: number;
 
   constructor(limit: number) {
     this.limit = limit;
-    this.ceiling = Math.min(limit, Math.max(2 * STREAM_PIECE, Math.floor(limit / SHARES)));
+    this.floor = Math.min(limit, STREAM_PIECE);
   }
 
   /** An account for one connection; `wake` runs when room may have come for it. */
@@ -46,12 +49,11 @@ export class MemoryBudget {
   }
 
   /**
-   * A connection's share now: the budget divided among the connections using it, at most
-   * 1/64 of it (but 2 pieces) and at least one piece.
+   * A connection's share now: the budget divided among the connections using it, at least
+   * one piece.
    */
   share(): number {
-    const even = Math.floor(this.limit / Math.max(1, this.active));
-    return Math.max(Math.min(this.ceiling, even), Math.min(this.limit, STREAM_PIECE));
+    return Math.max(Math.floor(this.limit / Math.max(1, this.active)), this.floor);
   }
 
   /** @internal Room for `bytes` for this account now, first come first served. */

@@ -35,9 +35,9 @@ export interface NbdServerOptions {
    * Bytes of request data in flight, all connections together: READ data read and not
    * yet handed to the kernel, WRITE payloads received and not yet written. Default 256
    * MiB: 64 busy connections each with a full window of 16 x 256 KiB requests. Each
-   * connection has a share (the budget divided among the connections using it, at most
-   * 1/64 of it but at least 2 MiB); a connection at its share, or when the budget is
-   * full, stops reading its socket until its requests finish. READs and WRITEs over 1 MiB
+   * connection has a share (the budget divided among the connections using it, at least
+   * 1 MiB: one alone may fill its window of 16 x 1 MiB); a connection at its share, or
+   * when the budget is full, stops reading its socket until its requests finish. READs and WRITEs over 1 MiB
    * are served in 1 MiB pieces that take budget each, so a client that never reads its
    * replies holds at most 2 MiB of them; a request larger than the budget progresses alone.
    */

@@ -3,7 +3,8 @@
 //  1. an rbd node read and written through an NBD export (qemu-io patterns, nbdinfo --map),
 //     and the same image through qsd's rbd driver: same bytes and map, both ways;
 //  2. blockdev-create (QMP) and `vm-disk create` / `info` on rbd: names, as QEMU's;
-//  3. wrong key, missing pool, missing image: QEMU's words, stable codes;
+//  3. wrong key, missing pool, missing image: QEMU's words, stable codes; a key-secret is
+//     read once at open, so the secret object may be deleted afterwards (as in QEMU);
 //  4. a local qcow2 overlay on an RBD base;
 //  5. blockdev-mirror from a local qcow2 onto an RBD image and back;
 //  6. the OSD killed mid-write: requests fail after the client's timeout, and resume once
@@ -231,6 +232,33 @@ describe('rbd against a Ceph cluster, qemu-storage-daemon 7.2 as the reference',
       const out = await runFail(process.execPath, [CLI, 'info', name]);
       expect(out).toContain(cases[i]!.code);
     }
+  });
+
+  it('key-secret is read once at open: the secret may then be deleted, as in QEMU 7.2', async () => {
+    await ceph.rbd('create --size 1M rbd/keyed');
+    const key = await ceph.adminKey();
+    const replies: Record<Daemon, unknown[]> = { 'vm-disk': [], qsd: [] };
+    for (const daemon of ['vm-disk', 'qsd'] as const) {
+      const d = await serve(daemon, [rbdNode('keyed', ',key-secret=k')], 'r', [
+        '--object',
+        `secret,id=k,format=base64,data=${key}`,
+      ]);
+      const { client } = await QmpTestClient.connect(d.qmp);
+      try {
+        await client.execute({ execute: 'qmp_capabilities' });
+        replies[daemon].push(
+          await client.execute({ execute: 'object-del', arguments: { id: 'k' } }),
+        );
+        // The node keeps working without it.
+        await qemuIo(d.uri, `write -P 0x${daemon === 'qsd' ? 'c2' : 'c1'} 0 64k`, 'flush');
+        await qemuIo(d.uri, `read -P 0x${daemon === 'qsd' ? 'c2' : 'c1'} 0 64k`);
+      } finally {
+        client.close();
+        await d.process.stop();
+      }
+    }
+    expect(replies['vm-disk']).toEqual(replies.qsd);
+    expect(replies.qsd).toEqual([{ return: {} }]);
   });
 
   it('a local qcow2 overlay on an RBD base', async () => {

@@ -330,7 +330,8 @@ export const rbdDriver = defineDriver({
     await ctx.engine('auto');
     const { cluster, ioctx } = await rbdConnect(
       o,
-      secretLookup((t, i, k) => ctx.object(t, i, k)),
+      // Read once here, as QEMU does: the secret object may be deleted once the node is open.
+      secretLookup((t, i, k) => ctx.object(t, i, k, false)),
       !ctx.direct,
     );
     let image: RbdImage;
