@@ -1,8 +1,8 @@
 // `vm-disk convert` against `qemu-img convert` with the same options (-m 16 -W, as fast as
-// qemu-img goes), on a 1 GiB image with 50% data (1 MiB of data every other MiB, half of
-// each 4 KiB random and half text, so that it compresses about as a disk does) in /tmp:
-// raw -> qcow2, qcow2 -> raw, qcow2 -> compressed qcow2, and NBD -> qcow2 (the raw image served
-// by qemu-nbd). Tools take turns, best of 2
+// qemu-img goes), on a 2 GiB image (VMDISK_BENCH_CONVERT_MIB sets another size) with 50%
+// data (1 MiB of data every other MiB, half of each 4 KiB random and half text, so that it
+// compresses about as a disk does) in /tmp: raw -> qcow2, qcow2 -> raw, qcow2 -> compressed
+// qcow2, and NBD -> qcow2 (the raw image served by qemu-nbd). Tools take turns, best of 2
 // rounds; seconds, and qemu-img's time over ours (above 1: we are faster).
 // Run with plain node after `nx build vm-disk` (it starts the built bin).
 import { type ChildProcess, spawn } from 'node:child_process';
@@ -21,7 +21,8 @@ import { join } from 'node:path';
 import { BenchReport } from '../../../scripts/bench/report.ts';
 import { CLI, sh } from './support.ts';
 
-const SIZE = Number(process.env.VMDISK_BENCH_CONVERT_MIB ?? 1024) << 20;
+// A multiplication, not << 20: 2048 << 20 overflows to a negative 32-bit number.
+const SIZE = Number(process.env.VMDISK_BENCH_CONVERT_MIB ?? 2048) * 2 ** 20;
 const dir = mkdtempSync(join(tmpdir(), 'vmdisk-convert-bench-'));
 
 /** The source: every other MiB data, the rest a hole. */
@@ -36,7 +37,7 @@ function makeRaw(path: string): void {
   try {
     ftruncateSync(fd, SIZE);
     for (let at = 0; at < SIZE; at += 2 << 20) {
-      mib.writeUInt32BE(at >>> 20, 0);
+      mib.writeUInt32BE(Math.floor(at / 2 ** 20), 0);
       writeSync(fd, mib, 0, mib.length, at);
     }
   } finally {
@@ -80,7 +81,7 @@ try {
     stdio: 'ignore',
   });
   for (let i = 0; i < 200 && !existsSync(nbdSocket); i++) sleepMs(25);
-  console.log(`source: ${SIZE >> 20} MiB, 50% data, in ${dir}`);
+  console.log(`source: ${SIZE / 2 ** 20} MiB, 50% data, in ${dir}`);
   for (const row of ROWS) {
     const best = new Map<string, number>();
     for (let round = 0; round < 2; round++) {

@@ -714,6 +714,62 @@ describe('nbd driver errors', () => {
 // ---- 5. our own server ----
 
 describe('nbd driver against our NbdServer', () => {
+  it('walks block status one reply at a time, not one request per extent; a write drops what a reply said', async () => {
+    const server = new NbdServer();
+    const g = graph();
+    try {
+      const sock = uniq('walk.sock');
+      await server.listen({ path: sock });
+      const target = new MemoryTarget(4 * MiB);
+      // 32 runs: 64 KiB of data every other 64 KiB.
+      for (let at = 0; at < 4 * MiB; at += 128 * KiB)
+        await target.write(at, pattern(1, at, 64 * KiB), {});
+      // The requests the server answers: the target's blockStatus calls, counted.
+      let asked = 0;
+      const blockStatus = target.blockStatus.bind(target);
+      target.blockStatus = (offset, length) => {
+        asked++;
+        return blockStatus(offset, length);
+      };
+      server.addExport({ name: 'walk', target, writable: true });
+      await g.add({
+        driver: 'nbd',
+        'node-name': 'walk',
+        server: { type: 'unix', path: sock },
+        export: 'walk',
+      });
+      const b = await g.createBackend('walk', { write: true, maxExtents: 1000 });
+      const expected = Array.from({ length: 64 }, (_, i) => ({
+        length: 64 * KiB,
+        hole: i % 2 === 1,
+        zero: i % 2 === 1,
+        depth: 1,
+      }));
+      expect(await b.blockStatus(0, 4 * MiB)).toEqual(expected);
+      expect(asked).toBe(1);
+      // A call that does not continue the walk asks the server again.
+      expect(await b.blockStatus(32 * KiB, 64 * KiB)).toEqual([
+        { length: 32 * KiB, hole: false, zero: false, depth: 1 },
+        { length: 32 * KiB, hole: true, zero: true, depth: 1 },
+      ]);
+      expect(asked).toBe(2);
+      // The walk's next call would continue from the kept rest of the reply; a write in
+      // between drops it, and the answer is the server's new one.
+      asked = 0;
+      expect(await b.blockStatus(0, 64 * KiB)).toEqual([expected[0]]);
+      await b.write(64 * KiB, pattern(2, 0, 64 * KiB));
+      expect(await b.blockStatus(64 * KiB, 64 * KiB)).toEqual([
+        { length: 64 * KiB, hole: false, zero: false, depth: 1 },
+      ]);
+      expect(asked).toBe(2);
+      await b.close();
+    } finally {
+      await g.close();
+      graphs.delete(g);
+      await server.close();
+    }
+  });
+
   it('round-trips through a MemoryTarget, honouring the block size constraints', async () => {
     const server = new NbdServer();
     const g = graph();

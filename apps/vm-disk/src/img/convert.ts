@@ -11,7 +11,7 @@
 // order.
 import type { BlockBackend, Extent } from '@vmdisk/block-graph';
 import { BadOptionError, ImageCommandError, UsageError } from '../errors.ts';
-import { createLogger } from '../log.ts';
+import type { Logger } from '../log.ts';
 import { imgArgs, intArg } from './args.ts';
 import { createImage } from './create.ts';
 import { ExtentCursor } from './extents.ts';
@@ -231,6 +231,16 @@ export async function copyImage(
   await dst.flush();
 }
 
+/**
+ * The logger of convert's debug events, loaded only when they are wanted: pino is a good
+ * part of start-up, which a short convert pays in full.
+ */
+async function debugLogger(): Promise<Logger | undefined> {
+  const level = process.env.VMDISK_LOG_LEVEL;
+  if (level !== 'debug' && level !== 'trace') return undefined;
+  return (await import('../log.ts')).createLogger();
+}
+
 export async function convert(
   argv: readonly string[],
   out: NodeJS.WritableStream,
@@ -285,7 +295,7 @@ export async function convert(
   if (values.backing !== undefined && values['no-create'])
     throw new UsageError('-B makes no sense when not creating the target image');
 
-  const log = createLogger();
+  const log = await debugLogger();
   const graph = await imageGraph(values.object);
   try {
     const src = await openImage(
@@ -336,7 +346,7 @@ export async function convert(
     }
     const progress = new ImgProgress(out, values.progress && !values.quiet, log, 'convert');
     progress.start();
-    log.debug({ event: 'convert-start', source, target, size }, 'convert started');
+    log?.debug({ event: 'convert-start', source, target, size }, 'convert started');
     await copyImage(src, dst, {
       minSparse,
       compress: values.compress,
@@ -353,7 +363,7 @@ export async function convert(
       onProgress: (done, total) => progress.update(done, total),
     });
     progress.end();
-    log.debug({ event: 'convert-done', source, target, size }, 'convert done');
+    log?.debug({ event: 'convert-done', source, target, size }, 'convert done');
   } finally {
     await graph.close();
   }

@@ -31,6 +31,11 @@
 // were base:allocation's (a dirty extent, flag 1, shows as a hole: "data": false in a map),
 // so that a map of the node lists a remote bitmap. A server not offering it fails the open
 // with QEMU 7.2's words.
+// Block status: a reply covers as much of the range asked as the server likes (no
+// REQ_ONE), but one call answers one run; the rest of the reply answers the calls that
+// continue where the last answer ended (a walk: one round trip per reply, not per extent,
+// which over a loaded link was a whole convert's time). Any write through the node drops
+// it, and a reply that raced with a write is not kept.
 
 import { join } from 'node:path';
 import {
@@ -158,6 +163,10 @@ class NbdInstance implements ProtocolInstance {
   private readonly hasStatus: boolean;
   /** The meta context block status comes from (base:allocation or x-dirty-bitmap's). */
   private readonly context: string;
+  /** The extents of the last reply past its answer, from `offset` on. */
+  private rest: { offset: number; extents: { length: number; flags: number }[] } | undefined;
+  /** Counts write-like calls: a block status reply sent before one is not kept. */
+  private writes = 0;
 
   constructor(client: NbdClient, node: string, where: string, context: string) {
     this.client = client;
@@ -184,6 +193,7 @@ class NbdInstance implements ProtocolInstance {
   }
 
   pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    this.changed();
     return this.client.write(offset, buf).catch((err: unknown) => {
       throw ioError(err, this.node, offset, buf.byteLength);
     });
@@ -198,7 +208,14 @@ class NbdInstance implements ProtocolInstance {
     }
   }
 
+  /** The node's data may change: what the last block status reply said is not kept. */
+  private changed(): void {
+    this.writes++;
+    this.rest = undefined;
+  }
+
   async discard(offset: number, length: number): Promise<void> {
+    this.changed();
     // Discard is advisory: a server without TRIM keeps the data.
     if (!this.client.canTrim) return;
     try {
@@ -209,6 +226,7 @@ class NbdInstance implements ProtocolInstance {
   }
 
   async writeZeroes(offset: number, length: number, mayUnmap: boolean): Promise<void> {
+    this.changed();
     if (!this.client.canWriteZeroes) {
       throw new BlockError(
         BlockErrorCode.NOT_SUPPORTED,
@@ -227,26 +245,45 @@ class NbdInstance implements ProtocolInstance {
 
   async blockStatus(offset: number, length: number): Promise<ProtocolStatus> {
     if (!this.hasStatus) return { length, hole: false, zero: false };
-    let result: Awaited<ReturnType<NbdClient['blockStatus']>>;
-    try {
-      result = await this.client.blockStatus(offset, length);
-    } catch (err) {
-      throw ioError(err, this.node, offset, length);
+    const rest = this.rest;
+    this.rest = undefined;
+    let extents: readonly { length: number; flags: number }[];
+    const writes = this.writes;
+    if (rest !== undefined && rest.offset === offset) {
+      extents = rest.extents;
+    } else {
+      let result: Awaited<ReturnType<NbdClient['blockStatus']>>;
+      try {
+        result = await this.client.blockStatus(offset, length);
+      } catch (err) {
+        throw ioError(err, this.node, offset, length);
+      }
+      extents = result.get(this.context) ?? [];
     }
-    const extents = result.get(this.context) ?? [];
     const first = extents[0];
     if (!first) return { length, hole: false, zero: false };
     // Any context's flags read as base:allocation's (QEMU's x-dirty-bitmap does the same).
     const flags = first.flags & (STATE_HOLE | STATE_ZERO);
     // Merge the extents of one status that follow the first, up to the length asked.
     let n = 0;
+    /** The first extent not wholly in the answer. */
+    let next = 0;
     for (const e of extents) {
       if ((e.flags & (STATE_HOLE | STATE_ZERO)) !== flags) break;
       n += e.length;
+      next++;
       if (n >= length) break;
     }
+    const answer = Math.max(1, Math.min(n, length));
+    // What the reply says past the answer (the part of an extent cut by `length` first),
+    // kept for the call that continues from there, unless a write came in the meantime.
+    if (writes === this.writes) {
+      const left = extents.slice(next);
+      if (n > answer) left.unshift({ length: n - answer, flags: extents[next - 1]!.flags });
+      if (left.length > 0) this.rest = { offset: offset + answer, extents: left };
+    }
     return {
-      length: Math.max(1, Math.min(n, length)),
+      length: answer,
       hole: (flags & STATE_HOLE) !== 0,
       zero: (flags & STATE_ZERO) !== 0,
     };
