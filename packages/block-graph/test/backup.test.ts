@@ -292,6 +292,59 @@ describe('backup job', () => {
     ]);
   });
 
+  it('sync=incremental over scattered clusters of data and zeros: the point-in-time, though the guest writes into both', async () => {
+    // A qcow2 source: data over [0, 1M), unallocated after. Its block status is read once
+    // per extent and kept for the clusters after; the guest's writes meanwhile must not
+    // leak into the backup.
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('srcq.qcow2'), String(SIZE)]);
+    sh('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 1M', p('srcq.qcow2')]);
+    const src = await qcow2('srcq');
+    const bm = src.createDirtyBitmap(64 * KiB, 'b0');
+    const guest = await graph.createBackend('srcq', { write: true });
+    // Dirty: every other cluster of [0, 1M) and of [2M, 3M), left as they were.
+    for (let at = 0; at < MiB; at += 128 * KiB) {
+      await guest.write(at, fill(64 * KiB, 0x11));
+      await guest.writeZeroes(2 * MiB + at, 64 * KiB);
+    }
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('inc.qcow2'), String(SIZE)]);
+    await qcow2('inc');
+    const bj = await blockdevBackup(graph, jobs, {
+      jobId: 'i',
+      device: 'srcq',
+      target: 'inc',
+      sync: 'incremental',
+      bitmap: 'b0',
+      speed: 256 * KiB,
+    });
+    // Into dirty clusters still to copy, of data and of the unallocated part.
+    await guest.write(3 * 128 * KiB + 100, fill(300, 0x66));
+    await guest.write(2 * MiB + 5 * 128 * KiB, fill(64 * KiB, 0x77));
+    await bj.job.wait();
+    expect(bj.job.error).toBeUndefined();
+    // The bitmap now holds what the guest wrote during the job.
+    expect([...bm.dirtyRanges()]).toEqual([
+      { offset: 384 * KiB, length: 64 * KiB },
+      { offset: 2 * MiB + 640 * KiB, length: 64 * KiB },
+    ]);
+    await guest.close();
+    await graph.close();
+    // The dirty clusters as they were at the start, zeros elsewhere (the rest unallocated).
+    sh('qemu-img', ['create', '-q', '-f', 'raw', p('then.raw'), String(SIZE)]);
+    const cmds: string[] = [];
+    for (let at = 0; at < MiB; at += 128 * KiB) cmds.push('-c', `write -P 0x11 ${at} 64k`);
+    sh('qemu-io', ['-f', 'raw', ...cmds, p('then.raw')]);
+    sh('qemu-img', ['compare', '-q', p('then.raw'), p('inc.qcow2')]);
+    const map = JSON.parse(sh('qemu-img', ['map', '--output=json', p('inc.qcow2')])) as {
+      start: number;
+      length: number;
+      data: boolean;
+    }[];
+    // Only the dirty clusters of data were written as data.
+    expect(map.filter((m) => m.data).map((m) => [m.start, m.length])).toEqual(
+      Array.from({ length: 8 }, (_, i) => [i * 128 * KiB, 64 * KiB]),
+    );
+  });
+
   it('bitmap-mode never keeps the bitmap; always, failed, keeps only what was not copied', async () => {
     const src = await source();
     const bm = src.createDirtyBitmap(64 * KiB, 'b0');
