@@ -70,20 +70,28 @@ if (stageOnly !== undefined) {
 mkdirSync(join(stage, 'bin'), { recursive: true });
 
 const { build } = await import('esbuild');
-await build({
-  entryPoints: [join(app, 'src/cli.ts')],
-  outfile: join(stage, 'lib/vm-disk.mjs'),
-  bundle: true,
-  platform: 'node',
-  format: 'esm',
-  target: 'node22',
-  external: ['koffi'],
-  // CommonJS dependencies bundled into an ES module need a `require`.
-  banner: {
-    js: "import { createRequire as __vmdiskRequire } from 'node:module'; const require = __vmdiskRequire(import.meta.url);",
-  },
-  logLevel: 'warning',
-});
+// The CLI, and the iothreads' worker beside it where the CLI looks for it.
+for (const [entry, out] of [
+  ['src/cli.ts', 'lib/vm-disk.mjs'],
+  ['src/iothreads/worker.ts', 'lib/iothreads/worker.js'],
+]) {
+  await build({
+    entryPoints: [join(app, entry)],
+    outfile: join(stage, out),
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node22',
+    external: ['koffi'],
+    // CommonJS dependencies bundled into an ES module need a `require`.
+    banner: {
+      js: "import { createRequire as __vmdiskRequire } from 'node:module'; const require = __vmdiskRequire(import.meta.url);",
+    },
+    logLevel: 'warning',
+  });
+}
+// worker.js is an ES module: say so for its folder, as the app's package.json does for dist.
+writeFileSync(join(stage, 'lib/iothreads/package.json'), '{ "type": "module" }\n');
 
 /** The folder of package `name` as `from` resolves it (its exports may hide package.json). */
 function packageDir(from, name) {
