@@ -123,7 +123,7 @@ describe('throttle groups', () => {
     await expect(g.addObject({ 'qom-type': 'throttle-group', id: 'tg0' })).rejects.toMatchObject({
       code: 'ERR_VMDISK_BLOCK_DUPLICATE_OBJECT',
     });
-    await expect(g.addObject({ 'qom-type': 'iothread', id: 'io0' })).rejects.toMatchObject({
+    await expect(g.addObject({ 'qom-type': 'rng-random', id: 'r0' })).rejects.toMatchObject({
       code: 'ERR_VMDISK_BLOCK_BAD_OPTION',
       key: 'qom-type',
     });
