@@ -331,6 +331,8 @@ describe('iothreads', () => {
       '--offset_increment=8M',
       '--verify=crc32c',
       '--do_verify=1',
+      // No verify state file left in the working directory.
+      '--verify_state_save=0',
       '--output-format=json',
     ]);
     const jobs = (JSON.parse(out.slice(out.indexOf('{'))) as { jobs: { error: number }[] }).jobs;
