@@ -136,6 +136,14 @@ export class MirrorRun implements MirrorTopWrites {
     const { o, bj } = this;
     const max = this.#maxIo();
     const zeroOk = canZeroWithUnmap(o.target);
+    if (!zeroOk) {
+      // The operations ask the source's status themselves, all at once: the first answer
+      // is asked here before them, so that they find it in the file's data-region cache
+      // rather than each walking a tmpfs file's page cache to its end (16 SEEK_HOLEs).
+      await bj
+        .io(() => o.source.blockStatus(offset, Math.min(max, end - offset), true))
+        .catch(() => null);
+    }
     let charged = 0;
     for (let off = offset; off < end; ) {
       let n = Math.min(max, end - off);
