@@ -156,7 +156,10 @@ const streamCase: Case = {
   },
   job: async (qmp) => {
     await qmp.run('block-stream', { 'job-id': 'j0', device: 'd1' });
-    await qmp.event('BLOCK_JOB_COMPLETED');
+    // A job that failed completes too, with an error: its time is no throughput.
+    const done = await qmp.event('BLOCK_JOB_COMPLETED');
+    const error = (done.data as { error?: string } | undefined)?.error;
+    if (error !== undefined) throw new Error(`block-stream failed: ${error}`);
   },
 };
 
