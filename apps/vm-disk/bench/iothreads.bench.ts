@@ -8,7 +8,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BenchReport } from '../../../scripts/bench/report.ts';
-import { CLI, type FioJob, makeImage, stop, waitForSocket } from './support.ts';
+import { CLI, fio, makeImage, stop, waitForSocket } from './support.ts';
 
 const RUNTIME_S = Number(process.env.VMDISK_BENCH_RUNTIME ?? 3);
 const IMAGE = process.env.VMDISK_BENCH_IMAGE_SIZE ?? '512M';
@@ -68,45 +68,19 @@ const SERVERS: Server[] = [
   },
 ];
 
-/** fio's nbd engine, JOBS jobs reported as one, unpinned. */
-function fio(sock: string, rw: string, bs: string): Promise<FioJob> {
-  return new Promise((resolve, reject) => {
-    const child = spawn('fio', [
-      '--name=bench',
-      '--ioengine=nbd',
-      `--uri=nbd+unix:///disk?socket=${sock}`,
-      `--rw=${rw}`,
-      `--bs=${bs}`,
-      '--iodepth=32',
-      `--numjobs=${JOBS}`,
-      '--group_reporting',
-      '--size=100%',
-      `--runtime=${RUNTIME_S}`,
-      '--time_based',
-      '--output-format=json',
-    ]);
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (d) => {
-      out += d;
-    });
-    child.stderr.on('data', (d) => {
-      err += d;
-    });
-    child.on('exit', (code) => {
-      if (code !== 0) return reject(new Error(`fio exited ${code}: ${err}`));
-      resolve(JSON.parse(out.slice(out.indexOf('{'))).jobs[0] as FioJob);
-    });
-  });
-}
-
 async function measure(server: Server, image: string, w: (typeof WORKLOADS)[number]) {
   const sock = join(dir, 'nbd.sock');
   rmSync(sock, { force: true });
   const child = server.start(image, sock);
   try {
     await waitForSocket(sock, child);
-    const job = await fio(sock, w.rw, w.bs);
+    const job = await fio(sock, {
+      rw: w.rw,
+      bs: w.bs,
+      runtime: RUNTIME_S,
+      pin: false,
+      extra: [`--numjobs=${JOBS}`, '--group_reporting'],
+    });
     return w.bs === '4k' ? job.read.iops : job.read.bw / 1024;
   } finally {
     await stop(child);

@@ -119,29 +119,38 @@ export interface FioJob {
 }
 
 /**
- * fio's nbd engine against export `disk` on `sock`, on CPU 1 when pinning, for `runtime`
- * seconds; resolves with fio's first (or only, with --group_reporting) job.
+ * fio's nbd engine against export `disk` on `sock`, on CPU 1 when pinning (and `pin` is
+ * not false), for `runtime` seconds; resolves with fio's first (or only, with
+ * --group_reporting) job.
  */
 export function fio(
   sock: string,
-  opts: { rw: string; bs: string; runtime: number; iodepth?: number; extra?: string[] },
+  opts: {
+    rw: string;
+    bs: string;
+    runtime: number;
+    iodepth?: number;
+    extra?: string[];
+    pin?: boolean;
+  },
 ): Promise<FioJob> {
+  const args = [
+    '--name=bench',
+    '--ioengine=nbd',
+    `--uri=nbd+unix:///disk?socket=${sock}`,
+    `--rw=${opts.rw}`,
+    `--bs=${opts.bs}`,
+    `--iodepth=${opts.iodepth ?? 32}`,
+    '--size=100%',
+    `--runtime=${opts.runtime}`,
+    '--time_based',
+    '--output-format=json',
+    ...(opts.extra ?? []),
+  ];
   return new Promise((resolve, reject) => {
-    const child = spawn(
-      ...pinned(1, 'fio', [
-        '--name=bench',
-        '--ioengine=nbd',
-        `--uri=nbd+unix:///disk?socket=${sock}`,
-        `--rw=${opts.rw}`,
-        `--bs=${opts.bs}`,
-        `--iodepth=${opts.iodepth ?? 32}`,
-        '--size=100%',
-        `--runtime=${opts.runtime}`,
-        '--time_based',
-        '--output-format=json',
-        ...(opts.extra ?? []),
-      ]),
-    );
+    const [cmd, argv]: [string, string[]] =
+      opts.pin === false ? ['fio', args] : pinned(1, 'fio', args);
+    const child = spawn(cmd, argv);
     let out = '';
     let err = '';
     child.stdout.on('data', (d) => {
