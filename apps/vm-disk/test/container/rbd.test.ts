@@ -376,14 +376,25 @@ describe('rbd against a Ceph cluster, qemu-storage-daemon 7.2 as the reference',
       await waitFor('the timeout in the log', () => s.process.stderr().includes('rbd_aio_write'));
       expect(s.process.stderr()).toMatch(/rbd_aio_write on rbd\/osd failed: Connection timed out/);
       await ceph.restartOsd();
-      await client.write(2 << 20, new Uint8Array(65536).fill(0x43));
+      // Up in the map is not yet peered: a write may still time out (3 s) while the PGs
+      // peer. I/O resumes once they have: the first write that succeeds shows it.
+      const resumed = new Uint8Array(65536).fill(0x43);
+      const deadline = Date.now() + 100_000;
+      for (;;) {
+        try {
+          await client.write(2 << 20, resumed);
+          break;
+        } catch (e) {
+          if (Date.now() > deadline) throw e;
+        }
+      }
       await client.flush();
       expect((await client.read(0, 65536)).every((b) => b === 0x41)).toBe(true);
       expect((await client.read(2 << 20, 65536)).every((b) => b === 0x43)).toBe(true);
     } finally {
       await client.close();
     }
-  });
+  }, 150_000);
 });
 
 /** Runs a command that must fail; resolves with its message. */
