@@ -17,7 +17,6 @@ import type {
   ChildNode,
   FilterInstance,
   ProtocolStatus,
-  Status,
   ZeroFlags,
 } from '../driver.ts';
 import { BlockError, BlockErrorCode, BlockIoError, BlockOptionError } from '../errors.ts';
@@ -35,8 +34,6 @@ import { enumOf, opt, str, struct, uint32 } from '../schema.ts';
 export const CBW_CLUSTER_SIZE = 64 << 10;
 /** The largest read or write of one copy (QEMU's BLOCK_COPY_MAX_BUFFER). */
 const MAX_BUFFER = 1 << 20;
-/** Copy buffers kept for reuse at most, in bytes (the copies of 64 workers of 1 MiB). */
-const POOL_BYTES = 64 << 20;
 
 export type OnCbwError = 'break-guest-write' | 'break-snapshot';
 
@@ -94,12 +91,6 @@ export class CopyBeforeWriteInstance implements FilterInstance {
   /** Set when a copy failed under break-snapshot: the point-in-time is gone. */
   snapshotError: unknown;
   readonly #lock = new RangeLock();
-  /** The last block status of `file` asked (#status), while no write came through. */
-  #lastStatus: { start: number; end: number; status: Status } | undefined;
-  /** Copy buffers kept between copies, by size (allocating one per copy costs). */
-  readonly #buffers = new Map<number, Uint8Array[]>();
-  #pooledBytes = 0;
-  #closed = false;
 
   constructor(
     file: BdrvChild,
@@ -152,7 +143,6 @@ export class CopyBeforeWriteInstance implements FilterInstance {
   async #beforeWrite(offset: number, length: number): Promise<void> {
     if (this.snapshotError !== undefined) return;
     const [start, end] = this.#align(offset, length);
-    this.#lastStatus = undefined;
     if (this.copyBitmap.nextDirty(start, end) < 0) return;
     try {
       await this.#withTimeout(this.copyRange(start, end - start));
@@ -188,32 +178,12 @@ export class CopyBeforeWriteInstance implements FilterInstance {
     const end = offset + length;
     const hold = await this.#lock.serialise(offset, end);
     try {
-      for (let pos = offset; ; ) {
-        const area = this.copyBitmap.nextDirtyArea(pos, end);
-        if (!area) break;
-        pos = area.offset + area.length;
-        await this.#copyArea(area.offset, pos);
+      for (const area of [...this.copyBitmap.dirtyRanges(offset, end)]) {
+        await this.#copyArea(area.offset, Math.min(area.offset + area.length, end));
       }
     } finally {
       this.#lock.release(hold);
     }
-  }
-
-  /**
-   * The block status of `file` at `pos`, at most to `end`: from the last answer while it
-   * covers `pos` (asked to the end of the disk, one answer serves the scattered clusters
-   * of an incremental backup), else asked anew. A cluster still to copy has not been
-   * written since the filter went in (a write copies it first, and drops the answer).
-   */
-  async #status(pos: number, end: number): Promise<Status> {
-    const c = this.#lastStatus;
-    if (c && pos >= c.start && pos < c.end) {
-      return { ...c.status, length: Math.min(c.end, end) - pos };
-    }
-    // Allocation and the format's zeros suffice (asking the file too costs far more).
-    const s = await this.child.node.blockStatus(pos, this.size() - pos, false);
-    this.#lastStatus = { start: pos, end: pos + s.length, status: s };
-    return { ...s, length: Math.min(s.length, end - pos) };
   }
 
   async #copyArea(start: number, end: number): Promise<void> {
@@ -221,7 +191,8 @@ export class CopyBeforeWriteInstance implements FilterInstance {
     const target = this.target.node;
     let pos = start;
     while (pos < end) {
-      const s = await this.#status(pos, end);
+      // Allocation and the format's zeros suffice (asking the file too costs far more).
+      const s = await source.blockStatus(pos, end - pos, false);
       // Whole clusters: a shorter answer copies one cluster as data (block_copy_block_status).
       let n = Math.min(end - pos, Math.max(s.length, this.clusterSize));
       if (n < end - pos) n -= n % this.clusterSize;
@@ -240,7 +211,7 @@ export class CopyBeforeWriteInstance implements FilterInstance {
 
   async #copyData(source: ChildNode, target: ChildNode, start: number, n: number): Promise<void> {
     const unit = this.copy.compress ? this.clusterSize : MAX_BUFFER;
-    const buf = this.#takeBuffer(source, Math.min(n, unit));
+    const buf = source.allocBuffer(Math.min(n, unit));
     try {
       for (let off = start; off < start + n; off += unit) {
         const len = Math.min(unit, start + n - off);
@@ -252,44 +223,8 @@ export class CopyBeforeWriteInstance implements FilterInstance {
         this.#done(off, len);
       }
     } finally {
-      this.#giveBuffer(source, buf);
-    }
-  }
-
-  /** A copy buffer of `length` bytes: one a finished copy left, else a new one. */
-  #takeBuffer(source: ChildNode, length: number): Uint8Array {
-    const list = this.#buffers.get(length);
-    const buf = list?.pop();
-    if (buf) {
-      this.#pooledBytes -= length;
-      return buf;
-    }
-    return source.allocBuffer(length);
-  }
-
-  /** Keeps a copy buffer for the next copy of its size, up to POOL_BYTES in all. */
-  #giveBuffer(source: ChildNode, buf: Uint8Array): void {
-    if (this.#closed || this.#pooledBytes + buf.byteLength > POOL_BYTES) {
       source.releaseBuffer(buf);
-      return;
     }
-    let list = this.#buffers.get(buf.byteLength);
-    if (!list) {
-      list = [];
-      this.#buffers.set(buf.byteLength, list);
-    }
-    list.push(buf);
-    this.#pooledBytes += buf.byteLength;
-  }
-
-  /** The pooled buffers go back to the source (the filter closes, nothing in flight). */
-  async close(): Promise<void> {
-    this.#closed = true;
-    for (const list of this.#buffers.values()) {
-      for (const buf of list) this.child.node.releaseBuffer(buf);
-    }
-    this.#buffers.clear();
-    this.#pooledBytes = 0;
   }
 
   #done(offset: number, length: number): void {

@@ -8,8 +8,8 @@ import { type CopyBeforeWriteInstance, isTargetError } from '../drivers/copy-bef
 import type { BlockNode } from '../node.ts';
 import type { BlockdevOnError, BlockJob } from './block-job.ts';
 
-/** Copies in flight at most (QEMU's BLOCK_COPY_MAX_WORKERS, x-perf max-workers' default). */
-const MAX_WORKERS = 64;
+/** Copies in flight at most (QEMU's default x-perf max-workers is 64; 16 does here). */
+const MAX_WORKERS = 16;
 /** The largest area one copy takes (QEMU's BLOCK_COPY_MAX_BUFFER). */
 const MAX_CHUNK = 1 << 20;
 
@@ -145,40 +145,26 @@ export class BackupRun {
     const cbw = o.cbw;
     const size = o.source.size();
     const chunk = cbw.copy.compress ? cbw.clusterSize : MAX_CHUNK;
+    const inFlight = new Set<Promise<void>>();
     let failure: { err: unknown; read: boolean } | undefined;
-    // A count and one waiter rather than Promise.race over the copies in flight, which
-    // would hang a reaction on every one of them for each new copy.
-    let inFlight = 0;
-    let slot: (() => void) | undefined;
-    const settled = (): void => {
-      inFlight--;
-      const wake = slot;
-      slot = undefined;
-      wake?.();
-    };
-    const failed = (err: unknown): void => {
-      failure ??= { err, read: !isTargetError(err) };
-    };
-    const waitSlot = (): Promise<void> =>
-      new Promise<void>((resolve) => {
-        slot = resolve;
-      });
     let pos = 0;
     while (failure === undefined && !job.isCancelled) {
       const area = cbw.copyBitmap.nextDirtyArea(pos, size, chunk);
       if (!area) break;
       pos = area.offset + area.length;
-      inFlight++;
-      bj.io(() => cbw.copyRange(area.offset, area.length)).then(settled, (err: unknown) => {
-        failed(err);
-        settled();
-      });
-      while (inFlight >= MAX_WORKERS) await waitSlot();
+      const p = bj
+        .io(() => cbw.copyRange(area.offset, area.length))
+        .catch((err: unknown) => {
+          failure ??= { err, read: !isTargetError(err) };
+        })
+        .finally(() => inFlight.delete(p));
+      inFlight.add(p);
+      if (inFlight.size >= MAX_WORKERS) await Promise.race(inFlight);
       // Unlimited: a pause point only (a zero-length sleep per area costs a timer each).
       if (job.speed > 0) await bj.rateLimit(area.length);
       else await job.pausePoint();
     }
-    while (inFlight > 0) await waitSlot();
+    await Promise.all(inFlight);
     return failure;
   }
 }
