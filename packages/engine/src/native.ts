@@ -1,36 +1,11 @@
-// The engine's libc entry points through koffi (no C addon): io_uring and Linux AIO system
-// calls, lseek, fallocate, statx, OFD locks, and the helpers the backends share; the calls
-// other packages make too come from @vmdisk/native. Raw `syscall()` returns -1 and sets
-// errno; every wrapper here turns that into -errno so that callers compare with negative
-// errno values (the io-engine crate's EINTR check, which compared -1 with -EINTR, never
-// matched).
-import {
-  addressOf,
-  closeFd,
-  EFD_CLOEXEC,
-  EFD_NONBLOCK,
-  eventfd,
-  eventfdRead,
-  eventfdSignal,
-  libc,
-  mmapShared,
-  munmap,
-  sysResult as ret,
-  view,
-} from '@vmdisk/native';
+// libc entry points through koffi (no C addon), and the helpers the backends share.
+// Raw `syscall()` returns -1 and sets errno; every wrapper here turns that into -errno so
+// that callers compare with negative errno values (the io-engine crate's EINTR check,
+// which compared -1 with -EINTR, never matched).
+import koffi from 'koffi';
 import { IoError } from './errors.ts';
 
-export {
-  addressOf,
-  closeFd,
-  EFD_CLOEXEC,
-  EFD_NONBLOCK,
-  eventfd,
-  eventfdRead,
-  eventfdSignal as eventfdWrite,
-  munmap,
-  view,
-};
+const libc = koffi.load('libc.so.6');
 
 /** x86_64 syscall numbers. */
 export const SYS = {
@@ -79,18 +54,16 @@ const syscallGetevents = libc.func('syscall', 'long', [
 ]);
 const syscallDestroy = libc.func('syscall', 'long', ['long', 'uint64_t']);
 
+const mmapFn = libc.func(
+  'void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)',
+);
+const munmapFn = libc.func('int munmap(void *addr, size_t length)');
+const closeFn = libc.func('int close(int fd)');
 const fcntlInt = libc.func('int fcntl(int fd, int cmd, int arg)');
 const F_DUPFD_CLOEXEC = 1030;
-
-/**
- * dup(2) with close-on-exec: a second descriptor of the same open file, e.g. a socket's
- * for another thread while the first is closed. An IoError when it fails.
- */
-export function dupFd(fd: number): number {
-  const r = ret(fcntlInt(fd, F_DUPFD_CLOEXEC, 0));
-  if (r < 0) throw new IoError(-r, 'fcntl');
-  return r;
-}
+const eventfdFn = libc.func('int eventfd(uint initval, int flags)');
+const readFn = libc.func('long read(int fd, void *buf, size_t count)');
+const writeFn = libc.func('long write(int fd, void *buf, size_t count)');
 const lseekFn = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
 const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
 const statxFn = libc.func(
@@ -115,6 +88,16 @@ export function setMallocMmapThreshold(bytes = 128 * 1024): boolean {
   } catch {
     return false;
   }
+}
+
+function ret(r: number | bigint): number {
+  const n = Number(r);
+  return n === -1 ? -koffi.errno() : n;
+}
+
+/** The address of a view's first byte (the view's own address, byteOffset included). */
+export function addressOf(view: ArrayBufferView): number {
+  return Number(koffi.address(view));
 }
 
 /** A struct iovec array for `bufs` (64-bit base and length each, as little-endian words). */
@@ -170,9 +153,49 @@ export function ioGetevents(
   return ret(syscallGetevents(SYS.io_getevents, ctx, minNr, nr, events, timeout));
 }
 
-/** mmap a shared mapping of `fd`, its pages faulted in now; the address, or -errno. */
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const MAP_SHARED = 0x01;
+export const MAP_POPULATE = 0x8000;
+
+/** mmap a shared mapping of `fd`; returns the address, or -errno. */
 export function mmap(length: number, fd: number, offset: number): bigint | number {
-  return mmapShared(fd, length, offset, true);
+  const p = mmapFn(null, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, offset) as
+    | bigint
+    | null;
+  if (p === null || BigInt.asIntN(64, BigInt(p)) === -1n) return -koffi.errno();
+  return BigInt(p);
+}
+
+export function munmap(addr: bigint, length: number): number {
+  return ret(munmapFn(addr, length));
+}
+
+/** An ArrayBuffer over native memory (valid until that memory is unmapped). */
+export function view(addr: bigint, length: number): ArrayBuffer {
+  return koffi.view(addr, length);
+}
+
+export function closeFd(fd: number): number {
+  return ret(closeFn(fd));
+}
+
+export const EFD_NONBLOCK = 0x800;
+export const EFD_CLOEXEC = 0x80000;
+
+export function eventfd(flags: number): number {
+  return ret(eventfdFn(0, flags));
+}
+
+const eventfdScratch = new BigUint64Array(1);
+/** Reads (clears) a non-blocking eventfd; returns the count, or -errno (-EAGAIN: empty). */
+export function eventfdRead(fd: number): number {
+  const r = ret(readFn(fd, eventfdScratch, 8));
+  return r < 0 ? r : Number(eventfdScratch[0]);
+}
+
+export function eventfdWrite(fd: number, value: number): number {
+  return ret(writeFn(fd, new BigUint64Array([BigInt(value)]), 8));
 }
 
 export const SEEK_END = 2;
@@ -300,4 +323,14 @@ export function ofdGetLock(fd: number, type: number, start: number, length: numb
   setFlock(type, start, length);
   const r = ret(syscall4p(SYS.fcntl, fd, F_OFD_GETLK, flock, 0));
   return r < 0 ? r : flockView.getInt16(0, true);
+}
+
+/**
+ * dup(2) with close-on-exec: a second descriptor of the same open file, e.g. a socket's
+ * for another thread while the first is closed. An IoError when it fails.
+ */
+export function dupFd(fd: number): number {
+  const r = ret(fcntlInt(fd, F_DUPFD_CLOEXEC, 0));
+  if (r < 0) throw new IoError(-r, 'fcntl');
+  return r;
 }

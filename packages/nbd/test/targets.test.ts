@@ -1,8 +1,7 @@
 // The package's own targets: MemoryTarget (sparse, block status from what was written,
-// zeroed or trimmed) and FileTarget (the engine's io_uring over a real file).
+// zeroed or trimmed) and FileTarget (node:fs callbacks over a real file).
 
-import { spawnSync } from 'node:child_process';
-import { constants, open, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BufferPool } from '../src/buffer-pool.ts';
@@ -78,54 +77,6 @@ describe('FileTarget', () => {
       expect(b.subarray(0, 4 * KiB).every((x) => x === 9)).toBe(true);
       await ro.close();
     } finally {
-      tmp.cleanup();
-    }
-  });
-
-  it("reads on the engine's ring: it reads while libuv's thread pool is busy", async () => {
-    const tmp = tempDir();
-    const fifos: string[] = [];
-    try {
-      const path = join(tmp.dir, 'disk.img');
-      writeFileSync(path, Buffer.alloc(64 * KiB, 3));
-      const t = await FileTarget.open(path);
-      await t.write!(16 * KiB, Buffer.alloc(8 * KiB, 7), {});
-      // Every pool thread blocks in open() of a FIFO until a writer opens it.
-      const threads = Number(process.env.UV_THREADPOOL_SIZE ?? 4);
-      const blocked: Promise<number>[] = [];
-      for (let i = 0; i < threads; i++) {
-        const fifo = join(tmp.dir, `fifo${i}`);
-        expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
-        fifos.push(fifo);
-        blocked.push(
-          new Promise((resolve, reject) =>
-            open(fifo, 'r', (err, fd) => (err ? reject(err) : resolve(fd))),
-          ),
-        );
-      }
-      const b = Buffer.alloc(8 * KiB);
-      const io = (async () => {
-        await t.read(16 * KiB, b);
-        return b.every((x) => x === 7) ? 'done' : 'wrong data';
-      })();
-      // A liveness bound, not a timing assertion: on the pool, the read would wait for ever.
-      let bound: NodeJS.Timeout | undefined;
-      const stuck = new Promise<string>((resolve) => {
-        bound = setTimeout(() => resolve('stuck behind the thread pool'), 10_000);
-      });
-      expect(await Promise.race([io, stuck])).toBe('done');
-      clearTimeout(bound);
-      for (const fifo of fifos) openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
-      await Promise.all(blocked);
-      fifos.length = 0;
-      await t.close();
-    } finally {
-      // Let the pool go whatever happened (a writer end opens the blocked readers).
-      for (const fifo of fifos) {
-        try {
-          openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
-        } catch {}
-      }
       tmp.cleanup();
     }
   });
