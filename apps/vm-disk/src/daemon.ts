@@ -130,8 +130,8 @@ export class Daemon implements DaemonControl {
   }
 
   /** query-named-block-nodes, in QEMU's BlockDeviceInfo shape (qmp/block-device-info.ts). */
-  queryNamedBlockNodes(): Promise<Record<string, unknown>[]> {
-    return namedBlockNodes(this.graph);
+  queryNamedBlockNodes(flat = false): Promise<Record<string, unknown>[]> {
+    return namedBlockNodes(this.graph, flat);
   }
 
   async blockdevDel(nodeName: string): Promise<void> {

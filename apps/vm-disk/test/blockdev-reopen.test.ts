@@ -1,8 +1,9 @@
 // blockdev-reopen side by side with qemu-storage-daemon 7.2: the same QMP sequence on both
 // gives the same replies (read-only <-> read-write of a qcow2 node and the file it opened
-// inline, the refusals in QEMU's words) and the same images afterwards.
+// inline, 'backing' and 'file' pointed at other nodes, the refusals in QEMU's words) and
+// the same images afterwards.
 import { describe, it } from 'vitest';
-import { useScratch } from './harness/daemon.ts';
+import { run, useScratch } from './harness/daemon.ts';
 import type { Recorder } from './harness/qmp-recorder.ts';
 import { sideBySide as compare, makeChain } from './harness/side-by-side.ts';
 
@@ -47,13 +48,55 @@ function args(): string[] {
   ];
 }
 
-function sideBySide(scenario: (r: Recorder) => Promise<void>) {
-  return compare(scratch, {
-    prepare: () => makeChain(scratch, CHAIN),
-    args,
-    scenario,
-    results: ['top.qcow2'],
+/** The chain, and other.qcow2 (all 0x44) that no node opens until a scenario adds it. */
+async function prepare(): Promise<void> {
+  await makeChain(scratch, CHAIN);
+  const other = scratch.path('other.qcow2');
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', other, CHAIN.size]);
+  await run('qemu-io', ['-c', `write -P 0x44 0 ${CHAIN.size}`, other]);
+}
+
+function sideBySide(scenario: (r: Recorder) => Promise<void>, repliesOnly = false) {
+  return compare(scratch, { prepare, args, scenario, results: ['top.qcow2'], repliesOnly });
+}
+
+/** block-job-cancel (force), then its BLOCK_JOB_CANCELLED, which may come before the reply. */
+async function cancel(r: Recorder, device: string): Promise<void> {
+  const from = r.seen.length;
+  await r.cmd('block-job-cancel', { device, force: true });
+  if (!r.seen.slice(from).some((m) => m.event === 'BLOCK_JOB_CANCELLED')) {
+    await r.until('BLOCK_JOB_CANCELLED');
+  }
+}
+
+const addOther = (r: Recorder) =>
+  r.cmd('blockdev-add', {
+    driver: 'qcow2',
+    'node-name': 'other',
+    'read-only': true,
+    file: file('other'),
   });
+
+/** Each node's children as query-named-block-nodes (flat) tells them, sorted. */
+async function links(r: Recorder): Promise<void> {
+  const m = await r.cmd('query-named-block-nodes', { flat: true });
+  const nodes = m.return as {
+    'node-name': string;
+    file: string;
+    backing_file?: string;
+    backing_file_depth: number;
+    image: { 'backing-filename'?: string; 'backing-image'?: unknown };
+  }[];
+  m.return = nodes
+    .map((n) => ({
+      'node-name': n['node-name'],
+      file: n.file,
+      backing_file: n.backing_file,
+      depth: n.backing_file_depth,
+      header: n.image['backing-filename'],
+      chain: n.image['backing-image'] !== undefined,
+    }))
+    .sort((a, b) => a['node-name'].localeCompare(b['node-name']));
 }
 
 const reopen = (r: Recorder, ...options: unknown[]) => r.cmd('blockdev-reopen', { options });
@@ -104,4 +147,72 @@ describe('blockdev-reopen against qemu-storage-daemon 7.2', () => {
       await readOnly(r);
     });
   });
+
+  it("points 'backing' and 'file' at other nodes as QEMU 7.2 does; top then reads its new backing", async () => {
+    await sideBySide(async (r) => {
+      await addOther(r);
+      const top = { driver: 'qcow2', 'node-name': 'top', file: 'top-file' };
+      await reopen(r, { ...top, backing: 'other' });
+      await links(r);
+      await reopen(r, { ...top, backing: 'top' }); // a cycle
+      await reopen(r, { ...top, backing: 'nope' });
+      await reopen(r, { ...top, backing: 'mid', file: 'other-file' }); // other does not share writes
+      await reopen(r, top); // the header names a backing file: it must be given
+      await r.cmd('blockdev-del', { 'node-name': 'mid' });
+      await reopen(r, { ...top, backing: null });
+      await links(r);
+      await reopen(r, { ...top, backing: 'other' });
+      // Streamed whole: top gets what 'other' holds under its own data, as qsd's does.
+      await r.cmd('block-stream', { 'job-id': 's0', device: 'top' });
+      await r.until('BLOCK_JOB_COMPLETED');
+      await links(r);
+    });
+  });
+
+  it('a filter put between a format and its file by reopen, and taken out again', async () => {
+    await sideBySide(async (r) => {
+      await r.cmd('blockdev-add', { driver: 'blkdebug', 'node-name': 'dbg', image: 'top-file' });
+      const top = { driver: 'qcow2', 'node-name': 'top', backing: 'mid' };
+      await reopen(r, { ...top, file: 'dbg' });
+      await links(r);
+      await r.cmd('blockdev-del', { 'node-name': 'dbg' }); // in use
+      await reopen(r, { ...top, file: 'top-file' });
+      await r.cmd('blockdev-del', { 'node-name': 'dbg' });
+      await links(r);
+    });
+  });
+
+  it("a job's links: its implicit filter cannot be replaced, its frozen links cannot change", async () => {
+    // Replies only: qemu-storage-daemon pauses and resumes a running job around each
+    // drained reopen (JOB_STATUS_CHANGE paused/running); vm-disk's jobs do not report that.
+    await sideBySide(async (r) => {
+      await addOther(r);
+      const top = { driver: 'qcow2', 'node-name': 'top', file: 'top-file' };
+      // Held before finalize: the filter in place and the links frozen, however fast the
+      // job copies.
+      const held = { 'auto-finalize': false };
+      await r.cmd('block-commit', {
+        'job-id': 'c0',
+        device: 'top',
+        'top-node': 'mid',
+        'base-node': 'base',
+        ...held,
+      });
+      await reopen(r, { ...top, backing: 'mid' }); // below the implicit commit_top: no change
+      await reopen(r, { ...top, backing: 'other' });
+      await cancel(r, 'c0');
+      await r.cmd('block-stream', { 'job-id': 's0', device: 'top', 'base-node': 'base', ...held });
+      await reopen(r, { ...top, backing: 'other' });
+      await reopen(r, { ...top, backing: null });
+      // The link into base stays free (QEMU freezes down to base's overlay).
+      await reopen(r, {
+        driver: 'qcow2',
+        'node-name': 'mid',
+        'read-only': true,
+        backing: null,
+        file: 'mid-file',
+      });
+      await cancel(r, 's0');
+    }, true);
+  }, 120_000);
 });

@@ -98,13 +98,6 @@ export function refreshPermissions(
       perm |= p.perm;
       shared &= p.shared;
     }
-    if (n.readOnly && perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE)) {
-      // QEMU's wording (bdrv_node_check_perm); `node` lets a reopen word it as QEMU does.
-      throw Object.assign(
-        new BlockError(BlockErrorCode.PERMISSION_CONFLICT, 'Block node is read-only'),
-        { node: n.name },
-      );
-    }
     for (const a of parents) {
       for (const b of parents) {
         if (a === b) continue;
@@ -117,6 +110,14 @@ export function refreshPermissions(
           );
         }
       }
+    }
+    if (n.readOnly && perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE)) {
+      // QEMU's wording (bdrv_node_check_perm), checked after the parents' conflicts as
+      // bdrv_do_refresh_perms does; `node` lets a reopen word it as QEMU does.
+      throw Object.assign(
+        new BlockError(BlockErrorCode.PERMISSION_CONFLICT, 'Block node is read-only'),
+        { node: n.name },
+      );
     }
     nodePerm.set(n, { perm, shared });
     const driver = drivers.get(n.driver);

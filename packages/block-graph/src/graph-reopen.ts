@@ -12,7 +12,8 @@
 import type { OpenContext } from './driver.ts';
 import { BlockError, BlockErrorCode } from './errors.ts';
 import { GraphOpener, inheritedSettings, nodeSettings } from './graph-open.ts';
-import type { BlockNode, ChildEdge, NodeSettings } from './node.ts';
+import { frozenChild } from './jobs/op-blockers.ts';
+import { type BlockNode, ChildEdge, type NodeSettings } from './node.ts';
 import type { ObjectType } from './objects.ts';
 import { checkOptions, type NodeSpec } from './options.ts';
 
@@ -26,6 +27,18 @@ interface Entry {
   reinstantiate: boolean;
   /** Opened again already (in the prepare step). */
   done: boolean;
+  /** Children pointed at other nodes ('backing' and 'file', as QEMU 7.2 allows). */
+  links: LinkChange[];
+}
+
+/** A child link a reopen changes: `edge` (if the node has that child) goes to `to`. */
+interface LinkChange {
+  key: string;
+  edge: ChildEdge | undefined;
+  /** The new child; undefined drops it ('backing': null). */
+  to: BlockNode | undefined;
+  /** The child it had. */
+  from: BlockNode | undefined;
 }
 
 function cannotChange(key: string): BlockError {
@@ -74,9 +87,12 @@ export class GraphReopener extends GraphOpener {
       }
     }
     for (const e of entries) Object.assign(e.node.settings, e.settings);
+    const links = entries.flatMap((e) => e.links.map((l) => ({ node: e.node, ...l })));
+    const undoLinks = links.map((l) => this.relink(l.node, l.key, l.edge, l.to));
     try {
       this.refreshPermissions();
     } catch (err) {
+      for (const undo of undoLinks.toReversed()) undo();
       for (const e of entries) Object.assign(e.node.settings, e.old);
       this.refreshPermissions();
       for (const e of entries.toReversed()) {
@@ -102,7 +118,101 @@ export class GraphReopener extends GraphOpener {
       await this.reinstantiate(e.node, e.spec, e.settings);
     }
     for (const e of entries) e.node.options = e.spec.raw;
+    for (const l of links) {
+      const edge = l.node.children.get(l.key);
+      if (edge) this.backingChanged(edge);
+      else if (l.node.instance.kind === 'format') l.node.instance.backingChanged?.(undefined);
+      if (l.to) l.to.refcount++;
+      if (l.from) await this.unref(l.from);
+    }
     this.refreshPermissions(); // the new instances take what their parents hold (image locks)
+  }
+
+  /**
+   * QEMU's checks for pointing `node`'s child `key` at the node named `given` (or, for
+   * 'backing', at none: null), in bdrv_reopen_parse_file_or_backing's order and words;
+   * undefined when nothing changes.
+   */
+  private linkChange(node: BlockNode, key: string, given: string | null): LinkChange | undefined {
+    let to: BlockNode | undefined;
+    if (given !== null) {
+      to = this.nodes.get(given);
+      if (!to) {
+        throw new BlockError(
+          BlockErrorCode.NODE_NOT_FOUND,
+          `Cannot find device='' nor node-name='${given}'`,
+        );
+      }
+      if (to === node || this.descendants(to).has(node)) {
+        throw new BlockError(
+          BlockErrorCode.BAD_GRAPH_CHANGE,
+          `Making '${given}' a ${key} child of '${node.name}' would create a cycle`,
+        );
+      }
+    }
+    const edge = node.children.get(key);
+    const old = edge?.node;
+    if (old === to) return undefined;
+    if (old) {
+      let below: BlockNode | undefined = old;
+      while (below?.implicit) below = below.primary?.node ?? below.backing?.node;
+      if (below === to) return undefined;
+      if (old.implicit) {
+        throw new BlockError(
+          BlockErrorCode.BAD_GRAPH_CHANGE,
+          `Cannot replace implicit ${key} child of ${node.name}`,
+        );
+      }
+    }
+    if (node.instance.kind === 'filter' && !old) {
+      throw new BlockError(
+        BlockErrorCode.BAD_GRAPH_CHANGE,
+        `'${node.name}' is a ${node.driver} filter node that does not support a ${key} child`,
+      );
+    }
+    const frozen = key === 'backing' ? frozenChild(this, node.name) : undefined;
+    if (edge && frozen !== undefined) {
+      throw new BlockError(
+        BlockErrorCode.NODE_BUSY,
+        `Cannot change frozen '${edge.name}' link from '${node.name}' to '${old!.name}'`,
+      );
+    }
+    if (key === 'file' && !edge) {
+      throw new BlockError(
+        BlockErrorCode.BAD_GRAPH_CHANGE,
+        'Cannot set file child to format node without file child',
+      );
+    }
+    return { key, edge, to, from: old };
+  }
+
+  /** Points `node`'s child `key` at `to` (or drops it); returns the undo. */
+  private relink(
+    node: BlockNode,
+    key: string,
+    edge: ChildEdge | undefined,
+    to: BlockNode | undefined,
+  ): () => void {
+    if (edge && to) {
+      const old = edge.node;
+      this.repoint(edge, to);
+      return () => this.repoint(edge, old);
+    }
+    if (edge) {
+      this.unlink(edge);
+      node.children.delete(key);
+      return () => {
+        this.link(edge);
+        node.children.set(key, edge);
+      };
+    }
+    const added = new ChildEdge(key, ['cow'], node, to!);
+    this.link(added);
+    node.children.set(key, added);
+    return () => {
+      this.unlink(added);
+      node.children.delete(key);
+    };
   }
 
   /** A node's current options, checked (to open it again as it is). */
@@ -140,7 +250,25 @@ export class GraphReopener extends GraphOpener {
       old: { ...node.settings },
       reinstantiate: optionsChanged || (modeChanged && spec.driver.reopen?.instance === true),
       done: false,
+      links: [],
     });
+    const headerBacking = node.instance.info?.()['backing-filename'];
+    if (
+      !('backing' in spec.children) &&
+      (node.backing !== undefined || (typeof headerBacking === 'string' && headerBacking !== ''))
+    ) {
+      // QEMU's wording (bdrv_reopen_prepare): a backing child, or the one the image names,
+      // must be given again (null drops it).
+      throw new BlockError(BlockErrorCode.BAD_OPTION, `backing is missing for '${node.name}'`);
+    }
+    const links = queue.get(node)!.links;
+    for (const key of ['backing', 'file']) {
+      const given = spec.children[key];
+      if (given === null || typeof given === 'string') {
+        const change = this.linkChange(node, key, given);
+        if (change) links.push(change);
+      }
+    }
     for (const edge of node.children.values()) {
       const given = spec.children[edge.name];
       const child = edge.node;
@@ -148,15 +276,10 @@ export class GraphReopener extends GraphOpener {
       const sameChild =
         given === child.name ||
         (inline !== undefined && (inline.nodeName ?? child.name) === child.name);
-      if (given === undefined && edge.roles.includes('cow')) {
-        // QEMU's wording (bdrv_reopen_prepare): a backing child must be named again.
-        throw new BlockError(BlockErrorCode.BAD_OPTION, `backing is missing for '${node.name}'`);
-      }
+      const relinked = (edge.name === 'backing' || edge.name === 'file') && inline === undefined;
       if (given !== undefined && !sameChild) {
-        throw new BlockError(
-          BlockErrorCode.NOT_SUPPORTED,
-          `Cannot change the option '${edge.name}': pointing a child at another node is not supported by blockdev-reopen here`,
-        );
+        if (relinked) continue; // a node name or null: linkChange's
+        throw cannotChange(edge.name);
       }
       if (child.inheritsFrom !== node || queue.has(child)) continue;
       const cow = edge.roles.includes('cow');

@@ -449,6 +449,7 @@ export class BlockGraph extends GraphReopener implements BackendHost {
       };
       this.checkNames(spec, new Set());
       const filter = await this.open(spec, undefined);
+      filter.implicit = nodeName === undefined;
       try {
         await this.moveParents(child, filter);
         then?.(filter);

@@ -78,6 +78,8 @@ export class BlockNode extends NodeDirty implements ChildParent, ChildNode {
   align = 1;
   maxTransfer = Number.MAX_SAFE_INTEGER;
   closed = false;
+  /** A filter a job inserted without a filter-node-name (QEMU's bs->implicit). */
+  implicit = false;
   /** The parent that opened it inline (QEMU's inherits_from): blockdev-reopen reopens it too. */
   inheritsFrom: BlockNode | undefined;
   /** Ids of the graph objects this node uses (released when it closes). */

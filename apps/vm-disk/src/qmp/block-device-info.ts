@@ -10,6 +10,17 @@ import { promisify } from 'node:util';
 import type { BlockGraph, NodeInfo } from '@vmdisk/block-graph';
 import { fullBackingName } from '../img/info.ts';
 
+/** blkdebug's strong options besides config (a node with any has no plain filename). */
+const BLKDEBUG_STRONG = [
+  'inject-error',
+  'set-state',
+  'align',
+  'max-transfer',
+  'opt-write-zero',
+  'max-write-zero',
+  'opt-discard',
+  'max-discard',
+];
 const fstatAsync = promisify(fstat);
 
 /** QEMU's drivers with is_filter set: their filtered child stands for them. */
@@ -153,6 +164,14 @@ class Nodes {
       );
       return plain ? 'null-co://' : undefined;
     }
+    if (n.driver === 'blkdebug') {
+      // blkdebug_refresh_filename: "blkdebug:CONFIG:FILE" unless a rule or limit is set.
+      if (BLKDEBUG_STRONG.some((k) => options[k] !== undefined)) return undefined;
+      const image = this.childWith(n, 'filtered');
+      const below = image && this.exactFilename(image);
+      const config = typeof options.config === 'string' ? options.config : '';
+      return below === undefined ? undefined : `blkdebug:${config}:${below}`;
+    }
     if (NAMED_AFTER_CHILD.has(n.driver)) {
       const filtered = this.childWith(n, 'filtered');
       return filtered && this.filename(filtered);
@@ -210,7 +229,7 @@ class Nodes {
   }
 
   /** ImageInfo: the node's, then its backing chain's (through filters) as backing-image. */
-  async imageInfo(n: NodeInfo): Promise<ImageInfo> {
+  async imageInfo(n: NodeInfo, flat = false): Promise<ImageInfo> {
     const filename = this.filename(n);
     const actual = await this.allocatedSize(n);
     const info = this.driverInfo(n);
@@ -236,7 +255,7 @@ class Nodes {
         image['backing-filename-format'] = n['backing-filename-format'];
       }
     }
-    const below = this.filterOrCow(n);
+    const below = flat ? undefined : this.filterOrCow(n);
     if (below) image['backing-image'] = await this.imageInfo(below);
     return image;
   }
@@ -266,8 +285,12 @@ function qcow2Specific(n: NodeInfo): Record<string, unknown> {
 /**
  * The graph's nodes as query-named-block-nodes answers, newest first as QEMU lists them:
  * QEMU's BlockDeviceInfo members, then vm-disk's own (children, perm, parents...).
+ * `flat` (QEMU's): each node's own image only, no backing-image chain, depth 0.
  */
-export async function namedBlockNodes(graph: BlockGraph): Promise<Record<string, unknown>[]> {
+export async function namedBlockNodes(
+  graph: BlockGraph,
+  flat = false,
+): Promise<Record<string, unknown>[]> {
   const list = graph.query();
   const nodes = new Nodes(graph, list);
   const out: Record<string, unknown>[] = [];
@@ -289,12 +312,12 @@ export async function namedBlockNodes(graph: BlockGraph): Promise<Record<string,
       ro,
       file: nodes.filename(n),
       encrypted: false,
-      backing_file_depth: nodes.depth(n),
+      backing_file_depth: flat ? 0 : nodes.depth(n),
       ...(cow && { backing_file: nodes.filename(cow) }),
       detect_zeroes: settings.detectZeroes,
       // A node has no BlockBackend's write cache setting of its own: writeback, as QEMU's.
       cache: { writeback: true, direct: settings.direct, 'no-flush': settings.noFlush },
-      image: await nodes.imageInfo(n),
+      image: await nodes.imageInfo(n, flat),
       // I/O limits are a BlockBackend's (a device's), never a named node's: zero.
       bps: 0,
       bps_rd: 0,

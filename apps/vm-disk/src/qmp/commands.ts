@@ -84,7 +84,7 @@ export function registerCommands(monitor: QmpMonitor, daemon: DaemonControl): vo
   monitor.register({
     name: 'query-named-block-nodes',
     args: struct({ flat: opt(schema.bool) }),
-    run: () => daemon.queryNamedBlockNodes(),
+    run: (args) => daemon.queryNamedBlockNodes(args.flat === true),
   });
   monitor.register({
     name: 'nbd-server-start',

@@ -13,7 +13,7 @@ export interface DaemonControl {
   readonly chardevs: ChardevRegistry;
   blockdevAdd(options: Record<string, unknown>, syntax: OptionSyntax): Promise<void>;
   blockdevDel(nodeName: string): Promise<void>;
-  queryNamedBlockNodes(): Promise<Record<string, unknown>[]>;
+  queryNamedBlockNodes(flat?: boolean): Promise<Record<string, unknown>[]>;
   nbdServerStart(config: NbdServerConfig): Promise<ListenAddress>;
   nbdServerStop(): Promise<void>;
   blockExportAdd(config: ExportConfig): Promise<void>;

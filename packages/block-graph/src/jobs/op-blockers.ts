@@ -63,3 +63,8 @@ export function checkLinkNotFrozen(graph: object, parent: string): void {
     );
   }
 }
+
+/** The child a frozen link of `parent` must keep, if its link is frozen. */
+export function frozenChild(graph: object, parent: string): string | undefined {
+  return byGraph.get(graph)?.frozen.get(parent);
+}

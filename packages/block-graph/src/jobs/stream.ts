@@ -74,10 +74,9 @@ export async function blockStream(
         children: { file: top.name },
         options: { bottom: chain[Math.max(0, baseAt - 1)]!.name },
       });
+      // Down to base's overlay: the link into base stays free (QEMU's above_base).
       const links: [string, string][] = [];
-      for (let i = 0; i < baseAt && i + 1 < chain.length; i++) {
-        links.push([chain[i]!.name, chain[i + 1]!.name]);
-      }
+      for (let i = 0; i + 1 < baseAt; i++) links.push([chain[i]!.name, chain[i + 1]!.name]);
       bj.freeze(links);
     },
     {
