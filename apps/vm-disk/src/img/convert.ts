@@ -173,20 +173,21 @@ export async function copyImage(
 
   const copyItem = async (item: Item, buf: Uint8Array): Promise<void> => {
     const kinds = item.extents.map(plan);
+    const anyData = kinds.includes('data');
     let at = item.offset;
     // Reads first (in parallel with other windows), then the writes in order.
     for (const [i, e] of item.extents.entries()) {
       const part = buf.subarray(at - item.offset, at - item.offset + e.length);
       if (kinds[i] === 'data') await src.read(at, part);
-      else if (kinds[i] === 'fill' || o.compress) part.fill(0);
+      // A compressed cluster is written whole: its zeros are filled in, if it has data.
+      else if (kinds[i] === 'fill' || (o.compress && anyData)) part.fill(0);
       at += e.length;
     }
     if (!o.outOfOrder) await item.before;
     if (o.compress) {
       // A whole cluster: compressed unless it is all zeros.
       const data = buf.subarray(0, item.length);
-      if (kinds.some((k) => k === 'data') && !isZero(data))
-        await dst.writeCompressed(item.offset, data);
+      if (anyData && !isZero(data)) await dst.writeCompressed(item.offset, data);
       else if (!kinds.every((k) => k === 'skip')) await zeroes(item.offset, item.length);
       return;
     }
@@ -203,10 +204,13 @@ export async function copyImage(
   // One buffer for all workers, a window each, reused: one allocation (and one io_uring
   // buffer registration) for the whole copy.
   // Engine memory (page-aligned, registered with io_uring) only where O_DIRECT needs it:
-  // registering tens of MiB costs more than the copies it saves.
+  // registering tens of MiB costs more than the copies it saves. Compressing, shared memory:
+  // the compression workers read the clusters in place (no copy per cluster).
   const arena = o.direct
     ? src.allocBuffer(chunk * o.parallel)
-    : Buffer.allocUnsafeSlow(chunk * o.parallel);
+    : o.compress
+      ? Buffer.from(new SharedArrayBuffer(chunk * o.parallel))
+      : Buffer.allocUnsafeSlow(chunk * o.parallel);
   const worker = async (index: number): Promise<void> => {
     const buf = arena.subarray(index * chunk, (index + 1) * chunk);
     for (let item = await take(); item; item = await take()) {
