@@ -103,32 +103,68 @@ export async function copyImage(
   let failed: unknown;
   let writeTail: Promise<void> = Promise.resolve();
 
-  // Windows are taken one at a time (the cursor moves forward only), in order.
-  let taking: Promise<unknown> = Promise.resolve();
-  const take = (): Promise<Item | undefined> => {
-    const p = taking.then(takeNext);
-    taking = p.catch(() => {});
+  // Windows are taken one at a time (the cursor moves forward only), in order: at once
+  // while the status read ahead covers them (most windows), else after the windows before.
+  let taking: Promise<unknown> | undefined;
+  const take = (): Item | undefined | Promise<Item | undefined> => {
+    if (taking === undefined) {
+      const item = takeAhead();
+      if (item !== null) return item;
+    }
+    const p = (taking ?? Promise.resolve()).then(takeNext);
+    const settled = p.then(
+      () => {},
+      () => {},
+    );
+    taking = settled;
+    void settled.then(() => {
+      if (taking === settled) taking = undefined;
+    });
     return p;
   };
-  const takeNext = async (): Promise<Item | undefined> => {
+  const window = (): { offset: number; length: number } | undefined => {
     if (next >= size || failed !== undefined) return undefined;
     const offset = next;
     const length = Math.min(chunk - (offset % chunk), size - offset);
+    return { offset, length };
+  };
+  /** Makes the next window's item, its write slot taken now (in window order). */
+  const item = (offset: number, length: number, extents: Extent[]): Item => {
     next = offset + length;
-    // The write slot is taken now, in window order, before anything is awaited.
+    if (o.outOfOrder) return { offset, length, extents };
     const before = writeTail;
     let release!: () => void;
     writeTail = new Promise((r) => {
       release = r;
     });
+    return { offset, length, extents, before, release };
+  };
+  /** The next window from the status read ahead alone; null if it needs a block status call. */
+  const takeAhead = (): Item | undefined | null => {
+    const w = window();
+    if (!w) return undefined;
     const extents: Extent[] = [];
-    for (let at = offset; at < offset + length; ) {
-      const e = await status.current(at);
-      const n = Math.min(e.length, offset + length - at);
+    for (let at = w.offset; at < w.offset + w.length; ) {
+      const e = status.peek(at);
+      if (!e) return null;
+      const n = Math.min(e.length, w.offset + w.length - at);
       extents.push({ ...e, length: n });
       at += n;
     }
-    return { offset, length, extents, before, release };
+    return item(w.offset, w.length, extents);
+  };
+  const takeNext = async (): Promise<Item | undefined> => {
+    const w = window();
+    if (!w) return undefined;
+    const extents: Extent[] = [];
+    for (let at = w.offset; at < w.offset + w.length; ) {
+      const e = await status.current(at);
+      const n = Math.min(e.length, w.offset + w.length - at);
+      extents.push({ ...e, length: n });
+      at += n;
+    }
+    // Nothing else took a window meanwhile (takes wait for this one): it is still next.
+    return item(w.offset, w.length, extents);
   };
 
   const zeroes = async (offset: number, length: number): Promise<void> => {
