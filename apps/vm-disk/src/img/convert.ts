@@ -103,32 +103,68 @@ export async function copyImage(
   let failed: unknown;
   let writeTail: Promise<void> = Promise.resolve();
 
-  // Windows are taken one at a time (the cursor moves forward only), in order.
-  let taking: Promise<unknown> = Promise.resolve();
-  const take = (): Promise<Item | undefined> => {
-    const p = taking.then(takeNext);
-    taking = p.catch(() => {});
+  // Windows are taken one at a time (the cursor moves forward only), in order: at once
+  // while the status read ahead covers them (most windows), else after the windows before.
+  let taking: Promise<unknown> | undefined;
+  const take = (): Item | undefined | Promise<Item | undefined> => {
+    if (taking === undefined) {
+      const item = takeAhead();
+      if (item !== null) return item;
+    }
+    const p = (taking ?? Promise.resolve()).then(takeNext);
+    const settled = p.then(
+      () => {},
+      () => {},
+    );
+    taking = settled;
+    void settled.then(() => {
+      if (taking === settled) taking = undefined;
+    });
     return p;
   };
-  const takeNext = async (): Promise<Item | undefined> => {
+  const window = (): { offset: number; length: number } | undefined => {
     if (next >= size || failed !== undefined) return undefined;
     const offset = next;
     const length = Math.min(chunk - (offset % chunk), size - offset);
+    return { offset, length };
+  };
+  /** Makes the next window's item, its write slot taken now (in window order). */
+  const item = (offset: number, length: number, extents: Extent[]): Item => {
     next = offset + length;
-    // The write slot is taken now, in window order, before anything is awaited.
+    if (o.outOfOrder) return { offset, length, extents };
     const before = writeTail;
     let release!: () => void;
     writeTail = new Promise((r) => {
       release = r;
     });
+    return { offset, length, extents, before, release };
+  };
+  /** The next window from the status read ahead alone; null if it needs a block status call. */
+  const takeAhead = (): Item | undefined | null => {
+    const w = window();
+    if (!w) return undefined;
     const extents: Extent[] = [];
-    for (let at = offset; at < offset + length; ) {
-      const e = await status.current(at);
-      const n = Math.min(e.length, offset + length - at);
+    for (let at = w.offset; at < w.offset + w.length; ) {
+      const e = status.peek(at);
+      if (!e) return null;
+      const n = Math.min(e.length, w.offset + w.length - at);
       extents.push({ ...e, length: n });
       at += n;
     }
-    return { offset, length, extents, before, release };
+    return item(w.offset, w.length, extents);
+  };
+  const takeNext = async (): Promise<Item | undefined> => {
+    const w = window();
+    if (!w) return undefined;
+    const extents: Extent[] = [];
+    for (let at = w.offset; at < w.offset + w.length; ) {
+      const e = await status.current(at);
+      const n = Math.min(e.length, w.offset + w.length - at);
+      extents.push({ ...e, length: n });
+      at += n;
+    }
+    // Nothing else took a window meanwhile (takes wait for this one): it is still next.
+    return item(w.offset, w.length, extents);
   };
 
   const zeroes = async (offset: number, length: number): Promise<void> => {
@@ -173,20 +209,21 @@ export async function copyImage(
 
   const copyItem = async (item: Item, buf: Uint8Array): Promise<void> => {
     const kinds = item.extents.map(plan);
+    const anyData = kinds.includes('data');
     let at = item.offset;
     // Reads first (in parallel with other windows), then the writes in order.
     for (const [i, e] of item.extents.entries()) {
       const part = buf.subarray(at - item.offset, at - item.offset + e.length);
       if (kinds[i] === 'data') await src.read(at, part);
-      else if (kinds[i] === 'fill' || o.compress) part.fill(0);
+      // A compressed cluster is written whole: its zeros are filled in, if it has data.
+      else if (kinds[i] === 'fill' || (o.compress && anyData)) part.fill(0);
       at += e.length;
     }
     if (!o.outOfOrder) await item.before;
     if (o.compress) {
       // A whole cluster: compressed unless it is all zeros.
       const data = buf.subarray(0, item.length);
-      if (kinds.some((k) => k === 'data') && !isZero(data))
-        await dst.writeCompressed(item.offset, data);
+      if (anyData && !isZero(data)) await dst.writeCompressed(item.offset, data);
       else if (!kinds.every((k) => k === 'skip')) await zeroes(item.offset, item.length);
       return;
     }
@@ -203,10 +240,13 @@ export async function copyImage(
   // One buffer for all workers, a window each, reused: one allocation (and one io_uring
   // buffer registration) for the whole copy.
   // Engine memory (page-aligned, registered with io_uring) only where O_DIRECT needs it:
-  // registering tens of MiB costs more than the copies it saves.
+  // registering tens of MiB costs more than the copies it saves. Compressing, shared memory:
+  // the compression workers read the clusters in place (no copy per cluster).
   const arena = o.direct
     ? src.allocBuffer(chunk * o.parallel)
-    : Buffer.allocUnsafeSlow(chunk * o.parallel);
+    : o.compress
+      ? Buffer.from(new SharedArrayBuffer(chunk * o.parallel))
+      : Buffer.allocUnsafeSlow(chunk * o.parallel);
   const worker = async (index: number): Promise<void> => {
     const buf = arena.subarray(index * chunk, (index + 1) * chunk);
     for (let item = await take(); item; item = await take()) {

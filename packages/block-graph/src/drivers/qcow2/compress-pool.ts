@@ -11,7 +11,10 @@ const zlib = require('node:zlib');
 parentPort.on('message', ({ id, zstd, data, options }) => {
   try {
     const out = zstd ? zlib.zstdCompressSync(data) : zlib.deflateRawSync(data, options);
-    const copy = new Uint8Array(out);
+    // Moved back without a copy when the result owns its whole ArrayBuffer (never a pooled
+    // one: pool slices are smaller than the pool).
+    const own = out.byteOffset === 0 && out.byteLength === out.buffer.byteLength;
+    const copy = own ? out : new Uint8Array(out);
     parentPort.postMessage({ id, out: copy }, [copy.buffer]);
   } catch (e) {
     parentPort.postMessage({ id, error: String(e && e.message || e) });
@@ -62,12 +65,17 @@ export function compressOnPool(
   let w = ws[0]!;
   for (const x of ws) if (x.busy < w.busy) w = x;
   const id = ++seq;
-  // A copy of the view alone (cloning a view would clone its whole ArrayBuffer; and
-  // Buffer#slice does not copy), moved to the worker.
-  const copy = new Uint8Array(data);
+  // Shared memory (convert's buffers) is read by the worker in place: the caller keeps the
+  // bytes untouched until the promise settles. Otherwise a copy of the view alone (cloning
+  // a view would clone its whole ArrayBuffer; and Buffer#slice does not copy), moved there.
+  const shared = data.buffer instanceof SharedArrayBuffer;
+  const sent = shared ? data : new Uint8Array(data);
   return new Promise((resolve, reject) => {
     pending.set(id, { resolve, reject });
     if (w.busy++ === 0) w.worker.ref();
-    w.worker.postMessage({ id, zstd, data: copy, options }, [copy.buffer]);
+    w.worker.postMessage(
+      { id, zstd, data: sent, options },
+      shared ? [] : [sent.buffer as ArrayBuffer],
+    );
   });
 }
