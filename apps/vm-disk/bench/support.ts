@@ -37,10 +37,13 @@ export async function waitForSocket(
 
 export type DaemonName = 'vm-disk' | 'qemu-storage-daemon';
 
-/** `vm-disk serve` (the built bin, warnings only) or qemu-storage-daemon; CPU 0 when pinning. */
+/**
+ * `vm-disk serve` (the built bin, warnings only) or qemu-storage-daemon; CPU 0 when pinning.
+ * The bin is executed as installed, through its shebang, so that its node flags apply.
+ */
 export function startDaemon(name: DaemonName, args: string[]): ChildProcess {
   return name === 'vm-disk'
-    ? spawn(...pinned(0, process.execPath, [CLI, 'serve', ...args]), {
+    ? spawn(...pinned(0, CLI, ['serve', ...args]), {
         stdio: 'ignore',
         env: { ...process.env, VMDISK_LOG_LEVEL: 'warn' },
       })

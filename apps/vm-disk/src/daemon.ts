@@ -9,15 +9,20 @@ import { BlockGraph, type OptionSyntax } from '@vmdisk/block-graph';
 import type { ListenAddress } from '@vmdisk/nbd';
 import { ChardevRegistry } from './chardevs.ts';
 import type { BlockExportInfo, BlockExportKind } from './export-kind.ts';
-import { FuseExports } from './fuse-exports.ts';
 import { IoThreads } from './iothreads/iothreads.ts';
+import { LazyExportKind } from './lazy-export-kind.ts';
 import type { Logger } from './log.ts';
 import { NbdExports } from './nbd-exports.ts';
-import type { ExportConfig, NbdServerConfig, ServeConfig } from './options/serve-options.ts';
+import type {
+  ExportConfig,
+  FuseExportConfig,
+  NbdServerConfig,
+  ServeConfig,
+  VhostUserBlkExportConfig,
+} from './options/serve-options.ts';
 import { namedBlockNodes } from './qmp/block-device-info.ts';
 import type { DaemonControl } from './qmp/daemon-control.ts';
 import { QmpError, QmpMonitor, type QmpVersion } from './qmp/monitor.ts';
-import { VhostExports } from './vhost-exports.ts';
 
 export const QMP_VERSION: QmpVersion = {
   qemu: { major: 7, minor: 2, micro: 0 },
@@ -38,8 +43,8 @@ export class Daemon implements DaemonControl {
   private readonly nbd: NbdExports;
   private readonly exportKinds: {
     nbd: NbdExports;
-    'vhost-user-blk': VhostExports;
-    fuse: FuseExports;
+    'vhost-user-blk': LazyExportKind<VhostUserBlkExportConfig>;
+    fuse: LazyExportKind<FuseExportConfig>;
   };
   /** Every export's id and kind, oldest first. */
   private readonly exportIds = new Map<string, BlockExportKind>();
@@ -69,12 +74,15 @@ export class Daemon implements DaemonControl {
     this.nbd = new NbdExports(this.graph, this.iothreads, log, deleted);
     this.exportKinds = {
       nbd: this.nbd,
-      'vhost-user-blk': new VhostExports(
-        this.graph,
-        log.child({ component: 'vhost-user' }),
-        deleted,
-      ),
-      fuse: new FuseExports(this.graph, log, deleted),
+      // Loaded by their first export (lazy-export-kind.ts).
+      'vhost-user-blk': new LazyExportKind(async () => {
+        const { VhostExports } = await import('./vhost-exports.ts');
+        return new VhostExports(this.graph, log.child({ component: 'vhost-user' }), deleted);
+      }),
+      fuse: new LazyExportKind(async () => {
+        const { FuseExports } = await import('./fuse-exports.ts');
+        return new FuseExports(this.graph, log, deleted);
+      }),
     };
     this.stopped = new Promise((resolve) => {
       this.markStopped = resolve;
