@@ -37,13 +37,28 @@ const dir = mkdtempSync(join('/dev/shm', 'vmdisk-vhost-bench-'));
 const RUNS = Array.from({ length: ROUNDS }, (_, round) =>
   WORKLOADS.map((w) => ({ ...w, run: `${w.name}#${round}` })),
 ).flat();
-const SCRIPT = RUNS.map(
-  (w) => `echo "VMDISK-BENCH-START ${w.run}"
+// Before the measured runs, each workload once for WARMUP_S, unmeasured, on both servers:
+// V8 compiles vm-disk's I/O path in the first seconds of I/O (its compiler threads took 9%
+// of the daemon's CPU in a first 5 s 4k randread, under 1% in the next), a cost a C
+// daemon does not have and a server in service has long paid.
+const WARMUP_S = Number(process.env.VMDISK_BENCH_WARMUP ?? 3);
+const WARMUP =
+  WARMUP_S > 0
+    ? WORKLOADS.map(
+        (w) => `fio --name=warmup --filename=/dev/vda --ioengine=libaio --direct=1 \\
+  --rw=${w.rw} --bs=${w.bs} --iodepth=32 --runtime=${WARMUP_S} --time_based >/dev/null`,
+      )
+    : [];
+const SCRIPT = [
+  ...WARMUP,
+  ...RUNS.map(
+    (w) => `echo "VMDISK-BENCH-START ${w.run}"
 out=$(timeout ${RUNTIME_S + 60} fio --name=bench --filename=/dev/vda --ioengine=libaio \\
   --direct=1 --rw=${w.rw} --bs=${w.bs} --iodepth=32 --runtime=${RUNTIME_S} --time_based \\
   --output-format=terse) || echo "VMDISK-BENCH-STALLED ${w.run} inflight $(cat /sys/block/vda/inflight)"
 echo "VMDISK-BENCH-END ${w.run} $out"`,
-).join('\n');
+  ),
+].join('\n');
 
 interface Figure {
   /** IOPS for 4 KiB workloads, MiB/s for the sequential one. */
@@ -70,7 +85,7 @@ async function measure(server: VhostServer, image: string): Promise<Map<string, 
       vhostSocket: socket,
       script: SCRIPT,
       fio: true,
-      timeoutMs: 300_000 + RUNS.length * RUNTIME_S * 4000,
+      timeoutMs: 300_000 + (RUNS.length * RUNTIME_S + WARMUP.length * WARMUP_S) * 4000,
       ...(PIN && { cpuAffinity: 1 }),
       onLine: (line) => {
         const [marker, name = '', terse = ''] = line.split(' ');
@@ -112,14 +127,17 @@ async function measure(server: VhostServer, image: string): Promise<Map<string, 
 const report = new BenchReport('vhost');
 const results = new Map<string, Map<string, Figure>>();
 try {
-  const image = join(dir, 'disk.raw');
-  makeImage(image, 'raw', `${IMAGE_MIB}M`);
   report.note(
     `guest: ${hasHardwareKvm() ? 'KVM' : 'TCG (no hardware KVM)'}; ${
       PIN ? 'daemon on CPU 0, QEMU on CPU 1' : 'unpinned (nproc is not 2)'
-    }; ${RUNTIME_S} s per workload, best of ${ROUNDS}, ${IMAGE_MIB} MiB raw image on tmpfs`,
+    }; ${RUNTIME_S} s per workload after a ${WARMUP_S} s warm-up of each, best of ${ROUNDS}, ${IMAGE_MIB} MiB raw image on tmpfs`,
   );
   for (const server of SERVERS) {
+    // A new image for each server: each one's runs start from the same sparse file (the
+    // other's writes would leave data where a read of a hole is cheaper on tmpfs).
+    const image = join(dir, 'disk.raw');
+    rmSync(image, { force: true });
+    makeImage(image, 'raw', `${IMAGE_MIB}M`);
     try {
       results.set(server.name, await measure(server, image));
     } catch (e) {
