@@ -62,11 +62,30 @@ export const UNALLOCATED: Readonly<L2Entry> = Object.freeze({
   sectors: 0,
 });
 
-/** Decodes entry `i` of the L2 table `t`. Throws CORRUPT for entries that cannot be valid. */
+/** The big-endian u32 at byte `o` of `t`. */
+function u32(t: Uint8Array, o: number): number {
+  return ((t[o]! << 24) | (t[o + 1]! << 16) | (t[o + 2]! << 8) | t[o + 3]!) >>> 0;
+}
+
+function putU32(t: Uint8Array, o: number, v: number): void {
+  t[o] = v >>> 24;
+  t[o + 1] = v >>> 16;
+  t[o + 2] = v >>> 8;
+  t[o + 3] = v;
+}
+
+/**
+ * Decodes entry `i` of the L2 table `t`. Throws CORRUPT for entries that cannot be valid.
+ * Bytes read directly (no DataView), and an all-zero entry answered by the shared
+ * UNALLOCATED: this runs for every cluster of every request.
+ */
 export function decodeL2(t: Uint8Array, i: number, g: Geometry): L2Entry {
-  const dv = new DataView(t.buffer, t.byteOffset + i * g.entryBytes, g.entryBytes);
-  const hi = dv.getUint32(0);
-  const lo = dv.getUint32(4);
+  const o = i * g.entryBytes;
+  const hi = u32(t, o);
+  const lo = u32(t, o + 4);
+  if (hi === 0 && lo === 0 && (!g.extendedL2 || (u32(t, o + 8) === 0 && u32(t, o + 12) === 0))) {
+    return UNALLOCATED;
+  }
   if (hi & COMPRESSED_HI) {
     const c = decodeCompressed(hi, lo, g.clusterBits);
     if (c.offset >= 2 ** 56 || c.offset + c.sectors * 512 > Number.MAX_SAFE_INTEGER) {
@@ -89,8 +108,8 @@ export function decodeL2(t: Uint8Array, i: number, g: Geometry): L2Entry {
   }
   const copied = (hi & COPIED_HI) !== 0;
   if (g.extendedL2) {
-    const alloc = dv.getUint32(12);
-    const zero = dv.getUint32(8);
+    const alloc = u32(t, o + 12);
+    const zero = u32(t, o + 8);
     if ((alloc & zero) !== 0) {
       throw new Qcow2CorruptError(`L2 entry ${i} has subclusters both allocated and zero`);
     }
@@ -112,19 +131,19 @@ export function decodeL2(t: Uint8Array, i: number, g: Geometry): L2Entry {
 
 /** Encodes a normal entry into entry `i` of table `t`. */
 export function encodeL2(t: Uint8Array, i: number, e: L2Entry, g: Geometry): void {
-  const dv = new DataView(t.buffer, t.byteOffset + i * g.entryBytes, g.entryBytes);
+  const o = i * g.entryBytes;
   const hi = Math.floor(e.host / 2 ** 32) | (e.copied && e.host !== 0 ? COPIED_HI : 0);
   let lo = e.host % 2 ** 32;
   if (g.extendedL2) {
-    dv.setUint32(0, hi >>> 0);
-    dv.setUint32(4, lo);
-    dv.setUint32(8, e.zero >>> 0);
-    dv.setUint32(12, e.alloc >>> 0);
+    putU32(t, o, hi);
+    putU32(t, o + 4, lo);
+    putU32(t, o + 8, e.zero);
+    putU32(t, o + 12, e.alloc);
     return;
   }
   if (e.zero) lo = (lo | 1) >>> 0;
-  dv.setUint32(0, hi >>> 0);
-  dv.setUint32(4, lo);
+  putU32(t, o, hi);
+  putU32(t, o + 4, lo);
 }
 
 /** Reads the L1 table as raw [hi, lo] words. */

@@ -40,34 +40,48 @@ export class Mutex {
   }
 }
 
-/** Mutexes by key, created on demand and dropped when free. */
+/** A held key: its holder and waiters (FIFO; the array only once someone waits). */
+interface KeyLock {
+  /** The holder plus the waiters. */
+  holders: number;
+  waiters: Array<() => void> | null;
+}
+
+/**
+ * Mutexes by key, created on demand and dropped when free. A free key costs one small
+ * object while held (an allocating write locks every cluster it covers).
+ */
 export class KeyedLocks {
-  #locks = new Map<number, { holders: number; mutex: Mutex }>();
+  #locks = new Map<number, KeyLock>();
 
   async lock(key: number): Promise<void> {
-    let l = this.#locks.get(key);
+    const l = this.#locks.get(key);
     if (!l) {
-      l = { holders: 0, mutex: new Mutex() };
-      this.#locks.set(key, l);
+      this.#locks.set(key, { holders: 1, waiters: null });
+      return;
     }
     l.holders++;
-    await l.mutex.lock();
+    await new Promise<void>((resolve) => {
+      if (l.waiters) l.waiters.push(resolve);
+      else l.waiters = [resolve];
+    });
   }
 
   unlock(key: number): void {
     const l = this.#locks.get(key);
     if (!l) return;
-    l.mutex.unlock();
-    if (--l.holders === 0) this.#locks.delete(key);
+    if (--l.holders === 0) {
+      this.#locks.delete(key);
+      return;
+    }
+    // The next waiter holds it now.
+    l.waiters!.shift()!();
   }
 
   /** Takes the lock of `key` if it is free (synchronously); false when it is not. */
   tryLock(key: number): boolean {
-    const l = this.#locks.get(key);
-    if (l) return false;
-    const m = new Mutex();
-    m.tryLock();
-    this.#locks.set(key, { holders: 1, mutex: m });
+    if (this.#locks.has(key)) return false;
+    this.#locks.set(key, { holders: 1, waiters: null });
     return true;
   }
 
