@@ -45,6 +45,14 @@ export class RangeLock {
     return hold;
   }
 
+  /** serialise() without waiting: the hold, or undefined when something overlaps. */
+  trySerialise(start: number, end: number): RangeHold | undefined {
+    if (overlaps(this.serial, start, end) || overlaps(this.writes, start, end)) return undefined;
+    const hold: RangeHold = { start, end, serialising: true };
+    this.serial.add(hold);
+    return hold;
+  }
+
   /** Gives a hold back and lets the waiters look again. */
   release(hold: RangeHold): void {
     if (hold.serialising) this.serial.delete(hold);

@@ -345,6 +345,65 @@ describe('backup job', () => {
     );
   });
 
+  it('sync=incremental over more scattered clusters than copies in flight: all copied; a failure among them ends the job once its copies are done', async () => {
+    const src = await source();
+    const bm = src.createDirtyBitmap(64 * KiB, 'b0');
+    const guest = await graph.createBackend('src', { write: true });
+    // Every other cluster of the disk: 32 areas, twice the copies in flight.
+    const dirty = () => Array.from({ length: SIZE / (128 * KiB) }, (_, i) => i * 128 * KiB);
+    for (const at of dirty()) await guest.write(at, fill(64 * KiB, 0x5a));
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('inc.qcow2'), String(SIZE)]);
+    await qcow2('inc');
+    const ok = await blockdevBackup(graph, jobs, {
+      jobId: 'i',
+      device: 'src',
+      target: 'inc',
+      sync: 'incremental',
+      bitmap: 'b0',
+    });
+    await ok.job.wait();
+    expect(ok.job.error).toBeUndefined();
+    expect(bm.count()).toBe(0);
+
+    // Dirty again; a write into the last area fails (after the loop has handed out every
+    // area, so the job must wait for its copies): always keeps what was not copied.
+    for (const at of dirty()) await guest.write(at, fill(64 * KiB, 0x5b));
+    sh('qemu-img', ['create', '-q', '-f', 'raw', p('bad.raw'), String(SIZE)]);
+    await graph.add({
+      driver: 'blkdebug',
+      'node-name': 'bad',
+      'inject-error': [{ iotype: 'write', offset: SIZE - 128 * KiB, length: 64 * KiB }],
+      image: { driver: 'raw', file: { driver: 'file', filename: p('bad.raw') } },
+    });
+    const failed = await blockdevBackup(graph, jobs, {
+      jobId: 'f',
+      device: 'src',
+      target: 'bad',
+      sync: 'bitmap',
+      bitmap: 'b0',
+      bitmapMode: 'always',
+    });
+    await failed.job.wait().catch(() => {});
+    expect(failed.job.error).toBeDefined();
+    const left = [...bm.dirtyRanges()];
+    expect(left).toContainEqual({ offset: SIZE - 128 * KiB, length: 64 * KiB });
+    // What was left is dirty clusters only; what was copied reads as the guest wrote it.
+    expect(left.every((r) => r.offset % (128 * KiB) === 0 && r.length === 64 * KiB)).toBe(true);
+    const back = new Uint8Array(64 * KiB);
+    for (const at of dirty()) {
+      if (left.some((r) => r.offset === at)) continue;
+      await graph.node('bad').read(at, back);
+      expect(back.every((b) => b === 0x5b)).toBe(true);
+    }
+    await guest.close();
+    await graph.close();
+    // The first backup: the dirty clusters as they were, zeros elsewhere.
+    sh('qemu-img', ['create', '-q', '-f', 'raw', p('then.raw'), String(SIZE)]);
+    const cmds = dirty().flatMap((at) => ['-c', `write -P 0x5a ${at} 64k`]);
+    sh('qemu-io', ['-f', 'raw', ...cmds, p('then.raw')]);
+    sh('qemu-img', ['compare', '-q', p('then.raw'), p('inc.qcow2')]);
+  });
+
   it('bitmap-mode never keeps the bitmap; always, failed, keeps only what was not copied', async () => {
     const src = await source();
     const bm = src.createDirtyBitmap(64 * KiB, 'b0');

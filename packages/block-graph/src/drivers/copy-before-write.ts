@@ -176,10 +176,15 @@ export class CopyBeforeWriteInstance implements FilterInstance {
    */
   async copyRange(offset: number, length: number): Promise<void> {
     const end = offset + length;
-    const hold = await this.#lock.serialise(offset, end);
+    // Most copies overlap nothing: no wait (a promise and a turn per cluster otherwise).
+    const hold = this.#lock.trySerialise(offset, end) ?? (await this.#lock.serialise(offset, end));
     try {
-      for (const area of [...this.copyBitmap.dirtyRanges(offset, end)]) {
-        await this.#copyArea(area.offset, Math.min(area.offset + area.length, end));
+      // Only this copy resets bits of [offset, end) while it holds the range.
+      for (let pos = offset; ; ) {
+        const area = this.copyBitmap.nextDirtyArea(pos, end);
+        if (!area) break;
+        pos = area.offset + area.length;
+        await this.#copyArea(area.offset, pos);
       }
     } finally {
       this.#lock.release(hold);

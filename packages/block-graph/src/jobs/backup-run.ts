@@ -145,26 +145,43 @@ export class BackupRun {
     const cbw = o.cbw;
     const size = o.source.size();
     const chunk = cbw.copy.compress ? cbw.clusterSize : MAX_CHUNK;
-    const inFlight = new Set<Promise<void>>();
     let failure: { err: unknown; read: boolean } | undefined;
+    // Copies in flight, and who waits for one to end (a count and one waker: a race over
+    // the set of copies would allocate per copy).
+    let inFlight = 0;
+    let wake: (() => void) | undefined;
+    const copy = async (offset: number, length: number): Promise<void> => {
+      try {
+        await bj.io(() => cbw.copyRange(offset, length));
+      } catch (err) {
+        failure ??= { err, read: !isTargetError(err) };
+      } finally {
+        inFlight--;
+        const w = wake;
+        wake = undefined;
+        w?.();
+      }
+    };
+    const slot = (below: number): Promise<void> | undefined =>
+      inFlight < below
+        ? undefined
+        : new Promise<void>((resolve) => {
+            wake = resolve;
+          });
     let pos = 0;
     while (failure === undefined && !job.isCancelled) {
       const area = cbw.copyBitmap.nextDirtyArea(pos, size, chunk);
       if (!area) break;
       pos = area.offset + area.length;
-      const p = bj
-        .io(() => cbw.copyRange(area.offset, area.length))
-        .catch((err: unknown) => {
-          failure ??= { err, read: !isTargetError(err) };
-        })
-        .finally(() => inFlight.delete(p));
-      inFlight.add(p);
-      if (inFlight.size >= MAX_WORKERS) await Promise.race(inFlight);
+      inFlight++;
+      void copy(area.offset, area.length);
+      // Wait for a free worker; the loop is the only waiter.
+      for (let w = slot(MAX_WORKERS); w; w = slot(MAX_WORKERS)) await w;
       // Unlimited: a pause point only (a zero-length sleep per area costs a timer each).
       if (job.speed > 0) await bj.rateLimit(area.length);
       else await job.pausePoint();
     }
-    await Promise.all(inFlight);
+    for (let w = slot(1); w; w = slot(1)) await w;
     return failure;
   }
 }
