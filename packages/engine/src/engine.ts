@@ -8,6 +8,7 @@ import { EngineError, ErrorCode, fromNodeError, IoError } from './errors.ts';
 import { IoUringBackend } from './io-uring.ts';
 import {
   addressOf,
+  bufferedWritesBlock,
   directAlignment,
   ENXIO,
   F_RDLCK,
@@ -182,6 +183,8 @@ class EngineFileImpl implements EngineFile {
   readonly direct: boolean;
   readonly readOnly: boolean;
   readonly logicalBlockSize: number;
+  /** Buffered writes to it always block in the kernel (ext4, tmpfs). */
+  private readonly writesBlock: boolean;
   private readonly closing = new Closing();
   private readonly engine: EngineImpl;
   /** Called once per request when it settles. */
@@ -204,6 +207,7 @@ class EngineFileImpl implements EngineFile {
     this.direct = direct;
     this.readOnly = readOnly;
     this.logicalBlockSize = align;
+    this.writesBlock = !direct && !readOnly && bufferedWritesBlock(fd);
   }
 
   private refuse(): EngineError | null {
@@ -285,6 +289,7 @@ class EngineFileImpl implements EngineFile {
         reject,
         this.settle,
       );
+      if (this.writesBlock && (kind === 'write' || kind === 'writev')) req.blockingWrite = true;
       req.start();
     });
   }

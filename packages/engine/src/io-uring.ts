@@ -73,6 +73,8 @@ const OP_FALLOCATE = 17;
 const OP_READ = 22;
 const OP_WRITE = 23;
 const FSYNC_DATASYNC = 1;
+/** sqe->flags IOSQE_ASYNC, in the SQE's first word (opcode u8, flags u8, ioprio u16). */
+const SQE_ASYNC = (1 << 4) << 8;
 
 /** O_DIRECT requests are submitted as soon as this many are queued (see submit()). */
 const DIRECT_BATCH = 4;
@@ -136,6 +138,8 @@ export class IoUringBackend implements Backend {
   private readonly fallback = new ThreadPoolBackend();
   /** Reads/writes submitted as READ_FIXED/WRITE_FIXED. */
   fixedIos = 0;
+  /** Writes submitted with IOSQE_ASYNC (buffered writes that always block). */
+  asyncWrites = 0;
   /** io_uring_enter calls that submitted (the cost the submission batching saves). */
   enters = 0;
   /** Registered memory, by the ArrayBuffer that owns it. */
@@ -438,6 +442,14 @@ export class IoUringBackend implements Backend {
         addr = req.length;
         len = req.mode;
         break;
+    }
+    // A buffered write that would block anyway goes straight to io-wq (IOSQE_ASYNC): the
+    // non-blocking attempt on the submitting thread only fails and copies the request's
+    // state before the same punt. Measured on ext4 and tmpfs: about half the enters per
+    // write and less CPU per write.
+    if (req.blockingWrite) {
+      op |= SQE_ASYNC;
+      this.asyncWrites++;
     }
     s[w] = op;
     s[w + 1] = req.fd;

@@ -287,6 +287,28 @@ export function directAlignment(fd: number): number {
   return 4096;
 }
 
+const fstatfsFn = libc.func('int fstatfs(int fd, void *buf)');
+const S_IFREG = 0o100000;
+const EXT4_SUPER_MAGIC = 0xef53;
+const TMPFS_MAGIC = 0x01021994;
+
+/**
+ * Whether buffered writes to `fd` always block in the kernel: a regular file on a
+ * filesystem without non-blocking buffered writes (Linux 6.18: ext2/3/4 and tmpfs lack
+ * FOP_BUFFER_WASYNC; XFS and btrfs have it). io_uring then always hands such a write to
+ * an io-wq worker after a failed non-blocking attempt.
+ */
+export function bufferedWritesBlock(fd: number): boolean {
+  const stx = new Uint8Array(256);
+  if (ret(statxFn(fd, '', AT_EMPTY_PATH, STATX_TYPE, stx)) !== 0) return false;
+  if ((new DataView(stx.buffer).getUint16(28, true) & S_IFMT) !== S_IFREG) return false;
+  // struct statfs on x86_64: f_type is the first field (a long).
+  const st = new BigInt64Array(16);
+  if (ret(fstatfsFn(fd, st)) !== 0) return false;
+  const type = Number(st[0]!);
+  return type === EXT4_SUPER_MAGIC || type === TMPFS_MAGIC;
+}
+
 // Open file description locks (fcntl F_OFD_*): byte-range locks owned by the open file, not
 // the process, so two opens of one file in one process conflict as two processes do, and
 // closing another fd of the file does not drop them. They are what QEMU's image locking uses.

@@ -1,9 +1,10 @@
 // The io_uring backend's submission path: how many io_uring_enter calls a turn's requests
 // take, counted by the backend (real ring, real files).
 import { randomFillSync } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Engine, type EngineFile, openEngine } from '../src/index.ts';
+import { bufferedWritesBlock } from '../src/native.ts';
 import { tempDir } from './helpers.ts';
 
 interface Counters {
@@ -70,5 +71,59 @@ describe('io_uring submission', () => {
       }),
     );
     expect(be.enters - before).toBe(2);
+  });
+});
+
+describe('buffered writes that always block', () => {
+  it('are told apart by file type: regular files on tmpfs and ext4, not devices', async () => {
+    const tmp = tempDir('/dev/shm');
+    try {
+      writeFileSync(tmp.file('a.img'), Buffer.alloc(4096));
+      const fd = openSync(tmp.file('a.img'), 'r+');
+      const dev = openSync('/dev/null', 'r+');
+      try {
+        expect(bufferedWritesBlock(fd)).toBe(true);
+        // /dev/null lives on devtmpfs (tmpfs's magic number) but is no regular file.
+        expect(bufferedWritesBlock(dev)).toBe(false);
+      } finally {
+        closeSync(fd);
+        closeSync(dev);
+      }
+    } finally {
+      tmp.cleanup();
+    }
+  });
+
+  it('io_uring sends them to io-wq at once (IOSQE_ASYNC), and they are right', async () => {
+    const tmp = tempDir('/dev/shm');
+    const engine = await openEngine({ backend: 'io_uring' });
+    try {
+      const be = (engine as unknown as { be: { asyncWrites: number } }).be;
+      const path = tmp.file('w.img');
+      const f = await engine.openFile(path, { create: true });
+      const data = randomFillSync(Buffer.alloc(256 * 1024));
+      const before = be.asyncWrites;
+      // Many in flight, plain and vectored, arena and heap buffers.
+      await Promise.all(
+        Array.from({ length: 32 }, (_, i) => {
+          const part = data.subarray(i * 8192, (i + 1) * 8192);
+          if (i % 3 === 0) return f.writev([part.subarray(0, 100), part.subarray(100)], i * 8192);
+          const buf = i % 3 === 1 ? engine.allocBuffer(8192) : Buffer.alloc(8192);
+          part.copy(buf);
+          return f.write(buf, i * 8192);
+        }),
+      );
+      expect(be.asyncWrites - before).toBe(32);
+      const back = Buffer.alloc(data.length);
+      expect(await f.read(back, 0)).toBe(data.length);
+      expect(back.equals(data)).toBe(true);
+      expect(readFileSync(path).equals(data)).toBe(true);
+      // Reads are not punted.
+      expect(be.asyncWrites - before).toBe(32);
+      await f.close();
+    } finally {
+      await engine.close();
+      tmp.cleanup();
+    }
   });
 });
