@@ -8,7 +8,8 @@ import { EngineError, ErrorCode, fromNodeError, IoError } from './errors.ts';
 import { IoUringBackend } from './io-uring.ts';
 import {
   addressOf,
-  bufferedWritesBlock,
+  type BlockingIo,
+  bufferedIoBlocks,
   directAlignment,
   ENXIO,
   F_RDLCK,
@@ -183,8 +184,8 @@ class EngineFileImpl implements EngineFile {
   readonly direct: boolean;
   readonly readOnly: boolean;
   readonly logicalBlockSize: number;
-  /** Buffered writes to it always block in the kernel (ext4, tmpfs). */
-  private readonly writesBlock: boolean;
+  /** Which of its buffered requests always block in the kernel (ext4, tmpfs). */
+  private readonly blocking: BlockingIo;
   private readonly closing = new Closing();
   private readonly engine: EngineImpl;
   /** Called once per request when it settles. */
@@ -207,7 +208,7 @@ class EngineFileImpl implements EngineFile {
     this.direct = direct;
     this.readOnly = readOnly;
     this.logicalBlockSize = align;
-    this.writesBlock = !direct && !readOnly && bufferedWritesBlock(fd);
+    this.blocking = direct ? { reads: false, writes: false } : bufferedIoBlocks(fd);
   }
 
   private refuse(): EngineError | null {
@@ -289,7 +290,8 @@ class EngineFileImpl implements EngineFile {
         reject,
         this.settle,
       );
-      if (this.writesBlock && (kind === 'write' || kind === 'writev')) req.blockingWrite = true;
+      if (kind === 'write' || kind === 'writev') req.blocks = this.blocking.writes;
+      else if (kind === 'read' || kind === 'readv') req.blocks = this.blocking.reads;
       req.start();
     });
   }

@@ -4,7 +4,7 @@ import { randomFillSync } from 'node:crypto';
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Engine, type EngineFile, openEngine } from '../src/index.ts';
-import { bufferedWritesBlock } from '../src/native.ts';
+import { bufferedIoBlocks } from '../src/native.ts';
 import { tempDir } from './helpers.ts';
 
 interface Counters {
@@ -74,7 +74,7 @@ describe('io_uring submission', () => {
   });
 });
 
-describe('buffered writes that always block', () => {
+describe('buffered requests that always block', () => {
   it('are told apart by file type: regular files on tmpfs and ext4, not devices', async () => {
     const tmp = tempDir('/dev/shm');
     try {
@@ -82,9 +82,9 @@ describe('buffered writes that always block', () => {
       const fd = openSync(tmp.file('a.img'), 'r+');
       const dev = openSync('/dev/null', 'r+');
       try {
-        expect(bufferedWritesBlock(fd)).toBe(true);
+        expect(bufferedIoBlocks(fd)).toEqual({ reads: true, writes: true });
         // /dev/null lives on devtmpfs (tmpfs's magic number) but is no regular file.
-        expect(bufferedWritesBlock(dev)).toBe(false);
+        expect(bufferedIoBlocks(dev)).toEqual({ reads: false, writes: false });
       } finally {
         closeSync(fd);
         closeSync(dev);
@@ -94,15 +94,15 @@ describe('buffered writes that always block', () => {
     }
   });
 
-  it('io_uring sends them to io-wq at once (IOSQE_ASYNC), and they are right', async () => {
+  it('io_uring sends them to io-wq at once (IOSQE_ASYNC), and they are right; O_DIRECT ones it does not', async () => {
     const tmp = tempDir('/dev/shm');
     const engine = await openEngine({ backend: 'io_uring' });
     try {
-      const be = (engine as unknown as { be: { asyncWrites: number } }).be;
+      const be = (engine as unknown as { be: { asyncIos: number } }).be;
       const path = tmp.file('w.img');
       const f = await engine.openFile(path, { create: true });
       const data = randomFillSync(Buffer.alloc(256 * 1024));
-      const before = be.asyncWrites;
+      const before = be.asyncIos;
       // Many in flight, plain and vectored, arena and heap buffers.
       await Promise.all(
         Array.from({ length: 32 }, (_, i) => {
@@ -113,14 +113,22 @@ describe('buffered writes that always block', () => {
           return f.write(buf, i * 8192);
         }),
       );
-      expect(be.asyncWrites - before).toBe(32);
+      expect(be.asyncIos - before).toBe(32);
       const back = Buffer.alloc(data.length);
       expect(await f.read(back, 0)).toBe(data.length);
       expect(back.equals(data)).toBe(true);
       expect(readFileSync(path).equals(data)).toBe(true);
-      // Reads are not punted.
-      expect(be.asyncWrites - before).toBe(32);
+      // The read too (tmpfs has no non-blocking buffered reads).
+      expect(be.asyncIos - before).toBe(33);
       await f.close();
+      // O_DIRECT requests are never punted up front.
+      const d = await engine.openFile(path, { direct: true });
+      const aligned = engine.allocBuffer(8192);
+      await d.write(aligned, 0);
+      expect(await d.read(aligned, 8192)).toBe(8192);
+      expect(aligned.equals(data.subarray(8192, 16384))).toBe(true);
+      await d.close();
+      expect(be.asyncIos - before).toBe(33);
     } finally {
       await engine.close();
       tmp.cleanup();
