@@ -7,9 +7,9 @@
 // queue only after the microtask queue is empty), and handed to the kernel with one
 // io_uring_enter. A plain microtask would flush at the depth of the first request, before
 // the continuations deeper in the same turn have issued theirs. No event-loop turn is
-// added, so a lone request waits no longer. O_DIRECT requests
-// go in groups of DIRECT_BATCH as soon as a group is queued, so that the device starts on
-// them while the rest of the turn is still being issued. Never more requests
+// added, so a lone request waits no longer. O_DIRECT requests too: handing them over in
+// groups of 4 as they were queued (so that the device starts early) measured 8x the enters
+// and nearly twice the CPU per 4 KiB read at QD32, for no more IOPS. Never more requests
 // in flight than the CQ holds (the rest wait in `pending`), so the CQ cannot overflow; if
 // the kernel still reports an overflow, it is flushed with GETEVENTS.
 //
@@ -76,8 +76,6 @@ const FSYNC_DATASYNC = 1;
 /** sqe->flags IOSQE_ASYNC, in the SQE's first word (opcode u8, flags u8, ioprio u16). */
 const SQE_ASYNC = (1 << 4) << 8;
 
-/** O_DIRECT requests are submitted as soon as this many are queued (see submit()). */
-const DIRECT_BATCH = 4;
 const TWO32 = 4294967296;
 /** The most one read/write attempt asks for (the SQE length is 32 bits); the rest of a
  * larger buffer is a continuation, like a short transfer. */
@@ -347,15 +345,6 @@ export class IoUringBackend implements Backend {
       return;
     }
     this.pending.push(req);
-    // O_DIRECT (align > 0): the device works while JS is still issuing the rest of the
-    // turn's requests, so hand them over in groups of DIRECT_BATCH rather than all at the
-    // end of the turn: a batch of completions otherwise leaves the device idle until every
-    // continuation has run. Buffered requests complete inline in the enter call: one
-    // enter per turn is cheaper for them.
-    if (req.align > 0 && this.pending.length - this.pendingHead >= DIRECT_BATCH) {
-      this.flush();
-      return;
-    }
     this.scheduleFlush();
   }
 

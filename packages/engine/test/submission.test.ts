@@ -57,6 +57,21 @@ describe('io_uring submission', () => {
     }
   });
 
+  it('O_DIRECT requests of one turn share one io_uring_enter too', async () => {
+    const d = await engine.openFile(tmp.file('a.img'), { direct: true });
+    try {
+      const a = d.logicalBlockSize;
+      const bufs = Array.from({ length: 16 }, () => engine.allocBuffer(a));
+      const before = be.enters;
+      const n = await Promise.all(bufs.map((b, i) => d.read(b, (i % 8) * a)));
+      expect(be.enters - before).toBe(1);
+      expect(n).toEqual(bufs.map(() => a));
+      expect(bufs[3]!.equals(data.subarray(3 * a, 4 * a))).toBe(true);
+    } finally {
+      await d.close();
+    }
+  });
+
   it('the continuations of a batch of completions submit together', async () => {
     const bufs = Array.from({ length: 8 }, () => Buffer.alloc(4096));
     await Promise.all(bufs.map((b, i) => file.read(b, i * 4096)));
