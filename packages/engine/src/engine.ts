@@ -555,8 +555,8 @@ const autoPicks = new Map<string, BackendName>();
 
 /** This JS thread's shared engine for a backend (created on first use, then the same
  * object; a new one once that one is closed). 'auto' and the backend it picks are one
- * engine: buffers from one are the other's registered buffers, and io_uring writes from
- * registered buffers complete in the enter call where others wait for a kernel worker.
+ * engine: buffers from one are the other's registered buffers (READ/WRITE_FIXED: no
+ * pinning of the pages per request).
  * Module state is per thread: a worker gets its own. */
 export async function sharedEngine(backend: BackendName | 'auto' = 'auto'): Promise<Engine> {
   const env = process.env.VMDISK_ENGINE ?? '';
