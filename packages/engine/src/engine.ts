@@ -8,6 +8,8 @@ import { EngineError, ErrorCode, fromNodeError, IoError } from './errors.ts';
 import { IoUringBackend } from './io-uring.ts';
 import {
   addressOf,
+  type BlockingIo,
+  bufferedIoBlocks,
   directAlignment,
   ENXIO,
   F_RDLCK,
@@ -182,6 +184,8 @@ class EngineFileImpl implements EngineFile {
   readonly direct: boolean;
   readonly readOnly: boolean;
   readonly logicalBlockSize: number;
+  /** Which of its buffered requests always block in the kernel (ext4, tmpfs). */
+  private readonly blocking: BlockingIo;
   private readonly closing = new Closing();
   private readonly engine: EngineImpl;
   /** Called once per request when it settles. */
@@ -204,6 +208,7 @@ class EngineFileImpl implements EngineFile {
     this.direct = direct;
     this.readOnly = readOnly;
     this.logicalBlockSize = align;
+    this.blocking = direct ? { reads: false, writes: false } : bufferedIoBlocks(fd);
   }
 
   private refuse(): EngineError | null {
@@ -285,6 +290,8 @@ class EngineFileImpl implements EngineFile {
         reject,
         this.settle,
       );
+      if (kind === 'write' || kind === 'writev') req.blocks = this.blocking.writes;
+      else if (kind === 'read' || kind === 'readv') req.blocks = this.blocking.reads;
       req.start();
     });
   }
@@ -548,8 +555,8 @@ const autoPicks = new Map<string, BackendName>();
 
 /** This JS thread's shared engine for a backend (created on first use, then the same
  * object; a new one once that one is closed). 'auto' and the backend it picks are one
- * engine: buffers from one are the other's registered buffers, and io_uring writes from
- * registered buffers complete in the enter call where others wait for a kernel worker.
+ * engine: buffers from one are the other's registered buffers (READ/WRITE_FIXED: no
+ * pinning of the pages per request).
  * Module state is per thread: a worker gets its own. */
 export async function sharedEngine(backend: BackendName | 'auto' = 'auto'): Promise<Engine> {
   const env = process.env.VMDISK_ENGINE ?? '';

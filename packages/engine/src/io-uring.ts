@@ -2,10 +2,14 @@
 // koffi; the SQ and CQ rings and the SQE array are mmap'd and written in place through
 // typed-array views over koffi.view(); head/tail go through Atomics.
 //
-// Submission: requests issued in one JS turn are queued and written to the SQ by one
-// microtask, which hands them to the kernel with one io_uring_enter; O_DIRECT requests
-// go in groups of DIRECT_BATCH as soon as a group is queued, so that the device starts on
-// them while the rest of the turn is still being issued. Never more requests
+// Submission: requests issued in one JS turn are queued and written to the SQ once the
+// turn's microtasks have all run (a microtask that queues a nextTick: Node runs the tick
+// queue only after the microtask queue is empty), and handed to the kernel with one
+// io_uring_enter. A plain microtask would flush at the depth of the first request, before
+// the continuations deeper in the same turn have issued theirs. No event-loop turn is
+// added, so a lone request waits no longer. O_DIRECT requests too: handing them over in
+// groups of 4 as they were queued (so that the device starts early) measured 8x the enters
+// and nearly twice the CPU per 4 KiB read at QD32, for no more IOPS. Never more requests
 // in flight than the CQ holds (the rest wait in `pending`), so the CQ cannot overflow; if
 // the kernel still reports an overflow, it is flushed with GETEVENTS.
 //
@@ -69,9 +73,9 @@ const OP_FALLOCATE = 17;
 const OP_READ = 22;
 const OP_WRITE = 23;
 const FSYNC_DATASYNC = 1;
+/** sqe->flags IOSQE_ASYNC, in the SQE's first word (opcode u8, flags u8, ioprio u16). */
+const SQE_ASYNC = (1 << 4) << 8;
 
-/** O_DIRECT requests are submitted as soon as this many are queued (see submit()). */
-const DIRECT_BATCH = 4;
 const TWO32 = 4294967296;
 /** The most one read/write attempt asks for (the SQE length is 32 bits); the rest of a
  * larger buffer is a continuation, like a short transfer. */
@@ -132,12 +136,17 @@ export class IoUringBackend implements Backend {
   private readonly fallback = new ThreadPoolBackend();
   /** Reads/writes submitted as READ_FIXED/WRITE_FIXED. */
   fixedIos = 0;
+  /** Requests submitted with IOSQE_ASYNC (buffered ones that always block). */
+  asyncIos = 0;
+  /** io_uring_enter calls that submitted (the cost the submission batching saves). */
+  enters = 0;
   /** Registered memory, by the ArrayBuffer that owns it. */
   private readonly registered = new WeakMap<ArrayBufferLike, Registered>();
   /** Slots of the buffer table never used yet start here; freed ones are reused. */
   private nextSlot = 0;
   private readonly freeSlots: number[] = [];
   private readonly flushFn = (): void => this.flush();
+  private readonly deferFlushFn = (): void => process.nextTick(this.flushFn);
   private readonly reapFn = (): void => {
     this.reapScheduled = false;
     this.reap();
@@ -336,18 +345,13 @@ export class IoUringBackend implements Backend {
       return;
     }
     this.pending.push(req);
-    // O_DIRECT (align > 0): the device works while JS is still issuing the rest of the
-    // turn's requests, so hand them over in groups of DIRECT_BATCH rather than all at the
-    // end of the turn: a batch of completions otherwise leaves the device idle until every
-    // continuation has run. Buffered requests complete inline in the enter call: one
-    // enter per turn is cheaper for them.
-    if (req.align > 0 && this.pending.length - this.pendingHead >= DIRECT_BATCH) {
-      this.flush();
-      return;
-    }
+    this.scheduleFlush();
+  }
+
+  private scheduleFlush(): void {
     if (!this.flushScheduled) {
       this.flushScheduled = true;
-      queueMicrotask(this.flushFn);
+      queueMicrotask(this.deferFlushFn);
     }
   }
 
@@ -428,6 +432,14 @@ export class IoUringBackend implements Backend {
         len = req.mode;
         break;
     }
+    // A buffered request that would block anyway goes straight to io-wq (IOSQE_ASYNC):
+    // the non-blocking attempt on the submitting thread only fails and copies the
+    // request's state before the same punt. Measured on ext4 and tmpfs: about half the
+    // enters and syscalls per request.
+    if (req.blocks) {
+      op |= SQE_ASYNC;
+      this.asyncIos++;
+    }
     s[w] = op;
     s[w + 1] = req.fd;
     s[w + 2] = off >>> 0;
@@ -453,6 +465,7 @@ export class IoUringBackend implements Backend {
       const toSubmit = (this.sqTail - Atomics.load(this.sq, this.sqHeadI)) >>> 0;
       if (toSubmit === 0) break;
       const r = ioUringEnter(this.ringFd, toSubmit, 0, 0);
+      this.enters++;
       if (r >= 0) {
         if (r === 0) break;
         continue;
@@ -471,12 +484,7 @@ export class IoUringBackend implements Backend {
   }
 
   private retryLater(): void {
-    setImmediate(() => {
-      if (!this.flushScheduled) {
-        this.flushScheduled = true;
-        queueMicrotask(this.flushFn);
-      }
-    });
+    setImmediate(() => this.scheduleFlush());
   }
 
   /** io_uring_enter failed hard: take back the SQEs the kernel did not consume and fail

@@ -287,6 +287,37 @@ export function directAlignment(fd: number): number {
   return 4096;
 }
 
+const fstatfsFn = libc.func('int fstatfs(int fd, void *buf)');
+const S_IFREG = 0o100000;
+const EXT4_SUPER_MAGIC = 0xef53;
+const TMPFS_MAGIC = 0x01021994;
+
+/** Which buffered requests to a file always block in the kernel (see bufferedIoBlocks). */
+export interface BlockingIo {
+  reads: boolean;
+  writes: boolean;
+}
+
+/**
+ * Which buffered requests to `fd` always block, so that io_uring's non-blocking attempt
+ * on the submitting thread only fails before it hands them to an io-wq worker: on a regular
+ * file, writes where the filesystem lacks non-blocking buffered writes (Linux 6.18: ext2/3/4
+ * and tmpfs lack FOP_BUFFER_WASYNC; XFS and btrfs have it), and reads where it also lacks
+ * non-blocking buffered reads (tmpfs: FOP_BUFFER_RASYNC). Counted with the
+ * io_uring:io_uring_queue_async_work tracepoint: one per such request.
+ */
+export function bufferedIoBlocks(fd: number): BlockingIo {
+  const none = { reads: false, writes: false };
+  const stx = new Uint8Array(256);
+  if (ret(statxFn(fd, '', AT_EMPTY_PATH, STATX_TYPE, stx)) !== 0) return none;
+  if ((new DataView(stx.buffer).getUint16(28, true) & S_IFMT) !== S_IFREG) return none;
+  // struct statfs on x86_64: f_type is the first field (a long).
+  const st = new BigInt64Array(16);
+  if (ret(fstatfsFn(fd, st)) !== 0) return none;
+  const type = Number(st[0]!);
+  return { reads: type === TMPFS_MAGIC, writes: type === EXT4_SUPER_MAGIC || type === TMPFS_MAGIC };
+}
+
 // Open file description locks (fcntl F_OFD_*): byte-range locks owned by the open file, not
 // the process, so two opens of one file in one process conflict as two processes do, and
 // closing another fd of the file does not drop them. They are what QEMU's image locking uses.

@@ -40,6 +40,9 @@ export class IoRequest {
   /** Bytes transferred so far. */
   done = 0;
   retries = 0;
+  /** A buffered read or write that always blocks in the kernel (see bufferedIoBlocks):
+   * io_uring sends it straight to a worker. */
+  blocks = false;
   /** Backend-private: iovec array of the current attempt, kept alive until completion. */
   iov: Uint32Array | null = null;
   private readonly resolve: (n: number) => void;

@@ -6,8 +6,12 @@ import type { BackendName } from '../src/index.ts';
 
 export const BACKENDS: BackendName[] = ['io_uring', 'aio', 'threadpool'];
 
-export function tempDir(): { dir: string; file: (name: string) => string; cleanup: () => void } {
-  const dir = mkdtempSync(join(tmpdir(), 'vmdisk-engine-'));
+export function tempDir(base = tmpdir()): {
+  dir: string;
+  file: (name: string) => string;
+  cleanup: () => void;
+} {
+  const dir = mkdtempSync(join(base, 'vmdisk-engine-'));
   return {
     dir,
     file: (name) => join(dir, name),

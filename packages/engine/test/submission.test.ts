@@ -1,0 +1,152 @@
+// The io_uring backend's submission path: how many io_uring_enter calls a turn's requests
+// take, counted by the backend (real ring, real files).
+import { randomFillSync } from 'node:crypto';
+import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { type Engine, type EngineFile, openEngine } from '../src/index.ts';
+import { bufferedIoBlocks } from '../src/native.ts';
+import { tempDir } from './helpers.ts';
+
+interface Counters {
+  enters: number;
+}
+
+describe('io_uring submission', () => {
+  const tmp = tempDir();
+  let engine: Engine;
+  let be: Counters;
+  let file: EngineFile;
+  const data = randomFillSync(Buffer.alloc(64 * 1024));
+
+  beforeAll(async () => {
+    engine = await openEngine({ backend: 'io_uring' });
+    be = (engine as unknown as { be: Counters }).be;
+    writeFileSync(tmp.file('a.img'), data);
+    file = await engine.openFile(tmp.file('a.img'));
+  });
+
+  afterAll(async () => {
+    await engine.close();
+    tmp.cleanup();
+  });
+
+  it('requests issued at different promise depths of one turn share one io_uring_enter', async () => {
+    const bufs = Array.from({ length: 4 }, () => Buffer.alloc(4096));
+    const before = be.enters;
+    const read = (i: number): Promise<number> => file.read(bufs[i]!, i * 4096);
+    // Issued at once, one promise hop later, and two async-function hops later: what a
+    // caller's continuation chain of mixed depth does within one turn.
+    const all = Promise.all([
+      read(0),
+      Promise.resolve().then(() => read(1)),
+      (async () => {
+        await null;
+        await null;
+        return read(2);
+      })(),
+      (async () => {
+        await read(0);
+        return 0;
+      })().then(() => 0),
+    ]);
+    queueMicrotask(() => queueMicrotask(() => void read(3)));
+    await all;
+    expect(be.enters - before).toBe(1);
+    for (let i = 0; i < 3; i++) {
+      expect(bufs[i]!.equals(data.subarray(i * 4096, (i + 1) * 4096))).toBe(true);
+    }
+  });
+
+  it('O_DIRECT requests of one turn share one io_uring_enter too', async () => {
+    const d = await engine.openFile(tmp.file('a.img'), { direct: true });
+    try {
+      const a = d.logicalBlockSize;
+      const bufs = Array.from({ length: 16 }, () => engine.allocBuffer(a));
+      const before = be.enters;
+      const n = await Promise.all(bufs.map((b, i) => d.read(b, (i % 8) * a)));
+      expect(be.enters - before).toBe(1);
+      expect(n).toEqual(bufs.map(() => a));
+      expect(bufs[3]!.equals(data.subarray(3 * a, 4 * a))).toBe(true);
+    } finally {
+      await d.close();
+    }
+  });
+
+  it('the continuations of a batch of completions submit together', async () => {
+    const bufs = Array.from({ length: 8 }, () => Buffer.alloc(4096));
+    await Promise.all(bufs.map((b, i) => file.read(b, i * 4096)));
+    const before = be.enters;
+    // Eight chains whose second request is issued at different depths after the first
+    // completes: the second requests go in one enter.
+    await Promise.all(
+      bufs.map(async (b, i) => {
+        await file.read(b, i * 4096);
+        for (let d = 0; d < i; d++) await null;
+        await file.read(b, ((i + 8) % 16) * 4096);
+      }),
+    );
+    expect(be.enters - before).toBe(2);
+  });
+});
+
+describe('buffered requests that always block', () => {
+  it('are told apart by file type: regular files on tmpfs and ext4, not devices', async () => {
+    const tmp = tempDir('/dev/shm');
+    try {
+      writeFileSync(tmp.file('a.img'), Buffer.alloc(4096));
+      const fd = openSync(tmp.file('a.img'), 'r+');
+      const dev = openSync('/dev/null', 'r+');
+      try {
+        expect(bufferedIoBlocks(fd)).toEqual({ reads: true, writes: true });
+        // /dev/null lives on devtmpfs (tmpfs's magic number) but is no regular file.
+        expect(bufferedIoBlocks(dev)).toEqual({ reads: false, writes: false });
+      } finally {
+        closeSync(fd);
+        closeSync(dev);
+      }
+    } finally {
+      tmp.cleanup();
+    }
+  });
+
+  it('io_uring sends them to io-wq at once (IOSQE_ASYNC), and they are right; O_DIRECT ones it does not', async () => {
+    const tmp = tempDir('/dev/shm');
+    const engine = await openEngine({ backend: 'io_uring' });
+    try {
+      const be = (engine as unknown as { be: { asyncIos: number } }).be;
+      const path = tmp.file('w.img');
+      const f = await engine.openFile(path, { create: true });
+      const data = randomFillSync(Buffer.alloc(256 * 1024));
+      const before = be.asyncIos;
+      // Many in flight, plain and vectored, arena and heap buffers.
+      await Promise.all(
+        Array.from({ length: 32 }, (_, i) => {
+          const part = data.subarray(i * 8192, (i + 1) * 8192);
+          if (i % 3 === 0) return f.writev([part.subarray(0, 100), part.subarray(100)], i * 8192);
+          const buf = i % 3 === 1 ? engine.allocBuffer(8192) : Buffer.alloc(8192);
+          part.copy(buf);
+          return f.write(buf, i * 8192);
+        }),
+      );
+      expect(be.asyncIos - before).toBe(32);
+      const back = Buffer.alloc(data.length);
+      expect(await f.read(back, 0)).toBe(data.length);
+      expect(back.equals(data)).toBe(true);
+      expect(readFileSync(path).equals(data)).toBe(true);
+      // The read too (tmpfs has no non-blocking buffered reads).
+      expect(be.asyncIos - before).toBe(33);
+      await f.close();
+      // O_DIRECT requests are never punted up front.
+      const d = await engine.openFile(path, { direct: true });
+      const aligned = engine.allocBuffer(8192);
+      await d.write(aligned, 0);
+      expect(await d.read(aligned, 8192)).toBe(8192);
+      expect(aligned.equals(data.subarray(8192, 16384))).toBe(true);
+      await d.close();
+      expect(be.asyncIos - before).toBe(33);
+    } finally {
+      await engine.close();
+      tmp.cleanup();
+    }
+  });
+});
