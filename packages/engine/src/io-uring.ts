@@ -41,6 +41,8 @@ import {
   iovecs,
   mmap,
   munmap,
+  pread,
+  pwrite,
   view,
 } from './native.ts';
 import type { Backend, IoRequest } from './request.ts';
@@ -80,6 +82,13 @@ const TWO32 = 4294967296;
 /** The most one read/write attempt asks for (the SQE length is 32 bits); the rest of a
  * larger buffer is a continuation, like a short transfer. */
 const MAX_ATTEMPT = 1 << 30;
+/**
+ * Requests up to this many bytes that would block go inline (see inline()); 0: never.
+ * Measured with the daemon pinned to one core: CPU per 4 KiB request on tmpfs 15-20%
+ * lower, vhost-user reads about half; larger copies gain from running on io-wq beside the
+ * event loop.
+ */
+const INLINE_MAX = Number(process.env.VMDISK_ENGINE_INLINE_MAX ?? 64 * 1024);
 
 export interface IoUringInfo {
   sqEntries: number;
@@ -138,6 +147,8 @@ export class IoUringBackend implements Backend {
   fixedIos = 0;
   /** Requests submitted with IOSQE_ASYNC (buffered ones that always block). */
   asyncIos = 0;
+  /** Requests done inline with pread/pwrite (see inline()). */
+  inlineIos = 0;
   /** io_uring_enter calls that submitted (the cost the submission batching saves). */
   enters = 0;
   /** Registered memory, by the ArrayBuffer that owns it. */
@@ -368,6 +379,7 @@ export class IoUringBackend implements Backend {
       }
       const req = this.pending[this.pendingHead]!;
       this.pending[this.pendingHead++] = undefined as unknown as IoRequest;
+      if (this.inline(req)) continue;
       const slot = this.free.pop()!;
       this.slots[slot] = req;
       this.count++;
@@ -381,6 +393,23 @@ export class IoUringBackend implements Backend {
     }
     if (queued > 0 || this.sqTail !== Atomics.load(this.sq, this.sqHeadI)) this.enter();
     this.updateRef();
+  }
+
+  /**
+   * A small buffered request that would go to io-wq anyway (req.blocks: tmpfs, ext4
+   * writes), done here with pread/pwrite instead: a copy in the page cache costs less
+   * than the hand-off to a kernel worker and the wake-up back. Completed now, in the
+   * flush (never on the issuer's stack).
+   */
+  private inline(req: IoRequest): boolean {
+    if (INLINE_MAX === 0 || !req.blocks || req.remaining > INLINE_MAX) return false;
+    if ((req.kind !== 'read' && req.kind !== 'write') || req.bufs.length !== 1) return false;
+    const b = req.bufs[0]!;
+    this.inlineIos++;
+    req.complete(
+      req.kind === 'read' ? pread(req.fd, b, req.position) : pwrite(req.fd, b, req.position),
+    );
+    return true;
   }
 
   /** Fills the SQE at word index `w` for the remaining part of `req`. */

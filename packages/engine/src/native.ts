@@ -65,6 +65,8 @@ const eventfdFn = libc.func('int eventfd(uint initval, int flags)');
 const readFn = libc.func('long read(int fd, void *buf, size_t count)');
 const writeFn = libc.func('long write(int fd, void *buf, size_t count)');
 const lseekFn = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
+const preadFn = libc.func('long pread(int fd, void *buf, size_t count, int64_t offset)');
+const pwriteFn = libc.func('long pwrite(int fd, void *buf, size_t count, int64_t offset)');
 const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
 const statxFn = libc.func(
   'int statx(int dirfd, const char *path, int flags, uint mask, void *buf)',
@@ -201,6 +203,16 @@ export function eventfdWrite(fd: number, value: number): number {
 export const SEEK_END = 2;
 export const SEEK_DATA = 3;
 export const SEEK_HOLE = 4;
+
+/** pread(2) on this thread: bytes read or -errno. */
+export function pread(fd: number, buf: Uint8Array, offset: number): number {
+  return ret(preadFn(fd, buf, buf.byteLength, offset));
+}
+
+/** pwrite(2) on this thread: bytes written or -errno. */
+export function pwrite(fd: number, buf: Uint8Array, offset: number): number {
+  return ret(pwriteFn(fd, buf, buf.byteLength, offset));
+}
 
 export function lseek(fd: number, offset: number, whence: number): number {
   return ret(lseekFn(fd, offset, whence));

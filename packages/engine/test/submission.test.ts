@@ -109,32 +109,33 @@ describe('buffered requests that always block', () => {
     }
   });
 
-  it('io_uring sends them to io-wq at once (IOSQE_ASYNC), and they are right; O_DIRECT ones it does not', async () => {
+  it('io_uring sends the large ones to io-wq at once (IOSQE_ASYNC), and they are right; O_DIRECT ones it does not', async () => {
     const tmp = tempDir('/dev/shm');
     const engine = await openEngine({ backend: 'io_uring' });
     try {
       const be = (engine as unknown as { be: { asyncIos: number } }).be;
       const path = tmp.file('w.img');
       const f = await engine.openFile(path, { create: true });
-      const data = randomFillSync(Buffer.alloc(256 * 1024));
+      const piece = 128 * 1024; // over the inline limit
+      const data = randomFillSync(Buffer.alloc(16 * piece));
       const before = be.asyncIos;
       // Many in flight, plain and vectored, arena and heap buffers.
       await Promise.all(
-        Array.from({ length: 32 }, (_, i) => {
-          const part = data.subarray(i * 8192, (i + 1) * 8192);
-          if (i % 3 === 0) return f.writev([part.subarray(0, 100), part.subarray(100)], i * 8192);
-          const buf = i % 3 === 1 ? engine.allocBuffer(8192) : Buffer.alloc(8192);
+        Array.from({ length: 16 }, (_, i) => {
+          const part = data.subarray(i * piece, (i + 1) * piece);
+          if (i % 3 === 0) return f.writev([part.subarray(0, 100), part.subarray(100)], i * piece);
+          const buf = i % 3 === 1 ? engine.allocBuffer(piece) : Buffer.alloc(piece);
           part.copy(buf);
-          return f.write(buf, i * 8192);
+          return f.write(buf, i * piece);
         }),
       );
-      expect(be.asyncIos - before).toBe(32);
+      expect(be.asyncIos - before).toBe(16);
       const back = Buffer.alloc(data.length);
       expect(await f.read(back, 0)).toBe(data.length);
       expect(back.equals(data)).toBe(true);
       expect(readFileSync(path).equals(data)).toBe(true);
       // The read too (tmpfs has no non-blocking buffered reads).
-      expect(be.asyncIos - before).toBe(33);
+      expect(be.asyncIos - before).toBe(17);
       await f.close();
       // O_DIRECT requests are never punted up front.
       const d = await engine.openFile(path, { direct: true });
@@ -143,7 +144,45 @@ describe('buffered requests that always block', () => {
       expect(await d.read(aligned, 8192)).toBe(8192);
       expect(aligned.equals(data.subarray(8192, 16384))).toBe(true);
       await d.close();
-      expect(be.asyncIos - before).toBe(33);
+      expect(be.asyncIos - before).toBe(17);
+    } finally {
+      await engine.close();
+      tmp.cleanup();
+    }
+  });
+
+  it('the small ones are done inline with pread/pwrite, settled after the issuing call returns', async () => {
+    const tmp = tempDir('/dev/shm');
+    const engine = await openEngine({ backend: 'io_uring' });
+    try {
+      const be = (engine as unknown as { be: { asyncIos: number; inlineIos: number } }).be;
+      const path = tmp.file('s.img');
+      const f = await engine.openFile(path, { create: true });
+      const data = randomFillSync(Buffer.alloc(32 * 4096));
+      const inline0 = be.inlineIos;
+      const async0 = be.asyncIos;
+      let settled = 0;
+      const writes = Array.from({ length: 32 }, (_, i) => {
+        const part = data.subarray(i * 4096, (i + 1) * 4096);
+        // Vectored requests take io-wq (one buffer each is what goes inline).
+        const p =
+          i % 4 === 0
+            ? f.writev([part.subarray(0, 512), part.subarray(512)], i * 4096)
+            : f.write(Buffer.from(part), i * 4096);
+        return p.then(() => settled++);
+      });
+      expect(settled).toBe(0); // never on the issuer's stack
+      await Promise.all(writes);
+      expect(be.inlineIos - inline0).toBe(24);
+      expect(be.asyncIos - async0).toBe(8);
+      const back = Buffer.alloc(4096);
+      expect(await f.read(back, 5 * 4096)).toBe(4096);
+      expect(back.equals(data.subarray(5 * 4096, 6 * 4096))).toBe(true);
+      expect(be.inlineIos - inline0).toBe(25);
+      // Past the end: a short read, as pread gives it.
+      expect(await f.read(Buffer.alloc(8192), data.length - 4096)).toBe(4096);
+      expect(readFileSync(path).equals(data)).toBe(true);
+      await f.close();
     } finally {
       await engine.close();
       tmp.cleanup();
