@@ -149,6 +149,9 @@ export class IoUringBackend implements Backend {
   asyncIos = 0;
   /** Requests done inline with pread/pwrite (see inline()). */
   inlineIos = 0;
+  /** Requests done inline and their results, to be completed in the next check phase. */
+  private inlineDone: (IoRequest | number)[] = [];
+  private readonly deliverInlineFn = (): void => this.deliverInline();
   /** io_uring_enter calls that submitted (the cost the submission batching saves). */
   enters = 0;
   /** Registered memory, by the ArrayBuffer that owns it. */
@@ -347,7 +350,12 @@ export class IoUringBackend implements Backend {
   }
 
   get inFlight(): number {
-    return this.count + (this.pending.length - this.pendingHead) + this.fallback.inFlight;
+    return (
+      this.count +
+      (this.pending.length - this.pendingHead) +
+      this.inlineDone.length / 2 +
+      this.fallback.inFlight
+    );
   }
 
   submit(req: IoRequest): void {
@@ -398,18 +406,30 @@ export class IoUringBackend implements Backend {
   /**
    * A small buffered request that would go to io-wq anyway (req.blocks: tmpfs, ext4
    * writes), done here with pread/pwrite instead: a copy in the page cache costs less
-   * than the hand-off to a kernel worker and the wake-up back. Completed now, in the
-   * flush (never on the issuer's stack).
+   * than the hand-off to a kernel worker and the wake-up back. Its completion is
+   * delivered with the turn's others in the check phase (setImmediate), as a kernel
+   * completion would come through the poll: never on the issuer's stack, and a loop of
+   * requests that each issue the next cannot starve timers and sockets.
    */
   private inline(req: IoRequest): boolean {
     if (INLINE_MAX === 0 || !req.blocks || req.remaining > INLINE_MAX) return false;
     if ((req.kind !== 'read' && req.kind !== 'write') || req.bufs.length !== 1) return false;
     const b = req.bufs[0]!;
     this.inlineIos++;
-    req.complete(
-      req.kind === 'read' ? pread(req.fd, b, req.position) : pwrite(req.fd, b, req.position),
-    );
+    const res =
+      req.kind === 'read' ? pread(req.fd, b, req.position) : pwrite(req.fd, b, req.position);
+    this.inlineDone.push(req, res);
+    if (this.inlineDone.length === 2) setImmediate(this.deliverInlineFn);
     return true;
+  }
+
+  /** Completes the requests done inline since the last check phase. */
+  private deliverInline(): void {
+    const done = this.inlineDone;
+    this.inlineDone = [];
+    for (let i = 0; i < done.length; i += 2) {
+      (done[i] as IoRequest).complete(done[i + 1] as number);
+    }
   }
 
   /** Fills the SQE at word index `w` for the remaining part of `req`. */

@@ -179,6 +179,15 @@ describe('buffered requests that always block', () => {
       expect(await f.read(back, 5 * 4096)).toBe(4096);
       expect(back.equals(data.subarray(5 * 4096, 6 * 4096))).toBe(true);
       expect(be.inlineIos - inline0).toBe(25);
+      // A loop where each completion issues the next never starves the event loop.
+      let timerFired = false;
+      const timer = setTimeout(() => {
+        timerFired = true;
+      }, 1);
+      const one = Buffer.alloc(4096);
+      for (let i = 0; !timerFired; i++) await f.write(one, (i % 32) * 4096);
+      clearTimeout(timer);
+      await f.write(Buffer.from(data.subarray(0, 32 * 4096)), 0);
       // Past the end: a short read, as pread gives it.
       expect(await f.read(Buffer.alloc(8192), data.length - 4096)).toBe(4096);
       expect(readFileSync(path).equals(data)).toBe(true);
