@@ -9,10 +9,24 @@
 // keeps a sparse tail of unreferenced, unrefcounted clusters, which `qemu-img check` does
 // not count (not even as leaks).
 
-import type { FileGrowth, Qcow2State } from './state.ts';
+import type { Qcow2State } from './state.ts';
 
 const GROW_AHEAD = 128 * 1024 * 1024;
 const GROW_ALIGN = 1024 * 1024;
+
+/** The state of growth ahead, kept on the image state. */
+export interface FileGrowth {
+  /** The file's size as we last set or saw it. */
+  end: number;
+  /** Its size at open: never cut below it. */
+  openEnd: number;
+  /** Whether we extended the file (then close cuts it back). */
+  grown: boolean;
+  /** An extension in flight. */
+  pending: Promise<void> | null;
+  /** Off after a failed truncate (a file that cannot grow that way): writes extend it. */
+  enabled: boolean;
+}
 
 export async function initGrowth(s: Qcow2State): Promise<void> {
   const end = await s.file.size();

@@ -5,6 +5,7 @@
 
 import { badOption, Qcow2CorruptError, Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
 import { Geometry } from './cluster-map.ts';
+import type { FileGrowth } from './grow.ts';
 import { Compat, Incompat, type Qcow2Header, serializeHeader } from './header.ts';
 import type { MetadataCache } from './l2-cache.ts';
 import { KeyedLocks, Mutex } from './lock.ts';
@@ -18,20 +19,6 @@ export interface PendingFree {
   gen: number;
   /** A guest discard (or unmapping zero write) freed it: pass the discard to the file. */
   passDown: boolean;
-}
-
-/** The state of growth ahead of allocation (grow.ts), kept on the image state. */
-export interface FileGrowth {
-  /** The file's size as we last set or saw it. */
-  end: number;
-  /** Its size at open: never cut below it. */
-  openEnd: number;
-  /** Whether we extended the file (then close cuts it back). */
-  grown: boolean;
-  /** An extension in flight. */
-  pending: Promise<void> | null;
-  /** Off after a failed truncate (a file that cannot grow that way): writes extend it. */
-  enabled: boolean;
 }
 
 export class Qcow2State {
