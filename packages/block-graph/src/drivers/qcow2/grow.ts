@@ -72,18 +72,14 @@ async function grow(s: Qcow2State, end: number): Promise<void> {
 
 /**
  * Cuts the file back to the end of the last cluster in use (never below its size at open).
- * Best effort. Precondition: everything written back, nothing in flight.
+ * Precondition: everything written back, nothing in flight.
  */
 export async function trimGrowth(s: Qcow2State): Promise<void> {
   const g = s.growth;
   if (!g.grown) return;
   const used = await s.refcounts.usedEnd(g.openEnd);
   const keep = Math.max(used, g.openEnd);
-  try {
-    if ((await s.file.size()) > keep) await s.file.truncate(keep);
-    g.end = keep;
-    g.grown = false;
-  } catch {
-    // The tail stays, as after a crash: harmless (see above).
-  }
+  if ((await s.file.size()) > keep) await s.file.truncate(keep);
+  g.end = keep;
+  g.grown = false;
 }
