@@ -29,7 +29,6 @@ import { checkQcow2, type Qcow2CheckResult } from './check.ts';
 import type { Geometry } from './cluster-map.ts';
 import { writeCompressed } from './compressed.ts';
 import { flushMetadata, writeBack } from './flush.ts';
-import { initGrowth, trimGrowth } from './grow.ts';
 import { Incompat, parseHeader, peekClusterBits, type Qcow2Header } from './header.ts';
 import { blockStatus, mapRead, mapReadCached, read } from './mapping.ts';
 import { openImage } from './open.ts';
@@ -67,7 +66,6 @@ export async function openQcow2(
     releaseIoBuffer(file, cluster);
   }
   const image = new Qcow2Image(new Qcow2State(file, header, options));
-  await initGrowth(image.state);
   await openImage(image.state);
   return image;
 }
@@ -244,7 +242,6 @@ export class Qcow2Image {
         s.header.incompatibleFeatures &= ~Incompat.DIRTY;
         await writeHeader(s);
       }
-      await trimGrowth(s);
     }
     s.closed = true;
     s.l2Cache.clear();

@@ -2,7 +2,6 @@
 // cluster must never be a header, L1, L2 or refcount cluster. Finding one means the
 // refcounts or the tables are wrong: the image is marked corrupt and writes refused.
 
-import { growFor } from './grow.ts';
 import { markCorrupt, type Qcow2State } from './state.ts';
 
 /** Whether host cluster `offset` holds metadata (QEMU's overlap check, cached mode). */
@@ -35,6 +34,5 @@ export async function allocData(s: Qcow2State, n: number): Promise<number> {
       );
     }
   }
-  await growFor(s, base + n * cs);
   return base;
 }

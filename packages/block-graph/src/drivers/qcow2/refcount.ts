@@ -226,29 +226,6 @@ export class RefcountManager {
     }
   }
 
-  /**
-   * The end of the last cluster with a nonzero refcount, looking no lower than byte
-   * `floor` (then `floor` is answered).
-   */
-  async usedEnd(floor: number): Promise<number> {
-    const low = Math.floor(floor / this.clusterSize);
-    for (let t = this.table.length - 1; t >= 0 && (t + 1) * this.perBlock > low; t--) {
-      const block = this.table[t] ?? 0;
-      if (block === 0) continue;
-      const e = await this.#cache.get(block);
-      try {
-        for (let i = this.perBlock - 1; i >= 0 && t * this.perBlock + i >= low; i--) {
-          if (getRefcount(e.data, i, this.order) !== 0) {
-            return (t * this.perBlock + i + 1) * this.clusterSize;
-          }
-        }
-      } finally {
-        this.#cache.unpin(e);
-      }
-    }
-    return floor;
-  }
-
   /** Allocates `n` contiguous clusters with refcount 1; returns the host offset. */
   allocate(n: number): Promise<number> {
     return this.#mutex.run(() => this.#allocate(n));

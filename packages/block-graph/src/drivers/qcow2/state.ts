@@ -5,7 +5,6 @@
 
 import { badOption, Qcow2CorruptError, Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
 import { Geometry } from './cluster-map.ts';
-import type { FileGrowth } from './grow.ts';
 import { Compat, Incompat, type Qcow2Header, serializeHeader } from './header.ts';
 import type { MetadataCache } from './l2-cache.ts';
 import { KeyedLocks, Mutex } from './lock.ts';
@@ -55,8 +54,6 @@ export class Qcow2State {
   /** Requests in flight per generation. */
   readonly active = new Map<number, number>();
   dirtyMarked = false;
-  /** Growth of the file ahead of allocation (grow.ts). */
-  growth!: FileGrowth;
   corrupt = false;
   closed = false;
 
