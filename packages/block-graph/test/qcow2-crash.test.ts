@@ -9,7 +9,7 @@
 // our writes and flushes as seen by the file, not a power failure.
 
 import { spawn } from 'node:child_process';
-import { readFile, stat, writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { openQcow2 } from '../src/drivers/qcow2/image.ts';
@@ -151,12 +151,6 @@ describe('qcow2 crash safety (SIGKILL at random moments)', () => {
             }
           }
         }
-        // A flushed batch that wrote data allocated clusters: the file was then grown ahead
-        // of them (grow.ts), and killed so its sparse tail stays; check must not mind it.
-        const wrote = lines.some(
-          (l) => l.t === 'batch' && l.n <= lastFlushed && l.ops.some((o) => o.k === 'w'),
-        );
-        if (wrote) expect((await stat(path)).size).toBeGreaterThan(v.size + 64 * 1024 * 1024);
         const info = JSON.parse(await must('qemu-img', ['info', '--output=json', '-U', path]));
         if (info['dirty-flag']) {
           // Lazy refcounts: repair through our read-write open, then judge.
