@@ -28,6 +28,7 @@
 // ring fd would never fire.
 import { CompletionPoller } from './completion-poller.ts';
 import { EngineError, ErrorCode, IoError } from './errors.ts';
+import { InlineIo } from './inline-io.ts';
 import {
   addressOf,
   closeFd,
@@ -41,8 +42,6 @@ import {
   iovecs,
   mmap,
   munmap,
-  pread,
-  pwrite,
   view,
 } from './native.ts';
 import type { Backend, IoRequest } from './request.ts';
@@ -82,13 +81,6 @@ const TWO32 = 4294967296;
 /** The most one read/write attempt asks for (the SQE length is 32 bits); the rest of a
  * larger buffer is a continuation, like a short transfer. */
 const MAX_ATTEMPT = 1 << 30;
-/**
- * Requests up to this many bytes that would block go inline (see inline()); 0: never.
- * Measured with the daemon pinned to one core: CPU per 4 KiB request on tmpfs 15-20%
- * lower. Larger copies gain from running on io-wq beside the event loop: with 64 KiB
- * inline, a backup (64 KiB clusters) ran at 0.6x its speed with them on io-wq.
- */
-const INLINE_MAX = Number(process.env.VMDISK_ENGINE_INLINE_MAX ?? 16 * 1024);
 
 export interface IoUringInfo {
   sqEntries: number;
@@ -147,11 +139,13 @@ export class IoUringBackend implements Backend {
   fixedIos = 0;
   /** Requests submitted with IOSQE_ASYNC (buffered ones that always block). */
   asyncIos = 0;
-  /** Requests done inline with pread/pwrite (see inline()). */
-  inlineIos = 0;
-  /** Requests done inline and their results, to be completed in the next check phase. */
-  private inlineDone: (IoRequest | number)[] = [];
-  private readonly deliverInlineFn = (): void => this.deliverInline();
+  /** Small requests that would block, done with pread/pwrite instead (inline-io.ts). */
+  private readonly inlineIo = new InlineIo();
+
+  /** Requests done inline with pread/pwrite. */
+  get inlineIos(): number {
+    return this.inlineIo.inlineIos;
+  }
   /** io_uring_enter calls that submitted (the cost the submission batching saves). */
   enters = 0;
   /** Registered memory, by the ArrayBuffer that owns it. */
@@ -353,7 +347,7 @@ export class IoUringBackend implements Backend {
     return (
       this.count +
       (this.pending.length - this.pendingHead) +
-      this.inlineDone.length / 2 +
+      this.inlineIo.pending +
       this.fallback.inFlight
     );
   }
@@ -387,7 +381,7 @@ export class IoUringBackend implements Backend {
       }
       const req = this.pending[this.pendingHead]!;
       this.pending[this.pendingHead++] = undefined as unknown as IoRequest;
-      if (this.inline(req)) continue;
+      if (this.inlineIo.take(req)) continue;
       const slot = this.free.pop()!;
       this.slots[slot] = req;
       this.count++;
@@ -401,35 +395,6 @@ export class IoUringBackend implements Backend {
     }
     if (queued > 0 || this.sqTail !== Atomics.load(this.sq, this.sqHeadI)) this.enter();
     this.updateRef();
-  }
-
-  /**
-   * A small buffered request that would go to io-wq anyway (req.blocks: tmpfs, ext4
-   * writes), done here with pread/pwrite instead: a copy in the page cache costs less
-   * than the hand-off to a kernel worker and the wake-up back. Its completion is
-   * delivered with the turn's others in the check phase (setImmediate), as a kernel
-   * completion would come through the poll: never on the issuer's stack, and a loop of
-   * requests that each issue the next cannot starve timers and sockets.
-   */
-  private inline(req: IoRequest): boolean {
-    if (INLINE_MAX === 0 || !req.blocks || req.remaining > INLINE_MAX) return false;
-    if ((req.kind !== 'read' && req.kind !== 'write') || req.bufs.length !== 1) return false;
-    const b = req.bufs[0]!;
-    this.inlineIos++;
-    const res =
-      req.kind === 'read' ? pread(req.fd, b, req.position) : pwrite(req.fd, b, req.position);
-    this.inlineDone.push(req, res);
-    if (this.inlineDone.length === 2) setImmediate(this.deliverInlineFn);
-    return true;
-  }
-
-  /** Completes the requests done inline since the last check phase. */
-  private deliverInline(): void {
-    const done = this.inlineDone;
-    this.inlineDone = [];
-    for (let i = 0; i < done.length; i += 2) {
-      (done[i] as IoRequest).complete(done[i + 1] as number);
-    }
   }
 
   /** Fills the SQE at word index `w` for the remaining part of `req`. */
