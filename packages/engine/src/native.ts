@@ -27,6 +27,7 @@ export const ENXIO = 6;
 export const EOPNOTSUPP = 95;
 export const ENOSYS = 38;
 export const EBUSY = 16;
+export const ECANCELED = 125;
 
 type Ptr = bigint | number | Uint8Array | ArrayBufferView | null;
 

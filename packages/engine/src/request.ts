@@ -1,8 +1,13 @@
 // One I/O request as the backends see it, and the rules every backend shares for a
 // completion: short transfers are continued (offset forward, remaining length smaller),
-// EOF ends a read, EINTR/EAGAIN are retried, anything else is an IoError.
+// EOF ends a read, EINTR/EAGAIN/ECANCELED are retried, anything else is an IoError.
 import { IoError } from './errors.ts';
-import { EAGAIN, EINTR } from './native.ts';
+import { EAGAIN, ECANCELED, EINTR } from './native.ts';
+
+/** Errors that say the attempt did not happen, not that the I/O failed. ECANCELED: the engine
+ * never cancels a request itself, but io-wq ends a request it was running with it when its
+ * worker thread is interrupted (seen with `strace -f` attached to the daemon). */
+const RETRIED = new Set([EINTR, EAGAIN, ECANCELED]);
 
 export type OpKind = 'read' | 'write' | 'readv' | 'writev' | 'fsync' | 'fdatasync' | 'fallocate';
 
@@ -106,7 +111,7 @@ export class IoRequest {
     this.iov = null;
     if (res < 0) {
       const errno = -res;
-      if ((errno === EINTR || errno === EAGAIN) && this.retries++ < MAX_RETRIES) {
+      if (RETRIED.has(errno) && this.retries++ < MAX_RETRIES) {
         this.start();
         return;
       }

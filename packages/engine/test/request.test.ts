@@ -102,11 +102,12 @@ describe('IoRequest.complete', () => {
     expect(t.be.seen).toHaveLength(1);
   });
 
-  it('retries EINTR and EAGAIN (given as -errno), then reports other errors as IoError', () => {
+  it('retries EINTR, EAGAIN and ECANCELED (given as -errno), then reports other errors as IoError', () => {
     const t = request('read', [new Uint8Array(100)], 7);
     t.req.complete(-4);
     t.req.complete(-11);
-    expect(t.be.seen.map((s) => s.position)).toEqual([7, 7, 7]);
+    t.req.complete(-125);
+    expect(t.be.seen.map((s) => s.position)).toEqual([7, 7, 7, 7]);
     t.req.complete(-5);
     const err = t.result() as IoError;
     expect(err).toBeInstanceOf(IoError);
