@@ -164,6 +164,11 @@ export async function rbdConnect(
 class RbdInstance implements ProtocolInstance {
   readonly kind = 'protocol';
   private readonly fastDiff: boolean;
+  /**
+   * The image's size, read at open and kept up to date by our resizes (QEMU's image_size):
+   * asked on every request, and rbd_get_size takes librbd's image lock each time.
+   */
+  private imageSize: number;
   /** A resize in progress (writes past the end wait for it). */
   private growing: Promise<void> | undefined;
 
@@ -186,10 +191,11 @@ class RbdInstance implements ProtocolInstance {
     this.node = node;
     this.location = location;
     this.fastDiff = image.hasFastDiff();
+    this.imageSize = image.size();
   }
 
   size(): number {
-    return this.image.size();
+    return this.imageSize;
   }
 
   private ioError(err: unknown, call: string, offset?: number, length?: number): BlockError {
@@ -265,6 +271,7 @@ class RbdInstance implements ProtocolInstance {
   async truncate(size: number): Promise<void> {
     try {
       await this.image.resize(size);
+      this.imageSize = size;
     } catch (err) {
       throw this.ioError(err, 'rbd_resize');
     }
@@ -272,7 +279,7 @@ class RbdInstance implements ProtocolInstance {
 
   /** Grows the image to `end` when a write reaches past it (one resize at a time). */
   private async growTo(end: number): Promise<void> {
-    while (end > this.image.size()) {
+    while (end > this.imageSize) {
       if (!this.growing) {
         this.growing = this.truncate(end).finally(() => {
           this.growing = undefined;
