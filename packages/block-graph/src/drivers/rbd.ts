@@ -224,13 +224,19 @@ class RbdInstance implements ProtocolInstance {
     );
   }
 
-  async pwrite(buf: Uint8Array, offset: number): Promise<void> {
-    await this.growTo(offset + buf.byteLength);
-    try {
-      await this.image.write(offset, buf);
-    } catch (err) {
-      throw this.ioError(err, 'rbd_aio_write', offset, buf.byteLength);
-    }
+  pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    const end = offset + buf.byteLength;
+    // Within the image (every write but the growing ones): straight to librbd, no await.
+    const op =
+      end <= this.imageSize
+        ? this.image.write(offset, buf)
+        : this.growTo(end).then(() => this.image.write(offset, buf));
+    return op.then(
+      () => undefined,
+      (err: unknown) => {
+        throw this.ioError(err, 'rbd_aio_write', offset, buf.byteLength);
+      },
+    );
   }
 
   async flush(): Promise<void> {
