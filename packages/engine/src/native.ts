@@ -74,8 +74,10 @@ const statxFn = libc.func(
 );
 const ioctlIntFn = libc.func('ioctl', 'int', ['int', 'ulong', 'void *']);
 const malloptFn = libc.func('int mallopt(int param, int value)');
-/** glibc's M_MMAP_THRESHOLD. */
+/** glibc's M_TRIM_THRESHOLD and M_MMAP_THRESHOLD, and the default of both. */
+const M_TRIM_THRESHOLD = -1;
 const M_MMAP_THRESHOLD = -3;
+const MALLOC_DEFAULT_THRESHOLD = 128 * 1024;
 
 /**
  * Fixes glibc's mmap threshold at `bytes` (128 KiB is its default): blocks that large are
@@ -84,10 +86,17 @@ const M_MMAP_THRESHOLD = -3;
  * come from the heap, and freed ones stay resident below any block still in use there:
  * after a burst of large buffers the process would keep their memory. For the whole
  * process; false where the C library has no mallopt (not glibc).
+ *
+ * A threshold above the default also sets the trim threshold to twice it, as glibc does
+ * when it raises the mmap threshold itself: fixing one leaves the other at 128 KiB, so that
+ * every heap block above that freed at the top of the heap gave its pages back and the
+ * next one faulted them in again (librbd's 1 MiB write copies: a fault per page, and
+ * slower copies of those pages on its messenger thread).
  */
-export function setMallocMmapThreshold(bytes = 128 * 1024): boolean {
+export function setMallocMmapThreshold(bytes = MALLOC_DEFAULT_THRESHOLD): boolean {
   try {
-    return malloptFn(M_MMAP_THRESHOLD, bytes) === 1;
+    const trim = bytes > MALLOC_DEFAULT_THRESHOLD ? 2 * bytes : MALLOC_DEFAULT_THRESHOLD;
+    return malloptFn(M_MMAP_THRESHOLD, bytes) === 1 && malloptFn(M_TRIM_THRESHOLD, trim) === 1;
   } catch {
     return false;
   }

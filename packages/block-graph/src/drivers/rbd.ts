@@ -164,6 +164,11 @@ export async function rbdConnect(
 class RbdInstance implements ProtocolInstance {
   readonly kind = 'protocol';
   private readonly fastDiff: boolean;
+  /**
+   * The image's size, read at open and kept up to date by our resizes (QEMU's image_size):
+   * asked on every request, and rbd_get_size takes librbd's image lock each time.
+   */
+  private imageSize: number;
   /** A resize in progress (writes past the end wait for it). */
   private growing: Promise<void> | undefined;
 
@@ -186,10 +191,11 @@ class RbdInstance implements ProtocolInstance {
     this.node = node;
     this.location = location;
     this.fastDiff = image.hasFastDiff();
+    this.imageSize = image.size();
   }
 
   size(): number {
-    return this.image.size();
+    return this.imageSize;
   }
 
   private ioError(err: unknown, call: string, offset?: number, length?: number): BlockError {
@@ -218,13 +224,19 @@ class RbdInstance implements ProtocolInstance {
     );
   }
 
-  async pwrite(buf: Uint8Array, offset: number): Promise<void> {
-    await this.growTo(offset + buf.byteLength);
-    try {
-      await this.image.write(offset, buf);
-    } catch (err) {
-      throw this.ioError(err, 'rbd_aio_write', offset, buf.byteLength);
-    }
+  pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    const end = offset + buf.byteLength;
+    // Within the image (every write but the growing ones): straight to librbd, no await.
+    const op =
+      end <= this.imageSize
+        ? this.image.write(offset, buf)
+        : this.growTo(end).then(() => this.image.write(offset, buf));
+    return op.then(
+      () => undefined,
+      (err: unknown) => {
+        throw this.ioError(err, 'rbd_aio_write', offset, buf.byteLength);
+      },
+    );
   }
 
   async flush(): Promise<void> {
@@ -265,6 +277,7 @@ class RbdInstance implements ProtocolInstance {
   async truncate(size: number): Promise<void> {
     try {
       await this.image.resize(size);
+      this.imageSize = size;
     } catch (err) {
       throw this.ioError(err, 'rbd_resize');
     }
@@ -272,7 +285,7 @@ class RbdInstance implements ProtocolInstance {
 
   /** Grows the image to `end` when a write reaches past it (one resize at a time). */
   private async growTo(end: number): Promise<void> {
-    while (end > this.image.size()) {
+    while (end > this.imageSize) {
       if (!this.growing) {
         this.growing = this.truncate(end).finally(() => {
           this.growing = undefined;
