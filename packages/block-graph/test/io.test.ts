@@ -1,4 +1,4 @@
-import { readFileSync, truncateSync } from 'node:fs';
+import { appendFileSync, readFileSync, truncateSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { type BlockBackend, BlockError, BlockGraph } from '../src/index.ts';
 import { pattern, tempDir, writeFile } from './helpers.ts';
@@ -305,6 +305,29 @@ describe('file options', () => {
       await b.close();
       await g.del(node.name);
     }
+    await g.close();
+  });
+
+  it('block status forgets the data start it found once that data is punched', async () => {
+    // 256 KiB hole, then data: the hole's answer remembers where the data starts.
+    const path = tmp.file('ds.img', Buffer.alloc(0));
+    truncateSync(path, 256 << 10);
+    appendFileSync(path, pattern(13, 256 << 10, 256 << 10));
+    const { g, b } = await withBackend({
+      driver: 'raw',
+      'node-name': 'ds',
+      discard: 'unmap',
+      file: { driver: 'file', filename: path },
+    });
+    expect(await b.blockStatus(0, 512 << 10)).toEqual([
+      { length: 256 << 10, hole: true, zero: true, depth: 1 },
+      { length: 256 << 10, hole: false, zero: false, depth: 1 },
+    ]);
+    await b.trim(256 << 10, 64 << 10);
+    expect(await b.blockStatus(256 << 10, 256 << 10)).toEqual([
+      { length: 64 << 10, hole: true, zero: true, depth: 1 },
+      { length: 192 << 10, hole: false, zero: false, depth: 1 },
+    ]);
     await g.close();
   });
 

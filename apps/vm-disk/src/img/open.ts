@@ -112,7 +112,14 @@ export async function nodeOptions(spec: ImageSpec): Promise<Record<string, unkno
   if (spec.imageOpts) {
     if (spec.format !== undefined)
       throw new UsageError('--image-opts and --format are mutually exclusive');
-    return imageOptsNode(spec.name);
+    // As qemu-img: the cache mode is the top node's default (its children inherit it);
+    // cache.* options the string gives win.
+    const node = await imageOptsNode(spec.name);
+    const given = node.cache ?? {};
+    // A cache that is no object is the graph's to refuse.
+    if (!('cache' in cache) || typeof given !== 'object' || given === null) return node;
+    const keyval = Object.fromEntries(Object.keys(cache.cache).map((k) => [k, 'on']));
+    return { ...node, cache: { ...keyval, ...given } };
   }
   if (spec.format !== undefined && !FORMATS.includes(spec.format))
     throw new UsageError(`Unknown file format '${spec.format}'`);

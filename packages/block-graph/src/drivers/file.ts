@@ -35,6 +35,12 @@ class FileInstance implements ProtocolInstance {
    * went quadratic. Answering data is always safe, so only punching or truncating drops it.
    */
   private dataCache: { start: number; end: number } | undefined;
+  /**
+   * Where the last hole's SEEK_DATA found data: a walk asks there next, and SEEK_DATA
+   * would only answer the offset again (each seek is a thread hop: a third of a raw
+   * source's seeks in a convert). Dropped as dataCache is.
+   */
+  private dataStart: number | undefined;
 
   private readonly file: EngineFile;
   private length: number;
@@ -101,6 +107,7 @@ class FileInstance implements ProtocolInstance {
 
   async truncate(size: number): Promise<void> {
     this.dataCache = undefined;
+    this.dataStart = undefined;
     try {
       await this.file.truncate(size);
       this.length = size;
@@ -176,6 +183,8 @@ class FileInstance implements ProtocolInstance {
   private dropDataCache(offset: number, length: number): void {
     const c = this.dataCache;
     if (c && offset < c.end && offset + length > c.start) this.dataCache = undefined;
+    const d = this.dataStart;
+    if (d !== undefined && offset <= d && d < offset + length) this.dataStart = undefined;
   }
 
   async blockStatus(offset: number, length: number): Promise<ProtocolStatus> {
@@ -185,7 +194,8 @@ class FileInstance implements ProtocolInstance {
       return { length: Math.min(c.end, end) - offset, hole: false, zero: false };
     }
     try {
-      const data = await this.file.seekData(offset);
+      const data = offset === this.dataStart ? offset : await this.file.seekData(offset);
+      if (data !== null && data > offset) this.dataStart = data;
       if (data === null || data >= end) return { length, hole: true, zero: true };
       if (data > offset) return { length: data - offset, hole: true, zero: true };
       const hole = await this.file.seekHole(offset);
