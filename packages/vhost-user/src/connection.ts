@@ -64,8 +64,6 @@ export class VhostUserConnection {
   private closing: Promise<void> | undefined;
   private readonly queues: Virtqueue[];
   private readonly kickPolls = new Map<number, node.PollHandle>();
-  /** Queues whose kick is asked for later (armLater). */
-  private readonly armPending = new Set<Virtqueue>();
   private memory: MemoryTable | undefined;
   private features = 0n;
   private protocolFeatures = 0n;
@@ -342,9 +340,6 @@ export class VhostUserConnection {
     if (fd < 0) return; // polling mode: not offered (no inband notifications)
     if (!this.memory) throw badMessage(`vring ${q.index}: kick before SET_MEM_TABLE`);
     q.attach(this.memory);
-    q.afterCompletions = () => {
-      if (q.eventIdx) this.process(q);
-    };
     this.kickPolls.set(
       q.index,
       pollHandle(fd, () => {
@@ -361,81 +356,38 @@ export class VhostUserConnection {
     this.kickPolls.delete(q.index);
   }
 
-  /**
-   * Starts every available request of the queue, then asks for a kick at the next one
-   * (event index): at once when none is in flight (`armNow`: in any case), else when
-   * they complete (afterCompletions looks at the ring again) or, at the latest, by the
-   * check phase of the next loop iteration (armLater: slow I/O). The guest's buffers that
-   * come while ours are done in the same turn (tmpfs, the page cache) are taken without a
-   * kick: a kick is an exit in the guest and a wake-up here.
-   */
-  private process(q: Virtqueue, armNow = false): void {
+  /** Starts every available request of the queue. */
+  private process(q: Virtqueue): void {
     if (this.broken || this.closing || !q.enabled || !this.kickPolls.has(q.index)) return;
     const memory = this.memory!;
     try {
-      for (;;) {
-        this.start(q, memory);
-        if (!q.eventIdx) return;
-        if (q.inFlight > 0 && !armNow) {
-          this.armLater(q);
-          return;
+      for (let el = q.pop(); el; el = q.pop()) {
+        if (!el.lastInMapped) {
+          throw new VhostUserError(
+            'ERR_VMDISK_VHOST_DEVICE_BROKEN',
+            `vring ${q.index}: request without a writable status byte`,
+          );
         }
-        if (!q.armKick()) return;
+        const head = el.head;
+        q.begin();
+        memory.acquire();
+        processBlkRequest(this.dev, el).then(
+          (len) => {
+            q.push(head, len);
+            memory.release();
+            q.end();
+          },
+          () => {
+            memory.release();
+            q.end();
+          },
+        );
       }
     } catch (e) {
       this.fail(
         e instanceof VhostUserError
           ? e
           : new VhostUserError('ERR_VMDISK_VHOST_DEVICE_BROKEN', String(e), { cause: e }),
-      );
-    }
-  }
-
-  /** process() again with the kick asked for, after this turn's completions (see there). */
-  private armLater(q: Virtqueue): void {
-    if (this.armPending.has(q)) return;
-    this.armPending.add(q);
-    // A microtask, a tick, then an immediate: queued after the engine's own for the
-    // requests just started, so that their completions (which arm) usually come first.
-    queueMicrotask(() =>
-      process.nextTick(() =>
-        setImmediate(() => {
-          if (q.inFlight === 0) {
-            this.armPending.delete(q);
-            this.process(q, true);
-          } else {
-            setImmediate(() => {
-              this.armPending.delete(q);
-              this.process(q, true);
-            });
-          }
-        }),
-      ),
-    );
-  }
-
-  /** Pops and starts the queue's available requests. */
-  private start(q: Virtqueue, memory: MemoryTable): void {
-    for (let el = q.pop(); el; el = q.pop()) {
-      if (!el.lastInMapped) {
-        throw new VhostUserError(
-          'ERR_VMDISK_VHOST_DEVICE_BROKEN',
-          `vring ${q.index}: request without a writable status byte`,
-        );
-      }
-      const head = el.head;
-      q.begin();
-      memory.acquire();
-      processBlkRequest(this.dev, el).then(
-        (len) => {
-          q.push(head, len);
-          memory.release();
-          q.end();
-        },
-        () => {
-          memory.release();
-          q.end();
-        },
       );
     }
   }

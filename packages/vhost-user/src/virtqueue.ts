@@ -108,7 +108,15 @@ export class Virtqueue {
     if (!avail || !memory) return null;
     const availIdx = Atomics.load(avail, 1);
     const pending = (availIdx - this.lastAvailIdx) & 0xffff;
-    if (pending === 0) return null;
+    if (pending === 0) {
+      if (this.eventIdx) {
+        // Ask for a kick at the next buffer, then look again: one may have come meanwhile.
+        Atomics.store(this.usedHead!, 2 + 4 * this.num, this.lastAvailIdx);
+        if (Atomics.load(avail, 1) === availIdx) return null;
+        return this.pop();
+      }
+      return null;
+    }
     if (pending > this.num) {
       throw broken(`vring ${this.index}: avail index moved by ${pending} (size ${this.num})`);
     }
@@ -167,17 +175,6 @@ export class Virtqueue {
     }
   }
 
-  /**
-   * With the event index, asks the guest to kick at its next buffer (avail_event); true
-   * when one came meanwhile (pop again: the guest may have checked before the store).
-   */
-  armKick(): boolean {
-    const avail = this.avail;
-    if (!this.eventIdx || !avail) return false;
-    Atomics.store(this.usedHead!, 2 + 4 * this.num, this.lastAvailIdx);
-    return Atomics.load(avail, 1) !== this.lastAvailIdx;
-  }
-
   /** Returns a chain to the guest with `len` bytes written; the signal follows in a batch. */
   push(head: number, len: number): void {
     const ring = this.usedRing;
@@ -200,9 +197,7 @@ export class Virtqueue {
   }
 
   private signalFrom = 0;
-  private readonly signalNow = (): void => this.signalled();
-  /** Called once the requests completed in a turn are pushed and signalled. */
-  afterCompletions: (() => void) | undefined;
+  private readonly signalNow = (): void => this.signal();
 
   private signal(): void {
     this.signalPending = false;
@@ -215,11 +210,6 @@ export class Virtqueue {
       if (((n - usedEvent - 1) & 0xffff) >= ((n - this.signalFrom) & 0xffff)) return;
     } else if (Atomics.load(avail, 0) & VRING_AVAIL_F_NO_INTERRUPT) return;
     eventfdSignal(this.callFd);
-  }
-
-  private signalled(): void {
-    this.signal();
-    this.afterCompletions?.();
   }
 
   /** Counts a request in flight until done. */
