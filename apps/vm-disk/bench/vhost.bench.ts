@@ -9,7 +9,7 @@
 // A server whose vhost-user-blk export is refused is skipped with a message.
 // Run with plain node after `nx build vm-disk` (the vm-disk row starts the built bin);
 // the guest comes from scripts/guest-image.sh.
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { BenchReport } from '../../../scripts/bench/report.ts';
 import { type GuestRun, hasHardwareKvm, runGuest } from '../test/harness/guest.ts';
@@ -60,6 +60,24 @@ echo "VMDISK-BENCH-END ${w.run} $out"`,
   ),
 ].join('\n');
 
+/**
+ * Seconds the daemon's threads waited runnable for a CPU (/proc/PID/task/TID/schedstat,
+ * second field). On a shared machine this is what moves the guest's IOPS most: the
+ * guest waits on a daemon that waits for CPU 0, so a run whose daemon waited far more
+ * than the other's compares the machine's load, not the daemons.
+ */
+function runqueueWaitSeconds(pid: number): number {
+  let ns = 0;
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[1]);
+    } catch {
+      // The thread ended meanwhile.
+    }
+  }
+  return ns / 1e9;
+}
+
 interface Figure {
   /** IOPS for 4 KiB workloads, MiB/s for the sequential one. */
   rate: number;
@@ -78,7 +96,8 @@ async function measure(server: VhostServer, image: string): Promise<Map<string, 
   });
   // CPU seconds the daemon used during each workload, and fio's line for it.
   const cpuAtStart = new Map<string, number>();
-  const ends = new Map<string, { cpu: number; terse: string }>();
+  const waitAtStart = new Map<string, number>();
+  const ends = new Map<string, { cpu: number; wait: number; terse: string }>();
   let run: GuestRun;
   try {
     run = await runGuest({
@@ -89,9 +108,16 @@ async function measure(server: VhostServer, image: string): Promise<Map<string, 
       ...(PIN && { cpuAffinity: 1 }),
       onLine: (line) => {
         const [marker, name = '', terse = ''] = line.split(' ');
-        if (marker === 'VMDISK-BENCH-START') cpuAtStart.set(name, cpuSeconds(daemon.pid));
+        if (marker === 'VMDISK-BENCH-START') {
+          cpuAtStart.set(name, cpuSeconds(daemon.pid));
+          waitAtStart.set(name, runqueueWaitSeconds(daemon.pid));
+        }
         if (marker === 'VMDISK-BENCH-END') {
-          ends.set(name, { cpu: cpuSeconds(daemon.pid) - (cpuAtStart.get(name) ?? 0), terse });
+          ends.set(name, {
+            cpu: cpuSeconds(daemon.pid) - (cpuAtStart.get(name) ?? 0),
+            wait: runqueueWaitSeconds(daemon.pid) - (waitAtStart.get(name) ?? 0),
+            terse,
+          });
         }
       },
     });
@@ -113,6 +139,9 @@ async function measure(server: VhostServer, image: string): Promise<Map<string, 
     const kib = Number(f[write ? 46 : 5]);
     const ios = (kib * 1024) / w.bs;
     const rate = w.bs === 4096 ? Number(f[write ? 48 : 7]) : kib / 1024 / RUNTIME_S;
+    console.log(
+      `${server.name} ${w.run}: ${rate.toFixed(0)} ${w.bs === 4096 ? 'IOPS' : 'MiB/s'}, daemon CPU ${((end.cpu * 1e6) / ios).toFixed(1)} µs/IO, waited for a CPU ${((end.wait * 1e6) / ios).toFixed(1)} µs/IO (${((100 * end.wait) / RUNTIME_S).toFixed(0)}% of the run)`,
+    );
     const best = figures.get(w.name);
     if (best === undefined || rate > best.rate) {
       figures.set(w.name, { rate, cpuUsPerIo: (end.cpu * 1e6) / ios });

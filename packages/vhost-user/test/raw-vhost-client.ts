@@ -77,6 +77,10 @@ export class RawVhostClient {
   private readonly queues = new Map<number, Queue>();
   /** VIRTIO_RING_F_EVENT_IDX negotiated: used_event is kept up to date in each avail ring. */
   private eventIdx = false;
+  /** Kicks only when the device's avail_event asks for it (as Linux guests do). */
+  private kickByEvent = false;
+  /** Kicks sent (counted for tests). */
+  kicks = 0;
 
   private constructor(fd: number) {
     this.fd = fd;
@@ -171,13 +175,14 @@ export class RawVhostClient {
   /** Features and protocol features as QEMU negotiates them; returns the device's. */
   async negotiate(
     protocolFeatures: bigint,
-    options: { eventIdx?: boolean } = {},
+    options: { eventIdx?: boolean; kickByEvent?: boolean } = {},
   ): Promise<{ features: bigint; protocol: bigint }> {
     const features = await this.getU64(VHOST_USER.GET_FEATURES);
     const protocol = await this.getU64(VHOST_USER.GET_PROTOCOL_FEATURES);
     this.send(VHOST_USER.SET_PROTOCOL_FEATURES, u64(protocol & protocolFeatures));
     this.send(VHOST_USER.SET_OWNER);
     this.eventIdx = options.eventIdx ?? false;
+    this.kickByEvent = options.kickByEvent ?? false;
     const wanted = this.eventIdx ? features : features & ~(1n << BigInt(F.RING_EVENT_IDX));
     this.send(VHOST_USER.SET_FEATURES, u64(wanted));
     return { features, protocol };
@@ -334,9 +339,25 @@ export class RawVhostClient {
     }
     const done = new Promise<{ len: number }>((resolve) => q.waiting.set(head, resolve));
     v.setUint16(q.avail + 4 + 2 * (q.availIdx % q.num), head, true);
+    const old = q.availIdx;
     q.availIdx = (q.availIdx + 1) & 0xffff;
-    v.setUint16(q.avail + 2, q.availIdx, true);
-    eventfdSignal(q.kick);
+    Atomics.store(
+      new Uint16Array(this.mem.buffer, this.mem.byteOffset + q.avail, 2),
+      1,
+      q.availIdx,
+    );
+    // vring_need_event(avail_event, new, old): avail_event is after the used ring.
+    const availEvent = Atomics.load(
+      new Uint16Array(this.mem.buffer, this.mem.byteOffset + q.used + 4 + 8 * q.num, 1),
+      0,
+    );
+    if (
+      !this.kickByEvent ||
+      ((q.availIdx - availEvent - 1) & 0xffff) < ((q.availIdx - old) & 0xffff)
+    ) {
+      this.kicks++;
+      eventfdSignal(q.kick);
+    }
     return done;
   }
 
