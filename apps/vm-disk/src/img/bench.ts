@@ -125,23 +125,26 @@ export async function bench(argv: readonly string[], out: NodeJS.WritableStream)
     if (flushInterval > 0) {
       out.write(`Sending flush every ${flushInterval} requests\n`);
     }
+    // Each worker's buffer, allocated and filled before the clock starts (qemu-img bench
+    // allocates and fills its buffers before its first gettimeofday).
+    const bufs = Array.from({ length: Math.min(depth, Math.max(n, 1)) }, () =>
+      backend.allocBuffer(bufSize).fill(pattern),
+    );
     const started = performance.now();
     const done = runRequests({
       n,
-      depth,
       flushInterval,
       drain: !values['no-drain'],
       offset0,
       step,
       bufSize,
       imageSize,
-      pattern,
+      bufs,
       write: values.write,
       io: {
         read: (o, b) => backend.read(o, b),
         write: (o, b) => backend.write(o, b),
         flush: () => backend.flush(),
-        alloc: (len) => backend.allocBuffer(len),
       },
     });
     try {
@@ -161,25 +164,24 @@ interface BenchIo {
   read(offset: number, buf: Uint8Array): Promise<void>;
   write(offset: number, buf: Uint8Array): Promise<void>;
   flush(): Promise<void>;
-  alloc(length: number): Uint8Array;
 }
 
 interface Run {
   n: number;
-  depth: number;
   flushInterval: number;
   drain: boolean;
   offset0: number;
   step: number;
   bufSize: number;
   imageSize: number;
-  pattern: number;
+  /** One buffer per worker. */
+  bufs: Uint8Array[];
   write: boolean;
   io: BenchIo;
 }
 
 /**
- * QEMU's bench loop: `depth` workers, each with its own buffer, take the next offset and
+ * QEMU's bench loop: one worker per buffer in `bufs`, each takes the next offset and
  * issue a request until `n` were issued. Every `flushInterval` requests a flush: with
  * `drain`, the workers wait for the flush, which waits for what is in flight.
  */
@@ -194,8 +196,7 @@ async function runRequests(r: Run): Promise<void> {
     if (offset + r.bufSize > r.imageSize) offset = 0;
     return o;
   };
-  const worker = async () => {
-    const buf = r.io.alloc(r.bufSize).fill(r.pattern);
+  const worker = async (buf: Uint8Array) => {
     while (issued < r.n) {
       if (gate) {
         await gate;
@@ -223,5 +224,5 @@ async function runRequests(r: Run): Promise<void> {
       }
     }
   };
-  await Promise.all(Array.from({ length: Math.min(r.depth, Math.max(r.n, 1)) }, worker));
+  await Promise.all(r.bufs.map(worker));
 }

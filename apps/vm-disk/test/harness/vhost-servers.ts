@@ -5,6 +5,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
+// The bin itself (its shebang's node flags apply, as for users and the NBD benches).
 const CLI = fileURLToPath(new URL('../../dist/cli.js', import.meta.url));
 
 export interface VhostExport {
@@ -94,7 +95,7 @@ export const QSD: VhostServer = {
 export const VM_DISK: VhostServer = {
   name: 'vm-disk',
   start: (e) =>
-    startDaemon(process.execPath, [CLI, 'serve', ...vhostExportArgs(e)], e, {
+    startDaemon(CLI, ['serve', ...vhostExportArgs(e)], e, {
       VMDISK_LOG_LEVEL: 'warn',
     }),
 };
