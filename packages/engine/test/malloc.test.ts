@@ -39,23 +39,33 @@ const round = () => {
 round();
 const before = minflt();
 for (let i = 0; i < ${ROUNDS}; i++) round();
-console.log(minflt() - before);
+console.log('minor-faults=' + (minflt() - before));
 `;
 
 function childFaults(): Promise<number> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
       cwd: fileURLToPath(new URL('..', import.meta.url)),
-      stdio: ['ignore', 'pipe', 'inherit'],
+      stdio: ['ignore', 'pipe', 'pipe'],
     });
     let out = '';
     child.stdout.on('data', (d) => {
       out += d;
     });
+    let err = '';
+    child.stderr.on('data', (d) => {
+      err += d;
+    });
     child.on('error', reject);
-    child.on('exit', (code) => {
-      if (code !== 0) reject(new Error(`child exited ${code}`));
-      else resolve(Number(out.trim()));
+    child.on('close', (code) => {
+      if (code !== 0) reject(new Error(`child exited ${code}: ${err}`));
+      else {
+        // Only our line counts: anything else the child may print (a warning from the
+        // environment) is not the figure.
+        const m = /^minor-faults=(\d+)$/m.exec(out);
+        if (m) resolve(Number(m[1]));
+        else reject(new Error(`no fault count in the child's output: ${JSON.stringify(out)}`));
+      }
     });
   });
 }
