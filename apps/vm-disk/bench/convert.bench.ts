@@ -82,7 +82,6 @@ let qemuNbd: ChildProcess | undefined;
 try {
   makeRaw(raw);
   sh('qemu-img', ['convert', '-O', 'qcow2', raw, qcow2]);
-  sh('sync', []);
   qemuNbd = spawn('qemu-nbd', ['-r', '-t', '-e', '32', '-f', 'raw', '-k', nbdSocket, raw], {
     stdio: 'ignore',
   });

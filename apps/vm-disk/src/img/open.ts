@@ -103,12 +103,13 @@ export function checkCacheMode(mode: string | undefined): void {
 
 /** The options of the node `spec` names, without node-name. */
 export async function nodeOptions(spec: ImageSpec): Promise<Record<string, unknown>> {
-  const cache =
+  // The cache options -t/-T stand for (none: the node's defaults).
+  const cache: Record<string, boolean> | undefined =
     spec.cache === 'none' || spec.cache === 'directsync'
-      ? { cache: { direct: true } }
+      ? { direct: true }
       : spec.cache === 'unsafe'
-        ? { cache: { 'no-flush': true } }
-        : {};
+        ? { 'no-flush': true }
+        : undefined;
   if (spec.imageOpts) {
     if (spec.format !== undefined)
       throw new UsageError('--image-opts and --format are mutually exclusive');
@@ -117,14 +118,15 @@ export async function nodeOptions(spec: ImageSpec): Promise<Record<string, unkno
     const node = await imageOptsNode(spec.name);
     const given = node.cache ?? {};
     // A cache that is no object is the graph's to refuse.
-    if (!('cache' in cache) || typeof given !== 'object' || given === null) return node;
-    const keyval = Object.fromEntries(Object.keys(cache.cache).map((k) => [k, 'on']));
+    if (!cache || typeof given !== 'object' || given === null) return node;
+    // The string's syntax is keyval: its values are strings.
+    const keyval = Object.fromEntries(Object.keys(cache).map((k) => [k, 'on']));
     return { ...node, cache: { ...keyval, ...given } };
   }
   if (spec.format !== undefined && !FORMATS.includes(spec.format))
     throw new UsageError(`Unknown file format '${spec.format}'`);
   const remote = nbdUri(spec.name) ?? rbdFilename(spec.name);
-  const file = remote ?? { driver: 'file', filename: spec.name, ...cache };
+  const file = remote ?? { driver: 'file', filename: spec.name, ...(cache && { cache }) };
   let format = spec.format;
   if (format === undefined) format = remote ? 'raw' : await probeFormat(spec.name);
   return {
