@@ -8,7 +8,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-APT_PACKAGES=(qemu-utils qemu-system-common qemu-system-x86 busybox-static cpio libnbd-bin python3-libnbd nbdkit fio docker.io debootstrap e2fsprogs fuse3 openssl graphviz prometheus librbd1 qemu-block-extra)
+APT_PACKAGES=(qemu-utils qemu-system-common qemu-system-x86 busybox-static cpio libnbd-bin python3-libnbd nbdkit fio docker.io debootstrap e2fsprogs fuse3 openssl graphviz prometheus librbd1 qemu-block-extra iproute2)
 RUNTIME_NAME=vmdisk-runc
 RUNTIME_PATH=/usr/local/libexec/vm-disk/runc-nosysresource
 DOCKERD_LOG=/var/log/vm-disk-dockerd.log

@@ -19,6 +19,7 @@ import { VmDiskError } from './errors.ts';
 import type { BlockExportInfo, BlockExportKind, ExportDeleted } from './export-kind.ts';
 import type { IoThreadExport, IoThreads } from './iothreads/iothreads.ts';
 import type { Logger } from './log.ts';
+import { configureNbdSocket } from './nbd-socket.ts';
 import type { NbdExportConfig, NbdServerConfig, SocketAddress } from './options/serve-options.ts';
 import { QmpError } from './qmp/monitor.ts';
 import { serverTlsOptions } from './tls-creds.ts';
@@ -74,6 +75,7 @@ export class NbdExports implements BlockExportKind<NbdExportConfig> {
       );
     }
     const server = new NbdServer({
+      configureSocket: configureNbdSocket,
       ...(config.maxConnections !== undefined && { maxConnections: config.maxConnections || 1024 }),
       ...(budget !== undefined && { requestMemoryBudget: budget }),
       ...(tls && { tls }),

@@ -14,6 +14,12 @@ const mmapFn = libc.func(
   'void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)',
 );
 const munmapFn = libc.func('int munmap(void *addr, size_t length)');
+const setsockoptFn = libc.func(
+  'int setsockopt(int fd, int level, int name, void *value, uint32_t length)',
+);
+const getsockoptFn = libc.func(
+  'int getsockopt(int fd, int level, int name, _Out_ void *value, _Inout_ uint32_t *length)',
+);
 
 /** A libc call's result: -1 becomes -errno, anything else is kept. */
 export function sysResult(r: number | bigint): number {
@@ -93,6 +99,27 @@ export function mmapShared(
 
 export function munmap(addr: bigint, length: number): number {
   return sysResult(munmapFn(addr, length));
+}
+
+const SOL_SOCKET = 1;
+const SO_SNDBUF = 7;
+const SO_SNDBUFFORCE = 32;
+
+/**
+ * Sets a socket's send buffer to hold `bytes` of queued data: with SO_SNDBUFFORCE where
+ * the process may (CAP_NET_ADMIN), else SO_SNDBUF (the kernel caps it at
+ * net.core.wmem_max). The kernel doubles the value for its bookkeeping, as it reports it.
+ * The size in effect (getsockopt), or -errno.
+ */
+export function setSendBufferSize(fd: number, bytes: number): number {
+  const value = new Int32Array([Math.floor(bytes / 2)]);
+  if (sysResult(setsockoptFn(fd, SOL_SOCKET, SO_SNDBUFFORCE, value, 4)) < 0) {
+    const r = sysResult(setsockoptFn(fd, SOL_SOCKET, SO_SNDBUF, value, 4));
+    if (r < 0) return r;
+  }
+  const length = new Uint32Array([4]);
+  const r = sysResult(getsockoptFn(fd, SOL_SOCKET, SO_SNDBUF, value, length));
+  return r < 0 ? r : (value[0] as number);
 }
 
 /** Calls `onReadable` on the event loop whenever `fd` is readable, until the handle is closed. */

@@ -1,5 +1,7 @@
 // The shared libc calls, on real fds: results and -errno as the kernel gives them.
+
 import { mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { connect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -14,6 +16,7 @@ import {
   munmap,
   pollReadable,
   read,
+  setSendBufferSize,
   view,
   write,
 } from '../src/index.ts';
@@ -70,5 +73,27 @@ describe('@vmdisk/native', () => {
     expect(errnoName(ERRNO.EBADF)).toBe('EBADF');
     expect(errnoName(95)).toBe('ENOTSUP');
     expect(errnoName(4242)).toBe('errno 4242');
+  });
+
+  it("setSendBufferSize: a unix socket's send buffer as asked (as root), -errno on a bad fd", async () => {
+    const path = join(dir, 'sndbuf.sock');
+    const accepted = new Promise<Socket>((resolve) => {
+      const server = createServer((s) => {
+        server.close();
+        resolve(s);
+      }).listen(path);
+    });
+    const client = connect(path);
+    const socket = await accepted;
+    const fd = (socket as unknown as { _handle: { fd: number } })._handle.fd;
+    const bytes = 4 << 20;
+    const wmemMax = Number(readFileSync('/proc/sys/net/core/wmem_max', 'utf8'));
+    // Root may force it (SO_SNDBUFFORCE); others get at most twice net.core.wmem_max.
+    const expected = process.getuid?.() === 0 ? bytes : Math.min(bytes, 2 * wmemMax);
+    expect(setSendBufferSize(fd, bytes)).toBe(expected);
+    expect(setSendBufferSize(fd, 1 << 20)).toBe(1 << 20);
+    socket.destroy();
+    client.destroy();
+    expect(setSendBufferSize(1 << 20, bytes)).toBe(-ERRNO.EBADF);
   });
 });

@@ -45,6 +45,12 @@ export interface NbdServerOptions {
   /** The export a client asking for "" gets when none is named "" (default: the only one). */
   defaultExport?: string;
   tls?: NbdServerTlsOptions;
+  /**
+   * Called with each accepted socket before anything is read from it or written to it:
+   * what Node's net module cannot set (vm-disk enlarges unix sockets' send buffers). A
+   * throw refuses the connection (the 'error' event says why).
+   */
+  configureSocket?: (socket: net.Socket) => void;
 }
 
 export type ListenOptions =
@@ -186,6 +192,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   private readonly budget: MemoryBudget;
   private readonly maxConnections: number;
   private readonly defaultExport: string | undefined;
+  private readonly configureSocket: ((socket: net.Socket) => void) | undefined;
   private nextId = 1;
   private closing = false;
 
@@ -193,6 +200,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     super();
     this.maxConnections = options.maxConnections ?? 1024;
     this.defaultExport = options.defaultExport;
+    this.configureSocket = options.configureSocket;
     const handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     const maxInFlight = options.maxInFlight ?? 16;
     const budget = options.requestMemoryBudget ?? DEFAULT_MEMORY_BUDGET;
@@ -453,23 +461,33 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   private accept(socket: net.Socket): void {
     const id = this.nextId++;
     if (this.closing || this.connections.size >= this.maxConnections) {
-      if (this.listenerCount('error') > 0) {
-        this.emit('error', {
-          id,
-          remoteAddress: socket.remoteAddress ?? 'unix',
-          tls: false,
-          error: new NbdError(
-            'ERR_VMDISK_NBD_TOO_MANY_CONNECTIONS',
-            `connection refused: ${this.closing ? 'the server is closing' : `${this.maxConnections} connections open`}`,
-          ),
-        });
-      }
-      socket.on('error', () => {});
-      socket.destroy();
+      this.refuse(
+        id,
+        socket,
+        new NbdError(
+          'ERR_VMDISK_NBD_TOO_MANY_CONNECTIONS',
+          `connection refused: ${this.closing ? 'the server is closing' : `${this.maxConnections} connections open`}`,
+        ),
+      );
+      return;
+    }
+    try {
+      this.configureSocket?.(socket);
+    } catch (err) {
+      const message = `connection refused: configureSocket failed: ${String(err)}`;
+      this.refuse(id, socket, new NbdError('ERR_VMDISK_NBD_CONFIGURE_SOCKET', message));
       return;
     }
     this.counters.connections++;
     this.connections.add(new Connection(id, socket, this.host));
+  }
+
+  private refuse(id: number, socket: net.Socket, error: NbdError): void {
+    if (this.listenerCount('error') > 0) {
+      this.emit('error', { id, remoteAddress: socket.remoteAddress ?? 'unix', tls: false, error });
+    }
+    socket.on('error', () => {});
+    socket.destroy();
   }
 
   private describe(conn: Connection): ConnectionEvent {

@@ -19,6 +19,7 @@ const ALLOWED: Record<string, string[]> = {
   '@vmdisk/fuse': ['@vmdisk/native'],
   '@vmdisk/block-graph': ['@vmdisk/engine', '@vmdisk/ao', '@vmdisk/nbd'],
   'vm-disk': [
+    '@vmdisk/native',
     '@vmdisk/engine',
     '@vmdisk/ao',
     '@vmdisk/nbd',
