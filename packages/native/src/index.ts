@@ -106,10 +106,10 @@ const SO_SNDBUF = 7;
 const SO_SNDBUFFORCE = 32;
 
 /**
- * Sets a socket's send buffer to hold `bytes` of queued data: with SO_SNDBUFFORCE where
- * the process may (CAP_NET_ADMIN), else SO_SNDBUF (the kernel caps it at
- * net.core.wmem_max). The kernel doubles the value for its bookkeeping, as it reports it.
- * The size in effect (getsockopt), or -errno.
+ * Sets a socket's send buffer to `bytes` as getsockopt reports it (the kernel doubles
+ * what is asked, for its bookkeeping): with SO_SNDBUFFORCE where the process may
+ * (CAP_NET_ADMIN), else SO_SNDBUF (which the kernel caps at net.core.wmem_max). The size
+ * in effect, or -errno.
  */
 export function setSendBufferSize(fd: number, bytes: number): number {
   const value = new Int32Array([Math.floor(bytes / 2)]);
