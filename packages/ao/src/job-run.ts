@@ -69,6 +69,7 @@ async function jobCoEntry<J>(s: JobState<J>): Promise<void> {
   if (err && !s.error) s.error = err;
   s.deferred = true;
   s.busy = true;
+  s.notifyQuiet();
   if (s.sleepTimer) clearTimeout(s.sleepTimer);
   await jobCompleted(s);
 }

@@ -83,6 +83,8 @@ export class JobState<J> {
   bodyDone: Promise<void> | undefined;
   ended = false;
   endWaiters: (() => void)[] = [];
+  /** Waiting until the body runs no code until entered again (see `quiet`). */
+  quietWaiters: (() => void)[] = [];
 
   constructor(job: J, init: JobStateInit<J>) {
     this.job = job;
@@ -125,6 +127,22 @@ export class JobState<J> {
     }
   }
 
+  /**
+   * No code of the job's body runs until it is entered again (QEMU child_job_drained_poll
+   * false): it waits in a pause point, `yield` or `sleep`, has not started, or is done.
+   */
+  get quiet(): boolean {
+    return !this.busy || !this.started || this.deferred;
+  }
+
+  /** Resolves the quiet waiters once the body is quiet. */
+  notifyQuiet(): void {
+    if (!this.quiet || this.quietWaiters.length === 0) return;
+    const waiters = this.quietWaiters;
+    this.quietWaiters = [];
+    for (const w of waiters) w();
+  }
+
   /** Wakes the job's body if it is waiting in `yield`, `sleep` or a pause point. */
   enter(): void {
     if (!this.started || this.deferred || this.busy) return;
@@ -145,6 +163,7 @@ export class JobState<J> {
 
   async doYield(ms?: number): Promise<void> {
     this.busy = false;
+    this.notifyQuiet();
     await new Promise<void>((resolve) => {
       this.wake = resolve;
       if (ms !== undefined) {

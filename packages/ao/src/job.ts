@@ -296,6 +296,42 @@ export class Job {
     this.#s.progress.increaseRemaining(delta);
   }
 
+  // ---- drained sections over the job's nodes (not verbs: no table, no user pause) ----
+
+  /**
+   * A drained section over the job's nodes began (QEMU child_job_drained_begin ->
+   * job_pause): the job pauses at its next pause point, 'paused' (or 'standby' when
+   * 'ready'); a job not started, done, or already paused changes nothing. Nests.
+   */
+  drainedBegin(): void {
+    const s = this.#s;
+    s.pauseCount++;
+    if (!s.paused) s.enter();
+  }
+
+  /**
+   * Resolves once the job's body runs no code until it is entered again (QEMU
+   * child_job_drained_poll): paused, waiting, not started, or done.
+   */
+  drainedQuiet(): Promise<void> {
+    const s = this.#s;
+    if (s.quiet) return Promise.resolve();
+    return new Promise<void>((resolve) => s.quietWaiters.push(resolve));
+  }
+
+  /**
+   * The drained section ended (QEMU child_job_drained_end -> job_resume): the last one
+   * resumes the job, its status back at once, unless a sleep of its own still runs.
+   */
+  drainedEnd(): void {
+    const s = this.#s;
+    if (s.pauseCount <= 0) {
+      throw new AoError(AoErrorCode.JOB_STATE, `Job '${this.id}': drainedEnd without drainedBegin`);
+    }
+    s.pauseCount--;
+    if (s.pauseCount === 0 && !s.sleepTimer) s.enter();
+  }
+
   /** Starts the job's body (QEMU job_start); the job goes 'created' -> 'running'. */
   start(): void {
     jobStart(this.#s);

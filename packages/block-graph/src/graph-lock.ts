@@ -19,6 +19,18 @@ export interface DrainObserver {
   end(): void;
 }
 
+/**
+ * Someone that stops while some nodes are drained (a block job over them, QEMU's
+ * child_job parent): told the nodes a graph change drains, before it waits for requests.
+ */
+export interface NodeDrainObserver {
+  /**
+   * A drained section over `nodes` begins: undefined when it is none of the observer's
+   * business; else what the change waits for (the observer quiet) and what ends it.
+   */
+  begin(nodes: readonly string[]): { quiet: Promise<void>; end(): void } | undefined;
+}
+
 export class GraphLock {
   private readers = 0;
   private drained = 0;
@@ -28,11 +40,20 @@ export class GraphLock {
   /** Called when a drained section begins (filters let queued requests go). */
   onDrainBegin: (() => void) | undefined;
   private readonly observers = new Set<DrainObserver>();
+  private readonly nodeObservers = new Set<NodeDrainObserver>();
+  /** Woken when a graph change queues behind the one running (see write). */
+  private queued: (() => void)[] = [];
 
   /** Tells `o` of drained sections from now on, until the function returned is called. */
   observeDrain(o: DrainObserver): () => void {
     this.observers.add(o);
     return () => this.observers.delete(o);
+  }
+
+  /** Tells `o` of the nodes graph changes drain, until the function returned is called. */
+  observeNodeDrain(o: NodeDrainObserver): () => void {
+    this.nodeObservers.add(o);
+    return () => this.nodeObservers.delete(o);
   }
 
   /** Requests holding the read side now. */
@@ -96,23 +117,47 @@ export class GraphLock {
     }
   }
 
-  /** Runs a graph change under the write side (drained, one change at a time). */
-  async write<T>(change: () => Promise<T> | T): Promise<T> {
+  /**
+   * Runs a graph change under the write side (drained, one change at a time). `nodes`: the
+   * nodes whose subtrees QEMU drains for it: the observers over them (block jobs) stop
+   * first (block jobs pause, their events before the reply), and go on after the change.
+   */
+  async write<T>(change: () => Promise<T> | T, nodes?: readonly string[]): Promise<T> {
     const previous = this.writer;
     let done!: () => void;
     this.writer = new Promise<void>((resolve) => {
       done = resolve;
     });
+    const queued = this.queued.splice(0);
+    for (const w of queued) w();
     await previous;
+    const stopped: { quiet: Promise<void>; end(): void }[] = [];
+    for (const o of nodes ? [...this.nodeObservers] : []) {
+      const s = o.begin(nodes!);
+      if (s) stopped.push(s);
+    }
     try {
       await this.drainedBegin();
       try {
+        if (stopped.length > 0) await this.quiet(stopped.map((s) => s.quiet));
         return await change();
       } finally {
         this.drainedEnd();
       }
     } finally {
+      for (const s of stopped) s.end();
       done();
     }
+  }
+
+  /**
+   * Waits until the observers are quiet, or until another graph change queues: it may be
+   * what one of them waits for (a job resizing its target), which must not deadlock.
+   */
+  private quiet(all: Promise<void>[]): Promise<unknown> {
+    return Promise.race([
+      Promise.all(all),
+      new Promise<void>((resolve) => this.queued.push(resolve)),
+    ]);
   }
 }

@@ -238,7 +238,10 @@ export class BlockGraph extends GraphReopener implements BackendHost {
    */
   async reopenMultiple(list: readonly unknown[]): Promise<void> {
     this.checkOpen();
-    await this.lock.write(() => this.reopenQueue(list));
+    // QEMU drains each node named (block jobs over them pause), then reopens.
+    const named = list.map((o) => (o as { 'node-name'?: unknown } | null)?.['node-name']);
+    const drained = named.filter((n): n is string => typeof n === 'string' && this.nodes.has(n));
+    await this.lock.write(() => this.reopenQueue(list), drained);
   }
 
   /**

@@ -204,7 +204,7 @@ export function registerBlockJobCommands(monitor: QmpMonitor, daemon: DaemonCont
   monitor.register({
     name: 'block-job-cancel',
     args: struct({ device: str, force: opt(bool, false) }),
-    run: (args) => {
+    run: async (args) => {
       const bj = blockJob(args.device);
       const { force } = args;
       if (bj.job.userPaused && !force) {
@@ -213,7 +213,11 @@ export function registerBlockJobCommands(monitor: QmpMonitor, daemon: DaemonCont
           `The block job for device '${bj.id}' is currently paused`,
         );
       }
+      // A job done with its work (waiting, pending) is aborted within QEMU's command
+      // (job_completed_txn_abort): its events come before the reply.
+      const done = bj.job.status === 'waiting' || bj.job.status === 'pending';
       bj.job.cancel(force);
+      if (done && bj.job.isCancelled) await bj.job.wait().catch(() => {});
     },
   });
   monitor.register({

@@ -8,6 +8,7 @@ import type { Job, JobRegistry, JobTxn } from '@vmdisk/ao';
 import type { BlockBackend } from '../backend.ts';
 import { BlockError, BlockErrorCode } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
+import type { BlockNode } from '../node.ts';
 import type { PermissionName } from '../permissions.ts';
 import {
   blockNodes,
@@ -115,6 +116,11 @@ export class BlockJob {
   /** Started (begin): only a started job sends BLOCK_JOB_COMPLETED / _CANCELLED. */
   #begun = false;
   #started: ((bj: BlockJob) => void) | undefined;
+  /** Stops telling the job of drained nodes (set while it uses nodes). */
+  #unobserve: (() => void) | undefined;
+  /** The body waits for the read side, behind a drained section: quiet as well. */
+  #waitingRead = 0;
+  #onWaitingRead: (() => void)[] = [];
 
   private constructor(graph: BlockGraph, type: string, id: string, onError: BlockdevOnError) {
     this.graph = graph;
@@ -206,6 +212,7 @@ export class BlockJob {
       jobsOf.set(graph, map);
     }
     map.set(id, bj);
+    bj.#unobserve = graph.lock.observeNodeDrain({ begin: (nodes) => bj.#drainedBegin(nodes) });
     const off = jobs.onStatusChange((e) => {
       if (e.data.id !== id) return;
       // QEMU emits BLOCK_JOB_PENDING only when the user finalizes (job_event_pending).
@@ -279,7 +286,15 @@ export class BlockJob {
   /** Runs `fn` holding the graph's read lock, as any request does. */
   async io<T>(fn: () => Promise<T>): Promise<T> {
     const lock = this.graph.lock;
-    if (!lock.tryRead()) await lock.read();
+    if (!lock.tryRead()) {
+      this.#waitingRead++;
+      for (const w of this.#onWaitingRead.splice(0)) w();
+      try {
+        await lock.read();
+      } finally {
+        this.#waitingRead--;
+      }
+    }
     try {
       return await fn();
     } finally {
@@ -369,6 +384,44 @@ export class BlockJob {
     this.job.registry.emitEvent({ event: 'BLOCK_JOB_READY', data: this.#eventData() });
   }
 
+  /**
+   * A graph change drains `nodes` and their subtrees (QEMU 7.2's bdrv_subtree_drained_begin):
+   * when a node drained is one of the job's nodes or below one (a node drained drains its
+   * parents, up to the job: child_job_drained_begin), the job pauses until the change is
+   * done; the change waits until it is quiet.
+   */
+  #drainedBegin(nodes: readonly string[]): { quiet: Promise<void>; end(): void } | undefined {
+    if (!this.#drainsMe(nodes)) return undefined;
+    const job = this.job;
+    job.drainedBegin();
+    const quiet =
+      this.#waitingRead > 0
+        ? Promise.resolve()
+        : Promise.race([
+            job.drainedQuiet(),
+            new Promise<void>((resolve) => this.#onWaitingRead.push(resolve)),
+          ]);
+    return { quiet, end: () => job.drainedEnd() };
+  }
+
+  /** Whether the subtrees of `nodes` meet those of the job's nodes. */
+  #drainsMe(nodes: readonly string[]): boolean {
+    const below = (roots: Iterable<string>): Set<string> => {
+      const seen = new Set<string>();
+      const walk = (name: string): void => {
+        if (seen.has(name) || !this.graph.hasNode(name)) return;
+        seen.add(name);
+        const node = this.graph.node(name) as BlockNode;
+        for (const edge of node.children.values()) walk(edge.node.name);
+      };
+      for (const r of roots) walk(r);
+      return seen;
+    };
+    const mine = below(this.#busy);
+    for (const n of below(nodes)) if (mine.has(n)) return true;
+    return false;
+  }
+
   /** QEMU .clean, then the event of the end (job_finalize_single): nodes given back first. */
   async #clean(job: Job): Promise<void> {
     await this.#release();
@@ -385,6 +438,7 @@ export class BlockJob {
   async #release(): Promise<void> {
     if (this.#released) return;
     this.#released = true;
+    this.#unobserve?.();
     this.unfreeze();
     unblockNodes(this.graph, this.#busy.splice(0));
     for (const b of this.#backends.splice(0)) await b.close();
