@@ -100,8 +100,10 @@ function plan(devs: string[]): Run[] {
 // Before the measured runs, each workload once for WARMUP_S on each disk, unmeasured:
 // V8 compiles vm-disk's I/O path in the first seconds of I/O (its compiler threads took 9%
 // of the daemon's CPU in a first 5 s 4k randread, under 1% in the next), a cost a C
-// daemon does not have and a server in service has long paid.
-const WARMUP_S = Number(process.env.VMDISK_BENCH_WARMUP ?? 3);
+// daemon does not have and a server in service has long paid. Under TCG (about 3000 IOPS)
+// 3 s was too short: Turbofan still compiled 33 functions of the path in the 5 s after
+// it (14% of the daemon's CPU in a profile), 6 after a 6 s warm-up.
+const WARMUP_S = Number(process.env.VMDISK_BENCH_WARMUP ?? 6);
 
 // Each run between markers the host sees on the serial console; fio's terse output
 // (version 3) on the end marker: field 6 is read KiB, 8 read IOPS, 47 write KiB, 49 write IOPS.
