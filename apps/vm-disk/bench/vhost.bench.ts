@@ -16,8 +16,9 @@
 // Run with plain node after `nx build vm-disk` (the vm-disk row starts the built bin);
 // the guest comes from scripts/guest-image.sh.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { closeFd, eventfdSignal, libc, sysResult } from '@vmdisk/native';
 import { BenchReport } from '../../../scripts/bench/report.ts';
 import { type GuestRun, hasHardwareKvm, runGuest } from '../test/harness/guest.ts';
 import { QSD, type VhostDaemon, type VhostServer, VM_DISK } from '../test/harness/vhost-servers.ts';
@@ -215,6 +216,45 @@ function countSyscalls(pid: number): { stop(): Promise<number | undefined> } {
   };
 }
 
+const syscallFn = libc.func('long syscall(long nr, ...)');
+const SYS_PIDFD_OPEN = 434;
+const SYS_PIDFD_GETFD = 438;
+
+/**
+ * Signals every eventfd of the daemon (pidfd_getfd: a copy of each, written once). For a
+ * run that stalled: qemu-storage-daemon 7.2 here has lost a kick under load (it slept in
+ * poll with the guest's requests in its ring, and fio could not even exit), so the whole
+ * bench hung. A spurious kick is allowed by virtio, as is a spurious wake-up of the
+ * daemon's own event loops and a spurious interrupt of the guest. Returns the count
+ * signalled.
+ */
+function nudge(pid: number): number {
+  const pidfd = sysResult(syscallFn(SYS_PIDFD_OPEN, 'int', pid, 'uint', 0));
+  if (pidfd < 0) return 0;
+  let n = 0;
+  try {
+    for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+      try {
+        if (readlinkSync(`/proc/${pid}/fd/${fd}`) !== 'anon_inode:[eventfd]') continue;
+      } catch {
+        continue;
+      }
+      const copy = sysResult(
+        syscallFn(SYS_PIDFD_GETFD, 'int', pidfd, 'int', Number(fd), 'uint', 0),
+      );
+      if (copy < 0) continue;
+      if (eventfdSignal(copy) === 8) n++;
+      closeFd(copy);
+    }
+  } finally {
+    closeFd(pidfd);
+  }
+  return n;
+}
+
+/** A run not ended this long after its start has stalled (fio stops at RUNTIME_S). */
+const STALL_MS = (RUNTIME_S + 30) * 1000;
+
 const PERF = spawnSync('perf', ['--version']).status === 0;
 
 interface Sample {
@@ -236,8 +276,11 @@ async function measure(served: Served[]): Promise<Map<string, Map<string, Sample
       cpu: number;
       wait: Map<string, number>;
       syscalls: ReturnType<typeof countSyscalls> | undefined;
+      watchdog: NodeJS.Timeout;
     }
   >();
+  // Runs whose daemon was nudged: their figures are left out.
+  const nudged = new Set<string>();
   const ends = new Map<
     string,
     { cpu: number; wait: number; syscalls: Promise<number | undefined>; terse: string }
@@ -268,11 +311,17 @@ async function measure(served: Served[]): Promise<Map<string, Map<string, Sample
             cpu: cpuSeconds(s.daemon.pid),
             wait: waits.get(s.dev)!.snapshot(),
             syscalls: PERF ? countSyscalls(s.daemon.pid) : undefined,
+            watchdog: setTimeout(() => {
+              nudged.add(id);
+              const n = nudge(s.daemon.pid);
+              console.log(`${s.server.name} ${id}: stalled, its ${n} eventfds signalled`);
+            }, STALL_MS),
           });
         }
         const start = open.get(id);
         if (marker === 'VMDISK-BENCH-END' && start !== undefined) {
           open.delete(id);
+          clearTimeout(start.watchdog);
           ends.set(id, {
             cpu: cpuSeconds(s.daemon.pid) - start.cpu,
             wait: waits.get(s.dev)!.since(start.wait),
@@ -284,13 +333,20 @@ async function measure(served: Served[]): Promise<Map<string, Map<string, Sample
     });
   } finally {
     clearInterval(sampler);
-    for (const o of open.values()) await o.syscalls?.stop();
+    for (const o of open.values()) {
+      clearTimeout(o.watchdog);
+      await o.syscalls?.stop();
+    }
   }
   const samples = new Map<string, Map<string, Sample[]>>();
   for (const r of runs) {
     const name = byDev.get(r.dev)!.server.name;
     const end = ends.get(r.id);
     const f = end?.terse.split(';') ?? [];
+    if (nudged.has(r.id)) {
+      console.log(`${name} ${r.id}: left out (stalled, its daemon was nudged)`);
+      continue;
+    }
     if (end === undefined || f.length < 50) {
       const stalled = guest.log
         .split('\n')
