@@ -222,10 +222,10 @@ const SYS_PIDFD_GETFD = 438;
 
 /**
  * Signals every eventfd of the daemon (pidfd_getfd: a copy of each, written once). For a
- * run that stalled: qemu-storage-daemon 7.2 here has lost a kick under load (it slept in
- * poll with the guest's requests in its ring, and fio could not even exit), so the whole
- * bench hung. A spurious kick is allowed by virtio, as is a spurious wake-up of the
- * daemon's own event loops and a spurious interrupt of the guest. Returns the count
+ * run that stalled: under load qemu-storage-daemon 7.2 here lost a notification (it slept
+ * in poll, every eventfd at 0, while the guest waited on its requests and fio could not
+ * even exit), and the whole bench hung. Spurious kicks and interrupts are allowed by
+ * virtio, as are spurious wake-ups of the daemon's own event loops. Returns the count
  * signalled.
  */
 function nudge(pid: number): number {
