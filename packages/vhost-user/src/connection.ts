@@ -34,7 +34,7 @@ import {
   VRING_IDX_MASK,
   VRING_NOFD_MASK,
 } from './protocol.ts';
-import { Virtqueue } from './virtqueue.ts';
+import { type VirtqElement, Virtqueue } from './virtqueue.ts';
 
 export interface DeviceOptions extends BlkDevice {
   numQueues: number;
@@ -368,20 +368,9 @@ export class VhostUserConnection {
             `vring ${q.index}: request without a writable status byte`,
           );
         }
-        const head = el.head;
         q.begin();
         memory.acquire();
-        processBlkRequest(this.dev, el).then(
-          (len) => {
-            q.push(head, len);
-            memory.release();
-            q.end();
-          },
-          () => {
-            memory.release();
-            q.end();
-          },
-        );
+        void this.run(q, el, memory);
       }
     } catch (e) {
       this.fail(
@@ -389,6 +378,21 @@ export class VhostUserConnection {
           ? e
           : new VhostUserError('ERR_VMDISK_VHOST_DEVICE_BROKEN', String(e), { cause: e }),
       );
+    }
+  }
+
+  /**
+   * One request, returned to the guest when done. An async method rather than a `then` with
+   * two closures: one allocation less per request, on the path every I/O takes.
+   */
+  private async run(q: Virtqueue, el: VirtqElement, memory: MemoryTable): Promise<void> {
+    try {
+      q.push(el.head, await processBlkRequest(this.dev, el));
+    } catch {
+      // processBlkRequest answers every failure with a status: nothing reaches here.
+    } finally {
+      memory.release();
+      q.end();
     }
   }
 

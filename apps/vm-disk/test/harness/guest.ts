@@ -34,6 +34,11 @@ export interface GuestOptions {
   memMiB?: number;
   /** Kills QEMU after this long: default 180 s. */
   timeoutMs?: number;
+  /**
+   * More vhost-user-blk servers' sockets: /dev/vdb, /dev/vdc, ... in this order (devices
+   * on consecutive PCI slots after /dev/vda's), each with `numQueues` and `reconnect`.
+   */
+  moreVhostSockets?: string[];
   /** The device's `num-queues` (default 1). */
   numQueues?: number;
   /** vCPUs (default 1). */
@@ -98,8 +103,16 @@ function qemuArgs(o: GuestOptions, dir: string, initrd: string): string[] {
   const mem = o.memMiB ?? 512;
   const serial = ['stdio', 'id=ser0', 'signal=off'];
   if (o.serialLog !== undefined) serial.push(`logfile=${o.serialLog}`);
-  const chardev = ['socket', 'id=c0', `path=${o.vhostSocket}`];
-  if (o.reconnect) chardev.push('reconnect=1');
+  const disks = [o.vhostSocket, ...(o.moreVhostSockets ?? [])].flatMap((path, i) => {
+    const chardev = ['socket', `id=c${i}`, `path=${path}`];
+    if (o.reconnect) chardev.push('reconnect=1');
+    return [
+      '-chardev',
+      chardev.join(','),
+      '-device',
+      `vhost-user-blk-pci,chardev=c${i},num-queues=${o.numQueues ?? 1}`,
+    ];
+  });
   return [
     ...(hasHardwareKvm() ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg', '-cpu', 'max']),
     '-m',
@@ -125,10 +138,7 @@ function qemuArgs(o: GuestOptions, dir: string, initrd: string): string[] {
     // panic=-1 with -no-reboot: a panic (an /init that fails) ends QEMU at once.
     '-append',
     'console=ttyS0 panic=-1 quiet',
-    '-chardev',
-    chardev.join(','),
-    '-device',
-    `vhost-user-blk-pci,chardev=c0,num-queues=${o.numQueues ?? 1}`,
+    ...disks,
   ];
 }
 
