@@ -16,7 +16,6 @@ import { badClient, Handshake, type Negotiated } from './server-handshake.ts';
 import type { ReplyModeValue } from './server-replies.ts';
 import { type ServerTls, startServerTls } from './server-tls.ts';
 import { Transmission, type TransmissionLink } from './server-transmission.ts';
-import type { SocketReader } from './socket-reader.ts';
 
 /** What a connection needs from its server. */
 export interface ConnectionHost {
@@ -71,16 +70,12 @@ export class Connection implements TransmissionLink {
   private handedOff: HandedOff | undefined;
   private finalized = false;
 
-  /**
-   * With `adopted`, the connection starts in transmission (another server negotiated).
-   * With `reader`, `raw` was made with its `onread`: what it reads comes through it.
-   */
+  /** With `adopted`, the connection starts in transmission (another server negotiated). */
   constructor(
     id: number,
     raw: Socket,
     host: ConnectionHost,
     adopted?: TransmissionState & { export: ExportEntry },
-    reader?: SocketReader,
   ) {
     this.id = id;
     this.raw = raw;
@@ -93,14 +88,7 @@ export class Connection implements TransmissionLink {
     raw.setNoDelay?.(true);
     // Idle clients may stay for ever; dead ones are found out and dropped.
     raw.setKeepAlive?.(true, 60_000);
-    if (reader !== undefined) {
-      reader.sink = {
-        payloadSpace: () =>
-          this.phase === 'transmission' ? this.transmission?.payloadSpace() : undefined,
-        payloadReceived: (n) => this.transmission?.payloadReceived(n),
-        received: this.onData,
-      };
-    } else raw.on('data', this.onData);
+    raw.on('data', this.onData);
     raw.on('error', this.onSocketError);
     raw.on('close', this.onClose);
     if (adopted !== undefined) {

@@ -137,22 +137,6 @@ export class Transmission implements ReadContext {
     return this.link.socketClosed;
   }
 
-  /**
-   * Where the socket may read next, straight: the rest of the WRITE payload being
-   * received, once every byte received before it is taken (socket-reader.ts).
-   */
-  payloadSpace(): Uint8Array | undefined {
-    const pw = this.pendingWrite;
-    if (pw === undefined || this.link.queue.length > 0) return undefined;
-    return pw.buf.subarray(pw.filled);
-  }
-
-  /** `n` bytes of the pending payload were read into the space payloadSpace gave. */
-  payloadReceived(n: number): void {
-    this.pendingWrite!.filled += n;
-    this.pump();
-  }
-
   /** Takes what the client sent: payloads being received, then new requests. */
   pump(): void {
     const link = this.link;
