@@ -218,13 +218,29 @@ export abstract class NodeWrite extends NodeRead {
   }
   private writeFormat(inst: FormatInstance, offset: number, buf: Uint8Array): Promise<void> {
     const m = inst.map(offset, buf.byteLength, 'write');
-    if (
-      !(m instanceof Promise) &&
-      m.length === buf.byteLength &&
-      !m.allocation &&
-      m.kind === 'data'
-    ) {
-      return m.child!.node.write(m.offset!, buf);
+    if (m instanceof Promise) return this.writeFormatLater(inst, offset, buf, m);
+    return this.writeFormatMapped(inst, offset, buf, m);
+  }
+
+  private async writeFormatLater(
+    inst: FormatInstance,
+    offset: number,
+    buf: Uint8Array,
+    m: Promise<Mapping>,
+  ): Promise<void> {
+    return this.writeFormatMapped(inst, offset, buf, await m);
+  }
+
+  /** One mapping for the whole request (the usual case): no walk, no closure per request. */
+  private writeFormatMapped(
+    inst: FormatInstance,
+    offset: number,
+    buf: Uint8Array,
+    m: Mapping,
+  ): Promise<void> {
+    if (m.length === buf.byteLength && m.kind === 'data' && m.child && m.offset !== undefined) {
+      if (m.allocation) return this.writeAllocating(m, offset, buf);
+      return m.child.node.write(m.offset, buf);
     }
     return this.mapEach(inst, offset, buf.byteLength, 'write', m, async (m, pos, len) => {
       if (m.kind !== 'data' || !m.child || m.offset === undefined) {
