@@ -201,8 +201,8 @@ function sourceOf(s: Qcow2State, x: L2Entry): 'below' | 'zero' {
 }
 
 /** The L2 entry of a whole cluster once its data is written. */
-function linkWhole(x: L2Entry): L2Entry {
-  return { ...x, copied: true, alloc: 1, zero: 0 };
+function linkWhole(x: L2Entry, host: number): L2Entry {
+  return { ...x, host, copied: true, alloc: 1, zero: 0 };
 }
 
 interface AllocEntry {
@@ -327,8 +327,9 @@ async function mapWriteLocked(
       const mapping: Qcow2WriteMapping = {
         length: Math.min(end, unitEnd) - offset,
         host: hostStart + (offset - cBase),
-        allocation: allocationFor(s, l2, entries, start, unitEnd, src, gen, locked, (x) => ({
+        allocation: allocationFor(s, l2, entries, start, unitEnd, src, gen, locked, (x, host) => ({
           ...x,
+          host,
           copied: true,
           alloc: (x.alloc | touched) >>> 0,
           zero: (x.zero & ~touched) >>> 0,
@@ -515,7 +516,7 @@ function allocationFor(
   from: 'below' | 'zero',
   gen: number,
   locked: number[],
-  update: (e: L2Entry) => L2Entry,
+  update: (e: L2Entry, host: number) => L2Entry,
 ): Qcow2WriteMapping['allocation'] {
   let settled = false;
   const finish = () => {
@@ -528,16 +529,20 @@ function allocationFor(
     start,
     end,
     from,
-    commit: async () => {
-      if (settled) return;
+    // Synchronous work: no async frame per allocation, a settled promise.
+    commit: () => {
+      if (settled) return Promise.resolve();
       try {
         for (const x of entries) {
-          encodeL2(l2.data, x.ci % s.geom.l2Entries, update({ ...x.e, host: x.host }), s.geom);
+          encodeL2(l2.data, x.ci % s.geom.l2Entries, update(x.e, x.host), s.geom);
         }
         s.l2Cache.markDirty(l2);
+      } catch (err) {
+        return Promise.reject(err);
       } finally {
         finish();
       }
+      return Promise.resolve();
     },
     abort: async () => {
       if (settled) return;
