@@ -5,6 +5,7 @@
 
 import type {
   BdrvChild,
+  ChildNode,
   FilterInstance,
   FormatInstance,
   Mapping,
@@ -255,13 +256,36 @@ export abstract class NodeWrite extends NodeRead {
     });
   }
 
-  /** Copy on write into a freshly allocated unit, then link it (Mapping.allocation). */
   /**
    * A write into a new allocation: copy on write of the rest of it from below (or zeros),
    * the data, then commit. Any failure before commit aborts the allocation, so that the
    * driver releases what it holds (qcow2: the cluster locks) and nothing is left pending.
    */
-  private async writeAllocating(m: Mapping, offset: number, buf: Uint8Array): Promise<void> {
+  private writeAllocating(m: Mapping, offset: number, buf: Uint8Array): Promise<void> {
+    const alloc = m.allocation!;
+    if (alloc.start === offset && alloc.end === offset + buf.byteLength) {
+      return this.writeAllocated(m.child!.node, m.offset!, buf, alloc);
+    }
+    return this.writeAllocatingCow(m, offset, buf);
+  }
+
+  /** The write fills its allocation (a copy of whole clusters): no copy on write. */
+  private async writeAllocated(
+    child: ChildNode,
+    host: number,
+    buf: Uint8Array,
+    alloc: NonNullable<Mapping['allocation']>,
+  ): Promise<void> {
+    try {
+      await child.write(host, buf);
+    } catch (err) {
+      if (alloc.abort) await alloc.abort(err);
+      throw err;
+    }
+    await alloc.commit();
+  }
+
+  private async writeAllocatingCow(m: Mapping, offset: number, buf: Uint8Array): Promise<void> {
     const alloc = m.allocation!;
     const { start, end } = alloc;
     let bounce: Uint8Array | undefined;

@@ -218,7 +218,7 @@ export class CopyBeforeWriteInstance implements FilterInstance {
         try {
           for (let off = pos; off < pos + n; off += unit) {
             const len = Math.min(unit, pos + n - off);
-            const data = buf.subarray(0, len);
+            const data = len === buf.byteLength ? buf : buf.subarray(0, len);
             await source.read(off, data);
             try {
               await (compress ? compress(off, data) : target.write(off, data));
