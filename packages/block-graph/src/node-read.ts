@@ -261,7 +261,48 @@ export abstract class NodeRead {
    * wantZero false: allocation is enough, so protocol nodes answer data without asking
    * their driver (QEMU's want_zero).
    */
-  async blockStatus(offset: number, length: number, wantZero = true): Promise<Status> {
+  blockStatus(offset: number, length: number, wantZero = true): Promise<Status> {
+    const inst = this.instance;
+    if (inst.kind !== 'format' || length === 0)
+      return this.blockStatusAsync(offset, length, wantZero);
+    const size = inst.size();
+    const err = checkRequest(this.name, offset, length, size);
+    if (err) return Promise.reject(err);
+    let m: Mapping | Promise<Mapping>;
+    try {
+      m = inst.map(offset, length, 'read');
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    if (m instanceof Promise || m.length <= 0 || m.length > length) {
+      return this.blockStatusAsync(offset, length, wantZero, m);
+    }
+    // A synchronous mapping to zeros, or (allocation is enough) to data in a protocol
+    // node: the answer without an await (a backup asks once per cluster it copies).
+    const len = m.length;
+    if (m.kind === 'zero')
+      return Promise.resolve({ length: len, hole: true, zero: true, depth: 1 });
+    const child = m.child?.node;
+    if (
+      m.kind === 'data' &&
+      !wantZero &&
+      !m.read &&
+      child instanceof NodeRead &&
+      isProtocol(child.instance) &&
+      m.offset! + len <= child.size()
+    ) {
+      return Promise.resolve({ length: len, hole: false, zero: false, depth: 1 });
+    }
+    return this.blockStatusAsync(offset, length, wantZero, m);
+  }
+
+  /** blockStatus; `first`: the format's mapping of offset, when already asked for. */
+  private async blockStatusAsync(
+    offset: number,
+    length: number,
+    wantZero: boolean,
+    first?: Mapping | Promise<Mapping>,
+  ): Promise<Status> {
     const size = this.instance.size();
     const err = checkRequest(this.name, offset, length, size);
     if (err) throw err;
@@ -276,7 +317,7 @@ export abstract class NodeRead {
       if (inst.intercept) await inst.intercept({ op: 'block-status', offset, length });
       return inst.child.node.blockStatus(offset, length, wantZero);
     }
-    const m = await inst.map(offset, length, 'read');
+    const m = await (first ?? inst.map(offset, length, 'read'));
     const len = this.mappingLength(m, length);
     if (m.kind === 'zero') return { length: len, hole: true, zero: true, depth: 1 };
     if (m.kind === 'data' && m.read) return { length: len, hole: false, zero: false, depth: 1 };

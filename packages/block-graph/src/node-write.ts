@@ -5,6 +5,7 @@
 
 import type {
   BdrvChild,
+  ChildNode,
   FilterInstance,
   FormatInstance,
   Mapping,
@@ -218,13 +219,29 @@ export abstract class NodeWrite extends NodeRead {
   }
   private writeFormat(inst: FormatInstance, offset: number, buf: Uint8Array): Promise<void> {
     const m = inst.map(offset, buf.byteLength, 'write');
-    if (
-      !(m instanceof Promise) &&
-      m.length === buf.byteLength &&
-      !m.allocation &&
-      m.kind === 'data'
-    ) {
-      return m.child!.node.write(m.offset!, buf);
+    if (m instanceof Promise) return this.writeFormatLater(inst, offset, buf, m);
+    return this.writeFormatMapped(inst, offset, buf, m);
+  }
+
+  private async writeFormatLater(
+    inst: FormatInstance,
+    offset: number,
+    buf: Uint8Array,
+    m: Promise<Mapping>,
+  ): Promise<void> {
+    return this.writeFormatMapped(inst, offset, buf, await m);
+  }
+
+  /** One mapping for the whole request (the usual case): no walk, no closure per request. */
+  private writeFormatMapped(
+    inst: FormatInstance,
+    offset: number,
+    buf: Uint8Array,
+    m: Mapping,
+  ): Promise<void> {
+    if (m.length === buf.byteLength && m.kind === 'data' && m.child && m.offset !== undefined) {
+      if (m.allocation) return this.writeAllocating(m, offset, buf);
+      return m.child.node.write(m.offset, buf);
     }
     return this.mapEach(inst, offset, buf.byteLength, 'write', m, async (m, pos, len) => {
       if (m.kind !== 'data' || !m.child || m.offset === undefined) {
@@ -239,13 +256,36 @@ export abstract class NodeWrite extends NodeRead {
     });
   }
 
-  /** Copy on write into a freshly allocated unit, then link it (Mapping.allocation). */
   /**
    * A write into a new allocation: copy on write of the rest of it from below (or zeros),
    * the data, then commit. Any failure before commit aborts the allocation, so that the
    * driver releases what it holds (qcow2: the cluster locks) and nothing is left pending.
    */
-  private async writeAllocating(m: Mapping, offset: number, buf: Uint8Array): Promise<void> {
+  private writeAllocating(m: Mapping, offset: number, buf: Uint8Array): Promise<void> {
+    const alloc = m.allocation!;
+    if (alloc.start === offset && alloc.end === offset + buf.byteLength) {
+      return this.writeAllocated(m.child!.node, m.offset!, buf, alloc);
+    }
+    return this.writeAllocatingCow(m, offset, buf);
+  }
+
+  /** The write fills its allocation (a copy of whole clusters): no copy on write. */
+  private async writeAllocated(
+    child: ChildNode,
+    host: number,
+    buf: Uint8Array,
+    alloc: NonNullable<Mapping['allocation']>,
+  ): Promise<void> {
+    try {
+      await child.write(host, buf);
+    } catch (err) {
+      if (alloc.abort) await alloc.abort(err);
+      throw err;
+    }
+    await alloc.commit();
+  }
+
+  private async writeAllocatingCow(m: Mapping, offset: number, buf: Uint8Array): Promise<void> {
     const alloc = m.allocation!;
     const { start, end } = alloc;
     let bounce: Uint8Array | undefined;

@@ -288,6 +288,38 @@ describe('qcow2 write: allocation', () => {
   });
 });
 
+describe('qcow2 write: allocation answered from cached metadata', () => {
+  it('maps fresh clusters without waiting, holds their locks and links them only at commit', async () => {
+    const path = join(dir, 'sync-alloc.qcow2');
+    await qemuImgCreate(path, 4 << 20);
+    const file = await ImageFile.open(path);
+    const img = await openQcow2(file, { backing: null });
+    const cs = 65536;
+    await img.write(pattern(new Uint8Array(cs), 1), 0); // the L2 table and refcounts cached
+    const m = img.mapWriteCached(2 * cs, 3 * cs);
+    expect(m).not.toBeNull();
+    expect(m!.length).toBe(3 * cs);
+    expect(m!.allocation).toMatchObject({ start: 2 * cs, end: 5 * cs, from: 'zero' });
+    // The clusters are locked until commit: a second write of one waits, then finds it ours.
+    expect(img.mapWriteCached(3 * cs, cs)).toBeNull();
+    const second = img.mapWrite(3 * cs, cs);
+    const data = pattern(new Uint8Array(3 * cs), 2);
+    await file.write(data, m!.host);
+    // Crash safety: nothing points at the clusters before their data is written.
+    expect((await img.mapRead(2 * cs, 3 * cs)).kind).toBe('unallocated');
+    await m!.allocation.commit();
+    const again = await second;
+    expect(again.host).toBe(m!.host + cs);
+    await again.allocation.commit();
+    const back = new Uint8Array(3 * cs);
+    await img.read(back, 2 * cs);
+    expect(firstDiff(back, data)).toBe(-1);
+    await img.close();
+    await file.close();
+    expect((await run('qemu-img', ['check', path])).code).toBe(0);
+  });
+});
+
 describe('qcow2 write: races inside one cluster', () => {
   it('a write waiting for an allocation never rewrites bytes another write put there meanwhile', async () => {
     const path = join(dir, 'race.qcow2');

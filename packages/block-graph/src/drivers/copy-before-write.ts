@@ -53,12 +53,10 @@ export function isTargetError(err: unknown): boolean {
   return typeof err === 'object' && err !== null && targetErrors.has(err);
 }
 
-/** Marks an error of the target's side. */
-function onTarget<T>(p: Promise<T>): Promise<T> {
-  return p.catch((err: unknown) => {
-    if (typeof err === 'object' && err !== null) targetErrors.add(err);
-    throw err;
-  });
+/** Marks an error of the target's side; returns it (to throw). */
+function targetError(err: unknown): unknown {
+  if (typeof err === 'object' && err !== null) targetErrors.add(err);
+  return err;
 }
 
 /** The instances by their `file` edge, so that snapshot-access finds the one it reads. */
@@ -205,30 +203,35 @@ export class CopyBeforeWriteInstance implements FilterInstance {
       if (this.copy.skipUnallocated && !asData && s.depth !== 1) {
         this.copyBitmap.reset(pos, n);
       } else if (s.zero && !asData) {
-        await onTarget(target.writeZeroes(pos, n));
+        try {
+          await target.writeZeroes(pos, n);
+        } catch (err) {
+          throw targetError(err);
+        }
         this.#done(pos, n);
       } else {
-        await this.#copyData(source, target, pos, n);
+        // The data, read and written in pieces of at most one buffer (here rather than in
+        // a function of its own: one async frame less per cluster copied).
+        const compress = this.copy.compress;
+        const unit = compress ? this.clusterSize : MAX_BUFFER;
+        const buf = source.allocBuffer(Math.min(n, unit));
+        try {
+          for (let off = pos; off < pos + n; off += unit) {
+            const len = Math.min(unit, pos + n - off);
+            const data = len === buf.byteLength ? buf : buf.subarray(0, len);
+            await source.read(off, data);
+            try {
+              await (compress ? compress(off, data) : target.write(off, data));
+            } catch (err) {
+              throw targetError(err);
+            }
+            this.#done(off, len);
+          }
+        } finally {
+          source.releaseBuffer(buf);
+        }
       }
       pos += n;
-    }
-  }
-
-  async #copyData(source: ChildNode, target: ChildNode, start: number, n: number): Promise<void> {
-    const unit = this.copy.compress ? this.clusterSize : MAX_BUFFER;
-    const buf = source.allocBuffer(Math.min(n, unit));
-    try {
-      for (let off = start; off < start + n; off += unit) {
-        const len = Math.min(unit, start + n - off);
-        const data = buf.subarray(0, len);
-        await source.read(off, data);
-        await onTarget(
-          this.copy.compress ? this.copy.compress(off, data) : target.write(off, data),
-        );
-        this.#done(off, len);
-      }
-    } finally {
-      source.releaseBuffer(buf);
     }
   }
 

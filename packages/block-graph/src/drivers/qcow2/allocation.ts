@@ -38,7 +38,10 @@ export async function write(s: Qcow2State, buf: Uint8Array, offset: number): Pro
   checkWritable(s);
   const end = offset + buf.length;
   for (let pos = offset; pos < end; ) {
-    const m = mapWriteCached(s, pos, end - pos) ?? (await mapWrite(s, pos, end - pos));
+    const m =
+      mapWriteCached(s, pos, end - pos) ??
+      mapWriteAllocCached(s, pos, end - pos) ??
+      (await mapWrite(s, pos, end - pos));
     await writeMapped(s, m, buf.subarray(pos - offset, pos - offset + m.length), pos);
     pos += m.length;
   }
@@ -112,6 +115,101 @@ export function mapWriteCached(
       abort: done,
     },
   };
+}
+
+/**
+ * mapWrite's allocation of fresh clusters answered synchronously (standard L2 entries):
+ * when the range starts in an unallocated cluster whose L2 table is cached and ours, its
+ * lock free and the refcounts to search cached. The same clusters, locks and commit as
+ * mapWrite would take; null otherwise (then use mapWrite). Precondition as mapWrite.
+ */
+export function mapWriteAllocCached(
+  s: Qcow2State,
+  offset: number,
+  length: number,
+): Qcow2WriteMapping | null {
+  const gm = s.geom;
+  if (s.closed || s.readOnly || s.corrupt || gm.extendedL2) return null;
+  // The header's dirty flag is written first (beforeMetadataChange): not without waiting.
+  if (s.lazyRefcounts && !s.dirtyMarked) return null;
+  const cs = gm.clusterSize;
+  const l1i = Math.floor(offset / gm.l2Span);
+  const l2off = s.l1[l1i] ?? 0;
+  if (l2off === 0 || !s.l1Copied[l1i]) return null;
+  const l2 = s.l2Cache.peek(l2off);
+  if (!l2) return null;
+  const end = Math.min(offset + length, (l1i + 1) * gm.l2Span);
+  const c0 = Math.floor(offset / cs);
+  const e = entryAt(s, l2, c0);
+  if (e.compressed || e.host !== 0) return null;
+  // As mapWriteLocked: the first cluster, then following ones the write covers whole (or
+  // the last partly, when it fills from the same source); at most 32.
+  const cLast = Math.min(Math.floor((end - 1) / cs), c0 + 31);
+  const cBase = c0 * cs;
+  const headSrc = sourceOf(s, e);
+  const headFill = offset !== cBase;
+  let src = headSrc;
+  let last = c0;
+  if (end >= cBase + cs) {
+    for (let ci = c0 + 1; ci <= cLast; ci++) {
+      const x = entryAt(s, l2, ci);
+      if (x.compressed || x.host !== 0) break;
+      if (end >= (ci + 1) * cs) {
+        last = ci;
+        continue;
+      }
+      const tailSrc = sourceOf(s, x);
+      if (!headFill || tailSrc === headSrc) {
+        last = ci;
+        src = tailSrc;
+      }
+      break;
+    }
+  }
+  const n = last - c0 + 1;
+  const free = s.refcounts.findFreeCached(n);
+  if (free === undefined) return null;
+  // Over metadata (wrong refcounts): mapWrite finds the same clusters and reports it.
+  for (let k = 0; k < n; k++) if (isMetadata(s, (free + k) * cs)) return null;
+  // A held cluster lock: an allocation of that cluster is in flight; wait for it there.
+  const locked: number[] = [];
+  for (let ci = c0; ci <= last; ci++) {
+    if (!s.clusterLocks.tryLock(ci)) {
+      s.clusterLocks.unlockAll(locked);
+      return null;
+    }
+    locked.push(ci);
+  }
+  const hostStart = s.refcounts.takeRun(free, n);
+  const entries: AllocEntry[] = [];
+  for (let ci = c0; ci <= last; ci++) {
+    entries.push({ ci, e: entryAt(s, l2, ci), host: hostStart + (ci - c0) * cs, fresh: true });
+  }
+  const gen = enter(s);
+  s.l2Cache.getCached(l2off); // the pin allocationFor takes over
+  const unitEnd = (last + 1) * cs;
+  return {
+    length: Math.min(end, unitEnd) - offset,
+    host: hostStart + (offset - cBase),
+    allocation: allocationFor(s, l2, entries, cBase, unitEnd, src, gen, locked, linkWhole),
+  };
+}
+
+/** Where the rest of a fresh standard cluster comes from (mapWriteLocked's sourceOf). */
+function sourceOf(s: Qcow2State, x: L2Entry): 'below' | 'zero' {
+  return (x.zero & 1) !== 0 || !s.backing ? 'zero' : 'below';
+}
+
+/** The L2 entry of a whole cluster once its data is written. */
+function linkWhole(x: L2Entry, host: number): L2Entry {
+  return { ...x, host, copied: true, alloc: 1, zero: 0 };
+}
+
+interface AllocEntry {
+  ci: number;
+  e: L2Entry;
+  host: number;
+  fresh: boolean;
 }
 
 /**
@@ -197,7 +295,7 @@ async function mapWriteLocked(
     let unitEnd: number;
     let src: 'below' | 'zero';
     let hostStart: number;
-    let entries: Array<{ ci: number; e: L2Entry; host: number; fresh: boolean }>;
+    let entries: AllocEntry[];
     if (gm.extendedL2) {
       // One cluster; the unit is the span of touched subclusters, minus allocated edges.
       const sc = gm.subclusterSize;
@@ -229,8 +327,9 @@ async function mapWriteLocked(
       const mapping: Qcow2WriteMapping = {
         length: Math.min(end, unitEnd) - offset,
         host: hostStart + (offset - cBase),
-        allocation: allocationFor(s, l2, entries, start, unitEnd, src, gen, locked, (x) => ({
+        allocation: allocationFor(s, l2, entries, start, unitEnd, src, gen, locked, (x, host) => ({
           ...x,
+          host,
           copied: true,
           alloc: (x.alloc | touched) >>> 0,
           zero: (x.zero & ~touched) >>> 0,
@@ -247,12 +346,17 @@ async function mapWriteLocked(
       const mapping: Qcow2WriteMapping = {
         length: Math.min(end, cBase + cs) - offset,
         host: e.host + from,
-        allocation: allocationFor(s, l2, entries, cBase, cBase + cs, 'zero', gen, locked, (x) => ({
-          ...x,
-          copied: true,
-          alloc: 1,
-          zero: 0,
-        })),
+        allocation: allocationFor(
+          s,
+          l2,
+          entries,
+          cBase,
+          cBase + cs,
+          'zero',
+          gen,
+          locked,
+          linkWhole,
+        ),
       };
       await checkDataHost(s, e.host, cs);
       l2 = null;
@@ -291,12 +395,7 @@ async function mapWriteLocked(
     const mapping: Qcow2WriteMapping = {
       length: Math.min(end, unitEndStd) - offset,
       host: hostStart + from,
-      allocation: allocationFor(s, l2, entries, unitStart, unitEndStd, src, gen, locked, (x) => ({
-        ...x,
-        copied: true,
-        alloc: 1,
-        zero: 0,
-      })),
+      allocation: allocationFor(s, l2, entries, unitStart, unitEndStd, src, gen, locked, linkWhole),
     };
     l2 = null;
     locked = [];
@@ -411,13 +510,13 @@ async function makePrivate(
 function allocationFor(
   s: Qcow2State,
   l2: CacheEntry,
-  entries: Array<{ ci: number; e: L2Entry; host: number; fresh: boolean }>,
+  entries: AllocEntry[],
   start: number,
   end: number,
   from: 'below' | 'zero',
   gen: number,
   locked: number[],
-  update: (e: L2Entry) => L2Entry,
+  update: (e: L2Entry, host: number) => L2Entry,
 ): Qcow2WriteMapping['allocation'] {
   let settled = false;
   const finish = () => {
@@ -430,16 +529,20 @@ function allocationFor(
     start,
     end,
     from,
-    commit: async () => {
-      if (settled) return;
+    // Synchronous work: no async frame per allocation, a settled promise.
+    commit: () => {
+      if (settled) return Promise.resolve();
       try {
         for (const x of entries) {
-          encodeL2(l2.data, x.ci % s.geom.l2Entries, update({ ...x.e, host: x.host }), s.geom);
+          encodeL2(l2.data, x.ci % s.geom.l2Entries, update(x.e, x.host), s.geom);
         }
         s.l2Cache.markDirty(l2);
+      } catch (err) {
+        return Promise.reject(err);
       } finally {
         finish();
       }
+      return Promise.resolve();
     },
     abort: async () => {
       if (settled) return;

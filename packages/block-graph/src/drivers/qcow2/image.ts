@@ -24,7 +24,7 @@
 // locks of the clusters being allocated.
 
 import { Qcow2Error, Qcow2ErrorCode } from '../../errors.ts';
-import { mapWrite, mapWriteCached, write } from './allocation.ts';
+import { mapWrite, mapWriteAllocCached, mapWriteCached, write } from './allocation.ts';
 import { checkQcow2, type Qcow2CheckResult } from './check.ts';
 import type { Geometry } from './cluster-map.ts';
 import { writeCompressed } from './compressed.ts';
@@ -182,10 +182,13 @@ export class Qcow2Image {
 
   /**
    * mapWrite answered synchronously when the range starts in clusters that are written in
-   * place (L2 table cached, allocated, refcount one); null otherwise (then use mapWrite).
+   * place (L2 table cached, allocated, refcount one), or in fresh clusters allocated from
+   * cached metadata without waiting; null otherwise (then use mapWrite).
    */
   mapWriteCached(offset: number, length: number): Qcow2WriteMapping | null {
-    return mapWriteCached(this.state, offset, length);
+    return (
+      mapWriteCached(this.state, offset, length) ?? mapWriteAllocCached(this.state, offset, length)
+    );
   }
 
   /**

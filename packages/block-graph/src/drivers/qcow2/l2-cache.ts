@@ -63,14 +63,20 @@ export class MetadataCache {
     return this.#entries.get(offset);
   }
 
-  /** The table at `offset`, loaded if needed, pinned: the caller must `unpin` it. */
-  async get(offset: number): Promise<CacheEntry> {
+  /** The table at `offset` pinned (as get) when it is cached; undefined otherwise. */
+  getCached(offset: number): CacheEntry | undefined {
     const e = this.#entries.get(offset);
     if (e) {
       e.pins++;
       e.lastUse = ++this.#clock;
-      return e;
     }
+    return e;
+  }
+
+  /** The table at `offset`, loaded if needed, pinned: the caller must `unpin` it. */
+  async get(offset: number): Promise<CacheEntry> {
+    const e = this.getCached(offset);
+    if (e) return e;
     let l = this.#loading.get(offset);
     if (!l) {
       l = { waiters: 0, promise: this.#load(offset) };

@@ -343,25 +343,42 @@ export function mapReadCached(
   const l2 = l2off === 0 ? null : s.l2Cache.peek(l2off);
   if (l2off !== 0 && !l2) return null;
   const end = Math.min(offset + length, (l1i + 1) * g.l2Span);
-  const out: Segment[] = [];
+  const cs = g.clusterSize;
+  const scs = g.subclusterSize;
+  // The first run of segmentsOf, without building the segments (a read maps per cluster):
+  // one kind, guest and host contiguous (-1: no host).
+  let kind: Qcow2ReadMapping['kind'] = 'data';
+  let host = -1;
+  let pos = offset;
   try {
-    for (let pos = offset; pos < end && out.length < 2; ) {
-      const ci = Math.floor(pos / g.clusterSize);
-      const cEnd = Math.min(end, (ci + 1) * g.clusterSize);
-      segmentsOf(
-        s,
-        entryAt(s, l2 ?? null, ci),
-        ci,
-        pos - ci * g.clusterSize,
-        cEnd - ci * g.clusterSize,
-        out,
-      );
-      pos = cEnd;
+    run: while (pos < end) {
+      const ci = Math.floor(pos / cs);
+      const base = ci * cs;
+      const cEnd = Math.min(end, base + cs);
+      const e = entryAt(s, l2 ?? null, ci);
+      if (e.compressed) {
+        if (pos === offset) return { length: cEnd - pos, kind: 'compressed' };
+        break;
+      }
+      while (pos < cEnd) {
+        const sc = Math.floor((pos - base) / scs);
+        const bit = 2 ** sc;
+        const k = (e.alloc & bit) !== 0 ? 'data' : (e.zero & bit) !== 0 ? 'zero' : 'unallocated';
+        const h = e.host !== 0 || k === 'data' ? e.host + (pos - base) : -1;
+        if (pos === offset) {
+          kind = k;
+          host = h;
+        } else if (k !== kind || (host < 0 ? h >= 0 : h !== host + (pos - offset))) {
+          break run;
+        }
+        pos = Math.min(cEnd, base + (sc + 1) * scs);
+      }
     }
   } catch {
     return null; // a corrupt entry: the asynchronous path reports it
   }
-  return readMappingOf(out[0]!);
+  if (kind === 'data') return { length: pos - offset, kind, host };
+  return host < 0 ? { length: pos - offset, kind } : { length: pos - offset, kind, host };
 }
 
 /**

@@ -235,6 +235,49 @@ export class RefcountManager {
   }
 
   /**
+   * The first cluster of a run of `n` free ones allocate() would take, found without
+   * waiting: undefined when that needs I/O or another allocation is running (then use
+   * allocate). Nothing changes until takeRun.
+   */
+  findFreeCached(n: number): number | undefined {
+    if (this.#mutex.locked) return undefined;
+    let start = this.#freeHint;
+    let ci = start;
+    while (ci < start + n) {
+      const t = Math.floor(ci / this.perBlock);
+      const block = this.table[t] ?? 0;
+      // Uncovered (a block to create first) or not cached: the asynchronous path.
+      const e = block === 0 ? undefined : this.#cache.peek(block);
+      if (!e) return undefined;
+      const end = Math.min((t + 1) * this.perBlock, start + n);
+      for (; ci < end; ci++) {
+        if (getRefcount(e.data, ci % this.perBlock, this.order) !== 0) start = ci + 1;
+      }
+    }
+    return start;
+  }
+
+  /**
+   * Takes the run findFreeCached just found (synchronously after it: nothing ran in
+   * between); returns its host offset.
+   */
+  takeRun(start: number, n: number): number {
+    for (let ci = start; ci < start + n; ) {
+      const t = Math.floor(ci / this.perBlock);
+      const e = this.#cache.getCached(this.table[t]!)!;
+      try {
+        const end = Math.min(start + n, (t + 1) * this.perBlock);
+        for (; ci < end; ci++) setRefcount(e.data, ci % this.perBlock, this.order, 1);
+        this.#cache.markDirty(e);
+      } finally {
+        this.#cache.unpin(e);
+      }
+    }
+    this.#freeHint = start + n;
+    return start * this.clusterSize;
+  }
+
+  /**
    * Adds `delta` to the refcount of every cluster overlapping [offset, offset + bytes).
    * Throws REFCOUNT_OVERFLOW, or CORRUPT when a refcount would go below zero.
    */
