@@ -142,30 +142,10 @@ export function mapWriteAllocCached(
   const c0 = Math.floor(offset / cs);
   const e = entryAt(s, l2, c0);
   if (e.compressed || e.host !== 0) return null;
-  // As mapWriteLocked: the first cluster, then following ones the write covers whole (or
-  // the last partly, when it fills from the same source); at most 32.
+  // The same run as mapWriteLocked's, at most 32 clusters.
   const cLast = Math.min(Math.floor((end - 1) / cs), c0 + 31);
   const cBase = c0 * cs;
-  const headSrc = sourceOf(s, e);
-  const headFill = offset !== cBase;
-  let src = headSrc;
-  let last = c0;
-  if (end >= cBase + cs) {
-    for (let ci = c0 + 1; ci <= cLast; ci++) {
-      const x = entryAt(s, l2, ci);
-      if (x.compressed || x.host !== 0) break;
-      if (end >= (ci + 1) * cs) {
-        last = ci;
-        continue;
-      }
-      const tailSrc = sourceOf(s, x);
-      if (!headFill || tailSrc === headSrc) {
-        last = ci;
-        src = tailSrc;
-      }
-      break;
-    }
-  }
+  const { last, src } = freshRun(s, l2, e, c0, cLast, offset !== cBase, end);
   const n = last - c0 + 1;
   const free = s.refcounts.findFreeCached(n);
   if (free === undefined) return null;
@@ -195,9 +175,46 @@ export function mapWriteAllocCached(
   };
 }
 
-/** Where the rest of a fresh standard cluster comes from (mapWriteLocked's sourceOf). */
-function sourceOf(s: Qcow2State, x: L2Entry): 'below' | 'zero' {
+/** Where the rest of a fresh standard cluster comes from. */
+function freshSource(s: Qcow2State, x: L2Entry): 'below' | 'zero' {
   return (x.zero & 1) !== 0 || !s.backing ? 'zero' : 'below';
+}
+
+/**
+ * The fresh standard clusters one allocation takes from c0 (its entry `e`, unallocated):
+ * the first, then following ones the write (ending at `end`) covers whole, or the last
+ * partly when it fills from the same source as the first (`headFill`: the first is
+ * partly written); up to cLast. The last cluster taken and where unwritten bytes come from.
+ */
+function freshRun(
+  s: Qcow2State,
+  l2: CacheEntry,
+  e: L2Entry,
+  c0: number,
+  cLast: number,
+  headFill: boolean,
+  end: number,
+): { last: number; src: 'below' | 'zero' } {
+  const cs = s.geom.clusterSize;
+  const headSrc = freshSource(s, e);
+  let src = headSrc;
+  let last = c0;
+  if (end < (c0 + 1) * cs) return { last, src };
+  for (let ci = c0 + 1; ci <= cLast; ci++) {
+    const x = entryAt(s, l2, ci);
+    if (x.compressed || x.host !== 0) break;
+    if (end >= (ci + 1) * cs) {
+      last = ci;
+      continue;
+    }
+    const tailSrc = freshSource(s, x);
+    if (!headFill || tailSrc === headSrc) {
+      last = ci;
+      src = tailSrc;
+    }
+    break;
+  }
+  return { last, src };
 }
 
 /** The L2 entry of a whole cluster once its data is written. */
@@ -363,27 +380,12 @@ async function mapWriteLocked(
       locked = [];
       return mapping;
     }
-    // Fresh clusters: the first, then following ones the write covers whole (or the last
-    // partly, when it fills from the same source).
-    const headSrc = sourceOf(e, 0);
-    const headFill = from !== 0;
-    entries = [{ ci: c0, e, host: 0, fresh: true }];
-    src = headSrc;
-    if (end >= cBase + cs) {
-      for (let ci = c0 + 1; ci <= cLast; ci++) {
-        const x = entryAt(s, l2, ci);
-        if (x.compressed || x.host !== 0) break;
-        if (end >= (ci + 1) * cs) {
-          entries.push({ ci, e: x, host: 0, fresh: true });
-          continue;
-        }
-        const tailSrc = sourceOf(x, 0);
-        if (!headFill || tailSrc === headSrc) {
-          entries.push({ ci, e: x, host: 0, fresh: true });
-          src = tailSrc;
-        }
-        break;
-      }
+    // Fresh clusters: the run freshRun takes.
+    const run = freshRun(s, l2, e, c0, cLast, from !== 0, end);
+    src = run.src;
+    entries = [];
+    for (let ci = c0; ci <= run.last; ci++) {
+      entries.push({ ci, e: ci === c0 ? e : entryAt(s, l2, ci), host: 0, fresh: true });
     }
     locked = keepLocked(s, locked, entries[entries.length - 1]!.ci);
     hostStart = await allocData(s, entries.length);
