@@ -146,7 +146,8 @@ export class GraphNodes {
     }
   }
 
-  protected descendants(node: BlockNode): Set<BlockNode> {
+  /** @internal Every node below `node` (not itself). */
+  descendants(node: BlockNode): Set<BlockNode> {
     const out = new Set<BlockNode>();
     const walk = (n: BlockNode) => {
       for (const c of n.children.values()) {

@@ -406,19 +406,19 @@ export class BlockJob {
 
   /** Whether the subtrees of `nodes` meet those of the job's nodes. */
   #drainsMe(nodes: readonly string[]): boolean {
-    const below = (roots: Iterable<string>): Set<string> => {
-      const seen = new Set<string>();
-      const walk = (name: string): void => {
-        if (seen.has(name) || !this.graph.hasNode(name)) return;
-        seen.add(name);
-        const node = this.graph.node(name) as BlockNode;
-        for (const edge of node.children.values()) walk(edge.node.name);
-      };
-      for (const r of roots) walk(r);
-      return seen;
+    const graph = this.graph;
+    const subtrees = (roots: Iterable<string>): Set<BlockNode> => {
+      const out = new Set<BlockNode>();
+      for (const name of roots) {
+        if (!graph.hasNode(name)) continue;
+        const node = graph.node(name) as BlockNode;
+        out.add(node);
+        for (const d of graph.descendants(node)) out.add(d);
+      }
+      return out;
     };
-    const mine = below(this.#busy);
-    for (const n of below(nodes)) if (mine.has(n)) return true;
+    const mine = subtrees(this.#busy);
+    for (const n of subtrees(nodes)) if (mine.has(n)) return true;
     return false;
   }
 
