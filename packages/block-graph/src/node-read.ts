@@ -263,13 +263,14 @@ export abstract class NodeRead {
    */
   blockStatus(offset: number, length: number, wantZero = true): Promise<Status> {
     const inst = this.instance;
-    if (inst.kind !== 'format' || length === 0)
-      return this.blockStatusAsync(offset, length, wantZero);
-    const size = inst.size();
-    const err = checkRequest(this.name, offset, length, size);
-    if (err) return Promise.reject(err);
     let m: Mapping | Promise<Mapping>;
     try {
+      const size = inst.size();
+      const err =
+        checkRequest(this.name, offset, length, size) ??
+        (length === 0 ? outOfBounds(this.name, offset, length, size) : undefined);
+      if (err) return Promise.reject(err);
+      if (inst.kind !== 'format') return this.blockStatusAsync(offset, length, wantZero);
       m = inst.map(offset, length, 'read');
     } catch (e) {
       return Promise.reject(e);
@@ -296,17 +297,16 @@ export abstract class NodeRead {
     return this.blockStatusAsync(offset, length, wantZero, m);
   }
 
-  /** blockStatus; `first`: the format's mapping of offset, when already asked for. */
+  /**
+   * blockStatus once the request is checked; `first`: the format's mapping of offset,
+   * when already asked for.
+   */
   private async blockStatusAsync(
     offset: number,
     length: number,
     wantZero: boolean,
     first?: Mapping | Promise<Mapping>,
   ): Promise<Status> {
-    const size = this.instance.size();
-    const err = checkRequest(this.name, offset, length, size);
-    if (err) throw err;
-    if (length === 0) throw outOfBounds(this.name, offset, length, size);
     const inst = this.instance;
     if (isProtocol(inst)) {
       if (!inst.blockStatus || !wantZero) return { length, hole: false, zero: false, depth: 1 };
