@@ -9,6 +9,7 @@ import {
   exportDirtyBitmaps,
   type NbdTlsCreds,
 } from '@vmdisk/block-graph';
+import { dupFd } from '@vmdisk/engine';
 import {
   type ListenAddress,
   type NbdError,
@@ -76,6 +77,7 @@ export class NbdExports implements BlockExportKind<NbdExportConfig> {
     }
     const server = new NbdServer({
       configureSocket: configureNbdSocket,
+      dupFd,
       ...(config.maxConnections !== undefined && { maxConnections: config.maxConnections || 1024 }),
       ...(budget !== undefined && { requestMemoryBudget: budget }),
       ...(tls && { tls }),

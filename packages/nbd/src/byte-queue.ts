@@ -68,6 +68,14 @@ export class ByteQueue {
     return done;
   }
 
+  /** Copies the bytes held into a buffer of the queue's own: the chunks pushed may be reused. */
+  keep(): void {
+    if (this.length === 0) return;
+    const own = Buffer.allocUnsafe(this.length);
+    this.copyInto(own, 0, own.length);
+    this.push(own);
+  }
+
   clear(): void {
     this.chunks = [];
     this.head = 0;

@@ -16,6 +16,7 @@ import { badClient, Handshake, type Negotiated } from './server-handshake.ts';
 import type { ReplyModeValue } from './server-replies.ts';
 import { type ServerTls, startServerTls } from './server-tls.ts';
 import { Transmission, type TransmissionLink } from './server-transmission.ts';
+import type { SocketReader } from './socket-reader.ts';
 
 /** What a connection needs from its server. */
 export interface ConnectionHost {
@@ -54,6 +55,11 @@ export class Connection implements TransmissionLink {
   readonly queue = new ByteQueue();
   socketClosed = false;
   readingPaused = false;
+  /**
+   * The queue's newest bytes are the socket reader's staging buffer until pump returns:
+   * a payload is copied out of the queue, never taken as a view of it.
+   */
+  receivedBorrowed = false;
 
   private readonly raw: Socket;
   private socket: Duplex;
@@ -70,12 +76,16 @@ export class Connection implements TransmissionLink {
   private handedOff: HandedOff | undefined;
   private finalized = false;
 
-  /** With `adopted`, the connection starts in transmission (another server negotiated). */
+  /**
+   * With `adopted`, the connection starts in transmission (another server negotiated).
+   * With `reader`, `raw` was made with its `onread`: what it reads comes through it.
+   */
   constructor(
     id: number,
     raw: Socket,
     host: ConnectionHost,
     adopted?: TransmissionState & { export: ExportEntry },
+    reader?: SocketReader,
   ) {
     this.id = id;
     this.raw = raw;
@@ -88,7 +98,15 @@ export class Connection implements TransmissionLink {
     raw.setNoDelay?.(true);
     // Idle clients may stay for ever; dead ones are found out and dropped.
     raw.setKeepAlive?.(true, 60_000);
-    raw.on('data', this.onData);
+    if (reader !== undefined) {
+      reader.sink = {
+        payloadSpace: () =>
+          this.phase === 'transmission' ? this.transmission?.payloadSpace() : undefined,
+        payloadReceived: (n) => this.transmission?.payloadReceived(n),
+        received: this.onStaged,
+      };
+      this.receivedBorrowed = true;
+    } else raw.on('data', this.onData);
     raw.on('error', this.onSocketError);
     raw.on('close', this.onClose);
     if (adopted !== undefined) {
@@ -165,6 +183,17 @@ export class Connection implements TransmissionLink {
     } else {
       this.transmission?.pump();
     }
+  };
+
+  /** Bytes read into the socket reader's staging buffer, reused by its next read. */
+  private readonly onStaged = (chunk: Buffer): void => {
+    if (this.phase === 'negotiation') {
+      // The handshake keeps what it reads across awaits: its own copy.
+      this.onData(Buffer.from(chunk));
+      return;
+    }
+    this.onData(chunk);
+    this.queue.keep();
   };
 
   private readonly onSocketError = (err: Error): void => {

@@ -50,6 +50,8 @@ export interface TransmissionLink {
   readonly pool: BufferPool;
   /** Bytes received and not parsed yet. */
   readonly queue: ByteQueue;
+  /** The queue's chunks are valid only while pump runs: payloads are copied out of them. */
+  readonly receivedBorrowed: boolean;
   /** Requests are taken (not closing nor closed). */
   readonly active: boolean;
   readonly socketClosed: boolean;
@@ -135,6 +137,22 @@ export class Transmission implements ReadContext {
 
   isClosed(): boolean {
     return this.link.socketClosed;
+  }
+
+  /**
+   * Where the socket may read next, straight: the rest of the WRITE payload being
+   * received, once every byte received before it is taken (socket-reader.ts).
+   */
+  payloadSpace(): Uint8Array | undefined {
+    const pw = this.pendingWrite;
+    if (pw === undefined || this.link.queue.length > 0) return undefined;
+    return pw.buf.subarray(pw.filled);
+  }
+
+  /** `n` bytes of the pending payload were read into the space payloadSpace gave. */
+  payloadReceived(n: number): void {
+    this.pendingWrite!.filled += n;
+    this.pump();
   }
 
   /** Takes what the client sent: payloads being received, then new requests. */
@@ -290,6 +308,7 @@ export class Transmission implements ReadContext {
     if (
       refusal === undefined &&
       this.export.target.allocBuffer === undefined &&
+      !this.link.receivedBorrowed &&
       q.length >= payload
     ) {
       // A view of the received bytes: no copy, and not ours to recycle.

@@ -19,6 +19,7 @@ import {
   META_CONTEXT_DIRTY_BITMAP,
 } from './protocol.ts';
 import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
+import { SocketReader } from './socket-reader.ts';
 import { listenUnixSocket } from './unix-socket.ts';
 import { withDefaults } from './with-defaults.ts';
 
@@ -51,6 +52,16 @@ export interface NbdServerOptions {
    * throw refuses the connection (the 'error' event says why).
    */
   configureSocket?: (socket: net.Socket) => void;
+  /**
+   * dup(2), for the server to read sockets into its own memory: Node's net.Server gives
+   * sockets that read into buffers Node allocates (64 KiB each), which the server then
+   * copies. With it, each accepted socket (of a server without TLS) is taken over on a
+   * duplicate of its fd, made with `onread`, and WRITE payloads are read straight into
+   * the buffers they are written from (socket-reader.ts). vm-disk passes
+   * @vmdisk/engine's dupFd. It returns the new fd; when it throws or returns a negative
+   * errno, the socket is read as Node gives it.
+   */
+  dupFd?: ((fd: number) => number) | undefined;
 }
 
 export type ListenOptions =
@@ -193,6 +204,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   private readonly maxConnections: number;
   private readonly defaultExport: string | undefined;
   private readonly configureSocket: ((socket: net.Socket) => void) | undefined;
+  private readonly dupFd: ((fd: number) => number) | undefined;
   private nextId = 1;
   private closing = false;
 
@@ -201,6 +213,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     this.maxConnections = options.maxConnections ?? 1024;
     this.defaultExport = options.defaultExport;
     this.configureSocket = options.configureSocket;
+    this.dupFd = options.dupFd;
     const handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     const maxInFlight = options.maxInFlight ?? 16;
     const budget = options.requestMemoryBudget ?? DEFAULT_MEMORY_BUDGET;
@@ -479,7 +492,30 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       return;
     }
     this.counters.connections++;
-    this.connections.add(new Connection(id, socket, this.host));
+    const own = this.takeOver(socket);
+    const conn = own
+      ? new Connection(id, own.socket, this.host, undefined, own.reader)
+      : new Connection(id, socket, this.host);
+    this.connections.add(conn);
+  }
+
+  /** The accepted socket on a duplicate of its fd, read by a SocketReader (see dupFd). */
+  private takeOver(socket: net.Socket): { socket: net.Socket; reader: SocketReader } | undefined {
+    if (this.dupFd === undefined || this.host.tls.mode !== 'off') return undefined;
+    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    if (fd === undefined || fd < 0) return undefined;
+    let dup: number;
+    try {
+      dup = this.dupFd(fd);
+    } catch {
+      return undefined;
+    }
+    if (dup < 0) return undefined;
+    const reader = new SocketReader();
+    const own = new net.Socket({ fd: dup, readable: true, writable: true, onread: reader.onread });
+    socket.on('error', () => {});
+    socket.destroy();
+    return { socket: own, reader };
   }
 
   private refuse(id: number, socket: net.Socket, error: NbdError): void {

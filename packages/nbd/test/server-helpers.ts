@@ -5,6 +5,7 @@ import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import koffi from 'koffi';
 import { type ExportOptions, NbdServer, type NbdServerOptions } from '../src/index.ts';
 import { Command, OptionReply } from '../src/protocol.ts';
 import { RawNbd, replyError } from './raw-nbd.ts';
@@ -15,11 +16,18 @@ export interface Started {
   uri(name: string): string;
 }
 
+/** dup(2), as vm-disk gives the server (sockets read through socket-reader.ts). */
+export const dupFd: (fd: number) => number = koffi.load('libc.so.6').func('int dup(int fd)');
+
+/**
+ * A server on 127.0.0.1 with `exports`; it reads its sockets into its own buffers (dupFd)
+ * unless `options.dupFd` is given as undefined (as Node gives them).
+ */
 export async function startServer(
   exports: ExportOptions[],
   options: NbdServerOptions = {},
 ): Promise<Started> {
-  const server = new NbdServer(options);
+  const server = new NbdServer('dupFd' in options ? options : { ...options, dupFd });
   for (const e of exports) server.addExport(e);
   const addr = await server.listen({ host: '127.0.0.1', port: 0 });
   if (!('port' in addr)) throw new Error('expected a TCP address');

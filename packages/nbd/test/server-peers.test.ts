@@ -10,7 +10,12 @@ import { run, type Started, startServer, tempDir } from './server-helpers.ts';
 
 const MiB = 1024 * 1024;
 
-describe('NbdServer against qemu, libnbd and fio', () => {
+// Both ways of reading the sockets: into the server's own buffers (dupFd, as vm-disk runs
+// it) and into Node's (an embedder without dupFd).
+describe.each([
+  ['its own buffers', {}],
+  ["Node's buffers", { dupFd: undefined }],
+])('NbdServer against qemu, libnbd and fio, reading sockets into %s', (_, options) => {
   let s: Started;
   let mem: MemoryTarget;
   let file: FileTarget;
@@ -22,10 +27,13 @@ describe('NbdServer against qemu, libnbd and fio', () => {
     writeFileSync(fileImage, Buffer.alloc(0));
     expect((await run('qemu-img', ['create', '-f', 'raw', fileImage, '16M'])).code).toBe(0);
     file = await FileTarget.open(fileImage);
-    s = await startServer([
-      { name: 'mem', description: 'memory export', target: mem, writable: true },
-      { name: 'file', description: 'file export', target: file, writable: true },
-    ]);
+    s = await startServer(
+      [
+        { name: 'mem', description: 'memory export', target: mem, writable: true },
+        { name: 'file', description: 'file export', target: file, writable: true },
+      ],
+      options,
+    );
   });
   afterAll(async () => {
     await s.server.close();

@@ -1,0 +1,116 @@
+// The server reads its sockets into one staging buffer that every read reuses
+// (socket-reader.ts): whatever it cannot parse at the end of a read must be copied out
+// before the next read overwrites it. Requests cut at any byte, many in one read, payloads
+// of every size (read straight into their buffers, copied, or streamed) must land intact,
+// with targets that give their own buffers and targets that do not.
+
+import { afterEach, describe, expect, it } from 'vitest';
+import { type ExportTarget, MemoryTarget } from '../src/index.ts';
+import { Command } from '../src/protocol.ts';
+import { RawNbd } from './raw-nbd.ts';
+import { type Started, startServer } from './server-helpers.ts';
+
+const SIZE = 4 * 1024 * 1024;
+
+/** A small deterministic generator (xorshift32): the same cuts on every run. */
+function prng(seed: number): (n: number) => number {
+  let x = seed;
+  return (n) => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) % n;
+  };
+}
+
+const targets: [string, () => ExportTarget][] = [
+  ['without buffers of its own', () => new MemoryTarget(SIZE)],
+  [
+    'that gives its own buffers',
+    () => {
+      const m = new MemoryTarget(SIZE);
+      return {
+        size: () => m.size(),
+        read: (o, b) => m.read(o, b),
+        write: (o, b) => m.write(o, b),
+        allocBuffer: (n) => new Uint8Array(n),
+      };
+    },
+  ],
+];
+
+describe.each(targets)('receiving requests, a target %s', (_, make) => {
+  let s: Started | undefined;
+  afterEach(async () => {
+    await s?.server.close();
+    s = undefined;
+  });
+
+  it('requests cut at random bytes land intact', async () => {
+    s = await startServer([{ name: 'd', target: make(), writable: true }]);
+    const { nbd } = await RawNbd.open(s.port, 'd');
+    nbd.socket.setNoDelay(true);
+    const rand = prng(0x5eed);
+    const model = Buffer.alloc(SIZE);
+    const parts: Buffer[] = [];
+    const cuts: number[] = [];
+    let bytes = 0;
+    const COUNT = 300;
+    for (let i = 0; i < COUNT; i++) {
+      // Tiny and small payloads, some near the 64 KiB staging size, one streamed (> 1 MiB).
+      const kind = rand(4);
+      const length =
+        i === 150
+          ? 1536 * 1024
+          : kind === 0
+            ? 60_000 + rand(10_000)
+            : kind === 1
+              ? 1 + rand(9000)
+              : 1 + rand(64);
+      const offset = rand(SIZE - length);
+      const payload = Buffer.alloc(length);
+      for (let j = 0; j < length; j++) payload[j] = (i * 7 + j) & 0xff;
+      payload.copy(model, offset);
+      const h = Buffer.alloc(28);
+      h.writeUInt32BE(0x25609513, 0);
+      h.writeUInt16BE(Command.WRITE, 6);
+      h.writeBigUInt64BE(BigInt(i), 8);
+      h.writeBigUInt64BE(BigInt(offset), 16);
+      h.writeUInt32BE(length, 24);
+      parts.push(h, payload);
+      cuts.push(bytes + 1 + rand(27));
+      bytes += h.length + length;
+    }
+    const wire = Buffer.concat(parts);
+    const replies = (async () => {
+      const cookies = new Set<bigint>();
+      for (let i = 0; i < COUNT; i++) {
+        const r = await nbd.simpleReply();
+        expect(r.error).toBe(0);
+        cookies.add(r.cookie);
+      }
+      return cookies.size;
+    })();
+    // Each piece sent ends inside a request's header and is read on its own: the server
+    // keeps that header's start while its next read, as long as this one or longer,
+    // overwrites the staging buffer.
+    let at = 0;
+    for (const cut of cuts) {
+      nbd.write(wire.subarray(at, cut));
+      at = cut;
+      await new Promise((r) => setImmediate(r));
+    }
+    nbd.write(wire.subarray(at));
+    expect(await replies).toBe(COUNT);
+
+    const MiB = 1024 * 1024;
+    for (let off = 0; off < SIZE; off += MiB) {
+      nbd.request({ type: Command.READ, cookie: 1000n, offset: BigInt(off), length: MiB });
+      const r = await nbd.simpleReply();
+      expect(r.error).toBe(0);
+      const data = await nbd.read(MiB);
+      expect(data.equals(model.subarray(off, off + MiB))).toBe(true);
+    }
+    nbd.destroy();
+  });
+});
