@@ -32,7 +32,7 @@ const targets: [string, () => ExportTarget][] = [
       return {
         size: () => m.size(),
         read: (o, b) => m.read(o, b),
-        write: (o, b) => m.write(o, b),
+        write: (o, b, f) => m.write(o, b, f),
         allocBuffer: (n) => new Uint8Array(n),
       };
     },
