@@ -4,10 +4,10 @@
 
 import * as net from 'node:net';
 import { type Negotiated, negotiate } from './client-negotiation.ts';
-import { ReadRouter } from './client-reads.ts';
 import type { NbdClientTlsOptions } from './client-tls.ts';
 import { NbdConnectionError, NbdError } from './errors.ts';
 import { META_CONTEXT_ALLOCATION_DEPTH, META_CONTEXT_BASE_ALLOCATION } from './protocol.ts';
+import { ReadRouter } from './read-router.ts';
 import { type NbdTransport, parseNbdUri } from './uri.ts';
 
 const invalidRequest = (message: string): NbdError =>

@@ -5,7 +5,6 @@
 
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import type { ReadRouter } from './client-reads.ts';
 import { buildTlsConnectOptions, type NbdClientTlsOptions, upgradeToTls } from './client-tls.ts';
 import { NbdConnectionError, NbdError, NbdOptionError } from './errors.ts';
 import type { BlockSizeConstraints } from './export-target.ts';
@@ -24,6 +23,7 @@ import {
   OptionReply,
   TransmissionFlag,
 } from './protocol.ts';
+import type { ReadRouter } from './read-router.ts';
 import { encodeOption } from './wire.ts';
 
 /** The oldstyle handshake's second magic (cliserv_magic). */

@@ -12,11 +12,11 @@ import type * as net from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { type NbdClientOptions, type NbdConnectTarget, openConnection } from './client-connect.ts';
 import type { NbdExportListing, Negotiated } from './client-negotiation.ts';
-import type { ReadRouter } from './client-reads.ts';
 import { type BlockStatusResult, type PendingRequest, ReplyParser } from './client-replies.ts';
 import { NbdCommandError, NbdConnectionError, NbdError } from './errors.ts';
 import type { BlockSizeConstraints } from './export-target.ts';
 import { Command, CommandFlag, MAX_PAYLOAD_BYTES, TransmissionFlag } from './protocol.ts';
+import type { ReadRouter } from './read-router.ts';
 import { encodeRequestHeader } from './wire.ts';
 
 export type { NbdClientOptions, NbdConnectTarget } from './client-connect.ts';

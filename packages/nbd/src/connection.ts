@@ -11,12 +11,12 @@ import { NbdError } from './errors.ts';
 import type { ExportEntry } from './export-entry.ts';
 import type { HandedOff, TransmissionState } from './handoff.ts';
 import type { BudgetAccount, MemoryBudget } from './memory-budget.ts';
+import type { ReadRouter } from './read-router.ts';
 import { SendQueue } from './send-queue.ts';
 import { badClient, Handshake, type Negotiated } from './server-handshake.ts';
 import type { ReplyModeValue } from './server-replies.ts';
 import { type ServerTls, startServerTls } from './server-tls.ts';
 import { Transmission, type TransmissionLink } from './server-transmission.ts';
-import type { SocketReader } from './socket-reader.ts';
 
 /** What a connection needs from its server. */
 export interface ConnectionHost {
@@ -56,7 +56,7 @@ export class Connection implements TransmissionLink {
   socketClosed = false;
   readingPaused = false;
   /**
-   * The queue's newest bytes are the socket reader's staging buffer until pump returns:
+   * The queue's newest bytes are the read router's shared buffer until pump returns:
    * a payload is copied out of the queue, never taken as a view of it.
    */
   receivedBorrowed = false;
@@ -85,7 +85,7 @@ export class Connection implements TransmissionLink {
     raw: Socket,
     host: ConnectionHost,
     adopted?: TransmissionState & { export: ExportEntry },
-    reader?: SocketReader,
+    reader?: ReadRouter,
   ) {
     this.id = id;
     this.raw = raw;
@@ -99,12 +99,12 @@ export class Connection implements TransmissionLink {
     // Idle clients may stay for ever; dead ones are found out and dropped.
     raw.setKeepAlive?.(true, 60_000);
     if (reader !== undefined) {
-      reader.sink = {
-        payloadSpace: () =>
-          this.phase === 'transmission' ? this.transmission?.payloadSpace() : undefined,
-        payloadReceived: (n) => this.transmission?.payloadReceived(n),
-        received: this.onStaged,
-      };
+      reader.setSink({
+        bytes: this.onStaged,
+        directTarget: (min) =>
+          this.phase === 'transmission' ? this.transmission?.payloadSpace(min) : undefined,
+        advanceDirect: (n) => this.transmission?.payloadReceived(n),
+      });
       this.receivedBorrowed = true;
     } else raw.on('data', this.onData);
     raw.on('error', this.onSocketError);
@@ -185,7 +185,7 @@ export class Connection implements TransmissionLink {
     }
   };
 
-  /** Bytes read into the socket reader's staging buffer, reused by its next read. */
+  /** Bytes read into the read router's shared buffer, which its next read reuses. */
   private readonly onStaged = (chunk: Buffer): void => {
     if (this.phase === 'negotiation') {
       // The handshake keeps what it reads across awaits: its own copy.

@@ -141,11 +141,14 @@ export class Transmission implements ReadContext {
 
   /**
    * Where the socket may read next, straight: the rest of the WRITE payload being
-   * received, once every byte received before it is taken (socket-reader.ts).
+   * received, when at least `min` bytes and every byte received before it is taken
+   * (read-router.ts).
    */
-  payloadSpace(): Uint8Array | undefined {
+  payloadSpace(min: number): Uint8Array | undefined {
     const pw = this.pendingWrite;
-    if (pw === undefined || this.link.queue.length > 0) return undefined;
+    if (pw === undefined || this.link.queue.length > 0 || pw.buf.length - pw.filled < min) {
+      return undefined;
+    }
     return pw.buf.subarray(pw.filled);
   }
 

@@ -18,8 +18,8 @@ import {
   MAX_STRING_BYTES,
   META_CONTEXT_DIRTY_BITMAP,
 } from './protocol.ts';
+import { ReadRouter } from './read-router.ts';
 import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
-import { SocketReader } from './socket-reader.ts';
 import { listenUnixSocket } from './unix-socket.ts';
 import { withDefaults } from './with-defaults.ts';
 
@@ -57,7 +57,7 @@ export interface NbdServerOptions {
    * sockets that read into buffers Node allocates (64 KiB each), which the server then
    * copies. With it, each accepted socket (of a server without TLS) is taken over on a
    * duplicate of its fd, made with `onread`, and WRITE payloads are read straight into
-   * the buffers they are written from (socket-reader.ts). vm-disk passes
+   * the buffers they are written from (read-router.ts). vm-disk passes
    * @vmdisk/engine's dupFd. It returns the new fd; when it throws or returns a negative
    * errno, the socket is read as Node gives it.
    */
@@ -499,8 +499,8 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     this.connections.add(conn);
   }
 
-  /** The accepted socket on a duplicate of its fd, read by a SocketReader (see dupFd). */
-  private takeOver(socket: net.Socket): { socket: net.Socket; reader: SocketReader } | undefined {
+  /** The accepted socket on a duplicate of its fd, read by a ReadRouter (see dupFd). */
+  private takeOver(socket: net.Socket): { socket: net.Socket; reader: ReadRouter } | undefined {
     if (this.dupFd === undefined || this.host.tls.mode !== 'off') return undefined;
     const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     if (fd === undefined || fd < 0) return undefined;
@@ -511,7 +511,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       return undefined;
     }
     if (dup < 0) return undefined;
-    const reader = new SocketReader();
+    const reader = new ReadRouter();
     const own = new net.Socket({ fd: dup, readable: true, writable: true, onread: reader.onread });
     socket.on('error', () => {});
     socket.destroy();

@@ -16,7 +16,7 @@ export interface Started {
   uri(name: string): string;
 }
 
-/** dup(2), as vm-disk gives the server (sockets read through socket-reader.ts). */
+/** dup(2), as vm-disk gives the server (sockets read through read-router.ts). */
 export const dupFd: (fd: number) => number = koffi.load('libc.so.6').func('int dup(int fd)');
 
 /**

@@ -1,5 +1,5 @@
 // The server reads its sockets into one staging buffer that every read reuses
-// (socket-reader.ts): whatever it cannot parse at the end of a read must be copied out
+// (read-router.ts): whatever it cannot parse at the end of a read must be copied out
 // before the next read overwrites it. Requests cut at any byte, many in one read, payloads
 // of every size (read straight into their buffers, copied, or streamed) must land intact,
 // with targets that give their own buffers and targets that do not.

@@ -1,16 +1,21 @@
-// Reading a plain (non-TLS) client socket through Node's `onread`: bytes land in one
-// reusable buffer instead of a fresh Buffer per read, and the payload of a large READ
-// reply lands straight in the caller's buffer (no copy at all). Whoever consumes the bytes
-// (the negotiation reader, then the reply parser) is plugged in with setSink.
+// Reading a plain (non-TLS) socket through Node's `onread`, for the client and the server:
+// bytes land in one buffer that every read reuses instead of a fresh 64 KiB Buffer per
+// read, and a large payload (a READ reply's at the client, a WRITE request's at the
+// server) lands straight in the buffer it is for: no copy at all. Whoever consumes the
+// bytes (the client's negotiation reader then its reply parser; the server's connection)
+// is plugged in with setSink. It parses what a read brought before returning and copies
+// what it keeps: the next read overwrites the shared buffer. (Measured on a unix socket,
+// 4 KiB messages: 137 ms of CPU this way, 709 ms with views carved from fresh buffers,
+// whose pages fault in at every read, 1108 ms through 'data' events.)
 
-/** Below this, a READ payload goes through the shared buffer and is copied. */
+/** Below this, a payload goes through the shared buffer and is copied. */
 const DIRECT_MIN_BYTES = 16 * 1024;
 const SHARED_BYTES = 256 * 1024;
 
 export interface ReadSink {
   /** Bytes received: a view valid only during the call (copy what must be kept). */
   bytes(view: Buffer): void;
-  /** Where the next bytes may go directly (the rest of a READ payload), if anywhere. */
+  /** Where the next bytes may go directly (the rest of a payload, when at least `min`). */
   directTarget?(min: number): Uint8Array | undefined;
   /** `n` bytes arrived in the buffer directTarget returned. */
   advanceDirect?(n: number): void;
