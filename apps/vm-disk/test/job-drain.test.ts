@@ -8,7 +8,8 @@
 // The other commands that drain, found side by side (every event before the reply):
 // - a BlockBackend letting go of its node (block-export-del; a block-export-add failing
 //   after the export's backend was attached: NBD server not running, a name in use, a
-//   bitmap not found, resize unshared under a parent that needs it) drains the node twice
+//   bitmap not found, resize unshared under a parent that needs it, a vhost-user-blk
+//   option refused) drains the node twice
 //   (the node and its parents: a job over the node or above it pauses, one below it does
 //   not): two pairs of events. Attaching drains nothing, nor does an attach refused.
 // - transaction, blockdev-snapshot and blockdev-snapshot-sync (a transaction of one
@@ -228,6 +229,26 @@ describe('block jobs around drained graph changes, against qemu-storage-daemon 7
       // unshares it, after the backend was attached.
       await r.cmd('block-export-add', { type: 'nbd', id: 'e6', 'node-name': 'top-file' });
       await r.cmd('query-block-exports');
+      await cancel(r, 's0');
+    });
+  }, 120_000);
+
+  it('vhost-user-blk exports: the same two pairs as the backend goes, its options refused after it came', async () => {
+    await sideBySide(async (r) => {
+      await r.cmd('block-stream', { 'job-id': 's0', device: 'top', speed: 1 });
+      const vhost = (id: string, more: Record<string, unknown> = {}) =>
+        r.cmd('block-export-add', {
+          type: 'vhost-user-blk',
+          id,
+          'node-name': 'top',
+          addr: { type: 'unix', path: scratch.path(`${id}.sock`) },
+          ...more,
+        });
+      await vhost('v0', { 'logical-block-size': 100 });
+      await vhost('v1', { 'num-queues': 0 });
+      await vhost('v2', { addr: { type: 'inet', host: '127.0.0.1', port: '1' } });
+      await vhost('v4');
+      await r.cmd('block-export-del', { id: 'v4' });
       await cancel(r, 's0');
     });
   }, 120_000);
