@@ -436,21 +436,25 @@ export class BlockJob {
     const job = this.job;
     job.drainedBegin();
     this.#drainsOverMe++;
-    let quiet: Promise<void>;
-    if (this.#waitingRead > 0 && this.#inBody() && !this.#pausingInIo && !job.paused) {
-      // A request waits behind another drained section: it passes a pause point (io).
-      for (const w of [...this.#wakeWaiting]) w();
-      quiet = job.drainedQuiet();
-    } else if (this.#waitingRead > 0) {
-      quiet = Promise.resolve();
-    } else {
-      quiet = Promise.race([
+    // Quiet once paused, or once a request of the body waits for the read side again (a
+    // force-cancelled job passes no pause point).
+    const quiet = (): Promise<void> =>
+      Promise.race([
         job.drainedQuiet(),
         new Promise<void>((resolve) => this.#onWaitingRead.push(resolve)),
       ]);
+    let stopped: Promise<void>;
+    if (this.#waitingRead > 0 && this.#inBody() && !this.#pausingInIo && !job.paused) {
+      // A request waits behind another drained section: it passes a pause point (io).
+      for (const w of [...this.#wakeWaiting]) w();
+      stopped = quiet();
+    } else if (this.#waitingRead > 0) {
+      stopped = Promise.resolve();
+    } else {
+      stopped = quiet();
     }
     return {
-      quiet,
+      quiet: stopped,
       end: () => {
         this.#drainsOverMe--;
         job.drainedEnd();
