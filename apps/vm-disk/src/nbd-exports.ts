@@ -8,6 +8,7 @@ import {
   type ExportedBitmaps,
   exportDirtyBitmaps,
   type NbdTlsCreds,
+  type PermissionName,
 } from '@vmdisk/block-graph';
 import { dupFd } from '@vmdisk/engine';
 import {
@@ -114,22 +115,37 @@ export class NbdExports implements BlockExportKind<NbdExportConfig> {
     this.log.info({ event: 'nbd-stopped' }, 'NBD server stopped');
   }
 
+  /**
+   * In QEMU's order: the node gets its backend first (blk_exp_add: it takes what the
+   * export needs and shares everything), then the NBD export's checks and its
+   * permissions (nbd_export_create: resize unshared). A failure there removes the
+   * backend again, which drains the node (graph.ts detachBackend).
+   */
   async add(config: NbdExportConfig): Promise<void> {
-    if (!this.nbd) throw new QmpError('GenericError', 'NBD server not running');
-    const name = config.name ?? config.nodeName;
-    if ([...this.exports.values()].some((e) => e.name === name)) {
-      throw new QmpError('GenericError', `NBD server already has export named '${name}'`);
-    }
+    const perm: PermissionName[] = [
+      'consistent-read',
+      ...(config.writable ? ['write' as const] : []),
+    ];
     const backend = await this.graph.createBackend(config.nodeName, {
       name: `export:${config.id}`,
-      write: config.writable,
-      // As QEMU's NBD export: others may write the node too, but not resize it under
-      // clients that were told its size (nbd_export_create unshares resize).
-      shared: ['consistent-read', 'write', 'write-unchanged'],
+      perm,
+      shared: ['consistent-read', 'write', 'write-unchanged', 'resize'],
     });
+    const name = config.name ?? config.nodeName;
     let bitmaps: ExportedBitmaps | undefined;
     let iothreads: IoThreadExport | undefined;
     try {
+      if (!this.nbd) throw new QmpError('GenericError', 'NBD server not running');
+      if ([...this.exports.values()].some((e) => e.name === name)) {
+        throw new QmpError('GenericError', `NBD server already has export named '${name}'`);
+      }
+      // Others may write the node too, but not resize it under clients that were told
+      // its size.
+      await this.graph.setBackendPerms(backend, perm, [
+        'consistent-read',
+        'write',
+        'write-unchanged',
+      ]);
       if (config.bitmaps !== undefined && config.bitmaps.length > 0) {
         bitmaps = exportDirtyBitmaps(this.graph, config.nodeName, config.bitmaps, !config.writable);
       }

@@ -45,30 +45,40 @@ export class VhostExports implements BlockExportKind<VhostUserBlkExportConfig> {
     if (config.writable && node['read-only']) {
       throw new QmpError('GenericError', 'Cannot export read-only node as writable');
     }
-    if (addr.type !== 'unix') {
-      throw new QmpError('GenericError', "Only socket address types 'unix' and 'fd' are supported");
-    }
-    if (bs < MIN_BLOCK_SIZE || bs > MAX_BLOCK_SIZE) {
-      throw new QmpError(
-        'GenericError',
-        `Property ${id}.logical-block-size doesn't take value ${bs} (minimum: ${MIN_BLOCK_SIZE}, maximum: ${MAX_BLOCK_SIZE})`,
-      );
-    }
-    if ((bs & (bs - 1)) !== 0) {
-      throw new QmpError(
-        'GenericError',
-        `Property ${id}.logical-block-size doesn't take value '${bs}', it's not a power of 2`,
-      );
-    }
-    if (config.numQueues === 0) {
-      throw new QmpError('GenericError', 'num-queues must be greater than 0');
-    }
     const backend = await this.graph.createBackend(config.nodeName, {
       name: `export:${id}`,
       write: config.writable,
       // As qemu-storage-daemon's vhost-user-blk export: the guest was told the size.
       shared: ['consistent-read', 'write', 'write-unchanged'],
     });
+    // The export's own checks come after its backend was attached (blk_exp_add, then
+    // vhost_user_blk_exp_create): a failure removes it again, which drains the node.
+    try {
+      if (addr.type !== 'unix') {
+        throw new QmpError(
+          'GenericError',
+          "Only socket address types 'unix' and 'fd' are supported",
+        );
+      }
+      if (bs < MIN_BLOCK_SIZE || bs > MAX_BLOCK_SIZE) {
+        throw new QmpError(
+          'GenericError',
+          `Property ${id}.logical-block-size doesn't take value ${bs} (minimum: ${MIN_BLOCK_SIZE}, maximum: ${MAX_BLOCK_SIZE})`,
+        );
+      }
+      if ((bs & (bs - 1)) !== 0) {
+        throw new QmpError(
+          'GenericError',
+          `Property ${id}.logical-block-size doesn't take value '${bs}', it's not a power of 2`,
+        );
+      }
+      if (config.numQueues === 0) {
+        throw new QmpError('GenericError', 'num-queues must be greater than 0');
+      }
+    } catch (e) {
+      await backend.close();
+      throw e;
+    }
     const server = new VhostUserBlkServer({
       path: addr.path,
       target: backend,

@@ -4,6 +4,22 @@
 // a running job sends JOB_STATUS_CHANGE 'paused' then 'running' (a ready one 'standby' then
 // 'ready') before the reply. A job over other nodes, a job already paused by the user and
 // a job that has finished its work (pending) send nothing.
+//
+// The other commands that drain, found side by side (every event before the reply):
+// - a BlockBackend letting go of its node (block-export-del; a block-export-add failing
+//   after the export's backend was attached: NBD server not running, a name in use, a
+//   bitmap not found, resize unshared under a parent that needs it, a vhost-user-blk
+//   option refused) drains the node twice
+//   (the node and its parents: a job over the node or above it pauses, one below it does
+//   not): two pairs of events. Attaching drains nothing, nor does an attach refused.
+// - transaction, blockdev-snapshot and blockdev-snapshot-sync (a transaction of one
+//   action) drain every node first (bdrv_drain_all): every job pauses and resumes once;
+//   a snapshot then drains its node until the action's clean: a second pair for a job
+//   over it (refused: the node is busy).
+// - blockdev-add and blockdev-del of other nodes, and block_resize, drain no job's node:
+//   block_resize refuses a job's node and a backing node before it drains, and no job
+//   shares 'resize' of a node below its own.
+import { rmSync } from 'node:fs';
 import { describe, it } from 'vitest';
 import { run, useScratch } from './harness/daemon.ts';
 import type { QmpMessage } from './harness/qmp-client.ts';
@@ -49,7 +65,8 @@ function args(): string[] {
 
 async function prepare(): Promise<void> {
   await makeChain(scratch, CHAIN);
-  for (const img of ['tgt', 'other']) {
+  rmSync(scratch.path('snap.qcow2'), { force: true });
+  for (const img of ['tgt', 'other', 'ov']) {
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', scratch.path(`${img}.qcow2`), '16M']);
   }
 }
@@ -103,6 +120,17 @@ const cancel = (r: Recorder, id: string) =>
   settled(r, 'block-job-cancel', { device: id, force: true }, 'JOB_STATUS_CHANGE', 'null');
 
 const reopen = (r: Recorder, ...options: unknown[]) => r.cmd('blockdev-reopen', { options });
+
+const nbdServer = (r: Recorder) =>
+  r.cmd('nbd-server-start', { addr: { type: 'unix', data: { path: scratch.path('nbd.sock') } } });
+
+/** An NBD export of `node` added, then removed. */
+async function exportAddDel(r: Recorder, id: string, node: string): Promise<void> {
+  await r.cmd('block-export-add', { type: 'nbd', id, 'node-name': node });
+  await r.cmd('block-export-del', { id });
+}
+
+const ov = () => ({ driver: 'qcow2', 'node-name': 'ov', file: file('ov') });
 
 describe('block jobs around drained graph changes, against qemu-storage-daemon 7.2', () => {
   it('a running stream: paused and running again around a reopen of its nodes and what is below them', async () => {
@@ -177,6 +205,135 @@ describe('block jobs around drained graph changes, against qemu-storage-daemon 7
       // QEMU's stream with nothing to stream never sets its length: 0/0; vm-disk's 16M/16M.
       await r.cmd('query-block-jobs', undefined, ['len', 'offset']);
       await settled(r, 'job-finalize', { id: 'p0' }, 'JOB_STATUS_CHANGE', 'null');
+    });
+  }, 120_000);
+
+  it('block-export-add and -del over a running stream: two pairs as the backend goes, none as it comes', async () => {
+    await sideBySide(async (r) => {
+      await r.cmd('block-stream', { 'job-id': 's0', device: 'top', speed: 1 });
+      // Fails after the backend was attached: drained as it goes.
+      await r.cmd('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'top' });
+      await nbdServer(r);
+      await exportAddDel(r, 'e1', 'top');
+      await exportAddDel(r, 'e2', 'base'); // below the job's node: drains its parents
+      await exportAddDel(r, 'e3', 'other'); // no node of the job: nothing
+      await r.cmd('block-export-add', { type: 'nbd', id: 'x', 'node-name': 'other', name: 'x' });
+      await r.cmd('block-export-add', { type: 'nbd', id: 'e4', 'node-name': 'top', name: 'x' });
+      await r.cmd('block-export-add', {
+        type: 'nbd',
+        id: 'e5',
+        'node-name': 'top',
+        bitmaps: ['nope'],
+      });
+      // top (read-write for the stream) needs 'resize' of its file: refused as the export
+      // unshares it, after the backend was attached.
+      await r.cmd('block-export-add', { type: 'nbd', id: 'e6', 'node-name': 'top-file' });
+      await r.cmd('query-block-exports');
+      await cancel(r, 's0');
+    });
+  }, 120_000);
+
+  it('vhost-user-blk exports: the same two pairs as the backend goes, its options refused after it came', async () => {
+    await sideBySide(async (r) => {
+      await r.cmd('block-stream', { 'job-id': 's0', device: 'top', speed: 1 });
+      const vhost = (id: string, more: Record<string, unknown> = {}) =>
+        r.cmd('block-export-add', {
+          type: 'vhost-user-blk',
+          id,
+          'node-name': 'top',
+          addr: { type: 'unix', path: scratch.path(`${id}.sock`) },
+          ...more,
+        });
+      await vhost('v0', { 'logical-block-size': 100 });
+      await vhost('v1', { 'num-queues': 0 });
+      await vhost('v2', { addr: { type: 'inet', host: '127.0.0.1', port: '1' } });
+      await vhost('v4');
+      await r.cmd('block-export-del', { id: 'v4' });
+      await cancel(r, 's0');
+    });
+  }, 120_000);
+
+  it('a ready mirror: standby and ready twice as an export of its source goes', async () => {
+    await sideBySide(async (r) => {
+      await nbdServer(r);
+      const mirror = { 'job-id': 'm0', device: 'top', target: 'tgt', sync: 'top' };
+      await settled(r, 'blockdev-mirror', mirror, 'BLOCK_JOB_READY');
+      await exportAddDel(r, 'e1', 'top');
+      await cancel(r, 'm0');
+    });
+  }, 120_000);
+
+  it('a stream of mid: an export of top, above the job, drains nothing of it; one refused on base-file does', async () => {
+    await sideBySide(async (r) => {
+      await nbdServer(r);
+      await r.cmd('block-stream', { 'job-id': 's1', device: 'mid', speed: 1 });
+      await exportAddDel(r, 'e0', 'top');
+      await r.cmd('block-export-add', { type: 'nbd', id: 'e1', 'node-name': 'base-file' });
+      await cancel(r, 's1');
+    });
+  }, 120_000);
+
+  it('a paused and a pending job: no events for exports, transactions or snapshots', async () => {
+    await sideBySide(async (r) => {
+      await nbdServer(r);
+      const mirror = { 'job-id': 'm0', device: 'top', target: 'tgt', sync: 'top' };
+      await settled(r, 'blockdev-mirror', mirror, 'BLOCK_JOB_READY');
+      await settled(r, 'job-pause', { id: 'm0' }, 'JOB_STATUS_CHANGE', 'standby');
+      await exportAddDel(r, 'e0', 'top');
+      await r.cmd('transaction', { actions: [] });
+      await r.cmd('blockdev-snapshot', { node: 'top', overlay: 'other' });
+      await r.cmd('job-resume', { id: 'm0' });
+      await cancel(r, 'm0');
+      const stream = { 'job-id': 'p0', device: 'top', 'base-node': 'mid', 'auto-finalize': false };
+      await settled(r, 'block-stream', stream, 'BLOCK_JOB_PENDING');
+      await exportAddDel(r, 'e1', 'top');
+      await r.cmd('transaction', { actions: [] });
+      await settled(r, 'job-finalize', { id: 'p0' }, 'JOB_STATUS_CHANGE', 'null');
+    });
+  }, 120_000);
+
+  it('transaction and snapshots: every job pauses once; a snapshot of its node a second time', async () => {
+    await sideBySide(async (r) => {
+      await r.cmd('block-stream', { 'job-id': 's0', device: 'top', speed: 1 });
+      await r.cmd('transaction', { actions: [] });
+      const bitmap = { node: 'other', name: 'b0' };
+      await r.cmd('transaction', { actions: [{ type: 'block-dirty-bitmap-add', data: bitmap }] });
+      await r.cmd('transaction', { actions: [{ type: 'abort', data: {} }] });
+      // Refused as the node is busy, after it was drained.
+      await r.cmd('blockdev-snapshot', { node: 'top', overlay: 'other' });
+      const sync = { 'snapshot-file': scratch.path('snap.qcow2'), 'snapshot-node-name': 'snap' };
+      await r.cmd('blockdev-snapshot-sync', { 'node-name': 'top', ...sync });
+      // The busy node is refused before the overlay's name is checked.
+      await r.cmd('blockdev-snapshot-sync', {
+        'node-name': 'top',
+        ...sync,
+        'snapshot-node-name': 'mid',
+      });
+      await r.cmd('transaction', {
+        actions: [
+          { type: 'block-dirty-bitmap-add', data: { node: 'other', name: 'b1' } },
+          { type: 'blockdev-snapshot', data: { node: 'top', overlay: 'other' } },
+        ],
+      });
+      await r.cmd('blockdev-add', ov()); // blockdev-add and -del drain no job's node
+      await r.cmd('blockdev-del', { 'node-name': 'ov' });
+      await r.cmd('blockdev-add', ov());
+      await r.cmd('blockdev-snapshot', { node: 'other', overlay: 'ov' }); // no node of the job
+      // One pair (QEMU then drops the new overlay, which nothing holds, at the clean: the
+      // graph after it is not compared).
+      await r.cmd('blockdev-snapshot-sync', { 'node-name': 'tgt', ...sync });
+      await cancel(r, 's0');
+    });
+  }, 120_000);
+
+  it('block_resize drains no job: a job node and a backing node are refused first, a file under a job by permissions', async () => {
+    await sideBySide(async (r) => {
+      await r.cmd('block-stream', { 'job-id': 's0', device: 'top', speed: 1 });
+      await r.cmd('block_resize', { 'node-name': 'other', size: 32 * 1024 * 1024 });
+      await r.cmd('block_resize', { 'node-name': 'top', size: 32 * 1024 * 1024 });
+      await r.cmd('block_resize', { 'node-name': 'base', size: 32 * 1024 * 1024 });
+      await r.cmd('block_resize', { 'node-name': 'top-file', size: 32 * 1024 * 1024 });
+      await cancel(r, 's0');
     });
   }, 120_000);
 });

@@ -20,15 +20,36 @@ export interface DrainObserver {
 }
 
 /**
+ * The nodes a drained section is over, as QEMU 7.2 drains them (what its parents see):
+ * - subtree: each node, everything below it, and their parents (bdrv_subtree_drained_begin:
+ *   blockdev-reopen);
+ * - nodes: each node and its parents, up to the roots (bdrv_drained_begin: a BlockBackend
+ *   letting go of its node, a snapshot's node);
+ * - 'all': every node (bdrv_drain_all_begin: the start of a transaction).
+ * The graph lock itself drains every request whatever the scope: the scope says which
+ * observers (block jobs) stop for it.
+ */
+export type DrainScope =
+  | { readonly subtree: readonly string[] }
+  | { readonly nodes: readonly string[] }
+  | 'all';
+
+/** An observer stopped for a drained section: what to wait for, and how it goes on. */
+export interface DrainStop {
+  quiet: Promise<void>;
+  end(): void;
+}
+
+/**
  * Someone that stops while some nodes are drained (a block job over them, QEMU's
  * child_job parent): told the nodes a graph change drains, before it waits for requests.
  */
 export interface NodeDrainObserver {
   /**
-   * A drained section over `nodes` begins: undefined when it is none of the observer's
+   * A drained section over `scope` begins: undefined when it is none of the observer's
    * business; else what the change waits for (the observer quiet) and what ends it.
    */
-  begin(nodes: readonly string[]): { quiet: Promise<void>; end(): void } | undefined;
+  begin(scope: DrainScope): DrainStop | undefined;
 }
 
 export class GraphLock {
@@ -79,6 +100,12 @@ export class GraphLock {
     this.readers++;
   }
 
+  /** Resolves when no drained section is active (read would be admitted; nothing taken). */
+  admitted(): Promise<void> {
+    if (this.drained === 0) return Promise.resolve();
+    return new Promise<void>((resolve) => this.admit.push(resolve));
+  }
+
   releaseRead(): void {
     this.readers--;
     if (this.readers === 0 && this.idle.length > 0) {
@@ -118,11 +145,11 @@ export class GraphLock {
   }
 
   /**
-   * Runs a graph change under the write side (drained, one change at a time). `nodes`: the
-   * nodes whose subtrees QEMU drains for it: the observers over them (block jobs) stop
-   * first (block jobs pause, their events before the reply), and go on after the change.
+   * Runs a graph change under the write side (drained, one change at a time). `scope`: the
+   * nodes QEMU drains for it: the observers over them (block jobs) stop first (block jobs
+   * pause, their events before the reply), and go on after the change.
    */
-  async write<T>(change: () => Promise<T> | T, nodes?: readonly string[]): Promise<T> {
+  async write<T>(change: () => Promise<T> | T, scope?: DrainScope): Promise<T> {
     const previous = this.writer;
     let done!: () => void;
     this.writer = new Promise<void>((resolve) => {
@@ -131,23 +158,42 @@ export class GraphLock {
     const queued = this.queued.splice(0);
     for (const w of queued) w();
     await previous;
-    const stopped: { quiet: Promise<void>; end(): void }[] = [];
-    for (const o of nodes ? [...this.nodeObservers] : []) {
-      const s = o.begin(nodes!);
-      if (s) stopped.push(s);
-    }
     try {
-      await this.drainedBegin();
+      const end = await this.drainedSection(scope);
       try {
-        if (stopped.length > 0) await this.quiet(stopped.map((s) => s.quiet));
         return await change();
       } finally {
-        this.drainedEnd();
+        end();
       }
     } finally {
-      for (const s of stopped) s.end();
       done();
     }
+  }
+
+  /**
+   * A drained section over `scope` that is no graph change of its own (QEMU's blk_drain,
+   * bdrv_drain_all): the observers over it stop, no request is in flight; call the
+   * function returned to end it. Graph changes may run inside it (a snapshot's node
+   * stays drained while the overlay goes on top); it does not take the write side.
+   */
+  async drainedSection(scope?: DrainScope): Promise<() => void> {
+    const stopped: DrainStop[] = [];
+    for (const o of scope ? [...this.nodeObservers] : []) {
+      const s = o.begin(scope!);
+      if (s) stopped.push(s);
+    }
+    const end = (): void => {
+      this.drainedEnd();
+      for (const s of stopped) s.end();
+    };
+    try {
+      await this.drainedBegin();
+      if (stopped.length > 0) await this.quiet(stopped.map((s) => s.quiet));
+    } catch (err) {
+      end();
+      throw err;
+    }
+    return end;
   }
 
   /**

@@ -13,7 +13,7 @@ import { BlockNode, ChildEdge, type NodeSettings } from './node.ts';
 import type { BlockAcctStats } from './node-stats.ts';
 import type { ObjectInfo } from './objects.ts';
 import { blockdevOptionsInfo, checkOptions, type NodeSpec, type OptionSyntax } from './options.ts';
-import { type PermissionName, permNames } from './permissions.ts';
+import { type PermissionName, permBits, permNames } from './permissions.ts';
 import type { TypeInfo } from './schema.ts';
 
 export type { BlockGraphOptions } from './graph-nodes.ts';
@@ -241,7 +241,7 @@ export class BlockGraph extends GraphReopener implements BackendHost {
     // QEMU drains each node named (block jobs over them pause), then reopens.
     const named = list.map((o) => (o as { 'node-name'?: unknown } | null)?.['node-name']);
     const drained = named.filter((n): n is string => typeof n === 'string' && this.nodes.has(n));
-    await this.lock.write(() => this.reopenQueue(list), drained);
+    await this.lock.write(() => this.reopenQueue(list), { subtree: drained });
   }
 
   /**
@@ -286,15 +286,51 @@ export class BlockGraph extends GraphReopener implements BackendHost {
     });
   }
 
-  /** @internal: detaches a backend (BlockBackend.close). */
-  async detachBackend(backend: BlockBackend, edge: ChildEdge): Promise<void> {
-    await this.lock.write(async () => {
-      this.backends.delete(backend);
-      backend.attach(undefined);
-      this.unlink(edge);
-      await this.unref(edge.node);
-      this.refreshPermissions();
+  /**
+   * A backend's permissions change (QEMU blk_set_perm): refused, nothing changed, when
+   * another user of the node does not share what it now takes or takes what it no longer
+   * shares.
+   */
+  async setBackendPerms(
+    backend: BlockBackend,
+    perm: readonly PermissionName[],
+    shared: readonly PermissionName[],
+  ): Promise<void> {
+    await this.lock.write(() => {
+      const edge = backend.edge;
+      if (!edge) throw new BlockError(BlockErrorCode.CLOSED, `backend '${backend.name}' is closed`);
+      const old = { perm: edge.perm, shared: edge.shared };
+      edge.perm = permBits(perm);
+      edge.shared = permBits(shared);
+      try {
+        this.refreshPermissions();
+      } catch (err) {
+        edge.perm = old.perm;
+        edge.shared = old.shared;
+        throw err;
+      }
     });
+  }
+
+  /**
+   * @internal: detaches a backend (BlockBackend.close). QEMU 7.2 drains the node twice as
+   * a BlockBackend lets go of it (blk_remove_bs: blk_drain, then again as its root child
+   * goes; seen side by side): block jobs over the node or above it pause and resume twice.
+   * A block job's own hold on a node (jobChild) is QEMU's child_job, no BlockBackend.
+   */
+  async detachBackend(backend: BlockBackend, edge: ChildEdge): Promise<void> {
+    const scope = backend.jobChild ? undefined : { nodes: [edge.node.name] };
+    if (scope) await this.lock.write(() => undefined, scope);
+    await this.lock.write(
+      async () => {
+        this.backends.delete(backend);
+        backend.attach(undefined);
+        this.unlink(edge);
+        await this.unref(edge.node);
+        this.refreshPermissions();
+      },
+      scope && { nodes: [edge.node.name] },
+    );
   }
 
   /** Points a node's child edge at another node (blockdev-reopen of one child). */

@@ -121,7 +121,7 @@ export {
   type XDbgBlockGraphEdge,
   type XDbgBlockGraphNode,
 } from './graph-debug.ts';
-export type { DrainObserver } from './graph-lock.ts';
+export type { DrainObserver, DrainScope } from './graph-lock.ts';
 export { hostOffset } from './host-offset.ts';
 export { changeBackingFile, makeEmpty } from './image-edit.ts';
 export {

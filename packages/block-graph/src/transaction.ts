@@ -21,9 +21,9 @@ import {
 import type { BlockGraph } from './graph.ts';
 import {
   type BlockdevSnapshotSyncOptions,
-  blockdevSnapshot,
-  blockdevSnapshotSync,
   snapshotUndo,
+  takeSnapshot,
+  takeSnapshotSync,
 } from './jobs/snapshot.ts';
 import type { BlockNode } from './node.ts';
 import type { DirtyBitmapAddOptions } from './node-dirty.ts';
@@ -123,14 +123,17 @@ export function bitmapMergePrepare(
   return saved;
 }
 
-/** blockdev-snapshot: abort takes the overlay off again (external_snapshot_abort). */
+/**
+ * blockdev-snapshot: abort takes the overlay off again (external_snapshot_abort); the
+ * node stays drained from prepare to clean, as QEMU's.
+ */
 export async function snapshotPrepare(
   graph: BlockGraph,
   node: string,
   overlay: string,
 ): Promise<PreparedAction> {
-  await blockdevSnapshot(graph, node, overlay);
-  return { abort: () => snapshotUndo(graph, node, overlay) };
+  const taken = await takeSnapshot(graph, node, overlay);
+  return { abort: () => snapshotUndo(graph, node, overlay), clean: taken.end };
 }
 
 /** blockdev-snapshot-sync: abort takes the overlay off and closes it (its file stays). */
@@ -138,11 +141,12 @@ export async function snapshotSyncPrepare(
   graph: BlockGraph,
   o: BlockdevSnapshotSyncOptions,
 ): Promise<PreparedAction> {
-  const { node, overlay } = await blockdevSnapshotSync(graph, o);
+  const { node, overlay, end } = await takeSnapshotSync(graph, o);
   return {
     abort: async () => {
       await snapshotUndo(graph, node, overlay);
       await graph.del(overlay);
     },
+    clean: end,
   };
 }

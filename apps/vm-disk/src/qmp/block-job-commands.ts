@@ -1,14 +1,13 @@
-// The QMP commands of block jobs, snapshots and resize, with QEMU 7.2's arguments
-// (qapi/block-core.json): block-stream, block-commit, block_resize, blockdev-snapshot,
-// blockdev-snapshot-sync, query-block-jobs and the block-job-* verbs. The work is in
+// The QMP commands of block jobs and resize, with QEMU 7.2's arguments
+// (qapi/block-core.json): block-stream, block-commit, block_resize, query-block-jobs and
+// the block-job-* verbs; the arguments of blockdev-snapshot and blockdev-snapshot-sync
+// (transaction-commands.ts runs them). The work is in
 // @vmdisk/block-graph; the events (BLOCK_JOB_*) reach the monitor through the job
 // registry's event sink, in order with JOB_STATUS_CHANGE.
 import {
   type BlockJob,
   blockCommit,
   blockdevMirror,
-  blockdevSnapshot,
-  blockdevSnapshotSync,
   blockJobs,
   blockResize,
   blockStream,
@@ -158,18 +157,6 @@ export function registerBlockJobCommands(monitor: QmpMonitor, daemon: DaemonCont
     args: struct({ device: opt(str), 'node-name': opt(str), size: int() }),
     run: async (args) => {
       await blockResize(graph, camel(args));
-    },
-  });
-  monitor.register({
-    name: 'blockdev-snapshot',
-    args: blockdevSnapshotArgs,
-    run: (args) => blockdevSnapshot(graph, args.node, args.overlay),
-  });
-  monitor.register({
-    name: 'blockdev-snapshot-sync',
-    args: blockdevSnapshotSyncArgs,
-    run: async (args) => {
-      await blockdevSnapshotSync(graph, camel(args));
     },
   });
   monitor.register({

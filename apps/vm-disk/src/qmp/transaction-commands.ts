@@ -3,6 +3,7 @@
 // abort in reverse order and its error is the reply (nothing changed); otherwise all
 // commit. Clean runs last either way. completion-mode 'grouped' puts the backup jobs in
 // one job transaction: if one fails or is cancelled, all are, and none touches its bitmap.
+// blockdev-snapshot and blockdev-snapshot-sync are transactions of one action, as QEMU's.
 // The prepare/commit/abort of each action are in @vmdisk/block-graph (transaction.ts,
 // jobs/backup.ts).
 
@@ -103,40 +104,58 @@ export function registerTransactionCommands(monitor: QmpMonitor, daemon: DaemonC
     }
   }
 
+  /**
+   * Runs `actions` as one transaction. QEMU begins with bdrv_drain_all: every block job
+   * with a node pauses and resumes, before the actions (which may drain nodes of their
+   * own: a snapshot's node, from its prepare to its clean).
+   */
+  async function transaction(actions: readonly Action[], mode: 'individual' | 'grouped') {
+    const txn = mode === 'grouped' ? jobs.createTransaction() : undefined;
+    const prepared: PreparedAction[] = [];
+    await graph.lock.write(() => undefined, 'all');
+    // Drained: no guest write comes between the actions (one point-in-time for all).
+    await graph.drainedBegin();
+    try {
+      try {
+        for (const a of actions) {
+          if (mode !== 'individual' && INDIVIDUAL_ONLY.has(a.type)) {
+            throw new QmpError(
+              'GenericError',
+              `Action '${a.type}' does not support Transaction property completion-mode = ${mode}`,
+            );
+          }
+          prepared.push(await prepare(a, txn));
+        }
+      } catch (err) {
+        for (const p of [...prepared].reverse()) await p.abort?.();
+        throw err;
+      }
+      for (const p of prepared) await p.commit?.();
+    } finally {
+      graph.drainedEnd();
+      // The drained section ends at the last action's clean: QEMU resumes the jobs it
+      // paused newest first.
+      for (const p of [...prepared].reverse()) await p.clean?.();
+    }
+  }
+
   monitor.register({
     name: 'transaction',
     args: struct({
       actions: list(transactionAction),
       properties: opt(struct({ 'completion-mode': opt(completionMode) })),
     }),
-    run: async (args) => {
-      const mode = args.properties?.['completion-mode'] ?? 'individual';
-      const txn = mode === 'grouped' ? jobs.createTransaction() : undefined;
-      const prepared: PreparedAction[] = [];
-      // Drained: no guest write comes between the actions (one point-in-time for all).
-      await graph.drainedBegin();
-      try {
-        try {
-          for (const a of args.actions) {
-            if (mode !== 'individual' && INDIVIDUAL_ONLY.has(a.type)) {
-              throw new QmpError(
-                'GenericError',
-                `Action '${a.type}' does not support Transaction property completion-mode = ${mode}`,
-              );
-            }
-            prepared.push(await prepare(a, txn));
-          }
-        } catch (err) {
-          for (const p of [...prepared].reverse()) await p.abort?.();
-          throw err;
-        }
-        for (const p of prepared) await p.commit?.();
-      } finally {
-        graph.drainedEnd();
-        // The drained section ends at the last action's clean: QEMU resumes the jobs it
-        // paused newest first.
-        for (const p of [...prepared].reverse()) await p.clean?.();
-      }
-    },
+    run: (args) => transaction(args.actions, args.properties?.['completion-mode'] ?? 'individual'),
+  });
+  // QEMU runs both as a transaction of one action (blockdev_do_action).
+  monitor.register({
+    name: 'blockdev-snapshot',
+    args: blockdevSnapshotArgs,
+    run: (data) => transaction([{ type: 'blockdev-snapshot', data }], 'individual'),
+  });
+  monitor.register({
+    name: 'blockdev-snapshot-sync',
+    args: blockdevSnapshotSyncArgs,
+    run: (data) => transaction([{ type: 'blockdev-snapshot-sync', data }], 'individual'),
   });
 }

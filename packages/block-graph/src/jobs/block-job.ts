@@ -8,6 +8,7 @@ import type { Job, JobRegistry, JobTxn } from '@vmdisk/ao';
 import type { BlockBackend } from '../backend.ts';
 import { BlockError, BlockErrorCode } from '../errors.ts';
 import type { BlockGraph } from '../graph.ts';
+import type { DrainScope, DrainStop } from '../graph-lock.ts';
 import type { BlockNode } from '../node.ts';
 import type { PermissionName } from '../permissions.ts';
 import {
@@ -118,9 +119,15 @@ export class BlockJob {
   #started: ((bj: BlockJob) => void) | undefined;
   /** Stops telling the job of drained nodes (set while it uses nodes). */
   #unobserve: (() => void) | undefined;
-  /** The body waits for the read side, behind a drained section: quiet as well. */
+  /** Requests of the body waiting for the read side, behind a drained section: quiet. */
   #waitingRead = 0;
   #onWaitingRead: (() => void)[] = [];
+  /** Wake the requests waiting for the read side: a drained section over the job began. */
+  #wakeWaiting = new Set<() => void>();
+  /** Drained sections over the job's nodes now. */
+  #drainsOverMe = 0;
+  /** One of the body's requests is passing a pause point before it waits for the read side. */
+  #pausingInIo = false;
 
   private constructor(graph: BlockGraph, type: string, id: string, onError: BlockdevOnError) {
     this.graph = graph;
@@ -212,7 +219,7 @@ export class BlockJob {
       jobsOf.set(graph, map);
     }
     map.set(id, bj);
-    bj.#unobserve = graph.lock.observeNodeDrain({ begin: (nodes) => bj.#drainedBegin(nodes) });
+    bj.#unobserve = graph.lock.observeNodeDrain({ begin: (scope) => bj.#drainedBegin(scope) });
     const off = jobs.onStatusChange((e) => {
       if (e.data.id !== id) return;
       // QEMU emits BLOCK_JOB_PENDING only when the user finalizes (job_event_pending).
@@ -283,23 +290,57 @@ export class BlockJob {
     unfreezeLinks(this.graph, this.#frozen.splice(0));
   }
 
-  /** Runs `fn` holding the graph's read lock, as any request does. */
+  /**
+   * Runs `fn` holding the graph's read lock, as any request does. A request that must wait
+   * behind a drained section over the job's nodes passes a pause point first (the job
+   * pauses, its events sent): in QEMU the drain lets the request finish and the job pauses
+   * right after it; here the request waits, the job paused, until the section is over.
+   */
   async io<T>(fn: () => Promise<T>): Promise<T> {
     const lock = this.graph.lock;
-    if (!lock.tryRead()) {
-      this.#waitingRead++;
-      for (const w of this.#onWaitingRead.splice(0)) w();
-      try {
-        await lock.read();
-      } finally {
-        this.#waitingRead--;
+    let paused = false;
+    while (!lock.tryRead()) {
+      if (!paused && this.#drainsOverMe > 0 && !this.#pausingInIo && this.#inBody()) {
+        paused = true;
+        this.#pausingInIo = true;
+        try {
+          await this.job.pausePoint();
+        } finally {
+          this.#pausingInIo = false;
+        }
+        continue;
       }
+      // A new drained section over the job's nodes wakes the request: it pauses again.
+      if (await this.#waitRead()) paused = false;
     }
     try {
       return await fn();
     } finally {
       lock.releaseRead();
     }
+  }
+
+  /** Waits until requests are admitted (false) or a drained section over the job begins (true). */
+  async #waitRead(): Promise<boolean> {
+    this.#waitingRead++;
+    for (const w of this.#onWaitingRead.splice(0)) w();
+    let wake!: () => void;
+    try {
+      return await new Promise<boolean>((resolve) => {
+        wake = () => resolve(true);
+        this.#wakeWaiting.add(wake);
+        void this.graph.lock.admitted().then(() => resolve(false));
+      });
+    } finally {
+      this.#wakeWaiting.delete(wake);
+      this.#waitingRead--;
+    }
+  }
+
+  /** Whether the job's body runs now (it may pass a pause point). */
+  #inBody(): boolean {
+    const status = this.job.status;
+    return status === 'running' || status === 'ready';
   }
 
   /**
@@ -385,29 +426,51 @@ export class BlockJob {
   }
 
   /**
-   * A graph change drains `nodes` and their subtrees (QEMU 7.2's bdrv_subtree_drained_begin):
-   * when a node drained is one of the job's nodes or below one (a node drained drains its
-   * parents, up to the job: child_job_drained_begin), the job pauses until the change is
-   * done; the change waits until it is quiet.
+   * A drained section over `scope` begins (graph-lock.ts, DrainScope): when it drains one
+   * of the job's nodes (a node drained drains its parents, up to the job:
+   * child_job_drained_begin), the job pauses until the section ends; the section waits
+   * until it is quiet.
    */
-  #drainedBegin(nodes: readonly string[]): { quiet: Promise<void>; end(): void } | undefined {
-    if (!this.#drainsMe(nodes)) return undefined;
+  #drainedBegin(scope: DrainScope): DrainStop | undefined {
+    if (!this.#drainsMe(scope)) return undefined;
     const job = this.job;
     job.drainedBegin();
-    const quiet =
-      this.#waitingRead > 0
-        ? Promise.resolve()
-        : Promise.race([
-            job.drainedQuiet(),
-            new Promise<void>((resolve) => this.#onWaitingRead.push(resolve)),
-          ]);
-    return { quiet, end: () => job.drainedEnd() };
+    this.#drainsOverMe++;
+    // Quiet once paused, or once a request of the body waits for the read side again (a
+    // force-cancelled job passes no pause point).
+    const quiet = (): Promise<void> =>
+      Promise.race([
+        job.drainedQuiet(),
+        new Promise<void>((resolve) => this.#onWaitingRead.push(resolve)),
+      ]);
+    let stopped: Promise<void>;
+    if (this.#waitingRead > 0 && this.#inBody() && !this.#pausingInIo && !job.paused) {
+      // A request waits behind another drained section: it passes a pause point (io).
+      for (const w of [...this.#wakeWaiting]) w();
+      stopped = quiet();
+    } else if (this.#waitingRead > 0) {
+      stopped = Promise.resolve();
+    } else {
+      stopped = quiet();
+    }
+    return {
+      quiet: stopped,
+      end: () => {
+        this.#drainsOverMe--;
+        job.drainedEnd();
+      },
+    };
   }
 
-  /** Whether the subtrees of `nodes` meet those of the job's nodes. */
-  #drainsMe(nodes: readonly string[]): boolean {
+  /**
+   * Whether `scope` drains one of the job's nodes: every node ('all'); a node drained
+   * with its subtree when that subtree meets a job node's (the job node is in it, or is
+   * a parent of a node in it); a node alone when it is a job node or below one.
+   */
+  #drainsMe(scope: DrainScope): boolean {
+    if (scope === 'all') return true;
     const graph = this.graph;
-    const subtrees = (roots: Iterable<string>): Set<BlockNode> => {
+    const withDescendants = (roots: Iterable<string>): Set<BlockNode> => {
       const out = new Set<BlockNode>();
       for (const name of roots) {
         if (!graph.hasNode(name)) continue;
@@ -417,8 +480,12 @@ export class BlockJob {
       }
       return out;
     };
-    const mine = subtrees(this.#busy);
-    for (const n of subtrees(nodes)) if (mine.has(n)) return true;
+    const mine = withDescendants(this.#busy);
+    const drained =
+      'subtree' in scope
+        ? withDescendants(scope.subtree)
+        : scope.nodes.filter((n) => graph.hasNode(n)).map((n) => graph.node(n) as BlockNode);
+    for (const n of drained) if (mine.has(n)) return true;
     return false;
   }
 

@@ -14,23 +14,62 @@ import { layerFilename } from './chain.ts';
 import { checkNotBusy } from './op-blockers.ts';
 import { lookupNode } from './resize.ts';
 
-/** blockdev-snapshot: `overlay` (opened without backing) goes on top of `node`. */
-export async function blockdevSnapshot(
+/**
+ * A snapshot taken, its node still drained (QEMU external_snapshot_prepare drains it, its
+ * clean ends that): `end` ends the drained section.
+ */
+export interface SnapshotTaken {
+  node: string;
+  overlay: string;
+  end(): void;
+}
+
+/**
+ * The start of QEMU's external_snapshot_prepare: the node looked up, then drained (block
+ * jobs over it or above it pause) until `end`, then checked: not busy (a job's node, or a
+ * backing node).
+ */
+async function drainedNode(
   graph: BlockGraph,
-  nodeName: string,
+  device: string | undefined,
+  nodeName: string | undefined,
+): Promise<{ node: BlockNode; end: () => void }> {
+  const node = lookupNode(graph, device, nodeName) as BlockNode;
+  const end = await graph.lock.drainedSection({ nodes: [node.name] });
+  try {
+    checkNotBusy(graph, node.name);
+    for (const e of node.parents) {
+      if (e.roles.includes('cow')) {
+        throw new BlockError(
+          BlockErrorCode.NODE_BUSY,
+          `Node '${node.name}' is busy: node is used as backing hd of '${e.parent.name}'`,
+        );
+      }
+    }
+  } catch (err) {
+    end();
+    throw err;
+  }
+  return { node, end };
+}
+
+/** Runs `work` in the node's drained section, which ends if it fails. */
+async function inSection<T>(end: () => void, work: () => Promise<T>): Promise<T> {
+  try {
+    return await work();
+  } catch (err) {
+    end();
+    throw err;
+  }
+}
+
+/** `overlay` (opened without backing) goes on top of `node`: checked, then appended. */
+async function appendOverlay(
+  graph: BlockGraph,
+  node: BlockNode,
   overlayName: string,
 ): Promise<void> {
-  const node = lookupNode(graph, nodeName, nodeName) as BlockNode;
   const overlay = lookupNode(graph, overlayName, overlayName) as BlockNode;
-  checkNotBusy(graph, node.name);
-  for (const e of node.parents) {
-    if (e.roles.includes('cow')) {
-      throw new BlockError(
-        BlockErrorCode.NODE_BUSY,
-        `Node '${node.name}' is busy: node is used as backing hd of '${e.parent.name}'`,
-      );
-    }
-  }
   if ([...overlay.parents].some((e) => e.parent.isBackend)) {
     throw new BlockError(BlockErrorCode.NODE_IN_USE, 'The overlay is already in use');
   }
@@ -55,6 +94,26 @@ export async function blockdevSnapshot(
   }
 }
 
+/** blockdev-snapshot, its node left drained until `end` (a transaction's action). */
+export async function takeSnapshot(
+  graph: BlockGraph,
+  nodeName: string,
+  overlayName: string,
+): Promise<SnapshotTaken> {
+  const { node, end } = await drainedNode(graph, nodeName, nodeName);
+  await inSection(end, () => appendOverlay(graph, node, overlayName));
+  return { node: node.name, overlay: overlayName, end };
+}
+
+/** blockdev-snapshot: `overlay` (opened without backing) goes on top of `node`. */
+export async function blockdevSnapshot(
+  graph: BlockGraph,
+  nodeName: string,
+  overlayName: string,
+): Promise<void> {
+  (await takeSnapshot(graph, nodeName, overlayName)).end();
+}
+
 export interface BlockdevSnapshotSyncOptions {
   device?: string;
   nodeName?: string;
@@ -64,42 +123,56 @@ export interface BlockdevSnapshotSyncOptions {
   mode?: 'existing' | 'absolute-paths';
 }
 
+/**
+ * blockdev-snapshot-sync, its node left drained until `end`: creates (or, mode existing,
+ * opens) the overlay, then snapshots.
+ */
+export async function takeSnapshotSync(
+  graph: BlockGraph,
+  o: BlockdevSnapshotSyncOptions,
+): Promise<SnapshotTaken> {
+  const { node, end } = await drainedNode(graph, o.device, o.nodeName);
+  return inSection(end, async () => {
+    if (o.nodeName !== undefined && o.snapshotNodeName === undefined) {
+      throw new BlockError(BlockErrorCode.BAD_JOB, 'New overlay node-name missing');
+    }
+    if (o.snapshotNodeName !== undefined && graph.hasNode(o.snapshotNodeName)) {
+      throw new BlockError(BlockErrorCode.BAD_JOB, 'New overlay node-name already in use');
+    }
+    const format = o.format ?? 'qcow2';
+    if (format !== 'qcow2') {
+      throw new BlockError(
+        BlockErrorCode.NOT_SUPPORTED,
+        `blockdev-snapshot-sync does not support format '${format}' (qcow2)`,
+      );
+    }
+    if ((o.mode ?? 'absolute-paths') === 'absolute-paths') {
+      await createImage(graph, o.snapshotFile, 'qcow2', node.size(), node);
+    }
+    const overlay = await graph.add({
+      driver: format,
+      ...(o.snapshotNodeName !== undefined && { 'node-name': o.snapshotNodeName }),
+      file: { driver: 'file', filename: o.snapshotFile },
+      backing: null,
+    });
+    try {
+      await appendOverlay(graph, node, overlay.name);
+    } catch (err) {
+      await graph.del(overlay.name);
+      throw err;
+    }
+    return { node: node.name, overlay: overlay.name, end };
+  });
+}
+
 /** blockdev-snapshot-sync: creates (or, mode existing, opens) the overlay, then snapshots. */
 export async function blockdevSnapshotSync(
   graph: BlockGraph,
   o: BlockdevSnapshotSyncOptions,
 ): Promise<{ node: string; overlay: string }> {
-  const node = lookupNode(graph, o.device, o.nodeName) as BlockNode;
-  if (o.nodeName !== undefined && o.snapshotNodeName === undefined) {
-    throw new BlockError(BlockErrorCode.BAD_JOB, 'New overlay node-name missing');
-  }
-  if (o.snapshotNodeName !== undefined && graph.hasNode(o.snapshotNodeName)) {
-    throw new BlockError(BlockErrorCode.BAD_JOB, 'New overlay node-name already in use');
-  }
-  const format = o.format ?? 'qcow2';
-  if (format !== 'qcow2') {
-    throw new BlockError(
-      BlockErrorCode.NOT_SUPPORTED,
-      `blockdev-snapshot-sync does not support format '${format}' (qcow2)`,
-    );
-  }
-  checkNotBusy(graph, node.name);
-  if ((o.mode ?? 'absolute-paths') === 'absolute-paths') {
-    await createImage(graph, o.snapshotFile, 'qcow2', node.size(), node);
-  }
-  const overlay = await graph.add({
-    driver: format,
-    ...(o.snapshotNodeName !== undefined && { 'node-name': o.snapshotNodeName }),
-    file: { driver: 'file', filename: o.snapshotFile },
-    backing: null,
-  });
-  try {
-    await blockdevSnapshot(graph, node.name, overlay.name);
-  } catch (err) {
-    await graph.del(overlay.name);
-    throw err;
-  }
-  return { node: node.name, overlay: overlay.name };
+  const { node, overlay, end } = await takeSnapshotSync(graph, o);
+  end();
+  return { node, overlay };
 }
 
 /** Undoes blockdev-snapshot (a transaction's abort): the users go back to `node`, and the
