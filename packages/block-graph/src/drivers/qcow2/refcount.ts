@@ -250,9 +250,19 @@ export class RefcountManager {
       const e = block === 0 ? undefined : this.#cache.peek(block);
       if (!e) return undefined;
       const end = Math.min((t + 1) * this.perBlock, start + n);
-      for (; ci < end; ci++) {
-        if (getRefcount(e.data, ci % this.perBlock, this.order) !== 0) start = ci + 1;
-      }
+      start = this.#skipUsed(e.data, ci, end, start);
+      ci = end;
+    }
+    return start;
+  }
+
+  /**
+   * The start of a free run being searched after clusters [ci, end) of one refcount
+   * block's `data`: just past the last one in use there, else `start` unchanged.
+   */
+  #skipUsed(data: Uint8Array, ci: number, end: number, start: number): number {
+    for (; ci < end; ci++) {
+      if (getRefcount(data, ci % this.perBlock, this.order) !== 0) start = ci + 1;
     }
     return start;
   }
@@ -374,11 +384,8 @@ export class RefcountManager {
       const e = await this.#cache.get(block);
       try {
         const end = Math.min((t + 1) * this.perBlock, start + n);
-        for (; ci < end; ci++) {
-          if (getRefcount(e.data, ci % this.perBlock, this.order) !== 0) {
-            start = ci + 1;
-          }
-        }
+        start = this.#skipUsed(e.data, ci, end, start);
+        ci = end;
       } finally {
         this.#cache.unpin(e);
       }
