@@ -13,6 +13,7 @@ import { IoThreads } from './iothreads/iothreads.ts';
 import { LazyExportKind } from './lazy-export-kind.ts';
 import type { Logger } from './log.ts';
 import { NbdExports } from './nbd-exports.ts';
+import { configureNbdSocket } from './nbd-socket.ts';
 import type {
   ExportConfig,
   FuseExportConfig,
@@ -33,6 +34,7 @@ export const QMP_VERSION: QmpVersion = {
 export class Daemon implements DaemonControl {
   readonly graph = new BlockGraph({
     onEvent: (e) => this.monitor.emitEvent(e.event, { ...e.data }),
+    configureSocket: configureNbdSocket,
   });
   readonly monitor: QmpMonitor;
   /** The chardevs: the monitors' sockets, and chardev-add's. */

@@ -1,11 +1,12 @@
-// The send buffer of an NBD client's unix socket, as the kernel reports it (ss, from
-// iproute2): vm-disk serve enlarges it to 4 MiB so that 256 KiB READ replies do not wait
-// for the client between pieces (nbd-socket.ts); TCP sockets keep the kernel's autotuning.
+// The send buffer of NBD unix sockets, as the kernel reports it (ss, from iproute2): vm-disk
+// serve enlarges it to 4 MiB so that 256 KiB READ replies do not wait for the client
+// between pieces, and so that an nbd node's WRITEs (a mirror to another daemon) do not wait
+// for the server (nbd-socket.ts); TCP sockets keep the kernel's autotuning.
 import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { QemuIoSession } from '@vmdisk/test-support';
 import { describe, expect, it } from 'vitest';
-import { run, startServe, useScratch } from './harness/daemon.ts';
+import { run, start, startServe, useScratch, waitFor } from './harness/daemon.ts';
 
 const scratch = useScratch('vmdisk-nbd-socket-');
 
@@ -16,6 +17,12 @@ function unixSendBuffers(pid: number): number[] {
     .split('\n')
     .filter((l) => l.includes(`pid=${pid},`))
     .map((l) => Number(/\btb(\d+)/.exec(l)?.[1]));
+}
+
+/** Root may force the size; others get what net.core.wmem_max allows (doubled). */
+function expectedSendBuffer(): number {
+  const wmemMax = Number(readFileSync('/proc/sys/net/core/wmem_max', 'utf8'));
+  return process.getuid?.() === 0 ? 4 << 20 : Math.min(4 << 20, 2 * wmemMax);
 }
 
 describe('vm-disk serve: NBD unix sockets', () => {
@@ -34,9 +41,7 @@ describe('vm-disk serve: NBD unix sockets', () => {
     ]);
     scratch.running.push(serve);
     const pid = serve.child.pid as number;
-    // Root may force the size; others get what net.core.wmem_max allows (doubled).
-    const wmemMax = Number(readFileSync('/proc/sys/net/core/wmem_max', 'utf8'));
-    const expected = process.getuid?.() === 0 ? 4 << 20 : Math.min(4 << 20, 2 * wmemMax);
+    const expected = expectedSendBuffer();
     expect(unixSendBuffers(pid)).not.toContain(expected); // the listening socket's own
     const io = await QemuIoSession.open(['-r', '-f', 'raw', `nbd+unix:///disk?socket=${sock}`]);
     try {
@@ -45,5 +50,28 @@ describe('vm-disk serve: NBD unix sockets', () => {
     } finally {
       await io.kill();
     }
+  });
+
+  it("an nbd node's socket to its server gets the 4 MiB send buffer too, and writes land", async () => {
+    const image = scratch.path('remote.raw');
+    const remote = scratch.path('remote.sock');
+    await run('qemu-img', ['create', '-f', 'raw', image, '8M']);
+    const qemuNbd = start('qemu-nbd', ['-f', 'raw', '-x', 'r', '-k', remote, '--persistent', image]);
+    scratch.running.push(qemuNbd);
+    await waitFor('qemu-nbd', () => existsSync(remote));
+    const qmp = scratch.path('qmp.sock');
+    const serve = await startServe([
+      '--chardev',
+      `socket,id=m0,path=${qmp},server=on,wait=off`,
+      '--monitor',
+      'chardev=m0',
+      '--blockdev',
+      `driver=nbd,node-name=n0,server.type=unix,server.path=${remote},export=r`,
+    ]);
+    scratch.running.push(serve);
+    // No export, no QMP client: the one unix socket vm-disk connected is the node's.
+    expect(unixSendBuffers(serve.child.pid as number)).toContain(expectedSendBuffer());
+    await serve.stop();
+    await qemuNbd.stop();
   });
 });

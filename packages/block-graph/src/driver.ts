@@ -50,6 +50,7 @@
 // (the hot path does not wrap them); what other methods reject with is converted. Never
 // throw synchronously from a method that returns a promise.
 
+import type { Socket } from 'node:net';
 import type { Engine } from '@vmdisk/engine';
 import type { BdrvDirtyBitmap } from './dirty-bitmap.ts';
 import type { ChildRole } from './permissions.ts';
@@ -191,6 +192,8 @@ export interface OpenContext<O = Record<string, unknown>> {
    * allocation (allocBuffer) uses the first engine opened.
    */
   engine(backend: 'io_uring' | 'aio' | 'threadpool' | 'auto'): Promise<EngineLike>;
+  /** For each socket the driver connects, before use (BlockGraphOptions.configureSocket). */
+  readonly configureSocket: ((socket: Socket) => void) | undefined;
   /**
    * Opens and attaches a child the user's options left out (absent, not null), from
    * blockdev-add options: e.g. qcow2 opening the backing file its header names, as

@@ -3,6 +3,7 @@
 // and the I/O engines and buffers its nodes share. Graph changes (graph.ts) and opening
 // nodes (graph-open.ts) are done on top of it.
 
+import type { Socket } from 'node:net';
 import type { BlockBackend } from './backend.ts';
 import { DEFAULT_MAX_BACKING_DEPTH } from './backing-chain.ts';
 import type { BlockDriver, EngineLike } from './driver.ts';
@@ -26,6 +27,12 @@ export interface BlockGraphOptions {
   objects?: ObjectRegistry;
   /** Events of the graph's nodes (BLOCK_WRITE_THRESHOLD), called as they happen. */
   onEvent?: (event: GraphEvent) => void;
+  /**
+   * Called with each socket a driver connects (the nbd driver's, before its handshake),
+   * for socket options Node's net module has no call for: vm-disk gives unix sockets a
+   * larger send buffer. If it throws, the node fails to open.
+   */
+  configureSocket?: (socket: Socket) => void;
 }
 
 export class GraphNodes {
@@ -39,6 +46,8 @@ export class GraphNodes {
   readonly objects: ObjectRegistry;
   protected readonly maxBackingDepth: number;
   readonly #onEvent: ((event: GraphEvent) => void) | undefined;
+  /** BlockGraphOptions.configureSocket, given to the drivers (OpenContext). */
+  readonly configureSocket: ((socket: Socket) => void) | undefined;
   /** The identity (dev:ino) of each open file node, to find backing chains that loop. */
   protected readonly fileIds = new WeakMap<BlockNode, string>();
 
@@ -46,6 +55,7 @@ export class GraphNodes {
     this.maxBackingDepth = options.maxBackingDepth ?? DEFAULT_MAX_BACKING_DEPTH;
     this.objects = options.objects ?? new ObjectRegistry();
     this.#onEvent = options.onEvent;
+    this.configureSocket = options.configureSocket;
     if (!Number.isSafeInteger(this.maxBackingDepth) || this.maxBackingDepth < 0) {
       throw new BlockOptionError('maxBackingDepth', 'expected a non-negative integer');
     }

@@ -163,6 +163,7 @@ export class GraphOpener extends GraphNodes {
             .map(([k]) => k),
         ),
         engine: (backend) => this.engine(backend),
+        configureSocket: this.configureSocket,
         object: (type, id, key, keep = true) => {
           if (!keep) return this.objects.get(type as ObjectType, id, `${spec.path}${key}`);
           const value = this.objects.use(type as ObjectType, id, `${spec.path}${key}`);

@@ -350,6 +350,7 @@ export class GraphReopener extends GraphOpener {
       children,
       nullChildren,
       engine: (backend) => this.engine(backend),
+      configureSocket: this.configureSocket,
       object: (type, id, key, keep = true) => {
         if (!keep) return this.objects.get(type as ObjectType, id, key);
         const value = this.objects.use(type as ObjectType, id, key);

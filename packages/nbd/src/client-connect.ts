@@ -38,6 +38,12 @@ export interface NbdClientOptions {
   maxInFlight?: number;
   /** Milliseconds for the TCP connect plus the whole handshake (default 30 000; 0: none). */
   connectTimeout?: number;
+  /**
+   * Called with the connected socket before the handshake (socket options Node's net
+   * module has no call for, e.g. a unix socket's send buffer). If it throws, the connect
+   * fails with ERR_VMDISK_NBD_CONFIGURE_SOCKET.
+   */
+  configureSocket?: (socket: net.Socket) => void;
   signal?: AbortSignal;
 }
 
@@ -167,6 +173,16 @@ export async function openConnection(
     const router = tls ? undefined : new ReadRouter();
     const socket = await connectSocket(transport, ac.signal, router);
     if (!('path' in transport)) socket.setNoDelay(true);
+    try {
+      options.configureSocket?.(socket);
+    } catch (err) {
+      socket.destroy();
+      throw new NbdConnectionError(
+        'ERR_VMDISK_NBD_CONFIGURE_SOCKET',
+        `configuring the socket failed: ${String(err)}`,
+        err,
+      );
+    }
     const contexts: string[] = [];
     if (options.baseAllocation !== false) contexts.push(META_CONTEXT_BASE_ALLOCATION);
     if (options.allocationDepth) contexts.push(META_CONTEXT_ALLOCATION_DEPTH);

@@ -23,7 +23,8 @@ export class NbdError extends Error {
 //   ERR_VMDISK_NBD_BAD_CLIENT           a client broke the protocol and was disconnected
 //   ERR_VMDISK_NBD_HANDSHAKE_TIMEOUT    a client did not finish negotiating in time
 //   ERR_VMDISK_NBD_TOO_MANY_CONNECTIONS a connection refused at maxConnections
-//   ERR_VMDISK_NBD_CONFIGURE_SOCKET     a connection refused: the configureSocket option threw
+//   ERR_VMDISK_NBD_CONFIGURE_SOCKET     the configureSocket option threw: the server refused
+//                                       that connection, the client's connect failed
 //   ERR_VMDISK_NBD_TLS_HANDSHAKE        a TLS handshake failed after STARTTLS
 //   ERR_VMDISK_NBD_SOCKET_ERROR         a socket error (reset, broken pipe)
 //   ERR_VMDISK_NBD_TARGET_ERROR         a target failed a request (the client got an errno)

@@ -1,8 +1,9 @@
 // configureSocket: the embedder's hook on each accepted socket, before the server's
-// greeting; a throwing hook refuses that connection only.
+// greeting; a throwing hook refuses that connection only. The client's: on its socket
+// before the handshake; a throwing hook fails the connect.
 import type net from 'node:net';
 import { describe, expect, it } from 'vitest';
-import { MemoryTarget } from '../src/index.ts';
+import { MemoryTarget, NbdClient, type NbdError } from '../src/index.ts';
 import { RawNbd } from './raw-nbd.ts';
 import { startServer, stillServes } from './server-helpers.ts';
 
@@ -35,6 +36,31 @@ describe('NbdServer configureSocket', () => {
     expect(t.server.connectionCount).toBe(0);
     await stillServes(t.port, 'x');
     expect(seen).toHaveLength(3);
+    await t.server.close();
+  });
+});
+
+describe('NbdClient configureSocket', () => {
+  it('is called with the socket before the handshake; a throw fails the connect', async () => {
+    const t = await startServer([{ name: 'x', target: new MemoryTarget(1 << 20) }]);
+    const seen: { read: number; port: number | undefined }[] = [];
+    const client = await NbdClient.connect(t.uri('x'), {
+      configureSocket: (socket: net.Socket) => {
+        seen.push({ read: socket.bytesRead, port: socket.remotePort });
+      },
+    });
+    expect(seen).toEqual([{ read: 0, port: t.port }]);
+    expect((await client.read(0, 4096)).length).toBe(4096);
+    await client.close();
+
+    const err = await NbdClient.connect(t.uri('x'), {
+      configureSocket: () => {
+        throw new Error('no buffer for you');
+      },
+    }).catch((e: NbdError) => e);
+    expect((err as NbdError).code).toBe('ERR_VMDISK_NBD_CONFIGURE_SOCKET');
+    expect((err as NbdError).message).toMatch(/no buffer for you/);
+    await stillServes(t.port, 'x');
     await t.server.close();
   });
 });

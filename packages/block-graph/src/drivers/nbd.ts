@@ -326,6 +326,7 @@ export const nbdDriver = defineDriver({
     const options: NbdClientOptions = {
       exportName,
       connectTimeout: (o['open-timeout'] ?? DEFAULT_OPEN_TIMEOUT) * 1000,
+      ...(ctx.configureSocket && { configureSocket: ctx.configureSocket }),
     };
     const context = o['x-dirty-bitmap'] ?? 'base:allocation';
     if (o['x-dirty-bitmap'] !== undefined) {
