@@ -56,7 +56,16 @@ describe('vm-disk serve: NBD unix sockets', () => {
     const image = scratch.path('remote.raw');
     const remote = scratch.path('remote.sock');
     await run('qemu-img', ['create', '-f', 'raw', image, '8M']);
-    const qemuNbd = start('qemu-nbd', ['-f', 'raw', '-x', 'r', '-k', remote, '--persistent', image]);
+    const qemuNbd = start('qemu-nbd', [
+      '-f',
+      'raw',
+      '-x',
+      'r',
+      '-k',
+      remote,
+      '--persistent',
+      image,
+    ]);
     scratch.running.push(qemuNbd);
     await waitFor('qemu-nbd', () => existsSync(remote));
     const qmp = scratch.path('qmp.sock');
