@@ -14,7 +14,7 @@ import {
 import type { DaemonControl } from './daemon-control.ts';
 import type { QmpMonitor } from './monitor.ts';
 
-const { bool, custom, list, opt, str, struct, uint32 } = schema;
+const { bool, list, opt, str, struct, uint32 } = schema;
 
 /** QEMU's BlockDirtyBitmap: a node and one of its bitmaps. */
 export const blockDirtyBitmap = struct({ node: str, name: str });
