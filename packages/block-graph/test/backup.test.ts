@@ -1,36 +1,21 @@
-// copy-before-write, snapshot-access and the backup job at the graph's level: the
-// point-in-time reads as the disk was when the filter went in while the guest writes
-// through it; a backup has the disk as of its start; sync=bitmap copies the bitmap's
-// clusters and bitmap-mode decides what the bitmap keeps, on success and on failure.
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { JobRegistry } from '@vmdisk/ao';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { beforeEach, describe, expect, it } from 'vitest';
 import { copyBeforeWriteOf } from '../src/drivers/copy-before-write.ts';
-import { type BlockBackend, BlockGraph, blockdevBackup } from '../src/index.ts';
+import { type BlockBackend, blockdevBackup } from '../src/index.ts';
 import type { BlockNode } from '../src/node.ts';
+import { graphPerTest, sh } from './helpers.ts';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const SIZE = 4 * MiB;
 
-let dir: string;
-let graph: BlockGraph;
+const t = graphPerTest('vmdisk-backup-');
 let jobs: JobRegistry;
 beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-backup-'));
-  graph = new BlockGraph();
   jobs = new JobRegistry({ events: { push: () => {} } });
 });
-afterEach(async () => {
-  await graph.close();
-  rmSync(dir, { recursive: true, force: true });
-});
 
-const p = (name: string) => join(dir, name);
-const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8' });
+const { p } = t;
 
 function fill(len: number, byte: number): Uint8Array {
   return new Uint8Array(len).fill(byte);
@@ -48,7 +33,7 @@ async function source(): Promise<BlockNode> {
     'write -P 0x22 2M 1M',
     p('src.raw'),
   ]);
-  return (await graph.add({
+  return (await t.graph.add({
     driver: 'raw',
     'node-name': 'src',
     file: { driver: 'file', filename: p('src.raw') },
@@ -56,7 +41,7 @@ async function source(): Promise<BlockNode> {
 }
 
 async function qcow2(name: string, extra: Record<string, unknown> = {}): Promise<BlockNode> {
-  return (await graph.add({
+  return (await t.graph.add({
     driver: 'qcow2',
     'node-name': name,
     file: { driver: 'file', filename: p(`${name}.qcow2`) },
@@ -85,14 +70,14 @@ async function cbwFilter(
   target: string,
   options: Record<string, unknown> = {},
 ): Promise<BlockBackend> {
-  await graph.add({
+  await t.graph.add({
     driver: 'copy-before-write',
     'node-name': 'cbw',
     file: 'src',
     target,
     ...options,
   });
-  return graph.createBackend('cbw', { write: true });
+  return t.graph.createBackend('cbw', { write: true });
 }
 
 /** The fleecing set-up: cbwFilter and snapshot-access 'snap' over it, with their backends. */
@@ -101,19 +86,19 @@ async function fleece(
   options: Record<string, unknown> = {},
 ): Promise<{ guest: BlockBackend; snap: BlockBackend }> {
   const guest = await cbwFilter(target, options);
-  await graph.add({
+  await t.graph.add({
     driver: 'snapshot-access',
     'node-name': 'snap',
     file: 'cbw',
     'read-only': true,
   });
-  return { guest, snap: await graph.createBackend('snap', { shareWrite: true }) };
+  return { guest, snap: await t.graph.createBackend('snap', { shareWrite: true }) };
 }
 
 /** Node 'bad': a qcow2 image whose every write fails (blkdebug). */
 async function failingTarget(): Promise<void> {
   sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('tmp.qcow2'), String(SIZE)]);
-  await graph.add({
+  await t.graph.add({
     driver: 'blkdebug',
     'node-name': 'bad',
     'inject-error': [{ iotype: 'write' }],
@@ -147,7 +132,7 @@ describe('copy-before-write and snapshot-access (image fleecing)', () => {
     await guest.read(0, head);
     expect(head[511]).toBe(0x11);
     expect(head[512]).toBe(0xaa);
-    const cbw = copyBeforeWriteOf(graph.node('cbw'))!;
+    const cbw = copyBeforeWriteOf(t.graph.node('cbw'))!;
     expect(cbw.doneBitmap.count()).toBe(6 * 64 * KiB);
     await guest.close();
     await snap.close();
@@ -202,9 +187,9 @@ describe('backup job', () => {
     await source();
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('dst.qcow2'), String(SIZE)]);
     await qcow2('dst');
-    const guest = await graph.createBackend('src', { write: true });
+    const guest = await t.graph.createBackend('src', { write: true });
     // Slow enough that the guest's writes come before the job's copy reaches them.
-    const bj = await blockdevBackup(graph, jobs, {
+    const bj = await blockdevBackup(t.graph, jobs, {
       jobId: 'b',
       device: 'src',
       target: 'dst',
@@ -215,9 +200,9 @@ describe('backup job', () => {
     await bj.job.wait();
     expect(bj.job.error).toBeUndefined();
     // The filter is gone: the guest's backend is on the source again.
-    expect(graph.query().some((n) => n.driver === 'copy-before-write')).toBe(false);
+    expect(t.graph.query().some((n) => n.driver === 'copy-before-write')).toBe(false);
     await guest.close();
-    await graph.close();
+    await t.graph.close();
     sh('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', p('src.raw'), p('now.raw')]);
     sh('qemu-img', ['check', '-q', p('dst.qcow2')]);
     sh('qemu-img', ['create', '-q', '-f', 'raw', p('then.raw'), String(SIZE)]);
@@ -237,20 +222,20 @@ describe('backup job', () => {
   it('sync=incremental copies the bitmap clusters and resets the bitmap; a failure keeps it', async () => {
     const src = await source();
     const bm = src.createDirtyBitmap(64 * KiB, 'b0');
-    const guest = await graph.createBackend('src', { write: true });
+    const guest = await t.graph.createBackend('src', { write: true });
     await guest.write(0, fill(4 * KiB, 0x33));
     await guest.write(3 * MiB, fill(128 * KiB, 0x44));
     expect(bm.count()).toBe(3 * 64 * KiB);
 
     // A failing target: the bitmap keeps its bits (and what was written meanwhile).
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('bad.qcow2'), String(SIZE)]);
-    await graph.add({
+    await t.graph.add({
       driver: 'blkdebug',
       'node-name': 'bad',
       'inject-error': [{ iotype: 'write' }],
       image: { driver: 'qcow2', file: { driver: 'file', filename: p('bad.qcow2') } },
     });
-    const failed = await blockdevBackup(graph, jobs, {
+    const failed = await blockdevBackup(t.graph, jobs, {
       jobId: 'f',
       device: 'src',
       target: 'bad',
@@ -265,7 +250,7 @@ describe('backup job', () => {
 
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('inc.qcow2'), String(SIZE)]);
     await qcow2('inc');
-    const bj = await blockdevBackup(graph, jobs, {
+    const bj = await blockdevBackup(t.graph, jobs, {
       jobId: 'i',
       device: 'src',
       target: 'inc',
@@ -280,7 +265,7 @@ describe('backup job', () => {
     expect(bj.job.error).toBeUndefined();
     expect([...bm.dirtyRanges()]).toEqual([{ offset: 2 * MiB, length: 64 * KiB }]);
     await guest.close();
-    await graph.close();
+    await t.graph.close();
     const map = JSON.parse(sh('qemu-img', ['map', '--output=json', p('inc.qcow2')])) as {
       start: number;
       length: number;
@@ -300,7 +285,7 @@ describe('backup job', () => {
     sh('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 1M', p('srcq.qcow2')]);
     const src = await qcow2('srcq');
     const bm = src.createDirtyBitmap(64 * KiB, 'b0');
-    const guest = await graph.createBackend('srcq', { write: true });
+    const guest = await t.graph.createBackend('srcq', { write: true });
     // Dirty: every other cluster of [0, 1M) and of [2M, 3M), left as they were.
     for (let at = 0; at < MiB; at += 128 * KiB) {
       await guest.write(at, fill(64 * KiB, 0x11));
@@ -308,7 +293,7 @@ describe('backup job', () => {
     }
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('inc.qcow2'), String(SIZE)]);
     await qcow2('inc');
-    const bj = await blockdevBackup(graph, jobs, {
+    const bj = await blockdevBackup(t.graph, jobs, {
       jobId: 'i',
       device: 'srcq',
       target: 'inc',
@@ -327,7 +312,7 @@ describe('backup job', () => {
       { offset: 2 * MiB + 640 * KiB, length: 64 * KiB },
     ]);
     await guest.close();
-    await graph.close();
+    await t.graph.close();
     // The dirty clusters as they were at the start, zeros elsewhere (the rest unallocated).
     sh('qemu-img', ['create', '-q', '-f', 'raw', p('then.raw'), String(SIZE)]);
     const cmds: string[] = [];
@@ -348,13 +333,13 @@ describe('backup job', () => {
   it('sync=incremental over more scattered clusters than copies in flight: all copied; a failure among them ends the job once its copies are done', async () => {
     const src = await source();
     const bm = src.createDirtyBitmap(64 * KiB, 'b0');
-    const guest = await graph.createBackend('src', { write: true });
+    const guest = await t.graph.createBackend('src', { write: true });
     // Every other cluster of the disk: 32 areas, twice the copies in flight.
     const dirty = () => Array.from({ length: SIZE / (128 * KiB) }, (_, i) => i * 128 * KiB);
     for (const at of dirty()) await guest.write(at, fill(64 * KiB, 0x5a));
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('inc.qcow2'), String(SIZE)]);
     await qcow2('inc');
-    const ok = await blockdevBackup(graph, jobs, {
+    const ok = await blockdevBackup(t.graph, jobs, {
       jobId: 'i',
       device: 'src',
       target: 'inc',
@@ -369,13 +354,13 @@ describe('backup job', () => {
     // area, so the job must wait for its copies): always keeps what was not copied.
     for (const at of dirty()) await guest.write(at, fill(64 * KiB, 0x5b));
     sh('qemu-img', ['create', '-q', '-f', 'raw', p('bad.raw'), String(SIZE)]);
-    await graph.add({
+    await t.graph.add({
       driver: 'blkdebug',
       'node-name': 'bad',
       'inject-error': [{ iotype: 'write', offset: SIZE - 128 * KiB, length: 64 * KiB }],
       image: { driver: 'raw', file: { driver: 'file', filename: p('bad.raw') } },
     });
-    const failed = await blockdevBackup(graph, jobs, {
+    const failed = await blockdevBackup(t.graph, jobs, {
       jobId: 'f',
       device: 'src',
       target: 'bad',
@@ -392,11 +377,11 @@ describe('backup job', () => {
     const back = new Uint8Array(64 * KiB);
     for (const at of dirty()) {
       if (left.some((r) => r.offset === at)) continue;
-      await graph.node('bad').read(at, back);
+      await t.graph.node('bad').read(at, back);
       expect(back.every((b) => b === 0x5b)).toBe(true);
     }
     await guest.close();
-    await graph.close();
+    await t.graph.close();
     // The first backup: the dirty clusters as they were, zeros elsewhere.
     sh('qemu-img', ['create', '-q', '-f', 'raw', p('then.raw'), String(SIZE)]);
     const cmds = dirty().flatMap((at) => ['-c', `write -P 0x5a ${at} 64k`]);
@@ -407,12 +392,12 @@ describe('backup job', () => {
   it('bitmap-mode never keeps the bitmap; always, failed, keeps only what was not copied', async () => {
     const src = await source();
     const bm = src.createDirtyBitmap(64 * KiB, 'b0');
-    const guest = await graph.createBackend('src', { write: true });
+    const guest = await t.graph.createBackend('src', { write: true });
     await guest.write(0, fill(4 * KiB, 0x33));
     await guest.write(3 * MiB, fill(128 * KiB, 0x44));
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', p('a.qcow2'), String(SIZE)]);
     await qcow2('a');
-    const never = await blockdevBackup(graph, jobs, {
+    const never = await blockdevBackup(t.graph, jobs, {
       jobId: 'n',
       device: 'src',
       target: 'a',
@@ -427,13 +412,13 @@ describe('backup job', () => {
     // Writes at 3M fail, those at 0 succeed: always leaves the bitmap with what was not
     // copied (and what was written meanwhile: nothing), cluster 0 clean.
     sh('qemu-img', ['create', '-q', '-f', 'raw', p('bad.raw'), String(SIZE)]);
-    await graph.add({
+    await t.graph.add({
       driver: 'blkdebug',
       'node-name': 'bad',
       'inject-error': [{ iotype: 'write', offset: 3 * MiB, length: 128 * KiB }],
       image: { driver: 'raw', file: { driver: 'file', filename: p('bad.raw') } },
     });
-    const always = await blockdevBackup(graph, jobs, {
+    const always = await blockdevBackup(t.graph, jobs, {
       jobId: 'a',
       device: 'src',
       target: 'bad',

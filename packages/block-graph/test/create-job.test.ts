@@ -2,23 +2,14 @@
 // qemu-img; bad options refused before any job exists; the status sequence is the one
 // qemu-storage-daemon reports for the same job.
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { JobRegistry, type JobStatusChangeEvent } from '@vmdisk/ao';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { BlockGraph, BlockOptionError, blockdevCreate } from '../src/index.ts';
+import { describe, expect, it } from 'vitest';
+import { BlockOptionError, blockdevCreate } from '../src/index.ts';
+import { graphPerTest } from './helpers.ts';
 
-let dir: string;
-let graph: BlockGraph;
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-create-job-'));
-  graph = new BlockGraph();
-});
-afterEach(async () => {
-  await graph.close();
-  rmSync(dir, { recursive: true, force: true });
-});
+const t = graphPerTest('vmdisk-create-job-');
 
 function registry(): { jobs: JobRegistry; statuses: string[] } {
   const statuses: string[] = [];
@@ -31,11 +22,11 @@ function registry(): { jobs: JobRegistry; statuses: string[] } {
 describe('blockdev-create job', () => {
   it('creates a file, then formats qcow2 on its node; qemu-img finds it clean with the options given', async () => {
     const { jobs, statuses } = registry();
-    const path = join(dir, 'disk.qcow2');
-    await blockdevCreate(graph, jobs, 'c1', { driver: 'file', filename: path, size: 0 }).wait();
+    const path = join(t.dir, 'disk.qcow2');
+    await blockdevCreate(t.graph, jobs, 'c1', { driver: 'file', filename: path, size: 0 }).wait();
     expect(statSync(path).size).toBe(0);
-    await graph.add({ driver: 'file', 'node-name': 'f0', filename: path });
-    await blockdevCreate(graph, jobs, 'c2', {
+    await t.graph.add({ driver: 'file', 'node-name': 'f0', filename: path });
+    await blockdevCreate(t.graph, jobs, 'c2', {
       driver: 'qcow2',
       file: 'f0',
       size: 64 << 20,
@@ -55,12 +46,12 @@ describe('blockdev-create job', () => {
       ['created', 'running', 'waiting', 'pending', 'concluded', 'null'].map((s) => `c1:${s}`),
     );
     expect(jobs.query()).toEqual([]);
-    await graph.add({ driver: 'qcow2', 'node-name': 'd0', file: 'f0' });
-    const backend = await graph.createBackend('d0', { write: true });
+    await t.graph.add({ driver: 'qcow2', 'node-name': 'd0', file: 'f0' });
+    const backend = await t.graph.createBackend('d0', { write: true });
     await backend.write(1 << 20, Buffer.alloc(65536, 0x42));
     await backend.close();
-    await graph.del('d0');
-    await graph.del('f0');
+    await t.graph.del('d0');
+    await t.graph.del('f0');
     execFileSync('qemu-img', ['check', '-f', 'qcow2', path]);
     const info = JSON.parse(
       execFileSync('qemu-img', ['info', '--output=json', path], { encoding: 'utf8' }),
@@ -77,8 +68,8 @@ describe('blockdev-create job', () => {
 
   it('preallocates a file fully with progress', async () => {
     const { jobs } = registry();
-    const path = join(dir, 'full.raw');
-    const job = blockdevCreate(graph, jobs, 'c1', {
+    const path = join(t.dir, 'full.raw');
+    const job = blockdevCreate(t.graph, jobs, 'c1', {
       driver: 'file',
       filename: path,
       size: 3 << 20,
@@ -99,7 +90,7 @@ describe('blockdev-create job', () => {
     const { jobs } = registry();
     let error: unknown;
     try {
-      blockdevCreate(graph, jobs, 'bad', options as { driver: string });
+      blockdevCreate(t.graph, jobs, 'bad', options as { driver: string });
     } catch (e) {
       error = e;
     }
@@ -111,7 +102,7 @@ describe('blockdev-create job', () => {
   it('refuses a qcow2 on a node that does not exist', () => {
     const { jobs } = registry();
     expect(() =>
-      blockdevCreate(graph, jobs, 'c1', { driver: 'qcow2', file: 'nope', size: 1 << 20 }),
+      blockdevCreate(t.graph, jobs, 'c1', { driver: 'qcow2', file: 'nope', size: 1 << 20 }),
     ).toThrow(/nope/);
     expect(jobs.query()).toEqual([]);
   });

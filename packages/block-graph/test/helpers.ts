@@ -4,7 +4,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll } from 'vitest';
+import { afterAll, afterEach, beforeEach } from 'vitest';
 import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
 import { BlockGraph } from '../src/index.ts';
 
@@ -39,6 +39,43 @@ export function pattern(seed: number, offset: number, length: number): Buffer {
 
 export function writeFile(path: string, data: Uint8Array): void {
   writeFileSync(path, data);
+}
+
+/** Runs a tool that must succeed; its standard output. */
+export function sh(cmd: string, args: string[]): string {
+  return execFileSync(cmd, args, { encoding: 'utf8' });
+}
+
+/**
+ * For each test of the file: a fresh directory (named after `prefix`) and a BlockGraph;
+ * after it the graph is closed and the directory removed. `graph` and `dir` change from
+ * test to test: read them inside the tests.
+ */
+export function graphPerTest(prefix: string): {
+  readonly graph: BlockGraph;
+  readonly dir: string;
+  /** A path in the test's directory. */
+  p(name: string): string;
+} {
+  let dir = '';
+  let graph: BlockGraph | undefined;
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), prefix));
+    graph = new BlockGraph();
+  });
+  afterEach(async () => {
+    await graph?.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return {
+    get graph() {
+      return graph!;
+    },
+    get dir() {
+      return dir;
+    },
+    p: (name) => join(dir, name),
+  };
 }
 
 export function qemuImg(...args: string[]): string {

@@ -1,28 +1,11 @@
-// Block jobs pause around a graph change that drains their nodes (QEMU child_job_drained_*):
-// blockdev-reopen of a node the job uses, or of one below it, pauses the job before the
-// change and resumes it after, both before the reopen resolves; a reopen of a node apart
-// from the job does not touch it.
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { type Job, JobRegistry } from '@vmdisk/ao';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { BlockGraph, blockStream } from '../src/index.ts';
+import { describe, expect, it } from 'vitest';
+import { blockStream } from '../src/index.ts';
+import { graphPerTest, sh } from './helpers.ts';
 
-let dir: string;
-let graph: BlockGraph;
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-job-drain-'));
-  graph = new BlockGraph();
-});
-afterEach(async () => {
-  await graph.close();
-  rmSync(dir, { recursive: true, force: true });
-});
+const t = graphPerTest('vmdisk-job-drain-');
 
-const p = (name: string) => join(dir, name);
-const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8' });
+const { p } = t;
 
 /** base (4 MiB of 0x11) <- top, and apart.qcow2; opened as nodes base, top and apart. */
 async function open(): Promise<void> {
@@ -45,7 +28,7 @@ async function open(): Promise<void> {
     ['top', 'base'],
     ['apart', null],
   ] as const) {
-    await graph.add({
+    await t.graph.add({
       driver: 'qcow2',
       'node-name': name,
       ...(backing !== null && { backing }),
@@ -70,7 +53,7 @@ describe('block jobs over drained nodes', () => {
   it('a rate-limited stream pauses and resumes around a reopen of its nodes, not of others', async () => {
     await open();
     const jobs = new JobRegistry();
-    const bj = await blockStream(graph, jobs, { jobId: 's', device: 'top', speed: 1 });
+    const bj = await blockStream(t.graph, jobs, { jobId: 's', device: 'top', speed: 1 });
     await new Promise((resolve) => setImmediate(resolve));
     const statuses: string[] = [];
     const off = jobs.onStatusChange((e) => statuses.push(e.data.status));
@@ -83,7 +66,7 @@ describe('block jobs over drained nodes', () => {
         ? { driver: 'file', 'node-name': node, filename: p('top.qcow2') }
         : reopenOf(node);
       // The events come before the reopen resolves (QEMU: before the QMP reply).
-      await graph.reopenMultiple([options]).then(() => statuses.push('done'));
+      await t.graph.reopenMultiple([options]).then(() => statuses.push('done'));
       expect([node, statuses.slice(from)]).toEqual([
         node,
         node === 'apart' ? ['done'] : ['paused', 'running', 'done'],
@@ -95,13 +78,13 @@ describe('block jobs over drained nodes', () => {
     await bj.job.wait().catch(() => {});
   });
 
-  it('a graph change without drained nodes leaves jobs alone', async () => {
+  it('a t.graph change without drained nodes leaves jobs alone', async () => {
     await open();
     const jobs = new JobRegistry();
-    const bj = await blockStream(graph, jobs, { jobId: 's', device: 'top', speed: 1 });
+    const bj = await blockStream(t.graph, jobs, { jobId: 's', device: 'top', speed: 1 });
     const statuses: string[] = [];
     const off = jobs.onStatusChange((e) => statuses.push(e.data.status));
-    await graph.lock.write(() => {});
+    await t.graph.lock.write(() => {});
     await new Promise((resolve) => setImmediate(resolve));
     expect(statuses).toEqual([]);
     off();

@@ -1,33 +1,16 @@
-// What block jobs rely on from the nodes they change: write-zeroes and discard on a format
-// node wait for a serialising hold on their range (the stream copies each chunk under one),
-// and a qcow2 node's own backing reader (copy on write, zero clusters) follows the graph
-// when a job or a snapshot changes the backing link.
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { JobRegistry } from '@vmdisk/ao';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { Qcow2Image } from '../src/drivers/qcow2/image.ts';
-import { BlockGraph, blockdevSnapshot, blockStream } from '../src/index.ts';
+import { type BlockGraph, blockdevSnapshot, blockStream } from '../src/index.ts';
 import type { BlockNode } from '../src/node.ts';
+import { graphPerTest, sh } from './helpers.ts';
 
 const KiB = 1024;
 const CS = 64 * KiB;
 
-let dir: string;
-let graph: BlockGraph;
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-job-graph-'));
-  graph = new BlockGraph();
-});
-afterEach(async () => {
-  await graph.close();
-  rmSync(dir, { recursive: true, force: true });
-});
+const t = graphPerTest('vmdisk-job-graph-');
 
-const p = (name: string) => join(dir, name);
-const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8' });
+const { p } = t;
 
 /** base.qcow2 (0x11 over the first 1 MiB) <- top.qcow2 (empty), 1 MiB, compat given. */
 function chain(compat = '1.1'): void {
@@ -49,7 +32,7 @@ function chain(compat = '1.1'): void {
 }
 
 async function openTop(extra: Record<string, unknown> = {}): Promise<BlockNode> {
-  return (await graph.add({
+  return (await t.graph.add({
     driver: 'qcow2',
     'node-name': 'top',
     discard: 'unmap',
@@ -59,7 +42,7 @@ async function openTop(extra: Record<string, unknown> = {}): Promise<BlockNode> 
 }
 
 async function readAll(node: string, offset: number, length: number): Promise<Buffer> {
-  const b = await graph.createBackend(node, {});
+  const b = await t.graph.createBackend(node, {});
   try {
     const buf = Buffer.alloc(length);
     await b.read(offset, buf);
@@ -77,7 +60,7 @@ describe('a guest request under a stream-like hold', () => {
     guest: (b: Awaited<ReturnType<BlockGraph['createBackend']>>) => Promise<void>,
   ) {
     const top = await openTop();
-    const guestB = await graph.createBackend('top', { write: true, shareWrite: true });
+    const guestB = await t.graph.createBackend('top', { write: true, shareWrite: true });
     const order: string[] = [];
     const hold = await top.serialise(0, CS);
     const request = guest(guestB).then(() => order.push('guest'));
@@ -114,14 +97,14 @@ describe('a guest request under a stream-like hold', () => {
 describe("qcow2's backing reader follows the graph", () => {
   it('an overlay added by blockdev-snapshot copies on write from its new backing', async () => {
     chain();
-    await graph.add({
+    await t.graph.add({
       driver: 'qcow2',
       'node-name': 'base',
       file: { driver: 'file', filename: p('base.qcow2') },
     });
     await openTop({ backing: null });
-    await blockdevSnapshot(graph, 'base', 'top');
-    const b = await graph.createBackend('top', { write: true });
+    await blockdevSnapshot(t.graph, 'base', 'top');
+    const b = await t.graph.createBackend('top', { write: true });
     await b.write(4 * KiB, Buffer.alloc(512, 0x33));
     await b.close();
     const got = await readAll('top', 0, CS);
@@ -135,17 +118,17 @@ describe("qcow2's backing reader follows the graph", () => {
     const image = (top.instance as unknown as { image: Qcow2Image }).image;
     expect(await image.backing?.size()).toBe(1 << 20);
     const jobs = new JobRegistry({ events: { push: () => {} } });
-    const bj = await blockStream(graph, jobs, { jobId: 's', device: 'top' });
+    const bj = await blockStream(t.graph, jobs, { jobId: 's', device: 'top' });
     await bj.job.wait();
     expect(image.backing).toBeNull();
     // qcow2 v2 cannot mark zeros over a backing file and writes them instead, copying the
     // rest of the cluster from below: there is no below any more.
-    const b = await graph.createBackend('top', { write: true });
+    const b = await t.graph.createBackend('top', { write: true });
     await b.writeZeroes(CS + 512, 512, { noHole: true });
     await b.close();
     const want = Buffer.alloc(2 * CS, 0x11).fill(0, CS + 512, CS + 1024);
     expect((await readAll('top', 0, 2 * CS)).equals(want)).toBe(true);
-    await graph.close();
+    await t.graph.close();
     sh('qemu-img', ['check', p('top.qcow2')]);
     expect(
       JSON.parse(sh('qemu-img', ['info', '--output=json', p('top.qcow2')])),

@@ -1,30 +1,23 @@
 // Block status with and without want_zero: a file's holes are looked up (SEEK_DATA) only
 // when zeros are wanted exactly; a format's own zero clusters are reported either way.
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { BlockGraph } from '../src/index.ts';
+import { describe, expect, it } from 'vitest';
+import { graphPerTest } from './helpers.ts';
 
-let dir: string;
-let graph: BlockGraph;
-beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'vmdisk-want-zero-'));
-  graph = new BlockGraph();
-});
-afterEach(async () => {
-  await graph.close();
-  rmSync(dir, { recursive: true, force: true });
-});
+const t = graphPerTest('vmdisk-want-zero-');
 
 describe('blockStatus wantZero', () => {
   it('raw over a sparse file: holes with wantZero, plain data without', async () => {
-    const path = join(dir, 'sparse.raw');
+    const path = join(t.dir, 'sparse.raw');
     execFileSync('qemu-img', ['create', '-q', '-f', 'raw', path, '4M']);
     execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 1 1M 64k', path]);
-    await graph.add({ driver: 'raw', 'node-name': 'd0', file: { driver: 'file', filename: path } });
-    const disk = await graph.createBackend('d0');
+    await t.graph.add({
+      driver: 'raw',
+      'node-name': 'd0',
+      file: { driver: 'file', filename: path },
+    });
+    const disk = await t.graph.createBackend('d0');
     // (qemu-img create allocates the first 4 KiB of a raw file.)
     expect(await disk.blockStatus(0, 4 << 20)).toEqual([
       { length: 4096, hole: false, zero: false, depth: 1 },
@@ -39,16 +32,16 @@ describe('blockStatus wantZero', () => {
   });
 
   it('raw: a data region seen once is data until a discard or write-zeroes punches it', async () => {
-    const path = join(dir, 'full.raw');
+    const path = join(t.dir, 'full.raw');
     execFileSync('qemu-img', ['create', '-q', '-f', 'raw', path, '4M']);
     execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 4M', path]);
-    await graph.add({
+    await t.graph.add({
       driver: 'raw',
       'node-name': 'd0',
       discard: 'unmap',
       file: { driver: 'file', filename: path, discard: 'unmap' },
     });
-    const disk = await graph.createBackend('d0', { write: true });
+    const disk = await t.graph.createBackend('d0', { write: true });
     const data = { length: 4 << 20, hole: false, zero: false, depth: 1 };
     expect(await disk.blockStatus(0, 4 << 20)).toEqual([data]);
     expect(await disk.blockStatus(1 << 20, 64 << 10)).toEqual([{ ...data, length: 64 << 10 }]);
@@ -65,7 +58,7 @@ describe('blockStatus wantZero', () => {
   });
 
   it('qcow2: zero and unallocated clusters are reported without wantZero too', async () => {
-    const path = join(dir, 'img.qcow2');
+    const path = join(t.dir, 'img.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', path, '4M']);
     execFileSync('qemu-io', [
       '-f',
@@ -76,12 +69,12 @@ describe('blockStatus wantZero', () => {
       'write -z 1M 64k',
       path,
     ]);
-    await graph.add({
+    await t.graph.add({
       driver: 'qcow2',
       'node-name': 'd0',
       file: { driver: 'file', filename: path },
     });
-    const disk = await graph.createBackend('d0');
+    const disk = await t.graph.createBackend('d0');
     const cheap = await disk.blockStatus(0, 4 << 20, { wantZero: false });
     expect(cheap[0]).toEqual({ length: 64 << 10, hole: false, zero: false, depth: 1 });
     expect(cheap.slice(1).every((e) => e.zero)).toBe(true);
