@@ -10,6 +10,7 @@
 // what the source's top layer holds. -m requests run at once; without -W they write in
 // order.
 import type { BlockBackend, Extent } from '@vmdisk/block-graph';
+import { pageAlignedBuffer } from '@vmdisk/engine';
 import { BadOptionError, ImageCommandError, UsageError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import { imgArgs, intArg } from './args.ts';
@@ -248,12 +249,14 @@ export async function copyImage(
   // buffer registration) for the whole copy.
   // Engine memory (page-aligned, registered with io_uring) only where O_DIRECT needs it:
   // registering tens of MiB costs more than the copies it saves. Compressing, shared memory:
-  // the compression workers read the clusters in place (no copy per cluster).
+  // the compression workers read the clusters in place (no copy per cluster). Otherwise
+  // plain memory, page-aligned all the same: the kernel's copies from and to the page
+  // cache cost less (a GiB of data: 0.06-0.08 s less CPU than a malloc'd Buffer's).
   const arena = o.direct
     ? src.allocBuffer(chunk * o.parallel)
     : o.compress
       ? Buffer.from(new SharedArrayBuffer(chunk * o.parallel))
-      : Buffer.allocUnsafeSlow(chunk * o.parallel);
+      : pageAlignedBuffer(chunk * o.parallel);
   const worker = async (index: number): Promise<void> => {
     const buf = arena.subarray(index * chunk, (index + 1) * chunk);
     for (let item = await take(); item; item = await take()) {
