@@ -6,7 +6,7 @@ import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { run, start, waitFor } from './harness/daemon.ts';
+import { CLI, run, start, waitFor } from './harness/daemon.ts';
 import { infoOf, makeSources, mapOf, qemuImg, SIZE, type Sources, vmDisk } from './harness/img.ts';
 
 let dir: string;
@@ -172,6 +172,23 @@ describe('vm-disk convert', () => {
       await target.stop();
     }
     await run('qemu-img', ['compare', '-f', 'raw', blank, src.compressed]);
+  });
+
+  it('loads the NBD client for an NBD image only (a convert of files does not)', async () => {
+    // Prints at exit whether the process imported @vmdisk/nbd (module.registerHooks sees
+    // every specifier resolved).
+    const hook = `data:text/javascript,import { registerHooks } from 'node:module'; let nbd = false; registerHooks({ resolve(s, c, next) { if (s === '@vmdisk/nbd') nbd = true; return next(s, c); } }); process.on('exit', () => process.stdout.write(String(nbd)));`;
+    const convert = (from: string, to: string) =>
+      run(process.execPath, ['--import', hook, CLI, 'convert', '-O', 'raw', from, to]);
+    expect(await convert(src.qcow2v3, join(dir, 'no-nbd.raw'))).toBe('false');
+    const sock = join(dir, 'lazy.sock');
+    const server = start('qemu-nbd', ['-t', '-r', '-f', 'raw', '-k', sock, src.raw]);
+    try {
+      await waitFor('qemu-nbd socket', () => existsSync(sock));
+      expect(await convert(`nbd+unix:///?socket=${sock}`, join(dir, 'nbd.raw'))).toBe('true');
+    } finally {
+      await server.stop();
+    }
   });
 
   it('--image-opts and --object name the source', async () => {

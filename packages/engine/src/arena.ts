@@ -28,6 +28,25 @@ export const ARENA_TRIM_DELAY_MS = 1000;
 /** How long without an allocation before all free blocks go back (ms). */
 export const ARENA_IDLE_TRIM_MS = 5000;
 
+/**
+ * `length` bytes of uninitialised memory starting at a page boundary, outside any arena:
+ * not registered with io_uring, freed by the garbage collector as any Buffer. The kernel
+ * copies the page cache to and from page-aligned memory faster than to a malloc'd
+ * Buffer's (which starts 16 bytes past a page): `vm-disk convert` of 1 GiB of data,
+ * 0.06-0.08 s less CPU with its buffers aligned.
+ */
+export function pageAlignedBuffer(length: number): Buffer {
+  if (!Number.isSafeInteger(length) || length <= 0) {
+    throw new EngineError(
+      ErrorCode.INVALID_ARGUMENT,
+      `pageAlignedBuffer: length must be a positive integer, got ${length}`,
+    );
+  }
+  const raw = Buffer.allocUnsafeSlow(length + PAGE);
+  const skip = (PAGE - (addressOf(raw) % PAGE)) % PAGE;
+  return raw.subarray(skip, skip + length);
+}
+
 interface Slab {
   ab: ArrayBuffer;
   /** The page-aligned part. */

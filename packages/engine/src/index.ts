@@ -1,4 +1,6 @@
 // The public surface of @vmdisk/engine: what is not exported here is internal.
+
+export { pageAlignedBuffer } from './arena.ts';
 export type {
   BackendName,
   Engine,

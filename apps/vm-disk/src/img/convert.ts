@@ -10,6 +10,7 @@
 // what the source's top layer holds. -m requests run at once; without -W they write in
 // order.
 import type { BlockBackend, Extent } from '@vmdisk/block-graph';
+import { pageAlignedBuffer } from '@vmdisk/engine';
 import { BadOptionError, ImageCommandError, UsageError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import { imgArgs, intArg } from './args.ts';
@@ -32,30 +33,44 @@ function isZero(buf: Uint8Array): boolean {
   return true;
 }
 
+/** Whether words[from, to) are all zeros (left at the first non-zero word). */
+function wordsZero(words: Int32Array, from: number, to: number): boolean {
+  for (let w = from; w < to; w++) if (words[w] !== 0) return false;
+  return true;
+}
+
 /**
- * Whether each grain of `data` (grains aligned at `offset` in the image, the first and last
- * possibly shorter) is all zeros: one pass over 32-bit words, a data grain left at its
- * first non-zero word (no object per grain).
+ * The runs of `data` that are whole zero grains and the runs that are not (grains aligned
+ * at `offset` in the image, the first and last possibly shorter): the end of each run in
+ * `data`, the runs alternating from the first one's kind (`firstZero`). One pass over
+ * 32-bit words where aligned, a data grain left at its first non-zero word, nothing
+ * allocated per grain: per grain a boolean array and a second pass over it cost ~100 ns
+ * a grain, 25 ms of CPU for a GiB of 4 KiB grains.
  */
-function zeroGrains(data: Uint8Array, offset: number, grain: number): boolean[] {
-  const out: boolean[] = [];
-  const aligned = data.byteOffset % 4 === 0 && data.length % 4 === 0 && grain % 4 === 0;
-  const words = aligned ? new Int32Array(data.buffer, data.byteOffset, data.length / 4) : null;
-  for (let at = 0; at < data.length; ) {
-    const to = Math.min(data.length, at + grain - ((offset + at) % grain));
-    let zero = true;
-    if (words && at % 4 === 0 && to % 4 === 0) {
-      for (let w = at / 4; w < to / 4; w++) {
-        if (words[w] !== 0) {
-          zero = false;
-          break;
-        }
-      }
-    } else zero = isZero(data.subarray(at, to));
-    out.push(zero);
+export function zeroRuns(
+  data: Uint8Array,
+  offset: number,
+  grain: number,
+): { firstZero: boolean; ends: number[] } {
+  const n = data.length;
+  // Every grain boundary is a word boundary when these are: the word path for all of them.
+  const aligned = data.byteOffset % 4 === 0 && n % 4 === 0 && grain % 4 === 0 && offset % 4 === 0;
+  const words = aligned ? new Int32Array(data.buffer, data.byteOffset, n / 4) : null;
+  const ends: number[] = [];
+  let firstZero = false;
+  let current: boolean | undefined;
+  // Grain ends found by adding, not by a remainder per grain (offsets past 2^31 make it a
+  // floating-point one).
+  for (let at = 0, to = Math.min(n, grain - (offset % grain)); at < n; ) {
+    const zero = words ? wordsZero(words, at / 4, to / 4) : isZero(data.subarray(at, to));
+    if (current === undefined) firstZero = zero;
+    else if (zero !== current) ends.push(at);
+    current = zero;
     at = to;
+    to = Math.min(n, to + grain);
   }
-  return out;
+  ends.push(n);
+  return { firstZero, ends };
 }
 
 export interface ConvertOptions {
@@ -175,26 +190,19 @@ export async function copyImage(
   /** Writes data at offset, its zero runs of whole grains skipped or zeroed (-S). */
   const writeData = async (offset: number, data: Uint8Array): Promise<void> => {
     if (o.minSparse === 0) return dst.write(offset, data);
-    const end = offset + data.length;
-    let runStart = offset;
-    let runZero: boolean | undefined;
-    const flush = async (to: number) => {
-      if (to <= runStart) return;
-      if (runZero) await zeroes(runStart, to - runStart);
-      else await dst.write(runStart, data.subarray(runStart - offset, to - offset));
-    };
-    const zeros = zeroGrains(data, offset, grain);
-    let at = offset;
-    for (const zero of zeros) {
-      const to = Math.min(end, at - (at % grain) + grain);
-      if (runZero !== undefined && zero !== runZero) {
-        await flush(at);
-        runStart = at;
-      }
-      runZero = zero;
-      at = to;
+    const { firstZero, ends } = zeroRuns(data, offset, grain);
+    let zero = firstZero;
+    let start = 0;
+    for (const end of ends) {
+      if (zero) await zeroes(offset + start, end - start);
+      else
+        await dst.write(
+          offset + start,
+          end - start === data.length ? data : data.subarray(start, end),
+        );
+      zero = !zero;
+      start = end;
     }
-    await flush(end);
   };
 
   /**
@@ -241,12 +249,14 @@ export async function copyImage(
   // buffer registration) for the whole copy.
   // Engine memory (page-aligned, registered with io_uring) only where O_DIRECT needs it:
   // registering tens of MiB costs more than the copies it saves. Compressing, shared memory:
-  // the compression workers read the clusters in place (no copy per cluster).
+  // the compression workers read the clusters in place (no copy per cluster). Otherwise
+  // plain memory, page-aligned all the same: the kernel's copies from and to the page
+  // cache cost less (a GiB of data: 0.06-0.08 s less CPU than a malloc'd Buffer's).
   const arena = o.direct
     ? src.allocBuffer(chunk * o.parallel)
     : o.compress
       ? Buffer.from(new SharedArrayBuffer(chunk * o.parallel))
-      : Buffer.allocUnsafeSlow(chunk * o.parallel);
+      : pageAlignedBuffer(chunk * o.parallel);
   const worker = async (index: number): Promise<void> => {
     const buf = arena.subarray(index * chunk, (index + 1) * chunk);
     for (let item = await take(); item; item = await take()) {

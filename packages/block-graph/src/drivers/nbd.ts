@@ -38,13 +38,12 @@
 // it, and a reply that raced with a write is not kept.
 
 import { join } from 'node:path';
-import {
+import type {
   NbdClient,
-  type NbdClientOptions,
-  type NbdClientTlsOptions,
+  NbdClientOptions,
+  NbdClientTlsOptions,
   NbdCommandError,
-  type NbdConnectTarget,
-  NbdOptionError,
+  NbdConnectTarget,
 } from '@vmdisk/nbd';
 import { defineDriver, type ProtocolInstance, type ProtocolStatus } from '../driver.ts';
 import { BlockError, BlockErrorCode, BlockIoError, BlockOptionError } from '../errors.ts';
@@ -148,8 +147,23 @@ function ioError(err: unknown, node: string, offset?: number, length?: number): 
   return new BlockIoError(`${typeof e?.message === 'string' ? e.message : String(err)}`, init);
 }
 
+/**
+ * The NBD client, loaded at the first nbd node's open: a graph of files only (an image
+ * tool's) does not load it, nor node:net with it: ~10 ms of a `convert`'s start-up (median
+ * of 12 imports after koffi's; 5 ms at best).
+ */
+let nbdModule: Promise<typeof import('@vmdisk/nbd')> | undefined;
+const loadNbd = (): Promise<typeof import('@vmdisk/nbd')> => {
+  nbdModule ??= import('@vmdisk/nbd');
+  return nbdModule;
+};
+
+/** The class NbdCommandError (loaded: a client exists whenever one is thrown). */
+let commandError: typeof NbdCommandError | undefined;
+
 const isNotSupported = (err: unknown): boolean =>
-  (err instanceof NbdCommandError &&
+  (commandError !== undefined &&
+    err instanceof commandError &&
     (err.errnoName === 'ENOTSUP' || err.errnoName === 'EOPNOTSUPP')) ||
   (err as { code?: unknown })?.code === 'ERR_VMDISK_NBD_UNSUPPORTED';
 
@@ -357,11 +371,13 @@ export const nbdDriver = defineDriver({
       }
       options.tls = tlsOptions(creds, o['tls-hostname']);
     }
+    const nbd = await loadNbd();
+    commandError = nbd.NbdCommandError;
     let client: NbdClient;
     try {
-      client = await NbdClient.connect(target, options);
+      client = await nbd.NbdClient.connect(target, options);
     } catch (err) {
-      if (err instanceof NbdOptionError && err.reply === 'ERR_UNKNOWN') {
+      if (err instanceof nbd.NbdOptionError && err.reply === 'ERR_UNKNOWN') {
         throw new BlockOptionError(
           'export',
           `the NBD server at ${where} has no export '${exportName}'`,
