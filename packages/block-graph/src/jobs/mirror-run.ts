@@ -220,8 +220,8 @@ export class MirrorRun implements MirrorTopWrites {
       await bj.io(async () => {
         const hold = await this.#ops.serialise(offset, offset + length);
         try {
-          await copyRange(o.source, o.target, offset, length, () => {
-            reading = false;
+          await copyRange(o.source, o.target, offset, length, (r) => {
+            reading = r;
           });
         } finally {
           this.#ops.release(hold);
@@ -286,13 +286,19 @@ export class MirrorRun implements MirrorTopWrites {
   }
 }
 
-/** Copies [offset, +length): data read and written, zeros written as zeros (may unmap). */
+/**
+ * Copies [offset, +length): data copied below the buffers where source and target can
+ * (NodeCopy.copyFrom: the kernel's copy_file_range between their files), else read and
+ * written; zeros written as zeros (may unmap). A copy below counts as written once it
+ * starts: its errors go by on-target-error.
+ */
 async function copyRange(
   source: BlockNode,
   target: BlockNode,
   offset: number,
   length: number,
-  onRead?: () => void,
+  /** Told false once the source is read (errors then are the target's), true again if not. */
+  reading?: (r: boolean) => void,
 ): Promise<void> {
   let pos = offset;
   const end = offset + length;
@@ -300,14 +306,14 @@ async function copyRange(
     const s = await source.blockStatus(pos, end - pos, true);
     const n = s.length;
     if (s.zero) {
-      onRead?.();
+      reading?.(false);
       await target.writeZeroes(pos, n, { mayUnmap: true });
-    } else {
+    } else if (!(await copyBelow(source, target, pos, n, reading))) {
       const buf = source.allocBuffer(n);
       try {
         const data = buf.subarray(0, n);
         await source.read(pos, data);
-        onRead?.();
+        reading?.(false);
         await target.write(pos, data);
       } finally {
         source.releaseBuffer(buf);
@@ -315,6 +321,22 @@ async function copyRange(
     }
     pos += n;
   }
+}
+
+/** [offset, +length) of source's data copied to target below the buffers; false: not done. */
+async function copyBelow(
+  source: BlockNode,
+  target: BlockNode,
+  offset: number,
+  length: number,
+  reading?: (r: boolean) => void,
+): Promise<boolean> {
+  const src = await source.dataIn(offset, length);
+  if (!src || src.length < length) return false;
+  reading?.(false);
+  if (await target.copyFrom(offset, length, src)) return true;
+  reading?.(true);
+  return false;
 }
 
 /** QEMU bdrv_can_write_zeroes_with_unmap: discard=unmap on a node that can unmap zeros. */

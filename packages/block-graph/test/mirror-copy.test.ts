@@ -1,0 +1,120 @@
+// A mirror copies data below the buffers where source and target files allow it
+// (NodeCopy.copyFrom: copy_file_range between the files), and reads and writes where they
+// do not (files on two file systems: EXDEV), the qcow2 target's allocation for the refused
+// copy given back. Either way the target ends as the source (qemu-img compare), a qcow2
+// target is clean (qemu-img check: no leaked cluster), and the target's dirty bitmaps see
+// every byte written.
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { JobRegistry } from '@vmdisk/ao';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { BlockGraph, blockdevMirror } from '../src/index.ts';
+import type { BlockNode } from '../src/node.ts';
+
+const MiB = 1024 * 1024;
+const SIZE = 24 * MiB;
+
+/** tmpfs for the source (and the target that shares its file system). */
+const SHM = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
+let shm: string;
+/** A directory on the disk's file system (another one than tmpfs): copies there fail EXDEV. */
+let disk: string;
+
+beforeEach(() => {
+  shm = mkdtempSync(join(SHM, 'vmdisk-mirror-copy-'));
+  disk = mkdtempSync(join(tmpdir(), 'vmdisk-mirror-copy-'));
+});
+afterEach(() => {
+  rmSync(shm, { recursive: true, force: true });
+  rmSync(disk, { recursive: true, force: true });
+});
+
+/** A qcow2 with data in several runs, a zero cluster range and a hole. */
+function makeSource(): string {
+  const src = join(shm, 'src.qcow2');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', src, String(SIZE)]);
+  execFileSync('qemu-io', [
+    '-f',
+    'qcow2',
+    '-c',
+    'write -P 0x11 0 5M',
+    '-c',
+    'write -P 0x22 7M 3M',
+    '-c',
+    'write -z 11M 1M',
+    '-c',
+    'write -P 0x33 20M 4M',
+    src,
+  ]);
+  return src;
+}
+
+async function mirror(fmt: 'qcow2' | 'raw', dir: string) {
+  const src = makeSource();
+  const dst = join(dir, `dst.${fmt}`);
+  execFileSync('qemu-img', ['create', '-q', '-f', fmt, dst, String(SIZE)]);
+  const graph = new BlockGraph();
+  try {
+    await graph.add({ driver: 'file', 'node-name': 'sf', filename: src });
+    await graph.add({ driver: 'qcow2', 'node-name': 'src', file: 'sf' });
+    await graph.add({ driver: fmt, 'node-name': 'dst', file: { driver: 'file', filename: dst } });
+    const target = graph.node('dst') as BlockNode;
+    const bitmap = target.createDirtyBitmap(65536);
+    const jobs = new JobRegistry({ events: { push: () => {} } });
+    const ready = new Promise<void>((resolve) =>
+      jobs.onStatusChange((e) => {
+        if (e.data.status === 'ready') resolve();
+      }),
+    );
+    const bj = await blockdevMirror(graph, jobs, {
+      jobId: 'j0',
+      device: 'src',
+      target: 'dst',
+      sync: 'full',
+    });
+    await ready;
+    const source = graph.node('src') as BlockNode;
+    const seen = {
+      sourceRead: source.stats.counters('read').bytes,
+      targetWritten: target.stats.counters('write').bytes,
+      dirty: bitmap.count(),
+    };
+    bj.job.cancel(false);
+    await bj.job.wait().catch(() => {});
+    target.releaseDirtyBitmap(bitmap);
+    return { src, dst, seen };
+  } finally {
+    await graph.close();
+  }
+}
+
+/** 5M + 3M + 4M of data; the rest is written as zeros. */
+const DATA = 12 * MiB;
+const compare = (src: string, dst: string, fmt: string) =>
+  execFileSync('qemu-img', ['compare', '-f', 'qcow2', '-F', fmt, src, dst], { encoding: 'utf8' });
+
+describe('mirror copies below the buffers', () => {
+  for (const fmt of ['qcow2', 'raw'] as const) {
+    it(`to a ${fmt} on the same file system: no read through a buffer`, async () => {
+      const { src, dst, seen } = await mirror(fmt, shm);
+      expect(compare(src, dst, fmt)).toContain('Images are identical');
+      expect(seen.sourceRead).toBe(0);
+      expect(seen.targetWritten).toBe(DATA);
+      // A full mirror onto an existing image writes all of it (zeros as zeros): all dirty.
+      expect(seen.dirty).toBe(SIZE);
+      if (fmt === 'qcow2') execFileSync('qemu-img', ['check', '-q', dst]);
+    });
+
+    it(`to a ${fmt} on another file system: read and written instead`, async () => {
+      const { src, dst, seen } = await mirror(fmt, disk);
+      expect(compare(src, dst, fmt)).toContain('Images are identical');
+      expect(seen.sourceRead).toBe(DATA);
+      expect(seen.targetWritten).toBe(DATA);
+      expect(seen.dirty).toBe(SIZE);
+      // The refused copies' clusters were given back before the writes allocated theirs.
+      if (fmt === 'qcow2') execFileSync('qemu-img', ['check', '-q', dst]);
+    });
+  }
+});
