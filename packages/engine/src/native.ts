@@ -234,7 +234,12 @@ export function lseek(fd: number, offset: number, whence: number): number {
 // koffi runs `.async` calls on the libuv thread pool and refuses more than a fixed number
 // running at once ("Too many asynchronous calls are running"): the calls below queue
 // for one of MAX_ASYNC_CALLS slots instead, so that no caller ever sees that refusal.
-const MAX_ASYNC_CALLS = 32;
+// Each call running takes one of koffi's memory pools (a stack and a heap of 128 KiB),
+// of which it keeps 8 (resident_async_pools); a call beyond them mapped a pool and
+// unmapped it again (glibc maps blocks of 128 KiB and more: serve fixes its threshold),
+// which 16 copies in flight paid on 8 of every 16 calls. The libuv pool runs 4 calls at
+// a time anyway: more waiting in koffi's queue than here gains nothing.
+const MAX_ASYNC_CALLS = 8;
 let asyncRunning = 0;
 const asyncWaiting: (() => void)[] = [];
 
