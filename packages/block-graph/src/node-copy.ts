@@ -4,8 +4,9 @@
 // driver's copy_file_range). The write takes the same path as write() down to the
 // protocol: checks, serialisation of overlapping writes, the format's allocation and its
 // commit, accounting, and (NodeDirty) the dirty bitmaps. Where any layer cannot (a
-// filter, a copy on write, an unaligned range, protocols that cannot copy between them)
-// the copy answers false with nothing done and the caller reads and writes instead.
+// filter, a copy on write, an unaligned range, detect-zeroes, protocols that cannot copy
+// between them) the copy answers false with nothing done and the caller reads and writes
+// instead.
 
 import type { CopySource, Mapping } from './driver.ts';
 import { isProtocol } from './io-request.ts';
@@ -62,7 +63,8 @@ export abstract class NodeCopy extends NodeWrite {
     const err = this.checkWrite(offset, length, true);
     if (err) throw err;
     if (length === 0) return true;
-    if (length > src.length) return false;
+    // detect-zeroes looks at the data, which a copy below never sees.
+    if (length > src.length || this.settings.detectZeroes !== 'off') return false;
     const a = this.align;
     if (a > 1 && (offset % a !== 0 || length % a !== 0)) return false;
     const t = this.tracker;

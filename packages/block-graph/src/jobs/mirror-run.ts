@@ -20,6 +20,12 @@ import { resizeNode } from './resize.ts';
 /** QEMU's MAX_IN_FLIGHT and MAX_IO_BYTES. */
 const MAX_IN_FLIGHT = 16;
 const MAX_IO_BYTES = 1 << 20;
+/**
+ * Data ranges up to this size are read and written, not copied below the buffers: the
+ * engine does such small requests inline (pread/pwrite on the event loop, its INLINE_MAX),
+ * which costs less than the thread-pool hop of a copy_file_range.
+ */
+const COPY_BELOW_MIN = 16 * 1024 + 1;
 /** How long a ready job waits between looks at the bitmap (BLOCK_JOB_SLICE_TIME). */
 const SLICE_MS = 100;
 
@@ -53,6 +59,8 @@ export class MirrorRun implements MirrorTopWrites {
   #opDone: (() => void)[] = [];
   #error: unknown;
   #initialZeroing = false;
+  /** Whether copies below the buffers are still tried (see copyBelow). */
+  readonly #below = { tried: true };
   #settleReady!: () => void;
   /** Resolves when the job is ready, or when its run ends. */
   readonly whenReady = new Promise<void>((resolve) => {
@@ -220,7 +228,7 @@ export class MirrorRun implements MirrorTopWrites {
       await bj.io(async () => {
         const hold = await this.#ops.serialise(offset, offset + length);
         try {
-          await copyRange(o.source, o.target, offset, length, (r) => {
+          await copyRange(o.source, o.target, offset, length, this.#below, (r) => {
             reading = r;
           });
         } finally {
@@ -278,7 +286,7 @@ export class MirrorRun implements MirrorTopWrites {
       const area = o.bitmap.nextDirtyArea(0, o.source.size(), this.#maxIo());
       if (!area) break;
       o.bitmap.reset(area.offset, area.length);
-      await copyRange(o.source, o.target, area.offset, area.length);
+      await copyRange(o.source, o.target, area.offset, area.length, this.#below);
       this.bj.job.progressIncreaseRemaining(area.length);
       this.bj.job.progressUpdate(area.length);
     }
@@ -297,6 +305,7 @@ async function copyRange(
   target: BlockNode,
   offset: number,
   length: number,
+  below: { tried: boolean },
   /** Told false once the source is read (errors then are the target's), true again if not. */
   reading?: (r: boolean) => void,
 ): Promise<void> {
@@ -308,7 +317,11 @@ async function copyRange(
     if (s.zero) {
       reading?.(false);
       await target.writeZeroes(pos, n, { mayUnmap: true });
-    } else if (!(await copyBelow(source, target, pos, n, reading))) {
+    } else if (
+      n < COPY_BELOW_MIN ||
+      !below.tried ||
+      !(await copyBelow(source, target, pos, n, below, reading))
+    ) {
       const buf = source.allocBuffer(n);
       try {
         const data = buf.subarray(0, n);
@@ -323,18 +336,25 @@ async function copyRange(
   }
 }
 
-/** [offset, +length) of source's data copied to target below the buffers; false: not done. */
+/**
+ * [offset, +length) of source's data copied to target below the buffers; false: not done.
+ * Once the target refuses (a filter, detect-zeroes, files on two file systems) operations
+ * that start later do not ask again: each refusal of a qcow2 target takes clusters and
+ * gives them back. Source data that is in no file (compressed) concerns its range only.
+ */
 async function copyBelow(
   source: BlockNode,
   target: BlockNode,
   offset: number,
   length: number,
+  below: { tried: boolean },
   reading?: (r: boolean) => void,
 ): Promise<boolean> {
   const src = await source.dataIn(offset, length);
   if (!src || src.length < length) return false;
   reading?.(false);
   if (await target.copyFrom(offset, length, src)) return true;
+  below.tried = false;
   reading?.(true);
   return false;
 }
