@@ -5,8 +5,8 @@
 // protocol: checks, serialisation of overlapping writes, the format's allocation and its
 // commit, accounting, and (NodeDirty) the dirty bitmaps. Where any layer cannot (a
 // filter, a copy on write, an unaligned range, detect-zeroes, protocols that cannot copy
-// between them) the copy answers false with nothing done and the caller reads and writes
-// instead.
+// between them) the copy answers false, having taken nothing (a mapping's allocation is
+// given back), and the caller reads and writes the range instead.
 
 import type { CopySource, Mapping } from './driver.ts';
 import { isProtocol } from './io-request.ts';
@@ -37,9 +37,9 @@ export abstract class NodeCopy extends NodeWrite {
   }
 
   /**
-   * Writes `length` bytes of `src` at `offset`, copied below without a buffer; false, with
-   * nothing written, where this node's drivers cannot (see the top of this file). Errors
-   * as write()'s.
+   * Writes `length` bytes of `src` at `offset`, copied below without a buffer; false where
+   * this node's drivers cannot (see the top of this file): then the caller writes the
+   * range, part of which may have been copied already. Errors as write()'s.
    */
   copyFrom(offset: number, length: number, src: CopySource): Promise<boolean> {
     const t0 = this.stats.start(ACCT_WRITE);
@@ -83,26 +83,38 @@ export abstract class NodeCopy extends NodeWrite {
       return this.wrap(inst.copyFrom(src.protocol, src.offset, offset, length));
     }
     if (inst.kind !== 'format') return false;
-    let m: Mapping | Promise<Mapping> = inst.map(offset, length, 'write');
-    if (m instanceof Promise) m = await m;
+    // Mapping by mapping (a qcow2 allocation takes at most 32 clusters, a table's span).
+    const end = offset + length;
+    for (let pos = offset; pos < end; ) {
+      let m: Mapping | Promise<Mapping> = inst.map(pos, end - pos, 'write');
+      if (m instanceof Promise) m = await m;
+      if (!(await this.copyMapped(m, pos, { ...src, offset: src.offset + (pos - offset) }))) {
+        return false;
+      }
+      pos += m.length;
+    }
+    return true;
+  }
+
+  /** One mapping's copy to its child, then its commit; false (given back): not done. */
+  private async copyMapped(m: Mapping, pos: number, src: CopySource): Promise<boolean> {
     const alloc = m.allocation;
     const child = m.child?.node;
-    // One mapping for all of it, and an allocation the copy fills whole (no copy on write).
-    const whole =
-      m.length === length &&
+    // An allocation the copy fills whole (no copy on write).
+    const copyable =
       m.kind === 'data' &&
       m.offset !== undefined &&
       child?.copyFrom !== undefined &&
-      (!alloc || (alloc.start === offset && alloc.end === offset + length));
+      (!alloc || (alloc.start === pos && alloc.end === pos + m.length));
     let done = false;
     try {
-      if (whole) done = await child.copyFrom!(m.offset!, length, src);
+      if (copyable) done = await child.copyFrom!(m.offset!, m.length, src);
     } catch (err) {
       if (alloc?.abort) await alloc.abort(err);
       throw err;
     }
-    // Nothing written: what the mapping took (qcow2: fresh clusters, locks) goes back, as
-    // after a failed write.
+    // Not copied: what the mapping took (qcow2: fresh clusters, locks) goes back, as after
+    // a failed write.
     if (!done) {
       if (alloc?.abort) await alloc.abort(undefined);
       return false;

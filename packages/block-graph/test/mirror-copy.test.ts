@@ -66,6 +66,7 @@ interface MirrorSetup {
   targetOptions?: Record<string, unknown>;
   /** A sparse raw source mirrored with a granularity of 4 KiB. */
   sparse?: boolean;
+  bufSize?: number;
 }
 
 async function mirror(fmt: 'qcow2' | 'raw', dir: string, setup: MirrorSetup = {}) {
@@ -104,6 +105,7 @@ async function mirror(fmt: 'qcow2' | 'raw', dir: string, setup: MirrorSetup = {}
       target: 'dst',
       sync: 'full',
       ...(setup.sparse && { granularity: 4096 }),
+      ...(setup.bufSize !== undefined && { bufSize: setup.bufSize }),
     });
     await ready;
     const source = graph.node('src') as BlockNode;
@@ -156,6 +158,15 @@ describe('mirror copies below the buffers', () => {
       if (fmt === 'qcow2') execFileSync('qemu-img', ['check', '-q', dst]);
     });
   }
+
+  it('to a qcow2 in operations over several of its allocations (4 MiB: buf-size 64 MiB)', async () => {
+    // A qcow2 allocation takes at most 32 clusters (2 MiB): each copy is two mappings.
+    const { src, dst, seen } = await mirror('qcow2', shm, { bufSize: 64 * MiB });
+    expect(compare(src, dst, 'qcow2')).toContain('Images are identical');
+    expect(seen.sourceRead).toBe(0);
+    expect(seen.targetWritten).toBe(DATA);
+    execFileSync('qemu-img', ['check', '-q', dst]);
+  });
 
   it('not where the target detects zeros (that needs the data in a buffer)', async () => {
     const { src, dst, seen } = await mirror('qcow2', shm, {
