@@ -187,7 +187,8 @@ export function makeImage(path: string, format: string, size: string): void {
 
 /** fio running as a load beside a job; stop() ends it and gives its IOPS log. */
 export interface FioLoad {
-  /** SIGINT, then the log as [Unix ms, IOPS] pairs, one per 100 ms interval. */
+  /** SIGINT, then the log as [Unix ms, IOPS] pairs, one per 100 ms interval (none if it
+   * never logged). */
   stop(): Promise<[number, number][]>;
 }
 
@@ -223,6 +224,9 @@ export function startFioLoad(
       child.kill('SIGINT');
       await exited;
       const file = `${opts.prefix}_iops.1.log`;
+      // None when fio never got going (starved of its CPU by other work on the machine,
+      // it was still connecting when stopped): no figure rather than a failed bench.
+      if (!existsSync(file)) return [];
       const log = readFileSync(file, 'utf8');
       rmSync(file, { force: true });
       return log

@@ -70,6 +70,6 @@ async function jobCoEntry<J>(s: JobState<J>): Promise<void> {
   s.deferred = true;
   s.busy = true;
   s.notifyQuiet();
-  if (s.sleepTimer) clearTimeout(s.sleepTimer);
+  s.clearSleep();
   await jobCompleted(s);
 }

@@ -1,5 +1,6 @@
 // Jobs: life cycle, pause points, ready/complete, soft and forced cancel, auto-finalize
 // and auto-dismiss, transactions, JOB_STATUS_CHANGE events, query-jobs, progress.
+import { stat } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import {
   EventQueue,
@@ -234,6 +235,29 @@ describe('pause points', () => {
     job.start();
     await job.wait();
     expect(slept).toBe(3);
+  });
+
+  it('sleep(0) lets the event loop run once, without waiting for a timer', async () => {
+    // From an I/O callback Node runs immediates before timers (its documented order): a
+    // sleep of 0 that waited on a 0 ms timer (1 ms in Node) came after the test's timer.
+    const registry = new JobRegistry();
+    const order: string[] = [];
+    const job = registry.createJob({
+      id: 'yielder',
+      driver: {
+        type: 'stream',
+        async run(job) {
+          await new Promise((resolve) => stat('.', resolve));
+          setTimeout(() => order.push('timer'), 0);
+          await job.sleep(0);
+          order.push('slept');
+        },
+      },
+    });
+    job.start();
+    await job.wait();
+    await until(() => order.length === 2, 'the timer');
+    expect(order).toEqual(['slept', 'timer']);
   });
 
   it('sleep() is woken early by a cancel', async () => {

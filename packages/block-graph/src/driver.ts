@@ -133,6 +133,8 @@ export interface ChildNode {
   release(hold: RangeHold): void;
   /** The node's dirty bitmap of that name (copy-before-write's `bitmap` option). */
   findDirtyBitmap(name: string): BdrvDirtyBitmap | undefined;
+  /** Writes `length` bytes of `src` at `offset` without a buffer where it can (NodeCopy). */
+  copyFrom?(offset: number, length: number, src: CopySource): Promise<boolean>;
 }
 
 /**
@@ -298,6 +300,27 @@ export interface ProtocolInstance extends InstanceBase {
   writeZeroes?(offset: number, length: number, mayUnmap: boolean): Promise<void>;
   /** Status of the range from offset. Absent: all data. */
   blockStatus?(offset: number, length: number): Promise<ProtocolStatus>;
+  /**
+   * Writes `length` bytes of `src` (another protocol's instance) at `srcOffset` here at
+   * `offset` without a buffer, where the two can (the file driver: copy_file_range between
+   * files of one file system). Resolves false where they cannot, the range then holding
+   * nothing a write of it would not replace: the caller reads and writes instead. May end
+   * past size() as pwrite.
+   */
+  copyFrom?(
+    src: ProtocolInstance,
+    srcOffset: number,
+    offset: number,
+    length: number,
+  ): Promise<boolean>;
+}
+
+/** Where the bytes of a copy come from: a protocol and an offset in it (NodeCopy.dataIn). */
+export interface CopySource {
+  protocol: ProtocolInstance;
+  offset: number;
+  /** Bytes from `offset` that are the data asked for, contiguously. */
+  length: number;
 }
 
 /**

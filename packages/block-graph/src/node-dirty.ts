@@ -10,9 +10,9 @@
 
 import { BdrvDirtyBitmap, defaultGranularity } from './dirty-bitmap.ts';
 import { BITMAP_BUSY, BITMAP_RO, checkDirtyBitmap } from './dirty-bitmap-check.ts';
-import type { WriteFlags, ZeroFlags } from './driver.ts';
+import type { CopySource, WriteFlags, ZeroFlags } from './driver.ts';
 import { BlockError, BlockErrorCode } from './errors.ts';
-import { NodeWrite } from './node-write.ts';
+import { NodeCopy } from './node-copy.ts';
 
 /** QEMU's longest bitmap name (BDRV_BITMAP_MAX_NAME_SIZE). */
 export const BITMAP_MAX_NAME_SIZE = 1023;
@@ -24,7 +24,7 @@ export interface DirtyBitmapAddOptions {
   disabled?: boolean | undefined;
 }
 
-export abstract class NodeDirty extends NodeWrite {
+export abstract class NodeDirty extends NodeCopy {
   /** The node's dirty bitmaps, in creation order. */
   readonly dirtyBitmaps: BdrvDirtyBitmap[] = [];
 
@@ -163,6 +163,17 @@ export abstract class NodeDirty extends NodeWrite {
     const p = super.writeCompressed(offset, buf);
     if (this.dirtyBitmaps.length === 0) return p;
     return this.#marked(p, offset, buf.byteLength);
+  }
+
+  override async copyFrom(offset: number, length: number, src: CopySource): Promise<boolean> {
+    if (this.writeThreshold !== 0) this.#checkThreshold(offset, length);
+    const p = super.copyFrom(offset, length, src);
+    if (this.dirtyBitmaps.length === 0) return p;
+    try {
+      return await p;
+    } finally {
+      this.setDirty(offset, length);
+    }
   }
 
   override writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {

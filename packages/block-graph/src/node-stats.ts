@@ -74,6 +74,11 @@ export class BlockAcctStats {
     );
   }
 
+  /** A request of `type` started that did nothing after all (not counted). */
+  forget(type: number): void {
+    this.inFlight[type]!--;
+  }
+
   /** A request started at `t0` succeeded, with `bytes` transferred. */
   done(type: number, t0: number, bytes: number): void {
     const now = performance.now();

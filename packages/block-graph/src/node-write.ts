@@ -102,7 +102,7 @@ export abstract class NodeWrite extends NodeRead {
     await this.flushRequest();
   }
 
-  private checkWrite(offset: number, length: number, grow = false): BlockError | undefined {
+  protected checkWrite(offset: number, length: number, grow = false): BlockError | undefined {
     if (this.settings.readOnly) {
       return new BlockError(BlockErrorCode.READ_ONLY, `node '${this.name}' is read-only`);
     }

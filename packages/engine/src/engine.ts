@@ -10,6 +10,7 @@ import {
   addressOf,
   type BlockingIo,
   bufferedIoBlocks,
+  copyFileRangeAsync,
   directAlignment,
   ENXIO,
   F_RDLCK,
@@ -94,6 +95,16 @@ export interface EngineFile {
   /** punch-hole keeps the size (PUNCH_HOLE|KEEP_SIZE); zero-range is ZERO_RANGE. */
   fallocate(mode: FallocateMode, offset: number, length: number): Promise<void>;
   truncate(size: number): Promise<void>;
+  /**
+   * Copies `length` bytes at `offset` to `dest` at `destOffset` in the kernel
+   * (copy_file_range, on the thread pool): no buffer, one copy in the page cache or none
+   * where the file system shares extents. Resolves the bytes copied: fewer than `length`
+   * only at this file's end. An IoError when the kernel cannot (EXDEV: other file
+   * systems, EOPNOTSUPP, EINVAL) or fails; the destination may then hold part of it.
+   * Buffered files only: O_DIRECT on either side is refused (NOT_SUPPORTED), as the
+   * kernel would go through the page cache behind the direct I/O.
+   */
+  copyTo(dest: EngineFile, offset: number, destOffset: number, length: number): Promise<number>;
   /** lseek SEEK_DATA: the next data offset at or after `offset`; null when none. */
   seekData(offset: number): Promise<number | null>;
   /** lseek SEEK_HOLE: the next hole offset at or after `offset`; null when none. */
@@ -371,6 +382,54 @@ class EngineFileImpl implements EngineFile {
     if (r === -ENXIO) return null;
     if (r < 0) throw new IoError(-r, 'lseek', { path: this.path, offset });
     return r;
+  }
+
+  async copyTo(
+    dest: EngineFile,
+    offset: number,
+    destOffset: number,
+    length: number,
+  ): Promise<number> {
+    const err =
+      this.refuse() ??
+      (dest instanceof EngineFileImpl ? dest.refuse() : invalid('copyTo: not an engine file')) ??
+      checkOffset('copyTo', offset) ??
+      checkOffset('copyTo', destOffset);
+    if (err) throw err;
+    if (!Number.isSafeInteger(length) || length < 0) {
+      throw invalid(`copyTo: length must be a non-negative integer, got ${length}`);
+    }
+    if (this.direct || dest.direct) {
+      throw new EngineError(ErrorCode.NOT_SUPPORTED, 'copyTo: not with O_DIRECT files');
+    }
+    const to = dest as EngineFileImpl;
+    this.closing.issued();
+    to.closing.issued();
+    let done = 0;
+    try {
+      while (done < length) {
+        const r = await copyFileRangeAsync(
+          this.fd,
+          offset + done,
+          to.fd,
+          destOffset + done,
+          length - done,
+        );
+        if (r === 0) break; // the end of this file
+        if (r < 0) {
+          throw new IoError(-r, 'copy_file_range', {
+            path: this.path,
+            offset: offset + done,
+            length: length - done,
+          });
+        }
+        done += r;
+      }
+    } finally {
+      this.closing.settled();
+      to.closing.settled();
+    }
+    return done;
   }
 
   seekData(offset: number): Promise<number | null> {

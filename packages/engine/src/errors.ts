@@ -26,6 +26,8 @@ export const ErrorCode = {
   BACKEND_UNAVAILABLE: 'ERR_VMDISK_ENGINE_BACKEND_UNAVAILABLE',
   /** A bad argument: unknown backend name, negative offset, not a Uint8Array, ... */
   INVALID_ARGUMENT: 'ERR_VMDISK_ENGINE_INVALID_ARGUMENT',
+  /** An operation these files cannot do (copyTo with an O_DIRECT file). */
+  NOT_SUPPORTED: 'ERR_VMDISK_ENGINE_NOT_SUPPORTED',
 } as const;
 
 export interface IoErrorDetails {

@@ -69,6 +69,9 @@ const lseekFn = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
 const preadFn = libc.func('long pread(int fd, void *buf, size_t count, int64_t offset)');
 const pwriteFn = libc.func('long pwrite(int fd, void *buf, size_t count, int64_t offset)');
 const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
+const copyFileRangeFn = libc.func(
+  'long copy_file_range(int fd_in, void *off_in, int fd_out, void *off_out, size_t len, uint flags)',
+);
 const statxFn = libc.func(
   'int statx(int dirfd, const char *path, int flags, uint mask, void *buf)',
 );
@@ -231,7 +234,12 @@ export function lseek(fd: number, offset: number, whence: number): number {
 // koffi runs `.async` calls on the libuv thread pool and refuses more than a fixed number
 // running at once ("Too many asynchronous calls are running"): the calls below queue
 // for one of MAX_ASYNC_CALLS slots instead, so that no caller ever sees that refusal.
-const MAX_ASYNC_CALLS = 32;
+// Each call running takes one of koffi's memory pools (a stack and a heap of 128 KiB),
+// of which it keeps 8 (resident_async_pools); a call beyond them mapped a pool and
+// unmapped it again (glibc maps blocks of 128 KiB and more: serve fixes its threshold),
+// which 16 copies in flight paid on 8 of every 16 calls. The libuv pool runs 4 calls at
+// a time anyway: more waiting in koffi's queue than here gains nothing.
+const MAX_ASYNC_CALLS = 8;
 let asyncRunning = 0;
 const asyncWaiting: (() => void)[] = [];
 
@@ -275,6 +283,35 @@ export function fallocateAsync(
     fallocateFn.async(fd, mode, offset, length, (err: unknown, r: number) => {
       done(err ? -EINVAL : ret(r));
     }),
+  );
+}
+
+/**
+ * copy_file_range on a libuv thread-pool thread: up to `length` bytes of `fdIn` at `offIn`
+ * to `fdOut` at `offOut`, in the kernel (one copy in the page cache, or none where the file
+ * system shares extents); resolves the bytes copied (0 at the end of fdIn) or -errno.
+ */
+export function copyFileRangeAsync(
+  fdIn: number,
+  offIn: number,
+  fdOut: number,
+  offOut: number,
+  length: number,
+): Promise<number> {
+  // loff_t in and out: the kernel advances them; the arrays live until the call returns.
+  const offs = new BigInt64Array([BigInt(offIn), BigInt(offOut)]);
+  return inAsyncSlot((done) =>
+    copyFileRangeFn.async(
+      fdIn,
+      offs.subarray(0, 1),
+      fdOut,
+      offs.subarray(1, 2),
+      length,
+      0,
+      (err: unknown, r: number | bigint) => {
+        done(err ? -EINVAL : ret(r));
+      },
+    ),
   );
 }
 

@@ -25,6 +25,9 @@ const AIO: Record<(typeof AIO_NAMES)[number], 'io_uring' | 'aio' | 'threadpool' 
   threads: 'threadpool',
 };
 
+/** What copy_file_range answers where it cannot copy between two files (not a failure). */
+const CANNOT_COPY = new Set(['EXDEV', 'EOPNOTSUPP', 'ENOSYS', 'EINVAL']);
+
 class FileInstance implements ProtocolInstance {
   readonly kind = 'protocol';
   readonly limits: { requestAlignment: number };
@@ -103,6 +106,32 @@ class FileInstance implements ProtocolInstance {
     return p.then(() => {
       if (end > this.length) this.length = end;
     });
+  }
+
+  /**
+   * copy_file_range from another file node's file (buffered, both): no buffer, and no
+   * copy at all where the file system shares extents. False where the kernel cannot
+   * between these two (EXDEV: other file systems, EOPNOTSUPP, EINVAL) or the source ends
+   * first: the caller then reads and writes, over whatever part was copied.
+   */
+  async copyFrom(
+    src: ProtocolInstance,
+    srcOffset: number,
+    offset: number,
+    length: number,
+  ): Promise<boolean> {
+    if (!(src instanceof FileInstance) || src.file.direct || this.file.direct) return false;
+    let n: number;
+    try {
+      n = await src.file.copyTo(this.file, srcOffset, offset, length);
+    } catch (err) {
+      const errno = (err as { errnoName?: string }).errnoName;
+      if (errno !== undefined && CANNOT_COPY.has(errno)) return false;
+      throw toBlockError(err, this.node);
+    }
+    if (n < length) return false;
+    if (offset + length > this.length) this.length = offset + length;
+    return true;
   }
 
   async truncate(size: number): Promise<void> {

@@ -20,6 +20,18 @@ import { resizeNode } from './resize.ts';
 /** QEMU's MAX_IN_FLIGHT and MAX_IO_BYTES. */
 const MAX_IN_FLIGHT = 16;
 const MAX_IO_BYTES = 1 << 20;
+/**
+ * Operations that fill buf-size once copies below the buffers work: such a copy costs the
+ * event loop one thread-pool call whatever its length and holds no memory of ours, so
+ * buf-size goes in fewer, longer ones (4 MiB by default; the thread pool runs 4 at once).
+ */
+const COPY_IN_FLIGHT = 4;
+/**
+ * Data ranges up to this size are read and written, not copied below the buffers: the
+ * engine does such small requests inline (pread/pwrite on the event loop, its INLINE_MAX),
+ * which costs less than the thread-pool hop of a copy_file_range.
+ */
+const COPY_BELOW_MIN = 16 * 1024 + 1;
 /** How long a ready job waits between looks at the bitmap (BLOCK_JOB_SLICE_TIME). */
 const SLICE_MS = 100;
 
@@ -53,6 +65,8 @@ export class MirrorRun implements MirrorTopWrites {
   #opDone: (() => void)[] = [];
   #error: unknown;
   #initialZeroing = false;
+  /** Copies below the buffers: still tried (see copyBelow), and one has been done. */
+  readonly #below: CopyBelow = { tried: true, worked: false };
   #settleReady!: () => void;
   /** Resolves when the job is ready, or when its run ends. */
   readonly whenReady = new Promise<void>((resolve) => {
@@ -163,10 +177,14 @@ export class MirrorRun implements MirrorTopWrites {
     return charged;
   }
 
-  /** The longest operation: buf-size / MAX_IN_FLIGHT, at least 1 MiB and a granule. */
+  /**
+   * The longest operation: buf-size / MAX_IN_FLIGHT (buf-size / COPY_IN_FLIGHT once copies
+   * below the buffers work), at least 1 MiB and a granule.
+   */
   #maxIo(): number {
     const g = this.granularity;
-    const max = Math.max(MAX_IO_BYTES, Math.floor(this.o.bufSize / MAX_IN_FLIGHT));
+    const ops = this.#below.tried && this.#below.worked ? COPY_IN_FLIGHT : MAX_IN_FLIGHT;
+    const max = Math.max(MAX_IO_BYTES, Math.floor(this.o.bufSize / ops));
     return Math.max(g, Math.min(this.o.bufSize, max - (max % g)));
   }
 
@@ -220,8 +238,8 @@ export class MirrorRun implements MirrorTopWrites {
       await bj.io(async () => {
         const hold = await this.#ops.serialise(offset, offset + length);
         try {
-          await copyRange(o.source, o.target, offset, length, () => {
-            reading = false;
+          await copyRange(o.source, o.target, offset, length, this.#below, (r) => {
+            reading = r;
           });
         } finally {
           this.#ops.release(hold);
@@ -278,7 +296,7 @@ export class MirrorRun implements MirrorTopWrites {
       const area = o.bitmap.nextDirtyArea(0, o.source.size(), this.#maxIo());
       if (!area) break;
       o.bitmap.reset(area.offset, area.length);
-      await copyRange(o.source, o.target, area.offset, area.length);
+      await copyRange(o.source, o.target, area.offset, area.length, this.#below);
       this.bj.job.progressIncreaseRemaining(area.length);
       this.bj.job.progressUpdate(area.length);
     }
@@ -286,35 +304,82 @@ export class MirrorRun implements MirrorTopWrites {
   }
 }
 
-/** Copies [offset, +length): data read and written, zeros written as zeros (may unmap). */
+/** Whether the mirror still tries copies below the buffers, and whether one was done. */
+interface CopyBelow {
+  tried: boolean;
+  worked: boolean;
+}
+
+/**
+ * Copies [offset, +length): data copied below the buffers where source and target can
+ * (NodeCopy.copyFrom: the kernel's copy_file_range between their files), else read and
+ * written; zeros written as zeros (may unmap). A copy below counts as written once it
+ * starts: its errors go by on-target-error.
+ */
 async function copyRange(
   source: BlockNode,
   target: BlockNode,
   offset: number,
   length: number,
-  onRead?: () => void,
+  below: CopyBelow,
+  /** Told false once the source is read (errors then are the target's), true again if not. */
+  reading?: (r: boolean) => void,
 ): Promise<void> {
   let pos = offset;
   const end = offset + length;
   while (pos < end) {
     const s = await source.blockStatus(pos, end - pos, true);
-    const n = s.length;
+    let n = s.length;
     if (s.zero) {
-      onRead?.();
+      reading?.(false);
       await target.writeZeroes(pos, n, { mayUnmap: true });
     } else {
-      const buf = source.allocBuffer(n);
-      try {
-        const data = buf.subarray(0, n);
-        await source.read(pos, data);
-        onRead?.();
-        await target.write(pos, data);
-      } finally {
-        source.releaseBuffer(buf);
+      const copied =
+        n >= COPY_BELOW_MIN && below.tried
+          ? await copyBelow(source, target, pos, n, below, reading)
+          : 0;
+      if (copied > 0) n = copied;
+      else {
+        const buf = source.allocBuffer(n);
+        try {
+          const data = buf.subarray(0, n);
+          await source.read(pos, data);
+          reading?.(false);
+          await target.write(pos, data);
+        } finally {
+          source.releaseBuffer(buf);
+        }
       }
     }
     pos += n;
   }
+}
+
+/**
+ * Copies source's data from `offset` (up to `length`, as far as it lies contiguously in
+ * one file) to target below the buffers: the bytes copied, 0 when not. Once the target
+ * refuses (a filter, detect-zeroes, files on two file systems) operations that start
+ * later do not ask again: each refusal of a qcow2 target takes clusters and gives them
+ * back. Source data that is in no file (compressed) concerns its range only.
+ */
+async function copyBelow(
+  source: BlockNode,
+  target: BlockNode,
+  offset: number,
+  length: number,
+  below: CopyBelow,
+  reading?: (r: boolean) => void,
+): Promise<number> {
+  const src = await source.dataIn(offset, length);
+  if (!src || src.length < COPY_BELOW_MIN) return 0;
+  reading?.(false);
+  if (await target.copyFrom(offset, src.length, src)) {
+    below.worked = true;
+    return src.length;
+  }
+  below.tried = false;
+  reading?.(true);
+  return 0;
 }
 
 /** QEMU bdrv_can_write_zeroes_with_unmap: discard=unmap on a node that can unmap zeros. */
