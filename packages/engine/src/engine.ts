@@ -219,8 +219,7 @@ class EngineFileImpl implements EngineFile {
     this.direct = direct;
     this.readOnly = readOnly;
     this.logicalBlockSize = align;
-    const blocking = bufferedIoBlocks(fd);
-    this.blocking = direct ? { ...blocking, reads: false, writes: false } : blocking;
+    this.blocking = direct ? { reads: false, writes: false } : bufferedIoBlocks(fd);
   }
 
   private refuse(): EngineError | null {
@@ -374,11 +373,7 @@ class EngineFileImpl implements EngineFile {
   private async seek(offset: number, whence: number, what: string): Promise<number | null> {
     const err = this.refuse() ?? checkOffset(what, offset);
     if (err) throw err;
-    // Where a seek is an extent lookup it is made here: a thread-pool round trip costs more
-    // than the call (convert of a 2 GiB raw image with 1024 data extents: -65 ms of CPU).
-    const r = this.blocking.seeks
-      ? await lseekAsync(this.fd, offset, whence)
-      : lseek(this.fd, offset, whence);
+    const r = await lseekAsync(this.fd, offset, whence);
     if (r === -ENXIO) return null;
     if (r < 0) throw new IoError(-r, 'lseek', { path: this.path, offset });
     return r;

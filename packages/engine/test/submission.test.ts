@@ -2,7 +2,6 @@
 // take, counted by the backend (real ring, real files).
 import { randomFillSync } from 'node:crypto';
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
-import koffi from 'koffi';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Engine, type EngineFile, openEngine } from '../src/index.ts';
 import { bufferedIoBlocks } from '../src/native.ts';
@@ -98,10 +97,9 @@ describe('buffered requests that always block', () => {
       const fd = openSync(tmp.file('a.img'), 'r+');
       const dev = openSync('/dev/null', 'r+');
       try {
-        // tmpfs: its SEEK_DATA/SEEK_HOLE walk the page cache (the thread pool's).
-        expect(bufferedIoBlocks(fd)).toEqual({ reads: true, writes: true, seeks: true });
+        expect(bufferedIoBlocks(fd)).toEqual({ reads: true, writes: true });
         // /dev/null lives on devtmpfs (tmpfs's magic number) but is no regular file.
-        expect(bufferedIoBlocks(dev)).toEqual({ reads: false, writes: false, seeks: false });
+        expect(bufferedIoBlocks(dev)).toEqual({ reads: false, writes: false });
       } finally {
         closeSync(fd);
         closeSync(dev);
@@ -196,50 +194,6 @@ describe('buffered requests that always block', () => {
       await f.close();
     } finally {
       await engine.close();
-      tmp.cleanup();
-    }
-  });
-
-  it('seeks go to the thread pool only where they may take long (tmpfs), else are made at once', async () => {
-    const usleep = koffi.load('libc.so.6').func('int usleep(unsigned int usec)');
-    const pool = Number(process.env.UV_THREADPOOL_SIZE ?? 4);
-    const shm = tempDir('/dev/shm');
-    // os.tmpdir(): ext4 on these machines (an extent lookup: made at once).
-    const tmp = tempDir();
-    const engine = await openEngine({ backend: 'io_uring' });
-    try {
-      for (const path of [shm.file('a.img'), tmp.file('a.img')]) {
-        writeFileSync(path, Buffer.alloc(8192, 1));
-        const fd = openSync(path, 'r');
-        const { seeks } = bufferedIoBlocks(fd);
-        closeSync(fd);
-        const f = await engine.openFile(path);
-        // Every thread of the pool asleep: a seek sent there waits for one to wake.
-        const order: string[] = [];
-        const sleeps = Array.from(
-          { length: pool },
-          () =>
-            new Promise<void>((resolve) =>
-              usleep.async(300_000, () => {
-                order.push('sleep');
-                resolve();
-              }),
-            ),
-        );
-        const hole = f.seekHole(0).then((r) => {
-          order.push('seek');
-          return r;
-        });
-        expect(await hole).toBe(8192);
-        await Promise.all(sleeps);
-        // Through the pool: after a sleep ended; made at once: before any.
-        if (seeks) expect(order.indexOf('seek')).toBeGreaterThan(0);
-        else expect(order.indexOf('seek')).toBe(0);
-        await f.close();
-      }
-    } finally {
-      await engine.close();
-      shm.cleanup();
       tmp.cleanup();
     }
   });
