@@ -17,15 +17,23 @@ export abstract class NodeCopy extends NodeWrite {
   /**
    * Where [offset, +length) of this node lives in a protocol, from offset on (a format's
    * data mapping, or the protocol node itself): undefined where it is no place in a
-   * protocol (zeros, unallocated, compressed, a filter). Reads nothing.
+   * protocol (zeros, unallocated, compressed, a filter). Reads nothing. Synchronous where
+   * the format's mapping is (cached metadata): a caller that reads and writes instead
+   * when the answer is no then starts as soon as it would have without asking.
    */
-  async dataIn(offset: number, length: number): Promise<CopySource | undefined> {
+  dataIn(offset: number, length: number): CopySource | undefined | Promise<CopySource | undefined> {
     const inst = this.instance;
     if (offset < 0 || length <= 0 || offset + length > inst.size()) return undefined;
     if (isProtocol(inst)) return { protocol: inst, offset, length };
     if (inst.kind !== 'format') return undefined;
-    let m = inst.map(offset, length, 'read');
-    if (m instanceof Promise) m = await m;
+    const m = inst.map(offset, length, 'read');
+    return m instanceof Promise
+      ? m.then((r) => this.#inProtocol(r, length))
+      : this.#inProtocol(m, length);
+  }
+
+  /** A format's read mapping as a place in its protocol child (see dataIn). */
+  #inProtocol(m: Mapping, length: number): CopySource | undefined {
     const child = m.child?.node;
     if (m.kind !== 'data' || m.read || m.offset === undefined || !(child instanceof NodeCopy)) {
       return undefined;

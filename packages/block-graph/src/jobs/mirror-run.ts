@@ -10,7 +10,7 @@
 // RangeLock, so that an older copy never lands on the target after a newer write; each
 // takes the graph's read lock first, so that a drain never waits on it.
 import type { BdrvDirtyBitmap } from '../dirty-bitmap.ts';
-import type { ChildNode } from '../driver.ts';
+import type { ChildNode, CopySource } from '../driver.ts';
 import type { BlockNode } from '../node.ts';
 import { RangeLock } from '../range-lock.ts';
 import type { BlockdevOnError, BlockJob } from './block-job.ts';
@@ -334,10 +334,16 @@ async function copyRange(
       reading?.(false);
       await target.writeZeroes(pos, n, { mayUnmap: true });
     } else {
-      const copied =
-        n >= COPY_BELOW_MIN && below.tried
-          ? await copyBelow(source, target, pos, n, below, reading)
-          : 0;
+      let copied = 0;
+      if (n >= COPY_BELOW_MIN && below.tried) {
+        // Asked without a wait where the source's mapping is cached: a range that is in no
+        // file (backing data, compressed) is read as soon as it would have been.
+        let src = source.dataIn(pos, n);
+        if (src instanceof Promise) src = await src;
+        if (src && src.length >= COPY_BELOW_MIN) {
+          copied = await copyBelow(target, pos, src, below, reading);
+        }
+      }
       if (copied > 0) n = copied;
       else {
         const buf = source.allocBuffer(n);
@@ -356,22 +362,19 @@ async function copyRange(
 }
 
 /**
- * Copies source's data from `offset` (up to `length`, as far as it lies contiguously in
- * one file) to target below the buffers: the bytes copied, 0 when not. Once the target
- * refuses (a filter, detect-zeroes, files on two file systems) operations that start
- * later do not ask again: each refusal of a qcow2 target takes clusters and gives them
- * back. Source data that is in no file (compressed) concerns its range only.
+ * Copies `src` (source's data from `offset`, where it lies in one file) to target below
+ * the buffers: the bytes copied, 0 when not. Once the target refuses (a filter,
+ * detect-zeroes, files on two file systems) operations that start later do not ask
+ * again: each refusal of a qcow2 target takes clusters and gives them back. Source data
+ * that is in no file (compressed) concerns its range only (dataIn says so first).
  */
 async function copyBelow(
-  source: BlockNode,
   target: BlockNode,
   offset: number,
-  length: number,
+  src: CopySource,
   below: CopyBelow,
   reading?: (r: boolean) => void,
 ): Promise<number> {
-  const src = await source.dataIn(offset, length);
-  if (!src || src.length < COPY_BELOW_MIN) return 0;
   reading?.(false);
   if (await target.copyFrom(offset, src.length, src)) {
     below.worked = true;
