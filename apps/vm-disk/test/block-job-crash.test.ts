@@ -39,6 +39,29 @@ const makeChain = (scale = 1) =>
 const fileSize = (name: string): number =>
   existsSync(scratch.path(`${name}.qcow2`)) ? statSync(scratch.path(`${name}.qcow2`)).size : 0;
 
+/**
+ * After kill -9 a killed daemon's image files, and the locks on them, may stay open for a
+ * moment after the process is reaped: io_uring's teardown runs asynchronously and drops
+ * the files its requests held. Waits until qemu-img can take the locks of these layers
+ * again (as a user restarting after a crash would retry), then the checks run.
+ */
+async function locksReleased(names: string[]): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  for (const name of names) {
+    const path = scratch.path(`${name}.qcow2`);
+    if (!existsSync(path)) continue;
+    for (;;) {
+      try {
+        await run('qemu-img', ['info', path]);
+        break;
+      } catch (e) {
+        if (Date.now() > deadline || !String(e).includes('lock')) throw e;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+  }
+}
+
 /** Bytes allocated in the layer `name` itself (as its metadata on disk says). */
 async function ownBytes(name: string): Promise<number> {
   if (!existsSync(scratch.path(`${name}.qcow2`))) return 0;
@@ -203,6 +226,7 @@ async function killMidway(c: Case): Promise<void> {
   // Past a first L2 table's worth of the job's writes (2 MiB), so that it was evicted.
   await untilOffset(d.client, c.killAt ?? 5 * MiB);
   expect(await d.kill()).toBe('SIGKILL');
+  await locksReleased(['base', 'mid', 'top', c.written]);
   // The job had written data into the layer, and some of its metadata (evicted L2 tables
   // and refcount blocks), not all: the rest was only in the daemon's caches. (A mirror's
   // target has the default caches: none of its L2 tables need have been written.)
