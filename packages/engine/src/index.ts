@@ -1,6 +1,7 @@
 // The public surface of @vmdisk/engine: what is not exported here is internal.
 
 export { pageAlignedBuffer } from './arena.ts';
+export { openEngine, sharedEngine } from './engine.ts';
 export type {
   BackendName,
   Engine,
@@ -9,8 +10,7 @@ export type {
   FallocateMode,
   LockType,
   OpenFileOptions,
-} from './engine.ts';
-export { openEngine, sharedEngine } from './engine.ts';
+} from './engine-types.ts';
 export { EngineError, ErrorCode, IoError } from './errors.ts';
 export { dupFd, setMallocMmapThreshold } from './native.ts';
 export type { RadosOptions, RbdExtent } from './rbd.ts';
