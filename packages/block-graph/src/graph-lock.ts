@@ -54,6 +54,7 @@ export interface NodeDrainObserver {
 
 export class GraphLock {
   private readers = 0;
+  private admissions = 0;
   private drained = 0;
   private admit: (() => void)[] = [];
   private idle: (() => void)[] = [];
@@ -87,8 +88,21 @@ export class GraphLock {
     return this.drained;
   }
 
+  /** The users' requests admitted so far (not block jobs'): jobs watch it to give way. */
+  get userAdmissions(): number {
+    return this.admissions;
+  }
+
   /** Takes the read side at once if no drained section is active; true when taken. */
   tryRead(): boolean {
+    if (this.drained !== 0) return false;
+    this.readers++;
+    this.admissions++;
+    return true;
+  }
+
+  /** tryRead for a block job's own request: not counted among the users'. */
+  tryReadForJob(): boolean {
     if (this.drained !== 0) return false;
     this.readers++;
     return true;
@@ -98,6 +112,7 @@ export class GraphLock {
   async read(): Promise<void> {
     while (this.drained !== 0) await new Promise<void>((resolve) => this.admit.push(resolve));
     this.readers++;
+    this.admissions++;
   }
 
   /** Resolves when no drained section is active (read would be admitted; nothing taken). */

@@ -177,8 +177,9 @@ export class BackupRun {
       void copy(area.offset, area.length);
       // Wait for a free worker; the loop is the only waiter.
       for (let w = slot(MAX_WORKERS); w; w = slot(MAX_WORKERS)) await w;
-      // Unlimited: a pause point only (a zero-length sleep per area costs a timer each).
-      if (job.speed > 0) await bj.rateLimit(area.length);
+      // Unlimited and no user to give way to: a pause point only (a zero-length sleep per
+      // area costs a timer each).
+      if (job.speed > 0 || bj.usersActive) await bj.rateLimit(area.length);
       else await job.pausePoint();
     }
     for (let w = slot(1); w; w = slot(1)) await w;

@@ -11,6 +11,7 @@ import type { BlockGraph } from '../graph.ts';
 import type { DrainScope, DrainStop } from '../graph-lock.ts';
 import type { BlockNode } from '../node.ts';
 import type { PermissionName } from '../permissions.ts';
+import { GiveWay } from './give-way.ts';
 import {
   blockNodes,
   checkNotBusy,
@@ -107,6 +108,10 @@ export class BlockJob {
   iostatus: BlockJobIoStatus = 'ok';
   #job: Job | undefined;
   readonly #limit = new RateLimit();
+  readonly #giveWay: GiveWay;
+  /** The body's requests holding the read side now, and who waits for none. */
+  #ioInFlight = 0;
+  #ioIdle: (() => void)[] = [];
   readonly #backends: BlockBackend[] = [];
   readonly #busy: string[] = [];
   readonly #frozen: [string, string][] = [];
@@ -134,6 +139,7 @@ export class BlockJob {
     this.type = type;
     this.id = id;
     this.onError = onError;
+    this.#giveWay = new GiveWay(graph.lock);
   }
 
   /** Creates and starts a block job (QEMU block_job_create + job_start): see create. */
@@ -299,7 +305,7 @@ export class BlockJob {
   async io<T>(fn: () => Promise<T>): Promise<T> {
     const lock = this.graph.lock;
     let paused = false;
-    while (!lock.tryRead()) {
+    while (!lock.tryReadForJob()) {
       if (!paused && this.#drainsOverMe > 0 && !this.#pausingInIo && this.#inBody()) {
         paused = true;
         this.#pausingInIo = true;
@@ -313,10 +319,14 @@ export class BlockJob {
       // A new drained section over the job's nodes wakes the request: it pauses again.
       if (await this.#waitRead()) paused = false;
     }
+    this.#ioInFlight++;
     try {
       return await fn();
     } finally {
       lock.releaseRead();
+      if (--this.#ioInFlight === 0 && this.#ioIdle.length > 0) {
+        for (const w of this.#ioIdle.splice(0)) w();
+      }
     }
   }
 
@@ -343,12 +353,22 @@ export class BlockJob {
     return status === 'running' || status === 'ready';
   }
 
+  /** Whether the graph's users had requests since the job last rested (give-way.ts). */
+  get usersActive(): boolean {
+    return this.#giveWay.usersActive;
+  }
+
   /**
    * After `bytes` were copied: sleeps as the speed asks (QEMU block_job_ratelimit_sleep),
-   * passing a pause point either way.
+   * and while users have requests, once its own are done, rests to give way (give-way.ts);
+   * passes a pause point either way.
    */
   async rateLimit(bytes: number): Promise<void> {
-    const delay = this.#limit.account(bytes);
+    let delay = this.#limit.account(bytes);
+    if (this.#giveWay.usersActive) {
+      while (this.#ioInFlight > 0) await new Promise<void>((r) => this.#ioIdle.push(r));
+      delay = Math.max(delay, this.#giveWay.rest());
+    } else this.#giveWay.rest();
     await this.job.sleep(delay);
   }
 

@@ -169,7 +169,9 @@ export class MirrorRun implements MirrorTopWrites {
           n = s.length;
         } else if (s) n = Math.min(n, s.length);
       }
-      while (this.#inFlight >= MAX_IN_FLIGHT) await this.#waitOp();
+      // One operation at a time while users have requests (give-way.ts).
+      const most = bj.usersActive ? 1 : MAX_IN_FLIGHT;
+      while (this.#inFlight >= most) await this.#waitOp();
       this.#issue(off, n);
       if (!zero) charged += n;
       off += n;

@@ -141,7 +141,7 @@ async function openSnapshot(image: Qcow2Image, sel: SnapshotSelector) {
 
 /** Makes the snapshot `sel` names the active disk (what was written since is dropped). */
 export async function applySnapshot(image: Qcow2Image, sel: SnapshotSelector): Promise<void> {
-  const { s, list, k, sn } = await openSnapshot(image, sel);
+  const { s, sn } = await openSnapshot(image, sel);
   const h = s.header;
   // As QEMU's qcow2_snapshot_goto: the active table grown to hold the snapshot's whole
   // (the image was shrunk, or its table written smaller, since the snapshot).
