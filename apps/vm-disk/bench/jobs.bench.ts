@@ -12,7 +12,10 @@
 // leaves its granule dirty (QEMU 7.2 do_sync_target_write), so the job need never converge. fio logs its IOPS every 100 ms with
 // Unix timestamps; the export's IOPS while the job runs are divided by its IOPS in the
 // 3 s before the job started (less fio's first half second).
-// MiB/s of each daemon and ours over theirs (above 1: we are faster); daemons take turns,
+// Under load our jobs give way to the export's requests (block-graph give-way.ts) where
+// qemu-storage-daemon's take what they can: the MiB/s under load and the IOPS kept are the
+// two ends of one trade, the CPU being one. MiB/s of each daemon and ours over theirs (above
+// 1: we are faster); daemons take turns,
 // best of 2 rounds. Beside it, the daemon's CPU time over the job (user + system, all its
 // threads, /proc/PID/stat), as MiB per CPU second: pinned to one CPU the job is CPU-bound,
 // so this is the figure that another process on the machine disturbs least. Size: VMDISK_BENCH_JOBS_MIB (default 1024). On a 2-CPU machine each
