@@ -1,10 +1,10 @@
 // A block job at full speed gives way to the graph's users (src/jobs/give-way.ts): while
 // they have requests it keeps one operation in flight and rests twice as long as it worked.
-import { JobRegistry } from '@vmdisk/ao';
 import { describe, expect, it } from 'vitest';
 import { GraphLock } from '../src/graph-lock.ts';
-import { type BlockDriver, BlockGraph, blockdevMirror } from '../src/index.ts';
+import { type BlockDriver, BlockGraph } from '../src/index.ts';
 import { GiveWay, REST_PER_WORK } from '../src/jobs/give-way.ts';
+import { mirrorToReady } from './helpers.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
@@ -83,20 +83,8 @@ async function mirror(user: boolean) {
         userReads++;
       }
     })();
-    const jobs = new JobRegistry({ events: { push: () => {} } });
-    const ready = new Promise<void>((resolve) =>
-      jobs.onStatusChange((e) => {
-        if (e.data.status === 'ready') resolve();
-      }),
-    );
     const t0 = performance.now();
-    const bj = await blockdevMirror(graph, jobs, {
-      jobId: 'j0',
-      device: 'src',
-      target: 'tgt',
-      sync: 'full',
-    });
-    await ready;
+    const bj = await mirrorToReady(graph, { device: 'src', target: 'tgt' });
     const ms = performance.now() - t0;
     stop = true;
     await reader;

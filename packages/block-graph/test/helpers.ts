@@ -4,9 +4,10 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { JobRegistry } from '@vmdisk/ao';
 import { afterAll, afterEach, beforeEach } from 'vitest';
 import { qcow2Driver } from '../src/drivers/qcow2/qcow2.ts';
-import { BlockGraph } from '../src/index.ts';
+import { BlockGraph, type BlockJob, blockdevMirror } from '../src/index.ts';
 
 export function tempDir(): {
   dir: string;
@@ -111,4 +112,23 @@ export function qcow2Fixture(): {
       return path;
     },
   };
+}
+
+/**
+ * Starts a mirror sync=full from `device` to `target` (job j0, events dropped) and resolves
+ * when it is ready; the caller cancels or completes it.
+ */
+export async function mirrorToReady(
+  graph: BlockGraph,
+  options: Omit<Parameters<typeof blockdevMirror>[2], 'jobId' | 'sync'>,
+): Promise<BlockJob> {
+  const jobs = new JobRegistry({ events: { push: () => {} } });
+  const ready = new Promise<void>((resolve) =>
+    jobs.onStatusChange((e) => {
+      if (e.data.status === 'ready') resolve();
+    }),
+  );
+  const bj = await blockdevMirror(graph, jobs, { jobId: 'j0', sync: 'full', ...options });
+  await ready;
+  return bj;
 }

@@ -9,10 +9,10 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { JobRegistry } from '@vmdisk/ao';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { BlockGraph, blockdevMirror } from '../src/index.ts';
+import { BlockGraph } from '../src/index.ts';
 import type { BlockNode } from '../src/node.ts';
+import { mirrorToReady } from './helpers.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 48 * MiB;
@@ -103,21 +103,12 @@ async function mirror(fmt: 'qcow2' | 'raw', dir: string, setup: MirrorSetup = {}
       copies++;
       return copyFrom(...args);
     };
-    const jobs = new JobRegistry({ events: { push: () => {} } });
-    const ready = new Promise<void>((resolve) =>
-      jobs.onStatusChange((e) => {
-        if (e.data.status === 'ready') resolve();
-      }),
-    );
-    const bj = await blockdevMirror(graph, jobs, {
-      jobId: 'j0',
+    const bj = await mirrorToReady(graph, {
       device: 'src',
       target: 'dst',
-      sync: 'full',
       ...(setup.sparse && { granularity: 4096 }),
       ...(setup.bufSize !== undefined && { bufSize: setup.bufSize }),
     });
-    await ready;
     const source = graph.node('src') as BlockNode;
     const seen = {
       sourceRead: source.stats.counters('read').bytes,

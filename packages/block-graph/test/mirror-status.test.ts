@@ -6,9 +6,9 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { JobRegistry } from '@vmdisk/ao';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { type BlockDriver, BlockGraph, blockdevMirror } from '../src/index.ts';
+import { type BlockDriver, BlockGraph } from '../src/index.ts';
+import { mirrorToReady } from './helpers.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
@@ -68,19 +68,7 @@ describe('mirror block status', () => {
         'node-name': 'tgt',
         file: { driver: 'file', filename: target },
       });
-      const jobs = new JobRegistry({ events: { push: () => {} } });
-      const ready = new Promise<void>((resolve) =>
-        jobs.onStatusChange((e) => {
-          if (e.data.status === 'ready') resolve();
-        }),
-      );
-      const bj = await blockdevMirror(graph, jobs, {
-        jobId: 'j0',
-        device: 'src',
-        target: 'tgt',
-        sync: 'full',
-      });
-      await ready;
+      const bj = await mirrorToReady(graph, { device: 'src', target: 'tgt' });
       expect(seen.calls).toBeGreaterThan(1);
       expect(seen.beside).toBe(0);
       bj.job.complete();
