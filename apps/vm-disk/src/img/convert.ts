@@ -282,8 +282,8 @@ export async function copyImage(
 }
 
 /**
- * The logger of convert's debug events, loaded only when they are wanted: pino is a good
- * part of start-up, which a short convert pays in full.
+ * The logger of convert's debug events, loaded only when they are wanted: a short convert
+ * pays every module it loads at start-up in full.
  */
 async function debugLogger(): Promise<Logger | undefined> {
   const level = process.env.VMDISK_LOG_LEVEL;
