@@ -127,8 +127,13 @@ export class BlockJob {
   /** Requests of the body waiting for the read side, behind a drained section: quiet. */
   #waitingRead = 0;
   #onWaitingRead: (() => void)[] = [];
-  /** Wake the requests waiting for the read side: a drained section over the job began. */
-  #wakeWaiting = new Set<() => void>();
+  /**
+   * The requests waiting for the read side: woken with true when a drained section over the
+   * job begins, with false when requests are admitted again (one subscription to the lock's
+   * admitted() for all of them while one is taken, not one per wake).
+   */
+  #wakeWaiting = new Set<(drained: boolean) => void>();
+  #admittedTaken = false;
   /** Drained sections over the job's nodes now. */
   #drainsOverMe = 0;
   /** One of the body's requests is passing a pause point before it waits for the read side. */
@@ -334,12 +339,18 @@ export class BlockJob {
   async #waitRead(): Promise<boolean> {
     this.#waitingRead++;
     for (const w of this.#onWaitingRead.splice(0)) w();
-    let wake!: () => void;
+    let wake!: (drained: boolean) => void;
     try {
       return await new Promise<boolean>((resolve) => {
-        wake = () => resolve(true);
+        wake = resolve;
         this.#wakeWaiting.add(wake);
-        void this.graph.lock.admitted().then(() => resolve(false));
+        if (!this.#admittedTaken) {
+          this.#admittedTaken = true;
+          void this.graph.lock.admitted().then(() => {
+            this.#admittedTaken = false;
+            for (const w of [...this.#wakeWaiting]) w(false);
+          });
+        }
       });
     } finally {
       this.#wakeWaiting.delete(wake);
@@ -466,7 +477,7 @@ export class BlockJob {
     let stopped: Promise<void>;
     if (this.#waitingRead > 0 && this.#inBody() && !this.#pausingInIo && !job.paused) {
       // A request waits behind another drained section: it passes a pause point (io).
-      for (const w of [...this.#wakeWaiting]) w();
+      for (const w of [...this.#wakeWaiting]) w(true);
       stopped = quiet();
     } else if (this.#waitingRead > 0) {
       stopped = Promise.resolve();
