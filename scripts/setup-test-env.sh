@@ -50,6 +50,13 @@ ensure_docker() {
   fi
   if ! docker_up; then
     if ! can_apt; then log "no Docker engine is running and this user cannot start one: start dockerd ${args[*]}"; exit 1; fi
+    # A dockerd killed without its clean-up (the machine's processes killed at once) leaves
+    # its pid file; once another process has that PID, a new dockerd refuses to start.
+    local pidfile=/var/run/docker.pid
+    if [ -f "$pidfile" ] && [ "$(cat "/proc/$(cat "$pidfile")/comm" 2>/dev/null)" != dockerd ]; then
+      log "removing $pidfile left by a dockerd that is gone"
+      rm -f "$pidfile"
+    fi
     log "starting the Docker engine: dockerd ${args[*]}"
     setsid nohup dockerd "${args[@]}" >>"$DOCKERD_LOG" 2>&1 </dev/null &
     local i
