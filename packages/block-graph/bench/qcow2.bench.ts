@@ -171,7 +171,7 @@ try {
     report.add(name, 'qemu-img bench', q, 'IOPS');
   }
   report.note(
-    `qcow2 (64 KiB clusters, ${SIZE >> 20} MiB image; ${SEQ_SIZE >> 20} MiB for the sequential write), medians of ${ROUNDS} runs, engine backend ${engine.backend}, qemu-img bench -i ${aio} -t writeback; target ratio ${TARGET}`,
+    `qcow2 (64 KiB clusters, ${SIZE >> 20} MiB image; ${SEQ_SIZE >> 20} MiB for the sequential write), medians of ${ROUNDS} runs, engine backend ${engine.backend}, qemu-img bench -i ${aio} -t writeback; one data buffer for all requests on both sides (as qemu-img bench has); target ratio ${TARGET}`,
   );
   report.flush();
 } finally {
