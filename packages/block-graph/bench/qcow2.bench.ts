@@ -4,7 +4,8 @@
 // qemu-img bench walks the image with a fixed step (offset += step, modulo the size); we
 // use the same offsets, a step of 7919 blocks so that they scatter over the image. Both
 // use the page cache (qemu: -t writeback) and the same I/O backend (qemu: -i io_uring when
-// our engine uses io_uring, else threads). Target: ours >= 0.8x qemu-img bench.
+// our engine uses io_uring, else threads), and one data buffer for all requests as
+// qemu-img bench does (see ours()). Target: ours >= 0.8x qemu-img bench.
 // Each workload runs BENCH_ROUNDS times (default 5), alternating; medians are shown.
 // Run: node bench/qcow2.bench.ts (BENCH_COUNT=requests for the 4 KiB runs; BENCH_ONLY=text:
 // only the workloads whose name contains it, e.g. BENCH_ONLY=sequential).
@@ -70,12 +71,17 @@ async function ours(
     file: { driver: 'file', filename: path, aio: engine.backend },
   });
   const b = await g.createBackend('disk', { write });
-  const bufs = Array.from({ length: QD }, () => engine.allocBuffer(bs));
-  for (const buf of bufs) buf.fill(0x5a);
+  // One buffer for every request, as qemu-img bench has: it sets up one I/O vector per
+  // request slot but passes the first to each request (bench_cb hands b->qiov, the
+  // array, to blk_aio_pwritev/preadv). With 32 distinct 1 MiB buffers the kernel's copies
+  // into the page cache read 32 MiB that the caches do not hold, and cost twice as much
+  // as from qemu-img's one buffer (perf, io-wq copy time for 256 MiB: ~30 vs ~15 ms).
+  const buf = engine.allocBuffer(bs);
+  buf.fill(0x5a);
   let next = 0;
   const t0 = performance.now();
   await Promise.all(
-    bufs.map(async (buf) => {
+    Array.from({ length: QD }, async () => {
       for (;;) {
         const i = next++;
         if (i >= count) return;
@@ -88,7 +94,7 @@ async function ours(
   // Like qemu-img bench's figure, the time stops before the final flush.
   const secs = (performance.now() - t0) / 1000;
   if (write) await b.flush();
-  for (const buf of bufs) engine.releaseBuffer(buf);
+  engine.releaseBuffer(buf);
   await b.close();
   await g.close();
   return count / secs;
@@ -165,7 +171,7 @@ try {
     report.add(name, 'qemu-img bench', q, 'IOPS');
   }
   report.note(
-    `qcow2 (64 KiB clusters, ${SIZE >> 20} MiB image; ${SEQ_SIZE >> 20} MiB for the sequential write), medians of ${ROUNDS} runs, engine backend ${engine.backend}, qemu-img bench -i ${aio} -t writeback; target ratio ${TARGET}`,
+    `qcow2 (64 KiB clusters, ${SIZE >> 20} MiB image; ${SEQ_SIZE >> 20} MiB for the sequential write), medians of ${ROUNDS} runs, engine backend ${engine.backend}, qemu-img bench -i ${aio} -t writeback; one data buffer for all requests on both sides (as qemu-img bench has); target ratio ${TARGET}`,
   );
   report.flush();
 } finally {

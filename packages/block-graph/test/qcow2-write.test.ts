@@ -318,6 +318,34 @@ describe('qcow2 write: allocation answered from cached metadata', () => {
     await file.close();
     expect((await run('qemu-img', ['check', path])).code).toBe(0);
   });
+  it('an aborted allocation of fresh clusters gives every one of them back (waiting and cached paths)', async () => {
+    const path = join(dir, 'abort-alloc.qcow2');
+    await qemuImgCreate(path, 4 << 20);
+    const file = await ImageFile.open(path);
+    const img = await openQcow2(file, { backing: null });
+    const cs = 65536;
+    // No L2 table yet: the waiting path takes the 4 clusters.
+    const first = await img.mapWrite(cs, 4 * cs);
+    expect(first.allocation).toMatchObject({ start: cs, end: 5 * cs });
+    await first.allocation.abort(new Error('data write failed'));
+    expect((await img.mapRead(cs, 4 * cs)).kind).toBe('unallocated');
+    // All 4 were returned: the cached path finds the same run, and after its abort too.
+    const second = img.mapWriteCached(cs, 4 * cs);
+    expect(second?.host).toBe(first.host);
+    await second!.allocation.abort(new Error('data write failed'));
+    const third = img.mapWriteCached(cs, 4 * cs);
+    expect(third?.host).toBe(first.host);
+    const data = pattern(new Uint8Array(4 * cs), 3);
+    await file.write(data, third!.host);
+    await third!.allocation.commit();
+    const back = new Uint8Array(4 * cs);
+    await img.read(back, cs);
+    expect(firstDiff(back, data)).toBe(-1);
+    await img.close();
+    await file.close();
+    // No cluster leaked (qemu-img check exits 3 on leaks).
+    expect((await run('qemu-img', ['check', path])).code).toBe(0);
+  });
 });
 
 describe('qcow2 write: races inside one cluster', () => {

@@ -46,7 +46,8 @@ export class IoRequest {
   done = 0;
   retries = 0;
   /** A buffered read or write that always blocks in the kernel (see bufferedIoBlocks):
-   * io_uring sends it straight to a worker. */
+   * small ones are done inline (inline-io.ts); io_uring sends the reads straight to a
+   * worker. */
   blocks = false;
   /** Backend-private: iovec array of the current attempt, kept alive until completion. */
   iov: Uint32Array | null = null;

@@ -510,6 +510,28 @@ describe('io_uring backend, registered buffers', () => {
       tmp.cleanup();
     }
   });
+
+  it('a buffered file: reads into registered buffers are fixed, writes from them are not (the page-cache copy from a fixed buffer is slower)', async () => {
+    const tmp = tempDir();
+    const engine = await openEngine({ backend: 'io_uring' });
+    try {
+      const be = (engine as unknown as { be: { fixedIos: number } }).be;
+      const f = await engine.openFile(tmp.file('buffered.img'), { create: true });
+      const MiB = 1024 * 1024;
+      const data = randomFillSync(engine.allocBuffer(MiB));
+      const before = be.fixedIos;
+      await f.write(data, MiB);
+      expect(be.fixedIos).toBe(before);
+      const back = engine.allocBuffer(MiB);
+      expect(await f.read(back, MiB)).toBe(MiB);
+      expect(be.fixedIos).toBe(before + 1);
+      expect(back.equals(data)).toBe(true);
+      await f.close();
+    } finally {
+      await engine.close();
+      tmp.cleanup();
+    }
+  });
 });
 
 describe('the buffer arena gives memory back', () => {

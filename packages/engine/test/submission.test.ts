@@ -109,7 +109,7 @@ describe('buffered requests that always block', () => {
     }
   });
 
-  it('io_uring sends the large ones to io-wq at once (IOSQE_ASYNC), and they are right; O_DIRECT ones it does not', async () => {
+  it('io_uring sends large reads to io-wq at once (IOSQE_ASYNC) but not writes (io-wq orders those per file only then), and they are right; O_DIRECT ones neither', async () => {
     const tmp = tempDir('/dev/shm');
     const engine = await openEngine({ backend: 'io_uring' });
     try {
@@ -129,13 +129,14 @@ describe('buffered requests that always block', () => {
           return f.write(buf, i * piece);
         }),
       );
-      expect(be.asyncIos - before).toBe(16);
+      // Writes are not flagged: io-wq hashes them by inode only when they are not.
+      expect(be.asyncIos - before).toBe(0);
       const back = Buffer.alloc(data.length);
       expect(await f.read(back, 0)).toBe(data.length);
       expect(back.equals(data)).toBe(true);
       expect(readFileSync(path).equals(data)).toBe(true);
       // The read too (tmpfs has no non-blocking buffered reads).
-      expect(be.asyncIos - before).toBe(17);
+      expect(be.asyncIos - before).toBe(1);
       await f.close();
       // O_DIRECT requests are never punted up front.
       const d = await engine.openFile(path, { direct: true });
@@ -144,7 +145,7 @@ describe('buffered requests that always block', () => {
       expect(await d.read(aligned, 8192)).toBe(8192);
       expect(aligned.equals(data.subarray(8192, 16384))).toBe(true);
       await d.close();
-      expect(be.asyncIos - before).toBe(17);
+      expect(be.asyncIos - before).toBe(1);
     } finally {
       await engine.close();
       tmp.cleanup();
@@ -174,7 +175,7 @@ describe('buffered requests that always block', () => {
       expect(settled).toBe(0); // never on the issuer's stack
       await Promise.all(writes);
       expect(be.inlineIos - inline0).toBe(24);
-      expect(be.asyncIos - async0).toBe(8);
+      expect(be.asyncIos - async0).toBe(0); // the vectored writes: io-wq, unflagged
       const back = Buffer.alloc(4096);
       expect(await f.read(back, 5 * 4096)).toBe(4096);
       expect(back.equals(data.subarray(5 * 4096, 6 * 4096))).toBe(true);

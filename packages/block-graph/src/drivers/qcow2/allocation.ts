@@ -161,17 +161,13 @@ export function mapWriteAllocCached(
     locked.push(ci);
   }
   const hostStart = s.refcounts.takeRun(free, n);
-  const entries: AllocEntry[] = [];
-  for (let ci = c0; ci <= last; ci++) {
-    entries.push({ ci, e: entryAt(s, l2, ci), host: hostStart + (ci - c0) * cs, fresh: true });
-  }
   const gen = enter(s);
-  s.l2Cache.getCached(l2off); // the pin allocationFor takes over
+  s.l2Cache.getCached(l2off); // the pin freshAllocation takes over
   const unitEnd = (last + 1) * cs;
   return {
     length: Math.min(end, unitEnd) - offset,
     host: hostStart + (offset - cBase),
-    allocation: allocationFor(s, l2, entries, cBase, unitEnd, src, gen, locked, linkWhole),
+    allocation: freshAllocation(s, l2, c0, n, hostStart, src, gen, locked),
   };
 }
 
@@ -382,22 +378,14 @@ async function mapWriteLocked(
     }
     // Fresh clusters: the run freshRun takes.
     const run = freshRun(s, l2, e, c0, cLast, from !== 0, end);
-    src = run.src;
-    entries = [];
-    for (let ci = c0; ci <= run.last; ci++) {
-      entries.push({ ci, e: ci === c0 ? e : entryAt(s, l2, ci), host: 0, fresh: true });
-    }
-    locked = keepLocked(s, locked, entries[entries.length - 1]!.ci);
-    hostStart = await allocData(s, entries.length);
-    entries.forEach((x, k) => {
-      x.host = hostStart + k * cs;
-    });
-    const unitStart = cBase;
-    const unitEndStd = (entries[entries.length - 1]!.ci + 1) * cs;
+    const n = run.last - c0 + 1;
+    locked = keepLocked(s, locked, run.last);
+    hostStart = await allocData(s, n);
+    const unitEndStd = (run.last + 1) * cs;
     const mapping: Qcow2WriteMapping = {
       length: Math.min(end, unitEndStd) - offset,
       host: hostStart + from,
-      allocation: allocationFor(s, l2, entries, unitStart, unitEndStd, src, gen, locked, linkWhole),
+      allocation: freshAllocation(s, l2, c0, n, hostStart, run.src, gen, locked),
     };
     l2 = null;
     locked = [];
@@ -508,6 +496,33 @@ async function makePrivate(
   return ne;
 }
 
+/** The entry every cluster of a fresh run gets (its host set per cluster in the commit). */
+const LINKED: L2Entry = { compressed: false, host: 0, copied: true, alloc: 1, zero: 0, sectors: 0 };
+
+/** allocationFor of `n` fresh standard clusters from guest cluster `c0` at `hostStart`,
+ * linked whole (as linkWhole), without an object per cluster: a 1 MiB write links 16. */
+function freshAllocation(
+  s: Qcow2State,
+  l2: CacheEntry,
+  c0: number,
+  n: number,
+  hostStart: number,
+  from: 'below' | 'zero',
+  gen: number,
+  locked: number[],
+): Qcow2WriteMapping['allocation'] {
+  const cs = s.clusterSize;
+  const link = () => {
+    for (let k = 0; k < n; k++) {
+      LINKED.host = hostStart + k * cs;
+      encodeL2(l2.data, (c0 + k) % s.geom.l2Entries, LINKED, s.geom);
+    }
+  };
+  // Never linked anywhere: the clusters can be returned at once.
+  const unlink = () => s.refcounts.update(hostStart, n * cs, -1);
+  return settleOnce(s, l2, gen, locked, c0 * cs, (c0 + n) * cs, from, link, unlink);
+}
+
 /** The commit/abort pair of an allocation; takes over the L2 pin and the locks. */
 function allocationFor(
   s: Qcow2State,
@@ -520,6 +535,34 @@ function allocationFor(
   locked: number[],
   update: (e: L2Entry, host: number) => L2Entry,
 ): Qcow2WriteMapping['allocation'] {
+  const link = () => {
+    for (const x of entries) {
+      encodeL2(l2.data, x.ci % s.geom.l2Entries, update(x.e, x.host), s.geom);
+    }
+  };
+  const unlink = async () => {
+    // Never linked anywhere: the clusters can be returned at once.
+    for (const x of entries) if (x.fresh) await s.refcounts.update(x.host, s.clusterSize, -1);
+  };
+  return settleOnce(s, l2, gen, locked, start, end, from, link, unlink);
+}
+
+/**
+ * An allocation's commit (`link` its L2 entries, synchronously: no async frame per
+ * allocation, a settled promise) or abort (`unlink` what it took), whichever comes first,
+ * once; either releases the L2 pin, the cluster locks and the request generation.
+ */
+function settleOnce(
+  s: Qcow2State,
+  l2: CacheEntry,
+  gen: number,
+  locked: number[],
+  start: number,
+  end: number,
+  from: 'below' | 'zero',
+  link: () => void,
+  unlink: () => Promise<void>,
+): Qcow2WriteMapping['allocation'] {
   let settled = false;
   const finish = () => {
     settled = true;
@@ -531,13 +574,10 @@ function allocationFor(
     start,
     end,
     from,
-    // Synchronous work: no async frame per allocation, a settled promise.
     commit: () => {
       if (settled) return Promise.resolve();
       try {
-        for (const x of entries) {
-          encodeL2(l2.data, x.ci % s.geom.l2Entries, update(x.e, x.host), s.geom);
-        }
+        link();
         s.l2Cache.markDirty(l2);
       } catch (err) {
         return Promise.reject(err);
@@ -549,9 +589,7 @@ function allocationFor(
     abort: async () => {
       if (settled) return;
       try {
-        const fresh = entries.filter((x) => x.fresh);
-        // Never linked anywhere: the clusters can be returned at once.
-        for (const x of fresh) await s.refcounts.update(x.host, s.clusterSize, -1);
+        await unlink();
       } finally {
         finish();
       }
