@@ -14,8 +14,9 @@ import type { GraphLock } from '../graph-lock.ts';
 /**
  * Rest per unit of work while users have requests: the job works a quarter of the time, and
  * in its stretches shares the CPU with them, so that users keep about 7/8 of it. Measured
- * (jobs bench, fio 4 KiB random writes on the export of a mirror's source, write-blocking):
- * 2 left the export 40-43% of its IOPS with a qcow2 target, 3 left it 54-70%.
+ * (jobs bench, fio 4 KiB random writes on the export of a mirror's source, write-blocking,
+ * qcow2 target, noisy runs): 2 left the export 40-50% of its IOPS, 3 40-70% (most runs
+ * 46-54%), 4 48-49%. Beyond 3 the bound is the guest's write itself (source and target).
  */
 export const REST_PER_WORK = 3;
 /** The longest stretch counted (ms): a job paused or waiting meanwhile did not work. */
