@@ -29,6 +29,7 @@
 import { CompletionPoller } from './completion-poller.ts';
 import { EngineError, ErrorCode, IoError } from './errors.ts';
 import { InlineIo } from './inline-io.ts';
+import { BufferTable } from './io-uring-buffers.ts';
 import {
   addressOf,
   closeFd,
@@ -58,12 +59,7 @@ const OFF_SQ_RING = 0;
 const OFF_CQ_RING = 0x8000000;
 const OFF_SQES = 0x10000000;
 const REGISTER_PROBE = 8;
-const REGISTER_BUFFERS2 = 15;
-const REGISTER_BUFFERS_UPDATE = 16;
-const RSRC_REGISTER_SPARSE = 1;
 const OP_SUPPORTED = 1;
-/** Entries of the registered-buffer table (sparse; arena slabs fill it as they come). */
-const BUFFER_SLOTS = 1024;
 
 const OP_READV = 1;
 const OP_WRITEV = 2;
@@ -94,12 +90,6 @@ export interface IoUringInfo {
   bufferTable: boolean;
   /** Arena slabs registered now. */
   registeredBuffers: number;
-}
-
-interface Registered {
-  index: number;
-  start: number;
-  end: number;
 }
 
 interface Mapping {
@@ -135,6 +125,8 @@ export class IoUringBackend implements Backend {
   private destroyed = false;
   private readonly poller: CompletionPoller;
   private readonly fallback = new ThreadPoolBackend();
+  /** The registered-buffer table, where the kernel has one (io-uring-buffers.ts). */
+  private readonly buffers: BufferTable | undefined;
   /** Reads/writes submitted as READ_FIXED/WRITE_FIXED. */
   fixedIos = 0;
   /** Requests submitted with IOSQE_ASYNC (buffered reads that always block). */
@@ -148,11 +140,6 @@ export class IoUringBackend implements Backend {
   }
   /** io_uring_enter calls that submitted (the cost the submission batching saves). */
   enters = 0;
-  /** Registered memory, by the ArrayBuffer that owns it. */
-  private readonly registered = new WeakMap<ArrayBufferLike, Registered>();
-  /** Slots of the buffer table never used yet start here; freed ones are reused. */
-  private nextSlot = 0;
-  private readonly freeSlots: number[] = [];
   private readonly flushFn = (): void => this.flush();
   private readonly deferFlushFn = (): void => process.nextTick(this.flushFn);
   private readonly reapFn = (): void => {
@@ -239,13 +226,14 @@ export class IoUringBackend implements Backend {
       this.unmapAndClose();
       throw err;
     }
+    this.buffers = ops.fixed ? BufferTable.create(fd) : undefined;
     this.info = {
       sqEntries,
       cqEntries,
       setupFlags: flags,
       features,
       ops,
-      bufferTable: ops.fixed && this.bufferTable(),
+      bufferTable: this.buffers !== undefined,
       registeredBuffers: 0,
     };
     this.poller = new CompletionPoller(fd, () => this.reap());
@@ -283,64 +271,22 @@ export class IoUringBackend implements Backend {
     };
   }
 
-  /** A sparse table of BUFFER_SLOTS registered buffers (Linux >= 5.19). */
-  private bufferTable(): boolean {
-    // struct io_uring_rsrc_register { u32 nr; u32 flags; u64 resv2; u64 data; u64 tags; }
-    const arg = new Uint32Array(8);
-    arg[0] = BUFFER_SLOTS;
-    arg[1] = RSRC_REGISTER_SPARSE;
-    return ioUringRegister(this.ringFd, REGISTER_BUFFERS2, arg, 32) === 0;
-  }
-
   /**
-   * Registers `mem` (an arena slab: memory that stays reachable as long as the engine is
-   * open) as a fixed buffer. Returns false where the table is full, absent, or the memlock
-   * limit refuses it; the memory is then used through plain READ/WRITE.
+   * Registers `mem` (an arena slab) as a fixed buffer. Returns false where the table is
+   * full, absent, or the memlock limit refuses it; the memory is then used through plain
+   * READ/WRITE.
    */
   registerBuffer(mem: Uint8Array): boolean {
-    if (!this.info.bufferTable) return false;
-    const index = this.freeSlots.pop() ?? this.nextSlot;
-    if (index >= BUFFER_SLOTS) return false;
-    const start = addressOf(mem);
-    if (!this.updateSlot(index, start, mem.byteLength)) {
-      if (index !== this.nextSlot) this.freeSlots.push(index);
-      return false;
-    }
-    if (index === this.nextSlot) this.nextSlot++;
-    this.info.registeredBuffers++;
-    this.registered.set(mem.buffer, { index, start, end: start + mem.byteLength });
-    return true;
+    const ok = this.buffers?.register(mem) ?? false;
+    this.info.registeredBuffers = this.buffers?.count ?? 0;
+    return ok;
   }
 
-  /**
-   * Unregisters a slab before the arena frees it (none of its requests is in flight; the
-   * kernel unpins the pages once the requests it saw with it are done). The slot is
-   * reused.
-   */
+  /** Unregisters a slab before the arena frees it (io-uring-buffers.ts). */
   unregisterBuffer(mem: Uint8Array): void {
-    const reg = this.registered.get(mem.buffer);
-    if (reg === undefined) return;
-    this.registered.delete(mem.buffer);
-    // An empty iovec clears a slot of a sparse table.
-    if (!this.updateSlot(reg.index, 0, 0)) return;
-    this.info.registeredBuffers--;
-    this.freeSlots.push(reg.index);
-  }
-
-  /** IORING_REGISTER_BUFFERS_UPDATE of one slot with one iovec. */
-  private updateSlot(index: number, start: number, length: number): boolean {
-    const iov = new Uint32Array(4);
-    iov[0] = start >>> 0;
-    iov[1] = (start / TWO32) >>> 0;
-    iov[2] = length;
-    // struct io_uring_rsrc_update2 { u32 offset; u32 resv; u64 data; u64 tags; u32 nr; u32 resv2; }
-    const upd = new Uint32Array(8);
-    const data = addressOf(iov);
-    upd[0] = index;
-    upd[2] = data >>> 0;
-    upd[3] = (data / TWO32) >>> 0;
-    upd[6] = 1;
-    return ioUringRegister(this.ringFd, REGISTER_BUFFERS_UPDATE, upd, 32) === 1;
+    if (this.buffers === undefined) return;
+    this.buffers.unregister(mem);
+    this.info.registeredBuffers = this.buffers.count;
   }
 
   get inFlight(): number {
@@ -424,7 +370,7 @@ export class IoUringBackend implements Backend {
           // (qcow2.bench.ts's allocating row: 0.86-1.08x -> 1.19-1.21x qemu-img bench).
           // Buffered reads into fixed buffers measured as fast or faster.
           const reg =
-            req.kind === 'write' && req.align === 0 ? undefined : this.registered.get(b.buffer);
+            req.kind === 'write' && req.align === 0 ? undefined : this.buffers?.lookup(b.buffer);
           if (reg !== undefined && addr >= reg.start && addr + len <= reg.end) {
             op = req.kind === 'read' ? OP_READ_FIXED : OP_WRITE_FIXED;
             s[w + 10] = reg.index; // buf_index
