@@ -78,6 +78,9 @@ function stringify(record: Record<string, unknown>): string {
   }
 }
 
+/** What writeStderr waits on for 1 ms while a full pipe drains (never woken). */
+const pause = new Int32Array(new SharedArrayBuffer(4));
+
 /** Writes whole lines to fd 2, waiting out a full non-blocking pipe (EAGAIN). */
 function writeStderr(line: string): void {
   let buf = Buffer.from(line);
@@ -89,7 +92,7 @@ function writeStderr(line: string): void {
     } catch (e) {
       // A reader that went away (EPIPE) or a closed fd loses the log, not the daemon.
       if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') return;
-      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 1);
+      Atomics.wait(pause, 0, 0, 1);
     }
   }
 }
