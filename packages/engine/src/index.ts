@@ -2,15 +2,8 @@
 
 export { pageAlignedBuffer } from './arena.ts';
 export { openEngine, sharedEngine } from './engine.ts';
-export type {
-  BackendName,
-  Engine,
-  EngineFile,
-  EngineOptions,
-  FallocateMode,
-  LockType,
-  OpenFileOptions,
-} from './engine-types.ts';
+// The engine's contract: every type of engine-types.ts is public.
+export type * from './engine-types.ts';
 export { EngineError, ErrorCode, IoError } from './errors.ts';
 export { dupFd, setMallocMmapThreshold } from './native.ts';
 export type { RadosOptions, RbdExtent } from './rbd.ts';
