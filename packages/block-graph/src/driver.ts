@@ -196,6 +196,8 @@ export interface OpenContext<O = Record<string, unknown>> {
   engine(backend: 'io_uring' | 'aio' | 'threadpool' | 'auto'): Promise<EngineLike>;
   /** For each socket the driver connects, before use (BlockGraphOptions.configureSocket). */
   readonly configureSocket: ((socket: Socket) => void) | undefined;
+  /** Files' seeks on the calling thread where they are quick (BlockGraphOptions.inlineSeeks). */
+  readonly inlineSeeks: boolean;
   /**
    * Opens and attaches a child the user's options left out (absent, not null), from
    * blockdev-add options: e.g. qcow2 opening the backing file its header names, as

@@ -33,6 +33,13 @@ export interface BlockGraphOptions {
    * larger send buffer. If it throws, the node fails to open.
    */
   configureSocket?: (socket: Socket) => void;
+  /**
+   * The file driver's SEEK_DATA/SEEK_HOLE (its block status) made on the calling thread
+   * where the filesystem answers them from its extent tree (the engine's
+   * OpenFileOptions.inlineSeeks). For a process whose event loop serves nothing else, such
+   * as an image tool; a daemon keeps them on the thread pool. Default false.
+   */
+  inlineSeeks?: boolean;
 }
 
 export class GraphNodes {
@@ -48,6 +55,8 @@ export class GraphNodes {
   readonly #onEvent: ((event: GraphEvent) => void) | undefined;
   /** BlockGraphOptions.configureSocket, given to the drivers (OpenContext). */
   readonly configureSocket: ((socket: Socket) => void) | undefined;
+  /** BlockGraphOptions.inlineSeeks, given to the drivers (OpenContext). */
+  readonly inlineSeeks: boolean;
   /** The identity (dev:ino) of each open file node, to find backing chains that loop. */
   protected readonly fileIds = new WeakMap<BlockNode, string>();
 
@@ -56,6 +65,7 @@ export class GraphNodes {
     this.objects = options.objects ?? new ObjectRegistry();
     this.#onEvent = options.onEvent;
     this.configureSocket = options.configureSocket;
+    this.inlineSeeks = options.inlineSeeks === true;
     if (!Number.isSafeInteger(this.maxBackingDepth) || this.maxBackingDepth < 0) {
       throw new BlockOptionError('maxBackingDepth', 'expected a non-negative integer');
     }

@@ -164,6 +164,7 @@ export class GraphOpener extends GraphNodes {
         ),
         engine: (backend) => this.engine(backend),
         configureSocket: this.configureSocket,
+        inlineSeeks: this.inlineSeeks,
         object: (type, id, key, keep = true) => {
           if (!keep) return this.objects.get(type as ObjectType, id, `${spec.path}${key}`);
           const value = this.objects.use(type as ObjectType, id, `${spec.path}${key}`);

@@ -351,6 +351,7 @@ export class GraphReopener extends GraphOpener {
       nullChildren,
       engine: (backend) => this.engine(backend),
       configureSocket: this.configureSocket,
+      inlineSeeks: this.inlineSeeks,
       object: (type, id, key, keep = true) => {
         if (!keep) return this.objects.get(type as ObjectType, id, key);
         const value = this.objects.use(type as ObjectType, id, key);

@@ -109,6 +109,8 @@ class EngineFileImpl implements EngineFile {
   readonly logicalBlockSize: number;
   /** Which of its buffered requests always block in the kernel (ext4, tmpfs). */
   private readonly blocking: BlockingIo;
+  /** SEEK_DATA/SEEK_HOLE made on the calling thread (OpenFileOptions.inlineSeeks). */
+  private readonly inlineSeeks: boolean;
   private readonly closing = new Closing();
   private readonly engine: EngineImpl;
   /** Called once per request when it settles. */
@@ -124,6 +126,7 @@ class EngineFileImpl implements EngineFile {
     direct: boolean,
     readOnly: boolean,
     align: number,
+    inlineSeeks: boolean,
   ) {
     this.engine = engine;
     this.path = path;
@@ -131,7 +134,9 @@ class EngineFileImpl implements EngineFile {
     this.direct = direct;
     this.readOnly = readOnly;
     this.logicalBlockSize = align;
-    this.blocking = direct ? { reads: false, writes: false } : bufferedIoBlocks(fd);
+    const blocking = bufferedIoBlocks(fd);
+    this.blocking = direct ? { ...blocking, reads: false, writes: false } : blocking;
+    this.inlineSeeks = inlineSeeks && !blocking.seeks;
   }
 
   private refuse(): EngineError | null {
@@ -285,7 +290,9 @@ class EngineFileImpl implements EngineFile {
   private async seek(offset: number, whence: number, what: string): Promise<number | null> {
     const err = this.refuse() ?? checkOffset(what, offset);
     if (err) throw err;
-    const r = await lseekAsync(this.fd, offset, whence);
+    const r = this.inlineSeeks
+      ? lseek(this.fd, offset, whence)
+      : await lseekAsync(this.fd, offset, whence);
     if (r === -ENXIO) return null;
     if (r < 0) throw new IoError(-r, 'lseek', { path: this.path, offset });
     return r;
@@ -440,7 +447,16 @@ class EngineImpl implements Engine {
       fs.close(fd, () => {});
       throw this.refuse()!;
     }
-    const file = new EngineFileImpl(this, path, fd, direct, readOnly, directAlignment(fd));
+    const inlineSeeks = options.inlineSeeks === true;
+    const file = new EngineFileImpl(
+      this,
+      path,
+      fd,
+      direct,
+      readOnly,
+      directAlignment(fd),
+      inlineSeeks,
+    );
     this.files.add(file);
     return file;
   }

@@ -349,12 +349,22 @@ export function directAlignment(fd: number): number {
 const fstatfsFn = libc.func('int fstatfs(int fd, void *buf)');
 const S_IFREG = 0o100000;
 const EXT4_SUPER_MAGIC = 0xef53;
+const XFS_SUPER_MAGIC = 0x58465342;
+const BTRFS_SUPER_MAGIC = 0x9123683e;
 const TMPFS_MAGIC = 0x01021994;
+/** Filesystems whose SEEK_DATA/SEEK_HOLE look the offset up in an extent tree. */
+const EXTENT_SEEK = new Set([EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, BTRFS_SUPER_MAGIC]);
 
-/** Which buffered requests to a file always block in the kernel (see bufferedIoBlocks). */
+/** Which requests to a file always block in the kernel (see bufferedIoBlocks). */
 export interface BlockingIo {
   reads: boolean;
   writes: boolean;
+  /**
+   * SEEK_DATA/SEEK_HOLE may take long: on tmpfs they walk the page cache, on a network or
+   * FUSE filesystem they ask a server; false where they look an extent tree up (ext4, XFS,
+   * btrfs), which QEMU's file driver does on its event loop, and on other kinds of file.
+   */
+  seeks: boolean;
 }
 
 /**
@@ -366,7 +376,7 @@ export interface BlockingIo {
  * io_uring:io_uring_queue_async_work tracepoint: one per such request.
  */
 export function bufferedIoBlocks(fd: number): BlockingIo {
-  const none = { reads: false, writes: false };
+  const none = { reads: false, writes: false, seeks: false };
   const stx = new Uint8Array(256);
   if (ret(statxFn(fd, '', AT_EMPTY_PATH, STATX_TYPE, stx)) !== 0) return none;
   if ((new DataView(stx.buffer).getUint16(28, true) & S_IFMT) !== S_IFREG) return none;
@@ -374,7 +384,11 @@ export function bufferedIoBlocks(fd: number): BlockingIo {
   const st = new BigInt64Array(16);
   if (ret(fstatfsFn(fd, st)) !== 0) return none;
   const type = Number(st[0]!);
-  return { reads: type === TMPFS_MAGIC, writes: type === EXT4_SUPER_MAGIC || type === TMPFS_MAGIC };
+  return {
+    reads: type === TMPFS_MAGIC,
+    writes: type === EXT4_SUPER_MAGIC || type === TMPFS_MAGIC,
+    seeks: !EXTENT_SEEK.has(type),
+  };
 }
 
 // Open file description locks (fcntl F_OFD_*): byte-range locks owned by the open file, not

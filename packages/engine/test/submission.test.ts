@@ -2,6 +2,7 @@
 // take, counted by the backend (real ring, real files).
 import { randomFillSync } from 'node:crypto';
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import koffi from 'koffi';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Engine, type EngineFile, openEngine } from '../src/index.ts';
 import { bufferedIoBlocks } from '../src/native.ts';
@@ -97,9 +98,10 @@ describe('buffered requests that always block', () => {
       const fd = openSync(tmp.file('a.img'), 'r+');
       const dev = openSync('/dev/null', 'r+');
       try {
-        expect(bufferedIoBlocks(fd)).toEqual({ reads: true, writes: true });
+        // tmpfs: its SEEK_DATA/SEEK_HOLE walk the page cache (the thread pool's).
+        expect(bufferedIoBlocks(fd)).toEqual({ reads: true, writes: true, seeks: true });
         // /dev/null lives on devtmpfs (tmpfs's magic number) but is no regular file.
-        expect(bufferedIoBlocks(dev)).toEqual({ reads: false, writes: false });
+        expect(bufferedIoBlocks(dev)).toEqual({ reads: false, writes: false, seeks: false });
       } finally {
         closeSync(fd);
         closeSync(dev);
@@ -195,6 +197,57 @@ describe('buffered requests that always block', () => {
       await f.close();
     } finally {
       await engine.close();
+      tmp.cleanup();
+    }
+  });
+
+  it('inlineSeeks: seeks made at once where the filesystem looks them up, else on the thread pool', async () => {
+    const usleep = koffi.load('libc.so.6').func('int usleep(unsigned int usec)');
+    const pool = Number(process.env.UV_THREADPOOL_SIZE ?? 4);
+    const shm = tempDir('/dev/shm');
+    // os.tmpdir(): ext4 on these machines (an extent lookup).
+    const tmp = tempDir();
+    const engine = await openEngine({ backend: 'io_uring' });
+    try {
+      for (const path of [shm.file('a.img'), tmp.file('a.img')]) {
+        writeFileSync(path, Buffer.alloc(8192, 1));
+        const fd = openSync(path, 'r');
+        const { seeks } = bufferedIoBlocks(fd);
+        closeSync(fd);
+        for (const inlineSeeks of [false, true]) {
+          const f = await engine.openFile(path, { inlineSeeks });
+          // Every thread of the pool asleep: a seek sent there waits for one to wake.
+          const order: string[] = [];
+          const sleeps = Array.from(
+            { length: pool },
+            () =>
+              new Promise<void>((resolve) =>
+                usleep.async(200_000, () => {
+                  order.push('sleep');
+                  resolve();
+                }),
+              ),
+          );
+          const hole = f.seekHole(0).then((r) => {
+            order.push('seek');
+            return r;
+          });
+          expect(await hole).toBe(8192);
+          await Promise.all(sleeps);
+          // Made at once: before any sleep ended; through the pool: after one.
+          const atOnce = inlineSeeks && !seeks;
+          if (atOnce) expect(order.indexOf('seek')).toBe(0);
+          else expect(order.indexOf('seek')).toBeGreaterThan(0);
+          await f.close();
+        }
+      }
+      // tmpfs always through the pool; this test means something only where /tmp is not.
+      const fd = openSync(tmp.file('a.img'), 'r');
+      expect(bufferedIoBlocks(fd).seeks).toBe(false);
+      closeSync(fd);
+    } finally {
+      await engine.close();
+      shm.cleanup();
       tmp.cleanup();
     }
   });

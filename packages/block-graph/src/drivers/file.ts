@@ -264,14 +264,15 @@ export const fileDriver = defineDriver({
     const backend = AIO[ctx.options.aio ?? 'auto'];
     try {
       const engine = await ctx.engine(backend);
+      const how = { direct: ctx.direct, inlineSeeks: ctx.inlineSeeks };
       let file: EngineFile;
       try {
-        file = await engine.openFile(filename, { readOnly: ctx.readOnly, direct: ctx.direct });
+        file = await engine.openFile(filename, { readOnly: ctx.readOnly, ...how });
       } catch (err) {
         const name = (err as { errnoName?: string }).errnoName;
         const denied = name === 'EACCES' || name === 'EPERM' || name === 'EROFS';
         if (ctx.readOnly || !ctx.autoReadOnly || !denied) throw err;
-        file = await engine.openFile(filename, { readOnly: true, direct: ctx.direct });
+        file = await engine.openFile(filename, { readOnly: true, ...how });
         ctx.setReadOnly();
       }
       try {
