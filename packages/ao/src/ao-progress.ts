@@ -45,10 +45,13 @@ export class AoProgress {
     }
     this.#progress = message === undefined ? { done, total } : { done, total, message };
     this.#progressSeq++;
-    for (const w of [...this.#progressWaiters]) {
-      this.#progressWaiters.delete(w);
-      w.seen.seq = this.#progressSeq;
-      w.resolve({ value: this.#progress, done: false });
+    // A job reports per copy: no array where no iterator waits.
+    if (this.#progressWaiters.size > 0) {
+      for (const w of [...this.#progressWaiters]) {
+        this.#progressWaiters.delete(w);
+        w.seen.seq = this.#progressSeq;
+        w.resolve({ value: this.#progress, done: false });
+      }
     }
     const onProgress = this.#onProgress;
     if (onProgress && !this.#progressDeliveryQueued) {

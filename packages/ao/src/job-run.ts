@@ -8,9 +8,20 @@ import { type JobState, surface, toError } from './job-state.ts';
 import { jobCompleted } from './job-txn.ts';
 
 /** QEMU job_pause_point; see Job.pausePoint. */
-export async function jobPausePoint<J>(s: JobState<J>): Promise<void> {
-  s.requireRunning('pausePoint()');
-  if (s.pauseCount === 0 || s.forceCancel) return;
+export function jobPausePoint<J>(s: JobState<J>): Promise<void> {
+  try {
+    s.requireRunning('pausePoint()');
+  } catch (err) {
+    return Promise.reject(err);
+  }
+  // Nothing to pause for (the common case, once per unit of a job's work): no async frame.
+  if (s.pauseCount === 0 || s.forceCancel) return NOTHING;
+  return pauseHere(s);
+}
+
+const NOTHING = Promise.resolve();
+
+async function pauseHere<J>(s: JobState<J>): Promise<void> {
   const status = s.status;
   s.transition(status === 'ready' ? 'standby' : 'paused');
   s.paused = true;

@@ -114,14 +114,12 @@ export class BdrvDirtyBitmap {
 
   /** Marks [offset, +bytes) dirty: every granule it touches. */
   set(offset: number, bytes: number): void {
-    const r = this.#range(offset, bytes);
-    if (r) this.#change(r[0], r[1], true);
+    this.#changeBytes(offset, bytes, true);
   }
 
   /** Marks [offset, +bytes) clean: every granule it touches (QEMU resets whole granules). */
   reset(offset: number, bytes: number): void {
-    const r = this.#range(offset, bytes);
-    if (r) this.#change(r[0], r[1], false);
+    this.#changeBytes(offset, bytes, false);
   }
 
   /** Clears every bit (bdrv_clear_dirty_bitmap). */
@@ -131,12 +129,12 @@ export class BdrvDirtyBitmap {
     this.#bits = 0;
   }
 
-  /** The granules [first, end) that [offset, +bytes) touches, within the size. */
-  #range(offset: number, bytes: number): [number, number] | undefined {
+  /** The granules that [offset, +bytes) touches, within the size (set or reset per write). */
+  #changeBytes(offset: number, bytes: number, value: boolean): void {
     const end = Math.min(offset + bytes, this.#size);
-    if (bytes <= 0 || offset >= end) return undefined;
+    if (bytes <= 0 || offset >= end) return;
     const g = this.granularity;
-    return [Math.floor(offset / g), Math.ceil(end / g)];
+    this.#change(Math.floor(offset / g), Math.ceil(end / g), value);
   }
 
   #change(first: number, end: number, value: boolean): void {
