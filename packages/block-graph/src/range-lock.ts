@@ -10,6 +10,8 @@ export interface RangeHold {
 }
 
 function overlaps(set: Set<RangeHold>, start: number, end: number, self?: RangeHold): boolean {
+  // Most of the time nothing is held: no iterator.
+  if (set.size === 0) return false;
   for (const r of set) if (r !== self && r.start < end && start < r.end) return true;
   return false;
 }
