@@ -95,8 +95,7 @@ export class GraphLock {
 
   /** Takes the read side at once if no drained section is active; true when taken. */
   tryRead(): boolean {
-    if (this.drained !== 0) return false;
-    this.readers++;
+    if (!this.tryReadForJob()) return false;
     this.admissions++;
     return true;
   }

@@ -447,16 +447,9 @@ class EngineImpl implements Engine {
       fs.close(fd, () => {});
       throw this.refuse()!;
     }
+    const align = directAlignment(fd);
     const inlineSeeks = options.inlineSeeks === true;
-    const file = new EngineFileImpl(
-      this,
-      path,
-      fd,
-      direct,
-      readOnly,
-      directAlignment(fd),
-      inlineSeeks,
-    );
+    const file = new EngineFileImpl(this, path, fd, direct, readOnly, align, inlineSeeks);
     this.files.add(file);
     return file;
   }

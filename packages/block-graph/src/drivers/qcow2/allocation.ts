@@ -496,9 +496,6 @@ async function makePrivate(
   return ne;
 }
 
-/** The entry every cluster of a fresh run gets (its host set per cluster in the commit). */
-const LINKED: L2Entry = { compressed: false, host: 0, copied: true, alloc: 1, zero: 0, sectors: 0 };
-
 /** allocationFor of `n` fresh standard clusters from guest cluster `c0` at `hostStart`,
  * linked whole (as linkWhole), without an object per cluster: a 1 MiB write links 16. */
 function freshAllocation(
@@ -513,9 +510,11 @@ function freshAllocation(
 ): Qcow2WriteMapping['allocation'] {
   const cs = s.clusterSize;
   const link = () => {
+    // One entry for the run (linkWhole of a fresh cluster), its host set per cluster.
+    const e: L2Entry = { compressed: false, host: 0, copied: true, alloc: 1, zero: 0, sectors: 0 };
     for (let k = 0; k < n; k++) {
-      LINKED.host = hostStart + k * cs;
-      encodeL2(l2.data, (c0 + k) % s.geom.l2Entries, LINKED, s.geom);
+      e.host = hostStart + k * cs;
+      encodeL2(l2.data, (c0 + k) % s.geom.l2Entries, e, s.geom);
     }
   };
   // Never linked anywhere: the clusters can be returned at once.
