@@ -1,6 +1,7 @@
-// Builds the vm-disk container image: bundles the CLI and the workspace packages it uses
-// into one ES module with esbuild (koffi stays a package: it carries native code), stages
-// it with a `vm-disk` launcher, and runs `docker build` with the Dockerfile beside this
+// Builds the vm-disk container image: bundles the bin with esbuild (its daemon path and the
+// workspace packages it uses in one ES module; koffi stays a package: it carries native
+// code), stages it with the other commands' script as the build made it (dist/vm-disk.cjs)
+// and a `vm-disk` launcher, and runs `docker build` with the Dockerfile beside this
 // script's folder. Run after the workspace is built (`nx run vm-disk:build`).
 import { execFileSync } from 'node:child_process';
 import {
@@ -70,7 +71,8 @@ if (stageOnly !== undefined) {
 mkdirSync(join(stage, 'bin'), { recursive: true });
 
 const { build } = await import('esbuild');
-// The CLI, and the iothreads' worker beside it where the CLI looks for it.
+// The bin (its daemon path with every package it imports: one ES module), and the
+// iothreads' worker beside it where the CLI looks for it.
 for (const [entry, out] of [
   ['src/cli.ts', 'lib/vm-disk.mjs'],
   ['src/iothreads/worker.ts', 'lib/iothreads/worker.js'],
@@ -90,6 +92,8 @@ for (const [entry, out] of [
     logLevel: 'warning',
   });
 }
+// The other commands' script, as the build made it, where the bin looks for it.
+cpSync(join(app, 'dist/vm-disk.cjs'), join(stage, 'lib/vm-disk.cjs'));
 // worker.js is an ES module: say so for its folder, as the app's package.json does for dist.
 writeFileSync(join(stage, 'lib/iothreads/package.json'), '{ "type": "module" }\n');
 
@@ -118,7 +122,8 @@ cpSync(
 
 writeFileSync(
   join(stage, 'bin/vm-disk'),
-  '#!/bin/sh\nexec node /opt/vm-disk/lib/vm-disk.mjs "$@"\n',
+  // The bin's node flag (src/cli.ts).
+  '#!/bin/sh\nexec node --max-semi-space-size=1 /opt/vm-disk/lib/vm-disk.mjs "$@"\n',
 );
 chmodSync(join(stage, 'bin/vm-disk'), 0o755);
 cpSync(join(app, 'Dockerfile'), join(stage, 'Dockerfile'));

@@ -51,7 +51,13 @@ describe('build-image.mjs', () => {
     expect(r.stderr).toBe('');
     expect(r.status).toBe(0);
     expect(r.stdout.trim()).toBe(stage);
-    for (const f of ['Dockerfile', 'bin/vm-disk', 'lib/vm-disk.mjs', 'lib/node_modules/koffi']) {
+    for (const f of [
+      'Dockerfile',
+      'bin/vm-disk',
+      'lib/vm-disk.mjs',
+      'lib/vm-disk.cjs',
+      'lib/node_modules/koffi',
+    ]) {
       expect(existsSync(join(stage, f)), f).toBe(true);
     }
     const version = spawnSync(process.execPath, [join(stage, 'lib/vm-disk.mjs'), '--version'], {
