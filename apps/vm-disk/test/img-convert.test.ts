@@ -176,10 +176,18 @@ describe('vm-disk convert', () => {
 
   it('loads the NBD client for an NBD image only (a convert of files does not)', async () => {
     // Prints at exit whether the process imported @vmdisk/nbd (module.registerHooks sees
-    // every specifier resolved).
+    // every specifier resolved). The app's `main` as an embedder imports it, from the
+    // packages' ES modules: the bin's commands run the same code bundled into one script.
     const hook = `data:text/javascript,import { registerHooks } from 'node:module'; let nbd = false; registerHooks({ resolve(s, c, next) { if (s === '@vmdisk/nbd') nbd = true; return next(s, c); } }); process.on('exit', () => process.stdout.write(String(nbd)));`;
+    const index = CLI.replace(/cli\.js$/, 'index.js');
     const convert = (from: string, to: string) =>
-      run(process.execPath, ['--import', hook, CLI, 'convert', '-O', 'raw', from, to]);
+      run(process.execPath, [
+        '--import',
+        hook,
+        '--input-type=module',
+        '-e',
+        `const { main } = await import(${JSON.stringify(index)}); process.exitCode = await main(${JSON.stringify(['convert', '-O', 'raw', from, to])});`,
+      ]);
     expect(await convert(src.qcow2v3, join(dir, 'no-nbd.raw'))).toBe('false');
     const sock = join(dir, 'lazy.sock');
     const server = start('qemu-nbd', ['-t', '-r', '-f', 'raw', '-k', sock, src.raw]);
