@@ -10,7 +10,7 @@
 // The cache is one file per subcommand (each run compiles that command's functions), named
 // by the script's CRC-32 and length, Node's version and architecture and the process's
 // flags, in a folder of the user's own (mode 0700) under os.tmpdir(). It is written when
-// the run succeeded and had no usable cache, and replaces that command's older files. V8
+// the run succeeded and had no usable cache, and replaces the files of older builds. V8
 // refuses a cache made by another V8 or other flags (cachedDataRejected); the run then
 // compiles as usual and writes a new one. VMDISK_CODE_CACHE=off (or Node's
 // NODE_DISABLE_COMPILE_CACHE) turns it off; VMDISK_CODE_CACHE=DIR puts it elsewhere.
@@ -47,14 +47,18 @@ function cacheDir(): string | undefined {
   }
 }
 
-/** Writes the cache file for `name` (atomically) and removes that command's older ones. */
-function save(dir: string, name: string, command: string, script: vm.Script): void {
+/**
+ * Writes the cache file `build-rest` (atomically) and removes those of other builds with
+ * the same rest (Node, flags, command).
+ */
+function save(dir: string, build: string, rest: string, script: vm.Script): void {
   try {
+    const name = `${build}-${rest}`;
     const tmp = join(dir, `${name}.${process.pid}.tmp`);
     writeFileSync(tmp, script.createCachedData(), { mode: 0o600 });
     renameSync(tmp, join(dir, name));
     for (const f of readdirSync(dir)) {
-      if (f !== name && f.endsWith(`-${command}.bin`)) rmSync(join(dir, f), { force: true });
+      if (f !== name && f.endsWith(`-${rest}`)) rmSync(join(dir, f), { force: true });
     }
   } catch {
     // A cache not written is a compile not saved next time.
@@ -67,7 +71,9 @@ export function loadBundle(file: string, argv: readonly string[]): Main {
   const dir = cacheDir();
   const command = /^[a-z][a-z-]{0,31}$/.test(argv[0] ?? '') ? argv[0]! : 'none';
   const flags = crc32(process.execArgv.join('\0')).toString(16);
-  const name = `${crc32(bytes).toString(16)}-${bytes.length}-${process.version}-${process.arch}-${flags}-${command}.bin`;
+  const build = `${crc32(bytes).toString(16)}-${bytes.length}`;
+  const rest = `${process.version}-${process.arch}-${flags}-${command}.bin`;
+  const name = `${build}-${rest}`;
   let cachedData: Buffer | undefined;
   if (dir !== undefined) {
     try {
@@ -89,7 +95,7 @@ export function loadBundle(file: string, argv: readonly string[]): Main {
   script.runInThisContext()(module.exports, createRequire(file), module, file, dirname(file));
   if (dir !== undefined && (cachedData === undefined || script.cachedDataRejected)) {
     process.once('exit', (code) => {
-      if (code === 0) save(dir, name, command, script);
+      if (code === 0) save(dir, build, rest, script);
     });
   }
   const main = module.exports.main;

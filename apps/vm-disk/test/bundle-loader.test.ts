@@ -75,17 +75,17 @@ describe('the bin code cache', () => {
     expect(files()).toHaveLength(1);
   });
 
-  it("replaces the command's cache of an older build, and leaves other commands' alone", () => {
-    mkdirSync(cache, { mode: 0o700 });
-    const stale = `deadbeef-12-${process.version}-${process.arch}-0-info.bin`;
-    const other = `deadbeef-12-${process.version}-${process.arch}-0-map.bin`;
-    writeFileSync(join(cache, stale), 'old');
-    writeFileSync(join(cache, other), 'old');
+  it("replaces the command's cache of an older build, and leaves other flags' and commands'", () => {
     expect(vmdisk(['info', image]).status).toBe(0);
-    const now = files();
-    expect(now).toContain(other);
-    expect(now).not.toContain(stale);
-    expect(now.filter((f) => f.endsWith('-info.bin'))).toHaveLength(1);
+    const [made] = files();
+    const rest = made!.replace(/^[0-9a-f]+-\d+-/, '');
+    rmSync(join(cache, made!));
+    const stale = `deadbeef-12-${rest}`;
+    const otherFlags = `deadbeef-12-${process.version}-${process.arch}-1234abcd-info.bin`;
+    const otherCommand = `deadbeef-12-${rest.replace(/-info\.bin$/, '-map.bin')}`;
+    for (const f of [stale, otherFlags, otherCommand]) writeFileSync(join(cache, f), 'old');
+    expect(vmdisk(['info', image]).status).toBe(0);
+    expect(files()).toEqual([made, otherFlags, otherCommand].sort());
   });
 
   it('is not written by a failing command, nor when turned off', () => {
