@@ -5,7 +5,7 @@
 // it runs: it holds the top-level code, and every function the run calls is compiled again
 // on each start. A code cache made after the run (vm.Script#createCachedData) holds those
 // functions too. With one script instead of seventeen ES modules, `vm-disk info` of a small
-// image went 64 -> 54 ms (node alone: 25 ms; qemu-img info: 4 ms).
+// image went 71-76 -> 61-69 ms (alternated runs; node alone 25-27 ms, qemu-img info 4-7).
 //
 // The cache is one file per subcommand (each run compiles that command's functions), named
 // by the script's CRC-32 and length, Node's version and architecture and the process's
