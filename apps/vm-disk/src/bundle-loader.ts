@@ -52,16 +52,21 @@ function cacheDir(): string | undefined {
  * the same rest (Node, flags, command).
  */
 function save(dir: string, build: string, rest: string, script: vm.Script): void {
+  const name = `${build}-${rest}`;
+  const tmp = join(dir, `${name}.${process.pid}.tmp`);
   try {
-    const name = `${build}-${rest}`;
-    const tmp = join(dir, `${name}.${process.pid}.tmp`);
     writeFileSync(tmp, script.createCachedData(), { mode: 0o600 });
     renameSync(tmp, join(dir, name));
     for (const f of readdirSync(dir)) {
       if (f !== name && f.endsWith(`-${rest}`)) rmSync(join(dir, f), { force: true });
     }
   } catch {
-    // A cache not written is a compile not saved next time.
+    // A cache not written is a compile not saved next time; no part of one is left.
+    try {
+      rmSync(tmp, { force: true });
+    } catch {
+      // Nothing more to do at exit.
+    }
   }
 }
 
