@@ -88,8 +88,8 @@ export interface IoUringInfo {
   /** Whether a sparse registered-buffer table exists (arena slabs are registered into it
    * as long as the memlock limit allows; reads/writes into them use READ/WRITE_FIXED). */
   bufferTable: boolean;
-  /** Arena slabs registered now. */
-  registeredBuffers: number;
+  /** Arena slabs registered now (the table's count). */
+  readonly registeredBuffers: number;
 }
 
 interface Mapping {
@@ -226,15 +226,18 @@ export class IoUringBackend implements Backend {
       this.unmapAndClose();
       throw err;
     }
-    this.buffers = ops.fixed ? BufferTable.create(fd) : undefined;
+    const buffers = ops.fixed ? BufferTable.create(fd) : undefined;
+    this.buffers = buffers;
     this.info = {
       sqEntries,
       cqEntries,
       setupFlags: flags,
       features,
       ops,
-      bufferTable: this.buffers !== undefined,
-      registeredBuffers: 0,
+      bufferTable: buffers !== undefined,
+      get registeredBuffers() {
+        return buffers?.count ?? 0;
+      },
     };
     this.poller = new CompletionPoller(fd, () => this.reap());
   }
@@ -277,16 +280,12 @@ export class IoUringBackend implements Backend {
    * READ/WRITE.
    */
   registerBuffer(mem: Uint8Array): boolean {
-    const ok = this.buffers?.register(mem) ?? false;
-    this.info.registeredBuffers = this.buffers?.count ?? 0;
-    return ok;
+    return this.buffers?.register(mem) ?? false;
   }
 
   /** Unregisters a slab before the arena frees it (io-uring-buffers.ts). */
   unregisterBuffer(mem: Uint8Array): void {
-    if (this.buffers === undefined) return;
-    this.buffers.unregister(mem);
-    this.info.registeredBuffers = this.buffers.count;
+    this.buffers?.unregister(mem);
   }
 
   get inFlight(): number {
