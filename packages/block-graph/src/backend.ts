@@ -2,6 +2,7 @@
 // permissions it needs when attached, holds the graph's read lock for each request, and
 // has the shape of @vmdisk/nbd's ExportTarget (without importing it).
 
+import type { FileRange } from './driver.ts';
 import { BlockError, BlockErrorCode } from './errors.ts';
 import type { GraphLock } from './graph-lock.ts';
 import type { BlockNode, ChildEdge, ChildParent, SparsePiece } from './node.ts';
@@ -164,6 +165,21 @@ export class BlockBackend implements ChildParent {
     }
     // The hot path: one promise of our own, the read lock released when the node is done.
     return r.node.read(offset, buf).then(this.release, this.releaseAndThrow);
+  }
+
+  /**
+   * Where [offset, offset + length) is, whole, in a cached host file now
+   * (BlockNode.fileRange): an NBD server sends such bytes straight from the file.
+   * Undefined while the graph is being changed, and wherever a read must do it.
+   */
+  fileRange(offset: number, length: number): FileRange | undefined {
+    const lock = this.graph.lock;
+    if (!lock.tryRead()) return undefined;
+    try {
+      return this.root?.node.fileRange(offset, length);
+    } finally {
+      lock.releaseRead();
+    }
   }
 
   private readonly release = (): void => {

@@ -110,6 +110,8 @@ export interface ChildNode {
   clusterSize(): number | undefined;
   /** Fills buf with the bytes at offset. */
   read(offset: number, buf: Uint8Array): Promise<void>;
+  /** Where [offset, offset + length) is, whole, in a cached host file (NodeRead.fileRange). */
+  fileRange(offset: number, length: number): FileRange | undefined;
   write(offset: number, buf: Uint8Array, flags?: WriteFlags): Promise<void>;
   writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void>;
   /** Deallocates where the node's `discard` option allows it (a no-op otherwise). */
@@ -315,6 +317,19 @@ export interface ProtocolInstance extends InstanceBase {
     offset: number,
     length: number,
   ): Promise<boolean>;
+  /**
+   * Where [offset, offset + length) is in an open file now, when reading it from there
+   * gives what pread would and does not wait for a disk (its pages are cached): for a
+   * server to send the bytes straight from the file (BlockNode.fileRange). Synchronous.
+   * Absent, or undefined: pread is the way.
+   */
+  fileRange?(offset: number, length: number): FileRange | undefined;
+}
+
+/** Bytes of an open file: its descriptor and where in it (ProtocolInstance.fileRange). */
+export interface FileRange {
+  fd: number;
+  offset: number;
 }
 
 /** Where the bytes of a copy come from: a protocol and an offset in it (NodeCopy.dataIn). */

@@ -7,6 +7,7 @@ import type {
   BdrvChild,
   ChildNode,
   DriverInstance,
+  FileRange,
   FilterInstance,
   FormatInstance,
   MapIntent,
@@ -60,6 +61,37 @@ export abstract class NodeRead {
     const a = this.align;
     if (a > 1 && (offset % a !== 0 || length % a !== 0)) return this.readUnaligned(offset, buf);
     return this.readAligned(offset, buf);
+  }
+
+  /**
+   * Where [offset, offset + length) lives, whole, in a host file whose pages are cached:
+   * for a server to send the bytes from there (sendfile) instead of reading them. Only
+   * where a read would read that one range of that one file and nothing else: a protocol
+   * that says so (the file driver, buffered), or a format's synchronous data mapping (raw;
+   * qcow2 with its L2 table cached) onto such a child; not through filters, zeros, the
+   * backing chain, compressed data, nor a mapping still to be loaded. Counted as a read
+   * on each node it passes. Preconditions as read's.
+   */
+  fileRange(offset: number, length: number): FileRange | undefined {
+    const inst = this.instance;
+    let range: FileRange | undefined;
+    if (isProtocol(inst)) {
+      range = inst.fileRange?.(offset, length);
+    } else if (inst.kind === 'format') {
+      const m = inst.map(offset, length, 'read');
+      if (m instanceof Promise) {
+        m.catch(() => {}); // the read that follows asks again, and reports any failure
+        return undefined;
+      }
+      const child = m.child?.node;
+      if (m.kind !== 'data' || m.read || child === undefined || m.offset === undefined) {
+        return undefined;
+      }
+      if (m.length !== length || m.offset + length > child.size()) return undefined;
+      range = child.fileRange(m.offset, length);
+    }
+    if (range !== undefined) this.stats.done(ACCT_READ, this.stats.start(ACCT_READ), length);
+    return range;
   }
 
   private async readUnaligned(offset: number, buf: Uint8Array): Promise<void> {

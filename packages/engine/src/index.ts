@@ -8,3 +8,4 @@ export { EngineError, ErrorCode, IoError } from './errors.ts';
 export { dupFd, setMallocMmapThreshold } from './native.ts';
 export type { RadosOptions, RbdExtent } from './rbd.ts';
 export { RadosCluster, RadosIoctx, RbdImage } from './rbd.ts';
+export { pagesCached, readNow, sendFileNow, sendNow } from './socket-send.ts';

@@ -12,7 +12,7 @@ import type { ExportEntry } from './export-entry.ts';
 import type { HandedOff, TransmissionState } from './handoff.ts';
 import type { BudgetAccount, MemoryBudget } from './memory-budget.ts';
 import type { ReadRouter } from './read-router.ts';
-import { SendQueue } from './send-queue.ts';
+import { type FileSender, SendQueue } from './send-queue.ts';
 import { badClient, Handshake, type Negotiated } from './server-handshake.ts';
 import type { ReplyModeValue } from './server-replies.ts';
 import { type ServerTls, startServerTls } from './server-tls.ts';
@@ -21,6 +21,8 @@ import { Transmission, type TransmissionLink } from './server-transmission.ts';
 /** What a connection needs from its server. */
 export interface ConnectionHost {
   readonly tls: ServerTls;
+  /** Sends files' bytes to plain sockets (NbdServerOptions.fileSender). */
+  readonly fileSender: FileSender | undefined;
   readonly handshakeTimeoutMs: number;
   readonly maxInFlight: number;
   /** The memory budget for request data, shared by the server's connections. */
@@ -94,7 +96,12 @@ export class Connection implements TransmissionLink {
     this.account = host.budget.account(this.onRoom);
     this.remoteAddress = raw.remoteAddress ?? 'unix';
     this.remotePort = raw.remotePort;
-    this.sendQueue = new SendQueue(raw);
+    const fd = (raw as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    const sender = host.fileSender;
+    this.sendQueue = new SendQueue(
+      raw,
+      sender && fd !== undefined && fd >= 0 ? { sockFd: fd, sender } : undefined,
+    );
     raw.setNoDelay?.(true);
     // Idle clients may stay for ever; dead ones are found out and dropped.
     raw.setKeepAlive?.(true, 60_000);

@@ -30,7 +30,8 @@ export class NbdError extends Error {
 //   ERR_VMDISK_NBD_TARGET_ERROR         a target failed a request (the client got an errno)
 // Codes of NbdSystemError (a system call failed; errno, errnoName and syscall kept):
 //   ERR_VMDISK_NBD_LISTEN_FAILED        listen() could not bind (EADDRINUSE, EACCES...)
-//   ERR_VMDISK_NBD_FILE_ERROR           FileTarget: open, read, write, fdatasync or close
+//   ERR_VMDISK_NBD_FILE_ERROR           FileTarget: open, read, write, fdatasync or close; a
+//                                       READ's data read from a file (ExportTarget.fileRange)
 
 /** A system call of the server or a FileTarget failed; keeps the system's errno. */
 export class NbdSystemError extends NbdError {

@@ -80,6 +80,12 @@ export interface ExportBitmap {
   status(offset: number, length: number): BitmapExtent[] | Promise<BitmapExtent[]>;
 }
 
+/** Bytes of an open file: its descriptor and where in it (ExportTarget.fileRange). */
+export interface FileRange {
+  fd: number;
+  offset: number;
+}
+
 export interface BlockSizeConstraints {
   minimum: number;
   preferred: number;
@@ -114,6 +120,15 @@ export interface ExportTarget {
     length: number,
     alloc: (length: number) => Uint8Array,
   ): Promise<SparsePiece[]>;
+  /**
+   * Where [offset, offset + length) is, whole, in an open file now, when reading it from
+   * there gives what read() would and does not wait for a disk (its pages are cached):
+   * the server may then send it to the client straight from the file (sendfile), before
+   * it returns to the event loop. Undefined where read() must do it (e.g. metadata to
+   * load, zeros, a filter, direct I/O). Synchronous; preconditions as read(). A target
+   * that keeps statistics counts the read here.
+   */
+  fileRange?(offset: number, length: number): FileRange | undefined;
   /** Prefetches a range into whatever cache the target has. */
   cache?(offset: number, length: number): Promise<void>;
   /**

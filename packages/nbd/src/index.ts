@@ -28,6 +28,7 @@ export type {
   ExportBitmap,
   ExportTarget,
   Extent,
+  FileRange,
   SparsePiece,
   WriteFlags,
   WriteZeroesFlags,
@@ -38,6 +39,7 @@ export type {
   TransmissionOffer,
   TransmissionState,
 } from './handoff.ts';
+export type { FileSender } from './send-queue.ts';
 export type {
   ConnectionEvent,
   ErrorEvent,

@@ -2,8 +2,13 @@
 // reply, one OFFSET_DATA chunk, or with structured replies data and OFFSET_HOLE chunks
 // for the holes the target reports cheaply); a larger one is streamed in pieces
 // (read-stream.ts), one stream at a time per connection since it holds the send queue.
+// A read of at least FILE_SEND_MIN whose bytes the target has in a cached file
+// (ExportTarget.fileRange) is answered from the file with sendfile, when the connection
+// can (send-queue.ts): the data is never copied into a buffer of ours.
 
+import { getSystemErrorName } from 'node:util';
 import type { BufferPool } from './buffer-pool.ts';
+import { NbdSystemError } from './errors.ts';
 import type { ExportEntry } from './export-entry.ts';
 import type { Extent, SparsePiece } from './export-target.ts';
 import { type BudgetAccount, STREAM_PIECE } from './memory-budget.ts';
@@ -35,6 +40,12 @@ export interface ReadContext {
   fatal(req: Request, err: unknown): void;
 }
 
+/**
+ * The least READ answered from a file: below it, reading into a buffer costs less than the
+ * system calls of a separate send (the buffer's reply joins the turn's one writev).
+ */
+const FILE_SEND_MIN = 32 * 1024;
+
 export class ServerReads {
   private readonly ctx: ReadContext;
   /** Streamed READs in order; the first one holds the send queue. */
@@ -59,12 +70,64 @@ export class ServerReads {
       this.streamRead(req).catch((err: unknown) => ctx.targetFailed(req, err));
       return;
     }
+    if (req.length >= FILE_SEND_MIN && ctx.sendQueue.sendsFiles && this.fileRead(req)) return;
     // A target without block status has no holes to report: its data in one piece.
     if (ctx.replies.structured && (req.flags & CommandFlag.DF) === 0 && this.holes) {
       this.sparseRead(req).catch((err: unknown) => ctx.targetFailed(req, err));
       return;
     }
     this.denseRead(req);
+  }
+
+  /**
+   * The range from the file the target says holds it (ExportTarget.fileRange), in one
+   * simple reply or one OFFSET_DATA chunk: the header and as much of the data as the
+   * socket takes now are sent at once, the rest read from the file and queued. False:
+   * the target has no such file for it.
+   */
+  private fileRead(req: Request): boolean {
+    const ctx = this.ctx;
+    const exp = ctx.export;
+    const range = exp.target.fileRange?.(req.offset, req.length);
+    if (range === undefined) return false;
+    const replies = ctx.replies;
+    const header = Buffer.allocUnsafe(replies.readHeaderBytes);
+    replies.readHeader(header, req.ids, req.length);
+    const q = ctx.sendQueue;
+    const out = q.sendFile(header, range.fd, range.offset, req.length);
+    exp.stats.bytesRead += req.length;
+    if (out === header.byteLength + req.length) {
+      queueMicrotask(() => ctx.done(req));
+      return true;
+    }
+    // The rest: what the socket did not take, read from the file (its pages are cached).
+    const from = Math.max(out - header.byteLength, 0);
+    const rest = ctx.alloc(req.length - from);
+    let got = 0;
+    while (got < rest.byteLength) {
+      const n = q.readFile(range.fd, rest.subarray(got), range.offset + from + got);
+      if (n < 0) {
+        ctx.free(rest);
+        const code = getSystemErrorName(n);
+        const cause = { code, errno: n, syscall: 'pread', message: code };
+        const err = new NbdSystemError(
+          'ERR_VMDISK_NBD_FILE_ERROR',
+          "reading the export's file",
+          cause,
+        );
+        if (out > 0) ctx.fatal(req, err);
+        else ctx.targetFailed(req, err);
+        return true;
+      }
+      if (n === 0) {
+        rest.fill(0, got); // past the file's end: zeros, as a read there gives
+        break;
+      }
+      got += n;
+    }
+    const buffers = out < header.byteLength ? [header.subarray(out), rest] : [rest];
+    ctx.send(req, buffers, () => ctx.free(rest));
+    return true;
   }
 
   /** The whole range as one piece of data: one simple reply or one OFFSET_DATA chunk. */

@@ -19,6 +19,7 @@ import {
   META_CONTEXT_DIRTY_BITMAP,
 } from './protocol.ts';
 import { ReadRouter } from './read-router.ts';
+import type { FileSender } from './send-queue.ts';
 import { type NbdServerTlsOptions, resolveServerTls, type ServerTls } from './server-tls.ts';
 import { listenUnixSocket } from './unix-socket.ts';
 import { withDefaults } from './with-defaults.ts';
@@ -62,6 +63,13 @@ export interface NbdServerOptions {
    * errno, the socket is read as Node gives it.
    */
   dupFd?: ((fd: number) => number) | undefined;
+  /**
+   * Sends a file's bytes to a socket (sendfile): with it, a READ of 32 KiB or more whose
+   * bytes the export's target has in a cached file (ExportTarget.fileRange) goes to a
+   * plain (non-TLS) client straight from that file, never copied through a buffer of
+   * ours. vm-disk passes @vmdisk/engine's.
+   */
+  fileSender?: FileSender | undefined;
 }
 
 export type ListenOptions =
@@ -228,6 +236,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     const tls: ServerTls = resolveServerTls(options.tls);
     this.host = {
       tls,
+      fileSender: options.fileSender,
       handshakeTimeoutMs,
       maxInFlight,
       budget: this.budget,

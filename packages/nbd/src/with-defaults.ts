@@ -282,6 +282,10 @@ export function withDefaults(
     ...(t.blockSize !== undefined && { blockSize: t.blockSize }),
     dirtyBitmaps: bitmapList,
   };
+  if (t.fileRange) {
+    // Not emulated: without it, the server reads.
+    complete.fileRange = (offset, length) => t.fileRange!(offset, length);
+  }
   if (t.allocBuffer) {
     // Buffers are the target's memory (e.g. aligned for O_DIRECT): not emulated.
     complete.allocBuffer = (n) => t.allocBuffer!(n);

@@ -3,10 +3,11 @@
 // punching or zeroing ranges, block status by SEEK_DATA/SEEK_HOLE; image locks as QEMU's
 // (file-lock.ts) for the permissions its parents hold, unless locking=off.
 
-import type { EngineFile } from '@vmdisk/engine';
+import { type EngineFile, pagesCached } from '@vmdisk/engine';
 import {
   defineDriver,
   type EngineLike,
+  type FileRange,
   type ProtocolInstance,
   type ProtocolStatus,
 } from '../driver.ts';
@@ -80,6 +81,15 @@ class FileInstance implements ProtocolInstance {
 
   size(): number {
     return this.length;
+  }
+
+  /** This file's fd, for bytes that are all in the page cache (not with direct I/O). */
+  fileRange(offset: number, length: number): FileRange | undefined {
+    const f = this.file;
+    if (f.direct || offset + length > this.length || !pagesCached(f.fd, offset, length)) {
+      return undefined;
+    }
+    return { fd: f.fd, offset };
   }
 
   pread(buf: Uint8Array, offset: number): Promise<void> {
