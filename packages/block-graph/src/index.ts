@@ -41,6 +41,7 @@ export {
   type DriverInstance,
   defineDriver,
   type EngineLike,
+  type FileRange,
   type FilterInstance,
   type FilterRequest,
   type FormatInstance,

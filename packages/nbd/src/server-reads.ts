@@ -115,8 +115,12 @@ export class ServerReads {
           "reading the export's file",
           cause,
         );
-        if (out > 0) ctx.fatal(req, err);
-        else ctx.targetFailed(req, err);
+        if (out === 0) {
+          ctx.targetFailed(req, err);
+        } else {
+          ctx.fatal(req, err);
+          queueMicrotask(() => ctx.done(req));
+        }
         return true;
       }
       if (n === 0) {

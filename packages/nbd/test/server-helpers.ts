@@ -6,7 +6,12 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import koffi from 'koffi';
-import { type ExportOptions, NbdServer, type NbdServerOptions } from '../src/index.ts';
+import {
+  type ExportOptions,
+  type FileSender,
+  NbdServer,
+  type NbdServerOptions,
+} from '../src/index.ts';
 import { Command, OptionReply } from '../src/protocol.ts';
 import { RawNbd, replyError } from './raw-nbd.ts';
 
@@ -16,8 +21,24 @@ export interface Started {
   uri(name: string): string;
 }
 
+const libc = koffi.load('libc.so.6');
+
 /** dup(2), as vm-disk gives the server (sockets read through read-router.ts). */
-export const dupFd: (fd: number) => number = koffi.load('libc.so.6').func('int dup(int fd)');
+export const dupFd: (fd: number) => number = libc.func('int dup(int fd)');
+
+const sendFn = libc.func('long send(int fd, void *buf, size_t len, int flags)');
+const sendfileFn = libc.func(
+  'long sendfile(int out_fd, int in_fd, _Inout_ int64_t *off, size_t n)',
+);
+const preadFn = libc.func('long pread(int fd, void *buf, size_t count, int64_t offset)');
+const orErrno = (r: number | bigint): number => (Number(r) < 0 ? -koffi.errno() : Number(r));
+
+/** send(2), sendfile(2) and pread(2) for the server, as vm-disk gives it @vmdisk/engine's. */
+export const fileSender: FileSender = {
+  send: (sock, buf) => orErrno(sendFn(sock, buf, buf.byteLength, 0x40 | 0x4000)),
+  sendFile: (sock, fd, offset, length) => orErrno(sendfileFn(sock, fd, [offset], length)),
+  read: (fd, buf, offset) => orErrno(preadFn(fd, buf, buf.byteLength, offset)),
+};
 
 /**
  * A server on 127.0.0.1 with `exports`; it reads its sockets into its own buffers (dupFd)

@@ -7,6 +7,7 @@ import type {
   BlockStatusOptions,
   ExportTarget,
   Extent,
+  FileRange,
   WriteFlags,
   WriteZeroesFlags,
 } from '@vmdisk/nbd';
@@ -80,6 +81,10 @@ export class ForwardTarget implements ExportTarget {
 
   releaseBuffer(buf: Uint8Array): void {
     this.buffers.release(buf);
+  }
+
+  fileRange(offset: number, length: number): FileRange | undefined {
+    return this.local.fileRange(offset, length);
   }
 
   async read(offset: number, buf: Uint8Array): Promise<void> {

@@ -2,7 +2,7 @@
 // file with the worker's own block graph and engine (io_uring ring), between the main
 // thread's fast-on and fast-off. The file is opened without locks: the main thread's node
 // holds them.
-import { type BlockBackend, BlockGraph } from '@vmdisk/block-graph';
+import { type BlockBackend, BlockGraph, type FileRange } from '@vmdisk/block-graph';
 import type { FastFile } from './messages.ts';
 
 export class LocalReads {
@@ -56,6 +56,15 @@ export class LocalReads {
         for (const w of idle) w();
       }
     });
+  }
+
+  /**
+   * Where a read served here would read, when its bytes are cached in the file
+   * (BlockBackend.fileRange): the server sends them from there in this same turn, while
+   * the file is still open (close waits for the next turns).
+   */
+  fileRange(offset: number, length: number): FileRange | undefined {
+    return this.on ? this.backend?.fileRange(offset, length) : undefined;
   }
 
   async close(): Promise<void> {

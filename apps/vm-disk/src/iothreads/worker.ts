@@ -2,6 +2,7 @@
 // connections the main thread hands off (their fds) on the exports it was told of.
 import * as net from 'node:net';
 import { parentPort } from 'node:worker_threads';
+import { readNow, sendFileNow, sendNow } from '@vmdisk/engine';
 import { NbdServer } from '@vmdisk/nbd';
 import { ForwardTarget, forwardedError } from './forward-target.ts';
 import { LocalReads } from './local-reads.ts';
@@ -12,7 +13,10 @@ if (port === null) throw new Error('the iothread worker runs in a worker thread'
 
 const post = (m: FromWorker): void => port.postMessage(m);
 
-const server = new NbdServer();
+// READs of the file's cached bytes go from the file to the socket (LocalReads.fileRange).
+const server = new NbdServer({
+  fileSender: { send: sendNow, sendFile: sendFileNow, read: readNow },
+});
 /** The worker server's connection number -> the main thread's. */
 const mainConn = new Map<number, number>();
 /** The main thread's number -> the socket, to disconnect it. */
