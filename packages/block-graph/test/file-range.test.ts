@@ -57,17 +57,17 @@ describe('BlockBackend.fileRange', () => {
       ],
       'd',
       async (g, b) => {
-        const before = g.node('d').stats.counters('read').operations;
+        const before = g.nodeStats('d').counters('read').operations;
         const r = b.fileRange(4 * KiB, 256 * KiB);
         expect(r).toBeDefined();
         expect(r!.offset).toBe(4 * KiB);
         expect(fileBytes(r!.fd, r!.offset, 256 * KiB).equals(pattern(1, 4 * KiB, 256 * KiB))).toBe(
           true,
         );
-        expect(g.node('d').stats.counters('read')).toMatchObject({
+        expect(g.nodeStats('d').counters('read')).toMatchObject({
           operations: before + 1,
         });
-        expect(g.node('f').stats.counters('read').operations).toBeGreaterThan(0);
+        expect(g.nodeStats('f').counters('read').operations).toBeGreaterThan(0);
         // The hole is no page of the cache: it is read (as zeros).
         expect(b.fileRange(4 * MiB, 64 * KiB)).toBeUndefined();
         // raw's offset moves the range in the file.
