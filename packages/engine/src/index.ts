@@ -5,7 +5,7 @@ export { openEngine, sharedEngine } from './engine.ts';
 // The engine's contract: every type of engine-types.ts is public.
 export type * from './engine-types.ts';
 export { EngineError, ErrorCode, IoError } from './errors.ts';
-export { dupFd, setMallocMmapThreshold } from './native.ts';
+export { dupFd, pread as readNow, setMallocMmapThreshold } from './native.ts';
 export type { RadosOptions, RbdExtent } from './rbd.ts';
 export { RadosCluster, RadosIoctx, RbdImage } from './rbd.ts';
-export { pagesCached, readNow, sendFileNow, sendNow } from './socket-send.ts';
+export { pagesCached, sendFileNow, sendNow } from './socket-send.ts';

@@ -105,7 +105,8 @@ export function setMallocMmapThreshold(bytes = MALLOC_DEFAULT_THRESHOLD): boolea
   }
 }
 
-function ret(r: number | bigint): number {
+/** A libc call's result: -1 becomes -errno. */
+export function ret(r: number | bigint): number {
   const n = Number(r);
   return n === -1 ? -koffi.errno() : n;
 }

@@ -5,7 +5,7 @@
 // the calling thread, never waits, and returns -errno rather than throwing: the caller
 // falls back to reading and writing the bytes itself.
 import koffi from 'koffi';
-import { pread } from './native.ts';
+import { ret } from './native.ts';
 
 const libc = koffi.load('libc.so.6');
 const sendFn = libc.func('long send(int fd, void *buf, size_t len, int flags)');
@@ -17,11 +17,6 @@ const MSG_DONTWAIT = 0x40;
 const MSG_NOSIGNAL = 0x4000;
 const ENOSYS = 38;
 const PAGE = 4096;
-
-function ret(r: number | bigint): number {
-  const n = Number(r);
-  return n === -1 ? -koffi.errno() : n;
-}
 
 /** send(2) without waiting: the bytes the socket took, or -errno (-EAGAIN: none now). */
 export function sendNow(sockFd: number, buf: Uint8Array): number {
@@ -42,11 +37,6 @@ export function sendFileNow(
 ): number {
   fileOffset[0] = BigInt(offset);
   return ret(sendfileFn(sockFd, fileFd, fileOffset, length));
-}
-
-/** pread(2) on this thread: bytes read, or -errno. */
-export function readNow(fd: number, buf: Uint8Array, offset: number): number {
-  return pread(fd, buf, offset);
 }
 
 const range = new BigUint64Array(2);
