@@ -1,10 +1,12 @@
 // The comparison users make: `vm-disk serve` against qemu-storage-daemon given the same
-// command line (and nbdkit's file plugin for raw), serving the same image over a unix
+// command line (and for raw, nbdkit's file plugin and an embedder's NbdServer with
+// FileTarget, over node:fs and over an @vmdisk/engine EngineFile), serving the same image over a unix
 // socket to fio's nbd engine at iodepth 32, images on tmpfs. Raw and qcow2 images; 4 KiB random read,
 // 4 KiB random write, 256 KiB sequential read. Servers take turns, best of 2 rounds.
 // On a 2-CPU machine each server runs pinned to CPU 0 (`taskset -c 0`) and fio to CPU 1
 // (`taskset -c 1`), so that server and client do not share a core; otherwise unpinned.
 // Run with plain node after `nx build vm-disk` (it starts the built bin).
+import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -14,6 +16,7 @@ import {
   makeImage,
   NBDKIT,
   PIN,
+  pinned,
   QSD,
   type Server,
   stop,
@@ -28,6 +31,18 @@ const IMAGE = process.env.VMDISK_BENCH_IMAGE_SIZE ?? '512M';
 // measured that (3x slower than on an image rewritten before) rather than its own work.
 const base = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
 const dir = mkdtempSync(join(base, 'vmdisk-serve-bench-'));
+
+/**
+ * An embedder's server (embedded-nbd.ts): @vmdisk/nbd's NbdServer and FileTarget, the file
+ * read and written through node:fs or an @vmdisk/engine EngineFile. Raw images only.
+ */
+const embedded = (io: 'fs' | 'engine'): Server => ({
+  name: `NbdServer + FileTarget (${io === 'fs' ? 'node:fs' : 'EngineFile'})`,
+  start: (image, _format, sock) =>
+    spawn(...pinned(0, process.execPath, [EMBEDDED_NBD, io, image, sock]), { stdio: 'ignore' }),
+});
+const EMBEDDED_NBD = new URL('./embedded-nbd.ts', import.meta.url).pathname;
+const EMBEDDED = [embedded('engine'), embedded('fs')];
 
 const WORKLOADS = [
   { name: '4k randread', rw: 'randread', bs: '4k' },
@@ -65,7 +80,7 @@ try {
   for (const format of ['raw', 'qcow2']) {
     const image = join(dir, `image.${format}`);
     makeImage(image, format, IMAGE);
-    const servers = format === 'raw' ? [VM_DISK, QSD, NBDKIT] : [VM_DISK, QSD];
+    const servers = format === 'raw' ? [VM_DISK, QSD, NBDKIT, ...EMBEDDED] : [VM_DISK, QSD];
     for (const w of WORKLOADS) {
       const best = new Map<string, number>();
       for (let round = 0; round < 2; round++) {

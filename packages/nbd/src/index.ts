@@ -55,7 +55,7 @@ export type {
 export { NbdServer } from './server.ts';
 export type { NbdServerTlsOptions } from './server-tls.ts';
 export { parsePskKeys } from './server-tls.ts';
-export type { FileTargetOptions } from './targets/file-target.ts';
+export type { FileTargetOptions, TargetFile } from './targets/file-target.ts';
 export { FileTarget } from './targets/file-target.ts';
 export { MemoryTarget } from './targets/memory-target.ts';
 export { listenUnixSocket } from './unix-socket.ts';

@@ -1,7 +1,9 @@
 // The package's own targets: MemoryTarget (sparse, block status from what was written,
-// zeroed or trimmed) and FileTarget (node:fs callbacks over a real file).
+// zeroed or trimmed) and FileTarget (node:fs callbacks over a real file, or a file opened
+// elsewhere: fromFile).
 
 import { readFileSync, writeFileSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BufferPool } from '../src/buffer-pool.ts';
@@ -76,6 +78,44 @@ describe('FileTarget', () => {
       await ro.read(4 * KiB, b.subarray(0, 4 * KiB));
       expect(b.subarray(0, 4 * KiB).every((x) => x === 9)).toBe(true);
       await ro.close();
+    } finally {
+      tmp.cleanup();
+    }
+  });
+
+  it('fromFile: a file opened elsewhere, read past its end as zeros, closed once', async () => {
+    const tmp = tempDir();
+    try {
+      const path = join(tmp.dir, 'other.img');
+      writeFileSync(path, Buffer.alloc(64 * KiB, 5));
+      const handle = await open(path, 'r+');
+      let closes = 0;
+      // A TargetFile over node:fs/promises (an EngineFile in vm-disk's own test).
+      const t = await FileTarget.fromFile({
+        path,
+        readOnly: false,
+        size: async () => (await handle.stat()).size,
+        read: async (buf, offset) => (await handle.read(buf, 0, buf.byteLength, offset)).bytesRead,
+        write: async (buf, offset) => {
+          await handle.write(buf, 0, buf.byteLength, offset);
+        },
+        fdatasync: () => handle.datasync(),
+        close: () => {
+          closes++;
+          return handle.close();
+        },
+      });
+      expect(t.size()).toBe(64 * KiB);
+      await t.write!(60 * KiB, Buffer.alloc(4 * KiB, 7), {});
+      await t.flush();
+      await handle.truncate(62 * KiB); // shrunk under the target
+      const b = Buffer.alloc(8 * KiB, 0xff);
+      await t.read(56 * KiB, b);
+      expect(b.subarray(0, 4 * KiB).every((x) => x === 5)).toBe(true);
+      expect(b.subarray(4 * KiB, 6 * KiB).every((x) => x === 7)).toBe(true);
+      expect(b.subarray(6 * KiB).every((x) => x === 0)).toBe(true);
+      await Promise.all([t.close(), t.close()]);
+      expect(closes).toBe(1);
     } finally {
       tmp.cleanup();
     }

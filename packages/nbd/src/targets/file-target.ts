@@ -1,6 +1,8 @@
-// An ExportTarget over a file or block device, with node:fs's callback APIs (fs.read,
-// fs.write, fs.fdatasync on libuv's thread pool). It reports no block status (the server
-// then reports all of it as data) and leaves write-zeroes to the server's emulation.
+// An ExportTarget over a file or block device: opened here and read and written with
+// node:fs's callback APIs (fs.read, fs.write, fs.fdatasync on libuv's thread pool), or a
+// file the embedder opened with an I/O layer of its own (fromFile: e.g. @vmdisk/engine's
+// EngineFile, on io_uring). It reports no block status (the server then reports all of it
+// as data) and leaves write-zeroes to the server's emulation.
 
 import * as fs from 'node:fs';
 import { NbdError, NbdSystemError } from '../errors.ts';
@@ -48,6 +50,60 @@ const writeAll = (fd: number, buf: Uint8Array, offset: number): Promise<void> =>
     next();
   });
 
+/**
+ * A file open elsewhere, for FileTarget.fromFile: @vmdisk/engine's EngineFile has this
+ * shape. A buffered file: the server's request buffers have no particular alignment.
+ * Its errors reach the client as they are (an errno name in `errnoName` or `code`).
+ */
+export interface TargetFile {
+  readonly path: string;
+  readonly readOnly: boolean;
+  size(): Promise<number>;
+  /** Bytes read: fewer than buf.length only at the end of the file. */
+  read(buf: Uint8Array, offset: number): Promise<number>;
+  /** All of buf. */
+  write(buf: Uint8Array, offset: number): Promise<void>;
+  fdatasync(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** What a FileTarget reads and writes through: node:fs on an fd, or a TargetFile. */
+interface FileIo {
+  read(offset: number, buf: Uint8Array): Promise<void>;
+  write(offset: number, buf: Uint8Array): Promise<void>;
+  flush(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** node:fs on `fd` (libuv's thread pool). */
+function fsIo(fd: number): FileIo {
+  return {
+    read: (offset, buf) => readAll(fd, buf, offset),
+    write: (offset, buf) => writeAll(fd, buf, offset),
+    flush: () =>
+      new Promise((resolve, reject) => {
+        fs.fdatasync(fd, (err) => (err ? reject(fileError('fdatasync', err)) : resolve()));
+      }),
+    close: () =>
+      new Promise((resolve, reject) => {
+        fs.close(fd, (err) => (err ? reject(fileError('close', err)) : resolve()));
+      }),
+  };
+}
+
+/** A TargetFile; what lies past its end (it shrank) reads as zeros. */
+function fileIo(file: TargetFile): FileIo {
+  return {
+    read: (offset, buf) =>
+      file.read(buf, offset).then((n) => {
+        if (n < buf.byteLength) buf.fill(0, n);
+      }),
+    write: (offset, buf) => file.write(buf, offset),
+    flush: () => file.fdatasync(),
+    close: () => file.close(),
+  };
+}
+
 export class FileTarget implements ExportTarget {
   readonly path: string;
   readonly readOnly: boolean;
@@ -58,18 +114,28 @@ export class FileTarget implements ExportTarget {
     preferred: 4096,
     maximum: MAX_PAYLOAD_BYTES,
   };
-  private fd: number;
+  private readonly io: FileIo;
+  private closing: Promise<void> | undefined;
   private readonly bytes: number;
   declare write?: (offset: number, buf: Uint8Array, flags: WriteFlags) => Promise<void>;
 
-  private constructor(path: string, fd: number, size: number, readOnly: boolean) {
+  private constructor(path: string, io: FileIo, size: number, readOnly: boolean) {
     this.path = path;
-    this.fd = fd;
+    this.io = io;
     this.bytes = size;
     this.readOnly = readOnly;
     if (!readOnly) {
-      this.write = (offset, buf) => writeAll(this.fd, buf, offset);
+      this.write = (offset, buf) => io.write(offset, buf);
     }
+  }
+
+  /**
+   * A target over a file the caller opened (e.g. an @vmdisk/engine EngineFile, so that
+   * requests go through io_uring rather than libuv's thread pool); its size is taken once,
+   * now. close() closes the file.
+   */
+  static async fromFile(file: TargetFile): Promise<FileTarget> {
+    return new FileTarget(file.path, fileIo(file), await file.size(), file.readOnly);
   }
 
   /** Opens a file (or block device); its size is taken once, now. */
@@ -94,7 +160,7 @@ export class FileTarget implements ExportTarget {
             );
             return;
           }
-          resolve(new FileTarget(path, fd, st.size, readOnly));
+          resolve(new FileTarget(path, fsIo(fd), st.size, readOnly));
         });
       });
     });
@@ -105,21 +171,16 @@ export class FileTarget implements ExportTarget {
   }
 
   read(offset: number, buf: Uint8Array): Promise<void> {
-    return readAll(this.fd, buf, offset);
+    return this.io.read(offset, buf);
   }
 
   flush(): Promise<void> {
-    return new Promise((resolve, reject) => {
-      fs.fdatasync(this.fd, (err) => (err ? reject(fileError('fdatasync', err)) : resolve()));
-    });
+    return this.io.flush();
   }
 
-  /** Closes the file; the target must not be used afterwards. */
+  /** Closes the file (once); the target must not be used afterwards. */
   close(): Promise<void> {
-    const fd = this.fd;
-    this.fd = -1;
-    return new Promise((resolve, reject) => {
-      fs.close(fd, (err) => (err ? reject(fileError('close', err)) : resolve()));
-    });
+    this.closing ??= this.io.close();
+    return this.closing;
   }
 }
