@@ -1,7 +1,7 @@
 // What the generic I/O layer's requests share: bounds checks, zero buffers and zero
 // detection, the kinds of driver instance, and reads clamped to a child's end.
 
-import type { ChildNode, DriverInstance, ProtocolInstance } from './driver.ts';
+import type { ChildNode, DriverInstance, Mapping, ProtocolInstance } from './driver.ts';
 import { BlockError, BlockErrorCode } from './errors.ts';
 
 export const ZERO_CHUNK = 1 << 20;
@@ -73,6 +73,22 @@ export function isNotSupported(err: unknown): boolean {
 
 export function clampLength(n: number, max: number): number {
   return Number.isSafeInteger(n) && n > 0 && n <= max ? n : max;
+}
+
+/**
+ * Where a format's mapping of `length` bytes holds them in its child, as they are: data
+ * in a child (not produced by the mapping's `read`), none of it past the child's end
+ * (that reads as zeros: readChildClamped). Undefined otherwise.
+ */
+export function mappedInChild(
+  m: Mapping,
+  length: number,
+): { node: ChildNode; offset: number; length: number } | undefined {
+  const node = m.child?.node;
+  if (m.kind !== 'data' || m.read || node === undefined || m.offset === undefined) return undefined;
+  const n = Math.min(m.length, length);
+  if (m.offset + n > node.size()) return undefined;
+  return { node, offset: m.offset, length: n };
 }
 
 /** Reads from a child, zeros for what lies past its end (as a protocol reads past EOF). */

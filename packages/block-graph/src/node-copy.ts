@@ -9,7 +9,7 @@
 // given back), and the caller reads and writes the range instead.
 
 import type { CopySource, Mapping } from './driver.ts';
-import { isProtocol } from './io-request.ts';
+import { isProtocol, mappedInChild } from './io-request.ts';
 import { ACCT_WRITE } from './node-stats.ts';
 import { NodeWrite } from './node-write.ts';
 
@@ -34,14 +34,11 @@ export abstract class NodeCopy extends NodeWrite {
 
   /** A format's read mapping as a place in its protocol child (see dataIn). */
   #inProtocol(m: Mapping, length: number): CopySource | undefined {
-    const child = m.child?.node;
-    if (m.kind !== 'data' || m.read || m.offset === undefined || !(child instanceof NodeCopy)) {
-      return undefined;
-    }
-    const below = child.instance;
-    // Past the end of its file a mapping reads as zeros (readChildClamped): not a copy.
-    if (!isProtocol(below) || m.offset + m.length > below.size()) return undefined;
-    return { protocol: below, offset: m.offset, length: Math.min(m.length, length) };
+    const at = mappedInChild(m, length);
+    if (!(at?.node instanceof NodeCopy)) return undefined;
+    const below = at.node.instance;
+    if (!isProtocol(below)) return undefined;
+    return { protocol: below, offset: at.offset, length: at.length };
   }
 
   /**

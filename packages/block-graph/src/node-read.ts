@@ -19,6 +19,7 @@ import {
   checkRequest,
   clampLength,
   isProtocol,
+  mappedInChild,
   outOfBounds,
   readChildClamped,
 } from './io-request.ts';
@@ -83,12 +84,9 @@ export abstract class NodeRead {
         m.catch(() => {}); // the read that follows asks again, and reports any failure
         return undefined;
       }
-      const child = m.child?.node;
-      if (m.kind !== 'data' || m.read || child === undefined || m.offset === undefined) {
-        return undefined;
-      }
-      if (m.length !== length || m.offset + length > child.size()) return undefined;
-      range = child.fileRange(m.offset, length);
+      const at = mappedInChild(m, length);
+      if (at === undefined || at.length !== length) return undefined;
+      range = at.node.fileRange(at.offset, length);
     }
     if (range !== undefined) this.stats.done(ACCT_READ, this.stats.start(ACCT_READ), length);
     return range;
@@ -315,15 +313,8 @@ export abstract class NodeRead {
     const len = m.length;
     if (m.kind === 'zero')
       return Promise.resolve({ length: len, hole: true, zero: true, depth: 1 });
-    const child = m.child?.node;
-    if (
-      m.kind === 'data' &&
-      !wantZero &&
-      !m.read &&
-      child instanceof NodeRead &&
-      isProtocol(child.instance) &&
-      m.offset! + len <= child.size()
-    ) {
+    const at = wantZero ? undefined : mappedInChild(m, len);
+    if (at?.node instanceof NodeRead && isProtocol(at.node.instance)) {
       return Promise.resolve({ length: len, hole: false, zero: false, depth: 1 });
     }
     return this.blockStatusAsync(offset, length, wantZero, m);

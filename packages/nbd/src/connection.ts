@@ -44,6 +44,12 @@ export interface ConnectionHost {
 
 class Closed extends Error {}
 
+/** The descriptor under a socket (Node keeps it on the socket's handle), if it has one. */
+export function socketFd(socket: Socket): number | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  return fd !== undefined && fd >= 0 ? fd : undefined;
+}
+
 export class Connection implements TransmissionLink {
   readonly id: number;
   readonly remoteAddress: string;
@@ -96,11 +102,11 @@ export class Connection implements TransmissionLink {
     this.account = host.budget.account(this.onRoom);
     this.remoteAddress = raw.remoteAddress ?? 'unix';
     this.remotePort = raw.remotePort;
-    const fd = (raw as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    const fd = socketFd(raw);
     const sender = host.fileSender;
     this.sendQueue = new SendQueue(
       raw,
-      sender && fd !== undefined && fd >= 0 ? { sockFd: fd, sender } : undefined,
+      sender && fd !== undefined ? { sockFd: fd, sender } : undefined,
     );
     raw.setNoDelay?.(true);
     // Idle clients may stay for ever; dead ones are found out and dropped.

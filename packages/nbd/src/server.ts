@@ -6,7 +6,7 @@ import { unlink } from 'node:fs/promises';
 import * as net from 'node:net';
 import { type AoHandle, type AoHow, type AoOptions, type AoPromise, runAo } from '@vmdisk/ao';
 import { BufferPool } from './buffer-pool.ts';
-import { Connection, type ConnectionHost } from './connection.ts';
+import { Connection, type ConnectionHost, socketFd } from './connection.ts';
 import { NbdError, NbdSystemError } from './errors.ts';
 import type { ExportEntry, ExportStats } from './export-entry.ts';
 import type { BlockSizeConstraints, ExportBitmap, ExportTarget } from './export-target.ts';
@@ -511,8 +511,8 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   /** The accepted socket on a duplicate of its fd, read by a ReadRouter (see dupFd). */
   private takeOver(socket: net.Socket): { socket: net.Socket; reader: ReadRouter } | undefined {
     if (this.dupFd === undefined || this.host.tls.mode !== 'off') return undefined;
-    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    if (fd === undefined || fd < 0) return undefined;
+    const fd = socketFd(socket);
+    if (fd === undefined) return undefined;
     let dup: number;
     try {
       dup = this.dupFd(fd);

@@ -71,6 +71,10 @@ describe('NbdServer answering READs from a file (sendfile)', () => {
     return s;
   };
 
+  /** qemu-img compare of the file with the export. */
+  const compareWithImage = (started: Started) =>
+    run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', image, started.uri('d')]);
+
   /** Reads of many sizes, in flight together, each compared with the file. */
   const readBack = async (started: Started) => {
     const c = await NbdClient.connect(started.uri('d'));
@@ -101,15 +105,7 @@ describe('NbdServer answering READs from a file (sendfile)', () => {
       },
       calls,
     );
-    const cmp = await run('qemu-img', [
-      'compare',
-      '-f',
-      'raw',
-      '-F',
-      'raw',
-      image,
-      started.uri('d'),
-    ]);
+    const cmp = await compareWithImage(started);
     expect(cmp.stdout + cmp.stderr).toContain('Images are identical');
     expect(cmp.code).toBe(0);
     const io = await run('qemu-io', [
@@ -148,16 +144,7 @@ describe('NbdServer answering READs from a file (sendfile)', () => {
       },
     });
     await readBack(started);
-    const cmp = await run('qemu-img', [
-      'compare',
-      '-f',
-      'raw',
-      '-F',
-      'raw',
-      image,
-      started.uri('d'),
-    ]);
-    expect(cmp.code).toBe(0);
+    expect((await compareWithImage(started)).code).toBe(0);
   });
 
   it('queues the rest of a header the socket took only part of, and all the data', async () => {

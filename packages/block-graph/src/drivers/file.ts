@@ -83,13 +83,10 @@ class FileInstance implements ProtocolInstance {
     return this.length;
   }
 
-  /** This file's fd, for bytes that are all in the page cache (not with direct I/O). */
+  /** This file's fd, for bytes that are all in the page cache (not with direct I/O); in bounds. */
   fileRange(offset: number, length: number): FileRange | undefined {
     const f = this.file;
-    if (f.direct || offset + length > this.length || !pagesCached(f.fd, offset, length)) {
-      return undefined;
-    }
-    return { fd: f.fd, offset };
+    return f.direct || !pagesCached(f.fd, offset, length) ? undefined : { fd: f.fd, offset };
   }
 
   pread(buf: Uint8Array, offset: number): Promise<void> {
