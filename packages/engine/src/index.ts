@@ -8,4 +8,11 @@ export { EngineError, ErrorCode, IoError } from './errors.ts';
 export { dupFd, pread as readNow, setMallocMmapThreshold } from './native.ts';
 export type { RadosOptions, RbdExtent } from './rbd.ts';
 export { RadosCluster, RadosIoctx, RbdImage } from './rbd.ts';
-export { pagesCached, sendFileNow, sendNow } from './socket-send.ts';
+export {
+  IOV_MAX,
+  pagesCached,
+  sendFileNow,
+  sendNow,
+  sendvNow,
+  socketSender,
+} from './socket-send.ts';

@@ -1,20 +1,30 @@
 // One send queue per connection. A reply is a list of buffers handed over in one call, so
 // replies never interleave; everything queued in one turn of the event loop leaves in
-// one writev (the socket is corked on the first reply of a turn and uncorked once the
-// turn's I/O callbacks have run). A reply streamed in pieces holds the queue: the other
-// replies wait behind it, so that it stays contiguous on the wire. A READ whose data are
-// a file's cached bytes (ExportTarget.fileRange) may go out from the file itself, written
-// to the socket's descriptor at once when nothing queued is waiting before it.
+// one writev, once the turn's I/O callbacks have run. Given a FileSender with `sendv`, that
+// writev is a sendmsg(2) on the socket's descriptor, and only what the socket does not
+// take goes through the socket's write (Node's stream machinery costs more than the
+// system call for a small reply); without one, the socket is corked for the turn. A reply
+// streamed in pieces holds the queue: the other replies wait behind it, so that it stays
+// contiguous on the wire. A READ whose data are a file's cached bytes
+// (ExportTarget.fileRange) may go out from the file itself, written to the socket's
+// descriptor at once when nothing queued is waiting before it.
 
 import type { Writable } from 'node:stream';
 
 /**
- * What sends a file's bytes to a socket (vm-disk passes @vmdisk/engine's): each call
- * runs on this thread, never waits, and returns the bytes done or a negative errno.
+ * What writes to a socket's descriptor directly, a file's bytes included (vm-disk passes
+ * @vmdisk/engine's): each call runs on this thread, never waits, and returns the bytes
+ * done or a negative errno.
  */
 export interface FileSender {
   /** send(2) without waiting (MSG_DONTWAIT): the bytes the socket took. */
   send(sockFd: number, buf: Uint8Array): number;
+  /**
+   * sendmsg(2) of the buffers in order without waiting: the bytes the socket took (it may
+   * stop inside a buffer, or before the last if it takes only so many). Optional: without
+   * it, replies go through the socket's write.
+   */
+  sendv?(sockFd: number, bufs: readonly Uint8Array[]): number;
   /** sendfile(2) to the non-blocking socket: the bytes the socket took. */
   sendFile(sockFd: number, fileFd: number, offset: number, length: number): number;
   /** pread(2): the bytes read (what the socket did not take is read and queued). */
@@ -35,10 +45,28 @@ export class SendQueue {
 
   /** Where file bytes may be sent (plain sockets of a server given a FileSender). */
   private readonly files: { sockFd: number; sender: FileSender } | undefined;
+  /** The socket's descriptor and sendmsg, when this turn's replies are sent directly. */
+  private readonly direct:
+    | { sockFd: number; sendv: (sockFd: number, bufs: readonly Uint8Array[]) => number }
+    | undefined;
+  /** This turn's buffers, in order (direct sending). */
+  private out: Uint8Array[] = [];
+  /** The replies' callbacks, and after which buffer of `out` each is due. */
+  private outSent: (() => void)[] = [];
+  private outEnds: number[] = [];
+  private flushScheduled = false;
+  private readonly flush = (): void => {
+    this.flushScheduled = false;
+    this.flushOut();
+  };
 
   constructor(socket: Writable, files?: { sockFd: number; sender: FileSender }) {
     this.socket = socket;
     this.files = files;
+    const sendv = files?.sender.sendv;
+    if (files !== undefined && sendv !== undefined) {
+      this.direct = { sockFd: files.sockFd, sendv: sendv.bind(files.sender) };
+    }
   }
 
   /** Replies may take their data from files (sendFile). */
@@ -58,7 +86,8 @@ export class SendQueue {
     if (f === undefined || this.held || socket.destroyed) return 0;
     // What this turn queued goes first (the socket writes it now if it can).
     if (this.corked) this.uncork();
-    if (socket.writableLength > 0) return 0;
+    this.flushOut();
+    if (this.out.length > 0 || socket.writableLength > 0) return 0;
     const h = f.sender.send(f.sockFd, header);
     if (h < header.byteLength) return Math.max(h, 0);
     let done = 0;
@@ -106,6 +135,18 @@ export class SendQueue {
       if (sent) queueMicrotask(sent);
       return;
     }
+    if (this.direct !== undefined) {
+      for (const b of buffers) this.out.push(b);
+      if (sent) {
+        this.outSent.push(sent);
+        this.outEnds.push(this.out.length);
+      }
+      if (!this.flushScheduled) {
+        this.flushScheduled = true;
+        setImmediate(this.flush);
+      }
+      return;
+    }
     if (!this.corked) {
       this.corked = true;
       socket.cork();
@@ -115,5 +156,65 @@ export class SendQueue {
     for (let i = 0; i < last; i++) socket.write(buffers[i]!);
     if (sent) socket.write(buffers[last]!, () => sent());
     else socket.write(buffers[last]!);
+  }
+
+  /**
+   * Sends this turn's buffers: by sendmsg while nothing waits in the socket's buffer and
+   * the socket takes them, the rest through the socket's write, in order. A callback runs
+   * here once its reply went out whole by sendmsg, else from the socket's write.
+   */
+  private flushOut(): void {
+    const out = this.out;
+    if (out.length === 0) return;
+    // A callback may queue the next replies: they go to fresh arrays, after these.
+    const sents = this.outSent;
+    const ends = this.outEnds;
+    this.out = [];
+    this.outSent = [];
+    this.outEnds = [];
+    const socket = this.socket;
+    const direct = this.direct!;
+    let i = 0; // the first buffer not wholly sent
+    let part = 0; // the bytes of out[i] sent
+    while (i < out.length && !socket.destroyed && socket.writableLength === 0) {
+      const bufs = i === 0 && part === 0 ? out : out.slice(i);
+      if (part > 0) bufs[0] = out[i]!.subarray(part);
+      let asked = 0;
+      for (const b of bufs) asked += b.byteLength;
+      let n = direct.sendv(direct.sockFd, bufs);
+      if (n <= 0) break; // EAGAIN, or an error the socket's write reports
+      const short = n < asked;
+      while (i < out.length) {
+        const left = out[i]!.byteLength - part;
+        if (n < left) {
+          part += n;
+          break;
+        }
+        n -= left;
+        part = 0;
+        i++;
+      }
+      if (short) break;
+    }
+    // The replies that went out whole are called back after the rest is queued.
+    let done = 0;
+    while (done < ends.length && ends[done]! <= i) done++;
+    if (i < out.length) {
+      if (socket.destroyed || socket.writableEnded) {
+        for (let k = done; k < sents.length; k++) queueMicrotask(sents[k]!);
+      } else {
+        socket.cork();
+        let k = done;
+        for (let j = i; j < out.length; j++) {
+          const b = j === i && part > 0 ? out[j]!.subarray(part) : out[j]!;
+          if (k < ends.length && ends[k] === j + 1) {
+            const cb = sents[k++]!;
+            socket.write(b, () => cb());
+          } else socket.write(b);
+        }
+        socket.uncork();
+      }
+    }
+    for (let k = 0; k < done; k++) sents[k]!();
   }
 }

@@ -1,9 +1,10 @@
 // The connection's send queue: the replies of one turn leave in one writev, in order, and
-// each reply's callback runs once its bytes are handed over.
+// each reply's callback runs once its bytes are handed over; with a FileSender's sendv,
+// that writev is a direct send, and what it does not take goes through the socket.
 
 import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { SendQueue } from '../src/send-queue.ts';
+import { type FileSender, SendQueue } from '../src/send-queue.ts';
 
 class Recorder extends Writable {
   readonly batches: Buffer[][] = [];
@@ -62,5 +63,76 @@ describe('SendQueue', () => {
     });
     await new Promise((r) => setImmediate(r));
     expect(called).toBe(true);
+  });
+
+  describe('sending directly (FileSender.sendv)', () => {
+    /** A sender whose sendmsg takes `room()` bytes a call, recorded in `taken`. */
+    const direct = (room: () => number) => {
+      const taken: string[] = [];
+      const sender: FileSender = {
+        send: () => -38,
+        sendFile: () => -38,
+        read: () => -38,
+        sendv: (_fd, bufs) => {
+          const all = Buffer.concat(bufs).subarray(0, room());
+          if (all.byteLength === 0) return -11;
+          taken.push(String(all));
+          return all.byteLength;
+        },
+      };
+      return { taken, sender };
+    };
+    const turn = () => new Promise((r) => setImmediate(r));
+
+    it('sends the turn in one call and calls back in order', async () => {
+      const sink = new Recorder();
+      const { taken, sender } = direct(() => 1000);
+      const q = new SendQueue(sink, { sockFd: 3, sender });
+      const sent: number[] = [];
+      q.send([Buffer.from('a1'), Buffer.from('a2')], () => sent.push(1));
+      q.send([Buffer.from('b1')], () => sent.push(2));
+      expect(taken).toEqual([]);
+      await turn();
+      expect(taken).toEqual(['a1a2b1']);
+      expect(sent).toEqual([1, 2]);
+      expect(sink.batches).toEqual([]);
+    });
+
+    it('writes what was not taken through the socket, a callback once its reply is out', async () => {
+      const sink = new Recorder();
+      const { taken, sender } = direct(() => 3);
+      const q = new SendQueue(sink, { sockFd: 3, sender });
+      const sent: number[] = [];
+      // The first reply's callback queues another: it goes after everything before it.
+      q.send([Buffer.from('a1'), Buffer.from('a2')], () => {
+        sent.push(1);
+        q.send([Buffer.from('d1')], () => sent.push(4));
+      });
+      q.send([Buffer.from('b1')], () => sent.push(2));
+      q.send([Buffer.from('c1')], () => sent.push(3));
+      await turn();
+      expect(taken).toEqual(['a1a']);
+      while (sent.length < 4) await turn();
+      // The rest went through the socket, in order; 'd1' went after it, directly again.
+      expect(sink.batches.map((b) => b.map(String))).toEqual([['2', 'b1', 'c1']]);
+      expect(taken).toEqual(['a1a', 'd1']);
+      expect(sent).toEqual([1, 2, 3, 4]);
+    });
+
+    it('calls back at once the replies it sent whole', async () => {
+      const sink = new Recorder();
+      const { taken, sender } = direct(() => 4);
+      const q = new SendQueue(sink, { sockFd: 3, sender });
+      const sent: number[] = [];
+      q.send([Buffer.from('a1'), Buffer.from('a2')], () => sent.push(1));
+      q.send([Buffer.from('b1')], () => sent.push(2));
+      await turn();
+      expect(taken).toEqual(['a1a2']);
+      expect(sent).toEqual([1]);
+      await turn();
+      await turn();
+      expect(sink.batches.map((b) => b.map(String))).toEqual([['b1']]);
+      expect(sent).toEqual([1, 2]);
+    });
   });
 });

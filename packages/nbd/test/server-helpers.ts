@@ -33,9 +33,31 @@ const sendfileFn = libc.func(
 const preadFn = libc.func('long pread(int fd, void *buf, size_t count, int64_t offset)');
 const orErrno = (r: number | bigint): number => (Number(r) < 0 ? -koffi.errno() : Number(r));
 
-/** send(2), sendfile(2) and pread(2) for the server, as vm-disk gives it @vmdisk/engine's. */
+const send = (sock: number, buf: Uint8Array): number =>
+  orErrno(sendFn(sock, buf, buf.byteLength, 0x40 | 0x4000));
+
+/**
+ * send(2) of each buffer in turn (what sendmsg does, in several calls), stopping where
+ * the socket takes less than a whole buffer.
+ */
+function sendv(sock: number, bufs: readonly Uint8Array[]): number {
+  let done = 0;
+  for (const b of bufs) {
+    const n = b.byteLength === 0 ? 0 : send(sock, b);
+    if (n < 0) return done > 0 ? done : n;
+    done += n;
+    if (n < b.byteLength) break;
+  }
+  return done;
+}
+
+/**
+ * send(2), sendmsg, sendfile(2) and pread(2) for the server, as vm-disk gives it
+ * @vmdisk/engine's.
+ */
 export const fileSender: FileSender = {
-  send: (sock, buf) => orErrno(sendFn(sock, buf, buf.byteLength, 0x40 | 0x4000)),
+  send,
+  sendv,
   sendFile: (sock, fd, offset, length) => orErrno(sendfileFn(sock, fd, [offset], length)),
   read: (fd, buf, offset) => orErrno(preadFn(fd, buf, buf.byteLength, offset)),
 };

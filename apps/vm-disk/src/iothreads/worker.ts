@@ -2,7 +2,7 @@
 // connections the main thread hands off (their fds) on the exports it was told of.
 import * as net from 'node:net';
 import { parentPort } from 'node:worker_threads';
-import { readNow, sendFileNow, sendNow } from '@vmdisk/engine';
+import { socketSender } from '@vmdisk/engine';
 import { NbdServer } from '@vmdisk/nbd';
 import { ForwardTarget, forwardedError } from './forward-target.ts';
 import { LocalReads } from './local-reads.ts';
@@ -15,7 +15,7 @@ const post = (m: FromWorker): void => port.postMessage(m);
 
 // READs of the file's cached bytes go from the file to the socket (LocalReads.fileRange).
 const server = new NbdServer({
-  fileSender: { send: sendNow, sendFile: sendFileNow, read: readNow },
+  fileSender: socketSender,
 });
 /** The worker server's connection number -> the main thread's. */
 const mainConn = new Map<number, number>();
