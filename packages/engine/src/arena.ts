@@ -52,8 +52,8 @@ interface Slab {
   /** The page-aligned part. */
   offset: number;
   capacity: number;
-  /** Blocks of it handed out now. */
-  live: number;
+  /** Its blocks handed out now, by their offset in `ab`. */
+  handed: Map<number, Block>;
   /** It holds one block only (a large one). */
   own: boolean;
 }
@@ -75,7 +75,11 @@ export class BufferArena {
   private readonly free = new Map<number, Block[]>();
   private readonly slabs = new Set<Slab>();
   private readonly views = new WeakMap<Slab, Uint8Array>();
-  private readonly owned = new WeakMap<Uint8Array, Block>();
+  /**
+   * The slabs by their memory: a buffer handed out is found again by its ArrayBuffer and
+   * offset (a WeakMap from the buffer cost an ephemeron write barrier per request).
+   */
+  private readonly slabOf = new Map<ArrayBufferLike, Slab>();
   private slab: Slab | null = null;
   private slabUsed = 0;
   /** Bytes of slabs allocated now, for tests and stats. */
@@ -115,22 +119,20 @@ export class BufferArena {
     let block = this.free.get(capacity)?.pop();
     if (block !== undefined) this.cachedBytes -= capacity;
     else block = this.carve(capacity);
-    block.slab.live++;
-    const buf = Buffer.from(block.slab.ab, block.offset, length);
-    this.owned.set(buf, block);
-    return buf;
+    block.slab.handed.set(block.offset, block);
+    return Buffer.from(block.slab.ab, block.offset, length);
   }
 
   release(buf: Uint8Array): void {
-    const block = this.owned.get(buf);
-    if (block === undefined) {
+    const slab = this.slabOf.get(buf.buffer);
+    const block = slab?.handed.get(buf.byteOffset);
+    if (slab === undefined || block === undefined) {
       throw new EngineError(
         ErrorCode.INVALID_ARGUMENT,
         'releaseBuffer: not a buffer of this engine, or already released',
       );
     }
-    this.owned.delete(buf);
-    block.slab.live--;
+    slab.handed.delete(buf.byteOffset);
     let list = this.free.get(block.capacity);
     if (list === undefined) {
       list = [];
@@ -168,7 +170,7 @@ export class BufferArena {
    */
   trim(keep = this.cacheBytes): void {
     const candidates = [...this.slabs].filter(
-      (s) => s.live === 0 && (s !== this.slab || keep === 0),
+      (s) => s.handed.size === 0 && (s !== this.slab || keep === 0),
     );
     candidates.sort((a, b) => Number(b.own) - Number(a.own));
     for (const slab of candidates) {
@@ -210,9 +212,10 @@ export class BufferArena {
     const base = addressOf(new Uint8Array(ab));
     const offset = (PAGE - (base % PAGE)) % PAGE;
     this.allocatedBytes += size + PAGE;
-    const slab: Slab = { ab, offset, capacity: size, live: 0, own };
+    const slab: Slab = { ab, offset, capacity: size, handed: new Map(), own };
     const view = new Uint8Array(ab, offset, size);
     this.slabs.add(slab);
+    this.slabOf.set(ab, slab);
     this.views.set(slab, view);
     this.hooks.onSlab?.(view);
     return slab;
@@ -220,6 +223,7 @@ export class BufferArena {
 
   private drop(slab: Slab): void {
     if (!this.slabs.delete(slab)) return;
+    this.slabOf.delete(slab.ab);
     this.hooks.onDrop?.(this.views.get(slab)!);
     this.allocatedBytes -= slab.capacity + PAGE;
     // Detaching frees the memory now (nothing of it is handed out). transfer() is ES2024.

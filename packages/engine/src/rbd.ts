@@ -127,8 +127,10 @@ function load(): Lib {
       'int rbd_set_image_notification(void *image, int fd, int type)',
     ),
     rbdPollIoEvents: rbd.func('int rbd_poll_io_events(void *image, void *comps, int numcomp)'),
+    // The completion comes back in a BigUint64Array (a typed array is passed as a pointer
+    // to its memory: no array to convert, as an _Out_ parameter would need, per request).
     aioCreate: rbd.func(
-      'int rbd_aio_create_completion(uintptr_t cb_arg, void *complete_cb, _Out_ uint64_t *c)',
+      'int rbd_aio_create_completion(uintptr_t cb_arg, void *complete_cb, void *c)',
     ),
     aioGetArg: rbd.func('uintptr_t rbd_aio_get_arg(void *c)'),
     aioGetReturn: rbd.func('int64_t rbd_aio_get_return_value(void *c)'),
@@ -293,6 +295,8 @@ export class RbdImage {
   private readonly poller: CompletionPoller;
   private readonly pending = new Map<number, Pending>();
   private readonly comps = new BigUint64Array(POLL_BATCH);
+  /** rbd_aio_create_completion's out parameter. */
+  private readonly created = new BigUint64Array(1);
   private nextId = 1;
   private closed = false;
 
@@ -449,10 +453,9 @@ export class RbdImage {
     }
     const l = load();
     const id = this.nextId++;
-    const out = [0n];
-    const r0 = l.aioCreate(id, null, out);
+    const r0 = l.aioCreate(id, null, this.created);
     if (r0 < 0) return Promise.reject(new IoError(-r0, 'rbd_aio_create_completion'));
-    const comp = out[0]!;
+    const comp = this.created[0]!;
     const r = start(comp);
     if (r < 0) {
       l.aioRelease(comp);
