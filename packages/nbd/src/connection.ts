@@ -5,6 +5,7 @@
 
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
+import { getSystemErrorName } from 'node:util';
 import type { BufferPool } from './buffer-pool.ts';
 import { ByteQueue } from './byte-queue.ts';
 import { NbdError } from './errors.ts';
@@ -43,6 +44,13 @@ export interface ConnectionHost {
 }
 
 class Closed extends Error {}
+
+/** What Node's socket handle (a libuv stream) offers to stop and start reading. */
+interface SocketHandle {
+  reading: boolean;
+  readStop(): number;
+  readStart(): number;
+}
 
 /** The descriptor under a socket (Node keeps it on the socket's handle), if it has one. */
 export function socketFd(socket: Socket): number | undefined {
@@ -243,20 +251,44 @@ export class Connection implements TransmissionLink {
     });
   }
 
-  /** @internal */
+  /**
+   * @internal
+   * A socket read through a ReadRouter is stopped at its handle, as Node itself does when
+   * an `onread` callback returns false: its bytes never go through the stream's buffer,
+   * and the stream's pause and resume (state, events, a tick) cost more than the handle's
+   * (at a queue depth above maxInFlight, a pause and a resume per request).
+   */
   pauseReading(): void {
-    if (!this.readingPaused) {
-      this.readingPaused = true;
-      this.socket.pause();
+    if (this.readingPaused) return;
+    this.readingPaused = true;
+    const h = this.readHandle();
+    if (h === undefined) this.socket.pause();
+    else if (h.reading) {
+      h.reading = false;
+      h.readStop();
     }
   }
 
   /** @internal */
   resumeReading(): void {
-    if (this.readingPaused) {
-      this.readingPaused = false;
-      this.socket.resume();
+    if (!this.readingPaused) return;
+    this.readingPaused = false;
+    const h = this.readHandle();
+    if (h === undefined) this.socket.resume();
+    else if (!h.reading) {
+      h.reading = true;
+      const err = h.readStart();
+      if (err < 0) {
+        const code = getSystemErrorName(err);
+        this.socket.destroy(Object.assign(new Error(`read ${code}`), { errno: err, code }));
+      }
     }
+  }
+
+  /** The handle under a plain socket read through a ReadRouter (receivedBorrowed). */
+  private readHandle(): SocketHandle | undefined {
+    if (!this.receivedBorrowed || this.socket !== this.raw) return undefined;
+    return (this.raw as unknown as { _handle?: SocketHandle | null })._handle ?? undefined;
   }
 
   /** @internal: no more requests are taken. */
