@@ -45,16 +45,22 @@ export interface ConnectionHost {
 
 class Closed extends Error {}
 
-/** What Node's socket handle (a libuv stream) offers to stop and start reading. */
+/** Node's socket handle (a libuv stream): its descriptor, its reading stopped and started. */
 interface SocketHandle {
+  fd?: number;
   reading: boolean;
   readStop(): number;
   readStart(): number;
 }
 
+/** The libuv handle under a socket (Node's `_handle`), if it has one. */
+function handleOf(socket: Socket): SocketHandle | undefined {
+  return (socket as unknown as { _handle?: SocketHandle | null })._handle ?? undefined;
+}
+
 /** The descriptor under a socket (Node keeps it on the socket's handle), if it has one. */
 export function socketFd(socket: Socket): number | undefined {
-  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  const fd = handleOf(socket)?.fd;
   return fd !== undefined && fd >= 0 ? fd : undefined;
 }
 
@@ -288,7 +294,7 @@ export class Connection implements TransmissionLink {
   /** The handle under a plain socket read through a ReadRouter (receivedBorrowed). */
   private readHandle(): SocketHandle | undefined {
     if (!this.receivedBorrowed || this.socket !== this.raw) return undefined;
-    return (this.raw as unknown as { _handle?: SocketHandle | null })._handle ?? undefined;
+    return handleOf(this.raw);
   }
 
   /** @internal: no more requests are taken. */
@@ -371,12 +377,8 @@ export class Connection implements TransmissionLink {
       chunks.push(c);
     }
     // As net.Socket's own pause with its `onread` option: stop the handle (and say so).
-    const handle = (
-      raw as unknown as {
-        _handle?: { readStop?: () => void; readStart?: () => void; reading?: boolean };
-      }
-    )._handle;
-    if (handle?.readStop) {
+    const handle = handleOf(raw);
+    if (typeof handle?.readStop === 'function') {
       handle.readStop();
       handle.reading = false;
     }

@@ -45,10 +45,8 @@ export class SendQueue {
 
   /** Where file bytes may be sent (plain sockets of a server given a FileSender). */
   private readonly files: { sockFd: number; sender: FileSender } | undefined;
-  /** The socket's descriptor and sendmsg, when this turn's replies are sent directly. */
-  private readonly direct:
-    | { sockFd: number; sendv: (sockFd: number, bufs: readonly Uint8Array[]) => number }
-    | undefined;
+  /** This turn's replies are sent by the FileSender's sendv. */
+  private readonly direct: boolean;
   /** This turn's buffers, in order (direct sending). */
   private out: Uint8Array[] = [];
   /** The replies' callbacks, and after which buffer of `out` each is due. */
@@ -63,10 +61,7 @@ export class SendQueue {
   constructor(socket: Writable, files?: { sockFd: number; sender: FileSender }) {
     this.socket = socket;
     this.files = files;
-    const sendv = files?.sender.sendv;
-    if (files !== undefined && sendv !== undefined) {
-      this.direct = { sockFd: files.sockFd, sendv: sendv.bind(files.sender) };
-    }
+    this.direct = files?.sender.sendv !== undefined;
   }
 
   /** Replies may take their data from files (sendFile). */
@@ -135,7 +130,7 @@ export class SendQueue {
       if (sent) queueMicrotask(sent);
       return;
     }
-    if (this.direct !== undefined) {
+    if (this.direct) {
       for (const b of buffers) this.out.push(b);
       if (sent) {
         this.outSent.push(sent);
@@ -173,7 +168,7 @@ export class SendQueue {
     this.outSent = [];
     this.outEnds = [];
     const socket = this.socket;
-    const direct = this.direct!;
+    const f = this.files!;
     let i = 0; // the first buffer not wholly sent
     let part = 0; // the bytes of out[i] sent
     while (i < out.length && !socket.destroyed && socket.writableLength === 0) {
@@ -181,7 +176,7 @@ export class SendQueue {
       if (part > 0) bufs[0] = out[i]!.subarray(part);
       let asked = 0;
       for (const b of bufs) asked += b.byteLength;
-      let n = direct.sendv(direct.sockFd, bufs);
+      let n = f.sender.sendv!(f.sockFd, bufs);
       if (n <= 0) break; // EAGAIN, or an error the socket's write reports
       const short = n < asked;
       while (i < out.length) {

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type FileSender, FileTarget, NbdClient } from '../src/index.ts';
 import {
+  EAGAIN,
   fileSender,
   run,
   type Started,
@@ -18,7 +19,6 @@ import {
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
-const EAGAIN = -11;
 const EPIPE = -32;
 
 describe('NbdServer sending replies with sendmsg', () => {

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type ExportTarget, type FileSender, NbdClient } from '../src/index.ts';
 import {
+  EAGAIN,
   fileSender,
   run,
   type Started,
@@ -19,7 +20,6 @@ import {
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
-const EAGAIN = -11;
 
 /** A deterministic, non-repeating pattern. */
 function pattern(length: number): Buffer {

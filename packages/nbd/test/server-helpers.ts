@@ -31,6 +31,8 @@ const sendfileFn = libc.func(
   'long sendfile(int out_fd, int in_fd, _Inout_ int64_t *off, size_t n)',
 );
 const preadFn = libc.func('long pread(int fd, void *buf, size_t count, int64_t offset)');
+/** -EAGAIN, as a FileSender call returns it when the socket is full. */
+export const EAGAIN = -11;
 const orErrno = (r: number | bigint): number => (Number(r) < 0 ? -koffi.errno() : Number(r));
 
 const send = (sock: number, buf: Uint8Array): number =>
