@@ -10,7 +10,7 @@ import {
   type NbdTlsCreds,
   type PermissionName,
 } from '@vmdisk/block-graph';
-import { dupFd, socketSender } from '@vmdisk/engine';
+import { dupFd, recvNow, socketSender } from '@vmdisk/engine';
 import {
   type ListenAddress,
   type NbdError,
@@ -79,6 +79,7 @@ export class NbdExports implements BlockExportKind<NbdExportConfig> {
     const server = new NbdServer({
       configureSocket: configureNbdSocket,
       dupFd,
+      recv: recvNow,
       fileSender: socketSender,
       ...(config.maxConnections !== undefined && { maxConnections: config.maxConnections || 1024 }),
       ...(budget !== undefined && { requestMemoryBudget: budget }),

@@ -11,6 +11,7 @@ export { RadosCluster, RadosIoctx, RbdImage } from './rbd.ts';
 export {
   IOV_MAX,
   pagesCached,
+  recvNow,
   sendFileNow,
   sendNow,
   sendvNow,

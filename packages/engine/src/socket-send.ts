@@ -1,4 +1,4 @@
-// Writing to a socket's descriptor directly, for a server whose replies would otherwise
+// Writing to a socket's descriptor directly (and reading it, recvNow), for a server whose replies would otherwise
 // go through Node's stream machinery: a turn's replies in one sendmsg(2), and a file's
 // bytes from the page cache (sendfile(2)): the kernel hands the cached pages to the
 // socket instead of copying them into a buffer of ours and out again (on a unix socket,
@@ -11,6 +11,7 @@ import { addressOf, pread, ret } from './native.ts';
 const libc = koffi.load('libc.so.6');
 const sendFn = libc.func('long send(int fd, void *buf, size_t len, int flags)');
 const sendmsgFn = libc.func('long sendmsg(int fd, void *msg, int flags)');
+const recvFn = libc.func('long recv(int fd, void *buf, size_t len, int flags)');
 const sendfileFn = libc.func('long sendfile(int out_fd, int in_fd, void *offset, size_t count)');
 const cachestatFn = libc.func('syscall', 'long', ['long', 'int', 'void *', 'void *', 'uint']);
 
@@ -23,6 +24,14 @@ const PAGE = 4096;
 /** send(2) without waiting: the bytes the socket took, or -errno (-EAGAIN: none now). */
 export function sendNow(sockFd: number, buf: Uint8Array): number {
   return ret(sendFn(sockFd, buf, buf.byteLength, MSG_DONTWAIT | MSG_NOSIGNAL));
+}
+
+/**
+ * recv(2) without waiting: the bytes read into `buf`, 0 at the end of the stream, or
+ * -errno (-EAGAIN: nothing there now).
+ */
+export function recvNow(sockFd: number, buf: Uint8Array): number {
+  return ret(recvFn(sockFd, buf, buf.byteLength, MSG_DONTWAIT));
 }
 
 /** Linux's UIO_MAXIOV: the most buffers one sendmsg takes. */

@@ -129,7 +129,9 @@ export class Connection implements TransmissionLink {
       reader.setSink({
         bytes: this.onStaged,
         directTarget: (min) =>
-          this.phase === 'transmission' ? this.transmission?.payloadSpace(min) : undefined,
+          this.phase === 'transmission' && !raw.destroyed
+            ? this.transmission?.payloadSpace(min)
+            : undefined,
         advanceDirect: (n) => this.transmission?.payloadReceived(n),
       });
       this.receivedBorrowed = true;

@@ -31,6 +31,7 @@ const sendfileFn = libc.func(
   'long sendfile(int out_fd, int in_fd, _Inout_ int64_t *off, size_t n)',
 );
 const preadFn = libc.func('long pread(int fd, void *buf, size_t count, int64_t offset)');
+const recvFn = libc.func('long recv(int fd, void *buf, size_t len, int flags)');
 /** -EAGAIN, as a FileSender call returns it when the socket is full. */
 export const EAGAIN = -11;
 const orErrno = (r: number | bigint): number => (Number(r) < 0 ? -koffi.errno() : Number(r));
@@ -64,15 +65,20 @@ export const fileSender: FileSender = {
   read: (fd, buf, offset) => orErrno(preadFn(fd, buf, buf.byteLength, offset)),
 };
 
+/** recv(2) without waiting, as vm-disk gives the server @vmdisk/engine's recvNow. */
+export const recv = (sock: number, buf: Uint8Array): number =>
+  orErrno(recvFn(sock, buf, buf.byteLength, 0x40));
+
 /**
- * A server on 127.0.0.1 with `exports`; it reads its sockets into its own buffers (dupFd)
- * unless `options.dupFd` is given as undefined (as Node gives them).
+ * A server on 127.0.0.1 with `exports`; it reads its sockets into its own buffers (dupFd,
+ * and recv for the rest of a payload) unless `options.dupFd` is given as undefined (as
+ * Node gives them).
  */
 export async function startServer(
   exports: ExportOptions[],
   options: NbdServerOptions = {},
 ): Promise<Started> {
-  const server = new NbdServer('dupFd' in options ? options : { ...options, dupFd });
+  const server = new NbdServer('dupFd' in options ? options : { recv, ...options, dupFd });
   for (const e of exports) server.addExport(e);
   const addr = await server.listen({ host: '127.0.0.1', port: 0 });
   if (!('port' in addr)) throw new Error('expected a TCP address');
