@@ -63,6 +63,7 @@ const closeFn = libc.func('int close(int fd)');
 const fcntlInt = libc.func('int fcntl(int fd, int cmd, int arg)');
 const F_DUPFD_CLOEXEC = 1030;
 const eventfdFn = libc.func('int eventfd(uint initval, int flags)');
+const pipe2Fn = libc.func('int pipe2(_Out_ int *fds, int flags)');
 const readFn = libc.func('long read(int fd, void *buf, size_t count)');
 const writeFn = libc.func('long write(int fd, void *buf, size_t count)');
 const lseekFn = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
@@ -198,6 +199,17 @@ export function closeFd(fd: number): number {
 
 export const EFD_NONBLOCK = 0x800;
 export const EFD_CLOEXEC = 0x80000;
+
+/** O_NONBLOCK and O_CLOEXEC for pipe2 (the same bits as eventfd's). */
+export const O_NONBLOCK = EFD_NONBLOCK;
+export const O_CLOEXEC = EFD_CLOEXEC;
+
+/** pipe2(2): [read end, write end], or -errno. */
+export function pipe(flags: number): [number, number] | number {
+  const fds = [0, 0];
+  const r = ret(pipe2Fn(fds, flags));
+  return r < 0 ? r : [fds[0]!, fds[1]!];
+}
 
 export function eventfd(flags: number): number {
   return ret(eventfdFn(0, flags));

@@ -5,11 +5,11 @@
 // Completions: QEMU's block/rbd.c gives librbd a C callback, which librbd calls on its own
 // finisher thread. A JS function cannot be that callback without koffi queueing every
 // completion to the JS thread while the librbd thread waits for it, so instead the
-// completions are created without a callback and the image is told to signal an eventfd
-// when one is done (rbd_set_image_notification, EVENT_TYPE_EVENTFD: librbd's own API for
-// event-loop clients, which fio's rbd engine also uses). A poll handle on the eventfd
-// (CompletionPoller, as io_uring and aio use) wakes the JS thread, which collects the done
-// completions with rbd_poll_io_events. No thread-pool thread is held by a request, and no
+// completions are created without a callback and the image is told to write to a pipe
+// when one is done (rbd_set_image_notification, EVENT_TYPE_PIPE: librbd's own API for
+// event-loop clients, which fio's rbd engine also uses). A socket reading the pipe
+// (CompletionPipe) wakes the JS thread, which collects the done completions with
+// rbd_poll_io_events. No thread-pool thread is held by a request, and no
 // JS runs on a librbd thread.
 //
 // Control calls that block on the network (connect, open, create, resize, close,
@@ -18,17 +18,9 @@
 //
 // The libraries are loaded on first use, so that importing the engine does not need them.
 import koffi from 'koffi';
-import { CompletionPoller } from './completion-poller.ts';
+import { CompletionPipe } from './completion-pipe.ts';
 import { EngineError, ErrorCode, IoError } from './errors.ts';
-import {
-  addressOf,
-  closeFd,
-  EFD_CLOEXEC,
-  EFD_NONBLOCK,
-  eventfd,
-  eventfdRead,
-  setMallocMmapThreshold,
-} from './native.ts';
+import { addressOf, setMallocMmapThreshold } from './native.ts';
 
 type Handle = bigint | number;
 // biome-ignore lint/suspicious/noExplicitAny: koffi's loaded functions are untyped.
@@ -166,8 +158,8 @@ function callAsync(fn: Fn, ...args: unknown[]): Promise<number> {
 
 /** glibc's mmap threshold while librbd is loaded (see load()). */
 const RBD_MMAP_THRESHOLD = 8 << 20;
-/** librbd's EVENT_TYPE_EVENTFD. */
-const EVENT_TYPE_EVENTFD = 2;
+/** librbd's EVENT_TYPE_PIPE. */
+const EVENT_TYPE_PIPE = 1;
 /** RBD_FEATURE_FAST_DIFF and RBD_FLAG_FAST_DIFF_INVALID. */
 const RBD_FEATURE_FAST_DIFF = 1n << 4n;
 const RBD_FLAG_FAST_DIFF_INVALID = 1n << 1n;
@@ -291,8 +283,7 @@ export interface RbdExtent {
 
 /** An open image (rbd_image_t) with asynchronous I/O. */
 export class RbdImage {
-  private readonly fd: number;
-  private readonly poller: CompletionPoller;
+  private readonly poller: CompletionPipe;
   private readonly pending = new Map<number, Pending>();
   private readonly comps = new BigUint64Array(POLL_BATCH);
   /** rbd_aio_create_completion's out parameter. */
@@ -307,15 +298,12 @@ export class RbdImage {
     this.handle = handle;
     this.name = name;
     const l = load();
-    const fd = eventfd(EFD_NONBLOCK | EFD_CLOEXEC);
-    if (fd < 0) throw new IoError(-fd, 'eventfd');
-    this.fd = fd;
-    const r = l.rbdSetImageNotification(handle, fd, EVENT_TYPE_EVENTFD);
+    this.poller = new CompletionPipe(() => this.reap());
+    const r = l.rbdSetImageNotification(handle, this.poller.writeFd, EVENT_TYPE_PIPE);
     if (r < 0) {
-      closeFd(fd);
+      this.poller.close();
       throw new IoError(-r, 'rbd_set_image_notification', { path: name });
     }
-    this.poller = new CompletionPoller(fd, () => this.reap());
   }
 
   /** rbd_open (rbd_open_read_only when readOnly; a snapshot is always read-only). */
@@ -435,7 +423,6 @@ export class RbdImage {
     this.closed = true;
     const r = await callAsync(load().rbdClose, this.handle);
     this.poller.close();
-    closeFd(this.fd);
     check(r, 'rbd_close', { path: this.name });
   }
 
@@ -467,9 +454,8 @@ export class RbdImage {
     });
   }
 
-  /** The eventfd fired: collect and settle every completion that is done. */
+  /** librbd wrote to the pipe: collect and settle every completion that is done. */
   private reap(): void {
-    eventfdRead(this.fd);
     const l = load();
     for (;;) {
       const n = l.rbdPollIoEvents(this.handle, this.comps, POLL_BATCH);

@@ -16,6 +16,11 @@
 /** Below this, a payload goes through the shared buffer and is copied. */
 const DIRECT_MIN_BYTES = 16 * 1024;
 const SHARED_BYTES = 256 * 1024;
+/**
+ * The read after a payload read straight into its buffer: small, for it likely brings the
+ * header of another large WRITE, whose payload is best read straight too, not copied.
+ */
+const AFTER_DIRECT_BYTES = 16 * 1024;
 
 export interface ReadSink {
   /** Bytes received: a view valid only during the call (copy what must be kept). */
@@ -31,6 +36,9 @@ export class ReadRouter {
   private sink: ReadSink | undefined;
   private held: Buffer[] = [];
   private lastDirect: Uint8Array | undefined;
+  /** The last read was straight into a payload: the next staged read is a small one. */
+  private afterDirect = false;
+  private readonly sharedAfterDirect = this.shared.subarray(0, AFTER_DIRECT_BYTES);
 
   private readonly recv: ((buf: Uint8Array) => number) | undefined;
 
@@ -44,16 +52,18 @@ export class ReadRouter {
     buffer: (): Uint8Array => {
       const d = this.sink?.directTarget?.(DIRECT_MIN_BYTES);
       this.lastDirect = d;
-      return d ?? this.shared;
+      return d ?? (this.afterDirect ? this.sharedAfterDirect : this.shared);
     },
     // Returning false would pause the socket: this always goes on reading.
     callback: (n: number, buf: Uint8Array): boolean => {
       if (this.lastDirect !== undefined && buf === this.lastDirect) {
         this.lastDirect = undefined;
+        this.afterDirect = true;
         this.sink!.advanceDirect!(n);
         this.readOnDirect();
         return true;
       }
+      this.afterDirect = false;
       const view = this.shared.subarray(0, n);
       if (this.sink) {
         this.sink.bytes(view);
@@ -75,6 +85,7 @@ export class ReadRouter {
       if (d === undefined) return;
       const n = recv(d);
       if (n <= 0) return;
+      this.afterDirect = true;
       this.sink!.advanceDirect!(n);
     }
   }
