@@ -48,7 +48,6 @@ export class GraphNodes {
   protected readonly drivers = new Map<string, BlockDriver>();
   private readonly engines = new Map<string, Promise<EngineLike>>();
   private bufferEngine: EngineLike | undefined;
-  private readonly arena = new WeakSet<Uint8Array>();
   /** The objects (--object, object-add) drivers use: throttle groups, TLS credentials. */
   readonly objects: ObjectRegistry;
   protected readonly maxBackingDepth: number;
@@ -84,16 +83,13 @@ export class GraphNodes {
   allocBuffer(length: number): Buffer {
     const engine = this.bufferEngine;
     if (!engine || length === 0) return Buffer.allocUnsafe(length);
-    const buf = engine.allocBuffer(length);
-    this.arena.add(buf);
-    return buf;
+    return engine.allocBuffer(length);
   }
 
+  /** Gives back a buffer of allocBuffer's; any other is left to the garbage collector. */
   releaseBuffer(buf: Uint8Array): void {
-    if (this.bufferEngine && this.arena.has(buf)) {
-      this.arena.delete(buf);
-      this.bufferEngine.releaseBuffer(buf as Buffer);
-    }
+    const engine = this.bufferEngine;
+    if (engine?.ownsBuffer(buf)) engine.releaseBuffer(buf as Buffer);
   }
 
   /** The shared I/O engine of this JS thread for a backend (what file nodes use). */

@@ -62,6 +62,8 @@ interface Block {
   slab: Slab;
   offset: number;
   capacity: number;
+  /** The Buffer it is handed out as (owns() checks identity: a stale one is not ours). */
+  view: Buffer | undefined;
 }
 
 export interface ArenaHooks {
@@ -120,7 +122,13 @@ export class BufferArena {
     if (block !== undefined) this.cachedBytes -= capacity;
     else block = this.carve(capacity);
     block.slab.handed.set(block.offset, block);
-    return Buffer.from(block.slab.ab, block.offset, length);
+    block.view = Buffer.from(block.slab.ab, block.offset, length);
+    return block.view;
+  }
+
+  /** Whether `buf` is a Buffer this arena handed out (that very object) and has not had back. */
+  owns(buf: Uint8Array): boolean {
+    return this.slabOf.get(buf.buffer)?.handed.get(buf.byteOffset)?.view === buf;
   }
 
   release(buf: Uint8Array): void {
@@ -133,6 +141,7 @@ export class BufferArena {
       );
     }
     slab.handed.delete(buf.byteOffset);
+    block.view = undefined;
     let list = this.free.get(block.capacity);
     if (list === undefined) {
       list = [];
@@ -196,13 +205,18 @@ export class BufferArena {
   private carve(capacity: number): Block {
     if (capacity >= LARGE) {
       const slab = this.newSlab(capacity, true);
-      return { slab, offset: slab.offset, capacity };
+      return { slab, offset: slab.offset, capacity, view: undefined };
     }
     if (this.slab === null || this.slabUsed + capacity > this.slab.capacity) {
       this.slab = this.newSlab(SLAB, false);
       this.slabUsed = 0;
     }
-    const block = { slab: this.slab, offset: this.slab.offset + this.slabUsed, capacity };
+    const block: Block = {
+      slab: this.slab,
+      offset: this.slab.offset + this.slabUsed,
+      capacity,
+      view: undefined,
+    };
     this.slabUsed += capacity;
     return block;
   }

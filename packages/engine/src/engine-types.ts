@@ -40,6 +40,8 @@ export interface Engine {
   /** Gives a buffer from allocBuffer back to the arena. Precondition: no request using
    * it is in flight, and the caller no longer touches it. */
   releaseBuffer(buf: Buffer): void;
+  /** Whether `buf` is a Buffer allocBuffer handed out (that very object), not given back. */
+  ownsBuffer(buf: Uint8Array): boolean;
   /** Refuses new work, waits for in-flight I/O, closes the files opened through this
    * engine that are still open, and releases ring, waiter and memory. */
   close(): Promise<void>;

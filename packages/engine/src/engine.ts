@@ -464,6 +464,10 @@ class EngineImpl implements Engine {
     this.arena.release(buf);
   }
 
+  ownsBuffer(buf: Uint8Array): boolean {
+    return this.arena.owns(buf);
+  }
+
   close(): Promise<void> {
     return this.closing.close(async () => {
       const files = [...this.files];

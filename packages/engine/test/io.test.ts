@@ -401,9 +401,16 @@ describe.each(BACKENDS)('%s backend', (backend) => {
     expect(a.length).toBe(10_000);
     expect(koffi.address(a) % 4096n).toBe(0n);
     const addr = koffi.address(a);
+    expect(engine.ownsBuffer(a)).toBe(true);
+    expect(engine.ownsBuffer(a.subarray(0, 4096))).toBe(false);
     engine.releaseBuffer(a);
+    expect(engine.ownsBuffer(a)).toBe(false);
     const b = engine.allocBuffer(12_288); // the same page-rounded size class
     expect(koffi.address(b)).toBe(addr);
+    // The same memory handed out again: the stale buffer is still not the arena's.
+    expect(engine.ownsBuffer(b)).toBe(true);
+    expect(engine.ownsBuffer(a)).toBe(false);
+    expect(engine.ownsBuffer(Buffer.alloc(4096))).toBe(false);
     expect(() => engine.releaseBuffer(Buffer.alloc(4096))).toThrow(
       expect.objectContaining({ code: 'ERR_VMDISK_ENGINE_INVALID_ARGUMENT' }),
     );
