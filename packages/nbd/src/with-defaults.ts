@@ -133,10 +133,18 @@ export function withDefaults(
 
   const flush = t.flush ? () => t.flush!() : () => Promise.resolve();
 
-  /** Runs `op` (given whether to pass FUA down), then a flush when FUA is emulated. */
-  const fuaThen = async (fua: boolean | undefined, op: (fua: boolean) => Promise<void>) => {
-    await op(!!fua && nativeFua);
-    if (fua && !nativeFua) await flush();
+  /**
+   * Runs `op` (given whether to pass FUA down), then a flush when FUA is emulated. Not an
+   * async function: without the flush, `op`'s own promise is the answer (no extra hop
+   * per write).
+   */
+  const fuaThen = (fua: boolean | undefined, op: (fua: boolean) => Promise<void>) => {
+    try {
+      if (fua && !nativeFua) return Promise.resolve(op(false)).then(flush);
+      return op(fua === true);
+    } catch (err) {
+      return Promise.reject(err);
+    }
   };
 
   /** A length-only command split at the maximum block size. */
