@@ -1,8 +1,9 @@
-// Writing to a socket's descriptor directly (and reading it, recvNow), for a server whose replies would otherwise
-// go through Node's stream machinery: a turn's replies in one sendmsg(2), and a file's
-// bytes from the page cache (sendfile(2)): the kernel hands the cached pages to the
-// socket instead of copying them into a buffer of ours and out again (on a unix socket,
-// Linux 6.5 and later splice the pages into the socket: no copy at all on our side).
+// Writing to a socket's descriptor directly (and reading it: recvNow), for a server whose
+// replies would otherwise go through Node's stream machinery: a turn's replies in one
+// sendmsg(2), and a file's bytes from the page cache (sendfile(2)): the kernel hands the
+// cached pages to the socket instead of copying them into a buffer of ours and out again
+// (on a unix socket, Linux 6.5 and later splice the pages into the socket: no copy at all
+// on our side).
 // Everything here runs on the calling thread, never waits, and returns -errno rather
 // than throwing: the caller falls back to the socket's own write.
 import koffi from 'koffi';

@@ -9,9 +9,9 @@
 // the payload is whole or the socket is empty: a unix socket holds about 200 KiB, so a
 // 1 MiB payload would otherwise take five turns of the event loop and five calls into
 // JavaScript. Reading behind Node's back is safe there: inside the read callback, in
-// order, and the socket's level-triggered watch reports what is left. (Measured on a unix socket,
-// 4 KiB messages: 137 ms of CPU this way, 709 ms with views carved from fresh buffers,
-// whose pages fault in at every read, 1108 ms through 'data' events.)
+// order, and the socket's level-triggered watch reports what is left. (Measured on a unix
+// socket, 4 KiB messages: 137 ms of CPU this way, 709 ms with views carved from fresh
+// buffers, whose pages fault in at every read, 1108 ms through 'data' events.)
 
 /** Below this, a payload goes through the shared buffer and is copied. */
 const DIRECT_MIN_BYTES = 16 * 1024;
