@@ -20,7 +20,7 @@
 import koffi from 'koffi';
 import { CompletionPipe } from './completion-pipe.ts';
 import { EngineError, ErrorCode, IoError } from './errors.ts';
-import { addressOf, setMallocMmapThreshold } from './native.ts';
+import { setMallocMmapThreshold } from './native.ts';
 
 type Handle = bigint | number;
 // biome-ignore lint/suspicious/noExplicitAny: koffi's loaded functions are untyped.
@@ -47,7 +47,6 @@ interface Lib {
   rbdSetImageNotification: Fn;
   rbdPollIoEvents: Fn;
   aioCreate: Fn;
-  aioGetArg: Fn;
   aioGetReturn: Fn;
   aioRelease: Fn;
   aioRead: Fn;
@@ -124,14 +123,13 @@ function load(): Lib {
     aioCreate: rbd.func(
       'int rbd_aio_create_completion(uintptr_t cb_arg, void *complete_cb, void *c)',
     ),
-    aioGetArg: rbd.func('uintptr_t rbd_aio_get_arg(void *c)'),
     aioGetReturn: rbd.func('int64_t rbd_aio_get_return_value(void *c)'),
     aioRelease: rbd.func('void rbd_aio_release(void *c)'),
     aioRead: rbd.func(
-      'int rbd_aio_read(void *image, uint64_t off, size_t len, uintptr_t buf, void *c)',
+      'int rbd_aio_read(void *image, uint64_t off, size_t len, void *buf, void *c)',
     ),
     aioWrite: rbd.func(
-      'int rbd_aio_write(void *image, uint64_t off, size_t len, uintptr_t buf, void *c)',
+      'int rbd_aio_write(void *image, uint64_t off, size_t len, void *buf, void *c)',
     ),
     aioFlush: rbd.func('int rbd_aio_flush(void *image, void *c)'),
     aioDiscard: rbd.func('int rbd_aio_discard(void *image, uint64_t off, uint64_t len, void *c)'),
@@ -284,11 +282,11 @@ export interface RbdExtent {
 /** An open image (rbd_image_t) with asynchronous I/O. */
 export class RbdImage {
   private readonly poller: CompletionPipe;
-  private readonly pending = new Map<number, Pending>();
+  /** The requests in flight, by their completion (rbd_completion_t's address). */
+  private readonly pending = new Map<bigint, Pending>();
   private readonly comps = new BigUint64Array(POLL_BATCH);
   /** rbd_aio_create_completion's out parameter. */
   private readonly created = new BigUint64Array(1);
-  private nextId = 1;
   private closed = false;
 
   readonly handle: Handle;
@@ -357,13 +355,13 @@ export class RbdImage {
 
   read(offset: number, buf: Uint8Array): Promise<number> {
     return this.submit('rbd_aio_read', offset, buf.byteLength, buf, (c) =>
-      load().aioRead(this.handle, offset, buf.byteLength, addressOf(buf), c),
+      load().aioRead(this.handle, offset, buf.byteLength, buf, c),
     );
   }
 
   write(offset: number, buf: Uint8Array): Promise<number> {
     return this.submit('rbd_aio_write', offset, buf.byteLength, buf, (c) =>
-      load().aioWrite(this.handle, offset, buf.byteLength, addressOf(buf), c),
+      load().aioWrite(this.handle, offset, buf.byteLength, buf, c),
     );
   }
 
@@ -439,8 +437,7 @@ export class RbdImage {
       );
     }
     const l = load();
-    const id = this.nextId++;
-    const r0 = l.aioCreate(id, null, this.created);
+    const r0 = l.aioCreate(0, null, this.created);
     if (r0 < 0) return Promise.reject(new IoError(-r0, 'rbd_aio_create_completion'));
     const comp = this.created[0]!;
     const r = start(comp);
@@ -449,7 +446,7 @@ export class RbdImage {
       return Promise.reject(new IoError(-r, call, { path: this.name, offset, length }));
     }
     return new Promise<number>((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, call, offset, length, buf });
+      this.pending.set(comp, { resolve, reject, call, offset, length, buf });
       this.poller.setBusy(true);
     });
   }
@@ -462,12 +459,12 @@ export class RbdImage {
       if (n <= 0) break;
       for (let i = 0; i < n; i++) {
         const comp = this.comps[i]!;
-        const id = Number(l.aioGetArg(comp));
         const r = Number(l.aioGetReturn(comp));
+        // Forgotten before released: a completion made later may have the same address.
+        const p = this.pending.get(comp);
+        this.pending.delete(comp);
         l.aioRelease(comp);
-        const p = this.pending.get(id);
         if (!p) continue;
-        this.pending.delete(id);
         if (r < 0) {
           p.reject(
             new IoError(-r, p.call, { path: this.name, offset: p.offset, length: p.length }),
