@@ -126,21 +126,25 @@ export class BufferArena {
     return block.view;
   }
 
+  /** The block handed out at `buf`'s memory, if any. */
+  private handedAt(buf: Uint8Array): Block | undefined {
+    return this.slabOf.get(buf.buffer)?.handed.get(buf.byteOffset);
+  }
+
   /** Whether `buf` is a Buffer this arena handed out (that very object) and has not had back. */
   owns(buf: Uint8Array): boolean {
-    return this.slabOf.get(buf.buffer)?.handed.get(buf.byteOffset)?.view === buf;
+    return this.handedAt(buf)?.view === buf;
   }
 
   release(buf: Uint8Array): void {
-    const slab = this.slabOf.get(buf.buffer);
-    const block = slab?.handed.get(buf.byteOffset);
-    if (slab === undefined || block === undefined) {
+    const block = this.handedAt(buf);
+    if (block === undefined) {
       throw new EngineError(
         ErrorCode.INVALID_ARGUMENT,
         'releaseBuffer: not a buffer of this engine, or already released',
       );
     }
-    slab.handed.delete(buf.byteOffset);
+    block.slab.handed.delete(block.offset);
     block.view = undefined;
     let list = this.free.get(block.capacity);
     if (list === undefined) {

@@ -9,6 +9,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { type ExportTarget, MemoryTarget } from '../src/index.ts';
 import { Command } from '../src/protocol.ts';
+import { encodeRequestHeader } from '../src/wire.ts';
 import { RawNbd } from './raw-nbd.ts';
 import { recv, type Started, startServer } from './server-helpers.ts';
 
@@ -40,6 +41,16 @@ const targets: [string, () => ExportTarget][] = [
     },
   ],
 ];
+
+/** The whole disk read back in 1 MiB READs equals `model`. */
+async function expectDisk(nbd: RawNbd, model: Buffer): Promise<void> {
+  const MiB = 1024 * 1024;
+  for (let off = 0; off < SIZE; off += MiB) {
+    nbd.request({ type: Command.READ, cookie: 1000n, offset: BigInt(off), length: MiB });
+    expect((await nbd.simpleReply()).error).toBe(0);
+    expect((await nbd.read(MiB)).equals(model.subarray(off, off + MiB))).toBe(true);
+  }
+}
 
 type Recv = ((fd: number, buf: Uint8Array) => number) | undefined;
 let recvCalls = 0;
@@ -92,12 +103,7 @@ describe.each(targets)('receiving requests, a target %s', (_, make) => {
       const payload = Buffer.alloc(length);
       for (let j = 0; j < length; j++) payload[j] = (i * 7 + j) & 0xff;
       payload.copy(model, offset);
-      const h = Buffer.alloc(28);
-      h.writeUInt32BE(0x25609513, 0);
-      h.writeUInt16BE(Command.WRITE, 6);
-      h.writeBigUInt64BE(BigInt(i), 8);
-      h.writeBigUInt64BE(BigInt(offset), 16);
-      h.writeUInt32BE(length, 24);
+      const h = encodeRequestHeader(false, 0, Command.WRITE, i, offset, length);
       parts.push(h, payload);
       cuts.push(bytes + 1 + rand(27));
       bytes += h.length + length;
@@ -123,17 +129,10 @@ describe.each(targets)('receiving requests, a target %s', (_, make) => {
     }
     nbd.write(wire.subarray(at));
     expect(await replies).toBe(COUNT);
-
-    const MiB = 1024 * 1024;
-    for (let off = 0; off < SIZE; off += MiB) {
-      nbd.request({ type: Command.READ, cookie: 1000n, offset: BigInt(off), length: MiB });
-      const r = await nbd.simpleReply();
-      expect(r.error).toBe(0);
-      const data = await nbd.read(MiB);
-      expect(data.equals(model.subarray(off, off + MiB))).toBe(true);
-    }
+    await expectDisk(nbd, model);
     nbd.destroy();
   });
+
   it.each(recvs)('large payloads back to back land intact, %s', async (_, r, reads) => {
     recvCalls = 0;
     recvBytes = 0;
@@ -150,23 +149,13 @@ describe.each(targets)('receiving requests, a target %s', (_, make) => {
       const payload = Buffer.alloc(length);
       for (let j = 0; j < length; j++) payload[j] = (i * 31 + j + (j >>> 9)) & 0xff;
       payload.copy(model, offset);
-      const h = Buffer.alloc(28);
-      h.writeUInt32BE(0x25609513, 0);
-      h.writeUInt16BE(Command.WRITE, 6);
-      h.writeBigUInt64BE(BigInt(i), 8);
-      h.writeBigUInt64BE(BigInt(offset), 16);
-      h.writeUInt32BE(length, 24);
+      const h = encodeRequestHeader(false, 0, Command.WRITE, i, offset, length);
       parts.push(h, payload);
     }
-    // Two rounds: the writes land in order, so the model is what the last one left.
+    // All at once; they land in order, so the model is what the last one left.
     nbd.write(Buffer.concat(parts));
     for (let i = 0; i < COUNT; i++) expect((await nbd.simpleReply()).error).toBe(0);
-    const MiB = 1024 * 1024;
-    for (let off = 0; off < SIZE; off += MiB) {
-      nbd.request({ type: Command.READ, cookie: 1000n, offset: BigInt(off), length: MiB });
-      expect((await nbd.simpleReply()).error).toBe(0);
-      expect((await nbd.read(MiB)).equals(model.subarray(off, off + MiB))).toBe(true);
-    }
+    await expectDisk(nbd, model);
     // Each payload arrives in several reads: the recv is tried after each that leaves it
     // short, and reads some when the socket has more.
     if (r !== undefined) expect(recvCalls).toBeGreaterThan(0);
