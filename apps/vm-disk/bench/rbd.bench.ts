@@ -1,13 +1,19 @@
 // An RBD image served over NBD: `vm-disk serve` against qemu-storage-daemon 7.2 given the
 // same command line (an rbd node of a single-node Ceph cluster that this benchmark starts
 // in a container, harness/ceph.ts, exported on a unix socket), driven by fio's nbd engine:
-// 4 KiB random read and write at iodepth 32, 1 MiB sequential read and write at iodepth 8.
+// 4 KiB random read and write at iodepth 32, 1 MiB sequential read and write at iodepth 8,
+// each run after a write and a flush, as a guest's I/O (librbd's cache then write-around).
 // Figures: IOPS (4 KiB) or MiB/s (1 MiB), and the CPU time the server spent per I/O
 // (user + system, from /proc) of the same run, each with vm-disk's ratio to qsd (above 1:
 // vm-disk better), over 10 s after 3 s of warm-up that neither counts. Servers take turns,
-// best of 2 rounds. On a 2-CPU machine each server runs
-// on CPU 0 and fio on CPU 1; the OSD shares them (it is what both servers wait on). Needs the
-// Ceph image (scripts/setup-test-env.sh) and `nx build vm-disk`.
+// which goes first alternating by round (what a run leaves the OSD to do, deferred writes
+// and compaction, falls on the next run); each figure is the median of the rounds, its
+// min-max printed beside it. The OSD sets the pace of the write rows, and its swing from one
+// run to the next (qsd's 1 MiB writes: 387-667 MiB/s on one day) is larger than the
+// servers' difference: a best of 2 was a coin toss.
+// On a 2-CPU machine each server runs on CPU 0 and fio on CPU 1; the OSD shares them (it is
+// what both servers wait on). Needs the Ceph image (scripts/setup-test-env.sh) and
+// `nx build vm-disk`.
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -19,6 +25,7 @@ import {
   fio,
   PIN,
   sh,
+  spread,
   startDaemon,
   stop,
   waitForSocket,
@@ -32,6 +39,8 @@ const RUNTIME_S = Number(process.env.VMDISK_BENCH_RUNTIME ?? 10);
 // the JIT's compilation and the first, interpreted requests are a fresh daemon's, not a
 // serving one's (qemu-storage-daemon has none).
 const RAMP_S = Number(process.env.VMDISK_BENCH_RAMP ?? 3);
+// An even count: each server goes first as often as the other.
+const ROUNDS = Number(process.env.VMDISK_BENCH_ROUNDS ?? 4);
 const IMAGE_MB = 128;
 const dir = mkdtempSync(join(tmpdir(), 'vmdisk-rbd-bench-'));
 
@@ -68,6 +77,19 @@ async function measure(server: DaemonName, conf: string, w: Workload): Promise<R
   try {
     // The daemon connects to the cluster before it listens.
     await waitForSocket(sock, child, 30_000);
+    // As a guest starts: a write, then a flush. librbd's cache writes through until it has
+    // seen a flush (rbd_cache_writethrough_until_flush, for guests that never flush), then
+    // runs write-around: a VM's steady state. qsd passes a flush on only after a write.
+    // The bytes written are the image's own (0x5a).
+    sh('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x5a 0 4k',
+      '-c',
+      'flush',
+      `nbd+unix:///disk?socket=${sock}`,
+    ]);
     const running = fio(sock, {
       rw: w.rw,
       bs: w.bs,
@@ -91,7 +113,7 @@ async function measure(server: DaemonName, conf: string, w: Workload): Promise<R
 
 const report = new BenchReport('rbd');
 report.note(
-  `${IMAGE_MB} MiB RBD image (single-node Ceph in a container); fio nbd engine, ${RUNTIME_S} s after ${RAMP_S} s of warm-up, best of 2; ${
+  `${IMAGE_MB} MiB RBD image (single-node Ceph in a container); fio nbd engine, ${RUNTIME_S} s after ${RAMP_S} s of warm-up, median of ${ROUNDS} rounds (servers alternating first); ${
     PIN ? 'servers on CPU 0, fio on CPU 1' : 'unpinned (nproc is not 2)'
   }`,
 );
@@ -107,21 +129,25 @@ try {
     `rbd:rbd/bench:conf=${ceph.conf}`,
   ]);
   const cpuRows: [string, string, number][] = [];
+  console.log('median (min-max) of the rounds:');
   for (const w of WORKLOADS) {
-    const best = new Map<string, Result>();
-    for (let round = 0; round < 2; round++) {
-      for (const s of SERVERS) {
-        const r = await measure(s, ceph.conf, w);
-        const prev = best.get(s);
-        if (!prev || r.figure > prev.figure) best.set(s, r);
-      }
+    const runs = new Map<DaemonName, Result[]>(SERVERS.map((s) => [s, []]));
+    for (let round = 0; round < ROUNDS; round++) {
+      const order = round % 2 === 0 ? SERVERS : [...SERVERS].reverse();
+      for (const s of order) runs.get(s)!.push(await measure(s, ceph.conf, w));
     }
-    for (const [server, r] of best) {
-      report.add(w.name, server, r.figure, w.bs === '4k' ? 'IOPS' : 'MiB/s');
-      cpuRows.push([`${w.name}: server CPU`, server, r.cpuPerIo]);
+    const unit = w.bs === '4k' ? 'IOPS' : 'MiB/s';
+    for (const [server, rs] of runs) {
+      const fig = spread(rs.map((r) => r.figure));
+      const cpu = spread(rs.map((r) => r.cpuPerIo));
+      console.log(
+        `  ${w.name} ${server}: ${fig.median.toFixed(0)} ${unit} (${fig.min.toFixed(0)}-${fig.max.toFixed(0)}), CPU ${cpu.median.toFixed(0)} µs/IO (${cpu.min.toFixed(0)}-${cpu.max.toFixed(0)})`,
+      );
+      report.add(w.name, server, fig.median, unit);
+      cpuRows.push([`${w.name}: server CPU`, server, cpu.median]);
     }
   }
-  // The CPU rows after the throughput rows, the same run's.
+  // The CPU rows after the throughput rows, the same runs'.
   for (const [workload, server, us] of cpuRows) report.add(workload, server, us, 'µs/IO', 'lower');
 } finally {
   await ceph.stop();

@@ -22,7 +22,7 @@ import { closeFd, eventfdSignal, libc, sysResult } from '@vmdisk/native';
 import { BenchReport } from '../../../scripts/bench/report.ts';
 import { type GuestRun, hasHardwareKvm, runGuest } from '../test/harness/guest.ts';
 import { QSD, type VhostDaemon, type VhostServer, VM_DISK } from '../test/harness/vhost-servers.ts';
-import { cpuSeconds, makeImage, PIN } from './support.ts';
+import { cpuSeconds, makeImage, PIN, spread } from './support.ts';
 
 const RUNTIME_S = Number(process.env.VMDISK_BENCH_RUNTIME ?? 5);
 // Each workload runs this many times on each disk, interleaved; the median counts.
@@ -381,14 +381,6 @@ async function measure(served: Served[]): Promise<Map<string, Map<string, Sample
     `guest booted in ${(guest.bootMs / 1000).toFixed(1)} s, ran ${(guest.totalMs / 1000).toFixed(1)} s`,
   );
   return samples;
-}
-
-/** The median (the mean of the middle two for an even count), and the min and max. */
-function spread(xs: number[]): { median: number; min: number; max: number } {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  const median = s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-  return { median, min: s[0]!, max: s[s.length - 1]! };
 }
 
 const report = new BenchReport('vhost');
