@@ -113,7 +113,7 @@ async function measure(server: DaemonName, conf: string, w: Workload): Promise<R
 
 const report = new BenchReport('rbd');
 report.note(
-  `${IMAGE_MB} MiB RBD image (single-node Ceph in a container); fio nbd engine, ${RUNTIME_S} s after ${RAMP_S} s of warm-up, median of ${ROUNDS} rounds (servers alternating first); ${
+  `${IMAGE_MB} MiB RBD image (single-node Ceph in a container); fio nbd engine, ${RUNTIME_S} s after ${RAMP_S} s of warm-up, median of ${ROUNDS} rounds (servers alternating first), each run after a write and a flush; ${
     PIN ? 'servers on CPU 0, fio on CPU 1' : 'unpinned (nproc is not 2)'
   }`,
 );
