@@ -281,7 +281,7 @@ export interface RbdExtent {
 
 /** An open image (rbd_image_t) with asynchronous I/O. */
 export class RbdImage {
-  private readonly poller: CompletionPipe;
+  private readonly completions: CompletionPipe;
   /** The requests in flight, by their completion (rbd_completion_t's address). */
   private readonly pending = new Map<bigint, Pending>();
   private readonly comps = new BigUint64Array(POLL_BATCH);
@@ -296,10 +296,10 @@ export class RbdImage {
     this.handle = handle;
     this.name = name;
     const l = load();
-    this.poller = new CompletionPipe(() => this.reap());
-    const r = l.rbdSetImageNotification(handle, this.poller.writeFd, EVENT_TYPE_PIPE);
+    this.completions = new CompletionPipe(() => this.reap());
+    const r = l.rbdSetImageNotification(handle, this.completions.writeFd, EVENT_TYPE_PIPE);
     if (r < 0) {
-      this.poller.close();
+      this.completions.close();
       throw new IoError(-r, 'rbd_set_image_notification', { path: name });
     }
   }
@@ -420,7 +420,7 @@ export class RbdImage {
     if (this.closed) return;
     this.closed = true;
     const r = await callAsync(load().rbdClose, this.handle);
-    this.poller.close();
+    this.completions.close();
     check(r, 'rbd_close', { path: this.name });
   }
 
@@ -447,7 +447,7 @@ export class RbdImage {
     }
     return new Promise<number>((resolve, reject) => {
       this.pending.set(comp, { resolve, reject, call, offset, length, buf });
-      this.poller.setBusy(true);
+      this.completions.setBusy(true);
     });
   }
 
@@ -475,6 +475,6 @@ export class RbdImage {
       }
       if (n < POLL_BATCH) break;
     }
-    this.poller.setBusy(this.pending.size > 0);
+    this.completions.setBusy(this.pending.size > 0);
   }
 }
