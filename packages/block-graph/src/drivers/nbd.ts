@@ -330,6 +330,8 @@ export const nbdDriver = defineDriver({
   },
   async open(ctx) {
     const o = ctx.options;
+    // Request buffers from the engine's arena (see the rbd driver).
+    await ctx.engine('auto');
     const server: NbdServerAddress = o.server;
     const exportName = o.export ?? '';
     const target: NbdConnectTarget =
