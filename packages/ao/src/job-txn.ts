@@ -149,11 +149,11 @@ async function txnSuccess<J>(txn: JobTxnState<J>, job: JobState<J>): Promise<voi
   if (txn.aborting) return;
   if (txn.jobs.some((other) => !other.isCompleted())) return;
   for (const other of [...txn.jobs]) other.transition('pending');
-  if (txn.jobs.every((other) => other.autoFinalize)) await txnDoFinalize(txn, job);
+  if (txn.jobs.every((other) => other.autoFinalize)) await txnDoFinalize(txn);
 }
 
 /** job-finalize for the whole transaction (QEMU job_do_finalize). */
-export async function txnDoFinalize<J>(txn: JobTxnState<J>, job: JobState<J>): Promise<void> {
+export async function txnDoFinalize<J>(txn: JobTxnState<J>): Promise<void> {
   txn.finalizing = true;
   try {
     let failed: JobState<J> | undefined;
@@ -166,7 +166,7 @@ export async function txnDoFinalize<J>(txn: JobTxnState<J>, job: JobState<J>): P
     if (failed) {
       txn.finalizing = false;
       // The job whose prepare failed is the one not cancelled: every other aborts too,
-      // `job` (the last to complete) included, whatever its own prepare did.
+      // the last to complete included, whatever its own prepare did.
       await txnAbort(txn, failed);
       return;
     }

@@ -397,7 +397,7 @@ export class Job {
     this.#s.applyVerb('finalize');
     const txn = this.#s.txn!;
     if (txn.finalizing || txn.aborting) return;
-    surface(txnDoFinalize(txn, this.#s));
+    surface(txnDoFinalize(txn));
   }
 
   /** job-dismiss: removes a concluded job. */
