@@ -97,7 +97,7 @@ describe('request buffers of a graph with no file under it', () => {
       // (Identity as a boolean: a failure's diff of two MiB-sized ArrayBuffers takes minutes.)
       expect(b.buffer === memory).toBe(true);
       expect(b.byteOffset).toBe(at);
-      // Arena memory, not a Buffer of its own.
+      // An arena slab (page-aligned within a larger ArrayBuffer), not a Buffer of its own.
       expect(b.buffer.byteLength).toBeGreaterThan(1 << 20);
     } finally {
       await backend.close();
