@@ -143,12 +143,16 @@ export function fio(
     iodepth?: number;
     extra?: string[];
     pin?: boolean;
+    /** NBD over TLS (nbds): libnbd takes its certificates from $HOME/.pki/libnbd. */
+    tls?: boolean;
+    /** fio's environment (HOME, for TLS). */
+    env?: NodeJS.ProcessEnv;
   },
 ): Promise<FioJob> {
   const args = [
     '--name=bench',
     '--ioengine=nbd',
-    `--uri=nbd+unix:///disk?socket=${sock}`,
+    `--uri=${opts.tls ? 'nbds' : 'nbd'}+unix:///disk?socket=${sock}`,
     `--rw=${opts.rw}`,
     `--bs=${opts.bs}`,
     `--iodepth=${opts.iodepth ?? 32}`,
@@ -161,7 +165,7 @@ export function fio(
   return new Promise((resolve, reject) => {
     const [cmd, argv]: [string, string[]] =
       opts.pin === false ? ['fio', args] : pinned(1, 'fio', args);
-    const child = spawn(cmd, argv);
+    const child = spawn(cmd, argv, { env: opts.env ?? process.env });
     let out = '';
     let err = '';
     child.stdout.on('data', (d) => {

@@ -345,7 +345,7 @@ export class Connection implements TransmissionLink {
     const secure = await startServerTls(raw, this.host.tls);
     if (this.socketClosed) throw new Closed();
     this.socket = secure;
-    this.sendQueue = new SendQueue(secure);
+    this.sendQueue = new SendQueue(secure, undefined, true);
     secure.on('data', this.onData);
     secure.on('error', this.onSocketError);
     secure.on('close', this.onClose);

@@ -3,7 +3,8 @@
 // one writev, once the turn's I/O callbacks have run. Given a FileSender with `sendv`, that
 // writev is a sendmsg(2) on the socket's descriptor, and only what the socket does not
 // take goes through the socket's write (Node's stream machinery costs more than the
-// system call for a small reply); without one, the socket is corked for the turn. A reply
+// system call for a small reply); without one, the socket is corked for the turn, except
+// a TLS socket, written one buffer at a time (copiesWritev: Node would copy a writev). A reply
 // streamed in pieces holds the queue: the other replies wait behind it, so that it stays
 // contiguous on the wire. A READ whose data are a file's cached bytes
 // (ExportTarget.fileRange) may go out from the file itself, written to the socket's
@@ -33,6 +34,11 @@ export interface FileSender {
 
 type Reply = readonly [readonly Uint8Array[], (() => void) | undefined];
 
+/** One write at a time (copiesWritev): a buffer this large goes alone... */
+const ALONE_BYTES = 64 * 1024;
+/** ...smaller ones are merged into one of at most this many bytes. */
+const MERGE_BYTES = 64 * 1024;
+
 export class SendQueue {
   private readonly socket: Writable;
   private corked = false;
@@ -58,10 +64,30 @@ export class SendQueue {
     this.flushOut();
   };
 
-  constructor(socket: Writable, files?: { sockFd: number; sender: FileSender }) {
+  /**
+   * The socket copies the buffers of a writev into one new allocation first (a TLS socket:
+   * Node's TLSWrap encrypts from one buffer), and Node's Writable makes a writev of all it
+   * holds behind a write in progress. So replies go one write at a time, the next when
+   * the previous one's callback runs: a buffer of ALONE_BYTES or more alone, smaller ones
+   * merged into a buffer of our own, reused. (A 1 MiB READ over TLS cost 1.5 ms of CPU,
+   * a third of it Node's copy into a fresh mapping and its page faults.)
+   */
+  private readonly oneAtATime: boolean;
+  private readonly serial: Reply[] = [];
+  /** The buffers of serial[0] already written. */
+  private serialAt = 0;
+  private serialWriting = false;
+  private merge: Buffer | undefined;
+
+  constructor(
+    socket: Writable,
+    files?: { sockFd: number; sender: FileSender },
+    copiesWritev = false,
+  ) {
     this.socket = socket;
     this.files = files;
     this.direct = files?.sender.sendv !== undefined;
+    this.oneAtATime = copiesWritev && !this.direct;
   }
 
   /** Replies may take their data from files (sendFile). */
@@ -142,6 +168,14 @@ export class SendQueue {
       }
       return;
     }
+    if (this.oneAtATime) {
+      this.serial.push([buffers, sent]);
+      if (!this.flushScheduled && !this.serialWriting) {
+        this.flushScheduled = true;
+        setImmediate(this.writeNext);
+      }
+      return;
+    }
     if (!this.corked) {
       this.corked = true;
       socket.cork();
@@ -152,6 +186,51 @@ export class SendQueue {
     if (sent) socket.write(buffers[last]!, () => sent());
     else socket.write(buffers[last]!);
   }
+
+  /** Writes the next chunk of `serial` (oneAtATime); the next goes when it is written. */
+  private readonly writeNext = (): void => {
+    this.flushScheduled = false;
+    const serial = this.serial;
+    if (this.serialWriting || serial.length === 0) return;
+    const socket = this.socket;
+    if (socket.destroyed || socket.writableEnded) {
+      for (const [, sent] of serial.splice(0)) if (sent) queueMicrotask(sent);
+      this.serialAt = 0;
+      return;
+    }
+    const due: (() => void)[] = [];
+    const take = (): void => {
+      const [buffers, sent] = serial[0]!;
+      if (++this.serialAt < buffers.length) return;
+      serial.shift();
+      this.serialAt = 0;
+      if (sent) due.push(sent);
+    };
+    let chunk: Uint8Array;
+    const first = serial[0]![0][this.serialAt]!;
+    if (first.byteLength >= ALONE_BYTES) {
+      chunk = first;
+      take();
+    } else {
+      this.merge ??= Buffer.allocUnsafe(MERGE_BYTES);
+      const merge = this.merge;
+      let n = 0;
+      while (serial.length > 0) {
+        const b = serial[0]![0][this.serialAt]!;
+        if (b.byteLength >= ALONE_BYTES || n + b.byteLength > MERGE_BYTES) break;
+        merge.set(b, n);
+        n += b.byteLength;
+        take();
+      }
+      chunk = merge.subarray(0, n);
+    }
+    this.serialWriting = true;
+    socket.write(chunk, () => {
+      this.serialWriting = false;
+      for (const sent of due) sent();
+      this.writeNext();
+    });
+  };
 
   /**
    * Sends this turn's buffers: by sendmsg while nothing waits in the socket's buffer and

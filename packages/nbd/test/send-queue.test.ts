@@ -8,6 +8,12 @@ import { type FileSender, SendQueue } from '../src/send-queue.ts';
 
 class Recorder extends Writable {
   readonly batches: Buffer[][] = [];
+  /** Keeps a copy of each chunk: its buffer is the writer's again after the callback. */
+  private readonly copies: boolean;
+  constructor(copies = false) {
+    super();
+    this.copies = copies;
+  }
   override _writev(
     chunks: Array<{ chunk: Buffer }>,
     callback: (error?: Error | null) => void,
@@ -20,7 +26,7 @@ class Recorder extends Writable {
     _enc: BufferEncoding,
     callback: (error?: Error | null) => void,
   ): void {
-    this.batches.push([chunk]);
+    this.batches.push([this.copies ? Buffer.from(chunk) : chunk]);
     setImmediate(callback);
   }
 }
@@ -134,5 +140,60 @@ describe('SendQueue', () => {
       expect(sink.batches.map((b) => b.map(String))).toEqual([['b1']]);
       expect(sent).toEqual([1, 2]);
     });
+  });
+});
+
+describe('SendQueue on a socket that copies a writev (TLS)', () => {
+  it('hands over one buffer at a time: large ones alone, small ones merged, in order', async () => {
+    const sink = new Recorder(true);
+    const q = new SendQueue(sink, undefined, true);
+    const big = (fill: number) => Buffer.alloc(256 * 1024, fill);
+    const replies: Buffer[][] = [
+      [Buffer.from('h1'), big(1)],
+      [Buffer.from('h2')],
+      [Buffer.from('h3'), Buffer.alloc(40 * 1024, 3)],
+      [Buffer.from('h4'), Buffer.alloc(40 * 1024, 4)],
+      [Buffer.from('h5'), big(5)],
+    ];
+    const sent: number[] = [];
+    const all = new Promise<void>((resolve) => {
+      for (const [i, r] of replies.entries()) {
+        q.send(r, () => {
+          sent.push(i + 1);
+          if (i === replies.length - 1) resolve();
+        });
+      }
+    });
+    await all;
+    // Never a writev: one chunk per write, the next written once the previous is done.
+    expect(sink.batches.every((b) => b.length === 1)).toBe(true);
+    const chunks = sink.batches.map((b) => b[0]!);
+    // h1 | its data | h2 h3 h3's data h4 | h4's data h5 | h5's data: merged chunks stay
+    // within 64 KiB (h3's and h4's data do not fit together).
+    expect(chunks.map((c) => c.length)).toEqual([
+      2,
+      256 * 1024,
+      2 + 2 + 40 * 1024 + 2,
+      40 * 1024 + 2,
+      256 * 1024,
+    ]);
+    expect(Buffer.concat(chunks).equals(Buffer.concat(replies.flat()))).toBe(true);
+    expect(sent).toEqual([1, 2, 3, 4, 5]);
+  });
+
+  it('still calls back when the socket is gone', async () => {
+    const sink = new Recorder();
+    const q = new SendQueue(sink, undefined, true);
+    const sent: number[] = [];
+    const done = new Promise<void>((resolve) => {
+      q.send([Buffer.from('a'), Buffer.alloc(128 * 1024)], () => sent.push(1));
+      q.send([Buffer.from('b')], () => {
+        sent.push(2);
+        resolve();
+      });
+    });
+    sink.destroy();
+    await done;
+    expect(sent).toEqual([1, 2]);
   });
 });
