@@ -2,7 +2,8 @@
 // command line (and for raw, nbdkit's file plugin and an embedder's NbdServer with
 // FileTarget, over node:fs and over an @vmdisk/engine EngineFile), serving the same image over a unix
 // socket to fio's nbd engine at iodepth 32, images on tmpfs. Raw and qcow2 images; 4 KiB random read,
-// 4 KiB random write, 256 KiB sequential read. Servers take turns, best of 2 rounds.
+// 4 KiB random write, 256 KiB sequential read. Servers take turns (the first alternating by
+// round), best of 2 rounds.
 // On a 2-CPU machine each server runs pinned to CPU 0 (`taskset -c 0`) and fio to CPU 1
 // (`taskset -c 1`), so that server and client do not share a core; otherwise unpinned.
 // Run with plain node after `nx build vm-disk` (it starts the built bin).
@@ -84,7 +85,9 @@ try {
     for (const w of WORKLOADS) {
       const best = new Map<string, number>();
       for (let round = 0; round < 2; round++) {
-        for (const s of servers)
+        // Which server goes first alternates: a run leaves the next one its page cache
+        // and its writeback.
+        for (const s of round % 2 === 0 ? servers : [...servers].reverse())
           best.set(s.name, Math.max(best.get(s.name) ?? 0, await measure(s, image, format, w)));
       }
       for (const [server, figure] of best)
