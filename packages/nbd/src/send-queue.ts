@@ -38,6 +38,7 @@ type Reply = readonly [readonly Uint8Array[], (() => void) | undefined];
 const ALONE_BYTES = 64 * 1024;
 /** ...smaller ones are merged into one of at most this many bytes. */
 const MERGE_BYTES = 64 * 1024;
+const NOTHING = new Uint8Array(0);
 
 export class SendQueue {
   private readonly socket: Writable;
@@ -169,7 +170,8 @@ export class SendQueue {
       return;
     }
     if (this.oneAtATime) {
-      this.serial.push([buffers, sent]);
+      // (A reply of no buffers is one empty buffer: it keeps its place for its callback.)
+      this.serial.push([buffers.length > 0 ? buffers : [NOTHING], sent]);
       if (!this.flushScheduled && !this.serialWriting) {
         this.flushScheduled = true;
         setImmediate(this.writeNext);

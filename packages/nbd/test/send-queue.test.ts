@@ -181,6 +181,22 @@ describe('SendQueue on a socket that copies a writev (TLS)', () => {
     expect(sent).toEqual([1, 2, 3, 4, 5]);
   });
 
+  it('calls back a reply of no buffers in its turn', async () => {
+    const sink = new Recorder(true);
+    const q = new SendQueue(sink, undefined, true);
+    const sent: number[] = [];
+    await new Promise<void>((resolve) => {
+      q.send([Buffer.from('a')], () => sent.push(1));
+      q.send([], () => sent.push(2));
+      q.send([Buffer.from('b')], () => {
+        sent.push(3);
+        resolve();
+      });
+    });
+    expect(sent).toEqual([1, 2, 3]);
+    expect(Buffer.concat(sink.batches.flat()).toString()).toBe('ab');
+  });
+
   it('still calls back when the socket is gone', async () => {
     const sink = new Recorder();
     const q = new SendQueue(sink, undefined, true);
