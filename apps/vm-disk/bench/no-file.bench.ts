@@ -14,29 +14,24 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BenchReport } from '../../../scripts/bench/report.ts';
 import {
-  CLI,
-  cpuSeconds,
-  type DaemonName,
-  fio,
-  PIN,
-  pinned,
-  spread,
-  startDaemon,
-  stop,
-  waitForSocket,
-} from './support.ts';
+  alternatedRounds,
+  fioOnDaemon,
+  type MedianRow,
+  reportMedians,
+  type Workload,
+} from './rounds.ts';
+import { CLI, type DaemonName, PIN, pinned, stop, waitForSocket } from './support.ts';
 
 const RUNTIME_S = Number(process.env.VMDISK_BENCH_RUNTIME ?? 5);
 const ROUNDS = Number(process.env.VMDISK_BENCH_ROUNDS ?? 2);
 const dir = mkdtempSync(join(tmpdir(), 'vmdisk-no-file-bench-'));
 const NULL_CO = 'driver=null-co,size=1073741824,read-zeroes=off';
 
-const WORKLOADS = [
+const WORKLOADS: Workload[] = [
   { name: '1M seqwrite', rw: 'write', bs: '1M', depth: 8 },
   { name: '1M seqread', rw: 'read', bs: '1M', depth: 8 },
   { name: '4k randread', rw: 'randread', bs: '4k', depth: 32 },
 ];
-type Workload = (typeof WORKLOADS)[number];
 
 const backendSock = join(dir, 'backend.sock');
 const SETUPS = [
@@ -58,28 +53,10 @@ const serverArgs = (node: string, sock: string, name = 'disk') => [
 
 const SERVERS: DaemonName[] = ['vm-disk', 'qemu-storage-daemon'];
 
-interface Result {
-  figure: number;
-  cpuPerIo: number;
-}
-
-async function measure(server: DaemonName, node: string, w: Workload): Promise<Result> {
+function measure(server: DaemonName, node: string, w: Workload) {
   const sock = join(dir, `${server.replace(/\W/g, '')}.sock`);
   rmSync(sock, { force: true });
-  const child = startDaemon(server, serverArgs(node, sock));
-  try {
-    await waitForSocket(sock, child);
-    const before = cpuSeconds(child.pid as number);
-    const job = await fio(sock, { rw: w.rw, bs: w.bs, iodepth: w.depth, runtime: RUNTIME_S });
-    const used = cpuSeconds(child.pid as number) - before;
-    const side = w.rw.includes('write') ? job.write : job.read;
-    return {
-      figure: w.bs === '4k' ? side.iops : side.bw / 1024,
-      cpuPerIo: (used * 1e6) / Math.max(1, side.total_ios),
-    };
-  } finally {
-    await stop(child);
-  }
+  return fioOnDaemon(server, serverArgs(node, sock), sock, w, { runtime: RUNTIME_S });
 }
 
 const report = new BenchReport('no-file');
@@ -94,28 +71,19 @@ const backend = spawn(
 );
 try {
   await waitForSocket(backendSock, backend);
-  const cpuRows: [string, string, number][] = [];
+  const rows: MedianRow[] = [];
   for (const setup of SETUPS) {
-    for (const w of WORKLOADS) {
-      const runs = new Map<DaemonName, Result[]>(SERVERS.map((s) => [s, []]));
-      for (let round = 0; round < ROUNDS; round++) {
-        const order = round % 2 === 0 ? SERVERS : [...SERVERS].reverse();
-        for (const s of order) runs.get(s)!.push(await measure(s, setup.node, w));
-      }
-      const unit = w.bs === '4k' ? 'IOPS' : 'MiB/s';
-      const row = `${setup.name}: ${w.name}`;
-      for (const [server, rs] of runs) {
-        const fig = spread(rs.map((r) => r.figure));
-        const cpu = spread(rs.map((r) => r.cpuPerIo));
-        console.log(
-          `  ${row} ${server}: ${fig.median.toFixed(0)} ${unit} (${fig.min.toFixed(0)}-${fig.max.toFixed(0)}), CPU ${cpu.median.toFixed(0)} µs/IO`,
-        );
-        report.add(row, server, fig.median, unit);
-        cpuRows.push([`${row}: server CPU`, server, cpu.median]);
-      }
-    }
+    rows.push(
+      ...(await alternatedRounds(
+        SERVERS,
+        WORKLOADS,
+        ROUNDS,
+        (s, w) => measure(s, setup.node, w),
+        (w) => `${setup.name}: ${w.name}`,
+      )),
+    );
   }
-  for (const [workload, server, us] of cpuRows) report.add(workload, server, us, 'µs/IO', 'lower');
+  reportMedians(report, rows);
 } finally {
   await stop(backend);
   rmSync(dir, { recursive: true, force: true });

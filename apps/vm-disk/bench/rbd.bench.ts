@@ -20,12 +20,18 @@ import { join } from 'node:path';
 import { BenchReport } from '../../../scripts/bench/report.ts';
 import { CephCluster } from '../test/harness/ceph.ts';
 import {
+  alternatedRounds,
+  reportMedians,
+  type ServerRun,
+  serverRun,
+  type Workload,
+} from './rounds.ts';
+import {
   cpuSeconds,
   type DaemonName,
   fio,
   PIN,
   sh,
-  spread,
   startDaemon,
   stop,
   waitForSocket,
@@ -44,13 +50,12 @@ const ROUNDS = Number(process.env.VMDISK_BENCH_ROUNDS ?? 4);
 const IMAGE_MB = 128;
 const dir = mkdtempSync(join(tmpdir(), 'vmdisk-rbd-bench-'));
 
-const WORKLOADS = [
+const WORKLOADS: Workload[] = [
   { name: '4k randread', rw: 'randread', bs: '4k', depth: 32 },
   { name: '4k randwrite', rw: 'randwrite', bs: '4k', depth: 32 },
   { name: '1M seqread', rw: 'read', bs: '1M', depth: 8 },
   { name: '1M seqwrite', rw: 'write', bs: '1M', depth: 8 },
 ];
-type Workload = (typeof WORKLOADS)[number];
 
 const serverArgs = (conf: string, sock: string) => [
   '--blockdev',
@@ -63,14 +68,7 @@ const serverArgs = (conf: string, sock: string) => [
 
 const SERVERS: DaemonName[] = ['vm-disk', 'qemu-storage-daemon'];
 
-interface Result {
-  /** IOPS (4 KiB) or MiB/s (1 MiB). */
-  figure: number;
-  /** Server CPU microseconds per I/O. */
-  cpuPerIo: number;
-}
-
-async function measure(server: DaemonName, conf: string, w: Workload): Promise<Result> {
+async function measure(server: DaemonName, conf: string, w: Workload): Promise<ServerRun> {
   const sock = join(dir, `${server.replace(/\W/g, '')}.sock`);
   rmSync(sock, { force: true });
   const child = startDaemon(server, serverArgs(conf, sock));
@@ -100,12 +98,7 @@ async function measure(server: DaemonName, conf: string, w: Workload): Promise<R
     await new Promise((r) => setTimeout(r, RAMP_S * 1000));
     const before = cpuSeconds(child.pid as number);
     const job = await running;
-    const used = cpuSeconds(child.pid as number) - before;
-    const side = w.rw.includes('write') ? job.write : job.read;
-    return {
-      figure: w.bs === '4k' ? side.iops : side.bw / 1024,
-      cpuPerIo: (used * 1e6) / Math.max(1, side.total_ios),
-    };
+    return serverRun(job, w, cpuSeconds(child.pid as number) - before);
   } finally {
     await stop(child);
   }
@@ -128,27 +121,11 @@ try {
     `write -P 0x5a 0 ${IMAGE_MB}M`,
     `rbd:rbd/bench:conf=${ceph.conf}`,
   ]);
-  const cpuRows: [string, string, number][] = [];
   console.log('median (min-max) of the rounds:');
-  for (const w of WORKLOADS) {
-    const runs = new Map<DaemonName, Result[]>(SERVERS.map((s) => [s, []]));
-    for (let round = 0; round < ROUNDS; round++) {
-      const order = round % 2 === 0 ? SERVERS : [...SERVERS].reverse();
-      for (const s of order) runs.get(s)!.push(await measure(s, ceph.conf, w));
-    }
-    const unit = w.bs === '4k' ? 'IOPS' : 'MiB/s';
-    for (const [server, rs] of runs) {
-      const fig = spread(rs.map((r) => r.figure));
-      const cpu = spread(rs.map((r) => r.cpuPerIo));
-      console.log(
-        `  ${w.name} ${server}: ${fig.median.toFixed(0)} ${unit} (${fig.min.toFixed(0)}-${fig.max.toFixed(0)}), CPU ${cpu.median.toFixed(0)} µs/IO (${cpu.min.toFixed(0)}-${cpu.max.toFixed(0)})`,
-      );
-      report.add(w.name, server, fig.median, unit);
-      cpuRows.push([`${w.name}: server CPU`, server, cpu.median]);
-    }
-  }
-  // The CPU rows after the throughput rows, the same runs'.
-  for (const [workload, server, us] of cpuRows) report.add(workload, server, us, 'µs/IO', 'lower');
+  reportMedians(
+    report,
+    await alternatedRounds(SERVERS, WORKLOADS, ROUNDS, (s, w) => measure(s, ceph.conf, w)),
+  );
 } finally {
   await ceph.stop();
   rmSync(dir, { recursive: true, force: true });

@@ -11,17 +11,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BenchReport } from '../../../scripts/bench/report.ts';
 import { makeCertificates } from '../../../tools/test-support/src/index.ts';
-import {
-  cpuSeconds,
-  type DaemonName,
-  fio,
-  makeImage,
-  PIN,
-  spread,
-  startDaemon,
-  stop,
-  waitForSocket,
-} from './support.ts';
+import { alternatedRounds, fioOnDaemon, reportMedians, type Workload } from './rounds.ts';
+import { type DaemonName, makeImage, PIN } from './support.ts';
 
 const RUNTIME_S = Number(process.env.VMDISK_BENCH_RUNTIME ?? 5);
 const ROUNDS = Number(process.env.VMDISK_BENCH_ROUNDS ?? 2);
@@ -29,12 +20,11 @@ const base = '/dev/shm';
 const dir = mkdtempSync(join(base, 'vmdisk-tls-bench-'));
 const home = mkdtempSync(join(tmpdir(), 'vmdisk-tls-bench-home-'));
 
-const WORKLOADS = [
+const WORKLOADS: Workload[] = [
   { name: '4k randread', rw: 'randread', bs: '4k', depth: 32 },
   { name: '1M seqread', rw: 'read', bs: '1M', depth: 8 },
   { name: '1M seqwrite', rw: 'write', bs: '1M', depth: 8 },
 ];
-type Workload = (typeof WORKLOADS)[number];
 const SERVERS: DaemonName[] = ['vm-disk', 'qemu-storage-daemon'];
 
 const serverArgs = (certs: string, image: string, sock: string) => [
@@ -50,36 +40,6 @@ const serverArgs = (certs: string, image: string, sock: string) => [
   'type=nbd,id=e0,node-name=d0,name=disk,writable=on',
 ];
 
-interface Result {
-  figure: number;
-  cpuPerIo: number;
-}
-
-async function measure(server: DaemonName, args: string[], sock: string, w: Workload) {
-  rmSync(sock, { force: true });
-  const child = startDaemon(server, args);
-  try {
-    await waitForSocket(sock, child);
-    const before = cpuSeconds(child.pid as number);
-    const job = await fio(sock, {
-      rw: w.rw,
-      bs: w.bs,
-      iodepth: w.depth,
-      runtime: RUNTIME_S,
-      tls: true,
-      env: { ...process.env, HOME: home },
-    });
-    const used = cpuSeconds(child.pid as number) - before;
-    const side = w.rw.includes('write') ? job.write : job.read;
-    return {
-      figure: w.bs === '4k' ? side.iops : side.bw / 1024,
-      cpuPerIo: (used * 1e6) / Math.max(1, side.total_ios),
-    } satisfies Result;
-  } finally {
-    await stop(child);
-  }
-}
-
 const report = new BenchReport('tls');
 report.note(
   `512 MiB raw image in ${base}; NBD over TLS (x509, unix socket); fio nbd engine, ${RUNTIME_S} s, median of ${ROUNDS} rounds (servers alternating first); ${
@@ -93,28 +53,16 @@ try {
   for (const f of readdirSync(certs.client)) copyFileSync(join(certs.client, f), join(libnbd, f));
   const image = join(dir, 'disk.raw');
   makeImage(image, 'raw', '512M');
-  const cpuRows: [string, string, number][] = [];
-  for (const w of WORKLOADS) {
-    const runs = new Map<DaemonName, Result[]>(SERVERS.map((s) => [s, []]));
-    for (let round = 0; round < ROUNDS; round++) {
-      const order = round % 2 === 0 ? SERVERS : [...SERVERS].reverse();
-      for (const s of order) {
-        const sock = join(dir, `${s.replace(/\W/g, '')}.sock`);
-        runs.get(s)!.push(await measure(s, serverArgs(certs.server, image, sock), sock, w));
-      }
-    }
-    const unit = w.bs === '4k' ? 'IOPS' : 'MiB/s';
-    for (const [server, rs] of runs) {
-      const fig = spread(rs.map((r) => r.figure));
-      const cpu = spread(rs.map((r) => r.cpuPerIo));
-      console.log(
-        `  ${w.name} ${server}: ${fig.median.toFixed(0)} ${unit} (${fig.min.toFixed(0)}-${fig.max.toFixed(0)}), CPU ${cpu.median.toFixed(0)} µs/IO`,
-      );
-      report.add(w.name, server, fig.median, unit);
-      cpuRows.push([`${w.name}: server CPU`, server, cpu.median]);
-    }
-  }
-  for (const [workload, server, us] of cpuRows) report.add(workload, server, us, 'µs/IO', 'lower');
+  const measure = (server: DaemonName, w: Workload) => {
+    const sock = join(dir, `${server.replace(/\W/g, '')}.sock`);
+    rmSync(sock, { force: true });
+    return fioOnDaemon(server, serverArgs(certs.server, image, sock), sock, w, {
+      runtime: RUNTIME_S,
+      tls: true,
+      env: { ...process.env, HOME: home },
+    });
+  };
+  reportMedians(report, await alternatedRounds(SERVERS, WORKLOADS, ROUNDS, measure));
 } finally {
   rmSync(dir, { recursive: true, force: true });
   rmSync(home, { recursive: true, force: true });
